@@ -1,0 +1,223 @@
+//! `fedmesh ca`: create and operate a trust domain's CA directory.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use fedmesh_trust::TrustDomain;
+use fedmesh_trust::ca::{CaOptions, TrustDomainCa, UpstreamAuthority};
+use fedmesh_trust::svid::rfc3339;
+
+use super::parse_duration;
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Create a CA for a trust domain (self-signed, or an intermediate under your root).
+    Init(InitArgs),
+    /// Print the trust domain's SPIFFE bundle (JWK Set JSON, or PEM with --format pem).
+    Bundle {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = BundleFormat::Json)]
+        format: BundleFormat,
+    },
+    /// Sign a PKCS#10 CSR (PEM or DER) as an X509-SVID; prints the chain as PEM.
+    Sign {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CSR file; it must ask for exactly one SPIFFE ID of this trust domain.
+        #[arg(long)]
+        csr: PathBuf,
+        /// SVID lifetime (default: the CA's default SVID TTL).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Rotate the CA: prepare the next authority, activate it, or prune expired ones.
+    Rotate(RotateArgs),
+    /// Show the CA's authorities and their states.
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum BundleFormat {
+    Json,
+    Pem,
+}
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// The trust domain, e.g. east.example.
+    #[arg(long)]
+    trust_domain: String,
+    /// Directory to create the CA in (created 0700; keys are written 0600).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Lifetime of each CA certificate.
+    #[arg(long, value_parser = parse_duration, default_value = "30d")]
+    ca_ttl: Duration,
+    /// Default X509-SVID lifetime.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    svid_ttl: Duration,
+    /// Longest lifetime an SVID may request.
+    #[arg(long, value_parser = parse_duration, default_value = "24h")]
+    max_svid_ttl: Duration,
+    /// Refresh hint published in the bundle.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    refresh_hint: Duration,
+    #[command(flatten)]
+    upstream: UpstreamArgs,
+}
+
+#[derive(Args)]
+pub struct UpstreamArgs {
+    /// Your existing CA certificate (PEM): ours becomes an intermediate under it.
+    #[arg(long, requires = "upstream_key")]
+    upstream_cert: Option<PathBuf>,
+    /// The private key of --upstream-cert (PEM). Used once to sign; never stored.
+    #[arg(long, requires = "upstream_cert")]
+    upstream_key: Option<PathBuf>,
+    /// Roots to publish as the bundle (PEM); defaults to --upstream-cert.
+    #[arg(long, requires = "upstream_cert")]
+    upstream_bundle: Option<PathBuf>,
+}
+
+impl UpstreamArgs {
+    fn load(&self) -> anyhow::Result<Option<UpstreamAuthority>> {
+        let (Some(cert), Some(key)) = (&self.upstream_cert, &self.upstream_key) else {
+            return Ok(None);
+        };
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        };
+        Ok(Some(UpstreamAuthority {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            bundle_pem: self.upstream_bundle.as_ref().map(read).transpose()?,
+        }))
+    }
+}
+
+#[derive(Args)]
+pub struct RotateArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    /// Which step to run. Run the CA's owner (agent or control plane) stopped, or let it rotate
+    /// on its own schedule.
+    #[arg(long, value_enum)]
+    step: RotateStep,
+    #[command(flatten)]
+    upstream: UpstreamArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RotateStep {
+    /// Create the next authority and publish it in the bundle (it signs nothing yet).
+    Prepare,
+    /// Make the prepared authority the signer; retire the current one.
+    Activate,
+    /// Remove retired authorities whose SVIDs have all expired.
+    Prune,
+}
+
+pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
+    match cmd {
+        CaCommand::Init(args) => {
+            let td = TrustDomain::new(&args.trust_domain)
+                .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
+            let mut opts = CaOptions::new(td.clone());
+            opts.ca_ttl = args.ca_ttl;
+            opts.default_svid_ttl = args.svid_ttl;
+            opts.max_svid_ttl = args.max_svid_ttl;
+            opts.refresh_hint = args.refresh_hint;
+            opts.upstream = args.upstream.load()?;
+            let upstream = opts.upstream.is_some();
+            let ca = TrustDomainCa::init(&args.dir, opts)?;
+            let a = &ca.authorities()[0];
+            eprintln!(
+                "created {} CA for trust domain {td} in {} (authority {}, valid until {})",
+                if upstream { "intermediate" } else { "root" },
+                args.dir.display(),
+                a.id,
+                a.not_after
+            );
+            eprintln!("bundle: fedmesh ca bundle --dir {}", args.dir.display());
+            Ok(())
+        }
+        CaCommand::Bundle { dir, format } => {
+            let ca = TrustDomainCa::open(&dir)?;
+            let bundle = ca.bundle();
+            match format {
+                BundleFormat::Json => println!("{}", bundle.to_json()),
+                BundleFormat::Pem => print!("{}", bundle.x509_authorities_pem()),
+            }
+            Ok(())
+        }
+        CaCommand::Sign { dir, csr, ttl } => {
+            let ca = TrustDomainCa::open(&dir)?;
+            let raw = std::fs::read(&csr).with_context(|| format!("reading {}", csr.display()))?;
+            let der = if raw.starts_with(b"-----BEGIN") {
+                use rustls_pki_types::pem::PemObject;
+                rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(&raw)
+                    .with_context(|| format!("{} is not a PEM CSR", csr.display()))?
+                    .as_ref()
+                    .to_vec()
+            } else {
+                raw
+            };
+            let issued = ca.sign_csr(&der, None, ttl)?;
+            eprintln!(
+                "signed {} valid until {}",
+                issued.id,
+                rfc3339(issued.not_after)
+            );
+            for c in &issued.chain {
+                print!("{}", fedmesh_trust::bundle::der_to_pem("CERTIFICATE", c));
+            }
+            Ok(())
+        }
+        CaCommand::Rotate(args) => {
+            let ca = TrustDomainCa::open(&args.dir)?;
+            match args.step {
+                RotateStep::Prepare => ca.prepare_next(args.upstream.load()?.as_ref())?,
+                RotateStep::Activate => ca.activate_next()?,
+                RotateStep::Prune => {
+                    if !ca.prune(SystemTime::now())? {
+                        eprintln!("nothing to prune");
+                    }
+                }
+            }
+            print_status(&ca);
+            Ok(())
+        }
+        CaCommand::Status { dir } => {
+            let ca = TrustDomainCa::open(&dir)?;
+            print_status(&ca);
+            Ok(())
+        }
+    }
+}
+
+fn print_status(ca: &TrustDomainCa) {
+    println!(
+        "trust domain {}  bundle sequence {}",
+        ca.trust_domain(),
+        ca.bundle().sequence()
+    );
+    println!(
+        "{:<18} {:<9} {:<22} JWT KID",
+        "AUTHORITY", "STATE", "NOT AFTER"
+    );
+    for a in ca.authorities() {
+        println!(
+            "{:<18} {:<9} {:<22} {}",
+            a.id,
+            format!("{:?}", a.state).to_lowercase(),
+            a.not_after,
+            a.jwt_kid
+        );
+    }
+}

@@ -1,0 +1,60 @@
+//! `fedmesh`: one binary for every part of the mesh.
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+#[derive(Parser)]
+#[command(
+    name = "fedmesh",
+    version,
+    about = "A multi-cluster service mesh with SPIFFE identity",
+    long_about = "fedmesh joins many clusters into one clusterset: each cluster is its own SPIFFE trust \
+domain, control planes exchange bundles and service exports through a federation hub, and east-west \
+gateways carry end-to-end mTLS between clusters."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage a trust domain's certificate authority.
+    #[command(subcommand)]
+    Ca(cmd::ca::CaCommand),
+    /// Serve the SPIFFE Workload API to local workloads.
+    Agent(cmd::agent::AgentArgs),
+    /// Measure fedmesh against a baseline in the same run.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    cmd::init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Ca(c) => cmd::ca::run(c),
+            Command::Agent(a) => cmd::agent::run(a).await,
+            Command::Bench(b) => cmd::bench::run(b).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

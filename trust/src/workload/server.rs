@@ -1,0 +1,347 @@
+//! The SPIFFE Workload API over a Unix socket.
+//!
+//! Every call must carry the `workload.spiffe.io: true` metadata (the spec's guard against
+//! browsers and proxies being tricked into calling it), and the caller is attested by its Unix peer
+//! credentials against the registration entries. A caller that matches no entry gets
+//! `PermissionDenied` and nothing else.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures::Stream;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use super::attest::Caller;
+use super::cache::SvidCache;
+use super::entries::RegistrationEntry;
+use crate::bundle::BundleSet;
+use crate::jwt;
+use crate::workload_pb::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
+use crate::workload_pb::*;
+
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[derive(Clone)]
+pub struct WorkloadApi {
+    cache: Arc<SvidCache>,
+}
+
+impl WorkloadApi {
+    pub fn new(cache: Arc<SvidCache>) -> Self {
+        Self { cache }
+    }
+
+    pub fn into_service(self) -> SpiffeWorkloadApiServer<Self> {
+        SpiffeWorkloadApiServer::new(self)
+    }
+
+    /// Checks the security header and returns the entries the caller is entitled to.
+    fn attest<T>(&self, req: &Request<T>) -> Result<Vec<Arc<RegistrationEntry>>, Status> {
+        match req.metadata().get(SECURITY_HEADER).map(|v| v.to_str()) {
+            Some(Ok("true")) => {}
+            _ => {
+                return Err(Status::invalid_argument(
+                    "security header missing from request",
+                ));
+            }
+        }
+        let cred = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .ok_or_else(|| {
+                tracing::warn!("Workload API call without Unix peer credentials");
+                Status::permission_denied("no identity issued")
+            })?;
+        let caller = Caller {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+        };
+        let selectors = caller.selectors();
+        let matched: Vec<_> = self
+            .cache
+            .entries()
+            .iter()
+            .filter(|e| e.matches(&selectors))
+            .cloned()
+            .collect();
+        if matched.is_empty() {
+            tracing::info!(uid = caller.uid, gid = caller.gid, pid = ?caller.pid, exe = ?caller.exe(), "Workload API caller matches no registration entry");
+            return Err(Status::permission_denied("no identity issued"));
+        }
+        Ok(matched)
+    }
+
+    fn x509_response(&self, entries: &[Arc<RegistrationEntry>]) -> Option<X509svidResponse> {
+        let bundles = self.cache.bundles();
+        let td = self.cache.signer().trust_domain();
+        let own = bundles
+            .get(&td)
+            .map(|b| b.x509_authorities_der())
+            .unwrap_or_default();
+        let svids: Vec<X509svid> = entries
+            .iter()
+            .filter_map(|e| {
+                let svid = self.cache.svid(e)?;
+                Some(X509svid {
+                    spiffe_id: svid.id.to_string(),
+                    x509_svid: svid.chain.iter().flat_map(|c| c.iter().copied()).collect(),
+                    x509_svid_key: svid.key.secret_pkcs8_der().to_vec(),
+                    bundle: own.clone(),
+                    hint: e.hint.clone(),
+                })
+            })
+            .collect();
+        if svids.is_empty() {
+            return None;
+        }
+        Some(X509svidResponse {
+            svids,
+            crl: Vec::new(),
+            federated_bundles: x509_bundle_map(&bundles, Some(&td)),
+        })
+    }
+}
+
+fn x509_bundle_map(
+    bundles: &BundleSet,
+    except: Option<&fedmesh_api::TrustDomain>,
+) -> HashMap<String, Vec<u8>> {
+    bundles
+        .iter()
+        .filter(|b| Some(b.trust_domain()) != except && !b.x509_authorities().is_empty())
+        .map(|b| (b.trust_domain().id_string(), b.x509_authorities_der()))
+        .collect()
+}
+
+/// A stream that sends `make()` now and again after each cache change, skipping repeats.
+fn change_stream<T, F>(cache: Arc<SvidCache>, make: F) -> ResponseStream<T>
+where
+    T: PartialEq + Clone + Send + 'static,
+    F: Fn() -> Option<T> + Send + Sync + 'static,
+{
+    let rx = cache.subscribe();
+    let state = (rx, make, None::<T>, true);
+    Box::pin(futures::stream::unfold(
+        state,
+        |(mut rx, make, last, first)| async move {
+            if !first && rx.changed().await.is_err() {
+                return None;
+            }
+            loop {
+                if let Some(msg) = make()
+                    && last.as_ref() != Some(&msg)
+                {
+                    return Some((Ok(msg.clone()), (rx, make, Some(msg), false)));
+                }
+                rx.changed().await.ok()?;
+            }
+        },
+    ))
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = ResponseStream<X509svidResponse>;
+    type FetchX509BundlesStream = ResponseStream<X509BundlesResponse>;
+    type FetchJWTBundlesStream = ResponseStream<JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let entries = self.attest(&request)?;
+        let me = self.clone();
+        Ok(Response::new(change_stream(
+            self.cache.clone(),
+            move || me.x509_response(&entries),
+        )))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        self.attest(&request)?;
+        let cache = self.cache.clone();
+        Ok(Response::new(change_stream(
+            self.cache.clone(),
+            move || {
+                Some(X509BundlesResponse {
+                    crl: Vec::new(),
+                    bundles: x509_bundle_map(&cache.bundles(), None),
+                })
+            },
+        )))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        let entries = self.attest(&request)?;
+        let req = request.into_inner();
+        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let wanted: Vec<_> = if req.spiffe_id.is_empty() {
+            entries
+        } else {
+            let id = fedmesh_api::SpiffeId::new(&req.spiffe_id)
+                .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
+            let found: Vec<_> = entries.into_iter().filter(|e| e.spiffe_id == id).collect();
+            if found.is_empty() {
+                return Err(Status::permission_denied(format!(
+                    "no identity issued for {id}"
+                )));
+            }
+            found
+        };
+        let mut svids = Vec::with_capacity(wanted.len());
+        let mut seen = std::collections::HashSet::new();
+        for e in wanted {
+            if !seen.insert(e.spiffe_id.clone()) {
+                continue;
+            }
+            let token = self
+                .cache
+                .signer()
+                .sign_jwt(e.spiffe_id.clone(), req.audience.clone(), e.ttl)
+                .await
+                .map_err(|err| Status::unavailable(format!("cannot sign JWT-SVID: {err}")))?;
+            svids.push(Jwtsvid {
+                spiffe_id: e.spiffe_id.to_string(),
+                svid: token,
+                hint: e.hint.clone(),
+            });
+        }
+        Ok(Response::new(JwtsvidResponse { svids }))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        self.attest(&request)?;
+        let cache = self.cache.clone();
+        Ok(Response::new(change_stream(
+            self.cache.clone(),
+            move || {
+                Some(JwtBundlesResponse {
+                    bundles: cache
+                        .bundles()
+                        .iter()
+                        .map(|b| (b.trust_domain().id_string(), b.jwt_jwks_json().into_bytes()))
+                        .collect(),
+                })
+            },
+        )))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        self.attest(&request)?;
+        let req = request.into_inner();
+        if req.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if req.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let validated = jwt::validate(
+            &req.svid,
+            &req.audience,
+            &self.cache.bundles(),
+            SystemTime::now(),
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: validated.spiffe_id.to_string(),
+            claims: Some(json_object_to_struct(validated.claims)),
+        }))
+    }
+}
+
+fn json_object_to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map
+            .into_iter()
+            .map(|(k, v)| (k, json_to_value(v)))
+            .collect(),
+    }
+}
+
+fn json_to_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(json_object_to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error(
+        "another process is already serving the Workload API on {0}; stop it or pick another --socket"
+    )]
+    InUse(PathBuf),
+    #[error("cannot listen on {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Binds the Workload API socket: a stale socket file left by a crashed agent is replaced, a live
+/// one is not. The socket is world-connectable (0666): callers are told apart by peer credentials.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, ListenError> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ListenError::InUse(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ListenError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666));
+    Ok(listener)
+}
+
+/// Serves the Workload API on `listener` until `shutdown` resolves; removes the socket file after.
+pub async fn serve(
+    listener: UnixListener,
+    socket_path: PathBuf,
+    cache: Arc<SvidCache>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let result = tonic::transport::Server::builder()
+        .add_service(WorkloadApi::new(cache).into_service())
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    let _ = std::fs::remove_file(&socket_path);
+    result
+}
