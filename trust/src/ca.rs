@@ -39,8 +39,14 @@ use crate::svid::{from_unix_secs, rfc3339, unix_secs};
 
 pub const STATE_FILE: &str = "ca.json";
 const STATE_VERSION: u32 = 1;
-/// Issued certificates start this much in the past, to absorb clock skew between nodes.
+/// Issued certificates start up to this much in the past, to absorb clock skew between nodes.
 const BACKDATE: Duration = Duration::from_secs(30);
+
+/// Backdating is capped at a quarter of the lifetime, so that "renew at half-life" (measured from
+/// notBefore) still falls in the future for very short TTLs.
+fn backdate(ttl: Duration) -> Duration {
+    BACKDATE.min(ttl / 4)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -454,9 +460,10 @@ impl TrustDomainCa {
         let authority = active(inner, now)?;
         let ca_not_after = from_unix_secs(authority.record.not_after);
         let ca_not_before = from_unix_secs(authority.record.not_before);
-        let not_before = (now - BACKDATE).max(ca_not_before);
+        let ttl = ttl.min(max);
+        let not_before = (now - backdate(ttl)).max(ca_not_before);
         // An SVID never outlives the authority that signed it.
-        let not_after = (now + ttl.min(max)).min(ca_not_after);
+        let not_after = (now + ttl).min(ca_not_after);
         Ok((not_before, not_after))
     }
 
@@ -803,7 +810,7 @@ fn new_authority(
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let id = hex::encode(random_bytes::<8>());
     let mut params = CertificateParams::default();
-    let not_before = now - BACKDATE;
+    let not_before = now - backdate(ttl);
     let mut not_after = now + ttl;
     params.serial_number = Some(random_serial());
     params.distinguished_name = DistinguishedName::new();

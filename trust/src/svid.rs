@@ -46,15 +46,6 @@ impl std::fmt::Debug for X509Svid {
 }
 
 impl X509Svid {
-    /// The moment a holder should renew: half-way through the SVID's lifetime.
-    pub fn renew_at(&self) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        self.not_before + life / 2
-    }
-
     pub fn leaf(&self) -> &CertificateDer<'static> {
         &self.chain[0]
     }

@@ -139,7 +139,9 @@ impl SvidCache {
             }
             match self.issue(entry).await {
                 Ok(svid) => {
-                    let renew_at = svid.renew_at();
+                    // Half of the remaining lifetime, measured from now: notBefore is backdated and
+                    // X.509 times have one-second granularity, so it is not a reliable start.
+                    let renew_at = now + svid.not_after.duration_since(now).unwrap_or_default() / 2;
                     tracing::info!(spiffe_id = %entry.spiffe_id, not_after = %rfc3339(svid.not_after), "issued X509-SVID");
                     self.slots_mut().insert(
                         key,

@@ -1,0 +1,279 @@
+//! The SPIFFE Workload API, driven by the Rust `spiffe` crate (the same client real workloads use)
+//! and by a raw gRPC client for the refusals the spec requires.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use fedmesh_trust::workload_pb::*;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use tonic::Code;
+
+const WEB: &str = "spiffe://east.example/ns/default/sa/web";
+
+#[tokio::test]
+async fn spiffe_crate_x509_source_gets_the_registered_svid_and_both_bundles() {
+    let dir = tempfile::tempdir().unwrap();
+    let east = new_ca(dir.path(), "east.example");
+    let west = new_ca(dir.path(), "west.example");
+    let agent = TestAgent::start(dir.path(), east.clone(), &TestAgent::entry_for_me(WEB)).await;
+    agent.signer.set_federated((*west.bundle()).clone());
+
+    let source = spiffe::X509Source::builder()
+        .endpoint(agent.endpoint())
+        .build()
+        .await
+        .unwrap();
+    let svid = source.svid().unwrap();
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        WEB,
+        "the registration entry's ID"
+    );
+
+    // The chain validates against the bundle the Workload API handed out.
+    let bundles = source.bundle_set().unwrap();
+    let own = bundles
+        .get(&spiffe::TrustDomain::new("east.example").unwrap())
+        .expect("own bundle");
+    let anchors: Vec<_> = own
+        .authorities()
+        .iter()
+        .map(|c| {
+            webpki::anchor_from_trusted_cert(&CertificateDer::from(c.as_bytes()))
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let chain: Vec<CertificateDer> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+        .collect();
+    webpki::EndEntityCert::try_from(&chain[0])
+        .unwrap()
+        .verify_for_usage(
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .all,
+            &anchors,
+            &chain[1..],
+            UnixTime::now(),
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .unwrap();
+    assert_eq!(own.authorities().len(), 1);
+    assert_eq!(
+        own.authorities()[0].as_bytes(),
+        east.bundle().x509_authorities()[0].as_ref()
+    );
+
+    // The federated bundle is delivered side by side, never merged into ours.
+    let theirs = bundles
+        .get(&spiffe::TrustDomain::new("west.example").unwrap())
+        .expect("federated bundle");
+    assert_eq!(
+        theirs.authorities()[0].as_bytes(),
+        west.bundle().x509_authorities()[0].as_ref()
+    );
+    source.shutdown().await;
+}
+
+#[tokio::test]
+async fn fetch_x509_svid_streams_a_new_svid_on_every_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let east = short_lived_ca(dir.path(), "east.example", Duration::from_secs(2));
+    let agent = TestAgent::start(dir.path(), east, &TestAgent::entry_for_me(WEB)).await;
+    let mut client = agent.raw_client().await;
+    let mut stream = client
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut leaves = Vec::new();
+    while leaves.len() < 3 {
+        let msg = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .expect("an update within 20s")
+            .unwrap()
+            .expect("stream open");
+        assert_eq!(msg.svids.len(), 1);
+        assert_eq!(msg.svids[0].spiffe_id, WEB);
+        assert!(!msg.svids[0].bundle.is_empty());
+        leaves.push(msg.svids[0].x509_svid.clone());
+    }
+    assert_ne!(leaves[0], leaves[1]);
+    assert_ne!(leaves[1], leaves[2]);
+}
+
+#[tokio::test]
+async fn jwt_svids_fetch_validate_and_bundles() {
+    let dir = tempfile::tempdir().unwrap();
+    let east = new_ca(dir.path(), "east.example");
+    let agent = TestAgent::start(dir.path(), east, &TestAgent::entry_for_me(WEB)).await;
+    let mut client = agent.raw_client().await;
+
+    let resp = client
+        .fetch_jwtsvid(with_header(JwtsvidRequest {
+            audience: vec!["billing".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.svids.len(), 1);
+    assert_eq!(resp.svids[0].spiffe_id, WEB);
+    let token = resp.svids[0].svid.clone();
+
+    let ok = client
+        .validate_jwtsvid(with_header(ValidateJwtsvidRequest {
+            audience: "billing".into(),
+            svid: token.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.spiffe_id, WEB);
+    let claims = ok.claims.unwrap();
+    assert!(claims.fields.contains_key("exp") && claims.fields.contains_key("aud"));
+
+    let wrong = client
+        .validate_jwtsvid(with_header(ValidateJwtsvidRequest {
+            audience: "payroll".into(),
+            svid: token,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::InvalidArgument);
+    assert!(wrong.message().contains("audience"), "{}", wrong.message());
+
+    let no_aud = client
+        .fetch_jwtsvid(with_header(JwtsvidRequest {
+            audience: vec![],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(no_aud.code(), Code::InvalidArgument);
+
+    let other_id = client
+        .fetch_jwtsvid(with_header(JwtsvidRequest {
+            audience: vec!["x".into()],
+            spiffe_id: "spiffe://east.example/ns/default/sa/admin".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(other_id.code(), Code::PermissionDenied);
+
+    let mut jwt_bundles = client
+        .fetch_jwt_bundles(with_header(JwtBundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = jwt_bundles.message().await.unwrap().unwrap();
+    let jwks: serde_json::Value =
+        serde_json::from_slice(&b.bundles["spiffe://east.example"]).unwrap();
+    assert_eq!(jwks["keys"][0]["use"], "jwt-svid");
+    assert!(jwks["keys"][0]["kid"].is_string());
+}
+
+#[tokio::test]
+async fn calls_without_the_security_header_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let east = new_ca(dir.path(), "east.example");
+    let agent = TestAgent::start(dir.path(), east, &TestAgent::entry_for_me(WEB)).await;
+    let mut client = agent.raw_client().await;
+    let err = client
+        .fetch_x509svid(tonic::Request::new(X509svidRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.message(), "security header missing from request");
+    let mut bad = tonic::Request::new(X509BundlesRequest {});
+    bad.metadata_mut()
+        .insert("workload.spiffe.io", "yes".parse().unwrap());
+    assert_eq!(
+        client.fetch_x509_bundles(bad).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+}
+
+#[tokio::test]
+async fn an_unregistered_caller_gets_permission_denied_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let east = new_ca(dir.path(), "east.example");
+    let someone_else = format!(
+        "entries:\n  - spiffe_id: {WEB}\n    selectors: [\"unix:uid:{}\"]\n",
+        my_uid() + 4242
+    );
+    let agent = TestAgent::start(dir.path(), east, &someone_else).await;
+    let mut c = agent.raw_client().await;
+    let codes = [
+        c.fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        c.fetch_x509_bundles(with_header(X509BundlesRequest {}))
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        c.fetch_jwtsvid(with_header(JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .map(|_| ())
+        .unwrap_err(),
+        c.fetch_jwt_bundles(with_header(JwtBundlesRequest {}))
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        c.validate_jwtsvid(with_header(ValidateJwtsvidRequest {
+            audience: "a".into(),
+            svid: "x.y.z".into(),
+        }))
+        .await
+        .map(|_| ())
+        .unwrap_err(),
+    ];
+    for s in codes {
+        assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+        assert_eq!(s.message(), "no identity issued");
+    }
+
+    // The same caller becomes entitled when the entries change, without restarting the agent.
+    agent.cache.set_entries(
+        fedmesh_trust::workload::entries::parse_entries(
+            &TestAgent::entry_for_me(WEB),
+            std::path::Path::new("t.yaml"),
+            &td("east.example"),
+        )
+        .unwrap(),
+    );
+    let mut stream = c
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.svids[0].spiffe_id, WEB);
+}
+
+#[tokio::test]
+async fn a_live_socket_is_not_stolen_and_a_stale_one_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let east = new_ca(dir.path(), "east.example");
+    let agent = TestAgent::start(dir.path(), east, &TestAgent::entry_for_me(WEB)).await;
+    let err = fedmesh_trust::workload::bind_socket(&agent.socket).unwrap_err();
+    assert!(err.to_string().contains("already serving"), "{err}");
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    fedmesh_trust::workload::bind_socket(&stale).unwrap();
+}
