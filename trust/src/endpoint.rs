@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::bundle::{BundleSet, BundleUpdate, MAX_BUNDLE_BYTES, SpiffeBundle};
-use crate::tls::{Authorizer, MeshIdentity, crypto_provider};
+use crate::tls::{Authorizer, MeshIdentity, crypto_provider, handshake_error_message};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
@@ -115,6 +115,7 @@ pub async fn serve(
                 async move { Ok::<_, std::convert::Infallible>(respond(&req, &bundle)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(tls), svc);
             if let Err(e) = conn.await {
@@ -251,7 +252,7 @@ impl BundleEndpointClient {
         let tls = TlsConnector::from(config)
             .connect(server_name, tcp)
             .await
-            .map_err(|e| self.err(format!("TLS: {e}")))?;
+            .map_err(|e| self.err(format!("TLS: {}", handshake_error_message(&e))))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| self.err(format!("HTTP: {e}")))?;

@@ -83,6 +83,21 @@ impl PeerVerificationError {
     }
 }
 
+/// A readable message for a failed TLS handshake: our verification error when there is one
+/// (rustls would print it as Debug), the I/O error otherwise.
+pub fn handshake_error_message(e: &std::io::Error) -> String {
+    let rustls_err = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match rustls_err {
+        Some(r) => match PeerVerificationError::from_rustls(r) {
+            Some(v) => v.to_string(),
+            None => r.to_string(),
+        },
+        None => e.to_string(),
+    }
+}
+
 /// Which verified SPIFFE IDs may complete a handshake.
 #[derive(Clone)]
 pub enum Authorizer {

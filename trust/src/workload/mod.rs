@@ -2,6 +2,7 @@
 //! and the SPIFFE Workload API server.
 
 pub mod attest;
+pub mod authority;
 pub mod cache;
 pub mod entries;
 pub mod server;

@@ -13,11 +13,14 @@ use std::time::SystemTime;
 
 use futures::Stream;
 use tokio::net::UnixListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use super::attest::Caller;
+use super::authority::AuthorityRewrite;
 use super::cache::SvidCache;
 use super::entries::RegistrationEntry;
 use crate::bundle::BundleSet;
@@ -32,11 +35,13 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[derive(Clone)]
 pub struct WorkloadApi {
     cache: Arc<SvidCache>,
+    /// Cancelled at shutdown: ends the streams, which would otherwise hold the server open.
+    closing: CancellationToken,
 }
 
 impl WorkloadApi {
-    pub fn new(cache: Arc<SvidCache>) -> Self {
-        Self { cache }
+    pub fn new(cache: Arc<SvidCache>, closing: CancellationToken) -> Self {
+        Self { cache, closing }
     }
 
     pub fn into_service(self) -> SpiffeWorkloadApiServer<Self> {
@@ -123,27 +128,28 @@ fn x509_bundle_map(
         .collect()
 }
 
-/// A stream that sends `make()` now and again after each cache change, skipping repeats.
-fn change_stream<T, F>(cache: Arc<SvidCache>, make: F) -> ResponseStream<T>
+/// A stream that sends `make()` now and again after each cache change, skipping repeats, until
+/// the server closes.
+fn change_stream<T, F>(cache: &SvidCache, closing: CancellationToken, make: F) -> ResponseStream<T>
 where
     T: PartialEq + Clone + Send + 'static,
     F: Fn() -> Option<T> + Send + Sync + 'static,
 {
     let rx = cache.subscribe();
-    let state = (rx, make, None::<T>, true);
+    let state = (rx, make, None::<T>, closing);
     Box::pin(futures::stream::unfold(
         state,
-        |(mut rx, make, last, first)| async move {
-            if !first && rx.changed().await.is_err() {
-                return None;
-            }
+        |(mut rx, make, last, closing)| async move {
             loop {
                 if let Some(msg) = make()
                     && last.as_ref() != Some(&msg)
                 {
-                    return Some((Ok(msg.clone()), (rx, make, Some(msg), false)));
+                    return Some((Ok(msg.clone()), (rx, make, Some(msg), closing)));
                 }
-                rx.changed().await.ok()?;
+                tokio::select! {
+                    changed = rx.changed() => changed.ok()?,
+                    _ = closing.cancelled() => return None,
+                }
             }
         },
     ))
@@ -162,7 +168,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let entries = self.attest(&request)?;
         let me = self.clone();
         Ok(Response::new(change_stream(
-            self.cache.clone(),
+            &self.cache,
+            self.closing.clone(),
             move || me.x509_response(&entries),
         )))
     }
@@ -174,7 +181,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         self.attest(&request)?;
         let cache = self.cache.clone();
         Ok(Response::new(change_stream(
-            self.cache.clone(),
+            &self.cache,
+            self.closing.clone(),
             move || {
                 Some(X509BundlesResponse {
                     crl: Vec::new(),
@@ -234,7 +242,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         self.attest(&request)?;
         let cache = self.cache.clone();
         Ok(Response::new(change_stream(
-            self.cache.clone(),
+            &self.cache,
+            self.closing.clone(),
             move || {
                 Some(JwtBundlesResponse {
                     bundles: cache
@@ -331,16 +340,26 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, ListenError> {
     Ok(listener)
 }
 
-/// Serves the Workload API on `listener` until `shutdown` resolves; removes the socket file after.
+/// Serves the Workload API on `listener` until `shutdown` resolves; open streams are ended and the
+/// socket file is removed.
 pub async fn serve(
     listener: UnixListener,
     socket_path: PathBuf,
     cache: Arc<SvidCache>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let closing = CancellationToken::new();
+    let close = closing.clone();
+    let shutdown = async move {
+        shutdown.await;
+        close.cancel();
+    };
     let result = tonic::transport::Server::builder()
-        .add_service(WorkloadApi::new(cache).into_service())
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .add_service(WorkloadApi::new(cache, closing).into_service())
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener).map(|s| s.map(AuthorityRewrite::new)),
+            shutdown,
+        )
         .await;
     let _ = std::fs::remove_file(&socket_path);
     result

@@ -1,0 +1,293 @@
+//! `fedmesh ca` and `fedmesh agent` as a user runs them: real processes, the Workload API on a
+//! real Unix socket, clients from PyPI (`spiffe`) and crates.io (`spiffe`).
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use support::*;
+
+const WEB: &str = "spiffe://east.example/ns/default/sa/web";
+
+struct Setup {
+    dir: tempfile::TempDir,
+    agent: Proc,
+    socket: std::path::PathBuf,
+}
+
+fn start_agent(entries: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let east = d.join("east-ca");
+    let west = d.join("west-ca");
+    for (td, path) in [("east.example", &east), ("west.example", &west)] {
+        let out = fedmesh(&[
+            "ca",
+            "init",
+            "--trust-domain",
+            td,
+            "--dir",
+            path.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let west_bundle = fedmesh(&["ca", "bundle", "--dir", west.to_str().unwrap()]);
+    assert!(west_bundle.status.success());
+    std::fs::write(d.join("west.json"), &west_bundle.stdout).unwrap();
+    std::fs::write(d.join("entries.yaml"), entries).unwrap();
+    let socket = d.join("agent.sock");
+    let federated = format!("west.example={}", d.join("west.json").display());
+    let agent = Proc::start(
+        "agent",
+        &[
+            "agent",
+            "--ca-dir",
+            east.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "--entries",
+            d.join("entries.yaml").to_str().unwrap(),
+            "--federated-bundle",
+            &federated,
+        ],
+        d,
+    );
+    wait_until("the agent socket", Duration::from_secs(20), || {
+        socket.exists()
+    });
+    Setup { dir, agent, socket }
+}
+
+fn my_entry() -> String {
+    format!(
+        "entries:\n  - spiffe_id: {WEB}\n    selectors: [\"unix:uid:{}\"]\n",
+        uid()
+    )
+}
+
+#[test]
+fn python_spiffe_client_gets_svid_bundles_and_jwts_from_the_agent() {
+    let s = start_agent(&my_entry());
+    let out = python_with("spiffe")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/workload_api_client.py"))
+        .arg(&s.socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.agent.log()
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["spiffe_id"], WEB);
+    assert_eq!(v["chain_verified"], true, "{v}");
+    assert_eq!(
+        v["bundle_trust_domains"],
+        serde_json::json!(["east.example", "west.example"])
+    );
+    assert_eq!(v["jwt_spiffe_id"], WEB);
+    assert_eq!(v["jwt_validated_spiffe_id"], WEB);
+    assert_eq!(v["wrong_audience_rejected"], true);
+    assert!(
+        v["jwt_bundle_trust_domains"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "east.example")
+    );
+}
+
+#[test]
+fn rust_spiffe_x509_source_gets_svid_and_bundles_from_the_agent() {
+    let s = start_agent(&my_entry());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let source = spiffe::X509Source::builder()
+            .endpoint(format!("unix:{}", s.socket.display()))
+            .build()
+            .await
+            .unwrap();
+        let svid = source.svid().unwrap();
+        assert_eq!(svid.spiffe_id().to_string(), WEB);
+        let bundles = source.bundle_set().unwrap();
+        assert!(
+            bundles
+                .get(&spiffe::TrustDomain::new("east.example").unwrap())
+                .is_some()
+        );
+        assert!(
+            bundles
+                .get(&spiffe::TrustDomain::new("west.example").unwrap())
+                .is_some()
+        );
+        source.shutdown().await;
+    });
+}
+
+#[test]
+fn agent_stops_cleanly_on_sigterm_with_open_streams_and_removes_its_socket() {
+    let mut s = start_agent(&my_entry());
+    // A workload holding a FetchX509SVID stream open must not keep the agent alive.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let source = rt.block_on(async {
+        spiffe::X509Source::builder()
+            .endpoint(format!("unix:{}", s.socket.display()))
+            .build()
+            .await
+            .unwrap()
+    });
+    let status = s
+        .agent
+        .terminate(Duration::from_secs(10))
+        .expect("agent exited");
+    drop(source);
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        s.agent.log()
+    );
+    assert!(!s.socket.exists(), "socket removed");
+    drop(s.dir);
+}
+
+#[test]
+fn agent_refuses_to_start_on_bad_entries_and_says_which() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    assert!(
+        fedmesh(&[
+            "ca",
+            "init",
+            "--trust-domain",
+            "east.example",
+            "--dir",
+            ca.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let entries = dir.path().join("entries.yaml");
+    std::fs::write(
+        &entries,
+        "entries:\n  - spiffe_id: spiffe://east.example/ok\n    selectors: [\"unix:uid:1\"]\n  - spiffe_id: spiffe://east.example/bad\n    selectors: [\"docker:label:x\"]\n",
+    )
+    .unwrap();
+    let out = fedmesh(&[
+        "agent",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--socket",
+        dir.path().join("a.sock").to_str().unwrap(),
+        "--entries",
+        entries.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("entry 1") && err.contains("docker:label:x"),
+        "{err}"
+    );
+}
+
+#[test]
+fn agent_keeps_the_last_good_entries_when_the_file_turns_bad() {
+    let s = start_agent(&my_entry());
+    std::fs::write(s.dir.path().join("entries.yaml"), "entries: [\n").unwrap();
+    wait_until(
+        "the agent to report the bad file",
+        Duration::from_secs(20),
+        || s.agent.log().contains("keeping the previous entries"),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let source = spiffe::X509Source::builder()
+            .endpoint(format!("unix:{}", s.socket.display()))
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(source.svid().unwrap().spiffe_id().to_string(), WEB);
+        source.shutdown().await;
+    });
+}
+
+#[test]
+fn ca_cli_signs_csrs_and_refuses_foreign_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    assert!(
+        fedmesh(&[
+            "ca",
+            "init",
+            "--trust-domain",
+            "east.example",
+            "--dir",
+            ca.to_str().unwrap(),
+            "--svid-ttl",
+            "10m"
+        ])
+        .status
+        .success()
+    );
+    let key = rcgen::KeyPair::generate().unwrap();
+    let write_csr = |name: &str, uri: &str| {
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+        let path = dir.path().join(name);
+        std::fs::write(&path, p.serialize_request(&key).unwrap().pem().unwrap()).unwrap();
+        path
+    };
+    let good = write_csr("good.csr", "spiffe://east.example/ns/a/sa/b");
+    let out = fedmesh(&[
+        "ca",
+        "sign",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--csr",
+        good.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("-----BEGIN CERTIFICATE-----"));
+
+    let foreign = write_csr("foreign.csr", "spiffe://west.example/ns/a/sa/b");
+    let out = fedmesh(&[
+        "ca",
+        "sign",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--csr",
+        foreign.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("signs only for trust domain east.example"),
+        "{err}"
+    );
+
+    let out = fedmesh(&[
+        "ca",
+        "bundle",
+        "--dir",
+        ca.to_str().unwrap(),
+        "--format",
+        "pem",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE"));
+    let out = fedmesh(&[
+        "ca",
+        "status",
+        "--dir",
+        dir.path().join("missing").to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fedmesh ca init"));
+}

@@ -1,0 +1,114 @@
+//! Helpers shared by the end-to-end tests: run the real `fedmesh` binary, always clean up.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn fedmesh_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fedmesh")
+}
+
+/// Runs `fedmesh ARGS` to completion.
+pub fn fedmesh(args: &[&str]) -> Output {
+    Command::new(fedmesh_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run fedmesh")
+}
+
+/// A child process that is killed (and reaped) when dropped, even if the test fails.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    stderr_path: PathBuf,
+}
+
+impl Proc {
+    /// Starts `fedmesh ARGS` with stderr captured to `log_dir/<name>.log`.
+    pub fn start(name: &str, args: &[&str], log_dir: &Path) -> Self {
+        let stderr_path = log_dir.join(format!("{name}.log"));
+        let log = std::fs::File::create(&stderr_path).unwrap();
+        let child = Command::new(fedmesh_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn fedmesh");
+        Self {
+            child,
+            name: name.to_string(),
+            stderr_path,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for a clean exit.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- {} log ---\n{}", self.name, self.log());
+        }
+    }
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn uid() -> u32 {
+    unsafe { libc::getuid() }
+}
+
+/// `python3`, or a failure telling the developer how to get the test dependencies.
+pub fn python_with(module: &str) -> Command {
+    let ok = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "python3 with the `{module}` package is required; run scripts/test, which installs it"
+    );
+    Command::new("python3")
+}
