@@ -25,6 +25,9 @@ enum Command {
     Ca(cmd::ca::CaCommand),
     /// Serve the SPIFFE Workload API to local workloads.
     Agent(cmd::agent::AgentArgs),
+    /// Act as a workload against a SPIFFE Workload API (debugging).
+    #[command(subcommand)]
+    Workload(cmd::workload::WorkloadCommand),
     /// Measure fedmesh against a baseline in the same run.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -47,6 +50,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Ca(c) => cmd::ca::run(c),
             Command::Agent(a) => cmd::agent::run(a).await,
+            Command::Workload(w) => cmd::workload::run(w).await,
             Command::Bench(b) => cmd::bench::run(b).await,
         }
     });

@@ -1,6 +1,7 @@
 pub mod agent;
 pub mod bench;
 pub mod ca;
+pub mod workload;
 
 use std::time::Duration;
 

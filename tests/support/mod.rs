@@ -99,16 +99,18 @@ pub fn uid() -> u32 {
     unsafe { libc::getuid() }
 }
 
-/// `python3`, or a failure telling the developer how to get the test dependencies.
+/// The Python that has the test clients (`$FEDMESH_PYTHON`, set by scripts/test, else `python3`),
+/// or a failure telling the developer how to get it.
 pub fn python_with(module: &str) -> Command {
-    let ok = Command::new("python3")
+    let python = std::env::var("FEDMESH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python)
         .args(["-c", &format!("import {module}")])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
     assert!(
         ok,
-        "python3 with the `{module}` package is required; run scripts/test, which installs it"
+        "{python} with the `{module}` package is required; run scripts/test, which installs it"
     );
-    Command::new("python3")
+    Command::new(python)
 }

@@ -1,0 +1,43 @@
+# Shared by scripts/*: install what is missing on a Debian machine.
+# shellcheck shell=bash
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# apt_need PACKAGE... : installs the Debian packages that are not installed yet.
+apt_need() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing Debian packages: ${missing[*]}" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+# The build needs protoc and the well-known .proto files.
+need_build_tools() {
+  apt_need protobuf-compiler libprotobuf-dev
+  if ! command -v cargo >/dev/null; then
+    echo "cargo is missing: install Rust from https://rustup.rs first" >&2
+    exit 1
+  fi
+}
+
+# A Python with the PyPI `spiffe` client, in a venv under target/ (exported as FEDMESH_PYTHON).
+need_python_spiffe() {
+  if python3 -c 'import spiffe' 2>/dev/null; then
+    FEDMESH_PYTHON=$(command -v python3)
+  else
+    local venv=target/py-venv
+    if [ ! -x "$venv/bin/python" ]; then
+      python3 -m venv "$venv" 2>/dev/null || { apt_need python3-venv; python3 -m venv "$venv"; }
+    fi
+    "$venv/bin/python" -c 'import spiffe' 2>/dev/null || "$venv/bin/pip" install --quiet 'spiffe==0.3.2'
+    FEDMESH_PYTHON=$PWD/$venv/bin/python
+  fi
+  export FEDMESH_PYTHON
+}

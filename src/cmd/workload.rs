@@ -1,0 +1,89 @@
+//! `fedmesh workload`: talk to a Workload API (ours or a SPIRE agent's) as a workload would.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Subcommand;
+use fedmesh_trust::bundle::der_to_pem;
+use fedmesh_trust::svid::{inspect, rfc3339};
+
+use super::parse_duration;
+
+#[derive(Subcommand)]
+pub enum WorkloadCommand {
+    /// Fetch this process's X509-SVID and bundles, print a summary, optionally write PEM files.
+    Fetch {
+        /// The Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET).
+        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
+        socket: String,
+        /// Write svid.pem, svid.key (0600) and bundle.<trust domain>.pem here.
+        #[arg(long)]
+        write: Option<PathBuf>,
+        #[arg(long, value_parser = parse_duration, default_value = "10s")]
+        timeout: Duration,
+    },
+}
+
+pub async fn run(cmd: WorkloadCommand) -> anyhow::Result<()> {
+    match cmd {
+        WorkloadCommand::Fetch {
+            socket,
+            write,
+            timeout,
+        } => {
+            let endpoint = if socket.starts_with("unix:") || socket.starts_with("tcp:") {
+                socket
+            } else {
+                format!("unix:{socket}")
+            };
+            let source = tokio::time::timeout(
+                timeout,
+                spiffe::X509Source::builder().endpoint(&endpoint).build(),
+            )
+            .await
+            .with_context(|| format!("no answer from the Workload API at {endpoint} within {timeout:?}"))?
+            .with_context(|| {
+                format!("cannot fetch an SVID from {endpoint}; is the agent running and is this process registered?")
+            })?;
+            let svid = source.svid()?;
+            let leaf = inspect(svid.leaf().as_bytes())?;
+            println!("SPIFFE ID:   {}", svid.spiffe_id());
+            println!("valid until: {}", rfc3339(leaf.not_after));
+            println!("chain:       {} certificate(s)", svid.cert_chain().len());
+            let bundles = source.bundle_set()?;
+            let mut tds: Vec<_> = bundles.iter().collect();
+            tds.sort_by_key(|(td, _)| td.to_string());
+            for (td, b) in &tds {
+                println!("bundle:      {td} ({} authorities)", b.authorities().len());
+            }
+            if let Some(dir) = write {
+                std::fs::create_dir_all(&dir)?;
+                let chain: String = svid
+                    .cert_chain()
+                    .iter()
+                    .map(|c| der_to_pem("CERTIFICATE", c.as_bytes()))
+                    .collect();
+                fedmesh_trust::files::write_public(&dir.join("svid.pem"), chain.as_bytes())?;
+                fedmesh_trust::files::write_private(
+                    &dir.join("svid.key"),
+                    der_to_pem("PRIVATE KEY", svid.private_key().as_bytes()).as_bytes(),
+                )?;
+                for (td, b) in &tds {
+                    let pem: String = b
+                        .authorities()
+                        .iter()
+                        .map(|c| der_to_pem("CERTIFICATE", c.as_bytes()))
+                        .collect();
+                    fedmesh_trust::files::write_public(
+                        &dir.join(format!("bundle.{td}.pem")),
+                        pem.as_bytes(),
+                    )?;
+                }
+                println!("wrote svid.pem, svid.key and bundles to {}", dir.display());
+            }
+            source.shutdown().await;
+            Ok(())
+        }
+    }
+}
