@@ -284,9 +284,11 @@ mod tests {
         assert_eq!(td.namespace_and_service_account(), None);
     }
 
+    type Check = fn(&IdError) -> bool;
+
     #[test]
     fn refuses_malformed_ids_with_specific_errors() {
-        let cases: &[(&str, fn(&IdError) -> bool)] = &[
+        let cases: &[(&str, Check)] = &[
             ("", |e| matches!(e, IdError::Empty)),
             ("http://east/a", |e| {
                 matches!(e, IdError::WrongScheme { .. })

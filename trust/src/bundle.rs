@@ -592,7 +592,8 @@ mod tests {
     #[test]
     fn malformed_bundles_get_specific_errors() {
         let east = || td("east");
-        let cases: Vec<(&str, fn(&BundleError) -> bool)> = vec![
+        type Check = fn(&BundleError) -> bool;
+        let cases: Vec<(&str, Check)> = vec![
             ("not json", |e| matches!(e, BundleError::NotJson { .. })),
             ("[]", |e| matches!(e, BundleError::MissingKeys { .. })),
             ("{}", |e| matches!(e, BundleError::MissingKeys { .. })),

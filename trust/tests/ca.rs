@@ -54,7 +54,7 @@ fn svids_follow_the_x509_svid_spec() {
     let sans = cert.subject_alternative_name().unwrap().unwrap();
     assert_eq!(sans.value.general_names.len(), 1, "exactly one SAN");
     assert!(matches!(sans.value.general_names[0], GeneralName::URI(_)));
-    assert_eq!(cert.basic_constraints().unwrap().unwrap().value.ca, false);
+    assert!(!cert.basic_constraints().unwrap().unwrap().value.ca);
     let ku = cert.key_usage().unwrap().unwrap().value;
     assert!(ku.digital_signature() && !ku.key_cert_sign() && !ku.crl_sign());
     let eku = cert.extended_key_usage().unwrap().unwrap().value;
