@@ -1,1 +1,3 @@
-//! placeholder
+//! The federation hub and the per-cluster control plane.
+
+pub mod store;

@@ -1,0 +1,10 @@
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    for p in ["proto/federation.proto", "proto/identity.proto"] {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    tonic_prost_build::configure().compile_protos(
+        &["proto/federation.proto", "proto/identity.proto"],
+        &["proto"],
+    )?;
+    Ok(())
+}

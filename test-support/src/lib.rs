@@ -1,0 +1,161 @@
+//! Helpers shared by fedmesh's tests: a real etcd on loopback, child processes that are always
+//! killed, and bounded waiting. Nothing here mocks a component.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1 (released before returning; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Polls `cond` every 20 ms; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed and reaped on drop, its stderr kept in a log file shown on panic.
+pub struct ChildGuard {
+    pub child: Child,
+    pub name: String,
+    pub log_path: PathBuf,
+}
+
+impl ChildGuard {
+    pub fn spawn(name: &str, cmd: &mut Command, log_dir: &Path) -> std::io::Result<Self> {
+        let log_path = log_dir.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path)?;
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn()?;
+        Ok(Self {
+            child,
+            name: name.to_string(),
+            log_path,
+        })
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends `signal` to the child.
+    pub fn signal(&self, signal: i32) {
+        unsafe {
+            libc::kill(self.pid(), signal);
+        }
+    }
+
+    /// Waits up to `timeout` for the child to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} log ({}) ---\n{}",
+                self.name,
+                self.log_path.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// A real etcd (Debian's etcd-server) on loopback, in its own temporary data directory.
+pub struct EtcdServer {
+    pub url: String,
+    _guard: ChildGuard,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdServer {
+    /// Starts etcd and waits until it answers. Panics with how to install it when it is missing.
+    pub fn start() -> Self {
+        let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .map(String::from)
+            .or_else(|| which("etcd"))
+            .expect("etcd is required for these tests; run scripts/test (it installs Debian's etcd-server)");
+        let dir = tempfile::tempdir().expect("tempdir");
+        for _attempt in 0..5 {
+            let (client, peer) = (free_port(), free_port());
+            let url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let data = dir.path().join(format!("data-{client}"));
+            let mut cmd = Command::new(&bin);
+            cmd.args([
+                "--name",
+                "test",
+                "--data-dir",
+                data.to_str().unwrap_or_default(),
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("test={peer_url}"),
+                "--log-level",
+                "warn",
+            ]);
+            cmd.env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
+            let mut guard = ChildGuard::spawn("etcd", &mut cmd, dir.path()).expect("spawn etcd");
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(20) {
+                if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() {
+                    return Self {
+                        url,
+                        _guard: guard,
+                        _dir: dir,
+                    };
+                }
+                if let Ok(Some(_)) = guard.child.try_wait() {
+                    break; // port taken or similar: try other ports
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            eprintln!("etcd did not start on {url}:\n{}", guard.log());
+        }
+        panic!("could not start etcd after 5 attempts");
+    }
+}
+
+fn which(name: &str) -> Option<String> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+            .map(|p| p.to_string_lossy().into_owned())
+    })
+}
