@@ -394,7 +394,8 @@ impl TrustDomainCa {
         expected: Option<&SpiffeId>,
         ttl: Option<Duration>,
     ) -> Result<IssuedSvid, CaError> {
-        let (id, public_key) = check_csr(csr_der)?;
+        let (id, public_key) = check_csr(csr_der, false)?;
+        let id = id.ok_or_else(|| CaError::Csr("it has no URI SAN".into()))?;
         let inner = self.read();
         if !id.is_member_of(&inner.state.trust_domain) {
             return Err(CaError::ForeignTrustDomain {
@@ -415,6 +416,41 @@ impl TrustDomainCa {
         let chain = issue_leaf(active(&inner, now)?, &id, public_key, not_before, not_after)?;
         Ok(IssuedSvid {
             id,
+            chain,
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Signs an X.509-SVID for the key in `csr_der` as `id`, which the signer decides (e.g. from a
+    /// registration). The CSR may name no SAN at all, or exactly `id`; anything else is refused.
+    pub fn sign_csr_for(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        ttl: Option<Duration>,
+    ) -> Result<IssuedSvid, CaError> {
+        let (requested, public_key) = check_csr(csr_der, true)?;
+        if let Some(r) = requested
+            && &r != id
+        {
+            return Err(CaError::WrongId {
+                requested: r,
+                expected: id.clone(),
+            });
+        }
+        let inner = self.read();
+        if !id.is_member_of(&inner.state.trust_domain) {
+            return Err(CaError::ForeignTrustDomain {
+                requested: id.clone(),
+                trust_domain: inner.state.trust_domain.clone(),
+            });
+        }
+        let now = SystemTime::now();
+        let (not_before, not_after) = self.validity(&inner, ttl, now)?;
+        let chain = issue_leaf(active(&inner, now)?, id, public_key, not_before, not_after)?;
+        Ok(IssuedSvid {
+            id: id.clone(),
             chain,
             not_before,
             not_after,
@@ -475,7 +511,8 @@ impl TrustDomainCa {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<IssuedSvid, CaError> {
-        let (id, public_key) = check_csr(csr_der)?;
+        let (id, public_key) = check_csr(csr_der, false)?;
+        let id = id.ok_or_else(|| CaError::Csr("it has no URI SAN".into()))?;
         let inner = self.read();
         if !id.is_member_of(&inner.state.trust_domain) {
             return Err(CaError::ForeignTrustDomain {
@@ -665,8 +702,12 @@ fn active(inner: &Inner, now: SystemTime) -> Result<&Authority, CaError> {
     Ok(a)
 }
 
-/// Parses a CSR and checks it asks for exactly one SPIFFE ID and nothing else.
-fn check_csr(csr_der: &[u8]) -> Result<(SpiffeId, rcgen::PublicKey), CaError> {
+/// Parses a CSR and checks it asks for exactly one SPIFFE ID (or, when `allow_none`, possibly
+/// none) and nothing else.
+fn check_csr(
+    csr_der: &[u8],
+    allow_none: bool,
+) -> Result<(Option<SpiffeId>, rcgen::PublicKey), CaError> {
     let csr = CertificateSigningRequestParams::from_der(&csr_der.into()).map_err(|e| {
         CaError::Csr(match e {
             rcgen::Error::InvalidCertificationRequestSignature => {
@@ -697,8 +738,11 @@ fn check_csr(csr_der: &[u8]) -> Result<(SpiffeId, rcgen::PublicKey), CaError> {
         }
     }
     let id = match uris.as_slice() {
-        [one] => SpiffeId::new(one)
-            .map_err(|e| CaError::Csr(format!("its URI SAN is not a SPIFFE ID: {e}")))?,
+        [one] => Some(
+            SpiffeId::new(one)
+                .map_err(|e| CaError::Csr(format!("its URI SAN is not a SPIFFE ID: {e}")))?,
+        ),
+        [] if allow_none => None,
         [] => {
             return Err(CaError::Csr(
                 "it has no URI SAN; an X509-SVID needs exactly one SPIFFE ID".into(),

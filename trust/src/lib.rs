@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod ca;
 pub mod endpoint;
 pub mod files;
+pub mod grpc;
 pub mod jwt;
 pub mod source;
 pub mod svid;

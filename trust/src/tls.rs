@@ -399,10 +399,30 @@ impl MeshIdentity {
 
     /// A server config: presents our SVID, requires and verifies a client SVID.
     pub fn server_config(&self, authorizer: Authorizer, alpn: Vec<Vec<u8>>) -> Arc<ServerConfig> {
+        self.server_config_with(authorizer, alpn, true)
+    }
+
+    /// A server config where a client SVID, when presented, is verified, but clients without one
+    /// are let in too (for bootstrap calls such as joining); handlers must check the caller.
+    pub fn server_config_optional_client_auth(
+        &self,
+        authorizer: Authorizer,
+        alpn: Vec<Vec<u8>>,
+    ) -> Arc<ServerConfig> {
+        self.server_config_with(authorizer, alpn, false)
+    }
+
+    fn server_config_with(
+        &self,
+        authorizer: Authorizer,
+        alpn: Vec<Vec<u8>>,
+        client_auth_mandatory: bool,
+    ) -> Arc<ServerConfig> {
         let verifier = Arc::new(SpiffeVerifier {
             identity: self.clone(),
             authorizer,
             algorithms: self.provider.signature_verification_algorithms,
+            client_auth_mandatory,
         });
         let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -423,6 +443,7 @@ impl MeshIdentity {
             identity: self.clone(),
             authorizer,
             algorithms: self.provider.signature_verification_algorithms,
+            client_auth_mandatory: true,
         });
         let mut cfg = ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -442,6 +463,7 @@ impl MeshIdentity {
             identity: self.clone(),
             authorizer,
             algorithms: self.provider.signature_verification_algorithms,
+            client_auth_mandatory: true,
         });
         let mut cfg = ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -497,6 +519,7 @@ struct SpiffeVerifier {
     identity: MeshIdentity,
     authorizer: Authorizer,
     algorithms: WebPkiSupportedAlgorithms,
+    client_auth_mandatory: bool,
 }
 
 impl fmt::Debug for SpiffeVerifier {
@@ -554,6 +577,10 @@ impl ServerCertVerifier for SpiffeVerifier {
 impl ClientCertVerifier for SpiffeVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.client_auth_mandatory
     }
 
     fn verify_client_cert(

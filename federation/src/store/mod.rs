@@ -14,7 +14,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
-pub use self::etcd::EtcdStore;
+pub use self::etcd::{EtcdStore, MAX_TXN_OPS};
 pub use self::redb::RedbStore;
 
 pub type Revision = u64;

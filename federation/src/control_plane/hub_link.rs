@@ -1,0 +1,482 @@
+//! The control plane's link to the hub: join once with a token, keep the hub identity on disk,
+//! renew it, and run the Federate stream — reconnecting with backoff, resuming from the last
+//! acknowledged view version, and publishing this cluster's exports, bundle and gateways.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fedmesh_api::pb::federation as pb;
+use fedmesh_api::pb::federation::federation_client::FederationClient;
+use fedmesh_api::{ClusterName, FEDERATION_PROTOCOL_VERSION, ServiceKey, TrustDomain};
+use fedmesh_trust::bundle::{BundleSet, SpiffeBundle, parse_pem_certificates};
+use fedmesh_trust::svid::{inspect, new_key_and_csr};
+use fedmesh_trust::tls::{Authorizer, MeshIdentity};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::state::ClusterSetStore;
+use crate::tokens::JoinToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("joining the hub at {addr}: {reason}")]
+    Join { addr: String, reason: String },
+    #[error("hub credentials in {dir}: {reason}")]
+    Credentials { dir: PathBuf, reason: String },
+    #[error(
+        "this control plane has not joined a hub yet: pass --join-token (create one with `fedmesh hub token create --cluster NAME`)"
+    )]
+    NotJoined,
+}
+
+/// What this cluster publishes: kept up to date by the source and the CA.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Desired {
+    pub exports: BTreeMap<ServiceKey, pb::Export>,
+    pub bundle: Option<pb::Bundle>,
+    pub gateways: Vec<String>,
+}
+
+/// The hub's verdict on each of our exports, for ServiceExport conditions.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PublishStatus {
+    /// Connected to the hub right now.
+    pub connected: bool,
+    /// Exports the hub has accepted (the version that contained them).
+    pub accepted: BTreeMap<ServiceKey, pb::Export>,
+    /// The last refusal, if the last publish was refused.
+    pub refused: Option<String>,
+}
+
+/// The cluster's hub identity, as kept in `<data-dir>/hub/`.
+pub struct HubCredentials {
+    dir: PathBuf,
+    pub hub_addr: String,
+    pub hub_trust_domain: TrustDomain,
+    pub identity: MeshIdentity,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CredentialsMeta {
+    hub_addr: String,
+    hub_trust_domain: TrustDomain,
+    cluster: ClusterName,
+}
+
+impl HubCredentials {
+    /// Loads credentials saved by an earlier join, if any.
+    pub fn load(dir: &Path) -> Result<Option<Self>, LinkError> {
+        let bad = |reason: String| LinkError::Credentials {
+            dir: dir.to_path_buf(),
+            reason,
+        };
+        let meta_path = dir.join("hub.json");
+        if !meta_path.exists() {
+            return Ok(None);
+        }
+        let meta: CredentialsMeta = serde_json::from_slice(
+            &fedmesh_trust::files::read(&meta_path).map_err(|e| bad(e.to_string()))?,
+        )
+        .map_err(|e| bad(format!("hub.json: {e}")))?;
+        let chain = parse_pem_certificates(
+            &fedmesh_trust::files::read(&dir.join("identity.pem"))
+                .map_err(|e| bad(e.to_string()))?,
+        )
+        .map_err(bad)?;
+        let key_pem = fedmesh_trust::files::read_private(&dir.join("identity.key"))
+            .map_err(|e| bad(e.to_string()))?;
+        use rustls_pki_types::pem::PemObject;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem)
+            .map_err(|e| bad(format!("identity.key: {e}")))?;
+        let bundle_json = fedmesh_trust::files::read(&dir.join("hub-bundle.json"))
+            .map_err(|e| bad(e.to_string()))?;
+        let bundle = SpiffeBundle::from_json(meta.hub_trust_domain.clone(), &bundle_json)
+            .map_err(|e| bad(e.to_string()))?;
+        let identity = MeshIdentity::new();
+        let mut set = BundleSet::new();
+        set.update(bundle);
+        identity.set_bundles(set);
+        identity
+            .set_svid_parts(chain, key)
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Some(Self {
+            dir: dir.to_path_buf(),
+            hub_addr: meta.hub_addr,
+            hub_trust_domain: meta.hub_trust_domain,
+            identity,
+        }))
+    }
+
+    fn save(
+        dir: &Path,
+        meta: &CredentialsMeta,
+        chain: &[CertificateDer<'static>],
+        key_pkcs8: &[u8],
+        bundle_json: &[u8],
+    ) -> Result<(), LinkError> {
+        let bad = |e: fedmesh_trust::files::FileError| LinkError::Credentials {
+            dir: dir.to_path_buf(),
+            reason: e.to_string(),
+        };
+        fedmesh_trust::files::create_private_dir(dir).map_err(bad)?;
+        let pem: String = chain
+            .iter()
+            .map(|c| fedmesh_trust::bundle::der_to_pem("CERTIFICATE", c))
+            .collect();
+        fedmesh_trust::files::write_private(
+            &dir.join("identity.key"),
+            fedmesh_trust::bundle::der_to_pem("PRIVATE KEY", key_pkcs8).as_bytes(),
+        )
+        .map_err(bad)?;
+        fedmesh_trust::files::write_public(&dir.join("identity.pem"), pem.as_bytes())
+            .map_err(bad)?;
+        fedmesh_trust::files::write_public(&dir.join("hub-bundle.json"), bundle_json)
+            .map_err(bad)?;
+        fedmesh_trust::files::write_public(
+            &dir.join("hub.json"),
+            &serde_json::to_vec_pretty(meta).unwrap_or_default(),
+        )
+        .map_err(bad)?;
+        Ok(())
+    }
+
+    /// Joins the hub at `addr` with a one-time token, verifying the hub by the CA pinned in the
+    /// token, and saves the issued identity in `dir`.
+    pub async fn join(
+        dir: &Path,
+        addr: &str,
+        token: &str,
+        cluster: &ClusterName,
+        trust_domain: &TrustDomain,
+    ) -> Result<Self, LinkError> {
+        let fail = |reason: String| LinkError::Join {
+            addr: addr.to_string(),
+            reason,
+        };
+        let token = JoinToken::parse(token).map_err(|e| fail(e.to_string()))?;
+        let config =
+            fedmesh_trust::grpc::pinned_ca_client_config(&token.ca_pin, vec![b"h2".to_vec()])
+                .map_err(fail)?;
+        let channel = fedmesh_trust::grpc::channel(addr, config, "hub.fedmesh").map_err(fail)?;
+        // The hub decides our ID (spiffe://<hub trust domain>/cluster/<name>); the CSR only
+        // carries our public key. The private key never leaves this process.
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| fail(e.to_string()))?;
+        let csr = fedmesh_trust::svid::csr_for(&key, &[]).map_err(|e| fail(e.to_string()))?;
+        let req = pb::JoinRequest {
+            cluster: cluster.to_string(),
+            token: token.to_string(),
+            csr,
+            trust_domain: trust_domain.to_string(),
+            protocol_version: FEDERATION_PROTOCOL_VERSION,
+        };
+        let resp = FederationClient::new(channel)
+            .join(req)
+            .await
+            .map_err(|s| fail(format!("{} ({:?})", s.message(), s.code())))?
+            .into_inner();
+        let hub_td = TrustDomain::new(&resp.hub_trust_domain).map_err(|e| fail(e.to_string()))?;
+        let chain: Vec<CertificateDer<'static>> =
+            resp.chain.into_iter().map(CertificateDer::from).collect();
+        let leaf = chain
+            .first()
+            .ok_or_else(|| fail("the hub returned no certificate".into()))?;
+        let issued = inspect(leaf).map_err(|e| fail(e.to_string()))?;
+        if issued.spiffe_id != crate::hub::cluster_id(&hub_td, cluster) {
+            return Err(fail(format!(
+                "the hub issued {} instead of a cluster identity for {cluster}",
+                issued.spiffe_id
+            )));
+        }
+        let meta = CredentialsMeta {
+            hub_addr: addr.to_string(),
+            hub_trust_domain: hub_td,
+            cluster: cluster.clone(),
+        };
+        Self::save(dir, &meta, &chain, &key.serialize_der(), &resp.hub_bundle)?;
+        tracing::info!(%cluster, hub = addr, id = %issued.spiffe_id, "joined the hub");
+        Self::load(dir)?.ok_or_else(|| fail("credentials vanished after saving".into()))
+    }
+
+    /// A channel to the hub authenticated with our cluster identity.
+    pub fn channel(&self) -> Result<tonic::transport::Channel, String> {
+        let config = self.identity.client_config(
+            Authorizer::id(crate::hub::hub_server_id(&self.hub_trust_domain)),
+            vec![b"h2".to_vec()],
+        );
+        fedmesh_trust::grpc::channel(&self.hub_addr, config, "hub.fedmesh")
+    }
+
+    /// Renews the cluster identity when past half its life; returns when it next should run.
+    pub async fn renew_if_due(&self) -> Result<Duration, String> {
+        let svid = self.identity.svid().ok_or("no identity loaded")?;
+        let now = SystemTime::now();
+        let left = svid.not_after.duration_since(now).unwrap_or_default();
+        let info = inspect(&svid.certified_key.cert[0]).map_err(|e| e.to_string())?;
+        let life = svid
+            .not_after
+            .duration_since(info.not_before)
+            .unwrap_or_default();
+        if left > life / 2 {
+            return Ok(left - life / 2);
+        }
+        let (key, csr) = new_key_and_csr(&svid.id).map_err(|e| e.to_string())?;
+        let mut client = FederationClient::new(self.channel()?);
+        let resp = client
+            .renew(pb::RenewRequest { csr })
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        let chain: Vec<CertificateDer<'static>> =
+            resp.chain.into_iter().map(CertificateDer::from).collect();
+        let meta = CredentialsMeta {
+            hub_addr: self.hub_addr.clone(),
+            hub_trust_domain: self.hub_trust_domain.clone(),
+            cluster: ClusterName::new(svid.id.path().trim_start_matches("/cluster/"))
+                .map_err(|e| e.to_string())?,
+        };
+        Self::save(
+            &self.dir,
+            &meta,
+            &chain,
+            &key.serialize_der(),
+            &resp.hub_bundle,
+        )
+        .map_err(|e| e.to_string())?;
+        let bundle = SpiffeBundle::from_json(self.hub_trust_domain.clone(), &resp.hub_bundle)
+            .map_err(|e| e.to_string())?;
+        let mut set = BundleSet::new();
+        set.update(bundle);
+        self.identity.set_bundles(set);
+        self.identity
+            .set_svid_parts(
+                chain,
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .map_err(|e| e.to_string())?;
+        tracing::info!("renewed the cluster's hub identity");
+        Ok(Duration::from_secs(60))
+    }
+}
+
+/// What the hub last accepted from us: the publish version and the state it carried.
+#[derive(Clone, Debug, Default)]
+struct Accepted {
+    version: u64,
+    state: Option<Desired>,
+}
+
+/// Runs the Federate stream until `shutdown`, reconnecting forever with backoff.
+pub async fn run(
+    creds: Arc<HubCredentials>,
+    cluster: ClusterName,
+    region: String,
+    state: Arc<ClusterSetStore>,
+    mut desired: watch::Receiver<Arc<Desired>>,
+    status: watch::Sender<PublishStatus>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(200);
+    let mut accepted = Accepted::default();
+    loop {
+        let started = std::time::Instant::now();
+        let result = session(
+            &creds,
+            &cluster,
+            &region,
+            &state,
+            &mut desired,
+            &status,
+            &mut accepted,
+            &shutdown,
+        )
+        .await;
+        status.send_modify(|s| s.connected = false);
+        if shutdown.is_cancelled() {
+            return;
+        }
+        match result {
+            Ok(()) => tracing::info!("hub stream closed; reconnecting"),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "hub unreachable; serving the last imports meanwhile")
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(200);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    creds: &HubCredentials,
+    cluster: &ClusterName,
+    region: &str,
+    state: &ClusterSetStore,
+    desired: &mut watch::Receiver<Arc<Desired>>,
+    status: &watch::Sender<PublishStatus>,
+    accepted: &mut Accepted,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let mut client = FederationClient::new(creds.channel()?)
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let (out_tx, out_rx) = mpsc::channel::<pb::ClusterMessage>(64);
+    let resume_from = state.current().version;
+    let send = |msg: pb::cluster_message::Msg| {
+        let out_tx = out_tx.clone();
+        async move {
+            out_tx
+                .send(pb::ClusterMessage { msg: Some(msg) })
+                .await
+                .map_err(|_| "hub stream closed".to_string())
+        }
+    };
+    send(pb::cluster_message::Msg::Hello(pb::Hello {
+        protocol_version: FEDERATION_PROTOCOL_VERSION,
+        resume_from,
+        region: region.to_string(),
+    }))
+    .await?;
+    let mut inbound = client
+        .federate(tokio_stream::wrappers::ReceiverStream::new(out_rx))
+        .await
+        .map_err(|s| format!("{} ({:?})", s.message(), s.code()))?
+        .into_inner();
+    // What the hub holds of ours: Some(None) = unknown (publish in full); None = not welcomed yet.
+    let mut hub_has: Option<Option<Desired>> = None;
+    let mut next_version = accepted.version;
+    let mut in_flight: Option<(u64, Desired)> = None;
+    loop {
+        if in_flight.is_none()
+            && let Some(held) = &hub_has
+        {
+            let want = (**desired.borrow_and_update()).clone();
+            if held.as_ref() != Some(&want) {
+                next_version += 1;
+                let msg = match held {
+                    Some(h) => diff_publish(cluster, next_version, h, &want),
+                    None => full_publish(cluster, next_version, &want),
+                };
+                send(pb::cluster_message::Msg::Publish(msg)).await?;
+                in_flight = Some((next_version, want));
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            changed = desired.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+            msg = inbound.message() => {
+                let Some(msg) = msg.map_err(|s| format!("{} ({:?})", s.message(), s.code()))? else {
+                    return Ok(());
+                };
+                match msg.msg {
+                    Some(pb::hub_message::Msg::Welcome(w)) => {
+                        tracing::info!(resumed = w.resumed, resume_from, hub_published = w.published_version, "connected to the hub");
+                        // Delta-publish only when the hub holds exactly what we last saw accepted.
+                        hub_has = Some(if w.published_version != 0 && w.published_version == accepted.version {
+                            accepted.state.clone()
+                        } else {
+                            None
+                        });
+                        next_version = next_version.max(w.published_version);
+                        status.send_modify(|s| s.connected = true);
+                    }
+                    Some(pb::hub_message::Msg::Update(u)) => {
+                        let version = u.version;
+                        let ack = match state.apply(&u).await {
+                            Ok(()) => pb::Ack { version, nack: false, error: String::new() },
+                            Err(e) => {
+                                tracing::error!(version, error = %e, "cannot apply the hub's update");
+                                pb::Ack { version, nack: true, error: e }
+                            }
+                        };
+                        send(pb::cluster_message::Msg::Ack(ack)).await?;
+                    }
+                    Some(pb::hub_message::Msg::PublishResult(r)) => {
+                        let Some((version, sent)) = in_flight.take() else { continue };
+                        if r.version != version {
+                            continue;
+                        }
+                        if r.accepted {
+                            *accepted = Accepted { version, state: Some(sent.clone()) };
+                            status.send_modify(|s| {
+                                s.accepted = sent.exports.clone();
+                                s.refused = None;
+                            });
+                            hub_has = Some(Some(sent));
+                        } else {
+                            tracing::error!(version, error = %r.error, "the hub refused our publish");
+                            status.send_modify(|s| s.refused = Some(r.error.clone()));
+                            // The hub kept its previous state; publish in full on the next change,
+                            // but do not loop on the same refusal.
+                            accepted.version = version;
+                            accepted.state = None;
+                            hub_has = Some(Some(sent));
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+fn full_publish(cluster: &ClusterName, version: u64, want: &Desired) -> pb::Publish {
+    pb::Publish {
+        version,
+        cluster: cluster.to_string(),
+        full: true,
+        upserts: want.exports.values().cloned().collect(),
+        removals: vec![],
+        bundle: want.bundle.clone(),
+        gateways: Some(pb::Gateways {
+            addresses: want.gateways.clone(),
+        }),
+    }
+}
+
+/// The Publish that turns `held` into `want`.
+fn diff_publish(
+    cluster: &ClusterName,
+    version: u64,
+    held: &Desired,
+    want: &Desired,
+) -> pb::Publish {
+    pb::Publish {
+        version,
+        cluster: cluster.to_string(),
+        full: false,
+        upserts: want
+            .exports
+            .iter()
+            .filter(|(k, v)| held.exports.get(*k) != Some(*v))
+            .map(|(_, v)| v.clone())
+            .collect(),
+        removals: held
+            .exports
+            .keys()
+            .filter(|k| !want.exports.contains_key(*k))
+            .map(|k| k.to_string())
+            .collect(),
+        bundle: if held.bundle != want.bundle {
+            want.bundle.clone()
+        } else {
+            None
+        },
+        gateways: (held.gateways != want.gateways).then(|| pb::Gateways {
+            addresses: want.gateways.clone(),
+        }),
+    }
+}

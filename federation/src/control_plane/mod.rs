@@ -1,0 +1,492 @@
+//! The per-cluster control plane: reads the cluster's Services, EndpointSlices and ServiceExports
+//! (Kubernetes or a directory), hosts the trust domain's CA, publishes exports, bundle and gateway
+//! addresses to the hub, and turns the clusterset view it receives into ServiceImports, clusterset
+//! DNS and the data-plane configuration. Everything it received is kept on disk: when the hub is
+//! unreachable it keeps serving the last state.
+
+pub mod dns;
+pub mod hub_link;
+pub mod identity;
+pub mod source;
+pub mod state;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedmesh_api::pb::federation as pb;
+use fedmesh_api::{ClusterName, ServiceKey, TrustDomain};
+use fedmesh_trust::ca::{CaOptions, TrustDomainCa};
+use tokio::sync::{Mutex, watch};
+use tokio_util::sync::CancellationToken;
+
+use self::hub_link::{Desired, HubCredentials, PublishStatus};
+use self::source::{Invalid, LocalObjects};
+use self::state::{ClusterSet, ClusterSetStore};
+use self::status::{ConditionTracker, VipAllocator};
+use crate::store::{KvStore, RedbStore, Txn};
+
+/// Where the control plane reads its cluster from.
+#[derive(Clone, Debug)]
+pub enum SourceSpec {
+    /// A directory of Kubernetes YAML, re-read on change.
+    Dir(PathBuf),
+    /// The Kubernetes API (in-cluster config or KUBECONFIG).
+    Kubernetes,
+}
+
+impl std::str::FromStr for SourceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("dir:") {
+            if p.is_empty() {
+                return Err("dir: needs a path (dir:/etc/fedmesh/objects)".into());
+            }
+            Ok(SourceSpec::Dir(PathBuf::from(p)))
+        } else if s == "kubernetes" || s == "k8s" {
+            Ok(SourceSpec::Kubernetes)
+        } else {
+            Err(format!("source {s:?}: use dir:PATH or kubernetes"))
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ControlPlaneConfig {
+    pub cluster: ClusterName,
+    pub trust_domain: TrustDomain,
+    pub region: String,
+    pub data_dir: PathBuf,
+    pub source: SourceSpec,
+    /// The hub's federation address (host:port); None runs without federation.
+    pub hub: Option<String>,
+    /// A one-time join token, needed on first start only.
+    pub join_token: Option<String>,
+    /// This cluster's east-west gateway addresses (host:port), published to the hub.
+    pub gateways: Vec<String>,
+    /// gRPC listen address for agents (identity) and data-plane components.
+    pub listen: Option<SocketAddr>,
+    /// DNS listen address for `*.svc.clusterset.local`.
+    pub dns_listen: Option<SocketAddr>,
+    pub clusterset_cidr: String,
+    /// How often the directory source looks for changes.
+    pub poll_interval: Duration,
+    /// Default SVID TTL when the CA is created.
+    pub svid_ttl: Duration,
+}
+
+impl ControlPlaneConfig {
+    pub fn new(
+        cluster: ClusterName,
+        trust_domain: TrustDomain,
+        data_dir: PathBuf,
+        source: SourceSpec,
+    ) -> Self {
+        Self {
+            cluster,
+            trust_domain,
+            region: String::new(),
+            data_dir,
+            source,
+            hub: None,
+            join_token: None,
+            gateways: Vec::new(),
+            listen: None,
+            dns_listen: None,
+            clusterset_cidr: "240.240.0.0/16".into(),
+            poll_interval: Duration::from_millis(500),
+            svid_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Ca(#[from] fedmesh_trust::ca::CaError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Link(#[from] hub_link::LinkError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What the data plane and status writers read: local objects plus the clusterset.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub local: Arc<LocalObjects>,
+    pub clusterset: Arc<ClusterSet>,
+    pub vips: Arc<BTreeMap<ServiceKey, std::net::Ipv4Addr>>,
+    pub validity: Arc<BTreeMap<ServiceKey, Result<(), Invalid>>>,
+}
+
+pub struct ControlPlane {
+    pub config: ControlPlaneConfig,
+    pub ca: Arc<TrustDomainCa>,
+    db: Arc<RedbStore>,
+    pub clusterset: Arc<ClusterSetStore>,
+    local: watch::Receiver<Arc<LocalObjects>>,
+    desired: watch::Sender<Arc<Desired>>,
+    publish: watch::Sender<PublishStatus>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    vips: Mutex<VipAllocator>,
+    pub credentials: Option<Arc<HubCredentials>>,
+    pub dns_addr: Option<SocketAddr>,
+    pub listen_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+}
+
+impl ControlPlane {
+    pub async fn start(
+        config: ControlPlaneConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, StartError> {
+        fedmesh_trust::files::create_private_dir(&config.data_dir)
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        let ca_dir = config.data_dir.join("ca");
+        let ca = if ca_dir.join(fedmesh_trust::ca::STATE_FILE).exists() {
+            TrustDomainCa::open(&ca_dir)?
+        } else {
+            let mut opts = CaOptions::new(config.trust_domain.clone());
+            opts.default_svid_ttl = config.svid_ttl;
+            opts.max_svid_ttl = config.svid_ttl.max(Duration::from_secs(24 * 3600));
+            TrustDomainCa::init(&ca_dir, opts)?
+        };
+        if ca.trust_domain() != config.trust_domain {
+            return Err(StartError::Config(format!(
+                "{} holds the CA of trust domain {}, not {}; use another --data-dir",
+                ca_dir.display(),
+                ca.trust_domain(),
+                config.trust_domain
+            )));
+        }
+        let ca = Arc::new(ca);
+        tokio::spawn(
+            ca.clone()
+                .run_rotation(Duration::from_secs(60), shutdown.clone().cancelled_owned()),
+        );
+
+        let db = Arc::new(RedbStore::open(&config.data_dir.join("state.redb"))?);
+        let clusterset = Arc::new(ClusterSetStore::load(db.clone()).await?);
+        let vips = VipAllocator::load(db.clone(), &config.clusterset_cidr)
+            .await
+            .map_err(StartError::Config)?;
+
+        let local = match &config.source {
+            SourceSpec::Dir(path) => {
+                if !path.is_dir() {
+                    return Err(StartError::Config(format!(
+                        "source directory {} does not exist",
+                        path.display()
+                    )));
+                }
+                source::dir::DirSource::start(path, config.poll_interval, shutdown.clone())
+                    .subscribe()
+            }
+            SourceSpec::Kubernetes => {
+                return Err(StartError::Config(
+                    "the Kubernetes source is not built yet".into(),
+                ));
+            }
+        };
+
+        let credentials = match (
+            &config.hub,
+            HubCredentials::load(&config.data_dir.join("hub"))?,
+        ) {
+            (None, _) => None,
+            (Some(_), Some(c)) => Some(Arc::new(c)),
+            (Some(addr), None) => {
+                let token = config
+                    .join_token
+                    .as_deref()
+                    .ok_or(hub_link::LinkError::NotJoined)?;
+                Some(Arc::new(
+                    HubCredentials::join(
+                        &config.data_dir.join("hub"),
+                        addr,
+                        token,
+                        &config.cluster,
+                        &config.trust_domain,
+                    )
+                    .await?,
+                ))
+            }
+        };
+
+        let mut listen_addr = None;
+        let listener = match config.listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Listen { addr, source })?;
+                listen_addr = l.local_addr().ok();
+                Some(l)
+            }
+            None => None,
+        };
+        let mut dns_addr = None;
+        let dns_sockets = match config.dns_listen {
+            Some(addr) => {
+                let udp = tokio::net::UdpSocket::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Listen { addr, source })?;
+                let bound = udp
+                    .local_addr()
+                    .map_err(|source| StartError::Listen { addr, source })?;
+                let tcp = tokio::net::TcpListener::bind(bound)
+                    .await
+                    .map_err(|source| StartError::Listen {
+                        addr: bound,
+                        source,
+                    })?;
+                dns_addr = Some(bound);
+                Some((udp, tcp))
+            }
+            None => None,
+        };
+
+        let cp = Arc::new(Self {
+            ca,
+            db,
+            clusterset,
+            local,
+            desired: watch::Sender::new(Arc::new(Desired::default())),
+            publish: watch::Sender::new(PublishStatus::default()),
+            snapshot: watch::Sender::new(Arc::new(Snapshot::default())),
+            vips: Mutex::new(vips),
+            credentials,
+            dns_addr,
+            listen_addr,
+            shutdown: shutdown.clone(),
+            config,
+        });
+
+        cp.clone().derive_desired().await;
+        tokio::spawn(cp.clone().derive_loop());
+        tokio::spawn(cp.clone().snapshot_loop());
+        if let Some(creds) = &cp.credentials {
+            tokio::spawn(hub_link::run(
+                creds.clone(),
+                cp.config.cluster.clone(),
+                cp.config.region.clone(),
+                cp.clusterset.clone(),
+                cp.desired.subscribe(),
+                cp.publish.clone(),
+                shutdown.clone(),
+            ));
+            tokio::spawn(renew_loop(creds.clone(), shutdown.clone()));
+        }
+        if let Some((udp, tcp)) = dns_sockets {
+            dns::serve(cp.snapshot.subscribe(), udp, tcp, shutdown.clone());
+        }
+        if let Some(l) = listener {
+            identity::serve(cp.clone(), l, shutdown.clone());
+        }
+        tracing::info!(cluster = %cp.config.cluster, trust_domain = %cp.config.trust_domain, hub = ?cp.config.hub, dns = ?cp.dns_addr, listen = ?cp.listen_addr, "control plane started");
+        Ok(cp)
+    }
+
+    pub fn snapshot(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    pub fn publish_status(&self) -> watch::Receiver<PublishStatus> {
+        self.publish.subscribe()
+    }
+
+    pub fn desired(&self) -> watch::Receiver<Arc<Desired>> {
+        self.desired.subscribe()
+    }
+
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    pub fn status_dir(&self) -> PathBuf {
+        self.config.data_dir.join("status")
+    }
+
+    /// When an export was first seen here (its age decides conflicts), persisted.
+    async fn created_unix(&self, key: &ServiceKey, from_k8s: Option<i64>) -> i64 {
+        if let Some(t) = from_k8s {
+            return t;
+        }
+        let k = format!("export-created/{key}");
+        if let Ok(Some(kv)) = self.db.get(&k).await {
+            return i64::from_be_bytes(kv.value.as_slice().try_into().unwrap_or([0; 8]));
+        }
+        let now = crate::hub::records::now_unix();
+        let _ = self
+            .db
+            .commit(Txn::new().put(k, now.to_be_bytes().to_vec()))
+            .await;
+        now
+    }
+
+    /// Recomputes what we publish from the source and the CA's bundle.
+    async fn derive_desired(self: Arc<Self>) -> BTreeMap<ServiceKey, Result<(), Invalid>> {
+        let local = self.local.borrow().clone();
+        let mut exports = BTreeMap::new();
+        let mut validity = BTreeMap::new();
+        for (k, e) in &local.exports {
+            let created = e
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second());
+            let created = self.created_unix(k, created).await;
+            match local.export(k, &self.config.region, created) {
+                Ok(x) => {
+                    exports.insert(k.clone(), x);
+                    validity.insert(k.clone(), Ok(()));
+                }
+                Err(i) => {
+                    validity.insert(k.clone(), Err(i));
+                }
+            }
+        }
+        let bundle = self.ca.bundle();
+        let desired = Desired {
+            exports,
+            bundle: Some(pb::Bundle {
+                trust_domain: bundle.trust_domain().to_string(),
+                jwks: bundle.to_json().into_bytes(),
+                sequence: bundle.sequence(),
+            }),
+            gateways: self.config.gateways.clone(),
+        };
+        self.desired.send_if_modified(|cur| {
+            if **cur == desired {
+                false
+            } else {
+                *cur = Arc::new(desired);
+                true
+            }
+        });
+        validity
+    }
+
+    async fn derive_loop(self: Arc<Self>) {
+        let mut local = self.local.clone();
+        let mut bundle = self.ca.subscribe_bundle();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                r = local.changed() => if r.is_err() { return },
+                r = bundle.changed() => if r.is_err() { return },
+            }
+            let validity = self.clone().derive_desired().await;
+            self.publish_snapshot(Some(validity)).await;
+        }
+    }
+
+    /// Rebuilds the snapshot for consumers, allocating clusterset IPs for new imports.
+    async fn publish_snapshot(&self, validity: Option<BTreeMap<ServiceKey, Result<(), Invalid>>>) {
+        let cs = self.clusterset.current();
+        let vips = {
+            let mut v = self.vips.lock().await;
+            if let Err(e) = v.sync(cs.imports.keys()).await {
+                tracing::error!(error = %e, "cannot allocate clusterset IPs");
+            }
+            Arc::new(v.all().clone())
+        };
+        let local = self.local.borrow().clone();
+        let validity = match validity {
+            Some(v) => Arc::new(v),
+            None => self.snapshot.borrow().validity.clone(),
+        };
+        self.snapshot.send_replace(Arc::new(Snapshot {
+            local,
+            clusterset: cs,
+            vips,
+            validity,
+        }));
+    }
+
+    /// Keeps the snapshot and the status files current.
+    async fn snapshot_loop(self: Arc<Self>) {
+        let mut cs = self.clusterset.subscribe();
+        let mut publish = self.publish.subscribe();
+        let mut tracker = ConditionTracker::new();
+        let validity = self.clone().derive_desired().await;
+        self.publish_snapshot(Some(validity)).await;
+        let mut snap = self.snapshot.subscribe();
+        loop {
+            self.write_status(&mut tracker).await;
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                r = cs.changed() => {
+                    if r.is_err() { return }
+                    self.publish_snapshot(None).await;
+                }
+                r = publish.changed() => if r.is_err() { return },
+                r = snap.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    async fn write_status(&self, tracker: &mut ConditionTracker) {
+        let snap = self.snapshot.borrow().clone();
+        let publish = self.publish.borrow().clone();
+        let vips = self.vips.lock().await;
+        let imports = status::service_imports(&snap.clusterset, &vips);
+        drop(vips);
+        let exports = tracker.export_statuses(
+            &snap.local,
+            &snap.validity,
+            &publish,
+            &snap.clusterset,
+            &self.config.cluster,
+        );
+        if matches!(self.config.source, SourceSpec::Dir(_)) {
+            let dir = self.status_dir();
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot write status");
+                return;
+            }
+            let to_values = |v: Vec<serde_json::Value>| v;
+            let imports: Vec<serde_json::Value> = imports
+                .iter()
+                .filter_map(|i| serde_json::to_value(i).ok())
+                .collect();
+            let exports: Vec<serde_json::Value> = exports
+                .iter()
+                .filter_map(|e| serde_json::to_value(e).ok())
+                .collect();
+            for (name, docs) in [
+                ("serviceimports.yaml", to_values(imports)),
+                ("serviceexports.yaml", exports),
+            ] {
+                if let Err(e) = status::write_yaml_if_changed(&dir.join(name), &docs) {
+                    tracing::error!(file = name, error = %e, "cannot write status");
+                }
+            }
+        }
+    }
+}
+
+async fn renew_loop(creds: Arc<HubCredentials>, shutdown: CancellationToken) {
+    loop {
+        let wait = match creds.renew_if_due().await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the hub identity yet; retrying");
+                Duration::from_secs(10)
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait.max(Duration::from_secs(1))) => {}
+        }
+    }
+}

@@ -1,0 +1,650 @@
+//! The hub's admin API: JSON over HTTP (or HTTPS), documented at `/api/openapi.json`.
+//!
+//! `/api/v1/*` requires `Authorization: Bearer <admin token>` or, over TLS, a client certificate
+//! whose SPIFFE ID is one of the admin IDs. `/healthz`, `/readyz`, `/metrics` and the OpenAPI
+//! document are open.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use fedmesh_api::pb::federation as pb;
+use fedmesh_api::{ClusterName, ServiceKey, SpiffeId};
+use serde::{Deserialize, Serialize};
+use utoipa::{OpenApi, ToSchema};
+
+use super::Hub;
+use super::records::now_ms;
+use crate::http::Peer;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub hub: Arc<Hub>,
+    pub token: Arc<String>,
+    pub admin_ids: Arc<BTreeSet<SpiffeId>>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq)]
+pub struct ClusterStatus {
+    pub name: String,
+    pub trust_domain: String,
+    pub region: String,
+    /// A control plane currently holds a Federate stream (heartbeat within the stale period).
+    pub connected: bool,
+    /// RFC 3339 time the hub last heard from the cluster.
+    pub last_seen: Option<String>,
+    pub seconds_since_seen: Option<u64>,
+    pub stale: bool,
+    pub expired: bool,
+    pub protocol_version: u32,
+    pub bundle_sequence: Option<u64>,
+    pub gateways: Vec<String>,
+    pub published_version: u64,
+    pub acked_version: u64,
+    pub exports: usize,
+    pub hub_replica: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq)]
+pub struct PortStatus {
+    pub name: String,
+    pub protocol: String,
+    pub port: u32,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq)]
+pub struct ExporterStatus {
+    pub cluster: String,
+    pub ready_endpoints: u32,
+    pub total_endpoints: u32,
+    pub localities: Vec<String>,
+    pub stale: bool,
+    pub exported_unix: i64,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq)]
+pub struct ConflictStatus {
+    pub cluster: String,
+    pub field: String,
+    pub winner: String,
+    pub message: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq)]
+pub struct ServiceStatus {
+    pub service: String,
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub ports: Vec<PortStatus>,
+    pub clusters: Vec<ExporterStatus>,
+    pub conflicts: Vec<ConflictStatus>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq)]
+pub struct BundleStatus {
+    pub trust_domain: String,
+    pub cluster: String,
+    pub sequence: u64,
+    pub x509_authorities: usize,
+    pub jwt_authorities: usize,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq)]
+pub struct ExplainStep {
+    /// `ok`, `warn` or `fail`.
+    pub status: String,
+    pub message: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq)]
+pub struct Explanation {
+    pub service: String,
+    pub from: String,
+    pub routable: bool,
+    pub steps: Vec<ExplainStep>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Debug, Clone)]
+pub struct TokenRequest {
+    pub cluster: String,
+    /// Lifetime, e.g. `1h` (default: the hub's --token-ttl).
+    pub ttl: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Debug, Clone)]
+pub struct TokenResponse {
+    pub cluster: String,
+    pub token: String,
+    pub expires: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Debug, Clone)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "fedmesh hub admin API", version = "v1", description = "Clusters, exported services, bundles and join tokens of a fedmesh clusterset."),
+    paths(list_clusters, remove_cluster, cluster_imports, withdraw_export, list_services, list_bundles, explain, create_token),
+    components(schemas(ClusterStatus, ServiceStatus, ExporterStatus, PortStatus, ConflictStatus, BundleStatus, Explanation, ExplainStep, TokenRequest, TokenResponse, ErrorBody)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        openapi.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+            "admin_token",
+            Vec::<String>::new(),
+        )]);
+    }
+}
+
+pub fn router(state: AdminState) -> Router {
+    let api = Router::new()
+        .route("/clusters", get(list_clusters))
+        .route("/clusters/{name}", delete(remove_cluster))
+        .route("/clusters/{name}/imports", get(cluster_imports))
+        .route(
+            "/clusters/{name}/exports/{namespace}/{service}",
+            delete(withdraw_export),
+        )
+        .route("/services", get(list_services))
+        .route("/bundles", get(list_bundles))
+        .route("/explain", get(explain))
+        .route("/tokens", post(create_token))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ));
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/api/openapi.json", get(openapi))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+        .layer(tower::limit::ConcurrencyLimitLayer::new(256))
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(ErrorBody { error: msg.into() })).into_response()
+}
+
+async fn authorize(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(id) = &peer.spiffe_id
+        && s.admin_ids.contains(id)
+    {
+        return next.run(req).await;
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(t) if constant_time_eq(t.as_bytes(), s.token.as_bytes()) => next.run(req).await,
+        Some(_) => {
+            s.hub.metrics.refuse("admin_token");
+            error(StatusCode::UNAUTHORIZED, "the admin token is wrong")
+        }
+        None => error(
+            StatusCode::UNAUTHORIZED,
+            "missing `Authorization: Bearer <admin token>` (the hub wrote it to <data-dir>/admin-token)",
+        ),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        ApiDoc::openapi().to_pretty_json().unwrap_or_default(),
+    )
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    match tokio::time::timeout(Duration::from_secs(2), s.hub.store().revision()).await {
+        Ok(Ok(r)) => (StatusCode::OK, format!("ready (store revision {r})\n")).into_response(),
+        Ok(Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store did not answer within 2s",
+        ),
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.hub.metrics.encode(),
+    )
+}
+
+/// Cluster status as the admin API reports it.
+pub fn cluster_statuses(hub: &Hub) -> Vec<ClusterStatus> {
+    let v = hub.view();
+    let now = now_ms();
+    v.clusters()
+        .map(|c| {
+            let p = v.presence(&c.name);
+            let since = p.map(|p| ((now - p.last_seen_ms).max(0) / 1000) as u64);
+            ClusterStatus {
+                name: c.name.to_string(),
+                trust_domain: c.trust_domain.to_string(),
+                region: c.region.clone(),
+                connected: p.is_some_and(|p| {
+                    p.connected
+                        && (now - p.last_seen_ms) < hub.config.stale_after.as_millis() as i64
+                }),
+                last_seen: p.map(|p| {
+                    fedmesh_trust::svid::rfc3339(
+                        std::time::UNIX_EPOCH + Duration::from_millis(p.last_seen_ms.max(0) as u64),
+                    )
+                }),
+                seconds_since_seen: since,
+                stale: c.stale,
+                expired: c.expired,
+                protocol_version: c.protocol_version,
+                bundle_sequence: v.bundle(&c.trust_domain).map(|b| b.sequence),
+                gateways: c.gateways.clone(),
+                published_version: c.published_version,
+                acked_version: p.map(|p| p.acked_version).unwrap_or(0),
+                exports: v.services_exported_by(&c.name).len(),
+                hub_replica: p.map(|p| p.hub.clone()),
+            }
+        })
+        .collect()
+}
+
+#[utoipa::path(get, path = "/api/v1/clusters", responses((status = 200, body = [ClusterStatus])))]
+async fn list_clusters(State(s): State<AdminState>) -> Json<Vec<ClusterStatus>> {
+    Json(cluster_statuses(&s.hub))
+}
+
+#[utoipa::path(delete, path = "/api/v1/clusters/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn remove_cluster(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
+    let Ok(c) = ClusterName::new(&name) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{name:?} is not a cluster name"),
+        );
+    };
+    match s.hub.remove_cluster(&c).await {
+        Ok(true) => {
+            tracing::info!(cluster = %c, "cluster removed by an operator");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no cluster {c}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[utoipa::path(delete, path = "/api/v1/clusters/{name}/exports/{namespace}/{service}",
+    params(("name" = String, Path), ("namespace" = String, Path), ("service" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn withdraw_export(
+    State(s): State<AdminState>,
+    Path((name, namespace, service)): Path<(String, String, String)>,
+) -> Response {
+    let (Ok(c), Ok(k)) = (
+        ClusterName::new(&name),
+        ServiceKey::new(&namespace, &service),
+    ) else {
+        return error(StatusCode::BAD_REQUEST, "invalid cluster or service name");
+    };
+    match s.hub.withdraw_export(&c, &k).await {
+        Ok(true) => {
+            tracing::info!(cluster = %c, service = %k, "export withdrawn by an operator");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("{c} does not export {k}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+fn service_status(hub: &Hub, i: &pb::Import) -> ServiceStatus {
+    let v = hub.view();
+    ServiceStatus {
+        service: i.service.clone(),
+        type_: match i.r#type {
+            2 => "Headless".into(),
+            _ => "ClusterSetIP".into(),
+        },
+        ports: i
+            .ports
+            .iter()
+            .map(|p| PortStatus {
+                name: p.name.clone(),
+                protocol: p.protocol.clone(),
+                port: p.port,
+            })
+            .collect(),
+        clusters: i
+            .clusters
+            .iter()
+            .map(|c| ExporterStatus {
+                cluster: c.cluster.clone(),
+                ready_endpoints: c.endpoints.iter().map(|e| e.ready).sum(),
+                total_endpoints: c.endpoints.iter().map(|e| e.total).sum(),
+                localities: c
+                    .endpoints
+                    .iter()
+                    .map(|e| format!("{}/{}", e.region, e.zone))
+                    .collect(),
+                stale: ClusterName::new(&c.cluster)
+                    .ok()
+                    .and_then(|n| v.cluster(&n).map(|r| r.stale))
+                    .unwrap_or(false),
+                exported_unix: c.exported_unix,
+            })
+            .collect(),
+        conflicts: i
+            .conflicts
+            .iter()
+            .map(|c| ConflictStatus {
+                cluster: c.cluster.clone(),
+                field: c.field.clone(),
+                winner: c.winner.clone(),
+                message: c.message.clone(),
+            })
+            .collect(),
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/services", responses((status = 200, body = [ServiceStatus])))]
+async fn list_services(State(s): State<AdminState>) -> Json<Vec<ServiceStatus>> {
+    let imports: Vec<_> = s.hub.view().imports().cloned().collect();
+    Json(imports.iter().map(|i| service_status(&s.hub, i)).collect())
+}
+
+#[utoipa::path(get, path = "/api/v1/clusters/{name}/imports", params(("name" = String, Path)),
+    responses((status = 200, body = [ServiceStatus]), (status = 404, body = ErrorBody)))]
+async fn cluster_imports(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
+    let Ok(c) = ClusterName::new(&name) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{name:?} is not a cluster name"),
+        );
+    };
+    if s.hub.view().cluster(&c).is_none() {
+        return error(StatusCode::NOT_FOUND, format!("no cluster {c}"));
+    }
+    // Every cluster imports every exported service (MCS); this is what `c` receives.
+    let imports: Vec<_> = s.hub.view().imports().cloned().collect();
+    Json(
+        imports
+            .iter()
+            .map(|i| service_status(&s.hub, i))
+            .collect::<Vec<_>>(),
+    )
+    .into_response()
+}
+
+#[utoipa::path(get, path = "/api/v1/bundles", responses((status = 200, body = [BundleStatus])))]
+async fn list_bundles(State(s): State<AdminState>) -> Json<Vec<BundleStatus>> {
+    let v = s.hub.view();
+    Json(
+        v.bundles()
+            .map(|b| {
+                let parsed = fedmesh_trust::bundle::SpiffeBundle::from_json(
+                    b.trust_domain.clone(),
+                    b.jwks.as_bytes(),
+                )
+                .ok();
+                BundleStatus {
+                    trust_domain: b.trust_domain.to_string(),
+                    cluster: b.cluster.to_string(),
+                    sequence: b.sequence,
+                    x509_authorities: parsed
+                        .as_ref()
+                        .map(|p| p.x509_authorities().len())
+                        .unwrap_or(0),
+                    jwt_authorities: parsed
+                        .as_ref()
+                        .map(|p| p.jwt_authorities().len())
+                        .unwrap_or(0),
+                }
+            })
+            .collect(),
+    )
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct ExplainQuery {
+    /// NAMESPACE/NAME
+    service: String,
+    /// The cluster asking.
+    from: String,
+}
+
+#[utoipa::path(get, path = "/api/v1/explain", params(ExplainQuery),
+    responses((status = 200, body = Explanation), (status = 400, body = ErrorBody)))]
+async fn explain(State(s): State<AdminState>, Query(q): Query<ExplainQuery>) -> Response {
+    let service: ServiceKey = match q.service.parse() {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("service: {e}")),
+    };
+    let from = match ClusterName::new(&q.from) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("from: {e}")),
+    };
+    Json(explain_route(&s.hub, &service, &from)).into_response()
+}
+
+/// Why `service` is or is not routable from `from`, as a chain of checks a person can follow.
+pub fn explain_route(hub: &Hub, service: &ServiceKey, from: &ClusterName) -> Explanation {
+    let v = hub.view();
+    let now = now_ms();
+    let mut steps = Vec::new();
+    let mut step = |status: &str, message: String| {
+        steps.push(ExplainStep {
+            status: status.into(),
+            message,
+        })
+    };
+    let done = |steps: Vec<ExplainStep>, routable: bool| Explanation {
+        service: service.to_string(),
+        from: from.to_string(),
+        routable,
+        steps,
+    };
+    let Some(asker) = v.cluster(from).cloned() else {
+        step(
+            "fail",
+            format!("cluster {from} is not joined to this clusterset (see `fedmesh status`)"),
+        );
+        return done(steps, false);
+    };
+    step(
+        "ok",
+        format!(
+            "cluster {from} is joined (trust domain {})",
+            asker.trust_domain
+        ),
+    );
+    if asker.stale {
+        step(
+            "warn",
+            format!(
+                "{from} is stale: the hub has not heard from it recently, so its view may be out of date (it keeps routing with its last view)"
+            ),
+        );
+    }
+    let Some(import) = v.import(service).cloned() else {
+        step(
+            "fail",
+            format!(
+                "{service} is not exported by any cluster: create a ServiceExport named {} in namespace {} next to the Service",
+                service.name, service.namespace
+            ),
+        );
+        return done(steps, false);
+    };
+    let exporters: Vec<String> = import.clusters.iter().map(|c| c.cluster.clone()).collect();
+    step(
+        "ok",
+        format!("{service} is exported by {}", exporters.join(", ")),
+    );
+    for c in &import.conflicts {
+        step("warn", format!("conflict: {}", c.message));
+    }
+    if v.bundle(&asker.trust_domain).is_none() {
+        step(
+            "fail",
+            format!(
+                "the hub has no bundle of {from} ({}): exporters cannot verify its callers; is its control plane connected?",
+                asker.trust_domain
+            ),
+        );
+    }
+    let mut routable = false;
+    for ic in &import.clusters {
+        let Ok(name) = ClusterName::new(&ic.cluster) else {
+            continue;
+        };
+        let Some(exporter) = v.cluster(&name) else {
+            continue;
+        };
+        let ready: u32 = ic.endpoints.iter().map(|e| e.ready).sum();
+        let mut ok = true;
+        if exporter.expired {
+            step(
+                "fail",
+                format!("{name} expired (silent too long); its export is withdrawn"),
+            );
+            continue;
+        }
+        if exporter.stale {
+            let silent = v
+                .presence(&name)
+                .map(|p| (now - p.last_seen_ms).max(0) / 1000);
+            step(
+                "warn",
+                format!(
+                    "{name} is stale (silent for {}s): its export stays routable until data-plane health says otherwise",
+                    silent.unwrap_or(0)
+                ),
+            );
+        }
+        if name != *from {
+            if v.bundle(&exporter.trust_domain).is_none() {
+                step(
+                    "fail",
+                    format!(
+                        "no bundle of {} ({name}) at the hub: {from} cannot verify its endpoints",
+                        exporter.trust_domain
+                    ),
+                );
+                ok = false;
+            }
+            if exporter.gateways.is_empty() {
+                step(
+                    "fail",
+                    format!(
+                        "{name} publishes no east-west gateway address: remote clusters cannot reach it"
+                    ),
+                );
+                ok = false;
+            }
+        }
+        if ready == 0 {
+            step(
+                "fail",
+                format!("no healthy endpoints of {service} in {name}"),
+            );
+            ok = false;
+        }
+        if ok {
+            let via = if name == *from {
+                "locally".to_string()
+            } else {
+                format!("through gateway {}", exporter.gateways.join(", "))
+            };
+            step(
+                "ok",
+                format!("{name}: {ready} ready endpoint(s), reachable {via}"),
+            );
+            routable = true;
+        }
+    }
+    if let Some(p) = v.presence(from)
+        && p.acked_version < v.revision
+        && !asker.stale
+    {
+        step(
+            "warn",
+            format!(
+                "{from} has acknowledged view version {} of {}; the latest changes may still be on their way",
+                p.acked_version, v.revision
+            ),
+        );
+    }
+    if routable {
+        step("ok", format!("{service} is routable from {from}"));
+    } else {
+        step("fail", format!("{service} is not routable from {from}"));
+    }
+    drop(v);
+    done(steps, routable)
+}
+
+#[utoipa::path(post, path = "/api/v1/tokens", request_body = TokenRequest,
+    responses((status = 201, body = TokenResponse), (status = 400, body = ErrorBody)))]
+async fn create_token(State(s): State<AdminState>, Json(req): Json<TokenRequest>) -> Response {
+    let cluster = match ClusterName::new(&req.cluster) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let ttl = match req
+        .ttl
+        .as_deref()
+        .map(humantime::parse_duration)
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("ttl: {e} (write e.g. 1h)")),
+    };
+    match s.hub.create_token(&cluster, ttl).await {
+        Ok((token, expires)) => {
+            tracing::info!(%cluster, "join token created");
+            (
+                StatusCode::CREATED,
+                Json(TokenResponse {
+                    cluster: cluster.to_string(),
+                    token,
+                    expires: fedmesh_trust::svid::rfc3339(fedmesh_trust::svid::from_unix_secs(
+                        expires.max(0) as u64,
+                    )),
+                }),
+            )
+                .into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}

@@ -1,0 +1,741 @@
+//! The federation hub: registers clusters with one-time join tokens, accepts each cluster's
+//! exports, bundle and gateways (and nothing else), merges them into the clusterset view, and
+//! streams that view to every control plane — a snapshot, then deltas, resumable by version.
+//!
+//! Several hubs may share one etcd store: each keeps its view from the store's watch, and the
+//! view version is the store revision, so a control plane can fail over between replicas and
+//! resume where it was.
+
+pub mod admin;
+pub mod records;
+mod service;
+pub mod view;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use fedmesh_api::pb::federation as pb;
+use fedmesh_api::{ClusterName, SpiffeId, TrustDomain};
+use fedmesh_trust::bundle::SpiffeBundle;
+use fedmesh_trust::ca::TrustDomainCa;
+use fedmesh_trust::svid::new_key_and_csr;
+use fedmesh_trust::tls::{Authorizer, MeshIdentity};
+use futures::StreamExt;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use self::records::*;
+pub use self::service::HubService;
+use self::view::{View, ViewKey, view_key_of};
+use crate::metrics::HubMetrics;
+use crate::store::{Compare, KvStore, Op, Revision, StoreError, Txn, TxnOutcome};
+
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// This replica's name (shown in presence records and the admin API).
+    pub replica: String,
+    /// A cluster no hub heard from for this long is marked stale (its exports stay routable).
+    pub stale_after: Duration,
+    /// A cluster silent for this long has its exports withdrawn.
+    pub expire_after: Duration,
+    /// Lifetime of cluster identities; control planes renew at half of it.
+    pub cluster_svid_ttl: Duration,
+    /// Default lifetime of join tokens.
+    pub token_ttl: Duration,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            replica: format!("hub-{}", std::process::id()),
+            stale_after: Duration::from_secs(30),
+            expire_after: Duration::from_secs(72 * 3600),
+            cluster_svid_ttl: Duration::from_secs(24 * 3600),
+            token_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl HubConfig {
+    fn heartbeat(&self) -> Duration {
+        (self.stale_after / 3).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("hub identity: {0}")]
+    Identity(String),
+}
+
+pub struct Hub {
+    pub config: HubConfig,
+    store: Arc<dyn KvStore>,
+    ca: Arc<TrustDomainCa>,
+    identity: MeshIdentity,
+    view: RwLock<View>,
+    revision: watch::Sender<Revision>,
+    pub metrics: HubMetrics,
+    shutdown: CancellationToken,
+}
+
+/// The SPIFFE ID of a cluster's hub identity.
+pub fn cluster_id(hub_td: &TrustDomain, cluster: &ClusterName) -> SpiffeId {
+    // Both parts are validated names, so this is always a valid ID.
+    SpiffeId::new(&format!("spiffe://{hub_td}/cluster/{cluster}"))
+        .unwrap_or_else(|_| hub_td.to_spiffe_id())
+}
+
+/// The cluster named by a hub-issued identity, if it is one.
+pub fn cluster_of(hub_td: &TrustDomain, id: &SpiffeId) -> Option<ClusterName> {
+    if id.trust_domain() != hub_td {
+        return None;
+    }
+    let name = id.path().strip_prefix("/cluster/")?;
+    ClusterName::new(name).ok()
+}
+
+pub fn hub_server_id(hub_td: &TrustDomain) -> SpiffeId {
+    SpiffeId::new(&format!("spiffe://{hub_td}/hub")).unwrap_or_else(|_| hub_td.to_spiffe_id())
+}
+
+impl Hub {
+    /// Loads the view from the store and starts the background work (store watch, staleness
+    /// sweeper, hub certificate renewal). Stops when `shutdown` is cancelled.
+    pub async fn start(
+        config: HubConfig,
+        store: Arc<dyn KvStore>,
+        ca: Arc<TrustDomainCa>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, HubError> {
+        let identity = MeshIdentity::new();
+        let (kvs, revision) = store.list("").await?;
+        let view = View::from_listing(kvs, revision);
+        let hub = Arc::new(Self {
+            config,
+            store,
+            ca,
+            identity,
+            view: RwLock::new(view),
+            revision: watch::Sender::new(revision),
+            metrics: HubMetrics::default(),
+            shutdown,
+        });
+        hub.renew_identity()?;
+        tokio::spawn(hub.clone().follow_store());
+        tokio::spawn(hub.clone().sweep());
+        tokio::spawn(hub.clone().keep_identity_fresh());
+        tracing::info!(replica = %hub.config.replica, backend = hub.store.backend(), revision, trust_domain = %hub.trust_domain(), "hub started");
+        Ok(hub)
+    }
+
+    pub fn trust_domain(&self) -> TrustDomain {
+        self.ca.trust_domain()
+    }
+
+    pub fn store(&self) -> &Arc<dyn KvStore> {
+        &self.store
+    }
+
+    pub fn ca(&self) -> &Arc<TrustDomainCa> {
+        &self.ca
+    }
+
+    /// The pin that join tokens carry: SHA-256 of the hub's active CA certificate.
+    pub fn ca_pin(&self) -> String {
+        let bundle = self.ca.bundle();
+        bundle
+            .x509_authorities()
+            .last()
+            .map(fedmesh_trust::grpc::ca_pin)
+            .unwrap_or_default()
+    }
+
+    pub fn view(&self) -> std::sync::RwLockReadGuard<'_, View> {
+        self.view.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Revision> {
+        self.revision.subscribe()
+    }
+
+    /// The hub's server TLS config: clients present hub-issued cluster identities, except for Join.
+    pub fn server_tls(&self) -> Arc<rustls::ServerConfig> {
+        let td = self.trust_domain();
+        let authorizer = Authorizer::Custom {
+            description: format!(
+                "only clusters joined to {td} (spiffe://{td}/cluster/*) may connect"
+            ),
+            allow: Arc::new(move |id| cluster_of(&td, id).is_some()),
+        };
+        self.identity
+            .server_config_optional_client_auth(authorizer, vec![b"h2".to_vec()])
+    }
+
+    /// Issues the hub's own SVID, with the CA appended so joining clusters can pin it.
+    fn renew_identity(&self) -> Result<(), HubError> {
+        let id = hub_server_id(&self.trust_domain());
+        let (key, csr) = new_key_and_csr(&id).map_err(|e| HubError::Identity(e.to_string()))?;
+        let issued = self
+            .ca
+            .sign_csr(&csr, Some(&id), None)
+            .map_err(|e| HubError::Identity(e.to_string()))?;
+        let bundle = self.ca.bundle();
+        let mut chain = issued.chain;
+        chain.extend(bundle.x509_authorities().iter().rev().take(1).cloned());
+        let mut set = fedmesh_trust::bundle::BundleSet::new();
+        set.update((*bundle).clone());
+        self.identity.set_bundles(set);
+        self.identity
+            .set_svid_parts(
+                chain,
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .map_err(|e| HubError::Identity(e.to_string()))
+    }
+
+    async fn keep_identity_fresh(self: Arc<Self>) {
+        loop {
+            let wait = self
+                .identity
+                .svid()
+                .and_then(|s| {
+                    s.not_after
+                        .duration_since(std::time::SystemTime::now())
+                        .ok()
+                })
+                .map(|left| left / 2)
+                .unwrap_or(Duration::from_secs(10))
+                .max(Duration::from_secs(1));
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if let Err(e) = self.renew_identity() {
+                tracing::error!(error = %e, "cannot renew the hub's certificate; retrying");
+            }
+        }
+    }
+
+    /// Keeps the view in step with the store; relists when the watch breaks.
+    async fn follow_store(self: Arc<Self>) {
+        loop {
+            let from = self.view().revision;
+            let mut stream = self.store.watch("", from);
+            loop {
+                let next = tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    n = stream.next() => n,
+                };
+                match next {
+                    Some(Ok(batch)) => {
+                        let changed = {
+                            let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
+                            v.apply(&batch)
+                        };
+                        let _ = changed;
+                        self.revision.send_replace(batch.revision);
+                        self.metrics.view_revision.set(batch.revision as i64);
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "store watch failed; relisting");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            match self.store.list("").await {
+                Ok((kvs, revision)) => {
+                    *self.view.write().unwrap_or_else(|p| p.into_inner()) =
+                        View::from_listing(kvs, revision);
+                    self.revision.send_replace(revision);
+                }
+                Err(e) => tracing::warn!(error = %e, "store unavailable; will retry"),
+            }
+        }
+    }
+
+    /// The Update that brings a cluster from `since` to now, or `None` when it needs a snapshot.
+    pub async fn delta_since(&self, since: Revision) -> Option<pb::Update> {
+        let (current, floor, keys) = {
+            let v = self.view();
+            (v.revision, v.floor, v.changed_since(since))
+        };
+        if since > current {
+            return None;
+        }
+        let keys = match keys {
+            Some(k) => k,
+            None => {
+                // Older than our in-memory index (e.g. we restarted): ask the store's history.
+                let mut keys = self.history_keys(since, floor).await?;
+                keys.extend(self.view().changed_since(floor)?);
+                keys
+            }
+        };
+        Some(self.view().update_for(&keys))
+    }
+
+    async fn history_keys(&self, since: Revision, upto: Revision) -> Option<BTreeSet<ViewKey>> {
+        let mut keys = BTreeSet::new();
+        if since >= upto {
+            return Some(keys);
+        }
+        let mut stream = self.store.watch("", since);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+                Ok(Some(Ok(batch))) => {
+                    keys.extend(batch.events.iter().filter_map(|e| view_key_of(e.key())));
+                    if batch.revision >= upto {
+                        return Some(keys);
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    tracing::info!(since, error = %e, "history unavailable; sending a snapshot");
+                    return None;
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Marks clusters stale after `stale_after` of silence, and withdraws the exports of those
+    /// silent past `expire_after`. Every replica runs it; compare-and-swap keeps them from fighting.
+    async fn sweep(self: Arc<Self>) {
+        let period = (self.config.stale_after / 10)
+            .clamp(Duration::from_millis(100), Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            let now = now_ms();
+            let todo: Vec<(ClusterRecord, i64)> = {
+                let v = self.view();
+                v.clusters()
+                    .map(|c| {
+                        let seen = v
+                            .presence(&c.name)
+                            .map(|p| p.last_seen_ms)
+                            .unwrap_or(c.joined_unix * 1000);
+                        (c.clone(), seen)
+                    })
+                    .collect()
+            };
+            for (record, last_seen) in todo {
+                let silent = Duration::from_millis((now - last_seen).max(0) as u64);
+                if silent >= self.config.stale_after && !record.stale {
+                    tracing::warn!(cluster = %record.name, silent_for = ?silent, "cluster is stale; its exports stay routable");
+                    let mut r = record.clone();
+                    r.stale = true;
+                    let _ = self.update_cluster_record(&record, r).await;
+                }
+                if silent >= self.config.expire_after && !record.expired {
+                    tracing::warn!(cluster = %record.name, silent_for = ?silent, "cluster expired; withdrawing its exports");
+                    let _ = self.expire_cluster(&record).await;
+                }
+            }
+        }
+    }
+
+    async fn update_cluster_record(
+        &self,
+        old: &ClusterRecord,
+        new: ClusterRecord,
+    ) -> Result<bool, StoreError> {
+        let key = cluster_key(&old.name);
+        let Some(kv) = self.store.get(&key).await? else {
+            return Ok(false);
+        };
+        let current: ClusterRecord =
+            serde_json::from_slice(&kv.value).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if &current != old {
+            return Ok(false); // someone else changed it meanwhile; the next sweep looks again
+        }
+        let outcome = self
+            .store
+            .commit(
+                Txn::new()
+                    .when(Compare::ModRevision(key.clone(), kv.mod_revision))
+                    .put(key, serde_json::to_vec(&new).unwrap_or_default()),
+            )
+            .await?;
+        Ok(matches!(outcome, TxnOutcome::Committed(_)))
+    }
+
+    async fn expire_cluster(&self, record: &ClusterRecord) -> Result<(), StoreError> {
+        let services = self.view().services_exported_by(&record.name);
+        let mut ops: Vec<Op> = services
+            .iter()
+            .map(|s| Op::Delete(export_key(&record.name, s)))
+            .collect();
+        let mut r = record.clone();
+        r.expired = true;
+        r.stale = true;
+        ops.push(Op::Put(
+            cluster_key(&record.name),
+            serde_json::to_vec(&r).unwrap_or_default(),
+        ));
+        self.commit_chunked(ops).await.map(|_| ())
+    }
+
+    /// Commits ops in chunks the backend accepts; the last chunk carries the last ops.
+    async fn commit_chunked(&self, ops: Vec<Op>) -> Result<Revision, StoreError> {
+        let mut revision = 0;
+        let chunks: Vec<Vec<Op>> = ops
+            .chunks(crate::store::MAX_TXN_OPS)
+            .map(|c| c.to_vec())
+            .collect();
+        for chunk in chunks {
+            match self
+                .store
+                .commit(Txn {
+                    compares: vec![],
+                    ops: chunk,
+                })
+                .await?
+            {
+                TxnOutcome::Committed(r) => revision = r,
+                TxnOutcome::Failed => {
+                    return Err(StoreError::Corrupt("unconditional commit failed".into()));
+                }
+            }
+        }
+        Ok(revision)
+    }
+
+    /// Applies a cluster's Publish. Errors say what was refused and why; nothing is written then.
+    pub async fn apply_publish(
+        &self,
+        cluster: &ClusterName,
+        p: &pb::Publish,
+    ) -> Result<Revision, String> {
+        let record = self
+            .view()
+            .cluster(cluster)
+            .cloned()
+            .ok_or_else(|| format!("cluster {cluster} is not registered with this hub"))?;
+        if !p.cluster.is_empty() && p.cluster != cluster.as_str() {
+            return Err(format!(
+                "cluster {cluster} may publish only its own state, not that of {:?}",
+                p.cluster
+            ));
+        }
+        if p.version <= record.published_version
+            && !(p.full && p.version == record.published_version)
+        {
+            return Err(format!(
+                "publish version {} is not newer than version {} already applied",
+                p.version, record.published_version
+            ));
+        }
+        let mut upserts = Vec::with_capacity(p.upserts.len());
+        for e in &p.upserts {
+            upserts.push(export_from_pb(e)?);
+        }
+        let removals = p
+            .removals
+            .iter()
+            .map(|s| {
+                s.parse::<fedmesh_api::ServiceKey>()
+                    .map_err(|e| format!("removal {s:?}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut ops = Vec::new();
+        if let Some(b) = &p.bundle {
+            let td = TrustDomain::new(&b.trust_domain).map_err(|e| format!("bundle: {e}"))?;
+            if td != record.trust_domain {
+                return Err(format!(
+                    "cluster {cluster} may publish only the bundle of its own trust domain {}, not {td}",
+                    record.trust_domain
+                ));
+            }
+            let parsed = SpiffeBundle::from_json(td.clone(), &b.jwks).map_err(|e| e.to_string())?;
+            if parsed.x509_authorities().is_empty() {
+                return Err(format!("bundle of {td} has no X.509 authorities"));
+            }
+            let br = BundleRecord {
+                trust_domain: td.clone(),
+                cluster: cluster.clone(),
+                jwks: String::from_utf8_lossy(&b.jwks).into_owned(),
+                sequence: parsed.sequence(),
+            };
+            if self.view().bundle(&td) != Some(&br) {
+                ops.push(Op::Put(
+                    bundle_key(&td),
+                    serde_json::to_vec(&br).unwrap_or_default(),
+                ));
+            }
+        }
+        let mut new_record = record.clone();
+        if let Some(g) = &p.gateways {
+            for a in &g.addresses {
+                validate_gateway(a).map_err(|e| format!("gateway {a:?}: {e}"))?;
+            }
+            new_record.gateways = g.addresses.clone();
+        }
+        let current: std::collections::BTreeMap<fedmesh_api::ServiceKey, ExportRecord> = {
+            let v = self.view();
+            v.services_exported_by(cluster)
+                .into_iter()
+                .filter_map(|s| {
+                    v.exports_of(&s)
+                        .and_then(|m| m.get(cluster))
+                        .map(|e| (s, e.clone()))
+                })
+                .collect()
+        };
+        if p.full {
+            let keep: BTreeSet<_> = upserts.iter().map(|e| e.service.clone()).collect();
+            for s in current.keys().filter(|s| !keep.contains(*s)) {
+                ops.push(Op::Delete(export_key(cluster, s)));
+            }
+        }
+        for e in upserts {
+            // Unchanged exports are not rewritten: a reconnecting cluster's full publish costs nothing.
+            if current.get(&e.service) != Some(&e) {
+                ops.push(Op::Put(
+                    export_key(cluster, &e.service),
+                    serde_json::to_vec(&e).unwrap_or_default(),
+                ));
+            }
+        }
+        for s in removals {
+            if current.contains_key(&s) {
+                ops.push(Op::Delete(export_key(cluster, &s)));
+            }
+        }
+        new_record.published_version = p.version;
+        ops.push(Op::Put(
+            cluster_key(cluster),
+            serde_json::to_vec(&new_record).unwrap_or_default(),
+        ));
+        self.commit_chunked(ops).await.map_err(|e| e.to_string())
+    }
+
+    /// Records that a cluster (re)connected through this replica.
+    pub async fn mark_connected(
+        &self,
+        cluster: &ClusterName,
+        hello: &pb::Hello,
+    ) -> Result<(), StoreError> {
+        for _ in 0..5 {
+            let Some(record) = self.view().cluster(cluster).cloned() else {
+                return Ok(());
+            };
+            let mut r = record.clone();
+            r.stale = false;
+            r.expired = false;
+            r.protocol_version = hello.protocol_version;
+            if !hello.region.is_empty() {
+                r.region = hello.region.clone();
+            }
+            if r == record {
+                break;
+            }
+            if self.update_cluster_record(&record, r).await? {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.write_presence(cluster, 0, true).await
+    }
+
+    pub async fn write_presence(
+        &self,
+        cluster: &ClusterName,
+        acked: u64,
+        connected: bool,
+    ) -> Result<(), StoreError> {
+        let p = Presence {
+            hub: self.config.replica.clone(),
+            last_seen_ms: now_ms(),
+            acked_version: acked,
+            connected,
+        };
+        crate::store::put(
+            &*self.store,
+            &presence_key(cluster),
+            serde_json::to_vec(&p).unwrap_or_default(),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Creates a join token for `cluster`.
+    pub async fn create_token(
+        &self,
+        cluster: &ClusterName,
+        ttl: Option<Duration>,
+    ) -> Result<(String, i64), crate::tokens::TokenError> {
+        let (t, expires) = crate::tokens::create(
+            &*self.store,
+            cluster,
+            ttl.unwrap_or(self.config.token_ttl),
+            &self.ca_pin(),
+        )
+        .await?;
+        Ok((t.to_string(), expires))
+    }
+
+    /// Issues a cluster identity for a CSR.
+    fn sign_cluster(
+        &self,
+        cluster: &ClusterName,
+        csr: &[u8],
+    ) -> Result<Vec<CertificateDer<'static>>, String> {
+        let id = cluster_id(&self.trust_domain(), cluster);
+        self.ca
+            .sign_csr_for(csr, &id, Some(self.config.cluster_svid_ttl))
+            .map(|s| s.chain)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Registers a cluster (first join) or checks it is the same one (re-join).
+    async fn register(&self, cluster: &ClusterName, td: &TrustDomain) -> Result<(), String> {
+        let key = cluster_key(cluster);
+        let existing = self.store.get(&key).await.map_err(|e| e.to_string())?;
+        if let Some(kv) = existing {
+            let r: ClusterRecord = serde_json::from_slice(&kv.value).map_err(|e| e.to_string())?;
+            if &r.trust_domain != td {
+                return Err(format!(
+                    "cluster {cluster} is registered with trust domain {}, not {td}",
+                    r.trust_domain
+                ));
+            }
+            return Ok(());
+        }
+        let r = ClusterRecord {
+            name: cluster.clone(),
+            trust_domain: td.clone(),
+            region: String::new(),
+            gateways: vec![],
+            joined_unix: now_unix(),
+            stale: false,
+            expired: false,
+            protocol_version: 0,
+            published_version: 0,
+        };
+        match self
+            .store
+            .commit(
+                Txn::new()
+                    .when(Compare::Absent(key.clone()))
+                    .put(key, serde_json::to_vec(&r).unwrap_or_default()),
+            )
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            TxnOutcome::Committed(_) => Ok(()),
+            TxnOutcome::Failed => Err(format!("cluster {cluster} registered concurrently; retry")),
+        }
+    }
+
+    /// Removes a cluster and everything it published (operator action).
+    pub async fn remove_cluster(&self, cluster: &ClusterName) -> Result<bool, StoreError> {
+        let Some(record) = self.view().cluster(cluster).cloned() else {
+            return Ok(false);
+        };
+        let mut ops: Vec<Op> = self
+            .view()
+            .services_exported_by(cluster)
+            .iter()
+            .map(|s| Op::Delete(export_key(cluster, s)))
+            .collect();
+        if self
+            .view()
+            .bundle(&record.trust_domain)
+            .is_some_and(|b| &b.cluster == cluster)
+        {
+            ops.push(Op::Delete(bundle_key(&record.trust_domain)));
+        }
+        ops.push(Op::Delete(presence_key(cluster)));
+        ops.push(Op::Delete(cluster_key(cluster)));
+        self.commit_chunked(ops).await?;
+        Ok(true)
+    }
+
+    /// Withdraws one export of a cluster (operator action).
+    pub async fn withdraw_export(
+        &self,
+        cluster: &ClusterName,
+        service: &fedmesh_api::ServiceKey,
+    ) -> Result<bool, StoreError> {
+        let exists = self
+            .view()
+            .exports_of(service)
+            .is_some_and(|m| m.contains_key(cluster));
+        if exists {
+            self.commit_chunked(vec![Op::Delete(export_key(cluster, service))])
+                .await?;
+        }
+        Ok(exists)
+    }
+}
+
+fn validate_gateway(addr: &str) -> Result<(), String> {
+    let (host, port) = addr.rsplit_once(':').ok_or("expected host:port")?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or("port is not in 1..65535")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.len() > 253 {
+        return Err("empty or overlong host".into());
+    }
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    for label in host.split('.') {
+        fedmesh_api::names::check_dns_label("gateway host", &label.to_ascii_lowercase())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Serves the Federation gRPC service on `listener` (SPIFFE mTLS) until `shutdown`.
+pub async fn serve_grpc(
+    hub: Arc<Hub>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = fedmesh_trust::grpc::incoming(listener, hub.server_tls());
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(15)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(HubService::new(hub))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await
+}
+
+/// Serves the admin API on `listener` until `shutdown`. With `tls`, clients may authenticate with
+/// an admin SPIFFE ID instead of the token.
+pub async fn serve_admin(
+    state: admin::AdminState,
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = crate::http::HttpListener::new(listener, tls)?;
+    let app = admin::router(state).into_make_service_with_connect_info::<crate::http::Peer>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+impl Hub {
+    /// A TLS config for the admin port: the hub's certificate; client certificates optional and,
+    /// when presented, verified against the hub's and every federated bundle.
+    pub fn admin_tls(&self) -> Arc<rustls::ServerConfig> {
+        self.identity
+            .server_config_optional_client_auth(Authorizer::AnyTrusted, vec![b"http/1.1".to_vec()])
+    }
+}

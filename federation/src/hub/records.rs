@@ -1,0 +1,282 @@
+//! What the hub keeps in its store. JSON values, so `etcdctl get` shows something readable.
+//!
+//! ```text
+//! clusters/<cluster>                 ClusterRecord   (registration + state)
+//! presence/<cluster>                 Presence        (heartbeat of the hub holding the stream)
+//! exports/<cluster>/<ns>/<name>      ExportRecord    (written only from that cluster's stream)
+//! bundles/<trust domain>             BundleRecord    (written only by the cluster owning the domain)
+//! tokens/<id>                        TokenRecord     (one-time join tokens)
+//! ```
+
+use fedmesh_api::pb::federation as pb;
+use fedmesh_api::{ClusterName, ServiceKey, TrustDomain};
+use serde::{Deserialize, Serialize};
+
+pub const CLUSTERS: &str = "clusters/";
+pub const PRESENCE: &str = "presence/";
+pub const EXPORTS: &str = "exports/";
+pub const BUNDLES: &str = "bundles/";
+pub const TOKENS: &str = "tokens/";
+
+pub fn cluster_key(c: &ClusterName) -> String {
+    format!("{CLUSTERS}{c}")
+}
+pub fn presence_key(c: &ClusterName) -> String {
+    format!("{PRESENCE}{c}")
+}
+pub fn export_key(c: &ClusterName, s: &ServiceKey) -> String {
+    format!("{EXPORTS}{c}/{}/{}", s.namespace, s.name)
+}
+pub fn exports_prefix(c: &ClusterName) -> String {
+    format!("{EXPORTS}{c}/")
+}
+pub fn bundle_key(td: &TrustDomain) -> String {
+    format!("{BUNDLES}{td}")
+}
+pub fn token_key(id: &str) -> String {
+    format!("{TOKENS}{id}")
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    pub name: ClusterName,
+    pub trust_domain: TrustDomain,
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    pub joined_unix: i64,
+    /// Marked by a hub sweeper when no hub heard from the cluster within the grace period.
+    #[serde(default)]
+    pub stale: bool,
+    /// Set when the cluster stayed silent past the expiry and its exports were withdrawn.
+    #[serde(default)]
+    pub expired: bool,
+    #[serde(default)]
+    pub protocol_version: u32,
+    /// The last publish version of the cluster the hub applied.
+    #[serde(default)]
+    pub published_version: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    /// Which hub replica holds the cluster's stream.
+    pub hub: String,
+    /// Milliseconds since the epoch.
+    pub last_seen_ms: i64,
+    /// The last view version the cluster acknowledged.
+    #[serde(default)]
+    pub acked_version: u64,
+    #[serde(default)]
+    pub connected: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortRecord {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    pub protocol: String,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub app_protocol: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalityCount {
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
+    pub ready: u32,
+    pub total: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceType {
+    #[default]
+    ClusterSetIP,
+    Headless,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportRecord {
+    pub service: ServiceKey,
+    #[serde(rename = "type")]
+    pub type_: ServiceType,
+    pub ports: Vec<PortRecord>,
+    /// "" (None) or "ClientIP".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub session_affinity: String,
+    #[serde(default)]
+    pub session_affinity_timeout_seconds: u32,
+    #[serde(default)]
+    pub endpoints: Vec<LocalityCount>,
+    pub created_unix: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleRecord {
+    pub trust_domain: TrustDomain,
+    pub cluster: ClusterName,
+    /// The SPIFFE bundle document (JWK Set JSON).
+    pub jwks: String,
+    pub sequence: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Who may use it (a cluster name); `None` for node bootstrap tokens any agent may use.
+    pub subject: Option<String>,
+    /// Bootstrap tokens may be used until they expire; join tokens only once.
+    #[serde(default)]
+    pub reusable: bool,
+    /// SHA-256 of the token's secret, hex. The secret itself is never stored.
+    pub secret_sha256: String,
+    pub created_unix: i64,
+    pub expires_unix: i64,
+    #[serde(default)]
+    pub used_unix: Option<i64>,
+}
+
+// ----- conversions between protocol messages and records -----
+
+pub fn service_type_from_pb(t: i32) -> Result<ServiceType, String> {
+    match pb::ServiceType::try_from(t) {
+        Ok(pb::ServiceType::ClusterSetIp) => Ok(ServiceType::ClusterSetIP),
+        Ok(pb::ServiceType::Headless) => Ok(ServiceType::Headless),
+        _ => Err(format!(
+            "service type {t} is not ClusterSetIP (1) or Headless (2)"
+        )),
+    }
+}
+
+pub fn service_type_to_pb(t: ServiceType) -> i32 {
+    match t {
+        ServiceType::ClusterSetIP => pb::ServiceType::ClusterSetIp as i32,
+        ServiceType::Headless => pb::ServiceType::Headless as i32,
+    }
+}
+
+/// Validates a published export; the error names the service and the problem.
+pub fn export_from_pb(e: &pb::Export) -> Result<ExportRecord, String> {
+    let service: ServiceKey = e
+        .service
+        .parse()
+        .map_err(|err| format!("export {:?}: {err}", e.service))?;
+    let bad = |msg: String| format!("export {service}: {msg}");
+    let type_ = service_type_from_pb(e.r#type).map_err(bad)?;
+    if e.ports.is_empty() && type_ == ServiceType::ClusterSetIP {
+        return Err(bad("a ClusterSetIP service needs at least one port".into()));
+    }
+    let mut ports = Vec::with_capacity(e.ports.len());
+    let mut names = std::collections::BTreeSet::new();
+    for p in &e.ports {
+        let protocol = if p.protocol.is_empty() {
+            "TCP".to_string()
+        } else {
+            p.protocol.clone()
+        };
+        if !matches!(protocol.as_str(), "TCP" | "UDP" | "SCTP") {
+            return Err(bad(format!(
+                "port {}: protocol {protocol:?} is not TCP, UDP or SCTP",
+                p.port
+            )));
+        }
+        let port = u16::try_from(p.port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| bad(format!("port {} is not in 1..65535", p.port)))?;
+        if !p.name.is_empty() {
+            fedmesh_api::names::check_dns_label("port name", &p.name)
+                .map_err(|e| bad(e.to_string()))?;
+            if !names.insert(p.name.clone()) {
+                return Err(bad(format!("port name {:?} is used twice", p.name)));
+            }
+        }
+        ports.push(PortRecord {
+            name: p.name.clone(),
+            protocol,
+            port,
+            app_protocol: p.app_protocol.clone(),
+        });
+    }
+    let session_affinity = match e.session_affinity.as_str() {
+        "" | "None" => String::new(),
+        "ClientIP" => "ClientIP".to_string(),
+        other => {
+            return Err(bad(format!(
+                "session affinity {other:?} is not None or ClientIP"
+            )));
+        }
+    };
+    let endpoints = e
+        .endpoints
+        .iter()
+        .map(|l| {
+            if l.ready > l.total {
+                Err(bad(format!(
+                    "locality {}/{}: {} ready of {} total endpoints",
+                    l.region, l.zone, l.ready, l.total
+                )))
+            } else {
+                Ok(LocalityCount {
+                    region: l.region.clone(),
+                    zone: l.zone.clone(),
+                    ready: l.ready,
+                    total: l.total,
+                })
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ExportRecord {
+        service,
+        type_,
+        ports,
+        session_affinity,
+        session_affinity_timeout_seconds: e.session_affinity_timeout_seconds,
+        endpoints,
+        created_unix: e.created_unix,
+    })
+}
+
+pub fn export_to_pb(r: &ExportRecord) -> pb::Export {
+    pb::Export {
+        service: r.service.to_string(),
+        r#type: service_type_to_pb(r.type_),
+        ports: r.ports.iter().map(port_to_pb).collect(),
+        session_affinity: r.session_affinity.clone(),
+        session_affinity_timeout_seconds: r.session_affinity_timeout_seconds,
+        endpoints: r.endpoints.iter().map(locality_to_pb).collect(),
+        created_unix: r.created_unix,
+    }
+}
+
+pub fn port_to_pb(p: &PortRecord) -> pb::Port {
+    pb::Port {
+        name: p.name.clone(),
+        protocol: p.protocol.clone(),
+        port: u32::from(p.port),
+        app_protocol: p.app_protocol.clone(),
+    }
+}
+
+pub fn locality_to_pb(l: &LocalityCount) -> pb::LocalityEndpoints {
+    pb::LocalityEndpoints {
+        region: l.region.clone(),
+        zone: l.zone.clone(),
+        ready: l.ready,
+        total: l.total,
+    }
+}
+
+pub fn now_unix() -> i64 {
+    now_ms() / 1000
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}

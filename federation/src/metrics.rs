@@ -1,0 +1,92 @@
+//! Prometheus metrics of the hub and the control plane, served on their admin ports.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+pub struct HubMetrics {
+    registry: Registry,
+    pub connected_clusters: Gauge,
+    pub view_revision: Gauge,
+    pub publishes: Family<ResultLabels, Counter>,
+    pub refused: Family<ReasonLabels, Counter>,
+    pub updates_sent: Counter,
+    pub snapshots_sent: Counter,
+    pub joins: Family<ResultLabels, Counter>,
+}
+
+impl Default for HubMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("fedmesh_hub");
+        let m = Self {
+            registry: Registry::default(),
+            connected_clusters: Gauge::default(),
+            view_revision: Gauge::default(),
+            publishes: Family::default(),
+            refused: Family::default(),
+            updates_sent: Counter::default(),
+            snapshots_sent: Counter::default(),
+            joins: Family::default(),
+        };
+        registry.register(
+            "connected_clusters",
+            "Control planes with an open Federate stream to this replica",
+            m.connected_clusters.clone(),
+        );
+        registry.register(
+            "view_revision",
+            "Store revision the clusterset view is at",
+            m.view_revision.clone(),
+        );
+        registry.register(
+            "publishes",
+            "Publish messages by result",
+            m.publishes.clone(),
+        );
+        registry.register(
+            "refused",
+            "Requests refused, by reason (foreign publish, bad token, ...)",
+            m.refused.clone(),
+        );
+        registry.register(
+            "updates_sent",
+            "Delta updates sent to control planes",
+            m.updates_sent.clone(),
+        );
+        registry.register(
+            "snapshots_sent",
+            "Snapshots sent to control planes",
+            m.snapshots_sent.clone(),
+        );
+        registry.register("joins", "Join attempts by result", m.joins.clone());
+        Self { registry, ..m }
+    }
+}
+
+impl HubMetrics {
+    pub fn refuse(&self, reason: &str) {
+        self.refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,263 @@
+//! A hub and three control planes in-process, on loopback, with directory sources: exports
+//! propagate as ServiceImports (status, DNS), conflicts are reported, bundles are exchanged and
+//! reach every cluster's Workload API.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use fedmesh_api::ServiceKey;
+use fedmesh_api::pb::federation as pb;
+
+fn web() -> ServiceKey {
+    "shop/web".parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_in_east_appears_in_west_and_central_and_removing_it_withdraws_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let east = start_cluster(dir.path(), "east", &hub).await;
+    let west = start_cluster(dir.path(), "west", &hub).await;
+    let central = start_cluster(dir.path(), "central", &hub).await;
+
+    east.write(
+        "web.yaml",
+        &web_service(
+            "shop",
+            "web",
+            "http",
+            80,
+            &[("10.1.0.1", "east-a"), ("10.1.0.2", "east-b")],
+        ),
+    );
+    east.write("export.yaml", &service_export("shop", "web"));
+
+    for c in [&west, &central, &east] {
+        let snap = c
+            .wait_for("shop/web imported", |s| {
+                s.clusterset.imports.contains_key(&web())
+            })
+            .await;
+        let i = &snap.clusterset.imports[&web()];
+        assert_eq!(i.ports.len(), 1);
+        assert_eq!(
+            (
+                i.ports[0].name.as_str(),
+                i.ports[0].port,
+                i.ports[0].protocol.as_str()
+            ),
+            ("http", 80, "TCP")
+        );
+        assert_eq!(i.clusters.len(), 1);
+        assert_eq!(i.clusters[0].cluster, "east");
+        let zones: Vec<_> = i.clusters[0]
+            .endpoints
+            .iter()
+            .map(|l| (l.region.as_str(), l.zone.as_str(), l.ready))
+            .collect();
+        assert_eq!(
+            zones,
+            vec![("east-region", "east-a", 1), ("east-region", "east-b", 1)]
+        );
+        assert!(
+            snap.vips.contains_key(&web()),
+            "a clusterset IP is allocated"
+        );
+    }
+
+    // The ServiceImport as written for the cluster, and clusterset DNS.
+    let west_snap = west.snapshot();
+    let vip = west_snap.vips[&web()];
+    let imports = std::fs::read_to_string(west.data.join("status/serviceimports.yaml")).unwrap();
+    assert!(
+        imports.contains("kind: ServiceImport") && imports.contains("name: web"),
+        "{imports}"
+    );
+    assert!(
+        imports.contains(&vip.to_string()) && imports.contains("cluster: east"),
+        "{imports}"
+    );
+    let answer = dns_a(west.cp.dns_addr.unwrap(), "web.shop.svc.clusterset.local.")
+        .await
+        .unwrap();
+    assert_eq!(answer, vec![vip]);
+    let missing = dns_a(west.cp.dns_addr.unwrap(), "nope.shop.svc.clusterset.local.").await;
+    assert!(missing.is_err(), "unknown services do not resolve");
+
+    // East's ServiceExport reports Valid, Ready and no Conflict.
+    let status = wait_file(&east.data.join("status/serviceexports.yaml"), |s| {
+        s.contains("type: Ready") && s.contains("status: 'True'") || s.contains("status: \"True\"")
+    })
+    .await;
+    assert!(status.contains("type: Valid"), "{status}");
+    assert!(status.contains("NoConflicts"), "{status}");
+
+    // Withdraw: delete the ServiceExport.
+    east.remove("export.yaml");
+    for c in [&west, &central, &east] {
+        c.wait_for("shop/web withdrawn", |s| {
+            !s.clusterset.imports.contains_key(&web())
+        })
+        .await;
+    }
+    hub.stop().await;
+}
+
+async fn wait_file(path: &std::path::Path, cond: impl Fn(&str) -> bool) -> String {
+    for _ in 0..200 {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && cond(&s)
+        {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{} never reached the expected content:\n{}",
+        path.display(),
+        std::fs::read_to_string(path).unwrap_or_default()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_exports_get_a_conflict_naming_the_field_and_the_older_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let east = start_cluster(dir.path(), "east", &hub).await;
+    let west = start_cluster(dir.path(), "west", &hub).await;
+
+    east.write(
+        "web.yaml",
+        &web_service("shop", "web", "http", 80, &[("10.1.0.1", "a")]),
+    );
+    east.write("export.yaml", &service_export("shop", "web"));
+    west.wait_for("east's export", |s| {
+        s.clusterset.imports.contains_key(&web())
+    })
+    .await;
+    // West exports later, with the same port name on another port number.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    west.write(
+        "web.yaml",
+        &web_service("shop", "web", "http", 8080, &[("10.2.0.1", "a")]),
+    );
+    west.write("export.yaml", &service_export("shop", "web"));
+
+    let snap = east
+        .wait_for("both exports merged", |s| {
+            s.clusterset
+                .imports
+                .get(&web())
+                .is_some_and(|i| i.clusters.len() == 2)
+        })
+        .await;
+    let i = &snap.clusterset.imports[&web()];
+    assert_eq!(i.ports.len(), 1);
+    assert_eq!(i.ports[0].port, 80, "the oldest export wins");
+    let conflict: &pb::Conflict = &i.conflicts[0];
+    assert_eq!(
+        (
+            conflict.cluster.as_str(),
+            conflict.field.as_str(),
+            conflict.winner.as_str()
+        ),
+        ("west", "ports", "east")
+    );
+
+    let status = wait_file(&west.data.join("status/serviceexports.yaml"), |s| {
+        s.contains("PortConflict")
+    })
+    .await;
+    assert!(status.contains("type: Conflict"), "{status}");
+    assert!(
+        status.contains("east"),
+        "the message names the winning cluster: {status}"
+    );
+    let east_status = wait_file(&east.data.join("status/serviceexports.yaml"), |s| {
+        s.contains("NoConflicts")
+    })
+    .await;
+    assert!(!east_status.contains("PortConflict"));
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_clusters_workload_api_serves_the_other_clusters_bundles() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let mut clusters = Vec::new();
+    for name in ["east", "west", "central"] {
+        clusters.push(start_cluster(dir.path(), name, &hub).await);
+    }
+    for c in &clusters {
+        c.wait_for("all three bundles", |s| s.clusterset.bundles.len() == 3)
+            .await;
+    }
+    let uid = unsafe { libc::getuid() };
+    for c in &clusters {
+        // An agent in remote mode: joins its control plane with the bootstrap token, gets SVIDs
+        // from the cluster's CA and bundles (own + federated) from the control plane.
+        let token = std::fs::read_to_string(c.data.join("agent-token")).unwrap();
+        let agent_dir = dir.path().join(format!("{}-agent", c.name));
+        let signer = fedmesh_trust::workload::ControlPlaneSigner::start(
+            &c.cp.listen_addr.unwrap().to_string(),
+            &agent_dir,
+            "node-1",
+            Some(&token),
+            c.shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let id = format!("spiffe://{}.example/ns/shop/sa/web", c.name);
+        let entries = fedmesh_trust::workload::entries::parse_entries(
+            &format!("entries:\n  - spiffe_id: {id}\n    selectors: [\"unix:uid:{uid}\"]\n"),
+            std::path::Path::new("e.yaml"),
+            &c.cp.config.trust_domain,
+        )
+        .unwrap();
+        let cache = fedmesh_trust::workload::SvidCache::new(signer, entries);
+        tokio::spawn(cache.clone().run(c.shutdown.clone().cancelled_owned()));
+        let socket = dir.path().join(format!("{}.sock", c.name));
+        let listener = fedmesh_trust::workload::bind_socket(&socket).unwrap();
+        tokio::spawn(fedmesh_trust::workload::serve(
+            listener,
+            socket.clone(),
+            cache,
+            c.shutdown.clone().cancelled_owned(),
+        ));
+
+        let source = spiffe::X509Source::builder()
+            .endpoint(format!("unix:{}", socket.display()))
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(source.svid().unwrap().spiffe_id().to_string(), id);
+        // Federated bundles arrive from the control plane and are streamed to the workload.
+        let tds = || {
+            let mut t: Vec<String> = source
+                .bundle_set()
+                .unwrap()
+                .iter()
+                .map(|(td, _)| td.to_string())
+                .collect();
+            t.sort();
+            t
+        };
+        for _ in 0..200 {
+            if tds().len() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            tds(),
+            vec!["central.example", "east.example", "west.example"],
+            "{}",
+            c.name
+        );
+        source.shutdown().await;
+    }
+    hub.stop().await;
+}

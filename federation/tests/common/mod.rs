@@ -1,0 +1,258 @@
+//! An in-process clusterset: a hub and control planes on 127.0.0.1, each with a directory source.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedmesh_api::{ClusterName, TrustDomain};
+use fedmesh_federation::control_plane::{ControlPlane, ControlPlaneConfig, Snapshot, SourceSpec};
+use fedmesh_federation::hub::{self, Hub, HubConfig};
+use fedmesh_federation::store::{KvStore, RedbStore};
+use fedmesh_trust::ca::{CaOptions, TrustDomainCa};
+use tokio_util::sync::CancellationToken;
+
+pub struct HubHandle {
+    pub hub: Arc<Hub>,
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl HubHandle {
+    /// Stops the hub and waits until its store and port are released.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.server).await;
+        // Let background tasks drop their store handles.
+        for _ in 0..100 {
+            if Arc::strong_count(&self.hub) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(self.hub);
+    }
+}
+
+/// Logs to the test output (shown for failing tests); RUST_LOG overrides the level.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,h2=warn,hickory=warn")
+            }),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+pub fn hub_config() -> HubConfig {
+    HubConfig {
+        stale_after: Duration::from_secs(1),
+        ..HubConfig::default()
+    }
+}
+
+pub fn hub_ca(dir: &Path) -> Arc<TrustDomainCa> {
+    let ca_dir = dir.join("hub-ca");
+    Arc::new(if ca_dir.join("ca.json").exists() {
+        TrustDomainCa::open(&ca_dir).unwrap()
+    } else {
+        TrustDomainCa::init(
+            &ca_dir,
+            CaOptions::new(TrustDomain::new("hub.fedmesh").unwrap()),
+        )
+        .unwrap()
+    })
+}
+
+/// Starts a hub on `store`, listening on `addr` (port 0 for any).
+pub async fn start_hub(
+    dir: &Path,
+    store: Arc<dyn KvStore>,
+    addr: SocketAddr,
+    config: HubConfig,
+) -> HubHandle {
+    init_logs();
+    let shutdown = CancellationToken::new();
+    let hub = Hub::start(config, store, hub_ca(dir), shutdown.clone())
+        .await
+        .unwrap();
+    // The port may still be in TIME_WAIT after a restart: retry briefly.
+    let mut listener = None;
+    for _ in 0..50 {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                listener = Some(l);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let listener = listener.expect("bind hub port");
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(hub::serve_grpc(hub.clone(), listener, shutdown.clone()));
+    let server = tokio::spawn(async move {
+        let _ = server.await;
+    });
+    HubHandle {
+        hub,
+        addr,
+        shutdown,
+        server,
+    }
+}
+
+pub async fn start_redb_hub(dir: &Path, addr: SocketAddr) -> HubHandle {
+    let store: Arc<dyn KvStore> = Arc::new(RedbStore::open(&dir.join("hub.redb")).unwrap());
+    start_hub(dir, store, addr, hub_config()).await
+}
+
+pub struct ClusterHandle {
+    pub name: ClusterName,
+    pub src: PathBuf,
+    pub data: PathBuf,
+    pub cp: Arc<ControlPlane>,
+    pub shutdown: CancellationToken,
+}
+
+impl ClusterHandle {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.cp.snapshot().borrow().clone()
+    }
+
+    /// Waits until `cond` holds for this cluster's snapshot.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        mut cond: impl FnMut(&Snapshot) -> bool,
+    ) -> Arc<Snapshot> {
+        let mut rx = self.cp.snapshot();
+        let result = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let s = rx.borrow_and_update().clone();
+                if cond(&s) {
+                    return s;
+                }
+                if rx.changed().await.is_err() {
+                    panic!("control plane {} stopped", self.name);
+                }
+            }
+        })
+        .await;
+        result.unwrap_or_else(|_| panic!("{}: timed out waiting for {what}", self.name))
+    }
+
+    pub fn write(&self, file: &str, yaml: &str) {
+        let tmp = self.src.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(tmp, self.src.join(file)).unwrap();
+    }
+
+    pub fn remove(&self, file: &str) {
+        let _ = std::fs::remove_file(self.src.join(file));
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn cluster_config(dir: &Path, name: &str, hub: Option<SocketAddr>) -> ControlPlaneConfig {
+    let src = dir.join(format!("{name}-src"));
+    std::fs::create_dir_all(&src).unwrap();
+    let mut c = ControlPlaneConfig::new(
+        ClusterName::new(name).unwrap(),
+        TrustDomain::new(&format!("{name}.example")).unwrap(),
+        dir.join(format!("{name}-data")),
+        SourceSpec::Dir(src),
+    );
+    c.region = format!("{name}-region");
+    c.hub = hub.map(|a| a.to_string());
+    c.gateways = vec![format!("127.0.0.1:{}", 15443)];
+    c.listen = Some("127.0.0.1:0".parse().unwrap());
+    c.dns_listen = Some("127.0.0.1:0".parse().unwrap());
+    c.poll_interval = Duration::from_millis(100);
+    c
+}
+
+/// Starts a control plane, joining the hub with a fresh token if it has not joined yet.
+pub async fn start_cluster(dir: &Path, name: &str, hub: &HubHandle) -> ClusterHandle {
+    let mut config = cluster_config(dir, name, Some(hub.addr));
+    if !config.data_dir.join("hub/hub.json").exists() {
+        let (token, _) = hub.hub.create_token(&config.cluster, None).await.unwrap();
+        config.join_token = Some(token);
+    }
+    start_with(config).await
+}
+
+pub async fn start_with(config: ControlPlaneConfig) -> ClusterHandle {
+    let shutdown = CancellationToken::new();
+    let (name, data) = (config.cluster.clone(), config.data_dir.clone());
+    let SourceSpec::Dir(src) = config.source.clone() else {
+        panic!("directory sources only")
+    };
+    let cp = ControlPlane::start(config, shutdown.clone()).await.unwrap();
+    ClusterHandle {
+        name,
+        src,
+        data,
+        cp,
+        shutdown,
+    }
+}
+
+pub fn web_service(
+    ns: &str,
+    name: &str,
+    port_name: &str,
+    port: u16,
+    zones: &[(&str, &str)],
+) -> String {
+    let endpoints: String = zones
+        .iter()
+        .map(|(ip, zone)| {
+            format!("- addresses: [\"{ip}\"]\n  zone: {zone}\n  conditions: {{ready: true}}\n")
+        })
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  ports: [{{name: {port_name}, port: {port}, protocol: TCP}}]\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: {port_name}, port: 8080}}]\nendpoints:\n{endpoints}"
+    )
+}
+
+pub fn service_export(ns: &str, name: &str) -> String {
+    format!(
+        "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {name}, namespace: {ns}}}\n"
+    )
+}
+
+/// Asks a DNS server for the A records of `name`.
+pub async fn dns_a(server: SocketAddr, name: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
+    use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+    let mut config = ResolverConfig::from_parts(None, vec![], vec![]);
+    let (mut udp, mut tcp) = (ConnectionConfig::udp(), ConnectionConfig::tcp());
+    udp.port = server.port();
+    tcp.port = server.port();
+    config.add_name_server(NameServerConfig::new(server.ip(), true, vec![udp, tcp]));
+    let resolver =
+        hickory_resolver::Resolver::builder_with_config(config, TokioRuntimeProvider::default())
+            .build()
+            .map_err(|e| e.to_string())?;
+    let lookup = resolver
+        .ipv4_lookup(name)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(lookup
+        .answers()
+        .iter()
+        .filter_map(|r| match &r.data {
+            hickory_resolver::proto::rr::RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect())
+}
