@@ -54,6 +54,7 @@ pub struct PublishStatus {
 /// The cluster's hub identity, as kept in `<data-dir>/hub/`.
 pub struct HubCredentials {
     dir: PathBuf,
+    /// Every hub replica's address (`host:port`, comma-separated on the command line).
     pub hub_addr: String,
     pub hub_trust_domain: TrustDomain,
     pub identity: MeshIdentity,
@@ -160,7 +161,11 @@ impl HubCredentials {
         let config =
             fedmesh_trust::grpc::pinned_ca_client_config(&token.ca_pin, vec![b"h2".to_vec()])
                 .map_err(fail)?;
-        let channel = fedmesh_trust::grpc::channel(addr, config, "hub.fedmesh").map_err(fail)?;
+        let first = split_addrs(addr)
+            .into_iter()
+            .next()
+            .ok_or_else(|| fail("no hub address".into()))?;
+        let channel = fedmesh_trust::grpc::channel(&first, config, "hub.fedmesh").map_err(fail)?;
         // The hub decides our ID (spiffe://<hub trust domain>/cluster/<name>); the CSR only
         // carries our public key. The private key never leaves this process.
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
@@ -201,13 +206,27 @@ impl HubCredentials {
         Self::load(dir)?.ok_or_else(|| fail("credentials vanished after saving".into()))
     }
 
-    /// A channel to the hub authenticated with our cluster identity.
+    /// The hub replicas' addresses.
+    pub fn addresses(&self) -> Vec<String> {
+        split_addrs(&self.hub_addr)
+    }
+
+    /// A channel to the first hub replica, authenticated with our cluster identity.
     pub fn channel(&self) -> Result<tonic::transport::Channel, String> {
+        self.channel_to(0)
+    }
+
+    /// A channel to hub replica `i` (modulo the number of replicas).
+    pub fn channel_to(&self, i: usize) -> Result<tonic::transport::Channel, String> {
+        let addrs = self.addresses();
+        let addr = addrs
+            .get(i % addrs.len().max(1))
+            .ok_or("no hub address configured")?;
         let config = self.identity.client_config(
             Authorizer::id(crate::hub::hub_server_id(&self.hub_trust_domain)),
             vec![b"h2".to_vec()],
         );
-        fedmesh_trust::grpc::channel(&self.hub_addr, config, "hub.fedmesh")
+        fedmesh_trust::grpc::channel(addr, config, "hub.fedmesh")
     }
 
     /// Renews the cluster identity when past half its life; returns when it next should run.
@@ -224,12 +243,21 @@ impl HubCredentials {
             return Ok(left - life / 2);
         }
         let (key, csr) = new_key_and_csr(&svid.id).map_err(|e| e.to_string())?;
-        let mut client = FederationClient::new(self.channel()?);
-        let resp = client
-            .renew(pb::RenewRequest { csr })
-            .await
-            .map_err(|s| s.message().to_string())?
-            .into_inner();
+        let mut last_err = String::new();
+        let mut resp = None;
+        for i in 0..self.addresses().len() {
+            match FederationClient::new(self.channel_to(i)?)
+                .renew(pb::RenewRequest { csr: csr.clone() })
+                .await
+            {
+                Ok(r) => {
+                    resp = Some(r);
+                    break;
+                }
+                Err(s) => last_err = s.message().to_string(),
+            }
+        }
+        let resp = resp.ok_or(last_err)?.into_inner();
         let chain: Vec<CertificateDer<'static>> =
             resp.chain.into_iter().map(CertificateDer::from).collect();
         let meta = CredentialsMeta {
@@ -262,6 +290,14 @@ impl HubCredentials {
     }
 }
 
+fn split_addrs(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 /// What the hub last accepted from us: the publish version and the state it carried.
 #[derive(Clone, Debug, Default)]
 struct Accepted {
@@ -281,10 +317,12 @@ pub async fn run(
 ) {
     let mut backoff = Duration::from_millis(200);
     let mut accepted = Accepted::default();
+    let mut replica = 0usize;
     loop {
         let started = std::time::Instant::now();
         let result = session(
             &creds,
+            replica,
             &cluster,
             &region,
             &state,
@@ -304,6 +342,8 @@ pub async fn run(
                 tracing::warn!(error = %e, retry_in = ?backoff, "hub unreachable; serving the last imports meanwhile")
             }
         }
+        // With several hub replicas, the next attempt goes to the next one.
+        replica = replica.wrapping_add(1);
         if started.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(200);
         }
@@ -318,6 +358,7 @@ pub async fn run(
 #[allow(clippy::too_many_arguments)]
 async fn session(
     creds: &HubCredentials,
+    replica: usize,
     cluster: &ClusterName,
     region: &str,
     state: &ClusterSetStore,
@@ -326,7 +367,7 @@ async fn session(
     accepted: &mut Accepted,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
-    let mut client = FederationClient::new(creds.channel()?)
+    let mut client = FederationClient::new(creds.channel_to(replica)?)
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
     let (out_tx, out_rx) = mpsc::channel::<pb::ClusterMessage>(64);

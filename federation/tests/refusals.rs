@@ -1,0 +1,310 @@
+//! What the hub refuses, and how clearly: a cluster publishing for another cluster, another trust
+//! domain's bundle, a newer protocol, misused join tokens, malformed source files.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use fedmesh_api::pb::federation as pb;
+use fedmesh_api::pb::federation::federation_client::FederationClient;
+use fedmesh_api::{ClusterName, FEDERATION_PROTOCOL_VERSION, TrustDomain};
+use fedmesh_federation::control_plane::hub_link::HubCredentials;
+use tokio::sync::mpsc;
+
+/// Opens a Federate stream with a cluster's real hub identity.
+async fn raw_stream(
+    creds: &HubCredentials,
+    protocol_version: u32,
+) -> Result<
+    (
+        mpsc::Sender<pb::ClusterMessage>,
+        tonic::Streaming<pb::HubMessage>,
+    ),
+    tonic::Status,
+> {
+    let mut client = FederationClient::new(creds.channel().unwrap());
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(pb::ClusterMessage {
+        msg: Some(pb::cluster_message::Msg::Hello(pb::Hello {
+            protocol_version,
+            resume_from: 0,
+            region: String::new(),
+        })),
+    })
+    .await
+    .unwrap();
+    let inbound = client
+        .federate(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok((tx, inbound))
+}
+
+async fn publish_result(inbound: &mut tonic::Streaming<pb::HubMessage>) -> pb::PublishResult {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .expect("an answer")
+            .unwrap()
+            .unwrap();
+        if let Some(pb::hub_message::Msg::PublishResult(r)) = m.msg {
+            return r;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_may_publish_only_its_own_exports_and_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let east = start_cluster(dir.path(), "east", &hub).await;
+    let west = start_cluster(dir.path(), "west", &hub).await;
+    west.wait_for("east's bundle", |s| s.clusterset.bundles.len() == 2)
+        .await;
+    let creds = east.cp.credentials.clone().unwrap();
+    let (tx, mut inbound) = raw_stream(&creds, FEDERATION_PROTOCOL_VERSION)
+        .await
+        .unwrap();
+    let export = pb::Export {
+        service: "shop/web".into(),
+        r#type: pb::ServiceType::ClusterSetIp as i32,
+        ports: vec![pb::Port {
+            name: "http".into(),
+            protocol: "TCP".into(),
+            port: 80,
+            app_protocol: String::new(),
+        }],
+        created_unix: 1,
+        ..Default::default()
+    };
+    let send = |p: pb::Publish| {
+        let tx = tx.clone();
+        async move {
+            tx.send(pb::ClusterMessage {
+                msg: Some(pb::cluster_message::Msg::Publish(p)),
+            })
+            .await
+            .unwrap()
+        }
+    };
+
+    // East, authenticated as east, claims to publish for west.
+    send(pb::Publish {
+        version: 1000,
+        cluster: "west".into(),
+        upserts: vec![export.clone()],
+        ..Default::default()
+    })
+    .await;
+    let r = publish_result(&mut inbound).await;
+    assert!(!r.accepted);
+    assert!(
+        r.error.contains("may publish only its own state"),
+        "{}",
+        r.error
+    );
+
+    // East publishes west's trust domain bundle.
+    let west_bundle = west.cp.ca.bundle();
+    send(pb::Publish {
+        version: 1001,
+        cluster: "east".into(),
+        bundle: Some(pb::Bundle {
+            trust_domain: "west.example".into(),
+            jwks: west_bundle.to_json().into_bytes(),
+            sequence: west_bundle.sequence(),
+        }),
+        ..Default::default()
+    })
+    .await;
+    let r = publish_result(&mut inbound).await;
+    assert!(!r.accepted);
+    assert!(
+        r.error
+            .contains("only the bundle of its own trust domain east.example"),
+        "{}",
+        r.error
+    );
+
+    // A stale version and a malformed export are refused too.
+    send(pb::Publish {
+        version: 1,
+        cluster: "east".into(),
+        ..Default::default()
+    })
+    .await;
+    assert!(
+        publish_result(&mut inbound)
+            .await
+            .error
+            .contains("not newer")
+    );
+    let mut bad = export.clone();
+    bad.ports[0].protocol = "HTTP".into();
+    send(pb::Publish {
+        version: 1002,
+        cluster: "east".into(),
+        upserts: vec![bad],
+        ..Default::default()
+    })
+    .await;
+    let r = publish_result(&mut inbound).await;
+    assert!(r.error.contains("not TCP, UDP or SCTP"), "{}", r.error);
+
+    // Nothing of that reached anyone: west still has east's real bundle and no import.
+    let snap = west.snapshot();
+    assert!(snap.clusterset.imports.is_empty());
+    let held = &snap.clusterset.bundles[&TrustDomain::new("west.example").unwrap()];
+    assert_eq!(held.jwks, west_bundle.to_json().into_bytes());
+    let refused = hub.hub.metrics.encode();
+    assert!(
+        refused.contains("fedmesh_hub_refused_total{reason=\"publish\"} 4"),
+        "{refused}"
+    );
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_protocol_version_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let east = start_cluster(dir.path(), "east", &hub).await;
+    let err = raw_stream(
+        &east.cp.credentials.clone().unwrap(),
+        FEDERATION_PROTOCOL_VERSION + 1,
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains("upgrade the hub"),
+        "{}",
+        err.message()
+    );
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_tokens_are_one_time_expiring_and_bound_to_a_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let addr = hub.addr.to_string();
+    let east = ClusterName::new("east").unwrap();
+    let td = TrustDomain::new("east.example").unwrap();
+    let join = |token: String, cluster: &'static str, td: &'static str, sub: &'static str| {
+        let (addr, dir) = (addr.clone(), dir.path().join(sub));
+        async move {
+            HubCredentials::join(
+                &dir,
+                &addr,
+                &token,
+                &ClusterName::new(cluster).unwrap(),
+                &TrustDomain::new(td).unwrap(),
+            )
+            .await
+            .err()
+            .map(|e| e.to_string())
+        }
+    };
+
+    let (token, _) = hub.hub.create_token(&east, None).await.unwrap();
+    let err = join(token.clone(), "west", "west.example", "w")
+        .await
+        .unwrap();
+    assert!(err.contains("issued for cluster east, not west"), "{err}");
+    assert!(
+        join(token.clone(), "east", "east.example", "e1")
+            .await
+            .is_none(),
+        "first use works"
+    );
+    let err = join(token, "east", "east.example", "e2").await.unwrap();
+    assert!(err.contains("already used"), "{err}");
+
+    let (short, _) = hub
+        .hub
+        .create_token(&east, Some(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let err = join(short, "east", "east.example", "e3").await.unwrap();
+    assert!(err.contains("expired"), "{err}");
+
+    let err = join("fmj1.nonsense".into(), "east", "east.example", "e4")
+        .await
+        .unwrap();
+    assert!(err.contains("malformed"), "{err}");
+
+    // A token pinning another CA: the client refuses to talk to this hub at all.
+    let (token, _) = hub.hub.create_token(&east, None).await.unwrap();
+    let forged = format!("{}.{}", token.rsplit_once('.').unwrap().0, "ab".repeat(32));
+    let err = join(forged, "east", "east.example", "e5").await.unwrap();
+    assert!(err.contains("pinned"), "{err}");
+
+    // A second cluster may not take a trust domain that is already in use.
+    let (t2, _) = hub
+        .hub
+        .create_token(&ClusterName::new("evil").unwrap(), None)
+        .await
+        .unwrap();
+    let err = join(t2, "evil", "east.example", "e6").await.unwrap();
+    assert!(err.contains("already belongs to cluster east"), "{err}");
+    let _ = td;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_source_file_is_reported_and_its_last_good_content_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let east = start_cluster(dir.path(), "east", &hub).await;
+    let west = start_cluster(dir.path(), "west", &hub).await;
+    let web: fedmesh_api::ServiceKey = "shop/web".parse().unwrap();
+    east.write(
+        "web.yaml",
+        &web_service("shop", "web", "http", 80, &[("10.1.0.1", "a")]),
+    );
+    east.write("export.yaml", &service_export("shop", "web"));
+    west.wait_for("import", |s| s.clusterset.imports.contains_key(&web))
+        .await;
+
+    let mut problems = {
+        // Reach the directory source through a fresh one on the same directory: it reports.
+        let src = fedmesh_federation::control_plane::source::dir::DirSource::start(
+            &east.src,
+            Duration::from_millis(50),
+            east.shutdown.clone(),
+        );
+        src.problems()
+    };
+    for bad in [
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  portz: []\n  ports: [{name: http, port: 80}]\n  sessionAffinityy: None\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: Web_1, namespace: shop}\n",
+        "this: [is, not: valid yaml\n",
+    ] {
+        east.write("web.yaml", bad);
+        let p = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                problems.changed().await.unwrap();
+                let p = problems.borrow().clone();
+                if !p.is_empty() {
+                    return p;
+                }
+            }
+        })
+        .await
+        .expect("the problem is reported");
+        assert!(p[0].file.ends_with("web.yaml"));
+        assert!(!p[0].message.is_empty());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // The export stays: the last good web.yaml is still in force.
+        assert!(
+            west.snapshot().clusterset.imports.contains_key(&web),
+            "{bad}"
+        );
+        assert!(east.snapshot().local.services.contains_key(&web));
+    }
+    hub.stop().await;
+}
