@@ -23,8 +23,18 @@ enum Command {
     /// Manage a trust domain's certificate authority.
     #[command(subcommand)]
     Ca(cmd::ca::CaCommand),
+    /// Run the federation hub (or manage it: `fedmesh hub token create`).
+    Hub(cmd::hub::HubArgs),
+    /// Run one cluster's control plane.
+    ControlPlane(cmd::control_plane::ControlPlaneArgs),
     /// Serve the SPIFFE Workload API to local workloads.
     Agent(cmd::agent::AgentArgs),
+    /// Show the clusterset: clusters, exported services, conflicts.
+    Status(cmd::status::StatusArgs),
+    /// Explain why a service is or is not routable from a cluster.
+    Explain(cmd::status::ExplainArgs),
+    /// Print the Multi-Cluster Services CRDs (ServiceExport, ServiceImport).
+    Crds,
     /// Act as a workload against a SPIFFE Workload API (debugging).
     #[command(subcommand)]
     Workload(cmd::workload::WorkloadCommand),
@@ -49,7 +59,15 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Ca(c) => cmd::ca::run(c),
+            Command::Hub(h) => cmd::hub::run(h).await,
+            Command::ControlPlane(c) => cmd::control_plane::run(c).await,
             Command::Agent(a) => cmd::agent::run(a).await,
+            Command::Status(s) => cmd::status::status(s).await,
+            Command::Explain(e) => cmd::status::explain(e).await,
+            Command::Crds => {
+                print!("{}", fedmesh_api::mcs::crd_yaml());
+                Ok(())
+            }
             Command::Workload(w) => cmd::workload::run(w).await,
             Command::Bench(b) => cmd::bench::run(b).await,
         }

@@ -9,16 +9,35 @@ use clap::Args;
 use fedmesh_trust::TrustDomain;
 use fedmesh_trust::bundle::SpiffeBundle;
 use fedmesh_trust::ca::TrustDomainCa;
-use fedmesh_trust::workload::{self, LocalCaSigner, SvidCache, load_entries};
+use fedmesh_trust::workload::{
+    self, ControlPlaneSigner, LocalCaSigner, SvidCache, SvidSigner, load_entries,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::parse_duration;
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("signer").required(true).args(["ca_dir", "control_plane"])))]
 pub struct AgentArgs {
-    /// The trust domain's CA directory (`fedmesh ca init`).
+    /// Sign SVIDs with a local CA directory (`fedmesh ca init`): single hosts and tests.
     #[arg(long)]
-    ca_dir: PathBuf,
+    ca_dir: Option<PathBuf>,
+    /// Get SVIDs from the cluster's control plane (HOST:PORT): the production mode.
+    #[arg(long, requires = "node")]
+    control_plane: Option<String>,
+    /// This node's name (with --control-plane).
+    #[arg(long)]
+    node: Option<String>,
+    /// The control plane's agent bootstrap token (first start only; it writes
+    /// <data-dir>/agent-token).
+    #[arg(long, env = "FEDMESH_AGENT_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// A file holding the agent bootstrap token.
+    #[arg(long)]
+    join_token_file: Option<PathBuf>,
+    /// Where the agent keeps its own identity and the last bundles (with --control-plane).
+    #[arg(long, default_value = "/var/lib/fedmesh/agent")]
+    data_dir: PathBuf,
     /// Unix socket to serve the Workload API on; workloads find it via SPIFFE_ENDPOINT_SOCKET=unix:PATH.
     #[arg(long, default_value = "/tmp/fedmesh/agent.sock")]
     socket: PathBuf,
@@ -35,24 +54,50 @@ pub struct AgentArgs {
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let ca = Arc::new(TrustDomainCa::open(&args.ca_dir)?);
-    let td = ca.trust_domain();
-    let federated = args
-        .federated_bundles
-        .iter()
-        .map(|spec| load_federated(spec, &td))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let shutdown = CancellationToken::new();
+    let signer: Arc<dyn SvidSigner> = match (&args.ca_dir, &args.control_plane) {
+        (Some(ca_dir), _) => {
+            let ca = Arc::new(TrustDomainCa::open(ca_dir)?);
+            let td = ca.trust_domain();
+            let federated = args
+                .federated_bundles
+                .iter()
+                .map(|spec| load_federated(spec, &td))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            tokio::spawn(
+                ca.clone()
+                    .run_rotation(args.rotation_check, shutdown.clone().cancelled_owned()),
+            );
+            LocalCaSigner::new(ca, federated)
+        }
+        (None, Some(addr)) => {
+            let token = match (&args.join_token, &args.join_token_file) {
+                (Some(t), _) => Some(t.clone()),
+                (None, Some(f)) => Some(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("reading {}", f.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                (None, None) => None,
+            };
+            let node = args.node.clone().unwrap_or_default();
+            ControlPlaneSigner::start(
+                addr,
+                &args.data_dir,
+                &node,
+                token.as_deref(),
+                shutdown.clone(),
+            )
+            .await?
+        }
+        (None, None) => anyhow::bail!("pass --ca-dir or --control-plane"),
+    };
+    let td = signer.trust_domain();
     let entries = load_entries(&args.entries, &td)?;
     let listener = workload::bind_socket(&args.socket)?;
-
-    let shutdown = CancellationToken::new();
-    let signer = LocalCaSigner::new(ca.clone(), federated);
     let cache = SvidCache::new(signer, entries);
     tokio::spawn(cache.clone().run(shutdown.clone().cancelled_owned()));
-    tokio::spawn(
-        ca.clone()
-            .run_rotation(args.rotation_check, shutdown.clone().cancelled_owned()),
-    );
     tokio::spawn(watch_entries(
         args.entries.clone(),
         td.clone(),

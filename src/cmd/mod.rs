@@ -1,6 +1,9 @@
 pub mod agent;
 pub mod bench;
 pub mod ca;
+pub mod control_plane;
+pub mod hub;
+pub mod status;
 pub mod workload;
 
 use std::time::Duration;

@@ -594,14 +594,14 @@ pub fn explain_route(hub: &Hub, service: &ServiceKey, from: &ClusterName) -> Exp
         }
     }
     if let Some(p) = v.presence(from)
-        && p.acked_version < v.revision
+        && p.acked_version < v.last_change
         && !asker.stale
     {
         step(
             "warn",
             format!(
-                "{from} has acknowledged view version {} of {}; the latest changes may still be on their way",
-                p.acked_version, v.revision
+                "{from} has acknowledged view version {} of {} (as of its last heartbeat); the latest changes may still be on their way",
+                p.acked_version, v.last_change
             ),
         );
     }

@@ -7,6 +7,7 @@
 //! resume where it was.
 
 pub mod admin;
+pub mod client;
 pub mod records;
 mod service;
 pub mod view;

@@ -48,6 +48,8 @@ pub struct View {
     pub revision: Revision,
     /// Deltas can be computed in memory for any `since >= floor`.
     pub floor: Revision,
+    /// The last revision that changed what clusters see (presence and tokens do not).
+    pub last_change: Revision,
     exports: BTreeMap<ServiceKey, BTreeMap<ClusterName, ExportRecord>>,
     imports: BTreeMap<ServiceKey, Arc<pb::Import>>,
     clusters: BTreeMap<ClusterName, ClusterRecord>,
@@ -62,6 +64,7 @@ impl View {
         let mut v = View {
             revision,
             floor: revision,
+            last_change: revision,
             ..Default::default()
         };
         let mut touched = BTreeSet::new();
@@ -98,6 +101,7 @@ impl View {
         }
         self.revision = batch.revision;
         if !changed.is_empty() {
+            self.last_change = batch.revision;
             self.by_revision
                 .insert(batch.revision, changed.iter().cloned().collect());
             while self.by_revision.len() > INDEX_RETENTION {

@@ -1,0 +1,183 @@
+//! A client for the hub's admin API, used by `fedmesh status`, `fedmesh explain` and
+//! `fedmesh hub token create`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+
+use super::admin::{
+    ClusterStatus, ErrorBody, Explanation, ServiceStatus, TokenRequest, TokenResponse,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("admin URL {0:?} is not http://HOST:PORT or https://HOST:PORT")]
+    Url(String),
+    #[error(
+        "cannot reach the hub admin API at {url}: {reason} (is `fedmesh hub` running? see --admin-listen)"
+    )]
+    Connect { url: String, reason: String },
+    #[error("the hub answered {status}: {message}")]
+    Status { status: StatusCode, message: String },
+    #[error("unexpected answer from the hub: {0}")]
+    Body(String),
+}
+
+pub struct AdminClient {
+    base: Uri,
+    token: Option<String>,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+impl AdminClient {
+    /// `tls` is needed for `https://` URLs (verify the hub with its CA bundle).
+    pub fn new(
+        url: &str,
+        token: Option<String>,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, ClientError> {
+        let base: Uri = url
+            .trim_end_matches('/')
+            .parse()
+            .map_err(|_| ClientError::Url(url.into()))?;
+        match base.scheme_str() {
+            Some("http") | Some("https") if base.host().is_some() => {}
+            _ => return Err(ClientError::Url(url.into())),
+        }
+        Ok(Self { base, token, tls })
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let connect_err = |reason: String| ClientError::Connect {
+            url: self.base.to_string(),
+            reason,
+        };
+        let host = self
+            .base
+            .host()
+            .unwrap_or_default()
+            .trim_matches(['[', ']'])
+            .to_string();
+        let https = self.base.scheme_str() == Some("https");
+        let port = self.base.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        )
+        .await
+        .map_err(|_| connect_err("timed out".into()))?
+        .map_err(|e| connect_err(e.to_string()))?;
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(
+                http::header::HOST,
+                self.base.authority().map(|a| a.as_str()).unwrap_or(&host),
+            )
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(t) = &self.token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Body(e.to_string()))?;
+        let resp = if https {
+            let cfg = self.tls.clone().ok_or_else(|| {
+                connect_err("https needs --admin-ca (the hub's CA bundle)".into())
+            })?;
+            let name = rustls_pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| connect_err(e.to_string()))?;
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| connect_err(fedmesh_trust::tls::handshake_error_message(&e)))?;
+            send(TokioIo::new(tls), req).await
+        } else {
+            send(TokioIo::new(tcp), req).await
+        }
+        .map_err(connect_err)?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Body(e.to_string()))?
+            .to_bytes();
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ClientError::Status { status, message });
+        }
+        let _ = url;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Body(e.to_string()))
+    }
+
+    pub async fn clusters(&self) -> Result<Vec<ClusterStatus>, ClientError> {
+        self.call(Method::GET, "/api/v1/clusters", None).await
+    }
+
+    pub async fn services(&self) -> Result<Vec<ServiceStatus>, ClientError> {
+        self.call(Method::GET, "/api/v1/services", None).await
+    }
+
+    pub async fn explain(&self, service: &str, from: &str) -> Result<Explanation, ClientError> {
+        let q = format!(
+            "/api/v1/explain?service={}&from={}",
+            urlencode(service),
+            urlencode(from)
+        );
+        self.call(Method::GET, &q, None).await
+    }
+
+    pub async fn create_token(
+        &self,
+        cluster: &str,
+        ttl: Option<&str>,
+    ) -> Result<TokenResponse, ClientError> {
+        let body = serde_json::to_vec(&TokenRequest {
+            cluster: cluster.to_string(),
+            ttl: ttl.map(String::from),
+        })
+        .map_err(|e| ClientError::Body(e.to_string()))?;
+        self.call(Method::POST, "/api/v1/tokens", Some(body)).await
+    }
+}
+
+async fn send<I>(
+    io: I,
+    req: Request<Full<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, String>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+        .await
+        .map_err(|_| "no answer within 30s".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -1,0 +1,291 @@
+//! `fedmesh hub`: the federation hub, and `fedmesh hub token create`.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use fedmesh_api::{ClusterName, SpiffeId, TrustDomain};
+use fedmesh_federation::hub::{self, Hub, HubConfig, admin::AdminState};
+use fedmesh_trust::ca::{CaOptions, TrustDomainCa};
+use tokio_util::sync::CancellationToken;
+
+use super::parse_duration;
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct HubArgs {
+    #[command(subcommand)]
+    command: Option<HubCommand>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum HubCommand {
+    /// Manage join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a one-time join token for a cluster (prints it).
+    Create {
+        #[arg(long)]
+        cluster: String,
+        /// Lifetime (default: the hub's --token-ttl).
+        #[arg(long)]
+        ttl: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// How to reach the hub's admin API.
+#[derive(Args, Clone)]
+pub struct AdminArgs {
+    /// The hub admin API.
+    #[arg(
+        long = "admin",
+        env = "FEDMESH_ADMIN",
+        default_value = "http://127.0.0.1:7080"
+    )]
+    pub url: String,
+    /// The admin token (or FEDMESH_ADMIN_TOKEN).
+    #[arg(
+        long = "admin-token",
+        env = "FEDMESH_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// A file holding the admin token (the hub writes <data-dir>/admin-token).
+    #[arg(
+        long = "admin-token-file",
+        default_value = "/var/lib/fedmesh/hub/admin-token"
+    )]
+    pub token_file: PathBuf,
+    /// For https:// admin URLs: the hub's CA bundle (PEM or JWK Set).
+    #[arg(long = "admin-ca")]
+    pub ca: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    pub fn client(&self) -> anyhow::Result<hub::client::AdminClient> {
+        let token = match &self.token {
+            Some(t) => Some(t.clone()),
+            None => std::fs::read_to_string(&self.token_file)
+                .ok()
+                .map(|t| t.trim().to_string()),
+        };
+        if token.is_none() {
+            anyhow::bail!(
+                "no admin token: pass --admin-token, set FEDMESH_ADMIN_TOKEN, or point --admin-token-file at the hub's <data-dir>/admin-token ({} is not readable)",
+                self.token_file.display()
+            );
+        }
+        let tls = match &self.ca {
+            Some(p) => {
+                let data = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                let bundle = fedmesh_trust::bundle::SpiffeBundle::from_json_or_pem(
+                    TrustDomain::new("hub.fedmesh")?,
+                    &data,
+                )?;
+                let mut roots = rustls::RootCertStore::empty();
+                for c in bundle.x509_authorities() {
+                    roots.add(c.clone())?;
+                }
+                Some(Arc::new(
+                    rustls::ClientConfig::builder_with_provider(
+                        fedmesh_trust::tls::crypto_provider(),
+                    )
+                    .with_safe_default_protocol_versions()?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+                ))
+            }
+            None => None,
+        };
+        Ok(hub::client::AdminClient::new(&self.url, token, tls)?)
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Where the hub keeps its CA, admin token and (by default) its redb store.
+    #[arg(long, default_value = "/var/lib/fedmesh/hub")]
+    data_dir: PathBuf,
+    /// redb:PATH (default: redb:<data-dir>/hub.redb) or etcd:http://HOST:2379[,...] for HA.
+    #[arg(long)]
+    store: Option<String>,
+    /// The hub's own trust domain (cluster identities are issued in it).
+    #[arg(long, default_value = "hub.fedmesh")]
+    trust_domain: String,
+    /// The hub CA directory (default: <data-dir>/ca). HA replicas must share it.
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Federation gRPC (control planes connect here).
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    listen: SocketAddr,
+    /// Admin API and metrics.
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    admin_listen: SocketAddr,
+    /// Admin token file (default: <data-dir>/admin-token, created 0600 if missing).
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// Serve the admin API over HTTPS with the hub's certificate.
+    #[arg(long)]
+    admin_tls: bool,
+    /// SPIFFE IDs allowed to use the admin API with a client certificate (with --admin-tls).
+    #[arg(long = "admin-id")]
+    admin_ids: Vec<String>,
+    /// A cluster silent this long is marked stale (its exports stay routable).
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    stale_after: Duration,
+    /// A cluster silent this long has its exports withdrawn.
+    #[arg(long, value_parser = parse_duration, default_value = "72h")]
+    expire_after: Duration,
+    /// Default join token lifetime.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    token_ttl: Duration,
+    /// This replica's name (default: hostname-pid).
+    #[arg(long)]
+    replica: Option<String>,
+}
+
+pub async fn run(args: HubArgs) -> anyhow::Result<()> {
+    match args.command {
+        Some(HubCommand::Token(TokenCommand::Create {
+            cluster,
+            ttl,
+            admin,
+        })) => {
+            ClusterName::new(&cluster)?;
+            let t = admin
+                .client()?
+                .create_token(&cluster, ttl.as_deref())
+                .await?;
+            eprintln!(
+                "join token for cluster {} (valid until {}, usable once):",
+                t.cluster, t.expires
+            );
+            println!("{}", t.token);
+            Ok(())
+        }
+        None => serve(args.run).await,
+    }
+}
+
+async fn serve(a: RunArgs) -> anyhow::Result<()> {
+    fedmesh_trust::files::create_private_dir(&a.data_dir)?;
+    let td = TrustDomain::new(&a.trust_domain)
+        .with_context(|| format!("--trust-domain {:?}", a.trust_domain))?;
+    let ca_dir = a.ca_dir.clone().unwrap_or_else(|| a.data_dir.join("ca"));
+    let ca = if ca_dir.join(fedmesh_trust::ca::STATE_FILE).exists() {
+        TrustDomainCa::open(&ca_dir)?
+    } else {
+        let mut opts = CaOptions::new(td.clone());
+        opts.ca_ttl = Duration::from_secs(365 * 24 * 3600);
+        opts.max_svid_ttl = Duration::from_secs(7 * 24 * 3600);
+        opts.default_svid_ttl = Duration::from_secs(24 * 3600);
+        TrustDomainCa::init(&ca_dir, opts)?
+    };
+    let location = a
+        .store
+        .clone()
+        .unwrap_or_else(|| format!("redb:{}", a.data_dir.join("hub.redb").display()));
+    let store = fedmesh_federation::store::open(&location).await?;
+    let token_path = a
+        .admin_token_file
+        .clone()
+        .unwrap_or_else(|| a.data_dir.join("admin-token"));
+    let admin_token = admin_token(&token_path)?;
+    let admin_ids = a
+        .admin_ids
+        .iter()
+        .map(|s| SpiffeId::new(s).with_context(|| format!("--admin-id {s:?}")))
+        .collect::<anyhow::Result<BTreeSet<_>>>()?;
+
+    let grpc = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (--listen); is another hub running?",
+                a.listen
+            )
+        })?;
+    let admin = tokio::net::TcpListener::bind(a.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--admin-listen)", a.admin_listen))?;
+
+    let shutdown = CancellationToken::new();
+    let config = HubConfig {
+        replica: a
+            .replica
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id())),
+        stale_after: a.stale_after,
+        expire_after: a.expire_after,
+        token_ttl: a.token_ttl,
+        ..HubConfig::default()
+    };
+    let hub = Hub::start(config, store, Arc::new(ca), shutdown.clone()).await?;
+    let state = AdminState {
+        hub: hub.clone(),
+        token: Arc::new(admin_token),
+        admin_ids: Arc::new(admin_ids),
+    };
+    let tls = a.admin_tls.then(|| hub.admin_tls());
+    let scheme = if a.admin_tls { "https" } else { "http" };
+    eprintln!(
+        "fedmesh hub: federation on {}, admin API on {scheme}://{}",
+        grpc.local_addr()?,
+        admin.local_addr()?
+    );
+    eprintln!(
+        "  create a join token:  fedmesh hub token create --cluster NAME --admin {scheme}://{} --admin-token-file {}",
+        admin.local_addr()?,
+        token_path.display()
+    );
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        super::shutdown_signal().await;
+        signal.cancel();
+    });
+    let admin_task = tokio::spawn(hub::serve_admin(state, admin, tls, shutdown.clone()));
+    hub::serve_grpc(hub, grpc, shutdown.clone()).await?;
+    let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
+    Ok(())
+}
+
+/// Reads the admin token, creating a random one (0600) on first start.
+fn admin_token(path: &std::path::Path) -> anyhow::Result<String> {
+    if path.exists() {
+        let t = String::from_utf8(fedmesh_trust::files::read_private(path)?)?
+            .trim()
+            .to_string();
+        anyhow::ensure!(
+            t.len() >= 16,
+            "{} holds an admin token shorter than 16 characters",
+            path.display()
+        );
+        return Ok(t);
+    }
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
+    let t = hex::encode(b);
+    fedmesh_trust::files::write_private(path, format!("{t}\n").as_bytes())?;
+    Ok(t)
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "hub".into())
+}

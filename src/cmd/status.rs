@@ -1,0 +1,212 @@
+//! `fedmesh status` and `fedmesh explain`: the hub's view for a person (or JSON for a script).
+
+use std::io::IsTerminal;
+
+use clap::{Args, ValueEnum};
+use comfy_table::{Cell, Color, ContentArrangement, Table, presets};
+
+use super::hub::AdminArgs;
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Args)]
+pub struct ExplainArgs {
+    /// The service, NAMESPACE/NAME.
+    service: String,
+    /// The cluster that wants to reach it.
+    #[arg(long)]
+    from: String,
+    #[command(flatten)]
+    admin: AdminArgs,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+fn color() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+fn cell(text: impl ToString, c: Option<Color>) -> Cell {
+    let cell = Cell::new(text.to_string());
+    match c {
+        Some(c) if color() => cell.fg(c),
+        _ => cell,
+    }
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(presets::UTF8_BORDERS_ONLY)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header.iter().map(|h| cell(h, None)).collect::<Vec<_>>());
+    t
+}
+
+pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let client = a.admin.client()?;
+    let (clusters, services) = (client.clusters().await?, client.services().await?);
+    if a.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "clusters": clusters, "services": services })
+            )?
+        );
+        return Ok(());
+    }
+    let mut t = table(&[
+        "CLUSTER",
+        "TRUST DOMAIN",
+        "REGION",
+        "STATE",
+        "LAST SEEN",
+        "EXPORTS",
+        "BUNDLE",
+        "GATEWAYS",
+    ]);
+    for c in &clusters {
+        let (state, col) = if c.expired {
+            ("expired", Color::Red)
+        } else if c.stale {
+            ("stale", Color::Yellow)
+        } else if c.connected {
+            ("connected", Color::Green)
+        } else {
+            ("disconnected", Color::Yellow)
+        };
+        t.add_row(vec![
+            cell(&c.name, None),
+            cell(&c.trust_domain, None),
+            cell(if c.region.is_empty() { "-" } else { &c.region }, None),
+            cell(state, Some(col)),
+            cell(
+                c.seconds_since_seen
+                    .map(|s| format!("{s}s ago"))
+                    .unwrap_or_else(|| "never".into()),
+                None,
+            ),
+            cell(c.exports, None),
+            cell(
+                c.bundle_sequence
+                    .map(|s| format!("seq {s}"))
+                    .unwrap_or_else(|| "missing".into()),
+                None,
+            ),
+            cell(
+                if c.gateways.is_empty() {
+                    "-".into()
+                } else {
+                    c.gateways.join(", ")
+                },
+                None,
+            ),
+        ]);
+    }
+    println!("{t}");
+    let mut t = table(&[
+        "SERVICE",
+        "TYPE",
+        "PORTS",
+        "EXPORTED BY",
+        "READY",
+        "CONFLICTS",
+    ]);
+    for s in &services {
+        let ports: Vec<String> = s
+            .ports
+            .iter()
+            .map(|p| {
+                if p.name.is_empty() {
+                    format!("{}/{}", p.port, p.protocol)
+                } else {
+                    format!("{}:{}/{}", p.name, p.port, p.protocol)
+                }
+            })
+            .collect();
+        let by: Vec<String> = s
+            .clusters
+            .iter()
+            .map(|c| {
+                if c.stale {
+                    format!("{} (stale)", c.cluster)
+                } else {
+                    c.cluster.clone()
+                }
+            })
+            .collect();
+        let ready: u32 = s.clusters.iter().map(|c| c.ready_endpoints).sum();
+        let conflicts: Vec<String> = s
+            .conflicts
+            .iter()
+            .map(|c| format!("{}: {} (winner {})", c.cluster, c.field, c.winner))
+            .collect();
+        t.add_row(vec![
+            cell(&s.service, None),
+            cell(&s.type_, None),
+            cell(ports.join(", "), None),
+            cell(by.join(", "), None),
+            cell(
+                ready,
+                Some(if ready == 0 { Color::Red } else { Color::Green }),
+            ),
+            cell(
+                if conflicts.is_empty() {
+                    "-".into()
+                } else {
+                    conflicts.join("; ")
+                },
+                (!conflicts.is_empty()).then_some(Color::Yellow),
+            ),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+pub async fn explain(a: ExplainArgs) -> anyhow::Result<()> {
+    let e = a.admin.client()?.explain(&a.service, &a.from).await?;
+    if a.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&e)?);
+    } else {
+        let paint = |s: &str, code: &str| {
+            if color() {
+                format!("\x1b[{code}m{s}\x1b[0m")
+            } else {
+                s.to_string()
+            }
+        };
+        println!("Can {} reach {}?", e.from, e.service);
+        for step in &e.steps {
+            let mark = match step.status.as_str() {
+                "ok" => paint("✓", "32"),
+                "warn" => paint("!", "33"),
+                _ => paint("✗", "31"),
+            };
+            println!("  {mark} {}", step.message);
+        }
+        println!(
+            "{}",
+            if e.routable {
+                paint("routable", "32;1")
+            } else {
+                paint("NOT routable", "31;1")
+            }
+        );
+    }
+    if !e.routable {
+        std::process::exit(2);
+    }
+    Ok(())
+}

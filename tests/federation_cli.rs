@@ -1,0 +1,351 @@
+//! The hub and control planes as users run them: real processes on loopback, joined with tokens
+//! from `fedmesh hub token create`, inspected with `fedmesh status` and `fedmesh explain`, and the
+//! admin API's authentication, OpenAPI document and health endpoints.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use support::*;
+
+struct Hub {
+    proc: Proc,
+    admin: String,
+    grpc: String,
+    token_file: std::path::PathBuf,
+}
+
+fn start_hub(dir: &Path) -> Hub {
+    let (grpc, admin) = (free_port(), free_port());
+    let data = dir.join("hub");
+    let proc = Proc::start(
+        "hub",
+        &[
+            "hub",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+            "--stale-after",
+            "2s",
+        ],
+        dir,
+    );
+    wait_until("the hub admin API", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok()
+    });
+    Hub {
+        proc,
+        admin: format!("http://127.0.0.1:{admin}"),
+        grpc: format!("127.0.0.1:{grpc}"),
+        token_file: data.join("admin-token"),
+    }
+}
+
+fn admin_args(hub: &Hub) -> Vec<String> {
+    vec![
+        "--admin".into(),
+        hub.admin.clone(),
+        "--admin-token-file".into(),
+        hub.token_file.display().to_string(),
+    ]
+}
+
+fn run(args: &[String]) -> std::process::Output {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    fedmesh(&a)
+}
+
+fn start_cp(dir: &Path, hub: &Hub, name: &str) -> Proc {
+    let mut args = vec![
+        "hub".to_string(),
+        "token".into(),
+        "create".into(),
+        "--cluster".into(),
+        name.into(),
+    ];
+    args.extend(admin_args(hub));
+    let out = run(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(token.starts_with("fmj1."), "{token}");
+    let src = dir.join(format!("{name}-src"));
+    std::fs::create_dir_all(&src).unwrap();
+    Proc::start(
+        name,
+        &[
+            "control-plane",
+            "--cluster",
+            name,
+            "--trust-domain",
+            &format!("{name}.example"),
+            "--region",
+            &format!("{name}-1"),
+            "--data-dir",
+            dir.join(format!("{name}-data")).to_str().unwrap(),
+            "--source",
+            &format!("dir:{}", src.display()),
+            "--hub",
+            &hub.grpc,
+            "--join-token",
+            &token,
+            "--gateway",
+            &format!("127.0.0.1:{}", free_port()),
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--dns-listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ],
+        dir,
+    )
+}
+
+/// A raw HTTP/1.1 GET; returns (status code, body).
+fn http_get(base: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  ports: [{name: http, port: 80}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [\"10.0.0.1\"]\n  zone: a\n---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: web, namespace: shop}\n";
+
+#[test]
+fn status_and_explain_show_the_clusterset_as_the_hub_sees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path());
+    let _east = start_cp(dir.path(), &hub, "east");
+    let _west = start_cp(dir.path(), &hub, "west");
+    std::fs::write(dir.path().join("east-src/web.yaml"), WEB).unwrap();
+
+    let status = || {
+        let mut a = vec!["status".to_string(), "-o".into(), "json".into()];
+        a.extend(admin_args(&hub));
+        let out = run(&a);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    wait_until(
+        "both clusters and the export",
+        Duration::from_secs(30),
+        || {
+            let s = status();
+            s["clusters"].as_array().unwrap().len() == 2
+                && s["services"].as_array().unwrap().len() == 1
+        },
+    );
+    let s = status();
+    let east = s["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "east")
+        .unwrap();
+    assert_eq!(east["trust_domain"], "east.example");
+    assert_eq!(east["connected"], true);
+    assert_eq!(east["exports"], 1);
+    assert!(east["bundle_sequence"].as_u64().is_some());
+    assert_eq!(s["services"][0]["service"], "shop/web");
+    assert_eq!(s["services"][0]["clusters"][0]["cluster"], "east");
+
+    // The table form is for people.
+    let mut a = vec!["status".to_string()];
+    a.extend(admin_args(&hub));
+    let table = String::from_utf8(run(&a).stdout).unwrap();
+    assert!(
+        table.contains("east.example") && table.contains("shop/web"),
+        "{table}"
+    );
+
+    let mut a = vec![
+        "explain".to_string(),
+        "shop/web".into(),
+        "--from".into(),
+        "west".into(),
+    ];
+    a.extend(admin_args(&hub));
+    let out = run(&a);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("reachable through gateway") && text.contains("routable"),
+        "{text}"
+    );
+
+    let mut a = vec![
+        "explain".to_string(),
+        "shop/db".into(),
+        "--from".into(),
+        "west".into(),
+    ];
+    a.extend(admin_args(&hub));
+    let out = run(&a);
+    assert_eq!(out.status.code(), Some(2), "not routable exits 2");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not exported by any cluster"));
+}
+
+#[test]
+fn the_admin_api_requires_the_token_and_documents_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path());
+    let token = std::fs::read_to_string(&hub.token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(
+        std::fs::metadata(&hub.token_file)
+            .map(|m| {
+                use std::os::unix::fs::PermissionsExt;
+                m.permissions().mode() & 0o777
+            })
+            .unwrap(),
+        0o600
+    );
+    let (code, body) = http_get(&hub.admin, "/api/v1/clusters", None);
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("Authorization"), "{body}");
+    let (code, _) = http_get(
+        &hub.admin,
+        "/api/v1/clusters",
+        Some("wrong-token-wrong-token"),
+    );
+    assert_eq!(code, 401);
+    let (code, body) = http_get(&hub.admin, "/api/v1/clusters", Some(&token));
+    assert_eq!((code, body.trim()), (200, "[]"));
+
+    let (code, body) = http_get(&hub.admin, "/api/openapi.json", None);
+    assert_eq!(code, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/api/v1/clusters",
+        "/api/v1/services",
+        "/api/v1/bundles",
+        "/api/v1/explain",
+        "/api/v1/tokens",
+        "/api/v1/clusters/{name}/imports",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} documented");
+    }
+    assert_eq!(http_get(&hub.admin, "/healthz", None).0, 200);
+    let (code, body) = http_get(&hub.admin, "/readyz", None);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = http_get(&hub.admin, "/metrics", None);
+    assert_eq!(code, 200);
+    assert!(body.contains("fedmesh_hub_connected_clusters"), "{body}");
+
+    // Bad requests say what is wrong.
+    let (code, body) = http_get(
+        &hub.admin,
+        "/api/v1/explain?service=web&from=east",
+        Some(&token),
+    );
+    assert_eq!(code, 400);
+    assert!(body.contains("NAMESPACE/NAME"), "{body}");
+    let mut a = vec![
+        "hub".to_string(),
+        "token".into(),
+        "create".into(),
+        "--cluster".into(),
+        "Not_A_Label".into(),
+    ];
+    a.extend(admin_args(&hub));
+    let out = run(&a);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DNS label"));
+    drop(hub.proc);
+}
+
+#[test]
+fn the_checked_in_crds_are_what_fedmesh_crds_prints() {
+    let out = fedmesh(&["crds"]);
+    assert!(out.status.success());
+    let checked_in = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/multicluster/base/crds/multicluster-services.yaml"),
+    )
+    .unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        checked_in,
+        "regenerate with: fedmesh crds > deploy/multicluster/base/crds/multicluster-services.yaml"
+    );
+}
+
+#[test]
+fn a_control_plane_without_a_join_token_says_how_to_get_one() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("src")).unwrap();
+    let out = fedmesh(&[
+        "control-plane",
+        "--cluster",
+        "east",
+        "--trust-domain",
+        "east.example",
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+        "--source",
+        &format!("dir:{}", dir.path().join("src").display()),
+        "--hub",
+        "127.0.0.1:1",
+        "--listen",
+        "127.0.0.1:0",
+        "--dns-listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fedmesh hub token create"), "{err}");
+    let out = fedmesh(&[
+        "control-plane",
+        "--cluster",
+        "East",
+        "--trust-domain",
+        "e",
+        "--source",
+        "dir:/x",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DNS label"));
+    let out = fedmesh(&[
+        "control-plane",
+        "--cluster",
+        "east",
+        "--trust-domain",
+        "e",
+        "--source",
+        "s3:/x",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dir:PATH or kubernetes"));
+}
