@@ -40,13 +40,15 @@ pub mod reason {
     pub const SESSION_AFFINITY_CONFLICT: &str = "SessionAffinityConflict";
 }
 
-/// Marks the Service of the same name and namespace as exported to the clusterset.
+/// Marks the Service of the same name and namespace as exported to the clusterset. It has no
+/// spec (KEP-1645): its existence is the export.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "multicluster.x-k8s.io",
     version = "v1alpha1",
     kind = "ServiceExport",
     namespaced,
+    no_spec,
     status = "ServiceExportStatus",
     shortname = "svcex",
     derive = "PartialEq",

@@ -142,12 +142,38 @@ pub struct ControlPlane {
     pub credentials: Option<Arc<HubCredentials>>,
     pub dns_addr: Option<SocketAddr>,
     pub listen_addr: Option<SocketAddr>,
+    kube_writer: Option<Arc<source::kube::KubeWriter>>,
     shutdown: CancellationToken,
 }
 
 impl ControlPlane {
     pub async fn start(
         config: ControlPlaneConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, StartError> {
+        let client = match config.source {
+            SourceSpec::Kubernetes => Some(::kube::Client::try_default().await.map_err(|e| {
+                StartError::Config(format!(
+                    "cannot reach the Kubernetes API (in-cluster config or KUBECONFIG): {e}"
+                ))
+            })?),
+            SourceSpec::Dir(_) => None,
+        };
+        Self::start_inner(config, client, shutdown).await
+    }
+
+    /// Starts with the Kubernetes source on the given client (tests use a mocked API server).
+    pub async fn start_with_kube_client(
+        config: ControlPlaneConfig,
+        client: ::kube::Client,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, StartError> {
+        Self::start_inner(config, Some(client), shutdown).await
+    }
+
+    async fn start_inner(
+        config: ControlPlaneConfig,
+        client: Option<::kube::Client>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, StartError> {
         fedmesh_trust::files::create_private_dir(&config.data_dir)
@@ -193,11 +219,14 @@ impl ControlPlane {
                     .subscribe()
             }
             SourceSpec::Kubernetes => {
-                return Err(StartError::Config(
-                    "the Kubernetes source is not built yet".into(),
-                ));
+                let client = client
+                    .clone()
+                    .ok_or_else(|| StartError::Config("no Kubernetes client".into()))?;
+                source::kube::KubeSource::start(client, shutdown.clone()).subscribe()
             }
         };
+        let kube_writer =
+            client.map(|c| Arc::new(source::kube::KubeWriter::new(c, config.cluster.clone())));
 
         let credentials = match (
             &config.hub,
@@ -267,6 +296,7 @@ impl ControlPlane {
             credentials,
             dns_addr,
             listen_addr,
+            kube_writer,
             shutdown: shutdown.clone(),
             config,
         });
@@ -448,6 +478,11 @@ impl ControlPlane {
             &snap.clusterset,
             &self.config.cluster,
         );
+        if let Some(w) = &self.kube_writer {
+            w.sync_imports(&imports, &snap.clusterset).await;
+            w.sync_export_status(&exports).await;
+            return;
+        }
         if matches!(self.config.source, SourceSpec::Dir(_)) {
             let dir = self.status_dir();
             if let Err(e) = std::fs::create_dir_all(&dir) {

@@ -3,6 +3,7 @@
 //! model, [`LocalObjects`]; everything past the source is shared.
 
 pub mod dir;
+pub mod kube;
 
 use std::collections::BTreeMap;
 
@@ -284,12 +285,6 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, String> {
         }
         ("multicluster.x-k8s.io/v1alpha1", "ServiceExport") => {
             fedmesh_api::ServiceName::new(&name).map_err(|e| format!("{what}: {e}"))?;
-            // ServiceExports usually have no spec at all (KEP-1645).
-            let mut doc = doc.clone();
-            if let Some(o) = doc.as_object_mut() {
-                o.entry("spec")
-                    .or_insert_with(|| Value::Object(Default::default()));
-            }
             Object::ServiceExport(Box::new(typed(&doc, &what)?))
         }
         ("", _) | (_, "") => return Err(format!("document has no apiVersion or kind ({what})")),

@@ -1,0 +1,494 @@
+//! The Kubernetes source and writer (kube-rs).
+//!
+//! Reads: Services, EndpointSlices and ServiceExports in all namespaces, with watchers. Nothing is
+//! published until all three have completed their initial list, so a restarted control plane
+//! never withdraws an export it simply has not seen yet.
+//!
+//! Writes (server-side apply, field manager `fedmesh`, only objects labelled as managed by
+//! fedmesh): a ServiceImport per service exported anywhere in the clusterset (in the service's
+//! namespace, which must exist here — namespace sameness), a derived EndpointSlice per remote
+//! exporting cluster pointing at that cluster's gateways, and the status conditions of this
+//! cluster's ServiceExports.
+//!
+//! RBAC (least privilege, see deploy/multicluster): get/list/watch services, endpointslices,
+//! serviceexports; patch serviceexports/status; get/list/watch/create/patch/delete
+//! serviceimports, serviceimports/status and endpointslices labelled managed-by fedmesh.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fedmesh_api::mcs::{
+    LABEL_MANAGED_BY, LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, MANAGED_BY, ServiceExport,
+    ServiceImport,
+};
+use fedmesh_api::pb::federation as pb;
+use fedmesh_api::{ClusterName, ServiceKey};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::watcher;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{LocalObjects, key_of};
+
+const FIELD_MANAGER: &str = "fedmesh";
+
+#[derive(Default)]
+struct State {
+    services: BTreeMap<ServiceKey, Service>,
+    slices: BTreeMap<String, EndpointSlice>,
+    exports: BTreeMap<ServiceKey, ServiceExport>,
+    /// Which watchers have completed their initial list.
+    ready: BTreeSet<&'static str>,
+}
+
+pub struct KubeSource {
+    objects: watch::Sender<Arc<LocalObjects>>,
+    initialized: watch::Sender<bool>,
+}
+
+impl KubeSource {
+    /// Starts the three watchers on `client`.
+    pub fn start(client: kube::Client, shutdown: CancellationToken) -> Arc<Self> {
+        let me = Arc::new(Self {
+            objects: watch::Sender::new(Arc::new(LocalObjects::default())),
+            initialized: watch::Sender::new(false),
+        });
+        let state = Arc::new(Mutex::new(State::default()));
+        spawn_watch::<Service>(
+            Api::all(client.clone()),
+            "services",
+            state.clone(),
+            me.clone(),
+            shutdown.clone(),
+        );
+        spawn_watch::<EndpointSlice>(
+            Api::all(client.clone()),
+            "endpointslices",
+            state.clone(),
+            me.clone(),
+            shutdown.clone(),
+        );
+        spawn_watch::<ServiceExport>(
+            Api::all(client),
+            "serviceexports",
+            state,
+            me.clone(),
+            shutdown,
+        );
+        me
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<LocalObjects>> {
+        self.objects.subscribe()
+    }
+
+    /// True once every watcher listed its objects.
+    pub fn initialized(&self) -> watch::Receiver<bool> {
+        self.initialized.subscribe()
+    }
+
+    fn publish(&self, st: &State) {
+        if st.ready.len() < 3 {
+            return;
+        }
+        let objs = LocalObjects {
+            services: st.services.clone(),
+            slices: st.slices.clone(),
+            exports: st.exports.clone(),
+        };
+        self.objects.send_if_modified(|cur| {
+            if **cur == objs {
+                false
+            } else {
+                *cur = Arc::new(objs);
+                true
+            }
+        });
+        self.initialized.send_replace(true);
+    }
+}
+
+/// How a watched kind lands in the state.
+trait Watched:
+    kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+    fn insert(st: &mut State, o: Self);
+    fn remove(st: &mut State, o: &Self);
+    fn clear(st: &mut State);
+}
+
+impl Watched for Service {
+    fn insert(st: &mut State, o: Self) {
+        if let Some(k) = key_of(&o.metadata) {
+            st.services.insert(k, o);
+        }
+    }
+    fn remove(st: &mut State, o: &Self) {
+        if let Some(k) = key_of(&o.metadata) {
+            st.services.remove(&k);
+        }
+    }
+    fn clear(st: &mut State) {
+        st.services.clear();
+    }
+}
+
+impl Watched for EndpointSlice {
+    fn insert(st: &mut State, o: Self) {
+        // Our own derived slices describe remote clusters; they are not local endpoints.
+        let managed = o
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_MANAGED_BY))
+            .is_some_and(|v| v == MANAGED_BY);
+        if managed {
+            return;
+        }
+        let key = format!(
+            "{}/{}",
+            o.metadata.namespace.as_deref().unwrap_or("default"),
+            o.metadata.name.as_deref().unwrap_or("")
+        );
+        st.slices.insert(key, o);
+    }
+    fn remove(st: &mut State, o: &Self) {
+        let key = format!(
+            "{}/{}",
+            o.metadata.namespace.as_deref().unwrap_or("default"),
+            o.metadata.name.as_deref().unwrap_or("")
+        );
+        st.slices.remove(&key);
+    }
+    fn clear(st: &mut State) {
+        st.slices.clear();
+    }
+}
+
+impl Watched for ServiceExport {
+    fn insert(st: &mut State, o: Self) {
+        if let Some(k) = key_of(&o.metadata) {
+            st.exports.insert(k, o);
+        }
+    }
+    fn remove(st: &mut State, o: &Self) {
+        if let Some(k) = key_of(&o.metadata) {
+            st.exports.remove(&k);
+        }
+    }
+    fn clear(st: &mut State) {
+        st.exports.clear();
+    }
+}
+
+fn spawn_watch<K: Watched>(
+    api: Api<K>,
+    name: &'static str,
+    state: Arc<Mutex<State>>,
+    source: Arc<KubeSource>,
+    shutdown: CancellationToken,
+) where
+    K::DynamicType: Default,
+{
+    tokio::spawn(async move {
+        let mut stream = watcher(api, watcher::Config::default()).boxed();
+        // Objects of an in-progress (re)list; swapped in at InitDone so a relist never shows a
+        // partial picture.
+        let mut relist: Option<Vec<K>> = None;
+        loop {
+            let ev = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                ev = stream.next() => ev,
+            };
+            let Some(ev) = ev else { return };
+            match ev {
+                Ok(watcher::Event::Init) => relist = Some(Vec::new()),
+                Ok(watcher::Event::InitApply(o)) => relist.get_or_insert_with(Vec::new).push(o),
+                Ok(watcher::Event::InitDone) => {
+                    let objs = relist.take().unwrap_or_default();
+                    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                    K::clear(&mut st);
+                    for o in objs {
+                        K::insert(&mut st, o);
+                    }
+                    if st.ready.insert(name) {
+                        tracing::info!(kind = name, "initial list complete");
+                    }
+                    source.publish(&st);
+                }
+                Ok(watcher::Event::Apply(o)) => {
+                    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                    K::insert(&mut st, o);
+                    source.publish(&st);
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                    K::remove(&mut st, &o);
+                    source.publish(&st);
+                }
+                Err(e) => {
+                    // The watcher retries by itself; keep serving the last state meanwhile.
+                    tracing::warn!(kind = name, error = %e, "Kubernetes watch error; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    });
+}
+
+/// Writes ServiceImports, derived EndpointSlices and ServiceExport status.
+pub struct KubeWriter {
+    client: kube::Client,
+    cluster: ClusterName,
+    /// What we last wrote, to skip unchanged objects.
+    written: tokio::sync::Mutex<BTreeMap<String, serde_json::Value>>,
+}
+
+fn managed_labels(service: &ServiceKey) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()),
+        (LABEL_SERVICE_NAME.to_string(), service.name.to_string()),
+    ])
+}
+
+impl KubeWriter {
+    pub fn new(client: kube::Client, cluster: ClusterName) -> Self {
+        Self {
+            client,
+            cluster,
+            written: Default::default(),
+        }
+    }
+
+    async fn changed(&self, key: &str, value: &serde_json::Value) -> bool {
+        let mut w = self.written.lock().await;
+        if w.get(key) == Some(value) {
+            return false;
+        }
+        w.insert(key.to_string(), value.clone());
+        true
+    }
+
+    async fn forget(&self, key: &str) {
+        self.written.lock().await.remove(key);
+    }
+
+    /// Makes the cluster's ServiceImports and derived EndpointSlices match `imports`.
+    pub async fn sync_imports(
+        &self,
+        imports: &[ServiceImport],
+        clusterset: &super::super::state::ClusterSet,
+    ) {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let mut wanted_imports = BTreeSet::new();
+        let mut wanted_slices = BTreeSet::new();
+        for si in imports {
+            let (Some(ns), Some(name)) = (si.metadata.namespace.clone(), si.metadata.name.clone())
+            else {
+                continue;
+            };
+            let Ok(key) = ServiceKey::new(&ns, &name) else {
+                continue;
+            };
+            wanted_imports.insert((ns.clone(), name.clone()));
+            let mut obj = si.clone();
+            obj.metadata.labels = Some(managed_labels(&key));
+            obj.metadata.managed_fields = None;
+            let status = obj.status.take();
+            let api: Api<ServiceImport> = Api::namespaced(self.client.clone(), &ns);
+            let value = serde_json::to_value(&obj).unwrap_or_default();
+            if self.changed(&format!("si/{ns}/{name}"), &value).await {
+                match api.patch(&name, &params, &Patch::Apply(&obj)).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {
+                        tracing::info!(service = %key, "namespace does not exist here; not importing (namespace sameness)");
+                        self.forget(&format!("si/{ns}/{name}")).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(service = %key, error = %e, "cannot write ServiceImport; will retry");
+                        self.forget(&format!("si/{ns}/{name}")).await;
+                        continue;
+                    }
+                }
+            }
+            if let Some(status) = status {
+                let patch = serde_json::json!({
+                    "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+                    "kind": "ServiceImport",
+                    "status": status,
+                });
+                if self.changed(&format!("sis/{ns}/{name}"), &patch).await
+                    && let Err(e) = api
+                        .patch_status(&name, &params, &Patch::Apply(&patch))
+                        .await
+                {
+                    tracing::warn!(service = %key, error = %e, "cannot write ServiceImport status");
+                    self.forget(&format!("sis/{ns}/{name}")).await;
+                }
+            }
+            // One derived EndpointSlice per remote exporting cluster: its gateway addresses.
+            let Some(import) = clusterset.imports.get(&key) else {
+                continue;
+            };
+            for ic in &import.clusters {
+                if ic.cluster == self.cluster.as_str() {
+                    continue;
+                }
+                let Ok(remote) = ClusterName::new(&ic.cluster) else {
+                    continue;
+                };
+                let gateways: Vec<String> = clusterset
+                    .clusters
+                    .get(&remote)
+                    .map(|c| c.gateways.clone())
+                    .unwrap_or_default();
+                let slice = derived_slice(&key, &remote, import, &gateways);
+                let slice_name = slice.metadata.name.clone().unwrap_or_default();
+                wanted_slices.insert((ns.clone(), slice_name.clone()));
+                let value = serde_json::to_value(&slice).unwrap_or_default();
+                if self.changed(&format!("es/{ns}/{slice_name}"), &value).await {
+                    let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &ns);
+                    if let Err(e) = api.patch(&slice_name, &params, &Patch::Apply(&slice)).await {
+                        tracing::warn!(service = %key, error = %e, "cannot write derived EndpointSlice");
+                        self.forget(&format!("es/{ns}/{slice_name}")).await;
+                    }
+                }
+            }
+        }
+        self.delete_stale(&wanted_imports, &wanted_slices).await;
+    }
+
+    /// Deletes fedmesh-managed ServiceImports and EndpointSlices that are no longer wanted.
+    async fn delete_stale(
+        &self,
+        imports: &BTreeSet<(String, String)>,
+        slices: &BTreeSet<(String, String)>,
+    ) {
+        let lp = ListParams::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"));
+        let all_si: Api<ServiceImport> = Api::all(self.client.clone());
+        match all_si.list(&lp).await {
+            Ok(list) => {
+                for si in list {
+                    let (ns, name) = (
+                        si.metadata.namespace.unwrap_or_default(),
+                        si.metadata.name.unwrap_or_default(),
+                    );
+                    if !imports.contains(&(ns.clone(), name.clone())) {
+                        let api: Api<ServiceImport> = Api::namespaced(self.client.clone(), &ns);
+                        if let Err(e) = api.delete(&name, &DeleteParams::default()).await {
+                            tracing::warn!(%ns, %name, error = %e, "cannot delete withdrawn ServiceImport");
+                        } else {
+                            tracing::info!(%ns, %name, "deleted withdrawn ServiceImport");
+                        }
+                        self.forget(&format!("si/{ns}/{name}")).await;
+                        self.forget(&format!("sis/{ns}/{name}")).await;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list ServiceImports"),
+        }
+        let all_es: Api<EndpointSlice> = Api::all(self.client.clone());
+        match all_es.list(&lp).await {
+            Ok(list) => {
+                for es in list {
+                    let (ns, name) = (
+                        es.metadata.namespace.unwrap_or_default(),
+                        es.metadata.name.unwrap_or_default(),
+                    );
+                    if !slices.contains(&(ns.clone(), name.clone())) {
+                        let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &ns);
+                        let _ = api.delete(&name, &DeleteParams::default()).await;
+                        self.forget(&format!("es/{ns}/{name}")).await;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list derived EndpointSlices"),
+        }
+    }
+
+    /// Writes the conditions of this cluster's ServiceExports.
+    pub async fn sync_export_status(&self, exports: &[ServiceExport]) {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        for e in exports {
+            let (Some(ns), Some(name)) = (e.metadata.namespace.clone(), e.metadata.name.clone())
+            else {
+                continue;
+            };
+            let patch = serde_json::json!({
+                "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+                "kind": "ServiceExport",
+                "status": e.status,
+            });
+            // Compare without transition times (they only move when a condition flips).
+            if !self.changed(&format!("se/{ns}/{name}"), &patch).await {
+                continue;
+            }
+            let api: Api<ServiceExport> = Api::namespaced(self.client.clone(), &ns);
+            if let Err(err) = api
+                .patch_status(&name, &params, &Patch::Apply(&patch))
+                .await
+            {
+                tracing::warn!(%ns, %name, error = %err, "cannot write ServiceExport status");
+                self.forget(&format!("se/{ns}/{name}")).await;
+            }
+        }
+    }
+}
+
+fn derived_slice(
+    key: &ServiceKey,
+    remote: &ClusterName,
+    import: &pb::Import,
+    gateways: &[String],
+) -> EndpointSlice {
+    let mut labels = managed_labels(key);
+    labels.insert(LABEL_SOURCE_CLUSTER.to_string(), remote.to_string());
+    // Gateways given as IP:port become endpoints; host names cannot go into an IP slice.
+    let addresses: Vec<String> = gateways
+        .iter()
+        .filter_map(|g| {
+            g.rsplit_once(':')
+                .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+        })
+        .filter(|h| h.parse::<std::net::Ipv4Addr>().is_ok())
+        .collect();
+    EndpointSlice {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(format!("{}-{}", key.name, remote)),
+            namespace: Some(key.namespace.to_string()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: Some(
+            addresses
+                .into_iter()
+                .map(|a| Endpoint {
+                    addresses: vec![a],
+                    conditions: Some(k8s_openapi::api::discovery::v1::EndpointConditions {
+                        ready: Some(true),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+        ports: Some(
+            import
+                .ports
+                .iter()
+                .map(|p| EndpointPort {
+                    name: (!p.name.is_empty()).then(|| p.name.clone()),
+                    port: Some(p.port as i32),
+                    protocol: Some(p.protocol.clone()),
+                    app_protocol: (!p.app_protocol.is_empty()).then(|| p.app_protocol.clone()),
+                })
+                .collect(),
+        ),
+    }
+}
