@@ -159,6 +159,76 @@ async fn suite(store: Arc<dyn KvStore>) {
     assert_eq!(next_batch(&mut w2).await.revision, r8);
 }
 
+/// Concurrent writers while a watcher is live: it must see every revision exactly once, in order.
+async fn concurrent_commits_are_all_watched(store: Arc<dyn KvStore>) {
+    const WRITERS: usize = 8;
+    const EACH: usize = 60;
+    let from = store.revision().await.unwrap();
+    let mut w = store.watch("cc/", from);
+    // The watcher is caught up and live before any write happens.
+    let marker = committed(
+        store
+            .commit(Txn::new().put("cc/start", vec![]))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(next_batch(&mut w).await.revision, marker);
+    let consumer = tokio::spawn(async move {
+        let (mut last, mut seen) = (marker, 0);
+        while seen < WRITERS * EACH {
+            let b = next_batch(&mut w).await;
+            assert_eq!(
+                b.revision,
+                last + 1,
+                "revisions arrive in order, none missing"
+            );
+            last = b.revision;
+            seen += b.events.len();
+        }
+    });
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    committed(
+                        store
+                            .commit(Txn::new().put(format!("cc/{t}/{i}"), vec![1]))
+                            .await
+                            .unwrap(),
+                    );
+                }
+            })
+        })
+        .collect();
+    for h in writers {
+        h.await.unwrap();
+    }
+    consumer.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redb_concurrent_commits_are_all_watched() {
+    let dir = tempfile::tempdir().unwrap();
+    concurrent_commits_are_all_watched(Arc::new(
+        RedbStore::open(&dir.path().join("hub.redb")).unwrap(),
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_concurrent_commits_are_all_watched() {
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .unwrap();
+    concurrent_commits_are_all_watched(Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&etcd.url), "/cc")
+            .await
+            .unwrap(),
+    ))
+    .await;
+}
+
 #[tokio::test]
 async fn redb_store_suite() {
     let dir = tempfile::tempdir().unwrap();

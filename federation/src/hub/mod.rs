@@ -164,6 +164,25 @@ impl Hub {
         self.revision.subscribe()
     }
 
+    /// Whether `cluster` is registered. The view may lag the store by a moment (e.g. right after
+    /// a join, or when another replica registered it), so on a miss the store decides, and we
+    /// wait for the view to catch up before the caller reads it.
+    pub async fn ensure_registered(&self, cluster: &ClusterName) -> Result<bool, StoreError> {
+        if self.view().cluster(cluster).is_some() {
+            return Ok(true);
+        }
+        let Some(kv) = self.store.get(&cluster_key(cluster)).await? else {
+            return Ok(false);
+        };
+        let mut rx = self.subscribe();
+        let caught_up = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|r| *r >= kv.mod_revision),
+        )
+        .await;
+        Ok(caught_up.is_ok() && self.view().cluster(cluster).is_some())
+    }
+
     /// The hub's server TLS config: clients present hub-issued cluster identities, except for Join.
     pub fn server_tls(&self) -> Arc<rustls::ServerConfig> {
         let td = self.trust_domain();

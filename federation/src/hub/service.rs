@@ -148,7 +148,12 @@ impl Federation for HubService {
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
         let cluster = self.caller(&request)?;
-        if self.hub.view().cluster(&cluster).is_none() {
+        let registered = self
+            .hub
+            .ensure_registered(&cluster)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if !registered {
             return Err(Status::permission_denied(format!(
                 "cluster {cluster} is no longer registered; join again with a new token"
             )));
@@ -178,7 +183,12 @@ impl Federation for HubService {
             _ => return Err(Status::invalid_argument("the first message must be Hello")),
         };
         check_protocol(hello.protocol_version)?;
-        if self.hub.view().cluster(&cluster).is_none() {
+        let registered = self
+            .hub
+            .ensure_registered(&cluster)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if !registered {
             return Err(Status::permission_denied(format!(
                 "cluster {cluster} is not registered (removed by an operator?); join again"
             )));
@@ -244,6 +254,7 @@ async fn run_stream(
     {
         return finish(&hub, &cluster, 0).await;
     }
+    tracing::debug!(%cluster, "welcome and first update queued");
     let mut acked = 0u64;
     let mut heartbeat = tokio::time::interval(hub.config.heartbeat());
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -252,6 +263,7 @@ async fn run_stream(
             msg = inbound.message() => match msg {
                 Ok(Some(pb::ClusterMessage { msg: Some(m) })) => match m {
                     pb::cluster_message::Msg::Publish(p) => {
+                        tracing::debug!(%cluster, version = p.version, upserts = p.upserts.len(), "publish received");
                         let result = match hub.apply_publish(&cluster, &p).await {
                             Ok(_) => {
                                 hub.metrics.publishes.get_or_create(&crate::metrics::ResultLabels { result: "accepted".into() }).inc();

@@ -26,6 +26,9 @@ pub const LOG_RETENTION: u64 = 200_000;
 pub struct RedbStore {
     db: Arc<Database>,
     events: broadcast::Sender<Arc<WatchBatch>>,
+    /// Held from the start of a write transaction until its batch is broadcast, so watchers
+    /// receive batches in revision order.
+    write_lock: Arc<std::sync::Mutex<()>>,
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
@@ -58,6 +61,7 @@ impl RedbStore {
         Ok(Self {
             db: Arc::new(db),
             events: broadcast::channel(1024).0,
+            write_lock: Arc::new(std::sync::Mutex::new(())),
         })
     }
 }
@@ -333,15 +337,18 @@ impl KvStore for RedbStore {
     fn commit(&self, txn: Txn) -> BoxFuture<'_, Result<TxnOutcome, StoreError>> {
         let db = self.db.clone();
         let events = self.events.clone();
+        let lock = self.write_lock.clone();
         Box::pin(async move {
-            let (outcome, batch) =
-                tokio::task::spawn_blocking(move || Self::commit_blocking(&db, txn))
-                    .await
-                    .map_err(err)??;
-            if let Some(b) = batch {
-                let _ = events.send(Arc::new(b));
-            }
-            Ok(outcome)
+            tokio::task::spawn_blocking(move || {
+                let _order = lock.lock().unwrap_or_else(|p| p.into_inner());
+                let (outcome, batch) = Self::commit_blocking(&db, txn)?;
+                if let Some(b) = batch {
+                    let _ = events.send(Arc::new(b));
+                }
+                Ok(outcome)
+            })
+            .await
+            .map_err(err)?
         })
     }
 
@@ -421,6 +428,8 @@ impl KvStore for RedbStore {
                     }
                 }
                 match s.rx.recv().await {
+                    // A gap means we missed a batch: read it back from the log.
+                    Ok(b) if b.revision > s.last + 1 => s.caught_up = false,
                     Ok(b) if b.revision > s.last => {
                         s.last = b.revision;
                         if let Some(f) = filter(&b, &s.prefix) {

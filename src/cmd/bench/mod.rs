@@ -1,5 +1,6 @@
 //! `fedmesh bench`: benchmarks that report ratios against a baseline measured in the same run.
 
+mod federation;
 mod identity;
 
 use std::time::Duration;
@@ -19,12 +20,34 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Export propagation time across a clusterset, hub RSS and CPU (real hub process).
+    Federation {
+        #[arg(long, default_value_t = 50)]
+        clusters: usize,
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        /// Changes to time after steady state.
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+    },
 }
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Identity { duration, rounds } => {
             tokio::task::spawn_blocking(move || identity::run(duration, rounds.max(1))).await?
+        }
+        BenchCommand::Federation {
+            clusters,
+            services,
+            changes,
+        } => {
+            federation::run(federation::Params {
+                clusters,
+                services,
+                changes,
+            })
+            .await
         }
     }
 }

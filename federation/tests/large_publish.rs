@@ -1,0 +1,93 @@
+//! A large full publish right after Hello (thousands of exports in one message) is applied and
+//! answered; the stream does not stall.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use fedmesh_api::pb::federation as pb;
+use fedmesh_api::pb::federation::federation_client::FederationClient;
+use fedmesh_api::{ClusterName, FEDERATION_PROTOCOL_VERSION, TrustDomain};
+use fedmesh_federation::control_plane::hub_link::HubCredentials;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_publish_right_after_hello_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    for round in 0..3 {
+        let name = format!("c{round}");
+        let cluster = ClusterName::new(&name).unwrap();
+        let (token, _) = hub.hub.create_token(&cluster, None).await.unwrap();
+        let creds = HubCredentials::join(
+            &dir.path().join(&name),
+            &hub.addr.to_string(),
+            &token,
+            &cluster,
+            &TrustDomain::new(&format!("{name}.x")).unwrap(),
+        )
+        .await
+        .unwrap();
+        let mut client =
+            FederationClient::new(creds.channel().unwrap()).max_decoding_message_size(256 << 20);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(pb::ClusterMessage {
+            msg: Some(pb::cluster_message::Msg::Hello(pb::Hello {
+                protocol_version: FEDERATION_PROTOCOL_VERSION,
+                resume_from: 0,
+                region: String::new(),
+            })),
+        })
+        .await
+        .unwrap();
+        let mut inbound = client
+            .federate(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let exports: Vec<pb::Export> = (0..5000)
+            .map(|i| pb::Export {
+                service: format!("bench/{name}-svc-{i:05}"),
+                r#type: pb::ServiceType::ClusterSetIp as i32,
+                ports: vec![pb::Port {
+                    name: "http".into(),
+                    protocol: "TCP".into(),
+                    port: 80,
+                    app_protocol: String::new(),
+                }],
+                endpoints: vec![pb::LocalityEndpoints {
+                    region: "r".into(),
+                    zone: "z".into(),
+                    ready: 1,
+                    total: 1,
+                }],
+                created_unix: 1,
+                ..Default::default()
+            })
+            .collect();
+        tx.send(pb::ClusterMessage {
+            msg: Some(pb::cluster_message::Msg::Publish(pb::Publish {
+                version: 1,
+                cluster: name.clone(),
+                full: true,
+                upserts: exports,
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+        let accepted = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let m = inbound.message().await.unwrap().unwrap();
+                if let Some(pb::hub_message::Msg::PublishResult(r)) = m.msg {
+                    return r;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: no PublishResult within 20s"));
+        assert!(accepted.accepted, "{}", accepted.error);
+        drop(tx);
+    }
+    hub.stop().await;
+}
