@@ -273,7 +273,12 @@ pub fn cluster_statuses(hub: &Hub) -> Vec<ClusterStatus> {
                 bundle_sequence: v.bundle(&c.trust_domain).map(|b| b.sequence),
                 gateways: c.gateways.clone(),
                 published_version: c.published_version,
-                acked_version: p.map(|p| p.acked_version).unwrap_or(0),
+                acked_version: p.map(|p| p.acked_version).unwrap_or(0).max(
+                    hub.acked
+                        .lock()
+                        .map(|m| m.get(&c.name).copied().unwrap_or(0))
+                        .unwrap_or(0),
+                ),
                 exports: v.services_exported_by(&c.name).len(),
                 hub_replica: p.map(|p| p.hub.clone()),
             }
@@ -593,15 +598,14 @@ pub fn explain_route(hub: &Hub, service: &ServiceKey, from: &ClusterName) -> Exp
             routable = true;
         }
     }
-    if let Some(p) = v.presence(from)
-        && p.acked_version < v.last_change
-        && !asker.stale
-    {
+    let last_change = v.last_change;
+    drop(v);
+    let acked = hub.acked_version(from);
+    if acked < last_change && !asker.stale {
         step(
             "warn",
             format!(
-                "{from} has acknowledged view version {} of {} (as of its last heartbeat); the latest changes may still be on their way",
-                p.acked_version, v.last_change
+                "{from} has acknowledged view version {acked} of {last_change}; the latest changes may still be on their way"
             ),
         );
     }
@@ -610,7 +614,6 @@ pub fn explain_route(hub: &Hub, service: &ServiceKey, from: &ClusterName) -> Exp
     } else {
         step("fail", format!("{service} is not routable from {from}"));
     }
-    drop(v);
     done(steps, routable)
 }
 

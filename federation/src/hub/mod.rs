@@ -81,6 +81,9 @@ pub struct Hub {
     view: RwLock<View>,
     revision: watch::Sender<Revision>,
     pub metrics: HubMetrics,
+    /// Live acknowledged versions of the clusters streaming to this replica (the store's presence
+    /// records carry them only at each heartbeat).
+    acked: std::sync::Mutex<std::collections::HashMap<ClusterName, u64>>,
     shutdown: CancellationToken,
 }
 
@@ -124,6 +127,7 @@ impl Hub {
             view: RwLock::new(view),
             revision: watch::Sender::new(revision),
             metrics: HubMetrics::default(),
+            acked: Default::default(),
             shutdown,
         });
         hub.renew_identity()?;
@@ -162,6 +166,31 @@ impl Hub {
 
     pub fn subscribe(&self) -> watch::Receiver<Revision> {
         self.revision.subscribe()
+    }
+
+    pub(crate) fn record_ack(&self, cluster: &ClusterName, version: u64) {
+        self.acked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cluster.clone(), version);
+    }
+
+    /// The last view version `cluster` acknowledged: live when it streams to this replica, else
+    /// as of its last heartbeat.
+    pub fn acked_version(&self, cluster: &ClusterName) -> u64 {
+        let live = self
+            .acked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(cluster)
+            .copied()
+            .unwrap_or(0);
+        let stored = self
+            .view()
+            .presence(cluster)
+            .map(|p| p.acked_version)
+            .unwrap_or(0);
+        live.max(stored)
     }
 
     /// Whether `cluster` is registered. The view may lag the store by a moment (e.g. right after

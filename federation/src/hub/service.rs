@@ -285,6 +285,7 @@ async fn run_stream(
                             tracing::warn!(%cluster, version = a.version, error = %a.error, "cluster could not apply an update");
                         } else {
                             acked = acked.max(a.version);
+                            hub.record_ack(&cluster, acked);
                         }
                     }
                     pb::cluster_message::Msg::Hello(_) => {
