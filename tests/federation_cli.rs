@@ -294,13 +294,13 @@ fn the_checked_in_crds_are_what_fedmesh_crds_prints() {
     assert!(out.status.success());
     let checked_in = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("deploy/multicluster/base/crds/multicluster-services.yaml"),
+            .join("deploy/multicluster/base/crds/fedmesh-crds.yaml"),
     )
     .unwrap();
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
         checked_in,
-        "regenerate with: fedmesh crds > deploy/multicluster/base/crds/multicluster-services.yaml"
+        "regenerate with: fedmesh crds > deploy/multicluster/base/crds/fedmesh-crds.yaml"
     );
 }
 

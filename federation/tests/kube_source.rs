@@ -205,6 +205,21 @@ async fn handle(
     else {
         return status_body(404, "NotFound", "unknown path");
     };
+    // Like a cluster where fedmesh's own TrafficPolicy CRD is not installed.
+    if ![
+        "services",
+        "endpointslices",
+        "serviceexports",
+        "serviceimports",
+    ]
+    .contains(&plural.as_str())
+    {
+        return status_body(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+    }
     match (method, name) {
         (Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
             let from: u64 = q

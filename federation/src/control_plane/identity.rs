@@ -302,6 +302,14 @@ pub fn serve(
         let incoming = fedmesh_trust::grpc::incoming(listener, tls);
         let result = tonic::transport::Server::builder()
             .add_service(IdentityServer::new(IdentityService { cp: cp.clone() }))
+            .add_service(
+                super::config_stream::ConfigService {
+                    cp: cp.clone(),
+                    epoch: cp.config_epoch,
+                    state: cp.dataplane_config(),
+                }
+                .into_server(),
+            )
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await;
         if let Err(e) = result {

@@ -4,9 +4,11 @@
 //! DNS and the data-plane configuration. Everything it received is kept on disk: when the hub is
 //! unreachable it keeps serving the last state.
 
+pub mod config_stream;
 pub mod dns;
 pub mod hub_link;
 pub mod identity;
+pub mod policy;
 pub mod source;
 pub mod state;
 pub mod status;
@@ -143,6 +145,9 @@ pub struct ControlPlane {
     pub dns_addr: Option<SocketAddr>,
     pub listen_addr: Option<SocketAddr>,
     kube_writer: Option<Arc<source::kube::KubeWriter>>,
+    /// The data-plane configuration, versioned within `config_epoch`.
+    dataplane: watch::Sender<Arc<config_stream::ConfigState>>,
+    pub config_epoch: u64,
     shutdown: CancellationToken,
 }
 
@@ -297,6 +302,13 @@ impl ControlPlane {
             dns_addr,
             listen_addr,
             kube_writer,
+            dataplane: watch::Sender::new(Arc::new(config_stream::ConfigState::default())),
+            config_epoch: {
+                use ring::rand::SecureRandom;
+                let mut b = [0u8; 8];
+                let _ = ring::rand::SystemRandom::new().fill(&mut b);
+                u64::from_be_bytes(b).max(1)
+            },
             shutdown: shutdown.clone(),
             config,
         });
@@ -304,6 +316,11 @@ impl ControlPlane {
         cp.clone().derive_desired().await;
         tokio::spawn(cp.clone().derive_loop());
         tokio::spawn(cp.clone().snapshot_loop());
+        tokio::spawn(config_stream::run(
+            cp.clone(),
+            cp.dataplane.clone(),
+            shutdown.clone(),
+        ));
         if let Some(creds) = &cp.credentials {
             tokio::spawn(hub_link::run(
                 creds.clone(),
@@ -336,6 +353,11 @@ impl ControlPlane {
 
     pub fn desired(&self) -> watch::Receiver<Arc<Desired>> {
         self.desired.subscribe()
+    }
+
+    /// The data-plane configuration as sidecars and gateways receive it.
+    pub fn dataplane_config(&self) -> watch::Receiver<Arc<config_stream::ConfigState>> {
+        self.dataplane.subscribe()
     }
 
     pub fn shutdown_token(&self) -> &CancellationToken {

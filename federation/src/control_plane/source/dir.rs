@@ -153,6 +153,11 @@ impl DirSource {
                             objs.exports.insert(k, (**e).clone());
                         }
                     }
+                    Object::TrafficPolicy(p) => {
+                        if let Some(k) = key_of(&p.metadata) {
+                            objs.policies.insert(k, (**p).clone());
+                        }
+                    }
                     Object::EndpointSlice(s) => {
                         let ns = s
                             .metadata

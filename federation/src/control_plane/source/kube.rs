@@ -23,6 +23,7 @@ use fedmesh_api::mcs::{
     ServiceImport,
 };
 use fedmesh_api::pb::federation as pb;
+use fedmesh_api::policy::TrafficPolicy;
 use fedmesh_api::{ClusterName, ServiceKey};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
@@ -41,6 +42,7 @@ struct State {
     services: BTreeMap<ServiceKey, Service>,
     slices: BTreeMap<String, EndpointSlice>,
     exports: BTreeMap<ServiceKey, ServiceExport>,
+    policies: BTreeMap<ServiceKey, TrafficPolicy>,
     /// Which watchers have completed their initial list.
     ready: BTreeSet<&'static str>,
 }
@@ -73,8 +75,15 @@ impl KubeSource {
             shutdown.clone(),
         );
         spawn_watch::<ServiceExport>(
-            Api::all(client),
+            Api::all(client.clone()),
             "serviceexports",
+            state.clone(),
+            me.clone(),
+            shutdown.clone(),
+        );
+        spawn_watch::<TrafficPolicy>(
+            Api::all(client),
+            "trafficpolicies",
             state,
             me.clone(),
             shutdown,
@@ -92,13 +101,14 @@ impl KubeSource {
     }
 
     fn publish(&self, st: &State) {
-        if st.ready.len() < 3 {
+        if st.ready.len() < 4 {
             return;
         }
         let objs = LocalObjects {
             services: st.services.clone(),
             slices: st.slices.clone(),
             exports: st.exports.clone(),
+            policies: st.policies.clone(),
         };
         self.objects.send_if_modified(|cur| {
             if **cur == objs {
@@ -169,6 +179,29 @@ impl Watched for EndpointSlice {
     }
 }
 
+impl Watched for TrafficPolicy {
+    fn insert(st: &mut State, o: Self) {
+        let Some(k) = key_of(&o.metadata) else { return };
+        match super::super::policy::to_pb(&o.spec) {
+            Ok(_) => {
+                st.policies.insert(k, o);
+            }
+            // Keep the last valid version of the policy, if there was one.
+            Err(e) => {
+                tracing::warn!(policy = %k, error = %e, "invalid TrafficPolicy; keeping its last valid version")
+            }
+        }
+    }
+    fn remove(st: &mut State, o: &Self) {
+        if let Some(k) = key_of(&o.metadata) {
+            st.policies.remove(&k);
+        }
+    }
+    fn clear(st: &mut State) {
+        st.policies.clear();
+    }
+}
+
 impl Watched for ServiceExport {
     fn insert(st: &mut State, o: Self) {
         if let Some(k) = key_of(&o.metadata) {
@@ -229,6 +262,21 @@ fn spawn_watch<K: Watched>(
                     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
                     K::remove(&mut st, &o);
                     source.publish(&st);
+                }
+                // Our own CRD may not be installed: that simply means no policies.
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(e)))
+                    if e.code == 404 && name == "trafficpolicies" =>
+                {
+                    {
+                        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                        if st.ready.insert(name) {
+                            tracing::info!(
+                                "the TrafficPolicy CRD is not installed; no routing policies (install with `fedmesh crds | kubectl apply -f -`)"
+                            );
+                        }
+                        source.publish(&st);
+                    }
+                    tokio::time::sleep(Duration::from_secs(30)).await;
                 }
                 Err(e) => {
                     // The watcher retries by itself; keep serving the last state meanwhile.

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use fedmesh_api::mcs::{ServiceExport, condition, reason};
 use fedmesh_api::pb::federation as pb;
+use fedmesh_api::policy::TrafficPolicy;
 use fedmesh_api::{Namespace, ServiceKey};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -24,6 +25,8 @@ pub struct LocalObjects {
     /// Keyed by `namespace/slice-name`.
     pub slices: BTreeMap<String, EndpointSlice>,
     pub exports: BTreeMap<ServiceKey, ServiceExport>,
+    /// Routing policies, keyed by the service they apply to (same name and namespace).
+    pub policies: BTreeMap<ServiceKey, TrafficPolicy>,
 }
 
 /// An endpoint of a local service, for the data plane.
@@ -229,6 +232,7 @@ pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     ServiceExport(Box<ServiceExport>),
+    TrafficPolicy(Box<TrafficPolicy>),
 }
 
 impl Object {
@@ -238,6 +242,7 @@ impl Object {
             Object::Service(o) => ("Service", &o.metadata),
             Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
             Object::ServiceExport(o) => ("ServiceExport", &o.metadata),
+            Object::TrafficPolicy(o) => ("TrafficPolicy", &o.metadata),
         };
         format!(
             "{kind} {}/{}",
@@ -287,10 +292,16 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, String> {
             fedmesh_api::ServiceName::new(&name).map_err(|e| format!("{what}: {e}"))?;
             Object::ServiceExport(Box::new(typed(&doc, &what)?))
         }
+        ("fedmesh.io/v1alpha1", "TrafficPolicy") => {
+            fedmesh_api::ServiceName::new(&name).map_err(|e| format!("{what}: {e}"))?;
+            let p: TrafficPolicy = typed(&doc, &what)?;
+            super::policy::to_pb(&p.spec).map_err(|e| format!("{what}: {e}"))?;
+            Object::TrafficPolicy(Box::new(p))
+        }
         ("", _) | (_, "") => return Err(format!("document has no apiVersion or kind ({what})")),
         _ => {
             return Err(format!(
-                "{api_version} {kind} is not a kind fedmesh reads (Service v1, EndpointSlice discovery.k8s.io/v1, ServiceExport multicluster.x-k8s.io/v1alpha1)"
+                "{api_version} {kind} is not a kind fedmesh reads (Service v1, EndpointSlice discovery.k8s.io/v1, ServiceExport multicluster.x-k8s.io/v1alpha1, TrafficPolicy fedmesh.io/v1alpha1)"
             ));
         }
     };

@@ -1,0 +1,314 @@
+//! The data-plane configuration stream: what sidecars and gateways of this cluster route by.
+//!
+//! One task turns each control-plane snapshot into a map of services (versioned within an epoch
+//! that changes at every start) and keeps the last few versions; each stream then sends a snapshot
+//! or — when the data plane resumes from a version still held — only what changed.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use fedmesh_api::pb::dataplane as pb;
+use fedmesh_api::pb::dataplane::data_plane_server::{DataPlane, DataPlaneServer};
+use fedmesh_api::pb::federation as fpb;
+use fedmesh_api::{ClusterName, DATAPLANE_PROTOCOL_VERSION};
+use futures::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{ControlPlane, Snapshot};
+
+/// How many past versions are kept for resuming data planes.
+const HISTORY: usize = 64;
+
+pub type ServiceMap = BTreeMap<String, pb::Service>;
+
+#[derive(Default)]
+pub struct ConfigState {
+    pub version: u64,
+    pub services: Arc<ServiceMap>,
+    history: VecDeque<(u64, Arc<ServiceMap>)>,
+}
+
+impl ConfigState {
+    fn at(&self, version: u64) -> Option<Arc<ServiceMap>> {
+        if version == self.version {
+            return Some(self.services.clone());
+        }
+        self.history
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, m)| m.clone())
+    }
+}
+
+/// The services of a snapshot, as the data plane sees them.
+pub fn services_of(
+    cp_cluster: &ClusterName,
+    region: &str,
+    snap: &Snapshot,
+    policies: &BTreeMap<String, pb::TrafficPolicy>,
+) -> ServiceMap {
+    let mut out = ServiceMap::new();
+    for (key, import) in &snap.clusterset.imports {
+        let exported = import
+            .clusters
+            .iter()
+            .any(|c| c.cluster == cp_cluster.as_str());
+        let endpoints = if exported {
+            snap.local
+                .endpoints(key)
+                .into_iter()
+                .map(|e| pb::Endpoint {
+                    address: e.address,
+                    region: region.to_string(),
+                    zone: e.zone,
+                    ready: e.ready,
+                    ports: e
+                        .ports
+                        .into_iter()
+                        .map(|(name, port)| pb::NamedPort {
+                            name,
+                            port: u32::from(port),
+                        })
+                        .collect(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let remote = import
+            .clusters
+            .iter()
+            .filter(|c| c.cluster != cp_cluster.as_str())
+            .filter_map(|c| {
+                let name = ClusterName::new(&c.cluster).ok()?;
+                let info = snap.clusterset.clusters.get(&name);
+                Some(pb::RemoteCluster {
+                    cluster: c.cluster.clone(),
+                    trust_domain: info.map(|i| i.trust_domain.clone()).unwrap_or_default(),
+                    region: info.map(|i| i.region.clone()).unwrap_or_default(),
+                    gateways: info.map(|i| i.gateways.clone()).unwrap_or_default(),
+                    ready: c.endpoints.iter().map(|l| l.ready).sum(),
+                    localities: c
+                        .endpoints
+                        .iter()
+                        .map(|l| pb::Locality {
+                            region: l.region.clone(),
+                            zone: l.zone.clone(),
+                            ready: l.ready,
+                        })
+                        .collect(),
+                    stale: info.is_some_and(|i| i.stale),
+                })
+            })
+            .collect();
+        out.insert(
+            key.to_string(),
+            pb::Service {
+                key: key.to_string(),
+                vip: if import.r#type == fpb::ServiceType::Headless as i32 {
+                    String::new()
+                } else {
+                    snap.vips
+                        .get(key)
+                        .map(|ip| ip.to_string())
+                        .unwrap_or_default()
+                },
+                ports: import
+                    .ports
+                    .iter()
+                    .map(|p| pb::Port {
+                        name: p.name.clone(),
+                        protocol: p.protocol.clone(),
+                        port: p.port,
+                        app_protocol: p.app_protocol.clone(),
+                    })
+                    .collect(),
+                exported,
+                endpoints,
+                remote,
+                policy: policies.get(&key.to_string()).cloned(),
+                session_affinity: import.session_affinity.clone(),
+            },
+        );
+    }
+    out
+}
+
+/// Keeps the versioned service map in step with the control plane's snapshots.
+pub async fn run(
+    cp: Arc<ControlPlane>,
+    state: watch::Sender<Arc<ConfigState>>,
+    shutdown: CancellationToken,
+) {
+    let mut snap = cp.snapshot();
+    loop {
+        let s = snap.borrow_and_update().clone();
+        let policies = super::policy::policies_of(&s.local);
+        let services = services_of(&cp.config.cluster, &cp.config.region, &s, &policies);
+        state.send_if_modified(|cur| {
+            if *cur.services == services {
+                return false;
+            }
+            let mut history = cur.history.clone();
+            history.push_back((cur.version, cur.services.clone()));
+            while history.len() > HISTORY {
+                history.pop_front();
+            }
+            *cur = Arc::new(ConfigState {
+                version: cur.version + 1,
+                services: Arc::new(services),
+                history,
+            });
+            true
+        });
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = snap.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+pub struct ConfigService {
+    pub cp: Arc<ControlPlane>,
+    pub epoch: u64,
+    pub state: watch::Receiver<Arc<ConfigState>>,
+}
+
+impl ConfigService {
+    pub fn into_server(self) -> DataPlaneServer<Self> {
+        DataPlaneServer::new(self)
+            .max_encoding_message_size(64 * 1024 * 1024)
+            .max_decoding_message_size(1024 * 1024)
+    }
+}
+
+fn diff(from: &ServiceMap, to: &ServiceMap) -> (Vec<pb::Service>, Vec<String>) {
+    let changed = to
+        .iter()
+        .filter(|(k, v)| from.get(*k) != Some(*v))
+        .map(|(_, v)| v.clone())
+        .collect();
+    let removed = from
+        .keys()
+        .filter(|k| !to.contains_key(*k))
+        .cloned()
+        .collect();
+    (changed, removed)
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::ConfigUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DataPlane for ConfigService {
+    type StreamConfigStream = UpdateStream;
+
+    async fn stream_config(
+        &self,
+        request: Request<Streaming<pb::DataPlaneMessage>>,
+    ) -> Result<Response<Self::StreamConfigStream>, Status> {
+        let caller = fedmesh_trust::grpc::peer_id(&request).ok_or_else(|| {
+            Status::unauthenticated("data-plane components authenticate with their SVID")
+        })?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no ConfigRequest within 10s"))??;
+        let Some(pb::DataPlaneMessage {
+            msg: Some(pb::data_plane_message::Msg::Request(req)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message must be a ConfigRequest",
+            ));
+        };
+        if req.protocol_version > DATAPLANE_PROTOCOL_VERSION || req.protocol_version == 0 {
+            return Err(Status::failed_precondition(format!(
+                "data-plane protocol v{} is not supported by this control plane (v1..v{DATAPLANE_PROTOCOL_VERSION}); upgrade the control plane first",
+                req.protocol_version
+            )));
+        }
+        let cluster = pb::LocalCluster {
+            name: self.cp.config.cluster.to_string(),
+            trust_domain: self.cp.config.trust_domain.to_string(),
+            region: self.cp.config.region.clone(),
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let (epoch, mut state) = (self.epoch, self.state.clone());
+        let shutdown = self.cp.shutdown.clone();
+        tracing::info!(%caller, role = %req.role, node = %req.node, "data plane connected");
+        tokio::spawn(async move {
+            let current = state.borrow_and_update().clone();
+            let held = (req.resume_epoch == epoch)
+                .then(|| current.at(req.resume_version))
+                .flatten();
+            let first = match held {
+                Some(from) => {
+                    let (services, removed_services) = diff(&from, &current.services);
+                    pb::ConfigUpdate {
+                        epoch,
+                        version: current.version,
+                        snapshot: false,
+                        cluster: Some(cluster.clone()),
+                        services,
+                        removed_services,
+                    }
+                }
+                None => pb::ConfigUpdate {
+                    epoch,
+                    version: current.version,
+                    snapshot: true,
+                    cluster: Some(cluster.clone()),
+                    services: current.services.values().cloned().collect(),
+                    removed_services: vec![],
+                },
+            };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            let mut sent = current.services.clone();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    msg = inbound.message() => match msg {
+                        Ok(Some(pb::DataPlaneMessage { msg: Some(pb::data_plane_message::Msg::Ack(a)) })) => {
+                            if a.nack {
+                                tracing::warn!(%caller, version = a.version, error = %a.error, "data plane could not apply a config update");
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) | Err(_) => return,
+                    },
+                    r = state.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        let cur = state.borrow_and_update().clone();
+                        let (services, removed_services) = diff(&sent, &cur.services);
+                        sent = cur.services.clone();
+                        if services.is_empty() && removed_services.is_empty() {
+                            continue;
+                        }
+                        let u = pb::ConfigUpdate {
+                            epoch,
+                            version: cur.version,
+                            snapshot: false,
+                            cluster: Some(cluster.clone()),
+                            services,
+                            removed_services,
+                        };
+                        if tx.send(Ok(u)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}

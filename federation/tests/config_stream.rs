@@ -1,0 +1,257 @@
+//! The data-plane configuration stream a control plane serves to its sidecars and gateways:
+//! local endpoints by locality, remote clusters reached through their gateways, routing policy,
+//! deltas, and resume.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use fedmesh_api::DATAPLANE_PROTOCOL_VERSION;
+use fedmesh_api::pb::dataplane as pb;
+use fedmesh_api::pb::dataplane::data_plane_client::DataPlaneClient;
+use fedmesh_trust::tls::{Authorizer, MeshIdentity};
+use tokio::sync::mpsc;
+
+/// A data-plane client with an SVID of the cluster's trust domain.
+fn client(c: &ClusterHandle) -> DataPlaneClient<tonic::transport::Channel> {
+    let id = fedmesh_api::SpiffeId::new(&format!(
+        "spiffe://{}/ns/shop/sa/sidecar",
+        c.cp.config.trust_domain
+    ))
+    .unwrap();
+    let (key, csr) = fedmesh_trust::svid::new_key_and_csr(&id).unwrap();
+    let issued = c.cp.ca.sign_csr(&csr, Some(&id), None).unwrap();
+    let ident = MeshIdentity::new();
+    ident
+        .set_svid(&fedmesh_trust::svid::X509Svid {
+            id,
+            chain: issued.chain,
+            key: rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()),
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+        })
+        .unwrap();
+    let mut set = fedmesh_trust::bundle::BundleSet::new();
+    set.update((*c.cp.ca.bundle()).clone());
+    ident.set_bundles(set);
+    let cfg = ident.client_config(
+        Authorizer::trust_domain(c.cp.config.trust_domain.clone()),
+        vec![b"h2".to_vec()],
+    );
+    DataPlaneClient::new(
+        fedmesh_trust::grpc::channel(&c.cp.listen_addr.unwrap().to_string(), cfg, "cp").unwrap(),
+    )
+}
+
+async fn open(
+    c: &mut DataPlaneClient<tonic::transport::Channel>,
+    epoch: u64,
+    version: u64,
+) -> (
+    mpsc::Sender<pb::DataPlaneMessage>,
+    tonic::Streaming<pb::ConfigUpdate>,
+) {
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(pb::DataPlaneMessage {
+        msg: Some(pb::data_plane_message::Msg::Request(pb::ConfigRequest {
+            protocol_version: DATAPLANE_PROTOCOL_VERSION,
+            role: "sidecar".into(),
+            node: "test".into(),
+            resume_epoch: epoch,
+            resume_version: version,
+        })),
+    })
+    .await
+    .unwrap();
+    let s = c
+        .stream_config(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, s)
+}
+
+async fn next(s: &mut tonic::Streaming<pb::ConfigUpdate>) -> pb::ConfigUpdate {
+    tokio::time::timeout(Duration::from_secs(20), s.message())
+        .await
+        .expect("an update")
+        .unwrap()
+        .unwrap()
+}
+
+/// Reads updates until `f` holds for the accumulated service map.
+async fn until(
+    s: &mut tonic::Streaming<pb::ConfigUpdate>,
+    map: &mut std::collections::BTreeMap<String, pb::Service>,
+    f: impl Fn(&std::collections::BTreeMap<String, pb::Service>) -> bool,
+) -> pb::ConfigUpdate {
+    loop {
+        let u = next(s).await;
+        if u.snapshot {
+            map.clear();
+        }
+        for svc in &u.services {
+            map.insert(svc.key.clone(), svc.clone());
+        }
+        for r in &u.removed_services {
+            map.remove(r);
+        }
+        if f(map) {
+            return u;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_and_gateways_get_endpoints_by_locality_remote_gateways_and_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let east = start_cluster(dir.path(), "east", &hub).await;
+    let west = start_cluster(dir.path(), "west", &hub).await;
+    east.write(
+        "web.yaml",
+        &web_service(
+            "shop",
+            "web",
+            "http",
+            80,
+            &[("10.1.0.1", "east-a"), ("10.1.0.2", "east-b")],
+        ),
+    );
+    east.write("export.yaml", &service_export("shop", "web"));
+    west.write(
+        "web.yaml",
+        &web_service("shop", "web", "http", 80, &[("10.2.0.1", "west-a")]),
+    );
+    west.write("export.yaml", &service_export("shop", "web"));
+
+    let mut c = client(&east);
+    let (_tx, mut s) = open(&mut c, 0, 0).await;
+    let mut map = Default::default();
+    let u = until(&mut s, &mut map, |m| {
+        m.get("shop/web")
+            .is_some_and(|w| !w.remote.is_empty() && w.endpoints.len() == 2)
+    })
+    .await;
+    assert_eq!(u.cluster.as_ref().unwrap().name, "east");
+    let web = &map["shop/web"];
+    assert!(web.exported);
+    assert!(web.vip.starts_with("240.240."));
+    assert_eq!(web.ports[0].port, 80);
+    let zones: Vec<_> = web
+        .endpoints
+        .iter()
+        .map(|e| {
+            (
+                e.address.as_str(),
+                e.zone.as_str(),
+                e.region.as_str(),
+                e.ports[0].port,
+            )
+        })
+        .collect();
+    assert_eq!(
+        zones,
+        vec![
+            ("10.1.0.1", "east-a", "east-region", 8080),
+            ("10.1.0.2", "east-b", "east-region", 8080)
+        ]
+    );
+    let w = &web.remote[0];
+    assert_eq!(
+        (
+            w.cluster.as_str(),
+            w.trust_domain.as_str(),
+            w.region.as_str()
+        ),
+        ("west", "west.example", "west-region")
+    );
+    assert_eq!(w.gateways, vec!["127.0.0.1:15443".to_string()]);
+    assert_eq!(w.ready, 1);
+    assert_eq!(w.localities[0].zone, "west-a");
+
+    // A TrafficPolicy in east's source arrives as a delta.
+    east.write(
+        "policy.yaml",
+        "apiVersion: fedmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  backendRefs: [{cluster: east, weight: 80}, {cluster: west, weight: 20}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /beta}}]\n    backendRefs: [{cluster: west, weight: 1}]\n  authorization: {allowedCallers: [\"spiffe://east.example/ns/shop/*\"]}\n  timeouts: {request: 2s}\n",
+    );
+    let u = until(&mut s, &mut map, |m| m["shop/web"].policy.is_some()).await;
+    assert!(!u.snapshot, "a delta, not a snapshot");
+    let p = map["shop/web"].policy.clone().unwrap();
+    let split: Vec<_> = p
+        .split
+        .iter()
+        .map(|b| (b.cluster.as_str(), b.weight))
+        .collect();
+    assert_eq!(split, vec![("east", 80), ("west", 20)]);
+    assert_eq!(p.routes[0].matches[0].path_prefix, "/beta");
+    assert_eq!(
+        p.allowed_callers,
+        vec!["spiffe://east.example/ns/shop/*".to_string()]
+    );
+    assert_eq!(p.request_timeout_ms, 2000);
+    let (epoch, version) = (u.epoch, u.version);
+
+    // An invalid policy edit is refused; the valid one stays.
+    east.write(
+        "policy.yaml",
+        "apiVersion: fedmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  backendRefs: [{cluster: east, weight: 0}]\n",
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        east.cp.dataplane_config().borrow().version,
+        version,
+        "nothing changed"
+    );
+
+    // Resume from the version we hold: a delta with nothing in it.
+    drop(s);
+    let (_tx2, mut s2) = open(&mut c, epoch, version).await;
+    let u = next(&mut s2).await;
+    assert!(
+        !u.snapshot && u.services.is_empty() && u.removed_services.is_empty(),
+        "{u:?}"
+    );
+    // Unknown epoch: a snapshot.
+    let (_tx3, mut s3) = open(&mut c, epoch + 1, version).await;
+    let u = next(&mut s3).await;
+    assert!(u.snapshot && u.services.iter().any(|s| s.key == "shop/web"));
+
+    // Removing the export from both clusters removes the service.
+    east.remove("export.yaml");
+    west.remove("export.yaml");
+    let mut m2 = std::collections::BTreeMap::new();
+    m2.insert("shop/web".to_string(), pb::Service::default());
+    until(&mut s3, &mut m2, |m| !m.contains_key("shop/web")).await;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_requires_an_svid_of_the_trust_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let east = start_cluster(dir.path(), "east", &hub).await;
+    // Pinning the CA (as a join would) but presenting no certificate.
+    let pin = fedmesh_trust::grpc::ca_pin(east.cp.ca.bundle().x509_authorities().last().unwrap());
+    let cfg = fedmesh_trust::grpc::pinned_ca_client_config(&pin, vec![b"h2".to_vec()]).unwrap();
+    let mut c = DataPlaneClient::new(
+        fedmesh_trust::grpc::channel(&east.cp.listen_addr.unwrap().to_string(), cfg, "cp").unwrap(),
+    );
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(pb::DataPlaneMessage {
+        msg: Some(pb::data_plane_message::Msg::Request(pb::ConfigRequest {
+            protocol_version: DATAPLANE_PROTOCOL_VERSION,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let err = c
+        .stream_config(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    hub.stop().await;
+}
