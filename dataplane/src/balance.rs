@@ -1,0 +1,500 @@
+//! Where a request or connection goes: locality-aware, split-aware, outlier-aware.
+//!
+//! Candidates are this cluster's endpoints of the service and the other clusters exporting it
+//! (reached through their gateways). Without a split they are tried in locality tiers:
+//!
+//! 0. endpoints here in the caller's zone,
+//! 1. endpoints here in other zones,
+//! 2. other clusters in the caller's region,
+//! 3. all other clusters,
+//!
+//! taking the first tier with a healthy candidate, least-loaded of two random choices within it.
+//! With a split (a TrafficPolicy's weighted `backendRefs`), a cluster is drawn by weight first —
+//! among clusters that can take traffic — then locality applies inside it.
+//!
+//! Outlier detection: consecutive failures (connect errors, 5xx) eject a target for a time that
+//! doubles with each ejection; at most `max_ejection_percent` of a pool is ejected at once; when
+//! nothing at all is healthy, every target is tried anyway (panic routing). A failed attempt is
+//! retried on a different target, so one dead endpoint costs no request.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use fedmesh_api::pb::dataplane as pb;
+
+#[derive(Clone, Debug)]
+pub struct OutlierConfig {
+    /// Consecutive failures that eject a target.
+    pub consecutive_failures: u32,
+    /// First ejection time; doubled for every further ejection of the same target.
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    /// At most this share of a pool (local endpoints, or remote clusters) is ejected at once.
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(1),
+            max_ejection: Duration::from_secs(10),
+            max_ejection_percent: 90,
+        }
+    }
+}
+
+/// A place a connection can go.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// An endpoint in this cluster (address:port of its sidecar's inbound).
+    Local { addr: String, zone: String },
+    /// Another cluster, through one of its gateways.
+    Remote {
+        cluster: String,
+        trust_domain: String,
+        region: String,
+        gateway: String,
+    },
+}
+
+impl Target {
+    pub fn key(&self) -> String {
+        match self {
+            Target::Local { addr, .. } => addr.clone(),
+            Target::Remote {
+                cluster, gateway, ..
+            } => format!("{cluster}@{gateway}"),
+        }
+    }
+
+    /// The cluster that will serve: `None` for this cluster.
+    pub fn cluster(&self) -> Option<&str> {
+        match self {
+            Target::Local { .. } => None,
+            Target::Remote { cluster, .. } => Some(cluster),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Health {
+    failures: u32,
+    ejected_until: Option<Instant>,
+    ejections: u32,
+}
+
+/// Shared by all requests of a proxy; survives config updates (health is keyed by target).
+pub struct Balancer {
+    config: OutlierConfig,
+    health: Mutex<HashMap<String, Health>>,
+    active: Mutex<HashMap<String, std::sync::Arc<AtomicU32>>>,
+    rng: Mutex<u64>,
+}
+
+/// Where this proxy is.
+#[derive(Clone, Debug, Default)]
+pub struct Locality {
+    pub cluster: String,
+    pub region: String,
+    pub zone: String,
+}
+
+/// A held slot on a target: counts as an active request until dropped.
+pub struct Lease {
+    counter: std::sync::Arc<AtomicU32>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Self::new(OutlierConfig::default())
+    }
+}
+
+impl Balancer {
+    pub fn new(config: OutlierConfig) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x9e37_79b9_7f4a_7c15)
+            | 1;
+        Self {
+            config,
+            health: Mutex::new(HashMap::new()),
+            active: Mutex::new(HashMap::new()),
+            rng: Mutex::new(seed),
+        }
+    }
+
+    fn random(&self) -> u64 {
+        // xorshift64*: fast, good enough for picking among a handful of targets.
+        let mut s = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        *s ^= *s >> 12;
+        *s ^= *s << 25;
+        *s ^= *s >> 27;
+        s.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn is_ejected(&self, key: &str, now: Instant) -> bool {
+        let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.get(key)
+            .and_then(|h| h.ejected_until)
+            .is_some_and(|t| t > now)
+    }
+
+    /// Reports a successful attempt: the target's failure streak ends.
+    pub fn success(&self, t: &Target) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = h.get_mut(&t.key()) {
+            e.failures = 0;
+            if e.ejected_until.is_some_and(|u| u <= Instant::now()) {
+                e.ejected_until = None;
+            }
+        }
+    }
+
+    /// Reports a failed attempt (connect error or 5xx); may eject the target. `pool` is the set it
+    /// belongs to, for the ejection cap.
+    pub fn failure(&self, t: &Target, pool: &[Target]) {
+        let now = Instant::now();
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let ejected_in_pool = pool
+            .iter()
+            .filter(|p| same_pool(p, t))
+            .filter(|p| {
+                h.get(&p.key())
+                    .and_then(|e| e.ejected_until)
+                    .is_some_and(|u| u > now)
+            })
+            .count();
+        let pool_size = pool.iter().filter(|p| same_pool(p, t)).count().max(1);
+        let e = h.entry(t.key()).or_default();
+        e.failures += 1;
+        let already = e.ejected_until.is_some_and(|u| u > now);
+        if e.failures >= self.config.consecutive_failures && !already {
+            let allowed = (ejected_in_pool + 1) * 100
+                <= pool_size * self.config.max_ejection_percent as usize;
+            if allowed {
+                let factor = 1u32 << e.ejections.min(10);
+                let d = (self.config.base_ejection * factor).min(self.config.max_ejection);
+                e.ejected_until = Some(now + d);
+                e.ejections += 1;
+                e.failures = 0;
+                tracing::info!(target = %t.key(), ejected_for = ?d, "outlier ejected");
+            }
+        }
+    }
+
+    /// Counts an active request on `t` (for least-request) until the lease drops.
+    pub fn lease(&self, t: &Target) -> Lease {
+        let counter = self
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(t.key())
+            .or_default()
+            .clone();
+        counter.fetch_add(1, Ordering::Relaxed);
+        Lease { counter }
+    }
+
+    fn load(&self, t: &Target) -> u32 {
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&t.key())
+            .map(|c| c.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// Chooses a target for `service` (and its `split`), skipping those in `exclude` (already
+    /// tried for this request). `None` when nothing is left.
+    pub fn pick(
+        &self,
+        here: &Locality,
+        candidates: &[Target],
+        split: &[pb::WeightedBackend],
+        exclude: &[Target],
+    ) -> Option<Target> {
+        let now = Instant::now();
+        let usable: Vec<&Target> = candidates.iter().filter(|t| !exclude.contains(t)).collect();
+        if usable.is_empty() {
+            return None;
+        }
+        let healthy: Vec<&Target> = usable
+            .iter()
+            .copied()
+            .filter(|t| !self.is_ejected(&t.key(), now))
+            .collect();
+        // Panic routing: when nothing is healthy, try everything rather than fail.
+        let pool = if healthy.is_empty() { usable } else { healthy };
+
+        let pool: Vec<&Target> = if split.iter().any(|b| b.weight > 0) {
+            match self.pick_cluster(here, &pool, split) {
+                Some(c) => pool
+                    .into_iter()
+                    .filter(|t| t.cluster().unwrap_or(&here.cluster) == c)
+                    .collect(),
+                // No cluster of the split can take traffic: locality over what is left.
+                None => pool,
+            }
+        } else {
+            pool
+        };
+        let tier = (0..4)
+            .map(|t| {
+                pool.iter()
+                    .copied()
+                    .filter(|c| Self::tier(here, c) == t)
+                    .collect::<Vec<_>>()
+            })
+            .find(|v| !v.is_empty())?;
+        Some(self.least_of_two(&tier).clone())
+    }
+
+    fn tier(here: &Locality, t: &Target) -> u8 {
+        match t {
+            Target::Local { zone, .. } if !here.zone.is_empty() && zone == &here.zone => 0,
+            Target::Local { .. } => 1,
+            Target::Remote { region, .. } if !here.region.is_empty() && region == &here.region => 2,
+            Target::Remote { .. } => 3,
+        }
+    }
+
+    /// Draws a cluster by weight among the split's clusters that have a target in `pool`.
+    fn pick_cluster<'a>(
+        &self,
+        here: &Locality,
+        pool: &[&Target],
+        split: &'a [pb::WeightedBackend],
+    ) -> Option<&'a str> {
+        let available: Vec<&pb::WeightedBackend> = split
+            .iter()
+            .filter(|b| b.weight > 0)
+            .filter(|b| {
+                pool.iter()
+                    .any(|t| t.cluster().unwrap_or(&here.cluster) == b.cluster)
+            })
+            .collect();
+        let total: u64 = available.iter().map(|b| u64::from(b.weight)).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut r = self.random() % total;
+        for b in available {
+            if r < u64::from(b.weight) {
+                return Some(&b.cluster);
+            }
+            r -= u64::from(b.weight);
+        }
+        None
+    }
+
+    fn least_of_two<'t>(&self, tier: &[&'t Target]) -> &'t Target {
+        if tier.len() == 1 {
+            return tier[0];
+        }
+        let a = tier[(self.random() % tier.len() as u64) as usize];
+        let b = tier[(self.random() % tier.len() as u64) as usize];
+        if self.load(b) < self.load(a) { b } else { a }
+    }
+}
+
+fn same_pool(a: &Target, b: &Target) -> bool {
+    matches!(
+        (a, b),
+        (Target::Local { .. }, Target::Local { .. })
+            | (Target::Remote { .. }, Target::Remote { .. })
+    )
+}
+
+/// The targets of a service for its port `port`: ready local endpoints as `ip:targetPort`
+/// (matched by port name), and the other clusters' gateways.
+pub fn targets(svc: &pb::Service, port: u32) -> Vec<Target> {
+    let mut out = Vec::new();
+    let name = svc
+        .ports
+        .iter()
+        .find(|p| p.port == port)
+        .map(|p| p.name.as_str());
+    for e in svc.endpoints.iter().filter(|e| e.ready) {
+        let target_port = e
+            .ports
+            .iter()
+            .find(|p| Some(p.name.as_str()) == name)
+            .or_else(|| (e.ports.len() == 1).then(|| &e.ports[0]))
+            .map(|p| p.port)
+            .unwrap_or(port);
+        let addr = if e.address.contains(':') {
+            format!("[{}]:{target_port}", e.address)
+        } else {
+            format!("{}:{target_port}", e.address)
+        };
+        out.push(Target::Local {
+            addr,
+            zone: e.zone.clone(),
+        });
+    }
+    for r in svc.remote.iter().filter(|r| r.ready > 0) {
+        for g in &r.gateways {
+            out.push(Target::Remote {
+                cluster: r.cluster.clone(),
+                trust_domain: r.trust_domain.clone(),
+                region: r.region.clone(),
+                gateway: g.clone(),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(addr: &str, zone: &str) -> Target {
+        Target::Local {
+            addr: addr.into(),
+            zone: zone.into(),
+        }
+    }
+    fn remote(c: &str) -> Target {
+        Target::Remote {
+            cluster: c.into(),
+            trust_domain: format!("{c}.example"),
+            region: if c == "west" {
+                "us".into()
+            } else {
+                "eu".into()
+            },
+            gateway: format!("{c}-gw:15443"),
+        }
+    }
+    fn here() -> Locality {
+        Locality {
+            cluster: "east".into(),
+            region: "us".into(),
+            zone: "a".into(),
+        }
+    }
+    fn fast() -> OutlierConfig {
+        OutlierConfig {
+            consecutive_failures: 1,
+            base_ejection: Duration::from_millis(50),
+            max_ejection: Duration::from_millis(400),
+            max_ejection_percent: 100,
+        }
+    }
+
+    #[test]
+    fn locality_tiers_fail_over_zone_then_region_then_other_clusters() {
+        let b = Balancer::new(fast());
+        let all = vec![
+            local("a1", "a"),
+            local("b1", "b"),
+            remote("far"),
+            remote("west"),
+        ];
+        for _ in 0..20 {
+            assert_eq!(b.pick(&here(), &all, &[], &[]), Some(local("a1", "a")));
+        }
+        b.failure(&local("a1", "a"), &all);
+        assert_eq!(b.pick(&here(), &all, &[], &[]), Some(local("b1", "b")));
+        b.failure(&local("b1", "b"), &all);
+        assert_eq!(
+            b.pick(&here(), &all, &[], &[]),
+            Some(remote("west")),
+            "same region before far"
+        );
+        // Excluded (already tried) targets are skipped too.
+        assert_eq!(
+            b.pick(&here(), &all, &[], &[remote("west")]),
+            Some(remote("far"))
+        );
+        // Ejection ends: traffic comes back to zone a.
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(b.pick(&here(), &all, &[], &[]), Some(local("a1", "a")));
+    }
+
+    #[test]
+    fn splits_draw_clusters_by_weight_and_skip_unavailable_ones() {
+        let b = Balancer::new(fast());
+        let all = vec![local("a1", "a"), remote("west")];
+        let split = vec![
+            pb::WeightedBackend {
+                cluster: "east".into(),
+                weight: 80,
+            },
+            pb::WeightedBackend {
+                cluster: "west".into(),
+                weight: 20,
+            },
+        ];
+        let n = 20_000;
+        let west = (0..n)
+            .filter(|_| b.pick(&here(), &all, &split, &[]).unwrap().cluster() == Some("west"))
+            .count();
+        let share = west as f64 / n as f64;
+        assert!((share - 0.2).abs() < 0.02, "{share}");
+        // West has nothing to offer: everything goes to east.
+        let only_east = vec![local("a1", "a")];
+        assert!(
+            (0..100).all(|_| b.pick(&here(), &only_east, &split, &[]) == Some(local("a1", "a")))
+        );
+    }
+
+    #[test]
+    fn ejection_backs_off_is_capped_and_panic_routing_keeps_traffic_flowing() {
+        let mut cfg = fast();
+        cfg.max_ejection_percent = 50;
+        let b = Balancer::new(cfg);
+        let all = vec![local("a1", "a"), local("a2", "a")];
+        b.failure(&local("a1", "a"), &all);
+        b.failure(&local("a2", "a"), &all); // would exceed 50%: not ejected
+        let picks: std::collections::HashSet<_> = (0..50)
+            .map(|_| b.pick(&here(), &all, &[], &[]).unwrap())
+            .collect();
+        assert_eq!(picks, [local("a2", "a")].into_iter().collect());
+        // Nothing healthy: panic routing tries everything.
+        let b = Balancer::new(fast());
+        let one = vec![local("a1", "a")];
+        b.failure(&local("a1", "a"), &one);
+        assert_eq!(b.pick(&here(), &one, &[], &[]), Some(local("a1", "a")));
+        // Backoff doubles: a second ejection lasts longer than the first.
+        let b = Balancer::new(fast());
+        let two = vec![local("a1", "a"), local("b1", "b")];
+        b.failure(&local("a1", "a"), &two);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(
+            b.pick(&here(), &two, &[], &[]),
+            Some(local("a1", "a")),
+            "first ejection (50ms) over"
+        );
+        b.failure(&local("a1", "a"), &two);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(
+            b.pick(&here(), &two, &[], &[]),
+            Some(local("b1", "b")),
+            "second ejection (100ms) still on"
+        );
+    }
+
+    #[test]
+    fn least_loaded_of_two_prefers_idle_targets() {
+        let b = Balancer::new(fast());
+        let all = vec![local("a1", "a"), local("a2", "a")];
+        let _busy: Vec<Lease> = (0..10).map(|_| b.lease(&local("a1", "a"))).collect();
+        let a2 = (0..1000)
+            .filter(|_| b.pick(&here(), &all, &[], &[]) == Some(local("a2", "a")))
+            .count();
+        assert!(a2 > 700, "{a2}");
+    }
+}

@@ -1,0 +1,308 @@
+//! The data plane's view of the control plane's configuration stream.
+//!
+//! A task keeps a [`RoutingTable`] current (snapshot, then deltas, resumed after reconnects) and
+//! publishes it through an `ArcSwap`: the data path reads it without locks. When the control plane
+//! is unreachable the last table stays in force; with a cache file it also survives a restart.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use fedmesh_api::pb::dataplane as pb;
+use fedmesh_api::pb::dataplane::data_plane_client::DataPlaneClient;
+use fedmesh_api::{DATAPLANE_PROTOCOL_VERSION, ServiceKey, SpiffeId};
+use fedmesh_trust::tls::{Authorizer, MeshIdentity};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::balance::{Target, targets};
+
+/// A service as the data path needs it.
+#[derive(Debug)]
+pub struct ServiceEntry {
+    pub key: ServiceKey,
+    pub svc: pb::Service,
+    /// Targets per service port.
+    pub targets: HashMap<u16, Vec<Target>>,
+}
+
+impl ServiceEntry {
+    pub fn targets(&self, port: u16) -> &[Target] {
+        self.targets.get(&port).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    pub fn has_port(&self, port: u16) -> bool {
+        self.targets.contains_key(&port)
+    }
+
+    /// The service's only port, or its first.
+    pub fn default_port(&self) -> Option<u16> {
+        self.svc
+            .ports
+            .first()
+            .and_then(|p| u16::try_from(p.port).ok())
+    }
+}
+
+/// Everything a proxy routes by.
+#[derive(Debug, Default)]
+pub struct RoutingTable {
+    pub epoch: u64,
+    pub version: u64,
+    pub cluster: pb::LocalCluster,
+    pub services: HashMap<String, Arc<ServiceEntry>>,
+    pub by_vip: HashMap<Ipv4Addr, Arc<ServiceEntry>>,
+}
+
+impl RoutingTable {
+    fn from_map(
+        epoch: u64,
+        version: u64,
+        cluster: pb::LocalCluster,
+        map: &HashMap<String, pb::Service>,
+    ) -> Self {
+        let mut services = HashMap::with_capacity(map.len());
+        let mut by_vip = HashMap::new();
+        for (k, svc) in map {
+            let Ok(key) = k.parse::<ServiceKey>() else {
+                continue;
+            };
+            let entry = Arc::new(ServiceEntry {
+                key,
+                targets: svc
+                    .ports
+                    .iter()
+                    .filter_map(|p| Some((u16::try_from(p.port).ok()?, targets(svc, p.port))))
+                    .collect(),
+                svc: svc.clone(),
+            });
+            if let Ok(ip) = svc.vip.parse::<Ipv4Addr>() {
+                by_vip.insert(ip, entry.clone());
+            }
+            services.insert(k.clone(), entry);
+        }
+        Self {
+            epoch,
+            version,
+            cluster,
+            services,
+            by_vip,
+        }
+    }
+
+    pub fn service(&self, key: &str) -> Option<&Arc<ServiceEntry>> {
+        self.services.get(key)
+    }
+}
+
+#[derive(Clone)]
+pub struct ConfigHandle {
+    table: Arc<ArcSwap<RoutingTable>>,
+    changes: watch::Receiver<u64>,
+    connected: watch::Receiver<bool>,
+}
+
+impl ConfigHandle {
+    pub fn table(&self) -> Arc<RoutingTable> {
+        self.table.load_full()
+    }
+
+    /// Ticks on every applied update.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+
+    pub fn connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    /// Resolves once a table is loaded (from the control plane or the cache).
+    pub async fn ready(&self) {
+        let mut rx = self.changes.clone();
+        let _ = rx.wait_for(|n| *n > 0).await;
+    }
+}
+
+/// Starts following the control plane at `addr` with `identity`.
+pub fn start(
+    addr: String,
+    identity: MeshIdentity,
+    role: &str,
+    node: &str,
+    cache: Option<PathBuf>,
+    shutdown: CancellationToken,
+) -> ConfigHandle {
+    let table = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
+    let (changes_tx, changes) = watch::channel(0u64);
+    let (connected_tx, connected) = watch::channel(false);
+    let mut state = State {
+        map: HashMap::new(),
+        epoch: 0,
+        version: 0,
+        cluster: pb::LocalCluster::default(),
+    };
+    if let Some(path) = &cache
+        && let Ok(raw) = std::fs::read(path)
+        && let Ok(u) = pb::ConfigUpdate::decode(raw.as_slice())
+    {
+        state.apply(&u);
+        table.store(Arc::new(state.table()));
+        changes_tx.send_modify(|n| *n += 1);
+        tracing::info!(path = %path.display(), services = state.map.len(), "loaded the last configuration from the cache");
+    }
+    let handle = ConfigHandle {
+        table: table.clone(),
+        changes,
+        connected,
+    };
+    let (role, node) = (role.to_string(), node.to_string());
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let result = session(
+                &addr,
+                &identity,
+                &role,
+                &node,
+                &mut state,
+                &table,
+                &changes_tx,
+                &connected_tx,
+                cache.as_ref(),
+                &shutdown,
+            )
+            .await;
+            connected_tx.send_replace(false);
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if let Err(e) = result {
+                tracing::warn!(control_plane = %addr, error = %e, retry_in = ?backoff, "config stream down; routing with the last configuration");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    });
+    handle
+}
+
+struct State {
+    map: HashMap<String, pb::Service>,
+    epoch: u64,
+    version: u64,
+    cluster: pb::LocalCluster,
+}
+
+impl State {
+    fn apply(&mut self, u: &pb::ConfigUpdate) {
+        if u.snapshot {
+            self.map.clear();
+        }
+        for s in &u.services {
+            self.map.insert(s.key.clone(), s.clone());
+        }
+        for r in &u.removed_services {
+            self.map.remove(r);
+        }
+        self.epoch = u.epoch;
+        self.version = u.version;
+        if let Some(c) = &u.cluster {
+            self.cluster = c.clone();
+        }
+    }
+
+    fn table(&self) -> RoutingTable {
+        RoutingTable::from_map(self.epoch, self.version, self.cluster.clone(), &self.map)
+    }
+
+    fn snapshot(&self) -> pb::ConfigUpdate {
+        pb::ConfigUpdate {
+            epoch: self.epoch,
+            version: self.version,
+            snapshot: true,
+            cluster: Some(self.cluster.clone()),
+            services: self.map.values().cloned().collect(),
+            removed_services: vec![],
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    addr: &str,
+    identity: &MeshIdentity,
+    role: &str,
+    node: &str,
+    state: &mut State,
+    table: &ArcSwap<RoutingTable>,
+    changes: &watch::Sender<u64>,
+    connected: &watch::Sender<bool>,
+    cache: Option<&PathBuf>,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let id = identity.spiffe_id().ok_or("no SVID yet")?;
+    let cp_id = SpiffeId::new(&format!(
+        "spiffe://{}/fedmesh/control-plane",
+        id.trust_domain()
+    ))
+    .map_err(|e| e.to_string())?;
+    let cfg = identity.client_config(Authorizer::id(cp_id), vec![b"h2".to_vec()]);
+    let channel = fedmesh_trust::grpc::channel(addr, cfg, "control-plane.fedmesh")?;
+    let mut client = DataPlaneClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(pb::DataPlaneMessage {
+        msg: Some(pb::data_plane_message::Msg::Request(pb::ConfigRequest {
+            protocol_version: DATAPLANE_PROTOCOL_VERSION,
+            role: role.to_string(),
+            node: node.to_string(),
+            resume_epoch: state.epoch,
+            resume_version: state.version,
+        })),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut inbound = client
+        .stream_config(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("{} ({:?})", s.message(), s.code()))?
+        .into_inner();
+    connected.send_replace(true);
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            m = inbound.message() => m.map_err(|s| format!("{} ({:?})", s.message(), s.code()))?,
+        };
+        let Some(u) = msg else { return Ok(()) };
+        state.apply(&u);
+        table.store(Arc::new(state.table()));
+        changes.send_modify(|n| *n += 1);
+        tracing::debug!(
+            version = u.version,
+            snapshot = u.snapshot,
+            services = u.services.len(),
+            "config applied"
+        );
+        if let Some(path) = cache
+            && let Err(e) =
+                fedmesh_trust::files::write_public(path, &state.snapshot().encode_to_vec())
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot cache the configuration");
+        }
+        let _ = tx
+            .send(pb::DataPlaneMessage {
+                msg: Some(pb::data_plane_message::Msg::Ack(pb::ConfigAck {
+                    version: u.version,
+                    nack: false,
+                    error: String::new(),
+                })),
+            })
+            .await;
+    }
+}

@@ -1,0 +1,7 @@
+//! What fedmesh's east-west gateway and sidecar share.
+
+pub mod balance;
+pub mod config;
+pub mod metrics;
+pub mod relay;
+pub mod sni;

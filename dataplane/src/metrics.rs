@@ -1,0 +1,150 @@
+//! Prometheus metrics of the gateway and the sidecar.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// inbound or outbound
+    pub direction: String,
+    pub src_cluster: String,
+    pub dst_cluster: String,
+    pub service: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub direction: String,
+    pub src_cluster: String,
+    pub dst_cluster: String,
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub direction: String,
+    pub dst_cluster: String,
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SniLabels {
+    pub sni: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub direction: String,
+    pub service: String,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]
+    .into_iter()
+}
+
+pub struct ProxyMetrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RouteLabels, Histogram>,
+    pub request_errors: Family<ReasonLabels, Counter>,
+    pub tcp_connections: Family<TcpLabels, Counter>,
+    pub tcp_active: Gauge,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub sni_connections: Family<SniLabels, Counter>,
+    pub refused: Family<ReasonLabels, Counter>,
+    pub retries: Counter,
+    pub ejections: Counter,
+}
+
+impl ProxyMetrics {
+    pub fn new(prefix: &str) -> Self {
+        let mut registry = Registry::with_prefix(prefix);
+        let m = Self {
+            registry: Registry::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            request_errors: Family::default(),
+            tcp_connections: Family::default(),
+            tcp_active: Gauge::default(),
+            bytes: Family::default(),
+            sni_connections: Family::default(),
+            refused: Family::default(),
+            retries: Counter::default(),
+            ejections: Counter::default(),
+        };
+        registry.register(
+            "requests",
+            "HTTP requests by source and destination cluster, service and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "HTTP request latency",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "request_errors",
+            "Requests that failed in the proxy, by reason",
+            m.request_errors.clone(),
+        );
+        registry.register(
+            "tcp_connections",
+            "Opaque TCP connections",
+            m.tcp_connections.clone(),
+        );
+        registry.register(
+            "tcp_active_connections",
+            "Open proxied connections",
+            m.tcp_active.clone(),
+        );
+        registry.register("bytes", "Bytes relayed", m.bytes.clone());
+        registry.register(
+            "sni_connections",
+            "Connections by SNI (gateway)",
+            m.sni_connections.clone(),
+        );
+        registry.register(
+            "refused",
+            "Connections refused, by reason",
+            m.refused.clone(),
+        );
+        registry.register(
+            "retries",
+            "Attempts retried on another endpoint",
+            m.retries.clone(),
+        );
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            m.ejections.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    pub fn refuse(&self, reason: &str) {
+        self.refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
