@@ -27,6 +27,10 @@ enum Command {
     Hub(cmd::hub::HubArgs),
     /// Run one cluster's control plane.
     ControlPlane(cmd::control_plane::ControlPlaneArgs),
+    /// Run a cluster's east-west gateway (SNI-routed mTLS passthrough).
+    Gateway(cmd::proxy::GatewayArgs),
+    /// Run the sidecar proxy beside a workload.
+    Sidecar(cmd::proxy::SidecarArgs),
     /// Serve the SPIFFE Workload API to local workloads.
     Agent(cmd::agent::AgentArgs),
     /// Show the clusterset: clusters, exported services, conflicts.
@@ -62,6 +66,8 @@ fn main() -> std::process::ExitCode {
             Command::Hub(h) => cmd::hub::run(h).await,
             Command::ControlPlane(c) => cmd::control_plane::run(c).await,
             Command::Agent(a) => cmd::agent::run(a).await,
+            Command::Gateway(g) => cmd::proxy::gateway(g).await,
+            Command::Sidecar(s) => cmd::proxy::sidecar(s).await,
             Command::Status(s) => cmd::status::status(s).await,
             Command::Explain(e) => cmd::status::explain(e).await,
             Command::Crds => {

@@ -162,9 +162,13 @@ impl Balancer {
     }
 
     /// Reports a failed attempt (connect error or 5xx); may eject the target. `pool` is the set it
-    /// belongs to, for the ejection cap.
-    pub fn failure(&self, t: &Target, pool: &[Target]) {
-        let now = Instant::now();
+    /// belongs to, for the ejection cap (one target can always be ejected). Returns whether
+    /// this failure ejected it.
+    pub fn failure(&self, t: &Target, pool: &[Target]) -> bool {
+        self.failure_at(t, pool, Instant::now())
+    }
+
+    fn failure_at(&self, t: &Target, pool: &[Target], now: Instant) -> bool {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         let ejected_in_pool = pool
             .iter()
@@ -180,8 +184,9 @@ impl Balancer {
         e.failures += 1;
         let already = e.ejected_until.is_some_and(|u| u > now);
         if e.failures >= self.config.consecutive_failures && !already {
-            let allowed = (ejected_in_pool + 1) * 100
-                <= pool_size * self.config.max_ejection_percent as usize;
+            let allowed = ejected_in_pool == 0
+                || (ejected_in_pool + 1) * 100
+                    <= pool_size * self.config.max_ejection_percent as usize;
             if allowed {
                 let factor = 1u32 << e.ejections.min(10);
                 let d = (self.config.base_ejection * factor).min(self.config.max_ejection);
@@ -189,8 +194,10 @@ impl Balancer {
                 e.ejections += 1;
                 e.failures = 0;
                 tracing::info!(target = %t.key(), ejected_for = ?d, "outlier ejected");
+                return true;
             }
         }
+        false
     }
 
     /// Counts an active request on `t` (for least-request) until the lease drops.
@@ -224,7 +231,17 @@ impl Balancer {
         split: &[pb::WeightedBackend],
         exclude: &[Target],
     ) -> Option<Target> {
-        let now = Instant::now();
+        self.pick_at(here, candidates, split, exclude, Instant::now())
+    }
+
+    fn pick_at(
+        &self,
+        here: &Locality,
+        candidates: &[Target],
+        split: &[pb::WeightedBackend],
+        exclude: &[Target],
+        now: Instant,
+    ) -> Option<Target> {
         let usable: Vec<&Target> = candidates.iter().filter(|t| !exclude.contains(t)).collect();
         if usable.is_empty() {
             return None;
@@ -316,30 +333,35 @@ fn same_pool(a: &Target, b: &Target) -> bool {
     )
 }
 
-/// The targets of a service for its port `port`: ready local endpoints as `ip:targetPort`
-/// (matched by port name), and the other clusters' gateways.
-pub fn targets(svc: &pb::Service, port: u32) -> Vec<Target> {
-    let mut out = Vec::new();
+/// The address (`ip:targetPort`) of endpoint `e` of `svc` for service port `port`: the target
+/// port is matched by port name, or is the endpoint's only port, or the service port itself.
+pub fn endpoint_addr(svc: &pb::Service, e: &pb::Endpoint, port: u32) -> String {
     let name = svc
         .ports
         .iter()
         .find(|p| p.port == port)
         .map(|p| p.name.as_str());
+    let target_port = e
+        .ports
+        .iter()
+        .find(|p| Some(p.name.as_str()) == name)
+        .or_else(|| (e.ports.len() == 1).then(|| &e.ports[0]))
+        .map(|p| p.port)
+        .unwrap_or(port);
+    if e.address.contains(':') {
+        format!("[{}]:{target_port}", e.address)
+    } else {
+        format!("{}:{target_port}", e.address)
+    }
+}
+
+/// The targets of a service for its port `port`: ready local endpoints as `ip:targetPort`
+/// (matched by port name), and the other clusters' gateways.
+pub fn targets(svc: &pb::Service, port: u32) -> Vec<Target> {
+    let mut out = Vec::new();
     for e in svc.endpoints.iter().filter(|e| e.ready) {
-        let target_port = e
-            .ports
-            .iter()
-            .find(|p| Some(p.name.as_str()) == name)
-            .or_else(|| (e.ports.len() == 1).then(|| &e.ports[0]))
-            .map(|p| p.port)
-            .unwrap_or(port);
-        let addr = if e.address.contains(':') {
-            format!("[{}]:{target_port}", e.address)
-        } else {
-            format!("{}:{target_port}", e.address)
-        };
         out.push(Target::Local {
-            addr,
+            addr: endpoint_addr(svc, e, port),
             zone: e.zone.clone(),
         });
     }
@@ -403,25 +425,35 @@ mod tests {
             remote("far"),
             remote("west"),
         ];
+        let t = Instant::now();
         for _ in 0..20 {
-            assert_eq!(b.pick(&here(), &all, &[], &[]), Some(local("a1", "a")));
+            assert_eq!(
+                b.pick_at(&here(), &all, &[], &[], t),
+                Some(local("a1", "a"))
+            );
         }
-        b.failure(&local("a1", "a"), &all);
-        assert_eq!(b.pick(&here(), &all, &[], &[]), Some(local("b1", "b")));
-        b.failure(&local("b1", "b"), &all);
+        b.failure_at(&local("a1", "a"), &all, t);
         assert_eq!(
-            b.pick(&here(), &all, &[], &[]),
+            b.pick_at(&here(), &all, &[], &[], t),
+            Some(local("b1", "b"))
+        );
+        b.failure_at(&local("b1", "b"), &all, t);
+        assert_eq!(
+            b.pick_at(&here(), &all, &[], &[], t),
             Some(remote("west")),
             "same region before far"
         );
         // Excluded (already tried) targets are skipped too.
         assert_eq!(
-            b.pick(&here(), &all, &[], &[remote("west")]),
+            b.pick_at(&here(), &all, &[], &[remote("west")], t),
             Some(remote("far"))
         );
         // Ejection ends: traffic comes back to zone a.
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(b.pick(&here(), &all, &[], &[]), Some(local("a1", "a")));
+        let later = t + Duration::from_millis(60);
+        assert_eq!(
+            b.pick_at(&here(), &all, &[], &[], later),
+            Some(local("a1", "a"))
+        );
     }
 
     #[test]
@@ -455,6 +487,9 @@ mod tests {
     fn ejection_backs_off_is_capped_and_panic_routing_keeps_traffic_flowing() {
         let mut cfg = fast();
         cfg.max_ejection_percent = 50;
+        // Long ejections: nothing here may depend on how fast the test runs.
+        cfg.base_ejection = Duration::from_secs(3600);
+        cfg.max_ejection = Duration::from_secs(7200);
         let b = Balancer::new(cfg);
         let all = vec![local("a1", "a"), local("a2", "a")];
         b.failure(&local("a1", "a"), &all);
@@ -464,26 +499,35 @@ mod tests {
             .collect();
         assert_eq!(picks, [local("a2", "a")].into_iter().collect());
         // Nothing healthy: panic routing tries everything.
-        let b = Balancer::new(fast());
+        let b = Balancer::new(OutlierConfig {
+            base_ejection: Duration::from_secs(3600),
+            max_ejection: Duration::from_secs(7200),
+            ..fast()
+        });
         let one = vec![local("a1", "a")];
         b.failure(&local("a1", "a"), &one);
         assert_eq!(b.pick(&here(), &one, &[], &[]), Some(local("a1", "a")));
-        // Backoff doubles: a second ejection lasts longer than the first.
+        // Backoff doubles: a second ejection lasts longer than the first (50ms, then 100ms).
         let b = Balancer::new(fast());
         let two = vec![local("a1", "a"), local("b1", "b")];
-        b.failure(&local("a1", "a"), &two);
-        std::thread::sleep(Duration::from_millis(60));
+        let t0 = Instant::now();
+        b.failure_at(&local("a1", "a"), &two, t0);
+        let t1 = t0 + Duration::from_millis(60);
         assert_eq!(
-            b.pick(&here(), &two, &[], &[]),
+            b.pick_at(&here(), &two, &[], &[], t1),
             Some(local("a1", "a")),
             "first ejection (50ms) over"
         );
-        b.failure(&local("a1", "a"), &two);
-        std::thread::sleep(Duration::from_millis(60));
+        b.failure_at(&local("a1", "a"), &two, t1);
         assert_eq!(
-            b.pick(&here(), &two, &[], &[]),
+            b.pick_at(&here(), &two, &[], &[], t1 + Duration::from_millis(60)),
             Some(local("b1", "b")),
             "second ejection (100ms) still on"
+        );
+        assert_eq!(
+            b.pick_at(&here(), &two, &[], &[], t1 + Duration::from_millis(110)),
+            Some(local("a1", "a")),
+            "second ejection over"
         );
     }
 

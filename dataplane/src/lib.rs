@@ -1,7 +1,9 @@
 //! What fedmesh's east-west gateway and sidecar share.
 
+pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod metrics;
 pub mod relay;
 pub mod sni;
+pub mod trace;

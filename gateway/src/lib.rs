@@ -1,1 +1,365 @@
-//! placeholder
+//! The east-west gateway: admits mTLS connections from other clusters to this cluster's exported
+//! services and passes them, still encrypted, to a healthy local endpoint.
+//!
+//! The gateway never terminates TLS. It reads the ClientHello (within a size and time limit),
+//! takes the destination from the SNI (`p<port>.<service>.<namespace>.<cluster>.fedmesh`, see
+//! [`fedmesh_dataplane::sni`]), and admits the connection only when the cluster is its own and the
+//! service is exported here. The mTLS session is end to end between the caller's sidecar and the
+//! destination's sidecar, which verifies the caller's SVID against the caller's trust domain.
+//!
+//! Refusals close the connection at once (with a TLS `unrecognized_name` alert when the client
+//! spoke TLS) and are counted by reason; they never disturb other connections.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fedmesh_dataplane::balance::{Balancer, Locality, OutlierConfig, Target};
+use fedmesh_dataplane::config::ConfigHandle;
+use fedmesh_dataplane::metrics::{BytesLabels, ProxyMetrics, SniLabels, TcpLabels};
+use fedmesh_dataplane::relay::relay;
+use fedmesh_dataplane::sni::{HelloError, MeshSni, read_client_hello};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Limits and timeouts; the defaults suit production.
+#[derive(Clone, Debug)]
+pub struct GatewayOptions {
+    /// The whole ClientHello must arrive within this time.
+    pub hello_timeout: Duration,
+    /// And within this many bytes (TLS records included).
+    pub max_hello_bytes: usize,
+    /// Connecting to one endpoint; a failure moves on to another endpoint.
+    pub connect_timeout: Duration,
+    /// How many endpoints one connection may try.
+    pub connect_attempts: usize,
+    /// A connection with no bytes moving either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections beyond this are refused at once.
+    pub max_connections: usize,
+    /// On shutdown, open connections get this long to finish.
+    pub drain_timeout: Duration,
+    /// The gateway's zone, to prefer endpoints near it.
+    pub zone: String,
+    pub outlier: OutlierConfig,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        Self {
+            hello_timeout: Duration::from_secs(5),
+            max_hello_bytes: 32 * 1024,
+            connect_timeout: Duration::from_secs(1),
+            connect_attempts: 3,
+            idle_timeout: Duration::from_secs(3600),
+            max_connections: 16 * 1024,
+            drain_timeout: Duration::from_secs(30),
+            zone: String::new(),
+            outlier: OutlierConfig::default(),
+        }
+    }
+}
+
+pub struct Gateway {
+    options: GatewayOptions,
+    config: ConfigHandle,
+    balancer: Balancer,
+    metrics: Arc<ProxyMetrics>,
+    slots: Arc<Semaphore>,
+    draining: Arc<AtomicBool>,
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("{0}")]
+    Hello(HelloError),
+    #[error("SNI {0:?} is not a fedmesh service name")]
+    BadSni(String),
+    #[error("SNI names cluster {sni_cluster}, this gateway serves {own}")]
+    WrongCluster { sni_cluster: String, own: String },
+    #[error("{0} is not exported from this cluster")]
+    NotExported(String),
+    #[error("{service} has no port {port}")]
+    UnknownPort { service: String, port: u16 },
+    #[error("{0} has no ready endpoint here")]
+    NoEndpoints(String),
+    #[error("no endpoint of {0} accepted a connection")]
+    Unavailable(String),
+    #[error("too many connections")]
+    Overloaded,
+    #[error("no configuration from the control plane yet")]
+    NotReady,
+}
+
+impl Refusal {
+    fn label(&self) -> &'static str {
+        match self {
+            Refusal::Hello(h) => h.label(),
+            Refusal::BadSni(_) => "bad_sni",
+            Refusal::WrongCluster { .. } => "wrong_cluster",
+            Refusal::NotExported(_) => "not_exported",
+            Refusal::UnknownPort { .. } => "unknown_port",
+            Refusal::NoEndpoints(_) => "no_endpoints",
+            Refusal::Unavailable(_) => "upstream_unavailable",
+            Refusal::Overloaded => "overloaded",
+            Refusal::NotReady => "not_ready",
+        }
+    }
+
+    /// Whether the client sent a TLS ClientHello we can answer with an alert.
+    fn spoke_tls(&self) -> bool {
+        !matches!(
+            self,
+            Refusal::Hello(
+                HelloError::NotTls
+                    | HelloError::Malformed(_)
+                    | HelloError::TooLarge(_)
+                    | HelloError::Eof
+                    | HelloError::Io(_)
+                    | HelloError::Timeout(_)
+            ) | Refusal::Overloaded
+        )
+    }
+}
+
+/// A fatal TLS alert: `unrecognized_name` (112), so a client's error says what went wrong.
+const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+
+impl Gateway {
+    pub fn new(options: GatewayOptions, config: ConfigHandle, metrics: Arc<ProxyMetrics>) -> Self {
+        Self {
+            balancer: Balancer::new(options.outlier.clone()),
+            slots: Arc::new(Semaphore::new(options.max_connections)),
+            options,
+            config,
+            metrics,
+            draining: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<ProxyMetrics> {
+        &self.metrics
+    }
+
+    /// Set while draining (for `/readyz`).
+    pub fn draining(&self) -> Arc<AtomicBool> {
+        self.draining.clone()
+    }
+
+    /// Serves `listener` until `shutdown`, then stops accepting and gives open connections
+    /// `drain_timeout` to finish before closing them.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let hard_stop = CancellationToken::new();
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                self.metrics.refuse(Refusal::Overloaded.label());
+                drop(stream);
+                continue;
+            };
+            let gw = self.clone();
+            let stop = hard_stop.clone();
+            tracker.spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = gw.handle(stream, peer) => {}
+                }
+                drop(permit);
+            });
+        }
+        self.draining.store(true, Ordering::Relaxed);
+        drop(listener);
+        tracker.close();
+        let open = tracker.len();
+        if open > 0 {
+            tracing::info!(
+                connections = open,
+                timeout = ?self.options.drain_timeout,
+                "draining open connections"
+            );
+        }
+        if tokio::time::timeout(self.options.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = tracker.len(),
+                "drain timeout; closing the remaining connections"
+            );
+            hard_stop.cancel();
+            tracker.wait().await;
+        }
+    }
+
+    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
+        let _ = client.set_nodelay(true);
+        let mut hello_bytes = Vec::with_capacity(2048);
+        let admitted = self.admit(&mut client, &mut hello_bytes).await;
+        let (mesh, upstream, target, pool) = match admitted {
+            Ok(x) => x,
+            Err(r) => {
+                self.metrics.refuse(r.label());
+                tracing::debug!(%peer, reason = %r, "refused");
+                if r.spoke_tls() {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        let _ = client.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+                        let _ = client.shutdown().await;
+                    })
+                    .await;
+                }
+                return;
+            }
+        };
+        let service = mesh.service.to_string();
+        self.metrics
+            .sni_connections
+            .get_or_create(&SniLabels {
+                sni: mesh.to_string(),
+            })
+            .inc();
+        self.metrics
+            .tcp_connections
+            .get_or_create(&TcpLabels {
+                direction: "gateway".into(),
+                dst_cluster: mesh.cluster.to_string(),
+                service: service.clone(),
+            })
+            .inc();
+        self.metrics.tcp_active.inc();
+        let _lease = self.balancer.lease(&target);
+        let mut upstream = upstream;
+        let moved = match upstream.write_all(&hello_bytes).await {
+            Ok(()) => relay(client, upstream, self.options.idle_timeout).await,
+            Err(e) => Err(e),
+        };
+        self.metrics.tcp_active.dec();
+        match moved {
+            Ok(m) => {
+                self.metrics
+                    .bytes
+                    .get_or_create(&BytesLabels {
+                        direction: "in".into(),
+                        service: service.clone(),
+                    })
+                    .inc_by(m.a_to_b + hello_bytes.len() as u64);
+                self.metrics
+                    .bytes
+                    .get_or_create(&BytesLabels {
+                        direction: "out".into(),
+                        service,
+                    })
+                    .inc_by(m.b_to_a);
+                if m.idle_timeout {
+                    tracing::debug!(%peer, sni = %mesh, "idle connection closed");
+                }
+            }
+            Err(e) => {
+                // The endpoint reset the connection: count it against the endpoint.
+                if e.kind() == std::io::ErrorKind::ConnectionReset {
+                    self.balancer.failure(&target, &pool);
+                }
+                tracing::debug!(%peer, sni = %mesh, error = %e, "connection ended with an error");
+            }
+        }
+    }
+
+    /// Reads and checks the ClientHello, then connects to an endpoint (trying others when one
+    /// fails to connect).
+    async fn admit(
+        &self,
+        client: &mut TcpStream,
+        hello_bytes: &mut Vec<u8>,
+    ) -> Result<(MeshSni, TcpStream, Target, Vec<Target>), Refusal> {
+        let hello = read_client_hello(
+            client,
+            hello_bytes,
+            self.options.max_hello_bytes,
+            self.options.hello_timeout,
+        )
+        .await
+        .map_err(Refusal::Hello)?;
+        let sni = hello.sni.ok_or(Refusal::Hello(HelloError::NoSni))?;
+        let mesh = MeshSni::parse(&sni).map_err(|_| Refusal::BadSni(sni.clone()))?;
+        let table = self.config.table();
+        if table.cluster.name.is_empty() {
+            return Err(Refusal::NotReady);
+        }
+        if mesh.cluster.as_str() != table.cluster.name {
+            return Err(Refusal::WrongCluster {
+                sni_cluster: mesh.cluster.to_string(),
+                own: table.cluster.name.clone(),
+            });
+        }
+        let key = mesh.service.to_string();
+        let entry = table
+            .service(&key)
+            .filter(|e| e.svc.exported)
+            .ok_or_else(|| Refusal::NotExported(key.clone()))?;
+        if !entry.has_port(mesh.port) {
+            return Err(Refusal::UnknownPort {
+                service: key,
+                port: mesh.port,
+            });
+        }
+        let pool: Vec<Target> = entry
+            .targets(mesh.port)
+            .iter()
+            .filter(|t| matches!(t, Target::Local { .. }))
+            .cloned()
+            .collect();
+        if pool.is_empty() {
+            return Err(Refusal::NoEndpoints(key));
+        }
+        let here = Locality {
+            cluster: table.cluster.name.clone(),
+            region: table.cluster.region.clone(),
+            zone: self.options.zone.clone(),
+        };
+        let mut tried = Vec::new();
+        for attempt in 0..self.options.connect_attempts.max(1) {
+            let Some(target) = self.balancer.pick(&here, &pool, &[], &tried) else {
+                break;
+            };
+            let Target::Local { addr, .. } = &target else {
+                break;
+            };
+            if attempt > 0 {
+                self.metrics.retries.inc();
+            }
+            match tokio::time::timeout(self.options.connect_timeout, TcpStream::connect(addr)).await
+            {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    self.balancer.success(&target);
+                    return Ok((mesh, s, target, pool));
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(endpoint = %addr, error = %e, "endpoint refused; trying another");
+                }
+                Err(_) => {
+                    tracing::debug!(endpoint = %addr, "endpoint connect timed out; trying another");
+                }
+            }
+            self.balancer.failure(&target, &pool);
+            tried.push(target);
+        }
+        Err(Refusal::Unavailable(key))
+    }
+}

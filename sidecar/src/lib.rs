@@ -1,1 +1,275 @@
-//! placeholder
+//! The sidecar: the proxy beside every workload.
+//!
+//! **Outbound** it takes the workload's requests — through an HTTP proxy listener, a listener
+//! per service, or transparently (iptables `REDIRECT`, [`net::original_dst`]) — and sends them over
+//! mTLS to a sidecar of the destination service: directly in this cluster, or through the
+//! destination cluster's east-west gateway. HTTP/1.1 and HTTP/2 (gRPC) ride on pooled,
+//! multiplexed HTTP/2 connections; anything else is opaque TCP.
+//!
+//! **Inbound** it terminates mTLS from other sidecars, checks the caller's SPIFFE ID against the
+//! service's policy, and hands the request to the app on loopback with the caller's ID in
+//! `x-forwarded-client-cert`.
+//!
+//! Where a request goes is decided per request ([`fedmesh_dataplane::balance`]): the nearest
+//! healthy endpoint (zone, then region, then other clusters), weighted cross-cluster splits,
+//! outlier ejection, and retries on another endpoint when an attempt never reached the app.
+
+pub mod dest;
+mod inbound;
+pub mod net;
+mod outbound;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fedmesh_dataplane::balance::{Balancer, Locality, OutlierConfig};
+use fedmesh_dataplane::config::{ConfigHandle, RoutingTable};
+use fedmesh_dataplane::metrics::ProxyMetrics;
+use fedmesh_trust::tls::MeshIdentity;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use dest::Dest;
+use upstream::{Body, Upstreams};
+
+/// The header a proxy puts on a response it generated itself (the app never saw the request).
+pub const PROXY_ERROR: &str = "fedmesh-proxy-error";
+/// Between sidecars: the protocol the app spoke (`HTTP/1.1`), so the far side speaks it too.
+pub const ORIG_PROTO: &str = "fedmesh-orig-proto";
+pub const XFCC: &str = "x-forwarded-client-cert";
+
+#[derive(Clone, Debug)]
+pub struct SidecarOptions {
+    /// The workload's zone (its region comes with the cluster).
+    pub zone: String,
+    /// How long to wait for a client's first bytes before treating the connection as opaque TCP
+    /// (server-first protocols) on ports whose protocol is not declared.
+    pub protocol_detect_timeout: Duration,
+    /// Connecting to a peer; a failure moves on to another endpoint.
+    pub connect_timeout: Duration,
+    /// Opaque TCP connections with nothing moving for this long are closed.
+    pub idle_timeout: Duration,
+    /// On shutdown, open requests and connections get this long to finish.
+    pub drain_timeout: Duration,
+    /// Request bodies up to this size are buffered so a failed attempt can be retried.
+    pub max_retry_body: usize,
+    /// Attempts beyond the first for failures that never reached the app (connect errors,
+    /// refused streams, a peer whose app was down).
+    pub safe_retries: u32,
+    /// `SO_MARK` for the sidecar's own outgoing connections (transparent mode).
+    pub mark: Option<u32>,
+    pub max_connections: usize,
+    pub outlier: OutlierConfig,
+}
+
+impl Default for SidecarOptions {
+    fn default() -> Self {
+        Self {
+            zone: String::new(),
+            protocol_detect_timeout: Duration::from_millis(250),
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(3600),
+            drain_timeout: Duration::from_secs(10),
+            max_retry_body: 64 * 1024,
+            safe_retries: 3,
+            mark: None,
+            max_connections: 16 * 1024,
+            outlier: OutlierConfig::default(),
+        }
+    }
+}
+
+pub struct Sidecar {
+    options: SidecarOptions,
+    identity: MeshIdentity,
+    config: ConfigHandle,
+    balancer: Balancer,
+    metrics: Arc<ProxyMetrics>,
+    upstreams: Upstreams,
+    /// HTTP/1.1 to the local app (pooled keep-alive connections).
+    app_h1: Client<HttpConnector, Body>,
+    /// HTTP/2 (h2c) to the local app, pooled like peers.
+    app_h2: inbound::AppH2Pool,
+    slots: Arc<Semaphore>,
+    draining: Arc<AtomicBool>,
+}
+
+impl Sidecar {
+    pub fn new(
+        options: SidecarOptions,
+        identity: MeshIdentity,
+        config: ConfigHandle,
+        metrics: Arc<ProxyMetrics>,
+    ) -> Arc<Self> {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(options.connect_timeout));
+        let app_h1 = Client::builder(TokioExecutor::new())
+            .set_host(false)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(http);
+        let mut upstreams = Upstreams::new(identity.clone(), options.mark);
+        upstreams.set_connect_timeout(options.connect_timeout);
+        Arc::new(Self {
+            balancer: Balancer::new(options.outlier.clone()),
+            upstreams,
+            app_h1,
+            app_h2: inbound::AppH2Pool::default(),
+            slots: Arc::new(Semaphore::new(options.max_connections)),
+            draining: Arc::new(AtomicBool::new(false)),
+            options,
+            identity,
+            config,
+            metrics,
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<ProxyMetrics> {
+        &self.metrics
+    }
+
+    pub fn draining(&self) -> Arc<AtomicBool> {
+        self.draining.clone()
+    }
+
+    /// Open pooled connections to peers and gateways.
+    pub fn pooled_connections(&self) -> usize {
+        self.upstreams.pooled()
+    }
+
+    fn locality(&self, table: &RoutingTable) -> Locality {
+        Locality {
+            cluster: table.cluster.name.clone(),
+            region: table.cluster.region.clone(),
+            zone: self.options.zone.clone(),
+        }
+    }
+
+    /// An HTTP proxy for the workload (`http_proxy=http://127.0.0.1:15001`): requests name the
+    /// service in their host (`web.shop.svc.clusterset.local`); `CONNECT host:port` opens an
+    /// opaque TCP tunnel to a service.
+    pub async fn serve_http_proxy(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) {
+        let me = self.clone();
+        self.accept_loop(listener, shutdown, move |s, _peer, graceful| {
+            let me = me.clone();
+            async move { me.outbound_http(s, Vec::new(), None, graceful).await }
+        })
+        .await;
+    }
+
+    /// A listener for one service port: the workload connects here instead of to the service.
+    pub async fn serve_service(
+        self: Arc<Self>,
+        listener: TcpListener,
+        dest: Dest,
+        shutdown: CancellationToken,
+    ) {
+        let me = self.clone();
+        self.accept_loop(listener, shutdown, move |s, _peer, graceful| {
+            let (me, dest) = (me.clone(), dest.clone());
+            async move { me.outbound_to(s, dest, graceful).await }
+        })
+        .await;
+    }
+
+    /// Connections redirected by iptables: those to a clusterset VIP are meshed, anything else
+    /// passes through to where it was going.
+    pub async fn serve_transparent(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) {
+        let me = self.clone();
+        let own = listener.local_addr().ok();
+        self.accept_loop(listener, shutdown, move |s, peer, graceful| {
+            let me = me.clone();
+            async move { me.transparent(s, peer, own, graceful).await }
+        })
+        .await;
+    }
+
+    /// mTLS from other sidecars (directly or through this cluster's gateway). `app` is where the
+    /// workload listens; `None` (transparent mode) sends each connection to loopback at the port
+    /// it was originally addressed to.
+    pub async fn serve_inbound(
+        self: Arc<Self>,
+        listener: TcpListener,
+        app: Option<SocketAddr>,
+        shutdown: CancellationToken,
+    ) {
+        let me = self.clone();
+        self.accept_loop(listener, shutdown, move |s, peer, graceful| {
+            let me = me.clone();
+            async move { me.inbound(s, peer, app, graceful).await }
+        })
+        .await;
+    }
+
+    /// Accepts until `shutdown`, then lets connections finish (HTTP connections are told to stop
+    /// via `graceful`) for `drain_timeout` before closing them.
+    async fn accept_loop<F, Fut>(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+        f: F,
+    ) where
+        F: Fn(TcpStream, SocketAddr, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let tracker = TaskTracker::new();
+        let hard_stop = CancellationToken::new();
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                self.metrics.refuse("overloaded");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let fut = f(stream, peer, shutdown.clone());
+            let stop = hard_stop.clone();
+            tracker.spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = fut => {}
+                }
+                drop(permit);
+            });
+        }
+        self.draining.store(true, Ordering::Relaxed);
+        drop(listener);
+        tracker.close();
+        if tokio::time::timeout(self.options.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = tracker.len(),
+                "drain timeout; closing the remaining connections"
+            );
+            hard_stop.cancel();
+            tracker.wait().await;
+        }
+    }
+}

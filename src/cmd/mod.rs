@@ -3,6 +3,7 @@ pub mod bench;
 pub mod ca;
 pub mod control_plane;
 pub mod hub;
+pub mod proxy;
 pub mod status;
 pub mod workload;
 

@@ -28,7 +28,36 @@ pub type ServiceMap = BTreeMap<String, pb::Service>;
 pub struct ConfigState {
     pub version: u64,
     pub services: Arc<ServiceMap>,
+    /// The clusters of the clusterset (sent whole with every update; it is small).
+    pub peers: Arc<Vec<pb::Peer>>,
     history: VecDeque<(u64, Arc<ServiceMap>)>,
+}
+
+/// The clusters of a snapshot, this one included.
+pub fn peers_of(
+    cp_cluster: &ClusterName,
+    trust_domain: &str,
+    region: &str,
+    snap: &Snapshot,
+) -> Vec<pb::Peer> {
+    let mut out: Vec<pb::Peer> = snap
+        .clusterset
+        .clusters
+        .iter()
+        .filter(|(n, _)| *n != cp_cluster)
+        .map(|(n, c)| pb::Peer {
+            cluster: n.to_string(),
+            trust_domain: c.trust_domain.clone(),
+            region: c.region.clone(),
+        })
+        .collect();
+    out.push(pb::Peer {
+        cluster: cp_cluster.to_string(),
+        trust_domain: trust_domain.to_string(),
+        region: region.to_string(),
+    });
+    out.sort_by(|a, b| a.cluster.cmp(&b.cluster));
+    out
 }
 
 impl ConfigState {
@@ -148,8 +177,14 @@ pub async fn run(
         let s = snap.borrow_and_update().clone();
         let policies = super::policy::policies_of(&s.local);
         let services = services_of(&cp.config.cluster, &cp.config.region, &s, &policies);
+        let peers = peers_of(
+            &cp.config.cluster,
+            cp.config.trust_domain.as_str(),
+            &cp.config.region,
+            &s,
+        );
         state.send_if_modified(|cur| {
-            if *cur.services == services {
+            if *cur.services == services && *cur.peers == peers {
                 return false;
             }
             let mut history = cur.history.clone();
@@ -160,6 +195,7 @@ pub async fn run(
             *cur = Arc::new(ConfigState {
                 version: cur.version + 1,
                 services: Arc::new(services),
+                peers: Arc::new(peers),
                 history,
             });
             true
@@ -230,10 +266,15 @@ impl DataPlane for ConfigService {
                 req.protocol_version
             )));
         }
-        let cluster = pb::LocalCluster {
+        let local = pb::LocalCluster {
             name: self.cp.config.cluster.to_string(),
             trust_domain: self.cp.config.trust_domain.to_string(),
             region: self.cp.config.region.clone(),
+            peers: vec![],
+        };
+        let cluster = move |peers: &Arc<Vec<pb::Peer>>| pb::LocalCluster {
+            peers: peers.as_ref().clone(),
+            ..local.clone()
         };
         let (tx, rx) = mpsc::channel(16);
         let (epoch, mut state) = (self.epoch, self.state.clone());
@@ -251,7 +292,7 @@ impl DataPlane for ConfigService {
                         epoch,
                         version: current.version,
                         snapshot: false,
-                        cluster: Some(cluster.clone()),
+                        cluster: Some(cluster(&current.peers)),
                         services,
                         removed_services,
                     }
@@ -260,7 +301,7 @@ impl DataPlane for ConfigService {
                     epoch,
                     version: current.version,
                     snapshot: true,
-                    cluster: Some(cluster.clone()),
+                    cluster: Some(cluster(&current.peers)),
                     services: current.services.values().cloned().collect(),
                     removed_services: vec![],
                 },
@@ -269,6 +310,7 @@ impl DataPlane for ConfigService {
                 return;
             }
             let mut sent = current.services.clone();
+            let mut sent_peers = current.peers.clone();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -289,14 +331,16 @@ impl DataPlane for ConfigService {
                         let cur = state.borrow_and_update().clone();
                         let (services, removed_services) = diff(&sent, &cur.services);
                         sent = cur.services.clone();
-                        if services.is_empty() && removed_services.is_empty() {
+                        let peers_changed = sent_peers != cur.peers;
+                        sent_peers = cur.peers.clone();
+                        if services.is_empty() && removed_services.is_empty() && !peers_changed {
                             continue;
                         }
                         let u = pb::ConfigUpdate {
                             epoch,
                             version: cur.version,
                             snapshot: false,
-                            cluster: Some(cluster.clone()),
+                            cluster: Some(cluster(&cur.peers)),
                             services,
                             removed_services,
                         };

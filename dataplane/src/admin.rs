@@ -1,0 +1,128 @@
+//! The admin port of the gateway and the sidecar: `/metrics` (Prometheus), `/healthz`,
+//! `/readyz`, and `/config` (the routing table in force, as JSON).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use fedmesh_trust::tls::MeshIdentity;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::balance::Target;
+use crate::config::ConfigHandle;
+use crate::metrics::ProxyMetrics;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub role: &'static str,
+    pub metrics: Arc<ProxyMetrics>,
+    pub config: ConfigHandle,
+    pub identity: MeshIdentity,
+    /// Set when shutting down: `/readyz` fails so load balancers stop sending new work.
+    pub draining: Arc<AtomicBool>,
+}
+
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/config", get(config))
+        .with_state(state);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "admin server failed");
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    let mut missing = Vec::new();
+    if s.draining.load(Ordering::Relaxed) {
+        missing.push("draining");
+    }
+    if s.identity.svid().is_none() {
+        missing.push("no SVID yet from the Workload API");
+    }
+    if *s.config.changes().borrow() == 0 {
+        missing.push("no configuration yet from the control plane (and no cached one)");
+    }
+    if missing.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", missing.join("; ")),
+        )
+            .into_response()
+    }
+}
+
+async fn config(State(s): State<AdminState>) -> Response {
+    let t = s.config.table();
+    let mut services = serde_json::Map::new();
+    let mut keys: Vec<_> = t.services.keys().collect();
+    keys.sort();
+    for k in keys {
+        let e = &t.services[k];
+        let mut ports = serde_json::Map::new();
+        let mut nums: Vec<_> = e.targets.keys().copied().collect();
+        nums.sort_unstable();
+        for p in nums {
+            let targets: Vec<_> = e
+                .targets(p)
+                .iter()
+                .map(|t| match t {
+                    Target::Local { addr, zone } => json!({"local": addr, "zone": zone}),
+                    Target::Remote {
+                        cluster,
+                        region,
+                        gateway,
+                        ..
+                    } => json!({"cluster": cluster, "region": region, "gateway": gateway}),
+                })
+                .collect();
+            ports.insert(p.to_string(), json!(targets));
+        }
+        let policy = e.svc.policy.as_ref();
+        services.insert(
+            k.clone(),
+            json!({
+                "vip": e.svc.vip,
+                "exported": e.svc.exported,
+                "ports": ports,
+                "split": policy.map(|p| p.split.iter().map(|b| json!({"cluster": b.cluster, "weight": b.weight})).collect::<Vec<_>>()),
+                "routes": policy.map(|p| p.routes.len()).unwrap_or(0),
+                "allowedCallers": policy.map(|p| p.allowed_callers.clone()),
+            }),
+        );
+    }
+    axum::Json(json!({
+        "role": s.role,
+        "identity": s.identity.spiffe_id().map(|i| i.to_string()),
+        "controlPlaneConnected": s.config.connected(),
+        "epoch": t.epoch,
+        "version": t.version,
+        "cluster": {"name": t.cluster.name, "trustDomain": t.cluster.trust_domain, "region": t.cluster.region},
+        "services": services,
+    }))
+    .into_response()
+}

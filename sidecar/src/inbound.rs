@@ -1,0 +1,438 @@
+//! Traffic to the workload: mTLS from other sidecars, authorization by SPIFFE ID, and the hand-off
+//! to the app on loopback.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fedmesh_api::SpiffeId;
+use fedmesh_dataplane::balance::endpoint_addr;
+use fedmesh_dataplane::config::RoutingTable;
+use fedmesh_dataplane::relay::relay;
+use fedmesh_dataplane::sni::MeshSni;
+use fedmesh_dataplane::trace;
+use fedmesh_trust::tls::{Authorizer, handshake_error_message, peer_spiffe_id};
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::net;
+use crate::outbound::{boxed, proxy_error, strip_hop_by_hop};
+use crate::upstream::{ALPN_H2, ALPN_TCP, Body};
+use crate::{ORIG_PROTO, PROXY_ERROR, Sidecar, XFCC};
+
+type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Body>>>>;
+
+/// HTTP/2 cleartext connections to the local app, one multiplexed connection per app address.
+#[derive(Default)]
+pub(crate) struct AppH2Pool {
+    slots: Mutex<HashMap<SocketAddr, Slot>>,
+}
+
+impl AppH2Pool {
+    async fn get(&self, app: SocketAddr, timeout: Duration) -> Result<SendRequest<Body>, String> {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(app)
+            .or_default()
+            .clone();
+        let mut g = slot.lock().await;
+        if let Some(s) = g.as_ref()
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
+        }
+        *g = None;
+        let tcp = net::connect(&app.to_string(), timeout, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        *g = Some(sender.clone());
+        Ok(sender)
+    }
+}
+
+/// Who called and what for, settled once per connection.
+struct InboundConn {
+    caller: SpiffeId,
+    caller_cluster: String,
+    /// The service and port named by the SNI, once checked to be served here.
+    admitted: Result<(MeshSni, SocketAddr), (StatusCode, &'static str, String)>,
+}
+
+/// Whether `caller` matches a policy entry: an exact SPIFFE ID or a prefix ending in `/*`.
+fn caller_allowed(allowed: &[String], caller: &SpiffeId) -> bool {
+    let id = caller.to_string();
+    allowed.iter().any(|a| match a.strip_suffix('*') {
+        Some(prefix) if prefix.ends_with('/') => id.starts_with(prefix),
+        _ => a == &id,
+    })
+}
+
+impl Sidecar {
+    fn cluster_of_trust_domain(&self, table: &RoutingTable, td: &str) -> String {
+        if td == table.cluster.trust_domain {
+            return table.cluster.name.clone();
+        }
+        table
+            .cluster
+            .peers
+            .iter()
+            .find(|p| p.trust_domain == td)
+            .map(|p| p.cluster.clone())
+            .unwrap_or_else(|| td.to_string())
+    }
+
+    /// Checks that the SNI names a service port this workload serves at `addressed` (the address
+    /// the caller connected to), and finds the app address.
+    fn admit(
+        &self,
+        table: &RoutingTable,
+        sni: Option<&str>,
+        addressed: SocketAddr,
+        app: Option<SocketAddr>,
+    ) -> Result<(MeshSni, SocketAddr), (StatusCode, &'static str, String)> {
+        let sni = sni.ok_or((
+            StatusCode::MISDIRECTED_REQUEST,
+            "no-sni",
+            "the connection named no destination (SNI)".to_string(),
+        ))?;
+        let mesh = MeshSni::parse(sni)
+            .map_err(|e| (StatusCode::MISDIRECTED_REQUEST, "bad-sni", e.to_string()))?;
+        if mesh.cluster.as_str() != table.cluster.name {
+            return Err((
+                StatusCode::MISDIRECTED_REQUEST,
+                "wrong-cluster",
+                format!(
+                    "the connection is for cluster {}, this is {}",
+                    mesh.cluster, table.cluster.name
+                ),
+            ));
+        }
+        let key = mesh.service.to_string();
+        let entry = table.service(&key).ok_or((
+            StatusCode::MISDIRECTED_REQUEST,
+            "unknown-service",
+            format!("{key} is not a service of this cluster"),
+        ))?;
+        let served = entry.svc.endpoints.iter().any(|e| {
+            endpoint_addr(&entry.svc, e, u32::from(mesh.port))
+                .parse::<SocketAddr>()
+                .is_ok_and(|a| a == addressed)
+        });
+        if !served {
+            return Err((
+                StatusCode::MISDIRECTED_REQUEST,
+                "not-an-endpoint",
+                format!("{addressed} is not an endpoint of {key} port {}", mesh.port),
+            ));
+        }
+        let app = app.unwrap_or_else(|| SocketAddr::new([127, 0, 0, 1].into(), addressed.port()));
+        Ok((mesh, app))
+    }
+
+    pub(crate) async fn inbound(
+        self: Arc<Self>,
+        s: TcpStream,
+        peer: SocketAddr,
+        app: Option<SocketAddr>,
+        graceful: CancellationToken,
+    ) {
+        // In transparent mode the caller addressed the workload; iptables sent it here.
+        let addressed = if app.is_none() {
+            net::original_dst(&s).or_else(|_| s.local_addr())
+        } else {
+            s.local_addr()
+        };
+        let Ok(addressed) = addressed else { return };
+        // Any trust domain we hold a bundle for: our own and the federated ones.
+        let tls_config = self.identity.server_config(
+            Authorizer::AnyTrusted,
+            vec![ALPN_H2.to_vec(), ALPN_TCP.to_vec()],
+        );
+        let tls = match tokio::time::timeout(
+            Duration::from_secs(10),
+            TlsAcceptor::from(tls_config).accept(s),
+        )
+        .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                self.metrics.refuse("tls_handshake");
+                tracing::info!(%peer, error = %handshake_error_message(&e), "inbound TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.metrics.refuse("tls_timeout");
+                return;
+            }
+        };
+        let (_, session) = tls.get_ref();
+        let Some(caller) = peer_spiffe_id(session.peer_certificates()) else {
+            self.metrics.refuse("no_client_identity");
+            return;
+        };
+        let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+        let sni = session.server_name().map(str::to_string);
+        let table = self.config.table();
+        let conn = Arc::new(InboundConn {
+            caller_cluster: self.cluster_of_trust_domain(&table, caller.trust_domain().as_str()),
+            admitted: self.admit(&table, sni.as_deref(), addressed, app),
+            caller,
+        });
+        drop(table);
+        if let Err((_, kind, msg)) = &conn.admitted {
+            self.metrics.refuse(kind);
+            tracing::info!(%peer, caller = %conn.caller, error = %msg, "inbound connection not admitted");
+        }
+        match alpn.as_deref() {
+            Some(ALPN_TCP) => self.inbound_tcp(tls, conn).await,
+            _ => {
+                let me = self.clone();
+                let svc = service_fn(move |req| {
+                    let (me, conn) = (me.clone(), conn.clone());
+                    async move { Ok::<_, Infallible>(me.inbound_request(req, &conn).await) }
+                });
+                let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                b.timer(TokioTimer::new())
+                    .max_header_list_size(64 * 1024)
+                    .initial_stream_window_size(1024 * 1024)
+                    .initial_connection_window_size(4 * 1024 * 1024)
+                    .keep_alive_interval(Duration::from_secs(30));
+                let conn = b.serve_connection(TokioIo::new(tls), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(%peer, error = %e, "inbound connection ended with an error");
+                        }
+                    }
+                    _ = graceful.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn authorize(
+        &self,
+        table: &RoutingTable,
+        mesh: &MeshSni,
+        caller: &SpiffeId,
+    ) -> Result<(), String> {
+        let allowed = table
+            .service(&mesh.service.to_string())
+            .and_then(|e| e.svc.policy.as_ref())
+            .map(|p| p.allowed_callers.as_slice())
+            .unwrap_or_default();
+        if allowed.is_empty() || caller_allowed(allowed, caller) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{caller} may not call {} (its TrafficPolicy allows only: {})",
+                mesh.service,
+                allowed.join(", ")
+            ))
+        }
+    }
+
+    async fn inbound_tcp(
+        &self,
+        tls: tokio_rustls::server::TlsStream<TcpStream>,
+        conn: Arc<InboundConn>,
+    ) {
+        let Ok((mesh, app)) = &conn.admitted else {
+            return;
+        };
+        let table = self.config.table();
+        if let Err(e) = self.authorize(&table, mesh, &conn.caller) {
+            self.metrics.refuse("unauthorized");
+            tracing::info!(error = %e, "inbound TCP connection denied");
+            return;
+        }
+        drop(table);
+        let up = match net::connect(&app.to_string(), self.options.connect_timeout, None).await {
+            Ok(u) => u,
+            Err(e) => {
+                self.count_inbound_error("app_unreachable");
+                tracing::warn!(app = %app, error = %e, "the app does not accept connections");
+                return;
+            }
+        };
+        self.metrics.tcp_active.inc();
+        let _ = relay(tls, up, self.options.idle_timeout).await;
+        self.metrics.tcp_active.dec();
+    }
+
+    fn count_inbound_error(&self, reason: &str) {
+        self.metrics
+            .request_errors
+            .get_or_create(&fedmesh_dataplane::metrics::ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    async fn inbound_request(&self, req: Request<Incoming>, conn: &InboundConn) -> Response<Body> {
+        let start = Instant::now();
+        let table = self.config.table();
+        let own_cluster = table.cluster.name.clone();
+        let (mesh, app) = match &conn.admitted {
+            Ok(x) => x,
+            Err((status, kind, msg)) => return proxy_error(*status, kind, msg.clone()),
+        };
+        let service = mesh.service.to_string();
+        if let Err(msg) = self.authorize(&table, mesh, &conn.caller) {
+            self.metrics.refuse("unauthorized");
+            let resp = proxy_error(StatusCode::FORBIDDEN, "denied", msg);
+            self.record(
+                "inbound",
+                &conn.caller_cluster,
+                &own_cluster,
+                &service,
+                resp.status(),
+                start.elapsed(),
+            );
+            return resp;
+        }
+        drop(table);
+        let (mut parts, body) = req.into_parts();
+        let h1 = parts
+            .headers
+            .get(ORIG_PROTO)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"HTTP/1.1"));
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(ORIG_PROTO);
+        parts.headers.remove(PROXY_ERROR);
+        // Only this sidecar says who called.
+        parts.headers.remove(XFCC);
+        let own = self
+            .identity
+            .spiffe_id()
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        if let Ok(v) = HeaderValue::from_str(&format!("By={own};URI={}", conn.caller)) {
+            parts.headers.insert(XFCC, v);
+        }
+        let _span = trace::propagate(&mut parts.headers);
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        let body: Body = http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
+            body,
+            |e| -> crate::upstream::BoxError { Box::new(e) },
+        ));
+        let result = if h1 {
+            if !parts.headers.contains_key(header::HOST)
+                && let Some(a) = parts.uri.authority()
+                && let Ok(v) = HeaderValue::from_str(a.as_str())
+            {
+                parts.headers.insert(header::HOST, v);
+            }
+            parts.version = Version::HTTP_11;
+            parts.uri = match format!("http://{app}{path}").parse::<Uri>() {
+                Ok(u) => u,
+                Err(e) => {
+                    return proxy_error(StatusCode::BAD_REQUEST, "bad-request", e.to_string());
+                }
+            };
+            self.app_h1
+                .request(Request::from_parts(parts, body))
+                .await
+                .map_err(|e| {
+                    if e.is_connect() {
+                        (true, e.to_string())
+                    } else {
+                        (false, e.to_string())
+                    }
+                })
+        } else {
+            match self.app_h2.get(*app, self.options.connect_timeout).await {
+                Err(e) => Err((true, e)),
+                Ok(mut sender) => sender
+                    .send_request(Request::from_parts(parts, body))
+                    .await
+                    .map_err(|e| (false, e.to_string())),
+            }
+        };
+        let resp = match result {
+            Ok(r) => boxed(r),
+            Err((true, e)) => {
+                self.count_inbound_error("app_unreachable");
+                // The app never saw it: the caller's sidecar may retry elsewhere.
+                proxy_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "app-unreachable",
+                    format!("the app at {app} does not accept connections: {e}"),
+                )
+            }
+            Err((false, e)) => {
+                self.count_inbound_error("app_error");
+                // The app may have acted on it: a 502, which callers retry only by policy.
+                proxy_error(
+                    StatusCode::BAD_GATEWAY,
+                    "app-error",
+                    format!("the app at {app} failed the request: {e}"),
+                )
+            }
+        };
+        self.record(
+            "inbound",
+            &conn.caller_cluster,
+            &own_cluster,
+            &service,
+            resp.status(),
+            start.elapsed(),
+        );
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callers_match_exactly_or_by_prefix() {
+        let id = SpiffeId::new("spiffe://east.example/ns/shop/sa/web").unwrap();
+        assert!(caller_allowed(
+            &["spiffe://east.example/ns/shop/sa/web".into()],
+            &id
+        ));
+        assert!(caller_allowed(
+            &["spiffe://east.example/ns/shop/*".into()],
+            &id
+        ));
+        assert!(caller_allowed(&["spiffe://east.example/*".into()], &id));
+        assert!(!caller_allowed(
+            &["spiffe://east.example/ns/sho*".into()],
+            &id
+        ));
+        assert!(!caller_allowed(&["spiffe://west.example/*".into()], &id));
+        assert!(!caller_allowed(
+            &["spiffe://east.example/ns/shop/sa/we".into()],
+            &id
+        ));
+    }
+}

@@ -1,0 +1,226 @@
+//! mTLS connections to peers: another sidecar in this cluster, or another cluster's east-west
+//! gateway (which passes the TLS session through to a sidecar there).
+//!
+//! Every connection presents this workload's SVID and names its destination in the SNI
+//! ([`MeshSni`]); the server must present an SVID of the destination cluster's trust domain.
+//! HTTP rides on pooled HTTP/2 connections (one per peer and destination, multiplexed); opaque
+//! TCP gets a connection of its own with ALPN `fedmesh-tcp`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fedmesh_api::TrustDomain;
+use fedmesh_dataplane::balance::Target;
+use fedmesh_dataplane::sni::MeshSni;
+use fedmesh_trust::tls::{Authorizer, MeshIdentity, handshake_error_message};
+use http_body_util::combinators::BoxBody;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::net;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
+
+pub const ALPN_H2: &[u8] = b"h2";
+pub const ALPN_TCP: &[u8] = b"fedmesh-tcp";
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("TLS handshake with {addr} failed: {reason}")]
+    Tls { addr: String, reason: String },
+    #[error("{addr} did not agree to {wanted}")]
+    Alpn { addr: String, wanted: String },
+    #[error("HTTP/2 handshake with {addr} failed: {reason}")]
+    H2 { addr: String, reason: String },
+    #[error("invalid destination: {0}")]
+    Invalid(String),
+}
+
+impl UpstreamError {
+    /// Whether the peer may be healthy and only this attempt failed in a way that never reached
+    /// it (all of these: nothing was sent).
+    pub fn label(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. } => "connect_failed",
+            UpstreamError::Tls { .. } => "tls_failed",
+            UpstreamError::Alpn { .. } => "alpn_mismatch",
+            UpstreamError::H2 { .. } => "h2_handshake_failed",
+            UpstreamError::Invalid(_) => "invalid_destination",
+        }
+    }
+}
+
+type ConfigCache = HashMap<(TrustDomain, &'static [u8]), Arc<ClientConfig>>;
+type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Body>>>>;
+
+pub struct Upstreams {
+    identity: MeshIdentity,
+    connect_timeout: Duration,
+    tls_timeout: Duration,
+    mark: Option<u32>,
+    configs: Mutex<ConfigCache>,
+    h2: Mutex<HashMap<String, Slot>>,
+}
+
+impl Upstreams {
+    pub fn new(identity: MeshIdentity, mark: Option<u32>) -> Self {
+        Self {
+            identity,
+            connect_timeout: Duration::from_secs(1),
+            tls_timeout: Duration::from_secs(10),
+            mark,
+            configs: Mutex::new(HashMap::new()),
+            h2: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn set_connect_timeout(&mut self, t: Duration) {
+        self.connect_timeout = t;
+    }
+
+    /// Drops pool slots whose connection has closed.
+    pub fn sweep(&self) {
+        self.h2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, s| {
+                s.try_lock()
+                    .map(|g| g.as_ref().is_some_and(|s| !s.is_closed()))
+                    .unwrap_or(true)
+            });
+    }
+
+    fn client_config(&self, td: &TrustDomain, alpn: &'static [u8]) -> Arc<ClientConfig> {
+        let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
+        configs
+            .entry((td.clone(), alpn))
+            .or_insert_with(|| {
+                self.identity
+                    .client_config(Authorizer::trust_domain(td.clone()), vec![alpn.to_vec()])
+            })
+            .clone()
+    }
+
+    /// Opens an mTLS connection to `target` for `sni`, expecting a server of trust domain `td`.
+    pub async fn tls(
+        &self,
+        target: &Target,
+        sni: &MeshSni,
+        td: &TrustDomain,
+        alpn: &'static [u8],
+        connect_timeout: Option<Duration>,
+    ) -> Result<TlsStream<TcpStream>, UpstreamError> {
+        let addr = match target {
+            Target::Local { addr, .. } => addr,
+            Target::Remote { gateway, .. } => gateway,
+        };
+        let tcp = net::connect(
+            addr,
+            connect_timeout.unwrap_or(self.connect_timeout),
+            self.mark,
+        )
+        .await
+        .map_err(|e| UpstreamError::Connect {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
+        let name = ServerName::try_from(sni.to_string())
+            .map_err(|e| UpstreamError::Invalid(format!("SNI {sni}: {e}")))?;
+        let connector = TlsConnector::from(self.client_config(td, alpn));
+        let tls = tokio::time::timeout(self.tls_timeout, connector.connect(name, tcp))
+            .await
+            .map_err(|_| UpstreamError::Tls {
+                addr: addr.clone(),
+                reason: format!("no handshake within {:?}", self.tls_timeout),
+            })?
+            .map_err(|e| UpstreamError::Tls {
+                addr: addr.clone(),
+                reason: handshake_error_message(&e),
+            })?;
+        if tls.get_ref().1.alpn_protocol() != Some(alpn) {
+            return Err(UpstreamError::Alpn {
+                addr: addr.clone(),
+                wanted: String::from_utf8_lossy(alpn).into_owned(),
+            });
+        }
+        Ok(tls)
+    }
+
+    /// A ready HTTP/2 sender to `target` for `sni`, reusing a pooled connection when one is open.
+    pub async fn h2(
+        &self,
+        target: &Target,
+        sni: &MeshSni,
+        td: &TrustDomain,
+        connect_timeout: Option<Duration>,
+    ) -> Result<SendRequest<Body>, UpstreamError> {
+        let key = format!("{}|{sni}", target.key());
+        let slot = {
+            let mut pool = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+            pool.entry(key).or_default().clone()
+        };
+        // One connection attempt per peer at a time; concurrent callers share its result.
+        let mut guard = slot.lock().await;
+        if let Some(s) = guard.as_ref()
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
+        }
+        *guard = None;
+        let tls = self.tls(target, sni, td, ALPN_H2, connect_timeout).await?;
+        let addr = target.key();
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(15))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .initial_stream_window_size(1024 * 1024)
+            .initial_connection_window_size(4 * 1024 * 1024)
+            .max_header_list_size(64 * 1024)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| UpstreamError::H2 {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %addr, error = %e, "pooled connection closed");
+            }
+        });
+        *guard = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Forgets a pooled connection (after it failed).
+    pub fn evict(&self, target: &Target, sni: &MeshSni) {
+        let key = format!("{}|{sni}", target.key());
+        self.h2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+    }
+
+    /// Open pooled connections (for metrics and tests).
+    pub fn pooled(&self) -> usize {
+        self.h2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| {
+                s.try_lock()
+                    .map(|g| g.as_ref().is_some_and(|s| !s.is_closed()))
+                    .unwrap_or(true)
+            })
+            .count()
+    }
+}

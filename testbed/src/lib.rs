@@ -1,0 +1,586 @@
+//! A whole clusterset in one process, on loopback: a federation hub, and per cluster a control
+//! plane (directory source), an east-west gateway, and workloads — each with its own Workload API
+//! agent (so its own SPIFFE ID), its sidecar and an app.
+//!
+//! Everything is the real thing — the hub's store, the CAs, the mTLS, the gateways' SNI routing,
+//! the sidecars' balancing — only sharing a process. `fedmesh demo`, `fedmesh bench dataplane` and
+//! the data-plane tests stand on it.
+
+pub mod apps;
+pub mod client;
+pub mod yaml;
+
+pub mod pb {
+    #![allow(clippy::all)]
+    tonic::include_proto!("fedmesh.testbed.v1");
+}
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use fedmesh_api::{ClusterName, SpiffeId, TrustDomain};
+use fedmesh_dataplane::admin::{self, AdminState};
+use fedmesh_dataplane::config::{self as dpconfig, ConfigHandle};
+use fedmesh_dataplane::metrics::ProxyMetrics;
+use fedmesh_federation::control_plane::{ControlPlane, ControlPlaneConfig, SourceSpec};
+use fedmesh_federation::hub::{self, Hub, HubConfig};
+use fedmesh_federation::store::{KvStore, RedbStore};
+use fedmesh_gateway::{Gateway, GatewayOptions};
+use fedmesh_sidecar::{Sidecar, SidecarOptions};
+use fedmesh_trust::ca::{CaOptions, TrustDomainCa};
+use fedmesh_trust::source::WorkloadApiFollower;
+use fedmesh_trust::tls::MeshIdentity;
+use fedmesh_trust::workload::{self, ControlPlaneSigner, RegistrationEntry, Selector, SvidCache};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use yaml::EndpointSpec;
+
+/// A cluster to create.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    pub name: String,
+    pub region: String,
+}
+
+impl ClusterSpec {
+    pub fn new(name: &str, region: &str) -> Self {
+        Self {
+            name: name.into(),
+            region: region.into(),
+        }
+    }
+}
+
+pub struct Testbed {
+    pub dir: PathBuf,
+    pub hub: Arc<Hub>,
+    pub hub_addr: SocketAddr,
+    /// The hub's admin API (plain HTTP on loopback) and its bearer token.
+    pub hub_admin: SocketAddr,
+    pub hub_admin_token: String,
+    pub clusters: Vec<Cluster>,
+    shutdown: CancellationToken,
+}
+
+async fn bind_local(port: u16) -> anyhow::Result<TcpListener> {
+    // A port just released may linger briefly: retry for a moment.
+    let mut last = None;
+    for _ in 0..50 {
+        match TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last
+        .map(anyhow::Error::from)
+        .unwrap_or_else(|| anyhow::anyhow!("bind failed")))
+    .with_context(|| format!("binding 127.0.0.1:{port}"))
+}
+
+async fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port())
+}
+
+impl Testbed {
+    /// Starts the hub and the clusters, and waits until every cluster has joined.
+    pub async fn start(dir: &Path, specs: &[ClusterSpec]) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let shutdown = CancellationToken::new();
+        let store: Arc<dyn KvStore> = Arc::new(RedbStore::open(&dir.join("hub.redb"))?);
+        let ca_dir = dir.join("hub-ca");
+        let ca = Arc::new(if ca_dir.join("ca.json").exists() {
+            TrustDomainCa::open(&ca_dir)?
+        } else {
+            TrustDomainCa::init(&ca_dir, CaOptions::new(TrustDomain::new("hub.fedmesh")?))?
+        });
+        let config = HubConfig {
+            stale_after: Duration::from_secs(5),
+            ..HubConfig::default()
+        };
+        let hub = Hub::start(config, store, ca, shutdown.clone()).await?;
+        let listener = bind_local(0).await?;
+        let hub_addr = listener.local_addr()?;
+        tokio::spawn(hub::serve_grpc(hub.clone(), listener, shutdown.clone()));
+        let admin_listener = bind_local(0).await?;
+        let hub_admin = admin_listener.local_addr()?;
+        let hub_admin_token = hex::encode(rand_bytes());
+        tokio::spawn(hub::serve_admin(
+            hub::admin::AdminState {
+                hub: hub.clone(),
+                token: Arc::new(hub_admin_token.clone()),
+                admin_ids: Arc::new(BTreeSet::new()),
+            },
+            admin_listener,
+            None,
+            shutdown.clone(),
+        ));
+        let mut clusters = Vec::new();
+        for s in specs {
+            clusters.push(Cluster::start(dir, s, &hub, hub_addr, &shutdown).await?);
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            hub,
+            hub_addr,
+            hub_admin,
+            hub_admin_token,
+            clusters,
+            shutdown,
+        })
+    }
+
+    pub fn cluster(&self, name: &str) -> &Cluster {
+        self.clusters
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no cluster {name} in the testbed"))
+    }
+
+    /// Stops everything.
+    pub async fn shutdown(self) {
+        for c in &self.clusters {
+            c.gateway_shutdown.cancel();
+            c.stop_control_plane().await;
+        }
+        self.shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn rand_bytes() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    b
+}
+
+/// A Workload API agent serving one identity on its own socket.
+pub struct Agent {
+    pub endpoint: String,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Agent {
+    async fn start(
+        cp_addr: SocketAddr,
+        dir: &Path,
+        node: &str,
+        token: &str,
+        id: SpiffeId,
+    ) -> anyhow::Result<Self> {
+        let shutdown = CancellationToken::new();
+        std::fs::create_dir_all(dir)?;
+        let signer = ControlPlaneSigner::start(
+            &cp_addr.to_string(),
+            dir,
+            node,
+            Some(token),
+            shutdown.clone(),
+        )
+        .await?;
+        let entry = RegistrationEntry {
+            spiffe_id: id,
+            selectors: BTreeSet::from([Selector::UnixUid(unsafe { libc::getuid() })]),
+            hint: String::new(),
+            ttl: None,
+        };
+        let cache = SvidCache::new(signer, vec![entry]);
+        tokio::spawn(cache.clone().run(shutdown.clone().cancelled_owned()));
+        let socket = dir.join("agent.sock");
+        let listener = workload::bind_socket(&socket)?;
+        tokio::spawn(workload::serve(
+            listener,
+            socket.clone(),
+            cache,
+            shutdown.clone().cancelled_owned(),
+        ));
+        Ok(Self {
+            endpoint: format!("unix:{}", socket.display()),
+            shutdown,
+        })
+    }
+}
+
+pub struct Cluster {
+    pub name: String,
+    pub trust_domain: String,
+    pub region: String,
+    /// The directory source: write Services, EndpointSlices, ServiceExports, TrafficPolicies here.
+    pub src: PathBuf,
+    pub data: PathBuf,
+    pub cp_addr: SocketAddr,
+    pub dns_addr: SocketAddr,
+    pub gateway_addr: SocketAddr,
+    pub gateway_admin: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    cp_config: ControlPlaneConfig,
+    cp: Mutex<Option<(Arc<ControlPlane>, CancellationToken)>>,
+    gateway_shutdown: CancellationToken,
+    _gateway_agent: Agent,
+    _gateway_follower: WorkloadApiFollower,
+    agent_token: String,
+}
+
+impl Cluster {
+    async fn start(
+        dir: &Path,
+        spec: &ClusterSpec,
+        hub: &Arc<Hub>,
+        hub_addr: SocketAddr,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let name = ClusterName::new(&spec.name)?;
+        let td = TrustDomain::new(&format!("{}.fedmesh.test", spec.name))?;
+        let src = dir.join(&spec.name).join("src");
+        let data = dir.join(&spec.name).join("data");
+        std::fs::create_dir_all(&src)?;
+        let gw_listener = bind_local(0).await?;
+        let gateway_addr = gw_listener.local_addr()?;
+        let cp_addr = SocketAddr::from(([127, 0, 0, 1], free_port().await?));
+        let dns_addr = SocketAddr::from(([127, 0, 0, 1], free_port().await?));
+        let mut config = ControlPlaneConfig::new(
+            name.clone(),
+            td.clone(),
+            data.clone(),
+            SourceSpec::Dir(src.clone()),
+        );
+        config.region = spec.region.clone();
+        config.hub = Some(hub_addr.to_string());
+        config.gateways = vec![gateway_addr.to_string()];
+        config.listen = Some(cp_addr);
+        config.dns_listen = Some(dns_addr);
+        config.poll_interval = Duration::from_millis(100);
+        let mut first = config.clone();
+        if !data.join("hub/hub.json").exists() {
+            let (token, _) = hub.create_token(&name, None).await?;
+            first.join_token = Some(token);
+        }
+        let cp_shutdown = shutdown.child_token();
+        let cp = ControlPlane::start(first, cp_shutdown.clone()).await?;
+        // The control plane writes the agents' bootstrap token once it serves.
+        let token_path = data.join("agent-token");
+        let mut agent_token = None;
+        for _ in 0..200 {
+            if let Ok(t) = std::fs::read_to_string(&token_path) {
+                agent_token = Some(t.trim().to_string());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let agent_token = agent_token.context("the control plane wrote no agent token")?;
+
+        // The gateway: its identity (for the config stream), its configuration, its listener.
+        let gw_id = SpiffeId::new(&format!(
+            "spiffe://{td}/ns/fedmesh-system/sa/east-west-gateway"
+        ))?;
+        let agent = Agent::start(
+            cp_addr,
+            &data.join("agents/gateway"),
+            "gateway",
+            &agent_token,
+            gw_id,
+        )
+        .await?;
+        let identity = MeshIdentity::new();
+        let follower =
+            WorkloadApiFollower::start(&agent.endpoint, identity.clone(), Duration::from_secs(30))
+                .await?;
+        let gateway_shutdown = shutdown.child_token();
+        let config_handle = dpconfig::start(
+            cp_addr.to_string(),
+            identity.clone(),
+            "gateway",
+            "gateway",
+            Some(data.join("gateway-config.pb")),
+            gateway_shutdown.clone(),
+        );
+        let metrics = Arc::new(ProxyMetrics::new("fedmesh_gateway"));
+        let gateway = Arc::new(Gateway::new(
+            GatewayOptions::default(),
+            config_handle.clone(),
+            metrics.clone(),
+        ));
+        let admin_listener = bind_local(0).await?;
+        let gateway_admin = admin_listener.local_addr()?;
+        tokio::spawn(admin::serve(
+            admin_listener,
+            AdminState {
+                role: "gateway",
+                metrics,
+                config: config_handle.clone(),
+                identity,
+                draining: gateway.draining(),
+            },
+            gateway_shutdown.clone(),
+        ));
+        tokio::spawn(gateway.clone().serve(gw_listener, gateway_shutdown.clone()));
+        tokio::time::timeout(Duration::from_secs(30), config_handle.ready())
+            .await
+            .context("the gateway got no configuration from its control plane")?;
+        Ok(Self {
+            name: spec.name.clone(),
+            trust_domain: td.to_string(),
+            region: spec.region.clone(),
+            src,
+            data,
+            cp_addr,
+            dns_addr,
+            gateway_addr,
+            gateway_admin,
+            gateway,
+            cp_config: config,
+            cp: Mutex::new(Some((cp, cp_shutdown))),
+            gateway_shutdown,
+            _gateway_agent: agent,
+            _gateway_follower: follower,
+            agent_token,
+        })
+    }
+
+    /// The running control plane (None while stopped).
+    pub fn control_plane(&self) -> Option<Arc<ControlPlane>> {
+        self.cp
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(c, _)| c.clone())
+    }
+
+    /// Writes a source object file atomically.
+    pub fn write(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
+        let tmp = self.src.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(tmp, self.src.join(file))?;
+        Ok(())
+    }
+
+    pub fn remove(&self, file: &str) {
+        let _ = std::fs::remove_file(self.src.join(file));
+    }
+
+    /// Stops the control plane (the data plane keeps its last configuration).
+    pub async fn stop_control_plane(&self) {
+        let taken = self.cp.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((cp, token)) = taken {
+            token.cancel();
+            // Wait for its listener to close and its tasks to let go of the state store.
+            for _ in 0..200 {
+                if Arc::strong_count(&cp) == 1
+                    && tokio::net::TcpStream::connect(self.cp_addr).await.is_err()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    }
+
+    /// Starts the control plane again, on the same address and data.
+    pub async fn start_control_plane(&self) -> anyhow::Result<()> {
+        let token = CancellationToken::new();
+        let mut last = None;
+        for _ in 0..50 {
+            match ControlPlane::start(self.cp_config.clone(), token.clone()).await {
+                Ok(cp) => {
+                    *self.cp.lock().unwrap_or_else(|p| p.into_inner()) = Some((cp, token));
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(anyhow::anyhow!("restarting the control plane: {last:?}"))
+    }
+
+    /// Starts a workload's agent and sidecar in front of `app`. The sidecar's inbound listener
+    /// (its endpoint address) is on `spec.inbound_port` (0: any free port).
+    pub async fn workload(&self, spec: &WorkloadSpec, app: SocketAddr) -> anyhow::Result<Workload> {
+        let id = SpiffeId::new(&format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, spec.namespace, spec.name
+        ))?;
+        let agent_dir = self
+            .data
+            .join("agents")
+            .join(format!("{}-{}", spec.namespace, spec.name));
+        let agent = Agent::start(
+            self.cp_addr,
+            &agent_dir,
+            &spec.name,
+            &self.agent_token,
+            id.clone(),
+        )
+        .await?;
+        let identity = MeshIdentity::new();
+        let follower =
+            WorkloadApiFollower::start(&agent.endpoint, identity.clone(), Duration::from_secs(30))
+                .await?;
+        let shutdown = CancellationToken::new();
+        let config = dpconfig::start(
+            self.cp_addr.to_string(),
+            identity.clone(),
+            "sidecar",
+            &spec.name,
+            None,
+            shutdown.clone(),
+        );
+        let metrics = Arc::new(ProxyMetrics::new("fedmesh_sidecar"));
+        let options = SidecarOptions {
+            zone: spec.zone.clone(),
+            drain_timeout: Duration::from_secs(2),
+            ..spec.options.clone().unwrap_or_default()
+        };
+        let sidecar = Sidecar::new(options, identity.clone(), config.clone(), metrics.clone());
+        let inbound = bind_local(spec.inbound_port).await?;
+        let inbound_addr = inbound.local_addr()?;
+        let proxy = bind_local(0).await?;
+        let proxy_addr = proxy.local_addr()?;
+        let admin_l = bind_local(0).await?;
+        let admin_addr = admin_l.local_addr()?;
+        tokio::spawn(
+            sidecar
+                .clone()
+                .serve_inbound(inbound, Some(app), shutdown.clone()),
+        );
+        tokio::spawn(sidecar.clone().serve_http_proxy(proxy, shutdown.clone()));
+        tokio::spawn(admin::serve(
+            admin_l,
+            AdminState {
+                role: "sidecar",
+                metrics: metrics.clone(),
+                config: config.clone(),
+                identity: identity.clone(),
+                draining: sidecar.draining(),
+            },
+            shutdown.clone(),
+        ));
+        tokio::time::timeout(Duration::from_secs(30), config.ready())
+            .await
+            .context("the sidecar got no configuration from its control plane")?;
+        Ok(Workload {
+            id,
+            cluster: self.name.clone(),
+            zone: spec.zone.clone(),
+            inbound: inbound_addr,
+            proxy: proxy_addr,
+            admin: admin_addr,
+            sidecar,
+            metrics,
+            config,
+            shutdown,
+            _follower: follower,
+            _agent: agent,
+        })
+    }
+}
+
+/// A workload to start in a cluster.
+#[derive(Clone, Debug, Default)]
+pub struct WorkloadSpec {
+    pub namespace: String,
+    /// Its service account: its SPIFFE ID is `spiffe://<td>/ns/<namespace>/sa/<name>`.
+    pub name: String,
+    pub zone: String,
+    pub inbound_port: u16,
+    pub options: Option<SidecarOptions>,
+}
+
+impl WorkloadSpec {
+    pub fn new(namespace: &str, name: &str, zone: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            zone: zone.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A workload's sidecar (and its identity), running.
+pub struct Workload {
+    pub id: SpiffeId,
+    pub cluster: String,
+    pub zone: String,
+    /// The sidecar's inbound mTLS listener: this workload's endpoint address.
+    pub inbound: SocketAddr,
+    /// The sidecar's HTTP proxy for the app's outbound calls.
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub sidecar: Arc<Sidecar>,
+    pub metrics: Arc<ProxyMetrics>,
+    pub config: ConfigHandle,
+    shutdown: CancellationToken,
+    _follower: WorkloadApiFollower,
+    _agent: Agent,
+}
+
+impl Workload {
+    /// This workload as an endpoint of a service.
+    pub fn endpoint(&self) -> EndpointSpec {
+        EndpointSpec {
+            addr: self.inbound,
+            zone: self.zone.clone(),
+            ready: true,
+        }
+    }
+
+    /// Opens a local listener on the sidecar for one service port (`ns/name:port`): the app
+    /// connects there as if to the service.
+    pub async fn listen(&self, dest: &str) -> anyhow::Result<SocketAddr> {
+        let dest: fedmesh_sidecar::Dest = dest.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        let l = bind_local(0).await?;
+        let addr = l.local_addr()?;
+        tokio::spawn(
+            self.sidecar
+                .clone()
+                .serve_service(l, dest, self.shutdown.clone()),
+        );
+        Ok(addr)
+    }
+
+    /// Stops the sidecar (its listeners close; open requests get its drain time).
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until this sidecar's configuration satisfies `f`.
+    pub async fn wait_config(
+        &self,
+        what: &str,
+        f: impl Fn(&fedmesh_dataplane::config::RoutingTable) -> bool,
+    ) -> anyhow::Result<()> {
+        let mut rx = self.config.changes();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if f(&self.config.table()) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await
+        .with_context(|| format!("{}: timed out waiting for {what}", self.id))
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,858 @@
+//! The data plane end to end, in process, on loopback: a hub, clusters with their control planes
+//! and east-west gateways, and workloads behind sidecars with identities from their own Workload
+//! API agents. Real sockets, real mTLS, real SNI routing.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fedmesh_testbed::apps::{self, AppInfo, RunningApp};
+use fedmesh_testbed::client::ProxyClient;
+use fedmesh_testbed::pb::EchoRequest;
+use fedmesh_testbed::pb::echo_client::EchoClient;
+use fedmesh_testbed::yaml::{self, EndpointSpec};
+use fedmesh_testbed::{Cluster, ClusterSpec, Testbed, Workload, WorkloadSpec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+async fn testbed(dir: &std::path::Path, clusters: &[(&str, &str)]) -> Testbed {
+    init_logs();
+    let specs: Vec<ClusterSpec> = clusters
+        .iter()
+        .map(|(n, r)| ClusterSpec::new(n, r))
+        .collect();
+    Testbed::start(dir, &specs).await.expect("testbed starts")
+}
+
+async fn app_listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+/// An HTTP echo app and its workload in `c`.
+async fn http_workload(c: &Cluster, name: &str, zone: &str) -> (Workload, RunningApp) {
+    http_workload_on(c, name, zone, 0).await
+}
+
+async fn http_workload_on(
+    c: &Cluster,
+    name: &str,
+    zone: &str,
+    port: u16,
+) -> (Workload, RunningApp) {
+    let app = apps::http_echo(
+        app_listener().await,
+        AppInfo {
+            cluster: c.name.clone(),
+            zone: zone.into(),
+            workload: name.into(),
+        },
+    )
+    .await;
+    let mut spec = WorkloadSpec::new("shop", name, zone);
+    spec.inbound_port = port;
+    let w = c.workload(&spec, app.addr).await.expect("workload starts");
+    (w, app)
+}
+
+/// A workload that only calls out (its app address is never used).
+async fn client_workload(c: &Cluster, name: &str, zone: &str) -> Workload {
+    c.workload(
+        &WorkloadSpec::new("shop", name, zone),
+        "127.0.0.1:9".parse().unwrap(),
+    )
+    .await
+    .expect("client workload starts")
+}
+
+fn endpoints(ws: &[&Workload]) -> Vec<EndpointSpec> {
+    ws.iter().map(|w| w.endpoint()).collect()
+}
+
+/// Publishes service `shop/<name>` (HTTP port 80) with `eps` in `c` and exports it.
+fn serve_http(c: &Cluster, name: &str, eps: &[EndpointSpec]) {
+    c.write(
+        &format!("{name}.yaml"),
+        &yaml::service("shop", name, &[("http", 80, "")], eps),
+    )
+    .unwrap();
+    c.write(
+        &format!("{name}-export.yaml"),
+        &yaml::service_export("shop", name),
+    )
+    .unwrap();
+}
+
+/// Waits until `w` can reach `shop/<svc>` in every cluster of `clusters` (locally or remotely).
+async fn wait_routable(w: &Workload, svc: &str, clusters: &[&str]) {
+    let key = format!("shop/{svc}");
+    let own = w.cluster.clone();
+    w.wait_config(&format!("{key} in {clusters:?}"), |t| {
+        t.service(&key).is_some_and(|e| {
+            clusters.iter().all(|c| {
+                if *c == own {
+                    e.svc.endpoints.iter().any(|ep| ep.ready)
+                } else {
+                    e.svc
+                        .remote
+                        .iter()
+                        .any(|r| r.cluster == *c && r.ready > 0 && !r.gateways.is_empty())
+                }
+            })
+        })
+    })
+    .await
+    .unwrap();
+}
+
+fn url(svc: &str, path: &str) -> String {
+    format!("http://{svc}.shop.svc.clusterset.local{path}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_grpc_and_tcp_cross_clusters_through_the_gateway_with_the_callers_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+
+    // West serves three services: HTTP, gRPC and opaque TCP.
+    let (api, _api_app) = http_workload(west, "api", "w1").await;
+    serve_http(west, "api", &endpoints(&[&api]));
+    let info = |w: &str| AppInfo {
+        cluster: "west".into(),
+        zone: "w1".into(),
+        workload: w.into(),
+    };
+    let grpc_app = apps::grpc_echo(app_listener().await, info("greeter")).await;
+    let greeter = west
+        .workload(&WorkloadSpec::new("shop", "greeter", "w1"), grpc_app.addr)
+        .await
+        .unwrap();
+    west.write(
+        "greeter.yaml",
+        &yaml::service(
+            "shop",
+            "greeter",
+            &[("grpc", 9090, "")],
+            &endpoints(&[&greeter]),
+        ),
+    )
+    .unwrap();
+    west.write(
+        "greeter-export.yaml",
+        &yaml::service_export("shop", "greeter"),
+    )
+    .unwrap();
+    let tcp_app = apps::tcp_echo(app_listener().await, info("store")).await;
+    let store = west
+        .workload(&WorkloadSpec::new("shop", "store", "w1"), tcp_app.addr)
+        .await
+        .unwrap();
+    west.write(
+        "store.yaml",
+        &yaml::service(
+            "shop",
+            "store",
+            &[("tcp-store", 7000, "")],
+            &endpoints(&[&store]),
+        ),
+    )
+    .unwrap();
+    west.write("store-export.yaml", &yaml::service_export("shop", "store"))
+        .unwrap();
+
+    let frontend = client_workload(east, "frontend", "e1").await;
+    for svc in ["api", "greeter", "store"] {
+        wait_routable(&frontend, svc, &["west"]).await;
+    }
+
+    // HTTP/1.1 through the frontend's HTTP proxy.
+    let mut http = ProxyClient::new(frontend.proxy);
+    let reply = http
+        .request(
+            "GET",
+            &url("api", "/hello"),
+            &[
+                (
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+                (
+                    "x-forwarded-client-cert",
+                    "URI=spiffe://evil.example/forged",
+                ),
+            ],
+            bytes::Bytes::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let echo = reply.echo().unwrap();
+    assert_eq!(
+        (echo.cluster.as_str(), echo.workload.as_str()),
+        ("west", "api")
+    );
+    assert_eq!(
+        echo.caller,
+        frontend.id.to_string(),
+        "the app sees the east caller, never a forged header"
+    );
+    assert_eq!(
+        echo.version, "HTTP/1.1",
+        "the app is spoken to in the protocol the caller used"
+    );
+    assert!(
+        echo.traceparent
+            .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+            && !echo.traceparent.contains("00f067aa0ba902b7"),
+        "the trace continues with a new parent span per hop: {}",
+        echo.traceparent
+    );
+    // A request body crosses too, and the connection is reused.
+    let posted = http
+        .request(
+            "POST",
+            &url("api", "/upload"),
+            &[],
+            bytes::Bytes::from(vec![7u8; 100_000]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(posted.echo().unwrap().body_bytes, 100_000);
+
+    // HTTP/2 (prior knowledge) to a service listener.
+    let h2_port = frontend.listen("shop/api:80").await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(h2_port).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let resp = h2
+        .send_request(
+            http::Request::get("http://api.shop.svc.clusterset.local/h2")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let echo: apps::EchoResponse = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (echo.cluster.as_str(), echo.version.as_str()),
+        ("west", "HTTP/2.0")
+    );
+    assert_eq!(echo.caller, frontend.id.to_string());
+
+    // gRPC: unary, server streaming, bidirectional streaming.
+    let grpc_port = frontend.listen("shop/greeter:9090").await.unwrap();
+    let mut grpc = EchoClient::connect(format!("http://{grpc_port}"))
+        .await
+        .unwrap();
+    let r = grpc
+        .unary(EchoRequest {
+            message: "hi".into(),
+            count: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.cluster.as_str(), r.message.as_str()), ("west", "hi"));
+    assert_eq!(r.caller, frontend.id.to_string());
+    let mut stream = grpc
+        .server_stream(EchoRequest {
+            message: "s".into(),
+            count: 50,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seqs = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        seqs.push(m.seq);
+    }
+    assert_eq!(seqs, (0..50).collect::<Vec<_>>());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut bidi = grpc
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..20 {
+        tx.send(EchoRequest {
+            message: format!("m{i}"),
+            count: 0,
+        })
+        .await
+        .unwrap();
+        let m = bidi.message().await.unwrap().unwrap();
+        assert_eq!((m.message, m.seq), (format!("m{i}"), i));
+    }
+    drop(tx);
+    assert!(bidi.message().await.unwrap().is_none());
+
+    // Opaque TCP: through a service listener and through the proxy's CONNECT.
+    let tcp_port = frontend.listen("shop/store:7000").await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(tcp_port).await.unwrap();
+    let mut hello = vec![0u8; "store@west\n".len()];
+    s.read_exact(&mut hello).await.unwrap();
+    assert_eq!(
+        hello, b"store@west\n",
+        "a server-first protocol works (no client bytes needed)"
+    );
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = s.into_split();
+    let expected = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&payload).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(
+        back, expected,
+        "bytes come back intact and the half-close propagates"
+    );
+
+    let mut c = tokio::net::TcpStream::connect(frontend.proxy)
+        .await
+        .unwrap();
+    c.write_all(b"CONNECT store.shop.svc.clusterset.local:7000 HTTP/1.1\r\nHost: store.shop.svc.clusterset.local:7000\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let mut hello = vec![0u8; "store@west\n".len()];
+    c.read_exact(&mut hello).await.unwrap();
+    assert_eq!(hello, b"store@west\n");
+
+    // Metrics: requests by source and destination cluster, on both sides; the gateway by SNI.
+    let out = frontend.metrics.encode();
+    assert!(
+        out.contains(r#"direction="outbound",src_cluster="east",dst_cluster="west",service="shop/api",code="200""#),
+        "{out}"
+    );
+    let inbound = api.metrics.encode();
+    assert!(
+        inbound.contains(r#"direction="inbound",src_cluster="east",dst_cluster="west",service="shop/api",code="200""#),
+        "{inbound}"
+    );
+    let gw = west.gateway.metrics().encode();
+    assert!(gw.contains(r#"sni="p80.api.shop.west.fedmesh""#), "{gw}");
+    assert!(
+        gw.contains(r#"sni="p7000.store.shop.west.fedmesh""#),
+        "{gw}"
+    );
+    assert!(
+        frontend.sidecar.pooled_connections() >= 1,
+        "HTTP rides pooled connections"
+    );
+    tb.shutdown().await;
+}
+
+/// A TLS client that sends `sni` (or none) and accepts any server certificate: the gateway
+/// should refuse before any certificate is seen.
+async fn tls_attempt(gateway: SocketAddr, sni: Option<&str>) -> Result<(), String> {
+    #[derive(Debug)]
+    struct AcceptAll;
+    impl rustls::client::danger::ServerCertVerifier for AcceptAll {
+        fn verify_server_cert(
+            &self,
+            _: &rustls_pki_types::CertificateDer<'_>,
+            _: &[rustls_pki_types::CertificateDer<'_>],
+            _: &rustls_pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls_pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls_pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls_pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AcceptAll))
+    .with_no_client_auth();
+    // rustls sends no SNI for an IP address.
+    let name =
+        rustls_pki_types::ServerName::try_from(sni.unwrap_or("127.0.0.1").to_string()).unwrap();
+    let tcp = tokio::net::TcpStream::connect(gateway).await.unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| "the gateway neither answered nor closed".to_string())?;
+    r.map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Sends raw bytes; returns what the gateway answered before closing.
+async fn raw_attempt(gateway: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = tokio::net::TcpStream::connect(gateway).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the gateway closed the connection");
+    out
+}
+
+fn refused(metrics: &str, reason: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("fedmesh_gateway_refused_total{")
+                && l.contains(&format!("reason=\"{reason}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_refuses_what_it_must_and_keeps_serving_good_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    let (api, _app) = http_workload(west, "api", "w1").await;
+    serve_http(west, "api", &endpoints(&[&api]));
+    // A west service that is not exported.
+    let (secret, _app2) = http_workload(west, "secret", "w1").await;
+    west.write(
+        "secret.yaml",
+        &yaml::service(
+            "shop",
+            "secret",
+            &[("http", 80, "")],
+            &endpoints(&[&secret]),
+        ),
+    )
+    .unwrap();
+    let frontend = client_workload(east, "frontend", "e1").await;
+    wait_routable(&frontend, "api", &["west"]).await;
+
+    // Good traffic keeps flowing during the whole attack.
+    let stop = Arc::new(AtomicBool::new(false));
+    let good = {
+        let (stop, proxy) = (stop.clone(), frontend.proxy);
+        tokio::spawn(async move {
+            let mut c = ProxyClient::new(proxy);
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            for _ in 0..20_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match c.get(&url("api", "/")).await {
+                    Ok(r) if r.status == 200 => ok += 1,
+                    Ok(r) => failed.push(format!(
+                        "{}: {}",
+                        r.status,
+                        String::from_utf8_lossy(&r.body)
+                    )),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (ok, failed)
+        })
+    };
+
+    let gw = west.gateway_addr;
+    for (sni, reason) in [
+        (Some("p80.secret.shop.west.fedmesh"), "not_exported"),
+        (Some("p80.api.shop.east.fedmesh"), "wrong_cluster"),
+        (Some("p81.api.shop.west.fedmesh"), "unknown_port"),
+        (Some("api.shop.svc.cluster.local"), "bad_sni"),
+        (Some("p0.api.shop.west.fedmesh"), "bad_sni"),
+        (None, "no_sni"),
+    ] {
+        let before = refused(&west.gateway.metrics().encode(), reason);
+        let err = tls_attempt(gw, sni).await.expect_err("refused");
+        assert!(
+            err.contains("UnrecognisedName")
+                || err.contains("unrecognized")
+                || err.contains("AlertReceived"),
+            "{sni:?}: the client learns why: {err}"
+        );
+        let after = refused(&west.gateway.metrics().encode(), reason);
+        assert_eq!(after, before + 1, "{sni:?} counted as {reason}");
+    }
+    let before = refused(&west.gateway.metrics().encode(), "not_tls");
+    assert!(
+        raw_attempt(gw, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .is_empty()
+    );
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 | 0x80)
+        .collect();
+    assert!(raw_attempt(gw, &garbage).await.is_empty());
+    assert_eq!(
+        refused(&west.gateway.metrics().encode(), "not_tls"),
+        before + 2
+    );
+    // A handshake record that claims to be enormous is cut off at the size limit.
+    let mut huge = vec![0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0xff, 0xff, 0xff];
+    huge.extend(std::iter::repeat_n(0u8, 40_000));
+    let _ = raw_attempt(gw, &huge).await;
+    let m = west.gateway.metrics().encode();
+    assert!(
+        refused(&m, "hello_too_large") + refused(&m, "malformed_hello") >= 1,
+        "{m}"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = good.await.unwrap();
+    assert!(ok > 0);
+    assert!(
+        failed.is_empty(),
+        "good traffic failed during the refusals: {failed:?}"
+    );
+    tb.shutdown().await;
+}
+
+/// Sends requests one after another until `stop`, recording who answered and what failed.
+struct Stream {
+    stop: Arc<AtomicBool>,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl Stream {
+    fn start(proxy: SocketAddr, svc: &'static str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, seen2) = (stop.clone(), seen.clone());
+        let task = tokio::spawn(async move {
+            let mut c = ProxyClient::new(proxy);
+            let mut failed = Vec::new();
+            // Bounded: at most this many requests, however long the test waits.
+            for _ in 0..100_000 {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                match c.get(&url(svc, "/")).await {
+                    Ok(r) if r.status == 200 => {
+                        let e = r.echo().unwrap();
+                        seen2
+                            .lock()
+                            .unwrap()
+                            .push(format!("{}/{}", e.cluster, e.zone));
+                    }
+                    Ok(r) => failed.push(format!(
+                        "{}: {}",
+                        r.status,
+                        String::from_utf8_lossy(&r.body)
+                    )),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            failed
+        });
+        Self { stop, seen, task }
+    }
+
+    /// Waits until the last `n` answers all came from `place` ("cluster/zone").
+    async fn until_all_from(&self, place: &str, n: usize) {
+        let r = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                {
+                    let seen = self.seen.lock().unwrap();
+                    if seen.len() >= n && seen[seen.len() - n..].iter().all(|s| s == place) {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let tail: Vec<String> = {
+            let seen = self.seen.lock().unwrap();
+            seen[seen.len().saturating_sub(10)..].to_vec()
+        };
+        assert!(
+            r.is_ok(),
+            "traffic never settled on {place}; last answers: {tail:?}"
+        );
+    }
+
+    async fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locality_failover_zone_then_cluster_and_back_with_zero_failed_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    let (a, a_app) = http_workload(east, "api", "east-a").await;
+    let mut spec_b = WorkloadSpec::new("shop", "api-b", "east-b");
+    let b_app = apps::http_echo(
+        app_listener().await,
+        AppInfo {
+            cluster: "east".into(),
+            zone: "east-b".into(),
+            workload: "api-b".into(),
+        },
+    )
+    .await;
+    spec_b.inbound_port = 0;
+    let b = east.workload(&spec_b, b_app.addr).await.unwrap();
+    let (w, _w_app) = http_workload(west, "api", "west-a").await;
+    serve_http(east, "api", &endpoints(&[&a, &b]));
+    serve_http(west, "api", &endpoints(&[&w]));
+    let client = client_workload(east, "frontend", "east-a").await;
+    wait_routable(&client, "api", &["east", "west"]).await;
+    client
+        .wait_config("two local endpoints", |t| {
+            t.service("shop/api")
+                .is_some_and(|e| e.svc.endpoints.len() == 2)
+        })
+        .await
+        .unwrap();
+
+    let stream = Stream::start(client.proxy, "api");
+    stream.until_all_from("east/east-a", 100).await;
+    {
+        let seen = stream.seen.lock().unwrap();
+        assert!(
+            seen.iter().all(|s| s == "east/east-a"),
+            "zone a stays in zone a: {seen:?}"
+        );
+    }
+    // Zone a dies (sidecar and app): traffic moves to zone b.
+    let a_port = a.inbound;
+    a.stop();
+    a_app.stop();
+    drop(a);
+    stream.until_all_from("east/east-b", 100).await;
+    // Zone b dies too: traffic leaves the cluster for west.
+    b.stop();
+    b_app.stop();
+    drop(b);
+    stream.until_all_from("west/west-a", 100).await;
+    // Zone a comes back on the same address: traffic returns.
+    let (_a2, _a2_app) = http_workload_on(east, "api", "east-a", a_port.port()).await;
+    stream.until_all_from("east/east-a", 100).await;
+    let failed = stream.finish().await;
+    assert!(
+        failed.is_empty(),
+        "requests failed during failover: {failed:?}"
+    );
+    let retries = client.metrics.encode();
+    assert!(
+        retries.contains("fedmesh_sidecar_retries_total"),
+        "{retries}"
+    );
+    tb.shutdown().await;
+}
+
+async fn count_by_cluster(proxy: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+    let mut c = ProxyClient::new(proxy);
+    let mut by = BTreeMap::new();
+    for _ in 0..n {
+        let r = c.get(&url("api", "/")).await.unwrap();
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        *by.entry(r.echo().unwrap().cluster).or_insert(0) += 1;
+    }
+    by
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_80_20_split_across_clusters_holds_and_changes_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    let (e, _e_app) = http_workload(east, "api", "e1").await;
+    let (w, _w_app) = http_workload(west, "api", "w1").await;
+    serve_http(east, "api", &endpoints(&[&e]));
+    serve_http(west, "api", &endpoints(&[&w]));
+    east.write(
+        "api-policy.yaml",
+        &yaml::traffic_policy("shop", "api", &[("east", 80), ("west", 20)], &[]),
+    )
+    .unwrap();
+    let client = client_workload(east, "frontend", "e1").await;
+    wait_routable(&client, "api", &["east", "west"]).await;
+    client
+        .wait_config("the 80/20 split", |t| {
+            t.service("shop/api")
+                .and_then(|e| e.svc.policy.as_ref())
+                .is_some_and(|p| p.split.len() == 2)
+        })
+        .await
+        .unwrap();
+    let by = count_by_cluster(client.proxy, 5000).await;
+    let east_share = by.get("east").copied().unwrap_or(0) as f64 / 5000.0;
+    assert!(
+        (east_share - 0.80).abs() <= 0.03,
+        "east got {:.1}% of 5000 requests (want 80 ± 3): {by:?}",
+        east_share * 100.0
+    );
+
+    // New weights take effect without restarting anything.
+    east.write(
+        "api-policy.yaml",
+        &yaml::traffic_policy("shop", "api", &[("east", 0), ("west", 100)], &[]),
+    )
+    .unwrap();
+    client
+        .wait_config("the new weights", |t| {
+            t.service("shop/api")
+                .and_then(|e| e.svc.policy.as_ref())
+                .is_some_and(|p| p.split.iter().any(|b| b.cluster == "east" && b.weight == 0))
+        })
+        .await
+        .unwrap();
+    let by = count_by_cluster(client.proxy, 300).await;
+    assert_eq!(by.get("west"), Some(&300), "{by:?}");
+    tb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_and_gateways_keep_routing_while_the_control_planes_are_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    let (w, _w_app) = http_workload(west, "api", "w1").await;
+    serve_http(west, "api", &endpoints(&[&w]));
+    // A second west workload, running but not yet published.
+    let (orders, _orders_app) = http_workload(west, "orders", "w1").await;
+    let client = client_workload(east, "frontend", "e1").await;
+    wait_routable(&client, "api", &["west"]).await;
+    let mut c = ProxyClient::new(client.proxy);
+    assert_eq!(c.get(&url("api", "/")).await.unwrap().status, 200);
+
+    east.stop_control_plane().await;
+    west.stop_control_plane().await;
+    for _ in 0..200 {
+        let r = c.get(&url("api", "/")).await.unwrap();
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.echo().unwrap().cluster, "west");
+    }
+    // A new client connection works too.
+    assert_eq!(client_workload_reuse(&client).await, 200);
+
+    // A change made while they are down arrives when they return.
+    serve_http(west, "orders", &endpoints(&[&orders]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(client.config.table().service("shop/orders").is_none());
+    west.start_control_plane().await.unwrap();
+    east.start_control_plane().await.unwrap();
+    wait_routable(&client, "orders", &["west"]).await;
+    orders
+        .wait_config("its own service", |t| t.service("shop/orders").is_some())
+        .await
+        .unwrap();
+    let r = c.get(&url("orders", "/")).await.unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.echo().unwrap().workload, "orders");
+    assert_eq!(c.get(&url("api", "/")).await.unwrap().status, 200);
+    tb.shutdown().await;
+}
+
+/// Opens a new client connection through the existing sidecar (its pooled peer connection may be
+/// gone) and returns the status of one request.
+async fn client_workload_reuse(client: &Workload) -> u16 {
+    let mut c = ProxyClient::new(client.proxy);
+    c.get(&url("api", "/fresh")).await.unwrap().status.as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_by_spiffe_id_denies_callers_a_policy_does_not_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    let (w, _w_app) = http_workload(west, "api", "w1").await;
+    serve_http(west, "api", &endpoints(&[&w]));
+    let frontend = client_workload(east, "frontend", "e1").await;
+    let intruder = client_workload(east, "intruder", "e1").await;
+    west.write(
+        "api-policy.yaml",
+        &yaml::traffic_policy("shop", "api", &[], &[&frontend.id.to_string()]),
+    )
+    .unwrap();
+    w.wait_config("the authorization policy", |t| {
+        t.service("shop/api")
+            .and_then(|e| e.svc.policy.as_ref())
+            .is_some_and(|p| !p.allowed_callers.is_empty())
+    })
+    .await
+    .unwrap();
+    wait_routable(&frontend, "api", &["west"]).await;
+    wait_routable(&intruder, "api", &["west"]).await;
+    let ok = ProxyClient::new(frontend.proxy)
+        .get(&url("api", "/"))
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200);
+    let denied = ProxyClient::new(intruder.proxy)
+        .get(&url("api", "/"))
+        .await
+        .unwrap();
+    assert_eq!(denied.status, 403);
+    let msg = String::from_utf8_lossy(&denied.body);
+    assert!(
+        msg.contains(&intruder.id.to_string()) && msg.contains("may not call shop/api"),
+        "{msg}"
+    );
+    assert!(w.metrics.encode().contains(r#"reason="unauthorized""#));
+    tb.shutdown().await;
+}
