@@ -24,6 +24,7 @@ pub struct HubMetrics {
     pub refused: Family<ReasonLabels, Counter>,
     pub updates_sent: Counter,
     pub snapshots_sent: Counter,
+    pub nacks: Counter,
     pub joins: Family<ResultLabels, Counter>,
 }
 
@@ -38,6 +39,7 @@ impl Default for HubMetrics {
             refused: Family::default(),
             updates_sent: Counter::default(),
             snapshots_sent: Counter::default(),
+            nacks: Counter::default(),
             joins: Family::default(),
         };
         registry.register(
@@ -69,6 +71,11 @@ impl Default for HubMetrics {
             "snapshots_sent",
             "Snapshots sent to control planes",
             m.snapshots_sent.clone(),
+        );
+        registry.register(
+            "nacks",
+            "Updates control planes could not apply (they reconnect and resume)",
+            m.nacks.clone(),
         );
         registry.register("joins", "Join attempts by result", m.joins.clone());
         Self { registry, ..m }

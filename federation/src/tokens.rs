@@ -14,7 +14,7 @@ use ring::digest::{SHA256, digest};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::hub::records::{TokenRecord, now_unix, token_key};
-use crate::store::{Compare, KvStore, StoreError, Txn, TxnOutcome};
+use crate::store::{Compare, KvStore, Revision, StoreError, Txn, TxnOutcome};
 
 const PREFIX: &str = "fmj1";
 
@@ -162,18 +162,28 @@ pub async fn consume(
     consume_as(store, token, cluster.as_str()).await
 }
 
-/// Checks `token` for `subject` and, unless it is reusable, marks it used atomically.
-pub async fn consume_as(
+/// Checks `token` for `subject` without using it up: the secret first, so that only its holder
+/// learns anything more about the token (or, from the caller's later checks, the clusterset).
+pub async fn verify(
     store: &dyn KvStore,
     token: &JoinToken,
     subject: &str,
 ) -> Result<(), TokenError> {
+    check(store, token, subject).await.map(|_| ())
+}
+
+/// The token's record and its mod revision, if the token is valid for `subject` now.
+async fn check(
+    store: &dyn KvStore,
+    token: &JoinToken,
+    subject: &str,
+) -> Result<(TokenRecord, Revision), TokenError> {
     let key = token_key(&token.id);
     let kv = store
         .get(&key)
         .await?
         .ok_or_else(|| TokenError::Unknown(token.id.clone()))?;
-    let mut record: TokenRecord =
+    let record: TokenRecord =
         serde_json::from_slice(&kv.value).map_err(|_| TokenError::Unknown(token.id.clone()))?;
     if record.secret_sha256 != token.secret_hash() {
         return Err(TokenError::BadSecret);
@@ -199,15 +209,26 @@ pub async fn consume_as(
             at: rfc3339(record.expires_unix),
         });
     }
+    Ok((record, kv.mod_revision))
+}
+
+/// Checks `token` for `subject` and, unless it is reusable, marks it used atomically.
+pub async fn consume_as(
+    store: &dyn KvStore,
+    token: &JoinToken,
+    subject: &str,
+) -> Result<(), TokenError> {
+    let (mut record, revision) = check(store, token, subject).await?;
     if record.reusable {
         return Ok(());
     }
+    let key = token_key(&token.id);
     record.used_unix = Some(now_unix());
     let value = serde_json::to_vec(&record).unwrap_or_default();
     match store
         .commit(
             Txn::new()
-                .when(Compare::ModRevision(key.clone(), kv.mod_revision))
+                .when(Compare::ModRevision(key.clone(), revision))
                 .put(key, value),
         )
         .await?

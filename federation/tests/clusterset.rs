@@ -70,7 +70,12 @@ async fn an_export_in_east_appears_in_west_and_central_and_removing_it_withdraws
     // The ServiceImport as written for the cluster, and clusterset DNS.
     let west_snap = west.snapshot();
     let vip = west_snap.vips[&web()];
-    let imports = std::fs::read_to_string(west.data.join("status/serviceimports.yaml")).unwrap();
+    // The status files are written after the snapshot changes: wait for the write.
+    let vip_text = vip.to_string();
+    let imports = wait_file(&west.data.join("status/serviceimports.yaml"), |s| {
+        s.contains("name: web") && s.contains(&vip_text)
+    })
+    .await;
     assert!(
         imports.contains("kind: ServiceImport") && imports.contains("name: web"),
         "{imports}"

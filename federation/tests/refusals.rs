@@ -308,3 +308,56 @@ async fn a_malformed_source_file_is_reported_and_its_last_good_content_kept() {
     }
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_clusters_open_stream_is_ended_and_it_cannot_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let east = start_cluster(dir.path(), "east", &hub).await;
+    let west = start_cluster(dir.path(), "west", &hub).await;
+    west.wait_for("east's bundle", |s| s.clusterset.bundles.len() == 2)
+        .await;
+    let creds = east.cp.credentials.clone().unwrap();
+    let (_tx, mut inbound) = raw_stream(&creds, FEDERATION_PROTOCOL_VERSION)
+        .await
+        .unwrap();
+
+    assert!(
+        hub.hub
+            .remove_cluster(&ClusterName::new("east").unwrap())
+            .await
+            .unwrap()
+    );
+    // The open stream ends with a status that says what happened and what to do.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match inbound.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(s) => return Some(s),
+            }
+        }
+    })
+    .await
+    .expect("the stream of a removed cluster ends");
+    let status = ended.expect("with a status, not a silent close");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("was removed") && status.message().contains("join again"),
+        "{}",
+        status.message()
+    );
+    // Its certificate still verifies, but a new stream is refused too.
+    let again = raw_stream(&creds, FEDERATION_PROTOCOL_VERSION).await;
+    let refused = match again {
+        Err(s) => s,
+        Ok((_tx, mut inbound)) => inbound.message().await.unwrap_err(),
+    };
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // And west no longer sees east's bundle.
+    west.wait_for("east's bundle withdrawn", |s| {
+        s.clusterset.bundles.len() == 1
+    })
+    .await;
+    hub.stop().await;
+}

@@ -363,6 +363,16 @@ impl TrustDomainCa {
         self.bundle_tx.subscribe()
     }
 
+    /// The certificate of the authority that signs now. Differs from the bundle's newest
+    /// authority while a prepared one waits for activation; pins and served chains need this one.
+    pub fn active_certificate(&self) -> Option<CertificateDer<'static>> {
+        self.read()
+            .authorities
+            .iter()
+            .find(|a| a.record.state == AuthorityState::Active)
+            .map(|a| a.cert.clone())
+    }
+
     pub fn authorities(&self) -> Vec<AuthorityStatus> {
         self.read()
             .authorities

@@ -15,6 +15,7 @@ use fedmesh_trust::svid::{inspect, new_key_and_csr};
 use fedmesh_trust::tls::{Authorizer, MeshIdentity};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::state::ClusterSetStore;
@@ -370,12 +371,22 @@ async fn session(
     let mut client = FederationClient::new(creds.channel_to(replica)?)
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
-    let (out_tx, out_rx) = mpsc::channel::<pb::ClusterMessage>(64);
+    // Hello, then publishes, in order; at most one publish is in flight, so this never fills.
+    let (publish_tx, publish_rx) = mpsc::channel::<pb::ClusterMessage>(4);
+    // The latest ack. Acks are cumulative, so a newer one replaces one not sent yet: reading the
+    // hub never waits for the hub to read us (it may be waiting for us to read it).
+    let (ack_tx, ack_rx) = watch::channel::<Option<pb::Ack>>(None);
+    let acks = tokio_stream::wrappers::WatchStream::from_changes(ack_rx).filter_map(|a| {
+        a.map(|a| pb::ClusterMessage {
+            msg: Some(pb::cluster_message::Msg::Ack(a)),
+        })
+    });
+    let outbound = tokio_stream::wrappers::ReceiverStream::new(publish_rx).merge(acks);
     let resume_from = state.current().version;
     let send = |msg: pb::cluster_message::Msg| {
-        let out_tx = out_tx.clone();
+        let publish_tx = publish_tx.clone();
         async move {
-            out_tx
+            publish_tx
                 .send(pb::ClusterMessage { msg: Some(msg) })
                 .await
                 .map_err(|_| "hub stream closed".to_string())
@@ -388,20 +399,22 @@ async fn session(
     }))
     .await?;
     let mut inbound = client
-        .federate(tokio_stream::wrappers::ReceiverStream::new(out_rx))
+        .federate(outbound)
         .await
         .map_err(|s| format!("{} ({:?})", s.message(), s.code()))?
         .into_inner();
     // What the hub holds of ours: Some(None) = unknown (publish in full); None = not welcomed yet.
     let mut hub_has: Option<Option<Desired>> = None;
+    // The last state the hub refused: not sent again as it is (it would be refused again).
+    let mut refused: Option<Desired> = None;
     let mut next_version = accepted.version;
     let mut in_flight: Option<(u64, Desired)> = None;
-    loop {
+    let failed = loop {
         if in_flight.is_none()
             && let Some(held) = &hub_has
         {
             let want = (**desired.borrow_and_update()).clone();
-            if held.as_ref() != Some(&want) {
+            if held.as_ref() != Some(&want) && refused.as_ref() != Some(&want) {
                 next_version += 1;
                 let msg = match held {
                     Some(h) => diff_publish(cluster, next_version, h, &want),
@@ -436,14 +449,21 @@ async fn session(
                     }
                     Some(pb::hub_message::Msg::Update(u)) => {
                         let version = u.version;
-                        let ack = match state.apply(&u).await {
-                            Ok(()) => pb::Ack { version, nack: false, error: String::new() },
+                        match state.apply(&u).await {
+                            Ok(()) => {
+                                ack_tx.send_replace(Some(pb::Ack { version, nack: false, error: String::new() }));
+                            }
                             Err(e) => {
                                 tracing::error!(version, error = %e, "cannot apply the hub's update");
-                                pb::Ack { version, nack: true, error: e }
+                                ack_tx.send_replace(Some(pb::Ack { version, nack: true, error: e.clone() }));
+                                // Nothing of it was applied, and later deltas build on it: start
+                                // over from the version we persisted.
+                                break format!(
+                                    "cannot apply the hub's update v{version} ({e}); resuming from v{}",
+                                    state.current().version
+                                );
                             }
-                        };
-                        send(pb::cluster_message::Msg::Ack(ack)).await?;
+                        }
                     }
                     Some(pb::hub_message::Msg::PublishResult(r)) => {
                         let Some((version, sent)) = in_flight.take() else { continue };
@@ -457,21 +477,29 @@ async fn session(
                                 s.refused = None;
                             });
                             hub_has = Some(Some(sent));
+                            refused = None;
                         } else {
                             tracing::error!(version, error = %r.error, "the hub refused our publish");
                             status.send_modify(|s| s.refused = Some(r.error.clone()));
-                            // The hub kept its previous state; publish in full on the next change,
-                            // but do not loop on the same refusal.
+                            // The hub kept its previous state, not what we sent: publish in full on
+                            // the next change (or the next connection).
                             accepted.version = version;
                             accepted.state = None;
-                            hub_has = Some(Some(sent));
+                            hub_has = Some(None);
+                            refused = Some(sent);
                         }
                     }
                     None => {}
                 }
             }
         }
-    }
+    };
+    // Half-close after the NACK so the hub reads it, then wait for the hub to end the stream.
+    drop(publish_tx);
+    drop(ack_tx);
+    let drain = async { while let Ok(Some(_)) = inbound.message().await {} };
+    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    Err(failed)
 }
 
 fn full_publish(cluster: &ClusterName, version: u64, want: &Desired) -> pb::Publish {

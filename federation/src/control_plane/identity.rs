@@ -204,7 +204,7 @@ fn bundles_now(cp: &ControlPlane) -> pb::Bundles {
     pb::Bundles { bundles }
 }
 
-/// The control plane's own server identity, with the CA appended so agents can pin it.
+/// The control plane's own server identity, with the signing CA appended so agents can pin it.
 fn server_identity(cp: &ControlPlane) -> Result<MeshIdentity, String> {
     let ident = MeshIdentity::new();
     refresh_server_identity(cp, &ident)?;
@@ -219,8 +219,7 @@ fn refresh_server_identity(cp: &ControlPlane, ident: &MeshIdentity) -> Result<()
         .sign_csr(&csr, Some(&id), None)
         .map_err(|e| e.to_string())?;
     let bundle = cp.ca.bundle();
-    let mut chain = issued.chain;
-    chain.extend(bundle.x509_authorities().iter().rev().take(1).cloned());
+    let chain = crate::hub::with_active_ca(&cp.ca, issued.chain);
     let mut set = fedmesh_trust::bundle::BundleSet::new();
     set.update((*bundle).clone());
     ident.set_bundles(set);
@@ -232,7 +231,8 @@ fn refresh_server_identity(cp: &ControlPlane, ident: &MeshIdentity) -> Result<()
         .map_err(|e| e.to_string())
 }
 
-/// Makes sure a valid agent bootstrap token exists in `<data-dir>/agent-token` (0600).
+/// Makes sure a valid agent bootstrap token exists in `<data-dir>/agent-token` (0600), pinning
+/// the CA's active authority (a new token once the CA rotated).
 pub async fn ensure_agent_token(cp: &ControlPlane) -> Result<String, String> {
     let path = cp.config.data_dir.join("agent-token");
     if let Ok(raw) = fedmesh_trust::files::read_private(&path)
@@ -252,12 +252,12 @@ pub async fn ensure_agent_token(cp: &ControlPlane) -> Result<String, String> {
     Ok(t.to_string())
 }
 
+/// The active (signing) authority: the one our server chain carries. A prepared next authority
+/// is in the bundle already but signs nothing until activated.
 fn current_pin(cp: &ControlPlane) -> String {
     cp.ca
-        .bundle()
-        .x509_authorities()
-        .last()
-        .map(fedmesh_trust::grpc::ca_pin)
+        .active_certificate()
+        .map(|c| fedmesh_trust::grpc::ca_pin(&c))
         .unwrap_or_default()
 }
 
@@ -268,6 +268,8 @@ pub fn serve(
     shutdown: CancellationToken,
 ) {
     tokio::spawn(async move {
+        // Subscribed before the token and the certificate are made, so no rotation slips past.
+        let mut rotations = cp.ca.subscribe_bundle();
         if let Err(e) = ensure_agent_token(&cp).await {
             tracing::error!(error = %e, "cannot write the agent bootstrap token");
         }
@@ -278,17 +280,22 @@ pub fn serve(
                 return;
             }
         };
-        // Keep the server certificate fresh.
+        // Keep the server certificate fresh, and follow CA rotation: once another authority
+        // signs, the served chain and the agent token's pin must name it.
         {
             let (cp, ident, shutdown) = (cp.clone(), ident.clone(), shutdown.clone());
             tokio::spawn(async move {
                 loop {
-                    tokio::select! {
+                    let rotated = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(600)) => {}
-                    }
+                        _ = tokio::time::sleep(Duration::from_secs(600)) => false,
+                        r = rotations.changed() => if r.is_err() { return } else { true },
+                    };
                     if let Err(e) = refresh_server_identity(&cp, &ident) {
                         tracing::error!(error = %e, "cannot renew the control plane's server identity");
+                    }
+                    if rotated && let Err(e) = ensure_agent_token(&cp).await {
+                        tracing::error!(error = %e, "cannot renew the agent bootstrap token");
                     }
                 }
             });

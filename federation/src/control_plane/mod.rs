@@ -397,12 +397,25 @@ impl ControlPlane {
                 .as_ref()
                 .map(|t| t.0.as_second());
             let created = self.created_unix(k, created).await;
-            match local.export(k, &self.config.region, created) {
+            let checked = local.export(k, &self.config.region, created).and_then(|x| {
+                // The hub's own validation: an export it would refuse would take the whole
+                // publish down with it, so it is left out here and its status says why.
+                crate::hub::records::export_from_pb(&x)
+                    .map(|_| x)
+                    .map_err(|message| Invalid {
+                        reason: source::INVALID_EXPORT,
+                        message,
+                    })
+            });
+            match checked {
                 Ok(x) => {
                     exports.insert(k.clone(), x);
                     validity.insert(k.clone(), Ok(()));
                 }
                 Err(i) => {
+                    if i.reason == source::INVALID_EXPORT {
+                        tracing::warn!(service = %k, error = %i.message, "not exporting: the hub would refuse it");
+                    }
                     validity.insert(k.clone(), Err(i));
                 }
             }

@@ -65,6 +65,28 @@ impl HubConfig {
     }
 }
 
+/// How often a write computed from a cluster's record is recomputed when the record changed
+/// under it (a sweep, a reconnect on another replica) before giving up for now.
+const PUBLISH_ATTEMPTS: usize = 5;
+
+/// Why a Publish was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The publish is wrong (not the cluster's own, malformed, stale); nothing was written.
+    #[error("{0}")]
+    Refused(String),
+    /// The hub cannot apply it now (store unavailable, or the record kept changing); the cluster
+    /// should reconnect and publish again.
+    #[error("cannot apply the publish now: {0}")]
+    Unavailable(String),
+}
+
+impl From<StoreError> for PublishError {
+    fn from(e: StoreError) -> Self {
+        PublishError::Unavailable(e.to_string())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     #[error(transparent)]
@@ -101,6 +123,20 @@ pub fn cluster_of(hub_td: &TrustDomain, id: &SpiffeId) -> Option<ClusterName> {
     }
     let name = id.path().strip_prefix("/cluster/")?;
     ClusterName::new(name).ok()
+}
+
+/// A server chain with the CA's active (signing) authority appended, so a client holding a token
+/// that pins it finds it. Upstream-mode chains already carry it (the intermediate).
+pub(crate) fn with_active_ca(
+    ca: &TrustDomainCa,
+    mut chain: Vec<CertificateDer<'static>>,
+) -> Vec<CertificateDer<'static>> {
+    if let Some(active) = ca.active_certificate()
+        && !chain.contains(&active)
+    {
+        chain.push(active);
+    }
+    chain
 }
 
 pub fn hub_server_id(hub_td: &TrustDomain) -> SpiffeId {
@@ -150,13 +186,12 @@ impl Hub {
         &self.ca
     }
 
-    /// The pin that join tokens carry: SHA-256 of the hub's active CA certificate.
+    /// The pin that join tokens carry: SHA-256 of the hub's active CA certificate (the one that
+    /// signs the hub's certificate; a prepared next authority is in the bundle but signs nothing).
     pub fn ca_pin(&self) -> String {
-        let bundle = self.ca.bundle();
-        bundle
-            .x509_authorities()
-            .last()
-            .map(fedmesh_trust::grpc::ca_pin)
+        self.ca
+            .active_certificate()
+            .map(|c| fedmesh_trust::grpc::ca_pin(&c))
             .unwrap_or_default()
     }
 
@@ -225,7 +260,7 @@ impl Hub {
             .server_config_optional_client_auth(authorizer, vec![b"h2".to_vec()])
     }
 
-    /// Issues the hub's own SVID, with the CA appended so joining clusters can pin it.
+    /// Issues the hub's own SVID, with the signing CA appended so joining clusters can pin it.
     fn renew_identity(&self) -> Result<(), HubError> {
         let id = hub_server_id(&self.trust_domain());
         let (key, csr) = new_key_and_csr(&id).map_err(|e| HubError::Identity(e.to_string()))?;
@@ -234,8 +269,7 @@ impl Hub {
             .sign_csr(&csr, Some(&id), None)
             .map_err(|e| HubError::Identity(e.to_string()))?;
         let bundle = self.ca.bundle();
-        let mut chain = issued.chain;
-        chain.extend(bundle.x509_authorities().iter().rev().take(1).cloned());
+        let chain = with_active_ca(&self.ca, issued.chain);
         let mut set = fedmesh_trust::bundle::BundleSet::new();
         set.update((*bundle).clone());
         self.identity.set_bundles(set);
@@ -247,7 +281,10 @@ impl Hub {
             .map_err(|e| HubError::Identity(e.to_string()))
     }
 
+    /// Renews the hub's certificate at half its life, and at once when the CA rotates (so the
+    /// served chain carries the authority join tokens pin).
     async fn keep_identity_fresh(self: Arc<Self>) {
+        let mut rotations = self.ca.subscribe_bundle();
         loop {
             let wait = self
                 .identity
@@ -263,6 +300,7 @@ impl Hub {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
+                r = rotations.changed() => if r.is_err() { return },
             }
             if let Err(e) = self.renew_identity() {
                 tracing::error!(error = %e, "cannot renew the hub's certificate; retrying");
@@ -313,24 +351,26 @@ impl Hub {
     }
 
     /// The Update that brings a cluster from `since` to now, or `None` when it needs a snapshot.
+    ///
+    /// The changed keys and their state are read under one view guard: the update's version must
+    /// cover every change it claims to, or a change applied in between would be skipped for good.
     pub async fn delta_since(&self, since: Revision) -> Option<pb::Update> {
-        let (current, floor, keys) = {
+        let floor = {
             let v = self.view();
-            (v.revision, v.floor, v.changed_since(since))
-        };
-        if since > current {
-            return None;
-        }
-        let keys = match keys {
-            Some(k) => k,
-            None => {
-                // Older than our in-memory index (e.g. we restarted): ask the store's history.
-                let mut keys = self.history_keys(since, floor).await?;
-                keys.extend(self.view().changed_since(floor)?);
-                keys
+            if since > v.revision {
+                return None;
             }
+            if let Some(keys) = v.changed_since(since) {
+                return Some(v.update_for(&keys));
+            }
+            v.floor
         };
-        Some(self.view().update_for(&keys))
+        // Older than our in-memory index (e.g. we restarted): ask the store's history for what
+        // changed up to the floor, then take the rest and the state from one guard.
+        let mut keys = self.history_keys(since, floor).await?;
+        let v = self.view();
+        keys.extend(v.changed_since(floor)?);
+        Some(v.update_for(&keys))
     }
 
     async fn history_keys(&self, since: Revision, upto: Revision) -> Option<BTreeSet<ViewKey>> {
@@ -379,18 +419,70 @@ impl Hub {
                     })
                     .collect()
             };
-            for (record, last_seen) in todo {
+            for (mut record, last_seen) in todo {
                 let silent = Duration::from_millis((now - last_seen).max(0) as u64);
                 if silent >= self.config.stale_after && !record.stale {
                     tracing::warn!(cluster = %record.name, silent_for = ?silent, "cluster is stale; its exports stay routable");
                     let mut r = record.clone();
                     r.stale = true;
-                    let _ = self.update_cluster_record(&record, r).await;
+                    if let Ok(true) = self.update_cluster_record(&record, r.clone()).await {
+                        record = r;
+                    }
                 }
                 if silent >= self.config.expire_after && !record.expired {
-                    tracing::warn!(cluster = %record.name, silent_for = ?silent, "cluster expired; withdrawing its exports");
-                    let _ = self.expire_cluster(&record).await;
+                    match self.expire_cluster(&record).await {
+                        Ok(true) => {
+                            tracing::warn!(cluster = %record.name, silent_for = ?silent, "cluster expired; withdrew its exports")
+                        }
+                        // It changed meanwhile (e.g. reconnected); the next sweep looks again.
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(cluster = %record.name, error = %e, "cannot expire the cluster; will retry")
+                        }
+                    }
                 }
+            }
+        }
+    }
+
+    /// A cluster's record as the store holds it now, with its mod revision. The view may lag the
+    /// store; whatever is written back must be computed from this.
+    async fn stored_cluster(
+        &self,
+        cluster: &ClusterName,
+    ) -> Result<Option<(ClusterRecord, Revision)>, StoreError> {
+        let Some(kv) = self.store.get(&cluster_key(cluster)).await? else {
+            return Ok(None);
+        };
+        let record =
+            serde_json::from_slice(&kv.value).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok(Some((record, kv.mod_revision)))
+    }
+
+    /// A cluster's exports as the store holds them now, by store key (`None`: unreadable).
+    async fn stored_exports(
+        &self,
+        cluster: &ClusterName,
+    ) -> Result<std::collections::BTreeMap<String, Option<ExportRecord>>, StoreError> {
+        let (kvs, _) = self.store.list(&exports_prefix(cluster)).await?;
+        Ok(kvs
+            .into_iter()
+            .map(|kv| {
+                let record = serde_json::from_slice(&kv.value).ok();
+                (kv.key, record)
+            })
+            .collect())
+    }
+
+    /// The publish version the hub holds for `cluster`, from the store (0 when unknown, which
+    /// makes the cluster publish in full).
+    pub(crate) async fn published_version(&self, cluster: &ClusterName) -> u64 {
+        match self.stored_cluster(cluster).await {
+            Ok(Some((r, _))) => r.published_version,
+            Ok(None) => 0,
+            Err(e) => {
+                tracing::warn!(%cluster, error = %e, "cannot read the cluster record; asking for a full publish");
+                0
             }
         }
     }
@@ -400,55 +492,59 @@ impl Hub {
         old: &ClusterRecord,
         new: ClusterRecord,
     ) -> Result<bool, StoreError> {
-        let key = cluster_key(&old.name);
-        let Some(kv) = self.store.get(&key).await? else {
+        let Some((current, revision)) = self.stored_cluster(&old.name).await? else {
             return Ok(false);
         };
-        let current: ClusterRecord =
-            serde_json::from_slice(&kv.value).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         if &current != old {
             return Ok(false); // someone else changed it meanwhile; the next sweep looks again
         }
-        let outcome = self
-            .store
-            .commit(
-                Txn::new()
-                    .when(Compare::ModRevision(key.clone(), kv.mod_revision))
-                    .put(key, serde_json::to_vec(&new).unwrap_or_default()),
-            )
-            .await?;
-        Ok(matches!(outcome, TxnOutcome::Committed(_)))
+        let key = cluster_key(&old.name);
+        let ops = vec![Op::Put(
+            key.clone(),
+            serde_json::to_vec(&new).unwrap_or_default(),
+        )];
+        Ok(self.commit_guarded(&key, revision, ops).await?.is_some())
     }
 
-    async fn expire_cluster(&self, record: &ClusterRecord) -> Result<(), StoreError> {
-        let services = self.view().services_exported_by(&record.name);
-        let mut ops: Vec<Op> = services
-            .iter()
-            .map(|s| Op::Delete(export_key(&record.name, s)))
-            .collect();
-        let mut r = record.clone();
+    /// Withdraws the exports of a cluster silent past the expiry. Returns false, writing nothing,
+    /// when its record is no longer `seen` (it reconnected, or another replica expired it).
+    async fn expire_cluster(&self, seen: &ClusterRecord) -> Result<bool, StoreError> {
+        let Some((current, revision)) = self.stored_cluster(&seen.name).await? else {
+            return Ok(false);
+        };
+        if &current != seen {
+            return Ok(false);
+        }
+        let key = cluster_key(&seen.name);
+        let mut r = current;
         r.expired = true;
         r.stale = true;
-        ops.push(Op::Put(
-            cluster_key(&record.name),
+        // The hub no longer holds what the cluster published: when it comes back it must publish
+        // in full, not a delta against state that was withdrawn.
+        r.published_version = 0;
+        // The record first: a reconnect racing a withdrawal of many chunks already sees version 0.
+        let mut ops = vec![Op::Put(
+            key.clone(),
             serde_json::to_vec(&r).unwrap_or_default(),
-        ));
-        self.commit_chunked(ops).await.map(|_| ())
+        )];
+        ops.extend(
+            self.stored_exports(&seen.name)
+                .await?
+                .into_keys()
+                .map(Op::Delete),
+        );
+        Ok(self.commit_guarded(&key, revision, ops).await?.is_some())
     }
 
     /// Commits ops in chunks the backend accepts; the last chunk carries the last ops.
     async fn commit_chunked(&self, ops: Vec<Op>) -> Result<Revision, StoreError> {
         let mut revision = 0;
-        let chunks: Vec<Vec<Op>> = ops
-            .chunks(crate::store::MAX_TXN_OPS)
-            .map(|c| c.to_vec())
-            .collect();
-        for chunk in chunks {
+        for chunk in ops.chunks(crate::store::MAX_TXN_OPS) {
             match self
                 .store
                 .commit(Txn {
                     compares: vec![],
-                    ops: chunk,
+                    ops: chunk.to_vec(),
                 })
                 .await?
             {
@@ -461,113 +557,167 @@ impl Hub {
         Ok(revision)
     }
 
-    /// Applies a cluster's Publish. Errors say what was refused and why; nothing is written then.
+    /// Commits ops in chunks, each only while `key` is still at `revision` (moved along when a
+    /// chunk writes `key` itself). `None` when someone else changed `key` first: the chunks before
+    /// are committed, the rest not; callers recompute from the store and try again.
+    async fn commit_guarded(
+        &self,
+        key: &str,
+        mut revision: Revision,
+        ops: Vec<Op>,
+    ) -> Result<Option<Revision>, StoreError> {
+        let mut last = revision;
+        for chunk in ops.chunks(crate::store::MAX_TXN_OPS) {
+            let writes_key = chunk.iter().any(|op| match op {
+                Op::Put(k, _) | Op::Delete(k) => k == key,
+            });
+            let txn = Txn {
+                compares: vec![Compare::ModRevision(key.to_string(), revision)],
+                ops: chunk.to_vec(),
+            };
+            match self.store.commit(txn).await? {
+                TxnOutcome::Committed(r) => {
+                    last = r;
+                    if writes_key {
+                        revision = r;
+                    }
+                }
+                TxnOutcome::Failed => return Ok(None),
+            }
+        }
+        Ok(Some(last))
+    }
+
+    /// Applies a cluster's Publish. Refusals say what was refused and why; nothing is written then.
+    ///
+    /// Computed against the store, not the view (which lags it): a publish right after another
+    /// must see what that one wrote. The cluster record is written last and only if unchanged
+    /// since it was read, so a concurrent sweep, expiry or removal is never overwritten.
     pub async fn apply_publish(
         &self,
         cluster: &ClusterName,
         p: &pb::Publish,
-    ) -> Result<Revision, String> {
-        let record = self
-            .view()
-            .cluster(cluster)
-            .cloned()
-            .ok_or_else(|| format!("cluster {cluster} is not registered with this hub"))?;
+    ) -> Result<Revision, PublishError> {
+        use PublishError::Refused;
         if !p.cluster.is_empty() && p.cluster != cluster.as_str() {
-            return Err(format!(
+            return Err(Refused(format!(
                 "cluster {cluster} may publish only its own state, not that of {:?}",
                 p.cluster
-            ));
+            )));
         }
-        if p.version <= record.published_version
-            && !(p.full && p.version == record.published_version)
-        {
-            return Err(format!(
-                "publish version {} is not newer than version {} already applied",
-                p.version, record.published_version
-            ));
-        }
-        let mut upserts = Vec::with_capacity(p.upserts.len());
-        for e in &p.upserts {
-            upserts.push(export_from_pb(e)?);
-        }
+        let upserts = p
+            .upserts
+            .iter()
+            .map(export_from_pb)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Refused)?;
         let removals = p
             .removals
             .iter()
             .map(|s| {
                 s.parse::<fedmesh_api::ServiceKey>()
-                    .map_err(|e| format!("removal {s:?}: {e}"))
+                    .map_err(|e| Refused(format!("removal {s:?}: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut ops = Vec::new();
-        if let Some(b) = &p.bundle {
-            let td = TrustDomain::new(&b.trust_domain).map_err(|e| format!("bundle: {e}"))?;
-            if td != record.trust_domain {
-                return Err(format!(
-                    "cluster {cluster} may publish only the bundle of its own trust domain {}, not {td}",
-                    record.trust_domain
-                ));
-            }
-            let parsed = SpiffeBundle::from_json(td.clone(), &b.jwks).map_err(|e| e.to_string())?;
-            if parsed.x509_authorities().is_empty() {
-                return Err(format!("bundle of {td} has no X.509 authorities"));
-            }
-            let br = BundleRecord {
-                trust_domain: td.clone(),
-                cluster: cluster.clone(),
-                jwks: String::from_utf8_lossy(&b.jwks).into_owned(),
-                sequence: parsed.sequence(),
-            };
-            if self.view().bundle(&td) != Some(&br) {
-                ops.push(Op::Put(
-                    bundle_key(&td),
-                    serde_json::to_vec(&br).unwrap_or_default(),
-                ));
-            }
-        }
-        let mut new_record = record.clone();
         if let Some(g) = &p.gateways {
             for a in &g.addresses {
-                validate_gateway(a).map_err(|e| format!("gateway {a:?}: {e}"))?;
+                validate_gateway(a).map_err(|e| Refused(format!("gateway {a:?}: {e}")))?;
             }
-            new_record.gateways = g.addresses.clone();
         }
-        let current: std::collections::BTreeMap<fedmesh_api::ServiceKey, ExportRecord> = {
-            let v = self.view();
-            v.services_exported_by(cluster)
-                .into_iter()
-                .filter_map(|s| {
-                    v.exports_of(&s)
-                        .and_then(|m| m.get(cluster))
-                        .map(|e| (s, e.clone()))
+        let bundle = match &p.bundle {
+            Some(b) => {
+                let td = TrustDomain::new(&b.trust_domain)
+                    .map_err(|e| Refused(format!("bundle: {e}")))?;
+                let parsed = SpiffeBundle::from_json(td.clone(), &b.jwks)
+                    .map_err(|e| Refused(e.to_string()))?;
+                if parsed.x509_authorities().is_empty() {
+                    return Err(Refused(format!("bundle of {td} has no X.509 authorities")));
+                }
+                Some(BundleRecord {
+                    trust_domain: td,
+                    cluster: cluster.clone(),
+                    jwks: String::from_utf8_lossy(&b.jwks).into_owned(),
+                    sequence: parsed.sequence(),
                 })
-                .collect()
+            }
+            None => None,
         };
-        if p.full {
-            let keep: BTreeSet<_> = upserts.iter().map(|e| e.service.clone()).collect();
-            for s in current.keys().filter(|s| !keep.contains(*s)) {
-                ops.push(Op::Delete(export_key(cluster, s)));
+        let key = cluster_key(cluster);
+        for _ in 0..PUBLISH_ATTEMPTS {
+            let Some((record, revision)) = self.stored_cluster(cluster).await? else {
+                return Err(Refused(format!(
+                    "cluster {cluster} is not registered with this hub"
+                )));
+            };
+            if p.version <= record.published_version
+                && !(p.full && p.version == record.published_version)
+            {
+                return Err(Refused(format!(
+                    "publish version {} is not newer than version {} already applied",
+                    p.version, record.published_version
+                )));
             }
-        }
-        for e in upserts {
-            // Unchanged exports are not rewritten: a reconnecting cluster's full publish costs nothing.
-            if current.get(&e.service) != Some(&e) {
-                ops.push(Op::Put(
-                    export_key(cluster, &e.service),
-                    serde_json::to_vec(&e).unwrap_or_default(),
-                ));
+            let mut ops = Vec::new();
+            if let Some(br) = &bundle {
+                if br.trust_domain != record.trust_domain {
+                    return Err(Refused(format!(
+                        "cluster {cluster} may publish only the bundle of its own trust domain {}, not {}",
+                        record.trust_domain, br.trust_domain
+                    )));
+                }
+                let held = self
+                    .store
+                    .get(&bundle_key(&br.trust_domain))
+                    .await?
+                    .and_then(|kv| serde_json::from_slice::<BundleRecord>(&kv.value).ok());
+                if held.as_ref() != Some(br) {
+                    ops.push(Op::Put(
+                        bundle_key(&br.trust_domain),
+                        serde_json::to_vec(br).unwrap_or_default(),
+                    ));
+                }
             }
-        }
-        for s in removals {
-            if current.contains_key(&s) {
-                ops.push(Op::Delete(export_key(cluster, &s)));
+            let current = self.stored_exports(cluster).await?;
+            if p.full {
+                let keep: BTreeSet<String> = upserts
+                    .iter()
+                    .map(|e| export_key(cluster, &e.service))
+                    .collect();
+                for k in current.keys().filter(|k| !keep.contains(*k)) {
+                    ops.push(Op::Delete(k.clone()));
+                }
             }
+            for e in &upserts {
+                let k = export_key(cluster, &e.service);
+                // Unchanged exports are not rewritten: a reconnecting cluster's full publish costs nothing.
+                if current.get(&k).and_then(Option::as_ref) != Some(e) {
+                    ops.push(Op::Put(k, serde_json::to_vec(e).unwrap_or_default()));
+                }
+            }
+            for s in &removals {
+                let k = export_key(cluster, s);
+                if current.contains_key(&k) {
+                    ops.push(Op::Delete(k));
+                }
+            }
+            let mut new_record = record;
+            if let Some(g) = &p.gateways {
+                new_record.gateways = g.addresses.clone();
+            }
+            new_record.published_version = p.version;
+            // Last: the hub claims a publish version only once the state it stands for is written.
+            ops.push(Op::Put(
+                key.clone(),
+                serde_json::to_vec(&new_record).unwrap_or_default(),
+            ));
+            if let Some(r) = self.commit_guarded(&key, revision, ops).await? {
+                return Ok(r);
+            }
+            tracing::debug!(%cluster, version = p.version, "cluster record changed during a publish; recomputing");
         }
-        new_record.published_version = p.version;
-        ops.push(Op::Put(
-            cluster_key(cluster),
-            serde_json::to_vec(&new_record).unwrap_or_default(),
-        ));
-        self.commit_chunked(ops).await.map_err(|e| e.to_string())
+        Err(PublishError::Unavailable(format!(
+            "the record of cluster {cluster} kept changing during the publish"
+        )))
     }
 
     /// Records that a cluster (re)connected through this replica.
@@ -576,8 +726,9 @@ impl Hub {
         cluster: &ClusterName,
         hello: &pb::Hello,
     ) -> Result<(), StoreError> {
-        for _ in 0..5 {
-            let Some(record) = self.view().cluster(cluster).cloned() else {
+        let key = cluster_key(cluster);
+        for _ in 0..PUBLISH_ATTEMPTS {
+            let Some((record, revision)) = self.stored_cluster(cluster).await? else {
                 return Ok(());
             };
             let mut r = record.clone();
@@ -590,10 +741,13 @@ impl Hub {
             if r == record {
                 break;
             }
-            if self.update_cluster_record(&record, r).await? {
+            let ops = vec![Op::Put(
+                key.clone(),
+                serde_json::to_vec(&r).unwrap_or_default(),
+            )];
+            if self.commit_guarded(&key, revision, ops).await?.is_some() {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.write_presence(cluster, 0, true).await
     }
@@ -690,24 +844,29 @@ impl Hub {
 
     /// Removes a cluster and everything it published (operator action).
     pub async fn remove_cluster(&self, cluster: &ClusterName) -> Result<bool, StoreError> {
-        let Some(record) = self.view().cluster(cluster).cloned() else {
+        let Some((record, _)) = self.stored_cluster(cluster).await? else {
             return Ok(false);
         };
-        let mut ops: Vec<Op> = self
-            .view()
-            .services_exported_by(cluster)
-            .iter()
-            .map(|s| Op::Delete(export_key(cluster, s)))
-            .collect();
-        if self
-            .view()
-            .bundle(&record.trust_domain)
-            .is_some_and(|b| &b.cluster == cluster)
-        {
+        // The record first: a publish racing the removal then fails its compare and is refused,
+        // instead of writing exports after they were deleted.
+        let mut ops = vec![
+            Op::Delete(cluster_key(cluster)),
+            Op::Delete(presence_key(cluster)),
+        ];
+        let bundle = self
+            .store
+            .get(&bundle_key(&record.trust_domain))
+            .await?
+            .and_then(|kv| serde_json::from_slice::<BundleRecord>(&kv.value).ok());
+        if bundle.is_some_and(|b| &b.cluster == cluster) {
             ops.push(Op::Delete(bundle_key(&record.trust_domain)));
         }
-        ops.push(Op::Delete(presence_key(cluster)));
-        ops.push(Op::Delete(cluster_key(cluster)));
+        ops.extend(
+            self.stored_exports(cluster)
+                .await?
+                .into_keys()
+                .map(Op::Delete),
+        );
         self.commit_chunked(ops).await?;
         Ok(true)
     }
@@ -718,13 +877,10 @@ impl Hub {
         cluster: &ClusterName,
         service: &fedmesh_api::ServiceKey,
     ) -> Result<bool, StoreError> {
-        let exists = self
-            .view()
-            .exports_of(service)
-            .is_some_and(|m| m.contains_key(cluster));
+        let key = export_key(cluster, service);
+        let exists = self.store.get(&key).await?.is_some();
         if exists {
-            self.commit_chunked(vec![Op::Delete(export_key(cluster, service))])
-                .await?;
+            self.commit_chunked(vec![Op::Delete(key)]).await?;
         }
         Ok(exists)
     }
@@ -760,6 +916,9 @@ pub async fn serve_grpc(
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(tower::util::MapRequestLayer::new(
+            service::limit_unary_requests,
+        ))
         .add_service(HubService::new(hub))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await

@@ -5,14 +5,58 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedmesh_api::pb::federation as pb;
-use fedmesh_api::pb::federation::federation_server::{Federation, FederationServer};
+use fedmesh_api::pb::federation::federation_server::{Federation, FederationServer, SERVICE_NAME};
 use fedmesh_api::{ClusterName, FEDERATION_PROTOCOL_VERSION, TrustDomain};
 use futures::Stream;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Hub, cluster_of};
+use super::{Hub, PublishError, cluster_of};
 use crate::tokens::{self, JoinToken};
+
+/// Publish results waiting for the writer (see `run_stream`).
+const PUBLISH_RESULTS_QUEUE: usize = 64;
+
+/// Largest Federate message (a full publish or snapshot of a big clusterset).
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// Largest request body of the unary calls (Join, Renew): a token and a CSR. Their callers may
+/// not have authenticated yet, and tonic buffers a unary request whole before the handler runs,
+/// so the Federate limit would let anyone make the hub hold 64 MiB per call.
+pub const UNARY_REQUEST_LIMIT: usize = 64 * 1024;
+
+/// Caps the request body of every call but Federate at [`UNARY_REQUEST_LIMIT`] (a tower
+/// request map for the hub's gRPC server).
+pub fn limit_unary_requests(
+    req: http::Request<tonic::body::Body>,
+) -> http::Request<tonic::body::Body> {
+    let federate = req
+        .uri()
+        .path()
+        .strip_prefix('/')
+        .and_then(|p| p.strip_prefix(SERVICE_NAME))
+        == Some("/Federate");
+    if federate {
+        return req;
+    }
+    req.map(|body| {
+        let limited = http_body_util::Limited::new(body, UNARY_REQUEST_LIMIT);
+        tonic::body::Body::new(http_body_util::BodyExt::map_err(
+            limited,
+            |e: Box<dyn std::error::Error + Send + Sync>| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    Status::resource_exhausted(format!(
+                        "request larger than {} KiB; Join and Renew carry only a token and a CSR",
+                        UNARY_REQUEST_LIMIT / 1024
+                    ))
+                } else {
+                    Status::from_error(e)
+                }
+            },
+        ))
+    })
+}
 
 #[derive(Clone)]
 pub struct HubService {
@@ -22,8 +66,8 @@ pub struct HubService {
 impl HubService {
     pub fn new(hub: Arc<Hub>) -> FederationServer<Self> {
         FederationServer::new(Self { hub })
-            .max_decoding_message_size(64 * 1024 * 1024)
-            .max_encoding_message_size(64 * 1024 * 1024)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
     }
 
     fn caller<T>(&self, req: &Request<T>) -> Result<ClusterName, Status> {
@@ -78,6 +122,10 @@ impl Federation for HubService {
             }
             let token =
                 JoinToken::parse(&req.token).map_err(|e| Status::unauthenticated(e.to_string()))?;
+            // The token before anything else: only its holder learns about the clusterset.
+            tokens::verify(&**self.hub.store(), &token, cluster.as_str())
+                .await
+                .map_err(token_status)?;
             // Check what can be checked before burning the token.
             if let Some(other) = self
                 .hub
@@ -98,20 +146,18 @@ impl Federation for HubService {
                     existing.trust_domain
                 )));
             }
-            tokens::consume(&**self.hub.store(), &token, &cluster)
-                .await
-                .map_err(|e| match e {
-                    tokens::TokenError::Store(s) => Status::unavailable(s.to_string()),
-                    other => Status::permission_denied(other.to_string()),
-                })?;
-            self.hub
-                .register(&cluster, &td)
-                .await
-                .map_err(Status::failed_precondition)?;
+            // Signing checks the CSR; the certificate is handed out only once the token is used.
             let chain = self
                 .hub
                 .sign_cluster(&cluster, &req.csr)
                 .map_err(Status::invalid_argument)?;
+            tokens::consume(&**self.hub.store(), &token, &cluster)
+                .await
+                .map_err(token_status)?;
+            self.hub
+                .register(&cluster, &td)
+                .await
+                .map_err(Status::failed_precondition)?;
             tracing::info!(%cluster, trust_domain = %td, ?remote, "cluster joined");
             Ok(pb::JoinResponse {
                 chain: chain.iter().map(|c| c.to_vec()).collect(),
@@ -201,36 +247,85 @@ impl Federation for HubService {
     }
 }
 
+fn token_status(e: tokens::TokenError) -> Status {
+    match e {
+        tokens::TokenError::Store(s) => Status::unavailable(s.to_string()),
+        other => Status::permission_denied(other.to_string()),
+    }
+}
+
 fn hub_msg(msg: pb::hub_message::Msg) -> Result<pb::HubMessage, Status> {
     Ok(pb::HubMessage { msg: Some(msg) })
 }
 
+/// One cluster's Federate stream. Reading and writing are separate tasks: the writer may wait
+/// for a slow cluster to read, while the reader keeps taking acks and publishes (it waits for the
+/// writer only when a client pipelines more publishes than the results queue holds). The
+/// control plane reads just as independently, so neither side can stall the other. Updates
+/// coalesce: the writer always sends what changed since what it last sent.
 async fn run_stream(
     hub: Arc<Hub>,
     cluster: ClusterName,
     hello: pb::Hello,
-    mut inbound: Streaming<pb::ClusterMessage>,
+    inbound: Streaming<pb::ClusterMessage>,
     tx: mpsc::Sender<Result<pb::HubMessage, Status>>,
 ) {
     if let Err(e) = hub.mark_connected(&cluster, &hello).await {
         tracing::warn!(%cluster, error = %e, "cannot record connection");
     }
     hub.metrics.connected_clusters.inc();
+    let session = CancellationToken::new();
+    // A control plane has one publish in flight; a client pipelining more than this many without
+    // reading the answers is slowed down (its stream, not others).
+    let (results_tx, results_rx) = mpsc::channel::<pb::PublishResult>(PUBLISH_RESULTS_QUEUE);
+    let writer = tokio::spawn(send_to_cluster(
+        hub.clone(),
+        cluster.clone(),
+        hello.resume_from,
+        tx.clone(),
+        results_rx,
+        session.clone(),
+    ));
+    let acked = receive_from_cluster(&hub, &cluster, inbound, &tx, &results_tx, &session).await;
+    session.cancel();
+    let _ = writer.await;
+    finish(&hub, &cluster, acked).await;
+}
+
+/// Sends `msg` unless the session ends first; false when the stream is done.
+async fn deliver(
+    tx: &mpsc::Sender<Result<pb::HubMessage, Status>>,
+    session: &CancellationToken,
+    msg: pb::hub_message::Msg,
+) -> bool {
+    tokio::select! {
+        r = tx.send(hub_msg(msg)) => r.is_ok(),
+        _ = session.cancelled() => false,
+    }
+}
+
+/// The writer: Welcome, the first update (a delta when the cluster can resume, else a snapshot),
+/// then coalesced updates and publish results until the session ends.
+async fn send_to_cluster(
+    hub: Arc<Hub>,
+    cluster: ClusterName,
+    resume_from: u64,
+    tx: mpsc::Sender<Result<pb::HubMessage, Status>>,
+    mut results: mpsc::Receiver<pb::PublishResult>,
+    session: CancellationToken,
+) {
+    // Whichever half ends first ends the other.
+    let _end = session.clone().drop_guard();
     let mut revisions = hub.subscribe();
-    // Resume when the cluster knows a version and we can compute what changed since.
-    let (first, resumed) = match hello.resume_from {
+    let (first, resumed) = match resume_from {
         0 => (hub.view().snapshot(), false),
         since => match hub.delta_since(since).await {
             Some(u) => (u, true),
             None => (hub.view().snapshot(), false),
         },
     };
-    let published = hub
-        .view()
-        .cluster(&cluster)
-        .map(|c| c.published_version)
-        .unwrap_or(0);
-    tracing::info!(%cluster, resume_from = hello.resume_from, resumed, version = first.version, "cluster connected");
+    let published = hub.published_version(&cluster).await;
+    tracing::info!(%cluster, resume_from, resumed, version = first.version, "cluster connected");
     if first.snapshot {
         hub.metrics.snapshots_sent.inc();
     } else {
@@ -243,70 +338,39 @@ async fn run_stream(
         resumed,
         published_version: published,
     };
-    if tx
-        .send(hub_msg(pb::hub_message::Msg::Welcome(welcome)))
-        .await
-        .is_err()
-        || tx
-            .send(hub_msg(pb::hub_message::Msg::Update(first)))
-            .await
-            .is_err()
+    if !deliver(&tx, &session, pb::hub_message::Msg::Welcome(welcome)).await
+        || !deliver(&tx, &session, pb::hub_message::Msg::Update(first)).await
     {
-        return finish(&hub, &cluster, 0).await;
+        return;
     }
-    tracing::debug!(%cluster, "welcome and first update queued");
-    let mut acked = 0u64;
-    let mut heartbeat = tokio::time::interval(hub.config.heartbeat());
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::debug!(%cluster, "welcome and first update sent");
     loop {
         tokio::select! {
-            msg = inbound.message() => match msg {
-                Ok(Some(pb::ClusterMessage { msg: Some(m) })) => match m {
-                    pb::cluster_message::Msg::Publish(p) => {
-                        tracing::debug!(%cluster, version = p.version, upserts = p.upserts.len(), "publish received");
-                        let result = match hub.apply_publish(&cluster, &p).await {
-                            Ok(_) => {
-                                hub.metrics.publishes.get_or_create(&crate::metrics::ResultLabels { result: "accepted".into() }).inc();
-                                pb::PublishResult { version: p.version, accepted: true, error: String::new() }
-                            }
-                            Err(e) => {
-                                tracing::warn!(%cluster, version = p.version, error = %e, "publish refused");
-                                hub.metrics.publishes.get_or_create(&crate::metrics::ResultLabels { result: "refused".into() }).inc();
-                                hub.metrics.refuse("publish");
-                                pb::PublishResult { version: p.version, accepted: false, error: e }
-                            }
-                        };
-                        if tx.send(hub_msg(pb::hub_message::Msg::PublishResult(result))).await.is_err() {
-                            break;
-                        }
-                    }
-                    pb::cluster_message::Msg::Ack(a) => {
-                        if a.nack {
-                            tracing::warn!(%cluster, version = a.version, error = %a.error, "cluster could not apply an update");
-                        } else {
-                            acked = acked.max(a.version);
-                            hub.record_ack(&cluster, acked);
-                        }
-                    }
-                    pb::cluster_message::Msg::Hello(_) => {
-                        let _ = tx.send(Err(Status::invalid_argument("Hello may only be sent once"))).await;
-                        break;
-                    }
-                },
-                Ok(Some(pb::ClusterMessage { msg: None })) => {}
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::info!(%cluster, error = %e, "stream from cluster ended");
-                    break;
+            _ = session.cancelled() => return,
+            _ = hub.shutdown.cancelled() => return,
+            _ = tx.closed() => return,
+            result = results.recv() => {
+                let Some(r) = result else { return };
+                if !deliver(&tx, &session, pb::hub_message::Msg::PublishResult(r)).await {
+                    return;
                 }
-            },
+            }
             changed = revisions.changed() => {
                 if changed.is_err() {
-                    break;
+                    return;
                 }
                 let current = *revisions.borrow_and_update();
                 if current <= sent {
                     continue;
+                }
+                if hub.view().cluster(&cluster).is_none() {
+                    // An operator removed the cluster: its certificate still verifies, but it is
+                    // no member any more and must not go on reading the clusterset.
+                    tracing::warn!(%cluster, "cluster removed from the clusterset; ending its stream");
+                    let _ = tx.try_send(Err(Status::permission_denied(format!(
+                        "cluster {cluster} was removed from the clusterset; join again with a new token to come back"
+                    ))));
+                    return;
                 }
                 let update = match hub.delta_since(sent).await {
                     Some(u) => u,
@@ -325,20 +389,91 @@ async fn run_stream(
                     hub.metrics.updates_sent.inc();
                 }
                 sent = update.version;
-                if tx.send(hub_msg(pb::hub_message::Msg::Update(update))).await.is_err() {
-                    break;
+                if !deliver(&tx, &session, pb::hub_message::Msg::Update(update)).await {
+                    return;
                 }
             }
+        }
+    }
+}
+
+/// The reader: applies publishes, records acks, keeps the presence record fresh. Returns the
+/// last acknowledged version.
+async fn receive_from_cluster(
+    hub: &Hub,
+    cluster: &ClusterName,
+    mut inbound: Streaming<pb::ClusterMessage>,
+    tx: &mpsc::Sender<Result<pb::HubMessage, Status>>,
+    results: &mpsc::Sender<pb::PublishResult>,
+    session: &CancellationToken,
+) -> u64 {
+    let mut acked = 0u64;
+    let mut heartbeat = tokio::time::interval(hub.config.heartbeat());
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(pb::ClusterMessage { msg: Some(m) })) => match m {
+                    pb::cluster_message::Msg::Publish(p) => {
+                        tracing::debug!(%cluster, version = p.version, upserts = p.upserts.len(), "publish received");
+                        let result = match hub.apply_publish(cluster, &p).await {
+                            Ok(_) => {
+                                hub.metrics.publishes.get_or_create(&crate::metrics::ResultLabels { result: "accepted".into() }).inc();
+                                pb::PublishResult { version: p.version, accepted: true, error: String::new() }
+                            }
+                            Err(PublishError::Refused(e)) => {
+                                tracing::warn!(%cluster, version = p.version, error = %e, "publish refused");
+                                hub.metrics.publishes.get_or_create(&crate::metrics::ResultLabels { result: "refused".into() }).inc();
+                                hub.metrics.refuse("publish");
+                                pb::PublishResult { version: p.version, accepted: false, error: e }
+                            }
+                            Err(e @ PublishError::Unavailable(_)) => {
+                                // Not the cluster's fault: end the stream; it reconnects and
+                                // publishes again (in full, as the hub's version did not move).
+                                tracing::warn!(%cluster, version = p.version, error = %e, "cannot apply a publish; ending the stream");
+                                let _ = tx.try_send(Err(Status::unavailable(e.to_string())));
+                                break;
+                            }
+                        };
+                        let queued = tokio::select! {
+                            r = results.send(result) => r.is_ok(),
+                            _ = session.cancelled() => false,
+                        };
+                        if !queued {
+                            break;
+                        }
+                    }
+                    pb::cluster_message::Msg::Ack(a) => {
+                        if a.nack {
+                            hub.metrics.nacks.inc();
+                            tracing::warn!(%cluster, version = a.version, error = %a.error, "cluster could not apply an update; it reconnects and resumes from its last version");
+                        } else {
+                            acked = acked.max(a.version);
+                            hub.record_ack(cluster, acked);
+                        }
+                    }
+                    pb::cluster_message::Msg::Hello(_) => {
+                        let _ = tx.try_send(Err(Status::invalid_argument("Hello may only be sent once")));
+                        break;
+                    }
+                },
+                Ok(Some(pb::ClusterMessage { msg: None })) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::info!(%cluster, error = %e, "stream from cluster ended");
+                    break;
+                }
+            },
             _ = heartbeat.tick() => {
-                if let Err(e) = hub.write_presence(&cluster, acked, true).await {
+                if let Err(e) = hub.write_presence(cluster, acked, true).await {
                     tracing::warn!(%cluster, error = %e, "cannot record presence");
                 }
             }
-            _ = tx.closed() => break,
+            _ = session.cancelled() => break,
             _ = hub.shutdown.cancelled() => break,
         }
     }
-    finish(&hub, &cluster, acked).await;
+    acked
 }
 
 async fn finish(hub: &Hub, cluster: &ClusterName, acked: u64) {

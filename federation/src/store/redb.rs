@@ -23,6 +23,9 @@ const COMPACTED: &str = "compacted";
 /// Revisions of history kept for resuming watchers.
 pub const LOG_RETENTION: u64 = 200_000;
 
+/// Log entries a catching-up watcher reads at a time.
+const HISTORY_PAGE: usize = 1024;
+
 pub struct RedbStore {
     db: Arc<Database>,
     events: broadcast::Sender<Arc<WatchBatch>>,
@@ -243,8 +246,13 @@ impl RedbStore {
         Ok((outcome, batch))
     }
 
-    /// Log entries after `after` (exclusive), up to the current revision.
-    fn history_blocking(db: &Database, after: Revision) -> Result<Vec<WatchBatch>, StoreError> {
+    /// Up to `limit` log entries after `after` (exclusive). A watcher far behind reads the log a
+    /// page at a time, so catching up never holds the whole retained log in memory.
+    fn history_blocking(
+        db: &Database,
+        after: Revision,
+        limit: usize,
+    ) -> Result<Vec<WatchBatch>, StoreError> {
         let r = db.begin_read().map_err(err)?;
         let meta = r.open_table(META).map_err(err)?;
         let compacted = meta
@@ -260,7 +268,7 @@ impl RedbStore {
         }
         let log = r.open_table(LOG).map_err(err)?;
         let mut out = Vec::new();
-        for entry in log.range(after + 1..).map_err(err)? {
+        for entry in log.range(after + 1..).map_err(err)?.take(limit) {
             let (k, v) = entry.map_err(err)?;
             let revision = k.value();
             out.push(WatchBatch {
@@ -410,15 +418,17 @@ impl KvStore for RedbStore {
                 }
                 if !s.caught_up {
                     let (db, last) = (s.db.clone(), s.last);
-                    let history =
-                        tokio::task::spawn_blocking(move || Self::history_blocking(&db, last))
-                            .await
-                            .map_err(err)
-                            .and_then(|r| r);
+                    let history = tokio::task::spawn_blocking(move || {
+                        Self::history_blocking(&db, last, HISTORY_PAGE)
+                    })
+                    .await
+                    .map_err(err)
+                    .and_then(|r| r);
                     match history {
                         Ok(h) => {
+                            // A short page is the end of the log; the live feed takes over.
+                            s.caught_up = h.len() < HISTORY_PAGE;
                             s.backlog.extend(h);
-                            s.caught_up = true;
                             continue;
                         }
                         Err(e) => {

@@ -155,9 +155,22 @@ impl ClusterHandle {
         let _ = std::fs::remove_file(self.src.join(file));
     }
 
+    /// Stops the control plane and waits until its tasks let go of it (and of its database).
     pub async fn stop(self) {
         self.shutdown.cancel();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        for _ in 0..500 {
+            if Arc::strong_count(&self.cp) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            Arc::strong_count(&self.cp),
+            1,
+            "the control plane of {} did not stop within 10s",
+            self.name
+        );
+        drop(self.cp);
     }
 }
 

@@ -39,6 +39,10 @@ pub struct LocalEndpoint {
     pub ports: Vec<(String, u16)>,
 }
 
+/// The `Valid=False` reason of an export the hub would refuse (e.g. a port protocol other than
+/// TCP, UDP or SCTP); the message is the hub's own.
+pub const INVALID_EXPORT: &str = "InvalidExport";
+
 /// A ServiceExport that could not be exported, and why (becomes its `Valid=False` condition).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Invalid {
