@@ -95,9 +95,15 @@ fn serve_http(c: &Cluster, name: &str, eps: &[EndpointSpec]) {
 }
 
 /// Waits until `w` can reach `shop/<svc>` in every cluster of `clusters` (locally or remotely).
-async fn wait_routable(w: &Workload, svc: &str, clusters: &[&str]) {
+async fn wait_routable(tb: &Testbed, w: &Workload, svc: &str, clusters: &[&str]) {
     let key = format!("shop/{svc}");
     let own = w.cluster.clone();
+    // The other clusters' gateways first: they admit only what they know to be exported.
+    for c in clusters.iter().filter(|c| **c != own) {
+        let c = tb.cluster(c);
+        c.wait_gateway_serves(&key).await.unwrap();
+        w.wait_trusts(&c.trust_domain).await.unwrap();
+    }
     w.wait_config(&format!("{key} in {clusters:?}"), |t| {
         t.service(&key).is_some_and(|e| {
             clusters.iter().all(|c| {
@@ -174,7 +180,7 @@ async fn http1_grpc_and_tcp_cross_clusters_through_the_gateway_with_the_callers_
 
     let frontend = client_workload(east, "frontend", "e1").await;
     for svc in ["api", "greeter", "store"] {
-        wait_routable(&frontend, svc, &["west"]).await;
+        wait_routable(&tb, &frontend, svc, &["west"]).await;
     }
 
     // HTTP/1.1 through the frontend's HTTP proxy.
@@ -483,7 +489,7 @@ async fn the_gateway_refuses_what_it_must_and_keeps_serving_good_traffic() {
     )
     .unwrap();
     let frontend = client_workload(east, "frontend", "e1").await;
-    wait_routable(&frontend, "api", &["west"]).await;
+    wait_routable(&tb, &frontend, "api", &["west"]).await;
 
     // Good traffic keeps flowing during the whole attack.
     let stop = Arc::new(AtomicBool::new(false));
@@ -659,7 +665,7 @@ async fn locality_failover_zone_then_cluster_and_back_with_zero_failed_requests(
     serve_http(east, "api", &endpoints(&[&a, &b]));
     serve_http(west, "api", &endpoints(&[&w]));
     let client = client_workload(east, "frontend", "east-a").await;
-    wait_routable(&client, "api", &["east", "west"]).await;
+    wait_routable(&tb, &client, "api", &["east", "west"]).await;
     client
         .wait_config("two local endpoints", |t| {
             t.service("shop/api")
@@ -679,12 +685,13 @@ async fn locality_failover_zone_then_cluster_and_back_with_zero_failed_requests(
     }
     // Zone a dies (sidecar and app): traffic moves to zone b.
     let a_port = a.inbound;
-    a.stop();
+    // Graceful: the sidecar drains what it accepted, then the app goes.
+    a.stop_and_drain().await;
     a_app.stop();
     drop(a);
     stream.until_all_from("east/east-b", 100).await;
     // Zone b dies too: traffic leaves the cluster for west.
-    b.stop();
+    b.stop_and_drain().await;
     b_app.stop();
     drop(b);
     stream.until_all_from("west/west-a", 100).await;
@@ -730,7 +737,7 @@ async fn an_80_20_split_across_clusters_holds_and_changes_live() {
     )
     .unwrap();
     let client = client_workload(east, "frontend", "e1").await;
-    wait_routable(&client, "api", &["east", "west"]).await;
+    wait_routable(&tb, &client, "api", &["east", "west"]).await;
     client
         .wait_config("the 80/20 split", |t| {
             t.service("shop/api")
@@ -776,7 +783,7 @@ async fn sidecars_and_gateways_keep_routing_while_the_control_planes_are_down() 
     // A second west workload, running but not yet published.
     let (orders, _orders_app) = http_workload(west, "orders", "w1").await;
     let client = client_workload(east, "frontend", "e1").await;
-    wait_routable(&client, "api", &["west"]).await;
+    wait_routable(&tb, &client, "api", &["west"]).await;
     let mut c = ProxyClient::new(client.proxy);
     assert_eq!(c.get(&url("api", "/")).await.unwrap().status, 200);
 
@@ -796,7 +803,7 @@ async fn sidecars_and_gateways_keep_routing_while_the_control_planes_are_down() 
     assert!(client.config.table().service("shop/orders").is_none());
     west.start_control_plane().await.unwrap();
     east.start_control_plane().await.unwrap();
-    wait_routable(&client, "orders", &["west"]).await;
+    wait_routable(&tb, &client, "orders", &["west"]).await;
     orders
         .wait_config("its own service", |t| t.service("shop/orders").is_some())
         .await
@@ -836,8 +843,8 @@ async fn authorization_by_spiffe_id_denies_callers_a_policy_does_not_list() {
     })
     .await
     .unwrap();
-    wait_routable(&frontend, "api", &["west"]).await;
-    wait_routable(&intruder, "api", &["west"]).await;
+    wait_routable(&tb, &frontend, "api", &["west"]).await;
+    wait_routable(&tb, &intruder, "api", &["west"]).await;
     let ok = ProxyClient::new(frontend.proxy)
         .get(&url("api", "/"))
         .await
@@ -854,5 +861,71 @@ async fn authorization_by_spiffe_id_denies_callers_a_policy_does_not_list() {
         "{msg}"
     );
     assert!(w.metrics.encode().contains(r#"reason="unauthorized""#));
+    tb.shutdown().await;
+}
+
+/// Answers by cluster for `n` GETs of `host`.
+async fn clusters_answering(proxy: SocketAddr, host: &str, n: usize) -> BTreeMap<String, usize> {
+    let mut c = ProxyClient::new(proxy);
+    let mut by = BTreeMap::new();
+    for _ in 0..n {
+        let r = c.get(&format!("http://{host}/")).await.unwrap();
+        assert_eq!(
+            r.status,
+            200,
+            "{host}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        *by.entry(r.echo().unwrap().cluster).or_insert(0) += 1;
+    }
+    by
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_local_names_stay_local_and_clusterset_names_reach_only_exporters() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    // East has its own shop/api, not exported; west exports one.
+    let (a, _a_app) = http_workload(east, "api", "e1").await;
+    east.write(
+        "api.yaml",
+        &yaml::service("shop", "api", &[("http", 80, "")], &endpoints(&[&a])),
+    )
+    .unwrap();
+    let (w, _w_app) = http_workload(west, "api", "w1").await;
+    serve_http(west, "api", &endpoints(&[&w]));
+    let client = client_workload(east, "frontend", "e1").await;
+    wait_routable(&tb, &client, "api", &["east", "west"]).await;
+
+    // The clusterset name is the ServiceImport: west only, as east does not export.
+    let by = clusters_answering(client.proxy, "api.shop.svc.clusterset.local", 20).await;
+    assert_eq!(by, BTreeMap::from([("west".to_string(), 20)]));
+    // The cluster.local name is east's own Service.
+    let by = clusters_answering(client.proxy, "api.shop.svc.cluster.local", 20).await;
+    assert_eq!(by, BTreeMap::from([("east".to_string(), 20)]));
+    // A short name means the clusterset, since the service is in it.
+    let by = clusters_answering(client.proxy, "api.shop", 10).await;
+    assert_eq!(by, BTreeMap::from([("west".to_string(), 10)]));
+
+    // A service only east has: reachable by its local names, not by a clusterset name.
+    let (db, _db_app) = http_workload(east, "db", "e1").await;
+    east.write(
+        "db.yaml",
+        &yaml::service("shop", "db", &[("http", 80, "")], &endpoints(&[&db])),
+    )
+    .unwrap();
+    client
+        .wait_config("shop/db", |t| {
+            t.service("shop/db")
+                .is_some_and(|e| !e.local_targets.values().all(Vec::is_empty))
+        })
+        .await
+        .unwrap();
+    let by = clusters_answering(client.proxy, "db.shop", 5).await;
+    assert_eq!(by, BTreeMap::from([("east".to_string(), 5)]));
+    let mut c = ProxyClient::new(client.proxy);
+    let r = c.get("http://db.shop.svc.clusterset.local/").await.unwrap();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     tb.shutdown().await;
 }

@@ -86,10 +86,8 @@ async fn config(State(s): State<AdminState>) -> Response {
         let mut ports = serde_json::Map::new();
         let mut nums: Vec<_> = e.targets.keys().copied().collect();
         nums.sort_unstable();
-        for p in nums {
-            let targets: Vec<_> = e
-                .targets(p)
-                .iter()
+        let show = |ts: &[Target]| -> Vec<serde_json::Value> {
+            ts.iter()
                 .map(|t| match t {
                     Target::Local { addr, zone } => json!({"local": addr, "zone": zone}),
                     Target::Remote {
@@ -99,14 +97,21 @@ async fn config(State(s): State<AdminState>) -> Response {
                         ..
                     } => json!({"cluster": cluster, "region": region, "gateway": gateway}),
                 })
-                .collect();
-            ports.insert(p.to_string(), json!(targets));
+                .collect()
+        };
+        for p in nums {
+            ports.insert(
+                p.to_string(),
+                json!({"clusterset": show(e.targets(p)), "local": show(e.local_targets(p))}),
+            );
         }
         let policy = e.svc.policy.as_ref();
         services.insert(
             k.clone(),
             json!({
                 "vip": e.svc.vip,
+                "clusterIP": e.svc.cluster_ip,
+                "inClusterset": e.svc.in_clusterset,
                 "exported": e.svc.exported,
                 "ports": ports,
                 "split": policy.map(|p| p.split.iter().map(|b| json!({"cluster": b.cluster, "weight": b.weight})).collect::<Vec<_>>()),

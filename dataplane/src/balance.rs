@@ -355,16 +355,28 @@ pub fn endpoint_addr(svc: &pb::Service, e: &pb::Endpoint, port: u32) -> String {
     }
 }
 
-/// The targets of a service for its port `port`: ready local endpoints as `ip:targetPort`
-/// (matched by port name), and the other clusters' gateways.
-pub fn targets(svc: &pb::Service, port: u32) -> Vec<Target> {
-    let mut out = Vec::new();
-    for e in svc.endpoints.iter().filter(|e| e.ready) {
-        out.push(Target::Local {
+/// This cluster's ready endpoints of a service for its port `port`, as `ip:targetPort` (matched
+/// by port name).
+pub fn local_targets(svc: &pb::Service, port: u32) -> Vec<Target> {
+    svc.endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .map(|e| Target::Local {
             addr: endpoint_addr(svc, e, port),
             zone: e.zone.clone(),
-        });
-    }
+        })
+        .collect()
+}
+
+/// The clusterset targets of a service for its port `port`: this cluster's ready endpoints when
+/// it exports the service (a Service that is not exported is not part of the clusterset
+/// service, even with the same name), and the other exporting clusters' gateways.
+pub fn targets(svc: &pb::Service, port: u32) -> Vec<Target> {
+    let mut out = if svc.exported {
+        local_targets(svc, port)
+    } else {
+        Vec::new()
+    };
     for r in svc.remote.iter().filter(|r| r.ready > 0) {
         for g in &r.gateways {
             out.push(Target::Remote {

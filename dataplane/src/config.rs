@@ -19,20 +19,62 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::{Target, targets};
+use crate::balance::{Target, local_targets, targets};
+
+/// Which of a service's names a request used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// `NAME.NAMESPACE.svc.clusterset.local` or the clusterset IP: every exporting cluster.
+    ClusterSet,
+    /// `NAME.NAMESPACE.svc.cluster.local` or the Service's cluster IP: this cluster only.
+    Local,
+    /// A short name (`NAME.NAMESPACE`, `--listen`): the clusterset when the service is in it,
+    /// else this cluster.
+    #[default]
+    Auto,
+}
 
 /// A service as the data path needs it.
 #[derive(Debug)]
 pub struct ServiceEntry {
     pub key: ServiceKey,
     pub svc: pb::Service,
-    /// Targets per service port.
+    /// Clusterset targets per service port: this cluster's endpoints when it exports the
+    /// service, and the gateways of the other exporting clusters.
     pub targets: HashMap<u16, Vec<Target>>,
+    /// This cluster's ready endpoints per service port.
+    pub local_targets: HashMap<u16, Vec<Target>>,
 }
 
 impl ServiceEntry {
+    /// The clusterset targets for `port`.
     pub fn targets(&self, port: u16) -> &[Target] {
         self.targets.get(&port).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// This cluster's endpoints for `port`.
+    pub fn local_targets(&self, port: u16) -> &[Target] {
+        self.local_targets
+            .get(&port)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// The targets a name of `scope` reaches.
+    pub fn targets_for(&self, scope: Scope, port: u16) -> &[Target] {
+        match self.resolve(scope) {
+            Scope::Local => self.local_targets(port),
+            _ => self.targets(port),
+        }
+    }
+
+    /// `Auto` made concrete for this service.
+    pub fn resolve(&self, scope: Scope) -> Scope {
+        match scope {
+            Scope::Auto if self.svc.in_clusterset => Scope::ClusterSet,
+            Scope::Auto => Scope::Local,
+            s => s,
+        }
     }
 
     pub fn has_port(&self, port: u16) -> bool {
@@ -55,7 +97,10 @@ pub struct RoutingTable {
     pub version: u64,
     pub cluster: pb::LocalCluster,
     pub services: HashMap<String, Arc<ServiceEntry>>,
+    /// Clusterset IPs.
     pub by_vip: HashMap<Ipv4Addr, Arc<ServiceEntry>>,
+    /// The cluster IPs of this cluster's Services.
+    pub by_cluster_ip: HashMap<Ipv4Addr, Arc<ServiceEntry>>,
 }
 
 impl RoutingTable {
@@ -67,21 +112,28 @@ impl RoutingTable {
     ) -> Self {
         let mut services = HashMap::with_capacity(map.len());
         let mut by_vip = HashMap::new();
+        let mut by_cluster_ip = HashMap::new();
         for (k, svc) in map {
             let Ok(key) = k.parse::<ServiceKey>() else {
                 continue;
             };
+            let per_port = |f: &dyn Fn(u32) -> Vec<Target>| -> HashMap<u16, Vec<Target>> {
+                svc.ports
+                    .iter()
+                    .filter_map(|p| Some((u16::try_from(p.port).ok()?, f(p.port))))
+                    .collect()
+            };
             let entry = Arc::new(ServiceEntry {
                 key,
-                targets: svc
-                    .ports
-                    .iter()
-                    .filter_map(|p| Some((u16::try_from(p.port).ok()?, targets(svc, p.port))))
-                    .collect(),
+                targets: per_port(&|port| targets(svc, port)),
+                local_targets: per_port(&|port| local_targets(svc, port)),
                 svc: svc.clone(),
             });
             if let Ok(ip) = svc.vip.parse::<Ipv4Addr>() {
                 by_vip.insert(ip, entry.clone());
+            }
+            if let Ok(ip) = svc.cluster_ip.parse::<Ipv4Addr>() {
+                by_cluster_ip.insert(ip, entry.clone());
             }
             services.insert(k.clone(), entry);
         }
@@ -91,6 +143,7 @@ impl RoutingTable {
             cluster,
             services,
             by_vip,
+            by_cluster_ip,
         }
     }
 

@@ -218,13 +218,61 @@ async fn sidecars_and_gateways_get_endpoints_by_locality_remote_gateways_and_pol
     let u = next(&mut s3).await;
     assert!(u.snapshot && u.services.iter().any(|s| s.key == "shop/web"));
 
-    // Removing the export from both clusters removes the service.
+    // Removing the export from both clusters takes the service out of the clusterset; east's
+    // own Service stays, for cluster.local routing only.
     east.remove("export.yaml");
     west.remove("export.yaml");
     let mut m2 = std::collections::BTreeMap::new();
-    m2.insert("shop/web".to_string(), pb::Service::default());
+    until(&mut s3, &mut m2, |m| {
+        m.get("shop/web")
+            .is_some_and(|w| !w.in_clusterset && !w.exported && w.remote.is_empty())
+    })
+    .await;
+    let web = &m2["shop/web"];
+    assert_eq!(web.endpoints.len(), 2, "local endpoints stay");
+    assert!(web.vip.is_empty(), "no clusterset IP once not imported");
+    // Without the Service it is gone.
+    east.remove("web.yaml");
     until(&mut s3, &mut m2, |m| !m.contains_key("shop/web")).await;
     hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_services_are_routable_in_cluster_and_an_export_counts_before_the_hub_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    // No hub at all: what the cluster itself knows must be enough for its own data plane.
+    let east = start_with(cluster_config(dir.path(), "east", None)).await;
+    east.write(
+        "db.yaml",
+        &web_service("shop", "db", "tcp-db", 5432, &[("10.1.0.9", "east-a")]).replace(
+            "spec:\n  ports:",
+            "spec:\n  clusterIP: 10.96.0.15\n  ports:",
+        ),
+    );
+    let mut c = client(&east);
+    let (_tx, mut s) = open(&mut c, 0, 0).await;
+    let mut map = Default::default();
+    until(&mut s, &mut map, |m| m.contains_key("shop/db")).await;
+    let db = &map["shop/db"];
+    assert!(!db.exported && !db.in_clusterset, "{db:?}");
+    assert_eq!(db.cluster_ip, "10.96.0.15");
+    assert!(db.vip.is_empty());
+    assert_eq!(db.ports[0].port, 5432);
+    assert_eq!(db.endpoints[0].address, "10.1.0.9");
+    assert_eq!(db.endpoints[0].ports[0].port, 8080);
+
+    // Exporting it is enough for this cluster's gateway to admit it, hub or not.
+    east.write("export.yaml", &service_export("shop", "db"));
+    until(&mut s, &mut map, |m| m["shop/db"].exported).await;
+    assert!(map["shop/db"].in_clusterset);
+    // An invalid export (ExternalName) is not exported.
+    east.write(
+        "ext.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: shop}\nspec: {type: ExternalName, externalName: example.com}\n---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: ext, namespace: shop}\n",
+    );
+    until(&mut s, &mut map, |m| m.contains_key("shop/ext")).await;
+    assert!(!map["shop/ext"].exported && !map["shop/ext"].in_clusterset);
+    east.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -318,12 +318,7 @@ impl Gateway {
                 port: mesh.port,
             });
         }
-        let pool: Vec<Target> = entry
-            .targets(mesh.port)
-            .iter()
-            .filter(|t| matches!(t, Target::Local { .. }))
-            .cloned()
-            .collect();
+        let pool: Vec<Target> = entry.local_targets(mesh.port).to_vec();
         if pool.is_empty() {
             return Err(Refusal::NoEndpoints(key));
         }

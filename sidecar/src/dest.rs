@@ -6,21 +6,28 @@ use std::str::FromStr;
 
 use fedmesh_api::ServiceKey;
 use fedmesh_dataplane::config::RoutingTable;
+pub use fedmesh_dataplane::config::Scope;
 
-/// A service port in the clusterset.
+/// A service port, in the clusterset or in this cluster only.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Dest {
     pub service: ServiceKey,
     pub port: u16,
+    pub scope: Scope,
 }
 
 impl fmt::Display for Dest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.service, self.port)
+        write!(f, "{}:{}", self.service, self.port)?;
+        if self.scope == Scope::Local {
+            f.write_str(" (cluster.local)")?;
+        }
+        Ok(())
     }
 }
 
-/// `namespace/name:port`, as given to `--listen`.
+/// `namespace/name:port`, as given to `--listen` (the clusterset when the service is in it,
+/// else this cluster).
 impl FromStr for Dest {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -33,30 +40,41 @@ impl FromStr for Dest {
             .ok()
             .filter(|p| *p > 0)
             .ok_or_else(|| format!("{s:?}: the port must be 1..65535"))?;
-        Ok(Self { service, port })
+        Ok(Self {
+            service,
+            port,
+            scope: Scope::Auto,
+        })
     }
 }
 
 /// Reads a request's host (`Host` header or URI authority) as a mesh service:
-/// `name.namespace[.svc[.clusterset.local|.cluster.local]][:port]`, or a clusterset VIP.
-/// Without a port, the service's port 80 is used when it has one, otherwise its first port.
+/// `name.namespace.svc.clusterset.local` (the clusterset), `name.namespace.svc.cluster.local`
+/// (this cluster), `name.namespace[.svc]` (the clusterset when the service is in it), each with an
+/// optional `:port`, or a clusterset IP or cluster IP. Without a port, the service's port 80 is
+/// used when it has one, otherwise its first port.
 pub fn from_host(host: &str, table: &RoutingTable) -> Option<Dest> {
     let (name, port) = split_port(host)?;
     let name = name.trim_end_matches('.');
-    let entry = if let Ok(ip) = name.trim_matches(['[', ']']).parse::<IpAddr>() {
+    let (entry, scope) = if let Ok(ip) = name.trim_matches(['[', ']']).parse::<IpAddr>() {
         match ip {
-            IpAddr::V4(v4) => table.by_vip.get(&v4)?.clone(),
+            IpAddr::V4(v4) => by_ip(v4, table)?,
             IpAddr::V6(_) => return None,
         }
     } else {
         let labels: Vec<&str> = name.split('.').collect();
-        let (svc, ns) = match labels.as_slice() {
-            [svc, ns] | [svc, ns, "svc"] => (*svc, *ns),
-            [svc, ns, "svc", "clusterset" | "cluster", "local"] => (*svc, *ns),
+        let (svc, ns, scope) = match labels.as_slice() {
+            [svc, ns] | [svc, ns, "svc"] => (*svc, *ns, Scope::Auto),
+            [svc, ns, "svc", zone, "local"] if zone.eq_ignore_ascii_case("clusterset") => {
+                (*svc, *ns, Scope::ClusterSet)
+            }
+            [svc, ns, "svc", zone, "local"] if zone.eq_ignore_ascii_case("cluster") => {
+                (*svc, *ns, Scope::Local)
+            }
             _ => return None,
         };
         let key = format!("{}/{}", ns.to_ascii_lowercase(), svc.to_ascii_lowercase());
-        table.service(&key)?.clone()
+        (table.service(&key)?.clone(), scope)
     };
     let port = match port {
         Some(p) => p,
@@ -71,18 +89,37 @@ pub fn from_host(host: &str, table: &RoutingTable) -> Option<Dest> {
     entry.has_port(port).then(|| Dest {
         service: entry.key.clone(),
         port,
+        scope,
     })
 }
 
-/// A connection to `addr` (a clusterset VIP and port) as a mesh service.
+/// A clusterset IP (the clusterset) or a Service's cluster IP (this cluster).
+fn by_ip(
+    ip: std::net::Ipv4Addr,
+    table: &RoutingTable,
+) -> Option<(
+    std::sync::Arc<fedmesh_dataplane::config::ServiceEntry>,
+    Scope,
+)> {
+    if let Some(e) = table.by_vip.get(&ip) {
+        return Some((e.clone(), Scope::ClusterSet));
+    }
+    table
+        .by_cluster_ip
+        .get(&ip)
+        .map(|e| (e.clone(), Scope::Local))
+}
+
+/// A connection to `addr` (a clusterset IP or a cluster IP, and a port) as a mesh service.
 pub fn from_vip(addr: SocketAddr, table: &RoutingTable) -> Option<Dest> {
     let IpAddr::V4(v4) = addr.ip() else {
         return None;
     };
-    let entry = table.by_vip.get(&v4)?;
+    let (entry, scope) = by_ip(v4, table)?;
     entry.has_port(addr.port()).then(|| Dest {
         service: entry.key.clone(),
         port: addr.port(),
+        scope,
     })
 }
 

@@ -29,6 +29,9 @@ use crate::outbound::{boxed, proxy_error, strip_hop_by_hop};
 use crate::upstream::{ALPN_H2, ALPN_TCP, Body};
 use crate::{ORIG_PROTO, PROXY_ERROR, Sidecar, XFCC};
 
+/// How long an inbound connection waits for the sidecar's first configuration.
+const CONFIG_WAIT: Duration = Duration::from_secs(5);
+
 type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Body>>>>;
 
 /// HTTP/2 cleartext connections to the local app, one multiplexed connection per app address.
@@ -108,6 +111,7 @@ impl Sidecar {
         sni: Option<&str>,
         addressed: SocketAddr,
         app: Option<SocketAddr>,
+        caller_td: &str,
     ) -> Result<(MeshSni, SocketAddr), (StatusCode, &'static str, String)> {
         let sni = sni.ok_or((
             StatusCode::MISDIRECTED_REQUEST,
@@ -116,6 +120,13 @@ impl Sidecar {
         ))?;
         let mesh = MeshSni::parse(sni)
             .map_err(|e| (StatusCode::MISDIRECTED_REQUEST, "bad-sni", e.to_string()))?;
+        if table.cluster.name.is_empty() {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-ready",
+                "this sidecar has no configuration from its control plane yet".to_string(),
+            ));
+        }
         if mesh.cluster.as_str() != table.cluster.name {
             return Err((
                 StatusCode::MISDIRECTED_REQUEST,
@@ -142,6 +153,18 @@ impl Sidecar {
                 StatusCode::MISDIRECTED_REQUEST,
                 "not-an-endpoint",
                 format!("{addressed} is not an endpoint of {key} port {}", mesh.port),
+            ));
+        }
+        // Other clusters reach only what this cluster exports (a flat network must not open
+        // more than the gateway does).
+        if !entry.svc.exported && caller_td != table.cluster.trust_domain {
+            return Err((
+                StatusCode::FORBIDDEN,
+                "not-exported",
+                format!(
+                    "{key} is not exported from cluster {}; callers from trust domain {caller_td} cannot reach it (create a ServiceExport)",
+                    table.cluster.name
+                ),
             ));
         }
         let app = app.unwrap_or_else(|| SocketAddr::new([127, 0, 0, 1].into(), addressed.port()));
@@ -191,10 +214,21 @@ impl Sidecar {
         };
         let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
         let sni = session.server_name().map(str::to_string);
+        // A sidecar that just started may take connections before its first configuration
+        // arrives: wait for it briefly rather than refuse a caller that is right.
+        if self.config.table().cluster.name.is_empty() {
+            let _ = tokio::time::timeout(CONFIG_WAIT, self.config.ready()).await;
+        }
         let table = self.config.table();
         let conn = Arc::new(InboundConn {
             caller_cluster: self.cluster_of_trust_domain(&table, caller.trust_domain().as_str()),
-            admitted: self.admit(&table, sni.as_deref(), addressed, app),
+            admitted: self.admit(
+                &table,
+                sni.as_deref(),
+                addressed,
+                app,
+                caller.trust_domain().as_str(),
+            ),
             caller,
         });
         drop(table);

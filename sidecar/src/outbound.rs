@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::dest::{self, Dest};
+use crate::dest::{self, Dest, Scope};
 use crate::net::{self, Prefixed, Protocol};
 use crate::upstream::{ALPN_TCP, Body, BoxError, UpstreamError};
 use crate::{ORIG_PROTO, PROXY_ERROR, Sidecar, XFCC};
@@ -189,6 +189,51 @@ impl Sidecar {
         }
     }
 
+    /// The remote targets whose trust domain this sidecar holds no bundle for yet: a handshake
+    /// with them cannot succeed, so they are not tried (routing and bundles arrive by different
+    /// streams; the bundle follows the route within moments).
+    fn untrusted(&self, candidates: &[Target]) -> Vec<Target> {
+        if !candidates
+            .iter()
+            .any(|t| matches!(t, Target::Remote { .. }))
+        {
+            return Vec::new();
+        }
+        let trust = self.identity.trust();
+        candidates
+            .iter()
+            .filter(|t| match t {
+                Target::Remote { trust_domain, .. } => !trust.trusts(trust_domain),
+                Target::Local { .. } => false,
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// The answer when nothing could be tried: names the clusters skipped for want of a bundle.
+    fn nothing_to_try(dest: &Dest, untrusted: &[Target]) -> String {
+        let mut clusters: Vec<String> = untrusted
+            .iter()
+            .filter_map(|t| match t {
+                Target::Remote {
+                    cluster,
+                    trust_domain,
+                    ..
+                } => Some(format!("{cluster} ({trust_domain})")),
+                Target::Local { .. } => None,
+            })
+            .collect();
+        clusters.dedup();
+        if clusters.is_empty() {
+            format!("{dest} has no healthy endpoint in any cluster")
+        } else {
+            format!(
+                "{dest} has no healthy endpoint this sidecar can verify: no trust bundle yet for {}; check that the clusters are federated (fedmesh status)",
+                clusters.join(", ")
+            )
+        }
+    }
+
     fn sni_for(
         &self,
         table: &RoutingTable,
@@ -333,13 +378,17 @@ impl Sidecar {
                 format!("{key} is not a service known to this sidecar"),
             )
         })?;
-        let candidates = entry.targets(dest.port);
-        let policy = entry.svc.policy.clone().unwrap_or_default();
+        let candidates = entry.targets_for(dest.scope, dest.port);
+        let mut policy = entry.svc.policy.clone().unwrap_or_default();
+        if entry.resolve(dest.scope) == Scope::Local {
+            // A cluster.local name stays in this cluster: no split across clusters.
+            policy.split.clear();
+        }
         let connect_timeout = (policy.connect_timeout_ms > 0)
             .then(|| Duration::from_millis(policy.connect_timeout_ms.into()));
         let here = self.locality(table);
-        let mut tried = Vec::new();
-        let mut last = format!("{dest} has no healthy endpoint in any cluster");
+        let mut tried = self.untrusted(candidates);
+        let mut last = Self::nothing_to_try(dest, &tried);
         for attempt in 0..=self.options.safe_retries {
             let Some(target) = self.balancer.pick(&here, candidates, &policy.split, &tried) else {
                 break;
@@ -587,7 +636,10 @@ impl Sidecar {
         let policy = entry.svc.policy.clone().unwrap_or_default();
         let (mut parts, body) = req.into_parts();
         let route = match_route(&policy, &parts.uri, &parts.headers);
+        let local_only = entry.resolve(dest.scope) == Scope::Local;
         let split: &[pb::WeightedBackend] = match route {
+            // A cluster.local name stays in this cluster: no split across clusters.
+            _ if local_only => &[],
             Some(r) if !r.backends.is_empty() => &r.backends,
             _ => &policy.split,
         };
@@ -602,7 +654,7 @@ impl Sidecar {
         let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms.into()));
         let connect_timeout = (policy.connect_timeout_ms > 0)
             .then(|| Duration::from_millis(policy.connect_timeout_ms.into()));
-        let candidates = entry.targets(dest.port);
+        let candidates = entry.targets_for(dest.scope, dest.port);
         let idempotent = is_idempotent(&parts.method);
 
         // What crosses to the peer: no hop-by-hop headers, no caller-supplied identity header,
@@ -619,8 +671,11 @@ impl Sidecar {
         let _span = trace::propagate(&mut parts.headers);
         let authority = host.unwrap_or_else(|| {
             format!(
-                "{}.{}.svc.clusterset.local:{}",
-                dest.service.name, dest.service.namespace, dest.port
+                "{}.{}.svc.{}.local:{}",
+                dest.service.name,
+                dest.service.namespace,
+                if local_only { "cluster" } else { "clusterset" },
+                dest.port
             )
         });
         let path = parts
@@ -654,7 +709,8 @@ impl Sidecar {
             Err(resp) => return (resp, String::new()),
         };
         let here = self.locality(table);
-        let mut tried: Vec<Target> = Vec::new();
+        let mut tried: Vec<Target> = self.untrusted(candidates);
+        let untrusted = tried.len();
         let (mut safe_left, mut app_left) = (self.options.safe_retries, app_retries);
         let mut last: Option<(Response<Body>, String)> = None;
         let mut attempts = 0u32;
@@ -726,6 +782,11 @@ impl Sidecar {
                             status,
                             StatusCode::SERVICE_UNAVAILABLE | StatusCode::MISDIRECTED_REQUEST
                         );
+                    if status == StatusCode::MISDIRECTED_REQUEST && from_proxy {
+                        // The peer will not serve this on that connection (RFC 9110 15.5.20):
+                        // the next request opens a new one.
+                        self.upstreams.evict(&target, &sni);
+                    }
                     if gateway_failure || unreached {
                         self.fail(&target, candidates);
                     } else {
@@ -783,7 +844,7 @@ impl Sidecar {
                 proxy_error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
-                    format!("{dest} has no healthy endpoint in any cluster"),
+                    Self::nothing_to_try(dest, &tried[..untrusted]),
                 ),
                 String::new(),
             )

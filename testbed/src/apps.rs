@@ -295,3 +295,27 @@ pub async fn grpc_echo(listener: TcpListener, info: AppInfo) -> RunningApp {
     });
     RunningApp { addr, stop }
 }
+
+/// An HTTP app (HTTP/1.1 and h2c) that reads the request body and answers `size` bytes: the
+/// server of the data-plane benchmark.
+pub async fn http_fixed(listener: TcpListener, size: usize) -> RunningApp {
+    let addr = listener.local_addr().expect("bound listener");
+    let stop = CancellationToken::new();
+    let body = Bytes::from(vec![b'x'; size]);
+    tokio::spawn(serve_loop(listener, stop.clone(), move |s| {
+        let body = body.clone();
+        async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let body = body.clone();
+                async move {
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, Infallible>(Response::new(Full::new(body)))
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        }
+    }));
+    RunningApp { addr, stop }
+}

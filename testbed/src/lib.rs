@@ -45,6 +45,9 @@ pub use yaml::EndpointSpec;
 pub struct ClusterSpec {
     pub name: String,
     pub region: String,
+    /// Publish this gateway address instead of the in-process gateway's (for a gateway run as
+    /// its own process, e.g. by the benchmark).
+    pub publish_gateway: Option<SocketAddr>,
 }
 
 impl ClusterSpec {
@@ -52,6 +55,7 @@ impl ClusterSpec {
         Self {
             name: name.into(),
             region: region.into(),
+            publish_gateway: None,
         }
     }
 }
@@ -227,6 +231,8 @@ pub struct Cluster {
     pub gateway_addr: SocketAddr,
     pub gateway_admin: SocketAddr,
     pub gateway: Arc<Gateway>,
+    /// The in-process gateway's configuration.
+    pub gateway_config: ConfigHandle,
     cp_config: ControlPlaneConfig,
     cp: Mutex<Option<(Arc<ControlPlane>, CancellationToken)>>,
     gateway_shutdown: CancellationToken,
@@ -236,6 +242,22 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Waits until this cluster's gateway admits connections for `service` ("ns/name") and has
+    /// a ready endpoint for it.
+    pub async fn wait_gateway_serves(&self, service: &str) -> anyhow::Result<()> {
+        wait_table(
+            &self.gateway_config,
+            &format!("the gateway of {}", self.name),
+            &format!("{service} exported with a ready endpoint"),
+            |t| {
+                t.service(service).is_some_and(|e| {
+                    e.svc.exported && e.local_targets.values().any(|v| !v.is_empty())
+                })
+            },
+        )
+        .await
+    }
+
     async fn start(
         dir: &Path,
         spec: &ClusterSpec,
@@ -260,7 +282,7 @@ impl Cluster {
         );
         config.region = spec.region.clone();
         config.hub = Some(hub_addr.to_string());
-        config.gateways = vec![gateway_addr.to_string()];
+        config.gateways = vec![spec.publish_gateway.unwrap_or(gateway_addr).to_string()];
         config.listen = Some(cp_addr);
         config.dns_listen = Some(dns_addr);
         config.poll_interval = Duration::from_millis(100);
@@ -344,6 +366,7 @@ impl Cluster {
             gateway,
             cp_config: config,
             cp: Mutex::new(Some((cp, cp_shutdown))),
+            gateway_config: config_handle,
             gateway_shutdown,
             _gateway_agent: agent,
             _gateway_follower: follower,
@@ -406,6 +429,14 @@ impl Cluster {
         Err(anyhow::anyhow!("restarting the control plane: {last:?}"))
     }
 
+    /// A Workload API agent serving `spiffe://<td>/ns/<ns>/sa/<name>` to this user's processes
+    /// (e.g. a `fedmesh sidecar` process started with `--workload-api <endpoint>`).
+    pub async fn agent(&self, ns: &str, name: &str) -> anyhow::Result<Agent> {
+        let id = SpiffeId::new(&format!("spiffe://{}/ns/{ns}/sa/{name}", self.trust_domain))?;
+        let dir = self.data.join("agents").join(format!("{ns}-{name}"));
+        Agent::start(self.cp_addr, &dir, name, &self.agent_token, id).await
+    }
+
     /// Starts a workload's agent and sidecar in front of `app`. The sidecar's inbound listener
     /// (its endpoint address) is on `spec.inbound_port` (0: any free port).
     pub async fn workload(&self, spec: &WorkloadSpec, app: SocketAddr) -> anyhow::Result<Workload> {
@@ -451,11 +482,11 @@ impl Cluster {
         let proxy_addr = proxy.local_addr()?;
         let admin_l = bind_local(0).await?;
         let admin_addr = admin_l.local_addr()?;
-        tokio::spawn(
-            sidecar
-                .clone()
-                .serve_inbound(inbound, Some(app), shutdown.clone()),
-        );
+        let inbound_task = tokio::spawn(sidecar.clone().serve_inbound(
+            inbound,
+            Some(app),
+            shutdown.clone(),
+        ));
         tokio::spawn(sidecar.clone().serve_http_proxy(proxy, shutdown.clone()));
         tokio::spawn(admin::serve(
             admin_l,
@@ -481,7 +512,9 @@ impl Cluster {
             sidecar,
             metrics,
             config,
+            identity,
             shutdown,
+            inbound_task: Mutex::new(Some(inbound_task)),
             _follower: follower,
             _agent: agent,
         })
@@ -523,7 +556,10 @@ pub struct Workload {
     pub sidecar: Arc<Sidecar>,
     pub metrics: Arc<ProxyMetrics>,
     pub config: ConfigHandle,
+    /// The sidecar's SVID and trust bundles, as its Workload API delivers them.
+    pub identity: MeshIdentity,
     shutdown: CancellationToken,
+    inbound_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     _follower: WorkloadApiFollower,
     _agent: Agent,
 }
@@ -557,25 +593,41 @@ impl Workload {
         self.shutdown.cancel();
     }
 
-    /// Waits until this sidecar's configuration satisfies `f`.
-    pub async fn wait_config(
-        &self,
-        what: &str,
-        f: impl Fn(&fedmesh_dataplane::config::RoutingTable) -> bool,
-    ) -> anyhow::Result<()> {
-        let mut rx = self.config.changes();
+    /// Stops the sidecar and waits until its inbound side has drained: the requests it had
+    /// accepted are answered (as a pod's sidecar finishes before its app is killed).
+    pub async fn stop_and_drain(&self) {
+        self.shutdown.cancel();
+        let task = self
+            .inbound_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+    }
+
+    /// Waits until this sidecar holds the trust bundle of `trust_domain`.
+    pub async fn wait_trusts(&self, trust_domain: &str) -> anyhow::Result<()> {
+        let mut rx = self.identity.subscribe();
         tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                if f(&self.config.table()) {
-                    return;
-                }
+            while !self.identity.trust().trusts(trust_domain) {
                 if rx.changed().await.is_err() {
                     return;
                 }
             }
         })
         .await
-        .with_context(|| format!("{}: timed out waiting for {what}", self.id))
+        .with_context(|| format!("{}: no trust bundle for {trust_domain}", self.id))
+    }
+
+    /// Waits until this sidecar's configuration satisfies `f`.
+    pub async fn wait_config(
+        &self,
+        what: &str,
+        f: impl Fn(&fedmesh_dataplane::config::RoutingTable) -> bool,
+    ) -> anyhow::Result<()> {
+        wait_table(&self.config, &self.id.to_string(), what, f).await
     }
 }
 
@@ -583,4 +635,26 @@ impl Drop for Workload {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// Waits (up to 30s) until the routing table of `config` satisfies `f`.
+pub async fn wait_table(
+    config: &ConfigHandle,
+    who: &str,
+    what: &str,
+    f: impl Fn(&fedmesh_dataplane::config::RoutingTable) -> bool,
+) -> anyhow::Result<()> {
+    let mut rx = config.changes();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if f(&config.table()) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+    .with_context(|| format!("{who}: timed out waiting for {what}"))
 }

@@ -197,6 +197,13 @@ impl TrustStore {
     pub fn anchors(&self, td: &TrustDomain) -> Option<&[TrustAnchor<'static>]> {
         self.anchors.get(td).map(Vec::as_slice)
     }
+
+    /// Whether peers of trust domain `td` can be verified (a bundle with authorities is held).
+    pub fn trusts(&self, td: &str) -> bool {
+        self.anchors
+            .iter()
+            .any(|(k, v)| k.as_str() == td && !v.is_empty())
+    }
 }
 
 fn anchors_of(certs: &[CertificateDer<'static>]) -> Vec<TrustAnchor<'static>> {

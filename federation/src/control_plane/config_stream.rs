@@ -11,7 +11,7 @@ use std::sync::Arc;
 use fedmesh_api::pb::dataplane as pb;
 use fedmesh_api::pb::dataplane::data_plane_server::{DataPlane, DataPlaneServer};
 use fedmesh_api::pb::federation as fpb;
-use fedmesh_api::{ClusterName, DATAPLANE_PROTOCOL_VERSION};
+use fedmesh_api::{ClusterName, DATAPLANE_PROTOCOL_VERSION, ServiceKey};
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -72,20 +72,32 @@ impl ConfigState {
     }
 }
 
-/// The services of a snapshot, as the data plane sees them.
+/// The services of a snapshot, as the data plane sees them: every Service of this cluster (with
+/// its endpoints, for `cluster.local` routing) and every service of the clusterset.
+///
+/// Whether this cluster exports a service comes from its own valid ServiceExport, not from the
+/// hub's answer: the gateway admits connections, and the sidecars serve them, as soon as the
+/// export exists here, so a peer that learns of the export through the hub never arrives first.
 pub fn services_of(
     cp_cluster: &ClusterName,
     region: &str,
     snap: &Snapshot,
     policies: &BTreeMap<String, pb::TrafficPolicy>,
 ) -> ServiceMap {
+    let mut keys: std::collections::BTreeSet<&ServiceKey> =
+        snap.clusterset.imports.keys().collect();
+    keys.extend(snap.local.services.keys());
     let mut out = ServiceMap::new();
-    for (key, import) in &snap.clusterset.imports {
-        let exported = import
-            .clusters
-            .iter()
-            .any(|c| c.cluster == cp_cluster.as_str());
-        let endpoints = if exported {
+    for key in keys {
+        let import = snap.clusterset.imports.get(key);
+        let local = snap.local.services.get(key);
+        let exported_here = local.is_some()
+            && snap.local.exports.contains_key(key)
+            && matches!(snap.validity.get(key), Some(Ok(())));
+        let exported = exported_here
+            || import.is_some_and(|i| i.clusters.iter().any(|c| c.cluster == cp_cluster.as_str()));
+        let spec = local.and_then(|s| s.spec.as_ref());
+        let endpoints = if local.is_some() {
             snap.local
                 .endpoints(key)
                 .into_iter()
@@ -108,7 +120,8 @@ pub fn services_of(
             Vec::new()
         };
         let remote = import
-            .clusters
+            .map(|i| i.clusters.as_slice())
+            .unwrap_or_default()
             .iter()
             .filter(|c| c.cluster != cp_cluster.as_str())
             .filter_map(|c| {
@@ -133,33 +146,57 @@ pub fn services_of(
                 })
             })
             .collect();
+        // The clusterset's ports (the union over exporters), else the local Service's.
+        let ports = match import {
+            Some(i) => i
+                .ports
+                .iter()
+                .map(|p| pb::Port {
+                    name: p.name.clone(),
+                    protocol: p.protocol.clone(),
+                    port: p.port,
+                    app_protocol: p.app_protocol.clone(),
+                })
+                .collect(),
+            None => spec
+                .and_then(|s| s.ports.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|p| pb::Port {
+                    name: p.name.clone().unwrap_or_default(),
+                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    port: p.port.max(0) as u32,
+                    app_protocol: p.app_protocol.clone().unwrap_or_default(),
+                })
+                .collect(),
+        };
+        let vip = match import {
+            Some(i) if i.r#type != fpb::ServiceType::Headless as i32 => snap
+                .vips
+                .get(key)
+                .map(|ip| ip.to_string())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        let cluster_ip = spec
+            .and_then(|s| s.cluster_ip.clone())
+            .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
+            .unwrap_or_default();
         out.insert(
             key.to_string(),
             pb::Service {
                 key: key.to_string(),
-                vip: if import.r#type == fpb::ServiceType::Headless as i32 {
-                    String::new()
-                } else {
-                    snap.vips
-                        .get(key)
-                        .map(|ip| ip.to_string())
-                        .unwrap_or_default()
-                },
-                ports: import
-                    .ports
-                    .iter()
-                    .map(|p| pb::Port {
-                        name: p.name.clone(),
-                        protocol: p.protocol.clone(),
-                        port: p.port,
-                        app_protocol: p.app_protocol.clone(),
-                    })
-                    .collect(),
+                vip,
+                ports,
                 exported,
                 endpoints,
                 remote,
                 policy: policies.get(&key.to_string()).cloned(),
-                session_affinity: import.session_affinity.clone(),
+                session_affinity: import
+                    .map(|i| i.session_affinity.clone())
+                    .unwrap_or_default(),
+                cluster_ip,
+                in_clusterset: import.is_some() || exported_here,
             },
         );
     }
