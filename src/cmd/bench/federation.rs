@@ -162,7 +162,7 @@ impl SimCluster {
     }
 }
 
-fn proc_stats(pid: u32) -> (u64, f64) {
+pub(super) fn proc_stats(pid: u32) -> (u64, f64) {
     let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

@@ -1,5 +1,6 @@
 //! `fedmesh bench`: benchmarks that report ratios against a baseline measured in the same run.
 
+mod dataplane;
 mod federation;
 mod identity;
 
@@ -30,12 +31,47 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 200)]
         changes: usize,
     },
+    /// Latency, throughput, CPU and memory of the sidecar and gateway against a direct
+    /// connection; the gateway's SNI passthrough beside HAProxy and nginx (real processes).
+    Dataplane {
+        /// Requests per second of the fixed-rate (latency) runs.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Length of each fixed-rate run.
+        #[arg(long, value_parser = parse_duration, default_value = "10s")]
+        duration: Duration,
+        /// Request and response body size in bytes.
+        #[arg(long, default_value_t = 1024)]
+        body: usize,
+        /// Requests (or connections) in flight in the maximum-throughput runs.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Length of each SNI passthrough measurement.
+        #[arg(long, value_parser = parse_duration, default_value = "5s")]
+        sni_duration: Duration,
+    },
 }
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Identity { duration, rounds } => {
             tokio::task::spawn_blocking(move || identity::run(duration, rounds.max(1))).await?
+        }
+        BenchCommand::Dataplane {
+            rate,
+            duration,
+            body,
+            concurrency,
+            sni_duration,
+        } => {
+            dataplane::run(dataplane::Params {
+                rate,
+                duration,
+                body,
+                concurrency,
+                sni_duration,
+            })
+            .await
         }
         BenchCommand::Federation {
             clusters,
