@@ -20,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A hub and three clusters on this machine with traffic flowing: no setup.
+    Demo(cmd::demo::DemoArgs),
     /// Manage a trust domain's certificate authority.
     #[command(subcommand)]
     Ca(cmd::ca::CaCommand),
@@ -49,11 +51,21 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    cmd::init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The demo and the benchmarks print tables; their many in-process parts log only problems.
+    cmd::init_tracing(match cli.command {
+        Command::Demo(_) | Command::Bench(_) => "warn",
+        _ => "info",
+    });
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let threads = match &cli.command {
+        Command::Sidecar(s) => Some(s.threads),
+        Command::Gateway(g) => g.threads,
+        _ => None,
+    };
+    if let Some(n) = threads {
+        builder.worker_threads(n.max(1));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -62,6 +74,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
+            Command::Demo(d) => cmd::demo::run(d).await,
             Command::Ca(c) => cmd::ca::run(c),
             Command::Hub(h) => cmd::hub::run(h).await,
             Command::ControlPlane(c) => cmd::control_plane::run(c).await,

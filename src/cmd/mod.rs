@@ -2,6 +2,7 @@ pub mod agent;
 pub mod bench;
 pub mod ca;
 pub mod control_plane;
+pub mod demo;
 pub mod hub;
 pub mod proxy;
 pub mod status;
@@ -10,9 +11,10 @@ pub mod workload;
 use std::time::Duration;
 
 /// Logs to stderr; `RUST_LOG` overrides the default `info`.
-pub fn init_tracing() {
+/// Logs to stderr at `default` (e.g. "info") unless RUST_LOG says otherwise.
+pub fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

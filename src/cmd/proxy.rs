@@ -121,6 +121,9 @@ fn serve_admin(
 pub struct GatewayArgs {
     #[command(flatten)]
     common: CommonArgs,
+    /// Worker threads (default: one per CPU).
+    #[arg(long, env = "FEDMESH_PROXY_THREADS")]
+    pub threads: Option<usize>,
     /// Where other clusters' sidecars connect (the address published as this cluster's gateway).
     #[arg(long, default_value = "0.0.0.0:15443")]
     listen: SocketAddr,
@@ -166,6 +169,10 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
 pub struct SidecarArgs {
     #[command(flatten)]
     common: CommonArgs,
+    /// Worker threads. A sidecar serves one workload: one thread keeps its CPU and memory small
+    /// and predictable; raise it for a workload that needs more than a core of proxying.
+    #[arg(long, env = "FEDMESH_PROXY_THREADS", default_value_t = 1)]
+    pub threads: usize,
     /// Inbound mTLS listener and the app behind it, LISTEN=APP (e.g.
     /// 127.0.0.1:15006=127.0.0.1:8080). The LISTEN address is the endpoint address the
     /// cluster's EndpointSlices carry for this workload. Repeatable.

@@ -1,0 +1,368 @@
+//! `fedmesh demo`: a hub and three clusters on this machine, with traffic flowing, and nothing to
+//! set up. Everything is the real thing in one process: the hub (redb), a control plane and CA per
+//! cluster, a Workload API agent per workload, east-west gateways and sidecars on 127.0.0.1 with
+//! mTLS between them. A frontend in east calls two services while the demo moves traffic around:
+//!
+//! - `shop/api`, exported by east and west: locality keeps it in east; east's instance goes down and
+//!   traffic fails over to west with no failed request, then comes back.
+//! - `shop/reviews`, exported by west and central, split 70/30 by a TrafficPolicy, changed live.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use fedmesh_testbed::apps::{self, AppInfo, RunningApp};
+use fedmesh_testbed::client::ProxyClient;
+use fedmesh_testbed::yaml;
+use fedmesh_testbed::{Cluster, ClusterSpec, Testbed, Workload, WorkloadSpec};
+use tokio::net::TcpListener;
+
+use super::parse_duration;
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Stop after this long (default: run until Ctrl-C).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Requests per second from the frontend (to each service).
+    #[arg(long, default_value_t = 20)]
+    rate: u32,
+    /// Keep the clusterset's files here (default: a temporary directory, removed at the end).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// How often the traffic table is printed.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    every: Duration,
+}
+
+/// Answers per service: cluster → count, failures, latencies.
+#[derive(Default)]
+struct Tally {
+    by_cluster: BTreeMap<String, u64>,
+    failed: u64,
+    last_failure: Option<String>,
+    latencies: Vec<Duration>,
+}
+
+type Tallies = Arc<Mutex<BTreeMap<&'static str, Tally>>>;
+
+async fn listener() -> anyhow::Result<TcpListener> {
+    Ok(TcpListener::bind("127.0.0.1:0").await?)
+}
+
+/// An echo app and its workload (sidecar) in `c`, on `port` (0: any).
+async fn api_workload(
+    c: &Cluster,
+    name: &str,
+    zone: &str,
+    port: u16,
+) -> anyhow::Result<(Workload, RunningApp)> {
+    let app = apps::http_echo(
+        listener().await?,
+        AppInfo {
+            cluster: c.name.clone(),
+            zone: zone.into(),
+            workload: name.into(),
+        },
+    )
+    .await;
+    let mut spec = WorkloadSpec::new("shop", name, zone);
+    spec.inbound_port = port;
+    let w = c.workload(&spec, app.addr).await?;
+    Ok((w, app))
+}
+
+fn publish(c: &Cluster, name: &str, ws: &[&Workload]) -> anyhow::Result<()> {
+    let eps: Vec<_> = ws.iter().map(|w| w.endpoint()).collect();
+    c.write(
+        &format!("{name}.yaml"),
+        &yaml::service("shop", name, &[("http", 80, "")], &eps),
+    )?;
+    c.write(
+        &format!("{name}-export.yaml"),
+        &yaml::service_export("shop", name),
+    )
+}
+
+pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
+    let tmp;
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::Builder::new().prefix("fedmesh-demo").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    println!(
+        "fedmesh demo: a hub and three clusters on this machine (files in {})",
+        dir.display()
+    );
+    let tb = Testbed::start(
+        &dir,
+        &[
+            ClusterSpec::new("east", "us-east"),
+            ClusterSpec::new("west", "us-west"),
+            ClusterSpec::new("central", "eu-central"),
+        ],
+    )
+    .await
+    .context("starting the clusterset")?;
+    let (east, west, central) = (
+        tb.cluster("east"),
+        tb.cluster("west"),
+        tb.cluster("central"),
+    );
+    for c in [east, west, central] {
+        println!(
+            "  cluster {:<8} trust domain {:<26} control plane {}  gateway {}",
+            c.name, c.trust_domain, c.cp_addr, c.gateway_addr
+        );
+    }
+
+    // shop/api in east and west; shop/reviews in west and central, split 70/30.
+    let (api_e, api_e_app) = api_workload(east, "api", "us-east-1a", 0).await?;
+    let api_e_port = api_e.inbound.port();
+    let (api_w, _api_w_app) = api_workload(west, "api", "us-west-1a", 0).await?;
+    let (rev_w, _rev_w_app) = api_workload(west, "reviews", "us-west-1a", 0).await?;
+    let (rev_c, _rev_c_app) = api_workload(central, "reviews", "eu-central-1a", 0).await?;
+    publish(east, "api", &[&api_e])?;
+    publish(west, "api", &[&api_w])?;
+    publish(west, "reviews", &[&rev_w])?;
+    publish(central, "reviews", &[&rev_c])?;
+    // The caller's cluster holds the policy that steers its traffic.
+    east.write(
+        "reviews-policy.yaml",
+        &yaml::traffic_policy("shop", "reviews", &[("west", 70), ("central", 30)], &[]),
+    )?;
+    let frontend = east
+        .workload(
+            &WorkloadSpec::new("shop", "frontend", "us-east-1a"),
+            "127.0.0.1:9".parse()?,
+        )
+        .await?;
+    frontend
+        .wait_config("shop/api and shop/reviews from every cluster", |t| {
+            let api = t.service("shop/api").is_some_and(|e| {
+                e.svc.endpoints.iter().any(|x| x.ready) && e.svc.remote.iter().any(|r| r.ready > 0)
+            });
+            let reviews = t
+                .service("shop/reviews")
+                .is_some_and(|e| e.svc.remote.iter().filter(|r| r.ready > 0).count() == 2);
+            api && reviews
+        })
+        .await?;
+    for c in [west, central] {
+        frontend.wait_trusts(&c.trust_domain).await?;
+    }
+    for (c, svc) in [
+        (west, "shop/api"),
+        (west, "shop/reviews"),
+        (central, "shop/reviews"),
+    ] {
+        c.wait_gateway_serves(svc).await?;
+    }
+
+    println!("\nTry it yourself while it runs:");
+    println!(
+        "  curl -x http://{} http://api.shop.svc.clusterset.local/        # as the east frontend",
+        frontend.proxy
+    );
+    println!(
+        "  curl -x http://{} http://reviews.shop.svc.clusterset.local/",
+        frontend.proxy
+    );
+    println!(
+        "  curl http://{}/config                                     # the frontend sidecar's routing table",
+        frontend.admin
+    );
+    println!("  curl http://{}/metrics", frontend.admin);
+    println!(
+        "  FEDMESH_ADMIN=http://{} FEDMESH_ADMIN_TOKEN={} fedmesh status",
+        tb.hub_admin, tb.hub_admin_token
+    );
+
+    let tallies: Tallies = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut traffic = Vec::new();
+    for svc in ["api", "reviews"] {
+        traffic.push(tokio::spawn(generate(
+            frontend.proxy,
+            svc,
+            a.rate.max(1),
+            tallies.clone(),
+            stop.clone(),
+        )));
+    }
+
+    // The story, on a loop: steady, east's api down, east's api back, a new split.
+    let started = Instant::now();
+    let deadline = a.duration.map(|d| started + d);
+    let mut api_e = Some((api_e, api_e_app));
+    let mut step = 0usize;
+    let mut next_step = Instant::now() + a.every * 3;
+    let mut split_west = 70;
+    let mut ctrl_c = std::pin::pin!(super::shutdown_signal());
+    let mut total_failed = 0u64;
+    println!(
+        "\n  t      service        answered by (share)                           failed  p50     p99"
+    );
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => break,
+            _ = tokio::time::sleep(a.every) => {}
+        }
+        total_failed += print_table(started, &tallies);
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        if Instant::now() < next_step {
+            continue;
+        }
+        next_step = Instant::now() + a.every * 3;
+        match step % 4 {
+            0 => {
+                println!(
+                    "  >> east's shop/api goes down (sidecar drains, app stops): traffic fails over to west"
+                );
+                if let Some((w, app)) = api_e.take() {
+                    w.stop_and_drain().await;
+                    app.stop();
+                }
+            }
+            1 => {
+                println!(
+                    "  >> east's shop/api comes back on the same address: traffic returns to east"
+                );
+                api_e = Some(api_workload(east, "api", "us-east-1a", api_e_port).await?);
+            }
+            2 => {
+                split_west = if split_west == 70 { 20 } else { 70 };
+                println!(
+                    "  >> TrafficPolicy shop/reviews changed live: west {split_west} / central {}",
+                    100 - split_west
+                );
+                east.write(
+                    "reviews-policy.yaml",
+                    &yaml::traffic_policy(
+                        "shop",
+                        "reviews",
+                        &[("west", split_west), ("central", 100 - split_west)],
+                        &[],
+                    ),
+                )?;
+            }
+            _ => println!("  >> steady"),
+        }
+        step += 1;
+    }
+    stop.cancel();
+    for t in traffic {
+        let _ = t.await;
+    }
+    total_failed += print_table(started, &tallies);
+    println!("\nstopping; {total_failed} request(s) failed in the whole run");
+    // The workloads first, so nothing complains that its control plane went away.
+    drop((api_e, api_w, rev_w, rev_c, frontend));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tb.shutdown().await;
+    Ok(())
+}
+
+async fn generate(
+    proxy: SocketAddr,
+    svc: &'static str,
+    rate: u32,
+    tallies: Tallies,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let url = format!("http://{svc}.shop.svc.clusterset.local/");
+    let mut client = ProxyClient::new(proxy);
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !stop.is_cancelled() {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let start = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(5), client.get(&url)).await;
+        let elapsed = start.elapsed();
+        let mut t = tallies.lock().unwrap_or_else(|p| p.into_inner());
+        let t = t.entry(svc).or_default();
+        match r {
+            Ok(Ok(reply)) if reply.status.is_success() => match reply.echo() {
+                Ok(e) => {
+                    *t.by_cluster.entry(e.cluster).or_default() += 1;
+                    t.latencies.push(elapsed);
+                }
+                Err(e) => {
+                    t.failed += 1;
+                    t.last_failure = Some(e.to_string());
+                }
+            },
+            Ok(Ok(reply)) => {
+                t.failed += 1;
+                t.last_failure = Some(format!(
+                    "{}: {}",
+                    reply.status,
+                    String::from_utf8_lossy(&reply.body).trim()
+                ));
+            }
+            Ok(Err(e)) => {
+                t.failed += 1;
+                t.last_failure = Some(e.to_string());
+                client = ProxyClient::new(proxy);
+            }
+            Err(_) => {
+                t.failed += 1;
+                t.last_failure = Some("no answer within 5s".into());
+                client = ProxyClient::new(proxy);
+            }
+        }
+    }
+}
+
+/// Prints what each service's requests since the last table were answered by, then resets.
+/// Returns the failures counted in that time.
+fn print_table(started: Instant, tallies: &Tallies) -> u64 {
+    let mut all = tallies.lock().unwrap_or_else(|p| p.into_inner());
+    let mut failed = 0;
+    for (svc, t) in all.iter_mut() {
+        let total: u64 = t.by_cluster.values().sum();
+        if total == 0 && t.failed == 0 {
+            continue;
+        }
+        let shares: Vec<String> = t
+            .by_cluster
+            .iter()
+            .map(|(c, n)| format!("{c} {:>3.0}%", *n as f64 * 100.0 / total.max(1) as f64))
+            .collect();
+        t.latencies.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            t.latencies
+                .get(((t.latencies.len().saturating_sub(1)) as f64 * p) as usize)
+                .map(|d| d.as_secs_f64() * 1e3)
+                .unwrap_or(0.0)
+        };
+        println!(
+            "  {:>4.0}s  shop/{:<9} {:<45} {:>6}  {:>5.1}ms {:>5.1}ms{}",
+            started.elapsed().as_secs_f64(),
+            svc,
+            shares.join("  "),
+            t.failed,
+            pct(0.5),
+            pct(0.99),
+            t.last_failure
+                .as_ref()
+                .map(|f| format!("  last failure: {f}"))
+                .unwrap_or_default()
+        );
+        failed += t.failed;
+        *t = Tally::default();
+    }
+    failed
+}

@@ -1,0 +1,52 @@
+//! `fedmesh demo` as a user runs it (README command 1): a hub and three clusters in one process,
+//! traffic across them, failover and a live split change, with no request failing.
+
+use std::process::Command;
+
+#[test]
+fn the_demo_moves_traffic_across_three_clusters_without_failing_a_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fedmesh"))
+        .args([
+            "demo",
+            "--duration",
+            "14s",
+            "--every",
+            "1s",
+            "--rate",
+            "20",
+            "--dir",
+        ])
+        .arg(dir.path().join("demo"))
+        .output()
+        .expect("fedmesh demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let lines = |svc: &str| -> Vec<&str> {
+        stdout
+            .lines()
+            .filter(|l| l.contains(&format!("shop/{svc} ")))
+            .collect()
+    };
+    // Locality keeps shop/api in east at first; the failover sends it to west.
+    let api = lines("api");
+    assert!(
+        api.first().is_some_and(|l| l.contains("east 100%")),
+        "{stdout}"
+    );
+    assert!(api.iter().any(|l| l.contains("west 100%")), "{stdout}");
+    // shop/reviews is split between west and central.
+    let reviews = lines("reviews");
+    assert!(
+        reviews
+            .iter()
+            .any(|l| l.contains("central") && l.contains("west")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("stopping; 0 request(s) failed in the whole run"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("curl -x http://127.0.0.1:"), "{stdout}");
+}
