@@ -231,25 +231,23 @@ async fn fixed_rate(
     out
 }
 
-/// Requests per second with `concurrency` requests always in flight, for `duration`.
-async fn max_throughput(
-    client: &HttpClient,
-    uri: &http::Uri,
-    body: &Bytes,
-    concurrency: usize,
-    duration: Duration,
-) -> (f64, u64) {
+/// Operations per second with `concurrency` of `op` always in flight for `duration`, and how
+/// many failed.
+async fn closed_loop<F, Fut, T, E>(concurrency: usize, duration: Duration, op: F) -> (f64, u64)
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, E>> + Send,
+{
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let end = start + duration;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
-        let (client, uri, body) = (client.clone(), uri.clone(), body.clone());
-        let (done, errors) = (done.clone(), errors.clone());
+        let (op, done, errors) = (op.clone(), done.clone(), errors.clone());
         tasks.spawn(async move {
             while Instant::now() < end {
-                match one(&client, &uri, &body, Instant::now()).await {
+                match op().await {
                     Ok(_) => done.fetch_add(1, Ordering::Relaxed),
                     Err(_) => errors.fetch_add(1, Ordering::Relaxed),
                 };
@@ -261,6 +259,22 @@ async fn max_throughput(
         done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64(),
         errors.load(Ordering::Relaxed),
     )
+}
+
+/// Requests per second with `concurrency` requests always in flight, for `duration`.
+async fn max_throughput(
+    client: &HttpClient,
+    uri: &http::Uri,
+    body: &Bytes,
+    concurrency: usize,
+    duration: Duration,
+) -> (f64, u64) {
+    let (client, uri, body) = (client.clone(), uri.clone(), body.clone());
+    closed_loop(concurrency, duration, move || {
+        let (client, uri, body) = (client.clone(), uri.clone(), body.clone());
+        async move { one(&client, &uri, &body, Instant::now()).await }
+    })
+    .await
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -940,6 +954,7 @@ async fn tls_exchange(
     Ok(t)
 }
 
+/// New connections per second through `addr` (`concurrency` at a time), and how many failed.
 async fn new_connections(
     addr: SocketAddr,
     cfg: &Arc<rustls::ClientConfig>,
@@ -947,28 +962,12 @@ async fn new_connections(
     concurrency: usize,
     duration: Duration,
 ) -> (f64, u64) {
-    let done = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let end = start + duration;
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let (cfg, sni) = (cfg.clone(), sni.to_string());
-        let (done, errors) = (done.clone(), errors.clone());
-        tasks.spawn(async move {
-            while Instant::now() < end {
-                match tls_exchange(addr, &cfg, &sni, b'h').await {
-                    Ok(_) => done.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => errors.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        });
-    }
-    while tasks.join_next().await.is_some() {}
-    (
-        done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64(),
-        errors.load(Ordering::Relaxed),
-    )
+    let (cfg, sni) = (cfg.clone(), sni.to_string());
+    closed_loop(concurrency, duration, move || {
+        let (cfg, sni) = (cfg.clone(), sni.clone());
+        async move { tls_exchange(addr, &cfg, &sni, b'h').await }
+    })
+    .await
 }
 
 /// MiB/s the backend streams through `addr` over `conns` connections; and the bytes moved.
