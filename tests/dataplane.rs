@@ -51,19 +51,9 @@ async fn http_workload_on(
     zone: &str,
     port: u16,
 ) -> (Workload, RunningApp) {
-    let app = apps::http_echo(
-        app_listener().await,
-        AppInfo {
-            cluster: c.name.clone(),
-            zone: zone.into(),
-            workload: name.into(),
-        },
-    )
-    .await;
-    let mut spec = WorkloadSpec::new("shop", name, zone);
-    spec.inbound_port = port;
-    let w = c.workload(&spec, app.addr).await.expect("workload starts");
-    (w, app)
+    c.http_echo_workload("shop", name, zone, port)
+        .await
+        .expect("workload starts")
 }
 
 /// A workload that only calls out (its app address is never used).
@@ -82,16 +72,7 @@ fn endpoints(ws: &[&Workload]) -> Vec<EndpointSpec> {
 
 /// Publishes service `shop/<name>` (HTTP port 80) with `eps` in `c` and exports it.
 fn serve_http(c: &Cluster, name: &str, eps: &[EndpointSpec]) {
-    c.write(
-        &format!("{name}.yaml"),
-        &yaml::service("shop", name, &[("http", 80, "")], eps),
-    )
-    .unwrap();
-    c.write(
-        &format!("{name}-export.yaml"),
-        &yaml::service_export("shop", name),
-    )
-    .unwrap();
+    c.serve_http("shop", name, eps).unwrap();
 }
 
 /// Waits until `w` can reach `shop/<svc>` in every cluster of `clusters` (locally or remotely).
@@ -649,18 +630,7 @@ async fn locality_failover_zone_then_cluster_and_back_with_zero_failed_requests(
     let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
     let (east, west) = (tb.cluster("east"), tb.cluster("west"));
     let (a, a_app) = http_workload(east, "api", "east-a").await;
-    let mut spec_b = WorkloadSpec::new("shop", "api-b", "east-b");
-    let b_app = apps::http_echo(
-        app_listener().await,
-        AppInfo {
-            cluster: "east".into(),
-            zone: "east-b".into(),
-            workload: "api-b".into(),
-        },
-    )
-    .await;
-    spec_b.inbound_port = 0;
-    let b = east.workload(&spec_b, b_app.addr).await.unwrap();
+    let (b, b_app) = http_workload(east, "api-b", "east-b").await;
     let (w, _w_app) = http_workload(west, "api", "west-a").await;
     serve_http(east, "api", &endpoints(&[&a, &b]));
     serve_http(west, "api", &endpoints(&[&w]));

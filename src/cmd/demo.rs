@@ -15,11 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use fedmesh_testbed::apps::{self, AppInfo, RunningApp};
 use fedmesh_testbed::client::ProxyClient;
 use fedmesh_testbed::yaml;
 use fedmesh_testbed::{Cluster, ClusterSpec, Testbed, Workload, WorkloadSpec};
-use tokio::net::TcpListener;
 
 use super::parse_duration;
 
@@ -50,42 +48,9 @@ struct Tally {
 
 type Tallies = Arc<Mutex<BTreeMap<&'static str, Tally>>>;
 
-async fn listener() -> anyhow::Result<TcpListener> {
-    Ok(TcpListener::bind("127.0.0.1:0").await?)
-}
-
-/// An echo app and its workload (sidecar) in `c`, on `port` (0: any).
-async fn api_workload(
-    c: &Cluster,
-    name: &str,
-    zone: &str,
-    port: u16,
-) -> anyhow::Result<(Workload, RunningApp)> {
-    let app = apps::http_echo(
-        listener().await?,
-        AppInfo {
-            cluster: c.name.clone(),
-            zone: zone.into(),
-            workload: name.into(),
-        },
-    )
-    .await;
-    let mut spec = WorkloadSpec::new("shop", name, zone);
-    spec.inbound_port = port;
-    let w = c.workload(&spec, app.addr).await?;
-    Ok((w, app))
-}
-
 fn publish(c: &Cluster, name: &str, ws: &[&Workload]) -> anyhow::Result<()> {
     let eps: Vec<_> = ws.iter().map(|w| w.endpoint()).collect();
-    c.write(
-        &format!("{name}.yaml"),
-        &yaml::service("shop", name, &[("http", 80, "")], &eps),
-    )?;
-    c.write(
-        &format!("{name}-export.yaml"),
-        &yaml::service_export("shop", name),
-    )
+    c.serve_http("shop", name, &eps)
 }
 
 pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
@@ -124,11 +89,19 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     }
 
     // shop/api in east and west; shop/reviews in west and central, split 70/30.
-    let (api_e, api_e_app) = api_workload(east, "api", "us-east-1a", 0).await?;
+    let (api_e, api_e_app) = east
+        .http_echo_workload("shop", "api", "us-east-1a", 0)
+        .await?;
     let api_e_port = api_e.inbound.port();
-    let (api_w, _api_w_app) = api_workload(west, "api", "us-west-1a", 0).await?;
-    let (rev_w, _rev_w_app) = api_workload(west, "reviews", "us-west-1a", 0).await?;
-    let (rev_c, _rev_c_app) = api_workload(central, "reviews", "eu-central-1a", 0).await?;
+    let (api_w, _api_w_app) = west
+        .http_echo_workload("shop", "api", "us-west-1a", 0)
+        .await?;
+    let (rev_w, _rev_w_app) = west
+        .http_echo_workload("shop", "reviews", "us-west-1a", 0)
+        .await?;
+    let (rev_c, _rev_c_app) = central
+        .http_echo_workload("shop", "reviews", "eu-central-1a", 0)
+        .await?;
     publish(east, "api", &[&api_e])?;
     publish(west, "api", &[&api_w])?;
     publish(west, "reviews", &[&rev_w])?;
@@ -206,7 +179,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let mut next_step = Instant::now() + a.every * 3;
     let mut split_west = 70;
     let mut ctrl_c = std::pin::pin!(super::shutdown_signal());
-    let mut total_failed = 0u64;
+    let (mut total_ok, mut total_failed) = (0u64, 0u64);
     println!(
         "\n  t      service        answered by (share)                           failed  p50     p99"
     );
@@ -215,7 +188,8 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             _ = &mut ctrl_c => break,
             _ = tokio::time::sleep(a.every) => {}
         }
-        total_failed += print_table(started, &tallies);
+        let (ok, failed) = print_table(started, &tallies);
+        (total_ok, total_failed) = (total_ok + ok, total_failed + failed);
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
@@ -237,7 +211,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
                 println!(
                     "  >> east's shop/api comes back on the same address: traffic returns to east"
                 );
-                api_e = Some(api_workload(east, "api", "us-east-1a", api_e_port).await?);
+                api_e = Some(
+                    east.http_echo_workload("shop", "api", "us-east-1a", api_e_port)
+                        .await?,
+                );
             }
             2 => {
                 split_west = if split_west == 70 { 20 } else { 70 };
@@ -263,12 +240,17 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     for t in traffic {
         let _ = t.await;
     }
-    total_failed += print_table(started, &tallies);
+    let (ok, failed) = print_table(started, &tallies);
+    (total_ok, total_failed) = (total_ok + ok, total_failed + failed);
     println!("\nstopping; {total_failed} request(s) failed in the whole run");
     // The workloads first, so nothing complains that its control plane went away.
     drop((api_e, api_w, rev_w, rev_c, frontend));
     tokio::time::sleep(Duration::from_millis(100)).await;
     tb.shutdown().await;
+    anyhow::ensure!(
+        total_ok > 0,
+        "no request was answered; run with RUST_LOG=info to see why"
+    );
     Ok(())
 }
 
@@ -327,10 +309,10 @@ async fn generate(
 }
 
 /// Prints what each service's requests since the last table were answered by, then resets.
-/// Returns the failures counted in that time.
-fn print_table(started: Instant, tallies: &Tallies) -> u64 {
+/// Returns the answers and the failures counted in that time.
+fn print_table(started: Instant, tallies: &Tallies) -> (u64, u64) {
     let mut all = tallies.lock().unwrap_or_else(|p| p.into_inner());
-    let mut failed = 0;
+    let (mut answered, mut failed) = (0, 0);
     for (svc, t) in all.iter_mut() {
         let total: u64 = t.by_cluster.values().sum();
         if total == 0 && t.failed == 0 {
@@ -361,8 +343,9 @@ fn print_table(started: Instant, tallies: &Tallies) -> u64 {
                 .map(|f| format!("  last failure: {f}"))
                 .unwrap_or_default()
         );
+        answered += total;
         failed += t.failed;
         *t = Tally::default();
     }
-    failed
+    (answered, failed)
 }

@@ -383,6 +383,43 @@ impl Cluster {
             .map(|(c, _)| c.clone())
     }
 
+    /// Publishes service `<ns>/<name>` (HTTP on port 80) with `eps` in this cluster and exports
+    /// it (files `<name>.yaml` and `<name>-export.yaml`).
+    pub fn serve_http(&self, ns: &str, name: &str, eps: &[EndpointSpec]) -> anyhow::Result<()> {
+        self.write(
+            &format!("{name}.yaml"),
+            &yaml::service(ns, name, &[("http", 80, "")], eps),
+        )?;
+        self.write(
+            &format!("{name}-export.yaml"),
+            &yaml::service_export(ns, name),
+        )
+    }
+
+    /// An HTTP echo app (answering with this cluster, `zone` and `name`) behind a workload
+    /// `<ns>/<name>` whose inbound listener is on `port` (0: any free port).
+    pub async fn http_echo_workload(
+        &self,
+        ns: &str,
+        name: &str,
+        zone: &str,
+        port: u16,
+    ) -> anyhow::Result<(Workload, apps::RunningApp)> {
+        let app = apps::http_echo(
+            bind_local(0).await?,
+            apps::AppInfo {
+                cluster: self.name.clone(),
+                zone: zone.into(),
+                workload: name.into(),
+            },
+        )
+        .await;
+        let mut spec = WorkloadSpec::new(ns, name, zone);
+        spec.inbound_port = port;
+        let w = self.workload(&spec, app.addr).await?;
+        Ok((w, app))
+    }
+
     /// Writes a source object file atomically.
     pub fn write(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
         let tmp = self.src.join(format!(".{file}.tmp"));

@@ -87,6 +87,7 @@ pub fn services_of(
     let mut keys: std::collections::BTreeSet<&ServiceKey> =
         snap.clusterset.imports.keys().collect();
     keys.extend(snap.local.services.keys());
+    let mut local_endpoints = snap.local.endpoints_by_service();
     let mut out = ServiceMap::new();
     for key in keys {
         let import = snap.clusterset.imports.get(key);
@@ -98,8 +99,9 @@ pub fn services_of(
             || import.is_some_and(|i| i.clusters.iter().any(|c| c.cluster == cp_cluster.as_str()));
         let spec = local.and_then(|s| s.spec.as_ref());
         let endpoints = if local.is_some() {
-            snap.local
-                .endpoints(key)
+            local_endpoints
+                .remove(key)
+                .unwrap_or_default()
                 .into_iter()
                 .map(|e| pb::Endpoint {
                     address: e.address,

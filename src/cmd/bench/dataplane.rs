@@ -133,16 +133,8 @@ where
 
 /// VmRSS and VmHWM of a process, in KiB.
 fn memory(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    let v = super::status_kib(pid, &["VmRSS:", "VmHWM:"]);
+    (v[0], v[1])
 }
 
 fn cpu_seconds(pids: &[u32]) -> f64 {
@@ -344,22 +336,14 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
             }],
         ),
     )?;
-    west.write(
-        "remote.yaml",
-        &yaml::service(
-            "bench",
-            "remote",
-            &[("http", 80, "")],
-            &[EndpointSpec {
-                addr: s3_in,
-                zone: "w1".into(),
-                ready: true,
-            }],
-        ),
-    )?;
-    west.write(
-        "remote-export.yaml",
-        &yaml::service_export("bench", "remote"),
+    west.serve_http(
+        "bench",
+        "remote",
+        &[EndpointSpec {
+            addr: s3_in,
+            zone: "w1".into(),
+            ready: true,
+        }],
     )?;
 
     // The TLS backend of the SNI passthrough comparison, exported by west as bench/tlsb.

@@ -163,15 +163,7 @@ impl SimCluster {
 }
 
 pub(super) fn proc_stats(pid: u32) -> (u64, f64) {
-    let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0);
+    let rss_kib = super::status_kib(pid, &["VmRSS:"])[0];
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()

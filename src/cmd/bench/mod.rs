@@ -106,3 +106,19 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// Fields of `/proc/<pid>/status` given in KiB (`VmRSS:`, `VmHWM:`...), 0 when absent.
+pub(crate) fn status_kib(pid: u32, fields: &[&str]) -> Vec<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    fields
+        .iter()
+        .map(|name| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect()
+}

@@ -53,43 +53,29 @@ pub struct Invalid {
 impl LocalObjects {
     /// Ready endpoints of a service, from its EndpointSlices.
     pub fn endpoints(&self, key: &ServiceKey) -> Vec<LocalEndpoint> {
-        let mut out = Vec::new();
-        for s in self.slices.values() {
-            let owner = s
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_SERVICE));
-            if s.metadata.namespace.as_deref() != Some(key.namespace.as_str())
-                || owner.map(String::as_str) != Some(key.name.as_str())
-            {
-                continue;
-            }
-            let ports: Vec<(String, u16)> = s
-                .ports
-                .iter()
-                .flatten()
-                .filter_map(|p| {
-                    Some((
-                        p.name.clone().unwrap_or_default(),
-                        u16::try_from(p.port?).ok()?,
-                    ))
-                })
-                .collect();
-            for e in s.endpoints.iter().flatten() {
-                let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                for a in &e.addresses {
-                    out.push(LocalEndpoint {
-                        address: a.clone(),
-                        zone: e.zone.clone().unwrap_or_default(),
-                        ready,
-                        ports: ports.clone(),
-                    });
-                }
-            }
-        }
+        let mut out: Vec<LocalEndpoint> = self
+            .slices
+            .values()
+            .filter(|s| slice_owner(s).as_ref() == Some(key))
+            .flat_map(slice_endpoints)
+            .collect();
         out.sort();
         out.dedup();
+        out
+    }
+
+    /// Every service's endpoints, reading each EndpointSlice once (for whole-cluster views).
+    pub fn endpoints_by_service(&self) -> BTreeMap<ServiceKey, Vec<LocalEndpoint>> {
+        let mut out: BTreeMap<ServiceKey, Vec<LocalEndpoint>> = BTreeMap::new();
+        for s in self.slices.values() {
+            if let Some(key) = slice_owner(s) {
+                out.entry(key).or_default().extend(slice_endpoints(s));
+            }
+        }
+        for eps in out.values_mut() {
+            eps.sort();
+            eps.dedup();
+        }
         out
     }
 
@@ -167,6 +153,41 @@ impl LocalObjects {
             created_unix,
         })
     }
+}
+
+/// The service an EndpointSlice belongs to (its namespace and `kubernetes.io/service-name`).
+fn slice_owner(s: &EndpointSlice) -> Option<ServiceKey> {
+    let ns = s.metadata.namespace.as_deref()?;
+    let name = s.metadata.labels.as_ref()?.get(LABEL_SERVICE)?;
+    format!("{ns}/{name}").parse().ok()
+}
+
+/// An EndpointSlice's addresses with their zone, readiness and named ports.
+fn slice_endpoints(s: &EndpointSlice) -> Vec<LocalEndpoint> {
+    let ports: Vec<(String, u16)> = s
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p.name.clone().unwrap_or_default(),
+                u16::try_from(p.port?).ok()?,
+            ))
+        })
+        .collect();
+    let mut out = Vec::new();
+    for e in s.endpoints.iter().flatten() {
+        let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        for a in &e.addresses {
+            out.push(LocalEndpoint {
+                address: a.clone(),
+                zone: e.zone.clone().unwrap_or_default(),
+                ready,
+                ports: ports.clone(),
+            });
+        }
+    }
+    out
 }
 
 /// The ServiceExport conditions for one export, per KEP-1645.
