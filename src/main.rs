@@ -44,6 +44,12 @@ enum Command {
     /// Act as a workload against a SPIFFE Workload API (debugging).
     #[command(subcommand)]
     Workload(cmd::workload::WorkloadCommand),
+    /// Add the sidecar and its iptables init container to Kubernetes workloads (YAML in, YAML out).
+    Inject(cmd::inject::InjectArgs),
+    /// Install (or --print, --remove) the iptables rules of transparent interception.
+    Iptables(cmd::iptables::IptablesArgs),
+    /// The sample app: HTTP echo and gRPC echo on one port.
+    SampleApp(cmd::sample_app::SampleAppArgs),
     /// Measure fedmesh against a baseline in the same run.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -76,6 +82,9 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Demo(d) => cmd::demo::run(d).await,
             Command::Ca(c) => cmd::ca::run(c),
+            Command::Inject(i) => cmd::inject::run(i),
+            Command::Iptables(i) => cmd::iptables::run(i),
+            Command::SampleApp(s) => cmd::sample_app::run(s).await,
             Command::Hub(h) => cmd::hub::run(h).await,
             Command::ControlPlane(c) => cmd::control_plane::run(c).await,
             Command::Agent(a) => cmd::agent::run(a).await,

@@ -4,7 +4,10 @@ pub mod ca;
 pub mod control_plane;
 pub mod demo;
 pub mod hub;
+pub mod inject;
+pub mod iptables;
 pub mod proxy;
+pub mod sample_app;
 pub mod status;
 pub mod workload;
 

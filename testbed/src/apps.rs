@@ -319,3 +319,38 @@ pub async fn http_fixed(listener: TcpListener, size: usize) -> RunningApp {
     }));
     RunningApp { addr, stop }
 }
+
+/// The sample app of the demo and the kind deployment: the HTTP echo (HTTP/1.1 and h2c) and the
+/// gRPC echo service on one port, told apart by `content-type: application/grpc`.
+pub async fn sample_app(listener: TcpListener, info: AppInfo) -> RunningApp {
+    let addr = listener.local_addr().expect("bound listener");
+    let stop = CancellationToken::new();
+    let grpc = pb::echo_server::EchoServer::new(EchoService { info: info.clone() });
+    tokio::spawn(serve_loop(listener, stop.clone(), move |s| {
+        let info = info.clone();
+        let grpc = grpc.clone();
+        async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let info = info.clone();
+                let mut grpc = grpc.clone();
+                async move {
+                    let is_grpc = req
+                        .headers()
+                        .get(http::header::CONTENT_TYPE)
+                        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                    if is_grpc {
+                        use tower::Service;
+                        let req = req.map(tonic::body::Body::new);
+                        grpc.call(req).await
+                    } else {
+                        Ok(echo(info, req).await.map(tonic::body::Body::new))
+                    }
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        }
+    }));
+    RunningApp { addr, stop }
+}
