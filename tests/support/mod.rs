@@ -122,3 +122,4 @@ pub fn python_with(module: &str) -> Command {
     );
     Command::new(python)
 }
+pub mod netns;

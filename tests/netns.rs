@@ -1,0 +1,334 @@
+//! The data plane across clusters that share nothing but a WAN: every cluster in its own network
+//! namespace, every pod in its own, sidecars intercepting with iptables (`fedmesh iptables`, as
+//! the injected init container does), and only the east-west gateways reachable between
+//! clusters. Needs root and `ip netns`; elsewhere the tests say so and skip (CI requires them).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fedmesh_testbed::apps::EchoResponse;
+use fedmesh_testbed::yaml::{self, EndpointSpec};
+use support::netns::{ClusterNet, Mesh, Pod, http_get, in_ns};
+use support::wait_until;
+
+/// Publishes `shop/<name>` in `c` with these pods as endpoints, port 80 → 8080, and exports it.
+fn export(c: &ClusterNet, name: &str, pods: &[(&Pod, &str)]) {
+    let eps: Vec<EndpointSpec> = pods
+        .iter()
+        .map(|(p, zone)| EndpointSpec {
+            addr: p.app_addr(),
+            zone: zone.to_string(),
+            ready: true,
+        })
+        .collect();
+    c.write(
+        &format!("{name}.yaml"),
+        &yaml::service("shop", name, &[("http", 80, "http")], &eps),
+    );
+    c.write(
+        &format!("{name}-export.yaml"),
+        &yaml::service_export("shop", name),
+    );
+}
+
+/// Resolves a clusterset name with the cluster's DNS, from inside the pod's namespace.
+fn resolve(pod: &Pod, dns: SocketAddr, name: &str) -> Result<Vec<Ipv4Addr>, String> {
+    let name = name.to_string();
+    in_ns(&pod.ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+            use hickory_resolver::net::runtime::TokioRuntimeProvider;
+            let mut config = ResolverConfig::from_parts(None, vec![], vec![]);
+            let mut udp = ConnectionConfig::udp();
+            udp.port = dns.port();
+            config.add_name_server(NameServerConfig::new(dns.ip(), true, vec![udp]));
+            let resolver = hickory_resolver::Resolver::builder_with_config(
+                config,
+                TokioRuntimeProvider::default(),
+            )
+            .build()
+            .map_err(|e| e.to_string())?;
+            let lookup = resolver
+                .ipv4_lookup(name.as_str())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    hickory_resolver::proto::rr::RData::A(a) => Some(a.0),
+                    _ => None,
+                })
+                .collect())
+        })
+    })
+}
+
+/// The clusterset IP of `shop/<svc>` as the pod's DNS answers it, once it is there.
+fn clusterset_ip(pod: &Pod, c: &ClusterNet, svc: &str) -> Ipv4Addr {
+    let name = format!("{svc}.shop.svc.clusterset.local.");
+    let start = Instant::now();
+    loop {
+        match resolve(pod, c.dns(), &name) {
+            Ok(ips) if !ips.is_empty() => return ips[0],
+            r => assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{name} never resolved in {}: {r:?}",
+                c.name
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One request from inside the pod, as its app would make it: to the service's clusterset IP,
+/// intercepted by iptables and sent on by the sidecar.
+fn call(pod: &Pod, ip: Ipv4Addr, host: &str) -> Result<EchoResponse, String> {
+    let host = host.to_string();
+    in_ns(&pod.ns, move || {
+        let (status, body) =
+            http_get(SocketAddr::from((ip, 80)), "/", &host).map_err(|e| e.to_string())?;
+        if status != 200 {
+            return Err(format!("status {status}: {body}"));
+        }
+        serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))
+    })
+}
+
+/// Calls until one answers from `cluster` (the route may still be converging).
+fn wait_answer_from(pod: &Pod, ip: Ipv4Addr, host: &str, cluster: &str) -> EchoResponse {
+    let start = Instant::now();
+    loop {
+        let r = call(pod, ip, host);
+        if let Ok(e) = &r
+            && e.cluster == cluster
+        {
+            return e.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no answer from {cluster} for {host}: last {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn connects(ns: &str, addr: SocketAddr) -> bool {
+    in_ns(ns, move || {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(700)).is_ok()
+    })
+}
+
+#[test]
+fn clusters_reach_each_other_only_through_gateways_with_mtls_and_transparent_sidecars() {
+    if support::netns::skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut mesh = Mesh::start(dir.path());
+    let mut east = mesh.add_cluster(1, "east", "us-east", &["frontend"]);
+    let mut west = mesh.add_cluster(2, "west", "us-west", &["api"]);
+    let api = mesh.add_pod(&mut west, "api", "us-west-1a", true);
+    export(&west, "api", &[(&api, "us-west-1a")]);
+    let frontend = mesh.add_pod(&mut east, "frontend", "us-east-1a", false);
+
+    let ip = clusterset_ip(&frontend, &east, "api");
+    let host = "api.shop.svc.clusterset.local";
+    let answer = wait_answer_from(&frontend, ip, host, "west");
+    eprintln!("east → west: {answer:?}");
+    assert_eq!(answer.workload, "api");
+    assert_eq!(
+        answer.caller, "spiffe://east.fedmesh.test/ns/shop/sa/frontend",
+        "the west app sees the east caller's SPIFFE ID (mTLS end to end)"
+    );
+    for _ in 0..20 {
+        let r = call(&frontend, ip, host).expect("steady calls succeed");
+        assert_eq!(r.cluster, "west");
+    }
+
+    // The request crossed the WAN only through west's gateway, routed by SNI.
+    let metrics = in_ns(&west.node, {
+        let a = SocketAddr::from((west.node_ip, 15021));
+        move || http_get(a, "/metrics", "gw").unwrap().1
+    });
+    assert!(
+        metrics.contains("api.shop.west"),
+        "the west gateway counted the api SNI: {metrics}"
+    );
+
+    // Only the gateway is reachable across clusters: not a pod, not the control plane.
+    assert!(
+        connects(&east.node, west.gateway()),
+        "west's gateway is reachable"
+    );
+    assert!(
+        !connects(&east.node, api.app_addr()),
+        "a west pod must not be reachable from east"
+    );
+    assert!(
+        !connects(&east.node, SocketAddr::from((west.wan_ip, 15012))),
+        "west's control plane must not be reachable from the WAN"
+    );
+    // Inside the pod, plain text to the app's port is intercepted: the sidecar wants mTLS.
+    let plain = in_ns(&east.node, {
+        let a = api.app_addr();
+        move || http_get(a, "/", "api")
+    });
+    assert!(
+        !matches!(plain, Ok((200, _))),
+        "plain text reached the app past its sidecar: {plain:?}"
+    );
+    // From inside west, a plain-text client meets the sidecar's inbound too.
+    let node_plain = in_ns(&west.node, {
+        let a = api.app_addr();
+        move || http_get(a, "/", "api")
+    });
+    assert!(
+        !matches!(node_plain, Ok((200, _))),
+        "plain text from west's node reached the app past its sidecar: {node_plain:?}"
+    );
+    drop(frontend);
+    drop(api);
+}
+
+/// Requests one after another from `pod` until stopped: who answered, and what failed.
+struct Stream {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<String>>>,
+    failed: Arc<Mutex<Vec<String>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Stream {
+    fn start(pod: &Pod, ip: Ipv4Addr, host: &str) -> Stream {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let failed = Arc::new(Mutex::new(Vec::new()));
+        let fd = std::fs::File::open(format!("/run/netns/{}", pod.ns)).unwrap();
+        let (s, se, f, host) = (stop.clone(), seen.clone(), failed.clone(), host.to_string());
+        let thread = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            assert_eq!(
+                unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            // Bounded: at most 20,000 requests or 5 minutes.
+            let start = Instant::now();
+            for _ in 0..20_000 {
+                if s.load(Ordering::Relaxed) || start.elapsed() > Duration::from_secs(300) {
+                    break;
+                }
+                match http_get(SocketAddr::from((ip, 80)), "/", &host) {
+                    Ok((200, body)) => match serde_json::from_str::<EchoResponse>(&body) {
+                        Ok(e) => se.lock().unwrap().push(format!("{}/{}", e.cluster, e.zone)),
+                        Err(e) => f.lock().unwrap().push(format!("{e}: {body}")),
+                    },
+                    Ok((code, body)) => f.lock().unwrap().push(format!("{code}: {body}")),
+                    Err(e) => f.lock().unwrap().push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Stream {
+            stop,
+            seen,
+            failed,
+            thread,
+        }
+    }
+
+    /// Waits until the last `n` answers all came from `place` ("cluster/zone").
+    fn until_all_from(&self, place: &str, n: usize) {
+        wait_until(
+            &format!("{n} answers in a row from {place}"),
+            Duration::from_secs(90),
+            || {
+                let seen = self.seen.lock().unwrap();
+                seen.len() >= n && seen[seen.len() - n..].iter().all(|s| s == place)
+            },
+        );
+    }
+
+    fn finish(self) -> (Vec<String>, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        let seen = self.seen.lock().unwrap().clone();
+        let failed = self.failed.lock().unwrap().clone();
+        (seen, failed)
+    }
+}
+
+#[test]
+fn failover_with_zero_failed_requests_and_a_split_across_three_namespaced_clusters() {
+    if support::netns::skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut mesh = Mesh::start(dir.path());
+    let mut east = mesh.add_cluster(1, "east", "us-east", &["frontend", "api"]);
+    let mut west = mesh.add_cluster(2, "west", "us-west", &["api", "reviews"]);
+    let mut central = mesh.add_cluster(3, "central", "eu-central", &["reviews"]);
+    let mut api_e = mesh.add_pod(&mut east, "api", "us-east-1a", true);
+    let api_w = mesh.add_pod(&mut west, "api", "us-west-1a", true);
+    let rev_w = mesh.add_pod(&mut west, "reviews", "us-west-1a", true);
+    let rev_c = mesh.add_pod(&mut central, "reviews", "eu-central-1a", true);
+    export(&east, "api", &[(&api_e, "us-east-1a")]);
+    export(&west, "api", &[(&api_w, "us-west-1a")]);
+    export(&west, "reviews", &[(&rev_w, "us-west-1a")]);
+    export(&central, "reviews", &[(&rev_c, "eu-central-1a")]);
+    east.write(
+        "reviews-policy.yaml",
+        &yaml::traffic_policy("shop", "reviews", &[("west", 70), ("central", 30)], &[]),
+    );
+    let frontend = mesh.add_pod(&mut east, "frontend", "us-east-1a", false);
+
+    // The split: 70/30 between west and central, for a caller in east.
+    let reviews = clusterset_ip(&frontend, &east, "reviews");
+    let rhost = "reviews.shop.svc.clusterset.local";
+    wait_answer_from(&frontend, reviews, rhost, "west");
+    wait_answer_from(&frontend, reviews, rhost, "central");
+    let mut by_cluster = BTreeMap::<String, usize>::new();
+    for _ in 0..300 {
+        let r = call(&frontend, reviews, rhost).expect("split calls succeed");
+        *by_cluster.entry(r.cluster).or_default() += 1;
+    }
+    let west_n = by_cluster.get("west").copied().unwrap_or(0);
+    let central_n = by_cluster.get("central").copied().unwrap_or(0);
+    eprintln!("reviews split: {by_cluster:?}");
+    assert_eq!(west_n + central_n, 300, "{by_cluster:?}");
+    // 70% of 300 is 210; allow for weighted-random spread (±4.5 standard deviations).
+    assert!((175..=245).contains(&west_n), "70/30 split: {by_cluster:?}");
+
+    // Failover: api is in east (local) and west. Traffic stays local, then east's api pod goes
+    // away and traffic moves to west with no failed request, then comes back.
+    let api = clusterset_ip(&frontend, &east, "api");
+    let ahost = "api.shop.svc.clusterset.local";
+    wait_answer_from(&frontend, api, ahost, "east");
+    let stream = Stream::start(&frontend, api, ahost);
+    stream.until_all_from("east/us-east-1a", 50);
+    mesh.stop_pod(&api_e);
+    stream.until_all_from("west/us-west-1a", 100);
+    mesh.restart_pod(&east, &mut api_e, "api", "us-east-1a");
+    stream.until_all_from("east/us-east-1a", 100);
+    let (seen, failed) = stream.finish();
+    eprintln!(
+        "failover stream: {} answers, {} failed",
+        seen.len(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed during failover ({} answered): {failed:?}",
+        seen.len()
+    );
+    drop((api_w, rev_w, rev_c, frontend));
+}

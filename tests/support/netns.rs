@@ -1,0 +1,784 @@
+//! Clusters in network namespaces: each cluster a "node" namespace, each pod its own namespace
+//! behind the node's bridge, the nodes and the hub joined by a "WAN" bridge. Nothing of a cluster
+//! but its east-west gateway (and, for the control plane, the hub) is reachable from the WAN:
+//! pods reach out through the node's masquerade; the node forwards nothing new inbound.
+//!
+//! ```text
+//!   ns <p>-wan:  bridge wan 10.250.0.1/24 ── hub (federation :9443, admin :9080)
+//!       │ veth                         │ veth
+//!   ns <p>-east: wan0 10.250.0.11      ns <p>-west: wan0 10.250.0.12   ...
+//!     gateway 10.250.0.11:15443          gateway 10.250.0.12:15443
+//!     br0 10.101.0.1/24: control plane :15012, DNS :53, agent (unix socket)
+//!       │ veth
+//!   ns <p>-east-api: eth0 10.101.0.10, iptables REDIRECT → sidecar :15001/:15006, app :8080
+//! ```
+//!
+//! Every process runs the real `fedmesh` binary inside its namespace (setns before exec), sidecars
+//! and gateways under their own uid so the node agent attests them apart and iptables exempts
+//! the sidecar's own traffic. Everything the harness made — processes, namespaces and with them
+//! every link — is removed on drop, also when a test fails; namespaces left by a killed test run
+//! are swept the next time.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{fedmesh_bin, wait_until};
+
+const PREFIX: &str = "fmt";
+const HUB_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+const HUB_GRPC: u16 = 9443;
+const HUB_ADMIN: u16 = 9080;
+const GATEWAY_PORT: u16 = 15443;
+const CP_PORT: u16 = 15012;
+const APP_PORT: u16 = 8080;
+const SIDECAR_ADMIN: u16 = 15020;
+const GATEWAY_UID: u32 = 1500;
+
+/// Why network-namespace tests cannot run here, if they cannot.
+pub fn unavailable() -> Option<String> {
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root".into());
+    }
+    for tool in ["ip", "iptables", "iptables-restore"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !found {
+            return Some(format!(
+                "`{tool}` is not installed (apt-get install iproute2 iptables)"
+            ));
+        }
+    }
+    let probe = format!("{PREFIX}{}-probe", std::process::id());
+    let ok = Command::new("ip").args(["netns", "add", &probe]).output();
+    let _ = Command::new("ip").args(["netns", "del", &probe]).output();
+    match ok {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!(
+            "`ip netns add` failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Some(format!("cannot run ip: {e}")),
+    }
+}
+
+/// Skips (returns true) when namespaces are unavailable, saying why — unless
+/// `FEDMESH_REQUIRE_NETNS` is set (CI), where that is a failure.
+pub fn skip() -> bool {
+    match unavailable() {
+        None => false,
+        Some(why) => {
+            assert!(
+                std::env::var_os("FEDMESH_REQUIRE_NETNS").is_none(),
+                "network-namespace tests are required here (FEDMESH_REQUIRE_NETNS) but cannot run: {why}"
+            );
+            eprintln!("SKIPPED: network-namespace tests need root and `ip netns`: {why}");
+            true
+        }
+    }
+}
+
+/// Deletes namespaces of earlier runs whose process is gone.
+fn sweep_stale() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix(PREFIX)
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        if !alive {
+            let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        }
+    }
+}
+
+/// A process in a namespace; SIGKILLed and reaped on drop.
+pub struct NsProc {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl NsProc {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+    /// SIGTERM, then wait up to `timeout` (SIGKILL after).
+    pub fn terminate(&mut self, timeout: Duration) {
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for NsProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The whole network: owns the namespaces (deleted on drop, after the processes are killed).
+pub struct Net {
+    pub prefix: String,
+    pub dir: PathBuf,
+    namespaces: Vec<String>,
+    pub procs: Vec<NsProc>,
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run a command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn ns_file(ns: &str) -> File {
+    File::open(format!("/run/netns/{ns}")).unwrap_or_else(|e| panic!("open netns {ns}: {e}"))
+}
+
+/// Runs `f` on a thread that has entered `ns`: sockets it creates live in that namespace (and
+/// keep working from any thread afterwards).
+pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let fd = ns_file(ns);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("in_ns thread")
+    })
+}
+
+/// A `Command` that enters `ns` (and switches to `uid` if given) before exec.
+fn ns_command(ns: &str, program: &str, uid: Option<u32>) -> Command {
+    let fd = ns_file(ns);
+    let mut cmd = Command::new(program);
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(u) = uid
+                && (libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(u) != 0
+                    || libc::setuid(u) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+impl Net {
+    pub fn new(dir: &Path) -> Net {
+        sweep_stale();
+        // Sidecars and gateways run under their own uids and must reach the agent's socket.
+        let mut p = dir.to_path_buf();
+        loop {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755));
+            if !p.pop() || p == Path::new("/tmp") || p == Path::new("/") {
+                break;
+            }
+        }
+        Net {
+            prefix: format!("{PREFIX}{}-", std::process::id()),
+            dir: dir.to_path_buf(),
+            namespaces: Vec::new(),
+            procs: Vec::new(),
+        }
+    }
+
+    pub fn add_ns(&mut self, short: &str) -> String {
+        let name = format!("{}{short}", self.prefix);
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        self.namespaces.push(name.clone());
+        self.ip(&name, &["link", "set", "lo", "up"]);
+        name
+    }
+
+    /// `ip -n NS ARGS`.
+    pub fn ip(&self, ns: &str, args: &[&str]) {
+        run_ok(Command::new("ip").arg("-n").arg(ns).args(args));
+    }
+
+    /// Runs a program inside `ns` to completion; its output (it must succeed).
+    pub fn exec(&self, ns: &str, program: &str, args: &[&str]) -> Output {
+        run_ok(ns_command(ns, program, None).args(args))
+    }
+
+    pub fn sysctl(&self, ns: &str, key: &str, value: &str) {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let v = value.to_string();
+        in_ns(ns, move || std::fs::write(&path, v).expect("sysctl"));
+    }
+
+    /// Starts `fedmesh ARGS` inside `ns` (as `uid` if given), stderr to `<dir>/<name>.log`.
+    pub fn spawn(&mut self, ns: &str, name: &str, uid: Option<u32>, args: &[&str]) -> usize {
+        let log = self.dir.join(format!("{name}.log"));
+        let f = File::create(&log).unwrap();
+        let child = ns_command(ns, fedmesh_bin(), uid)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        self.procs.push(NsProc {
+            name: name.into(),
+            child,
+            log,
+        });
+        self.procs.len() - 1
+    }
+
+    /// A veth pair between two namespaces, `a_if` in `a`, `b_if` in `b`, both up.
+    pub fn veth(&self, a: &str, a_if: &str, b: &str, b_if: &str) {
+        self.ip(
+            a,
+            &[
+                "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b,
+            ],
+        );
+        self.ip(a, &["link", "set", a_if, "up"]);
+        self.ip(b, &["link", "set", b_if, "up"]);
+    }
+
+    /// Every process's log, for a failing test.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for p in &self.procs {
+            s += &format!("--- {} ---\n{}\n", p.name, p.log());
+        }
+        s
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        self.procs.clear();
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// One cluster: its node namespace and the addresses of its parts.
+pub struct ClusterNet {
+    pub name: String,
+    pub index: u8,
+    pub region: String,
+    pub trust_domain: String,
+    pub node: String,
+    pub wan_ip: Ipv4Addr,
+    pub node_ip: Ipv4Addr,
+    pub objects: PathBuf,
+    pub agent_socket: PathBuf,
+    /// Service accounts with their uids (the agent's registration entries).
+    pub accounts: Vec<(String, u32)>,
+    next_pod: u8,
+}
+
+impl ClusterNet {
+    pub fn gateway(&self) -> SocketAddr {
+        SocketAddr::from((self.wan_ip, GATEWAY_PORT))
+    }
+    pub fn dns(&self) -> SocketAddr {
+        SocketAddr::from((self.node_ip, 53))
+    }
+    pub fn uid_of(&self, account: &str) -> u32 {
+        self.accounts
+            .iter()
+            .find(|(a, _)| a == account)
+            .unwrap_or_else(|| panic!("no account {account} in {}", self.name))
+            .1
+    }
+    /// Writes (or replaces) an object file of the cluster's directory source.
+    pub fn write(&self, file: &str, yaml: &str) {
+        let tmp = self.objects.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.objects.join(file)).unwrap();
+    }
+}
+
+/// A pod: its own namespace with the app and the sidecar, intercepted by iptables.
+pub struct Pod {
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    pub name: String,
+    pub app: Option<usize>,
+    pub sidecar: usize,
+}
+
+impl Pod {
+    pub fn app_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.ip, APP_PORT))
+    }
+}
+
+/// The hub and the WAN.
+pub struct Mesh {
+    pub net: Net,
+    pub wan: String,
+    hub_data: PathBuf,
+}
+
+impl Mesh {
+    pub fn start(dir: &Path) -> Mesh {
+        let mut net = Net::new(dir);
+        let wan = net.add_ns("wan");
+        net.ip(&wan, &["link", "add", "wan", "type", "bridge"]);
+        net.ip(
+            &wan,
+            &["addr", "add", &format!("{HUB_IP}/24"), "dev", "wan"],
+        );
+        net.ip(&wan, &["link", "set", "wan", "up"]);
+        let hub_data = dir.join("hub");
+        let (g, a) = (
+            format!("{HUB_IP}:{HUB_GRPC}"),
+            format!("{HUB_IP}:{HUB_ADMIN}"),
+        );
+        net.spawn(
+            &wan,
+            "hub",
+            None,
+            &[
+                "hub",
+                "--data-dir",
+                hub_data.to_str().unwrap(),
+                "--listen",
+                &g,
+                "--admin-listen",
+                &a,
+            ],
+        );
+        let wan2 = wan.clone();
+        wait_until("the hub's admin API", Duration::from_secs(30), || {
+            in_ns(&wan2, || {
+                TcpStream::connect_timeout(
+                    &SocketAddr::from((HUB_IP, HUB_ADMIN)),
+                    Duration::from_millis(200),
+                )
+                .is_ok()
+            })
+        });
+        Mesh { net, wan, hub_data }
+    }
+
+    fn join_token(&self, cluster: &str) -> String {
+        let admin = format!("http://{HUB_IP}:{HUB_ADMIN}");
+        let token_file = self.hub_data.join("admin-token");
+        let out = self.net.exec(
+            &self.wan,
+            fedmesh_bin(),
+            &[
+                "hub",
+                "token",
+                "create",
+                "--cluster",
+                cluster,
+                "--admin",
+                &admin,
+                "--admin-token-file",
+                token_file.to_str().unwrap(),
+            ],
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Cluster number `index` (1..): node namespace on the WAN, its control plane joined to the
+    /// hub, its node agent (entries for `accounts` in namespace `shop`, and the gateway) and its
+    /// east-west gateway.
+    pub fn add_cluster(
+        &mut self,
+        index: u8,
+        name: &str,
+        region: &str,
+        accounts: &[&str],
+    ) -> ClusterNet {
+        let net = &mut self.net;
+        let node = net.add_ns(name);
+        let wan_ip = Ipv4Addr::new(10, 250, 0, 10 + index);
+        let node_ip = Ipv4Addr::new(10, 100 + index, 0, 1);
+        net.veth(&node, "wan0", &self.wan, &format!("to-{name}"));
+        net.ip(
+            &self.wan,
+            &["link", "set", &format!("to-{name}"), "master", "wan"],
+        );
+        net.ip(
+            &node,
+            &["addr", "add", &format!("{wan_ip}/24"), "dev", "wan0"],
+        );
+        net.ip(&node, &["link", "add", "br0", "type", "bridge"]);
+        net.ip(
+            &node,
+            &["addr", "add", &format!("{node_ip}/24"), "dev", "br0"],
+        );
+        net.ip(&node, &["link", "set", "br0", "up"]);
+        // Pods go out masqueraded; nothing new comes in from the WAN except to the node itself.
+        net.sysctl(&node, "net.ipv4.ip_forward", "1");
+        let pods = format!("10.{}.0.0/24", 100 + index);
+        net.exec(
+            &node,
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                &pods,
+                "-o",
+                "wan0",
+                "-j",
+                "MASQUERADE",
+            ],
+        );
+        net.exec(
+            &node,
+            "iptables",
+            &[
+                "-A",
+                "FORWARD",
+                "-i",
+                "wan0",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            ],
+        );
+        net.exec(
+            &node,
+            "iptables",
+            &["-A", "FORWARD", "-i", "wan0", "-j", "DROP"],
+        );
+
+        let data = net.dir.join(name);
+        let objects = data.join("objects");
+        std::fs::create_dir_all(&objects).unwrap();
+        let trust_domain = format!("{name}.fedmesh.test");
+        let token = self.join_token(name);
+        let cp_data = data.join("control-plane");
+        let (cp_listen, dns, gw) = (
+            format!("{node_ip}:{CP_PORT}"),
+            format!("{node_ip}:53"),
+            format!("{wan_ip}:{GATEWAY_PORT}"),
+        );
+        let hub = format!("{HUB_IP}:{HUB_GRPC}");
+        let net = &mut self.net;
+        net.spawn(
+            &node,
+            &format!("{name}-control-plane"),
+            None,
+            &[
+                "control-plane",
+                "--cluster",
+                name,
+                "--trust-domain",
+                &trust_domain,
+                "--region",
+                region,
+                "--data-dir",
+                cp_data.to_str().unwrap(),
+                "--source",
+                &format!("dir:{}", objects.display()),
+                "--hub",
+                &hub,
+                "--join-token",
+                &token,
+                "--gateway",
+                &gw,
+                "--listen",
+                &cp_listen,
+                "--dns-listen",
+                &dns,
+            ],
+        );
+        let agent_token = cp_data.join("agent-token");
+        wait_until(
+            "the control plane's agent token",
+            Duration::from_secs(30),
+            || agent_token.exists(),
+        );
+        let mut uids = Vec::new();
+        let mut entries = format!(
+            "entries:\n  - spiffe_id: spiffe://{trust_domain}/ns/fedmesh-system/sa/east-west-gateway\n    selectors: [\"unix:uid:{GATEWAY_UID}\"]\n"
+        );
+        for (i, a) in accounts.iter().enumerate() {
+            let uid = 2000 + i as u32;
+            entries += &format!(
+                "  - spiffe_id: spiffe://{trust_domain}/ns/shop/sa/{a}\n    selectors: [\"unix:uid:{uid}\"]\n"
+            );
+            uids.push((a.to_string(), uid));
+        }
+        std::fs::write(data.join("entries.yaml"), entries).unwrap();
+        let agent_socket = data.join("agent.sock");
+        net.spawn(
+            &node,
+            &format!("{name}-agent"),
+            None,
+            &[
+                "agent",
+                "--control-plane",
+                &cp_listen,
+                "--node",
+                &format!("{name}-node"),
+                "--join-token-file",
+                agent_token.to_str().unwrap(),
+                "--data-dir",
+                data.join("agent").to_str().unwrap(),
+                "--socket",
+                agent_socket.to_str().unwrap(),
+                "--entries",
+                data.join("entries.yaml").to_str().unwrap(),
+            ],
+        );
+        wait_until("the node agent's socket", Duration::from_secs(30), || {
+            agent_socket.exists()
+        });
+        let wl = format!("unix:{}", agent_socket.display());
+        net.spawn(
+            &node,
+            &format!("{name}-gateway"),
+            Some(GATEWAY_UID),
+            &[
+                "gateway",
+                "--control-plane",
+                &cp_listen,
+                "--workload-api",
+                &wl,
+                "--listen",
+                &gw,
+                "--admin",
+                &format!("{node_ip}:15021"),
+            ],
+        );
+        let node2 = node.clone();
+        wait_until("the gateway's admin port", Duration::from_secs(30), || {
+            in_ns(&node2, || {
+                http_get(SocketAddr::from((node_ip, 15021)), "/healthz", "x").is_ok()
+            })
+        });
+        ClusterNet {
+            name: name.into(),
+            index,
+            region: region.into(),
+            trust_domain,
+            node,
+            wan_ip,
+            node_ip,
+            objects,
+            agent_socket,
+            accounts: uids,
+            next_pod: 10,
+        }
+    }
+
+    /// A pod of `account` in `zone`: namespace, veth to the node's bridge, iptables interception,
+    /// the sample app (unless `app` is false) and the sidecar under the account's uid.
+    pub fn add_pod(&mut self, c: &mut ClusterNet, account: &str, zone: &str, app: bool) -> Pod {
+        let pod_name = format!("{}-{account}-{}", c.name, c.next_pod);
+        let ip = Ipv4Addr::new(10, 100 + c.index, 0, c.next_pod);
+        c.next_pod += 1;
+        let net = &mut self.net;
+        let ns = net.add_ns(&format!("{}-{}", c.name, ip.octets()[3]));
+        let host_if = format!("p{}", ip.octets()[3]);
+        net.veth(&ns, "eth0", &c.node, &host_if);
+        net.ip(&c.node, &["link", "set", &host_if, "master", "br0"]);
+        net.ip(&ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        net.ip(
+            &ns,
+            &["route", "add", "default", "via", &c.node_ip.to_string()],
+        );
+        let uid = c.uid_of(account);
+        // What the injected init container does in Kubernetes.
+        net.exec(
+            &ns,
+            fedmesh_bin(),
+            &[
+                "iptables",
+                "--proxy-uid",
+                &uid.to_string(),
+                "--exclude-inbound-ports",
+                &SIDECAR_ADMIN.to_string(),
+            ],
+        );
+        let app_proc = app.then(|| {
+            net.spawn(
+                &ns,
+                &format!("{pod_name}-app"),
+                None,
+                &[
+                    "sample-app",
+                    "--listen",
+                    &format!("0.0.0.0:{APP_PORT}"),
+                    "--name",
+                    account,
+                    "--cluster",
+                    &c.name,
+                    "--zone",
+                    zone,
+                ],
+            )
+        });
+        let sidecar = self.start_sidecar(c, &ns, &pod_name, account, zone);
+        Pod {
+            ns,
+            ip,
+            name: pod_name,
+            app: app_proc,
+            sidecar,
+        }
+    }
+
+    fn start_sidecar(
+        &mut self,
+        c: &ClusterNet,
+        ns: &str,
+        pod_name: &str,
+        account: &str,
+        zone: &str,
+    ) -> usize {
+        let uid = c.uid_of(account);
+        let idx = self.net.spawn(
+            ns,
+            &format!("{pod_name}-sidecar"),
+            Some(uid),
+            &[
+                "sidecar",
+                "--transparent",
+                "--control-plane",
+                &format!("{}:{CP_PORT}", c.node_ip),
+                "--workload-api",
+                &format!("unix:{}", c.agent_socket.display()),
+                "--zone",
+                zone,
+                "--node",
+                pod_name,
+                "--admin",
+                &format!("0.0.0.0:{SIDECAR_ADMIN}"),
+            ],
+        );
+        let ns2 = ns.to_string();
+        let net = &mut self.net;
+        let start = Instant::now();
+        loop {
+            let ready = in_ns(&ns2, || {
+                http_get(
+                    SocketAddr::from(([127, 0, 0, 1], SIDECAR_ADMIN)),
+                    "/healthz",
+                    "x",
+                )
+                .is_ok()
+            });
+            if ready {
+                break;
+            }
+            assert!(!net.procs[idx].exited(), "the sidecar of {pod_name} exited");
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the sidecar of {pod_name} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        idx
+    }
+
+    /// The pod's app and sidecar go away (sidecar drains first, as on a pod deletion).
+    pub fn stop_pod(&mut self, pod: &Pod) {
+        self.net.procs[pod.sidecar].terminate(Duration::from_secs(15));
+        if let Some(a) = pod.app {
+            self.net.procs[a].terminate(Duration::from_secs(5));
+        }
+    }
+
+    /// Starts the pod's app and sidecar again, on the same address.
+    pub fn restart_pod(&mut self, c: &ClusterNet, pod: &mut Pod, account: &str, zone: &str) {
+        if pod.app.is_some() {
+            let a = self.net.spawn(
+                &pod.ns,
+                &format!("{}-app2", pod.name),
+                None,
+                &[
+                    "sample-app",
+                    "--listen",
+                    &format!("0.0.0.0:{APP_PORT}"),
+                    "--name",
+                    account,
+                    "--cluster",
+                    &c.name,
+                    "--zone",
+                    zone,
+                ],
+            );
+            pod.app = Some(a);
+        }
+        let (ns, name) = (pod.ns.clone(), format!("{}-2", pod.name));
+        pod.sidecar = self.start_sidecar(c, &ns, &name, account, zone);
+    }
+}
+
+/// A bare HTTP/1.1 GET with `Host: host` (connection: close): (status, body).
+pub fn http_get(addr: SocketAddr, path: &str, host: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
