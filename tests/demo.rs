@@ -44,9 +44,62 @@ fn the_demo_moves_traffic_across_three_clusters_without_failing_a_request() {
             .any(|l| l.contains("central") && l.contains("west")),
         "{stdout}"
     );
+    // shop/greeter answers gRPC calls from west or central.
+    let greeter = lines("greeter");
+    assert!(
+        greeter
+            .iter()
+            .any(|l| l.contains("west") || l.contains("central")),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("stopping; 0 request(s) failed in the whole run"),
         "{stdout}\n{stderr}"
     );
     assert!(stdout.contains("curl -x http://127.0.0.1:"), "{stdout}");
+}
+
+#[test]
+fn the_demo_scales_to_more_clusters_and_can_come_up_without_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo_dir = dir.path().join("demo");
+    let out = Command::new(env!("CARGO_BIN_EXE_fedmesh"))
+        .args([
+            "demo",
+            "--clusters",
+            "5",
+            "--no-traffic",
+            "--duration",
+            "2s",
+            "--dir",
+        ])
+        .arg(&demo_dir)
+        .output()
+        .expect("fedmesh demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for c in ["east", "west", "central", "c4", "c5"] {
+        assert!(
+            stdout.contains(&format!("cluster {c} ")),
+            "cluster {c} missing: {stdout}"
+        );
+    }
+    assert!(stdout.contains("The clusterset is up"), "{stdout}");
+    assert!(
+        !stdout.contains("answered by"),
+        "no traffic table: {stdout}"
+    );
+
+    // Out of range: a clear refusal, nothing started.
+    let out = Command::new(env!("CARGO_BIN_EXE_fedmesh"))
+        .args(["demo", "--clusters", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("3..=16"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

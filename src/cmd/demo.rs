@@ -35,6 +35,13 @@ pub struct DemoArgs {
     /// How often the traffic table is printed.
     #[arg(long, value_parser = parse_duration, default_value = "3s")]
     every: Duration,
+    /// How many clusters: east, west and central, then c4, c5, ... each serving shop/api and
+    /// shop/greeter too.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(3..=16))]
+    clusters: u8,
+    /// Only bring the clusterset up (for calling it by hand); no generated traffic.
+    #[arg(long)]
+    no_traffic: bool,
 }
 
 /// Answers per service: cluster → count, failures, latencies.
@@ -56,32 +63,49 @@ fn publish(c: &Cluster, name: &str, ws: &[&Workload]) -> anyhow::Result<()> {
 pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let tmp;
     let dir = match &a.dir {
-        Some(d) => d.clone(),
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| {
+                format!("cannot create --dir {} (is it writable?)", d.display())
+            })?;
+            d.clone()
+        }
         None => {
-            tmp = tempfile::Builder::new().prefix("fedmesh-demo").tempdir()?;
+            tmp = tempfile::Builder::new()
+                .prefix("fedmesh-demo")
+                .tempdir()
+                .context("cannot create a temporary directory (is TMPDIR writable?)")?;
             tmp.path().to_path_buf()
         }
     };
     println!(
-        "fedmesh demo: a hub and three clusters on this machine (files in {})",
+        "fedmesh demo: a hub and {} clusters on this machine (files in {})",
+        a.clusters,
         dir.display()
     );
-    let tb = Testbed::start(
-        &dir,
-        &[
-            ClusterSpec::new("east", "us-east"),
-            ClusterSpec::new("west", "us-west"),
-            ClusterSpec::new("central", "eu-central"),
-        ],
-    )
-    .await
-    .context("starting the clusterset")?;
+    let mut specs = vec![
+        ClusterSpec::new("east", "us-east"),
+        ClusterSpec::new("west", "us-west"),
+        ClusterSpec::new("central", "eu-central"),
+    ];
+    let extra: Vec<(String, String)> = (4..=a.clusters)
+        .map(|i| (format!("c{i}"), format!("region-{i}")))
+        .collect();
+    for (name, region) in &extra {
+        specs.push(ClusterSpec::new(name, region));
+    }
+    let tb = Testbed::start(&dir, &specs)
+        .await
+        .context("starting the clusterset")?;
     let (east, west, central) = (
         tb.cluster("east"),
         tb.cluster("west"),
         tb.cluster("central"),
     );
-    for c in [east, west, central] {
+    let extras: Vec<&Cluster> = extra.iter().map(|(n, _)| tb.cluster(n)).collect();
+    for c in [east, west, central]
+        .into_iter()
+        .chain(extras.iter().copied())
+    {
         println!(
             "  cluster {:<8} trust domain {:<26} control plane {}  gateway {}",
             c.name, c.trust_domain, c.cp_addr, c.gateway_addr
@@ -106,6 +130,25 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     publish(west, "api", &[&api_w])?;
     publish(west, "reviews", &[&rev_w])?;
     publish(central, "reviews", &[&rev_c])?;
+    // shop/greeter, a gRPC service, in west, central and every extra cluster (which also serve
+    // shop/api).
+    let mut others = Vec::new();
+    let greeter_at: Vec<&Cluster> = [west, central]
+        .into_iter()
+        .chain(extras.iter().copied())
+        .collect();
+    for c in &greeter_at {
+        let zone = format!("{}-1a", c.region);
+        let (g, g_app) = c.http_echo_workload("shop", "greeter", &zone, 0).await?;
+        publish(c, "greeter", &[&g])?;
+        others.push((g, g_app));
+    }
+    for c in &extras {
+        let zone = format!("{}-1a", c.region);
+        let (w, app) = c.http_echo_workload("shop", "api", &zone, 0).await?;
+        publish(c, "api", &[&w])?;
+        others.push((w, app));
+    }
     // The caller's cluster holds the policy that steers its traffic.
     east.write(
         "reviews-policy.yaml",
@@ -125,11 +168,15 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             let reviews = t
                 .service("shop/reviews")
                 .is_some_and(|e| e.svc.remote.iter().filter(|r| r.ready > 0).count() == 2);
-            api && reviews
+            let greeter = t.service("shop/greeter").is_some_and(|e| {
+                e.svc.remote.iter().filter(|r| r.ready > 0).count() == greeter_at.len()
+            });
+            api && reviews && greeter
         })
         .await?;
-    for c in [west, central] {
+    for c in greeter_at.iter() {
         frontend.wait_trusts(&c.trust_domain).await?;
+        c.wait_gateway_serves("shop/greeter").await?;
     }
     for (c, svc) in [
         (west, "shop/api"),
@@ -138,6 +185,11 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     ] {
         c.wait_gateway_serves(svc).await?;
     }
+    for c in &extras {
+        c.wait_gateway_serves("shop/api").await?;
+    }
+    // The frontend's gRPC client reaches shop/greeter through a sidecar listener.
+    let greeter_addr = frontend.listen("shop/greeter:80").await?;
 
     println!("\nTry it yourself while it runs:");
     println!(
@@ -157,6 +209,32 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         "  FEDMESH_ADMIN=http://{} FEDMESH_ADMIN_TOKEN={} fedmesh status",
         tb.hub_admin, tb.hub_admin_token
     );
+    println!(
+        "  shop/greeter (gRPC, fedmesh.testbed.v1.Echo) for the east frontend: h2c on {greeter_addr}"
+    );
+
+    if a.no_traffic {
+        println!(
+            "\nThe clusterset is up{}; Ctrl-C stops it.",
+            a.duration
+                .map(|d| format!(" for {}", humantime::format_duration(d)))
+                .unwrap_or_default()
+        );
+        match a.duration {
+            Some(d) => {
+                tokio::select! {
+                    _ = super::shutdown_signal() => {}
+                    _ = tokio::time::sleep(d) => {}
+                }
+            }
+            None => super::shutdown_signal().await,
+        }
+        println!("stopping");
+        drop((api_e, api_e_app, api_w, rev_w, rev_c, frontend, others));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tb.shutdown().await;
+        return Ok(());
+    }
 
     let tallies: Tallies = Arc::default();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -170,6 +248,12 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             stop.clone(),
         )));
     }
+    traffic.push(tokio::spawn(generate_grpc(
+        greeter_addr,
+        a.rate.max(1),
+        tallies.clone(),
+        stop.clone(),
+    )));
 
     // The story, on a loop: steady, east's api down, east's api back, a new split.
     let started = Instant::now();
@@ -244,7 +328,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     (total_ok, total_failed) = (total_ok + ok, total_failed + failed);
     println!("\nstopping; {total_failed} request(s) failed in the whole run");
     // The workloads first, so nothing complains that its control plane went away.
-    drop((api_e, api_w, rev_w, rev_c, frontend));
+    drop((api_e, api_w, rev_w, rev_c, frontend, others));
     tokio::time::sleep(Duration::from_millis(100)).await;
     tb.shutdown().await;
     anyhow::ensure!(
@@ -303,6 +387,49 @@ async fn generate(
                 t.failed += 1;
                 t.last_failure = Some("no answer within 5s".into());
                 client = ProxyClient::new(proxy);
+            }
+        }
+    }
+}
+
+/// Unary gRPC calls to shop/greeter at `rate` per second through the frontend's sidecar.
+async fn generate_grpc(
+    addr: SocketAddr,
+    rate: u32,
+    tallies: Tallies,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use fedmesh_testbed::pb::{EchoRequest, echo_client::EchoClient};
+    let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+        Ok(e) => e.timeout(Duration::from_secs(5)),
+        Err(_) => return,
+    };
+    let mut client = EchoClient::new(endpoint.connect_lazy());
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !stop.is_cancelled() {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let start = Instant::now();
+        let r = client
+            .unary(EchoRequest {
+                message: "hello".into(),
+                ..Default::default()
+            })
+            .await;
+        let elapsed = start.elapsed();
+        let mut t = tallies.lock().unwrap_or_else(|p| p.into_inner());
+        let t = t.entry("greeter").or_default();
+        match r {
+            Ok(reply) => {
+                *t.by_cluster.entry(reply.into_inner().cluster).or_default() += 1;
+                t.latencies.push(elapsed);
+            }
+            Err(status) => {
+                t.failed += 1;
+                t.last_failure = Some(format!("gRPC {:?}: {}", status.code(), status.message()));
             }
         }
     }

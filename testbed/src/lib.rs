@@ -396,8 +396,9 @@ impl Cluster {
         )
     }
 
-    /// An HTTP echo app (answering with this cluster, `zone` and `name`) behind a workload
-    /// `<ns>/<name>` whose inbound listener is on `port` (0: any free port).
+    /// The sample app (HTTP echo and gRPC echo on one port, answering with this cluster, `zone`
+    /// and `name`) behind a workload `<ns>/<name>` whose inbound listener is on `port` (0: any
+    /// free port).
     pub async fn http_echo_workload(
         &self,
         ns: &str,
@@ -405,7 +406,7 @@ impl Cluster {
         zone: &str,
         port: u16,
     ) -> anyhow::Result<(Workload, apps::RunningApp)> {
-        let app = apps::http_echo(
+        let app = apps::sample_app(
             bind_local(0).await?,
             apps::AppInfo {
                 cluster: self.name.clone(),
