@@ -1,0 +1,516 @@
+"""Offline checks of the kind deployment; check.sh runs this after rendering every kustomization.
+
+    python3 check.py --rendered DIR --k8s-version 1.31
+
+DIR holds one file per kustomization directory (`kubectl kustomize` output), named after the
+directory with "/" replaced by "__", and optionally injected__sample__<cluster>.yaml (the sample
+overlays through `fedmesh inject`: checked for schemas and flags only, the injected parts being
+`fedmesh inject`'s own). Every problem is printed as `FAIL <where>: <what>`; the exit
+status is 1 when there was any.
+
+Checks:
+  1. every object validates against the Kubernetes OpenAPI schema of --k8s-version
+     (kubernetes-validate, strict: unknown fields fail), and objects of our CRDs against the
+     openAPIV3Schema in base/crds/fedmesh-crds.yaml; a kind with neither schema fails;
+  2. workload hygiene: resources, probes, securityContext, labels, selectors, Service ports;
+  3. every ConfigMap, Secret, PVC and ServiceAccount a cluster overlay's pods use is in the
+     overlay or created by up.sh;
+  4. every `fedmesh` command line in a manifest uses a subcommand and flags that exist in the
+     binary's source (src/main.rs, src/cmd/*.rs);
+  5. the kind configs: fields, distinct non-overlapping subnets, region/zone labels, and that the
+     overlays and sample overlays agree with them;
+  6. the registration entries; the Dockerfile's context filter covers every workspace member.
+"""
+
+import argparse
+import ipaddress
+import os
+import re
+import sys
+
+import jsonschema
+import kubernetes_validate
+import yaml
+from kubernetes_validate.utils import SchemaNotFoundError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
+CLUSTERS = ["east", "west", "central"]
+# Created at deploy time by up.sh (their values exist only once the clusters do).
+RUNTIME_OBJECTS = {
+    ("ConfigMap", "fedmesh-federation"),
+    ("Secret", "fedmesh-join-token"),
+    ("Secret", "fedmesh-agent-token"),
+}
+# Containers allowed to run as root, and why (each still drops every capability it does not need).
+ROOT_CONTAINERS = {
+    ("DaemonSet", "fedmesh-agent", "agent"): "owns the socket in the host's /run/fedmesh",
+}
+WORKLOAD_KINDS = {"Deployment", "DaemonSet", "StatefulSet"}
+CLUSTERSET_CIDR = ipaddress.ip_network("240.240.0.0/16")  # control plane --clusterset-cidr default
+
+failures = []
+
+
+def fail(where, what):
+    failures.append(f"FAIL {where}: {what}")
+
+
+def load_all(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def rel(path):
+    return os.path.relpath(path, ROOT)
+
+
+# --- 1. schemas -----------------------------------------------------------------------------------
+
+
+def strict_crd_schema(schema, root=True):
+    """openAPIV3Schema -> JSON Schema as the API server applies it: unknown fields are errors
+    (kubectl's default field validation is Strict), nullable allows null, int-or-string."""
+    s = dict(schema)
+    if s.pop("x-kubernetes-int-or-string", False):
+        s.pop("type", None)
+        s["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if s.pop("nullable", False) and "type" in s:
+        s["type"] = [s["type"], "null"]
+    if "properties" in s:
+        props = {k: strict_crd_schema(v, False) for k, v in s["properties"].items()}
+        if root:
+            props.setdefault("apiVersion", {"type": "string"})
+            props.setdefault("kind", {"type": "string"})
+            props.setdefault(
+                "metadata",
+                {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+            )
+        s["properties"] = props
+        if not s.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" not in s:
+            s["additionalProperties"] = False
+    if isinstance(s.get("items"), dict):
+        s["items"] = strict_crd_schema(s["items"], False)
+    if isinstance(s.get("additionalProperties"), dict):
+        s["additionalProperties"] = strict_crd_schema(s["additionalProperties"], False)
+    return s
+
+
+def crd_schemas():
+    out = {}
+    path = os.path.join(HERE, "base", "crds", "fedmesh-crds.yaml")
+    for crd in load_all(path):
+        spec = crd["spec"]
+        for v in spec["versions"]:
+            key = (f"{spec['group']}/{v['name']}", spec["names"]["kind"])
+            out[key] = strict_crd_schema(v["schema"]["openAPIV3Schema"])
+    return out
+
+
+def check_schemas(where, obj, version, crds):
+    name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+    try:
+        kubernetes_validate.validate(obj, version, strict=True)
+        return "k8s"
+    except kubernetes_validate.ValidationError as e:
+        path = ".".join(str(p) for p in e.path)
+        fail(where, f"{name} does not validate against Kubernetes {version}: {path}: {e.message}")
+        return "error"
+    except SchemaNotFoundError:
+        pass
+    schema = crds.get((obj.get("apiVersion"), obj.get("kind")))
+    if schema is None:
+        fail(where, f"{name}: no schema for {obj.get('apiVersion')} {obj.get('kind')} "
+                    "(neither Kubernetes nor base/crds/fedmesh-crds.yaml)")
+        return "error"
+    for e in jsonschema.Draft7Validator(schema).iter_errors(obj):
+        path = ".".join(str(p) for p in e.path)
+        fail(where, f"{name} does not validate against its CRD: {path}: {e.message}")
+        return "error"
+    return "crd"
+
+
+# --- 2. workload hygiene --------------------------------------------------------------------------
+
+
+def pod_spec(obj):
+    return obj.get("spec", {}).get("template", {}).get("spec", {})
+
+
+def check_container(where, obj, c, pod, init):
+    wname = f"{obj['kind']}/{obj['metadata']['name']} container {c.get('name')}"
+    res = c.get("resources", {})
+    for k in ("cpu", "memory"):
+        if k not in res.get("requests", {}):
+            fail(where, f"{wname}: no resources.requests.{k}")
+    if "memory" not in res.get("limits", {}):
+        fail(where, f"{wname}: no resources.limits.memory")
+    sc = c.get("securityContext", {})
+    if sc.get("allowPrivilegeEscalation") is not False:
+        fail(where, f"{wname}: securityContext.allowPrivilegeEscalation must be false")
+    if sc.get("readOnlyRootFilesystem") is not True:
+        fail(where, f"{wname}: securityContext.readOnlyRootFilesystem must be true")
+    if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+        fail(where, f"{wname}: securityContext.capabilities.drop must include ALL")
+    if sc.get("privileged"):
+        fail(where, f"{wname}: privileged")
+    uid = sc.get("runAsUser", pod.get("securityContext", {}).get("runAsUser"))
+    non_root = sc.get("runAsNonRoot", pod.get("securityContext", {}).get("runAsNonRoot"))
+    if uid == 0 or not non_root:
+        if (obj["kind"], obj["metadata"]["name"], c.get("name")) not in ROOT_CONTAINERS:
+            fail(where, f"{wname}: runs as root (or runAsNonRoot unset) and is not an allowed exception")
+    if not init:
+        for p in ("readinessProbe", "livenessProbe"):
+            if p not in c:
+                fail(where, f"{wname}: no {p}")
+    image = c.get("image", "")
+    if not image:
+        fail(where, f"{wname}: no image")
+    if image.startswith("fedmesh:") and c.get("imagePullPolicy") != "IfNotPresent":
+        fail(where, f"{wname}: imagePullPolicy must be IfNotPresent (the image is loaded with `kind load`)")
+    # A probe or Service may only name a port the container declares.
+    names = {p.get("name") for p in c.get("ports", []) if p.get("name")}
+    for probe in ("readinessProbe", "livenessProbe"):
+        for kind in ("httpGet", "tcpSocket"):
+            port = c.get(probe, {}).get(kind, {}).get("port")
+            if isinstance(port, str) and port not in names:
+                fail(where, f"{wname}: {probe} uses port {port!r}, which the container does not declare")
+
+
+def check_workloads(where, objs):
+    pods = []
+    for obj in objs:
+        kind, name = obj.get("kind"), obj.get("metadata", {}).get("name")
+        labels = obj.get("metadata", {}).get("labels", {})
+        if labels.get("app.kubernetes.io/part-of") != "fedmesh":
+            fail(where, f"{kind}/{name}: no label app.kubernetes.io/part-of=fedmesh")
+        if kind not in WORKLOAD_KINDS:
+            continue
+        for label in ("app.kubernetes.io/name", "app.kubernetes.io/component"):
+            if label not in labels:
+                fail(where, f"{kind}/{name}: no label {label}")
+        tmpl_labels = obj["spec"]["template"].get("metadata", {}).get("labels", {})
+        for k, v in obj["spec"]["selector"].get("matchLabels", {}).items():
+            if tmpl_labels.get(k) != v:
+                fail(where, f"{kind}/{name}: selector {k}={v} does not match the pod template")
+        pod = pod_spec(obj)
+        psc = pod.get("securityContext", {})
+        if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            fail(where, f"{kind}/{name}: pod securityContext.seccompProfile.type must be RuntimeDefault")
+        for c in pod.get("containers", []):
+            check_container(where, obj, c, pod, init=False)
+        for c in pod.get("initContainers", []):
+            check_container(where, obj, c, pod, init=True)
+        pods.append((obj, tmpl_labels, pod))
+    for svc in (o for o in objs if o.get("kind") == "Service"):
+        sel = svc["spec"].get("selector", {})
+        ns = svc["metadata"].get("namespace")
+        matches = [
+            (o, pod) for o, tl, pod in pods
+            if o["metadata"].get("namespace") == ns and all(tl.get(k) == v for k, v in sel.items())
+        ]
+        if not matches:
+            fail(where, f"Service/{svc['metadata']['name']}: its selector matches no pod template here")
+            continue
+        declared = {}
+        for _, pod in matches:
+            for c in pod.get("containers", []):
+                for p in c.get("ports", []):
+                    declared[p.get("name")] = p
+                    declared[p.get("containerPort")] = p
+        for p in svc["spec"].get("ports", []):
+            target = p.get("targetPort", p.get("port"))
+            if target not in declared:
+                fail(where, f"Service/{svc['metadata']['name']} port {p.get('name')}: targetPort "
+                            f"{target!r} is no container port of the pods it selects")
+            elif declared[target].get("protocol", "TCP") != p.get("protocol", "TCP"):
+                fail(where, f"Service/{svc['metadata']['name']} port {p.get('name')}: protocol "
+                            f"differs from the container port {target!r}")
+
+
+# --- 3. references in a cluster overlay -----------------------------------------------------------
+
+
+def check_references(where, objs):
+    present = {(o["kind"], o["metadata"]["name"]) for o in objs}
+    present |= RUNTIME_OBJECTS
+    present.add(("ServiceAccount", "default"))
+    for obj in (o for o in objs if o.get("kind") in WORKLOAD_KINDS):
+        pod = pod_spec(obj)
+        wname = f"{obj['kind']}/{obj['metadata']['name']}"
+        refs = [("ServiceAccount", pod.get("serviceAccountName", "default"))]
+        for v in pod.get("volumes", []):
+            if "configMap" in v:
+                refs.append(("ConfigMap", v["configMap"]["name"]))
+            if "secret" in v:
+                refs.append(("Secret", v["secret"]["secretName"]))
+            if "persistentVolumeClaim" in v:
+                refs.append(("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]))
+        for c in pod.get("containers", []) + pod.get("initContainers", []):
+            for e in c.get("env", []):
+                src = e.get("valueFrom", {})
+                if "configMapKeyRef" in src:
+                    refs.append(("ConfigMap", src["configMapKeyRef"]["name"]))
+                if "secretKeyRef" in src:
+                    refs.append(("Secret", src["secretKeyRef"]["name"]))
+        for ref in refs:
+            if ref not in present:
+                fail(where, f"{wname} uses {ref[0]} {ref[1]}, which is neither in this overlay nor created by up.sh")
+    up = open(os.path.join(HERE, "up.sh")).read()
+    for kind, name in RUNTIME_OBJECTS:
+        if name not in up:
+            fail("up.sh", f"does not create {kind} {name}, which the overlays expect")
+
+
+# --- 4. fedmesh command lines ---------------------------------------------------------------------
+
+
+def kebab(s):
+    return re.sub(r"(?<!^)(?=[A-Z])", "-", s).lower().replace("_", "-")
+
+
+def clap_structs(sources):
+    """struct name -> (set of --long flags, list of flattened struct names), from clap derives."""
+    structs = {}
+    for text in sources:
+        for m in re.finditer(r"^(?:pub )?struct (\w+) \{\n(.*?)^\}", text, re.S | re.M):
+            flags, flattened, attrs = set(), [], ""
+            for line in m.group(2).splitlines():
+                stripped = line.strip()
+                if stripped.startswith("///") or not stripped:
+                    continue
+                field = re.match(r"(?:pub(?:\(crate\))? )?(\w+): (.+),$", stripped)
+                if field and attrs.count("[") == attrs.count("]"):
+                    if "command(flatten)" in attrs:
+                        flattened.append(re.sub(r"^Option<(.*)>$", r"\1", field.group(2)).split("::")[-1])
+                    elif re.search(r"#\[arg\((?:[^\]]*\W)?long\b", attrs, re.S):
+                        explicit = re.search(r'long\s*=\s*"([^"]+)"', attrs)
+                        flags.add(explicit.group(1) if explicit else field.group(1).replace("_", "-"))
+                    attrs = ""
+                else:
+                    attrs += stripped + "\n"
+            structs[m.group(1)] = (flags, flattened)
+    return structs
+
+
+def cli_flags():
+    """subcommand -> set of --flags, for the subcommands declared in src/main.rs."""
+    main = open(os.path.join(ROOT, "src", "main.rs")).read()
+    cmd_dir = os.path.join(ROOT, "src", "cmd")
+    sources = [open(os.path.join(cmd_dir, f)).read() for f in sorted(os.listdir(cmd_dir)) if f.endswith(".rs")]
+    structs = clap_structs(sources)
+
+    def flags_of(name, seen=()):
+        if name not in structs or name in seen:
+            return set()
+        own, flattened = structs[name]
+        out = set(own)
+        for f in flattened:
+            out |= flags_of(f, seen + (name,))
+        return out
+
+    enum = re.search(r"enum Command \{(.*?)^\}", main, re.S | re.M).group(1)
+    out = {}
+    for variant, struct in re.findall(r"^\s*(\w+)\(cmd::\w+::(\w+)\),", enum, re.M):
+        out[kebab(variant)] = flags_of(struct) | {"help"}
+    return out
+
+
+def check_command_lines(where, objs, cli):
+    for obj in (o for o in objs if o.get("kind") in WORKLOAD_KINDS):
+        pod = pod_spec(obj)
+        for c in pod.get("containers", []) + pod.get("initContainers", []):
+            if not c.get("image", "").startswith("fedmesh:"):
+                continue
+            wname = f"{obj['kind']}/{obj['metadata']['name']} container {c['name']}"
+            args = c.get("command", [])[1:] + c.get("args", []) if c.get("command") else c.get("args", [])
+            if not args or args[0] not in cli:
+                fail(where, f"{wname}: `fedmesh {args[0] if args else ''}` is not a subcommand "
+                            f"of the binary (src/main.rs has: {', '.join(sorted(cli))})")
+                continue
+            ports = {p.get("containerPort") for p in c.get("ports", [])}
+            for a in args[1:]:
+                if not a.startswith("--"):
+                    continue
+                flag, _, value = a[2:].partition("=")
+                if flag not in cli[args[0]]:
+                    fail(where, f"{wname}: `fedmesh {args[0]}` has no flag --{flag}")
+                # A listener on all interfaces is meant to be reached: declare its port.
+                m = re.fullmatch(r"0\.0\.0\.0:(\d+)", value)
+                if m and int(m.group(1)) not in ports:
+                    fail(where, f"{wname}: --{flag}={value} listens on a port the container does not declare")
+
+
+# --- 5. kind configs and the overlays built on them -----------------------------------------------
+
+
+def check_kind(rendered):
+    subnets = []
+    regions, zones = {}, {}
+    for c in CLUSTERS:
+        path = os.path.join(HERE, "kind", f"{c}.yaml")
+        where = rel(path)
+        try:
+            docs = load_all(path)
+        except (OSError, yaml.YAMLError) as e:
+            fail(where, f"does not parse: {e}")
+            continue
+        if len(docs) != 1:
+            fail(where, f"expected one document, found {len(docs)}")
+            continue
+        cfg = docs[0]
+        if cfg.get("kind") != "Cluster" or cfg.get("apiVersion") != "kind.x-k8s.io/v1alpha4":
+            fail(where, "must be kind: Cluster, apiVersion: kind.x-k8s.io/v1alpha4")
+        if cfg.get("name") != c:
+            fail(where, f"name must be {c!r} (kubectl contexts are kind-<name>)")
+        known = {"kind", "apiVersion", "name", "networking", "nodes", "featureGates", "runtimeConfig",
+                 "kubeadmConfigPatches", "kubeadmConfigPatchesJSON6902", "containerdConfigPatches"}
+        for k in set(cfg) - known:
+            fail(where, f"unknown top-level field {k!r}")
+        net = cfg.get("networking", {})
+        for key in ("podSubnet", "serviceSubnet"):
+            try:
+                subnets.append((f"{c} {key}", ipaddress.ip_network(net[key])))
+            except (KeyError, ValueError) as e:
+                fail(where, f"networking.{key}: missing or not a CIDR ({e})")
+        nodes = cfg.get("nodes", [])
+        roles = [n.get("role") for n in nodes]
+        if roles.count("control-plane") != 1 or roles.count("worker") < 1:
+            fail(where, f"needs one control-plane and at least one worker node, has {roles}")
+        for i, n in enumerate(nodes):
+            for k in set(n) - {"role", "labels", "image", "extraMounts", "extraPortMappings", "kubeadmConfigPatches"}:
+                fail(where, f"nodes[{i}]: unknown field {k!r}")
+            labels = n.get("labels", {})
+            r, z = labels.get("topology.kubernetes.io/region"), labels.get("topology.kubernetes.io/zone")
+            if not r or not z:
+                fail(where, f"nodes[{i}] ({n.get('role')}): needs topology.kubernetes.io/region and zone labels")
+                continue
+            if regions.setdefault(c, r) != r:
+                fail(where, f"nodes[{i}]: region {r} differs from the cluster's {regions[c]}")
+            if not z.startswith(r + "-"):
+                fail(where, f"nodes[{i}]: zone {z} is not in region {r}")
+            if n.get("role") == "worker":
+                zones.setdefault(c, set()).add(z)
+    subnets.append(("fedmesh clusterset IPs", CLUSTERSET_CIDR))
+    for i, (a, na) in enumerate(subnets):
+        for b, nb in subnets[i + 1:]:
+            if na.overlaps(nb):
+                fail("kind/*.yaml", f"{a} {na} overlaps {b} {nb}")
+    if len(set(regions.values())) != len(regions):
+        fail("kind/*.yaml", f"every cluster needs its own region: {regions}")
+
+    # The overlays must agree with the kind configs.
+    for c in CLUSTERS:
+        where = f"overlays/{c}"
+        objs = rendered.get(f"overlays__{c}", [])
+        cms = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("fedmesh-cluster")]
+        if len(cms) != 1:
+            fail(where, "needs exactly one fedmesh-cluster ConfigMap")
+            continue
+        data = cms[0].get("data", {})
+        want = {"cluster": c, "trust-domain": f"{c}.fedmesh.test", "region": regions.get(c)}
+        for k, v in want.items():
+            if data.get(k) != v:
+                fail(where, f"fedmesh-cluster {k}={data.get(k)!r}, expected {v!r} (kind/{c}.yaml)")
+        check_entries(c, os.path.join(HERE, "overlays", c, "entries.yaml"), objs)
+        where = f"sample/{c}"
+        for obj in (o for o in rendered.get(f"sample__{c}", []) if o["kind"] == "Deployment"):
+            t = obj["spec"]["template"]
+            z = t["metadata"].get("labels", {}).get("topology.kubernetes.io/zone")
+            sel = t["spec"].get("nodeSelector", {}).get("topology.kubernetes.io/zone")
+            if z is None or z != sel or z not in zones.get(c, set()):
+                fail(where, f"{obj['metadata']['name']}: zone label {z!r} and nodeSelector {sel!r} must "
+                            f"both name a worker zone of kind/{c}.yaml {sorted(zones.get(c, []))}")
+            env = {e["name"]: e.get("value") for c2 in t["spec"]["containers"] for e in c2.get("env", [])}
+            if env.get("FEDMESH_CLUSTER") != c:
+                fail(where, f"{obj['metadata']['name']}: FEDMESH_CLUSTER={env.get('FEDMESH_CLUSTER')!r}, expected {c!r}")
+
+
+# --- 6. entries and the image build ---------------------------------------------------------------
+
+
+def check_entries(cluster, path, objs):
+    where = rel(path)
+    try:
+        entries = load_all(path)[0]["entries"]
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as e:
+        fail(where, f"not a registration entries file: {e}")
+        return
+    uids = set()
+    for i, e in enumerate(entries):
+        sid = e.get("spiffe_id", "")
+        if not sid.startswith(f"spiffe://{cluster}.fedmesh.test/") or "/fedmesh/" in sid:
+            fail(where, f"entries[{i}]: {sid!r} must be in trust domain {cluster}.fedmesh.test and "
+                        "outside /fedmesh/ (reserved for fedmesh's own components)")
+        for s in e.get("selectors", []):
+            if not re.fullmatch(r"unix:(uid|gid):\d+|unix:path:/.+", s):
+                fail(where, f"entries[{i}]: selector {s!r} is not unix:uid:N, unix:gid:N or unix:path:/PATH")
+            if s.startswith("unix:uid:"):
+                uids.add(int(s.split(":")[2]))
+    # The gateway's uid and the injected sidecars' uid need an identity.
+    gw = [o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "fedmesh-gateway"]
+    gw_uid = gw[0]["spec"]["template"]["spec"].get("securityContext", {}).get("runAsUser") if gw else None
+    for uid, who in ((gw_uid, "the gateway"), (1337, "injected sidecars")):
+        if uid not in uids:
+            fail(where, f"no entry for uid {uid} ({who})")
+
+
+def check_image_build():
+    where = "Dockerfile.dockerignore"
+    try:
+        ignore = open(os.path.join(HERE, "Dockerfile.dockerignore")).read().split("\n")
+    except OSError as e:
+        fail(where, str(e))
+        return
+    allowed = {l[1:].strip("/") for l in ignore if l.startswith("!")}
+    cargo = open(os.path.join(ROOT, "Cargo.toml")).read()
+    members = re.search(r"^members\s*=\s*\[(.*?)\]", cargo, re.S | re.M)
+    needed = set(re.findall(r'"([^"]+)"', members.group(1) if members else "")) | {"Cargo.toml", "Cargo.lock", "src"}
+    for n in sorted(needed - allowed):
+        fail(where, f"{n} is needed by the build (Cargo workspace) but left out of the context (add !{n}/)")
+    docker = open(os.path.join(HERE, "Dockerfile")).read()
+    if "--bin fedmesh" not in docker or "--locked" not in docker:
+        fail("Dockerfile", "must build with `cargo build --release --locked --bin fedmesh`")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rendered", required=True)
+    ap.add_argument("--k8s-version", required=True)
+    a = ap.parse_args()
+
+    crds = crd_schemas()
+    cli = cli_flags()
+    for sub in ("hub", "control-plane", "agent", "gateway", "sidecar", "inject", "iptables", "sample-app"):
+        if sub not in cli:
+            fail("src/main.rs", f"no subcommand {sub!r}, which the deployment uses")
+    rendered = {}
+    counts = {"k8s": 0, "crd": 0, "error": 0}
+    for f in sorted(os.listdir(a.rendered)):
+        name = f[:-5]
+        where = name.replace("__", "/")
+        objs = load_all(os.path.join(a.rendered, f))
+        rendered[name] = objs
+        for obj in objs:
+            counts[check_schemas(where, obj, a.k8s_version, crds)] += 1
+        check_command_lines(where, objs, cli)
+        if name.startswith("injected__"):
+            continue
+        check_workloads(where, objs)
+        if name in {f"overlays__{c}" for c in CLUSTERS} | {"overlays__hub", "overlays__hub-etcd", "overlays__east-loadbalancer"}:
+            check_references(where, objs)
+    check_kind(rendered)
+    check_image_build()
+
+    print(f"  {sum(len(v) for v in rendered.values())} objects in {len(rendered)} renders: "
+          f"{counts['k8s']} validated against Kubernetes {a.k8s_version} (strict), "
+          f"{counts['crd']} against fedmesh's CRD schemas")
+    print(f"  fedmesh command lines checked against src/: {', '.join(sorted(cli))}")
+    if failures:
+        print("\n".join(failures), file=sys.stderr)
+        print(f"{len(failures)} problem(s)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
