@@ -44,32 +44,7 @@ fn resolve(pod: &Pod, dns: SocketAddr, name: &str) -> Result<Vec<Ipv4Addr>, Stri
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(async move {
-            use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-            use hickory_resolver::net::runtime::TokioRuntimeProvider;
-            let mut config = ResolverConfig::from_parts(None, vec![], vec![]);
-            let mut udp = ConnectionConfig::udp();
-            udp.port = dns.port();
-            config.add_name_server(NameServerConfig::new(dns.ip(), true, vec![udp]));
-            let resolver = hickory_resolver::Resolver::builder_with_config(
-                config,
-                TokioRuntimeProvider::default(),
-            )
-            .build()
-            .map_err(|e| e.to_string())?;
-            let lookup = resolver
-                .ipv4_lookup(name.as_str())
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(lookup
-                .answers()
-                .iter()
-                .filter_map(|r| match &r.data {
-                    hickory_resolver::proto::rr::RData::A(a) => Some(a.0),
-                    _ => None,
-                })
-                .collect())
-        })
+        rt.block_on(fedmesh_test_support::dns_a(dns, &name))
     })
 }
 

@@ -1,7 +1,7 @@
 //! Helpers shared by fedmesh's tests: a real etcd on loopback, child processes that are always
-//! killed, and bounded waiting. Nothing here mocks a component.
+//! killed, bounded waiting, and DNS queries. Nothing here mocks a component.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -158,4 +158,31 @@ fn which(name: &str) -> Option<String> {
             .find(|p| p.is_file())
             .map(|p| p.to_string_lossy().into_owned())
     })
+}
+
+/// Asks a DNS server for the A records of `name`.
+pub async fn dns_a(server: SocketAddr, name: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
+    use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+    let mut config = ResolverConfig::from_parts(None, vec![], vec![]);
+    let (mut udp, mut tcp) = (ConnectionConfig::udp(), ConnectionConfig::tcp());
+    udp.port = server.port();
+    tcp.port = server.port();
+    config.add_name_server(NameServerConfig::new(server.ip(), true, vec![udp, tcp]));
+    let resolver =
+        hickory_resolver::Resolver::builder_with_config(config, TokioRuntimeProvider::default())
+            .build()
+            .map_err(|e| e.to_string())?;
+    let lookup = resolver
+        .ipv4_lookup(name)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(lookup
+        .answers()
+        .iter()
+        .filter_map(|r| match &r.data {
+            hickory_resolver::proto::rr::RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect())
 }

@@ -646,24 +646,8 @@ impl Mesh {
                 &SIDECAR_ADMIN.to_string(),
             ],
         );
-        let app_proc = app.then(|| {
-            net.spawn(
-                &ns,
-                &format!("{pod_name}-app"),
-                None,
-                &[
-                    "sample-app",
-                    "--listen",
-                    &format!("0.0.0.0:{APP_PORT}"),
-                    "--name",
-                    account,
-                    "--cluster",
-                    &c.name,
-                    "--zone",
-                    zone,
-                ],
-            )
-        });
+        let app_proc =
+            app.then(|| spawn_app(net, &ns, &format!("{pod_name}-app"), c, account, zone));
         let sidecar = self.start_sidecar(c, &ns, &pod_name, account, zone);
         Pod {
             ns,
@@ -738,27 +722,39 @@ impl Mesh {
     /// Starts the pod's app and sidecar again, on the same address.
     pub fn restart_pod(&mut self, c: &ClusterNet, pod: &mut Pod, account: &str, zone: &str) {
         if pod.app.is_some() {
-            let a = self.net.spawn(
-                &pod.ns,
-                &format!("{}-app2", pod.name),
-                None,
-                &[
-                    "sample-app",
-                    "--listen",
-                    &format!("0.0.0.0:{APP_PORT}"),
-                    "--name",
-                    account,
-                    "--cluster",
-                    &c.name,
-                    "--zone",
-                    zone,
-                ],
-            );
-            pod.app = Some(a);
+            let name = format!("{}-app2", pod.name);
+            pod.app = Some(spawn_app(&mut self.net, &pod.ns, &name, c, account, zone));
         }
         let (ns, name) = (pod.ns.clone(), format!("{}-2", pod.name));
         pod.sidecar = self.start_sidecar(c, &ns, &name, account, zone);
     }
+}
+
+/// The pod's app: `fedmesh sample-app` on :8080, answering as `account` in `c`, `zone`.
+fn spawn_app(
+    net: &mut Net,
+    ns: &str,
+    name: &str,
+    c: &ClusterNet,
+    account: &str,
+    zone: &str,
+) -> usize {
+    net.spawn(
+        ns,
+        name,
+        None,
+        &[
+            "sample-app",
+            "--listen",
+            &format!("0.0.0.0:{APP_PORT}"),
+            "--name",
+            account,
+            "--cluster",
+            &c.name,
+            "--zone",
+            zone,
+        ],
+    )
 }
 
 /// A bare HTTP/1.1 GET with `Host: host` (connection: close): (status, body).
