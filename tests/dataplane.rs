@@ -126,38 +126,27 @@ async fn http1_grpc_and_tcp_cross_clusters_through_the_gateway_with_the_callers_
         .workload(&WorkloadSpec::new("shop", "greeter", "w1"), grpc_app.addr)
         .await
         .unwrap();
-    west.write(
-        "greeter.yaml",
-        &yaml::service(
-            "shop",
-            "greeter",
-            &[("grpc", 9090, "")],
-            &endpoints(&[&greeter]),
-        ),
+    west.serve(
+        "shop",
+        "greeter",
+        &[("grpc", 9090, "")],
+        &endpoints(&[&greeter]),
     )
     .unwrap();
-    west.write(
-        "greeter-export.yaml",
-        &yaml::service_export("shop", "greeter"),
-    )
-    .unwrap();
+    west.export("shop", "greeter").unwrap();
     let tcp_app = apps::tcp_echo(app_listener().await, info("store")).await;
     let store = west
         .workload(&WorkloadSpec::new("shop", "store", "w1"), tcp_app.addr)
         .await
         .unwrap();
-    west.write(
-        "store.yaml",
-        &yaml::service(
-            "shop",
-            "store",
-            &[("tcp-store", 7000, "")],
-            &endpoints(&[&store]),
-        ),
+    west.serve(
+        "shop",
+        "store",
+        &[("tcp-store", 7000, "")],
+        &endpoints(&[&store]),
     )
     .unwrap();
-    west.write("store-export.yaml", &yaml::service_export("shop", "store"))
-        .unwrap();
+    west.export("shop", "store").unwrap();
 
     let frontend = client_workload(east, "frontend", "e1").await;
     for svc in ["api", "greeter", "store"] {
@@ -459,14 +448,11 @@ async fn the_gateway_refuses_what_it_must_and_keeps_serving_good_traffic() {
     serve_http(west, "api", &endpoints(&[&api]));
     // A west service that is not exported.
     let (secret, _app2) = http_workload(west, "secret", "w1").await;
-    west.write(
-        "secret.yaml",
-        &yaml::service(
-            "shop",
-            "secret",
-            &[("http", 80, "")],
-            &endpoints(&[&secret]),
-        ),
+    west.serve(
+        "shop",
+        "secret",
+        &[("http", 80, "")],
+        &endpoints(&[&secret]),
     )
     .unwrap();
     let frontend = client_workload(east, "frontend", "e1").await;
@@ -858,11 +844,8 @@ async fn cluster_local_names_stay_local_and_clusterset_names_reach_only_exporter
     let (east, west) = (tb.cluster("east"), tb.cluster("west"));
     // East has its own shop/api, not exported; west exports one.
     let (a, _a_app) = http_workload(east, "api", "e1").await;
-    east.write(
-        "api.yaml",
-        &yaml::service("shop", "api", &[("http", 80, "")], &endpoints(&[&a])),
-    )
-    .unwrap();
+    east.serve("shop", "api", &[("http", 80, "")], &endpoints(&[&a]))
+        .unwrap();
     let (w, _w_app) = http_workload(west, "api", "w1").await;
     serve_http(west, "api", &endpoints(&[&w]));
     let client = client_workload(east, "frontend", "e1").await;
@@ -880,11 +863,8 @@ async fn cluster_local_names_stay_local_and_clusterset_names_reach_only_exporter
 
     // A service only east has: reachable by its local names, not by a clusterset name.
     let (db, _db_app) = http_workload(east, "db", "e1").await;
-    east.write(
-        "db.yaml",
-        &yaml::service("shop", "db", &[("http", 80, "")], &endpoints(&[&db])),
-    )
-    .unwrap();
+    east.serve("shop", "db", &[("http", 80, "")], &endpoints(&[&db]))
+        .unwrap();
     client
         .wait_config("shop/db", |t| {
             t.service("shop/db")

@@ -22,17 +22,7 @@ async fn an_export_in_east_appears_in_west_and_central_and_removing_it_withdraws
     let west = start_cluster(dir.path(), "west", &hub).await;
     let central = start_cluster(dir.path(), "central", &hub).await;
 
-    east.write(
-        "web.yaml",
-        &web_service(
-            "shop",
-            "web",
-            "http",
-            80,
-            &[("10.1.0.1", "east-a"), ("10.1.0.2", "east-b")],
-        ),
-    );
-    east.write("export.yaml", &service_export("shop", "web"));
+    east.export_web(80, &[("10.1.0.1", "east-a"), ("10.1.0.2", "east-b")]);
 
     for c in [&west, &central, &east] {
         let snap = c
@@ -133,22 +123,14 @@ async fn conflicting_exports_get_a_conflict_naming_the_field_and_the_older_clust
     let east = start_cluster(dir.path(), "east", &hub).await;
     let west = start_cluster(dir.path(), "west", &hub).await;
 
-    east.write(
-        "web.yaml",
-        &web_service("shop", "web", "http", 80, &[("10.1.0.1", "a")]),
-    );
-    east.write("export.yaml", &service_export("shop", "web"));
+    east.export_web(80, &[("10.1.0.1", "a")]);
     west.wait_for("east's export", |s| {
         s.clusterset.imports.contains_key(&web())
     })
     .await;
     // West exports later, with the same port name on another port number.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    west.write(
-        "web.yaml",
-        &web_service("shop", "web", "http", 8080, &[("10.2.0.1", "a")]),
-    );
-    west.write("export.yaml", &service_export("shop", "web"));
+    west.export_web(8080, &[("10.2.0.1", "a")]);
 
     let snap = east
         .wait_for("both exports merged", |s| {

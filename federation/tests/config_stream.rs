@@ -109,22 +109,8 @@ async fn sidecars_and_gateways_get_endpoints_by_locality_remote_gateways_and_pol
     let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
     let east = start_cluster(dir.path(), "east", &hub).await;
     let west = start_cluster(dir.path(), "west", &hub).await;
-    east.write(
-        "web.yaml",
-        &web_service(
-            "shop",
-            "web",
-            "http",
-            80,
-            &[("10.1.0.1", "east-a"), ("10.1.0.2", "east-b")],
-        ),
-    );
-    east.write("export.yaml", &service_export("shop", "web"));
-    west.write(
-        "web.yaml",
-        &web_service("shop", "web", "http", 80, &[("10.2.0.1", "west-a")]),
-    );
-    west.write("export.yaml", &service_export("shop", "web"));
+    east.export_web(80, &[("10.1.0.1", "east-a"), ("10.1.0.2", "east-b")]);
+    west.export_web(80, &[("10.2.0.1", "west-a")]);
 
     let mut c = client(&east);
     let (_tx, mut s) = open(&mut c, 0, 0).await;

@@ -58,11 +58,7 @@ async fn two_hubs_on_one_etcd_serve_one_clusterset_and_control_planes_fail_over(
     let west = start_with(west_cfg).await;
 
     let web: ServiceKey = "shop/web".parse().unwrap();
-    east.write(
-        "web.yaml",
-        &web_service("shop", "web", "http", 80, &[("10.1.0.1", "a")]),
-    );
-    east.write("export.yaml", &service_export("shop", "web"));
+    east.export_web(80, &[("10.1.0.1", "a")]);
     west.wait_for("east's export via the other replica", |s| {
         s.clusterset.imports.contains_key(&web)
     })

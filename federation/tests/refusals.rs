@@ -262,11 +262,7 @@ async fn a_malformed_source_file_is_reported_and_its_last_good_content_kept() {
     let east = start_cluster(dir.path(), "east", &hub).await;
     let west = start_cluster(dir.path(), "west", &hub).await;
     let web: fedmesh_api::ServiceKey = "shop/web".parse().unwrap();
-    east.write(
-        "web.yaml",
-        &web_service("shop", "web", "http", 80, &[("10.1.0.1", "a")]),
-    );
-    east.write("export.yaml", &service_export("shop", "web"));
+    east.export_web(80, &[("10.1.0.1", "a")]);
     west.wait_for("import", |s| s.clusterset.imports.contains_key(&web))
         .await;
 

@@ -29,11 +29,7 @@ async fn hub_restart_loses_nothing_and_control_planes_resume_without_a_resync() 
     let addr = hub.addr;
     let east = start_cluster(dir.path(), "east", &hub).await;
     let west = start_cluster(dir.path(), "west", &hub).await;
-    east.write(
-        "web.yaml",
-        &web_service("shop", "web", "http", 80, &[("10.1.0.1", "a")]),
-    );
-    east.write("export.yaml", &service_export("shop", "web"));
+    east.export_web(80, &[("10.1.0.1", "a")]);
     let before = west
         .wait_for("import", |s| s.clusterset.imports.contains_key(&web()))
         .await;
@@ -80,11 +76,7 @@ async fn a_control_plane_restarted_while_the_hub_is_down_serves_its_last_imports
     let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
     let east = start_cluster(dir.path(), "east", &hub).await;
     let west = start_cluster(dir.path(), "west", &hub).await;
-    east.write(
-        "web.yaml",
-        &web_service("shop", "web", "http", 80, &[("10.1.0.1", "a")]),
-    );
-    east.write("export.yaml", &service_export("shop", "web"));
+    east.export_web(80, &[("10.1.0.1", "a")]);
     let before = west
         .wait_for("import", |s| s.clusterset.imports.contains_key(&web()))
         .await;
@@ -129,11 +121,7 @@ async fn a_cluster_cut_off_is_marked_stale_and_its_exports_stay_routable() {
     let east = start_cluster(dir.path(), "east", &hub).await;
     let west = start_cluster(dir.path(), "west", &hub).await;
     let central = start_cluster(dir.path(), "central", &hub).await;
-    central.write(
-        "web.yaml",
-        &web_service("shop", "web", "http", 80, &[("10.3.0.1", "a")]),
-    );
-    central.write("export.yaml", &service_export("shop", "web"));
+    central.export_web(80, &[("10.3.0.1", "a")]);
     west.wait_for("import", |s| s.clusterset.imports.contains_key(&web()))
         .await;
 
@@ -190,11 +178,7 @@ async fn a_cluster_silent_past_the_expiry_has_its_exports_withdrawn() {
     let hub = start_hub(dir.path(), store, "127.0.0.1:0".parse().unwrap(), config).await;
     let west = start_cluster(dir.path(), "west", &hub).await;
     let central = start_cluster(dir.path(), "central", &hub).await;
-    central.write(
-        "web.yaml",
-        &web_service("shop", "web", "http", 80, &[("10.3.0.1", "a")]),
-    );
-    central.write("export.yaml", &service_export("shop", "web"));
+    central.export_web(80, &[("10.3.0.1", "a")]);
     west.wait_for("import", |s| s.clusterset.imports.contains_key(&web()))
         .await;
     central.stop().await;

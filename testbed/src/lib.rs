@@ -383,17 +383,33 @@ impl Cluster {
             .map(|(c, _)| c.clone())
     }
 
-    /// Publishes service `<ns>/<name>` (HTTP on port 80) with `eps` in this cluster and exports
-    /// it (files `<name>.yaml` and `<name>-export.yaml`).
-    pub fn serve_http(&self, ns: &str, name: &str, eps: &[EndpointSpec]) -> anyhow::Result<()> {
+    /// Publishes service `<ns>/<name>` with `ports` ([`yaml::service`]) and `eps` in this
+    /// cluster, not exported (file `<name>.yaml`).
+    pub fn serve(
+        &self,
+        ns: &str,
+        name: &str,
+        ports: &[(&str, u16, &str)],
+        eps: &[EndpointSpec],
+    ) -> anyhow::Result<()> {
         self.write(
             &format!("{name}.yaml"),
-            &yaml::service(ns, name, &[("http", 80, "")], eps),
-        )?;
+            &yaml::service(ns, name, ports, eps),
+        )
+    }
+
+    /// Exports service `<ns>/<name>` (file `<name>-export.yaml`).
+    pub fn export(&self, ns: &str, name: &str) -> anyhow::Result<()> {
         self.write(
             &format!("{name}-export.yaml"),
             &yaml::service_export(ns, name),
         )
+    }
+
+    /// Publishes service `<ns>/<name>` (HTTP on port 80) with `eps` in this cluster and exports it.
+    pub fn serve_http(&self, ns: &str, name: &str, eps: &[EndpointSpec]) -> anyhow::Result<()> {
+        self.serve(ns, name, &[("http", 80, "")], eps)?;
+        self.export(ns, name)
     }
 
     /// The sample app (HTTP echo and gRPC echo on one port, answering with this cluster, `zone`

@@ -151,6 +151,16 @@ impl ClusterHandle {
         std::fs::rename(tmp, self.src.join(file)).unwrap();
     }
 
+    /// Serves `shop/web` (port `http`/`port`, endpoints `(ip, zone)`) and exports it: the files
+    /// `web.yaml` and `export.yaml`.
+    pub fn export_web(&self, port: u16, endpoints: &[(&str, &str)]) {
+        self.write(
+            "web.yaml",
+            &web_service("shop", "web", "http", port, endpoints),
+        );
+        self.write("export.yaml", &service_export("shop", "web"));
+    }
+
     pub fn remove(&self, file: &str) {
         let _ = std::fs::remove_file(self.src.join(file));
     }
