@@ -25,7 +25,10 @@ fn counter(metrics: &str, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_restart_loses_nothing_and_control_planes_resume_without_a_resync() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    // A port below the ephemeral range, so no other test's connection takes it while the hub
+    // is down.
+    let port = fedmesh_test_support::free_port();
+    let hub = start_redb_hub(dir.path(), ([127, 0, 0, 1], port).into()).await;
     let addr = hub.addr;
     let east = start_cluster(dir.path(), "east", &hub).await;
     let west = start_cluster(dir.path(), "west", &hub).await;

@@ -87,10 +87,6 @@ async fn bind_local(port: u16) -> anyhow::Result<TcpListener> {
     .with_context(|| format!("binding 127.0.0.1:{port}"))
 }
 
-async fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port())
-}
-
 impl Testbed {
     /// Starts the hub and the clusters, and waits until every cluster has joined.
     pub async fn start(dir: &Path, specs: &[ClusterSpec]) -> anyhow::Result<Self> {
@@ -272,8 +268,6 @@ impl Cluster {
         std::fs::create_dir_all(&src)?;
         let gw_listener = bind_local(0).await?;
         let gateway_addr = gw_listener.local_addr()?;
-        let cp_addr = SocketAddr::from(([127, 0, 0, 1], free_port().await?));
-        let dns_addr = SocketAddr::from(([127, 0, 0, 1], free_port().await?));
         let mut config = ControlPlaneConfig::new(
             name.clone(),
             td.clone(),
@@ -283,8 +277,10 @@ impl Cluster {
         config.region = spec.region.clone();
         config.hub = Some(hub_addr.to_string());
         config.gateways = vec![spec.publish_gateway.unwrap_or(gateway_addr).to_string()];
-        config.listen = Some(cp_addr);
-        config.dns_listen = Some(dns_addr);
+        // Port 0: the control plane binds, and a restart reuses the ports it got (no window
+        // between picking a free port and binding it).
+        config.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        config.dns_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         config.poll_interval = Duration::from_millis(100);
         let mut first = config.clone();
         if !data.join("hub/hub.json").exists() {
@@ -293,6 +289,12 @@ impl Cluster {
         }
         let cp_shutdown = shutdown.child_token();
         let cp = ControlPlane::start(first, cp_shutdown.clone()).await?;
+        let cp_addr = cp
+            .listen_addr
+            .context("the control plane has no listener")?;
+        let dns_addr = cp.dns_addr.context("the control plane serves no DNS")?;
+        config.listen = Some(cp_addr);
+        config.dns_listen = Some(dns_addr);
         // The control plane writes the agents' bootstrap token once it serves.
         let token_path = data.join("agent-token");
         let mut agent_token = None;

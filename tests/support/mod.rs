@@ -95,13 +95,8 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
+#[allow(unused_imports)] // not every test binary that includes this module needs a port
+pub use fedmesh_test_support::free_port;
 
 pub fn uid() -> u32 {
     unsafe { libc::getuid() }

@@ -271,19 +271,8 @@ impl ControlPlane {
         let mut dns_addr = None;
         let dns_sockets = match config.dns_listen {
             Some(addr) => {
-                let udp = tokio::net::UdpSocket::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Listen { addr, source })?;
-                let bound = udp
-                    .local_addr()
-                    .map_err(|source| StartError::Listen { addr, source })?;
-                let tcp = tokio::net::TcpListener::bind(bound)
-                    .await
-                    .map_err(|source| StartError::Listen {
-                        addr: bound,
-                        source,
-                    })?;
-                dns_addr = Some(bound);
+                let (udp, tcp) = bind_dns(addr).await?;
+                dns_addr = udp.local_addr().ok();
                 Some((udp, tcp))
             }
             None => None,
@@ -557,6 +546,41 @@ async fn renew_loop(creds: Arc<HubCredentials>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait.max(Duration::from_secs(1))) => {}
+        }
+    }
+}
+
+/// Binds DNS on UDP and TCP at the same address. With port 0 the kernel picks a free UDP port,
+/// which may already be taken on TCP (by a listener or a connection's local end); then another
+/// port is tried, a bounded number of times, instead of failing the start.
+async fn bind_dns(
+    addr: SocketAddr,
+) -> Result<(tokio::net::UdpSocket, tokio::net::TcpListener), StartError> {
+    const ATTEMPTS: usize = 32;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let udp = tokio::net::UdpSocket::bind(addr)
+            .await
+            .map_err(|source| StartError::Listen { addr, source })?;
+        let bound = udp
+            .local_addr()
+            .map_err(|source| StartError::Listen { addr, source })?;
+        match tokio::net::TcpListener::bind(bound).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e)
+                if addr.port() == 0
+                    && e.kind() == std::io::ErrorKind::AddrInUse
+                    && attempt < ATTEMPTS =>
+            {
+                continue;
+            }
+            Err(source) => {
+                return Err(StartError::Listen {
+                    addr: bound,
+                    source,
+                });
+            }
         }
     }
 }
