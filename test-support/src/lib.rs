@@ -1,6 +1,8 @@
 //! Helpers shared by fedmesh's tests: a real etcd on loopback, child processes that are always
 //! killed, bounded waiting, and DNS queries. Nothing here mocks a component.
 
+pub mod fake_kube;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -28,10 +28,16 @@ pub struct Proc {
 impl Proc {
     /// Starts `fedmesh ARGS` with stderr captured to `log_dir/<name>.log`.
     pub fn start(name: &str, args: &[&str], log_dir: &Path) -> Self {
+        Self::start_with_env(name, args, &[], log_dir)
+    }
+
+    /// [`Proc::start`] with extra environment variables.
+    pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)], log_dir: &Path) -> Self {
         let stderr_path = log_dir.join(format!("{name}.log"));
         let log = std::fs::File::create(&stderr_path).unwrap();
         let child = Command::new(fedmesh_bin())
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

@@ -6,8 +6,16 @@
 //!     selectors: ["unix:uid:1000"]     # unix:uid:N, unix:gid:N, unix:path:/abs/exe
 //!     hint: internal                   # optional, passed to the workload
 //!     ttl: 30m                         # optional SVID TTL (default: the CA's)
+//!   # With the Kubernetes attestor (`fedmesh agent --k8s-node`): one identity per service
+//!   # account, for the proxy container of every pod on the node.
+//!   - spiffe_id: spiffe://east.example/ns/{ns}/sa/{sa}
+//!     selectors: ["k8s:container-name:fedmesh-proxy"]
 //! ```
-//! A caller matches an entry when it has *every* selector of the entry.
+//! A caller matches an entry when it has *every* selector of the entry. Kubernetes selectors
+//! are `k8s:ns:`, `k8s:sa:`, `k8s:pod-name:`, `k8s:pod-uid:`, `k8s:pod-label:KEY:VALUE`,
+//! `k8s:container-name:` and `k8s:node-name:`. An ID with `{ns}` and/or `{sa}` is a template: it
+//! stands for one entry per namespace / service account of the pods on the node, each with the
+//! template's selectors plus `k8s:ns:NS` / `k8s:sa:SA`.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -23,7 +31,22 @@ pub enum Selector {
     UnixUid(u32),
     UnixGid(u32),
     UnixPath(PathBuf),
+    /// `k8s:KEY:VALUE`, from the Kubernetes attestor; KEY is one of [`K8S_SELECTOR_KEYS`].
+    K8s(String, String),
 }
+
+/// The keys of `k8s:` selectors.
+pub const K8S_SELECTOR_KEYS: &[&str] = &[
+    "ns",
+    "sa",
+    "pod-name",
+    "pod-uid",
+    "pod-label",
+    "container-name",
+    "node-name",
+];
+
+const SUPPORTED: &str = "use unix:uid:N, unix:gid:N, unix:path:/abs/exe or k8s:KEY:VALUE (KEY: ns, sa, pod-name, pod-uid, pod-label, container-name, node-name)";
 
 impl fmt::Display for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -31,6 +54,7 @@ impl fmt::Display for Selector {
             Self::UnixUid(u) => write!(f, "unix:uid:{u}"),
             Self::UnixGid(g) => write!(f, "unix:gid:{g}"),
             Self::UnixPath(p) => write!(f, "unix:path:{}", p.display()),
+            Self::K8s(k, v) => write!(f, "k8s:{k}:{v}"),
         }
     }
 }
@@ -50,13 +74,23 @@ impl FromStr for Selector {
                 Some(("path", _)) => Err(format!(
                     "selector {s:?}: unix:path needs an absolute path to the executable"
                 )),
-                _ => Err(format!(
-                    "selector {s:?} is not supported; use unix:uid:N, unix:gid:N or unix:path:/abs/exe"
-                )),
+                _ => Err(format!("selector {s:?} is not supported; {SUPPORTED}")),
             },
-            _ => Err(format!(
-                "selector {s:?} is not supported; use unix:uid:N, unix:gid:N or unix:path:/abs/exe"
-            )),
+            Some(("k8s", rest)) => match rest.split_once(':') {
+                Some((k, v)) if K8S_SELECTOR_KEYS.contains(&k) => {
+                    if v.is_empty() {
+                        Err(format!("selector {s:?}: k8s:{k} needs a value"))
+                    } else if k == "pod-label" && !v.contains(':') {
+                        Err(format!(
+                            "selector {s:?}: write k8s:pod-label:KEY:VALUE (e.g. k8s:pod-label:app:web)"
+                        ))
+                    } else {
+                        Ok(Self::K8s(k.to_string(), v.to_string()))
+                    }
+                }
+                _ => Err(format!("selector {s:?} is not supported; {SUPPORTED}")),
+            },
+            _ => Err(format!("selector {s:?} is not supported; {SUPPORTED}")),
         }
     }
 }
@@ -79,6 +113,59 @@ impl RegistrationEntry {
     pub fn matches(&self, caller: &BTreeSet<Selector>) -> bool {
         self.selectors.is_subset(caller)
     }
+}
+
+/// An entry whose SPIFFE ID has `{ns}` and/or `{sa}` placeholders, expanded per pod (see the
+/// module's documentation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryTemplate {
+    pub spiffe_id: String,
+    pub selectors: BTreeSet<Selector>,
+    pub hint: String,
+    pub ttl: Option<Duration>,
+}
+
+/// The placeholders a template may use.
+pub const TEMPLATE_PLACEHOLDERS: &[&str] = &["{ns}", "{sa}"];
+
+impl EntryTemplate {
+    /// The entry for pods of namespace `ns` running as service account `sa`, or the reason the
+    /// names do not make a valid ID.
+    pub fn expand(&self, ns: &str, sa: &str) -> Result<RegistrationEntry, String> {
+        // Each value fills exactly one path segment: no '/', nothing SPIFFE forbids.
+        for (what, v) in [("namespace", ns), ("service account", sa)] {
+            let ok = !v.is_empty()
+                && v != "."
+                && v != ".."
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+            if !ok {
+                return Err(format!("{what} {v:?} cannot be a SPIFFE ID path segment"));
+            }
+        }
+        let id = self.spiffe_id.replace("{ns}", ns).replace("{sa}", sa);
+        let spiffe_id = SpiffeId::new(&id).map_err(|e| format!("{id}: {e}"))?;
+        let mut selectors = self.selectors.clone();
+        if self.spiffe_id.contains("{ns}") {
+            selectors.insert(Selector::K8s("ns".into(), ns.into()));
+        }
+        if self.spiffe_id.contains("{sa}") {
+            selectors.insert(Selector::K8s("sa".into(), sa.into()));
+        }
+        Ok(RegistrationEntry {
+            spiffe_id,
+            selectors,
+            hint: self.hint.clone(),
+            ttl: self.ttl,
+        })
+    }
+}
+
+/// A parsed entries file: fixed entries and templates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntryFile {
+    pub entries: Vec<RegistrationEntry>,
+    pub templates: Vec<EntryTemplate>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +203,8 @@ struct RawEntry {
     ttl: Option<String>,
 }
 
-/// Reads and validates an entries file; every ID must belong to `trust_domain`.
+/// Reads and validates an entries file without templates; every ID must belong to
+/// `trust_domain`.
 pub fn load_entries(
     path: &Path,
     trust_domain: &TrustDomain,
@@ -128,16 +216,45 @@ pub fn load_entries(
     parse_entries(&text, path, trust_domain)
 }
 
+/// Reads and validates an entries file, templates included.
+pub fn load_entry_file(path: &Path, trust_domain: &TrustDomain) -> Result<EntryFile, EntriesError> {
+    let text = std::fs::read_to_string(path).map_err(|source| EntriesError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_entry_file(&text, path, trust_domain)
+}
+
+/// Parses fixed entries only: a template is refused, since nothing would expand it.
 pub fn parse_entries(
     text: &str,
     path: &Path,
     trust_domain: &TrustDomain,
 ) -> Result<Vec<RegistrationEntry>, EntriesError> {
+    let file = parse_entry_file(text, path, trust_domain)?;
+    if let Some(t) = file.templates.first() {
+        return Err(EntriesError::Parse {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{} is a template ({{ns}}/{{sa}}), which needs the Kubernetes attestor: run the agent with --k8s-node",
+                t.spiffe_id
+            ),
+        });
+    }
+    Ok(file.entries)
+}
+
+pub fn parse_entry_file(
+    text: &str,
+    path: &Path,
+    trust_domain: &TrustDomain,
+) -> Result<EntryFile, EntriesError> {
     let file: EntriesFile = serde_saphyr::from_str(text).map_err(|e| EntriesError::Parse {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
     let mut out = Vec::with_capacity(file.entries.len());
+    let mut templates = Vec::new();
     for (index, raw) in file.entries.into_iter().enumerate() {
         let err = |reason: String| EntriesError::Entry {
             path: path.to_path_buf(),
@@ -145,7 +262,23 @@ pub fn parse_entries(
             spiffe_id: raw.spiffe_id.clone(),
             reason,
         };
-        let spiffe_id = SpiffeId::new(&raw.spiffe_id).map_err(|e| err(e.to_string()))?;
+        let template = raw.spiffe_id.contains('{');
+        // A template is checked with sample names in its placeholders.
+        let checked = if template {
+            let mut rest = raw.spiffe_id.clone();
+            for p in TEMPLATE_PLACEHOLDERS {
+                rest = rest.replace(p, "");
+            }
+            if rest.contains('{') || rest.contains('}') {
+                return Err(err(
+                    "the only placeholders an ID may have are {ns} and {sa}".into(),
+                ));
+            }
+            raw.spiffe_id.replace("{ns}", "ns").replace("{sa}", "sa")
+        } else {
+            raw.spiffe_id.clone()
+        };
+        let spiffe_id = SpiffeId::new(&checked).map_err(|e| err(e.to_string()))?;
         if !spiffe_id.is_member_of(trust_domain) {
             return Err(err(format!(
                 "this agent issues only IDs of its trust domain {trust_domain}"
@@ -172,14 +305,26 @@ pub fn parse_entries(
         if ttl.is_some_and(|t| t.is_zero()) {
             return Err(err("ttl must be more than zero".into()));
         }
-        out.push(RegistrationEntry {
-            spiffe_id,
-            selectors,
-            hint: raw.hint.unwrap_or_default(),
-            ttl,
-        });
+        if template {
+            templates.push(EntryTemplate {
+                spiffe_id: raw.spiffe_id.clone(),
+                selectors,
+                hint: raw.hint.unwrap_or_default(),
+                ttl,
+            });
+        } else {
+            out.push(RegistrationEntry {
+                spiffe_id,
+                selectors,
+                hint: raw.hint.unwrap_or_default(),
+                ttl,
+            });
+        }
     }
-    Ok(out)
+    Ok(EntryFile {
+        entries: out,
+        templates,
+    })
 }
 
 #[cfg(test)]
@@ -206,6 +351,41 @@ mod tests {
     }
 
     #[test]
+    fn templates_expand_per_namespace_and_service_account() {
+        let text = "entries:\n  - spiffe_id: spiffe://east.example/ns/{ns}/sa/{sa}\n    selectors: [\"k8s:container-name:fedmesh-proxy\"]\n  - spiffe_id: spiffe://east.example/gw\n    selectors: [\"unix:uid:1338\"]\n";
+        let f = parse_entry_file(text, Path::new("e.yaml"), &td()).unwrap();
+        assert_eq!((f.entries.len(), f.templates.len()), (1, 1));
+        let e = f.templates[0].expand("shop", "api").unwrap();
+        assert_eq!(
+            e.spiffe_id.to_string(),
+            "spiffe://east.example/ns/shop/sa/api"
+        );
+        let sels: Vec<String> = e.selectors.iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            sels,
+            [
+                "k8s:container-name:fedmesh-proxy",
+                "k8s:ns:shop",
+                "k8s:sa:api"
+            ]
+        );
+        let k = |k: &str, v: &str| Selector::K8s(k.into(), v.into());
+        let proxy = BTreeSet::from([
+            k("ns", "shop"),
+            k("sa", "api"),
+            k("container-name", "fedmesh-proxy"),
+        ]);
+        assert!(e.matches(&proxy));
+        let app = BTreeSet::from([k("ns", "shop"), k("sa", "api"), k("container-name", "app")]);
+        assert!(!e.matches(&app), "the app container of the same pod");
+        assert!(f.templates[0].expand("shop", "a/b").is_err());
+        assert!(parse_entries(text, Path::new("e.yaml"), &td()).is_err());
+        for s in ["k8s:pod-label:app:web", "k8s:node-name:n1", "unix:uid:3"] {
+            assert_eq!(s.parse::<Selector>().unwrap().to_string(), s);
+        }
+    }
+
+    #[test]
     fn bad_entries_name_the_entry_and_the_problem() {
         let cases = [
             (
@@ -217,8 +397,20 @@ mod tests {
                 "at least one selector",
             ),
             (
-                "entries:\n  - spiffe_id: spiffe://east.example/x\n    selectors: [\"k8s:ns:a\"]\n",
+                "entries:\n  - spiffe_id: spiffe://east.example/x\n    selectors: [\"k8s:namespace:a\"]\n",
                 "not supported",
+            ),
+            (
+                "entries:\n  - spiffe_id: spiffe://east.example/x\n    selectors: [\"k8s:pod-label:app\"]\n",
+                "KEY:VALUE",
+            ),
+            (
+                "entries:\n  - spiffe_id: spiffe://east.example/ns/{namespace}\n    selectors: [\"k8s:ns:a\"]\n",
+                "placeholders",
+            ),
+            (
+                "entries:\n  - spiffe_id: spiffe://east.example/ns/{ns}\n    selectors: [\"k8s:ns:a\"]\n",
+                "--k8s-node",
             ),
             (
                 "entries:\n  - spiffe_id: spiffe://east.example/x\n    selectors: [\"unix:uid:abc\"]\n",

@@ -5,12 +5,14 @@ pub mod attest;
 pub mod authority;
 pub mod cache;
 pub mod entries;
+pub mod k8s;
 pub mod remote;
 pub mod server;
 pub mod signer;
 
 pub use cache::SvidCache;
-pub use entries::{RegistrationEntry, Selector, load_entries};
+pub use entries::{EntryFile, RegistrationEntry, Selector, load_entries, load_entry_file};
+pub use k8s::{K8sAttestor, PodIndex, PodInfo};
 pub use remote::ControlPlaneSigner;
-pub use server::{WorkloadApi, bind_socket, serve};
+pub use server::{WorkloadApi, bind_socket, serve, serve_with_attestor};
 pub use signer::{LocalCaSigner, SvidSigner};

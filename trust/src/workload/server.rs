@@ -23,6 +23,7 @@ use super::attest::Caller;
 use super::authority::AuthorityRewrite;
 use super::cache::SvidCache;
 use super::entries::RegistrationEntry;
+use super::k8s::K8sAttestor;
 use crate::bundle::BundleSet;
 use crate::jwt;
 use crate::workload_pb::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
@@ -30,18 +31,33 @@ use crate::workload_pb::*;
 
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
+/// How long a caller in a pod waits for entry templates to be expanded for its pod.
+const TEMPLATE_EXPANSION_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[derive(Clone)]
 pub struct WorkloadApi {
     cache: Arc<SvidCache>,
+    /// Adds `k8s:*` selectors to callers in pods (`fedmesh agent --k8s-node`).
+    k8s: Option<Arc<K8sAttestor>>,
     /// Cancelled at shutdown: ends the streams, which would otherwise hold the server open.
     closing: CancellationToken,
 }
 
 impl WorkloadApi {
     pub fn new(cache: Arc<SvidCache>, closing: CancellationToken) -> Self {
-        Self { cache, closing }
+        Self {
+            cache,
+            k8s: None,
+            closing,
+        }
+    }
+
+    /// Attests callers in Kubernetes pods too.
+    pub fn with_k8s(mut self, attestor: Arc<K8sAttestor>) -> Self {
+        self.k8s = Some(attestor);
+        self
     }
 
     pub fn into_service(self) -> SpiffeWorkloadApiServer<Self> {
@@ -49,7 +65,7 @@ impl WorkloadApi {
     }
 
     /// Checks the security header and returns the entries the caller is entitled to.
-    fn attest<T>(&self, req: &Request<T>) -> Result<Vec<Arc<RegistrationEntry>>, Status> {
+    async fn attest<T>(&self, req: &Request<T>) -> Result<Vec<Arc<RegistrationEntry>>, Status> {
         match req.metadata().get(SECURITY_HEADER).map(|v| v.to_str()) {
             Some(Ok("true")) => {}
             _ => {
@@ -71,16 +87,44 @@ impl WorkloadApi {
             gid: cred.gid(),
             pid: cred.pid(),
         };
-        let selectors = caller.selectors();
-        let matched: Vec<_> = self
-            .cache
-            .entries()
-            .iter()
-            .filter(|e| e.matches(&selectors))
-            .cloned()
-            .collect();
+        let mut selectors = caller.selectors();
+        let mut in_pod = false;
+        if let Some(k8s) = &self.k8s {
+            match k8s.selectors(caller.pid).await {
+                Ok(s) => {
+                    in_pod = !s.is_empty();
+                    selectors.extend(s);
+                }
+                Err(e) => {
+                    tracing::warn!(uid = caller.uid, pid = ?caller.pid, error = %e, "Workload API caller refused");
+                    return Err(Status::permission_denied("no identity issued"));
+                }
+            }
+        }
+        let matching = || -> Vec<_> {
+            self.cache
+                .entries()
+                .iter()
+                .filter(|e| e.matches(&selectors))
+                .cloned()
+                .collect()
+        };
+        let mut matched = matching();
+        if matched.is_empty() && in_pod {
+            // The pod may have just been learned of: its templated entry follows in a moment.
+            let mut changes = self.cache.subscribe();
+            let deadline = tokio::time::Instant::now() + TEMPLATE_EXPANSION_WAIT;
+            while matched.is_empty()
+                && tokio::time::timeout_at(deadline, changes.changed())
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            {
+                matched = matching();
+            }
+        }
         if matched.is_empty() {
-            tracing::info!(uid = caller.uid, gid = caller.gid, pid = ?caller.pid, exe = ?caller.exe(), "Workload API caller matches no registration entry");
+            let selectors: Vec<String> = selectors.iter().map(|s| s.to_string()).collect();
+            tracing::info!(uid = caller.uid, gid = caller.gid, pid = ?caller.pid, exe = ?caller.exe(), ?selectors, "Workload API caller matches no registration entry");
             return Err(Status::permission_denied("no identity issued"));
         }
         Ok(matched)
@@ -165,7 +209,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let entries = self.attest(&request)?;
+        let entries = self.attest(&request).await?;
         let me = self.clone();
         Ok(Response::new(change_stream(
             &self.cache,
@@ -178,7 +222,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        self.attest(&request)?;
+        self.attest(&request).await?;
         let cache = self.cache.clone();
         Ok(Response::new(change_stream(
             &self.cache,
@@ -196,7 +240,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        let entries = self.attest(&request)?;
+        let entries = self.attest(&request).await?;
         let req = request.into_inner();
         if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
             return Err(Status::invalid_argument("audience must be specified"));
@@ -239,7 +283,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        self.attest(&request)?;
+        self.attest(&request).await?;
         let cache = self.cache.clone();
         Ok(Response::new(change_stream(
             &self.cache,
@@ -260,7 +304,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        self.attest(&request)?;
+        self.attest(&request).await?;
         let req = request.into_inner();
         if req.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
@@ -348,6 +392,17 @@ pub async fn serve(
     cache: Arc<SvidCache>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with_attestor(listener, socket_path, cache, None, shutdown).await
+}
+
+/// [`serve`], attesting callers in Kubernetes pods with `k8s`.
+pub async fn serve_with_attestor(
+    listener: UnixListener,
+    socket_path: PathBuf,
+    cache: Arc<SvidCache>,
+    k8s: Option<Arc<K8sAttestor>>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
     let closing = CancellationToken::new();
     let close = closing.clone();
     let shutdown = async move {
@@ -355,7 +410,13 @@ pub async fn serve(
         close.cancel();
     };
     let result = tonic::transport::Server::builder()
-        .add_service(WorkloadApi::new(cache, closing).into_service())
+        .add_service(
+            match k8s {
+                Some(k8s) => WorkloadApi::new(cache, closing).with_k8s(k8s),
+                None => WorkloadApi::new(cache, closing),
+            }
+            .into_service(),
+        )
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(listener).map(|s| s.map(AuthorityRewrite::new)),
             shutdown,

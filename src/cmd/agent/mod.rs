@@ -1,5 +1,7 @@
 //! `fedmesh agent`: serves the SPIFFE Workload API to the workloads on this node.
 
+mod pods;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -9,9 +11,12 @@ use clap::Args;
 use fedmesh_trust::TrustDomain;
 use fedmesh_trust::bundle::SpiffeBundle;
 use fedmesh_trust::ca::TrustDomainCa;
+use fedmesh_trust::workload::k8s::expand_entries;
 use fedmesh_trust::workload::{
-    self, ControlPlaneSigner, LocalCaSigner, SvidCache, SvidSigner, load_entries,
+    self, ControlPlaneSigner, EntryFile, K8sAttestor, LocalCaSigner, PodIndex, SvidCache,
+    SvidSigner, load_entry_file,
 };
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::parse_duration;
@@ -45,6 +50,16 @@ pub struct AgentArgs {
     /// previous entries are kept.
     #[arg(long)]
     entries: PathBuf,
+    /// Attest Kubernetes pods on this node (NAME, e.g. from the downward API's spec.nodeName):
+    /// the agent watches the pods bound to it through the API server (in-cluster config or
+    /// KUBECONFIG; needs list/watch on pods) and gives callers in a pod k8s:* selectors, which
+    /// also expand {ns}/{sa} entry templates. Needs the host's PID namespace (hostPID).
+    #[arg(long, value_name = "NAME")]
+    k8s_node: Option<String>,
+    /// How long a caller in a pod the agent does not know yet waits for the pod watch to catch
+    /// up before it is refused.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    k8s_attest_wait: Duration,
     /// A foreign trust domain's bundle to trust, as TD=FILE (JWK Set JSON or PEM). Repeatable.
     #[arg(long = "federated-bundle", value_name = "TD=FILE")]
     federated_bundles: Vec<String>,
@@ -94,16 +109,47 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("pass --ca-dir or --control-plane"),
     };
     let td = signer.trust_domain();
-    let entries = load_entries(&args.entries, &td)?;
+    let file = load_entry_file(&args.entries, &td)?;
+    if args.k8s_node.is_none()
+        && let Some(t) = file.templates.first()
+    {
+        anyhow::bail!(
+            "{}: {} is a template ({{ns}}/{{sa}}), which needs the Kubernetes attestor: pass --k8s-node",
+            args.entries.display(),
+            t.spiffe_id
+        );
+    }
+    let pods = PodIndex::new();
+    let k8s = match &args.k8s_node {
+        Some(node) => {
+            let client = kube::Client::try_default().await.context(
+                "--k8s-node: no Kubernetes API access (in-cluster service account or KUBECONFIG)",
+            )?;
+            tokio::spawn(pods::watch(
+                client,
+                node.clone(),
+                pods.clone(),
+                shutdown.clone(),
+            ));
+            Some(Arc::new(K8sAttestor::new(
+                pods.clone(),
+                args.k8s_attest_wait,
+            )))
+        }
+        None => None,
+    };
     let listener = workload::bind_socket(&args.socket)?;
-    let cache = SvidCache::new(signer, entries);
+    let cache = SvidCache::new(signer, expand_entries(&file, &pods.snapshot()));
     tokio::spawn(cache.clone().run(shutdown.clone().cancelled_owned()));
+    let (file_tx, file_rx) = watch::channel(Arc::new(file));
     tokio::spawn(watch_entries(
         args.entries.clone(),
         td.clone(),
-        cache.clone(),
+        file_tx,
+        args.k8s_node.is_some(),
         shutdown.clone(),
     ));
+    tokio::spawn(keep_entries(file_rx, pods, cache.clone(), shutdown.clone()));
     tracing::info!(trust_domain = %td, socket = %args.socket.display(), entries = cache.entries().len(), "Workload API listening");
 
     let signal = shutdown.clone();
@@ -111,10 +157,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         super::shutdown_signal().await;
         signal.cancel();
     });
-    workload::serve(
+    workload::serve_with_attestor(
         listener,
         args.socket.clone(),
         cache,
+        k8s,
         shutdown.clone().cancelled_owned(),
     )
     .await
@@ -135,11 +182,42 @@ fn load_federated(spec: &str, own: &TrustDomain) -> anyhow::Result<SpiffeBundle>
     Ok(SpiffeBundle::from_json_or_pem(td, &data)?)
 }
 
+/// Gives the cache the file's entries with its templates expanded for the pods on the node,
+/// whenever either changes.
+async fn keep_entries(
+    mut file: watch::Receiver<Arc<EntryFile>>,
+    pods: PodIndex,
+    cache: Arc<SvidCache>,
+    shutdown: CancellationToken,
+) {
+    let mut pod_changes = pods.subscribe();
+    let mut last = cache
+        .entries()
+        .iter()
+        .map(|e| (**e).clone())
+        .collect::<Vec<_>>();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = file.changed() => if r.is_err() { return },
+            r = pod_changes.changed() => if r.is_err() { return },
+        }
+        let entries = expand_entries(&file.borrow_and_update(), &pod_changes.borrow_and_update());
+        if entries != last {
+            tracing::info!(count = entries.len(), "registration entries changed");
+            last = entries.clone();
+            cache.set_entries(entries);
+        }
+    }
+}
+
 /// Reloads the entries file when its modification time changes; keeps the last good entries.
+/// Templates are refused without the Kubernetes attestor, as at start.
 async fn watch_entries(
     path: PathBuf,
     td: TrustDomain,
-    cache: Arc<SvidCache>,
+    file: watch::Sender<Arc<EntryFile>>,
+    templates_allowed: bool,
     shutdown: CancellationToken,
 ) {
     let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
@@ -154,10 +232,17 @@ async fn watch_entries(
             continue;
         }
         last = now;
-        match load_entries(&path, &td) {
-            Ok(entries) => {
-                tracing::info!(count = entries.len(), "reloaded registration entries");
-                cache.set_entries(entries);
+        match load_entry_file(&path, &td) {
+            Ok(f) if !templates_allowed && !f.templates.is_empty() => {
+                tracing::error!(template = %f.templates[0].spiffe_id, "entries file has a template ({{ns}}/{{sa}}) but the agent runs without --k8s-node; keeping the previous entries")
+            }
+            Ok(f) => {
+                tracing::info!(
+                    entries = f.entries.len(),
+                    templates = f.templates.len(),
+                    "reloaded registration entries"
+                );
+                file.send_replace(Arc::new(f));
             }
             Err(e) => {
                 tracing::error!(error = %e, "entries file is invalid; keeping the previous entries")

@@ -1,0 +1,302 @@
+//! The agent's Kubernetes attestation as it runs on a node: `fedmesh agent --k8s-node` watches
+//! the node's pods through an API server (a fake one on loopback: no API server can run here),
+//! and the callers are real processes placed in real cgroups laid out as the kubelet lays them
+//! out (`.../kubepods/besteffort/pod<uid>/<container-id>`), asking for their SVID with the PyPI
+//! `spiffe` client. Needs root and a writable cgroup hierarchy (required in CI, like the
+//! network-namespace tests).
+
+mod support;
+
+use std::ffi::CString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedmesh_test_support::fake_kube::FakeApi;
+use serde_json::{Value, json};
+use support::*;
+
+const NODE: &str = "node-a";
+
+/// A cgroup directory tree made for the test, removed at the end.
+struct Cgroups {
+    root: PathBuf,
+}
+
+impl Cgroups {
+    /// A writable hierarchy: cgroup v2 at /sys/fs/cgroup, else v1's pids controller.
+    fn create() -> Result<Self, String> {
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root".into());
+        }
+        let base = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.join("cgroup.procs").exists())
+            .ok_or("no cgroup hierarchy at /sys/fs/cgroup")?;
+        let root = base.join(format!("fmtest{}", std::process::id()));
+        std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+        Ok(Self { root })
+    }
+
+    /// The cgroup of a container of a pod, as the kubelet's cgroupfs driver names it.
+    fn container(&self, pod_uid: &str, container_id: &str) -> PathBuf {
+        let dir = self
+            .root
+            .join("kubepods/besteffort")
+            .join(format!("pod{pod_uid}"))
+            .join(container_id);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        // Leaves first; a cgroup is removed with rmdir once it has no processes.
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        let mut stack = vec![self.root.clone()];
+        while let Some(d) = stack.pop() {
+            if let Ok(rd) = std::fs::read_dir(&d) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        stack.push(e.path());
+                    }
+                }
+            }
+            dirs.push(d);
+        }
+        for d in dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+fn skip_unavailable(why: String) {
+    assert!(
+        std::env::var_os("FEDMESH_REQUIRE_NETNS").is_none(),
+        "privileged tests are required here (FEDMESH_REQUIRE_NETNS) but cannot run: {why}"
+    );
+    eprintln!("SKIPPED: the Kubernetes attestation test needs root and a writable cgroup: {why}");
+}
+
+/// Runs the Python `spiffe` client in `cgroup` (None: the test's own cgroup) and returns its
+/// JSON answer.
+fn fetch_svid(socket: &Path, cgroup: Option<&Path>) -> Value {
+    let mut cmd = python_with("spiffe");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/fetch_svid.py"))
+        .arg(socket);
+    if let Some(cg) = cgroup {
+        let procs = CString::new(cg.join("cgroup.procs").to_str().unwrap()).unwrap();
+        // Between fork and exec: only async-signal-safe calls (open, write, close).
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if n != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let out = cmd.output().expect("run the python client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+        panic!(
+            "python client printed no JSON:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn pod(uid: &str, name: &str, sa: &str, node: &str, containers: &[(&str, &str)]) -> Value {
+    let statuses: Vec<Value> = containers
+        .iter()
+        .map(|(name, id)| {
+            json!({"name": name, "containerID": format!("containerd://{id}"), "image": "x",
+                   "imageID": "", "ready": true, "restartCount": 0})
+        })
+        .collect();
+    let specs: Vec<Value> = containers
+        .iter()
+        .map(|(name, _)| json!({"name": name, "image": "x"}))
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "uid": uid, "labels": {"app": sa}},
+        "spec": {"nodeName": node, "serviceAccountName": sa, "containers": specs},
+        "status": {"phase": "Running", "containerStatuses": statuses}
+    })
+}
+
+fn cid(n: u8) -> String {
+    format!("{n:x}").repeat(64)[..64].to_string()
+}
+
+#[test]
+fn pods_get_their_service_accounts_identity_and_only_their_proxy_container_does() {
+    let cgroups = match Cgroups::create() {
+        Ok(c) => c,
+        Err(why) => {
+            skip_unavailable(why);
+            return;
+        }
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = FakeApi::new(&["pods"], &["shop"]);
+    let url = rt.block_on(api.start());
+
+    let (api_uid, web_uid, other_uid, db_uid) = (
+        "0a4e28ba-2fa1-11d2-883f-0016d3cca427",
+        "0b4e28ba-2fa1-11d2-883f-0016d3cca427",
+        "0c4e28ba-2fa1-11d2-883f-0016d3cca427",
+        "0d4e28ba-2fa1-11d2-883f-0016d3cca427",
+    );
+    let (api_proxy, api_app, web_proxy, other_proxy, db_proxy) =
+        (cid(1), cid(2), cid(3), cid(4), cid(5));
+    api.put(
+        "pods",
+        pod(
+            api_uid,
+            "api-1",
+            "api",
+            NODE,
+            &[("app", &api_app), ("fedmesh-proxy", &api_proxy)],
+        ),
+    );
+    api.put(
+        "pods",
+        pod(
+            web_uid,
+            "web-1",
+            "web",
+            NODE,
+            &[("fedmesh-proxy", &web_proxy)],
+        ),
+    );
+    // On another node: this agent must not know it (the watch is limited to its node).
+    api.put(
+        "pods",
+        pod(
+            other_uid,
+            "api-2",
+            "api",
+            "node-b",
+            &[("fedmesh-proxy", &other_proxy)],
+        ),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = d.join("ca");
+    let out = fedmesh(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "east.example",
+        "--dir",
+        ca.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    std::fs::write(
+        d.join("entries.yaml"),
+        "entries:\n  - spiffe_id: spiffe://east.example/ns/{ns}/sa/{sa}\n    selectors: [\"k8s:container-name:fedmesh-proxy\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("kubeconfig"),
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\ncurrent-context: c\n"
+        ),
+    )
+    .unwrap();
+    let socket = d.join("agent.sock");
+    let agent = Proc::start_with_env(
+        "agent",
+        &[
+            "agent",
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "--entries",
+            d.join("entries.yaml").to_str().unwrap(),
+            "--k8s-node",
+            NODE,
+            "--k8s-attest-wait",
+            "2s",
+        ],
+        &[("KUBECONFIG", d.join("kubeconfig").to_str().unwrap())],
+        d,
+    );
+    wait_until("the agent socket", Duration::from_secs(20), || {
+        socket.exists()
+    });
+    let id = |v: &Value| v["spiffe_id"].as_str().map(str::to_string);
+
+    // The proxy containers of two pods: the identities of their service accounts.
+    let got = fetch_svid(&socket, Some(&cgroups.container(api_uid, &api_proxy)));
+    assert_eq!(
+        id(&got).as_deref(),
+        Some("spiffe://east.example/ns/shop/sa/api"),
+        "{got}\n{}",
+        agent.log()
+    );
+    let got = fetch_svid(&socket, Some(&cgroups.container(web_uid, &web_proxy)));
+    assert_eq!(
+        id(&got).as_deref(),
+        Some("spiffe://east.example/ns/shop/sa/web"),
+        "{got}\n{}",
+        agent.log()
+    );
+    // The app container of the same pod, same uid and same service account: nothing.
+    let got = fetch_svid(&socket, Some(&cgroups.container(api_uid, &api_app)));
+    assert!(
+        got["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no identity issued")),
+        "{got}"
+    );
+    // A pod of another node, and a process in no pod: nothing.
+    let got = fetch_svid(&socket, Some(&cgroups.container(other_uid, &other_proxy)));
+    assert!(got["error"].is_string(), "{got}");
+    let got = fetch_svid(&socket, None);
+    assert!(got["error"].is_string(), "{got}");
+    let log = agent.log();
+    assert!(
+        log.contains(other_uid) && log.contains("does not know"),
+        "the refusal names the unknown pod:\n{log}"
+    );
+
+    // A pod scheduled while the agent runs: its container asks before the watch event arrives,
+    // waits, and gets the identity of its (new) service account.
+    let db_cgroup = cgroups.container(db_uid, &db_proxy);
+    let later = api.clone();
+    let db = pod(db_uid, "db-1", "db", NODE, &[("fedmesh-proxy", &db_proxy)]);
+    rt.spawn(async move {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        later.put("pods", db);
+    });
+    let got = fetch_svid(&socket, Some(&db_cgroup));
+    assert_eq!(
+        id(&got).as_deref(),
+        Some("spiffe://east.example/ns/shop/sa/db"),
+        "{got}\n{}",
+        agent.log()
+    );
+
+    // The agent asked only for its node's pods.
+    let asked: Vec<String> = api.requests().iter().map(|r| r.query.clone()).collect();
+    assert!(
+        !asked.is_empty()
+            && asked
+                .iter()
+                .all(|q| q.contains("fieldSelector=spec.nodeName%3Dnode-a")),
+        "{asked:?}"
+    );
+}
