@@ -297,7 +297,8 @@ def cli_flags():
     """subcommand -> set of --flags, for the subcommands declared in src/main.rs."""
     main = open(os.path.join(ROOT, "src", "main.rs")).read()
     cmd_dir = os.path.join(ROOT, "src", "cmd")
-    sources = [open(os.path.join(cmd_dir, f)).read() for f in sorted(os.listdir(cmd_dir)) if f.endswith(".rs")]
+    sources = [open(os.path.join(d, f)).read()
+               for d, _, files in sorted(os.walk(cmd_dir)) for f in sorted(files) if f.endswith(".rs")]
     structs = clap_structs(sources)
 
     def flags_of(name, seen=()):
@@ -436,23 +437,36 @@ def check_entries(cluster, path, objs):
     except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as e:
         fail(where, f"not a registration entries file: {e}")
         return
-    uids = set()
+    selector = re.compile(r"unix:(uid|gid):\d+|unix:path:/.+|k8s:(ns|sa|pod-name|pod-uid|container-name|node-name):.+"
+                          r"|k8s:pod-label:[^:]+:.*")
+    given = []  # (spiffe_id, set of selectors)
     for i, e in enumerate(entries):
         sid = e.get("spiffe_id", "")
         if not sid.startswith(f"spiffe://{cluster}.fedmesh.test/") or "/fedmesh/" in sid:
             fail(where, f"entries[{i}]: {sid!r} must be in trust domain {cluster}.fedmesh.test and "
                         "outside /fedmesh/ (reserved for fedmesh's own components)")
-        for s in e.get("selectors", []):
-            if not re.fullmatch(r"unix:(uid|gid):\d+|unix:path:/.+", s):
-                fail(where, f"entries[{i}]: selector {s!r} is not unix:uid:N, unix:gid:N or unix:path:/PATH")
-            if s.startswith("unix:uid:"):
-                uids.add(int(s.split(":")[2]))
-    # The gateway's uid and the injected sidecars' uid need an identity.
+        if re.sub(r"\{(ns|sa)\}", "", sid).count("{") or "}" in re.sub(r"\{(ns|sa)\}", "", sid):
+            fail(where, f"entries[{i}]: {sid!r}: the only placeholders are {{ns}} and {{sa}}")
+        sels = e.get("selectors", [])
+        if not sels:
+            fail(where, f"entries[{i}]: no selectors (every caller would match)")
+        for s in sels:
+            if not selector.fullmatch(s):
+                fail(where, f"entries[{i}]: selector {s!r} is not unix:uid|gid:N, unix:path:/PATH or "
+                            "k8s:ns|sa|pod-name|pod-uid|container-name|node-name:VALUE, k8s:pod-label:KEY:VALUE")
+        given.append((sid, set(sels)))
+    # Injected sidecars (container fedmesh-proxy) get their service account's identity, and the
+    # gateway its own, by its namespace, service account and container.
+    if not any("{sa}" in sid and "k8s:container-name:fedmesh-proxy" in sels for sid, sels in given):
+        fail(where, "no template entry (.../ns/{ns}/sa/{sa}) for container fedmesh-proxy (injected sidecars)")
     gw = [o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "fedmesh-gateway"]
-    gw_uid = gw[0]["spec"]["template"]["spec"].get("securityContext", {}).get("runAsUser") if gw else None
-    for uid, who in ((gw_uid, "the gateway"), (1337, "injected sidecars")):
-        if uid not in uids:
-            fail(where, f"no entry for uid {uid} ({who})")
+    if gw:
+        spec = gw[0]["spec"]["template"]["spec"]
+        want = {f"k8s:ns:{gw[0]['metadata'].get('namespace', 'default')}",
+                f"k8s:sa:{spec.get('serviceAccountName', 'default')}",
+                f"k8s:container-name:{spec['containers'][0]['name']}"}
+        if not any(sels == want for _, sels in given):
+            fail(where, f"no entry for the gateway with selectors {sorted(want)}")
 
 
 def check_image_build():

@@ -5,7 +5,8 @@
 //! - an init container `fedmesh-init` that installs the iptables interception
 //!   (`fedmesh iptables`, NET_ADMIN and NET_RAW, nothing else), and
 //! - a container `fedmesh-proxy` running `fedmesh sidecar --transparent` as uid 1337 (the uid the
-//!   rules exempt), with the node agent's Workload API socket mounted read-only.
+//!   rules exempt), with the node agent's Workload API socket mounted read-only. The agent gives
+//!   it the identity of the pod's service account (it selects the container by name).
 //!
 //! Injecting twice gives the same output as injecting once (the fedmesh parts are replaced, not
 //! added again); `fedmesh.io/inject: disabled` on a pod template leaves it alone. Other objects
