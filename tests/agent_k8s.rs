@@ -300,3 +300,66 @@ fn pods_get_their_service_accounts_identity_and_only_their_proxy_container_does(
         "{asked:?}"
     );
 }
+
+/// Opt-in: the agent's pod watch against a real cluster. Set FEDMESH_TEST_KUBECONFIG (and
+/// FEDMESH_TEST_K8S_NODE, else the first node `kubectl get nodes` names); the agent must list
+/// that node's pods with the kubeconfig's credentials.
+#[test]
+fn agent_pod_watch_against_a_real_cluster_when_configured() {
+    let Ok(kubeconfig) = std::env::var("FEDMESH_TEST_KUBECONFIG") else {
+        eprintln!("skipped: set FEDMESH_TEST_KUBECONFIG to run against a real cluster");
+        return;
+    };
+    let node = std::env::var("FEDMESH_TEST_K8S_NODE").unwrap_or_else(|_| {
+        let out = std::process::Command::new("kubectl")
+            .args(["--kubeconfig", &kubeconfig, "get", "nodes", "-o", "name"])
+            .output()
+            .expect("kubectl");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .expect("the cluster has a node")
+            .trim_start_matches("node/")
+            .to_string()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = d.join("ca");
+    let out = fedmesh(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "east.example",
+        "--dir",
+        ca.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    std::fs::write(
+        d.join("entries.yaml"),
+        "entries:\n  - spiffe_id: spiffe://east.example/ns/{ns}/sa/{sa}\n    selectors: [\"k8s:container-name:fedmesh-proxy\"]\n",
+    )
+    .unwrap();
+    let socket = d.join("agent.sock");
+    let agent = Proc::start_with_env(
+        "agent",
+        &[
+            "agent",
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "--entries",
+            d.join("entries.yaml").to_str().unwrap(),
+            "--k8s-node",
+            &node,
+        ],
+        &[("KUBECONFIG", &kubeconfig)],
+        d,
+    );
+    wait_until(
+        "the agent lists the node's pods",
+        Duration::from_secs(60),
+        || agent.log().contains("listed the pods on this node"),
+    );
+    assert!(!agent.log().contains("failed"), "{}", agent.log());
+}

@@ -193,6 +193,28 @@ fn agent_refuses_to_start_on_bad_entries_and_says_which() {
         err.contains("entry 1") && err.contains("docker:label:x"),
         "{err}"
     );
+
+    // A template without the Kubernetes attestor: nothing would ever expand it.
+    std::fs::write(
+        &entries,
+        "entries:\n  - spiffe_id: spiffe://east.example/ns/{ns}/sa/{sa}\n    selectors: [\"k8s:container-name:proxy\"]\n",
+    )
+    .unwrap();
+    let out = fedmesh(&[
+        "agent",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--socket",
+        dir.path().join("a.sock").to_str().unwrap(),
+        "--entries",
+        entries.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("template") && err.contains("--k8s-node"),
+        "{err}"
+    );
 }
 
 #[test]
