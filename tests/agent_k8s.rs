@@ -1,7 +1,7 @@
 //! The agent's Kubernetes attestation as it runs on a node: `fedmesh agent --k8s-node` watches
 //! the node's pods through an API server (a fake one on loopback: no API server can run here),
 //! and the callers are real processes placed in real cgroups laid out as the kubelet lays them
-//! out (`.../kubepods/besteffort/pod<uid>/<container-id>`), asking for their SVID with the PyPI
+//! out (`/kubepods/besteffort/pod<uid>/<container-id>`), asking for their SVID with the PyPI
 //! `spiffe` client. Needs root and a writable cgroup hierarchy (required in CI, like the
 //! network-namespace tests).
 
@@ -18,13 +18,15 @@ use support::*;
 
 const NODE: &str = "node-a";
 
-/// A cgroup directory tree made for the test, removed at the end.
+/// Cgroups made for the test where the kubelet makes them (`<hierarchy>/kubepods/besteffort/
+/// pod<uid>/<container-id>`), plus one elsewhere; all removed at the end, and only those.
 struct Cgroups {
-    root: PathBuf,
+    base: PathBuf,
+    created: Vec<PathBuf>,
 }
 
 impl Cgroups {
-    /// A writable hierarchy: cgroup v2 at /sys/fs/cgroup, else v1's pids controller.
+    /// A writable hierarchy: cgroup v1's pids controller, else cgroup v2 at /sys/fs/cgroup.
     fn create() -> Result<Self, String> {
         if unsafe { libc::geteuid() } != 0 {
             return Err("not root".into());
@@ -34,39 +36,57 @@ impl Cgroups {
             .map(Path::new)
             .find(|p| p.join("cgroup.procs").exists())
             .ok_or("no cgroup hierarchy at /sys/fs/cgroup")?;
-        let root = base.join(format!("fmtest{}", std::process::id()));
-        std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
-        Ok(Self { root })
+        let mut c = Self {
+            base: base.to_path_buf(),
+            created: Vec::new(),
+        };
+        c.mkdir(&base.join("kubepods/besteffort"))
+            .map_err(|e| format!("{}: {e}", base.display()))?;
+        Ok(c)
+    }
+
+    fn mkdir(&mut self, dir: &Path) -> std::io::Result<()> {
+        let mut missing = Vec::new();
+        let mut d = dir;
+        while !d.exists() {
+            missing.push(d.to_path_buf());
+            d = d.parent().expect("below the hierarchy");
+        }
+        for m in missing.into_iter().rev() {
+            std::fs::create_dir(&m)?;
+            self.created.push(m);
+        }
+        Ok(())
     }
 
     /// The cgroup of a container of a pod, as the kubelet's cgroupfs driver names it.
-    fn container(&self, pod_uid: &str, container_id: &str) -> PathBuf {
+    fn container(&mut self, pod_uid: &str, container_id: &str) -> PathBuf {
         let dir = self
-            .root
+            .base
             .join("kubepods/besteffort")
             .join(format!("pod{pod_uid}"))
             .join(container_id);
-        std::fs::create_dir_all(&dir).unwrap();
+        self.mkdir(&dir).unwrap();
+        dir
+    }
+
+    /// The same names under a cgroup of the test's own, outside the kubelet's.
+    fn lookalike(&mut self, pod_uid: &str, container_id: &str) -> PathBuf {
+        let dir = self
+            .base
+            .join(format!("fmtest{}", std::process::id()))
+            .join("kubepods/besteffort")
+            .join(format!("pod{pod_uid}"))
+            .join(container_id);
+        self.mkdir(&dir).unwrap();
         dir
     }
 }
 
 impl Drop for Cgroups {
     fn drop(&mut self) {
-        // Leaves first; a cgroup is removed with rmdir once it has no processes.
-        let mut dirs: Vec<PathBuf> = Vec::new();
-        let mut stack = vec![self.root.clone()];
-        while let Some(d) = stack.pop() {
-            if let Ok(rd) = std::fs::read_dir(&d) {
-                for e in rd.flatten() {
-                    if e.file_type().is_ok_and(|t| t.is_dir()) {
-                        stack.push(e.path());
-                    }
-                }
-            }
-            dirs.push(d);
-        }
-        for d in dirs.iter().rev() {
+        // Deepest first; a cgroup is removed with rmdir once it has no processes.
+        for d in self.created.iter().rev() {
             let _ = std::fs::remove_dir(d);
         }
     }
@@ -140,7 +160,7 @@ fn cid(n: u8) -> String {
 
 #[test]
 fn pods_get_their_service_accounts_identity_and_only_their_proxy_container_does() {
-    let cgroups = match Cgroups::create() {
+    let mut cgroups = match Cgroups::create() {
         Ok(c) => c,
         Err(why) => {
             skip_unavailable(why);
@@ -261,6 +281,17 @@ fn pods_get_their_service_accounts_identity_and_only_their_proxy_container_does(
             .as_str()
             .is_some_and(|e| e.contains("no identity issued")),
         "{got}"
+    );
+    // The proxy's pod and container IDs, in a cgroup made to look like the kubelet's
+    // elsewhere: refused, with the reason in the log.
+    let got = fetch_svid(&socket, Some(&cgroups.lookalike(api_uid, &api_proxy)));
+    assert!(got["error"].is_string(), "{got}");
+    assert!(
+        agent
+            .log()
+            .contains("is not a pod's as the kubelet makes them"),
+        "{}",
+        agent.log()
     );
     // A pod of another node, and a process in no pod: nothing.
     let got = fetch_svid(&socket, Some(&cgroups.container(other_uid, &other_proxy)));

@@ -139,7 +139,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         None => None,
     };
     let listener = workload::bind_socket(&args.socket)?;
-    let cache = SvidCache::new(signer, expand_entries(&file, &pods.snapshot()));
+    let cache = SvidCache::new(signer, expand_entries(&file, &pods.snapshot()).0);
     tokio::spawn(cache.clone().run(shutdown.clone().cancelled_owned()));
     let (file_tx, file_rx) = watch::channel(Arc::new(file));
     tokio::spawn(watch_entries(
@@ -196,13 +196,19 @@ async fn keep_entries(
         .iter()
         .map(|e| (**e).clone())
         .collect::<Vec<_>>();
+    let mut reported = std::collections::BTreeSet::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             r = file.changed() => if r.is_err() { return },
             r = pod_changes.changed() => if r.is_err() { return },
         }
-        let entries = expand_entries(&file.borrow_and_update(), &pod_changes.borrow_and_update());
+        let (entries, problems) =
+            expand_entries(&file.borrow_and_update(), &pod_changes.borrow_and_update());
+        for p in problems.difference(&reported) {
+            tracing::warn!(problem = %p, "a service account gets no identity from a template");
+        }
+        reported = problems;
         if entries != last {
             tracing::info!(count = entries.len(), "registration entries changed");
             last = entries.clone();

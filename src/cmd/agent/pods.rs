@@ -1,6 +1,6 @@
 //! The pods on this node, watched through the API server for the Kubernetes attestor
-//! (`fedmesh agent --k8s-node`). Needs `get`, `list` and `watch` on pods (a ClusterRole; the
-//! field selector keeps it to this node's pods).
+//! (`fedmesh agent --k8s-node`). Needs `list` and `watch` on pods (a ClusterRole; the field
+//! selector keeps it to this node's pods).
 
 use fedmesh_trust::workload::{PodIndex, PodInfo};
 use futures::StreamExt;
@@ -25,16 +25,24 @@ pub async fn watch(client: Client, node: String, index: PodIndex, shutdown: Canc
         match event {
             None => return,
             Some(Ok(Event::Init)) => listing.clear(),
-            Some(Ok(Event::InitApply(pod))) => listing.extend(pod_info(&pod)),
+            Some(Ok(Event::InitApply(pod))) => listing.extend(pod_info(&pod, &node)),
             Some(Ok(Event::InitDone)) => {
-                tracing::info!(node = %node, pods = listing.len(), "listed the pods on this node");
+                if listing.is_empty() {
+                    tracing::warn!(node = %node, "no running pods are bound to this node: is --k8s-node the node's name (spec.nodeName)?");
+                } else {
+                    tracing::info!(node = %node, pods = listing.len(), "listed the pods on this node");
+                }
                 index.replace(std::mem::take(&mut listing));
             }
-            Some(Ok(Event::Apply(pod))) => {
-                if let Some(info) = pod_info(&pod) {
-                    index.upsert(info);
+            Some(Ok(Event::Apply(pod))) => match pod_info(&pod, &node) {
+                Some(info) => index.upsert(info),
+                // Finished, or not (any longer) on this node.
+                None => {
+                    if let Some(uid) = pod.metadata.uid.as_deref() {
+                        index.remove(uid);
+                    }
                 }
-            }
+            },
             Some(Ok(Event::Delete(pod))) => {
                 if let Some(uid) = pod.metadata.uid.as_deref() {
                     index.remove(uid);
@@ -47,11 +55,22 @@ pub async fn watch(client: Client, node: String, index: PodIndex, shutdown: Canc
     }
 }
 
-/// What the attestor needs of a pod; `None` for a pod without a UID (never from a real server).
-pub fn pod_info(pod: &Pod) -> Option<PodInfo> {
+/// What the attestor needs of a pod bound to `node` that has not finished; `None` for any other
+/// (a pod another node runs, should a server ignore the field selector; a pod that Succeeded
+/// or Failed, whose service account must not keep an identity here for it; a pod without a UID).
+pub fn pod_info(pod: &Pod, node: &str) -> Option<PodInfo> {
     let meta = &pod.metadata;
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
+    if spec.and_then(|s| s.node_name.as_deref()) != Some(node) {
+        return None;
+    }
+    if status
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed")
+    {
+        return None;
+    }
     let containers = status
         .into_iter()
         .flat_map(|s| {

@@ -316,9 +316,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRewrite<S> {
 fedmesh_api::delegate_async_write!(AuthorityRewrite);
 
 impl tonic::transport::server::Connected for AuthorityRewrite<tokio::net::UnixStream> {
-    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
+    type ConnectInfo = super::attest::PeerInfo;
+    /// Called once, when the connection is accepted: the peer's pidfd is taken then.
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        use std::os::fd::AsFd;
+        let uds = self.inner.connect_info();
+        let pid = uds.peer_cred.and_then(|c| c.pid());
+        super::attest::PeerInfo {
+            process: super::attest::PeerProcess::of(self.inner.as_fd(), pid),
+            uds,
+        }
     }
 }
 

@@ -13,9 +13,9 @@
 //! ```
 //! A caller matches an entry when it has *every* selector of the entry. Kubernetes selectors
 //! are `k8s:ns:`, `k8s:sa:`, `k8s:pod-name:`, `k8s:pod-uid:`, `k8s:pod-label:KEY:VALUE`,
-//! `k8s:container-name:` and `k8s:node-name:`. An ID with `{ns}` and/or `{sa}` is a template: it
-//! stands for one entry per namespace / service account of the pods on the node, each with the
-//! template's selectors plus `k8s:ns:NS` / `k8s:sa:SA`.
+//! `k8s:container-name:` and `k8s:node-name:`. An ID with `{ns}` and `{sa}` (each a whole path
+//! segment) is a template: it stands for one entry per service account with pods on the node,
+//! each with the template's selectors plus `k8s:ns:NS` and `k8s:sa:SA`.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -115,8 +115,8 @@ impl RegistrationEntry {
     }
 }
 
-/// An entry whose SPIFFE ID has `{ns}` and/or `{sa}` placeholders, expanded per pod (see the
-/// module's documentation).
+/// An entry whose SPIFFE ID has `{ns}` and `{sa}` placeholders, expanded per service account
+/// (see the module's documentation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryTemplate {
     pub spiffe_id: String,
@@ -274,6 +274,21 @@ pub fn parse_entry_file(
                     "the only placeholders an ID may have are {ns} and {sa}".into(),
                 ));
             }
+            // Both, each a whole path segment: otherwise two service accounts could get one ID
+            // (`sa/{sa}` across namespaces, `{ns}-{sa}` for a-b/c and a/b-c).
+            let path = raw
+                .spiffe_id
+                .strip_prefix("spiffe://")
+                .and_then(|r| r.split_once('/'))
+                .map_or("", |(_, p)| p);
+            let segments: Vec<&str> = path.split('/').collect();
+            for p in TEMPLATE_PLACEHOLDERS {
+                if segments.iter().filter(|s| *s == p).count() != 1 {
+                    return Err(err(format!(
+                        "a template needs {{ns}} and {{sa}}, each once as a whole path segment (like spiffe://{trust_domain}/ns/{{ns}}/sa/{{sa}}), so that no two service accounts share an ID"
+                    )));
+                }
+            }
             raw.spiffe_id.replace("{ns}", "ns").replace("{sa}", "sa")
         } else {
             raw.spiffe_id.clone()
@@ -409,8 +424,16 @@ mod tests {
                 "placeholders",
             ),
             (
-                "entries:\n  - spiffe_id: spiffe://east.example/ns/{ns}\n    selectors: [\"k8s:ns:a\"]\n",
+                "entries:\n  - spiffe_id: spiffe://east.example/ns/{ns}/sa/{sa}\n    selectors: [\"k8s:ns:a\"]\n",
                 "--k8s-node",
+            ),
+            (
+                "entries:\n  - spiffe_id: spiffe://east.example/sa/{sa}\n    selectors: [\"k8s:ns:a\"]\n",
+                "whole path segment",
+            ),
+            (
+                "entries:\n  - spiffe_id: spiffe://east.example/{ns}-{sa}\n    selectors: [\"k8s:ns:a\"]\n",
+                "whole path segment",
             ),
             (
                 "entries:\n  - spiffe_id: spiffe://east.example/x\n    selectors: [\"unix:uid:abc\"]\n",

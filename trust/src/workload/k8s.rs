@@ -70,36 +70,97 @@ pub struct PodRef {
     pub container_id: Option<String>,
 }
 
-/// Finds the pod UID and container ID in the contents of `/proc/<pid>/cgroup`, for the layouts
-/// the kubelet creates: cgroupfs (`/kubepods/burstable/pod<uid>/<id>`) and systemd
+/// What a process's cgroup paths say of its pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupPod {
+    /// No path mentions the kubelet's cgroups: a process outside any pod.
+    NotInPod,
+    Pod(PodRef),
+    /// A path mentions the kubelet's cgroups but not in a layout the kubelet makes: refused
+    /// rather than guessed (a cgroup made to look like a pod's must not pass as one).
+    Unrecognized(String),
+}
+
+/// The cgroups the kubelet nests pods under, from the root of the hierarchy down: cgroupfs
+/// (`/kubepods/burstable`), systemd (`/kubepods.slice/kubepods-burstable.slice`), kind on cgroup
+/// v1 (`/kubelet/kubepods`) and v2 (`/kubelet.slice/kubelet-kubepods.slice`).
+const KUBELET_ANCESTORS: &[&str] = &[
+    "kubelet",
+    "kubepods",
+    "besteffort",
+    "burstable",
+    "kubepods.slice",
+    "kubepods-besteffort.slice",
+    "kubepods-burstable.slice",
+    "kubelet.slice",
+    "kubelet-kubepods.slice",
+    "kubelet-kubepods-besteffort.slice",
+    "kubelet-kubepods-burstable.slice",
+];
+
+/// Reads the pod UID and container ID from the contents of `/proc/<pid>/cgroup`, for the
+/// layouts the kubelet creates: cgroupfs (`/kubepods/burstable/pod<uid>/<id>`) and systemd
 /// (`/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_with_underscores>.slice/
-/// cri-containerd-<id>.scope`), under cgroup v1 or v2, nested (kind's `/kubelet.slice/...`) or
-/// relative to a cgroup namespace (`/../..`). `None` for a process outside any pod.
-pub fn pod_from_cgroup(text: &str) -> Option<PodRef> {
+/// cri-containerd-<id>.scope`), under cgroup v1 or v2, kind's, or seen from the agent's cgroup
+/// namespace (`/../../kubepods-burstable.slice/...`). A path must run from the hierarchy's root
+/// (or from above the agent's own cgroup) through the kubelet's cgroups only, to the pod and
+/// at most one container below it; every hierarchy naming a pod must name the same pod and
+/// container.
+pub fn pod_from_cgroup(text: &str) -> CgroupPod {
     let mut found: Option<PodRef> = None;
     for line in text.lines() {
         // hierarchy-id:controllers:path; the path may itself contain ':'.
         let Some(path) = line.splitn(3, ':').nth(2) else {
             continue;
         };
-        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        let Some(pod_at) = segments.iter().rposition(|s| pod_uid_in(s).is_some()) else {
+        if !path.contains("kubepods") {
             continue;
-        };
-        let pod_uid = pod_uid_in(segments[pod_at])?;
-        let container_id = segments.get(pod_at + 1).and_then(|s| container_id_in(s));
-        let this = PodRef {
-            pod_uid,
-            container_id,
+        }
+        let this = match pod_in_path(path) {
+            Ok(p) => p,
+            Err(reason) => return CgroupPod::Unrecognized(format!("{path}: {reason}")),
         };
         match &found {
-            // Lines disagreeing on the pod: refuse to guess.
-            Some(f) if f.pod_uid != this.pod_uid => return None,
-            Some(f) if f.container_id.is_some() => {}
+            Some(f) if *f != this => {
+                return CgroupPod::Unrecognized(format!(
+                    "its cgroup hierarchies disagree on its pod or container ({} / {:?} and {} / {:?})",
+                    f.pod_uid, f.container_id, this.pod_uid, this.container_id
+                ));
+            }
             _ => found = Some(this),
         }
     }
-    found
+    found.map_or(CgroupPod::NotInPod, CgroupPod::Pod)
+}
+
+fn pod_in_path(path: &str) -> Result<PodRef, String> {
+    let mut segments = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .skip_while(|s| *s == "..")
+        .peekable();
+    while segments
+        .next_if(|s| KUBELET_ANCESTORS.contains(s))
+        .is_some()
+    {}
+    let pod = segments.next().ok_or("no pod cgroup below the kubelet's")?;
+    let pod_uid = pod_uid_in(pod).ok_or_else(|| {
+        format!("{pod:?} is not a pod's cgroup (static pods, named by a hash, are not attested)")
+    })?;
+    let container_id = match segments.next() {
+        None => None,
+        Some(c) if c.contains("conmon") => None,
+        Some(c) => {
+            Some(container_id_in(c).ok_or_else(|| format!("{c:?} is not a container's cgroup"))?)
+        }
+    };
+    if let Some(extra) = segments.next() {
+        return Err(format!("unexpected cgroup {extra:?} below the container"));
+    }
+    Ok(PodRef {
+        pod_uid,
+        container_id,
+    })
 }
 
 /// The pod UID in a segment like `pod<uid>` or `kubepods-besteffort-pod<uid_>.slice`.
@@ -110,8 +171,10 @@ fn pod_uid_in(segment: &str) -> Option<String> {
         if let Some(candidate) = segment.get(start..start + 36)
             && is_uuid(candidate)
         {
-            let rest = &segment[start + 36..];
-            if rest.is_empty() || rest == ".slice" {
+            let (before, rest) = (&segment[..start - 3], &segment[start + 36..]);
+            let cgroupfs = before.is_empty() && rest.is_empty();
+            let systemd = rest == ".slice" && (before.ends_with('-'));
+            if cgroupfs || systemd {
                 return Some(candidate.replace('_', "-").to_ascii_lowercase());
             }
         }
@@ -133,9 +196,6 @@ fn is_uuid(s: &str) -> bool {
 /// container.
 fn container_id_in(segment: &str) -> Option<String> {
     let s = segment.strip_suffix(".scope").unwrap_or(segment);
-    if s.contains("conmon") {
-        return None;
-    }
     let id = s.rsplit('-').next()?;
     (id.len() == 64 && id.chars().all(|c| c.is_ascii_hexdigit())).then(|| id.to_ascii_lowercase())
 }
@@ -205,13 +265,15 @@ impl PodIndex {
 }
 
 /// The concrete entries: the file's fixed entries, and its templates expanded for every
-/// namespace and service account of the pods on the node. A pod whose names do not make a valid
-/// ID is skipped with a warning; duplicates are dropped.
+/// service account with pods on the node. A service account whose names do not make a valid ID
+/// gets none; the reasons are returned for the caller to report (once, not on every change).
+/// Duplicates are dropped.
 pub fn expand_entries(
     file: &EntryFile,
     pods: &BTreeMap<String, Arc<PodInfo>>,
-) -> Vec<RegistrationEntry> {
+) -> (Vec<RegistrationEntry>, BTreeSet<String>) {
     let mut out = file.entries.clone();
+    let mut problems = BTreeSet::new();
     let mut seen: BTreeSet<String> = out.iter().map(|e| e.key()).collect();
     let accounts: BTreeSet<(&str, &str)> = pods
         .values()
@@ -226,12 +288,12 @@ pub fn expand_entries(
                     }
                 }
                 Err(reason) => {
-                    tracing::warn!(template = %t.spiffe_id, namespace = ns, service_account = sa, %reason, "pods of this service account get no identity from the template")
+                    problems.insert(format!("{}: {ns}/{sa}: {reason}", t.spiffe_id));
                 }
             }
         }
     }
-    out
+    (out, problems)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -240,6 +302,14 @@ pub enum AttestError {
         "the caller runs in pod {pod_uid}, which this agent does not know after {waited:?} (check the agent's pod watch: its RBAC, its --k8s-node)"
     )]
     UnknownPod { pod_uid: String, waited: Duration },
+    #[error(
+        "the caller's pid is not visible to the agent: it runs in another PID namespace (run the agent in the host's, hostPID: true)"
+    )]
+    NoPid,
+    #[error("cannot read /proc/{pid}/cgroup: {reason}")]
+    Unreadable { pid: i32, reason: String },
+    #[error("the caller's cgroup is not a pod's as the kubelet makes them: {0}")]
+    Unrecognized(String),
 }
 
 /// Adds `k8s:*` selectors to callers that run in a pod on this node.
@@ -265,18 +335,24 @@ impl K8sAttestor {
         &self.pods
     }
 
-    /// The caller's `k8s:*` selectors: none for a process outside any pod (or whose pid this
-    /// agent cannot see), the pod's for a process in a known pod. A pod that stays unknown for
-    /// the wait is an error, so the caller is refused rather than given a non-pod identity.
+    /// The caller's `k8s:*` selectors: none for a process outside any pod, the pod's for a
+    /// process in a known pod. Anything unsure is an error, so the caller is refused rather than
+    /// taken for a process outside any pod: a pid the agent cannot see (no hostPID), a cgroup it
+    /// cannot read or that looks like the kubelet's without being a pod's, a pod that stays
+    /// unknown for the wait.
     pub async fn selectors(&self, pid: Option<i32>) -> Result<BTreeSet<Selector>, AttestError> {
-        let Some(pid) = pid.filter(|p| *p > 0) else {
-            return Ok(BTreeSet::new());
-        };
-        let Ok(text) = std::fs::read_to_string(self.proc_root.join(format!("{pid}/cgroup"))) else {
-            return Ok(BTreeSet::new());
-        };
-        let Some(pod) = pod_from_cgroup(&text) else {
-            return Ok(BTreeSet::new());
+        let pid = pid.filter(|p| *p > 0).ok_or(AttestError::NoPid)?;
+        let text =
+            std::fs::read_to_string(self.proc_root.join(format!("{pid}/cgroup"))).map_err(|e| {
+                AttestError::Unreadable {
+                    pid,
+                    reason: e.to_string(),
+                }
+            })?;
+        let pod = match pod_from_cgroup(&text) {
+            CgroupPod::NotInPod => return Ok(BTreeSet::new()),
+            CgroupPod::Unrecognized(reason) => return Err(AttestError::Unrecognized(reason)),
+            CgroupPod::Pod(pod) => pod,
         };
         let mut changes = self.pods.subscribe();
         let deadline = tokio::time::Instant::now() + self.wait;
@@ -317,13 +393,20 @@ mod tests {
     const UID: &str = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
     const CID: &str = "4c0e4d5bdc8c2a7c1b1f0c3c0a9d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d";
 
+    fn pod_ref(container: Option<&str>) -> CgroupPod {
+        CgroupPod::Pod(PodRef {
+            pod_uid: UID.into(),
+            container_id: container.map(str::to_string),
+        })
+    }
+
     #[test]
     fn cgroup_layouts_of_the_kubelet_are_understood() {
         let under = UID.replace('-', "_");
         let cases = [
-            // cgroup v1, cgroupfs driver.
+            // cgroup v1, cgroupfs driver: every hierarchy names the container.
             format!(
-                "12:pids:/kubepods/burstable/pod{UID}/{CID}\n1:name=systemd:/kubepods/burstable/pod{UID}/{CID}\n"
+                "12:pids:/kubepods/burstable/pod{UID}/{CID}\n11:rdma:/\n1:name=systemd:/kubepods/burstable/pod{UID}/{CID}\n"
             ),
             // cgroup v1, systemd driver, containerd.
             format!(
@@ -333,54 +416,68 @@ mod tests {
             format!(
                 "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{under}.slice/crio-{CID}.scope\n"
             ),
-            // kind: the node's kubelet nests under kubelet.slice, seen from a cgroup namespace.
+            // kind on cgroup v2, seen from the agent's cgroup namespace.
             format!(
                 "0::/../../kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod{under}.slice/cri-containerd-{CID}.scope\n"
             ),
-            // Guaranteed QoS, docker.
+            format!("0::/../../kubepods-besteffort-pod{under}.slice/cri-containerd-{CID}.scope\n"),
+            // kind on cgroup v1 (cgroup root /kubelet); Guaranteed QoS with docker.
+            format!("3:cpu:/kubelet/kubepods/besteffort/pod{UID}/{CID}\n"),
             format!("0::/kubepods.slice/kubepods-pod{under}.slice/docker-{CID}.scope\n"),
         ];
         for text in cases {
-            assert_eq!(
-                pod_from_cgroup(&text),
-                Some(PodRef {
-                    pod_uid: UID.into(),
-                    container_id: Some(CID.into())
-                }),
-                "{text}"
-            );
+            assert_eq!(pod_from_cgroup(&text), pod_ref(Some(CID)), "{text}");
         }
         // The pod's own cgroup (no container), or its runtime monitor: the pod, no container.
         for text in [
             format!("0::/kubepods/pod{UID}\n"),
             format!("0::/kubepods.slice/kubepods-pod{under}.slice/crio-conmon-{CID}.scope\n"),
         ] {
-            assert_eq!(
-                pod_from_cgroup(&text),
-                Some(PodRef {
-                    pod_uid: UID.into(),
-                    container_id: None
-                })
-            );
+            assert_eq!(pod_from_cgroup(&text), pod_ref(None), "{text}");
         }
     }
 
     #[test]
-    fn processes_outside_pods_and_odd_paths_have_no_pod() {
-        let other = "2b4e28ba-2fa1-11d2-883f-0016d3cca427";
+    fn processes_outside_pods_have_no_pod() {
         for text in [
-            "0::/\n".to_string(),
-            "0::/system.slice/containerd.service\n".into(),
-            "0::/user.slice/user-1000.slice/session-2.scope\n".into(),
-            "0::/kubepods/podnot-a-uid/x\n".into(),
-            format!("0::/kubepods/pod{UID}x/{CID}\n"),
-            // Two hierarchies naming different pods: no guess.
-            format!("1:pids:/kubepods/pod{UID}/{CID}\n0::/kubepods/pod{other}/{CID}\n"),
-            String::new(),
-            "garbage".into(),
-            "\u{0}:::\n::\n".into(),
+            "0::/\n",
+            "0::/system.slice/containerd.service\n",
+            "0::/user.slice/user-1000.slice/session-2.scope\n",
+            "",
+            "garbage",
+            "\u{0}:::\n::\n",
         ] {
-            assert_eq!(pod_from_cgroup(&text), None, "{text:?}");
+            assert_eq!(pod_from_cgroup(text), CgroupPod::NotInPod, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn cgroups_made_to_look_like_a_pods_are_refused() {
+        let other = "2b4e28ba-2fa1-11d2-883f-0016d3cca427";
+        let cases = [
+            // A pod's path under a cgroup a user or a container may create.
+            format!("0::/user.slice/user-1000.slice/kubepods/besteffort/pod{UID}/{CID}\n"),
+            format!("0::/fmtest1/kubepods/pod{UID}/{CID}\n"),
+            format!("0::/kubepods/pod{UID}/{CID}/nested\n"),
+            format!("0::/kubepods/burstable/pod{UID}/evil/{CID}\n"),
+            format!("0::/kubepods/xpod{UID}/{CID}\n"),
+            format!("0::/kubepods/pod{UID}x/{CID}\n"),
+            "0::/kubepods/podnot-a-uid/x\n".into(),
+            // A static pod: its cgroup is named by a hash, not the mirror pod's UID.
+            "0::/kubepods/besteffort/pod0123456789abcdef0123456789abcdef/x\n".into(),
+            // Hierarchies naming different pods, or different containers of one pod.
+            format!("1:pids:/kubepods/pod{UID}/{CID}\n0::/kubepods/pod{other}/{CID}\n"),
+            format!(
+                "1:pids:/kubepods/pod{UID}/{CID}\n0::/kubepods/pod{UID}/{}\n",
+                "a".repeat(64)
+            ),
+        ];
+        for text in cases {
+            assert!(
+                matches!(pod_from_cgroup(&text), CgroupPod::Unrecognized(_)),
+                "{text}: {:?}",
+                pod_from_cgroup(&text)
+            );
         }
     }
 
@@ -408,6 +505,7 @@ mod tests {
         let index = PodIndex::new();
         let ids = |index: &PodIndex| -> Vec<String> {
             expand_entries(&file, &index.snapshot())
+                .0
                 .iter()
                 .map(|e| e.spiffe_id.to_string())
                 .collect()
@@ -457,10 +555,13 @@ mod tests {
         let index = PodIndex::new();
         let mut a = K8sAttestor::new(index.clone(), Duration::from_millis(300));
         a.proc_root = dir.path().to_path_buf();
-        // Not a pod, or no pid: no k8s selectors, no error.
+        // Not in a pod: no k8s selectors, no error.
         assert!(a.selectors(Some(43)).await.unwrap().is_empty());
-        assert!(a.selectors(None).await.unwrap().is_empty());
-        assert!(a.selectors(Some(999_999)).await.unwrap().is_empty());
+        // A pid the agent cannot see, or whose cgroup it cannot read: refused, not "no pod".
+        let err = a.selectors(None).await.unwrap_err().to_string();
+        assert!(err.contains("hostPID"), "{err}");
+        let err = a.selectors(Some(999_999)).await.unwrap_err().to_string();
+        assert!(err.contains("/proc/999999/cgroup"), "{err}");
         // A pod the index never learns of: refused.
         let err = a.selectors(Some(42)).await.unwrap_err().to_string();
         assert!(err.contains(UID) && err.contains("RBAC"), "{err}");

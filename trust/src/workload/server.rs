@@ -5,7 +5,7 @@
 //! credentials against the registration entries. A caller that matches no entry gets
 //! `PermissionDenied` and nothing else.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,13 +16,12 @@ use tokio::net::UnixListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
-use super::attest::Caller;
+use super::attest::{Caller, PeerInfo};
 use super::authority::AuthorityRewrite;
 use super::cache::SvidCache;
-use super::entries::RegistrationEntry;
+use super::entries::{RegistrationEntry, Selector};
 use super::k8s::K8sAttestor;
 use crate::bundle::BundleSet;
 use crate::jwt;
@@ -33,6 +32,13 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
 /// How long a caller in a pod waits for entry templates to be expanded for its pod.
 const TEMPLATE_EXPANSION_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// An attested caller: its selectors (kept for the life of a stream, so entries that change are
+/// matched again) and the entries it matched.
+struct Attested {
+    selectors: Arc<BTreeSet<Selector>>,
+    entries: Vec<Arc<RegistrationEntry>>,
+}
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -64,8 +70,9 @@ impl WorkloadApi {
         SpiffeWorkloadApiServer::new(self)
     }
 
-    /// Checks the security header and returns the entries the caller is entitled to.
-    async fn attest<T>(&self, req: &Request<T>) -> Result<Vec<Arc<RegistrationEntry>>, Status> {
+    /// Checks the security header, attests the caller and returns its selectors with the
+    /// entries they match now (at least one).
+    async fn attest<T>(&self, req: &Request<T>) -> Result<Attested, Status> {
         match req.metadata().get(SECURITY_HEADER).map(|v| v.to_str()) {
             Some(Ok("true")) => {}
             _ => {
@@ -74,19 +81,19 @@ impl WorkloadApi {
                 ));
             }
         }
-        let cred = req
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-            .ok_or_else(|| {
-                tracing::warn!("Workload API call without Unix peer credentials");
-                Status::permission_denied("no identity issued")
-            })?;
+        let denied = || Status::permission_denied("no identity issued");
+        let peer = req.extensions().get::<PeerInfo>();
+        let cred = peer.and_then(|i| i.uds.peer_cred).ok_or_else(|| {
+            tracing::warn!("Workload API call without Unix peer credentials");
+            denied()
+        })?;
         let caller = Caller {
             uid: cred.uid(),
             gid: cred.gid(),
             pid: cred.pid(),
         };
+        // Subscribed before anything is matched, so no change of the entries is missed.
+        let mut changes = self.cache.subscribe();
         let mut selectors = caller.selectors();
         let mut in_pod = false;
         if let Some(k8s) = &self.k8s {
@@ -97,37 +104,57 @@ impl WorkloadApi {
                 }
                 Err(e) => {
                     tracing::warn!(uid = caller.uid, pid = ?caller.pid, error = %e, "Workload API caller refused");
-                    return Err(Status::permission_denied("no identity issued"));
+                    return Err(denied());
                 }
             }
         }
-        let matching = || -> Vec<_> {
-            self.cache
-                .entries()
-                .iter()
-                .filter(|e| e.matches(&selectors))
-                .cloned()
-                .collect()
-        };
-        let mut matched = matching();
+        // What was read from /proc/<pid> must have been the caller's: its process still lives,
+        // so the pid was not reused by another one meanwhile.
+        let uses_proc = in_pod || selectors.iter().any(|s| matches!(s, Selector::UnixPath(_)));
+        if uses_proc {
+            match peer.and_then(|i| i.process.as_ref()) {
+                Some(p) if p.alive() => {}
+                Some(_) => {
+                    tracing::warn!(uid = caller.uid, pid = ?caller.pid, "Workload API caller refused: the process that connected has exited (its connection is used by another)");
+                    return Err(denied());
+                }
+                None => {
+                    tracing::warn!(uid = caller.uid, pid = ?caller.pid, "Workload API caller refused: no handle on the calling process (pidfd needs Linux 5.3), so what /proc says of its pid cannot be trusted");
+                    return Err(denied());
+                }
+            }
+        }
+        let mut matched = self.matching(&selectors);
         if matched.is_empty() && in_pod {
             // The pod may have just been learned of: its templated entry follows in a moment.
-            let mut changes = self.cache.subscribe();
             let deadline = tokio::time::Instant::now() + TEMPLATE_EXPANSION_WAIT;
             while matched.is_empty()
                 && tokio::time::timeout_at(deadline, changes.changed())
                     .await
                     .is_ok_and(|r| r.is_ok())
             {
-                matched = matching();
+                matched = self.matching(&selectors);
             }
         }
         if matched.is_empty() {
             let selectors: Vec<String> = selectors.iter().map(|s| s.to_string()).collect();
             tracing::info!(uid = caller.uid, gid = caller.gid, pid = ?caller.pid, exe = ?caller.exe(), ?selectors, "Workload API caller matches no registration entry");
-            return Err(Status::permission_denied("no identity issued"));
+            return Err(denied());
         }
-        Ok(matched)
+        Ok(Attested {
+            selectors: Arc::new(selectors),
+            entries: matched,
+        })
+    }
+
+    /// The entries `selectors` match now.
+    fn matching(&self, selectors: &BTreeSet<Selector>) -> Vec<Arc<RegistrationEntry>> {
+        self.cache
+            .entries()
+            .iter()
+            .filter(|e| e.matches(selectors))
+            .cloned()
+            .collect()
     }
 
     fn x509_response(&self, entries: &[Arc<RegistrationEntry>]) -> Option<X509svidResponse> {
@@ -209,12 +236,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let entries = self.attest(&request).await?;
+        let selectors = self.attest(&request).await?.selectors;
         let me = self.clone();
+        // Matched again on every change: a reloaded entries file or a template expanded for
+        // this pod reaches open streams.
         Ok(Response::new(change_stream(
             &self.cache,
             self.closing.clone(),
-            move || me.x509_response(&entries),
+            move || me.x509_response(&me.matching(&selectors)),
         )))
     }
 
@@ -240,7 +269,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        let entries = self.attest(&request).await?;
+        let entries = self.attest(&request).await?.entries;
         let req = request.into_inner();
         if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
             return Err(Status::invalid_argument("audience must be specified"));
