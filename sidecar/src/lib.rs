@@ -14,6 +14,7 @@
 //! healthy endpoint (zone, then region, then other clusters), weighted cross-cluster splits,
 //! outlier ejection, and retries on another endpoint when an attempt never reached the app.
 
+pub mod coalesce;
 pub mod dest;
 mod inbound;
 pub mod net;

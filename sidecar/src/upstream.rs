@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::coalesce::Coalesce;
 use bytes::Bytes;
 use fedmesh_api::TrustDomain;
 use fedmesh_dataplane::balance::Target;
@@ -186,7 +187,7 @@ impl Upstreams {
             .initial_stream_window_size(1024 * 1024)
             .initial_connection_window_size(4 * 1024 * 1024)
             .max_header_list_size(64 * 1024)
-            .handshake(TokioIo::new(tls))
+            .handshake(TokioIo::new(Coalesce::new(tls)))
             .await
             .map_err(|e| UpstreamError::H2 {
                 addr: addr.clone(),
