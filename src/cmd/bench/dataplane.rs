@@ -131,10 +131,10 @@ where
     anyhow::bail!("timed out waiting for {what}")
 }
 
-/// VmRSS and VmHWM of a process, in KiB.
-fn memory(pid: u32) -> (u64, u64) {
-    let v = super::status_kib(pid, &["VmRSS:", "VmHWM:"]);
-    (v[0], v[1])
+/// VmRSS, VmHWM, RssAnon and RssFile of a process, in KiB.
+fn memory(pid: u32) -> (u64, u64, u64, u64) {
+    let v = super::status_kib(pid, &["VmRSS:", "VmHWM:", "RssAnon:", "RssFile:"]);
+    (v[0], v[1], v[2], v[3])
 }
 
 fn cpu_seconds(pids: &[u32]) -> f64 {
@@ -505,14 +505,18 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
             }
         }
     }
-    println!("\n  proxy memory after the runs (RSS / peak RSS):");
+    println!(
+        "\n  proxy memory after the runs (RSS / peak RSS; of the RSS, private anonymous memory and\n  file-backed pages, mostly the fedmesh binary's code, shared by every process running it):"
+    );
     for proc in [&s1, &s2, &s3, &g] {
-        let (rss, hwm) = memory(proc.pid());
+        let (rss, hwm, anon, file) = memory(proc.pid());
         println!(
-            "    {:<22} {:>6.1} MiB / {:>6.1} MiB",
+            "    {:<22} {:>6.1} MiB / {:>6.1} MiB   anon {:>5.1} MiB, file {:>5.1} MiB",
             proc.name,
             rss as f64 / 1024.0,
-            hwm as f64 / 1024.0
+            hwm as f64 / 1024.0,
+            anon as f64 / 1024.0,
+            file as f64 / 1024.0
         );
         report.memory.push((proc.name, rss, hwm));
     }
