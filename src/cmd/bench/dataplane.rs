@@ -728,7 +728,14 @@ impl Report {
             println!(
                 "    cross-cluster path adds ≤ 0.5 ms p99 at the fixed rate ({proto}): {:+.3} ms — {}",
                 p99 * 1e3,
-                if p99 <= 0.0005 { "met" } else { "NOT met" }
+                if p99 < 0.0 {
+                    // The direct baseline's tail was hit by something else on the machine.
+                    "inconclusive: the direct path's p99 was worse than the proxied one (noise); re-run"
+                } else if p99 <= 0.0005 {
+                    "met"
+                } else {
+                    "NOT met"
+                }
             );
         }
         let sidecar_max = self
