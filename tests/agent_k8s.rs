@@ -134,6 +134,38 @@ fn fetch_svid(socket: &Path, cgroup: Option<&Path>) -> Value {
     })
 }
 
+/// A local CA in `dir` and `fedmesh agent --k8s-node NODE` with it, talking to the API server of
+/// `kubeconfig`, with one template entry: each service account's identity for its pods'
+/// `fedmesh-proxy` containers. Returns the agent and its socket once it serves.
+fn start_k8s_agent(dir: &Path, node: &str, kubeconfig: &str, extra: &[&str]) -> (Proc, PathBuf) {
+    let ca = dir.join("ca");
+    ca_init(&ca, "east.example", &[]);
+    std::fs::write(
+        dir.join("entries.yaml"),
+        "entries:\n  - spiffe_id: spiffe://east.example/ns/{ns}/sa/{sa}\n    selectors: [\"k8s:container-name:fedmesh-proxy\"]\n",
+    )
+    .unwrap();
+    let socket = dir.join("agent.sock");
+    let entries = dir.join("entries.yaml");
+    let mut args = vec![
+        "agent",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+        "--entries",
+        entries.to_str().unwrap(),
+        "--k8s-node",
+        node,
+    ];
+    args.extend_from_slice(extra);
+    let agent = Proc::start_with_env("agent", &args, &[("KUBECONFIG", kubeconfig)], dir);
+    wait_until("the agent socket", Duration::from_secs(20), || {
+        socket.exists()
+    });
+    (agent, socket)
+}
+
 fn pod(uid: &str, name: &str, sa: &str, node: &str, containers: &[(&str, &str)]) -> Value {
     let statuses: Vec<Value> = containers
         .iter()
@@ -213,21 +245,6 @@ fn pods_get_their_service_accounts_identity_and_only_their_proxy_container_does(
 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let ca = d.join("ca");
-    let out = fedmesh(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "east.example",
-        "--dir",
-        ca.to_str().unwrap(),
-    ]);
-    assert!(out.status.success());
-    std::fs::write(
-        d.join("entries.yaml"),
-        "entries:\n  - spiffe_id: spiffe://east.example/ns/{ns}/sa/{sa}\n    selectors: [\"k8s:container-name:fedmesh-proxy\"]\n",
-    )
-    .unwrap();
     std::fs::write(
         d.join("kubeconfig"),
         format!(
@@ -235,28 +252,12 @@ fn pods_get_their_service_accounts_identity_and_only_their_proxy_container_does(
         ),
     )
     .unwrap();
-    let socket = d.join("agent.sock");
-    let agent = Proc::start_with_env(
-        "agent",
-        &[
-            "agent",
-            "--ca-dir",
-            ca.to_str().unwrap(),
-            "--socket",
-            socket.to_str().unwrap(),
-            "--entries",
-            d.join("entries.yaml").to_str().unwrap(),
-            "--k8s-node",
-            NODE,
-            "--k8s-attest-wait",
-            "2s",
-        ],
-        &[("KUBECONFIG", d.join("kubeconfig").to_str().unwrap())],
+    let (agent, socket) = start_k8s_agent(
         d,
+        NODE,
+        d.join("kubeconfig").to_str().unwrap(),
+        &["--k8s-attest-wait", "2s"],
     );
-    wait_until("the agent socket", Duration::from_secs(20), || {
-        socket.exists()
-    });
     let id = |v: &Value| v["spiffe_id"].as_str().map(str::to_string);
 
     // The proxy containers of two pods: the identities of their service accounts.
@@ -354,39 +355,7 @@ fn agent_pod_watch_against_a_real_cluster_when_configured() {
             .to_string()
     });
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let ca = d.join("ca");
-    let out = fedmesh(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "east.example",
-        "--dir",
-        ca.to_str().unwrap(),
-    ]);
-    assert!(out.status.success());
-    std::fs::write(
-        d.join("entries.yaml"),
-        "entries:\n  - spiffe_id: spiffe://east.example/ns/{ns}/sa/{sa}\n    selectors: [\"k8s:container-name:fedmesh-proxy\"]\n",
-    )
-    .unwrap();
-    let socket = d.join("agent.sock");
-    let agent = Proc::start_with_env(
-        "agent",
-        &[
-            "agent",
-            "--ca-dir",
-            ca.to_str().unwrap(),
-            "--socket",
-            socket.to_str().unwrap(),
-            "--entries",
-            d.join("entries.yaml").to_str().unwrap(),
-            "--k8s-node",
-            &node,
-        ],
-        &[("KUBECONFIG", &kubeconfig)],
-        d,
-    );
+    let (agent, _socket) = start_k8s_agent(dir.path(), &node, &kubeconfig, &[]);
     wait_until(
         "the agent lists the node's pods",
         Duration::from_secs(60),

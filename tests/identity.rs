@@ -22,19 +22,7 @@ fn start_agent(entries: &str) -> Setup {
     let east = d.join("east-ca");
     let west = d.join("west-ca");
     for (td, path) in [("east.example", &east), ("west.example", &west)] {
-        let out = fedmesh(&[
-            "ca",
-            "init",
-            "--trust-domain",
-            td,
-            "--dir",
-            path.to_str().unwrap(),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ca_init(path, td, &[]);
     }
     let west_bundle = fedmesh(&["ca", "bundle", "--dir", west.to_str().unwrap()]);
     assert!(west_bundle.status.success());
@@ -160,57 +148,34 @@ fn agent_stops_cleanly_on_sigterm_with_open_streams_and_removes_its_socket() {
 fn agent_refuses_to_start_on_bad_entries_and_says_which() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca");
-    assert!(
-        fedmesh(&[
-            "ca",
-            "init",
-            "--trust-domain",
-            "east.example",
-            "--dir",
-            ca.to_str().unwrap()
-        ])
-        .status
-        .success()
-    );
+    ca_init(&ca, "east.example", &[]);
     let entries = dir.path().join("entries.yaml");
-    std::fs::write(
-        &entries,
+    // The agent's start with `text` as its entries fails; its error output.
+    let start_error = |text: &str| {
+        std::fs::write(&entries, text).unwrap();
+        let out = fedmesh(&[
+            "agent",
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--socket",
+            dir.path().join("a.sock").to_str().unwrap(),
+            "--entries",
+            entries.to_str().unwrap(),
+        ]);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = start_error(
         "entries:\n  - spiffe_id: spiffe://east.example/ok\n    selectors: [\"unix:uid:1\"]\n  - spiffe_id: spiffe://east.example/bad\n    selectors: [\"docker:label:x\"]\n",
-    )
-    .unwrap();
-    let out = fedmesh(&[
-        "agent",
-        "--ca-dir",
-        ca.to_str().unwrap(),
-        "--socket",
-        dir.path().join("a.sock").to_str().unwrap(),
-        "--entries",
-        entries.to_str().unwrap(),
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
     assert!(
         err.contains("entry 1") && err.contains("docker:label:x"),
         "{err}"
     );
-
     // A template without the Kubernetes attestor: nothing would ever expand it.
-    std::fs::write(
-        &entries,
+    let err = start_error(
         "entries:\n  - spiffe_id: spiffe://east.example/ns/{ns}/sa/{sa}\n    selectors: [\"k8s:container-name:proxy\"]\n",
-    )
-    .unwrap();
-    let out = fedmesh(&[
-        "agent",
-        "--ca-dir",
-        ca.to_str().unwrap(),
-        "--socket",
-        dir.path().join("a.sock").to_str().unwrap(),
-        "--entries",
-        entries.to_str().unwrap(),
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
     assert!(
         err.contains("template") && err.contains("--k8s-node"),
         "{err}"
@@ -242,20 +207,7 @@ fn agent_keeps_the_last_good_entries_when_the_file_turns_bad() {
 fn ca_cli_signs_csrs_and_refuses_foreign_ones() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca");
-    assert!(
-        fedmesh(&[
-            "ca",
-            "init",
-            "--trust-domain",
-            "east.example",
-            "--dir",
-            ca.to_str().unwrap(),
-            "--svid-ttl",
-            "10m"
-        ])
-        .status
-        .success()
-    );
+    ca_init(&ca, "east.example", &["--svid-ttl", "10m"]);
     let key = rcgen::KeyPair::generate().unwrap();
     let write_csr = |name: &str, uri: &str| {
         let mut p = rcgen::CertificateParams::default();

@@ -104,6 +104,25 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 #[allow(unused_imports)] // not every test binary that includes this module needs a port
 pub use fedmesh_test_support::free_port;
 
+/// `fedmesh ca init --trust-domain TD --dir DIR EXTRA...`; panics with its stderr on failure.
+pub fn ca_init(dir: &Path, td: &str, extra: &[&str]) {
+    let mut args = vec![
+        "ca",
+        "init",
+        "--trust-domain",
+        td,
+        "--dir",
+        dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = fedmesh(&args);
+    assert!(
+        out.status.success(),
+        "fedmesh ca init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn uid() -> u32 {
     unsafe { libc::getuid() }
 }
