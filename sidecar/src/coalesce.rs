@@ -42,10 +42,6 @@ impl<T> Coalesce<T> {
             yielded: false,
         }
     }
-
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
 }
 
 impl<T: AsyncWrite + Unpin> Coalesce<T> {
@@ -63,12 +59,16 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
         Poll::Ready(Ok(()))
     }
 
-    fn push(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<()>> {
-        if self.buf.len() + data.len() > LIMIT {
+    /// Buffers `bufs`, first writing out what is buffered when they would pass [`LIMIT`].
+    fn push(&mut self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if self.buf.len() + total > LIMIT {
             ready!(self.poll_drain(cx))?;
         }
-        self.buf.extend_from_slice(data);
-        Poll::Ready(Ok(()))
+        for b in bufs {
+            self.buf.extend_from_slice(b);
+        }
+        Poll::Ready(Ok(total))
     }
 }
 
@@ -88,8 +88,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        ready!(self.get_mut().push(cx, data))?;
-        Poll::Ready(Ok(data.len()))
+        self.get_mut().push(cx, &[io::IoSlice::new(data)])
     }
 
     fn poll_write_vectored(
@@ -97,15 +96,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if this.buf.len() + total > LIMIT {
-            ready!(this.poll_drain(cx))?;
-        }
-        for b in bufs {
-            this.buf.extend_from_slice(b);
-        }
-        Poll::Ready(Ok(total))
+        self.get_mut().push(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

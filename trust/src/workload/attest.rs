@@ -87,7 +87,7 @@ impl PeerProcess {
 
 /// What the server knows of a Workload API connection's peer, from when it was accepted.
 #[derive(Debug, Clone)]
-pub struct PeerInfo {
+pub struct UdsPeer {
     pub uds: tonic::transport::server::UdsConnectInfo,
     pub process: Option<PeerProcess>,
 }

@@ -316,13 +316,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRewrite<S> {
 fedmesh_api::delegate_async_write!(AuthorityRewrite);
 
 impl tonic::transport::server::Connected for AuthorityRewrite<tokio::net::UnixStream> {
-    type ConnectInfo = super::attest::PeerInfo;
+    type ConnectInfo = super::attest::UdsPeer;
     /// Called once, when the connection is accepted: the peer's pidfd is taken then.
     fn connect_info(&self) -> Self::ConnectInfo {
         use std::os::fd::AsFd;
         let uds = self.inner.connect_info();
         let pid = uds.peer_cred.and_then(|c| c.pid());
-        super::attest::PeerInfo {
+        super::attest::UdsPeer {
             process: super::attest::PeerProcess::of(self.inner.as_fd(), pid),
             uds,
         }

@@ -146,12 +146,8 @@ impl EntryTemplate {
         let id = self.spiffe_id.replace("{ns}", ns).replace("{sa}", sa);
         let spiffe_id = SpiffeId::new(&id).map_err(|e| format!("{id}: {e}"))?;
         let mut selectors = self.selectors.clone();
-        if self.spiffe_id.contains("{ns}") {
-            selectors.insert(Selector::K8s("ns".into(), ns.into()));
-        }
-        if self.spiffe_id.contains("{sa}") {
-            selectors.insert(Selector::K8s("sa".into(), sa.into()));
-        }
+        selectors.insert(Selector::K8s("ns".into(), ns.into()));
+        selectors.insert(Selector::K8s("sa".into(), sa.into()));
         Ok(RegistrationEntry {
             spiffe_id,
             selectors,
@@ -203,19 +199,6 @@ struct RawEntry {
     ttl: Option<String>,
 }
 
-/// Reads and validates an entries file without templates; every ID must belong to
-/// `trust_domain`.
-pub fn load_entries(
-    path: &Path,
-    trust_domain: &TrustDomain,
-) -> Result<Vec<RegistrationEntry>, EntriesError> {
-    let text = std::fs::read_to_string(path).map_err(|source| EntriesError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    parse_entries(&text, path, trust_domain)
-}
-
 /// Reads and validates an entries file, templates included.
 pub fn load_entry_file(path: &Path, trust_domain: &TrustDomain) -> Result<EntryFile, EntriesError> {
     let text = std::fs::read_to_string(path).map_err(|source| EntriesError::Read {
@@ -244,6 +227,35 @@ pub fn parse_entries(
     Ok(file.entries)
 }
 
+/// A template has `{ns}` and `{sa}`, each once as a whole path segment, and no other braces:
+/// otherwise two service accounts could get one ID (`sa/{sa}` across namespaces, `{ns}-{sa}`
+/// for a-b/c and a/b-c).
+fn check_template(id: &str, trust_domain: &TrustDomain) -> Result<(), String> {
+    let path = id
+        .strip_prefix("spiffe://")
+        .and_then(|r| r.split_once('/'))
+        .map_or("", |(_, p)| p);
+    let segments: Vec<&str> = path.split('/').collect();
+    let stray = |s: &&str| {
+        let rest = TEMPLATE_PLACEHOLDERS
+            .iter()
+            .fold(s.to_string(), |r, p| r.replace(p, ""));
+        rest.contains('{') || rest.contains('}')
+    };
+    if segments.iter().any(stray) {
+        return Err("the only placeholders an ID may have are {ns} and {sa}".into());
+    }
+    if !TEMPLATE_PLACEHOLDERS
+        .iter()
+        .all(|p| segments.iter().filter(|s| *s == p).count() == 1)
+    {
+        return Err(format!(
+            "a template needs {{ns}} and {{sa}}, each once as a whole path segment (like spiffe://{trust_domain}/ns/{{ns}}/sa/{{sa}}), so that no two service accounts share an ID"
+        ));
+    }
+    Ok(())
+}
+
 pub fn parse_entry_file(
     text: &str,
     path: &Path,
@@ -265,30 +277,7 @@ pub fn parse_entry_file(
         let template = raw.spiffe_id.contains('{');
         // A template is checked with sample names in its placeholders.
         let checked = if template {
-            let mut rest = raw.spiffe_id.clone();
-            for p in TEMPLATE_PLACEHOLDERS {
-                rest = rest.replace(p, "");
-            }
-            if rest.contains('{') || rest.contains('}') {
-                return Err(err(
-                    "the only placeholders an ID may have are {ns} and {sa}".into(),
-                ));
-            }
-            // Both, each a whole path segment: otherwise two service accounts could get one ID
-            // (`sa/{sa}` across namespaces, `{ns}-{sa}` for a-b/c and a/b-c).
-            let path = raw
-                .spiffe_id
-                .strip_prefix("spiffe://")
-                .and_then(|r| r.split_once('/'))
-                .map_or("", |(_, p)| p);
-            let segments: Vec<&str> = path.split('/').collect();
-            for p in TEMPLATE_PLACEHOLDERS {
-                if segments.iter().filter(|s| *s == p).count() != 1 {
-                    return Err(err(format!(
-                        "a template needs {{ns}} and {{sa}}, each once as a whole path segment (like spiffe://{trust_domain}/ns/{{ns}}/sa/{{sa}}), so that no two service accounts share an ID"
-                    )));
-                }
-            }
+            check_template(&raw.spiffe_id, trust_domain).map_err(err)?;
             raw.spiffe_id.replace("{ns}", "ns").replace("{sa}", "sa")
         } else {
             raw.spiffe_id.clone()

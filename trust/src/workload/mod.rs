@@ -11,7 +11,7 @@ pub mod server;
 pub mod signer;
 
 pub use cache::SvidCache;
-pub use entries::{EntryFile, RegistrationEntry, Selector, load_entries, load_entry_file};
+pub use entries::{EntryFile, RegistrationEntry, Selector, load_entry_file};
 pub use k8s::{K8sAttestor, PodIndex, PodInfo};
 pub use remote::ControlPlaneSigner;
 pub use server::{WorkloadApi, bind_socket, serve, serve_with_attestor};

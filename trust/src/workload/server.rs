@@ -18,7 +18,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::attest::{Caller, PeerInfo};
+use super::attest::{Caller, UdsPeer};
 use super::authority::AuthorityRewrite;
 use super::cache::SvidCache;
 use super::entries::{RegistrationEntry, Selector};
@@ -82,7 +82,7 @@ impl WorkloadApi {
             }
         }
         let denied = || Status::permission_denied("no identity issued");
-        let peer = req.extensions().get::<PeerInfo>();
+        let peer = req.extensions().get::<UdsPeer>();
         let cred = peer.and_then(|i| i.uds.peer_cred).ok_or_else(|| {
             tracing::warn!("Workload API call without Unix peer credentials");
             denied()
