@@ -338,15 +338,19 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn generate(
-    proxy: SocketAddr,
+/// One call of a traffic generator: the cluster that answered, or why there was no answer.
+type Call<'a> = futures::future::BoxFuture<'a, Result<String, String>>;
+
+/// Calls `call` on `client` `rate` times a second until `stop`, counting each answer under the
+/// cluster it came from, or as a failure, in `svc`'s tally.
+async fn drive<C: Send>(
     svc: &'static str,
     rate: u32,
     tallies: Tallies,
     stop: tokio_util::sync::CancellationToken,
+    mut client: C,
+    call: fn(&mut C) -> Call<'_>,
 ) {
-    let url = format!("http://{svc}.shop.svc.clusterset.local/");
-    let mut client = ProxyClient::new(proxy);
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !stop.is_cancelled() {
@@ -355,41 +359,63 @@ async fn generate(
             _ = tick.tick() => {}
         }
         let start = Instant::now();
-        let r = tokio::time::timeout(Duration::from_secs(5), client.get(&url)).await;
+        let r = call(&mut client).await;
         let elapsed = start.elapsed();
         let mut t = tallies.lock().unwrap_or_else(|p| p.into_inner());
         let t = t.entry(svc).or_default();
         match r {
-            Ok(Ok(reply)) if reply.status.is_success() => match reply.echo() {
-                Ok(e) => {
-                    *t.by_cluster.entry(e.cluster).or_default() += 1;
-                    t.latencies.push(elapsed);
-                }
-                Err(e) => {
-                    t.failed += 1;
-                    t.last_failure = Some(e.to_string());
-                }
-            },
-            Ok(Ok(reply)) => {
-                t.failed += 1;
-                t.last_failure = Some(format!(
-                    "{}: {}",
-                    reply.status,
-                    String::from_utf8_lossy(&reply.body).trim()
-                ));
+            Ok(cluster) => {
+                *t.by_cluster.entry(cluster).or_default() += 1;
+                t.latencies.push(elapsed);
             }
-            Ok(Err(e)) => {
+            Err(why) => {
                 t.failed += 1;
-                t.last_failure = Some(e.to_string());
-                client = ProxyClient::new(proxy);
-            }
-            Err(_) => {
-                t.failed += 1;
-                t.last_failure = Some("no answer within 5s".into());
-                client = ProxyClient::new(proxy);
+                t.last_failure = Some(why);
             }
         }
     }
+}
+
+async fn generate(
+    proxy: SocketAddr,
+    svc: &'static str,
+    rate: u32,
+    tallies: Tallies,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    struct Http {
+        client: ProxyClient,
+        proxy: SocketAddr,
+        url: String,
+    }
+    fn call(h: &mut Http) -> Call<'_> {
+        Box::pin(async move {
+            match tokio::time::timeout(Duration::from_secs(5), h.client.get(&h.url)).await {
+                Ok(Ok(reply)) if reply.status.is_success() => {
+                    reply.echo().map(|e| e.cluster).map_err(|e| e.to_string())
+                }
+                Ok(Ok(reply)) => Err(format!(
+                    "{}: {}",
+                    reply.status,
+                    String::from_utf8_lossy(&reply.body).trim()
+                )),
+                Ok(Err(e)) => {
+                    h.client = ProxyClient::new(h.proxy);
+                    Err(e.to_string())
+                }
+                Err(_) => {
+                    h.client = ProxyClient::new(h.proxy);
+                    Err("no answer within 5s".into())
+                }
+            }
+        })
+    }
+    let http = Http {
+        client: ProxyClient::new(proxy),
+        proxy,
+        url: format!("http://{svc}.shop.svc.clusterset.local/"),
+    };
+    drive(svc, rate, tallies, stop, http, call).await
 }
 
 /// Unary gRPC calls to shop/greeter at `rate` per second through the frontend's sidecar.
@@ -404,35 +430,21 @@ async fn generate_grpc(
         Ok(e) => e.timeout(Duration::from_secs(5)),
         Err(_) => return,
     };
-    let mut client = EchoClient::new(endpoint.connect_lazy());
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while !stop.is_cancelled() {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let start = Instant::now();
-        let r = client
-            .unary(EchoRequest {
-                message: "hello".into(),
-                ..Default::default()
-            })
-            .await;
-        let elapsed = start.elapsed();
-        let mut t = tallies.lock().unwrap_or_else(|p| p.into_inner());
-        let t = t.entry("greeter").or_default();
-        match r {
-            Ok(reply) => {
-                *t.by_cluster.entry(reply.into_inner().cluster).or_default() += 1;
-                t.latencies.push(elapsed);
-            }
-            Err(status) => {
-                t.failed += 1;
-                t.last_failure = Some(format!("gRPC {:?}: {}", status.code(), status.message()));
-            }
-        }
+    type Grpc = EchoClient<tonic::transport::Channel>;
+    fn call(client: &mut Grpc) -> Call<'_> {
+        Box::pin(async move {
+            client
+                .unary(EchoRequest {
+                    message: "hello".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|reply| reply.into_inner().cluster)
+                .map_err(|status| format!("gRPC {:?}: {}", status.code(), status.message()))
+        })
     }
+    let client = EchoClient::new(endpoint.connect_lazy());
+    drive("greeter", rate, tallies, stop, client, call).await
 }
 
 /// Prints what each service's requests since the last table were answered by, then resets.
