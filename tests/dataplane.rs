@@ -103,6 +103,28 @@ async fn wait_routable(tb: &Testbed, w: &Workload, svc: &str, clusters: &[&str])
     .unwrap();
 }
 
+/// A `CONNECT` tunnel through a sidecar's HTTP proxy, ready for the caller's bytes.
+async fn open_tunnel(proxy: SocketAddr, authority: &str) -> tokio::net::TcpStream {
+    let mut c = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    c.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut c).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    c
+}
+
+/// Reads an HTTP/1 message head (through the empty line), byte by byte.
+async fn read_head(c: &mut tokio::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
 fn url(svc: &str, path: &str) -> String {
     format!("http://{svc}.shop.svc.clusterset.local{path}")
 }
@@ -313,23 +335,7 @@ async fn http1_grpc_and_tcp_cross_clusters_through_the_gateway_with_the_callers_
         "bytes come back intact and the half-close propagates"
     );
 
-    let mut c = tokio::net::TcpStream::connect(frontend.proxy)
-        .await
-        .unwrap();
-    c.write_all(b"CONNECT store.shop.svc.clusterset.local:7000 HTTP/1.1\r\nHost: store.shop.svc.clusterset.local:7000\r\n\r\n")
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        c.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let mut c = open_tunnel(frontend.proxy, "store.shop.svc.clusterset.local:7000").await;
     let mut hello = vec![0u8; "store@west\n".len()];
     c.read_exact(&mut hello).await.unwrap();
     assert_eq!(hello, b"store@west\n");
@@ -361,56 +367,14 @@ async fn http1_grpc_and_tcp_cross_clusters_through_the_gateway_with_the_callers_
 /// A TLS client that sends `sni` (or none) and accepts any server certificate: the gateway
 /// should refuse before any certificate is seen.
 async fn tls_attempt(gateway: SocketAddr, sni: Option<&str>) -> Result<(), String> {
-    #[derive(Debug)]
-    struct AcceptAll;
-    impl rustls::client::danger::ServerCertVerifier for AcceptAll {
-        fn verify_server_cert(
-            &self,
-            _: &rustls_pki_types::CertificateDer<'_>,
-            _: &[rustls_pki_types::CertificateDer<'_>],
-            _: &rustls_pki_types::ServerName<'_>,
-            _: &[u8],
-            _: rustls_pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            _: &[u8],
-            _: &rustls_pki_types::CertificateDer<'_>,
-            _: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-        }
-        fn verify_tls13_signature(
-            &self,
-            _: &[u8],
-            _: &rustls_pki_types::CertificateDer<'_>,
-            _: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            rustls::crypto::ring::default_provider()
-                .signature_verification_algorithms
-                .supported_schemes()
-        }
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .dangerous()
-    .with_custom_certificate_verifier(Arc::new(AcceptAll))
-    .with_no_client_auth();
+    let cfg = fedmesh_test_support::attack::accept_any_server(vec![]);
     // rustls sends no SNI for an IP address.
     let name =
         rustls_pki_types::ServerName::try_from(sni.unwrap_or("127.0.0.1").to_string()).unwrap();
     let tcp = tokio::net::TcpStream::connect(gateway).await.unwrap();
     let r = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
     )
     .await
     .map_err(|_| "the gateway neither answered nor closed".to_string())?;
@@ -877,5 +841,166 @@ async fn cluster_local_names_stay_local_and_clusterset_names_reach_only_exporter
     let mut c = ProxyClient::new(client.proxy);
     let r = c.get("http://db.shop.svc.clusterset.local/").await.unwrap();
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    tb.shutdown().await;
+}
+
+/// What a workload could write to pose as another: the header the callee's app trusts.
+const FORGED_XFCC: &str =
+    "By=spiffe://west.example/ns/shop/sa/api;URI=spiffe://west.example/ns/kube-system/sa/admin";
+
+/// Sends one HTTP/1.1 request with a forged caller through a fresh tunnel to `shop/api` and
+/// returns who the app believes called.
+async fn caller_seen_through_tunnel(proxy: SocketAddr, opening: &str, pause: Duration) -> String {
+    let mut t = open_tunnel(proxy, "api.shop.svc.clusterset.local:80").await;
+    tokio::time::sleep(pause).await;
+    t.write_all(
+        format!(
+            "{opening} /forged HTTP/1.1\r\nHost: api\r\nx-forwarded-client-cert: {FORGED_XFCC}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut resp = Vec::new();
+    t.read_to_end(&mut resp).await.unwrap();
+    let resp = String::from_utf8_lossy(&resp).to_string();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let echo: apps::EchoResponse =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {resp}"));
+    echo.caller
+}
+
+/// A WebSocket-like app: answers an upgrade with 101, says which caller header it saw, then
+/// echoes bytes.
+async fn upgrade_app() -> SocketAddr {
+    let l = app_listener().await;
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                let seen = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .starts_with("x-forwarded-client-cert:")
+                            .then(|| l.split_once(':').unwrap().1.trim().to_string())
+                    })
+                    .unwrap_or_default();
+                let reply = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: upgrade\r\nx-seen-xfcc: {seen}\r\n\r\n"
+                );
+                if s.write_all(reply.as_bytes()).await.is_err() {
+                    return;
+                }
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Opaque TCP carries bytes unparsed, so a workload could tunnel HTTP through its own sidecar
+/// (`CONNECT`, a `tcp-*` port) with an `x-forwarded-client-cert` naming anyone. The callee's
+/// sidecar sniffs what arrives in a tunnel: HTTP is served as HTTP with the verified caller,
+/// whatever the method, preamble, timing or version; what it cannot check is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_cannot_forge_its_identity_through_an_opaque_tunnel() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    let (api, _api_app) = http_workload(west, "api", "w1").await;
+    serve_http(west, "api", &endpoints(&[&api]));
+    let ws_app = upgrade_app().await;
+    let ws = west
+        .workload(&WorkloadSpec::new("shop", "ws", "w1"), ws_app)
+        .await
+        .unwrap();
+    west.serve("shop", "ws", &[("tcp-ws", 8000, "")], &endpoints(&[&ws]))
+        .unwrap();
+    west.export("shop", "ws").unwrap();
+    let frontend = client_workload(east, "frontend", "e1").await;
+    wait_routable(&tb, &frontend, "api", &["west"]).await;
+    wait_routable(&tb, &frontend, "ws", &["west"]).await;
+    let me = frontend.id.to_string();
+
+    for opening in ["GET", "\r\n\r\nGET", "PROPFIND", "X-ANYTHING"] {
+        assert_eq!(
+            caller_seen_through_tunnel(frontend.proxy, opening, Duration::ZERO).await,
+            me,
+            "HTTP opening {opening:?} inside a tunnel"
+        );
+    }
+    // Silent past the detection timeout (as a server-first protocol would be), then HTTP.
+    assert_eq!(
+        caller_seen_through_tunnel(frontend.proxy, "GET", Duration::from_millis(700)).await,
+        me,
+        "HTTP after a pause"
+    );
+
+    // HTTP/2 with prior knowledge inside the tunnel.
+    let t = open_tunnel(frontend.proxy, "api.shop.svc.clusterset.local:80").await;
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(t),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let resp = h2
+        .send_request(
+            http::Request::get("http://api.shop.svc.clusterset.local/h2")
+                .header("x-forwarded-client-cert", FORGED_XFCC)
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let echo: apps::EchoResponse = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (echo.caller.as_str(), echo.version.as_str()),
+        (me.as_str(), "HTTP/2.0")
+    );
+
+    // An upgrade (WebSocket) through a tunnel to a tcp-* port: the app sees the real caller, and
+    // the upgraded stream flows both ways.
+    let mut t = open_tunnel(frontend.proxy, "ws.shop.svc.clusterset.local:8000").await;
+    t.write_all(
+        format!("GET /ws HTTP/1.1\r\nHost: ws\r\nUpgrade: echo\r\nConnection: upgrade\r\nx-forwarded-client-cert: {FORGED_XFCC}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut t).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.contains(&format!("URI={me}")) && !head.contains("kube-system"),
+        "the app saw the verified caller only: {head}"
+    );
+    t.write_all(b"ping").await.unwrap();
+    let mut pong = [0u8; 4];
+    t.read_exact(&mut pong).await.unwrap();
+    assert_eq!(&pong, b"ping");
+
+    // A request line too long to check is refused; the app never sees a byte of it.
+    let mut t = open_tunnel(frontend.proxy, "api.shop.svc.clusterset.local:80").await;
+    let mut long = b"GET /".to_vec();
+    long.resize(70 * 1024, b'a');
+    let _ = t.write_all(&long).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    let refused = api.metrics.encode();
+    assert!(
+        refused.contains(r#"reason="undecidable_opening""#),
+        "{refused}"
+    );
     tb.shutdown().await;
 }

@@ -1,6 +1,7 @@
 //! Helpers shared by fedmesh's tests: a real etcd on loopback, child processes that are always
 //! killed, bounded waiting, and DNS queries. Nothing here mocks a component.
 
+pub mod attack;
 pub mod fake_kube;
 
 use std::net::{SocketAddr, TcpListener};

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use fedmesh_api::SpiffeId;
 use fedmesh_dataplane::balance::endpoint_addr;
 use fedmesh_dataplane::config::RoutingTable;
-use fedmesh_dataplane::relay::relay;
 use fedmesh_dataplane::sni::MeshSni;
 use fedmesh_dataplane::trace;
 use fedmesh_trust::tls::{Authorizer, handshake_error_message, peer_spiffe_id};
@@ -26,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::net;
 use crate::outbound::{boxed, proxy_error, strip_hop_by_hop};
+
+mod opaque;
 use crate::upstream::{ALPN_H2, ALPN_TCP, Body};
 use crate::{ORIG_PROTO, PROXY_ERROR, Sidecar, XFCC};
 
@@ -237,32 +238,43 @@ impl Sidecar {
             tracing::info!(%peer, caller = %conn.caller, error = %msg, "inbound connection not admitted");
         }
         match alpn.as_deref() {
-            Some(ALPN_TCP) => self.inbound_tcp(tls, conn).await,
-            _ => {
-                let me = self.clone();
-                let svc = service_fn(move |req| {
-                    let (me, conn) = (me.clone(), conn.clone());
-                    async move { Ok::<_, Infallible>(me.inbound_request(req, &conn).await) }
-                });
-                let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                b.timer(TokioTimer::new())
-                    .max_header_list_size(64 * 1024)
-                    .initial_stream_window_size(1024 * 1024)
-                    .initial_connection_window_size(4 * 1024 * 1024)
-                    .keep_alive_interval(Duration::from_secs(30));
-                let conn = b.serve_connection(TokioIo::new(tls), svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!(%peer, error = %e, "inbound connection ended with an error");
-                        }
-                    }
-                    _ = graceful.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
-                    }
+            Some(ALPN_TCP) => self.inbound_tcp(tls, conn, graceful).await,
+            _ => self.serve_h2(tls, conn, graceful).await,
+        }
+    }
+
+    /// HTTP/2 from a peer sidecar (or found inside a tunnel): every request is checked and
+    /// handed to the app.
+    async fn serve_h2<S>(
+        self: &Arc<Self>,
+        io: S,
+        conn: Arc<InboundConn>,
+        graceful: CancellationToken,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let me = self.clone();
+        let svc = service_fn(move |req| {
+            let (me, conn) = (me.clone(), conn.clone());
+            async move { Ok::<_, Infallible>(me.inbound_request(req, &conn, false).await) }
+        });
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_header_list_size(64 * 1024)
+            .initial_stream_window_size(1024 * 1024)
+            .initial_connection_window_size(4 * 1024 * 1024)
+            .keep_alive_interval(Duration::from_secs(30));
+        let conn = b.serve_connection(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "inbound connection ended with an error");
                 }
+            }
+            _ = graceful.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
             }
         }
     }
@@ -290,9 +302,10 @@ impl Sidecar {
     }
 
     async fn inbound_tcp(
-        &self,
+        self: &Arc<Self>,
         tls: tokio_rustls::server::TlsStream<TcpStream>,
         conn: Arc<InboundConn>,
+        graceful: CancellationToken,
     ) {
         let Ok((mesh, app)) = &conn.admitted else {
             return;
@@ -304,17 +317,23 @@ impl Sidecar {
             return;
         }
         drop(table);
-        let up = match net::connect(&app.to_string(), self.options.connect_timeout, None).await {
-            Ok(u) => u,
-            Err(e) => {
-                self.count_inbound_error("app_unreachable");
-                tracing::warn!(app = %app, error = %e, "the app does not accept connections");
-                return;
-            }
-        };
-        self.metrics.tcp_active.inc();
-        let _ = relay(tls, up, self.options.idle_timeout).await;
-        self.metrics.tcp_active.dec();
+        let app = *app;
+        self.inbound_opaque(tls, conn, app, graceful).await;
+    }
+
+    /// Only this sidecar says who called: whatever the caller wrote is replaced.
+    fn set_caller(&self, headers: &mut http::HeaderMap, conn: &InboundConn) {
+        headers.remove(ORIG_PROTO);
+        headers.remove(PROXY_ERROR);
+        headers.remove(XFCC);
+        let own = self
+            .identity
+            .spiffe_id()
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        if let Ok(v) = HeaderValue::from_str(&format!("By={own};URI={}", conn.caller)) {
+            headers.insert(XFCC, v);
+        }
     }
 
     fn count_inbound_error(&self, reason: &str) {
@@ -326,7 +345,14 @@ impl Sidecar {
             .inc();
     }
 
-    async fn inbound_request(&self, req: Request<Incoming>, conn: &InboundConn) -> Response<Body> {
+    /// One request for the app. `tunnel_h1`: it came as HTTP/1 inside a tunnel, and goes to the
+    /// app as HTTP/1 too.
+    async fn inbound_request(
+        &self,
+        req: Request<Incoming>,
+        conn: &InboundConn,
+        tunnel_h1: bool,
+    ) -> Response<Body> {
         let start = Instant::now();
         let table = self.config.table();
         let own_cluster = table.cluster.name.clone();
@@ -350,23 +376,13 @@ impl Sidecar {
         }
         drop(table);
         let (mut parts, body) = req.into_parts();
-        let h1 = parts
-            .headers
-            .get(ORIG_PROTO)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"HTTP/1.1"));
+        let h1 = tunnel_h1
+            || parts
+                .headers
+                .get(ORIG_PROTO)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"HTTP/1.1"));
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(ORIG_PROTO);
-        parts.headers.remove(PROXY_ERROR);
-        // Only this sidecar says who called.
-        parts.headers.remove(XFCC);
-        let own = self
-            .identity
-            .spiffe_id()
-            .map(|i| i.to_string())
-            .unwrap_or_default();
-        if let Ok(v) = HeaderValue::from_str(&format!("By={own};URI={}", conn.caller)) {
-            parts.headers.insert(XFCC, v);
-        }
+        self.set_caller(&mut parts.headers, conn);
         let _span = trace::propagate(&mut parts.headers);
         let path = parts
             .uri
