@@ -98,6 +98,41 @@ pub fn handshake_error_message(e: &std::io::Error) -> String {
     }
 }
 
+/// Binds a verified chain to the leaf's own trust domain: the authority that signed the leaf
+/// must be one of that trust domain's (an anchor of its bundle, or an intermediate whose SPIFFE
+/// ID names it), and no intermediate on the path may name another trust domain.
+///
+/// Chain verification alone is not enough when trust domains share a root (upstream-CA mode:
+/// every bundle holds the corporate root): east's intermediate, signed by that root, would
+/// otherwise mint IDs of the hub or of west that verify against *their* bundles. URI name
+/// constraints on the intermediates would say the same to other verifiers, but webpki (rustls)
+/// refuses every chain under a URI-constrained CA, so the rule is enforced here.
+/// `intermediates`: the path's intermediates, the leaf's issuer first.
+fn check_issuing_authority<'a>(
+    id: &SpiffeId,
+    intermediates: impl Iterator<Item = CertificateDer<'a>>,
+) -> Result<(), PeerVerificationError> {
+    let td = id.trust_domain();
+    for (i, ca) in intermediates.enumerate() {
+        let named = inspect(&ca).ok().map(|c| c.spiffe_id);
+        let reason = match &named {
+            Some(ca_id) if ca_id.trust_domain() != td => format!(
+                "it was issued under {ca_id}, an authority of another trust domain"
+            ),
+            None if i == 0 => {
+                "the CA that signed it names no trust domain (no spiffe:// URI SAN), so it cannot be told apart from another trust domain's CA under the same root".to_string()
+            }
+            _ => continue,
+        };
+        return Err(PeerVerificationError::UntrustedChain {
+            id: id.clone(),
+            trust_domain: td.clone(),
+            reason,
+        });
+    }
+    Ok(())
+}
+
 /// Which verified SPIFFE IDs may complete a handshake.
 #[derive(Clone)]
 pub enum Authorizer {
@@ -371,35 +406,37 @@ impl MeshIdentity {
                 reason: format!("leaf is not parseable: {e}"),
             }
         })?;
-        cert.verify_for_usage(
-            self.provider.signature_verification_algorithms.all,
-            anchors,
-            intermediates,
-            now,
-            usage,
-            None,
-            None,
-        )
-        .map_err(|e| match e {
-            webpki::Error::CertExpired { .. } => PeerVerificationError::Expired {
-                id: id.clone(),
-                not_after: rfc3339(info.not_after),
-            },
-            webpki::Error::CertNotValidYet { .. } => PeerVerificationError::NotYetValid {
-                id: id.clone(),
-                not_before: rfc3339(info.not_before),
-            },
-            webpki::Error::UnknownIssuer => PeerVerificationError::UntrustedChain {
-                id: id.clone(),
-                trust_domain: td.clone(),
-                reason: "it is not signed by any authority in that bundle".into(),
-            },
-            other => PeerVerificationError::UntrustedChain {
-                id: id.clone(),
-                trust_domain: td.clone(),
-                reason: other.to_string(),
-            },
-        })?;
+        let path = cert
+            .verify_for_usage(
+                self.provider.signature_verification_algorithms.all,
+                anchors,
+                intermediates,
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map_err(|e| match e {
+                webpki::Error::CertExpired { .. } => PeerVerificationError::Expired {
+                    id: id.clone(),
+                    not_after: rfc3339(info.not_after),
+                },
+                webpki::Error::CertNotValidYet { .. } => PeerVerificationError::NotYetValid {
+                    id: id.clone(),
+                    not_before: rfc3339(info.not_before),
+                },
+                webpki::Error::UnknownIssuer => PeerVerificationError::UntrustedChain {
+                    id: id.clone(),
+                    trust_domain: td.clone(),
+                    reason: "it is not signed by any authority in that bundle".into(),
+                },
+                other => PeerVerificationError::UntrustedChain {
+                    id: id.clone(),
+                    trust_domain: td.clone(),
+                    reason: other.to_string(),
+                },
+            })?;
+        check_issuing_authority(&id, path.intermediate_certificates().map(|c| c.der()))?;
         authorizer.authorize(&id)?;
         Ok(id)
     }

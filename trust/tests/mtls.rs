@@ -228,6 +228,38 @@ async fn spiffe_id_not_authorized_is_refused_with_the_policy() {
     );
 }
 
+/// A leaf for `spiffe_id` signed by `issuer` (a CA key an attacker holds), with `above` appended
+/// to its chain.
+fn forge_leaf(
+    issuer: &Issuer<'_, KeyPair>,
+    spiffe_id: fedmesh_trust::SpiffeId,
+    above: Vec<CertificateDer<'static>>,
+) -> X509Svid {
+    let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(
+        spiffe_id.to_string().as_str().try_into().unwrap(),
+    )];
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = (SystemTime::now() - Duration::from_secs(60)).into();
+    params.not_after = (SystemTime::now() + Duration::from_secs(3600)).into();
+    let mut chain = vec![params.signed_by(&leaf_key, issuer).unwrap().der().clone()];
+    chain.extend(above);
+    X509Svid {
+        id: spiffe_id,
+        chain,
+        key: PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
+        not_before: SystemTime::now(),
+        not_after: SystemTime::now() + Duration::from_secs(3600),
+    }
+}
+
 #[tokio::test]
 async fn chain_signed_by_another_trust_domains_ca_is_refused() {
     let d = domains();
@@ -244,32 +276,11 @@ async fn chain_signed_by_another_trust_domains_ca_is_refused() {
         .unwrap();
     let east_key = KeyPair::from_pem(&std::fs::read_to_string(&key_path).unwrap()).unwrap();
     let east_issuer = Issuer::from_ca_cert_der(&eb.x509_authorities()[0], east_key).unwrap();
-    let forged_id = id("spiffe://west.example/ns/default/sa/backend");
-    let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(
-        forged_id.to_string().as_str().try_into().unwrap(),
-    )];
-    params.is_ca = rcgen::IsCa::ExplicitNoCa;
-    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.not_before = (SystemTime::now() - Duration::from_secs(60)).into();
-    params.not_after = (SystemTime::now() + Duration::from_secs(3600)).into();
-    let forged_cert: CertificateDer<'static> = params
-        .signed_by(&leaf_key, &east_issuer)
-        .unwrap()
-        .der()
-        .clone();
-    let forged = X509Svid {
-        id: forged_id,
-        chain: vec![forged_cert],
-        key: PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
-        not_before: SystemTime::now(),
-        not_after: SystemTime::now() + Duration::from_secs(3600),
-    };
+    let forged = forge_leaf(
+        &east_issuer,
+        id("spiffe://west.example/ns/default/sa/backend"),
+        vec![],
+    );
     // The victim trusts both domains; east's CA is trusted — but only for east IDs.
     let attacker = identity(&forged, &[&eb, &wb]);
     let victim = identity(&svid(&d.east, CLIENT), &[&eb, &wb]);
@@ -304,6 +315,91 @@ async fn rotated_svid_is_used_by_new_connections_without_rebuilding_configs() {
         &client,
         Authorizer::AnyTrusted,
         &server,
+        Authorizer::AnyTrusted,
+    )
+    .await;
+    out.client.unwrap();
+    assert_eq!(out.server.unwrap(), Some(id(CLIENT)));
+}
+
+/// Upstream-CA mode: two trust domains' CAs are intermediates under one corporate root, so both
+/// bundles hold that root. East's intermediate key still cannot mint an ID of the hub's trust
+/// domain: the verifier binds the issuing authority to the leaf's own trust domain.
+#[tokio::test]
+async fn a_shared_upstream_root_does_not_let_one_trust_domain_mint_anothers_ids() {
+    use fedmesh_trust::ca::{CaOptions, UpstreamAuthority};
+    let dir = tempfile::tempdir().unwrap();
+    let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut root_params = CertificateParams::default();
+    root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    root_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Corporate Root");
+    root_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let root = root_params.self_signed(&root_key).unwrap();
+    let under_root = |name: &str| {
+        let mut opts = CaOptions::new(td(name));
+        opts.upstream = Some(UpstreamAuthority {
+            cert_pem: root.pem(),
+            key_pem: root_key.serialize_pem(),
+            bundle_pem: None,
+        });
+        Arc::new(TrustDomainCa::init(&dir.path().join(name), opts).unwrap())
+    };
+    let (east, hub) = (under_root("east.example"), under_root("hub.fedmesh"));
+    let (eb, hb) = (east.bundle(), hub.bundle());
+    assert_eq!(
+        eb.x509_authorities(),
+        hb.x509_authorities(),
+        "one shared root"
+    );
+
+    // East's intermediate (its key is on east's disk) signs the hub's admin ID.
+    let east_ca_cert = east.active_certificate().unwrap();
+    let key_path = std::fs::read_dir(east.dir().join("authorities"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            let n = p.file_name().unwrap().to_string_lossy().to_string();
+            n.ends_with(".key") && !n.ends_with(".jwt.key")
+        })
+        .unwrap();
+    let east_key = KeyPair::from_pem(&std::fs::read_to_string(&key_path).unwrap()).unwrap();
+    let east_issuer = Issuer::from_ca_cert_der(&east_ca_cert, east_key).unwrap();
+    let forged = forge_leaf(
+        &east_issuer,
+        id("spiffe://hub.fedmesh/admin"),
+        vec![east_ca_cert.clone()],
+    );
+    let attacker = identity(&forged, &[&eb, &hb]);
+    let hub_admin_api = identity(&svid(&hub, "spiffe://hub.fedmesh/hub"), &[&eb, &hb]);
+    let out = connect(
+        &attacker,
+        Authorizer::AnyTrusted,
+        &hub_admin_api,
+        Authorizer::AnyTrusted,
+    )
+    .await;
+    let err = verification_error(&out.server.unwrap_err());
+    assert!(
+        matches!(&err, PeerVerificationError::UntrustedChain { trust_domain, .. } if trust_domain.as_str() == "hub.fedmesh"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("issued under spiffe://east.example, an authority of another trust domain"),
+        "{err}"
+    );
+
+    // The same root still carries each trust domain's own IDs.
+    let client = identity(&svid(&east, CLIENT), &[&eb, &hb]);
+    let out = connect(
+        &client,
+        Authorizer::AnyTrusted,
+        &hub_admin_api,
         Authorizer::AnyTrusted,
     )
     .await;
