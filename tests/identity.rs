@@ -265,3 +265,62 @@ fn ca_cli_signs_csrs_and_refuses_foreign_ones() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("fedmesh ca init"));
 }
+
+/// The socket is open to every local user and the first header block of a connection is decoded
+/// before any caller is attested. HPACK lets one byte stand for a 4 KB table entry: a 60 KB
+/// block of such references once decoded to 240 MB. Now the decoded size is bounded: the agent
+/// closes the connection, its memory stays flat, and it keeps serving.
+#[test]
+fn an_hpack_bomb_on_the_workload_api_socket_is_refused_with_the_agents_memory_bounded() {
+    use fedmesh_test_support::attack::*;
+    use std::io::{Read, Write};
+    let s = start_agent(&my_entry());
+    let pid = s.agent.child.id();
+    let before = proc_kib(pid, "VmRSS");
+    let mut block = literal_indexed(b"x-bomb", &[b'a'; 4000]);
+    block.resize(60 * 1024, indexed(62)[0]);
+    for attempt in 0..3 {
+        let mut bytes = client_start();
+        let mut chunks = block.chunks(16 * 1024).peekable();
+        let mut kind = HEADERS;
+        while let Some(chunk) = chunks.next() {
+            let flags = if chunks.peek().is_none() {
+                END_HEADERS
+            } else {
+                0
+            };
+            bytes.extend(frame(kind, flags, 1, chunk));
+            kind = CONTINUATION;
+        }
+        let mut c = std::os::unix::net::UnixStream::connect(&s.socket).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = c.write_all(&bytes);
+        let mut answer = Vec::new();
+        let closed = c.read_to_end(&mut answer);
+        assert!(
+            closed.is_ok(),
+            "attempt {attempt}: the agent closes the connection ({closed:?})"
+        );
+    }
+    let peak = proc_kib(pid, "VmHWM");
+    assert!(
+        peak.saturating_sub(before) < 32 * 1024,
+        "the agent grew from {before} KiB to a peak of {peak} KiB"
+    );
+    assert!(
+        s.agent.log().contains("decodes beyond the limit"),
+        "{}",
+        s.agent.log()
+    );
+    // Still serving workloads.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let source = spiffe::X509Source::builder()
+            .endpoint(format!("unix:{}", s.socket.display()))
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(source.svid().unwrap().spiffe_id().to_string(), WEB);
+        source.shutdown().await;
+    });
+}

@@ -268,7 +268,12 @@ async fn the_stream_requires_an_svid_of_the_trust_domain() {
     let east = start_cluster(dir.path(), "east", &hub).await;
     // Pinning the CA (as a join would) but presenting no certificate.
     let pin = fedmesh_trust::grpc::ca_pin(east.cp.ca.bundle().x509_authorities().last().unwrap());
-    let cfg = fedmesh_trust::grpc::pinned_ca_client_config(&pin, vec![b"h2".to_vec()]).unwrap();
+    let cfg = fedmesh_trust::grpc::pinned_ca_client_config(
+        &pin,
+        fedmesh_trust::workload::remote::CONTROL_PLANE_PATH,
+        vec![b"h2".to_vec()],
+    )
+    .unwrap();
     let mut c = DataPlaneClient::new(
         fedmesh_trust::grpc::channel(&east.cp.listen_addr.unwrap().to_string(), cfg, "cp").unwrap(),
     );

@@ -142,4 +142,5 @@ pub fn python_with(module: &str) -> Command {
     );
     Command::new(python)
 }
+pub mod federation;
 pub mod netns;

@@ -6,6 +6,9 @@
 //! - [`channel`] builds a lazily-connecting, reconnecting tonic channel over a rustls client config.
 //! - [`pinned_ca_client_config`] verifies a server against a CA pinned by its SHA-256 — the
 //!   bootstrap used by join tokens, before the client holds any bundle.
+//! - [`server`] and [`UnauthenticatedLimitLayer`] are the limits every fedmesh gRPC server keeps:
+//!   those ports take connections from anyone (joining needs no certificate), so no caller may make
+//!   a server hold unbounded streams, connections or buffered messages.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -28,6 +31,19 @@ use tonic::transport::server::Connected;
 use crate::tls::{crypto_provider, handshake_error_message, peer_spiffe_id};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once on one listener; more connections wait in the kernel's
+/// backlog.
+const MAX_PENDING_HANDSHAKES: usize = 256;
+/// Open connections on one listener; beyond it new connections are closed at once.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Concurrent HTTP/2 streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// Decoded request headers per stream (SETTINGS_MAX_HEADER_LIST_SIZE).
+pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Calls in flight, over all connections, from callers without a client certificate.
+pub const MAX_UNAUTHENTICATED_CALLS: usize = 32;
+/// How long a call from a caller without a certificate may take, its request body included.
+pub const UNAUTHENTICATED_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who is on the other end of an accepted connection.
 #[derive(Clone, Debug)]
@@ -41,6 +57,8 @@ pub struct PeerInfo {
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+    /// One of the listener's [`MAX_CONNECTIONS`], returned when the connection is dropped.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Connected for TlsConn {
@@ -98,15 +116,21 @@ pub fn peer_info<T>(req: &tonic::Request<T>) -> Option<PeerInfo> {
 }
 
 /// Accepts TLS connections on `listener` until it is dropped. Failed handshakes are logged (with
-/// the reason) and dropped; they never reach tonic.
+/// the reason) and dropped; they never reach tonic. At most [`MAX_PENDING_HANDSHAKES`] handshakes
+/// run at once and at most [`MAX_CONNECTIONS`] connections stay open.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
 ) -> impl Stream<Item = Result<TlsConn, std::io::Error>> + Send + 'static {
     let (tx, rx) = mpsc::channel::<Result<TlsConn, std::io::Error>>(64);
     let acceptor = TlsAcceptor::from(config);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
+            let Ok(handshake) = handshakes.clone().acquire_owned().await else {
+                return;
+            };
             let (tcp, remote) = tokio::select! {
                 _ = tx.closed() => return,
                 accepted = listener.accept() => match accepted {
@@ -118,10 +142,16 @@ pub fn incoming(
                     }
                 },
             };
+            let Ok(slot) = connections.clone().try_acquire_owned() else {
+                tracing::warn!(%remote, limit = MAX_CONNECTIONS, "too many open connections; closing a new one");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(handshake);
+                match accepted {
                     Ok(Ok(tls)) => {
                         let spiffe_id = peer_spiffe_id(tls.get_ref().1.peer_certificates());
                         let conn = TlsConn {
@@ -130,6 +160,7 @@ pub fn incoming(
                                 remote: Some(remote),
                                 spiffe_id,
                             },
+                            _slot: slot,
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }
@@ -142,6 +173,116 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A tonic server builder with the limits every fedmesh gRPC server keeps: bounded streams per
+/// connection and header lists, HTTP/2 keepalive (a dead peer is noticed in ~25 s), and a cap on
+/// streams a client may open and reset in a burst (the "rapid reset" attack).
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_header_list_size(MAX_HEADER_LIST)
+        .http2_keepalive_interval(Some(Duration::from_secs(15)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_max_pending_accept_reset_streams(Some(32))
+        .http2_max_local_error_reset_streams(Some(256))
+}
+
+/// Bounds what callers without a client certificate can make a server do: only the `allowed`
+/// methods (full paths such as `/fedmesh.identity.v1.Identity/Join`), at most
+/// [`MAX_UNAUTHENTICATED_CALLS`] at once across all connections (more are answered
+/// `RESOURCE_EXHAUSTED` before their body is read), each within
+/// [`UNAUTHENTICATED_CALL_TIMEOUT`]. Callers that presented a verified SVID pass untouched.
+#[derive(Clone)]
+pub struct UnauthenticatedLimitLayer {
+    allowed: &'static [&'static str],
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl UnauthenticatedLimitLayer {
+    pub fn new(allowed: &'static [&'static str]) -> Self {
+        Self {
+            allowed,
+            permits: Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED_CALLS)),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for UnauthenticatedLimitLayer {
+    type Service = UnauthenticatedLimit<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        UnauthenticatedLimit {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct UnauthenticatedLimit<S> {
+    inner: S,
+    layer: UnauthenticatedLimitLayer,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for UnauthenticatedLimit<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let authenticated = req
+            .extensions()
+            .get::<PeerInfo>()
+            .is_some_and(|p| p.spiffe_id.is_some());
+        if authenticated {
+            return Box::pin(self.inner.call(req));
+        }
+        let refuse = |status: tonic::Status| -> Self::Future {
+            Box::pin(std::future::ready(Ok(status.into_http())))
+        };
+        if !self.layer.allowed.contains(&req.uri().path()) {
+            return refuse(tonic::Status::unauthenticated(format!(
+                "{} needs a client certificate (an SVID of this trust domain)",
+                req.uri().path()
+            )));
+        }
+        let Ok(permit) = self.layer.permits.clone().try_acquire_owned() else {
+            tracing::warn!(
+                limit = MAX_UNAUTHENTICATED_CALLS,
+                "too many calls from callers without a certificate; refusing one"
+            );
+            return refuse(tonic::Status::resource_exhausted(
+                "too many calls without a client certificate in progress; retry shortly",
+            ));
+        };
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let result = tokio::time::timeout(UNAUTHENTICATED_CALL_TIMEOUT, call).await;
+            drop(permit);
+            match result {
+                Ok(r) => r,
+                Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                    "a call without a client certificate must finish within {UNAUTHENTICATED_CALL_TIMEOUT:?}"
+                ))
+                .into_http()),
+            }
+        })
+    }
 }
 
 /// A tonic channel to `addr` (`host:port`) over `config`. It connects lazily and reconnects.
@@ -182,10 +323,14 @@ pub fn ca_pin(cert: &CertificateDer<'_>) -> String {
     hex::encode(digest(&SHA256, cert))
 }
 
-/// A client config (optionally presenting nothing) that trusts only a server whose chain contains
-/// the CA with SHA-256 `pin_hex`, and whose leaf that CA signed.
+/// A client config (presenting nothing) that trusts only the server `spiffe://<td><server_path>`,
+/// where `td` is the trust domain of the CA with SHA-256 `pin_hex`: the server's chain must
+/// contain that CA, the CA must have signed the leaf, and the leaf must carry exactly that ID.
+/// Every SVID of the trust domain is signed by the same CA, so the pin alone would let any
+/// workload pose as the server and collect the token it is about to be sent.
 pub fn pinned_ca_client_config(
     pin_hex: &str,
+    server_path: &str,
     alpn: Vec<Vec<u8>>,
 ) -> Result<Arc<ClientConfig>, String> {
     let pin = hex::decode(pin_hex).map_err(|_| format!("CA pin {pin_hex:?} is not hex"))?;
@@ -194,6 +339,9 @@ pub fn pinned_ca_client_config(
             "CA pin {pin_hex:?} is not a SHA-256 (64 hex digits)"
         ));
     }
+    if !server_path.starts_with('/') {
+        return Err(format!("server path {server_path:?} must start with '/'"));
+    }
     let provider = crypto_provider();
     let mut cfg = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -201,6 +349,7 @@ pub fn pinned_ca_client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCa {
             pin,
+            server_path: server_path.to_string(),
             algorithms: provider.signature_verification_algorithms,
         }))
         .with_no_client_auth();
@@ -211,6 +360,7 @@ pub fn pinned_ca_client_config(
 #[derive(Debug)]
 struct PinnedCa {
     pin: Vec<u8>,
+    server_path: String,
     algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
 }
 
@@ -250,6 +400,21 @@ impl ServerCertVerifier for PinnedCa {
                     "server certificate is not signed by the pinned CA: {e}"
                 ))
             })?;
+        let td = crate::svid::trust_domain_of_authority(ca).ok_or_else(|| {
+            rustls::Error::General(
+                "the pinned CA names no trust domain (no spiffe:// URI SAN)".into(),
+            )
+        })?;
+        let expected = SpiffeId::new(&format!("spiffe://{td}{}", self.server_path))
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let presented = crate::svid::inspect(end_entity)
+            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?
+            .spiffe_id;
+        if presented != expected {
+            return Err(rustls::Error::General(format!(
+                "the server is {presented}, not {expected}: another workload of the trust domain is answering at this address"
+            )));
+        }
         Ok(ServerCertVerified::assertion())
     }
 

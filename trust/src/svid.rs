@@ -126,6 +126,15 @@ pub fn inspect(der: &[u8]) -> Result<CertInfo, SvidError> {
     })
 }
 
+/// The trust domain a CA certificate is an authority of: the one its SPIFFE ID names (fedmesh and
+/// SPIRE authorities carry `spiffe://<trust domain>`). `None` for a leaf or a CA without one.
+pub fn trust_domain_of_authority(der: &[u8]) -> Option<fedmesh_api::TrustDomain> {
+    inspect(der)
+        .ok()
+        .filter(|i| i.is_ca)
+        .map(|i| i.spiffe_id.trust_domain().clone())
+}
+
 pub(crate) fn asn1_to_system(t: ASN1Time) -> SystemTime {
     let secs = t.timestamp();
     if secs >= 0 {

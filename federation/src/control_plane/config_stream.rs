@@ -256,7 +256,7 @@ impl ConfigService {
     pub fn into_server(self) -> DataPlaneServer<Self> {
         DataPlaneServer::new(self)
             .max_encoding_message_size(64 * 1024 * 1024)
-            .max_decoding_message_size(1024 * 1024)
+            .max_decoding_message_size(super::identity::REQUEST_LIMIT)
     }
 }
 

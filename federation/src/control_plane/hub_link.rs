@@ -159,9 +159,12 @@ impl HubCredentials {
             reason,
         };
         let token = JoinToken::parse(token).map_err(|e| fail(e.to_string()))?;
-        let config =
-            fedmesh_trust::grpc::pinned_ca_client_config(&token.ca_pin, vec![b"h2".to_vec()])
-                .map_err(fail)?;
+        let config = fedmesh_trust::grpc::pinned_ca_client_config(
+            &token.ca_pin,
+            crate::hub::HUB_SERVER_PATH,
+            vec![b"h2".to_vec()],
+        )
+        .map_err(fail)?;
         let first = split_addrs(addr)
             .into_iter()
             .next()

@@ -28,6 +28,9 @@ use crate::tokens::{self, JoinToken};
 const AGENT_PREFIX: &str = "/fedmesh/agent/";
 const RESERVED_PREFIX: &str = "/fedmesh/";
 const BOOTSTRAP_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Largest request message: a token, a node name, a CSR. tonic buffers a message whole before
+/// the handler runs, and its 4 MiB default would let each stream of a flood hold 4 MiB.
+pub const REQUEST_LIMIT: usize = 64 * 1024;
 
 pub fn agent_id(cp: &ControlPlane, node: &str) -> Result<SpiffeId, String> {
     for label in node.split('.') {
@@ -42,8 +45,9 @@ pub fn agent_id(cp: &ControlPlane, node: &str) -> Result<SpiffeId, String> {
 
 pub fn control_plane_id(cp: &ControlPlane) -> SpiffeId {
     SpiffeId::new(&format!(
-        "spiffe://{}/fedmesh/control-plane",
-        cp.config.trust_domain
+        "spiffe://{}{}",
+        cp.config.trust_domain,
+        fedmesh_trust::workload::remote::CONTROL_PLANE_PATH
     ))
     .unwrap_or_else(|_| cp.config.trust_domain.to_spiffe_id())
 }
@@ -307,8 +311,14 @@ pub fn serve(
         };
         let tls = ident.server_config_optional_client_auth(authorizer, vec![b"h2".to_vec()]);
         let incoming = fedmesh_trust::grpc::incoming(listener, tls);
-        let result = tonic::transport::Server::builder()
-            .add_service(IdentityServer::new(IdentityService { cp: cp.clone() }))
+        let result = fedmesh_trust::grpc::server()
+            .layer(fedmesh_trust::grpc::UnauthenticatedLimitLayer::new(&[
+                "/fedmesh.identity.v1.Identity/Join",
+            ]))
+            .add_service(
+                IdentityServer::new(IdentityService { cp: cp.clone() })
+                    .max_decoding_message_size(REQUEST_LIMIT),
+            )
             .add_service(
                 super::config_stream::ConfigService {
                     cp: cp.clone(),

@@ -139,8 +139,12 @@ pub(crate) fn with_active_ca(
     chain
 }
 
+/// The hub's server SPIFFE ID path in its trust domain.
+pub const HUB_SERVER_PATH: &str = "/hub";
+
 pub fn hub_server_id(hub_td: &TrustDomain) -> SpiffeId {
-    SpiffeId::new(&format!("spiffe://{hub_td}/hub")).unwrap_or_else(|_| hub_td.to_spiffe_id())
+    SpiffeId::new(&format!("spiffe://{hub_td}{HUB_SERVER_PATH}"))
+        .unwrap_or_else(|_| hub_td.to_spiffe_id())
 }
 
 impl Hub {
@@ -913,9 +917,10 @@ pub async fn serve_grpc(
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = fedmesh_trust::grpc::incoming(listener, hub.server_tls());
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(15)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+    fedmesh_trust::grpc::server()
+        .layer(fedmesh_trust::grpc::UnauthenticatedLimitLayer::new(&[
+            "/fedmesh.federation.v1.Federation/Join",
+        ]))
         .layer(tower::util::MapRequestLayer::new(
             service::limit_unary_requests,
         ))

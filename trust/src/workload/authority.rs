@@ -12,7 +12,11 @@
 //!   `:authority: localhost`. Re-encoding all blocks, not just the bad one, keeps h2's HPACK
 //!   dynamic table consistent with what it receives.
 //!
-//! Only the client-to-server direction is touched; every limit is bounded.
+//! Only the client-to-server direction is touched, and it is read before any caller is attested,
+//! by anyone who can open the socket: every limit is bounded. Frames above h2's maximum frame size
+//! are left for h2 to refuse; a header block may be 64 KiB on the wire and 16 KiB decoded. HPACK
+//! lets a 1-byte reference stand for a 4 KiB table entry, so the decoded size is counted as it
+//! grows and a block that exceeds it ends the connection before anything is copied.
 
 use std::borrow::Cow;
 use std::io;
@@ -32,10 +36,14 @@ const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 /// h2's default SETTINGS_MAX_FRAME_SIZE: frames we emit never exceed it.
 const MAX_OUT_FRAME: usize = 16_384;
-/// Frames larger than this are not buffered; the connection is handed to h2 as is.
-const MAX_IN_FRAME: usize = 1 << 20;
+/// Frames larger than this are not buffered; the connection is handed to h2 as is, which refuses
+/// them (it advertises SETTINGS_MAX_FRAME_SIZE 16 KiB).
+const MAX_IN_FRAME: usize = MAX_OUT_FRAME;
 /// Largest header block we decode (a Workload API request is a few hundred bytes).
 const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// Largest decoded header list (RFC 7541 §4.1 sizes: name + value + 32 per field), the
+/// SETTINGS_MAX_HEADER_LIST_SIZE the Workload API server advertises.
+pub const MAX_HEADER_LIST: usize = 16 * 1024;
 /// The HPACK table size h2 advertises by default (SETTINGS_HEADER_TABLE_SIZE).
 const HPACK_TABLE: usize = 4096;
 const REPLACEMENT: &[u8] = b"localhost";
@@ -94,7 +102,7 @@ impl<S> AuthorityRewrite<S> {
     }
 
     /// Moves every complete unit of `input` to `output`, rewriting header blocks as needed.
-    fn process(&mut self) {
+    fn process(&mut self) -> io::Result<()> {
         loop {
             match self.mode {
                 Mode::Passthrough => {
@@ -103,7 +111,7 @@ impl<S> AuthorityRewrite<S> {
                     }
                     let all = self.input.split();
                     self.output.extend_from_slice(&all);
-                    return;
+                    return Ok(());
                 }
                 Mode::Preface => {
                     let n = self.input.len().min(PREFACE.len());
@@ -112,7 +120,7 @@ impl<S> AuthorityRewrite<S> {
                         continue;
                     }
                     if n < PREFACE.len() {
-                        return;
+                        return Ok(());
                     }
                     self.output
                         .extend_from_slice(&self.input.split_to(PREFACE.len()));
@@ -120,7 +128,7 @@ impl<S> AuthorityRewrite<S> {
                 }
                 Mode::Undecided | Mode::Rewrite => {
                     if self.input.len() < FRAME_HEADER {
-                        return;
+                        return Ok(());
                     }
                     let len = u32::from_be_bytes([0, self.input[0], self.input[1], self.input[2]])
                         as usize;
@@ -129,16 +137,16 @@ impl<S> AuthorityRewrite<S> {
                         continue;
                     }
                     if self.input.len() < FRAME_HEADER + len {
-                        return;
+                        return Ok(());
                     }
                     let frame = self.input.split_to(FRAME_HEADER + len);
-                    self.frame(frame);
+                    self.frame(frame)?;
                 }
             }
         }
     }
 
-    fn frame(&mut self, frame: BytesMut) {
+    fn frame(&mut self, frame: BytesMut) -> io::Result<()> {
         let (kind, flags) = (frame[3], frame[4]);
         let stream_id = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
         let payload = &frame[FRAME_HEADER..];
@@ -146,7 +154,7 @@ impl<S> AuthorityRewrite<S> {
             (HEADERS, false) => {
                 let Some(fragment) = headers_fragment(flags, payload) else {
                     self.give_up(frame);
-                    return;
+                    return Ok(());
                 };
                 let mut p = Pending {
                     stream_id,
@@ -157,26 +165,27 @@ impl<S> AuthorityRewrite<S> {
                 p.raw.extend_from_slice(&frame);
                 self.pending = Some(p);
                 if flags & END_HEADERS != 0 {
-                    self.finish_block();
+                    return self.finish_block();
                 }
             }
             (CONTINUATION, true) => {
                 let Some(p) = self.pending.as_mut() else {
-                    return;
+                    return Ok(());
                 };
                 if p.stream_id != stream_id || p.block.len() + payload.len() > MAX_HEADER_BLOCK {
                     self.give_up(frame);
-                    return;
+                    return Ok(());
                 }
                 p.block.extend_from_slice(payload);
                 p.raw.extend_from_slice(&frame);
                 if flags & END_HEADERS != 0 {
-                    self.finish_block();
+                    return self.finish_block();
                 }
             }
             (_, true) => self.give_up(frame),
             (_, false) => self.output.extend_from_slice(&frame),
         }
+        Ok(())
     }
 
     /// Hands the rest of the connection to h2 unchanged (it will judge what it gets).
@@ -188,18 +197,36 @@ impl<S> AuthorityRewrite<S> {
         self.mode = Mode::Passthrough;
     }
 
-    fn finish_block(&mut self) {
-        let Some(p) = self.pending.take() else { return };
+    /// `Err`: the block decodes to more than [`MAX_HEADER_LIST`]; the connection must end.
+    fn finish_block(&mut self) -> io::Result<()> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
         let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut size = 0usize;
         let decoded = self
             .decoder
             .decode_with_cb(&p.block, |name: Cow<[u8]>, value: Cow<[u8]>| {
-                headers.push((name.into_owned(), value.into_owned()));
+                size = size.saturating_add(name.len() + value.len() + 32);
+                if size <= MAX_HEADER_LIST {
+                    headers.push((name.into_owned(), value.into_owned()));
+                }
             });
+        if size > MAX_HEADER_LIST {
+            tracing::warn!(
+                decoded = size,
+                limit = MAX_HEADER_LIST,
+                "Workload API client sent a header block that decodes beyond the limit; closing the connection"
+            );
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("header list of {size} bytes exceeds {MAX_HEADER_LIST}"),
+            ));
+        }
         if decoded.is_err() {
             self.output.extend_from_slice(&p.raw);
             self.mode = Mode::Passthrough;
-            return;
+            return Ok(());
         }
         if matches!(self.mode, Mode::Undecided) {
             let bad = headers.iter().any(|(n, v)| {
@@ -208,7 +235,7 @@ impl<S> AuthorityRewrite<S> {
             if !bad {
                 self.output.extend_from_slice(&p.raw);
                 self.mode = Mode::Passthrough;
-                return;
+                return Ok(());
             }
             tracing::debug!(
                 "Workload API client sent an invalid :authority; rewriting it to localhost for this connection"
@@ -224,6 +251,7 @@ impl<S> AuthorityRewrite<S> {
             .encoder
             .encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
         self.emit_block(p.stream_id, p.end_stream, &block);
+        Ok(())
     }
 
     fn emit_block(&mut self, stream_id: u32, end_stream: bool, block: &[u8]) {
@@ -308,7 +336,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRewrite<S> {
             } else {
                 this.input.extend_from_slice(rb.filled());
             }
-            this.process();
+            this.process()?;
         }
     }
 }

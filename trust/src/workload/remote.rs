@@ -50,8 +50,11 @@ struct AgentMeta {
     node: String,
 }
 
+/// The control plane's SPIFFE ID path in its trust domain.
+pub const CONTROL_PLANE_PATH: &str = "/fedmesh/control-plane";
+
 fn control_plane_id(td: &TrustDomain) -> Option<SpiffeId> {
-    SpiffeId::new(&format!("spiffe://{td}/fedmesh/control-plane")).ok()
+    SpiffeId::new(&format!("spiffe://{td}{CONTROL_PLANE_PATH}")).ok()
 }
 
 impl ControlPlaneSigner {
@@ -313,7 +316,9 @@ async fn join(addr: &str, dir: &Path, node: &str, token: &str) -> Result<(), Rem
         .next()
         .filter(|p| p.len() == 64)
         .ok_or_else(|| fail("the join token is malformed".into()))?;
-    let config = crate::grpc::pinned_ca_client_config(pin, vec![b"h2".to_vec()]).map_err(fail)?;
+    let config =
+        crate::grpc::pinned_ca_client_config(pin, CONTROL_PLANE_PATH, vec![b"h2".to_vec()])
+            .map_err(fail)?;
     let channel = crate::grpc::channel(addr, config, "control-plane.fedmesh").map_err(fail)?;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| fail(e.to_string()))?;
@@ -333,6 +338,11 @@ async fn join(addr: &str, dir: &Path, node: &str, token: &str) -> Result<(), Rem
         .first()
         .ok_or_else(|| fail("no certificate returned".into()))?;
     let id = inspect(leaf).map_err(|e| fail(e.to_string()))?.spiffe_id;
+    if !id.path().starts_with("/fedmesh/agent/") {
+        return Err(fail(format!(
+            "the control plane issued {id}, which is not an agent identity"
+        )));
+    }
     let meta = AgentMeta {
         control_plane: addr.to_string(),
         trust_domain: id.trust_domain().clone(),

@@ -438,7 +438,7 @@ pub async fn serve_with_attestor(
         shutdown.await;
         close.cancel();
     };
-    let result = tonic::transport::Server::builder()
+    let result = crate::grpc::server()
         .add_service(
             match k8s {
                 Some(k8s) => WorkloadApi::new(cache, closing).with_k8s(k8s),

@@ -1,0 +1,110 @@
+//! A hub and control planes as real processes, joined as a user joins them.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+pub struct Hub {
+    pub proc: Proc,
+    pub admin: String,
+    pub grpc: String,
+    pub token_file: std::path::PathBuf,
+}
+
+pub fn start_hub(dir: &Path) -> Hub {
+    let (grpc, admin) = (free_port(), free_port());
+    let data = dir.join("hub");
+    let proc = Proc::start(
+        "hub",
+        &[
+            "hub",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+            "--stale-after",
+            "2s",
+        ],
+        dir,
+    );
+    wait_until("the hub admin API", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok()
+    });
+    Hub {
+        proc,
+        admin: format!("http://127.0.0.1:{admin}"),
+        grpc: format!("127.0.0.1:{grpc}"),
+        token_file: data.join("admin-token"),
+    }
+}
+
+pub fn admin_args(hub: &Hub) -> Vec<String> {
+    vec![
+        "--admin".into(),
+        hub.admin.clone(),
+        "--admin-token-file".into(),
+        hub.token_file.display().to_string(),
+    ]
+}
+
+pub fn run(args: &[String]) -> std::process::Output {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    fedmesh(&a)
+}
+
+/// A control plane for cluster `name` (trust domain `<name>.example`) joined to `hub`.
+pub fn start_cp(dir: &Path, hub: &Hub, name: &str) -> Proc {
+    start_cp_on(dir, hub, name, free_port())
+}
+
+/// [`start_cp`] with its gRPC port (agents, data plane) at `listen`.
+pub fn start_cp_on(dir: &Path, hub: &Hub, name: &str, listen: u16) -> Proc {
+    let mut args = vec![
+        "hub".to_string(),
+        "token".into(),
+        "create".into(),
+        "--cluster".into(),
+        name.into(),
+    ];
+    args.extend(admin_args(hub));
+    let out = run(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(token.starts_with("fmj1."), "{token}");
+    let src = dir.join(format!("{name}-src"));
+    std::fs::create_dir_all(&src).unwrap();
+    Proc::start(
+        name,
+        &[
+            "control-plane",
+            "--cluster",
+            name,
+            "--trust-domain",
+            &format!("{name}.example"),
+            "--region",
+            &format!("{name}-1"),
+            "--data-dir",
+            dir.join(format!("{name}-data")).to_str().unwrap(),
+            "--source",
+            &format!("dir:{}", src.display()),
+            "--hub",
+            &hub.grpc,
+            "--join-token",
+            &token,
+            "--gateway",
+            &format!("127.0.0.1:{}", free_port()),
+            "--listen",
+            &format!("127.0.0.1:{listen}"),
+            "--dns-listen",
+            &format!("127.0.0.1:{}", free_port()),
+        ],
+        dir,
+    )
+}
