@@ -183,11 +183,23 @@ fn the_admin_api_requires_the_token_and_documents_itself() {
         "create".into(),
         "--cluster".into(),
         "Not_A_Label".into(),
+        "--trust-domain".into(),
+        "x.example".into(),
     ];
     a.extend(admin_args(&hub));
     let out = run(&a);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("DNS label"));
+    // A token names the trust domain it registers.
+    a[4] = "east".into();
+    a.drain(5..7);
+    let out = run(&a);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--trust-domain"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     drop(hub.proc);
 }
 

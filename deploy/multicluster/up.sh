@@ -141,7 +141,7 @@ for c in "${CLUSTERS[@]}"; do
     # The hub's CLI defaults reach its own admin API (http://127.0.0.1:7080) with its admin
     # token file (/var/lib/fedmesh/hub/admin-token), so no admin secret leaves the hub's pod.
     join_token=$(kc "$HUB_CLUSTER" -n "$NS" exec deploy/fedmesh-hub -c hub -- \
-      fedmesh hub token create --cluster "$c")
+      fedmesh hub token create --cluster "$c" --trust-domain "$c.fedmesh.test")
     apply_secret "$c" fedmesh-join-token "$join_token"
     unset join_token
   fi

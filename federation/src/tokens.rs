@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use fedmesh_api::ClusterName;
+use fedmesh_api::{ClusterName, TrustDomain};
 use ring::digest::{SHA256, digest};
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -35,6 +35,14 @@ pub enum TokenError {
         id: String,
         issued_for: String,
         cluster: String,
+    },
+    #[error(
+        "join token {id} was issued for trust domain {issued_for}, not {trust_domain}; a token registers one cluster in one trust domain"
+    )]
+    WrongTrustDomain {
+        id: String,
+        issued_for: String,
+        trust_domain: String,
     },
     #[error("join token is invalid")]
     BadSecret,
@@ -103,14 +111,24 @@ fn rfc3339(unix: i64) -> String {
     fedmesh_trust::svid::rfc3339(fedmesh_trust::svid::from_unix_secs(unix.max(0) as u64))
 }
 
-/// Creates and stores a one-time token for `cluster`, valid for `ttl`.
+/// Creates and stores a one-time token that registers `cluster` with `trust_domain`, valid for
+/// `ttl`.
 pub async fn create(
     store: &dyn KvStore,
     cluster: &ClusterName,
+    trust_domain: &TrustDomain,
     ttl: Duration,
     ca_pin: &str,
 ) -> Result<(JoinToken, i64), TokenError> {
-    create_with(store, Some(cluster.to_string()), false, ttl, ca_pin).await
+    create_with(
+        store,
+        Some(cluster.to_string()),
+        Some(trust_domain.clone()),
+        false,
+        ttl,
+        ca_pin,
+    )
+    .await
 }
 
 /// Creates and stores a token; `subject: None` lets anyone holding it use it, `reusable` lets
@@ -118,6 +136,7 @@ pub async fn create(
 pub async fn create_with(
     store: &dyn KvStore,
     subject: Option<String>,
+    trust_domain: Option<TrustDomain>,
     reusable: bool,
     ttl: Duration,
     ca_pin: &str,
@@ -131,6 +150,7 @@ pub async fn create_with(
     let expires = now + ttl.as_secs() as i64;
     let record = TokenRecord {
         subject,
+        trust_domain,
         reusable,
         secret_sha256: token.secret_hash(),
         created_unix: now,
@@ -172,8 +192,9 @@ pub async fn verify(
     check(store, token, subject).await.map(|_| ())
 }
 
-/// The token's record and its mod revision, if the token is valid for `subject` now.
-async fn check(
+/// The token's record and its mod revision, if the token is valid for `subject` now. A caller
+/// that uses the token in a transaction of its own adds [`use_in`] to it.
+pub async fn check(
     store: &dyn KvStore,
     token: &JoinToken,
     subject: &str,
@@ -218,19 +239,12 @@ pub async fn consume_as(
     token: &JoinToken,
     subject: &str,
 ) -> Result<(), TokenError> {
-    let (mut record, revision) = check(store, token, subject).await?;
+    let (record, revision) = check(store, token, subject).await?;
     if record.reusable {
         return Ok(());
     }
-    let key = token_key(&token.id);
-    record.used_unix = Some(now_unix());
-    let value = serde_json::to_vec(&record).unwrap_or_default();
     match store
-        .commit(
-            Txn::new()
-                .when(Compare::ModRevision(key.clone(), revision))
-                .put(key, value),
-        )
+        .commit(use_in(Txn::new(), token, record, revision))
         .await?
     {
         TxnOutcome::Committed(_) => Ok(()),
@@ -239,6 +253,19 @@ pub async fn consume_as(
             at: "just now, by a concurrent join".into(),
         }),
     }
+}
+
+/// Adds to `txn` the use of a token [`check`]ed at `revision`: the transaction fails if the token
+/// changed (was used) since. Reusable tokens are left as they are.
+pub fn use_in(txn: Txn, token: &JoinToken, mut record: TokenRecord, revision: Revision) -> Txn {
+    if record.reusable {
+        return txn;
+    }
+    let key = token_key(&token.id);
+    record.used_unix = Some(now_unix());
+    let value = serde_json::to_vec(&record).unwrap_or_default();
+    txn.when(Compare::ModRevision(key.clone(), revision))
+        .put(key, value)
 }
 
 #[cfg(test)]

@@ -248,3 +248,59 @@ async fn each_clusters_workload_api_serves_the_other_clusters_bundles() {
     }
     hub.stop().await;
 }
+
+/// An agent that joins again under a node name starts a new registration: the identity the
+/// earlier agent of that node holds can no longer have workload SVIDs signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_joining_again_revokes_the_nodes_earlier_agent_identity() {
+    use fedmesh_trust::workload::SvidSigner;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let east = start_cluster(dir.path(), "east", &hub).await;
+    let token_file = east.data.join("agent-token");
+    for _ in 0..200 {
+        if token_file.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let addr = east.cp.listen_addr.unwrap().to_string();
+    let join = |sub: &str| {
+        let (addr, token, dir, shutdown) = (
+            addr.clone(),
+            token.clone(),
+            dir.path().join(sub),
+            east.shutdown.clone(),
+        );
+        async move {
+            fedmesh_trust::workload::ControlPlaneSigner::start(
+                &addr,
+                &dir,
+                "node-1",
+                Some(&token),
+                shutdown,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let web = fedmesh_api::SpiffeId::new("spiffe://east.example/ns/shop/sa/web").unwrap();
+    let sign = |signer: std::sync::Arc<fedmesh_trust::workload::ControlPlaneSigner>| {
+        let web = web.clone();
+        async move {
+            let (_, csr) = fedmesh_trust::svid::new_key_and_csr(&web).unwrap();
+            signer
+                .sign_x509(csr, web, None)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    let first = join("first").await;
+    sign(first.clone()).await.expect("the first agent signs");
+    let second = join("second").await;
+    sign(second.clone()).await.expect("the new agent signs");
+    let err = sign(first).await.unwrap_err();
+    assert!(err.contains("earlier registration of this node"), "{err}");
+    hub.stop().await;
+}

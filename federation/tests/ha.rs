@@ -49,12 +49,24 @@ async fn two_hubs_on_one_etcd_serve_one_clusterset_and_control_planes_fail_over(
     // East talks to A first, west to B first.
     let mut east_cfg = cluster_config(dir.path(), "east", None);
     east_cfg.hub = Some(format!("{},{}", a.addr, b.addr));
-    east_cfg.join_token = Some(a.hub.create_token(&east_cfg.cluster, None).await.unwrap().0);
+    east_cfg.join_token = Some(
+        a.hub
+            .create_token(&east_cfg.cluster, &east_cfg.trust_domain, None)
+            .await
+            .unwrap()
+            .0,
+    );
     let east = start_with(east_cfg).await;
     let mut west_cfg = cluster_config(dir.path(), "west", None);
     west_cfg.hub = Some(format!("{},{}", b.addr, a.addr));
     // A token created on one replica is good on the other.
-    west_cfg.join_token = Some(a.hub.create_token(&west_cfg.cluster, None).await.unwrap().0);
+    west_cfg.join_token = Some(
+        a.hub
+            .create_token(&west_cfg.cluster, &west_cfg.trust_domain, None)
+            .await
+            .unwrap()
+            .0,
+    );
     let west = start_with(west_cfg).await;
 
     let web: ServiceKey = "shop/web".parse().unwrap();

@@ -83,7 +83,13 @@ async fn kubernetes_source_and_writer_against_a_mocked_api_server() {
     );
     config.region = "east-1".into();
     config.hub = Some(hub.addr.to_string());
-    config.join_token = Some(hub.hub.create_token(&config.cluster, None).await.unwrap().0);
+    config.join_token = Some(
+        hub.hub
+            .create_token(&config.cluster, &config.trust_domain, None)
+            .await
+            .unwrap()
+            .0,
+    );
     config.gateways = vec!["192.0.2.10:15443".into()];
     let shutdown = CancellationToken::new();
     let east = ControlPlane::start_with_kube_client(config, client, shutdown.clone())

@@ -18,13 +18,14 @@ async fn a_large_publish_right_after_hello_is_applied() {
     for round in 0..3 {
         let name = format!("c{round}");
         let cluster = ClusterName::new(&name).unwrap();
-        let (token, _) = hub.hub.create_token(&cluster, None).await.unwrap();
+        let td = TrustDomain::new(&format!("{name}.x")).unwrap();
+        let (token, _) = hub.hub.create_token(&cluster, &td, None).await.unwrap();
         let creds = HubCredentials::join(
             &dir.path().join(&name),
             &hub.addr.to_string(),
             &token,
             &cluster,
-            &TrustDomain::new(&format!("{name}.x")).unwrap(),
+            &td,
         )
         .await
         .unwrap();

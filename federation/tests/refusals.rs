@@ -187,7 +187,7 @@ async fn a_newer_protocol_version_is_refused_with_what_to_do() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn join_tokens_are_one_time_expiring_and_bound_to_a_cluster() {
+async fn join_tokens_are_one_time_expiring_and_bound_to_a_cluster_and_its_trust_domain() {
     let dir = tempfile::tempdir().unwrap();
     let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
     let addr = hub.addr.to_string();
@@ -209,11 +209,19 @@ async fn join_tokens_are_one_time_expiring_and_bound_to_a_cluster() {
         }
     };
 
-    let (token, _) = hub.hub.create_token(&east, None).await.unwrap();
+    let (token, _) = hub.hub.create_token(&east, &td, None).await.unwrap();
     let err = join(token.clone(), "west", "west.example", "w")
         .await
         .unwrap();
     assert!(err.contains("issued for cluster east, not west"), "{err}");
+    // The attack: east's token used to register east under west's trust domain.
+    let err = join(token.clone(), "east", "west.example", "w2")
+        .await
+        .unwrap();
+    assert!(
+        err.contains("issued for trust domain east.example, not west.example"),
+        "{err}"
+    );
     assert!(
         join(token.clone(), "east", "east.example", "e1")
             .await
@@ -225,7 +233,7 @@ async fn join_tokens_are_one_time_expiring_and_bound_to_a_cluster() {
 
     let (short, _) = hub
         .hub
-        .create_token(&east, Some(Duration::from_secs(1)))
+        .create_token(&east, &td, Some(Duration::from_secs(1)))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(2100)).await;
@@ -238,20 +246,20 @@ async fn join_tokens_are_one_time_expiring_and_bound_to_a_cluster() {
     assert!(err.contains("malformed"), "{err}");
 
     // A token pinning another CA: the client refuses to talk to this hub at all.
-    let (token, _) = hub.hub.create_token(&east, None).await.unwrap();
+    let (token, _) = hub.hub.create_token(&east, &td, None).await.unwrap();
     let forged = format!("{}.{}", token.rsplit_once('.').unwrap().0, "ab".repeat(32));
     let err = join(forged, "east", "east.example", "e5").await.unwrap();
     assert!(err.contains("pinned"), "{err}");
 
-    // A second cluster may not take a trust domain that is already in use.
+    // A second cluster may not take a trust domain that is already in use, even with a token
+    // made out for it.
     let (t2, _) = hub
         .hub
-        .create_token(&ClusterName::new("evil").unwrap(), None)
+        .create_token(&ClusterName::new("evil").unwrap(), &td, None)
         .await
         .unwrap();
     let err = join(t2, "evil", "east.example", "e6").await.unwrap();
     assert!(err.contains("already belongs to cluster east"), "{err}");
-    let _ = td;
     hub.stop().await;
 }
 
@@ -355,5 +363,112 @@ async fn a_removed_clusters_open_stream_is_ended_and_it_cannot_reconnect() {
         s.clusterset.bundles.len() == 1
     })
     .await;
+    hub.stop().await;
+}
+
+async fn join_as(
+    hub: &HubHandle,
+    dir: &std::path::Path,
+    cluster: &str,
+    td: &str,
+) -> Result<HubCredentials, String> {
+    let (cluster, td) = (
+        ClusterName::new(cluster).unwrap(),
+        TrustDomain::new(td).unwrap(),
+    );
+    let (token, _) = hub.hub.create_token(&cluster, &td, None).await.unwrap();
+    HubCredentials::join(dir, &hub.addr.to_string(), &token, &cluster, &td)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Renews `creds`'s cluster identity now (whatever its age).
+async fn renew_now(creds: &HubCredentials, cluster: &str) -> Result<(), tonic::Status> {
+    let id =
+        fedmesh_api::SpiffeId::new(&format!("spiffe://hub.fedmesh/cluster/{cluster}")).unwrap();
+    let (_, csr) = fedmesh_trust::svid::new_key_and_csr(&id).unwrap();
+    FederationClient::new(creds.channel().unwrap())
+        .renew(pb::RenewRequest { csr })
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_joins_cannot_both_claim_one_trust_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    for round in 0..5 {
+        let td = format!("same{round}.example");
+        let (name_a, name_b) = (format!("a{round}"), format!("b{round}"));
+        let (dir_a, dir_b) = (dir.path().join(&name_a), dir.path().join(&name_b));
+        let (a, b) = tokio::join!(
+            join_as(&hub, &dir_a, &name_a, &td),
+            join_as(&hub, &dir_b, &name_b, &td),
+        );
+        assert!(
+            a.is_ok() != b.is_ok(),
+            "round {round}: exactly one registers {td}: {:?} / {:?}",
+            a.as_ref().err(),
+            b.as_ref().err()
+        );
+        let err = a.err().or(b.err()).unwrap();
+        assert!(
+            err.contains("already belongs to cluster") || err.contains("changed concurrently"),
+            "{err}"
+        );
+    }
+    hub.stop().await;
+}
+
+/// A cluster removed by an operator and registered again under the same name gets a new
+/// registration: the identities issued to the earlier one can neither renew nor connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_clusters_old_identity_is_refused_after_the_name_registers_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let old = join_as(&hub, &dir.path().join("old"), "east", "east.example")
+        .await
+        .unwrap();
+    renew_now(&old, "east")
+        .await
+        .expect("a registered cluster renews");
+    raw_stream(&old, FEDERATION_PROTOCOL_VERSION)
+        .await
+        .expect("and connects");
+
+    assert!(
+        hub.hub
+            .remove_cluster(&ClusterName::new("east").unwrap())
+            .await
+            .unwrap()
+    );
+    let new = join_as(&hub, &dir.path().join("new"), "east", "east.example")
+        .await
+        .expect("the name and its trust domain are free again");
+
+    let err = renew_now(&old, "east").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message()
+            .contains("earlier registration of cluster east"),
+        "{}",
+        err.message()
+    );
+    let err = raw_stream(&old, FEDERATION_PROTOCOL_VERSION)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.message().contains("earlier registration"),
+        "{}",
+        err.message()
+    );
+
+    renew_now(&new, "east")
+        .await
+        .expect("the new registration renews");
+    raw_stream(&new, FEDERATION_PROTOCOL_VERSION)
+        .await
+        .expect("and connects with its first identity until it switches");
     hub.stop().await;
 }

@@ -32,7 +32,7 @@ pub struct ControlPlaneArgs {
     /// The hub's federation address(es), HOST:PORT[,HOST:PORT]. Omit to run without a hub.
     #[arg(long)]
     hub: Option<String>,
-    /// One-time join token (first start only): `fedmesh hub token create --cluster NAME`.
+    /// One-time join token (first start only): `fedmesh hub token create --cluster NAME --trust-domain TD`.
     #[arg(long, env = "FEDMESH_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
     /// This cluster's east-west gateway address(es), HOST:PORT, published to other clusters.

@@ -37,6 +37,10 @@ enum TokenCommand {
     Create {
         #[arg(long)]
         cluster: String,
+        /// The trust domain the cluster registers with (its control plane's --trust-domain); the
+        /// token registers this one and no other.
+        #[arg(long)]
+        trust_domain: String,
         /// Lifetime (default: the hub's --token-ttl).
         #[arg(long)]
         ttl: Option<String>,
@@ -160,17 +164,20 @@ pub async fn run(args: HubArgs) -> anyhow::Result<()> {
     match args.command {
         Some(HubCommand::Token(TokenCommand::Create {
             cluster,
+            trust_domain,
             ttl,
             admin,
         })) => {
             ClusterName::new(&cluster)?;
+            TrustDomain::new(&trust_domain)
+                .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
             let t = admin
                 .client()?
-                .create_token(&cluster, ttl.as_deref())
+                .create_token(&cluster, &trust_domain, ttl.as_deref())
                 .await?;
             eprintln!(
-                "join token for cluster {} (valid until {}, usable once):",
-                t.cluster, t.expires
+                "join token for cluster {} in trust domain {} (valid until {}, usable once):",
+                t.cluster, t.trust_domain, t.expires
             );
             println!("{}", t.token);
             Ok(())
@@ -246,7 +253,7 @@ async fn serve(a: RunArgs) -> anyhow::Result<()> {
         admin.local_addr()?
     );
     eprintln!(
-        "  create a join token:  fedmesh hub token create --cluster NAME --admin {scheme}://{} --admin-token-file {}",
+        "  create a join token:  fedmesh hub token create --cluster NAME --trust-domain TD --admin {scheme}://{} --admin-token-file {}",
         admin.local_addr()?,
         token_path.display()
     );

@@ -284,7 +284,7 @@ impl Cluster {
         config.poll_interval = Duration::from_millis(100);
         let mut first = config.clone();
         if !data.join("hub/hub.json").exists() {
-            let (token, _) = hub.create_token(&name, None).await?;
+            let (token, _) = hub.create_token(&name, &td, None).await?;
             first.join_token = Some(token);
         }
         let cp_shutdown = shutdown.child_token();

@@ -68,6 +68,8 @@ pub fn start_cp_on(dir: &Path, hub: &Hub, name: &str, listen: u16) -> Proc {
         "create".into(),
         "--cluster".into(),
         name.into(),
+        "--trust-domain".into(),
+        format!("{name}.example"),
     ];
     args.extend(admin_args(hub));
     let out = run(&args);

@@ -51,6 +51,9 @@ pub struct PeerInfo {
     pub remote: Option<SocketAddr>,
     /// The verified SPIFFE ID of the client certificate, if the client presented one.
     pub spiffe_id: Option<SpiffeId>,
+    /// That certificate's serial number (lowercase hex): which issued identity is calling, so a
+    /// server can refuse identities it has revoked.
+    pub serial: Option<String>,
 }
 
 /// An accepted TLS connection.
@@ -153,12 +156,18 @@ pub fn incoming(
                 drop(handshake);
                 match accepted {
                     Ok(Ok(tls)) => {
-                        let spiffe_id = peer_spiffe_id(tls.get_ref().1.peer_certificates());
+                        let certs = tls.get_ref().1.peer_certificates();
+                        let spiffe_id = peer_spiffe_id(certs);
+                        let serial = certs
+                            .and_then(|c| c.first())
+                            .and_then(|c| crate::svid::inspect(c).ok())
+                            .map(|i| i.serial_hex);
                         let conn = TlsConn {
                             inner: tls,
                             info: PeerInfo {
                                 remote: Some(remote),
                                 spiffe_id,
+                                serial,
                             },
                             _slot: slot,
                         };

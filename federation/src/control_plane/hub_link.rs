@@ -28,7 +28,7 @@ pub enum LinkError {
     #[error("hub credentials in {dir}: {reason}")]
     Credentials { dir: PathBuf, reason: String },
     #[error(
-        "this control plane has not joined a hub yet: pass --join-token (create one with `fedmesh hub token create --cluster NAME`)"
+        "this control plane has not joined a hub yet: pass --join-token (create one with `fedmesh hub token create --cluster NAME --trust-domain TD`)"
     )]
     NotJoined,
 }

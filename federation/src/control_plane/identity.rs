@@ -57,16 +57,28 @@ struct IdentityService {
 }
 
 impl IdentityService {
-    fn agent<T>(&self, req: &Request<T>) -> Result<SpiffeId, Status> {
-        let id = fedmesh_trust::grpc::peer_id(req).ok_or_else(|| {
-            Status::unauthenticated("no client certificate: join first with the agent token")
-        })?;
+    /// The calling agent and its identity's serial, once checked to be an agent of this cluster.
+    fn caller<T>(&self, req: &Request<T>) -> Result<(SpiffeId, Option<String>), Status> {
+        let peer = fedmesh_trust::grpc::peer_info(req);
+        let id = peer
+            .as_ref()
+            .and_then(|p| p.spiffe_id.clone())
+            .ok_or_else(|| {
+                Status::unauthenticated("no client certificate: join first with the agent token")
+            })?;
         if id.trust_domain() != &self.cp.config.trust_domain || !id.path().starts_with(AGENT_PREFIX)
         {
             return Err(Status::permission_denied(format!(
                 "{id} is not an agent of this cluster"
             )));
         }
+        Ok((id, peer.and_then(|p| p.serial)))
+    }
+
+    /// The calling agent, if its identity belongs to its node's current registration.
+    async fn agent<T>(&self, req: &Request<T>) -> Result<SpiffeId, Status> {
+        let (id, serial) = self.caller(req)?;
+        super::agents::check(&*self.cp.db, &id, serial.as_deref(), None).await?;
         Ok(id)
     }
 
@@ -114,6 +126,14 @@ impl Identity for IdentityService {
             .ca
             .sign_csr_for(&req.csr, &id, Some(Duration::from_secs(24 * 3600)))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let serial = issued
+            .chain
+            .first()
+            .and_then(|c| fedmesh_trust::svid::inspect(c).ok())
+            .map(|i| i.serial_hex)
+            .ok_or_else(|| Status::internal("the CA issued no certificate"))?;
+        // A new registration: identities issued to an earlier agent of this node stop working.
+        super::agents::register(&*self.cp.db, &id, &serial).await?;
         tracing::info!(node = %req.node, %id, "agent joined");
         Ok(Response::new(pb::AgentJoinResponse {
             chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
@@ -125,11 +145,15 @@ impl Identity for IdentityService {
         &self,
         request: Request<pb::SignX509SvidRequest>,
     ) -> Result<Response<pb::SignX509SvidResponse>, Status> {
-        let agent = self.agent(&request)?;
+        let (agent, serial) = self.caller(&request)?;
         let req = request.into_inner();
         // An agent may renew its own identity; otherwise only workload IDs.
-        let id = if req.spiffe_id == agent.to_string() {
-            agent
+        let renewal = req.spiffe_id == agent.to_string();
+        if !renewal {
+            super::agents::check(&*self.cp.db, &agent, serial.as_deref(), None).await?;
+        }
+        let id = if renewal {
+            agent.clone()
         } else {
             self.workload_id(&req.spiffe_id)?
         };
@@ -138,6 +162,14 @@ impl Identity for IdentityService {
             .ca
             .sign_csr(&req.csr, Some(&id), Self::ttl(req.ttl_seconds))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if renewal {
+            let next = issued
+                .chain
+                .first()
+                .and_then(|c| fedmesh_trust::svid::inspect(c).ok())
+                .map(|i| i.serial_hex);
+            super::agents::check(&*self.cp.db, &agent, serial.as_deref(), next.as_deref()).await?;
+        }
         Ok(Response::new(pb::SignX509SvidResponse {
             chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
         }))
@@ -147,7 +179,7 @@ impl Identity for IdentityService {
         &self,
         request: Request<pb::SignJwtSvidRequest>,
     ) -> Result<Response<pb::SignJwtSvidResponse>, Status> {
-        self.agent(&request)?;
+        self.agent(&request).await?;
         let req = request.into_inner();
         let id = self.workload_id(&req.spiffe_id)?;
         let token = self
@@ -162,7 +194,7 @@ impl Identity for IdentityService {
         &self,
         request: Request<pb::WatchBundlesRequest>,
     ) -> Result<Response<Self::WatchBundlesStream>, Status> {
-        self.agent(&request)?;
+        self.agent(&request).await?;
         let cp = self.cp.clone();
         let mut snap = cp.snapshot();
         let mut own = cp.ca.subscribe_bundle();
@@ -248,9 +280,16 @@ pub async fn ensure_agent_token(cp: &ControlPlane) -> Result<String, String> {
     {
         return Ok(t.to_string());
     }
-    let (t, _) = tokens::create_with(&*cp.db, None, true, BOOTSTRAP_TOKEN_TTL, &current_pin(cp))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (t, _) = tokens::create_with(
+        &*cp.db,
+        None,
+        None,
+        true,
+        BOOTSTRAP_TOKEN_TTL,
+        &current_pin(cp),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     fedmesh_trust::files::write_private(&path, format!("{t}\n").as_bytes())
         .map_err(|e| e.to_string())?;
     Ok(t.to_string())

@@ -4,6 +4,7 @@
 //! DNS and the data-plane configuration. Everything it received is kept on disk: when the hub is
 //! unreachable it keeps serving the last state.
 
+pub mod agents;
 pub mod config_stream;
 pub mod dns;
 pub mod hub_link;

@@ -112,6 +112,8 @@ pub struct Explanation {
 #[derive(Serialize, Deserialize, ToSchema, Debug, Clone)]
 pub struct TokenRequest {
     pub cluster: String,
+    /// The trust domain the cluster registers with; the token registers this one and no other.
+    pub trust_domain: String,
     /// Lifetime, e.g. `1h` (default: the hub's --token-ttl).
     pub ttl: Option<String>,
 }
@@ -119,6 +121,7 @@ pub struct TokenRequest {
 #[derive(Serialize, Deserialize, ToSchema, Debug, Clone)]
 pub struct TokenResponse {
     pub cluster: String,
+    pub trust_domain: String,
     pub token: String,
     pub expires: String,
 }
@@ -624,6 +627,16 @@ async fn create_token(State(s): State<AdminState>, Json(req): Json<TokenRequest>
         Ok(c) => c,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    let trust_domain = match fedmesh_api::TrustDomain::new(&req.trust_domain) {
+        Ok(td) if td == s.hub.trust_domain() => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{td} is the hub's own trust domain; a cluster needs its own"),
+            );
+        }
+        Ok(td) => td,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("trust_domain: {e}")),
+    };
     let ttl = match req
         .ttl
         .as_deref()
@@ -633,13 +646,14 @@ async fn create_token(State(s): State<AdminState>, Json(req): Json<TokenRequest>
         Ok(t) => t,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("ttl: {e} (write e.g. 1h)")),
     };
-    match s.hub.create_token(&cluster, ttl).await {
+    match s.hub.create_token(&cluster, &trust_domain, ttl).await {
         Ok((token, expires)) => {
-            tracing::info!(%cluster, "join token created");
+            tracing::info!(%cluster, %trust_domain, "join token created");
             (
                 StatusCode::CREATED,
                 Json(TokenResponse {
                     cluster: cluster.to_string(),
+                    trust_domain: trust_domain.to_string(),
                     token,
                     expires: fedmesh_trust::svid::rfc3339(fedmesh_trust::svid::from_unix_secs(
                         expires.max(0) as u64,

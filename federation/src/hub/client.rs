@@ -143,10 +143,12 @@ impl AdminClient {
     pub async fn create_token(
         &self,
         cluster: &str,
+        trust_domain: &str,
         ttl: Option<&str>,
     ) -> Result<TokenResponse, ClientError> {
         let body = serde_json::to_vec(&TokenRequest {
             cluster: cluster.to_string(),
+            trust_domain: trust_domain.to_string(),
             ttl: ttl.map(String::from),
         })
         .map_err(|e| ClientError::Body(e.to_string()))?;

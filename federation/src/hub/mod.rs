@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod client;
 pub mod records;
+pub mod registration;
 mod service;
 pub mod view;
 
@@ -171,6 +172,7 @@ impl Hub {
             shutdown,
         });
         hub.renew_identity()?;
+        hub.index_trust_domains().await;
         tokio::spawn(hub.clone().follow_store());
         tokio::spawn(hub.clone().sweep());
         tokio::spawn(hub.clone().keep_identity_fresh());
@@ -451,7 +453,7 @@ impl Hub {
 
     /// A cluster's record as the store holds it now, with its mod revision. The view may lag the
     /// store; whatever is written back must be computed from this.
-    async fn stored_cluster(
+    pub(crate) async fn stored_cluster(
         &self,
         cluster: &ClusterName,
     ) -> Result<Option<(ClusterRecord, Revision)>, StoreError> {
@@ -777,75 +779,6 @@ impl Hub {
         .map(|_| ())
     }
 
-    /// Creates a join token for `cluster`.
-    pub async fn create_token(
-        &self,
-        cluster: &ClusterName,
-        ttl: Option<Duration>,
-    ) -> Result<(String, i64), crate::tokens::TokenError> {
-        let (t, expires) = crate::tokens::create(
-            &*self.store,
-            cluster,
-            ttl.unwrap_or(self.config.token_ttl),
-            &self.ca_pin(),
-        )
-        .await?;
-        Ok((t.to_string(), expires))
-    }
-
-    /// Issues a cluster identity for a CSR.
-    fn sign_cluster(
-        &self,
-        cluster: &ClusterName,
-        csr: &[u8],
-    ) -> Result<Vec<CertificateDer<'static>>, String> {
-        let id = cluster_id(&self.trust_domain(), cluster);
-        self.ca
-            .sign_csr_for(csr, &id, Some(self.config.cluster_svid_ttl))
-            .map(|s| s.chain)
-            .map_err(|e| e.to_string())
-    }
-
-    /// Registers a cluster (first join) or checks it is the same one (re-join).
-    async fn register(&self, cluster: &ClusterName, td: &TrustDomain) -> Result<(), String> {
-        let key = cluster_key(cluster);
-        let existing = self.store.get(&key).await.map_err(|e| e.to_string())?;
-        if let Some(kv) = existing {
-            let r: ClusterRecord = serde_json::from_slice(&kv.value).map_err(|e| e.to_string())?;
-            if &r.trust_domain != td {
-                return Err(format!(
-                    "cluster {cluster} is registered with trust domain {}, not {td}",
-                    r.trust_domain
-                ));
-            }
-            return Ok(());
-        }
-        let r = ClusterRecord {
-            name: cluster.clone(),
-            trust_domain: td.clone(),
-            region: String::new(),
-            gateways: vec![],
-            joined_unix: now_unix(),
-            stale: false,
-            expired: false,
-            protocol_version: 0,
-            published_version: 0,
-        };
-        match self
-            .store
-            .commit(
-                Txn::new()
-                    .when(Compare::Absent(key.clone()))
-                    .put(key, serde_json::to_vec(&r).unwrap_or_default()),
-            )
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            TxnOutcome::Committed(_) => Ok(()),
-            TxnOutcome::Failed => Err(format!("cluster {cluster} registered concurrently; retry")),
-        }
-    }
-
     /// Removes a cluster and everything it published (operator action).
     pub async fn remove_cluster(&self, cluster: &ClusterName) -> Result<bool, StoreError> {
         let Some((record, _)) = self.stored_cluster(cluster).await? else {
@@ -864,6 +797,13 @@ impl Hub {
             .and_then(|kv| serde_json::from_slice::<BundleRecord>(&kv.value).ok());
         if bundle.is_some_and(|b| &b.cluster == cluster) {
             ops.push(Op::Delete(bundle_key(&record.trust_domain)));
+        }
+        let owner = self
+            .store
+            .get(&trust_domain_key(&record.trust_domain))
+            .await?;
+        if owner.is_some_and(|kv| kv.value == cluster.as_str().as_bytes()) {
+            ops.push(Op::Delete(trust_domain_key(&record.trust_domain)));
         }
         ops.extend(
             self.stored_exports(cluster)

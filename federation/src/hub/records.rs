@@ -5,6 +5,7 @@
 //! presence/<cluster>                 Presence        (heartbeat of the hub holding the stream)
 //! exports/<cluster>/<ns>/<name>      ExportRecord    (written only from that cluster's stream)
 //! bundles/<trust domain>             BundleRecord    (written only by the cluster owning the domain)
+//! trustdomains/<trust domain>        the cluster that registered it (one owner per trust domain)
 //! tokens/<id>                        TokenRecord     (one-time join tokens)
 //! ```
 
@@ -17,6 +18,7 @@ pub const PRESENCE: &str = "presence/";
 pub const EXPORTS: &str = "exports/";
 pub const BUNDLES: &str = "bundles/";
 pub const TOKENS: &str = "tokens/";
+pub const TRUST_DOMAINS: &str = "trustdomains/";
 
 pub fn cluster_key(c: &ClusterName) -> String {
     format!("{CLUSTERS}{c}")
@@ -35,6 +37,9 @@ pub fn bundle_key(td: &TrustDomain) -> String {
 }
 pub fn token_key(id: &str) -> String {
     format!("{TOKENS}{id}")
+}
+pub fn trust_domain_key(td: &TrustDomain) -> String {
+    format!("{TRUST_DOMAINS}{td}")
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +62,12 @@ pub struct ClusterRecord {
     /// The last publish version of the cluster the hub applied.
     #[serde(default)]
     pub published_version: u64,
+    /// Serial numbers (hex) of the identities this registration holds: the current one and,
+    /// after a renewal, the next. A certificate of an earlier registration of the same name (the
+    /// cluster was removed, or joined again) is not among them and is refused. Empty in records
+    /// written before serials were kept: the first identity presented is adopted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identity_serials: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +139,9 @@ pub struct BundleRecord {
 pub struct TokenRecord {
     /// Who may use it (a cluster name); `None` for node bootstrap tokens any agent may use.
     pub subject: Option<String>,
+    /// The trust domain a cluster join token registers, and no other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<TrustDomain>,
     /// Bootstrap tokens may be used until they expire; join tokens only once.
     #[serde(default)]
     pub reusable: bool,

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::registration::RegistrationError;
 use super::{Hub, PublishError, cluster_of};
 use crate::tokens::{self, JoinToken};
 
@@ -122,42 +123,11 @@ impl Federation for HubService {
             }
             let token =
                 JoinToken::parse(&req.token).map_err(|e| Status::unauthenticated(e.to_string()))?;
-            // The token before anything else: only its holder learns about the clusterset.
-            tokens::verify(&**self.hub.store(), &token, cluster.as_str())
-                .await
-                .map_err(token_status)?;
-            // Check what can be checked before burning the token.
-            if let Some(other) = self
-                .hub
-                .view()
-                .clusters()
-                .find(|c| c.trust_domain == td && c.name != cluster)
-            {
-                return Err(Status::already_exists(format!(
-                    "trust domain {td} already belongs to cluster {}; every cluster needs its own",
-                    other.name
-                )));
-            }
-            if let Some(existing) = self.hub.view().cluster(&cluster)
-                && existing.trust_domain != td
-            {
-                return Err(Status::already_exists(format!(
-                    "cluster {cluster} is registered with trust domain {}, not {td}",
-                    existing.trust_domain
-                )));
-            }
-            // Signing checks the CSR; the certificate is handed out only once the token is used.
             let chain = self
                 .hub
-                .sign_cluster(&cluster, &req.csr)
-                .map_err(Status::invalid_argument)?;
-            tokens::consume(&**self.hub.store(), &token, &cluster)
+                .join(&token, &cluster, &td, &req.csr)
                 .await
-                .map_err(token_status)?;
-            self.hub
-                .register(&cluster, &td)
-                .await
-                .map_err(Status::failed_precondition)?;
+                .map_err(registration_status)?;
             tracing::info!(%cluster, trust_domain = %td, ?remote, "cluster joined");
             Ok(pb::JoinResponse {
                 chain: chain.iter().map(|c| c.to_vec()).collect(),
@@ -194,20 +164,12 @@ impl Federation for HubService {
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
         let cluster = self.caller(&request)?;
-        let registered = self
-            .hub
-            .ensure_registered(&cluster)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        if !registered {
-            return Err(Status::permission_denied(format!(
-                "cluster {cluster} is no longer registered; join again with a new token"
-            )));
-        }
+        let serial = fedmesh_trust::grpc::peer_info(&request).and_then(|p| p.serial);
         let chain = self
             .hub
-            .sign_cluster(&cluster, &request.get_ref().csr)
-            .map_err(Status::invalid_argument)?;
+            .renew_registration(&cluster, serial.as_deref(), &request.get_ref().csr)
+            .await
+            .map_err(registration_status)?;
         Ok(Response::new(pb::RenewResponse {
             chain: chain.iter().map(|c| c.to_vec()).collect(),
             hub_bundle: self.hub.ca().bundle().to_json().into_bytes(),
@@ -219,6 +181,11 @@ impl Federation for HubService {
         request: Request<Streaming<pb::ClusterMessage>>,
     ) -> Result<Response<Self::FederateStream>, Status> {
         let cluster = self.caller(&request)?;
+        let serial = fedmesh_trust::grpc::peer_info(&request).and_then(|p| p.serial);
+        self.hub
+            .check_registration(&cluster, serial.as_deref())
+            .await
+            .map_err(registration_status)?;
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
             Ok(Ok(Some(pb::ClusterMessage {
@@ -247,9 +214,15 @@ impl Federation for HubService {
     }
 }
 
-fn token_status(e: tokens::TokenError) -> Status {
+fn registration_status(e: RegistrationError) -> Status {
     match e {
-        tokens::TokenError::Store(s) => Status::unavailable(s.to_string()),
+        RegistrationError::Token(tokens::TokenError::Store(s)) | RegistrationError::Store(s) => {
+            Status::unavailable(s.to_string())
+        }
+        e @ (RegistrationError::OtherTrustDomain { .. }
+        | RegistrationError::TrustDomainTaken { .. }) => Status::already_exists(e.to_string()),
+        e @ RegistrationError::BadCsr(_) => Status::invalid_argument(e.to_string()),
+        e @ RegistrationError::Concurrent(_) => Status::aborted(e.to_string()),
         other => Status::permission_denied(other.to_string()),
     }
 }

@@ -206,7 +206,11 @@ pub fn cluster_config(dir: &Path, name: &str, hub: Option<SocketAddr>) -> Contro
 pub async fn start_cluster(dir: &Path, name: &str, hub: &HubHandle) -> ClusterHandle {
     let mut config = cluster_config(dir, name, Some(hub.addr));
     if !config.data_dir.join("hub/hub.json").exists() {
-        let (token, _) = hub.hub.create_token(&config.cluster, None).await.unwrap();
+        let (token, _) = hub
+            .hub
+            .create_token(&config.cluster, &config.trust_domain, None)
+            .await
+            .unwrap();
         config.join_token = Some(token);
     }
     start_with(config).await

@@ -234,7 +234,9 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         let mut sims = Vec::new();
         for c in 0..p.clusters {
             let name = format!("c{c:03}");
-            let t = client.create_token(&name, None).await?;
+            let t = client
+                .create_token(&name, &format!("{name}.bench"), None)
+                .await?;
             let services: Vec<String> = (0..p.services)
                 .filter(|s| s % p.clusters == c)
                 .map(|s| format!("bench/svc-{s:05}"))
