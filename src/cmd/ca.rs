@@ -65,6 +65,12 @@ pub struct InitArgs {
     /// Longest lifetime an SVID may request.
     #[arg(long, value_parser = parse_duration, default_value = "24h")]
     max_svid_ttl: Duration,
+    /// Default JWT-SVID lifetime (a JWT cannot be revoked: keep it short).
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    jwt_ttl: Duration,
+    /// Longest lifetime a JWT-SVID may request.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    max_jwt_ttl: Duration,
     /// Refresh hint published in the bundle.
     #[arg(long, value_parser = parse_duration, default_value = "5m")]
     refresh_hint: Duration,
@@ -132,6 +138,8 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             opts.ca_ttl = args.ca_ttl;
             opts.default_svid_ttl = args.svid_ttl;
             opts.max_svid_ttl = args.max_svid_ttl;
+            opts.default_jwt_ttl = args.jwt_ttl;
+            opts.max_jwt_ttl = args.max_jwt_ttl;
             opts.refresh_hint = args.refresh_hint;
             opts.upstream = args.upstream.load()?;
             let upstream = opts.upstream.is_some();

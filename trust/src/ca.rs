@@ -89,6 +89,10 @@ pub enum CaError {
     UpstreamKeyNeeded,
     #[error("there is no prepared authority to activate; prepare one first")]
     NothingPrepared,
+    #[error(
+        "the system's random number generator failed; refusing to make keys, serials or IDs from anything else"
+    )]
+    Random,
     #[error("invalid TTL: {0}")]
     Ttl(String),
     #[error(transparent)]
@@ -124,6 +128,11 @@ pub struct CaOptions {
     pub default_svid_ttl: Duration,
     /// Longest TTL an SVID may ask for.
     pub max_svid_ttl: Duration,
+    /// TTL of a JWT-SVID when the request does not ask for one. JWTs cannot be revoked and are
+    /// replayable by whoever sees them, so they live minutes (SPIRE's default is 5).
+    pub default_jwt_ttl: Duration,
+    /// Longest TTL a JWT-SVID may ask for.
+    pub max_jwt_ttl: Duration,
     /// `spiffe_refresh_hint` published in the bundle.
     pub refresh_hint: Duration,
     pub upstream: Option<UpstreamAuthority>,
@@ -136,6 +145,8 @@ impl CaOptions {
             ca_ttl: Duration::from_secs(30 * 24 * 3600),
             default_svid_ttl: Duration::from_secs(3600),
             max_svid_ttl: Duration::from_secs(24 * 3600),
+            default_jwt_ttl: DEFAULT_JWT_TTL,
+            max_jwt_ttl: MAX_JWT_TTL,
             refresh_hint: Duration::from_secs(300),
             upstream: None,
         }
@@ -174,6 +185,10 @@ struct StateFile {
     ca_ttl_secs: u64,
     default_svid_ttl_secs: u64,
     max_svid_ttl_secs: u64,
+    #[serde(default = "default_jwt_ttl_secs")]
+    default_jwt_ttl_secs: u64,
+    #[serde(default = "max_jwt_ttl_secs")]
+    max_jwt_ttl_secs: u64,
     refresh_hint_secs: u64,
     upstream: bool,
     sequence: u64,
@@ -266,6 +281,8 @@ impl TrustDomainCa {
             ca_ttl_secs: opts.ca_ttl.as_secs(),
             default_svid_ttl_secs: opts.default_svid_ttl.as_secs(),
             max_svid_ttl_secs: opts.max_svid_ttl.as_secs(),
+            default_jwt_ttl_secs: opts.default_jwt_ttl.as_secs(),
+            max_jwt_ttl_secs: opts.max_jwt_ttl.as_secs(),
             refresh_hint_secs: opts.refresh_hint.as_secs(),
             upstream: opts.upstream.is_some(),
             sequence: 1,
@@ -487,7 +504,10 @@ impl TrustDomainCa {
             ));
         }
         let now = SystemTime::now();
-        let (_, not_after) = self.validity(&inner, ttl, now)?;
+        let ttl = ttl
+            .unwrap_or(Duration::from_secs(inner.state.default_jwt_ttl_secs))
+            .min(Duration::from_secs(inner.state.max_jwt_ttl_secs));
+        let (_, not_after) = self.validity(&inner, Some(ttl), now)?;
         let authority = active(&inner, now)?;
         Ok(authority.jwt.sign(id, audience, now, not_after)?)
     }
@@ -781,7 +801,7 @@ fn issue_leaf(
     let mut params = CertificateParams::default();
     params.not_before = not_before.into();
     params.not_after = not_after.into();
-    params.serial_number = Some(random_serial());
+    params.serial_number = Some(random_serial()?);
     params.distinguished_name = DistinguishedName::new();
     params
         .distinguished_name
@@ -830,26 +850,34 @@ fn write_state(dir: &Path, state: &StateFile) -> Result<(), CaError> {
     Ok(())
 }
 
-fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    // The system RNG failing is not recoverable; fall back to time-derived bytes rather than panic.
-    if SystemRandom::new().fill(&mut b).is_err() {
-        let t = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos()
-            .to_be_bytes();
-        for (i, x) in b.iter_mut().enumerate() {
-            *x = t[i % t.len()];
-        }
-    }
-    b
+/// Default TTL of JWT-SVIDs.
+pub const DEFAULT_JWT_TTL: Duration = Duration::from_secs(5 * 60);
+/// Default longest TTL a JWT-SVID may ask for.
+pub const MAX_JWT_TTL: Duration = Duration::from_secs(3600);
+
+fn default_jwt_ttl_secs() -> u64 {
+    DEFAULT_JWT_TTL.as_secs()
 }
 
-fn random_serial() -> SerialNumber {
-    let mut b = random_bytes::<16>();
+fn max_jwt_ttl_secs() -> u64 {
+    MAX_JWT_TTL.as_secs()
+}
+
+/// Random bytes from the system RNG. Its failure is not recoverable here: predictable serials,
+/// authority IDs or key IDs (time-derived, as before) would make certificates collide or be
+/// guessed, so the operation fails instead.
+fn random_bytes<const N: usize>() -> Result<[u8; N], CaError> {
+    let mut b = [0u8; N];
+    SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| CaError::Random)?;
+    Ok(b)
+}
+
+fn random_serial() -> Result<SerialNumber, CaError> {
+    let mut b = random_bytes::<16>()?;
     b[0] = (b[0] & 0x7f) | 0x01; // positive and exactly 16 bytes
-    SerialNumber::from_slice(&b)
+    Ok(SerialNumber::from_slice(&b))
 }
 
 /// Creates (and writes to disk) a new authority: self-signed, or signed by `upstream`.
@@ -862,11 +890,11 @@ fn new_authority(
     let td = &inner.state.trust_domain;
     let ttl = Duration::from_secs(inner.state.ca_ttl_secs);
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let id = hex::encode(random_bytes::<8>());
+    let id = hex::encode(random_bytes::<8>()?);
     let mut params = CertificateParams::default();
     let not_before = now - backdate(ttl);
     let mut not_after = now + ttl;
-    params.serial_number = Some(random_serial());
+    params.serial_number = Some(random_serial()?);
     params.distinguished_name = DistinguishedName::new();
     params
         .distinguished_name
@@ -941,7 +969,7 @@ fn new_authority(
     };
 
     let jwt_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let jwt_kid = hex::encode(random_bytes::<16>());
+    let jwt_kid = hex::encode(random_bytes::<16>()?);
     let base = dir.join("authorities");
     files::create_private_dir(&base)?;
     files::write_private(

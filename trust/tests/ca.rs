@@ -387,3 +387,32 @@ fn jwt_svids_are_signed_by_the_active_authority_and_validate_against_the_bundle(
     let set = bundles(&[&ca.bundle()]);
     fedmesh_trust::jwt::validate(&token, "db", &set, SystemTime::now()).unwrap();
 }
+
+/// JWT-SVIDs cannot be revoked and anyone who sees one can replay it until it expires: they live
+/// five minutes unless asked otherwise, and never more than an hour, whatever X509-SVIDs may.
+#[test]
+fn jwt_svids_live_minutes_by_default_and_an_hour_at_most() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = new_ca(dir.path(), "east.example");
+    let who = id("spiffe://east.example/ns/a/sa/b");
+    let lifetime = |ttl: Option<Duration>| {
+        let token = ca.sign_jwt(&who, &["db".into()], ttl).unwrap();
+        let set = bundles(&[&ca.bundle()]);
+        let v = fedmesh_trust::jwt::validate(&token, "db", &set, SystemTime::now()).unwrap();
+        let exp = v.claims["exp"].as_u64().unwrap();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        exp.saturating_sub(now)
+    };
+    let default = lifetime(None);
+    assert!((295..=300).contains(&default), "{default}s");
+    let asked = lifetime(Some(Duration::from_secs(24 * 3600)));
+    assert!((3595..=3600).contains(&asked), "{asked}s");
+    assert_eq!(
+        ca.default_svid_ttl(),
+        Duration::from_secs(3600),
+        "X509-SVIDs unchanged"
+    );
+}

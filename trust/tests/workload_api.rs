@@ -277,3 +277,45 @@ async fn a_live_socket_is_not_stolen_and_a_stale_one_is_replaced() {
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     fedmesh_trust::workload::bind_socket(&stale).unwrap();
 }
+
+/// A user who pre-creates the socket's directory (or can rename what is in it) could swap the
+/// socket for a fake Workload API that hands out its own bundle. The agent refuses such a
+/// directory, says why, and creates a missing one that only it can change.
+#[tokio::test]
+async fn the_socket_directory_must_be_one_no_other_user_can_change() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let bind = |d: &std::path::Path| {
+        fedmesh_trust::workload::bind_socket(&d.join("agent.sock"))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+
+    let open = dir.path().join("world-writable");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = bind(&open).unwrap_err();
+    assert!(err.contains("writable by other users (mode 777)"), "{err}");
+
+    let good = dir.path().join("good");
+    std::fs::create_dir(&good).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&good, &link).unwrap();
+    let err = bind(&link).unwrap_err();
+    assert!(err.contains("is a symbolic link"), "{err}");
+
+    if my_uid() == 0 {
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let err = bind(&theirs).unwrap_err();
+        assert!(err.contains("belongs to uid 65534"), "{err}");
+    }
+
+    // A missing directory is created, 0755, and the socket in it is 0666.
+    let fresh = dir.path().join("run").join("fedmesh");
+    bind(&fresh).unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&fresh), 0o755);
+    assert_eq!(mode(&fresh.join("agent.sock")), 0o666);
+}

@@ -44,7 +44,7 @@ pub struct AgentArgs {
     #[arg(long, default_value = "/var/lib/fedmesh/agent")]
     data_dir: PathBuf,
     /// Unix socket to serve the Workload API on; workloads find it via SPIFFE_ENDPOINT_SOCKET=unix:PATH.
-    #[arg(long, default_value = "/tmp/fedmesh/agent.sock")]
+    #[arg(long, default_value = "/run/fedmesh/agent.sock")]
     socket: PathBuf,
     /// Registration entries (YAML). Reloaded when it changes; a bad edit is reported and the
     /// previous entries are kept.

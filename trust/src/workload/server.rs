@@ -390,20 +390,40 @@ pub enum ListenError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the Workload API socket {path} would be in an unsafe place: {source}")]
+    Directory {
+        path: PathBuf,
+        source: crate::files::FileError,
+    },
 }
 
 /// Binds the Workload API socket: a stale socket file left by a crashed agent is replaced, a live
 /// one is not. The socket is world-connectable (0666): callers are told apart by peer credentials.
+///
+/// Its directory is created (0755) if missing and must be one no other user can change
+/// ([`crate::files::check_trusted_dir`]): a user who pre-created it, or could rename entries in
+/// it, could swap the socket for a fake Workload API handing out their own bundle.
 pub fn bind_socket(path: &Path) -> Result<UnixListener, ListenError> {
-    use std::os::unix::fs::PermissionsExt;
-    if path.exists() {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if std::fs::symlink_metadata(dir).is_err() {
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir);
+    }
+    crate::files::check_trusted_dir(dir).map_err(|source| ListenError::Directory {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if std::fs::symlink_metadata(path).is_ok() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(ListenError::InUse(path.to_path_buf()));
         }
         let _ = std::fs::remove_file(path);
-    }
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
     }
     let listener = UnixListener::bind(path).map_err(|source| ListenError::Bind {
         path: path.to_path_buf(),
