@@ -285,3 +285,73 @@ mod tests {
         }
     }
 }
+
+/// Checks an east-west gateway address as a cluster publishes it: `host:port` with a DNS name or an
+/// IP literal (IPv6 in brackets), a port in 1..65535, and no address that names no single host
+/// (unspecified, multicast, broadcast). Every cluster's sidecars connect to what a peer publishes
+/// here, so nothing else is accepted.
+pub fn check_gateway_address(addr: &str) -> Result<(), String> {
+    let (host, port) = addr.rsplit_once(':').ok_or("expected host:port")?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or("port is not in 1..65535")?;
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    let host = if bracketed {
+        &host[1..host.len() - 1]
+    } else {
+        host
+    };
+    if host.is_empty() || host.len() > 253 {
+        return Err("empty or overlong host".into());
+    }
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        if ip.is_ipv6() != bracketed {
+            return Err("an IPv6 address must be written in brackets, [addr]:port".into());
+        }
+        let broadcast = matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+        if ip.is_unspecified() || ip.is_multicast() || broadcast {
+            return Err(format!("{ip} is not the address of one host"));
+        }
+        return Ok(());
+    }
+    if bracketed {
+        return Err(format!("[{host}] is not an IPv6 address"));
+    }
+    for label in host.split('.') {
+        check_dns_label("gateway host", &label.to_ascii_lowercase()).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod gateway_tests {
+    use super::check_gateway_address;
+
+    #[test]
+    fn gateway_addresses_name_one_host_and_port() {
+        for ok in [
+            "127.0.0.1:15443",
+            "gw.east.example:443",
+            "[2001:db8::1]:15443",
+            "[::1]:15443",
+        ] {
+            assert_eq!(check_gateway_address(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.0.0.1:70000",
+            "0.0.0.0:15443",
+            "[::]:15443",
+            "224.0.0.1:15443",
+            "255.255.255.255:15443",
+            "2001:db8::1:15443",
+            "[gw.example]:443",
+            "gw_east:443",
+            ":443",
+        ] {
+            assert!(check_gateway_address(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -472,3 +472,135 @@ async fn a_removed_clusters_old_identity_is_refused_after_the_name_registers_aga
         .expect("and connects with its first identity until it switches");
     hub.stop().await;
 }
+
+/// What a cluster reports about its exports is not trusted to decide for others: the hub stamps
+/// an export's age when it first arrives (a cluster claiming 1970 once won every conflict),
+/// endpoint counts that overflow are refused, and a gateway address must name one host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_cannot_win_conflicts_by_claiming_the_past_or_publish_impossible_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let east = start_cluster(dir.path(), "east", &hub).await;
+    let west = start_cluster(dir.path(), "west", &hub).await;
+    let web: fedmesh_api::ServiceKey = "shop/web".parse().unwrap();
+    west.export_web(80, &[("10.2.0.1", "a")]);
+    east.wait_for("west's export", |s| s.clusterset.imports.contains_key(&web))
+        .await;
+    // A second later (the hub's clock has second resolution), east claims an export from 1970
+    // with the same port name on another number.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (tx, mut inbound) = raw_stream(
+        &east.cp.credentials.clone().unwrap(),
+        FEDERATION_PROTOCOL_VERSION,
+    )
+    .await
+    .unwrap();
+    let export = pb::Export {
+        service: "shop/web".into(),
+        r#type: pb::ServiceType::ClusterSetIp as i32,
+        ports: vec![pb::Port {
+            name: "http".into(),
+            protocol: "TCP".into(),
+            port: 8080,
+            app_protocol: String::new(),
+        }],
+        endpoints: vec![pb::LocalityEndpoints {
+            region: "r".into(),
+            zone: "a".into(),
+            ready: 1,
+            total: 1,
+        }],
+        created_unix: 1,
+        ..Default::default()
+    };
+    let mut version = 1_000_000;
+    let mut publish = |p: pb::Publish| {
+        version += 1;
+        let tx = tx.clone();
+        async move {
+            tx.send(pb::ClusterMessage {
+                msg: Some(pb::cluster_message::Msg::Publish(pb::Publish {
+                    version,
+                    cluster: "east".into(),
+                    ..p
+                })),
+            })
+            .await
+            .unwrap()
+        }
+    };
+
+    let mut overflow = export.clone();
+    overflow.endpoints = vec![
+        pb::LocalityEndpoints {
+            region: "r".into(),
+            zone: "a".into(),
+            ready: u32::MAX,
+            total: u32::MAX,
+        },
+        pb::LocalityEndpoints {
+            region: "r".into(),
+            zone: "b".into(),
+            ready: 2,
+            total: 2,
+        },
+    ];
+    publish(pb::Publish {
+        upserts: vec![overflow],
+        ..Default::default()
+    })
+    .await;
+    let r = publish_result(&mut inbound).await;
+    assert!(r.error.contains("more than 2^32 endpoints"), "{}", r.error);
+
+    for gateway in ["0.0.0.0:15443", "224.0.0.1:15443", "gw:0", "[::]:1"] {
+        publish(pb::Publish {
+            gateways: Some(pb::Gateways {
+                addresses: vec![gateway.into()],
+            }),
+            ..Default::default()
+        })
+        .await;
+        let r = publish_result(&mut inbound).await;
+        assert!(
+            !r.accepted && r.error.contains("gateway"),
+            "{gateway}: {}",
+            r.error
+        );
+    }
+
+    publish(pb::Publish {
+        upserts: vec![export],
+        ..Default::default()
+    })
+    .await;
+    assert!(publish_result(&mut inbound).await.accepted);
+    let snap = west
+        .wait_for("both exports merged", |s| {
+            s.clusterset
+                .imports
+                .get(&web)
+                .is_some_and(|i| i.clusters.len() == 2)
+        })
+        .await;
+    let i = &snap.clusterset.imports[&web];
+    assert_eq!(i.ports[0].port, 80, "west's export is older and wins");
+    assert_eq!(
+        (
+            i.conflicts[0].cluster.as_str(),
+            i.conflicts[0].winner.as_str()
+        ),
+        ("east", "west")
+    );
+    let east_age = i
+        .clusters
+        .iter()
+        .find(|c| c.cluster == "east")
+        .unwrap()
+        .exported_unix;
+    assert!(
+        east_age > 1_000_000_000,
+        "the hub stamped east's export: {east_age}"
+    );
+    hub.stop().await;
+}

@@ -59,6 +59,10 @@ pub async fn run(a: ControlPlaneArgs) -> anyhow::Result<()> {
     config.region = a.region;
     config.hub = a.hub;
     config.join_token = a.join_token;
+    for g in &a.gateways {
+        fedmesh_api::names::check_gateway_address(g)
+            .map_err(|e| anyhow::anyhow!("--gateway {g:?}: {e}"))?;
+    }
     config.gateways = a.gateways;
     config.listen = Some(a.listen);
     config.dns_listen = Some(a.dns_listen);

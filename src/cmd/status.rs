@@ -146,7 +146,11 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 }
             })
             .collect();
-        let ready: u32 = s.clusters.iter().map(|c| c.ready_endpoints).sum();
+        let ready: u32 = s
+            .clusters
+            .iter()
+            .map(|c| c.ready_endpoints)
+            .fold(0, u32::saturating_add);
         let conflicts: Vec<String> = s
             .conflicts
             .iter()

@@ -134,7 +134,11 @@ pub fn services_of(
                     trust_domain: info.map(|i| i.trust_domain.clone()).unwrap_or_default(),
                     region: info.map(|i| i.region.clone()).unwrap_or_default(),
                     gateways: info.map(|i| i.gateways.clone()).unwrap_or_default(),
-                    ready: c.endpoints.iter().map(|l| l.ready).sum(),
+                    ready: c
+                        .endpoints
+                        .iter()
+                        .map(|l| l.ready)
+                        .fold(0, u32::saturating_add),
                     localities: c
                         .endpoints
                         .iter()

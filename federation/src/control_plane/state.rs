@@ -118,8 +118,18 @@ impl ClusterSetStore {
         }
         for c in &u.clusters {
             let n = ClusterName::new(&c.name).map_err(|e| e.to_string())?;
+            // Sidecars connect to whatever a peer's gateway address says: keep only addresses
+            // of one host and port, even if a hub let others through.
+            let mut c = c.clone();
+            c.gateways.retain(|g| match fedmesh_api::names::check_gateway_address(g) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(cluster = %n, gateway = %g, error = %e, "ignoring an invalid gateway address from the hub");
+                    false
+                }
+            });
             ops.push(Op::Put(format!("{CLUSTERS}{n}"), c.encode_to_vec()));
-            next.clusters.insert(n, c.clone());
+            next.clusters.insert(n, c);
         }
         for s in &u.removed_clusters {
             let n = ClusterName::new(s).map_err(|e| e.to_string())?;

@@ -358,8 +358,16 @@ fn service_status(hub: &Hub, i: &pb::Import) -> ServiceStatus {
             .iter()
             .map(|c| ExporterStatus {
                 cluster: c.cluster.clone(),
-                ready_endpoints: c.endpoints.iter().map(|e| e.ready).sum(),
-                total_endpoints: c.endpoints.iter().map(|e| e.total).sum(),
+                ready_endpoints: c
+                    .endpoints
+                    .iter()
+                    .map(|e| e.ready)
+                    .fold(0, u32::saturating_add),
+                total_endpoints: c
+                    .endpoints
+                    .iter()
+                    .map(|e| e.total)
+                    .fold(0, u32::saturating_add),
                 localities: c
                     .endpoints
                     .iter()
@@ -539,7 +547,11 @@ pub fn explain_route(hub: &Hub, service: &ServiceKey, from: &ClusterName) -> Exp
         let Some(exporter) = v.cluster(&name) else {
             continue;
         };
-        let ready: u32 = ic.endpoints.iter().map(|e| e.ready).sum();
+        let ready: u32 = ic
+            .endpoints
+            .iter()
+            .map(|e| e.ready)
+            .fold(0, u32::saturating_add);
         let mut ok = true;
         if exporter.expired {
             step(

@@ -627,7 +627,8 @@ impl Hub {
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(g) = &p.gateways {
             for a in &g.addresses {
-                validate_gateway(a).map_err(|e| Refused(format!("gateway {a:?}: {e}")))?;
+                fedmesh_api::names::check_gateway_address(a)
+                    .map_err(|e| Refused(format!("gateway {a:?}: {e}")))?;
             }
         }
         let bundle = match &p.bundle {
@@ -693,11 +694,17 @@ impl Hub {
                     ops.push(Op::Delete(k.clone()));
                 }
             }
+            let now = now_unix();
             for e in &upserts {
                 let k = export_key(cluster, &e.service);
+                let held = current.get(&k).and_then(Option::as_ref);
+                // An export's age decides conflicts (oldest wins), so the hub's clock sets it when
+                // the export first arrives: a cluster claiming the past would always win.
+                let mut e = e.clone();
+                e.created_unix = held.map(|h| h.created_unix).unwrap_or(now);
                 // Unchanged exports are not rewritten: a reconnecting cluster's full publish costs nothing.
-                if current.get(&k).and_then(Option::as_ref) != Some(e) {
-                    ops.push(Op::Put(k, serde_json::to_vec(e).unwrap_or_default()));
+                if held != Some(&e) {
+                    ops.push(Op::Put(k, serde_json::to_vec(&e).unwrap_or_default()));
                 }
             }
             for s in &removals {
@@ -828,26 +835,6 @@ impl Hub {
         }
         Ok(exists)
     }
-}
-
-fn validate_gateway(addr: &str) -> Result<(), String> {
-    let (host, port) = addr.rsplit_once(':').ok_or("expected host:port")?;
-    port.parse::<u16>()
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or("port is not in 1..65535")?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() || host.len() > 253 {
-        return Err("empty or overlong host".into());
-    }
-    if host.parse::<std::net::IpAddr>().is_ok() {
-        return Ok(());
-    }
-    for label in host.split('.') {
-        fedmesh_api::names::check_dns_label("gateway host", &label.to_ascii_lowercase())
-            .map_err(|e| e.to_string())?;
-    }
-    Ok(())
 }
 
 /// Serves the Federation gRPC service on `listener` (SPIFFE mTLS) until `shutdown`.

@@ -243,6 +243,10 @@ pub fn export_from_pb(e: &pb::Export) -> Result<ExportRecord, String> {
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
+    endpoints
+        .iter()
+        .try_fold(0u32, |sum, l| sum.checked_add(l.total))
+        .ok_or_else(|| bad("its localities count more than 2^32 endpoints".into()))?;
     Ok(ExportRecord {
         service,
         type_,
