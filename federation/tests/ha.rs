@@ -14,13 +14,15 @@ use fedmesh_test_support::EtcdServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hubs_on_one_etcd_serve_one_clusterset_and_control_planes_fail_over() {
-    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+    // The hubs' etcd as it should run: TLS with client certificates, and authentication.
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start_secure)
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let security = etcd_security(&etcd);
     let store = || async {
         let s: Arc<dyn KvStore> = Arc::new(
-            EtcdStore::connect(std::slice::from_ref(&etcd.url), "/fedmesh")
+            EtcdStore::connect_with(std::slice::from_ref(&etcd.url), "/fedmesh", &security)
                 .await
                 .unwrap(),
         );

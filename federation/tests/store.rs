@@ -1,10 +1,13 @@
 //! One test suite for both store backends: redb (a file) and etcd (a real etcd process).
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use fedmesh_federation::store::{
-    Compare, EtcdStore, Event, KvStore, RedbStore, StoreError, Txn, TxnOutcome, WatchBatch,
+    Compare, EtcdSecurity, EtcdStore, Event, KvStore, RedbStore, StoreError, Txn, TxnOutcome,
+    WatchBatch,
 };
 use fedmesh_test_support::EtcdServer;
 use futures::StreamExt;
@@ -238,17 +241,84 @@ async fn redb_store_suite() {
     .await;
 }
 
+/// The suite over TLS with a client certificate and an etcd user, as a hub should run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_store_suite() {
-    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start_secure)
         .await
         .unwrap();
     suite(Arc::new(
-        EtcdStore::connect(std::slice::from_ref(&etcd.url), "/suite")
-            .await
-            .unwrap(),
+        EtcdStore::connect_with(
+            std::slice::from_ref(&etcd.url),
+            "/suite",
+            &common::etcd_security(&etcd),
+        )
+        .await
+        .unwrap(),
     ))
     .await;
+}
+
+/// Whoever can write to the hub's etcd can rewrite trust bundles and join tokens. A secured etcd
+/// refuses a client without its credentials, and the hub refuses settings that would send or
+/// accept anything unprotected, each with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_without_credentials_is_refused_and_unsafe_settings_say_so() {
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start_secure)
+        .await
+        .unwrap();
+    let url = std::slice::from_ref(&etcd.url);
+    let good = common::etcd_security(&etcd);
+    let connect = |security: EtcdSecurity| {
+        let url = url.to_vec();
+        async move {
+            EtcdStore::connect_with(&url, "/x", &security)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    connect(good.clone()).await.expect("with its credentials");
+
+    let mut no_client_cert = good.clone();
+    no_client_cert.client_cert_pem = None;
+    no_client_cert.client_key_pem = None;
+    no_client_cert.user = None;
+    connect(no_client_cert)
+        .await
+        .expect_err("etcd asks for a client certificate");
+    let mut wrong_password = good.clone();
+    wrong_password.user = Some(("root".into(), "guess".into()));
+    let err = connect(wrong_password).await.unwrap_err();
+    assert!(
+        err.contains("authentication failed") || err.contains("invalid"),
+        "{err}"
+    );
+
+    // Plain HTTP to the TLS port with TLS configured: refused before anything is sent.
+    let plain = etcd.url.replacen("https://", "http://", 1);
+    let err = EtcdStore::connect_with(&[plain], "/x", &good)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("TLS is configured but") && err.contains("write https://"),
+        "{err}"
+    );
+    // https without a CA to check the server.
+    let mut no_ca = good.clone();
+    no_ca.ca_pem = None;
+    let err = connect(no_ca).await.unwrap_err();
+    assert!(err.contains("--etcd-ca"), "{err}");
+    // Plain HTTP off this host needs the operator to say so.
+    let remote = ["http://192.0.2.10:2379".to_string()];
+    let err = EtcdStore::connect_with(&remote, "/x", &EtcdSecurity::default())
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("--etcd-allow-plaintext"), "{err}");
 }
 
 #[tokio::test]

@@ -117,14 +117,77 @@ impl AdminArgs {
     }
 }
 
+/// How the hub reaches etcd. Whoever can write to the hub's etcd can rewrite trust bundles and
+/// join tokens: use TLS and an etcd user.
+#[derive(Args)]
+struct EtcdArgs {
+    /// CA certificate(s) (PEM) that sign etcd's server certificate; needed for https:// endpoints.
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's --client-cert-auth.
+    #[arg(long, requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM, mode 0600).
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// An etcd user; its password comes from --etcd-password-file or $FEDMESH_ETCD_PASSWORD,
+    /// never from the command line.
+    #[arg(long)]
+    etcd_user: Option<String>,
+    /// A file (mode 0600) holding the etcd user's password.
+    #[arg(long, requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
+    /// Accept a plain http:// etcd that is not on this host (only when nobody untrusted can reach
+    /// it).
+    #[arg(long, env = "FEDMESH_ETCD_ALLOW_PLAINTEXT")]
+    etcd_allow_plaintext: bool,
+}
+
+impl EtcdArgs {
+    fn security(&self) -> anyhow::Result<fedmesh_federation::store::EtcdSecurity> {
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let user = match &self.etcd_user {
+            None => None,
+            Some(u) => {
+                let password = match &self.etcd_password_file {
+                    Some(f) => String::from_utf8(fedmesh_trust::files::read_private(f)?)
+                        .with_context(|| format!("{} is not UTF-8", f.display()))?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string(),
+                    None => std::env::var("FEDMESH_ETCD_PASSWORD").map_err(|_| {
+                        anyhow::anyhow!(
+                            "--etcd-user {u} needs its password: --etcd-password-file FILE or $FEDMESH_ETCD_PASSWORD"
+                        )
+                    })?,
+                };
+                Some((u.clone(), password))
+            }
+        };
+        Ok(fedmesh_federation::store::EtcdSecurity {
+            ca_pem: self.etcd_ca.as_ref().map(read).transpose()?,
+            client_cert_pem: self.etcd_cert.as_ref().map(read).transpose()?,
+            client_key_pem: self
+                .etcd_key
+                .as_ref()
+                .map(|k| fedmesh_trust::files::read_private(k))
+                .transpose()?,
+            user,
+            allow_plaintext: self.etcd_allow_plaintext,
+        })
+    }
+}
+
 #[derive(Args)]
 struct RunArgs {
     /// Where the hub keeps its CA, admin token and (by default) its redb store.
     #[arg(long, default_value = "/var/lib/fedmesh/hub")]
     data_dir: PathBuf,
-    /// redb:PATH (default: redb:<data-dir>/hub.redb) or etcd:http://HOST:2379[,...] for HA.
+    /// redb:PATH (default: redb:<data-dir>/hub.redb) or etcd:https://HOST:2379[,...] for HA.
     #[arg(long)]
     store: Option<String>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// The hub's own trust domain (cluster identities are issued in it).
     #[arg(long, default_value = "hub.fedmesh")]
     trust_domain: String,
@@ -204,7 +267,7 @@ async fn serve(a: RunArgs) -> anyhow::Result<()> {
         .store
         .clone()
         .unwrap_or_else(|| format!("redb:{}", a.data_dir.join("hub.redb").display()));
-    let store = fedmesh_federation::store::open(&location).await?;
+    let store = fedmesh_federation::store::open_with(&location, &a.etcd.security()?).await?;
     let token_path = a
         .admin_token_file
         .clone()

@@ -128,13 +128,85 @@ impl Drop for ChildGuard {
 /// A real etcd (Debian's etcd-server) on loopback, in its own temporary data directory.
 pub struct EtcdServer {
     pub url: String,
+    /// With [`EtcdServer::start_secure`]: what a client needs to reach it.
+    pub secure: Option<EtcdCredentials>,
     _guard: ChildGuard,
     _dir: tempfile::TempDir,
+}
+
+/// TLS material and the user of an etcd started by [`EtcdServer::start_secure`], as PEM and as
+/// files (keys and the password 0600).
+#[derive(Clone, Debug)]
+pub struct EtcdCredentials {
+    pub ca_pem: Vec<u8>,
+    pub client_cert_pem: Vec<u8>,
+    pub client_key_pem: Vec<u8>,
+    pub user: String,
+    pub password: String,
+    pub ca_file: PathBuf,
+    pub client_cert_file: PathBuf,
+    pub client_key_file: PathBuf,
+    pub password_file: PathBuf,
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, written into `dir`.
+fn etcd_pki(dir: &Path) -> (EtcdCredentials, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    use std::os::unix::fs::PermissionsExt;
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "test etcd CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf = |names: Vec<String>, cn: &str| {
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::new(names).expect("names");
+        p.distinguished_name.push(DnType::CommonName, cn);
+        let cert = p.signed_by(&key, &issuer).expect("leaf");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_pem, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()], "etcd");
+    let (client_pem, client_key) = leaf(vec!["fedmesh-hub".into()], "root");
+    let write = |name: &str, data: &[u8], mode: u32| {
+        let p = dir.join(name);
+        std::fs::write(&p, data).expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        p
+    };
+    let password = format!("pw-{}", std::process::id());
+    let creds = EtcdCredentials {
+        ca_pem: ca.pem().into_bytes(),
+        client_cert_pem: client_pem.clone().into_bytes(),
+        client_key_pem: client_key.clone().into_bytes(),
+        user: "root".into(),
+        password: password.clone(),
+        ca_file: write("ca.pem", ca.pem().as_bytes(), 0o644),
+        client_cert_file: write("client.pem", client_pem.as_bytes(), 0o644),
+        client_key_file: write("client.key", client_key.as_bytes(), 0o600),
+        password_file: write("password", password.as_bytes(), 0o600),
+    };
+    let server_cert = write("server.pem", server_pem.as_bytes(), 0o644);
+    let server_key = write("server.key", server_key.as_bytes(), 0o600);
+    (creds, server_cert, server_key)
 }
 
 impl EtcdServer {
     /// Starts etcd and waits until it answers. Panics with how to install it when it is missing.
     pub fn start() -> Self {
+        Self::launch(false)
+    }
+
+    /// Starts etcd as it should run for a hub: clients over TLS with a certificate of its CA
+    /// (`--client-cert-auth`), and authentication enabled with a `root` user and password.
+    pub fn start_secure() -> Self {
+        Self::launch(true)
+    }
+
+    fn launch(secure: bool) -> Self {
         let bin = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -142,9 +214,11 @@ impl EtcdServer {
             .or_else(|| which("etcd"))
             .expect("etcd is required for these tests; run scripts/test (it installs Debian's etcd-server)");
         let dir = tempfile::tempdir().expect("tempdir");
+        let pki = secure.then(|| etcd_pki(dir.path()));
         for _attempt in 0..5 {
             let (client, peer) = (free_port(), free_port());
-            let url = format!("http://127.0.0.1:{client}");
+            let scheme = if secure { "https" } else { "http" };
+            let url = format!("{scheme}://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
             let data = dir.path().join(format!("data-{client}"));
             let mut cmd = Command::new(&bin);
@@ -166,13 +240,32 @@ impl EtcdServer {
                 "--log-level",
                 "warn",
             ]);
+            if let Some((creds, cert, key)) = &pki {
+                cmd.args([
+                    "--cert-file",
+                    cert.to_str().unwrap_or_default(),
+                    "--key-file",
+                    key.to_str().unwrap_or_default(),
+                    "--client-cert-auth",
+                    "--trusted-ca-file",
+                    creds.ca_file.to_str().unwrap_or_default(),
+                ]);
+            }
             cmd.env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
             let mut guard = ChildGuard::spawn("etcd", &mut cmd, dir.path()).expect("spawn etcd");
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(20) {
                 if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() {
+                    let secure = match &pki {
+                        Some((creds, _, _)) => match enable_auth(&url, creds) {
+                            Ok(()) => Some(creds.clone()),
+                            Err(e) => panic!("enabling etcd authentication: {e}\n{}", guard.log()),
+                        },
+                        None => None,
+                    };
                     return Self {
                         url,
+                        secure,
                         _guard: guard,
                         _dir: dir,
                     };
@@ -186,6 +279,42 @@ impl EtcdServer {
         }
         panic!("could not start etcd after 5 attempts");
     }
+}
+
+/// Adds the `root` user with its password and turns etcd's authentication on (on a thread of
+/// its own: the caller may be inside a Tokio runtime).
+fn enable_auth(url: &str, creds: &EtcdCredentials) -> Result<(), String> {
+    let (url, creds) = (url.to_string(), creds.clone());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&creds.ca_pem))
+                .identity(etcd_client::Identity::from_pem(
+                    &creds.client_cert_pem,
+                    &creds.client_key_pem,
+                ));
+            let opts = etcd_client::ConnectOptions::new()
+                .with_tls(tls)
+                .with_connect_timeout(Duration::from_secs(5));
+            let mut c = etcd_client::Client::connect([url.as_str()], Some(opts))
+                .await
+                .map_err(|e| e.to_string())?;
+            c.user_add(creds.user.as_str(), creds.password.as_str(), None)
+                .await
+                .map_err(|e| e.to_string())?;
+            c.user_grant_role(creds.user.as_str(), "root")
+                .await
+                .map_err(|e| e.to_string())?;
+            c.auth_enable().await.map_err(|e| e.to_string())?;
+            Ok(())
+        })
+    })
+    .join()
+    .map_err(|_| "the auth setup thread panicked".to_string())?
 }
 
 fn which(name: &str) -> Option<String> {

@@ -2,12 +2,17 @@
 //! version, its history answers "what changed since R", and its transactions give the
 //! compare-and-swap that join tokens and cluster records need. All keys live under a namespace
 //! prefix so one etcd can serve other users too.
+//!
+//! Whoever can write to this etcd can rewrite trust bundles and join tokens, so the connection is
+//! authenticated: TLS (`https://` endpoints, the server checked against a CA, optionally a client
+//! certificate) and etcd's own users. Plain `http://` is accepted only to loopback unless the
+//! operator says otherwise ([`EtcdSecurity::allow_plaintext`]).
 
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare as ECompare, CompareOp, ConnectOptions, EventType, GetOptions, Txn as ETxn,
-    TxnOp, WatchOptions,
+    Certificate, Client, Compare as ECompare, CompareOp, ConnectOptions, EventType, GetOptions,
+    Identity, TlsOptions, Txn as ETxn, TxnOp, WatchOptions,
 };
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -24,17 +29,121 @@ pub struct EtcdStore {
     namespace: String,
 }
 
+/// How the hub authenticates to etcd and authenticates etcd.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdSecurity {
+    /// PEM of the CA(s) that sign etcd's server certificates; required for `https://` endpoints.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate and key (PEM), when etcd runs with `--client-cert-auth`.
+    pub client_cert_pem: Option<Vec<u8>>,
+    pub client_key_pem: Option<Vec<u8>>,
+    /// An etcd user and its password (etcd `auth enable`).
+    pub user: Option<(String, String)>,
+    /// Accept `http://` endpoints that are not on loopback (etcd reachable only on a network the
+    /// operator trusts).
+    pub allow_plaintext: bool,
+}
+
+impl EtcdSecurity {
+    /// Refuses combinations that would not protect what the operator thinks they protect.
+    fn check(&self, endpoints: &[String]) -> Result<(), StoreError> {
+        let bad = |m: String| StoreError::Unavailable(format!("etcd: {m}"));
+        let tls = self.ca_pem.is_some() || self.client_cert_pem.is_some();
+        if self.client_cert_pem.is_some() != self.client_key_pem.is_some() {
+            return Err(bad(
+                "a client certificate needs its key, and a key its certificate".into(),
+            ));
+        }
+        for e in endpoints {
+            match e.split_once("://").map(|(scheme, _)| scheme) {
+                Some("https") if self.ca_pem.is_none() => {
+                    return Err(bad(format!(
+                        "{e} is https, but no CA to check etcd's certificate was given (--etcd-ca)"
+                    )));
+                }
+                Some("https") => {}
+                Some("http") if tls => {
+                    return Err(bad(format!(
+                        "TLS is configured but {e} is plain http://; write https:// (nothing would be encrypted or checked)"
+                    )));
+                }
+                Some("http") if !self.allow_plaintext && !is_loopback_url(e) => {
+                    return Err(bad(format!(
+                        "{e} is plain http:// off this host: anyone who can reach it could rewrite trust bundles and join tokens. Use https:// with --etcd-ca (and --etcd-cert/--etcd-key or --etcd-user), or pass --etcd-allow-plaintext if only trusted hosts can reach it"
+                    )));
+                }
+                Some("http") => {}
+                _ => return Err(bad(format!("{e} is not an http:// or https:// URL"))),
+            }
+        }
+        Ok(())
+    }
+
+    fn connect_options(&self) -> Result<ConnectOptions, StoreError> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(10))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let Some(ca) = &self.ca_pem {
+            let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+            if let (Some(cert), Some(key)) = (&self.client_cert_pem, &self.client_key_pem) {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(tls);
+        }
+        if let Some((user, password)) = &self.user {
+            opts = opts
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
+        Ok(opts)
+    }
+}
+
+fn is_loopback_url(url: &str) -> bool {
+    let host = url
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .unwrap_or(url)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = match host.rsplit_once(':') {
+        Some((h, _)) => h,
+        None => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn err(e: etcd_client::Error) -> StoreError {
     StoreError::Unavailable(format!("etcd: {e}"))
 }
 
 impl EtcdStore {
-    /// Connects to etcd; keys are stored under `namespace` (e.g. `/fedmesh`).
+    /// Connects to etcd over plain HTTP (loopback, tests); keys are stored under `namespace`
+    /// (e.g. `/fedmesh`).
     pub async fn connect(endpoints: &[String], namespace: &str) -> Result<Self, StoreError> {
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(10))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        Self::connect_with(endpoints, namespace, &EtcdSecurity::default()).await
+    }
+
+    /// Connects to etcd with `security`; keys are stored under `namespace`.
+    pub async fn connect_with(
+        endpoints: &[String],
+        namespace: &str,
+        security: &EtcdSecurity,
+    ) -> Result<Self, StoreError> {
+        security.check(endpoints)?;
+        if endpoints.iter().all(|e| e.starts_with("http://")) && security.user.is_none() {
+            tracing::warn!(
+                endpoints = %endpoints.join(","),
+                "etcd store without TLS or a user: anyone who can reach it can rewrite trust bundles and join tokens"
+            );
+        }
+        let opts = security.connect_options()?;
         let client = Client::connect(endpoints, Some(opts)).await.map_err(|e| {
             StoreError::Unavailable(format!("cannot reach etcd at {}: {e}", endpoints.join(",")))
         })?;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
-pub use self::etcd::{EtcdStore, MAX_TXN_OPS};
+pub use self::etcd::{EtcdSecurity, EtcdStore, MAX_TXN_OPS};
 pub use self::redb::RedbStore;
 
 pub type Revision = u64;
@@ -148,8 +148,16 @@ pub trait KvStore: Send + Sync + 'static {
     ) -> BoxStream<'static, Result<WatchBatch, StoreError>>;
 }
 
-/// Opens a store from `redb:PATH` or `etcd:URL[,URL...]`.
+/// Opens a store from `redb:PATH` or `etcd:URL[,URL...]` (plain etcd on loopback only).
 pub async fn open(location: &str) -> Result<Arc<dyn KvStore>, StoreError> {
+    open_with(location, &EtcdSecurity::default()).await
+}
+
+/// Opens a store from `redb:PATH` or `etcd:URL[,URL...]`, reaching etcd with `etcd`.
+pub async fn open_with(
+    location: &str,
+    etcd: &EtcdSecurity,
+) -> Result<Arc<dyn KvStore>, StoreError> {
     if let Some(path) = location.strip_prefix("redb:") {
         if path.is_empty() {
             return Err(StoreError::BadLocation(location.into()));
@@ -164,7 +172,9 @@ pub async fn open(location: &str) -> Result<Arc<dyn KvStore>, StoreError> {
         if endpoints.is_empty() {
             return Err(StoreError::BadLocation(location.into()));
         }
-        Ok(Arc::new(EtcdStore::connect(&endpoints, "/fedmesh").await?))
+        Ok(Arc::new(
+            EtcdStore::connect_with(&endpoints, "/fedmesh", etcd).await?,
+        ))
     } else {
         Err(StoreError::BadLocation(location.into()))
     }

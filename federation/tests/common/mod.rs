@@ -259,3 +259,18 @@ pub fn service_export(ns: &str, name: &str) -> String {
 
 #[allow(unused_imports)] // not every test binary that includes this module asks DNS
 pub use fedmesh_test_support::dns_a;
+
+/// What a hub needs to reach an etcd started by `EtcdServer::start_secure`: its CA, the client
+/// certificate and the `root` user.
+pub fn etcd_security(
+    etcd: &fedmesh_test_support::EtcdServer,
+) -> fedmesh_federation::store::EtcdSecurity {
+    let c = etcd.secure.as_ref().expect("a secure etcd");
+    fedmesh_federation::store::EtcdSecurity {
+        ca_pem: Some(c.ca_pem.clone()),
+        client_cert_pem: Some(c.client_cert_pem.clone()),
+        client_key_pem: Some(c.client_key_pem.clone()),
+        user: Some((c.user.clone(), c.password.clone())),
+        allow_plaintext: false,
+    }
+}
