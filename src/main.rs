@@ -26,7 +26,7 @@ enum Command {
     #[command(subcommand)]
     Ca(cmd::ca::CaCommand),
     /// Run the federation hub (or manage it: `fedmesh hub token create`).
-    Hub(cmd::hub::HubArgs),
+    Hub(Box<cmd::hub::HubArgs>),
     /// Run one cluster's control plane.
     ControlPlane(cmd::control_plane::ControlPlaneArgs),
     /// Run a cluster's east-west gateway (SNI-routed mTLS passthrough).
@@ -85,7 +85,7 @@ fn main() -> std::process::ExitCode {
             Command::Inject(i) => cmd::inject::run(i),
             Command::Iptables(i) => cmd::iptables::run(i),
             Command::SampleApp(s) => cmd::sample_app::run(s).await,
-            Command::Hub(h) => cmd::hub::run(h).await,
+            Command::Hub(h) => cmd::hub::run(*h).await,
             Command::ControlPlane(c) => cmd::control_plane::run(c).await,
             Command::Agent(a) => cmd::agent::run(a).await,
             Command::Gateway(g) => cmd::proxy::gateway(g).await,
