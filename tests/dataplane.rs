@@ -1004,3 +1004,77 @@ async fn a_caller_cannot_forge_its_identity_through_an_opaque_tunnel() {
     );
     tb.shutdown().await;
 }
+
+/// A sidecar's configuration holds its own namespace; a service of another namespace reaches it
+/// when it first calls one, by name, in this cluster or across clusters, and a name that exists
+/// nowhere is answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_of_other_namespaces_are_learned_when_first_called() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    let (ledger, _ledger_app) = east
+        .http_echo_workload("billing", "ledger", "e1", 0)
+        .await
+        .unwrap();
+    east.serve(
+        "billing",
+        "ledger",
+        &[("http", 80, "")],
+        &endpoints(&[&ledger]),
+    )
+    .unwrap();
+    let (audit, _audit_app) = west
+        .http_echo_workload("billing", "audit", "w1", 0)
+        .await
+        .unwrap();
+    west.serve(
+        "billing",
+        "audit",
+        &[("http", 80, "")],
+        &endpoints(&[&audit]),
+    )
+    .unwrap();
+    west.export("billing", "audit").unwrap();
+    west.wait_gateway_serves("billing/audit").await.unwrap();
+    let (api, _api_app) = http_workload(east, "api", "e1").await;
+    east.serve("shop", "api", &[("http", 80, "")], &endpoints(&[&api]))
+        .unwrap();
+    let frontend = client_workload(east, "frontend", "e1").await;
+    frontend.wait_trusts(&west.trust_domain).await.unwrap();
+    frontend
+        .wait_config("shop/api", |t| t.service("shop/api").is_some())
+        .await
+        .unwrap();
+    // The ledger's Service is in east's control plane, but not in the frontend's table.
+    ledger
+        .wait_config("billing/ledger", |t| t.service("billing/ledger").is_some())
+        .await
+        .unwrap();
+    assert!(frontend.config.table().service("billing/ledger").is_none());
+    assert!(frontend.config.table().service("billing/audit").is_none());
+
+    let mut c = ProxyClient::new(frontend.proxy);
+    let r = c
+        .get("http://ledger.billing.svc.cluster.local/")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.echo().unwrap().caller, frontend.id.to_string());
+    let r = c
+        .get("http://audit.billing.svc.clusterset.local/")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.echo().unwrap().cluster, "west");
+    let t = frontend.config.table();
+    assert!(t.service("billing/ledger").is_some() && t.service("billing/audit").is_some());
+
+    let r = c
+        .get("http://nope.billing.svc.cluster.local/")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    assert!(frontend.config.table().not_found.contains("billing/nope"));
+    tb.shutdown().await;
+}

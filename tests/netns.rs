@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use fedmesh_testbed::apps::EchoResponse;
 use fedmesh_testbed::yaml::{self, EndpointSpec};
-use support::netns::{ClusterNet, Mesh, Pod, http_get, in_ns};
+use support::netns::{ClusterNet, Mesh, Pod, SIDECAR_ADMIN, http_get, in_ns};
 use support::wait_until;
 
 /// Publishes `shop/<name>` in `c` with these pods as endpoints, port 80 → 8080, and exports it.
@@ -167,6 +167,24 @@ fn clusters_reach_each_other_only_through_gateways_with_mtls_and_transparent_sid
         !matches!(node_plain, Ok((200, _))),
         "plain text from west's node reached the app past its sidecar: {node_plain:?}"
     );
+    // The sidecar's admin port answers the kubelet's probes at the pod's address, but its
+    // routing table (services, endpoints, policies) only to loopback inside the pod.
+    let admin = SocketAddr::from((api.ip, SIDECAR_ADMIN));
+    let (probe, _) = in_ns(&west.node, move || http_get(admin, "/readyz", "x").unwrap());
+    assert_eq!(probe, 200);
+    let (code, body) = in_ns(&west.node, move || http_get(admin, "/config", "x").unwrap());
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("loopback only"), "{body}");
+    let (code, body) = in_ns(&api.ns, || {
+        http_get(
+            SocketAddr::from(([127, 0, 0, 1], SIDECAR_ADMIN)),
+            "/config",
+            "x",
+        )
+        .unwrap()
+    });
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("shop/api"), "{body}");
     drop(frontend);
     drop(api);
 }

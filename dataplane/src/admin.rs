@@ -1,11 +1,15 @@
 //! The admin port of the gateway and the sidecar: `/metrics` (Prometheus), `/healthz`,
 //! `/readyz`, and `/config` (the routing table in force, as JSON).
+//!
+//! The port is often bound beyond loopback, because the kubelet probes and Prometheus scrapes it
+//! at the pod's address; `/config` names services, endpoint addresses and policies, so it answers
+//! loopback callers only (`kubectl port-forward`, or `kubectl exec` into the pod).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -35,9 +39,12 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
         .route("/readyz", get(readyz))
         .route("/config", get(config))
         .with_state(state);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
+    let result = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "admin server failed");
     }
@@ -76,7 +83,20 @@ async fn readyz(State(s): State<AdminState>) -> Response {
     }
 }
 
-async fn config(State(s): State<AdminState>) -> Response {
+async fn config(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+) -> Response {
+    if !peer.ip().is_loopback() {
+        return (
+            StatusCode::FORBIDDEN,
+            format!(
+                "/config is served to loopback only (this request came from {}): use `kubectl port-forward` to this port, or ask from inside the pod\n",
+                peer.ip()
+            ),
+        )
+            .into_response();
+    }
     let t = s.config.table();
     let mut services = serde_json::Map::new();
     let mut keys: Vec<_> = t.services.keys().collect();

@@ -3,12 +3,17 @@
 //! A task keeps a [`RoutingTable`] current (snapshot, then deltas, resumed after reconnects) and
 //! publishes it through an `ArcSwap`: the data path reads it without locks. When the control plane
 //! is unreachable the last table stays in force; with a cache file it also survives a restart.
+//!
+//! A sidecar receives the services of its own namespace; any other service it meets (by name or
+//! by address) it asks for once with [`ConfigHandle::ensure`], and keeps receiving from then on.
+//! What the control plane does not know is remembered as unknown for [`NOT_FOUND_TTL`], so traffic
+//! to addresses outside the mesh asks once, not per connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use fedmesh_api::pb::dataplane as pb;
@@ -101,6 +106,8 @@ pub struct RoutingTable {
     pub by_vip: HashMap<Ipv4Addr, Arc<ServiceEntry>>,
     /// The cluster IPs of this cluster's Services.
     pub by_cluster_ip: HashMap<Ipv4Addr, Arc<ServiceEntry>>,
+    /// Services and addresses asked for that the control plane does not know (recently).
+    pub not_found: HashSet<String>,
 }
 
 impl RoutingTable {
@@ -144,19 +151,36 @@ impl RoutingTable {
             services,
             by_vip,
             by_cluster_ip,
+            not_found: HashSet::new(),
         }
     }
 
     pub fn service(&self, key: &str) -> Option<&Arc<ServiceEntry>> {
         self.services.get(key)
     }
+
+    /// Whether `subject` (a service key or an address) needs no question to the control plane:
+    /// it is in the table, or was recently found not to exist.
+    pub fn knows(&self, subject: &str) -> bool {
+        self.not_found.contains(subject)
+            || self.services.contains_key(subject)
+            || subject.parse::<Ipv4Addr>().is_ok_and(|ip| {
+                self.by_vip.contains_key(&ip) || self.by_cluster_ip.contains_key(&ip)
+            })
+    }
 }
+
+/// How long a subscription the control plane could not answer is remembered as unknown.
+pub const NOT_FOUND_TTL: Duration = Duration::from_secs(5);
+/// How long a request waits for the answer to a subscription.
+pub const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct ConfigHandle {
     table: Arc<ArcSwap<RoutingTable>>,
     changes: watch::Receiver<u64>,
     connected: watch::Receiver<bool>,
+    subscribe: Option<mpsc::Sender<String>>,
 }
 
 impl ConfigHandle {
@@ -178,6 +202,23 @@ impl ConfigHandle {
         let mut rx = self.changes.clone();
         let _ = rx.wait_for(|n| *n > 0).await;
     }
+
+    /// Makes sure the table has `subject` (a service key `NAMESPACE/NAME` or an IPv4 address) if
+    /// the control plane knows it: asks once and waits up to [`SUBSCRIBE_WAIT`] for the answer.
+    /// Returns at once when the table knows it already (or knows that it does not exist).
+    pub async fn ensure(&self, subject: &str) {
+        if self.table().knows(subject) {
+            return;
+        }
+        let Some(tx) = &self.subscribe else { return };
+        if tx.try_send(subject.to_string()).is_err() {
+            return;
+        }
+        let table = self.table.clone();
+        let mut rx = self.changes.clone();
+        let _ = tokio::time::timeout(SUBSCRIBE_WAIT, rx.wait_for(|_| table.load().knows(subject)))
+            .await;
+    }
 }
 
 /// Starts following the control plane at `addr` with `identity`.
@@ -192,11 +233,13 @@ pub fn start(
     let table = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
     let (changes_tx, changes) = watch::channel(0u64);
     let (connected_tx, connected) = watch::channel(false);
+    let (subscribe_tx, mut subscriptions) = mpsc::channel::<String>(256);
     let mut state = State {
         map: HashMap::new(),
         epoch: 0,
         version: 0,
         cluster: pb::LocalCluster::default(),
+        not_found: HashMap::new(),
     };
     if let Some(path) = &cache
         && let Ok(raw) = std::fs::read(path)
@@ -211,6 +254,7 @@ pub fn start(
         table: table.clone(),
         changes,
         connected,
+        subscribe: Some(subscribe_tx),
     };
     let (role, node) = (role.to_string(), node.to_string());
     tokio::spawn(async move {
@@ -225,6 +269,7 @@ pub fn start(
                 &table,
                 &changes_tx,
                 &connected_tx,
+                &mut subscriptions,
                 cache.as_ref(),
                 &shutdown,
             )
@@ -251,6 +296,8 @@ struct State {
     epoch: u64,
     version: u64,
     cluster: pb::LocalCluster,
+    /// Subscriptions the control plane could not answer, and when it said so.
+    not_found: HashMap<String, Instant>,
 }
 
 impl State {
@@ -269,10 +316,37 @@ impl State {
         if let Some(c) = &u.cluster {
             self.cluster = c.clone();
         }
+        let now = Instant::now();
+        self.not_found
+            .retain(|_, at| now.duration_since(*at) < NOT_FOUND_TTL);
+        for n in &u.not_found {
+            self.not_found.insert(n.clone(), now);
+        }
     }
 
     fn table(&self) -> RoutingTable {
-        RoutingTable::from_map(self.epoch, self.version, self.cluster.clone(), &self.map)
+        let mut t =
+            RoutingTable::from_map(self.epoch, self.version, self.cluster.clone(), &self.map);
+        let now = Instant::now();
+        t.not_found = self
+            .not_found
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) < NOT_FOUND_TTL)
+            .map(|(k, _)| k.clone())
+            .collect();
+        t
+    }
+
+    /// What this proxy holds beyond its own namespace: it subscribed to those, and asks for
+    /// them again when it reconnects.
+    fn subscriptions(&self, own_namespace: Option<&str>) -> Vec<String> {
+        self.map
+            .keys()
+            .filter(|k| {
+                own_namespace.is_none_or(|ns| k.split_once('/').is_none_or(|(n, _)| n != ns))
+            })
+            .cloned()
+            .collect()
     }
 
     fn snapshot(&self) -> pb::ConfigUpdate {
@@ -283,7 +357,17 @@ impl State {
             cluster: Some(self.cluster.clone()),
             services: self.map.values().cloned().collect(),
             removed_services: vec![],
+            not_found: vec![],
         }
+    }
+}
+
+/// The namespace of a Kubernetes-shaped workload ID (`/ns/NAMESPACE/sa/ACCOUNT`).
+fn namespace_of(id: &SpiffeId) -> Option<&str> {
+    let mut parts = id.path().trim_start_matches('/').split('/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("ns"), Some(ns), Some("sa")) => Some(ns),
+        _ => None,
     }
 }
 
@@ -297,6 +381,7 @@ async fn session(
     table: &ArcSwap<RoutingTable>,
     changes: &watch::Sender<u64>,
     connected: &watch::Sender<bool>,
+    subscriptions: &mut mpsc::Receiver<String>,
     cache: Option<&PathBuf>,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
@@ -317,6 +402,7 @@ async fn session(
             node: node.to_string(),
             resume_epoch: state.epoch,
             resume_version: state.version,
+            subscriptions: state.subscriptions(namespace_of(&id)),
         })),
     })
     .await
@@ -331,6 +417,28 @@ async fn session(
         let msg = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             m = inbound.message() => m.map_err(|s| format!("{} ({:?})", s.message(), s.code()))?,
+            Some(subject) = subscriptions.recv() => {
+                let mut sub = pb::Subscribe::default();
+                if subject.contains('/') {
+                    sub.services.push(subject);
+                } else {
+                    sub.addresses.push(subject);
+                }
+                // More queued asks go in the same message.
+                while let Ok(more) = subscriptions.try_recv() {
+                    if more.contains('/') {
+                        sub.services.push(more);
+                    } else {
+                        sub.addresses.push(more);
+                    }
+                }
+                tx.send(pb::DataPlaneMessage {
+                    msg: Some(pb::data_plane_message::Msg::Subscribe(sub)),
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                continue;
+            }
         };
         let Some(u) = msg else { return Ok(()) };
         state.apply(&u);

@@ -13,13 +13,15 @@ use fedmesh_api::pb::dataplane::data_plane_client::DataPlaneClient;
 use fedmesh_trust::tls::{Authorizer, MeshIdentity};
 use tokio::sync::mpsc;
 
-/// A data-plane client with an SVID of the cluster's trust domain.
+/// A data-plane client with an SVID of the cluster's trust domain (a sidecar of namespace shop).
 fn client(c: &ClusterHandle) -> DataPlaneClient<tonic::transport::Channel> {
-    let id = fedmesh_api::SpiffeId::new(&format!(
-        "spiffe://{}/ns/shop/sa/sidecar",
-        c.cp.config.trust_domain
-    ))
-    .unwrap();
+    client_as(c, "/ns/shop/sa/sidecar")
+}
+
+/// A data-plane client with the SVID `spiffe://<trust domain><path>`.
+fn client_as(c: &ClusterHandle, path: &str) -> DataPlaneClient<tonic::transport::Channel> {
+    let id = fedmesh_api::SpiffeId::new(&format!("spiffe://{}{path}", c.cp.config.trust_domain))
+        .unwrap();
     let (key, csr) = fedmesh_trust::svid::new_key_and_csr(&id).unwrap();
     let issued = c.cp.ca.sign_csr(&csr, Some(&id), None).unwrap();
     let ident = MeshIdentity::new();
@@ -52,24 +54,40 @@ async fn open(
     mpsc::Sender<pb::DataPlaneMessage>,
     tonic::Streaming<pb::ConfigUpdate>,
 ) {
+    open_as(c, "sidecar", epoch, version, vec![]).await.unwrap()
+}
+
+async fn open_as(
+    c: &mut DataPlaneClient<tonic::transport::Channel>,
+    role: &str,
+    epoch: u64,
+    version: u64,
+    subscriptions: Vec<String>,
+) -> Result<
+    (
+        mpsc::Sender<pb::DataPlaneMessage>,
+        tonic::Streaming<pb::ConfigUpdate>,
+    ),
+    tonic::Status,
+> {
     let (tx, rx) = mpsc::channel(8);
     tx.send(pb::DataPlaneMessage {
         msg: Some(pb::data_plane_message::Msg::Request(pb::ConfigRequest {
             protocol_version: DATAPLANE_PROTOCOL_VERSION,
-            role: "sidecar".into(),
+            role: role.into(),
             node: "test".into(),
             resume_epoch: epoch,
             resume_version: version,
+            subscriptions,
         })),
     })
     .await
     .unwrap();
     let s = c
         .stream_config(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
+        .await?
         .into_inner();
-    (tx, s)
+    Ok((tx, s))
 }
 
 async fn next(s: &mut tonic::Streaming<pb::ConfigUpdate>) -> pb::ConfigUpdate {
@@ -293,4 +311,113 @@ async fn the_stream_requires_an_svid_of_the_trust_domain() {
         .unwrap();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     hub.stop().await;
+}
+
+/// Any SVID of the trust domain may open the stream, so what it carries is scoped: a sidecar gets
+/// its own namespace and what it subscribes to, a gateway what its cluster exports; another
+/// namespace's services, endpoints and policies never arrive unasked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_receives_its_namespace_and_what_it_asks_for_not_the_whole_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let east = start_with(cluster_config(dir.path(), "east", None)).await;
+    east.write(
+        "web.yaml",
+        &web_service("shop", "web", "http", 80, &[("10.1.0.1", "a")]),
+    );
+    east.write("export.yaml", &service_export("shop", "web"));
+    east.write(
+        "ledger.yaml",
+        &web_service("billing", "ledger", "http", 80, &[("10.1.0.7", "a")]).replace(
+            "spec:\n  ports:",
+            "spec:\n  clusterIP: 10.96.0.77\n  ports:",
+        ),
+    );
+    east.write(
+        "ledger-policy.yaml",
+        "apiVersion: fedmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: ledger, namespace: billing}\nspec:\n  authorization: {allowedCallers: [\"spiffe://east.example/ns/billing/*\"]}\n",
+    );
+    east.write(
+        "audit.yaml",
+        &web_service("billing", "audit", "http", 80, &[("10.1.0.8", "a")]),
+    );
+    east.write("audit-export.yaml", &service_export("billing", "audit"));
+    let known =
+        |m: &std::collections::BTreeMap<String, pb::Service>| m.keys().cloned().collect::<Vec<_>>();
+    // Wait until the control plane has all three.
+    let mut all = std::collections::BTreeMap::new();
+    let mut system = client_as(&east, "/ns/fedmesh-system/sa/gateway");
+    let (_g, mut gs) = open_as(&mut system, "gateway", 0, 0, vec![]).await.unwrap();
+    until(&mut gs, &mut all, |m| {
+        m.contains_key("billing/audit") && m.contains_key("shop/web")
+    })
+    .await;
+    assert_eq!(
+        known(&all),
+        ["billing/audit", "shop/web"],
+        "a gateway sees what its cluster exports"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        east.cp
+            .dataplane_config()
+            .borrow()
+            .services
+            .contains_key("billing/ledger")
+    );
+
+    let mut c = client(&east);
+    let (tx, mut s) = open_as(&mut c, "sidecar", 0, 0, vec![]).await.unwrap();
+    let first = next(&mut s).await;
+    let mut map: std::collections::BTreeMap<String, pb::Service> = first
+        .services
+        .iter()
+        .map(|s| (s.key.clone(), s.clone()))
+        .collect();
+    assert_eq!(known(&map), ["shop/web"], "only its own namespace");
+
+    // The sidecar meets billing's ledger by name and by its cluster IP, and a name that is not there.
+    tx.send(pb::DataPlaneMessage {
+        msg: Some(pb::data_plane_message::Msg::Subscribe(pb::Subscribe {
+            services: vec!["billing/ledger".into(), "billing/nope".into()],
+            addresses: vec!["10.96.0.77".into(), "10.96.9.9".into()],
+        })),
+    })
+    .await
+    .unwrap();
+    let u = next(&mut s).await;
+    for svc in &u.services {
+        map.insert(svc.key.clone(), svc.clone());
+    }
+    assert_eq!(known(&map), ["billing/ledger", "shop/web"]);
+    assert_eq!(u.not_found, ["billing/nope", "10.96.9.9"]);
+    assert_eq!(map["billing/ledger"].endpoints[0].address, "10.1.0.7");
+
+    // Reconnecting with its subscriptions, it keeps them (and still not billing/audit).
+    drop(s);
+    let (_tx, mut s) = open_as(&mut c, "sidecar", 0, 0, vec!["billing/ledger".into()])
+        .await
+        .unwrap();
+    let u = next(&mut s).await;
+    let keys: Vec<_> = u.services.iter().map(|s| s.key.as_str()).collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(
+        keys.contains(&"billing/ledger") && keys.contains(&"shop/web"),
+        "{keys:?}"
+    );
+
+    // A workload cannot ask for a gateway's view.
+    let err = open_as(&mut c, "gateway", 0, 0, vec![])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message().contains("namespace fedmesh-system"),
+        "{}",
+        err.message()
+    );
+    // An ID not shaped like a Kubernetes workload's gets only what it asks for.
+    let mut host = client_as(&east, "/web");
+    let (_h, mut hs) = open_as(&mut host, "sidecar", 0, 0, vec![]).await.unwrap();
+    assert!(next(&mut hs).await.services.is_empty());
 }

@@ -55,26 +55,9 @@ impl FromStr for Dest {
 /// used when it has one, otherwise its first port.
 pub fn from_host(host: &str, table: &RoutingTable) -> Option<Dest> {
     let (name, port) = split_port(host)?;
-    let name = name.trim_end_matches('.');
-    let (entry, scope) = if let Ok(ip) = name.trim_matches(['[', ']']).parse::<IpAddr>() {
-        match ip {
-            IpAddr::V4(v4) => by_ip(v4, table)?,
-            IpAddr::V6(_) => return None,
-        }
-    } else {
-        let labels: Vec<&str> = name.split('.').collect();
-        let (svc, ns, scope) = match labels.as_slice() {
-            [svc, ns] | [svc, ns, "svc"] => (*svc, *ns, Scope::Auto),
-            [svc, ns, "svc", zone, "local"] if zone.eq_ignore_ascii_case("clusterset") => {
-                (*svc, *ns, Scope::ClusterSet)
-            }
-            [svc, ns, "svc", zone, "local"] if zone.eq_ignore_ascii_case("cluster") => {
-                (*svc, *ns, Scope::Local)
-            }
-            _ => return None,
-        };
-        let key = format!("{}/{}", ns.to_ascii_lowercase(), svc.to_ascii_lowercase());
-        (table.service(&key)?.clone(), scope)
+    let (entry, scope) = match parse_name(name)? {
+        Name::Ip(v4) => by_ip(v4, table)?,
+        Name::Service(key, scope) => (table.service(&key)?.clone(), scope),
     };
     let port = match port {
         Some(p) => p,
@@ -90,6 +73,45 @@ pub fn from_host(host: &str, table: &RoutingTable) -> Option<Dest> {
         service: entry.key.clone(),
         port,
         scope,
+    })
+}
+
+/// What a host names before the table is consulted.
+enum Name {
+    Service(String, Scope),
+    Ip(std::net::Ipv4Addr),
+}
+
+fn parse_name(name: &str) -> Option<Name> {
+    let name = name.trim_end_matches('.');
+    if let Ok(ip) = name.trim_matches(['[', ']']).parse::<IpAddr>() {
+        return match ip {
+            IpAddr::V4(v4) => Some(Name::Ip(v4)),
+            IpAddr::V6(_) => None,
+        };
+    }
+    let labels: Vec<&str> = name.split('.').collect();
+    let (svc, ns, scope) = match labels.as_slice() {
+        [svc, ns] | [svc, ns, "svc"] => (*svc, *ns, Scope::Auto),
+        [svc, ns, "svc", zone, "local"] if zone.eq_ignore_ascii_case("clusterset") => {
+            (*svc, *ns, Scope::ClusterSet)
+        }
+        [svc, ns, "svc", zone, "local"] if zone.eq_ignore_ascii_case("cluster") => {
+            (*svc, *ns, Scope::Local)
+        }
+        _ => return None,
+    };
+    let key = format!("{}/{}", ns.to_ascii_lowercase(), svc.to_ascii_lowercase());
+    Some(Name::Service(key, scope))
+}
+
+/// What to ask the control plane for when a host is not in the table: its service key, or its
+/// address.
+pub fn subject_of_host(host: &str) -> Option<String> {
+    let (name, _) = split_port(host)?;
+    Some(match parse_name(name)? {
+        Name::Service(key, _) => key,
+        Name::Ip(ip) => ip.to_string(),
     })
 }
 

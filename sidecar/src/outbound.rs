@@ -290,6 +290,7 @@ impl Sidecar {
         dest: Dest,
         graceful: CancellationToken,
     ) {
+        self.config.ensure(&dest.service.to_string()).await;
         let table = self.config.table();
         let (protocol, prefix) = match declared_protocol(&table, &dest) {
             Some(p) => (p, Vec::new()),
@@ -329,6 +330,9 @@ impl Sidecar {
             // Addressed to the listener itself: there is nowhere to send it.
             self.metrics.refuse("loop");
             return;
+        }
+        if orig.is_ipv4() {
+            self.config.ensure(&orig.ip().to_string()).await;
         }
         let table = self.config.table();
         match dest::from_vip(orig, &table) {
@@ -522,9 +526,20 @@ impl Sidecar {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// The routing table, once it knows what `host` names: a service of another namespace, or an
+    /// address, is asked of the control plane the first time this sidecar meets it.
+    async fn table_for_host(&self, host: Option<&str>) -> Arc<RoutingTable> {
+        if let Some(subject) = host.and_then(dest::subject_of_host) {
+            self.config.ensure(&subject).await;
+        }
+        self.config.table()
+    }
+
     /// `CONNECT service:port` on the HTTP proxy: an opaque TCP tunnel.
     async fn connect_tunnel(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let table = self.config.table();
+        let table = self
+            .table_for_host(req.uri().authority().map(|a| a.as_str()))
+            .await;
         let Some(dest) = req
             .uri()
             .authority()
@@ -567,7 +582,6 @@ impl Sidecar {
             return self.connect_tunnel(req).await;
         }
         let start = Instant::now();
-        let table = self.config.table();
         let host = req
             .uri()
             .authority()
@@ -578,6 +592,13 @@ impl Sidecar {
                     .and_then(|h| h.to_str().ok())
                     .map(str::to_string)
             });
+        let table = match &fixed {
+            Some(d) => {
+                self.config.ensure(&d.service.to_string()).await;
+                self.config.table()
+            }
+            None => self.table_for_host(host.as_deref()).await,
+        };
         let dest = match fixed.or_else(|| host.as_deref().and_then(|h| dest::from_host(h, &table)))
         {
             Some(d) => d,

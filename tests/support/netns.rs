@@ -38,7 +38,7 @@ const HUB_ADMIN: u16 = 9080;
 const GATEWAY_PORT: u16 = 15443;
 const CP_PORT: u16 = 15012;
 const APP_PORT: u16 = 8080;
-const SIDECAR_ADMIN: u16 = 15020;
+pub const SIDECAR_ADMIN: u16 = 15020;
 const GATEWAY_UID: u32 = 1500;
 
 /// Why network-namespace tests cannot run here, if they cannot.
@@ -405,7 +405,7 @@ impl Mesh {
         Mesh { net, wan, hub_data }
     }
 
-    fn join_token(&self, cluster: &str) -> String {
+    fn join_token(&self, cluster: &str, trust_domain: &str) -> String {
         let admin = format!("http://{HUB_IP}:{HUB_ADMIN}");
         let token_file = self.hub_data.join("admin-token");
         let out = self.net.exec(
@@ -417,6 +417,8 @@ impl Mesh {
                 "create",
                 "--cluster",
                 cluster,
+                "--trust-domain",
+                trust_domain,
                 "--admin",
                 &admin,
                 "--admin-token-file",
@@ -500,7 +502,7 @@ impl Mesh {
         let objects = data.join("objects");
         std::fs::create_dir_all(&objects).unwrap();
         let trust_domain = format!("{name}.fedmesh.test");
-        let token = self.join_token(name);
+        let token = self.join_token(name, &trust_domain);
         let cp_data = data.join("control-plane");
         let (cp_listen, dns, gw) = (
             format!("{node_ip}:{CP_PORT}"),

@@ -309,6 +309,12 @@ impl DataPlane for ConfigService {
                 req.protocol_version
             )));
         }
+        let mut scope = super::scope::ProxyScope::for_caller(
+            &caller,
+            &req.role,
+            &self.cp.config.system_namespace,
+            &req.subscriptions,
+        )?;
         let local = pb::LocalCluster {
             name: self.cp.config.cluster.to_string(),
             trust_domain: self.cp.config.trust_domain.to_string(),
@@ -325,12 +331,22 @@ impl DataPlane for ConfigService {
         tracing::info!(%caller, role = %req.role, node = %req.node, "data plane connected");
         tokio::spawn(async move {
             let current = state.borrow_and_update().clone();
+            let now = scope.view(&current.services);
             let held = (req.resume_epoch == epoch)
                 .then(|| current.at(req.resume_version))
                 .flatten();
             let first = match held {
                 Some(from) => {
-                    let (services, removed_services) = diff(&from, &current.services);
+                    let (mut services, removed_services) = diff(&scope.view(&from), &now);
+                    // Subscriptions go whole: the proxy may have made one after the version it
+                    // holds, and lost the answer with the connection.
+                    for k in scope.subscribed() {
+                        if let Some(s) = now.get(k)
+                            && !services.iter().any(|x| &x.key == k)
+                        {
+                            services.push(s.clone());
+                        }
+                    }
                     pb::ConfigUpdate {
                         epoch,
                         version: current.version,
@@ -338,6 +354,7 @@ impl DataPlane for ConfigService {
                         cluster: Some(cluster(&current.peers)),
                         services,
                         removed_services,
+                        not_found: vec![],
                     }
                 }
                 None => pb::ConfigUpdate {
@@ -345,16 +362,18 @@ impl DataPlane for ConfigService {
                     version: current.version,
                     snapshot: true,
                     cluster: Some(cluster(&current.peers)),
-                    services: current.services.values().cloned().collect(),
+                    services: now.values().cloned().collect(),
                     removed_services: vec![],
+                    not_found: vec![],
                 },
             };
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
-            let mut sent = current.services.clone();
+            let mut sent = now;
             let mut sent_peers = current.peers.clone();
             loop {
+                let mut not_found = Vec::new();
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tx.closed() => return,
@@ -363,34 +382,45 @@ impl DataPlane for ConfigService {
                             if a.nack {
                                 tracing::warn!(%caller, version = a.version, error = %a.error, "data plane could not apply a config update");
                             }
+                            continue;
                         }
-                        Ok(Some(_)) => {}
+                        Ok(Some(pb::DataPlaneMessage { msg: Some(pb::data_plane_message::Msg::Subscribe(s)) })) => {
+                            not_found = scope.subscribe(&s, &state.borrow().services);
+                            tracing::debug!(%caller, services = ?s.services, addresses = ?s.addresses, ?not_found, "subscription");
+                        }
+                        Ok(Some(_)) => continue,
                         Ok(None) | Err(_) => return,
                     },
                     r = state.changed() => {
                         if r.is_err() {
                             return;
                         }
-                        let cur = state.borrow_and_update().clone();
-                        let (services, removed_services) = diff(&sent, &cur.services);
-                        sent = cur.services.clone();
-                        let peers_changed = sent_peers != cur.peers;
-                        sent_peers = cur.peers.clone();
-                        if services.is_empty() && removed_services.is_empty() && !peers_changed {
-                            continue;
-                        }
-                        let u = pb::ConfigUpdate {
-                            epoch,
-                            version: cur.version,
-                            snapshot: false,
-                            cluster: Some(cluster(&cur.peers)),
-                            services,
-                            removed_services,
-                        };
-                        if tx.send(Ok(u)).await.is_err() {
-                            return;
-                        }
                     }
+                }
+                let cur = state.borrow_and_update().clone();
+                let view = scope.view(&cur.services);
+                let (services, removed_services) = diff(&sent, &view);
+                sent = view;
+                let peers_changed = sent_peers != cur.peers;
+                sent_peers = cur.peers.clone();
+                if services.is_empty()
+                    && removed_services.is_empty()
+                    && !peers_changed
+                    && not_found.is_empty()
+                {
+                    continue;
+                }
+                let u = pb::ConfigUpdate {
+                    epoch,
+                    version: cur.version,
+                    snapshot: false,
+                    cluster: Some(cluster(&cur.peers)),
+                    services,
+                    removed_services,
+                    not_found,
+                };
+                if tx.send(Ok(u)).await.is_err() {
+                    return;
                 }
             }
         });

@@ -10,6 +10,7 @@ pub mod dns;
 pub mod hub_link;
 pub mod identity;
 pub mod policy;
+pub mod scope;
 pub mod source;
 pub mod state;
 pub mod status;
@@ -79,6 +80,9 @@ pub struct ControlPlaneConfig {
     pub poll_interval: Duration,
     /// Default SVID TTL when the CA is created.
     pub svid_ttl: Duration,
+    /// The namespace of fedmesh's own components: only its identities may stream a gateway's
+    /// configuration.
+    pub system_namespace: String,
 }
 
 impl ControlPlaneConfig {
@@ -102,6 +106,7 @@ impl ControlPlaneConfig {
             clusterset_cidr: "240.240.0.0/16".into(),
             poll_interval: Duration::from_millis(500),
             svid_ttl: Duration::from_secs(3600),
+            system_namespace: "fedmesh-system".into(),
         }
     }
 }

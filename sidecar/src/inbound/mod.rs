@@ -220,6 +220,10 @@ impl Sidecar {
         if self.config.table().cluster.name.is_empty() {
             let _ = tokio::time::timeout(CONFIG_WAIT, self.config.ready()).await;
         }
+        // A service of another namespace reaches this sidecar's table on demand.
+        if let Some(mesh) = sni.as_deref().and_then(|s| MeshSni::parse(s).ok()) {
+            self.config.ensure(&mesh.service.to_string()).await;
+        }
         let table = self.config.table();
         let conn = Arc::new(InboundConn {
             caller_cluster: self.cluster_of_trust_domain(&table, caller.trust_domain().as_str()),
