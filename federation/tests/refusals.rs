@@ -604,3 +604,82 @@ async fn a_cluster_cannot_win_conflicts_by_claiming_the_past_or_publish_impossib
     );
     hub.stop().await;
 }
+
+/// Every cluster identity is signed by the hub's CA, so the CA pin alone would let one cluster
+/// answer as the hub to another that is joining and collect its token. The joining side checks
+/// the hub's SPIFFE ID too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clusters_identity_cannot_pose_as_the_hub_to_a_joining_control_plane() {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    join_as(&hub, &dir.path().join("east"), "east", "east.example")
+        .await
+        .unwrap();
+    // East's hub-issued identity, with the hub's CA appended as the hub itself serves it.
+    let mut chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(dir.path().join("east/identity.pem"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    chain.push(hub.hub.ca().active_certificate().unwrap());
+    let key = PrivateKeyDer::from_pem_file(dir.path().join("east/identity.key")).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let impostor = listener.local_addr().unwrap().to_string();
+    let received = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let Ok(mut tls) = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg))
+            .accept(tcp)
+            .await
+        else {
+            return 0;
+        };
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut got)).await;
+        got.len()
+    });
+
+    let (west, td) = (
+        ClusterName::new("west").unwrap(),
+        TrustDomain::new("west.example").unwrap(),
+    );
+    let (token, _) = hub.hub.create_token(&west, &td, None).await.unwrap();
+    let err = HubCredentials::join(&dir.path().join("west"), &impostor, &token, &west, &td)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(
+            "the server is spiffe://hub.fedmesh/cluster/east, not spiffe://hub.fedmesh/hub"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        received.await.unwrap(),
+        0,
+        "the token never reached the impostor"
+    );
+    // The real hub still takes the token.
+    HubCredentials::join(
+        &dir.path().join("west"),
+        &hub.addr.to_string(),
+        &token,
+        &west,
+        &td,
+    )
+    .await
+    .unwrap();
+    hub.stop().await;
+}
