@@ -51,6 +51,20 @@ fn start_agent(entries: &str) -> Setup {
     Setup { dir, agent, socket }
 }
 
+/// Checks, with the crates.io `spiffe` client, that the agent on `socket` hands out WEB's SVID.
+fn assert_serves_web(socket: &Path) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let source = spiffe::X509Source::builder()
+            .endpoint(format!("unix:{}", socket.display()))
+            .build()
+            .await
+            .unwrap();
+        assert_eq!(source.svid().unwrap().spiffe_id().to_string(), WEB);
+        source.shutdown().await;
+    });
+}
+
 fn my_entry() -> String {
     format!(
         "entries:\n  - spiffe_id: {WEB}\n    selectors: [\"unix:uid:{}\"]\n",
@@ -191,16 +205,7 @@ fn agent_keeps_the_last_good_entries_when_the_file_turns_bad() {
         Duration::from_secs(20),
         || s.agent.log().contains("keeping the previous entries"),
     );
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let source = spiffe::X509Source::builder()
-            .endpoint(format!("unix:{}", s.socket.display()))
-            .build()
-            .await
-            .unwrap();
-        assert_eq!(source.svid().unwrap().spiffe_id().to_string(), WEB);
-        source.shutdown().await;
-    });
+    assert_serves_web(&s.socket);
 }
 
 #[test]
@@ -313,14 +318,5 @@ fn an_hpack_bomb_on_the_workload_api_socket_is_refused_with_the_agents_memory_bo
         s.agent.log()
     );
     // Still serving workloads.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let source = spiffe::X509Source::builder()
-            .endpoint(format!("unix:{}", s.socket.display()))
-            .build()
-            .await
-            .unwrap();
-        assert_eq!(source.svid().unwrap().spiffe_id().to_string(), WEB);
-        source.shutdown().await;
-    });
+    assert_serves_web(&s.socket);
 }

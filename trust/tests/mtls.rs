@@ -228,6 +228,19 @@ async fn spiffe_id_not_authorized_is_refused_with_the_policy() {
     );
 }
 
+/// The signing key of a CA's (only) authority, as an attacker who took the CA's disk has it.
+fn authority_key(ca: &TrustDomainCa) -> KeyPair {
+    let key_path = std::fs::read_dir(ca.dir().join("authorities"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            let n = p.file_name().unwrap().to_string_lossy().to_string();
+            n.ends_with(".key") && !n.ends_with(".jwt.key")
+        })
+        .unwrap();
+    KeyPair::from_pem(&std::fs::read_to_string(&key_path).unwrap()).unwrap()
+}
+
 /// A leaf for `spiffe_id` signed by `issuer` (a CA key an attacker holds), with `above` appended
 /// to its chain.
 fn forge_leaf(
@@ -265,17 +278,8 @@ async fn chain_signed_by_another_trust_domains_ca_is_refused() {
     let d = domains();
     let (eb, wb) = (d.east.bundle(), d.west.bundle());
     // A compromised east CA mints an ID of west: signed with east's real authority key.
-    let authorities = d.east.dir().join("authorities");
-    let key_path = std::fs::read_dir(&authorities)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            let n = p.file_name().unwrap().to_string_lossy().to_string();
-            n.ends_with(".key") && !n.ends_with(".jwt.key")
-        })
-        .unwrap();
-    let east_key = KeyPair::from_pem(&std::fs::read_to_string(&key_path).unwrap()).unwrap();
-    let east_issuer = Issuer::from_ca_cert_der(&eb.x509_authorities()[0], east_key).unwrap();
+    let east_issuer =
+        Issuer::from_ca_cert_der(&eb.x509_authorities()[0], authority_key(&d.east)).unwrap();
     let forged = forge_leaf(
         &east_issuer,
         id("spiffe://west.example/ns/default/sa/backend"),
@@ -359,16 +363,7 @@ async fn a_shared_upstream_root_does_not_let_one_trust_domain_mint_anothers_ids(
 
     // East's intermediate (its key is on east's disk) signs the hub's admin ID.
     let east_ca_cert = east.active_certificate().unwrap();
-    let key_path = std::fs::read_dir(east.dir().join("authorities"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            let n = p.file_name().unwrap().to_string_lossy().to_string();
-            n.ends_with(".key") && !n.ends_with(".jwt.key")
-        })
-        .unwrap();
-    let east_key = KeyPair::from_pem(&std::fs::read_to_string(&key_path).unwrap()).unwrap();
-    let east_issuer = Issuer::from_ca_cert_der(&east_ca_cert, east_key).unwrap();
+    let east_issuer = Issuer::from_ca_cert_der(&east_ca_cert, authority_key(&east)).unwrap();
     let forged = forge_leaf(
         &east_issuer,
         id("spiffe://hub.fedmesh/admin"),
