@@ -86,7 +86,7 @@ async fn wait_routable(tb: &Testbed, w: &Workload, svc: &str, clusters: &[&str])
         w.wait_trusts(&c.trust_domain).await.unwrap();
     }
     w.wait_config(&format!("{key} in {clusters:?}"), |t| {
-        t.service(&key).is_some_and(|e| {
+        t.service_named(&key).is_some_and(|e| {
             clusters.iter().all(|c| {
                 if *c == own {
                     e.svc.endpoints.iter().any(|ep| ep.ready)
@@ -588,7 +588,7 @@ async fn locality_failover_zone_then_cluster_and_back_with_zero_failed_requests(
     wait_routable(&tb, &client, "api", &["east", "west"]).await;
     client
         .wait_config("two local endpoints", |t| {
-            t.service("shop/api")
+            t.service_named("shop/api")
                 .is_some_and(|e| e.svc.endpoints.len() == 2)
         })
         .await
@@ -660,7 +660,7 @@ async fn an_80_20_split_across_clusters_holds_and_changes_live() {
     wait_routable(&tb, &client, "api", &["east", "west"]).await;
     client
         .wait_config("the 80/20 split", |t| {
-            t.service("shop/api")
+            t.service_named("shop/api")
                 .and_then(|e| e.svc.policy.as_ref())
                 .is_some_and(|p| p.split.len() == 2)
         })
@@ -682,7 +682,7 @@ async fn an_80_20_split_across_clusters_holds_and_changes_live() {
     .unwrap();
     client
         .wait_config("the new weights", |t| {
-            t.service("shop/api")
+            t.service_named("shop/api")
                 .and_then(|e| e.svc.policy.as_ref())
                 .is_some_and(|p| p.split.iter().any(|b| b.cluster == "east" && b.weight == 0))
         })
@@ -720,12 +720,14 @@ async fn sidecars_and_gateways_keep_routing_while_the_control_planes_are_down() 
     // A change made while they are down arrives when they return.
     serve_http(west, "orders", &endpoints(&[&orders]));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(client.config.table().service("shop/orders").is_none());
+    assert!(client.config.table().service_named("shop/orders").is_none());
     west.start_control_plane().await.unwrap();
     east.start_control_plane().await.unwrap();
     wait_routable(&tb, &client, "orders", &["west"]).await;
     orders
-        .wait_config("its own service", |t| t.service("shop/orders").is_some())
+        .wait_config("its own service", |t| {
+            t.service_named("shop/orders").is_some()
+        })
         .await
         .unwrap();
     let r = c.get(&url("orders", "/")).await.unwrap();
@@ -757,7 +759,7 @@ async fn authorization_by_spiffe_id_denies_callers_a_policy_does_not_list() {
     )
     .unwrap();
     w.wait_config("the authorization policy", |t| {
-        t.service("shop/api")
+        t.service_named("shop/api")
             .and_then(|e| e.svc.policy.as_ref())
             .is_some_and(|p| !p.allowed_callers.is_empty())
     })
@@ -831,8 +833,8 @@ async fn cluster_local_names_stay_local_and_clusterset_names_reach_only_exporter
         .unwrap();
     client
         .wait_config("shop/db", |t| {
-            t.service("shop/db")
-                .is_some_and(|e| !e.local_targets.values().all(Vec::is_empty))
+            t.service_named("shop/db")
+                .is_some_and(|e| !e.local_targets.values().all(|t| t.is_empty()))
         })
         .await
         .unwrap();
@@ -1043,16 +1045,30 @@ async fn services_of_other_namespaces_are_learned_when_first_called() {
     let frontend = client_workload(east, "frontend", "e1").await;
     frontend.wait_trusts(&west.trust_domain).await.unwrap();
     frontend
-        .wait_config("shop/api", |t| t.service("shop/api").is_some())
+        .wait_config("shop/api", |t| t.service_named("shop/api").is_some())
         .await
         .unwrap();
     // The ledger's Service is in east's control plane, but not in the frontend's table.
     ledger
-        .wait_config("billing/ledger", |t| t.service("billing/ledger").is_some())
+        .wait_config("billing/ledger", |t| {
+            t.service_named("billing/ledger").is_some()
+        })
         .await
         .unwrap();
-    assert!(frontend.config.table().service("billing/ledger").is_none());
-    assert!(frontend.config.table().service("billing/audit").is_none());
+    assert!(
+        frontend
+            .config
+            .table()
+            .service_named("billing/ledger")
+            .is_none()
+    );
+    assert!(
+        frontend
+            .config
+            .table()
+            .service_named("billing/audit")
+            .is_none()
+    );
 
     let mut c = ProxyClient::new(frontend.proxy);
     let r = c
@@ -1068,7 +1084,9 @@ async fn services_of_other_namespaces_are_learned_when_first_called() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.echo().unwrap().cluster, "west");
     let t = frontend.config.table();
-    assert!(t.service("billing/ledger").is_some() && t.service("billing/audit").is_some());
+    assert!(
+        t.service_named("billing/ledger").is_some() && t.service_named("billing/audit").is_some()
+    );
 
     let r = c
         .get("http://nope.billing.svc.cluster.local/")

@@ -18,9 +18,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::Target;
 use crate::config::ConfigHandle;
 use crate::metrics::ProxyMetrics;
+use crate::target::{Place, Target};
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -104,39 +104,34 @@ async fn config(
     for k in keys {
         let e = &t.services[k];
         let mut ports = serde_json::Map::new();
-        let mut nums: Vec<_> = e.targets.keys().copied().collect();
-        nums.sort_unstable();
         let show = |ts: &[Target]| -> Vec<serde_json::Value> {
             ts.iter()
-                .map(|t| match t {
-                    Target::Local { addr, zone } => json!({"local": addr, "zone": zone}),
-                    Target::Remote {
-                        cluster,
-                        region,
-                        gateway,
-                        ..
-                    } => json!({"cluster": cluster, "region": region, "gateway": gateway}),
+                .map(|t| match t.place() {
+                    Place::Local { addr, zone } => json!({"local": addr.to_string(), "zone": &**zone}),
+                    Place::Remote { region, gateway } => {
+                        json!({"cluster": t.cluster().as_str(), "region": &**region, "gateway": &**gateway})
+                    }
                 })
                 .collect()
         };
-        for p in nums {
+        for p in &e.ports {
             ports.insert(
-                p.to_string(),
-                json!({"clusterset": show(e.targets(p)), "local": show(e.local_targets(p))}),
+                p.port.to_string(),
+                json!({"clusterset": show(e.targets(p.port)), "local": show(e.local_targets(p.port))}),
             );
         }
-        let policy = e.svc.policy.as_ref();
+        let policy = &e.policy;
         services.insert(
-            k.clone(),
+            k.to_string(),
             json!({
                 "vip": e.svc.vip,
                 "clusterIP": e.svc.cluster_ip,
-                "inClusterset": e.svc.in_clusterset,
-                "exported": e.svc.exported,
+                "inClusterset": e.in_clusterset,
+                "exported": e.exported,
                 "ports": ports,
-                "split": policy.map(|p| p.split.iter().map(|b| json!({"cluster": b.cluster, "weight": b.weight})).collect::<Vec<_>>()),
-                "routes": policy.map(|p| p.routes.len()).unwrap_or(0),
-                "allowedCallers": policy.map(|p| p.allowed_callers.clone()),
+                "split": policy.split.iter().map(|b| json!({"cluster": b.cluster.as_ref().map(|c| c.as_str()), "weight": b.weight})).collect::<Vec<_>>(),
+                "routes": policy.routes.len(),
+                "allowedCallers": policy.allowed_callers_text,
             }),
         );
     }

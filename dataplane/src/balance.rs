@@ -22,7 +22,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use fedmesh_api::pb::dataplane as pb;
+use crate::policy::Backend;
+use crate::target::{Place, Target};
 
 #[derive(Clone, Debug)]
 pub struct OutlierConfig {
@@ -46,39 +47,6 @@ impl Default for OutlierConfig {
     }
 }
 
-/// A place a connection can go.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Target {
-    /// An endpoint in this cluster (address:port of its sidecar's inbound).
-    Local { addr: String, zone: String },
-    /// Another cluster, through one of its gateways.
-    Remote {
-        cluster: String,
-        trust_domain: String,
-        region: String,
-        gateway: String,
-    },
-}
-
-impl Target {
-    pub fn key(&self) -> String {
-        match self {
-            Target::Local { addr, .. } => addr.clone(),
-            Target::Remote {
-                cluster, gateway, ..
-            } => format!("{cluster}@{gateway}"),
-        }
-    }
-
-    /// The cluster that will serve: `None` for this cluster.
-    pub fn cluster(&self) -> Option<&str> {
-        match self {
-            Target::Local { .. } => None,
-            Target::Remote { cluster, .. } => Some(cluster),
-        }
-    }
-}
-
 #[derive(Default)]
 struct Health {
     failures: u32,
@@ -89,8 +57,8 @@ struct Health {
 /// Shared by all requests of a proxy; survives config updates (health is keyed by target).
 pub struct Balancer {
     config: OutlierConfig,
-    health: Mutex<HashMap<String, Health>>,
-    active: Mutex<HashMap<String, std::sync::Arc<AtomicU32>>>,
+    health: Mutex<HashMap<Box<str>, Health>>,
+    active: Mutex<HashMap<Box<str>, std::sync::Arc<AtomicU32>>>,
     rng: Mutex<u64>,
 }
 
@@ -153,7 +121,7 @@ impl Balancer {
     /// Reports a successful attempt: the target's failure streak ends.
     pub fn success(&self, t: &Target) {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = h.get_mut(&t.key()) {
+        if let Some(e) = h.get_mut(t.key()) {
             e.failures = 0;
             if e.ejected_until.is_some_and(|u| u <= Instant::now()) {
                 e.ejected_until = None;
@@ -174,13 +142,13 @@ impl Balancer {
             .iter()
             .filter(|p| same_pool(p, t))
             .filter(|p| {
-                h.get(&p.key())
+                h.get(p.key())
                     .and_then(|e| e.ejected_until)
                     .is_some_and(|u| u > now)
             })
             .count();
         let pool_size = pool.iter().filter(|p| same_pool(p, t)).count().max(1);
-        let e = h.entry(t.key()).or_default();
+        let e = h.entry(t.key().into()).or_default();
         e.failures += 1;
         let already = e.ejected_until.is_some_and(|u| u > now);
         if e.failures >= self.config.consecutive_failures && !already {
@@ -202,13 +170,13 @@ impl Balancer {
 
     /// Counts an active request on `t` (for least-request) until the lease drops.
     pub fn lease(&self, t: &Target) -> Lease {
-        let counter = self
-            .active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(t.key())
-            .or_default()
-            .clone();
+        let counter = {
+            let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            match active.get(t.key()) {
+                Some(c) => c.clone(),
+                None => active.entry(t.key().into()).or_default().clone(),
+            }
+        };
         counter.fetch_add(1, Ordering::Relaxed);
         Lease { counter }
     }
@@ -217,7 +185,7 @@ impl Balancer {
         self.active
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&t.key())
+            .get(t.key())
             .map(|c| c.load(Ordering::Relaxed))
             .unwrap_or(0)
     }
@@ -228,7 +196,7 @@ impl Balancer {
         &self,
         here: &Locality,
         candidates: &[Target],
-        split: &[pb::WeightedBackend],
+        split: &[Backend],
         exclude: &[Target],
     ) -> Option<Target> {
         self.pick_at(here, candidates, split, exclude, Instant::now())
@@ -238,7 +206,7 @@ impl Balancer {
         &self,
         here: &Locality,
         candidates: &[Target],
-        split: &[pb::WeightedBackend],
+        split: &[Backend],
         exclude: &[Target],
         now: Instant,
     ) -> Option<Target> {
@@ -249,19 +217,17 @@ impl Balancer {
         let healthy: Vec<&Target> = usable
             .iter()
             .copied()
-            .filter(|t| !self.is_ejected(&t.key(), now))
+            .filter(|t| !self.is_ejected(t.key(), now))
             .collect();
         // Panic routing: when nothing is healthy, try everything rather than fail.
         let pool = if healthy.is_empty() { usable } else { healthy };
 
         let pool: Vec<&Target> = if split.iter().any(|b| b.weight > 0) {
-            match self.pick_cluster(here, &pool, split) {
-                Some(c) => pool
-                    .into_iter()
-                    .filter(|t| t.cluster().unwrap_or(&here.cluster) == c)
-                    .collect(),
-                // No cluster of the split can take traffic: locality over what is left.
-                None => pool,
+            match self.pick_cluster(&pool, split) {
+                Some(Some(c)) => pool.into_iter().filter(|t| t.cluster() == c).collect(),
+                // The share that goes wherever locality sends it, or no cluster of the split
+                // can take traffic: locality over what is left.
+                Some(None) | None => pool,
             }
         } else {
             pool
@@ -278,27 +244,30 @@ impl Balancer {
     }
 
     fn tier(here: &Locality, t: &Target) -> u8 {
-        match t {
-            Target::Local { zone, .. } if !here.zone.is_empty() && zone == &here.zone => 0,
-            Target::Local { .. } => 1,
-            Target::Remote { region, .. } if !here.region.is_empty() && region == &here.region => 2,
-            Target::Remote { .. } => 3,
+        match t.place() {
+            Place::Local { zone, .. } if !here.zone.is_empty() && **zone == *here.zone => 0,
+            Place::Local { .. } => 1,
+            Place::Remote { region, .. } if !here.region.is_empty() && **region == *here.region => {
+                2
+            }
+            Place::Remote { .. } => 3,
         }
     }
 
-    /// Draws a cluster by weight among the split's clusters that have a target in `pool`.
+    /// Draws a backend by weight among the split's that can take traffic (a cluster with a
+    /// target in `pool`, or "anywhere"): `Some(Some(cluster))`, `Some(None)` for anywhere,
+    /// `None` when none can.
     fn pick_cluster<'a>(
         &self,
-        here: &Locality,
         pool: &[&Target],
-        split: &'a [pb::WeightedBackend],
-    ) -> Option<&'a str> {
-        let available: Vec<&pb::WeightedBackend> = split
+        split: &'a [Backend],
+    ) -> Option<Option<&'a fedmesh_api::ClusterName>> {
+        let available: Vec<&Backend> = split
             .iter()
             .filter(|b| b.weight > 0)
-            .filter(|b| {
-                pool.iter()
-                    .any(|t| t.cluster().unwrap_or(&here.cluster) == b.cluster)
+            .filter(|b| match &b.cluster {
+                Some(c) => pool.iter().any(|t| t.cluster() == c),
+                None => !pool.is_empty(),
             })
             .collect();
         let total: u64 = available.iter().map(|b| u64::from(b.weight)).sum();
@@ -308,7 +277,7 @@ impl Balancer {
         let mut r = self.random() % total;
         for b in available {
             if r < u64::from(b.weight) {
-                return Some(&b.cluster);
+                return Some(b.cluster.as_ref());
             }
             r -= u64::from(b.weight);
         }
@@ -326,91 +295,43 @@ impl Balancer {
 }
 
 fn same_pool(a: &Target, b: &Target) -> bool {
-    matches!(
-        (a, b),
-        (Target::Local { .. }, Target::Local { .. })
-            | (Target::Remote { .. }, Target::Remote { .. })
-    )
-}
-
-/// The address (`ip:targetPort`) of endpoint `e` of `svc` for service port `port`: the target
-/// port is matched by port name, or is the endpoint's only port, or the service port itself.
-pub fn endpoint_addr(svc: &pb::Service, e: &pb::Endpoint, port: u32) -> String {
-    let name = svc
-        .ports
-        .iter()
-        .find(|p| p.port == port)
-        .map(|p| p.name.as_str());
-    let target_port = e
-        .ports
-        .iter()
-        .find(|p| Some(p.name.as_str()) == name)
-        .or_else(|| (e.ports.len() == 1).then(|| &e.ports[0]))
-        .map(|p| p.port)
-        .unwrap_or(port);
-    if e.address.contains(':') {
-        format!("[{}]:{target_port}", e.address)
-    } else {
-        format!("{}:{target_port}", e.address)
-    }
-}
-
-/// This cluster's ready endpoints of a service for its port `port`, as `ip:targetPort` (matched
-/// by port name).
-pub fn local_targets(svc: &pb::Service, port: u32) -> Vec<Target> {
-    svc.endpoints
-        .iter()
-        .filter(|e| e.ready)
-        .map(|e| Target::Local {
-            addr: endpoint_addr(svc, e, port),
-            zone: e.zone.clone(),
-        })
-        .collect()
-}
-
-/// The clusterset targets of a service for its port `port`: this cluster's ready endpoints when
-/// it exports the service (a Service that is not exported is not part of the clusterset
-/// service, even with the same name), and the other exporting clusters' gateways.
-pub fn targets(svc: &pb::Service, port: u32) -> Vec<Target> {
-    let mut out = if svc.exported {
-        local_targets(svc, port)
-    } else {
-        Vec::new()
-    };
-    for r in svc.remote.iter().filter(|r| r.ready > 0) {
-        for g in &r.gateways {
-            out.push(Target::Remote {
-                cluster: r.cluster.clone(),
-                trust_domain: r.trust_domain.clone(),
-                region: r.region.clone(),
-                gateway: g.clone(),
-            });
-        }
-    }
-    out
+    a.is_local() == b.is_local()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use fedmesh_api::{ClusterName, TrustDomain};
+
+    use crate::sni::MeshSni;
+
+    fn cluster(c: &str) -> ClusterName {
+        ClusterName::new(c).unwrap()
+    }
+    fn sni(c: &str) -> MeshSni {
+        MeshSni::new(80, "shop/web".parse().unwrap(), cluster(c))
+    }
+    /// An endpoint of east; `addr` is its last octet's name ("a1" -> 10.0.0.1:8080 with 1).
     fn local(addr: &str, zone: &str) -> Target {
-        Target::Local {
-            addr: addr.into(),
-            zone: zone.into(),
-        }
+        let n: u8 = addr[1..].parse().unwrap();
+        let octet = if addr.starts_with('a') { n } else { 100 + n };
+        Target::local(
+            std::net::SocketAddr::from(([10, 0, 0, octet], 8080)),
+            zone,
+            cluster("east"),
+            TrustDomain::new("east.example").unwrap(),
+            sni("east"),
+        )
     }
     fn remote(c: &str) -> Target {
-        Target::Remote {
-            cluster: c.into(),
-            trust_domain: format!("{c}.example"),
-            region: if c == "west" {
-                "us".into()
-            } else {
-                "eu".into()
-            },
-            gateway: format!("{c}-gw:15443"),
-        }
+        Target::remote(
+            cluster(c),
+            TrustDomain::new(&format!("{c}.example")).unwrap(),
+            if c == "west" { "us" } else { "eu" },
+            &format!("{c}-gw:15443"),
+            sni(c),
+        )
     }
     fn here() -> Locality {
         Locality {
@@ -473,18 +394,24 @@ mod tests {
         let b = Balancer::new(fast());
         let all = vec![local("a1", "a"), remote("west")];
         let split = vec![
-            pb::WeightedBackend {
-                cluster: "east".into(),
+            Backend {
+                cluster: Some(cluster("east")),
                 weight: 80,
             },
-            pb::WeightedBackend {
-                cluster: "west".into(),
+            Backend {
+                cluster: Some(cluster("west")),
                 weight: 20,
             },
         ];
         let n = 20_000;
         let west = (0..n)
-            .filter(|_| b.pick(&here(), &all, &split, &[]).unwrap().cluster() == Some("west"))
+            .filter(|_| {
+                b.pick(&here(), &all, &split, &[])
+                    .unwrap()
+                    .cluster()
+                    .as_str()
+                    == "west"
+            })
             .count();
         let share = west as f64 / n as f64;
         assert!((share - 0.2).abs() < 0.02, "{share}");

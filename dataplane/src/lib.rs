@@ -4,6 +4,8 @@ pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod metrics;
+pub mod policy;
 pub mod relay;
 pub mod sni;
+pub mod target;
 pub mod trace;

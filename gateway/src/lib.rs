@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use fedmesh_dataplane::balance::{Balancer, Locality, OutlierConfig, Target};
+use fedmesh_dataplane::balance::{Balancer, Locality, OutlierConfig};
 use fedmesh_dataplane::config::ConfigHandle;
 use fedmesh_dataplane::metrics::{BytesLabels, ProxyMetrics, SniLabels, TcpLabels};
 use fedmesh_dataplane::relay::relay;
 use fedmesh_dataplane::sni::{HelloError, MeshSni, read_client_hello};
+use fedmesh_dataplane::target::{Place, Target};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -298,33 +299,32 @@ impl Gateway {
         let sni = hello.sni.ok_or(Refusal::Hello(HelloError::NoSni))?;
         let mesh = MeshSni::parse(&sni).map_err(|_| Refusal::BadSni(sni.clone()))?;
         let table = self.config.table();
-        if table.cluster.name.is_empty() {
+        let Some(here) = &table.local else {
             return Err(Refusal::NotReady);
-        }
-        if mesh.cluster.as_str() != table.cluster.name {
+        };
+        if mesh.cluster != here.name {
             return Err(Refusal::WrongCluster {
                 sni_cluster: mesh.cluster.to_string(),
-                own: table.cluster.name.clone(),
+                own: here.name.to_string(),
             });
         }
-        let key = mesh.service.to_string();
         let entry = table
-            .service(&key)
-            .filter(|e| e.svc.exported)
-            .ok_or_else(|| Refusal::NotExported(key.clone()))?;
+            .service(&mesh.service)
+            .filter(|e| e.exported)
+            .ok_or_else(|| Refusal::NotExported(mesh.service.to_string()))?;
         if !entry.has_port(mesh.port) {
             return Err(Refusal::UnknownPort {
-                service: key,
+                service: mesh.service.to_string(),
                 port: mesh.port,
             });
         }
         let pool: Vec<Target> = entry.local_targets(mesh.port).to_vec();
         if pool.is_empty() {
-            return Err(Refusal::NoEndpoints(key));
+            return Err(Refusal::NoEndpoints(mesh.service.to_string()));
         }
         let here = Locality {
-            cluster: table.cluster.name.clone(),
-            region: table.cluster.region.clone(),
+            cluster: here.name.to_string(),
+            region: here.region.clone(),
             zone: self.options.zone.clone(),
         };
         let mut tried = Vec::new();
@@ -332,7 +332,7 @@ impl Gateway {
             let Some(target) = self.balancer.pick(&here, &pool, &[], &tried) else {
                 break;
             };
-            let Target::Local { addr, .. } = &target else {
+            let Place::Local { addr, .. } = target.place() else {
                 break;
             };
             if attempt > 0 {
@@ -355,6 +355,6 @@ impl Gateway {
             self.balancer.failure(&target, &pool);
             tried.push(target);
         }
-        Err(Refusal::Unavailable(key))
+        Err(Refusal::Unavailable(mesh.service.to_string()))
     }
 }

@@ -78,7 +78,7 @@ pub fn from_host(host: &str, table: &RoutingTable) -> Option<Dest> {
 
 /// What a host names before the table is consulted.
 enum Name {
-    Service(String, Scope),
+    Service(ServiceKey, Scope),
     Ip(std::net::Ipv4Addr),
 }
 
@@ -101,7 +101,7 @@ fn parse_name(name: &str) -> Option<Name> {
         }
         _ => return None,
     };
-    let key = format!("{}/{}", ns.to_ascii_lowercase(), svc.to_ascii_lowercase());
+    let key = ServiceKey::new(&ns.to_ascii_lowercase(), &svc.to_ascii_lowercase()).ok()?;
     Some(Name::Service(key, scope))
 }
 
@@ -110,7 +110,7 @@ fn parse_name(name: &str) -> Option<Name> {
 pub fn subject_of_host(host: &str) -> Option<String> {
     let (name, _) = split_port(host)?;
     Some(match parse_name(name)? {
-        Name::Service(key, _) => key,
+        Name::Service(key, _) => key.to_string(),
         Name::Ip(ip) => ip.to_string(),
     })
 }

@@ -101,6 +101,9 @@ pub struct Sidecar {
     app_h2: inbound::AppH2Pool,
     slots: Arc<Semaphore>,
     draining: Arc<AtomicBool>,
+    /// The inbound TLS config, built once: it reads the newest SVID and bundles at every
+    /// handshake, so rotation needs no new config.
+    inbound_tls: Arc<rustls::ServerConfig>,
 }
 
 impl Sidecar {
@@ -119,7 +122,13 @@ impl Sidecar {
             .build(http);
         let mut upstreams = Upstreams::new(identity.clone(), options.mark);
         upstreams.set_connect_timeout(options.connect_timeout);
+        // Any trust domain we hold a bundle for: our own and the federated ones.
+        let inbound_tls = identity.server_config(
+            fedmesh_trust::tls::Authorizer::AnyTrusted,
+            vec![upstream::ALPN_H2.to_vec(), upstream::ALPN_TCP.to_vec()],
+        );
         Arc::new(Self {
+            inbound_tls,
             balancer: Balancer::new(options.outlier.clone()),
             upstreams,
             app_h1,
@@ -148,8 +157,12 @@ impl Sidecar {
 
     fn locality(&self, table: &RoutingTable) -> Locality {
         Locality {
-            cluster: table.cluster.name.clone(),
-            region: table.cluster.region.clone(),
+            cluster: table.cluster_name().to_string(),
+            region: table
+                .local
+                .as_ref()
+                .map(|l| l.region.clone())
+                .unwrap_or_default(),
             zone: self.options.zone.clone(),
         }
     }

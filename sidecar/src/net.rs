@@ -81,41 +81,62 @@ fn set_mark(socket: &TcpSocket, mark: u32) -> io::Result<()> {
     }
 }
 
+/// Connects one socket to `a`, marked with `mark` when given.
+async fn connect_socket(a: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    let socket = if a.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(m) = mark {
+        set_mark(&socket, m)?;
+    }
+    let s = socket.connect(a).await?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+async fn within<T>(
+    what: impl std::fmt::Display,
+    timeout: Duration,
+    fut: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connecting to {what} timed out after {timeout:?}"),
+        )),
+    }
+}
+
 /// Connects to `addr` ("ip:port" or "host:port") within `timeout`. With `mark`, the socket carries
 /// that `SO_MARK` so iptables rules can leave the proxy's own traffic alone (needs CAP_NET_ADMIN).
 pub async fn connect(addr: &str, timeout: Duration, mark: Option<u32>) -> io::Result<TcpStream> {
-    let fut = async {
+    within(addr, timeout, async {
         let resolved: Vec<SocketAddr> = match addr.parse::<SocketAddr>() {
             Ok(a) => vec![a],
             Err(_) => tokio::net::lookup_host(addr).await?.collect(),
         };
         let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{addr} did not resolve"));
         for a in resolved {
-            let socket = if a.is_ipv4() {
-                TcpSocket::new_v4()?
-            } else {
-                TcpSocket::new_v6()?
-            };
-            if let Some(m) = mark {
-                set_mark(&socket, m)?;
-            }
-            match socket.connect(a).await {
-                Ok(s) => {
-                    let _ = s.set_nodelay(true);
-                    return Ok(s);
-                }
+            match connect_socket(a, mark).await {
+                Ok(s) => return Ok(s),
                 Err(e) => last = e,
             }
         }
         Err(last)
-    };
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("connecting to {addr} timed out after {timeout:?}"),
-        )),
-    }
+    })
+    .await
+}
+
+/// Connects to `addr` within `timeout` (see [`connect`]), without resolving anything.
+pub async fn connect_addr(
+    addr: SocketAddr,
+    timeout: Duration,
+    mark: Option<u32>,
+) -> io::Result<TcpStream> {
+    within(addr, timeout, connect_socket(addr, mark)).await
 }
 
 /// What a client speaks, from its first bytes.

@@ -6,15 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fedmesh_api::pb::dataplane as pb;
-use fedmesh_api::{ClusterName, TrustDomain};
-use fedmesh_dataplane::balance::Target;
-use fedmesh_dataplane::config::RoutingTable;
+use fedmesh_dataplane::config::{AppProtocol, RoutingTable};
 use fedmesh_dataplane::metrics::{
     BytesLabels, ReasonLabels, RequestLabels, RouteLabels, TcpLabels,
 };
+use fedmesh_dataplane::policy::Backend;
 use fedmesh_dataplane::relay::relay;
-use fedmesh_dataplane::sni::MeshSni;
+use fedmesh_dataplane::target::Target;
 use fedmesh_dataplane::trace;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -135,77 +133,27 @@ impl BodySlot {
     }
 }
 
-/// The first route of the policy matching the request.
-fn match_route<'p>(
-    policy: &'p pb::TrafficPolicy,
-    uri: &Uri,
-    h: &HeaderMap,
-) -> Option<&'p pb::Route> {
-    policy.routes.iter().find(|r| {
-        r.matches.is_empty()
-            || r.matches.iter().any(|m| {
-                uri.path().starts_with(&m.path_prefix)
-                    && m.headers.iter().all(|(k, v)| {
-                        h.get(k.as_str())
-                            .is_some_and(|have| have.as_bytes() == v.as_bytes())
-                    })
-            })
-    })
-}
-
 /// The declared protocol of a service port, if any (`appProtocol`, else the port name's prefix).
 fn declared_protocol(table: &RoutingTable, dest: &Dest) -> Option<Protocol> {
-    let entry = table.service(&dest.service.to_string())?;
-    let port = entry
-        .svc
-        .ports
-        .iter()
-        .find(|p| p.port == u32::from(dest.port))?;
-    let name_prefix = port.name.split('-').next().unwrap_or_default();
-    let hint = if port.app_protocol.is_empty() {
-        name_prefix
-    } else {
-        port.app_protocol.as_str()
-    };
-    match hint.to_ascii_lowercase().as_str() {
-        "http" | "http2" | "h2c" | "grpc" | "grpc-web" | "kubernetes.io/h2c" => {
-            Some(Protocol::Http1)
-        }
-        "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kubernetes.io/ws"
-        | "kubernetes.io/wss" => Some(Protocol::Tcp),
-        _ => None,
+    match table.service(&dest.service)?.port(dest.port)?.protocol {
+        AppProtocol::Http => Some(Protocol::Http1),
+        AppProtocol::Opaque => Some(Protocol::Tcp),
+        AppProtocol::Undeclared => None,
     }
 }
 
 impl Sidecar {
-    fn target_cluster<'t>(&self, table: &'t RoutingTable, t: &'t Target) -> (&'t str, &'t str) {
-        match t {
-            Target::Local { .. } => (&table.cluster.name, &table.cluster.trust_domain),
-            Target::Remote {
-                cluster,
-                trust_domain,
-                ..
-            } => (cluster, trust_domain),
-        }
-    }
-
     /// The remote targets whose trust domain this sidecar holds no bundle for yet: a handshake
     /// with them cannot succeed, so they are not tried (routing and bundles arrive by different
     /// streams; the bundle follows the route within moments).
     fn untrusted(&self, candidates: &[Target]) -> Vec<Target> {
-        if !candidates
-            .iter()
-            .any(|t| matches!(t, Target::Remote { .. }))
-        {
+        if candidates.iter().all(Target::is_local) {
             return Vec::new();
         }
         let trust = self.identity.trust();
         candidates
             .iter()
-            .filter(|t| match t {
-                Target::Remote { trust_domain, .. } => !trust.trusts(trust_domain),
-                Target::Local { .. } => false,
-            })
+            .filter(|t| !t.is_local() && !trust.trusts(t.trust_domain().as_str()))
             .cloned()
             .collect()
     }
@@ -214,14 +162,8 @@ impl Sidecar {
     fn nothing_to_try(dest: &Dest, untrusted: &[Target]) -> String {
         let mut clusters: Vec<String> = untrusted
             .iter()
-            .filter_map(|t| match t {
-                Target::Remote {
-                    cluster,
-                    trust_domain,
-                    ..
-                } => Some(format!("{cluster} ({trust_domain})")),
-                Target::Local { .. } => None,
-            })
+            .filter(|t| !t.is_local())
+            .map(|t| format!("{} ({})", t.cluster(), t.trust_domain()))
             .collect();
         clusters.dedup();
         if clusters.is_empty() {
@@ -232,18 +174,6 @@ impl Sidecar {
                 clusters.join(", ")
             )
         }
-    }
-
-    fn sni_for(
-        &self,
-        table: &RoutingTable,
-        t: &Target,
-        dest: &Dest,
-    ) -> Result<(MeshSni, TrustDomain), String> {
-        let (cluster, td) = self.target_cluster(table, t);
-        let cluster = ClusterName::new(cluster).map_err(|e| format!("cluster {cluster:?}: {e}"))?;
-        let td = TrustDomain::new(td).map_err(|e| format!("trust domain {td:?}: {e}"))?;
-        Ok((MeshSni::new(dest.port, dest.service.clone(), cluster), td))
     }
 
     /// Serves HTTP (both versions) from the workload on `s`.
@@ -374,45 +304,32 @@ impl Sidecar {
         (tokio_rustls::client::TlsStream<TcpStream>, Target),
         (StatusCode, &'static str, String),
     > {
-        let key = dest.service.to_string();
-        let entry = table.service(&key).ok_or_else(|| {
+        let entry = table.service(&dest.service).ok_or_else(|| {
             (
                 StatusCode::NOT_FOUND,
                 "no-route",
-                format!("{key} is not a service known to this sidecar"),
+                format!("{} is not a service known to this sidecar", dest.service),
             )
         })?;
         let candidates = entry.targets_for(dest.scope, dest.port);
-        let mut policy = entry.svc.policy.clone().unwrap_or_default();
-        if entry.resolve(dest.scope) == Scope::Local {
-            // A cluster.local name stays in this cluster: no split across clusters.
-            policy.split.clear();
-        }
-        let connect_timeout = (policy.connect_timeout_ms > 0)
-            .then(|| Duration::from_millis(policy.connect_timeout_ms.into()));
+        // A cluster.local name stays in this cluster: no split across clusters.
+        let split: &[Backend] = if entry.resolve(dest.scope) == Scope::Local {
+            &[]
+        } else {
+            &entry.policy.split
+        };
+        let connect_timeout = entry.policy.connect_timeout;
         let here = self.locality(table);
         let mut tried = self.untrusted(candidates);
         let mut last = Self::nothing_to_try(dest, &tried);
         for attempt in 0..=self.options.safe_retries {
-            let Some(target) = self.balancer.pick(&here, candidates, &policy.split, &tried) else {
+            let Some(target) = self.balancer.pick(&here, candidates, split, &tried) else {
                 break;
             };
             if attempt > 0 {
                 self.metrics.retries.inc();
             }
-            let (sni, td) = match self.sni_for(table, &target, dest) {
-                Ok(x) => x,
-                Err(e) => {
-                    last = e;
-                    tried.push(target);
-                    continue;
-                }
-            };
-            match self
-                .upstreams
-                .tls(&target, &sni, &td, ALPN_TCP, connect_timeout)
-                .await
-            {
+            match self.upstreams.tls(&target, ALPN_TCP, connect_timeout).await {
                 Ok(tls) => {
                     self.balancer.success(&target);
                     return Ok((tls, target));
@@ -439,7 +356,7 @@ impl Sidecar {
                 return;
             }
         };
-        let dst_cluster = self.target_cluster(&table, &target).0.to_string();
+        let dst_cluster = target.cluster().to_string();
         drop(table);
         self.relay_tcp(client, up, &dest, &target, dst_cluster)
             .await;
@@ -558,7 +475,7 @@ impl Sidecar {
             Ok(x) => x,
             Err((status, kind, msg)) => return proxy_error(status, kind, msg),
         };
-        let dst_cluster = self.target_cluster(&table, &target).0.to_string();
+        let dst_cluster = target.cluster().to_string();
         drop(table);
         let me = self.clone();
         tokio::spawn(async move {
@@ -643,22 +560,21 @@ impl Sidecar {
         host: Option<String>,
         req: Request<Incoming>,
     ) -> (Response<Body>, String) {
-        let key = dest.service.to_string();
-        let Some(entry) = table.service(&key) else {
+        let Some(entry) = table.service(&dest.service) else {
             return (
                 proxy_error(
                     StatusCode::NOT_FOUND,
                     "no-route",
-                    format!("{key} is not known"),
+                    format!("{} is not known", dest.service),
                 ),
                 String::new(),
             );
         };
-        let policy = entry.svc.policy.clone().unwrap_or_default();
+        let policy = &entry.policy;
         let (mut parts, body) = req.into_parts();
-        let route = match_route(&policy, &parts.uri, &parts.headers);
+        let route = policy.route(&parts.uri, &parts.headers);
         let local_only = entry.resolve(dest.scope) == Scope::Local;
-        let split: &[pb::WeightedBackend] = match route {
+        let split: &[Backend] = match route {
             // A cluster.local name stays in this cluster: no split across clusters.
             _ if local_only => &[],
             Some(r) if !r.backends.is_empty() => &r.backends,
@@ -668,13 +584,8 @@ impl Sidecar {
             .map(|r| r.retries)
             .filter(|n| *n > 0)
             .unwrap_or(policy.retries);
-        let timeout_ms = route
-            .map(|r| r.timeout_ms)
-            .filter(|n| *n > 0)
-            .unwrap_or(policy.request_timeout_ms);
-        let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms.into()));
-        let connect_timeout = (policy.connect_timeout_ms > 0)
-            .then(|| Duration::from_millis(policy.connect_timeout_ms.into()));
+        let timeout = route.and_then(|r| r.timeout).or(policy.request_timeout);
+        let connect_timeout = policy.connect_timeout;
         let candidates = entry.targets_for(dest.scope, dest.port);
         let idempotent = is_idempotent(&parts.method);
 
@@ -740,20 +651,9 @@ impl Sidecar {
             if attempts > 1 {
                 self.metrics.retries.inc();
             }
-            let dst_cluster = self.target_cluster(table, &target).0.to_string();
-            let (sni, td) = match self.sni_for(table, &target, dest) {
-                Ok(x) => x,
-                Err(e) => {
-                    last = Some((
-                        proxy_error(StatusCode::BAD_GATEWAY, "config", e),
-                        dst_cluster,
-                    ));
-                    tried.push(target);
-                    continue;
-                }
-            };
+            let dst_cluster = target.cluster().to_string();
             let _lease = self.balancer.lease(&target);
-            let mut sender = match self.upstreams.h2(&target, &sni, &td, connect_timeout).await {
+            let mut sender = match self.upstreams.h2(&target, connect_timeout).await {
                 Ok(s) => s,
                 Err(e) => {
                     self.count_error(e.label());
@@ -806,7 +706,7 @@ impl Sidecar {
                     if status == StatusCode::MISDIRECTED_REQUEST && from_proxy {
                         // The peer will not serve this on that connection (RFC 9110 15.5.20):
                         // the next request opens a new one.
-                        self.upstreams.evict(&target, &sni);
+                        self.upstreams.evict(&target);
                     }
                     if gateway_failure || unreached {
                         self.fail(&target, candidates);
@@ -829,7 +729,7 @@ impl Sidecar {
                     return (boxed(resp), dst_cluster);
                 }
                 Err(mut e) => {
-                    self.upstreams.evict(&target, &sni);
+                    self.upstreams.evict(&target);
                     self.fail(&target, candidates);
                     let not_sent = e.take_message();
                     let err = e.into_error();

@@ -13,14 +13,12 @@ use std::time::Duration;
 use crate::coalesce::Coalesce;
 use bytes::Bytes;
 use fedmesh_api::TrustDomain;
-use fedmesh_dataplane::balance::Target;
-use fedmesh_dataplane::sni::MeshSni;
+use fedmesh_dataplane::target::{ConnectTo, Target};
 use fedmesh_trust::tls::{Authorizer, MeshIdentity, handshake_error_message};
 use http_body_util::combinators::BoxBody;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
-use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -43,8 +41,6 @@ pub enum UpstreamError {
     Alpn { addr: String, wanted: String },
     #[error("HTTP/2 handshake with {addr} failed: {reason}")]
     H2 { addr: String, reason: String },
-    #[error("invalid destination: {0}")]
-    Invalid(String),
 }
 
 impl UpstreamError {
@@ -56,7 +52,6 @@ impl UpstreamError {
             UpstreamError::Tls { .. } => "tls_failed",
             UpstreamError::Alpn { .. } => "alpn_mismatch",
             UpstreamError::H2 { .. } => "h2_handshake_failed",
-            UpstreamError::Invalid(_) => "invalid_destination",
         }
     }
 }
@@ -70,7 +65,7 @@ pub struct Upstreams {
     tls_timeout: Duration,
     mark: Option<u32>,
     configs: Mutex<ConfigCache>,
-    h2: Mutex<HashMap<String, Slot>>,
+    h2: Mutex<HashMap<Box<str>, Slot>>,
 }
 
 impl Upstreams {
@@ -112,63 +107,60 @@ impl Upstreams {
             .clone()
     }
 
-    /// Opens an mTLS connection to `target` for `sni`, expecting a server of trust domain `td`.
+    /// Opens an mTLS connection to `target`, naming its destination in the SNI and expecting a
+    /// server of its trust domain.
     pub async fn tls(
         &self,
         target: &Target,
-        sni: &MeshSni,
-        td: &TrustDomain,
         alpn: &'static [u8],
         connect_timeout: Option<Duration>,
     ) -> Result<TlsStream<TcpStream>, UpstreamError> {
-        let addr = match target {
-            Target::Local { addr, .. } => addr,
-            Target::Remote { gateway, .. } => gateway,
-        };
-        let tcp = net::connect(
-            addr,
-            connect_timeout.unwrap_or(self.connect_timeout),
-            self.mark,
-        )
-        .await
+        let to = target.connect_to();
+        let addr = || to.to_string();
+        let timeout = connect_timeout.unwrap_or(self.connect_timeout);
+        let tcp = match to {
+            ConnectTo::Addr(a) => net::connect_addr(a, timeout, self.mark).await,
+            ConnectTo::HostPort(h) => net::connect(h, timeout, self.mark).await,
+        }
         .map_err(|e| UpstreamError::Connect {
-            addr: addr.clone(),
+            addr: addr(),
             reason: e.to_string(),
         })?;
-        let name = ServerName::try_from(sni.to_string())
-            .map_err(|e| UpstreamError::Invalid(format!("SNI {sni}: {e}")))?;
-        let connector = TlsConnector::from(self.client_config(td, alpn));
-        let tls = tokio::time::timeout(self.tls_timeout, connector.connect(name, tcp))
-            .await
-            .map_err(|_| UpstreamError::Tls {
-                addr: addr.clone(),
-                reason: format!("no handshake within {:?}", self.tls_timeout),
-            })?
-            .map_err(|e| UpstreamError::Tls {
-                addr: addr.clone(),
-                reason: handshake_error_message(&e),
-            })?;
+        let connector = TlsConnector::from(self.client_config(target.trust_domain(), alpn));
+        let tls = tokio::time::timeout(
+            self.tls_timeout,
+            connector.connect(target.server_name().clone(), tcp),
+        )
+        .await
+        .map_err(|_| UpstreamError::Tls {
+            addr: addr(),
+            reason: format!("no handshake within {:?}", self.tls_timeout),
+        })?
+        .map_err(|e| UpstreamError::Tls {
+            addr: addr(),
+            reason: handshake_error_message(&e),
+        })?;
         if tls.get_ref().1.alpn_protocol() != Some(alpn) {
             return Err(UpstreamError::Alpn {
-                addr: addr.clone(),
+                addr: addr(),
                 wanted: String::from_utf8_lossy(alpn).into_owned(),
             });
         }
         Ok(tls)
     }
 
-    /// A ready HTTP/2 sender to `target` for `sni`, reusing a pooled connection when one is open.
+    /// A ready HTTP/2 sender to `target`, reusing a pooled connection when one is open.
     pub async fn h2(
         &self,
         target: &Target,
-        sni: &MeshSni,
-        td: &TrustDomain,
         connect_timeout: Option<Duration>,
     ) -> Result<SendRequest<Body>, UpstreamError> {
-        let key = format!("{}|{sni}", target.key());
         let slot = {
             let mut pool = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-            pool.entry(key).or_default().clone()
+            match pool.get(target.pool_key()) {
+                Some(s) => s.clone(),
+                None => pool.entry(target.pool_key().into()).or_default().clone(),
+            }
         };
         // One connection attempt per peer at a time; concurrent callers share its result.
         let mut guard = slot.lock().await;
@@ -178,8 +170,8 @@ impl Upstreams {
             return Ok(s.clone());
         }
         *guard = None;
-        let tls = self.tls(target, sni, td, ALPN_H2, connect_timeout).await?;
-        let addr = target.key();
+        let tls = self.tls(target, ALPN_H2, connect_timeout).await?;
+        let peer = target.key().to_string();
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(15))
@@ -190,12 +182,12 @@ impl Upstreams {
             .handshake(TokioIo::new(Coalesce::new(tls)))
             .await
             .map_err(|e| UpstreamError::H2 {
-                addr: addr.clone(),
+                addr: peer.clone(),
                 reason: e.to_string(),
             })?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                tracing::debug!(peer = %addr, error = %e, "pooled connection closed");
+                tracing::debug!(%peer, error = %e, "pooled connection closed");
             }
         });
         *guard = Some(sender.clone());
@@ -203,12 +195,11 @@ impl Upstreams {
     }
 
     /// Forgets a pooled connection (after it failed).
-    pub fn evict(&self, target: &Target, sni: &MeshSni) {
-        let key = format!("{}|{sni}", target.key());
+    pub fn evict(&self, target: &Target) {
         self.h2
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
+            .remove(target.pool_key());
     }
 
     /// Open pooled connections (for metrics and tests).

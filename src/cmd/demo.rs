@@ -162,13 +162,13 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         .await?;
     frontend
         .wait_config("shop/api and shop/reviews from every cluster", |t| {
-            let api = t.service("shop/api").is_some_and(|e| {
+            let api = t.service_named("shop/api").is_some_and(|e| {
                 e.svc.endpoints.iter().any(|x| x.ready) && e.svc.remote.iter().any(|r| r.ready > 0)
             });
             let reviews = t
-                .service("shop/reviews")
+                .service_named("shop/reviews")
                 .is_some_and(|e| e.svc.remote.iter().filter(|r| r.ready > 0).count() == 2);
-            let greeter = t.service("shop/greeter").is_some_and(|e| {
+            let greeter = t.service_named("shop/greeter").is_some_and(|e| {
                 e.svc.remote.iter().filter(|r| r.ready > 0).count() == greeter_at.len()
             });
             api && reviews && greeter

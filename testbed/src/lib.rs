@@ -246,7 +246,7 @@ impl Cluster {
             &format!("the gateway of {}", self.name),
             &format!("{service} exported with a ready endpoint"),
             |t| {
-                t.service(service).is_some_and(|e| {
+                t.service_named(service).is_some_and(|e| {
                     e.svc.exported && e.local_targets.values().any(|v| !v.is_empty())
                 })
             },

@@ -35,15 +35,6 @@ pub struct ProxyScope {
     subscribed: BTreeSet<String>,
 }
 
-/// The namespace of a Kubernetes-shaped workload ID (`/ns/NAMESPACE/sa/ACCOUNT`).
-fn namespace_of(id: &SpiffeId) -> Option<&str> {
-    let mut parts = id.path().trim_start_matches('/').split('/');
-    match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some("ns"), Some(ns), Some("sa"), Some(_)) => Some(ns),
-        _ => None,
-    }
-}
-
 impl ProxyScope {
     /// The scope of a stream opened by `caller` as `role`, holding `subscriptions` from before.
     pub fn for_caller(
@@ -52,7 +43,7 @@ impl ProxyScope {
         system_namespace: &str,
         subscriptions: &[String],
     ) -> Result<Self, Status> {
-        let namespace = namespace_of(caller);
+        let namespace = caller.namespace_and_service_account().map(|(ns, _)| ns);
         let role = match role {
             "gateway" if namespace == Some(system_namespace) => Role::Gateway,
             "gateway" => {

@@ -8,11 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fedmesh_api::SpiffeId;
-use fedmesh_dataplane::balance::endpoint_addr;
 use fedmesh_dataplane::config::RoutingTable;
 use fedmesh_dataplane::sni::MeshSni;
 use fedmesh_dataplane::trace;
-use fedmesh_trust::tls::{Authorizer, handshake_error_message, peer_spiffe_id};
+use fedmesh_trust::tls::{handshake_error_message, peer_spiffe_id};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -27,7 +26,7 @@ use crate::net;
 use crate::outbound::{boxed, proxy_error, strip_hop_by_hop};
 
 mod opaque;
-use crate::upstream::{ALPN_H2, ALPN_TCP, Body};
+use crate::upstream::{ALPN_TCP, Body};
 use crate::{ORIG_PROTO, PROXY_ERROR, Sidecar, XFCC};
 
 /// How long an inbound connection waits for the sidecar's first configuration.
@@ -81,26 +80,16 @@ struct InboundConn {
     admitted: Result<(MeshSni, SocketAddr), (StatusCode, &'static str, String)>,
 }
 
-/// Whether `caller` matches a policy entry: an exact SPIFFE ID or a prefix ending in `/*`.
-fn caller_allowed(allowed: &[String], caller: &SpiffeId) -> bool {
-    let id = caller.to_string();
-    allowed.iter().any(|a| match a.strip_suffix('*') {
-        Some(prefix) if prefix.ends_with('/') => id.starts_with(prefix),
-        _ => a == &id,
-    })
-}
-
 impl Sidecar {
-    fn cluster_of_trust_domain(&self, table: &RoutingTable, td: &str) -> String {
-        if td == table.cluster.trust_domain {
-            return table.cluster.name.clone();
-        }
+    fn cluster_of_trust_domain(
+        &self,
+        table: &RoutingTable,
+        td: &fedmesh_api::TrustDomain,
+    ) -> String {
         table
-            .cluster
-            .peers
-            .iter()
-            .find(|p| p.trust_domain == td)
-            .map(|p| p.cluster.clone())
+            .cluster_of
+            .get(td)
+            .map(|c| c.to_string())
             .unwrap_or_else(|| td.to_string())
     }
 
@@ -112,7 +101,7 @@ impl Sidecar {
         sni: Option<&str>,
         addressed: SocketAddr,
         app: Option<SocketAddr>,
-        caller_td: &str,
+        caller_td: &fedmesh_api::TrustDomain,
     ) -> Result<(MeshSni, SocketAddr), (StatusCode, &'static str, String)> {
         let sni = sni.ok_or((
             StatusCode::MISDIRECTED_REQUEST,
@@ -121,50 +110,49 @@ impl Sidecar {
         ))?;
         let mesh = MeshSni::parse(sni)
             .map_err(|e| (StatusCode::MISDIRECTED_REQUEST, "bad-sni", e.to_string()))?;
-        if table.cluster.name.is_empty() {
+        let Some(here) = &table.local else {
             return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not-ready",
                 "this sidecar has no configuration from its control plane yet".to_string(),
             ));
-        }
-        if mesh.cluster.as_str() != table.cluster.name {
+        };
+        if mesh.cluster != here.name {
             return Err((
                 StatusCode::MISDIRECTED_REQUEST,
                 "wrong-cluster",
                 format!(
                     "the connection is for cluster {}, this is {}",
-                    mesh.cluster, table.cluster.name
+                    mesh.cluster, here.name
                 ),
             ));
         }
-        let key = mesh.service.to_string();
-        let entry = table.service(&key).ok_or((
-            StatusCode::MISDIRECTED_REQUEST,
-            "unknown-service",
-            format!("{key} is not a service of this cluster"),
-        ))?;
-        let served = entry.svc.endpoints.iter().any(|e| {
-            endpoint_addr(&entry.svc, e, u32::from(mesh.port))
-                .parse::<SocketAddr>()
-                .is_ok_and(|a| a == addressed)
-        });
-        if !served {
+        let entry = table.service(&mesh.service).ok_or_else(|| {
+            (
+                StatusCode::MISDIRECTED_REQUEST,
+                "unknown-service",
+                format!("{} is not a service of this cluster", mesh.service),
+            )
+        })?;
+        if !entry.serves(mesh.port, addressed) {
             return Err((
                 StatusCode::MISDIRECTED_REQUEST,
                 "not-an-endpoint",
-                format!("{addressed} is not an endpoint of {key} port {}", mesh.port),
+                format!(
+                    "{addressed} is not an endpoint of {} port {}",
+                    mesh.service, mesh.port
+                ),
             ));
         }
         // Other clusters reach only what this cluster exports (a flat network must not open
         // more than the gateway does).
-        if !entry.svc.exported && caller_td != table.cluster.trust_domain {
+        if !entry.exported && caller_td != &here.trust_domain {
             return Err((
                 StatusCode::FORBIDDEN,
                 "not-exported",
                 format!(
-                    "{key} is not exported from cluster {}; callers from trust domain {caller_td} cannot reach it (create a ServiceExport)",
-                    table.cluster.name
+                    "{} is not exported from cluster {}; callers from trust domain {caller_td} cannot reach it (create a ServiceExport)",
+                    mesh.service, here.name
                 ),
             ));
         }
@@ -186,14 +174,9 @@ impl Sidecar {
             s.local_addr()
         };
         let Ok(addressed) = addressed else { return };
-        // Any trust domain we hold a bundle for: our own and the federated ones.
-        let tls_config = self.identity.server_config(
-            Authorizer::AnyTrusted,
-            vec![ALPN_H2.to_vec(), ALPN_TCP.to_vec()],
-        );
         let tls = match tokio::time::timeout(
             Duration::from_secs(10),
-            TlsAcceptor::from(tls_config).accept(s),
+            TlsAcceptor::from(self.inbound_tls.clone()).accept(s),
         )
         .await
         {
@@ -217,7 +200,7 @@ impl Sidecar {
         let sni = session.server_name().map(str::to_string);
         // A sidecar that just started may take connections before its first configuration
         // arrives: wait for it briefly rather than refuse a caller that is right.
-        if self.config.table().cluster.name.is_empty() {
+        if self.config.table().local.is_none() {
             let _ = tokio::time::timeout(CONFIG_WAIT, self.config.ready()).await;
         }
         // A service of another namespace reaches this sidecar's table on demand.
@@ -226,13 +209,13 @@ impl Sidecar {
         }
         let table = self.config.table();
         let conn = Arc::new(InboundConn {
-            caller_cluster: self.cluster_of_trust_domain(&table, caller.trust_domain().as_str()),
+            caller_cluster: self.cluster_of_trust_domain(&table, caller.trust_domain()),
             admitted: self.admit(
                 &table,
                 sni.as_deref(),
                 addressed,
                 app,
-                caller.trust_domain().as_str(),
+                caller.trust_domain(),
             ),
             caller,
         });
@@ -289,18 +272,16 @@ impl Sidecar {
         mesh: &MeshSni,
         caller: &SpiffeId,
     ) -> Result<(), String> {
-        let allowed = table
-            .service(&mesh.service.to_string())
-            .and_then(|e| e.svc.policy.as_ref())
-            .map(|p| p.allowed_callers.as_slice())
-            .unwrap_or_default();
-        if allowed.is_empty() || caller_allowed(allowed, caller) {
+        let Some(entry) = table.service(&mesh.service) else {
+            return Ok(());
+        };
+        if entry.policy.allows(caller) {
             Ok(())
         } else {
             Err(format!(
                 "{caller} may not call {} (its TrafficPolicy allows only: {})",
                 mesh.service,
-                allowed.join(", ")
+                entry.policy.allowed_callers_text.join(", ")
             ))
         }
     }
@@ -359,7 +340,7 @@ impl Sidecar {
     ) -> Response<Body> {
         let start = Instant::now();
         let table = self.config.table();
-        let own_cluster = table.cluster.name.clone();
+        let own_cluster = table.cluster_name().to_string();
         let (mesh, app) = match &conn.admitted {
             Ok(x) => x,
             Err((status, kind, msg)) => return proxy_error(*status, kind, msg.clone()),
@@ -460,33 +441,5 @@ impl Sidecar {
             start.elapsed(),
         );
         resp
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn callers_match_exactly_or_by_prefix() {
-        let id = SpiffeId::new("spiffe://east.example/ns/shop/sa/web").unwrap();
-        assert!(caller_allowed(
-            &["spiffe://east.example/ns/shop/sa/web".into()],
-            &id
-        ));
-        assert!(caller_allowed(
-            &["spiffe://east.example/ns/shop/*".into()],
-            &id
-        ));
-        assert!(caller_allowed(&["spiffe://east.example/*".into()], &id));
-        assert!(!caller_allowed(
-            &["spiffe://east.example/ns/sho*".into()],
-            &id
-        ));
-        assert!(!caller_allowed(&["spiffe://west.example/*".into()], &id));
-        assert!(!caller_allowed(
-            &["spiffe://east.example/ns/shop/sa/we".into()],
-            &id
-        ));
     }
 }

@@ -9,8 +9,7 @@
 //! What the control plane does not know is remembered as unknown for [`NOT_FOUND_TTL`], so traffic
 //! to addresses outside the mesh asks once, not per connection.
 
-use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,157 +17,17 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use fedmesh_api::pb::dataplane as pb;
 use fedmesh_api::pb::dataplane::data_plane_client::DataPlaneClient;
-use fedmesh_api::{DATAPLANE_PROTOCOL_VERSION, ServiceKey, SpiffeId};
+use fedmesh_api::{DATAPLANE_PROTOCOL_VERSION, SpiffeId};
 use fedmesh_trust::tls::{Authorizer, MeshIdentity};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::{Target, local_targets, targets};
+mod compile;
+mod table;
 
-/// Which of a service's names a request used.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum Scope {
-    /// `NAME.NAMESPACE.svc.clusterset.local` or the clusterset IP: every exporting cluster.
-    ClusterSet,
-    /// `NAME.NAMESPACE.svc.cluster.local` or the Service's cluster IP: this cluster only.
-    Local,
-    /// A short name (`NAME.NAMESPACE`, `--listen`): the clusterset when the service is in it,
-    /// else this cluster.
-    #[default]
-    Auto,
-}
-
-/// A service as the data path needs it.
-#[derive(Debug)]
-pub struct ServiceEntry {
-    pub key: ServiceKey,
-    pub svc: pb::Service,
-    /// Clusterset targets per service port: this cluster's endpoints when it exports the
-    /// service, and the gateways of the other exporting clusters.
-    pub targets: HashMap<u16, Vec<Target>>,
-    /// This cluster's ready endpoints per service port.
-    pub local_targets: HashMap<u16, Vec<Target>>,
-}
-
-impl ServiceEntry {
-    /// The clusterset targets for `port`.
-    pub fn targets(&self, port: u16) -> &[Target] {
-        self.targets.get(&port).map(Vec::as_slice).unwrap_or(&[])
-    }
-
-    /// This cluster's endpoints for `port`.
-    pub fn local_targets(&self, port: u16) -> &[Target] {
-        self.local_targets
-            .get(&port)
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
-    }
-
-    /// The targets a name of `scope` reaches.
-    pub fn targets_for(&self, scope: Scope, port: u16) -> &[Target] {
-        match self.resolve(scope) {
-            Scope::Local => self.local_targets(port),
-            _ => self.targets(port),
-        }
-    }
-
-    /// `Auto` made concrete for this service.
-    pub fn resolve(&self, scope: Scope) -> Scope {
-        match scope {
-            Scope::Auto if self.svc.in_clusterset => Scope::ClusterSet,
-            Scope::Auto => Scope::Local,
-            s => s,
-        }
-    }
-
-    pub fn has_port(&self, port: u16) -> bool {
-        self.targets.contains_key(&port)
-    }
-
-    /// The service's only port, or its first.
-    pub fn default_port(&self) -> Option<u16> {
-        self.svc
-            .ports
-            .first()
-            .and_then(|p| u16::try_from(p.port).ok())
-    }
-}
-
-/// Everything a proxy routes by.
-#[derive(Debug, Default)]
-pub struct RoutingTable {
-    pub epoch: u64,
-    pub version: u64,
-    pub cluster: pb::LocalCluster,
-    pub services: HashMap<String, Arc<ServiceEntry>>,
-    /// Clusterset IPs.
-    pub by_vip: HashMap<Ipv4Addr, Arc<ServiceEntry>>,
-    /// The cluster IPs of this cluster's Services.
-    pub by_cluster_ip: HashMap<Ipv4Addr, Arc<ServiceEntry>>,
-    /// Services and addresses asked for that the control plane does not know (recently).
-    pub not_found: HashSet<String>,
-}
-
-impl RoutingTable {
-    fn from_map(
-        epoch: u64,
-        version: u64,
-        cluster: pb::LocalCluster,
-        map: &HashMap<String, pb::Service>,
-    ) -> Self {
-        let mut services = HashMap::with_capacity(map.len());
-        let mut by_vip = HashMap::new();
-        let mut by_cluster_ip = HashMap::new();
-        for (k, svc) in map {
-            let Ok(key) = k.parse::<ServiceKey>() else {
-                continue;
-            };
-            let per_port = |f: &dyn Fn(u32) -> Vec<Target>| -> HashMap<u16, Vec<Target>> {
-                svc.ports
-                    .iter()
-                    .filter_map(|p| Some((u16::try_from(p.port).ok()?, f(p.port))))
-                    .collect()
-            };
-            let entry = Arc::new(ServiceEntry {
-                key,
-                targets: per_port(&|port| targets(svc, port)),
-                local_targets: per_port(&|port| local_targets(svc, port)),
-                svc: svc.clone(),
-            });
-            if let Ok(ip) = svc.vip.parse::<Ipv4Addr>() {
-                by_vip.insert(ip, entry.clone());
-            }
-            if let Ok(ip) = svc.cluster_ip.parse::<Ipv4Addr>() {
-                by_cluster_ip.insert(ip, entry.clone());
-            }
-            services.insert(k.clone(), entry);
-        }
-        Self {
-            epoch,
-            version,
-            cluster,
-            services,
-            by_vip,
-            by_cluster_ip,
-            not_found: HashSet::new(),
-        }
-    }
-
-    pub fn service(&self, key: &str) -> Option<&Arc<ServiceEntry>> {
-        self.services.get(key)
-    }
-
-    /// Whether `subject` (a service key or an address) needs no question to the control plane:
-    /// it is in the table, or was recently found not to exist.
-    pub fn knows(&self, subject: &str) -> bool {
-        self.not_found.contains(subject)
-            || self.services.contains_key(subject)
-            || subject.parse::<Ipv4Addr>().is_ok_and(|ip| {
-                self.by_vip.contains_key(&ip) || self.by_cluster_ip.contains_key(&ip)
-            })
-    }
-}
+pub use compile::compile;
+pub use table::{AppProtocol, LocalCluster, PortSpec, RoutingTable, Scope, ServiceEntry};
 
 /// How long a subscription the control plane could not answer is remembered as unknown.
 pub const NOT_FOUND_TTL: Duration = Duration::from_secs(5);
@@ -245,10 +104,16 @@ pub fn start(
         && let Ok(raw) = std::fs::read(path)
         && let Ok(u) = pb::ConfigUpdate::decode(raw.as_slice())
     {
-        state.apply(&u);
-        table.store(Arc::new(state.table()));
-        changes_tx.send_modify(|n| *n += 1);
-        tracing::info!(path = %path.display(), services = state.map.len(), "loaded the last configuration from the cache");
+        match state.apply(&u) {
+            Ok(t) => {
+                table.store(Arc::new(t));
+                changes_tx.send_modify(|n| *n += 1);
+                tracing::info!(path = %path.display(), services = state.map.len(), "loaded the last configuration from the cache");
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring a cached configuration this version cannot use");
+            }
+        }
     }
     let handle = ConfigHandle {
         table: table.clone(),
@@ -301,40 +166,33 @@ struct State {
 }
 
 impl State {
-    fn apply(&mut self, u: &pb::ConfigUpdate) {
-        if u.snapshot {
-            self.map.clear();
-        }
+    /// Applies an update and compiles the result; on a compile error nothing changes.
+    fn apply(&mut self, u: &pb::ConfigUpdate) -> Result<RoutingTable, String> {
+        let mut map = if u.snapshot {
+            HashMap::new()
+        } else {
+            self.map.clone()
+        };
         for s in &u.services {
-            self.map.insert(s.key.clone(), s.clone());
+            map.insert(s.key.clone(), s.clone());
         }
         for r in &u.removed_services {
-            self.map.remove(r);
+            map.remove(r);
         }
+        let cluster = u.cluster.clone().unwrap_or_else(|| self.cluster.clone());
+        let mut table = compile(u.epoch, u.version, &cluster, &map)?;
+        self.map = map;
         self.epoch = u.epoch;
         self.version = u.version;
-        if let Some(c) = &u.cluster {
-            self.cluster = c.clone();
-        }
+        self.cluster = cluster;
         let now = Instant::now();
         self.not_found
             .retain(|_, at| now.duration_since(*at) < NOT_FOUND_TTL);
         for n in &u.not_found {
             self.not_found.insert(n.clone(), now);
         }
-    }
-
-    fn table(&self) -> RoutingTable {
-        let mut t =
-            RoutingTable::from_map(self.epoch, self.version, self.cluster.clone(), &self.map);
-        let now = Instant::now();
-        t.not_found = self
-            .not_found
-            .iter()
-            .filter(|(_, at)| now.duration_since(**at) < NOT_FOUND_TTL)
-            .map(|(k, _)| k.clone())
-            .collect();
-        t
+        table.not_found = self.not_found.keys().cloned().collect();
+        Ok(table)
     }
 
     /// What this proxy holds beyond its own namespace: it subscribed to those, and asks for
@@ -359,15 +217,6 @@ impl State {
             removed_services: vec![],
             not_found: vec![],
         }
-    }
-}
-
-/// The namespace of a Kubernetes-shaped workload ID (`/ns/NAMESPACE/sa/ACCOUNT`).
-fn namespace_of(id: &SpiffeId) -> Option<&str> {
-    let mut parts = id.path().trim_start_matches('/').split('/');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some("ns"), Some(ns), Some("sa")) => Some(ns),
-        _ => None,
     }
 }
 
@@ -402,7 +251,8 @@ async fn session(
             node: node.to_string(),
             resume_epoch: state.epoch,
             resume_version: state.version,
-            subscriptions: state.subscriptions(namespace_of(&id)),
+            subscriptions: state
+                .subscriptions(id.namespace_and_service_account().map(|(ns, _)| ns)),
         })),
     })
     .await
@@ -441,8 +291,23 @@ async fn session(
             }
         };
         let Some(u) = msg else { return Ok(()) };
-        state.apply(&u);
-        table.store(Arc::new(state.table()));
+        let compiled = match state.apply(&u) {
+            Ok(t) => t,
+            Err(error) => {
+                tracing::warn!(version = u.version, %error, "refusing a configuration update; routing with the one in force");
+                let _ = tx
+                    .send(pb::DataPlaneMessage {
+                        msg: Some(pb::data_plane_message::Msg::Ack(pb::ConfigAck {
+                            version: u.version,
+                            nack: true,
+                            error,
+                        })),
+                    })
+                    .await;
+                continue;
+            }
+        };
+        table.store(Arc::new(compiled));
         changes.send_modify(|n| *n += 1);
         tracing::debug!(
             version = u.version,
