@@ -3,6 +3,8 @@
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod error;
+pub mod http;
 pub mod metrics;
 pub mod policy;
 pub mod relay;

@@ -66,6 +66,8 @@ pub struct ProxyMetrics {
     pub sni_connections: Family<SniLabels, Counter>,
     pub refused: Family<ReasonLabels, Counter>,
     pub retries: Counter,
+    /// Retries a retry budget did not allow.
+    pub retry_budget_exhausted: Counter,
     pub ejections: Counter,
 }
 
@@ -83,6 +85,7 @@ impl ProxyMetrics {
             sni_connections: Family::default(),
             refused: Family::default(),
             retries: Counter::default(),
+            retry_budget_exhausted: Counter::default(),
             ejections: Counter::default(),
         };
         registry.register(
@@ -125,6 +128,11 @@ impl ProxyMetrics {
             "retries",
             "Attempts retried on another endpoint",
             m.retries.clone(),
+        );
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries not made because the service's retry budget was spent",
+            m.retry_budget_exhausted.clone(),
         );
         registry.register(
             "outlier_ejections",

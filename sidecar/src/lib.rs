@@ -69,6 +69,8 @@ pub struct SidecarOptions {
     pub mark: Option<u32>,
     pub max_connections: usize,
     pub outlier: OutlierConfig,
+    /// How much retries may add to a service's requests.
+    pub retry_budget: outbound::BudgetConfig,
 }
 
 impl Default for SidecarOptions {
@@ -84,6 +86,7 @@ impl Default for SidecarOptions {
             mark: None,
             max_connections: 16 * 1024,
             outlier: OutlierConfig::default(),
+            retry_budget: outbound::BudgetConfig::default(),
         }
     }
 }
@@ -92,9 +95,11 @@ pub struct Sidecar {
     options: SidecarOptions,
     identity: MeshIdentity,
     config: ConfigHandle,
-    balancer: Balancer,
+    balancer: Arc<Balancer>,
     metrics: Arc<ProxyMetrics>,
-    upstreams: Upstreams,
+    upstreams: Arc<Upstreams>,
+    /// The outbound HTTP layers, assembled once.
+    outbound: outbound::OutboundStack,
     /// HTTP/1.1 to the local app (pooled keep-alive connections).
     app_h1: Client<HttpConnector, Body>,
     /// HTTP/2 (h2c) to the local app, pooled like peers.
@@ -122,6 +127,21 @@ impl Sidecar {
             .build(http);
         let mut upstreams = Upstreams::new(identity.clone(), options.mark);
         upstreams.set_connect_timeout(options.connect_timeout);
+        let upstreams = Arc::new(upstreams);
+        let balancer = Arc::new(Balancer::new(options.outlier.clone()));
+        let outbound = Self::outbound_stack(
+            config.clone(),
+            outbound::StackParts {
+                upstreams: upstreams.clone(),
+                balancer: balancer.clone(),
+                identity: identity.clone(),
+                zone: options.zone.clone(),
+                metrics: metrics.clone(),
+                safe_retries: options.safe_retries,
+                max_retry_body: options.max_retry_body,
+                budgets: Arc::new(outbound::Budgets::new(options.retry_budget.clone())),
+            },
+        );
         // Any trust domain we hold a bundle for: our own and the federated ones.
         let inbound_tls = identity.server_config(
             fedmesh_trust::tls::Authorizer::AnyTrusted,
@@ -129,8 +149,9 @@ impl Sidecar {
         );
         Arc::new(Self {
             inbound_tls,
-            balancer: Balancer::new(options.outlier.clone()),
+            balancer,
             upstreams,
+            outbound,
             app_h1,
             app_h2: inbound::AppH2Pool::default(),
             slots: Arc::new(Semaphore::new(options.max_connections)),

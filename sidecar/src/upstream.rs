@@ -11,11 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::coalesce::Coalesce;
-use bytes::Bytes;
 use fedmesh_api::TrustDomain;
 use fedmesh_dataplane::target::{ConnectTo, Target};
 use fedmesh_trust::tls::{Authorizer, MeshIdentity, handshake_error_message};
-use http_body_util::combinators::BoxBody;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
@@ -25,8 +23,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::net;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type Body = BoxBody<Bytes, BoxError>;
+pub use fedmesh_dataplane::http::{Body, BoxError};
 
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_TCP: &[u8] = b"fedmesh-tcp";

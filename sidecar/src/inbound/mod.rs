@@ -23,11 +23,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::net;
-use crate::outbound::{boxed, proxy_error, strip_hop_by_hop};
+use fedmesh_dataplane::http::strip_hop_by_hop;
 
 mod opaque;
-use crate::upstream::{ALPN_TCP, Body};
+use crate::upstream::ALPN_TCP;
 use crate::{ORIG_PROTO, PROXY_ERROR, Sidecar, XFCC};
+use fedmesh_dataplane::http::Body;
 
 /// How long an inbound connection waits for the sidecar's first configuration.
 const CONFIG_WAIT: Duration = Duration::from_secs(5);
@@ -343,13 +344,17 @@ impl Sidecar {
         let own_cluster = table.cluster_name().to_string();
         let (mesh, app) = match &conn.admitted {
             Ok(x) => x,
-            Err((status, kind, msg)) => return proxy_error(*status, kind, msg.clone()),
+            Err((status, kind, msg)) => {
+                return fedmesh_dataplane::error::proxy_response(*status, kind, msg);
+            }
         };
         let service = mesh.service.to_string();
         if let Err(msg) = self.authorize(&table, mesh, &conn.caller) {
             self.metrics.refuse("unauthorized");
-            let resp = proxy_error(StatusCode::FORBIDDEN, "denied", msg);
-            self.record(
+            let resp =
+                fedmesh_dataplane::error::proxy_response(StatusCode::FORBIDDEN, "denied", &msg);
+            crate::outbound::record(
+                &self.metrics,
                 "inbound",
                 &conn.caller_cluster,
                 &own_cluster,
@@ -376,7 +381,7 @@ impl Sidecar {
             .unwrap_or_else(|| "/".into());
         let body: Body = http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
             body,
-            |e| -> crate::upstream::BoxError { Box::new(e) },
+            |e| -> fedmesh_dataplane::http::BoxError { Box::new(e) },
         ));
         let result = if h1 {
             if !parts.headers.contains_key(header::HOST)
@@ -389,7 +394,11 @@ impl Sidecar {
             parts.uri = match format!("http://{app}{path}").parse::<Uri>() {
                 Ok(u) => u,
                 Err(e) => {
-                    return proxy_error(StatusCode::BAD_REQUEST, "bad-request", e.to_string());
+                    return fedmesh_dataplane::error::proxy_response(
+                        StatusCode::BAD_REQUEST,
+                        "bad-request",
+                        &e.to_string(),
+                    );
                 }
             };
             self.app_h1
@@ -412,27 +421,28 @@ impl Sidecar {
             }
         };
         let resp = match result {
-            Ok(r) => boxed(r),
+            Ok(r) => r.map(fedmesh_dataplane::http::body),
             Err((true, e)) => {
                 self.count_inbound_error("app_unreachable");
                 // The app never saw it: the caller's sidecar may retry elsewhere.
-                proxy_error(
+                fedmesh_dataplane::error::proxy_response(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "app-unreachable",
-                    format!("the app at {app} does not accept connections: {e}"),
+                    &format!("the app at {app} does not accept connections: {e}"),
                 )
             }
             Err((false, e)) => {
                 self.count_inbound_error("app_error");
                 // The app may have acted on it: a 502, which callers retry only by policy.
-                proxy_error(
+                fedmesh_dataplane::error::proxy_response(
                     StatusCode::BAD_GATEWAY,
                     "app-error",
-                    format!("the app at {app} failed the request: {e}"),
+                    &format!("the app at {app} failed the request: {e}"),
                 )
             }
         };
-        self.record(
+        crate::outbound::record(
+            &self.metrics,
             "inbound",
             &conn.caller_cluster,
             &own_cluster,

@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 use super::InboundConn;
 use crate::Sidecar;
 use crate::net::{self, Prefixed};
-use crate::outbound::{boxed, proxy_error, strip_hop_by_hop};
-use crate::upstream::Body;
+use fedmesh_dataplane::http::Body;
+use fedmesh_dataplane::http::strip_hop_by_hop;
 use fedmesh_dataplane::relay::relay;
 
 /// How many bytes of a tunnel's opening are read before deciding. Larger than any request line an
@@ -305,15 +305,15 @@ impl Sidecar {
     ) -> Response<Body> {
         let table = self.config.table();
         let Ok((mesh, _)) = &conn.admitted else {
-            return proxy_error(
+            return fedmesh_dataplane::error::proxy_response(
                 StatusCode::MISDIRECTED_REQUEST,
                 "not-admitted",
-                String::new(),
+                "",
             );
         };
         if let Err(msg) = self.authorize(&table, mesh, &conn.caller) {
             self.metrics.refuse("unauthorized");
-            return proxy_error(StatusCode::FORBIDDEN, "denied", msg);
+            return fedmesh_dataplane::error::proxy_response(StatusCode::FORBIDDEN, "denied", &msg);
         }
         drop(table);
         let caller_side = hyper::upgrade::on(&mut req);
@@ -328,16 +328,20 @@ impl Sidecar {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
         let Some(tcp) = self.connect_app(app).await else {
-            return proxy_error(
+            return fedmesh_dataplane::error::proxy_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "app-unreachable",
-                format!("the app at {app} does not accept connections"),
+                &format!("the app at {app} does not accept connections"),
             );
         };
         let (mut sender, c) = match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
             Ok(x) => x,
             Err(e) => {
-                return proxy_error(StatusCode::BAD_GATEWAY, "app-error", e.to_string());
+                return fedmesh_dataplane::error::proxy_response(
+                    StatusCode::BAD_GATEWAY,
+                    "app-error",
+                    &e.to_string(),
+                );
             }
         };
         tokio::spawn(async move {
@@ -347,10 +351,10 @@ impl Sidecar {
             Ok(r) => r,
             Err(e) => {
                 self.count_inbound_error("app_error");
-                return proxy_error(
+                return fedmesh_dataplane::error::proxy_response(
                     StatusCode::BAD_GATEWAY,
                     "app-error",
-                    format!("the app at {app} failed the upgrade request: {e}"),
+                    &format!("the app at {app} failed the upgrade request: {e}"),
                 );
             }
         };
@@ -366,7 +370,7 @@ impl Sidecar {
                 }
             });
         }
-        boxed(resp)
+        resp.map(fedmesh_dataplane::http::body)
     }
 }
 

@@ -1,0 +1,104 @@
+//! Why a proxy answered a request itself: one enum, each variant with its HTTP status, the
+//! `fedmesh-proxy-error` value (also the metric label) and a message that says what was wrong and
+//! what to do — the sidecar's counterpart of the gateway's `Refusal`.
+
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+
+use crate::http::{Body, PROXY_ERROR, full};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(
+        "{0} is not a service of the clusterset known to this sidecar (use NAME.NAMESPACE.svc.clusterset.local[:PORT])"
+    )]
+    NoRoute(String),
+    #[error(
+        "HTTP/1.1 upgrades (WebSocket) are not meshed yet; declare the port as tcp (name it tcp-*) to carry it opaquely"
+    )]
+    Upgrade,
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("reading the request body failed: {0}")]
+    RequestBody(String),
+    #[error("{dest} did not answer within {after:?}")]
+    Timeout { dest: String, after: Duration },
+    /// Nothing could be tried (the message says why).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A connection to a peer could not be made; nothing was sent.
+    #[error("{message}")]
+    Connect {
+        /// `connect_failed`, `tls_failed`, `alpn_mismatch`, `h2_handshake_failed`.
+        label: &'static str,
+        /// TLS and ALPN failures are answered 502 (the peer is not what it should be), others 503.
+        bad_peer: bool,
+        message: String,
+    },
+    #[error("the connection to {target} failed: {error}")]
+    UpstreamReset { target: String, error: String },
+    #[error("{0}")]
+    Denied(String),
+    #[error("this sidecar has no configuration from its control plane yet")]
+    NotReady,
+    #[error("the app at {app} does not accept connections: {error}")]
+    AppUnreachable { app: String, error: String },
+    #[error("the app at {app} failed the request: {error}")]
+    AppError { app: String, error: String },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::Upgrade => StatusCode::NOT_IMPLEMENTED,
+            Self::BadRequest(_) | Self::RequestBody(_) => StatusCode::BAD_REQUEST,
+            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Unavailable(_) | Self::NotReady | Self::AppUnreachable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Connect { bad_peer: true, .. } => StatusCode::BAD_GATEWAY,
+            Self::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamReset { .. } | Self::AppError { .. } => StatusCode::BAD_GATEWAY,
+            Self::Denied(_) => StatusCode::FORBIDDEN,
+        }
+    }
+
+    /// The `fedmesh-proxy-error` value, also the `reason` label of the error metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NoRoute(_) => "no-route",
+            Self::Upgrade => "upgrade",
+            Self::BadRequest(_) => "bad-request",
+            Self::RequestBody(_) => "request-body",
+            Self::Timeout { .. } => "timeout",
+            Self::Unavailable(_) => "unavailable",
+            Self::Connect { label, .. } => label,
+            Self::UpstreamReset { .. } => "upstream-reset",
+            Self::Denied(_) => "denied",
+            Self::NotReady => "not-ready",
+            Self::AppUnreachable { .. } => "app-unreachable",
+            Self::AppError { .. } => "app-error",
+        }
+    }
+
+    /// The response a caller gets: the status, `fedmesh-proxy-error`, and the message as text.
+    pub fn into_response(self) -> Response<Body> {
+        proxy_response(self.status(), self.kind(), &self.to_string())
+    }
+}
+
+/// A response the proxy made itself.
+pub fn proxy_response(status: StatusCode, kind: &'static str, message: &str) -> Response<Body> {
+    let mut r = Response::new(full(format!("fedmesh: {message}\n")));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(PROXY_ERROR, HeaderValue::from_static(kind));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}

@@ -1,0 +1,141 @@
+//! What crosses to the peer sidecar: no hop-by-hop headers, no caller-supplied identity header
+//! (only the callee's sidecar says who called), the app's protocol noted when it was HTTP/1.x
+//! (every request rides HTTP/2 between sidecars), this hop in the trace, and an absolute URI
+//! naming the destination by the name the caller used.
+
+use std::task::{Context, Poll};
+
+use fedmesh_dataplane::error::ProxyError;
+use fedmesh_dataplane::http::{Body, ORIG_PROTO, PROXY_ERROR, XFCC, strip_hop_by_hop};
+use fedmesh_dataplane::trace;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use tower::{Layer, Service};
+
+use super::ctx::{BoxFuture, route_ctx};
+
+/// The host the caller named (`Host` or the URI's authority), kept for the peer.
+#[derive(Clone, Debug)]
+pub(crate) struct CallerHost(pub String);
+
+#[derive(Clone, Default)]
+pub(crate) struct ForwardLayer;
+
+impl<S> Layer<S> for ForwardLayer {
+    type Service = Forward<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Forward { inner }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Forward<S> {
+    inner: S,
+}
+
+impl<S> Service<Request<Body>> for Forward<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Response<Body>, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        match prepare(req) {
+            Ok(req) => Box::pin(self.inner.call(req)),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+}
+
+fn prepare(req: Request<Body>) -> Result<Request<Body>, ProxyError> {
+    let ctx = route_ctx(&req)?;
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(XFCC);
+    parts.headers.remove(ORIG_PROTO);
+    parts.headers.remove(PROXY_ERROR);
+    if parts.version < Version::HTTP_2 {
+        parts
+            .headers
+            .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    }
+    trace::propagate(&mut parts.headers);
+    let authority = match parts.extensions.get::<CallerHost>() {
+        Some(h) => h.0.clone(),
+        None => format!(
+            "{}.{}.svc.{}.local:{}",
+            ctx.dest.service.name,
+            ctx.dest.service.namespace,
+            if ctx.local_only {
+                "cluster"
+            } else {
+                "clusterset"
+            },
+            ctx.dest.port
+        ),
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    parts.uri = Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| ProxyError::BadRequest(format!("bad request target: {e}")))?;
+    parts.headers.remove(header::HOST);
+    parts.version = Version::HTTP_2;
+    Ok(Request::from_parts(parts, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::test_support::{routed_request, table_with_policy};
+    use fedmesh_api::pb::dataplane as pb;
+
+    #[test]
+    fn callers_cannot_pass_identity_or_hop_headers_and_the_peer_learns_the_protocol() {
+        let table = table_with_policy(pb::TrafficPolicy::default());
+        let mut req = routed_request(&table, "shop/web");
+        *req.version_mut() = Version::HTTP_11;
+        for (k, v) in [
+            (XFCC, "URI=spiffe://evil.example/x"),
+            ("connection", "x-private"),
+            ("x-private", "1"),
+            ("te", "gzip"),
+            (ORIG_PROTO, "HTTP/2"),
+            ("host", "web.shop"),
+        ] {
+            req.headers_mut().insert(k, HeaderValue::from_static(v));
+        }
+        req.extensions_mut()
+            .insert(CallerHost("web.shop.svc.clusterset.local".into()));
+        let out = prepare(req).unwrap();
+        let h = out.headers();
+        assert!(h.get(XFCC).is_none() && h.get("x-private").is_none() && h.get("te").is_none());
+        assert_eq!(h.get(ORIG_PROTO).unwrap(), "HTTP/1.1");
+        assert!(
+            h.get(trace::TRACEPARENT).is_some(),
+            "a new trace starts here"
+        );
+        assert_eq!(out.version(), Version::HTTP_2);
+        assert_eq!(
+            out.uri().to_string(),
+            "http://web.shop.svc.clusterset.local/x?y=1"
+        );
+        assert!(h.get("host").is_none());
+    }
+}

@@ -1,0 +1,331 @@
+//! The workload's outgoing traffic.
+//!
+//! HTTP goes through a stack of tower layers, one concern each, assembled once per sidecar
+//! ([`Sidecar::outbound_stack`]) as linkerd2-proxy composes its route stacks:
+//!
+//! ```text
+//! observe (metrics, error -> response) → route (service + matched route) → forward (what
+//! crosses to the peer) → timeout (the whole request) → retry (budgeted) → balance (target per
+//! attempt: locality, split, ejection) → endpoint (pooled HTTP/2 mTLS)
+//! ```
+//!
+//! Opaque TCP ([`tcp`]) picks and connects with the same balancer. Each layer lives in its own
+//! module with unit tests that drive it alone.
+
+mod balance;
+mod ctx;
+mod endpoint;
+mod forward;
+mod observe;
+mod retry;
+mod route;
+mod tcp;
+#[cfg(test)]
+mod test_support;
+mod timeout;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedmesh_dataplane::config::{AppProtocol, RoutingTable};
+use fedmesh_dataplane::error::ProxyError;
+use fedmesh_dataplane::http::{Body, body, full};
+use fedmesh_dataplane::relay::relay;
+use http::header;
+use http::{Method, Request, Response, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceExt};
+
+use crate::Sidecar;
+use crate::dest::{self, Dest};
+use crate::net::{self, Prefixed, Protocol};
+
+pub(crate) use observe::record;
+pub use retry::{BudgetConfig, Budgets};
+
+/// The assembled HTTP stack.
+pub(crate) type OutboundStack = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+
+/// The declared protocol of a service port, if any (`appProtocol`, else the port name's prefix).
+fn declared_protocol(table: &RoutingTable, dest: &Dest) -> Option<Protocol> {
+    match table.service(&dest.service)?.port(dest.port)?.protocol {
+        AppProtocol::Http => Some(Protocol::Http1),
+        AppProtocol::Opaque => Some(Protocol::Tcp),
+        AppProtocol::Undeclared => None,
+    }
+}
+
+impl Sidecar {
+    /// Assembles the outbound HTTP stack (once, when the sidecar is made).
+    pub(crate) fn outbound_stack(
+        config: fedmesh_dataplane::config::ConfigHandle,
+        parts: StackParts,
+    ) -> OutboundStack {
+        let endpoint = endpoint::Endpoint {
+            upstreams: parts.upstreams,
+        };
+        let balanced = balance::BalanceLayer {
+            balancer: parts.balancer,
+            identity: parts.identity,
+            zone: parts.zone,
+            metrics: parts.metrics.clone(),
+        }
+        .layer(endpoint);
+        let retried = retry::RetryLayer {
+            safe_retries: parts.safe_retries,
+            max_retry_body: parts.max_retry_body,
+            budgets: parts.budgets,
+            metrics: parts.metrics.clone(),
+        }
+        .layer(balanced);
+        let timed = timeout::TimeoutLayer.layer(retried);
+        let forwarded = forward::ForwardLayer.layer(timed);
+        let routed = route::RouteLayer::new(config.clone()).layer(forwarded);
+        let observed = observe::ObserveLayer {
+            metrics: parts.metrics,
+            config,
+        }
+        .layer(routed);
+        BoxCloneSyncService::new(observed)
+    }
+
+    pub(crate) async fn outbound_http(
+        self: Arc<Self>,
+        s: TcpStream,
+        prefix: Vec<u8>,
+        fixed: Option<Dest>,
+        graceful: CancellationToken,
+    ) {
+        let me = self.clone();
+        let svc = service_fn(move |req| {
+            let (me, fixed) = (me.clone(), fixed.clone());
+            async move { Ok::<_, Infallible>(me.outbound_request(req, fixed).await) }
+        });
+        let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .max_buf_size(64 * 1024);
+        b.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(64 * 1024);
+        let io = TokioIo::new(Prefixed::new(prefix, s));
+        let conn = b.serve_connection_with_upgrades(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "outbound connection ended with an error");
+                }
+            }
+            _ = graceful.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+
+    /// A connection for a known service port: HTTP or opaque TCP.
+    pub(crate) async fn outbound_to(
+        self: Arc<Self>,
+        mut s: TcpStream,
+        dest: Dest,
+        graceful: CancellationToken,
+    ) {
+        self.config.ensure(&dest.service.to_string()).await;
+        let table = self.config.table();
+        let (protocol, prefix) = match declared_protocol(&table, &dest) {
+            Some(p) => (p, Vec::new()),
+            None => match net::detect(&mut s, self.options.protocol_detect_timeout).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "client went away during protocol detection");
+                    return;
+                }
+            },
+        };
+        drop(table);
+        match protocol {
+            Protocol::Http1 | Protocol::Http2 => {
+                self.outbound_http(s, prefix, Some(dest), graceful).await
+            }
+            Protocol::Tcp => self.outbound_tcp(Prefixed::new(prefix, s), dest).await,
+        }
+    }
+
+    pub(crate) async fn transparent(
+        self: Arc<Self>,
+        s: TcpStream,
+        peer: SocketAddr,
+        own: Option<SocketAddr>,
+        graceful: CancellationToken,
+    ) {
+        let orig = match net::original_dst(&s) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "no original destination (is the iptables REDIRECT rule in place?)");
+                self.metrics.refuse("no_original_dst");
+                return;
+            }
+        };
+        if Some(orig) == own {
+            // Addressed to the listener itself: there is nowhere to send it.
+            self.metrics.refuse("loop");
+            return;
+        }
+        if orig.is_ipv4() {
+            self.config.ensure(&orig.ip().to_string()).await;
+        }
+        let table = self.config.table();
+        match dest::from_vip(orig, &table) {
+            Some(dest) => {
+                drop(table);
+                self.outbound_to(s, dest, graceful).await
+            }
+            None => {
+                drop(table);
+                self.passthrough(s, orig).await
+            }
+        }
+    }
+
+    /// Traffic to something outside the mesh goes where it was going, untouched.
+    async fn passthrough(&self, s: TcpStream, orig: SocketAddr) {
+        match net::connect(
+            &orig.to_string(),
+            self.options.connect_timeout,
+            self.options.mark,
+        )
+        .await
+        {
+            Ok(up) => {
+                let _ = relay(s, up, self.options.idle_timeout).await;
+            }
+            Err(e) => {
+                tracing::debug!(destination = %orig, error = %e, "passthrough connect failed")
+            }
+        }
+    }
+
+    /// The routing table, once it knows what `host` names: a service of another namespace, or an
+    /// address, is asked of the control plane the first time this sidecar meets it.
+    async fn table_for_host(&self, host: Option<&str>) -> Arc<RoutingTable> {
+        if let Some(subject) = host.and_then(dest::subject_of_host) {
+            self.config.ensure(&subject).await;
+        }
+        self.config.table()
+    }
+
+    /// `CONNECT service:port` on the HTTP proxy: an opaque TCP tunnel.
+    async fn connect_tunnel(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let table = self
+            .table_for_host(req.uri().authority().map(|a| a.as_str()))
+            .await;
+        let Some(dest) = req
+            .uri()
+            .authority()
+            .and_then(|a| dest::from_host(a.as_str(), &table))
+        else {
+            return ProxyError::NoRoute(format!("CONNECT {}", req.uri())).into_response();
+        };
+        let (up, target) = match self.open_tcp(&table, &dest).await {
+            Ok(x) => x,
+            Err(e) => return e.into_response(),
+        };
+        drop(table);
+        let me = self.clone();
+        tokio::spawn(async move {
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => {
+                    me.relay_tcp(TokioIo::new(upgraded), up, &dest, &target)
+                        .await
+                }
+                Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+            }
+        });
+        Response::new(full(""))
+    }
+
+    /// One HTTP request from the workload: finds where it goes, then hands it to the stack.
+    pub(crate) async fn outbound_request(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        fixed: Option<Dest>,
+    ) -> Response<Body> {
+        if req.method() == Method::CONNECT {
+            return self.connect_tunnel(req).await;
+        }
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            });
+        let table = match &fixed {
+            Some(d) => {
+                self.config.ensure(&d.service.to_string()).await;
+                self.config.table()
+            }
+            None => self.table_for_host(host.as_deref()).await,
+        };
+        let dest = match fixed.or_else(|| host.as_deref().and_then(|h| dest::from_host(h, &table)))
+        {
+            Some(d) => d,
+            None => {
+                let e =
+                    ProxyError::NoRoute(host.unwrap_or_else(|| "a request without a host".into()));
+                self.count_error(e.kind());
+                return e.into_response();
+            }
+        };
+        drop(table);
+        if req.headers().contains_key(header::UPGRADE) && req.version() < Version::HTTP_2 {
+            return ProxyError::Upgrade.into_response();
+        }
+        let mut req = req.map(body);
+        req.extensions_mut().insert(dest);
+        if let Some(h) = host {
+            req.extensions_mut().insert(forward::CallerHost(h));
+        }
+        // Boxed here: holding the stack's own future across the await trips rustc's
+        // higher-ranked Send check on the hyper service.
+        let call: ctx::BoxFuture<Result<Response<Body>, Infallible>> =
+            Box::pin(self.outbound.clone().oneshot(req));
+        match call.await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        }
+    }
+
+    fn count_error(&self, kind: &str) {
+        self.metrics
+            .request_errors
+            .get_or_create(&fedmesh_dataplane::metrics::ReasonLabels {
+                reason: kind.replace('-', "_"),
+            })
+            .inc();
+    }
+}
+
+/// What the outbound stack is made of.
+pub(crate) struct StackParts {
+    pub upstreams: Arc<crate::upstream::Upstreams>,
+    pub balancer: Arc<fedmesh_dataplane::balance::Balancer>,
+    pub identity: fedmesh_trust::tls::MeshIdentity,
+    pub zone: String,
+    pub metrics: Arc<fedmesh_dataplane::metrics::ProxyMetrics>,
+    pub safe_retries: u32,
+    pub max_retry_body: usize,
+    pub budgets: Arc<Budgets>,
+}

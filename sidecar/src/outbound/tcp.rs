@@ -1,0 +1,121 @@
+//! Opaque TCP to a mesh service: an mTLS connection of its own (ALPN `fedmesh-tcp`) to a target
+//! picked by the same balancer as HTTP — another target tried when a connect fails — and the bytes
+//! relayed both ways.
+
+use fedmesh_dataplane::config::{RoutingTable, Scope};
+use fedmesh_dataplane::error::ProxyError;
+use fedmesh_dataplane::metrics::{BytesLabels, TcpLabels};
+use fedmesh_dataplane::policy::Backend;
+use fedmesh_dataplane::relay::relay;
+use fedmesh_dataplane::target::Target;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use super::balance::{nothing_to_try, untrusted};
+use crate::Sidecar;
+use crate::dest::Dest;
+use crate::upstream::ALPN_TCP;
+
+impl Sidecar {
+    /// Opens an mTLS connection for opaque TCP to `dest`, trying other targets when one fails.
+    pub(super) async fn open_tcp(
+        &self,
+        table: &RoutingTable,
+        dest: &Dest,
+    ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, Target), ProxyError> {
+        let entry = table
+            .service(&dest.service)
+            .ok_or_else(|| ProxyError::NoRoute(dest.service.to_string()))?;
+        let candidates = entry.targets_for(dest.scope, dest.port);
+        // A cluster.local name stays in this cluster: no split across clusters.
+        let split: &[Backend] = if entry.resolve(dest.scope) == Scope::Local {
+            &[]
+        } else {
+            &entry.policy.split
+        };
+        let connect_timeout = entry.policy.connect_timeout;
+        let here = self.locality(table);
+        let mut tried = untrusted(&self.identity, candidates);
+        let mut last = ProxyError::Unavailable(nothing_to_try(dest, &tried));
+        for attempt in 0..=self.options.safe_retries {
+            let Some(target) = self.balancer.pick(&here, candidates, split, &tried) else {
+                break;
+            };
+            if attempt > 0 {
+                self.metrics.retries.inc();
+            }
+            match self.upstreams.tls(&target, ALPN_TCP, connect_timeout).await {
+                Ok(tls) => {
+                    self.balancer.success(&target);
+                    return Ok((tls, target));
+                }
+                Err(e) => {
+                    self.count_error(e.label());
+                    if self.balancer.failure(&target, candidates) {
+                        self.metrics.ejections.inc();
+                    }
+                    last = ProxyError::Connect {
+                        label: e.label(),
+                        bad_peer: false,
+                        message: e.to_string(),
+                    };
+                    tried.push(target);
+                }
+            }
+        }
+        Err(last)
+    }
+
+    pub(super) async fn outbound_tcp<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        client: S,
+        dest: Dest,
+    ) {
+        let table = self.config.table();
+        let (up, target) = match self.open_tcp(&table, &dest).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(destination = %dest, error = %e, "opaque TCP connection refused");
+                return;
+            }
+        };
+        drop(table);
+        self.relay_tcp(client, up, &dest, &target).await;
+    }
+
+    pub(super) async fn relay_tcp<A, B>(&self, client: A, up: B, dest: &Dest, target: &Target)
+    where
+        A: AsyncRead + AsyncWrite + Unpin,
+        B: AsyncRead + AsyncWrite + Unpin,
+    {
+        let service = dest.service.to_string();
+        self.metrics
+            .tcp_connections
+            .get_or_create(&TcpLabels {
+                direction: "outbound".into(),
+                dst_cluster: target.cluster().to_string(),
+                service: service.clone(),
+            })
+            .inc();
+        self.metrics.tcp_active.inc();
+        let _lease = self.balancer.lease(target);
+        let moved = relay(client, up, self.options.idle_timeout).await;
+        self.metrics.tcp_active.dec();
+        if let Ok(m) = moved {
+            self.metrics
+                .bytes
+                .get_or_create(&BytesLabels {
+                    direction: "out".into(),
+                    service: service.clone(),
+                })
+                .inc_by(m.a_to_b);
+            self.metrics
+                .bytes
+                .get_or_create(&BytesLabels {
+                    direction: "in".into(),
+                    service,
+                })
+                .inc_by(m.b_to_a);
+        }
+    }
+}
