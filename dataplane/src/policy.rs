@@ -239,6 +239,7 @@ mod tests {
                 matches: vec![pb::RouteMatch {
                     path_prefix: "/beta".into(),
                     headers: [("x-user".to_string(), "premium".to_string())].into(),
+                    ..Default::default()
                 }],
                 timeout_ms: 1500,
                 ..Default::default()

@@ -218,7 +218,7 @@ pub async fn run(
     let mut snap = cp.snapshot();
     loop {
         let s = snap.borrow_and_update().clone();
-        let policies = super::policy::policies_of(&s.local);
+        let policies = super::policy::policies_of(&s.local, &s.routes);
         let services = services_of(&cp.config.cluster, &cp.config.region, &s, &policies);
         let peers = peers_of(
             &cp.config.cluster,

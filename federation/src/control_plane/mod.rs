@@ -10,6 +10,7 @@ pub mod dns;
 pub mod hub_link;
 pub mod identity;
 pub mod policy;
+pub mod routes;
 pub mod scope;
 pub mod source;
 pub mod state;
@@ -135,6 +136,8 @@ pub struct Snapshot {
     pub clusterset: Arc<ClusterSet>,
     pub vips: Arc<BTreeMap<ServiceKey, std::net::Ipv4Addr>>,
     pub validity: Arc<BTreeMap<ServiceKey, Result<(), Invalid>>>,
+    /// The Gateway API routes, compiled against the local objects and the clusterset.
+    pub routes: Arc<routes::CompiledRoutes>,
 }
 
 pub struct ControlPlane {
@@ -465,11 +468,13 @@ impl ControlPlane {
             Some(v) => Arc::new(v),
             None => self.snapshot.borrow().validity.clone(),
         };
+        let routes = Arc::new(routes::compile(&local, &cs, &self.config.cluster));
         self.snapshot.send_replace(Arc::new(Snapshot {
             local,
             clusterset: cs,
             vips,
             validity,
+            routes,
         }));
     }
 
@@ -508,9 +513,11 @@ impl ControlPlane {
             &snap.clusterset,
             &self.config.cluster,
         );
+        let routes = tracker.route_statuses(&snap.routes);
         if let Some(w) = &self.kube_writer {
             w.sync_imports(&imports, &snap.clusterset).await;
             w.sync_export_status(&exports).await;
+            w.sync_route_status(&routes).await;
             return;
         }
         if matches!(self.config.source, SourceSpec::Dir(_)) {
@@ -528,9 +535,25 @@ impl ControlPlane {
                 .iter()
                 .filter_map(|e| serde_json::to_value(e).ok())
                 .collect();
+            let route_docs = |kind: &str| -> Vec<serde_json::Value> {
+                routes
+                    .iter()
+                    .filter(|(k, _, _)| *k == kind)
+                    .map(|(kind, key, status)| {
+                        serde_json::json!({
+                            "apiVersion": "gateway.networking.k8s.io/v1",
+                            "kind": kind,
+                            "metadata": {"name": key.name.to_string(), "namespace": key.namespace.to_string()},
+                            "status": status,
+                        })
+                    })
+                    .collect()
+            };
             for (name, docs) in [
                 ("serviceimports.yaml", to_values(imports)),
                 ("serviceexports.yaml", exports),
+                ("httproutes.yaml", route_docs("HTTPRoute")),
+                ("grpcroutes.yaml", route_docs("GRPCRoute")),
             ] {
                 if let Err(e) = status::write_yaml_if_changed(&dir.join(name), &docs) {
                     tracing::error!(file = name, error = %e, "cannot write status");

@@ -90,6 +90,7 @@ pub fn to_pb(spec: &TrafficPolicySpec) -> Result<pb::TrafficPolicy, String> {
             matches.push(pb::RouteMatch {
                 path_prefix,
                 headers,
+                ..Default::default()
             });
         }
         let (_, rt) = timeouts(&r.timeouts, &what)?;
@@ -99,6 +100,7 @@ pub fn to_pb(spec: &TrafficPolicySpec) -> Result<pb::TrafficPolicy, String> {
             backends: backends(&r.backend_refs, &what)?,
             timeout_ms: rt,
             retries: retries(&r.retries)?,
+            ..Default::default()
         });
     }
     let mut allowed = Vec::new();
@@ -114,12 +116,18 @@ pub fn to_pb(spec: &TrafficPolicySpec) -> Result<pb::TrafficPolicy, String> {
         connect_timeout_ms: connect,
         request_timeout_ms: request,
         retries: retries(&spec.retries)?,
+        exhaustive: false,
     })
 }
 
-/// The policies of the source, by service key; invalid ones are logged and left out.
-pub fn policies_of(local: &LocalObjects) -> BTreeMap<String, pb::TrafficPolicy> {
-    local
+/// The policies of the source, by service key: TrafficPolicies (invalid ones are logged and
+/// left out), with the routes of the Gateway API routes attached to each service. A service with
+/// such routes routes by them alone (a request matching none is answered 404).
+pub fn policies_of(
+    local: &LocalObjects,
+    routes: &super::routes::CompiledRoutes,
+) -> BTreeMap<String, pb::TrafficPolicy> {
+    let mut out: BTreeMap<String, pb::TrafficPolicy> = local
         .policies
         .iter()
         .filter_map(|(k, p)| match to_pb(&p.spec) {
@@ -129,5 +137,14 @@ pub fn policies_of(local: &LocalObjects) -> BTreeMap<String, pb::TrafficPolicy> 
                 None
             }
         })
-        .collect()
+        .collect();
+    for (parent, list) in &routes.by_parent {
+        let p = out.entry(parent.to_string()).or_default();
+        if !p.routes.is_empty() {
+            tracing::warn!(service = %parent, "HTTPRoute/GRPCRoute rules replace the rules of this service's TrafficPolicy");
+        }
+        p.routes = list.clone();
+        p.exhaustive = true;
+    }
+    out
 }

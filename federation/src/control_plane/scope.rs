@@ -79,12 +79,42 @@ impl ProxyScope {
         }
     }
 
-    /// The part of `all` this stream receives.
+    /// The part of `all` this stream receives: what it may see, and the services the routes of
+    /// those send to (a route of web sending to web-v2 needs web-v2's endpoints).
     pub fn view(&self, all: &ServiceMap) -> ServiceMap {
-        all.iter()
+        let mut out: ServiceMap = all
+            .iter()
             .filter(|(k, s)| self.visible(k, s))
             .map(|(k, s)| (k.clone(), s.clone()))
-            .collect()
+            .collect();
+        if self.role == Role::Gateway {
+            return out;
+        }
+        let referenced: Vec<String> = out
+            .values()
+            .filter_map(|s| s.policy.as_ref())
+            .flat_map(|p| &p.routes)
+            .flat_map(|r| {
+                let mirrors = r
+                    .filters
+                    .iter()
+                    .chain(r.backend_refs.iter().flat_map(|b| &b.filters))
+                    .filter_map(|f| match &f.kind {
+                        Some(pb::filter::Kind::Mirror(m)) => m.backend.as_ref(),
+                        _ => None,
+                    });
+                r.backend_refs.iter().chain(mirrors)
+            })
+            .filter(|b| !b.service.is_empty())
+            .map(|b| b.service.clone())
+            .filter(|k| !out.contains_key(k))
+            .collect();
+        for k in referenced {
+            if let Some(s) = all.get(&k) {
+                out.insert(k, s.clone());
+            }
+        }
+        out
     }
 
     /// Keys subscribed to, for sending whole on a resumed stream.

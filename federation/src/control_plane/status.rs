@@ -183,6 +183,8 @@ pub fn service_imports(cs: &ClusterSet, vips: &VipAllocator) -> Vec<ServiceImpor
 /// ServiceExport conditions, keeping `lastTransitionTime` when a condition did not change.
 pub struct ConditionTracker {
     previous: BTreeMap<(ServiceKey, String), Condition>,
+    /// Route conditions, by route and `kind/parent/type`.
+    routes_previous: BTreeMap<(ServiceKey, String), Condition>,
 }
 
 impl Default for ConditionTracker {
@@ -195,7 +197,70 @@ impl ConditionTracker {
     pub fn new() -> Self {
         Self {
             previous: BTreeMap::new(),
+            routes_previous: BTreeMap::new(),
         }
+    }
+
+    /// Every route's status (`status.parents[]` with fedmesh's conditions), transition times
+    /// kept while a condition does not change.
+    pub fn route_statuses(
+        &mut self,
+        routes: &super::routes::CompiledRoutes,
+    ) -> Vec<(&'static str, ServiceKey, fedmesh_api::gateway::RouteStatus)> {
+        use fedmesh_api::gateway::{CONTROLLER_NAME, RouteParentStatus, RouteStatus, reason};
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        for r in &routes.reports {
+            let mut parents = Vec::new();
+            for p in &r.parents {
+                let mut conditions = Vec::new();
+                let mut list = vec![
+                    (reason::ACCEPTED, &p.accepted),
+                    (reason::RESOLVED_REFS, &p.resolved_refs),
+                ];
+                if let Some(pi) = &p.partially_invalid {
+                    list.push((reason::PARTIALLY_INVALID, pi));
+                }
+                for (type_, c) in list {
+                    let key = (
+                        r.route.clone(),
+                        format!(
+                            "{}/{}/{}/{type_}",
+                            r.kind,
+                            p.parent_ref.name,
+                            p.parent_ref.port.unwrap_or(0)
+                        ),
+                    );
+                    let status = if c.status { "True" } else { "False" }.to_string();
+                    let last = match self.routes_previous.get(&key) {
+                        Some(prev) if prev.status == status && prev.reason == c.reason => {
+                            prev.last_transition_time.clone()
+                        }
+                        _ => now.clone(),
+                    };
+                    let cond = Condition {
+                        type_: type_.to_string(),
+                        status,
+                        reason: c.reason.to_string(),
+                        message: c.message.clone(),
+                        last_transition_time: last,
+                        observed_generation: r.generation,
+                    };
+                    self.routes_previous.insert(key.clone(), cond.clone());
+                    seen.push(key);
+                    conditions.push(cond);
+                }
+                parents.push(RouteParentStatus {
+                    parent_ref: p.parent_ref.clone(),
+                    controller_name: CONTROLLER_NAME.to_string(),
+                    conditions,
+                });
+            }
+            out.push((r.kind, r.route.clone(), RouteStatus { parents }));
+        }
+        self.routes_previous.retain(|k, _| seen.contains(k));
+        out
     }
 
     /// The ServiceExports of the source with their status filled in.

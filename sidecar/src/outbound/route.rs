@@ -119,6 +119,7 @@ mod tests {
                     matches: vec![pb::RouteMatch {
                         path_prefix: "/".into(),
                         headers: [("x-user".to_string(), "premium".to_string())].into(),
+                        ..Default::default()
                     }],
                     ..Default::default()
                 },

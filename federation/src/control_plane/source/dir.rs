@@ -158,6 +158,16 @@ impl DirSource {
                             objs.policies.insert(k, (**p).clone());
                         }
                     }
+                    Object::HttpRoute(r) => {
+                        if let Some(k) = key_of(&r.metadata) {
+                            objs.http_routes.insert(k, (**r).clone());
+                        }
+                    }
+                    Object::GrpcRoute(r) => {
+                        if let Some(k) = key_of(&r.metadata) {
+                            objs.grpc_routes.insert(k, (**r).clone());
+                        }
+                    }
                     Object::EndpointSlice(s) => {
                         let ns = s
                             .metadata

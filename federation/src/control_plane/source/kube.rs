@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fedmesh_api::gateway::{GRPCRoute, HTTPRoute};
 use fedmesh_api::mcs::{
     LABEL_MANAGED_BY, LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, MANAGED_BY, ServiceExport,
     ServiceImport,
@@ -36,6 +37,10 @@ use tokio_util::sync::CancellationToken;
 use super::{LocalObjects, key_of};
 
 const FIELD_MANAGER: &str = "fedmesh";
+/// How many kinds the source watches; it publishes once every one has listed.
+const WATCHED_KINDS: usize = 6;
+/// Kinds whose CRD may be absent.
+const OPTIONAL_KINDS: [&str; 3] = ["trafficpolicies", "httproutes", "grpcroutes"];
 
 #[derive(Default)]
 struct State {
@@ -43,6 +48,8 @@ struct State {
     slices: BTreeMap<String, EndpointSlice>,
     exports: BTreeMap<ServiceKey, ServiceExport>,
     policies: BTreeMap<ServiceKey, TrafficPolicy>,
+    http_routes: BTreeMap<ServiceKey, HTTPRoute>,
+    grpc_routes: BTreeMap<ServiceKey, GRPCRoute>,
     /// Which watchers have completed their initial list.
     ready: BTreeSet<&'static str>,
 }
@@ -82,12 +89,20 @@ impl KubeSource {
             shutdown.clone(),
         );
         spawn_watch::<TrafficPolicy>(
-            Api::all(client),
+            Api::all(client.clone()),
             "trafficpolicies",
-            state,
+            state.clone(),
             me.clone(),
-            shutdown,
+            shutdown.clone(),
         );
+        spawn_watch::<HTTPRoute>(
+            Api::all(client.clone()),
+            "httproutes",
+            state.clone(),
+            me.clone(),
+            shutdown.clone(),
+        );
+        spawn_watch::<GRPCRoute>(Api::all(client), "grpcroutes", state, me.clone(), shutdown);
         me
     }
 
@@ -101,7 +116,7 @@ impl KubeSource {
     }
 
     fn publish(&self, st: &State) {
-        if st.ready.len() < 4 {
+        if st.ready.len() < WATCHED_KINDS {
             return;
         }
         let objs = LocalObjects {
@@ -109,6 +124,8 @@ impl KubeSource {
             slices: st.slices.clone(),
             exports: st.exports.clone(),
             policies: st.policies.clone(),
+            http_routes: st.http_routes.clone(),
+            grpc_routes: st.grpc_routes.clone(),
         };
         self.objects.send_if_modified(|cur| {
             if **cur == objs {
@@ -202,6 +219,38 @@ impl Watched for TrafficPolicy {
     }
 }
 
+impl Watched for HTTPRoute {
+    fn insert(st: &mut State, o: Self) {
+        if let Some(k) = key_of(&o.metadata) {
+            st.http_routes.insert(k, o);
+        }
+    }
+    fn remove(st: &mut State, o: &Self) {
+        if let Some(k) = key_of(&o.metadata) {
+            st.http_routes.remove(&k);
+        }
+    }
+    fn clear(st: &mut State) {
+        st.http_routes.clear();
+    }
+}
+
+impl Watched for GRPCRoute {
+    fn insert(st: &mut State, o: Self) {
+        if let Some(k) = key_of(&o.metadata) {
+            st.grpc_routes.insert(k, o);
+        }
+    }
+    fn remove(st: &mut State, o: &Self) {
+        if let Some(k) = key_of(&o.metadata) {
+            st.grpc_routes.remove(&k);
+        }
+    }
+    fn clear(st: &mut State) {
+        st.grpc_routes.clear();
+    }
+}
+
 impl Watched for ServiceExport {
     fn insert(st: &mut State, o: Self) {
         if let Some(k) = key_of(&o.metadata) {
@@ -263,15 +312,17 @@ fn spawn_watch<K: Watched>(
                     K::remove(&mut st, &o);
                     source.publish(&st);
                 }
-                // Our own CRD may not be installed: that simply means no policies.
+                // An optional CRD (ours, or Gateway API's) may not be installed: that simply
+                // means none of those objects.
                 Err(watcher::Error::InitialListFailed(kube::Error::Api(e)))
-                    if e.code == 404 && name == "trafficpolicies" =>
+                    if e.code == 404 && OPTIONAL_KINDS.contains(&name) =>
                 {
                     {
                         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
                         if st.ready.insert(name) {
                             tracing::info!(
-                                "the TrafficPolicy CRD is not installed; no routing policies (install with `fedmesh crds | kubectl apply -f -`)"
+                                kind = name,
+                                "this CRD is not installed, so there are none (TrafficPolicy: `fedmesh crds | kubectl apply -f -`; HTTPRoute/GRPCRoute: the Gateway API standard CRDs)"
                             );
                         }
                         source.publish(&st);
@@ -460,6 +511,42 @@ impl KubeWriter {
     }
 
     /// Writes the conditions of this cluster's ServiceExports.
+    /// Writes fedmesh's entries of each route's `status.parents` (server-side apply under
+    /// fedmesh's field manager leaves other controllers' entries alone).
+    pub async fn sync_route_status(
+        &self,
+        routes: &[(&'static str, ServiceKey, fedmesh_api::gateway::RouteStatus)],
+    ) {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        for (kind, key, status) in routes {
+            let (ns, name) = (key.namespace.to_string(), key.name.to_string());
+            let patch = serde_json::json!({
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": kind,
+                "status": status,
+            });
+            let id = format!("route/{kind}/{ns}/{name}");
+            if !self.changed(&id, &patch).await {
+                continue;
+            }
+            let result = if *kind == "GRPCRoute" {
+                Api::<GRPCRoute>::namespaced(self.client.clone(), &ns)
+                    .patch_status(&name, &params, &Patch::Apply(&patch))
+                    .await
+                    .map(|_| ())
+            } else {
+                Api::<HTTPRoute>::namespaced(self.client.clone(), &ns)
+                    .patch_status(&name, &params, &Patch::Apply(&patch))
+                    .await
+                    .map(|_| ())
+            };
+            if let Err(err) = result {
+                tracing::warn!(%ns, %name, kind, error = %err, "cannot write route status");
+                self.forget(&id).await;
+            }
+        }
+    }
+
     pub async fn sync_export_status(&self, exports: &[ServiceExport]) {
         let params = PatchParams::apply(FIELD_MANAGER).force();
         for e in exports {

@@ -7,6 +7,7 @@ pub mod kube;
 
 use std::collections::BTreeMap;
 
+use fedmesh_api::gateway::{GRPCRoute, HTTPRoute};
 use fedmesh_api::mcs::{ServiceExport, condition, reason};
 use fedmesh_api::pb::federation as pb;
 use fedmesh_api::policy::TrafficPolicy;
@@ -27,6 +28,9 @@ pub struct LocalObjects {
     pub exports: BTreeMap<ServiceKey, ServiceExport>,
     /// Routing policies, keyed by the service they apply to (same name and namespace).
     pub policies: BTreeMap<ServiceKey, TrafficPolicy>,
+    /// Gateway API routes, keyed by their own namespace/name.
+    pub http_routes: BTreeMap<ServiceKey, HTTPRoute>,
+    pub grpc_routes: BTreeMap<ServiceKey, GRPCRoute>,
 }
 
 /// An endpoint of a local service, for the data plane.
@@ -258,6 +262,8 @@ pub enum Object {
     EndpointSlice(Box<EndpointSlice>),
     ServiceExport(Box<ServiceExport>),
     TrafficPolicy(Box<TrafficPolicy>),
+    HttpRoute(Box<HTTPRoute>),
+    GrpcRoute(Box<GRPCRoute>),
 }
 
 impl Object {
@@ -268,6 +274,8 @@ impl Object {
             Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
             Object::ServiceExport(o) => ("ServiceExport", &o.metadata),
             Object::TrafficPolicy(o) => ("TrafficPolicy", &o.metadata),
+            Object::HttpRoute(o) => ("HTTPRoute", &o.metadata),
+            Object::GrpcRoute(o) => ("GRPCRoute", &o.metadata),
         };
         format!(
             "{kind} {}/{}",
@@ -323,10 +331,18 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, String> {
             super::policy::to_pb(&p.spec).map_err(|e| format!("{what}: {e}"))?;
             Object::TrafficPolicy(Box::new(p))
         }
+        ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
+            fedmesh_api::ServiceName::new(&name).map_err(|e| format!("{what}: route {e}"))?;
+            Object::HttpRoute(Box::new(typed(&doc, &what)?))
+        }
+        ("gateway.networking.k8s.io/v1", "GRPCRoute") => {
+            fedmesh_api::ServiceName::new(&name).map_err(|e| format!("{what}: route {e}"))?;
+            Object::GrpcRoute(Box::new(typed(&doc, &what)?))
+        }
         ("", _) | (_, "") => return Err(format!("document has no apiVersion or kind ({what})")),
         _ => {
             return Err(format!(
-                "{api_version} {kind} is not a kind fedmesh reads (Service v1, EndpointSlice discovery.k8s.io/v1, ServiceExport multicluster.x-k8s.io/v1alpha1, TrafficPolicy fedmesh.io/v1alpha1)"
+                "{api_version} {kind} is not a kind fedmesh reads (Service v1, EndpointSlice discovery.k8s.io/v1, ServiceExport multicluster.x-k8s.io/v1alpha1, HTTPRoute and GRPCRoute gateway.networking.k8s.io/v1, TrafficPolicy fedmesh.io/v1alpha1)"
             ));
         }
     };
