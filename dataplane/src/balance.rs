@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::policy::Backend;
+use crate::policy::ClusterShare;
 use crate::target::{Place, Target};
 
 #[derive(Clone, Debug)]
@@ -196,7 +196,7 @@ impl Balancer {
         &self,
         here: &Locality,
         candidates: &[Target],
-        split: &[Backend],
+        split: &[ClusterShare],
         exclude: &[Target],
     ) -> Option<Target> {
         self.pick_at(here, candidates, split, exclude, Instant::now())
@@ -206,7 +206,7 @@ impl Balancer {
         &self,
         here: &Locality,
         candidates: &[Target],
-        split: &[Backend],
+        split: &[ClusterShare],
         exclude: &[Target],
         now: Instant,
     ) -> Option<Target> {
@@ -260,9 +260,9 @@ impl Balancer {
     fn pick_cluster<'a>(
         &self,
         pool: &[&Target],
-        split: &'a [Backend],
+        split: &'a [ClusterShare],
     ) -> Option<Option<&'a fedmesh_api::ClusterName>> {
-        let available: Vec<&Backend> = split
+        let available: Vec<&ClusterShare> = split
             .iter()
             .filter(|b| b.weight > 0)
             .filter(|b| match &b.cluster {
@@ -394,11 +394,11 @@ mod tests {
         let b = Balancer::new(fast());
         let all = vec![local("a1", "a"), remote("west")];
         let split = vec![
-            Backend {
+            ClusterShare {
                 cluster: Some(cluster("east")),
                 weight: 80,
             },
-            Backend {
+            ClusterShare {
                 cluster: Some(cluster("west")),
                 weight: 20,
             },

@@ -21,6 +21,24 @@ pub enum ProxyError {
     Upgrade,
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// Routes bind the request's service port and none of their rules matches it.
+    #[error(
+        "no route rule of {service} matches {method} {path}: HTTPRoutes or GRPCRoutes bind this port of the service and none of their rules matches (add a rule, or one without matches to catch the rest)"
+    )]
+    NoMatchingRoute {
+        service: String,
+        method: String,
+        path: String,
+    },
+    /// The matched rule cannot be applied (its route's status says the same).
+    #[error("{source_route} cannot be applied: {reason} (fix the route; its status says the same)")]
+    RouteInvalid {
+        source_route: String,
+        reason: String,
+    },
+    /// The backend the request drew resolves to nothing.
+    #[error("{0}")]
+    BackendUnresolved(String),
     #[error("reading the request body failed: {0}")]
     RequestBody(String),
     #[error("{dest} did not answer within {after:?}")]
@@ -55,6 +73,10 @@ impl ProxyError {
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::Upgrade => StatusCode::NOT_IMPLEMENTED,
             Self::BadRequest(_) | Self::RequestBody(_) => StatusCode::BAD_REQUEST,
+            Self::NoMatchingRoute { .. } => StatusCode::NOT_FOUND,
+            Self::RouteInvalid { .. } | Self::BackendUnresolved(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable(_) | Self::NotReady | Self::AppUnreachable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -72,6 +94,9 @@ impl ProxyError {
             Self::NoRoute(_) => "no-route",
             Self::Upgrade => "upgrade",
             Self::BadRequest(_) => "bad-request",
+            Self::NoMatchingRoute { .. } => "no-matching-route",
+            Self::RouteInvalid { .. } => "route-invalid",
+            Self::BackendUnresolved(_) => "backend-unresolved",
             Self::RequestBody(_) => "request-body",
             Self::Timeout { .. } => "timeout",
             Self::Unavailable(_) => "unavailable",

@@ -65,3 +65,45 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         h.remove(header::TE);
     }
 }
+
+/// A request body read whole because it is known to be small, or left streaming.
+pub enum Buffered {
+    Whole(Bytes),
+    Streaming(Body),
+}
+
+/// Reads `body` whole when it is empty or declares an exact length of at most `limit` bytes, so
+/// it can be sent more than once (a retry, a mirror); any other body is left streaming. Boxed,
+/// so awaiting it inside a generic layer's future does not trip rustc's higher-ranked
+/// Send/From checks.
+pub fn buffer_small(
+    body: Body,
+    limit: usize,
+) -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Buffered, crate::error::ProxyError>> + Send>,
+> {
+    use hyper::body::Body as _;
+    Box::pin(async move {
+        let small =
+            body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= limit as u64);
+        if !small {
+            return Ok(Buffered::Streaming(body));
+        }
+        // Collected frame by frame (http_body_util::Limited's error conversion trips rustc's
+        // higher-ranked checks in async code over boxed bodies).
+        let mut body = body;
+        let mut buf = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| crate::error::ProxyError::RequestBody(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(crate::error::ProxyError::RequestBody(format!(
+                        "the body is larger than its declared {limit} bytes"
+                    )));
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(Buffered::Whole(buf.freeze()))
+    })
+}

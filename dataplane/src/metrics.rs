@@ -69,6 +69,8 @@ pub struct ProxyMetrics {
     /// Retries a retry budget did not allow.
     pub retry_budget_exhausted: Counter,
     pub ejections: Counter,
+    /// Mirrored copies of requests, by outcome (`sent`, `failed`, `skipped_body`, `skipped_busy`).
+    pub mirrors: Family<ReasonLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -87,6 +89,7 @@ impl ProxyMetrics {
             retries: Counter::default(),
             retry_budget_exhausted: Counter::default(),
             ejections: Counter::default(),
+            mirrors: Family::default(),
         };
         registry.register(
             "requests",
@@ -133,6 +136,11 @@ impl ProxyMetrics {
             "retry_budget_exhausted",
             "Retries not made because the service's retry budget was spent",
             m.retry_budget_exhausted.clone(),
+        );
+        registry.register(
+            "mirrored_requests",
+            "Copies of requests sent to a route's mirror backend, by outcome",
+            m.mirrors.clone(),
         );
         registry.register(
             "outlier_ejections",

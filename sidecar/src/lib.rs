@@ -60,8 +60,12 @@ pub struct SidecarOptions {
     pub idle_timeout: Duration,
     /// On shutdown, open requests and connections get this long to finish.
     pub drain_timeout: Duration,
-    /// Request bodies up to this size are buffered so a failed attempt can be retried.
+    /// Request bodies up to this size are buffered so a failed attempt can be retried (or a
+    /// route's mirror can get a copy).
     pub max_retry_body: usize,
+    /// Mirrored copies of requests in flight at once; beyond it copies are skipped (counted in
+    /// `mirrored_requests{reason="skipped_busy"}`), never the requests themselves.
+    pub max_mirrors: usize,
     /// Attempts beyond the first for failures that never reached the app (connect errors,
     /// refused streams, a peer whose app was down).
     pub safe_retries: u32,
@@ -82,6 +86,7 @@ impl Default for SidecarOptions {
             idle_timeout: Duration::from_secs(3600),
             drain_timeout: Duration::from_secs(10),
             max_retry_body: 64 * 1024,
+            max_mirrors: 256,
             safe_retries: 3,
             mark: None,
             max_connections: 16 * 1024,
@@ -140,6 +145,7 @@ impl Sidecar {
                 safe_retries: options.safe_retries,
                 max_retry_body: options.max_retry_body,
                 budgets: Arc::new(outbound::Budgets::new(options.retry_budget.clone())),
+                max_mirrors: options.max_mirrors,
             },
         );
         // Any trust domain we hold a bundle for: our own and the federated ones.

@@ -99,6 +99,7 @@ pub fn start(
         version: 0,
         cluster: pb::LocalCluster::default(),
         not_found: HashMap::new(),
+        own_namespace: None,
     };
     if let Some(path) = &cache
         && let Ok(raw) = std::fs::read(path)
@@ -163,6 +164,8 @@ struct State {
     cluster: pb::LocalCluster,
     /// Subscriptions the control plane could not answer, and when it said so.
     not_found: HashMap<String, Instant>,
+    /// This proxy's namespace, once its SVID is known.
+    own_namespace: Option<String>,
 }
 
 impl State {
@@ -192,6 +195,7 @@ impl State {
             self.not_found.insert(n.clone(), now);
         }
         table.not_found = self.not_found.keys().cloned().collect();
+        table.own_namespace = self.own_namespace.clone();
         Ok(table)
     }
 
@@ -235,6 +239,9 @@ async fn session(
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
     let id = identity.spiffe_id().ok_or("no SVID yet")?;
+    state.own_namespace = id
+        .namespace_and_service_account()
+        .map(|(ns, _)| ns.to_string());
     let cp_id = SpiffeId::new(&format!(
         "spiffe://{}/fedmesh/control-plane",
         id.trust_domain()

@@ -153,6 +153,8 @@ pub struct RoutingTable {
     pub cluster_of: HashMap<TrustDomain, ClusterName>,
     /// Services and addresses asked for that the control plane does not know (recently).
     pub not_found: HashSet<String>,
+    /// The namespace of this proxy's workload (its SPIFFE ID's), for consumer routes.
+    pub own_namespace: Option<String>,
 }
 
 impl RoutingTable {

@@ -124,10 +124,10 @@ where
         let Some(target) = self
             .layer
             .balancer
-            .pick(&here, candidates, ctx.split(), &exclude)
+            .pick(&here, candidates, &ctx.split(), &exclude)
         else {
             return Box::pin(std::future::ready(Err(AttemptError::new(
-                ProxyError::Unavailable(nothing_to_try(&ctx.dest, &untrusted)),
+                ProxyError::Unavailable(nothing_to_try(&ctx.destination(), &untrusted)),
             ))));
         };
         tried.push(target.clone());

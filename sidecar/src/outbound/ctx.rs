@@ -8,10 +8,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fedmesh_api::ClusterName;
 use fedmesh_dataplane::config::{RoutingTable, Scope, ServiceEntry};
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::Body;
-use fedmesh_dataplane::policy::{Backend, Route};
+use fedmesh_dataplane::policy::{ClusterShare, Route, RouteBackend};
 use fedmesh_dataplane::target::Target;
 use http::Request;
 
@@ -20,7 +21,7 @@ use crate::dest::Dest;
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// Where a request goes and by which rules: the configuration snapshot it routes by, its
-/// service, and the route of the service's policy it matched.
+/// service, the rule of the service's policy it matched and the backend it drew.
 #[derive(Clone)]
 pub(crate) struct RouteCtx {
     pub table: Arc<RoutingTable>,
@@ -28,8 +29,30 @@ pub(crate) struct RouteCtx {
     pub dest: Dest,
     /// Index of the matched route in the policy.
     pub route: Option<usize>,
+    /// The backend drawn among the route's `backendRefs`; `None`: the service itself.
+    pub backend: Option<Drawn>,
     /// A `cluster.local` name: this cluster only, no split across clusters.
     pub local_only: bool,
+}
+
+/// A backend a request drew.
+#[derive(Clone)]
+pub(crate) struct Drawn {
+    /// Index in the route's `route_backends` (`None`: a mirror's backend).
+    pub index: Option<usize>,
+    pub to: DrawnTarget,
+}
+
+#[derive(Clone)]
+pub(crate) enum DrawnTarget {
+    /// The service itself, in one cluster or wherever locality sends it.
+    Parent(Option<ClusterName>),
+    /// Another service: this cluster's endpoints (`Scope::Local`) or the clusterset's.
+    Service {
+        entry: Arc<ServiceEntry>,
+        port: u16,
+        scope: Scope,
+    },
 }
 
 impl RouteCtx {
@@ -37,12 +60,28 @@ impl RouteCtx {
         self.route.and_then(|i| self.entry.policy.routes.get(i))
     }
 
-    /// The weighted backends that apply: the route's, else the service's; none for local names.
-    pub fn split(&self) -> &[Backend] {
-        match self.route() {
-            _ if self.local_only => &[],
-            Some(r) if !r.backends.is_empty() => &r.backends,
-            _ => &self.entry.policy.split,
+    /// The backend drawn, as the route declared it (with its filters).
+    pub fn route_backend(&self) -> Option<&RouteBackend> {
+        let i = self.backend.as_ref()?.index?;
+        self.route()?.route_backends.get(i)
+    }
+
+    /// The weighted clusters that apply: the drawn backend's cluster, else the route's split,
+    /// else the service's; none for local names and other services.
+    pub fn split(&self) -> Vec<ClusterShare> {
+        if self.local_only {
+            return Vec::new();
+        }
+        match self.backend.as_ref().map(|b| &b.to) {
+            Some(DrawnTarget::Parent(Some(c))) => vec![ClusterShare {
+                cluster: Some(c.clone()),
+                weight: 1,
+            }],
+            Some(DrawnTarget::Service { .. }) => Vec::new(),
+            Some(DrawnTarget::Parent(None)) | None => match self.route() {
+                Some(r) if !r.backends.is_empty() => r.backends.clone(),
+                _ => self.entry.policy.split.clone(),
+            },
         }
     }
 
@@ -53,20 +92,49 @@ impl RouteCtx {
             .or(self.entry.policy.request_timeout)
     }
 
-    /// Retries of gateway failures (502-504) the policy allows.
-    pub fn app_retries(&self) -> u32 {
-        self.route()
-            .map(|r| r.retries)
-            .filter(|n| *n > 0)
-            .unwrap_or(self.entry.policy.retries)
+    /// One attempt's time limit.
+    pub fn attempt_timeout(&self) -> Option<Duration> {
+        self.route().and_then(|r| r.backend_timeout)
+    }
+
+    /// Which answers of the app are retried, how often and how far apart: the route's Gateway
+    /// API retry, else the TrafficPolicy's retries of gateway failures (502-504).
+    pub fn app_retry(&self) -> AppRetry {
+        if let Some(r) = self.route().and_then(|r| r.retry.as_ref()) {
+            return AppRetry {
+                codes: if r.codes.is_empty() {
+                    GATEWAY_FAILURES.to_vec()
+                } else {
+                    r.codes.clone()
+                },
+                attempts: r.attempts,
+                backoff: r.backoff,
+            };
+        }
+        AppRetry {
+            codes: GATEWAY_FAILURES.to_vec(),
+            attempts: self
+                .route()
+                .map(|r| r.retries)
+                .filter(|n| *n > 0)
+                .unwrap_or(self.entry.policy.retries),
+            backoff: None,
+        }
     }
 
     pub fn connect_timeout(&self) -> Option<Duration> {
         self.entry.policy.connect_timeout
     }
 
-    /// The targets the request's name reaches.
+    /// The targets the request's drawn backend reaches.
     pub fn candidates(&self) -> &[Target] {
+        if let Some(Drawn {
+            to: DrawnTarget::Service { entry, port, scope },
+            ..
+        }) = &self.backend
+        {
+            return entry.targets_for(*scope, *port);
+        }
         let scope = if self.local_only {
             Scope::Local
         } else {
@@ -74,6 +142,27 @@ impl RouteCtx {
         };
         self.entry.targets_for(scope, self.dest.port)
     }
+
+    /// What the request is addressed to, for messages: the service, or the backend it drew.
+    pub fn destination(&self) -> String {
+        match self.backend.as_ref().map(|b| &b.to) {
+            Some(DrawnTarget::Service { entry, port, .. }) => format!("{}:{port}", entry.key),
+            _ => self.dest.to_string(),
+        }
+    }
+}
+
+/// The codes a TrafficPolicy's `retries` retry.
+const GATEWAY_FAILURES: [u16; 3] = [502, 503, 504];
+
+/// Retries of answers from the app.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct AppRetry {
+    pub codes: Vec<u16>,
+    /// Retries after the first try.
+    pub attempts: u32,
+    /// The least wait between attempts (doubled per retry, with jitter).
+    pub backoff: Option<Duration>,
 }
 
 /// The targets a request has tried, in order (shared by its attempts).

@@ -4,9 +4,10 @@
 //! ([`Sidecar::outbound_stack`]) as linkerd2-proxy composes its route stacks:
 //!
 //! ```text
-//! observe (metrics, error -> response) → route (service + matched route) → forward (what
-//! crosses to the peer) → timeout (the whole request) → retry (budgeted) → balance (target per
-//! attempt: locality, split, ejection) → endpoint (pooled HTTP/2 mTLS)
+//! observe (metrics, error -> response) → route (service, matched rule, drawn backend) →
+//! filters (header changes, rewrites, redirects, mirrors) → forward (what crosses to the peer) →
+//! timeout (the whole request) → retry (budgeted; per-attempt timeouts, backoff) → balance
+//! (target per attempt: locality, split, ejection) → endpoint (pooled HTTP/2 mTLS)
 //! ```
 //!
 //! Opaque TCP ([`tcp`]) picks and connects with the same balancer. Each layer lives in its own
@@ -15,6 +16,7 @@
 mod balance;
 mod ctx;
 mod endpoint;
+mod filters;
 mod forward;
 mod observe;
 mod retry;
@@ -87,7 +89,13 @@ impl Sidecar {
         .layer(balanced);
         let timed = timeout::TimeoutLayer.layer(retried);
         let forwarded = forward::ForwardLayer.layer(timed);
-        let routed = route::RouteLayer::new(config.clone()).layer(forwarded);
+        let filtered = filters::FilterLayer {
+            mirrors: Arc::new(tokio::sync::Semaphore::new(parts.max_mirrors)),
+            max_mirror_body: parts.max_retry_body,
+            metrics: parts.metrics.clone(),
+        }
+        .layer(forwarded);
+        let routed = route::RouteLayer::new(config.clone()).layer(filtered);
         let observed = observe::ObserveLayer {
             metrics: parts.metrics,
             config,
@@ -328,4 +336,6 @@ pub(crate) struct StackParts {
     pub safe_retries: u32,
     pub max_retry_body: usize,
     pub budgets: Arc<Budgets>,
+    /// Mirrored copies in flight at once.
+    pub max_mirrors: usize,
 }

@@ -20,11 +20,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use fedmesh_api::ServiceKey;
 use fedmesh_dataplane::error::ProxyError;
-use fedmesh_dataplane::http::{Body, PROXY_ERROR, full};
+use fedmesh_dataplane::http::{Body, Buffered, PROXY_ERROR, buffer_small, full};
 use fedmesh_dataplane::metrics::ProxyMetrics;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use hyper::body::Body as _;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
@@ -155,31 +153,10 @@ enum BodySlot {
 }
 
 impl BodySlot {
-    /// Boxed, so that awaiting it inside a generic layer's future does not trip rustc's
-    /// higher-ranked Send/From checks.
-    fn new(body: Body, limit: usize) -> BoxFuture<Result<Self, ProxyError>> {
-        Box::pin(async move {
-            let small =
-                body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= limit as u64);
-            if !small {
-                return Ok(Self::Streaming(Some(body)));
-            }
-            // Collected frame by frame (http_body_util::Limited's error conversion trips rustc's
-            // higher-ranked checks in async code over boxed bodies).
-            let mut body = body;
-            let mut buf = bytes::BytesMut::new();
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| ProxyError::RequestBody(e.to_string()))?;
-                if let Ok(data) = frame.into_data() {
-                    if buf.len() + data.len() > limit {
-                        return Err(ProxyError::RequestBody(format!(
-                            "the body is larger than its declared {limit} bytes"
-                        )));
-                    }
-                    buf.extend_from_slice(&data);
-                }
-            }
-            Ok(Self::Replayable(buf.freeze()))
+    async fn new(body: Body, limit: usize) -> Result<Self, ProxyError> {
+        Ok(match buffer_small(body, limit).await? {
+            Buffered::Whole(b) => Self::Replayable(b),
+            Buffered::Streaming(b) => Self::Streaming(Some(b)),
         })
     }
 
@@ -256,23 +233,37 @@ where
             let ctx = route_ctx(&req)?;
             let budget = layer.budgets.of(&ctx.entry.key);
             budget.deposit();
+            let app = ctx.app_retry();
+            let attempt_timeout = ctx.attempt_timeout();
             let (parts, body) = req.into_parts();
             let idempotent = is_idempotent(&parts.method);
             let mut body = BodySlot::new(body, layer.max_retry_body).await?;
-            let (mut safe_left, mut app_left) = (layer.safe_retries, ctx.app_retries());
+            let (mut safe_left, mut app_left) = (layer.safe_retries, app.attempts);
+            let mut app_retries_done = 0u32;
             let mut last: Option<Result<Response<Body>, ProxyError>> = None;
             loop {
                 let Some(b) = body.take() else {
                     return last.unwrap_or_else(|| {
                         Err(ProxyError::Unavailable(format!(
                             "{}: the request body was sent and cannot be sent again",
-                            ctx.dest
+                            ctx.destination()
                         )))
                     });
                 };
                 let attempt = Request::from_parts(parts.clone(), b);
                 let call: BoxFuture<_> = Box::pin(inner.call(attempt));
-                let retry = match call.await {
+                let outcome = match attempt_timeout {
+                    None => call.await,
+                    Some(after) => match tokio::time::timeout(after, call).await {
+                        Ok(outcome) => outcome,
+                        Err(_) => Err(AttemptError::new(ProxyError::Timeout {
+                            dest: ctx.destination(),
+                            after,
+                        })),
+                    },
+                };
+                // Whether the next attempt is a retry the route asked for (it waits its backoff).
+                let app_retry = match outcome {
                     Ok(resp) => {
                         let status = resp.status();
                         let from_proxy = resp.headers().contains_key(PROXY_ERROR);
@@ -282,10 +273,9 @@ where
                                 status,
                                 StatusCode::SERVICE_UNAVAILABLE | StatusCode::MISDIRECTED_REQUEST
                             );
-                        let gateway_failure = matches!(status.as_u16(), 502..=504);
+                        let app_failure = !unreached && app.codes.contains(&status.as_u16());
                         let wanted = body.replayable()
-                            && ((unreached && safe_left > 0)
-                                || (!unreached && gateway_failure && app_left > 0));
+                            && ((unreached && safe_left > 0) || (app_failure && app_left > 0));
                         if !wanted {
                             return Ok(resp);
                         }
@@ -293,50 +283,74 @@ where
                             layer.metrics.retry_budget_exhausted.inc();
                             return Ok(resp);
                         }
+                        last = Some(Ok(resp));
                         if unreached {
                             safe_left -= 1;
+                            false
                         } else {
                             app_left -= 1;
+                            true
                         }
-                        last = Some(Ok(resp));
-                        true
                     }
                     Err(AttemptError { error, unsent }) => {
                         if matches!(error, ProxyError::Unavailable(_)) {
                             // Nothing left to try: the last answer stands.
                             return last.unwrap_or(Err(error));
                         }
-                        let can = match unsent {
+                        // An attempt past its own limit counts as the 504 it is answered with.
+                        let timed_out = matches!(error, ProxyError::Timeout { .. });
+                        let (can, as_app) = match unsent {
                             // Never sent: the body comes back with the request.
                             Some(r) => {
                                 body.put_back(r.into_body());
-                                true
+                                (safe_left > 0, false)
                             }
+                            None if timed_out => (
+                                body.replayable() && app.codes.contains(&504) && app_left > 0,
+                                true,
+                            ),
                             // Sent, no answer: only an idempotent request we still hold.
-                            None => {
+                            None => (
                                 idempotent
                                     && body.replayable()
                                     && matches!(error, ProxyError::UpstreamReset { .. })
-                            }
+                                    && safe_left > 0,
+                                false,
+                            ),
                         };
-                        if !can || safe_left == 0 {
+                        if !can {
                             return Err(error);
                         }
                         if !budget.withdraw() {
                             layer.metrics.retry_budget_exhausted.inc();
                             return Err(error);
                         }
-                        safe_left -= 1;
+                        if as_app {
+                            app_left -= 1;
+                        } else {
+                            safe_left -= 1;
+                        }
                         last = Some(Err(error));
-                        true
+                        as_app
                     }
                 };
-                if retry {
-                    layer.metrics.retries.inc();
+                layer.metrics.retries.inc();
+                if app_retry && let Some(b) = app.backoff {
+                    tokio::time::sleep(backoff(b, app_retries_done, rand::random())).await;
+                    app_retries_done += 1;
                 }
             }
         })
     }
+}
+
+/// The wait before an app retry: the route's backoff doubled per retry already made (at most
+/// 32 times), plus up to half again of jitter so callers that failed together do not retry
+/// together.
+fn backoff(base: Duration, done: u32, roll: u64) -> Duration {
+    let wait = base.saturating_mul(1 << done.min(5));
+    let jitter_ms = (wait.as_millis() as u64 / 2).max(1);
+    wait + Duration::from_millis(roll % jitter_ms)
 }
 
 #[cfg(test)]
@@ -470,5 +484,76 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(n.load(Ordering::Relaxed), 1 + 4, "a GET: three retries");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_routes_retry_names_its_codes_attempts_and_backoff_and_attempts_have_their_own_limit()
+    {
+        let table = table_with_policy(pb::TrafficPolicy {
+            routes: vec![pb::Route {
+                name: "all".into(),
+                retry: Some(pb::Retry {
+                    codes: vec![500, 504],
+                    attempts: 2,
+                    backoff_ms: 100,
+                }),
+                backend_timeout_ms: 1000,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        // 500 is retried here (a TrafficPolicy would not), twice, waiting 100 ms then 200 ms
+        // (plus up to half again of jitter).
+        let n = Arc::new(AtomicU32::new(0));
+        let mut svc = layer(3, BudgetConfig::default()).layer(answering(500, false, n.clone()));
+        let start = Instant::now();
+        let resp = svc.call(routed_request(&table, "shop/web")).await.unwrap();
+        let waited = start.elapsed();
+        assert_eq!(
+            (resp.status().as_u16(), n.load(Ordering::Relaxed)),
+            (500, 3)
+        );
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_millis(450),
+            "{waited:?}"
+        );
+        // 502 is not among the route's codes.
+        let n = Arc::new(AtomicU32::new(0));
+        let mut svc = layer(3, BudgetConfig::default()).layer(answering(502, false, n.clone()));
+        svc.call(routed_request(&table, "shop/web")).await.unwrap();
+        assert_eq!(n.load(Ordering::Relaxed), 1);
+
+        // Each attempt gets one second; one past it counts as a 504, which the route retries.
+        let n = Arc::new(AtomicU32::new(0));
+        let count = n.clone();
+        let slow = tower::service_fn(move |_req: Request<Body>| {
+            count.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok(Response::new(full("")))
+            }) as BoxFuture<Result<Response<Body>, AttemptError>>
+        });
+        let mut svc = layer(3, BudgetConfig::default()).layer(slow);
+        let start = Instant::now();
+        let err = svc
+            .call(routed_request(&table, "shop/web"))
+            .await
+            .unwrap_err();
+        assert_eq!((err.kind(), err.status().as_u16()), ("timeout", 504));
+        assert_eq!(n.load(Ordering::Relaxed), 3);
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_stops_doubling() {
+        let b = Duration::from_millis(100);
+        assert_eq!(backoff(b, 0, 0), b);
+        assert_eq!(backoff(b, 1, 0), Duration::from_millis(200));
+        assert!(backoff(b, 1, u64::MAX) < Duration::from_millis(300));
+        assert_eq!(backoff(b, 40, 0), Duration::from_millis(3200));
     }
 }

@@ -5,7 +5,7 @@
 use fedmesh_dataplane::config::{RoutingTable, Scope};
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::metrics::{BytesLabels, TcpLabels};
-use fedmesh_dataplane::policy::Backend;
+use fedmesh_dataplane::policy::ClusterShare;
 use fedmesh_dataplane::relay::relay;
 use fedmesh_dataplane::target::Target;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -28,7 +28,7 @@ impl Sidecar {
             .ok_or_else(|| ProxyError::NoRoute(dest.service.to_string()))?;
         let candidates = entry.targets_for(dest.scope, dest.port);
         // A cluster.local name stays in this cluster: no split across clusters.
-        let split: &[Backend] = if entry.resolve(dest.scope) == Scope::Local {
+        let split: &[ClusterShare] = if entry.resolve(dest.scope) == Scope::Local {
             &[]
         } else {
             &entry.policy.split

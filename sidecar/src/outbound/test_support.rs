@@ -6,13 +6,14 @@ use std::sync::Arc;
 use fedmesh_api::pb::dataplane as pb;
 use fedmesh_dataplane::config::{RoutingTable, Scope, compile};
 use fedmesh_dataplane::http::{Body, full};
+use fedmesh_dataplane::policy::Selected;
 use http::{Request, Response};
 
 use super::ctx::{BoxFuture, RouteCtx};
 use crate::dest::Dest;
 
 /// A table of cluster east with `shop/web` (port 80, endpoints 127.0.0.1:1001 and :1002 in zone
-/// a) under `policy`.
+/// a) under `policy`, and `shop/web-v2` (port 80, endpoint 127.0.0.1:2001).
 pub(crate) fn table_with_policy(policy: pb::TrafficPolicy) -> Arc<RoutingTable> {
     let endpoint = |port: u32| pb::Endpoint {
         address: "127.0.0.1".into(),
@@ -38,13 +39,31 @@ pub(crate) fn table_with_policy(policy: pb::TrafficPolicy) -> Arc<RoutingTable> 
         policy: Some(policy),
         ..Default::default()
     };
+    let v2 = pb::Service {
+        key: "shop/web-v2".into(),
+        endpoints: vec![endpoint(2001)],
+        policy: None,
+        ..web.clone()
+    };
     let cluster = pb::LocalCluster {
         name: "east".into(),
         trust_domain: "east.example".into(),
         region: "us-east".into(),
         peers: vec![],
     };
-    Arc::new(compile(1, 1, &cluster, &[("shop/web".to_string(), web)].into()).unwrap())
+    Arc::new(
+        compile(
+            1,
+            1,
+            &cluster,
+            &[
+                ("shop/web".to_string(), web),
+                ("shop/web-v2".to_string(), v2),
+            ]
+            .into(),
+        )
+        .unwrap(),
+    )
 }
 
 pub(crate) fn dest(key: &str) -> Dest {
@@ -59,18 +78,20 @@ pub(crate) fn dest(key: &str) -> Dest {
 pub(crate) fn routed_request(table: &Arc<RoutingTable>, key: &str) -> Request<Body> {
     let mut req = Request::get("/x?y=1").body(full("")).unwrap();
     let entry = table.service_named(key).unwrap().clone();
-    let route = entry.policy.routes.iter().position(|r| {
-        r.matches.is_empty()
-            || r.matches
-                .iter()
-                .any(|m| m.matches(req.uri(), req.headers()))
-    });
+    let route = match entry
+        .policy
+        .select(80, None, req.method(), req.uri(), req.headers())
+    {
+        Selected::Route(i, _) => Some(i),
+        _ => None,
+    };
     req.extensions_mut().insert(dest(key));
     req.extensions_mut().insert(RouteCtx {
         table: table.clone(),
         entry,
         dest: dest(key),
         route,
+        backend: None,
         local_only: false,
     });
     req

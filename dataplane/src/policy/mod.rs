@@ -1,50 +1,88 @@
-//! A service's routing policy, compiled from the control plane's `TrafficPolicy` once per
-//! configuration: durations as `Duration`, clusters as `ClusterName`, header matchers as
-//! `HeaderName`/`HeaderValue`, callers as parsed patterns. The request path only runs them.
+//! A service's routing policy, compiled once per configuration from the control plane's
+//! policy — its Gateway API routes (HTTPRoute, GRPCRoute) and its TrafficPolicy: durations as
+//! `Duration`, clusters as `ClusterName`, matchers ready to run ([`matchers`]), filters and
+//! backends typed ([`filters`]), callers as parsed patterns. The request path only runs them.
+
+mod filters;
+mod matchers;
 
 use std::time::Duration;
 
 use fedmesh_api::pb::dataplane as pb;
 use fedmesh_api::{ClusterName, SpiffeId, TrustDomain};
-use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use http::{HeaderMap, Method, Uri};
+
+pub use filters::{
+    BackendTarget, Filter, HeaderModifier, Mirror, PathModifier, Redirect, Rewrite, RouteBackend,
+};
+pub use matchers::{GrpcMatch, Matcher, PathMatch, RouteMatch};
 
 /// A share of traffic for one cluster (or, with `cluster: None`, wherever locality routing
 /// sends it).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Backend {
+pub struct ClusterShare {
     pub cluster: Option<ClusterName>,
     pub weight: u32,
 }
 
-/// When a route applies.
+/// Gateway API retries (GEP-1731): which codes, how many times, how far apart.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RouteMatch {
-    /// A path prefix ("" matches every path).
-    pub path_prefix: String,
-    /// Headers that must be present with exactly these values.
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-}
-
-impl RouteMatch {
-    pub fn matches(&self, uri: &Uri, headers: &HeaderMap) -> bool {
-        uri.path().starts_with(self.path_prefix.as_str())
-            && self
-                .headers
-                .iter()
-                .all(|(k, v)| headers.get(k).is_some_and(|have| have == v))
-    }
+pub struct RetryPolicy {
+    /// Response codes retried (connection failures always are).
+    pub codes: Vec<u16>,
+    /// Retries after the first try.
+    pub attempts: u32,
+    /// The least wait between attempts.
+    pub backoff: Option<Duration>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     pub name: String,
+    /// Where it came from (`HTTPRoute shop/web-canary`; "" for a TrafficPolicy rule).
+    pub source: String,
     /// Any of them (none: every request).
     pub matches: Vec<RouteMatch>,
-    /// The route's own split; empty uses the service's.
-    pub backends: Vec<Backend>,
+    /// A split by cluster (TrafficPolicy); empty uses the service's.
+    pub backends: Vec<ClusterShare>,
+    /// Gateway API backendRefs, chosen among by weight.
+    pub route_backends: Vec<RouteBackend>,
+    pub filters: Vec<Filter>,
+    /// The whole request's limit.
     pub timeout: Option<Duration>,
-    /// Retries of gateway failures (502-504); 0 uses the service's.
+    /// One attempt's limit.
+    pub backend_timeout: Option<Duration>,
+    /// Retries of gateway failures (502-504), TrafficPolicy form; 0 uses the service's.
     pub retries: u32,
+    pub retry: Option<RetryPolicy>,
+    /// The service port it binds; `None`: every port.
+    pub port: Option<u16>,
+    /// A consumer route: only for callers of this namespace.
+    pub consumer_namespace: Option<String>,
+    pub grpc: bool,
+    /// Why the rule cannot be applied: its requests are answered 500 with this.
+    pub invalid: Option<String>,
+}
+
+impl Route {
+    /// The prefix the request matched, for ReplacePrefixMatch (the rule has exactly one match).
+    pub fn matched_prefix(&self) -> Option<&str> {
+        self.matches
+            .first()
+            .and_then(|m| m.path.as_ref())
+            .and_then(PathMatch::prefix)
+    }
+}
+
+/// What a request's route is.
+#[derive(Debug)]
+pub enum Selected<'p> {
+    /// Index in [`Policy::routes`] and the route.
+    Route(usize, &'p Route),
+    /// Routes bind this port and none matches: answered 404.
+    NoMatch,
+    /// No route concerns this request: the service's defaults apply.
+    Default,
 }
 
 /// Who may call a service: an exact SPIFFE ID, or every ID under a path prefix (`.../*`).
@@ -93,7 +131,7 @@ impl CallerPattern {
 /// A service's compiled policy. The default is plain locality routing with no limits.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
-    pub split: Vec<Backend>,
+    pub split: Vec<ClusterShare>,
     /// First match wins.
     pub routes: Vec<Route>,
     /// Empty: any authenticated caller.
@@ -103,16 +141,18 @@ pub struct Policy {
     pub connect_timeout: Option<Duration>,
     pub request_timeout: Option<Duration>,
     pub retries: u32,
+    /// Routes came from Gateway API: a request to a bound port that matches none gets 404.
+    pub exhaustive: bool,
 }
 
 fn millis(ms: u32) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms.into()))
 }
 
-fn backends(list: &[pb::WeightedBackend]) -> Result<Vec<Backend>, String> {
+fn backends(list: &[pb::WeightedBackend]) -> Result<Vec<ClusterShare>, String> {
     list.iter()
         .map(|b| {
-            Ok(Backend {
+            Ok(ClusterShare {
                 cluster: if b.cluster.is_empty() {
                     None
                 } else {
@@ -127,6 +167,50 @@ fn backends(list: &[pb::WeightedBackend]) -> Result<Vec<Backend>, String> {
         .collect()
 }
 
+fn route_of(r: &pb::Route) -> Result<Route, String> {
+    let matches = r
+        .matches
+        .iter()
+        .map(RouteMatch::try_from)
+        .collect::<Result<Vec<_>, String>>()?;
+    let route_backends = r
+        .backend_refs
+        .iter()
+        .map(|b| {
+            Ok(RouteBackend {
+                target: filters::backend_target(b)?,
+                weight: b.weight,
+                filters: filters::filters(&b.filters)?,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Route {
+        name: r.name.clone(),
+        source: r.source.clone(),
+        matches,
+        backends: backends(&r.backends)?,
+        route_backends,
+        filters: filters::filters(&r.filters)?,
+        timeout: millis(r.timeout_ms),
+        backend_timeout: millis(r.backend_timeout_ms),
+        retries: r.retries,
+        retry: r.retry.as_ref().map(|x| RetryPolicy {
+            codes: x
+                .codes
+                .iter()
+                .filter_map(|c| u16::try_from(*c).ok())
+                .collect(),
+            attempts: x.attempts,
+            backoff: millis(x.backoff_ms),
+        }),
+        port: u16::try_from(r.port).ok().filter(|p| *p > 0),
+        consumer_namespace: (!r.consumer_namespace.is_empty())
+            .then(|| r.consumer_namespace.clone()),
+        grpc: r.grpc,
+        invalid: (!r.invalid.is_empty()).then(|| r.invalid.clone()),
+    })
+}
+
 impl TryFrom<&pb::TrafficPolicy> for Policy {
     type Error = String;
 
@@ -134,40 +218,7 @@ impl TryFrom<&pb::TrafficPolicy> for Policy {
         let routes = p
             .routes
             .iter()
-            .map(|r| {
-                let matches = r
-                    .matches
-                    .iter()
-                    .map(|m| {
-                        let mut headers = m
-                            .headers
-                            .iter()
-                            .map(|(k, v)| {
-                                Ok((
-                                    HeaderName::from_bytes(k.as_bytes())
-                                        .map_err(|e| format!("header name {k:?}: {e}"))?,
-                                    HeaderValue::from_str(v)
-                                        .map_err(|e| format!("header {k} value {v:?}: {e}"))?,
-                                ))
-                            })
-                            .collect::<Result<Vec<_>, String>>()?;
-                        headers.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
-                        Ok(RouteMatch {
-                            path_prefix: m.path_prefix.clone(),
-                            headers,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, String>>()
-                    .map_err(|e| format!("route {:?}: {e}", r.name))?;
-                Ok(Route {
-                    name: r.name.clone(),
-                    matches,
-                    backends: backends(&r.backends)
-                        .map_err(|e| format!("route {:?}: {e}", r.name))?,
-                    timeout: millis(r.timeout_ms),
-                    retries: r.retries,
-                })
-            })
+            .map(|r| route_of(r).map_err(|e| format!("route {:?}: {e}", r.name)))
             .collect::<Result<Vec<_>, String>>()?;
         Ok(Self {
             split: backends(&p.split)?,
@@ -181,16 +232,51 @@ impl TryFrom<&pb::TrafficPolicy> for Policy {
             connect_timeout: millis(p.connect_timeout_ms),
             request_timeout: millis(p.request_timeout_ms),
             retries: p.retries,
+            exhaustive: p.exhaustive,
         })
     }
 }
 
 impl Policy {
-    /// The first route matching the request.
-    pub fn route(&self, uri: &Uri, headers: &HeaderMap) -> Option<&Route> {
-        self.routes
-            .iter()
-            .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(uri, headers)))
+    /// The route of a request to service port `port` from a caller in namespace `caller_ns`:
+    /// the first matching route of the caller's consumer routes when it has any for this port,
+    /// else of the producer routes (routes are ordered by precedence when compiled).
+    pub fn select(
+        &self,
+        port: u16,
+        caller_ns: Option<&str>,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Selected<'_> {
+        let binds = |r: &Route| r.port.is_none_or(|p| p == port);
+        let consumer = |r: &Route| {
+            r.consumer_namespace.is_some() && r.consumer_namespace.as_deref() == caller_ns
+        };
+        let has_consumer = self.routes.iter().any(|r| binds(r) && consumer(r));
+        let group = |r: &Route| {
+            binds(r)
+                && if has_consumer {
+                    consumer(r)
+                } else {
+                    r.consumer_namespace.is_none()
+                }
+        };
+        let mut any = false;
+        for (i, r) in self.routes.iter().enumerate() {
+            if !group(r) {
+                continue;
+            }
+            any = true;
+            if r.matches.is_empty() || r.matches.iter().any(|m| m.matches(method, uri, headers)) {
+                return Selected::Route(i, r);
+            }
+        }
+        if any && self.exhaustive {
+            Selected::NoMatch
+        } else {
+            Selected::Default
+        }
     }
 
     /// Whether `caller` may call the service.
@@ -202,6 +288,7 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     fn id(s: &str) -> SpiffeId {
         SpiffeId::new(s).unwrap()
@@ -254,8 +341,12 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-user", HeaderValue::from_static("premium"));
         let uri: Uri = "/beta/x".parse().unwrap();
-        assert_eq!(p.route(&uri, &h).map(|r| r.name.as_str()), Some("beta"));
-        assert!(p.route(&uri, &HeaderMap::new()).is_none());
+        let name = |h: &HeaderMap| match p.select(80, None, &Method::GET, &uri, h) {
+            Selected::Route(_, r) => Some(r.name.clone()),
+            _ => None,
+        };
+        assert_eq!(name(&h).as_deref(), Some("beta"));
+        assert!(name(&HeaderMap::new()).is_none());
 
         let bad = Policy::try_from(&pb::TrafficPolicy {
             split: vec![pb::WeightedBackend {
