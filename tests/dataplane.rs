@@ -2,106 +2,25 @@
 //! and east-west gateways, and workloads behind sidecars with identities from their own Workload
 //! API agents. Real sockets, real mTLS, real SNI routing.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use fedmesh_testbed::apps::{self, AppInfo, RunningApp};
+use fedmesh_testbed::apps::{self, AppInfo};
 use fedmesh_testbed::client::ProxyClient;
 use fedmesh_testbed::pb::EchoRequest;
 use fedmesh_testbed::pb::echo_client::EchoClient;
-use fedmesh_testbed::yaml::{self, EndpointSpec};
-use fedmesh_testbed::{Cluster, ClusterSpec, Testbed, Workload, WorkloadSpec};
+use fedmesh_testbed::yaml;
+use fedmesh_testbed::{Workload, WorkloadSpec};
+use support::mesh::{
+    app_listener, client_workload, endpoints, http_workload, http_workload_on, serve_http, testbed,
+    url, wait_routable,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-
-fn init_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn")),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-async fn testbed(dir: &std::path::Path, clusters: &[(&str, &str)]) -> Testbed {
-    init_logs();
-    let specs: Vec<ClusterSpec> = clusters
-        .iter()
-        .map(|(n, r)| ClusterSpec::new(n, r))
-        .collect();
-    Testbed::start(dir, &specs).await.expect("testbed starts")
-}
-
-async fn app_listener() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0").await.unwrap()
-}
-
-/// An HTTP echo app and its workload in `c`.
-async fn http_workload(c: &Cluster, name: &str, zone: &str) -> (Workload, RunningApp) {
-    http_workload_on(c, name, zone, 0).await
-}
-
-async fn http_workload_on(
-    c: &Cluster,
-    name: &str,
-    zone: &str,
-    port: u16,
-) -> (Workload, RunningApp) {
-    c.http_echo_workload("shop", name, zone, port)
-        .await
-        .expect("workload starts")
-}
-
-/// A workload that only calls out (its app address is never used).
-async fn client_workload(c: &Cluster, name: &str, zone: &str) -> Workload {
-    c.workload(
-        &WorkloadSpec::new("shop", name, zone),
-        "127.0.0.1:9".parse().unwrap(),
-    )
-    .await
-    .expect("client workload starts")
-}
-
-fn endpoints(ws: &[&Workload]) -> Vec<EndpointSpec> {
-    ws.iter().map(|w| w.endpoint()).collect()
-}
-
-/// Publishes service `shop/<name>` (HTTP port 80) with `eps` in `c` and exports it.
-fn serve_http(c: &Cluster, name: &str, eps: &[EndpointSpec]) {
-    c.serve_http("shop", name, eps).unwrap();
-}
-
-/// Waits until `w` can reach `shop/<svc>` in every cluster of `clusters` (locally or remotely).
-async fn wait_routable(tb: &Testbed, w: &Workload, svc: &str, clusters: &[&str]) {
-    let key = format!("shop/{svc}");
-    let own = w.cluster.clone();
-    // The other clusters' gateways first: they admit only what they know to be exported.
-    for c in clusters.iter().filter(|c| **c != own) {
-        let c = tb.cluster(c);
-        c.wait_gateway_serves(&key).await.unwrap();
-        w.wait_trusts(&c.trust_domain).await.unwrap();
-    }
-    w.wait_config(&format!("{key} in {clusters:?}"), |t| {
-        t.service_named(&key).is_some_and(|e| {
-            clusters.iter().all(|c| {
-                if *c == own {
-                    e.svc.endpoints.iter().any(|ep| ep.ready)
-                } else {
-                    e.svc
-                        .remote
-                        .iter()
-                        .any(|r| r.cluster == *c && r.ready > 0 && !r.gateways.is_empty())
-                }
-            })
-        })
-    })
-    .await
-    .unwrap();
-}
 
 /// A `CONNECT` tunnel through a sidecar's HTTP proxy, ready for the caller's bytes.
 async fn open_tunnel(proxy: SocketAddr, authority: &str) -> tokio::net::TcpStream {
@@ -123,10 +42,6 @@ async fn read_head(c: &mut tokio::net::TcpStream) -> String {
         head.push(b[0]);
     }
     String::from_utf8(head).unwrap()
-}
-
-fn url(svc: &str, path: &str) -> String {
-    format!("http://{svc}.shop.svc.clusterset.local{path}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

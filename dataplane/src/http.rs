@@ -14,6 +14,8 @@ pub type Body = BoxBody<Bytes, BoxError>;
 pub const PROXY_ERROR: &str = "fedmesh-proxy-error";
 /// Between sidecars: the protocol the app spoke (`HTTP/1.1`), so the far side speaks it too.
 pub const ORIG_PROTO: &str = "fedmesh-orig-proto";
+/// On a mirrored copy of a request (`1`), so the mirror's app can tell it from live traffic.
+pub const MIRROR: &str = "fedmesh-mirror";
 /// Who called, as the callee's sidecar verified it (`By=<callee>;URI=<caller>`).
 pub const XFCC: &str = "x-forwarded-client-cert";
 

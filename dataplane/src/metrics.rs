@@ -69,7 +69,9 @@ pub struct ProxyMetrics {
     /// Retries a retry budget did not allow.
     pub retry_budget_exhausted: Counter,
     pub ejections: Counter,
-    /// Mirrored copies of requests, by outcome (`sent`, `failed`, `skipped_body`, `skipped_busy`).
+    /// Mirrored copies of requests: `sent`, and of those `failed` (an error, or no answer within
+    /// 30 s); `skipped_body` (a body too large or streaming to copy), `skipped_busy` (too many in
+    /// flight).
     pub mirrors: Family<ReasonLabels, Counter>,
 }
 

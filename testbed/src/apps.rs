@@ -43,6 +43,12 @@ pub struct EchoResponse {
     pub version: String,
     pub traceparent: String,
     pub body_bytes: usize,
+    /// The query string ("" when none).
+    #[serde(default)]
+    pub query: String,
+    /// Every request header, values of a repeated one joined with ",".
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 /// The `URI=` of an `x-forwarded-client-cert` value.
@@ -57,6 +63,11 @@ pub struct RunningApp {
 }
 
 impl RunningApp {
+    /// An app served by the caller's own loop at `addr`, which ends when `stop` is cancelled.
+    pub fn from_parts(addr: SocketAddr, stop: CancellationToken) -> Self {
+        Self { addr, stop }
+    }
+
     pub fn stop(&self) {
         self.stop.cancel();
     }
@@ -113,6 +124,20 @@ async fn echo(info: AppInfo, req: Request<Incoming>) -> Response<Full<Bytes>> {
         version: format!("{:?}", req.version()),
         traceparent: header("traceparent"),
         body_bytes: 0,
+        query: req.uri().query().unwrap_or_default().to_string(),
+        headers: req
+            .headers()
+            .keys()
+            .map(|k| {
+                let joined: Vec<&str> = req
+                    .headers()
+                    .get_all(k)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect();
+                (k.to_string(), joined.join(","))
+            })
+            .collect(),
     };
     let path = out.path.clone();
     let status = path

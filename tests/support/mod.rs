@@ -143,4 +143,5 @@ pub fn python_with(module: &str) -> Command {
     Command::new(python)
 }
 pub mod federation;
+pub mod mesh;
 pub mod netns;

@@ -615,6 +615,20 @@ fn parents(
         .collect()
 }
 
+/// A rule whose backends all weigh 0 sends nothing: valid Gateway API, but almost always a
+/// mistake, so it is reported (its requests are answered 500 either way).
+fn check_weights(route: &pb::Route, problems: &mut RuleProblems) {
+    if !route.backend_refs.is_empty() && route.backend_refs.iter().all(|b| b.weight == 0) {
+        set_invalid(
+            problems,
+            (
+                reason::UNSUPPORTED_VALUE,
+                "every backendRef of the rule has weight 0, so it sends nothing".into(),
+            ),
+        );
+    }
+}
+
 /// Records why a rule cannot be applied (the first reason counts).
 fn set_invalid(problems: &mut RuleProblems, p: (&'static str, String)) {
     problems.invalid.get_or_insert(p);
@@ -693,6 +707,7 @@ fn http_rule(i: usize, rule: &HttpRouteRule, route_ns: &str, world: &World<'_>) 
             .backend_refs
             .push(backend(b, route_ns, world, &mut problems, f));
     }
+    check_weights(&route, &mut problems);
     if let Some(t) = &rule.timeouts {
         let request = t
             .request
@@ -840,6 +855,7 @@ fn grpc_rule(i: usize, rule: &GrpcRouteRule, route_ns: &str, world: &World<'_>) 
             .backend_refs
             .push(backend(b, route_ns, world, &mut problems, f));
     }
+    check_weights(&route, &mut problems);
     if let Some(field) = rule.other.keys().next() {
         problems.invalid.get_or_insert((
             reason::UNSUPPORTED_VALUE,

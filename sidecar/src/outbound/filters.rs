@@ -5,7 +5,8 @@
 //! * `URLRewrite` replaces the path (whole, or the matched prefix) and the host the peer sees;
 //! * `RequestRedirect` answers at once with a `Location` (scheme, host, port, path);
 //! * `RequestMirror` sends a copy, after every change above, to another backend and ignores its
-//!   answer: fire and forget, a bounded number in flight, only bodies small enough to copy;
+//!   answer: fire and forget, marked `fedmesh-mirror: 1`, a bounded number in flight, only bodies
+//!   small enough to copy;
 //! * `ResponseHeaderModifier` changes the answer's headers on the way back.
 
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use tokio::sync::Semaphore;
 use tower::{Layer, Service};
 
 use super::ctx::{BoxFuture, RouteCtx, route_ctx};
-use super::forward::CallerHost;
+use super::forward::{CallerHost, Mirrored};
 use super::route::resolve;
 
 /// How long a mirrored copy may take before it is given up.
@@ -279,6 +280,7 @@ impl FilterLayer {
             if let Some(h) = parts.extensions.get::<CallerHost>() {
                 copy.extensions_mut().insert(h.clone());
             }
+            copy.extensions_mut().insert(Mirrored);
             copy.extensions_mut().insert(RouteCtx {
                 route: None,
                 backend: Some(drawn),
@@ -286,12 +288,11 @@ impl FilterLayer {
             });
             let call: BoxFuture<_> = Box::pin(inner.clone().call(copy));
             let layer = self.clone();
+            self.count("sent");
             tokio::spawn(async move {
-                let outcome = match tokio::time::timeout(MIRROR_DEADLINE, call).await {
-                    Ok(Ok(_)) => "sent",
-                    Ok(Err(_)) | Err(_) => "failed",
-                };
-                layer.count(outcome);
+                if !matches!(tokio::time::timeout(MIRROR_DEADLINE, call).await, Ok(Ok(_))) {
+                    layer.count("failed");
+                }
                 drop(permit);
             });
         }

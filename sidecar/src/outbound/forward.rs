@@ -1,12 +1,12 @@
-//! What crosses to the peer sidecar: no hop-by-hop headers, no caller-supplied identity header
-//! (only the callee's sidecar says who called), the app's protocol noted when it was HTTP/1.x
+//! What crosses to the peer sidecar: no hop-by-hop headers, no caller-supplied identity or mirror
+//! header (only the callee's sidecar says who called, only this one which copy is a mirror's), the app's protocol noted when it was HTTP/1.x
 //! (every request rides HTTP/2 between sidecars), this hop in the trace, and an absolute URI
 //! naming the destination by the name the caller used.
 
 use std::task::{Context, Poll};
 
 use fedmesh_dataplane::error::ProxyError;
-use fedmesh_dataplane::http::{Body, ORIG_PROTO, PROXY_ERROR, XFCC, strip_hop_by_hop};
+use fedmesh_dataplane::http::{Body, MIRROR, ORIG_PROTO, PROXY_ERROR, XFCC, strip_hop_by_hop};
 use fedmesh_dataplane::trace;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri, Version};
@@ -17,6 +17,10 @@ use super::ctx::{BoxFuture, route_ctx};
 /// The host the caller named (`Host` or the URI's authority), kept for the peer.
 #[derive(Clone, Debug)]
 pub(crate) struct CallerHost(pub String);
+
+/// Marks a request as a route mirror's copy: it crosses with `fedmesh-mirror: 1`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mirrored;
 
 #[derive(Clone, Default)]
 pub(crate) struct ForwardLayer;
@@ -64,6 +68,11 @@ fn prepare(req: Request<Body>) -> Result<Request<Body>, ProxyError> {
     parts.headers.remove(XFCC);
     parts.headers.remove(ORIG_PROTO);
     parts.headers.remove(PROXY_ERROR);
+    // Only this sidecar says whether a request is a mirror's copy.
+    parts.headers.remove(MIRROR);
+    if parts.extensions.get::<Mirrored>().is_some() {
+        parts.headers.insert(MIRROR, HeaderValue::from_static("1"));
+    }
     if parts.version < Version::HTTP_2 {
         parts
             .headers
@@ -113,6 +122,7 @@ mod tests {
         *req.version_mut() = Version::HTTP_11;
         for (k, v) in [
             (XFCC, "URI=spiffe://evil.example/x"),
+            (MIRROR, "1"),
             ("connection", "x-private"),
             ("x-private", "1"),
             ("te", "gzip"),
@@ -126,6 +136,10 @@ mod tests {
         let out = prepare(req).unwrap();
         let h = out.headers();
         assert!(h.get(XFCC).is_none() && h.get("x-private").is_none() && h.get("te").is_none());
+        assert!(
+            h.get(MIRROR).is_none(),
+            "a caller cannot pass its request off as a mirror's"
+        );
         assert_eq!(h.get(ORIG_PROTO).unwrap(), "HTTP/1.1");
         assert!(
             h.get(trace::TRACEPARENT).is_some(),

@@ -7,9 +7,11 @@
 //! (small bodies are kept; a streaming one only when none of it left), and a request that may
 //! have reached the app unanswered only when its method is idempotent.
 //!
-//! Every retry draws on the service's [`RetryBudget`], as Linkerd's do: retries may add at most
-//! 20% to the requests of the last ten seconds, plus a floor of ten per second so a quiet
-//! service can still retry. When a backend is down everywhere the budget runs dry and failures
+//! Every retry of a request that reached a peer draws on the service's [`RetryBudget`], as
+//! Linkerd's do: retries may add at most 20% to the requests of the last ten seconds, plus a floor
+//! of ten per second so a quiet service can still retry (moving on from a connection that could
+//! not be made costs the peer nothing and needs no budget; it is bounded by `safe_retries` and
+//! never tries a target twice). When a backend is down everywhere the budget runs dry and failures
 //! come back at once, instead of multiplying the load on whatever is still standing.
 
 use std::collections::{HashMap, VecDeque};
@@ -299,6 +301,7 @@ where
                         }
                         // An attempt past its own limit counts as the 504 it is answered with.
                         let timed_out = matches!(error, ProxyError::Timeout { .. });
+                        let sent_nothing = unsent.is_some();
                         let (can, as_app) = match unsent {
                             // Never sent: the body comes back with the request.
                             Some(r) => {
@@ -321,7 +324,10 @@ where
                         if !can {
                             return Err(error);
                         }
-                        if !budget.withdraw() {
+                        // A connection that could not be made cost the peer nothing: moving on to
+                        // another target (at most `safe_retries` times, never the same one twice)
+                        // needs no budget. Anything that reached a peer does.
+                        if !sent_nothing && !budget.withdraw() {
                             layer.metrics.retry_budget_exhausted.inc();
                             return Err(error);
                         }
@@ -555,5 +561,40 @@ mod tests {
         assert_eq!(backoff(b, 1, 0), Duration::from_millis(200));
         assert!(backoff(b, 1, u64::MAX) < Duration::from_millis(300));
         assert_eq!(backoff(b, 40, 0), Duration::from_millis(3200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_could_not_be_made_moves_on_even_with_the_budget_spent() {
+        let table = table_with_policy(pb::TrafficPolicy::default());
+        let spent = BudgetConfig {
+            ratio: 0.0,
+            min_per_second: 0,
+            window: Duration::from_secs(10),
+        };
+        let n = Arc::new(AtomicU32::new(0));
+        let count = n.clone();
+        let refused_once = tower::service_fn(move |req: Request<Body>| {
+            let first = count.fetch_add(1, Ordering::Relaxed) == 0;
+            Box::pin(std::future::ready(if first {
+                Err(AttemptError {
+                    error: ProxyError::Connect {
+                        label: "connect_failed",
+                        bad_peer: false,
+                        message: "refused".into(),
+                    },
+                    unsent: Some(req),
+                })
+            } else {
+                Ok(Response::new(full("")))
+            })) as BoxFuture<Result<Response<Body>, AttemptError>>
+        });
+        let mut svc = layer(3, spent.clone()).layer(refused_once);
+        assert!(svc.call(routed_request(&table, "shop/web")).await.is_ok());
+        assert_eq!(n.load(Ordering::Relaxed), 2);
+        // A peer that was reached and failed is retried only with budget.
+        let n = Arc::new(AtomicU32::new(0));
+        let mut svc = layer(3, spent).layer(answering(503, true, n.clone()));
+        svc.call(routed_request(&table, "shop/web")).await.unwrap();
+        assert_eq!(n.load(Ordering::Relaxed), 1);
     }
 }

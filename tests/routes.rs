@@ -1,0 +1,585 @@
+//! Gateway API routes in the mesh (the GAMMA profile), end to end through the in-process
+//! clusterset: HTTPRoutes written to a cluster's source directory as a user would, compiled by its
+//! control plane, applied by real sidecars, their status read back from the status directory.
+//! The cases follow `conformance/tests/mesh/` of kubernetes-sigs/gateway-api, adapted to this
+//! harness, plus what a multi-cluster mesh adds (versions and clusters as backends).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use fedmesh_testbed::client::{ProxyClient, Reply};
+use fedmesh_testbed::{Cluster, Workload, WorkloadSpec};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::mesh::{
+    app_listener, client_workload, endpoints, http_workload, serve_http, testbed, url,
+    wait_routable,
+};
+use tokio::sync::Notify;
+
+/// The conditions of a route's status, as the control plane wrote them to
+/// `status/<file>`: (type, status, reason, message) of each parent, in order.
+fn route_conditions(c: &Cluster, file: &str, name: &str) -> Vec<(String, String, String, String)> {
+    let text = std::fs::read_to_string(c.data.join("status").join(file)).unwrap_or_default();
+    let mut out = Vec::new();
+    for doc in text.split("\n---\n").skip(1) {
+        let Ok(v) = serde_saphyr::from_str::<serde_json::Value>(doc) else {
+            continue;
+        };
+        if v["metadata"]["name"] != name {
+            continue;
+        }
+        for parent in v["status"]["parents"].as_array().into_iter().flatten() {
+            for c in parent["conditions"].as_array().into_iter().flatten() {
+                let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                out.push((s("type"), s("status"), s("reason"), s("message")));
+            }
+        }
+    }
+    out
+}
+
+/// Waits until the route's status has a condition `type_` with `status`, and returns its
+/// (reason, message).
+async fn wait_condition(
+    c: &Cluster,
+    file: &str,
+    name: &str,
+    type_: &str,
+    status: &str,
+) -> (String, String) {
+    for _ in 0..300 {
+        if let Some((_, _, reason, message)) = route_conditions(c, file, name)
+            .into_iter()
+            .find(|(t, s, _, _)| t == type_ && s == status)
+        {
+            return (reason, message);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{name} never had {type_}={status}: {:?}",
+        route_conditions(c, file, name)
+    );
+}
+
+/// Waits until `w`'s sidecar holds `n` route rules for `shop/<svc>`.
+async fn wait_rules(w: &Workload, svc: &str, n: usize) {
+    let key = format!("shop/{svc}");
+    w.wait_config(&format!("{n} route rules for {key}"), |t| {
+        t.service_named(&key)
+            .is_some_and(|e| e.policy.routes.len() == n)
+    })
+    .await
+    .unwrap();
+}
+
+async fn get(c: &mut ProxyClient, url: &str, headers: &[(&str, &str)]) -> Reply {
+    c.request("GET", url, headers, Bytes::new()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn premium_users_reach_v2_in_any_cluster_and_everyone_else_splits_90_10_by_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    // v1 runs in both clusters, v2 only in west. `reviews` is the name callers use; each version
+    // is a Service of its own (selecting its pods by their `version` label, in Kubernetes).
+    let (e1, _e1_app) = http_workload(east, "reviews-v1", "e1").await;
+    let (w1, _w1_app) = http_workload(west, "reviews-v1", "w1").await;
+    let (w2, _w2_app) = http_workload(west, "reviews-v2", "w1").await;
+    serve_http(east, "reviews", &endpoints(&[&e1]));
+    serve_http(east, "reviews-v1", &endpoints(&[&e1]));
+    serve_http(west, "reviews", &endpoints(&[&w1]));
+    serve_http(west, "reviews-v1", &endpoints(&[&w1]));
+    serve_http(west, "reviews-v2", &endpoints(&[&w2]));
+    let client = client_workload(east, "frontend", "e1").await;
+    for svc in ["reviews", "reviews-v1"] {
+        wait_routable(&tb, &client, svc, &["east", "west"]).await;
+    }
+    wait_routable(&tb, &client, "reviews-v2", &["west"]).await;
+
+    // The caller's cluster routes: premium users to v2 wherever it runs, the rest 90/10.
+    east.write(
+        "reviews-route.yaml",
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews-canary, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 80}]
+  rules:
+  - matches: [{headers: [{name: x-user, value: premium}]}]
+    backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: reviews-v2, port: 80}]
+  - backendRefs:
+    - {group: multicluster.x-k8s.io, kind: ServiceImport, name: reviews-v1, port: 80, weight: 90}
+    - {group: multicluster.x-k8s.io, kind: ServiceImport, name: reviews-v2, port: 80, weight: 10}
+"#,
+    )
+    .unwrap();
+    wait_rules(&client, "reviews", 2).await;
+    let (reason, _) = wait_condition(
+        east,
+        "httproutes.yaml",
+        "reviews-canary",
+        "Accepted",
+        "True",
+    )
+    .await;
+    assert_eq!(reason, "Accepted");
+    wait_condition(
+        east,
+        "httproutes.yaml",
+        "reviews-canary",
+        "ResolvedRefs",
+        "True",
+    )
+    .await;
+
+    let mut c = ProxyClient::new(client.proxy);
+    for _ in 0..50 {
+        let r = get(&mut c, &url("reviews", "/"), &[("x-user", "premium")]).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let echo = r.echo().unwrap();
+        assert_eq!(
+            (echo.workload.as_str(), echo.cluster.as_str()),
+            ("reviews-v2", "west")
+        );
+    }
+    let n = 5000;
+    let mut by: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for _ in 0..n {
+        let r = get(&mut c, &url("reviews", "/"), &[("x-user", "basic")]).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let echo = r.echo().unwrap();
+        *by.entry((echo.workload, echo.cluster)).or_default() += 1;
+    }
+    let v2: usize = by
+        .iter()
+        .filter(|((w, _), _)| w == "reviews-v2")
+        .map(|(_, n)| n)
+        .sum();
+    let share = v2 as f64 / n as f64;
+    assert!(
+        (share - 0.10).abs() <= 0.03,
+        "v2 got {:.1}% of {n} (want 10 ± 3): {by:?}",
+        share * 100.0
+    );
+    // v1's share stays in the caller's cluster (locality within the version).
+    assert_eq!(
+        by.get(&("reviews-v1".into(), "west".into())),
+        None,
+        "{by:?}"
+    );
+    tb.shutdown().await;
+}
+
+/// An app that counts the requests marked as a mirror's copy and answers none of them until
+/// `release` is notified (a mirror as slow as can be).
+async fn held_mirror_app() -> (
+    fedmesh_testbed::apps::RunningApp,
+    Arc<AtomicUsize>,
+    Arc<Notify>,
+) {
+    let listener = app_listener().await;
+    let addr = listener.local_addr().unwrap();
+    let (count, release) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
+    let (c, r) = (count.clone(), release.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let s = tokio::select! {
+                _ = token.cancelled() => return,
+                a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+            };
+            let (c, r) = (c.clone(), r.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (c, r) = (c.clone(), r.clone());
+                    async move {
+                        if req
+                            .headers()
+                            .get("fedmesh-mirror")
+                            .is_some_and(|v| v == "1")
+                        {
+                            c.fetch_add(1, Ordering::SeqCst);
+                        }
+                        r.notified().await;
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (
+        fedmesh_testbed::apps::RunningApp::from_parts(addr, stop),
+        count,
+        release,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_gets_its_share_of_copies_and_never_holds_up_the_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east")]).await;
+    let east = tb.cluster("east");
+    let (api, _api_app) = http_workload(east, "api", "e1").await;
+    let (shadow_app, mirrored, release) = held_mirror_app().await;
+    let shadow = east
+        .workload(
+            &WorkloadSpec::new("shop", "api-shadow", "e1"),
+            shadow_app.addr,
+        )
+        .await
+        .unwrap();
+    serve_http(east, "api", &endpoints(&[&api]));
+    serve_http(east, "api-shadow", &endpoints(&[&shadow]));
+    let client = client_workload(east, "frontend", "e1").await;
+    wait_routable(&tb, &client, "api", &["east"]).await;
+    wait_routable(&tb, &client, "api-shadow", &["east"]).await;
+    east.write(
+        "api-route.yaml",
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-mirror, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: api, port: 80}]
+  rules:
+  - backendRefs: [{name: api, port: 80}]
+    filters:
+    - type: RequestMirror
+      requestMirror:
+        backendRef: {name: api-shadow, port: 80}
+        fraction: {numerator: 25, denominator: 100}
+"#,
+    )
+    .unwrap();
+    wait_rules(&client, "api", 1).await;
+    wait_condition(
+        east,
+        "httproutes.yaml",
+        "api-mirror",
+        "ResolvedRefs",
+        "True",
+    )
+    .await;
+
+    let mut c = ProxyClient::new(client.proxy);
+    let n = 400;
+    for _ in 0..n {
+        let r = get(&mut c, &url("api", "/orders"), &[]).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let echo = r.echo().unwrap();
+        assert_eq!(echo.workload, "api");
+        assert!(
+            !echo.headers.contains_key("fedmesh-mirror"),
+            "live traffic is not marked"
+        );
+    }
+    // Every request was answered while the mirror had answered none of its copies.
+    let mut copies = 0;
+    for _ in 0..100 {
+        copies = mirrored.load(Ordering::SeqCst);
+        if copies >= 60 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    copies = copies.max(mirrored.load(Ordering::SeqCst));
+    // 25% of 400 is 100; a fair draw lands within ±35 (over 4 standard deviations).
+    assert!(
+        (65..=135).contains(&copies),
+        "the mirror got {copies} of {n}"
+    );
+    let metrics = client.metrics.encode();
+    assert!(
+        metrics.contains("fedmesh_sidecar_mirrored_requests_total"),
+        "{metrics}"
+    );
+    release.notify_waiters();
+    tb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matches_filters_and_redirects_behave_as_the_gateway_api_mesh_suite_expects() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east")]).await;
+    let east = tb.cluster("east");
+    let (v1, _v1_app) = http_workload(east, "echo-v1", "e1").await;
+    let (v2, _v2_app) = http_workload(east, "echo-v2", "e1").await;
+    serve_http(east, "echo", &endpoints(&[&v1, &v2]));
+    serve_http(east, "echo-v1", &endpoints(&[&v1]));
+    serve_http(east, "echo-v2", &endpoints(&[&v2]));
+    let client = client_workload(east, "frontend", "e1").await;
+    for svc in ["echo", "echo-v1", "echo-v2"] {
+        wait_routable(&tb, &client, svc, &["east"]).await;
+    }
+    east.write(
+        "echo-routes.yaml",
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mesh-matching, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /}, headers: [{name: version, value: one}]}]
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /}, headers: [{name: version, value: two}]}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{path: {type: Exact, value: /exact}}, {method: POST, path: {type: PathPrefix, value: /v2}}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{path: {type: RegularExpression, value: '/re/[0-9]+'}}, {queryParams: [{name: animal, value: whale}]}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /v1}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mesh-rewrite-and-headers, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: echo, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /prefix/rewrite-path-and-modify-headers}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /prefix}}
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set: [{name: X-Header-Set, value: set-overwrites-values}]
+        add: [{name: X-Header-Add, value: header-val-1}, {name: X-Header-Add-Append, value: header-val-2}]
+        remove: [X-Header-Remove]
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: X-Served-By, value: fedmesh}]}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /strip-prefix}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /original-prefix}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix}}
+  - matches: [{path: {type: PathPrefix, value: /scheme-and-host}}]
+    filters: [{type: RequestRedirect, requestRedirect: {scheme: https, hostname: example.org, statusCode: 301}}]
+  - matches: [{path: {type: PathPrefix, value: /port}}]
+    filters: [{type: RequestRedirect, requestRedirect: {port: 8083, statusCode: 307}}]
+  - matches: [{path: {type: PathPrefix, value: /cors}}]
+    filters: [{type: CORS, cors: {allowOrigins: ["*"]}}]
+    backendRefs: [{name: echo-v1, port: 80}]
+"#,
+    )
+    .unwrap();
+    // Each match is a rule of its own in the sidecar: 2 + 2 + 2 + 1, and 6.
+    wait_rules(&client, "echo", 13).await;
+    wait_condition(east, "httproutes.yaml", "mesh-matching", "Accepted", "True").await;
+    let (reason, message) = wait_condition(
+        east,
+        "httproutes.yaml",
+        "mesh-rewrite-and-headers",
+        "PartiallyInvalid",
+        "True",
+    )
+    .await;
+    assert_eq!(reason, "UnsupportedValue");
+    assert!(message.contains("CORS"), "{message}");
+
+    let mut c = ProxyClient::new(client.proxy);
+    let echo = "http://echo.shop.svc.cluster.local";
+    let mut workload = async |method: &str, path: &str, headers: &[(&str, &str)]| {
+        let r = c
+            .request(method, &format!("{echo}{path}"), headers, Bytes::new())
+            .await
+            .unwrap();
+        match r.status.as_u16() {
+            200 => r.echo().unwrap().workload,
+            s => format!("{s}"),
+        }
+    };
+    // MeshHTTPRouteMatching (headers), MeshHTTPRouteSimpleSameNamespace-style exact/prefix,
+    // method and query matches, and 404 for what no rule matches.
+    for _ in 0..5 {
+        assert_eq!(workload("GET", "/", &[("version", "one")]).await, "echo-v1");
+        assert_eq!(workload("GET", "/", &[("version", "two")]).await, "echo-v2");
+    }
+    assert_eq!(workload("GET", "/exact", &[]).await, "echo-v2");
+    assert_eq!(workload("GET", "/exact/more", &[]).await, "404");
+    assert_eq!(workload("POST", "/v2/x", &[]).await, "echo-v2");
+    assert_eq!(workload("GET", "/v2/x", &[]).await, "404");
+    assert_eq!(workload("GET", "/re/42", &[]).await, "echo-v2");
+    assert_eq!(workload("GET", "/re/x", &[]).await, "404");
+    assert_eq!(
+        workload("GET", "/anything?animal=whale", &[]).await,
+        "echo-v2"
+    );
+    assert_eq!(workload("GET", "/v1/path", &[]).await, "echo-v1");
+    assert_eq!(
+        workload("GET", "/v1x", &[]).await,
+        "404",
+        "prefixes match whole segments"
+    );
+    // A rule fedmesh cannot apply answers 500 rather than send its traffic elsewhere.
+    assert_eq!(workload("GET", "/cors", &[]).await, "500");
+
+    // MeshHTTPRouteRewritePath with header modifiers, and a response header modifier.
+    let r = c
+        .request(
+            "GET",
+            &format!("{echo}/prefix/rewrite-path-and-modify-headers/one"),
+            &[
+                ("X-Header-Remove", "remove-val"),
+                ("X-Header-Add-Append", "append-val-1"),
+                ("X-Header-Set", "set-val"),
+            ],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.headers["x-served-by"], "fedmesh");
+    let e = r.echo().unwrap();
+    assert_eq!(e.path, "/prefix/one");
+    assert_eq!(e.headers["x-header-set"], "set-overwrites-values");
+    assert_eq!(e.headers["x-header-add"], "header-val-1");
+    assert_eq!(
+        e.headers["x-header-add-append"],
+        "append-val-1,header-val-2"
+    );
+    assert!(!e.headers.contains_key("x-header-remove"));
+    let r = get(&mut c, &format!("{echo}/strip-prefix"), &[]).await;
+    assert_eq!(r.echo().unwrap().path, "/");
+
+    // Redirects answer from the sidecar with the Location the spec gives.
+    let location = |r: &Reply| {
+        (
+            r.status.as_u16(),
+            r.headers["location"].to_str().unwrap().to_string(),
+        )
+    };
+    let r = get(&mut c, &format!("{echo}/original-prefix/lemon"), &[]).await;
+    assert_eq!(
+        location(&r),
+        (
+            302,
+            "http://echo.shop.svc.cluster.local/replacement-prefix/lemon".into()
+        )
+    );
+    let r = get(&mut c, &format!("{echo}/scheme-and-host"), &[]).await;
+    assert_eq!(
+        location(&r),
+        (301, "https://example.org/scheme-and-host".into())
+    );
+    let r = get(&mut c, &format!("{echo}/port"), &[]).await;
+    assert_eq!(
+        location(&r),
+        (307, "http://echo.shop.svc.cluster.local:8083/port".into())
+    );
+    tb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mistake_in_a_route_is_reported_in_its_status_and_never_sends_traffic_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let east = tb.cluster("east");
+    let (api, _api_app) = http_workload(east, "api", "e1").await;
+    serve_http(east, "api", &endpoints(&[&api]));
+    let client = client_workload(east, "frontend", "e1").await;
+    wait_routable(&tb, &client, "api", &["east"]).await;
+    east.write(
+        "api-routes.yaml",
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: typo-cluster, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: api, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /typo}}]
+    backendRefs: [{group: fedmesh.io, kind: Cluster, name: wset}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: not-exported, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: api, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /ghost}}]
+    backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: ghost, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: weightless, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: api, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /none}}]
+    backendRefs: [{name: api, port: 80, weight: 0}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: orphan, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: nosuch, port: 80}]
+  rules: [{backendRefs: [{name: api, port: 80}]}]
+"#,
+    )
+    .unwrap();
+    let (reason, message) = wait_condition(
+        east,
+        "httproutes.yaml",
+        "typo-cluster",
+        "ResolvedRefs",
+        "False",
+    )
+    .await;
+    assert_eq!(reason, "BackendNotFound");
+    assert!(message.contains("wset"), "{message}");
+    let (reason, message) = wait_condition(
+        east,
+        "httproutes.yaml",
+        "not-exported",
+        "ResolvedRefs",
+        "False",
+    )
+    .await;
+    assert_eq!(reason, "BackendNotFound");
+    assert!(message.contains("shop/ghost"), "{message}");
+    let (reason, message) =
+        wait_condition(east, "httproutes.yaml", "weightless", "Accepted", "False").await;
+    assert_eq!(reason, "UnsupportedValue");
+    assert!(message.contains("weight 0"), "{message}");
+    let (reason, message) =
+        wait_condition(east, "httproutes.yaml", "orphan", "Accepted", "False").await;
+    assert_eq!(reason, "NoMatchingParent");
+    assert!(message.contains("shop/nosuch"), "{message}");
+
+    wait_rules(&client, "api", 3).await;
+    let mut c = ProxyClient::new(client.proxy);
+    for (path, status) in [
+        ("/typo", 500),
+        ("/ghost", 500),
+        ("/none", 500),
+        ("/other", 404),
+    ] {
+        let r = get(&mut c, &url("api", path), &[]).await;
+        assert_eq!(
+            r.status.as_u16(),
+            status,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(r.headers.contains_key("fedmesh-proxy-error"), "{path}");
+    }
+    let r = get(&mut c, &url("api", "/typo"), &[]).await;
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.contains("HTTPRoute shop/typo-cluster"), "{body}");
+    tb.shutdown().await;
+}
