@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::policy::ClusterShare;
+use crate::policy::{ClusterShare, Outlier};
 use crate::target::{Place, Target};
 
 #[derive(Clone, Debug)]
@@ -59,7 +59,39 @@ pub struct Balancer {
     config: OutlierConfig,
     health: Mutex<HashMap<Box<str>, Health>>,
     active: Mutex<HashMap<Box<str>, std::sync::Arc<AtomicU32>>>,
+    /// Round-robin positions, per service.
+    turns: Mutex<HashMap<Box<str>, usize>>,
     rng: Mutex<u64>,
+}
+
+/// How a target is chosen within the tier that locality and the split leave.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum Choose<'a> {
+    /// The less loaded of two random targets (least request).
+    #[default]
+    LeastOfTwo,
+    /// In turn, per service (the key).
+    RoundRobin(&'a str),
+    /// Rendezvous hashing of this key: a key stays on one target while the targets stay, and
+    /// when one leaves only its keys move.
+    Hash(u64),
+}
+
+/// A 64-bit FNV-1a hash: the same in every proxy and every release, so callers agree on where
+/// a key goes.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Mixes two hashes (the finalizer of splitmix64), so every target's score for a key is
+/// independent of the others'.
+fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a ^ b.rotate_left(32);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Where this proxy is.
@@ -98,6 +130,7 @@ impl Balancer {
             config,
             health: Mutex::new(HashMap::new()),
             active: Mutex::new(HashMap::new()),
+            turns: Mutex::new(HashMap::new()),
             rng: Mutex::new(seed),
         }
     }
@@ -133,10 +166,23 @@ impl Balancer {
     /// belongs to, for the ejection cap (one target can always be ejected). Returns whether
     /// this failure ejected it.
     pub fn failure(&self, t: &Target, pool: &[Target]) -> bool {
-        self.failure_at(t, pool, Instant::now())
+        self.failure_at(t, pool, Instant::now(), &Outlier::default())
     }
 
-    fn failure_at(&self, t: &Target, pool: &[Target], now: Instant) -> bool {
+    /// [`Balancer::failure`] under a service's own failure-accrual settings.
+    pub fn failure_with(&self, t: &Target, pool: &[Target], outlier: &Outlier) -> bool {
+        self.failure_at(t, pool, Instant::now(), outlier)
+    }
+
+    fn failure_at(&self, t: &Target, pool: &[Target], now: Instant, outlier: &Outlier) -> bool {
+        let consecutive = outlier
+            .consecutive_failures
+            .unwrap_or(self.config.consecutive_failures);
+        let base = outlier.base_ejection.unwrap_or(self.config.base_ejection);
+        let max_ejection = self.config.max_ejection.max(base);
+        let max_percent = outlier
+            .max_ejection_percent
+            .unwrap_or(self.config.max_ejection_percent);
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         let ejected_in_pool = pool
             .iter()
@@ -151,13 +197,12 @@ impl Balancer {
         let e = h.entry(t.key().into()).or_default();
         e.failures += 1;
         let already = e.ejected_until.is_some_and(|u| u > now);
-        if e.failures >= self.config.consecutive_failures && !already {
+        if e.failures >= consecutive && !already {
             let allowed = ejected_in_pool == 0
-                || (ejected_in_pool + 1) * 100
-                    <= pool_size * self.config.max_ejection_percent as usize;
+                || (ejected_in_pool + 1) * 100 <= pool_size * max_percent as usize;
             if allowed {
                 let factor = 1u32 << e.ejections.min(10);
-                let d = (self.config.base_ejection * factor).min(self.config.max_ejection);
+                let d = (base * factor).min(max_ejection);
                 e.ejected_until = Some(now + d);
                 e.ejections += 1;
                 e.failures = 0;
@@ -199,7 +244,26 @@ impl Balancer {
         split: &[ClusterShare],
         exclude: &[Target],
     ) -> Option<Target> {
-        self.pick_at(here, candidates, split, exclude, Instant::now())
+        self.pick_at(
+            here,
+            candidates,
+            split,
+            exclude,
+            Instant::now(),
+            Choose::LeastOfTwo,
+        )
+    }
+
+    /// [`Balancer::pick`], choosing within the tier as `how` says.
+    pub fn pick_by(
+        &self,
+        here: &Locality,
+        candidates: &[Target],
+        split: &[ClusterShare],
+        exclude: &[Target],
+        how: Choose<'_>,
+    ) -> Option<Target> {
+        self.pick_at(here, candidates, split, exclude, Instant::now(), how)
     }
 
     fn pick_at(
@@ -209,6 +273,7 @@ impl Balancer {
         split: &[ClusterShare],
         exclude: &[Target],
         now: Instant,
+        how: Choose<'_>,
     ) -> Option<Target> {
         let usable: Vec<&Target> = candidates.iter().filter(|t| !exclude.contains(t)).collect();
         if usable.is_empty() {
@@ -240,7 +305,26 @@ impl Balancer {
                     .collect::<Vec<_>>()
             })
             .find(|v| !v.is_empty())?;
-        Some(self.least_of_two(&tier).clone())
+        Some(
+            match how {
+                Choose::LeastOfTwo => self.least_of_two(&tier),
+                Choose::RoundRobin(service) => {
+                    let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+                    let turn = match turns.get_mut(service) {
+                        Some(t) => t,
+                        None => turns.entry(service.into()).or_default(),
+                    };
+                    *turn = turn.wrapping_add(1);
+                    tier[*turn % tier.len()]
+                }
+                Choose::Hash(key) => tier
+                    .iter()
+                    .copied()
+                    .max_by_key(|t| mix(key, stable_hash(t.key().as_bytes())))
+                    .expect("the tier is not empty"),
+            }
+            .clone(),
+        )
     }
 
     fn tier(here: &Locality, t: &Target) -> u8 {
@@ -361,30 +445,30 @@ mod tests {
         let t = Instant::now();
         for _ in 0..20 {
             assert_eq!(
-                b.pick_at(&here(), &all, &[], &[], t),
+                b.pick_at(&here(), &all, &[], &[], t, Choose::LeastOfTwo),
                 Some(local("a1", "a"))
             );
         }
-        b.failure_at(&local("a1", "a"), &all, t);
+        b.failure_at(&local("a1", "a"), &all, t, &Outlier::default());
         assert_eq!(
-            b.pick_at(&here(), &all, &[], &[], t),
+            b.pick_at(&here(), &all, &[], &[], t, Choose::LeastOfTwo),
             Some(local("b1", "b"))
         );
-        b.failure_at(&local("b1", "b"), &all, t);
+        b.failure_at(&local("b1", "b"), &all, t, &Outlier::default());
         assert_eq!(
-            b.pick_at(&here(), &all, &[], &[], t),
+            b.pick_at(&here(), &all, &[], &[], t, Choose::LeastOfTwo),
             Some(remote("west")),
             "same region before far"
         );
         // Excluded (already tried) targets are skipped too.
         assert_eq!(
-            b.pick_at(&here(), &all, &[], &[remote("west")], t),
+            b.pick_at(&here(), &all, &[], &[remote("west")], t, Choose::LeastOfTwo),
             Some(remote("far"))
         );
         // Ejection ends: traffic comes back to zone a.
         let later = t + Duration::from_millis(60);
         assert_eq!(
-            b.pick_at(&here(), &all, &[], &[], later),
+            b.pick_at(&here(), &all, &[], &[], later, Choose::LeastOfTwo),
             Some(local("a1", "a"))
         );
     }
@@ -450,21 +534,35 @@ mod tests {
         let b = Balancer::new(fast());
         let two = vec![local("a1", "a"), local("b1", "b")];
         let t0 = Instant::now();
-        b.failure_at(&local("a1", "a"), &two, t0);
+        b.failure_at(&local("a1", "a"), &two, t0, &Outlier::default());
         let t1 = t0 + Duration::from_millis(60);
         assert_eq!(
-            b.pick_at(&here(), &two, &[], &[], t1),
+            b.pick_at(&here(), &two, &[], &[], t1, Choose::LeastOfTwo),
             Some(local("a1", "a")),
             "first ejection (50ms) over"
         );
-        b.failure_at(&local("a1", "a"), &two, t1);
+        b.failure_at(&local("a1", "a"), &two, t1, &Outlier::default());
         assert_eq!(
-            b.pick_at(&here(), &two, &[], &[], t1 + Duration::from_millis(60)),
+            b.pick_at(
+                &here(),
+                &two,
+                &[],
+                &[],
+                t1 + Duration::from_millis(60),
+                Choose::LeastOfTwo
+            ),
             Some(local("b1", "b")),
             "second ejection (100ms) still on"
         );
         assert_eq!(
-            b.pick_at(&here(), &two, &[], &[], t1 + Duration::from_millis(110)),
+            b.pick_at(
+                &here(),
+                &two,
+                &[],
+                &[],
+                t1 + Duration::from_millis(110),
+                Choose::LeastOfTwo
+            ),
             Some(local("a1", "a")),
             "second ejection over"
         );
@@ -479,5 +577,54 @@ mod tests {
             .filter(|_| b.pick(&here(), &all, &[], &[]) == Some(local("a2", "a")))
             .count();
         assert!(a2 > 700, "{a2}");
+    }
+
+    #[test]
+    fn round_robin_takes_turns_and_a_hash_keeps_a_key_on_one_target_and_moves_few() {
+        let b = Balancer::default();
+        let all: Vec<Target> = (1..=4).map(|i| local(&format!("a{i}"), "a")).collect();
+        let turns: Vec<String> = (0..8)
+            .map(|_| {
+                b.pick_by(&here(), &all, &[], &[], Choose::RoundRobin("shop/web"))
+                    .unwrap()
+                    .key()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(turns[..4], turns[4..], "{turns:?}");
+        let mut distinct = turns[..4].to_vec();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 4, "each target once per round: {turns:?}");
+
+        let place = |targets: &[Target], key: u64| {
+            b.pick_by(&here(), targets, &[], &[], Choose::Hash(key))
+                .unwrap()
+                .key()
+                .to_string()
+        };
+        let keys: Vec<u64> = (0..1000u32)
+            .map(|k| stable_hash(format!("user-{k}").as_bytes()))
+            .collect();
+        let before: Vec<String> = keys.iter().map(|k| place(&all, *k)).collect();
+        assert_eq!(
+            before,
+            keys.iter().map(|k| place(&all, *k)).collect::<Vec<_>>(),
+            "stable while the targets are"
+        );
+        let mut per: HashMap<&str, usize> = HashMap::new();
+        for t in &before {
+            *per.entry(t.as_str()).or_default() += 1;
+        }
+        assert!(
+            per.values().all(|n| (150..=350).contains(n)),
+            "spread: {per:?}"
+        );
+        // One target leaves: only its keys move.
+        let gone = all[0].key().to_string();
+        let after: Vec<String> = keys.iter().map(|k| place(&all[1..], *k)).collect();
+        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+        let on_gone = before.iter().filter(|t| **t == gone).count();
+        assert_eq!(moved, on_gone, "only the keys of the target that left move");
     }
 }

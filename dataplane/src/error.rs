@@ -39,6 +39,22 @@ pub enum ProxyError {
     /// The backend the request drew resolves to nothing.
     #[error("{0}")]
     BackendUnresolved(String),
+    /// A TrafficPolicy's fault injection answered instead of the service.
+    #[error("fault injected by the TrafficPolicy of {policy_of}")]
+    FaultInjected {
+        status: StatusCode,
+        policy_of: String,
+    },
+    /// A rate limit has no token left; one will be there after `retry_after`.
+    #[error("rate limit of {what} exceeded ({limit}); retry after {retry_after:?}")]
+    RateLimited {
+        what: String,
+        limit: String,
+        retry_after: Duration,
+    },
+    /// A circuit breaker's limit is reached: answered at once, nothing sent.
+    #[error("{0}")]
+    Overloaded(String),
     #[error("reading the request body failed: {0}")]
     RequestBody(String),
     #[error("{dest} did not answer within {after:?}")]
@@ -77,6 +93,9 @@ impl ProxyError {
             Self::RouteInvalid { .. } | Self::BackendUnresolved(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            Self::FaultInjected { status, .. } => *status,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable(_) | Self::NotReady | Self::AppUnreachable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -97,6 +116,9 @@ impl ProxyError {
             Self::NoMatchingRoute { .. } => "no-matching-route",
             Self::RouteInvalid { .. } => "route-invalid",
             Self::BackendUnresolved(_) => "backend-unresolved",
+            Self::FaultInjected { .. } => "fault-injected",
+            Self::RateLimited { .. } => "rate-limited",
+            Self::Overloaded(_) => "overloaded",
             Self::RequestBody(_) => "request-body",
             Self::Timeout { .. } => "timeout",
             Self::Unavailable(_) => "unavailable",
@@ -111,7 +133,14 @@ impl ProxyError {
 
     /// The response a caller gets: the status, `fedmesh-proxy-error`, and the message as text.
     pub fn into_response(self) -> Response<Body> {
-        proxy_response(self.status(), self.kind(), &self.to_string())
+        let mut r = proxy_response(self.status(), self.kind(), &self.to_string());
+        if let Self::RateLimited { retry_after, .. } = &self {
+            // Whole seconds, rounded up (RFC 9110 10.2.3).
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        r
     }
 }
 

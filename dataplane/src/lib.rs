@@ -7,6 +7,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod policy;
+pub mod ratelimit;
 pub mod relay;
 pub mod sni;
 pub mod target;

@@ -114,6 +114,8 @@ pub struct Sidecar {
     /// The inbound TLS config, built once: it reads the newest SVID and bundles at every
     /// handshake, so rotation needs no new config.
     inbound_tls: Arc<rustls::ServerConfig>,
+    /// Rate-limit buckets: routes' (outbound) and the service's own (inbound).
+    limiter: Arc<fedmesh_dataplane::ratelimit::Limiter>,
 }
 
 impl Sidecar {
@@ -134,6 +136,7 @@ impl Sidecar {
         upstreams.set_connect_timeout(options.connect_timeout);
         let upstreams = Arc::new(upstreams);
         let balancer = Arc::new(Balancer::new(options.outlier.clone()));
+        let limiter = Arc::new(fedmesh_dataplane::ratelimit::Limiter::new());
         let outbound = Self::outbound_stack(
             config.clone(),
             outbound::StackParts {
@@ -146,6 +149,7 @@ impl Sidecar {
                 max_retry_body: options.max_retry_body,
                 budgets: Arc::new(outbound::Budgets::new(options.retry_budget.clone())),
                 max_mirrors: options.max_mirrors,
+                limiter: limiter.clone(),
             },
         );
         // Any trust domain we hold a bundle for: our own and the federated ones.
@@ -155,6 +159,7 @@ impl Sidecar {
         );
         Arc::new(Self {
             inbound_tls,
+            limiter,
             balancer,
             upstreams,
             outbound,

@@ -7,6 +7,7 @@
 //! TCP gets a connection of its own with ALPN `fedmesh-tcp`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +39,15 @@ pub enum UpstreamError {
     Alpn { addr: String, wanted: String },
     #[error("HTTP/2 handshake with {addr} failed: {reason}")]
     H2 { addr: String, reason: String },
+    /// The backend's circuit breaker allows no more connections.
+    #[error("{open} connections are open to the backend of {addr} (its limit)")]
+    Limit { addr: String, open: u32 },
+}
+
+/// Connections to one backend service: how many are open, and how many may be.
+pub struct ConnGate {
+    pub open: Arc<AtomicU32>,
+    pub max: Option<u32>,
 }
 
 impl UpstreamError {
@@ -49,7 +59,17 @@ impl UpstreamError {
             UpstreamError::Tls { .. } => "tls_failed",
             UpstreamError::Alpn { .. } => "alpn_mismatch",
             UpstreamError::H2 { .. } => "h2_handshake_failed",
+            UpstreamError::Limit { .. } => "overloaded",
         }
+    }
+}
+
+/// One connection counted in a [`ConnGate`] until dropped.
+struct CountedConn(Arc<AtomicU32>);
+
+impl Drop for CountedConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -151,6 +171,7 @@ impl Upstreams {
         &self,
         target: &Target,
         connect_timeout: Option<Duration>,
+        gate: Option<&ConnGate>,
     ) -> Result<SendRequest<Body>, UpstreamError> {
         let slot = {
             let mut pool = self.h2.lock().unwrap_or_else(|p| p.into_inner());
@@ -167,6 +188,21 @@ impl Upstreams {
             return Ok(s.clone());
         }
         *guard = None;
+        // A new connection counts against the backend's limit from now until it closes.
+        let counted = match gate {
+            None => None,
+            Some(g) => {
+                let before = g.open.fetch_add(1, Ordering::AcqRel);
+                if g.max.is_some_and(|m| before >= m) {
+                    g.open.fetch_sub(1, Ordering::AcqRel);
+                    return Err(UpstreamError::Limit {
+                        addr: target.key().to_string(),
+                        open: before,
+                    });
+                }
+                Some(CountedConn(g.open.clone()))
+            }
+        };
         let tls = self.tls(target, ALPN_H2, connect_timeout).await?;
         let peer = target.key().to_string();
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
@@ -186,6 +222,7 @@ impl Upstreams {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "pooled connection closed");
             }
+            drop(counted);
         });
         *guard = Some(sender.clone());
         Ok(sender)

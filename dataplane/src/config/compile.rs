@@ -13,7 +13,7 @@ use fedmesh_api::pb::dataplane as pb;
 use fedmesh_api::{ClusterName, ServiceKey, TrustDomain};
 
 use super::table::{AppProtocol, LocalCluster, PortSpec, RoutingTable, ServiceEntry};
-use crate::policy::Policy;
+use crate::policy::{HashKey, LoadBalancing, Policy};
 use crate::sni::MeshSni;
 use crate::target::Target;
 
@@ -129,10 +129,19 @@ fn compile_service(
         local_targets.insert(p.port, Arc::from(local));
         targets.insert(p.port, Arc::from(all));
     }
-    let policy = match &svc.policy {
+    let mut policy = match &svc.policy {
         Some(p) => Policy::try_from(p)?,
         None => Policy::default(),
     };
+    // `sessionAffinity: ClientIP` on the Service (or its ServiceImport): each caller sticks to
+    // one endpoint, unless a policy chose how to balance.
+    let balances = svc
+        .policy
+        .as_ref()
+        .is_some_and(|p| p.load_balancer.is_some());
+    if svc.session_affinity == "ClientIP" && !balances {
+        policy.load_balancing = LoadBalancing::ConsistentHash(HashKey::SourceIdentity);
+    }
     Ok(ServiceEntry {
         key: key.clone(),
         svc: svc.clone(),

@@ -14,7 +14,7 @@ pub enum Matcher {
 }
 
 impl Matcher {
-    fn new(value: &str, regex: bool) -> Result<Self, String> {
+    pub fn new(value: &str, regex: bool) -> Result<Self, String> {
         if regex {
             // Anchored: a regex match covers the whole value, as Gateway API implementations do.
             Regex::new(&format!("^(?:{value})$"))

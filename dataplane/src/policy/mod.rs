@@ -5,6 +5,7 @@
 
 mod filters;
 mod matchers;
+mod traffic;
 
 use std::time::Duration;
 
@@ -16,6 +17,9 @@ pub use filters::{
     BackendTarget, Filter, HeaderModifier, Mirror, PathModifier, Redirect, Rewrite, RouteBackend,
 };
 pub use matchers::{GrpcMatch, Matcher, PathMatch, RouteMatch};
+pub use traffic::{
+    Abort, CircuitBreaker, Fault, HashKey, LoadBalancing, MILLION, Outlier, RateLimit,
+};
 
 /// A share of traffic for one cluster (or, with `cluster: None`, wherever locality routing
 /// sends it).
@@ -62,6 +66,9 @@ pub struct Route {
     pub grpc: bool,
     /// Why the rule cannot be applied: its requests are answered 500 with this.
     pub invalid: Option<String>,
+    /// From a TrafficPolicy targeting the route.
+    pub fault: Option<Fault>,
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Route {
@@ -143,6 +150,13 @@ pub struct Policy {
     pub retries: u32,
     /// Routes came from Gateway API: a request to a bound port that matches none gets 404.
     pub exhaustive: bool,
+    /// Injected by callers into every request (a route's own fault comes first).
+    pub fault: Option<Fault>,
+    /// Enforced by the service's own sidecars on what they admit.
+    pub rate_limit: Option<RateLimit>,
+    pub circuit_breaker: CircuitBreaker,
+    pub outlier: Outlier,
+    pub load_balancing: LoadBalancing,
 }
 
 fn millis(ms: u32) -> Option<Duration> {
@@ -208,6 +222,18 @@ fn route_of(r: &pb::Route) -> Result<Route, String> {
             .then(|| r.consumer_namespace.clone()),
         grpc: r.grpc,
         invalid: (!r.invalid.is_empty()).then(|| r.invalid.clone()),
+        fault: r
+            .fault
+            .as_ref()
+            .map(Fault::try_from)
+            .transpose()
+            .map_err(|e| format!("fault: {e}"))?,
+        rate_limit: r
+            .rate_limit
+            .as_ref()
+            .map(RateLimit::try_from)
+            .transpose()
+            .map_err(|e| format!("rate limit: {e}"))?,
     })
 }
 
@@ -233,6 +259,31 @@ impl TryFrom<&pb::TrafficPolicy> for Policy {
             request_timeout: millis(p.request_timeout_ms),
             retries: p.retries,
             exhaustive: p.exhaustive,
+            fault: p
+                .fault
+                .as_ref()
+                .map(Fault::try_from)
+                .transpose()
+                .map_err(|e| format!("fault: {e}"))?,
+            rate_limit: p
+                .rate_limit
+                .as_ref()
+                .map(RateLimit::try_from)
+                .transpose()
+                .map_err(|e| format!("rate limit: {e}"))?,
+            circuit_breaker: p
+                .circuit_breaker
+                .as_ref()
+                .map(CircuitBreaker::from)
+                .unwrap_or_default(),
+            outlier: p.outlier.as_ref().map(Outlier::from).unwrap_or_default(),
+            load_balancing: p
+                .load_balancer
+                .as_ref()
+                .map(LoadBalancing::try_from)
+                .transpose()
+                .map_err(|e| format!("load balancer: {e}"))?
+                .unwrap_or_default(),
         })
     }
 }

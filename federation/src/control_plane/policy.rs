@@ -117,6 +117,7 @@ pub fn to_pb(spec: &TrafficPolicySpec) -> Result<pb::TrafficPolicy, String> {
         request_timeout_ms: request,
         retries: retries(&spec.retries)?,
         exhaustive: false,
+        ..Default::default()
     })
 }
 

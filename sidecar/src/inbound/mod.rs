@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use fedmesh_api::SpiffeId;
 use fedmesh_dataplane::config::RoutingTable;
+use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::sni::MeshSni;
 use fedmesh_dataplane::trace;
 use fedmesh_trust::tls::{handshake_error_message, peer_spiffe_id};
@@ -287,6 +288,38 @@ impl Sidecar {
         }
     }
 
+    /// The service's rate limit (TrafficPolicy `rateLimit`), enforced by each of its sidecars on
+    /// what it admits: one bucket for everyone, or one per caller identity.
+    fn admit_rate(
+        &self,
+        table: &RoutingTable,
+        mesh: &MeshSni,
+        caller: &SpiffeId,
+    ) -> Result<(), ProxyError> {
+        let Some(limit) = table
+            .service(&mesh.service)
+            .and_then(|e| e.policy.rate_limit.as_ref())
+        else {
+            return Ok(());
+        };
+        let key = if limit.per_caller {
+            format!("inbound|{}|{caller}", mesh.service)
+        } else {
+            format!("inbound|{}", mesh.service)
+        };
+        self.limiter
+            .take(&key, limit)
+            .map_err(|retry_after| ProxyError::RateLimited {
+                what: if limit.per_caller {
+                    format!("{} for {caller}", mesh.service)
+                } else {
+                    mesh.service.to_string()
+                },
+                limit: format!("{} requests per {:?}", limit.requests, limit.period),
+                retry_after,
+            })
+    }
+
     async fn inbound_tcp(
         self: &Arc<Self>,
         tls: tokio_rustls::server::TlsStream<TcpStream>,
@@ -353,6 +386,20 @@ impl Sidecar {
             self.metrics.refuse("unauthorized");
             let resp =
                 fedmesh_dataplane::error::proxy_response(StatusCode::FORBIDDEN, "denied", &msg);
+            crate::outbound::record(
+                &self.metrics,
+                "inbound",
+                &conn.caller_cluster,
+                &own_cluster,
+                &service,
+                resp.status(),
+                start.elapsed(),
+            );
+            return resp;
+        }
+        if let Err(e) = self.admit_rate(&table, mesh, &conn.caller) {
+            self.count_inbound_error("rate_limited");
+            let resp = e.into_response();
             crate::outbound::record(
                 &self.metrics,
                 "inbound",

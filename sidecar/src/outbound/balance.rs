@@ -1,5 +1,7 @@
 //! The balance layer: picks the target of each attempt — locality tiers, the route's weighted
-//! split, outlier ejection, least-loaded of two ([`fedmesh_dataplane::balance`]) — skipping the
+//! split, outlier ejection, then the backend's algorithm: least-loaded of two, round robin, or a
+//! consistent hash of a header, a cookie or this caller's identity
+//! ([`fedmesh_dataplane::balance`]) — skipping the
 //! targets this request already tried and remote clusters whose trust bundle this sidecar does not
 //! hold yet (a handshake with them cannot succeed; the bundle follows the route within moments),
 //! and reports each attempt's outcome back to the balancer.
@@ -7,10 +9,11 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use fedmesh_dataplane::balance::{Balancer, Locality};
+use fedmesh_dataplane::balance::{Balancer, Choose, Locality, stable_hash};
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::{Body, PROXY_ERROR};
 use fedmesh_dataplane::metrics::{ProxyMetrics, ReasonLabels};
+use fedmesh_dataplane::policy::{HashKey, LoadBalancing, Outlier};
 use fedmesh_dataplane::target::Target;
 use fedmesh_trust::tls::MeshIdentity;
 use http::{Request, Response, StatusCode};
@@ -87,9 +90,29 @@ impl BalanceLayer {
         }
     }
 
-    fn failed(&self, target: &Target, pool: &[Target]) {
-        if self.balancer.failure(target, pool) {
+    fn failed(&self, target: &Target, pool: &[Target], outlier: &Outlier) {
+        if self.balancer.failure_with(target, pool, outlier) {
             self.metrics.ejections.inc();
+        }
+    }
+
+    /// The hash of a request's affinity key, when the backend balances by one and the request
+    /// has it (else it is balanced as by least request).
+    fn affinity(&self, key: &HashKey, headers: &http::HeaderMap) -> Option<u64> {
+        match key {
+            HashKey::Header(n) => headers.get(n).map(|v| stable_hash(v.as_bytes())),
+            HashKey::Cookie(name) => headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|c| c.trim().split_once('='))
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| stable_hash(v.as_bytes())),
+            HashKey::SourceIdentity => self
+                .identity
+                .spiffe_id()
+                .map(|id| stable_hash(id.to_string().as_bytes())),
         }
     }
 }
@@ -121,10 +144,19 @@ where
         let mut exclude = tried.snapshot();
         exclude.extend(untrusted.iter().cloned());
         let here = self.layer.locality(&ctx);
-        let Some(target) = self
-            .layer
-            .balancer
-            .pick(&here, candidates, &ctx.split(), &exclude)
+        let service = ctx.backend_key().to_string();
+        let how = match &ctx.backend_policy().load_balancing {
+            LoadBalancing::LeastRequest => Choose::LeastOfTwo,
+            LoadBalancing::RoundRobin => Choose::RoundRobin(&service),
+            LoadBalancing::ConsistentHash(key) => self
+                .layer
+                .affinity(key, req.headers())
+                .map_or(Choose::LeastOfTwo, Choose::Hash),
+        };
+        let Some(target) =
+            self.layer
+                .balancer
+                .pick_by(&here, candidates, &ctx.split(), &exclude, how)
         else {
             return Box::pin(std::future::ready(Err(AttemptError::new(
                 ProxyError::Unavailable(nothing_to_try(&ctx.destination(), &untrusted)),
@@ -139,6 +171,7 @@ where
             let result = call.await;
             drop(lease);
             let pool = ctx.candidates();
+            let outlier = &ctx.backend_policy().outlier;
             match &result {
                 Ok(resp) => {
                     let status = resp.status();
@@ -148,7 +181,7 @@ where
                             StatusCode::SERVICE_UNAVAILABLE | StatusCode::MISDIRECTED_REQUEST
                         );
                     if unreached || matches!(status.as_u16(), 502..=504) {
-                        layer.failed(&target, pool);
+                        layer.failed(&target, pool, outlier);
                     } else {
                         layer.balancer.success(&target);
                     }
@@ -161,7 +194,7 @@ where
                             reason: e.error.kind().replace('-', "_"),
                         })
                         .inc();
-                    layer.failed(&target, pool);
+                    layer.failed(&target, pool, outlier);
                 }
             }
             result

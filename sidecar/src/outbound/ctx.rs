@@ -8,11 +8,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fedmesh_api::ClusterName;
+use fedmesh_api::{ClusterName, ServiceKey};
 use fedmesh_dataplane::config::{RoutingTable, Scope, ServiceEntry};
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::Body;
-use fedmesh_dataplane::policy::{ClusterShare, Route, RouteBackend};
+use fedmesh_dataplane::policy::{ClusterShare, Policy, Route, RouteBackend};
 use fedmesh_dataplane::target::Target;
 use http::Request;
 
@@ -141,6 +141,23 @@ impl RouteCtx {
             self.dest.scope
         };
         self.entry.targets_for(scope, self.dest.port)
+    }
+
+    /// The service the request's backend is: the drawn one, else the addressed one.
+    pub fn backend_entry(&self) -> &Arc<ServiceEntry> {
+        match self.backend.as_ref().map(|b| &b.to) {
+            Some(DrawnTarget::Service { entry, .. }) => entry,
+            _ => &self.entry,
+        }
+    }
+
+    pub fn backend_key(&self) -> &ServiceKey {
+        &self.backend_entry().key
+    }
+
+    /// The backend service's own policy: its circuit breaker, failure accrual, balancing.
+    pub fn backend_policy(&self) -> &Policy {
+        &self.backend_entry().policy
     }
 
     /// What the request is addressed to, for messages: the service, or the backend it drew.

@@ -11,8 +11,9 @@ use fedmesh_dataplane::target::Target;
 use http::{Request, Response, StatusCode};
 use tower::Service;
 
+use super::breaker::{Breaker, Held};
 use super::ctx::{AttemptError, BoxFuture, route_ctx};
-use crate::upstream::{UpstreamError, Upstreams};
+use crate::upstream::{ConnGate, UpstreamError, Upstreams};
 
 #[derive(Clone)]
 pub(crate) struct Endpoint {
@@ -35,8 +36,38 @@ impl Service<Request<Body>> for Endpoint {
             let Some(target) = req.extensions().get::<Target>().cloned() else {
                 return Err(ProxyError::BadRequest("the attempt has no target".into()).into());
             };
-            let mut sender = match upstreams.h2(&target, ctx.connect_timeout()).await {
+            let breaker = req.extensions().get::<Breaker>().cloned();
+            // Waiting for a connection counts as pending for the backend's circuit breaker.
+            let pending = match &breaker {
+                None => None,
+                Some(b) => {
+                    match Held::take(&b.state, |s| &s.pending, b.limits.max_pending_requests) {
+                        Some(h) => Some(h),
+                        None => {
+                            return Err(AttemptError::new(b.overloaded(
+                                "requests waiting for a connection",
+                                b.limits.max_pending_requests.unwrap_or(0),
+                            )));
+                        }
+                    }
+                }
+            };
+            let gate = breaker.as_ref().map(|b| ConnGate {
+                open: b.state.connections.clone(),
+                max: b.limits.max_connections,
+            });
+            let connected = upstreams
+                .h2(&target, ctx.connect_timeout(), gate.as_ref())
+                .await;
+            drop(pending);
+            let mut sender = match connected {
                 Ok(s) => s,
+                Err(UpstreamError::Limit { .. }) => {
+                    let b = breaker.as_ref().expect("a limit comes from a breaker");
+                    return Err(AttemptError::new(
+                        b.overloaded("connections", b.limits.max_connections.unwrap_or(0)),
+                    ));
+                }
                 Err(e) => {
                     return Err(AttemptError {
                         error: ProxyError::Connect {

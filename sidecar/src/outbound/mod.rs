@@ -5,20 +5,25 @@
 //!
 //! ```text
 //! observe (metrics, error -> response) → route (service, matched rule, drawn backend) →
-//! filters (header changes, rewrites, redirects, mirrors) → forward (what crosses to the peer) →
-//! timeout (the whole request) → retry (budgeted; per-attempt timeouts, backoff) → balance
-//! (target per attempt: locality, split, ejection) → endpoint (pooled HTTP/2 mTLS)
+//! filters (header changes, rewrites, redirects, mirrors) → fault (injected delays and aborts) →
+//! rate limit (the route's) → forward (what crosses to the peer) → timeout (the whole request) →
+//! retry (budgeted; per-attempt timeouts, backoff) → circuit breaker (the backend's limits) →
+//! balance (target per attempt: locality, split, algorithm, ejection) → endpoint (pooled
+//! HTTP/2 mTLS)
 //! ```
 //!
 //! Opaque TCP ([`tcp`]) picks and connects with the same balancer. Each layer lives in its own
 //! module with unit tests that drive it alone.
 
 mod balance;
+mod breaker;
 mod ctx;
 mod endpoint;
+mod fault;
 mod filters;
 mod forward;
 mod observe;
+mod ratelimit;
 mod retry;
 mod route;
 mod tcp;
@@ -80,21 +85,31 @@ impl Sidecar {
             metrics: parts.metrics.clone(),
         }
         .layer(endpoint);
+        let broken = breaker::BreakerLayer {
+            breakers: Arc::new(breaker::Breakers::default()),
+            metrics: parts.metrics.clone(),
+        }
+        .layer(balanced);
         let retried = retry::RetryLayer {
             safe_retries: parts.safe_retries,
             max_retry_body: parts.max_retry_body,
             budgets: parts.budgets,
             metrics: parts.metrics.clone(),
         }
-        .layer(balanced);
+        .layer(broken);
         let timed = timeout::TimeoutLayer.layer(retried);
         let forwarded = forward::ForwardLayer.layer(timed);
+        let limited = ratelimit::RateLimitLayer {
+            limiter: parts.limiter,
+        }
+        .layer(forwarded);
+        let faulted = fault::FaultLayer.layer(limited);
         let filtered = filters::FilterLayer {
             mirrors: Arc::new(tokio::sync::Semaphore::new(parts.max_mirrors)),
             max_mirror_body: parts.max_retry_body,
             metrics: parts.metrics.clone(),
         }
-        .layer(forwarded);
+        .layer(faulted);
         let routed = route::RouteLayer::new(config.clone()).layer(filtered);
         let observed = observe::ObserveLayer {
             metrics: parts.metrics,
@@ -338,4 +353,6 @@ pub(crate) struct StackParts {
     pub budgets: Arc<Budgets>,
     /// Mirrored copies in flight at once.
     pub max_mirrors: usize,
+    /// Rate-limit buckets (shared with the inbound side).
+    pub limiter: Arc<fedmesh_dataplane::ratelimit::Limiter>,
 }

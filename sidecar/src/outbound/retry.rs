@@ -295,8 +295,12 @@ where
                         }
                     }
                     Err(AttemptError { error, unsent }) => {
-                        if matches!(error, ProxyError::Unavailable(_)) {
-                            // Nothing left to try: the last answer stands.
+                        if matches!(
+                            error,
+                            ProxyError::Unavailable(_) | ProxyError::Overloaded(_)
+                        ) {
+                            // Nothing left to try, or the backend's breaker is open: the last
+                            // answer stands.
                             return last.unwrap_or(Err(error));
                         }
                         // An attempt past its own limit counts as the 504 it is answered with.

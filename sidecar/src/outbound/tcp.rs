@@ -2,10 +2,11 @@
 //! picked by the same balancer as HTTP — another target tried when a connect fails — and the bytes
 //! relayed both ways.
 
+use fedmesh_dataplane::balance::{Choose, stable_hash};
 use fedmesh_dataplane::config::{RoutingTable, Scope};
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::metrics::{BytesLabels, TcpLabels};
-use fedmesh_dataplane::policy::ClusterShare;
+use fedmesh_dataplane::policy::{ClusterShare, HashKey, LoadBalancing};
 use fedmesh_dataplane::relay::relay;
 use fedmesh_dataplane::target::Target;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -35,10 +36,21 @@ impl Sidecar {
         };
         let connect_timeout = entry.policy.connect_timeout;
         let here = self.locality(table);
+        let service = entry.key.to_string();
+        // A connection has no headers: round robin and a hash of this caller's identity apply.
+        let how = match &entry.policy.load_balancing {
+            LoadBalancing::RoundRobin => Choose::RoundRobin(&service),
+            LoadBalancing::ConsistentHash(HashKey::SourceIdentity) => {
+                self.identity.spiffe_id().map_or(Choose::LeastOfTwo, |id| {
+                    Choose::Hash(stable_hash(id.to_string().as_bytes()))
+                })
+            }
+            _ => Choose::LeastOfTwo,
+        };
         let mut tried = untrusted(&self.identity, candidates);
         let mut last = ProxyError::Unavailable(nothing_to_try(dest, &tried));
         for attempt in 0..=self.options.safe_retries {
-            let Some(target) = self.balancer.pick(&here, candidates, split, &tried) else {
+            let Some(target) = self.balancer.pick_by(&here, candidates, split, &tried, how) else {
                 break;
             };
             if attempt > 0 {
@@ -51,7 +63,10 @@ impl Sidecar {
                 }
                 Err(e) => {
                     self.count_error(e.label());
-                    if self.balancer.failure(&target, candidates) {
+                    if self
+                        .balancer
+                        .failure_with(&target, candidates, &entry.policy.outlier)
+                    {
                         self.metrics.ejections.inc();
                     }
                     last = ProxyError::Connect {
