@@ -567,8 +567,8 @@ async fn an_80_20_split_across_clusters_holds_and_changes_live() {
     serve_http(east, "api", &endpoints(&[&e]));
     serve_http(west, "api", &endpoints(&[&w]));
     east.write(
-        "api-policy.yaml",
-        &yaml::traffic_policy("shop", "api", &[("east", 80), ("west", 20)], &[]),
+        "api-split.yaml",
+        &yaml::cluster_split("shop", "api", &[("east", 80), ("west", 20)]),
     )
     .unwrap();
     let client = client_workload(east, "frontend", "e1").await;
@@ -577,7 +577,7 @@ async fn an_80_20_split_across_clusters_holds_and_changes_live() {
         .wait_config("the 80/20 split", |t| {
             t.service_named("shop/api")
                 .and_then(|e| e.svc.policy.as_ref())
-                .is_some_and(|p| p.split.len() == 2)
+                .is_some_and(|p| p.routes.iter().any(|r| r.backend_refs.len() == 2))
         })
         .await
         .unwrap();
@@ -591,15 +591,21 @@ async fn an_80_20_split_across_clusters_holds_and_changes_live() {
 
     // New weights take effect without restarting anything.
     east.write(
-        "api-policy.yaml",
-        &yaml::traffic_policy("shop", "api", &[("east", 0), ("west", 100)], &[]),
+        "api-split.yaml",
+        &yaml::cluster_split("shop", "api", &[("east", 0), ("west", 100)]),
     )
     .unwrap();
     client
         .wait_config("the new weights", |t| {
             t.service_named("shop/api")
                 .and_then(|e| e.svc.policy.as_ref())
-                .is_some_and(|p| p.split.iter().any(|b| b.cluster == "east" && b.weight == 0))
+                .is_some_and(|p| {
+                    p.routes.iter().any(|r| {
+                        r.backend_refs
+                            .iter()
+                            .any(|b| b.cluster == "east" && b.weight == 0)
+                    })
+                })
         })
         .await
         .unwrap();
@@ -670,7 +676,7 @@ async fn authorization_by_spiffe_id_denies_callers_a_policy_does_not_list() {
     let intruder = client_workload(east, "intruder", "e1").await;
     west.write(
         "api-policy.yaml",
-        &yaml::traffic_policy("shop", "api", &[], &[&frontend.id.to_string()]),
+        &yaml::traffic_policy("shop", "api", &[&frontend.id.to_string()]),
     )
     .unwrap();
     w.wait_config("the authorization policy", |t| {

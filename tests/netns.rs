@@ -275,8 +275,8 @@ fn failover_with_zero_failed_requests_and_a_split_across_three_namespaced_cluste
     export(&west, "reviews", &[(&rev_w, "us-west-1a")]);
     export(&central, "reviews", &[(&rev_c, "eu-central-1a")]);
     east.write(
-        "reviews-policy.yaml",
-        &yaml::traffic_policy("shop", "reviews", &[("west", 70), ("central", 30)], &[]),
+        "reviews-split.yaml",
+        &yaml::cluster_split("shop", "reviews", &[("west", 70), ("central", 30)]),
     );
     let frontend = mesh.add_pod(&mut east, "frontend", "us-east-1a", false);
 

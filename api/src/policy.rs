@@ -1,26 +1,35 @@
-//! fedmesh's routing policy CRD, `TrafficPolicy` (group `fedmesh.io`, version `v1alpha1`).
+//! fedmesh's traffic policy CRD, `TrafficPolicy` (group `fedmesh.io`, version `v1alpha1`): what a
+//! mesh does to traffic that Gateway API has no field for. Routing itself — matches, weighted
+//! backends across versions and clusters, timeouts, retries — is written as Gateway API
+//! `HTTPRoute`/`GRPCRoute` (see `gateway.rs`).
 //!
-//! It reads like Gateway API — weighted `backendRefs`, `rules` with path/header `matches`,
-//! `timeouts`, `retries` — with what Gateway API lacks for a multi-cluster mesh: backends are
-//! *clusters* exporting the service, and `authorization` lists the SPIFFE IDs allowed to call it.
+//! A policy attaches to a Service (`targetRef`, or by default the Service of the same name) or to
+//! an HTTPRoute/GRPCRoute (optionally one of its rules, by `sectionName`):
 //!
 //! ```yaml
 //! apiVersion: fedmesh.io/v1alpha1
 //! kind: TrafficPolicy
-//! metadata: {name: web, namespace: shop}      # applies to the service shop/web
+//! metadata: {name: reviews, namespace: shop}
 //! spec:
-//!   backendRefs:                              # a service-wide 80/20 split across clusters
-//!     - {cluster: east, weight: 80}
-//!     - {cluster: west, weight: 20}
-//!   rules:                                    # per-route overrides, first match wins
-//!     - matches: [{path: {type: PathPrefix, value: /beta}}]
-//!       backendRefs: [{cluster: west, weight: 1}]
-//!   timeouts: {connect: 1s, request: 5s}
-//!   retries: {attempts: 2}
+//!   targetRef: {kind: Service, name: reviews}     # the default for this name
 //!   authorization:
 //!     allowedCallers: ["spiffe://east.example/ns/shop/sa/frontend"]
+//!   timeouts: {connect: 1s}
+//!   faultInjection:                                # callers' sidecars inject
+//!     headers: [{name: x-chaos, value: me}]        # only these requests
+//!     delay: {fixedDelay: 2s, percentage: 10}
+//!     abort: {httpStatus: 503, percentage: 5}
+//!   rateLimit: {requests: 100, per: 1s, burst: 20, perCaller: true}   # each endpoint's sidecar
+//!   circuitBreaker: {maxRequests: 200, maxPendingRequests: 50, maxRetries: 10}
+//!   outlierDetection: {consecutiveFailures: 5, baseEjectionTime: 10s, maxEjectionPercent: 50}
+//!   loadBalancer: {type: ConsistentHash, consistentHash: {header: x-user}}
 //! ```
+//!
+//! `backendRefs`, `rules`, `retries` and `timeouts.request` are the v1alpha1 routing fields that
+//! HTTPRoute replaces: a policy still using them is converted (and says so in its status) while
+//! no HTTPRoute or GRPCRoute binds the service.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -32,24 +41,168 @@ use serde::{Deserialize, Serialize};
     kind = "TrafficPolicy",
     namespaced,
     shortname = "tp",
+    status = "TrafficPolicyStatus",
     derive = "PartialEq",
     derive = "Default"
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {
-    /// Weighted split of the whole service across exporting clusters. Empty: locality-aware
-    /// routing (same zone, same region, then other clusters).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub backend_refs: Vec<ClusterBackendRef>,
-    /// HTTP rules, first match wins.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub rules: Vec<RouteRule>,
+    /// What the policy applies to. Unset: the Service named like the policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<PolicyTargetRef>,
+    /// Only `connect` (a request's limit is an HTTPRoute rule's `timeouts.request`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<Timeouts>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retries: Option<Retries>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorization: Option<Authorization>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault_injection: Option<FaultInjection>,
+    /// A Service target: enforced by each of the service's sidecars on what it admits. A route
+    /// target: enforced by each caller's sidecar on the route's requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerSpec>,
+    /// Deprecated (use an HTTPRoute with `fedmesh.io` `Cluster` backendRefs): a service-wide
+    /// weighted split across exporting clusters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend_refs: Vec<ClusterBackendRef>,
+    /// Deprecated (use HTTPRoute rules): HTTP rules, first match wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RouteRule>,
+    /// Deprecated (use an HTTPRoute rule's `retry`): retries of 502/503/504.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+}
+
+/// What fedmesh says about a policy: `Accepted` and `ResolvedRefs` conditions.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicyStatus {
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// The object a policy attaches to (Gateway API's `LocalPolicyTargetReferenceWithSectionName`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyTargetRef {
+    /// `""` (core) for a Service, `gateway.networking.k8s.io` for a route.
+    #[serde(default)]
+    pub group: String,
+    /// `Service`, `HTTPRoute` or `GRPCRoute`.
+    pub kind: String,
+    pub name: String,
+    /// A route's rule, by its `name` (unset: every rule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
+}
+
+/// Faults injected by callers' sidecars, for a share of requests.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultInjection {
+    /// Only requests with every one of these headers (exact values); unset: every request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    /// e.g. `2s`.
+    pub fixed_delay: String,
+    /// The share of requests delayed, 0-100 (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    /// The HTTP status answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u32>,
+    /// Or, for gRPC, the status code (1-16) answered in trailers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
+    /// The share of requests aborted, 0-100 (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<f64>,
+}
+
+/// A token bucket: `requests` per `per`, bursts up to `burst`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitSpec {
+    pub requests: u32,
+    /// e.g. `1s`, `1m`.
+    pub per: String,
+    /// Default: `requests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// One bucket per caller SPIFFE ID (Service targets only).
+    #[serde(default)]
+    pub per_caller: bool,
+}
+
+/// Limits on what each caller's sidecar sends to the service at once.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakerSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+}
+
+/// Failure accrual: consecutive failures eject an endpoint for a time that doubles with each
+/// ejection; never more than `maxEjectionPercent` of them at once.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetectionSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_failures: Option<u32>,
+    /// e.g. `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancerSpec {
+    /// `LeastRequest` (default), `RoundRobin` or `ConsistentHash`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<ConsistentHashSpec>,
+}
+
+/// The key of a consistent hash: exactly one of these.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsistentHashSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    /// The calling workload's identity.
+    #[serde(default)]
+    pub source_identity: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -116,7 +269,7 @@ pub struct Timeouts {
     /// e.g. `1s` — establishing a connection to an endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect: Option<String>,
-    /// e.g. `5s` — a whole HTTP request.
+    /// Deprecated (use an HTTPRoute rule's `timeouts.request`): e.g. `5s`, a whole HTTP request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<String>,
 }

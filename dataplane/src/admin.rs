@@ -129,8 +129,15 @@ async fn config(
                 "inClusterset": e.in_clusterset,
                 "exported": e.exported,
                 "ports": ports,
-                "split": policy.split.iter().map(|b| json!({"cluster": b.cluster.as_ref().map(|c| c.as_str()), "weight": b.weight})).collect::<Vec<_>>(),
-                "routes": policy.routes.len(),
+                "routes": policy.routes.iter().map(|r| json!({
+                    "source": r.source,
+                    "name": r.name,
+                    "backends": r.route_backends.iter().map(|b| json!({
+                        "to": format!("{:?}", b.target),
+                        "weight": b.weight,
+                    })).collect::<Vec<_>>(),
+                    "invalid": r.invalid,
+                })).collect::<Vec<_>>(),
                 "allowedCallers": policy.allowed_callers_text,
             }),
         );

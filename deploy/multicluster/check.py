@@ -312,7 +312,7 @@ def cli_flags():
 
     enum = re.search(r"enum Command \{(.*?)^\}", main, re.S | re.M).group(1)
     out = {}
-    for variant, struct in re.findall(r"^\s*(\w+)\(cmd::\w+::(\w+)\),", enum, re.M):
+    for variant, struct in re.findall(r"^\s*(\w+)\((?:Box<)?cmd::\w+::(\w+)>?\),", enum, re.M):
         out[kebab(variant)] = flags_of(struct) | {"help"}
     return out
 

@@ -183,26 +183,41 @@ async fn sidecars_and_gateways_get_endpoints_by_locality_remote_gateways_and_pol
     let u = until(&mut s, &mut map, |m| m["shop/web"].policy.is_some()).await;
     assert!(!u.snapshot, "a delta, not a snapshot");
     let p = map["shop/web"].policy.clone().unwrap();
-    let split: Vec<_> = p
-        .split
+    // The v1alpha1 routing fields arrive converted into routes: the rule, then a catch-all with
+    // the service-wide split, each with the request timeout.
+    assert_eq!(p.routes.len(), 2);
+    assert_eq!(p.routes[0].matches[0].path_prefix, "/beta");
+    let split: Vec<_> = p.routes[1]
+        .backend_refs
         .iter()
         .map(|b| (b.cluster.as_str(), b.weight))
         .collect();
     assert_eq!(split, vec![("east", 80), ("west", 20)]);
-    assert_eq!(p.routes[0].matches[0].path_prefix, "/beta");
+    assert!(p.routes.iter().all(|r| r.timeout_ms == 2000));
+    assert!(!p.exhaustive, "a converted policy answers no 404s");
     assert_eq!(
         p.allowed_callers,
         vec!["spiffe://east.example/ns/shop/*".to_string()]
     );
-    assert_eq!(p.request_timeout_ms, 2000);
     let (epoch, version) = (u.epoch, u.version);
 
-    // An invalid policy edit is refused; the valid one stays.
+    // An invalid policy edit is refused and its status says why; the valid one stays.
     east.write(
         "policy.yaml",
         "apiVersion: fedmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n  backendRefs: [{cluster: east, weight: 0}]\n",
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = east.data.join("status/trafficpolicies.yaml");
+    for _ in 0..100 {
+        if std::fs::read_to_string(&status).is_ok_and(|s| s.contains("every weight is 0")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = std::fs::read_to_string(&status).unwrap_or_default();
+    assert!(
+        text.contains("every weight is 0") && text.contains("last valid version stays in force"),
+        "{text}"
+    );
     assert_eq!(
         east.cp.dataplane_config().borrow().version,
         version,

@@ -149,10 +149,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         publish(c, "api", &[&w])?;
         others.push((w, app));
     }
-    // The caller's cluster holds the policy that steers its traffic.
+    // The caller's cluster holds the route that steers its traffic.
     east.write(
-        "reviews-policy.yaml",
-        &yaml::traffic_policy("shop", "reviews", &[("west", 70), ("central", 30)], &[]),
+        "reviews-split.yaml",
+        &yaml::cluster_split("shop", "reviews", &[("west", 70), ("central", 30)]),
     )?;
     let frontend = east
         .workload(
@@ -303,16 +303,15 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             2 => {
                 split_west = if split_west == 70 { 20 } else { 70 };
                 println!(
-                    "  >> TrafficPolicy shop/reviews changed live: west {split_west} / central {}",
+                    "  >> HTTPRoute shop/reviews-split changed live: west {split_west} / central {}",
                     100 - split_west
                 );
                 east.write(
-                    "reviews-policy.yaml",
-                    &yaml::traffic_policy(
+                    "reviews-split.yaml",
+                    &yaml::cluster_split(
                         "shop",
                         "reviews",
                         &[("west", split_west), ("central", 100 - split_west)],
-                        &[],
                     ),
                 )?;
             }

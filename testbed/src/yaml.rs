@@ -1,5 +1,6 @@
 //! The objects a cluster's directory source reads, as YAML: a Service with one EndpointSlice per
-//! endpoint (on loopback every workload has its own port), a ServiceExport, a TrafficPolicy.
+//! endpoint (on loopback every workload has its own port), a ServiceExport, an HTTPRoute that
+//! splits a service across clusters, a TrafficPolicy.
 
 use std::net::SocketAddr;
 
@@ -55,30 +56,27 @@ pub fn service_export(ns: &str, name: &str) -> String {
     )
 }
 
-/// A TrafficPolicy with a service-wide split (cluster, weight) and optional allowed callers.
-pub fn traffic_policy(
-    ns: &str,
-    name: &str,
-    split: &[(&str, u32)],
-    allowed_callers: &[&str],
-) -> String {
+/// An HTTPRoute (named `<name>-split`) that splits the clusterset service `<ns>/<name>` across
+/// clusters by weight. Its parent is the ServiceImport, so the service need not run here.
+pub fn cluster_split(ns: &str, name: &str, split: &[(&str, u32)]) -> String {
     let mut out = format!(
-        "apiVersion: fedmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n"
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}-split, namespace: {ns}}}\nspec:\n  parentRefs: [{{group: multicluster.x-k8s.io, kind: ServiceImport, name: {name}}}]\n  rules:\n  - backendRefs:\n"
     );
-    if !split.is_empty() {
-        out.push_str("  backendRefs:\n");
-        for (c, w) in split {
-            out.push_str(&format!("  - {{cluster: {c}, weight: {w}}}\n"));
-        }
+    for (c, w) in split {
+        out.push_str(&format!(
+            "    - {{group: fedmesh.io, kind: Cluster, name: {c}, weight: {w}}}\n"
+        ));
     }
-    if !allowed_callers.is_empty() {
-        out.push_str("  authorization:\n    allowedCallers:\n");
-        for c in allowed_callers {
-            out.push_str(&format!("    - \"{c}\"\n"));
-        }
-    }
-    if split.is_empty() && allowed_callers.is_empty() {
-        out.push_str("  {}\n");
+    out
+}
+
+/// A TrafficPolicy for service `<ns>/<name>` allowing only `allowed_callers`.
+pub fn traffic_policy(ns: &str, name: &str, allowed_callers: &[&str]) -> String {
+    let mut out = format!(
+        "apiVersion: fedmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  authorization:\n    allowedCallers:\n"
+    );
+    for c in allowed_callers {
+        out.push_str(&format!("    - \"{c}\"\n"));
     }
     out
 }

@@ -47,17 +47,13 @@ pub struct Route {
     pub source: String,
     /// Any of them (none: every request).
     pub matches: Vec<RouteMatch>,
-    /// A split by cluster (TrafficPolicy); empty uses the service's.
-    pub backends: Vec<ClusterShare>,
-    /// Gateway API backendRefs, chosen among by weight.
+    /// Gateway API backendRefs, chosen among by weight (none: the service itself).
     pub route_backends: Vec<RouteBackend>,
     pub filters: Vec<Filter>,
     /// The whole request's limit.
     pub timeout: Option<Duration>,
     /// One attempt's limit.
     pub backend_timeout: Option<Duration>,
-    /// Retries of gateway failures (502-504), TrafficPolicy form; 0 uses the service's.
-    pub retries: u32,
     pub retry: Option<RetryPolicy>,
     /// The service port it binds; `None`: every port.
     pub port: Option<u16>,
@@ -138,16 +134,13 @@ impl CallerPattern {
 /// A service's compiled policy. The default is plain locality routing with no limits.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
-    pub split: Vec<ClusterShare>,
-    /// First match wins.
+    /// In precedence order: the first that matches wins.
     pub routes: Vec<Route>,
     /// Empty: any authenticated caller.
     pub allowed_callers: Vec<CallerPattern>,
     /// The text of `allowed_callers`, for messages.
     pub allowed_callers_text: Vec<String>,
     pub connect_timeout: Option<Duration>,
-    pub request_timeout: Option<Duration>,
-    pub retries: u32,
     /// Routes came from Gateway API: a request to a bound port that matches none gets 404.
     pub exhaustive: bool,
     /// Injected by callers into every request (a route's own fault comes first).
@@ -161,24 +154,6 @@ pub struct Policy {
 
 fn millis(ms: u32) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms.into()))
-}
-
-fn backends(list: &[pb::WeightedBackend]) -> Result<Vec<ClusterShare>, String> {
-    list.iter()
-        .map(|b| {
-            Ok(ClusterShare {
-                cluster: if b.cluster.is_empty() {
-                    None
-                } else {
-                    Some(
-                        ClusterName::new(&b.cluster)
-                            .map_err(|e| format!("backend cluster {:?}: {e}", b.cluster))?,
-                    )
-                },
-                weight: b.weight,
-            })
-        })
-        .collect()
 }
 
 fn route_of(r: &pb::Route) -> Result<Route, String> {
@@ -202,12 +177,10 @@ fn route_of(r: &pb::Route) -> Result<Route, String> {
         name: r.name.clone(),
         source: r.source.clone(),
         matches,
-        backends: backends(&r.backends)?,
         route_backends,
         filters: filters::filters(&r.filters)?,
         timeout: millis(r.timeout_ms),
         backend_timeout: millis(r.backend_timeout_ms),
-        retries: r.retries,
         retry: r.retry.as_ref().map(|x| RetryPolicy {
             codes: x
                 .codes
@@ -247,7 +220,6 @@ impl TryFrom<&pb::TrafficPolicy> for Policy {
             .map(|r| route_of(r).map_err(|e| format!("route {:?}: {e}", r.name)))
             .collect::<Result<Vec<_>, String>>()?;
         Ok(Self {
-            split: backends(&p.split)?,
             routes,
             allowed_callers: p
                 .allowed_callers
@@ -256,8 +228,6 @@ impl TryFrom<&pb::TrafficPolicy> for Policy {
                 .collect::<Result<_, _>>()?,
             allowed_callers_text: p.allowed_callers.clone(),
             connect_timeout: millis(p.connect_timeout_ms),
-            request_timeout: millis(p.request_timeout_ms),
-            retries: p.retries,
             exhaustive: p.exhaustive,
             fault: p
                 .fault
@@ -330,6 +300,31 @@ impl Policy {
         }
     }
 
+    /// The cluster split a TrafficPolicy's converted v1alpha1 `backendRefs` give connections to
+    /// `port` (opaque TCP has no request to route; Gateway API routes do not apply to it).
+    pub fn connection_split(&self, port: u16) -> Vec<ClusterShare> {
+        self.routes
+            .iter()
+            .find(|r| {
+                r.source.starts_with("TrafficPolicy ")
+                    && r.matches.is_empty()
+                    && r.port.is_none_or(|p| p == port)
+            })
+            .map(|r| {
+                r.route_backends
+                    .iter()
+                    .filter_map(|b| match &b.target {
+                        BackendTarget::Parent(c) => Some(ClusterShare {
+                            cluster: c.clone(),
+                            weight: b.weight,
+                        }),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Whether `caller` may call the service.
     pub fn allows(&self, caller: &SpiffeId) -> bool {
         self.allowed_callers.is_empty() || self.allowed_callers.iter().any(|p| p.matches(caller))
@@ -367,28 +362,38 @@ mod tests {
 
     #[test]
     fn policies_compile_once_with_clear_errors() {
+        let cluster = |c: &str, weight| pb::BackendRef {
+            kind: pb::backend_ref::Kind::Parent as i32,
+            cluster: c.into(),
+            weight,
+            ..Default::default()
+        };
         let p = Policy::try_from(&pb::TrafficPolicy {
-            split: vec![pb::WeightedBackend {
-                cluster: "east".into(),
-                weight: 80,
-            }],
-            routes: vec![pb::Route {
-                name: "beta".into(),
-                matches: vec![pb::RouteMatch {
-                    path_prefix: "/beta".into(),
-                    headers: [("x-user".to_string(), "premium".to_string())].into(),
+            routes: vec![
+                pb::Route {
+                    name: "beta".into(),
+                    matches: vec![pb::RouteMatch {
+                        path_prefix: "/beta".into(),
+                        headers: [("x-user".to_string(), "premium".to_string())].into(),
+                        ..Default::default()
+                    }],
+                    timeout_ms: 1500,
                     ..Default::default()
-                }],
-                timeout_ms: 1500,
-                ..Default::default()
-            }],
-            request_timeout_ms: 2000,
+                },
+                pb::Route {
+                    name: "default".into(),
+                    source: "TrafficPolicy shop/web".into(),
+                    backend_refs: vec![cluster("east", 80), cluster("west", 20)],
+                    ..Default::default()
+                },
+            ],
             ..Default::default()
         })
         .unwrap();
-        assert_eq!(p.request_timeout, Some(Duration::from_secs(2)));
         assert_eq!(p.routes[0].timeout, Some(Duration::from_millis(1500)));
-        assert_eq!(p.split[0].cluster.as_ref().unwrap().as_str(), "east");
+        let split = p.connection_split(80);
+        assert_eq!(split.len(), 2);
+        assert_eq!(split[0].cluster.as_ref().unwrap().as_str(), "east");
         let mut h = HeaderMap::new();
         h.insert("x-user", HeaderValue::from_static("premium"));
         let uri: Uri = "/beta/x".parse().unwrap();
@@ -397,12 +402,12 @@ mod tests {
             _ => None,
         };
         assert_eq!(name(&h).as_deref(), Some("beta"));
-        assert!(name(&HeaderMap::new()).is_none());
+        assert_eq!(name(&HeaderMap::new()).as_deref(), Some("default"));
 
         let bad = Policy::try_from(&pb::TrafficPolicy {
-            split: vec![pb::WeightedBackend {
-                cluster: "Not_A_Cluster".into(),
-                weight: 1,
+            routes: vec![pb::Route {
+                backend_refs: vec![cluster("Not_A_Cluster", 1)],
+                ..Default::default()
             }],
             ..Default::default()
         })

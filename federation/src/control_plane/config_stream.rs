@@ -218,8 +218,12 @@ pub async fn run(
     let mut snap = cp.snapshot();
     loop {
         let s = snap.borrow_and_update().clone();
-        let policies = super::policy::policies_of(&s.local, &s.routes);
-        let services = services_of(&cp.config.cluster, &cp.config.region, &s, &policies);
+        let services = services_of(
+            &cp.config.cluster,
+            &cp.config.region,
+            &s,
+            &s.policies.by_service,
+        );
         let peers = peers_of(
             &cp.config.cluster,
             cp.config.trust_domain.as_str(),

@@ -138,6 +138,8 @@ pub struct Snapshot {
     pub validity: Arc<BTreeMap<ServiceKey, Result<(), Invalid>>>,
     /// The Gateway API routes, compiled against the local objects and the clusterset.
     pub routes: Arc<routes::CompiledRoutes>,
+    /// The TrafficPolicies with the routes: the data plane's policy per service.
+    pub policies: Arc<policy::CompiledPolicies>,
 }
 
 pub struct ControlPlane {
@@ -150,6 +152,8 @@ pub struct ControlPlane {
     publish: watch::Sender<PublishStatus>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     vips: Mutex<VipAllocator>,
+    /// Each TrafficPolicy's last valid version, in force while a newer one is invalid.
+    policy_memory: Mutex<policy::Memory>,
     pub credentials: Option<Arc<HubCredentials>>,
     pub dns_addr: Option<SocketAddr>,
     pub listen_addr: Option<SocketAddr>,
@@ -296,6 +300,7 @@ impl ControlPlane {
             publish: watch::Sender::new(PublishStatus::default()),
             snapshot: watch::Sender::new(Arc::new(Snapshot::default())),
             vips: Mutex::new(vips),
+            policy_memory: Mutex::new(policy::Memory::new()),
             credentials,
             dns_addr,
             listen_addr,
@@ -469,12 +474,20 @@ impl ControlPlane {
             None => self.snapshot.borrow().validity.clone(),
         };
         let routes = Arc::new(routes::compile(&local, &cs, &self.config.cluster));
+        let policies = Arc::new(policy::compile(
+            &local,
+            &routes,
+            &cs,
+            &self.config.cluster,
+            &mut *self.policy_memory.lock().await,
+        ));
         self.snapshot.send_replace(Arc::new(Snapshot {
             local,
             clusterset: cs,
             vips,
             validity,
             routes,
+            policies,
         }));
     }
 
@@ -514,10 +527,12 @@ impl ControlPlane {
             &self.config.cluster,
         );
         let routes = tracker.route_statuses(&snap.routes);
+        let policies = tracker.policy_statuses(&snap.policies);
         if let Some(w) = &self.kube_writer {
             w.sync_imports(&imports, &snap.clusterset).await;
             w.sync_export_status(&exports).await;
             w.sync_route_status(&routes).await;
+            w.sync_policy_status(&policies).await;
             return;
         }
         if matches!(self.config.source, SourceSpec::Dir(_)) {
@@ -554,6 +569,20 @@ impl ControlPlane {
                 ("serviceexports.yaml", exports),
                 ("httproutes.yaml", route_docs("HTTPRoute")),
                 ("grpcroutes.yaml", route_docs("GRPCRoute")),
+                (
+                    "trafficpolicies.yaml",
+                    policies
+                        .iter()
+                        .map(|(key, status)| {
+                            serde_json::json!({
+                                "apiVersion": "fedmesh.io/v1alpha1",
+                                "kind": "TrafficPolicy",
+                                "metadata": {"name": key.name.to_string(), "namespace": key.namespace.to_string()},
+                                "status": status,
+                            })
+                        })
+                        .collect(),
+                ),
             ] {
                 if let Err(e) = status::write_yaml_if_changed(&dir.join(name), &docs) {
                     tracing::error!(file = name, error = %e, "cannot write status");

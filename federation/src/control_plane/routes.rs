@@ -37,14 +37,14 @@ pub struct Cond {
 }
 
 impl Cond {
-    fn ok(reason: &'static str) -> Self {
+    pub fn ok(reason: &'static str) -> Self {
         Self {
             status: true,
             reason,
             message: String::new(),
         }
     }
-    fn no(reason: &'static str, message: String) -> Self {
+    pub fn no(reason: &'static str, message: String) -> Self {
         Self {
             status: false,
             reason,
@@ -81,14 +81,14 @@ pub struct CompiledRoutes {
 }
 
 /// What a route can refer to.
-struct World<'a> {
-    local: &'a LocalObjects,
-    cs: &'a ClusterSet,
-    own: &'a ClusterName,
+pub(super) struct World<'a> {
+    pub local: &'a LocalObjects,
+    pub cs: &'a ClusterSet,
+    pub own: &'a ClusterName,
 }
 
 impl World<'_> {
-    fn service_port_names(&self, key: &ServiceKey) -> Option<Vec<(i32, String)>> {
+    pub fn service_port_names(&self, key: &ServiceKey) -> Option<Vec<(i32, String)>> {
         let svc = self.local.services.get(key)?;
         Some(
             svc.spec
@@ -101,22 +101,22 @@ impl World<'_> {
         )
     }
 
-    fn in_clusterset(&self, key: &ServiceKey) -> bool {
+    pub fn in_clusterset(&self, key: &ServiceKey) -> bool {
         self.cs.imports.contains_key(key) || self.local.exports.contains_key(key)
     }
 
-    fn knows_cluster(&self, c: &ClusterName) -> bool {
+    pub fn knows_cluster(&self, c: &ClusterName) -> bool {
         c == self.own || self.cs.clusters.contains_key(c)
     }
 }
 
-fn parse_duration(s: &str, what: &str) -> Result<Option<Duration>, String> {
+pub(super) fn parse_duration(s: &str, what: &str) -> Result<Option<Duration>, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{what} {s:?}: {e} (write e.g. 500ms, 2s or 1m)"))?;
     Ok((!d.is_zero()).then_some(d))
 }
 
-fn millis(d: Option<Duration>) -> u32 {
+pub(super) fn millis(d: Option<Duration>) -> u32 {
     d.map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX))
         .unwrap_or(0)
 }

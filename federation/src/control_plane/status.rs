@@ -185,6 +185,36 @@ pub struct ConditionTracker {
     previous: BTreeMap<(ServiceKey, String), Condition>,
     /// Route conditions, by route and `kind/parent/type`.
     routes_previous: BTreeMap<(ServiceKey, String), Condition>,
+    /// TrafficPolicy conditions, by policy and type.
+    policies_previous: BTreeMap<(ServiceKey, String), Condition>,
+}
+
+/// A condition as it is now, keeping its `lastTransitionTime` while its status and reason stay.
+fn tracked(
+    previous: &mut BTreeMap<(ServiceKey, String), Condition>,
+    key: (ServiceKey, String),
+    type_: &str,
+    c: &super::routes::Cond,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let status = if c.status { "True" } else { "False" }.to_string();
+    let last = match previous.get(&key) {
+        Some(prev) if prev.status == status && prev.reason == c.reason => {
+            prev.last_transition_time.clone()
+        }
+        _ => now.clone(),
+    };
+    let cond = Condition {
+        type_: type_.to_string(),
+        status,
+        reason: c.reason.to_string(),
+        message: c.message.clone(),
+        last_transition_time: last,
+        observed_generation: generation,
+    };
+    previous.insert(key, cond.clone());
+    cond
 }
 
 impl Default for ConditionTracker {
@@ -198,6 +228,7 @@ impl ConditionTracker {
         Self {
             previous: BTreeMap::new(),
             routes_previous: BTreeMap::new(),
+            policies_previous: BTreeMap::new(),
         }
     }
 
@@ -232,24 +263,15 @@ impl ConditionTracker {
                             p.parent_ref.port.unwrap_or(0)
                         ),
                     );
-                    let status = if c.status { "True" } else { "False" }.to_string();
-                    let last = match self.routes_previous.get(&key) {
-                        Some(prev) if prev.status == status && prev.reason == c.reason => {
-                            prev.last_transition_time.clone()
-                        }
-                        _ => now.clone(),
-                    };
-                    let cond = Condition {
-                        type_: type_.to_string(),
-                        status,
-                        reason: c.reason.to_string(),
-                        message: c.message.clone(),
-                        last_transition_time: last,
-                        observed_generation: r.generation,
-                    };
-                    self.routes_previous.insert(key.clone(), cond.clone());
+                    conditions.push(tracked(
+                        &mut self.routes_previous,
+                        key.clone(),
+                        type_,
+                        c,
+                        r.generation,
+                        &now,
+                    ));
                     seen.push(key);
-                    conditions.push(cond);
                 }
                 parents.push(RouteParentStatus {
                     parent_ref: p.parent_ref.clone(),
@@ -260,6 +282,42 @@ impl ConditionTracker {
             out.push((r.kind, r.route.clone(), RouteStatus { parents }));
         }
         self.routes_previous.retain(|k, _| seen.contains(k));
+        out
+    }
+
+    /// Every TrafficPolicy's status (`Accepted`, `ResolvedRefs`), transition times kept while a
+    /// condition does not change.
+    pub fn policy_statuses(
+        &mut self,
+        policies: &super::policy::CompiledPolicies,
+    ) -> Vec<(ServiceKey, fedmesh_api::policy::TrafficPolicyStatus)> {
+        use fedmesh_api::gateway::reason;
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        for r in &policies.reports {
+            let mut conditions = Vec::new();
+            for (type_, c) in [
+                (reason::ACCEPTED, &r.accepted),
+                (reason::RESOLVED_REFS, &r.resolved_refs),
+            ] {
+                let key = (r.policy.clone(), format!("TrafficPolicy/{type_}"));
+                conditions.push(tracked(
+                    &mut self.policies_previous,
+                    key.clone(),
+                    type_,
+                    c,
+                    r.generation,
+                    &now,
+                ));
+                seen.push(key);
+            }
+            out.push((
+                r.policy.clone(),
+                fedmesh_api::policy::TrafficPolicyStatus { conditions },
+            ));
+        }
+        self.policies_previous.retain(|k, _| seen.contains(k));
         out
     }
 

@@ -66,30 +66,21 @@ impl RouteCtx {
         self.route()?.route_backends.get(i)
     }
 
-    /// The weighted clusters that apply: the drawn backend's cluster, else the route's split,
-    /// else the service's; none for local names and other services.
+    /// The weighted clusters that apply: the drawn backend's cluster; none for local names,
+    /// other services and the service itself (locality decides).
     pub fn split(&self) -> Vec<ClusterShare> {
-        if self.local_only {
-            return Vec::new();
-        }
         match self.backend.as_ref().map(|b| &b.to) {
-            Some(DrawnTarget::Parent(Some(c))) => vec![ClusterShare {
+            Some(DrawnTarget::Parent(Some(c))) if !self.local_only => vec![ClusterShare {
                 cluster: Some(c.clone()),
                 weight: 1,
             }],
-            Some(DrawnTarget::Service { .. }) => Vec::new(),
-            Some(DrawnTarget::Parent(None)) | None => match self.route() {
-                Some(r) if !r.backends.is_empty() => r.backends.clone(),
-                _ => self.entry.policy.split.clone(),
-            },
+            _ => Vec::new(),
         }
     }
 
-    /// The whole request's time limit.
+    /// The whole request's time limit (the rule's `timeouts.request`).
     pub fn timeout(&self) -> Option<Duration> {
-        self.route()
-            .and_then(|r| r.timeout)
-            .or(self.entry.policy.request_timeout)
+        self.route().and_then(|r| r.timeout)
     }
 
     /// One attempt's time limit.
@@ -97,11 +88,11 @@ impl RouteCtx {
         self.route().and_then(|r| r.backend_timeout)
     }
 
-    /// Which answers of the app are retried, how often and how far apart: the route's Gateway
-    /// API retry, else the TrafficPolicy's retries of gateway failures (502-504).
+    /// Which answers of the app are retried, how often and how far apart: the rule's `retry`
+    /// (no codes listed: gateway failures, 502-504); none without one.
     pub fn app_retry(&self) -> AppRetry {
-        if let Some(r) = self.route().and_then(|r| r.retry.as_ref()) {
-            return AppRetry {
+        match self.route().and_then(|r| r.retry.as_ref()) {
+            Some(r) => AppRetry {
                 codes: if r.codes.is_empty() {
                     GATEWAY_FAILURES.to_vec()
                 } else {
@@ -109,16 +100,12 @@ impl RouteCtx {
                 },
                 attempts: r.attempts,
                 backoff: r.backoff,
-            };
-        }
-        AppRetry {
-            codes: GATEWAY_FAILURES.to_vec(),
-            attempts: self
-                .route()
-                .map(|r| r.retries)
-                .filter(|n| *n > 0)
-                .unwrap_or(self.entry.policy.retries),
-            backoff: None,
+            },
+            None => AppRetry {
+                codes: Vec::new(),
+                attempts: 0,
+                backoff: None,
+            },
         }
     }
 
@@ -169,7 +156,7 @@ impl RouteCtx {
     }
 }
 
-/// The codes a TrafficPolicy's `retries` retry.
+/// The codes a rule's `retry` without codes retries.
 const GATEWAY_FAILURES: [u16; 3] = [502, 503, 504];
 
 /// Retries of answers from the app.

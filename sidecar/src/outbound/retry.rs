@@ -370,6 +370,22 @@ mod tests {
     use fedmesh_api::pb::dataplane as pb;
     use std::sync::atomic::{AtomicU32, Ordering};
 
+    /// A policy whose one rule retries gateway failures `attempts` times.
+    fn retrying(attempts: u32) -> pb::TrafficPolicy {
+        pb::TrafficPolicy {
+            routes: vec![pb::Route {
+                name: "all".into(),
+                retry: Some(pb::Retry {
+                    codes: vec![],
+                    attempts,
+                    backoff_ms: 0,
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
     fn layer(safe_retries: u32, budget: BudgetConfig) -> RetryLayer {
         RetryLayer {
             safe_retries,
@@ -416,15 +432,12 @@ mod tests {
             (503, 4)
         );
 
-        // A 502 from the app: no retry without a policy, two with one.
+        // A 502 from the app: no retry without a rule's retry, two with one.
         let n = Arc::new(AtomicU32::new(0));
         let mut svc = layer(3, BudgetConfig::default()).layer(answering(502, false, n.clone()));
         svc.call(routed_request(&table, "shop/web")).await.unwrap();
         assert_eq!(n.load(Ordering::Relaxed), 1);
-        let with_retries = table_with_policy(pb::TrafficPolicy {
-            retries: 2,
-            ..Default::default()
-        });
+        let with_retries = table_with_policy(retrying(2));
         let n = Arc::new(AtomicU32::new(0));
         let mut svc = layer(3, BudgetConfig::default()).layer(answering(502, false, n.clone()));
         svc.call(routed_request(&with_retries, "shop/web"))
@@ -435,10 +448,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_budget_caps_retries_when_every_backend_fails() {
-        let table = table_with_policy(pb::TrafficPolicy {
-            retries: 3,
-            ..Default::default()
-        });
+        let table = table_with_policy(retrying(3));
         // A floor of 1 retry per second over 10 s, plus 20% of requests.
         let budget = BudgetConfig {
             ratio: 0.2,

@@ -29,10 +29,10 @@ impl Sidecar {
             .ok_or_else(|| ProxyError::NoRoute(dest.service.to_string()))?;
         let candidates = entry.targets_for(dest.scope, dest.port);
         // A cluster.local name stays in this cluster: no split across clusters.
-        let split: &[ClusterShare] = if entry.resolve(dest.scope) == Scope::Local {
-            &[]
+        let split: Vec<ClusterShare> = if entry.resolve(dest.scope) == Scope::Local {
+            Vec::new()
         } else {
-            &entry.policy.split
+            entry.policy.connection_split(dest.port)
         };
         let connect_timeout = entry.policy.connect_timeout;
         let here = self.locality(table);
@@ -50,7 +50,10 @@ impl Sidecar {
         let mut tried = untrusted(&self.identity, candidates);
         let mut last = ProxyError::Unavailable(nothing_to_try(dest, &tried));
         for attempt in 0..=self.options.safe_retries {
-            let Some(target) = self.balancer.pick_by(&here, candidates, split, &tried, how) else {
+            let Some(target) = self
+                .balancer
+                .pick_by(&here, candidates, &split, &tried, how)
+            else {
                 break;
             };
             if attempt > 0 {

@@ -73,16 +73,22 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_slower_than_its_route_allows_gets_504_and_a_faster_one_passes() {
         let table = table_with_policy(pb::TrafficPolicy {
-            request_timeout_ms: 2000,
-            routes: vec![pb::Route {
-                name: "slow-ok".into(),
-                matches: vec![pb::RouteMatch {
-                    path_prefix: "/reports".into(),
+            routes: vec![
+                pb::Route {
+                    name: "slow-ok".into(),
+                    matches: vec![pb::RouteMatch {
+                        path_prefix: "/reports".into(),
+                        ..Default::default()
+                    }],
+                    timeout_ms: 10_000,
                     ..Default::default()
-                }],
-                timeout_ms: 10_000,
-                ..Default::default()
-            }],
+                },
+                pb::Route {
+                    name: "rest".into(),
+                    timeout_ms: 2000,
+                    ..Default::default()
+                },
+            ],
             ..Default::default()
         });
         let inner = tower::service_fn(|req: Request<Body>| async move {
@@ -103,7 +109,7 @@ mod tests {
                 .extensions_mut()
                 .get_mut::<super::super::ctx::RouteCtx>()
                 .unwrap();
-            ctx.route = (path == "/reports").then_some(0);
+            ctx.route = Some(if path == "/reports" { 0 } else { 1 });
             svc.call(req)
         };
         assert!(call("/fast").await.is_ok());

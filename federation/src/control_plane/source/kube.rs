@@ -198,16 +198,10 @@ impl Watched for EndpointSlice {
 
 impl Watched for TrafficPolicy {
     fn insert(st: &mut State, o: Self) {
+        // Checked by the control plane, which keeps the last valid version of each policy in
+        // force and says what is wrong on the policy's status.
         let Some(k) = key_of(&o.metadata) else { return };
-        match super::super::policy::to_pb(&o.spec) {
-            Ok(_) => {
-                st.policies.insert(k, o);
-            }
-            // Keep the last valid version of the policy, if there was one.
-            Err(e) => {
-                tracing::warn!(policy = %k, error = %e, "invalid TrafficPolicy; keeping its last valid version")
-            }
-        }
+        st.policies.insert(k, o);
     }
     fn remove(st: &mut State, o: &Self) {
         if let Some(k) = key_of(&o.metadata) {
@@ -542,6 +536,32 @@ impl KubeWriter {
             };
             if let Err(err) = result {
                 tracing::warn!(%ns, %name, kind, error = %err, "cannot write route status");
+                self.forget(&id).await;
+            }
+        }
+    }
+
+    pub async fn sync_policy_status(
+        &self,
+        policies: &[(ServiceKey, fedmesh_api::policy::TrafficPolicyStatus)],
+    ) {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        for (key, status) in policies {
+            let (ns, name) = (key.namespace.to_string(), key.name.to_string());
+            let patch = serde_json::json!({
+                "apiVersion": "fedmesh.io/v1alpha1",
+                "kind": "TrafficPolicy",
+                "status": status,
+            });
+            let id = format!("tp/{ns}/{name}");
+            if !self.changed(&id, &patch).await {
+                continue;
+            }
+            if let Err(err) = Api::<TrafficPolicy>::namespaced(self.client.clone(), &ns)
+                .patch_status(&name, &params, &Patch::Apply(&patch))
+                .await
+            {
+                tracing::warn!(%ns, %name, error = %err, "cannot write TrafficPolicy status");
                 self.forget(&id).await;
             }
         }

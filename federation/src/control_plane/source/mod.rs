@@ -26,7 +26,7 @@ pub struct LocalObjects {
     /// Keyed by `namespace/slice-name`.
     pub slices: BTreeMap<String, EndpointSlice>,
     pub exports: BTreeMap<ServiceKey, ServiceExport>,
-    /// Routing policies, keyed by the service they apply to (same name and namespace).
+    /// Traffic policies, keyed by their own namespace and name.
     pub policies: BTreeMap<ServiceKey, TrafficPolicy>,
     /// Gateway API routes, keyed by their own namespace/name.
     pub http_routes: BTreeMap<ServiceKey, HTTPRoute>,
@@ -327,8 +327,8 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, String> {
         }
         ("fedmesh.io/v1alpha1", "TrafficPolicy") => {
             fedmesh_api::ServiceName::new(&name).map_err(|e| format!("{what}: {e}"))?;
+            // Its meaning is checked by the control plane, which reports on its status.
             let p: TrafficPolicy = typed(&doc, &what)?;
-            super::policy::to_pb(&p.spec).map_err(|e| format!("{what}: {e}"))?;
             Object::TrafficPolicy(Box::new(p))
         }
         ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
