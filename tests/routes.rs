@@ -7,21 +7,14 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use fedmesh_testbed::client::{ProxyClient, Reply};
 use fedmesh_testbed::{Cluster, Workload, WorkloadSpec};
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::mesh::{
-    app_listener, client_workload, endpoints, http_workload, serve_http, testbed, url,
-    wait_routable,
+    HeldApp, client_workload, endpoints, http_workload, serve_http, testbed, url, wait_routable,
 };
-use tokio::sync::Notify;
 
 /// The conditions of a route's status, as the control plane wrote them to
 /// `status/<file>`: (type, status, reason, message) of each parent, in order.
@@ -179,65 +172,17 @@ spec:
     tb.shutdown().await;
 }
 
-/// An app that counts the requests marked as a mirror's copy and answers none of them until
-/// `release` is notified (a mirror as slow as can be).
-async fn held_mirror_app() -> (
-    fedmesh_testbed::apps::RunningApp,
-    Arc<AtomicUsize>,
-    Arc<Notify>,
-) {
-    let listener = app_listener().await;
-    let addr = listener.local_addr().unwrap();
-    let (count, release) = (Arc::new(AtomicUsize::new(0)), Arc::new(Notify::new()));
-    let (c, r) = (count.clone(), release.clone());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let token = stop.clone();
-    tokio::spawn(async move {
-        loop {
-            let s = tokio::select! {
-                _ = token.cancelled() => return,
-                a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
-            };
-            let (c, r) = (c.clone(), r.clone());
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let (c, r) = (c.clone(), r.clone());
-                    async move {
-                        if req
-                            .headers()
-                            .get("fedmesh-mirror")
-                            .is_some_and(|v| v == "1")
-                        {
-                            c.fetch_add(1, Ordering::SeqCst);
-                        }
-                        r.notified().await;
-                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    (
-        fedmesh_testbed::apps::RunningApp::from_parts(addr, stop),
-        count,
-        release,
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_gets_its_share_of_copies_and_never_holds_up_the_caller() {
     let dir = tempfile::tempdir().unwrap();
     let tb = testbed(dir.path(), &[("east", "us-east")]).await;
     let east = tb.cluster("east");
     let (api, _api_app) = http_workload(east, "api", "e1").await;
-    let (shadow_app, mirrored, release) = held_mirror_app().await;
+    let shadow_app = HeldApp::start().await;
     let shadow = east
         .workload(
             &WorkloadSpec::new("shop", "api-shadow", "e1"),
-            shadow_app.addr,
+            shadow_app.app.addr,
         )
         .await
         .unwrap();
@@ -288,14 +233,19 @@ spec:
     // Every request was answered while the mirror had answered none of its copies.
     let mut copies = 0;
     for _ in 0..100 {
-        copies = mirrored.load(Ordering::SeqCst);
+        copies = shadow_app.mirrored.load(Ordering::SeqCst);
         if copies >= 60 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    copies = copies.max(mirrored.load(Ordering::SeqCst));
+    copies = copies.max(shadow_app.mirrored.load(Ordering::SeqCst));
+    assert_eq!(
+        shadow_app.answered.load(Ordering::SeqCst),
+        0,
+        "every caller request was answered while the mirror answered none"
+    );
     // 25% of 400 is 100; a fair draw lands within ±35 (over 4 standard deviations).
     assert!(
         (65..=135).contains(&copies),
@@ -306,7 +256,7 @@ spec:
         metrics.contains("fedmesh_sidecar_mirrored_requests_total"),
         "{metrics}"
     );
-    release.notify_waiters();
+    shadow_app.release.cancel();
     tb.shutdown().await;
 }
 

@@ -73,6 +73,8 @@ pub struct ProxyMetrics {
     /// 30 s); `skipped_body` (a body too large or streaming to copy), `skipped_busy` (too many in
     /// flight).
     pub mirrors: Family<ReasonLabels, Counter>,
+    /// Faults injected by a TrafficPolicy, by kind (`delay`, `abort`).
+    pub faults: Family<ReasonLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -92,6 +94,7 @@ impl ProxyMetrics {
             retry_budget_exhausted: Counter::default(),
             ejections: Counter::default(),
             mirrors: Family::default(),
+            faults: Family::default(),
         };
         registry.register(
             "requests",
@@ -143,6 +146,11 @@ impl ProxyMetrics {
             "mirrored_requests",
             "Copies of requests sent to a route's mirror backend, by outcome",
             m.mirrors.clone(),
+        );
+        registry.register(
+            "injected_faults",
+            "Delays and aborts injected by a TrafficPolicy's faultInjection, by kind",
+            m.faults.clone(),
         );
         registry.register(
             "outlier_ejections",

@@ -1,10 +1,19 @@
 //! The in-process clusterset ([`fedmesh_testbed`]) as the data-plane tests use it: workloads in
 //! namespace `shop`, HTTP services on port 80, and waits until a caller can route to them.
 
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
 use fedmesh_testbed::apps::RunningApp;
 use fedmesh_testbed::yaml::EndpointSpec;
 use fedmesh_testbed::{Cluster, ClusterSpec, Testbed, Workload, WorkloadSpec};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
@@ -94,4 +103,63 @@ pub async fn wait_routable(tb: &Testbed, w: &Workload, svc: &str, clusters: &[&s
 
 pub fn url(svc: &str, path: &str) -> String {
     format!("http://{svc}.shop.svc.clusterset.local{path}")
+}
+
+/// An app that answers nothing until `release` is cancelled (then 200 to everything): it counts
+/// the requests that arrived, those marked as a route mirror's copy, and those it answered.
+pub struct HeldApp {
+    pub app: RunningApp,
+    pub arrived: Arc<AtomicUsize>,
+    pub mirrored: Arc<AtomicUsize>,
+    pub answered: Arc<AtomicUsize>,
+    pub release: CancellationToken,
+}
+
+impl HeldApp {
+    pub async fn start() -> Self {
+        let listener = app_listener().await;
+        let addr = listener.local_addr().unwrap();
+        let counters: [Arc<AtomicUsize>; 3] = Default::default();
+        let release = CancellationToken::new();
+        let stop = CancellationToken::new();
+        let (c, r, token) = (counters.clone(), release.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let s = tokio::select! {
+                    _ = token.cancelled() => return,
+                    a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+                };
+                let (c, r) = (c.clone(), r.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (c, r) = (c.clone(), r.clone());
+                        async move {
+                            c[0].fetch_add(1, Ordering::SeqCst);
+                            if req
+                                .headers()
+                                .get("fedmesh-mirror")
+                                .is_some_and(|v| v == "1")
+                            {
+                                c[1].fetch_add(1, Ordering::SeqCst);
+                            }
+                            r.cancelled().await;
+                            c[2].fetch_add(1, Ordering::SeqCst);
+                            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        let [arrived, mirrored, answered] = counters;
+        Self {
+            app: RunningApp::from_parts(addr, stop),
+            arrived,
+            mirrored,
+            answered,
+            release,
+        }
+    }
 }

@@ -3,10 +3,12 @@
 //! a dependency for her own requests alone and watch how the caller copes. An abort answers with
 //! the HTTP status, or for gRPC with HTTP 200 and the `grpc-status` (trailers-only).
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::{Body, PROXY_ERROR, full};
+use fedmesh_dataplane::metrics::{ProxyMetrics, ReasonLabels};
 use fedmesh_dataplane::policy::{Abort, Fault, MILLION};
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
@@ -14,19 +16,36 @@ use tower::{Layer, Service};
 
 use super::ctx::{BoxFuture, route_ctx};
 
-#[derive(Clone, Default)]
-pub(crate) struct FaultLayer;
+#[derive(Clone)]
+pub(crate) struct FaultLayer {
+    pub metrics: Arc<ProxyMetrics>,
+}
 
 impl<S> Layer<S> for FaultLayer {
     type Service = Faults<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Faults { inner }
+        Faults {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
 #[derive(Clone)]
 pub(crate) struct Faults<S> {
     inner: S,
+    metrics: Arc<ProxyMetrics>,
+}
+
+impl<S> Faults<S> {
+    fn count(&self, kind: &str) {
+        self.metrics
+            .faults
+            .get_or_create(&ReasonLabels {
+                reason: kind.into(),
+            })
+            .inc();
+    }
 }
 
 /// Whether a share (parts per million) is drawn.
@@ -83,6 +102,12 @@ where
         if delay.is_none() && abort.is_none() {
             return Box::pin(self.inner.call(req));
         }
+        if delay.is_some() {
+            self.count("delay");
+        }
+        if abort.is_some() {
+            self.count("abort");
+        }
         let policy_of = ctx
             .route()
             .filter(|r| r.fault.is_some())
@@ -113,6 +138,12 @@ mod tests {
     use std::time::Duration;
     use tokio::time::Instant;
 
+    fn layer() -> FaultLayer {
+        FaultLayer {
+            metrics: Arc::new(ProxyMetrics::new("test")),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn delays_and_aborts_hit_their_share_of_requests_with_the_header_only() {
         let table = table_with_policy(pb::TrafficPolicy {
@@ -130,7 +161,7 @@ mod tests {
             }),
             ..Default::default()
         });
-        let mut svc = FaultLayer.layer(tower::service_fn(|_req: Request<Body>| ok()));
+        let mut svc = layer().layer(tower::service_fn(|_req: Request<Body>| ok()));
         let n = 2000;
         let (mut aborted, mut delayed) = (0, 0);
         for _ in 0..n {
@@ -170,7 +201,7 @@ mod tests {
             }),
             ..Default::default()
         });
-        let mut svc = FaultLayer.layer(tower::service_fn(|_req: Request<Body>| ok()));
+        let mut svc = layer().layer(tower::service_fn(|_req: Request<Body>| ok()));
         let r = svc.call(routed_request(&table, "shop/web")).await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["grpc-status"], "14");

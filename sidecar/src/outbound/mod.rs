@@ -103,7 +103,10 @@ impl Sidecar {
             limiter: parts.limiter,
         }
         .layer(forwarded);
-        let faulted = fault::FaultLayer.layer(limited);
+        let faulted = fault::FaultLayer {
+            metrics: parts.metrics.clone(),
+        }
+        .layer(limited);
         let filtered = filters::FilterLayer {
             mirrors: Arc::new(tokio::sync::Semaphore::new(parts.max_mirrors)),
             max_mirror_body: parts.max_retry_body,
