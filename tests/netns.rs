@@ -111,7 +111,7 @@ fn clusters_reach_each_other_only_through_gateways_with_mtls_and_transparent_sid
     let dir = tempfile::tempdir().unwrap();
     let mut mesh = Mesh::start(dir.path());
     let mut east = mesh.add_cluster(1, "east", "us-east", &["frontend"]);
-    let mut west = mesh.add_cluster(2, "west", "us-west", &["api"]);
+    let mut west = mesh.add_cluster(2, "west", "us-west", &["api", "reports"]);
     let api = mesh.add_pod(&mut west, "api", "us-west-1a", true);
     export(&west, "api", &[(&api, "us-west-1a")]);
     let frontend = mesh.add_pod(&mut east, "frontend", "us-east-1a", false);
@@ -185,6 +185,28 @@ fn clusters_reach_each_other_only_through_gateways_with_mtls_and_transparent_sid
     });
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("shop/api"), "{body}");
+
+    // A meshed pod in west calling the api pod's own address: its sidecar sends it to that
+    // endpoint with mTLS, so the app knows the caller.
+    let reports = mesh.add_pod(&mut west, "reports", "us-west-1a", false);
+    let start = Instant::now();
+    let answer = loop {
+        let a = api.app_addr();
+        let r = in_ns(&reports.ns, move || http_get(a, "/", "api"));
+        if let Ok((200, body)) = &r {
+            break serde_json::from_str::<EchoResponse>(body).unwrap();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the api pod's address never answered: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        answer.caller, "spiffe://west.fedmesh.test/ns/shop/sa/reports",
+        "a pod's own address is reached with mTLS"
+    );
+    drop(reports);
     drop(frontend);
     drop(api);
 }

@@ -533,3 +533,56 @@ spec:
     assert!(body.contains("HTTPRoute shop/typo-cluster"), "{body}");
     tb.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_to_a_pods_own_address_reaches_it_with_mtls_past_the_services_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east")]).await;
+    let east = tb.cluster("east");
+    let (api, _api_app) = http_workload(east, "api", "e1").await;
+    serve_http(east, "api", &endpoints(&[&api]));
+    let client = client_workload(east, "frontend", "e1").await;
+    wait_routable(&tb, &client, "api", &["east"]).await;
+    // Every request to the Service is redirected elsewhere.
+    east.write(
+        "api-route.yaml",
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-moved, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: api, port: 80}]
+  rules:
+  - filters: [{type: RequestRedirect, requestRedirect: {hostname: elsewhere.example}}]
+"#,
+    )
+    .unwrap();
+    wait_rules(&client, "api", 1).await;
+    let mut c = ProxyClient::new(client.proxy);
+    assert_eq!(get(&mut c, &url("api", "/x"), &[]).await.status, 302);
+
+    // The pod's own address: the endpoint answers, and knows its caller by mTLS.
+    let r = get(&mut c, &format!("http://{}/x", api.inbound), &[]).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let echo = r.echo().unwrap();
+    assert_eq!(echo.workload, "api");
+    assert_eq!(echo.caller, client.id.to_string());
+
+    // An address outside the mesh gets plain HTTP, with no identity.
+    let plain = fedmesh_testbed::apps::http_echo(
+        support::mesh::app_listener().await,
+        fedmesh_testbed::apps::AppInfo {
+            cluster: "none".into(),
+            zone: String::new(),
+            workload: "outside".into(),
+        },
+    )
+    .await;
+    let r = get(&mut c, &format!("http://{}/y", plain.addr), &[]).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let echo = r.echo().unwrap();
+    assert_eq!(
+        (echo.workload.as_str(), echo.caller.as_str()),
+        ("outside", "")
+    );
+    tb.shutdown().await;
+}

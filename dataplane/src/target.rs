@@ -118,6 +118,14 @@ impl Target {
         matches!(self.0.place, Place::Local { .. })
     }
 
+    /// The address of a local target (an endpoint of this cluster).
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match &self.0.place {
+            Place::Local { addr, .. } => Some(*addr),
+            Place::Remote { .. } => None,
+        }
+    }
+
     /// The cluster that serves: this one for a local target.
     pub fn cluster(&self) -> &ClusterName {
         &self.0.cluster

@@ -197,6 +197,32 @@ pub fn compile(
         }
         table.services.insert(key, entry);
     }
+    // By key, so an address two services share always maps to the same one.
+    let mut keys: Vec<&ServiceKey> = table.services.keys().collect();
+    keys.sort();
+    let mut by_endpoint = HashMap::new();
+    for k in keys {
+        let entry = &table.services[k];
+        let mut ports: Vec<(&u16, &Arc<[Target]>)> = entry.local_targets.iter().collect();
+        ports.sort_by_key(|(p, _)| **p);
+        for (_, targets) in ports {
+            for t in targets.iter() {
+                if let Some(addr) = t.addr() {
+                    by_endpoint
+                        .entry(addr)
+                        .or_insert_with(|| (entry.clone(), t.clone()));
+                }
+            }
+        }
+    }
+    table.endpoint_ips = by_endpoint
+        .keys()
+        .filter_map(|a: &std::net::SocketAddr| match a.ip() {
+            std::net::IpAddr::V4(v4) => Some(v4),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect();
+    table.by_endpoint = by_endpoint;
     Ok(table)
 }
 

@@ -155,11 +155,22 @@ pub struct RoutingTable {
     pub not_found: HashSet<String>,
     /// The namespace of this proxy's workload (its SPIFFE ID's), for consumer routes.
     pub own_namespace: Option<String>,
+    /// This cluster's ready endpoints by address: a connection to a pod's own address goes to
+    /// that endpoint (with mTLS), past the Service's routes.
+    pub by_endpoint: HashMap<SocketAddr, (Arc<ServiceEntry>, Target)>,
+    /// The addresses of `by_endpoint`.
+    pub endpoint_ips: HashSet<Ipv4Addr>,
 }
 
 impl RoutingTable {
     pub fn service(&self, key: &ServiceKey) -> Option<&Arc<ServiceEntry>> {
         self.services.get(key)
+    }
+
+    /// The endpoint of this cluster at `addr` (a pod's own address), with the mesh target that
+    /// reaches it.
+    pub fn endpoint_at(&self, addr: SocketAddr) -> Option<&(Arc<ServiceEntry>, Target)> {
+        self.by_endpoint.get(&addr)
     }
 
     /// The service `namespace/name` (for tools and tests; the data path looks up by key).
@@ -182,7 +193,9 @@ impl RoutingTable {
                 .parse::<ServiceKey>()
                 .is_ok_and(|k| self.services.contains_key(&k))
             || subject.parse::<Ipv4Addr>().is_ok_and(|ip| {
-                self.by_vip.contains_key(&ip) || self.by_cluster_ip.contains_key(&ip)
+                self.by_vip.contains_key(&ip)
+                    || self.by_cluster_ip.contains_key(&ip)
+                    || self.endpoint_ips.contains(&ip)
             })
     }
 }

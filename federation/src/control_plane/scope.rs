@@ -126,9 +126,15 @@ impl ProxyScope {
     /// add: past [`MAX_SUBSCRIPTIONS`], or asked by a gateway, which sees only exports).
     pub fn subscribe(&mut self, req: &pb::Subscribe, all: &ServiceMap) -> Vec<String> {
         let mut not_found = Vec::new();
+        // A clusterset IP, a cluster IP, or an endpoint's own address (a pod IP).
         let by_address = |a: &str| {
             all.iter()
-                .find(|(_, s)| !a.is_empty() && (s.vip == a || s.cluster_ip == a))
+                .find(|(_, s)| {
+                    !a.is_empty()
+                        && (s.vip == a
+                            || s.cluster_ip == a
+                            || s.endpoints.iter().any(|e| e.address == a))
+                })
                 .map(|(k, _)| k.clone())
         };
         let wanted = req

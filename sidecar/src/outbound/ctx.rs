@@ -53,6 +53,8 @@ pub(crate) enum DrawnTarget {
         port: u16,
         scope: Scope,
     },
+    /// One endpoint, addressed by its own address.
+    Endpoint(Target),
 }
 
 impl RouteCtx {
@@ -115,12 +117,16 @@ impl RouteCtx {
 
     /// The targets the request's drawn backend reaches.
     pub fn candidates(&self) -> &[Target] {
-        if let Some(Drawn {
-            to: DrawnTarget::Service { entry, port, scope },
-            ..
-        }) = &self.backend
-        {
-            return entry.targets_for(*scope, *port);
+        match &self.backend {
+            Some(Drawn {
+                to: DrawnTarget::Service { entry, port, scope },
+                ..
+            }) => return entry.targets_for(*scope, *port),
+            Some(Drawn {
+                to: DrawnTarget::Endpoint(t),
+                ..
+            }) => return std::slice::from_ref(t),
+            _ => {}
         }
         let scope = if self.local_only {
             Scope::Local
@@ -151,6 +157,7 @@ impl RouteCtx {
     pub fn destination(&self) -> String {
         match self.backend.as_ref().map(|b| &b.to) {
             Some(DrawnTarget::Service { entry, port, .. }) => format!("{}:{port}", entry.key),
+            Some(DrawnTarget::Endpoint(t)) => format!("{} at {}", self.dest, t.key()),
             _ => self.dest.to_string(),
         }
     }

@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use fedmesh_dataplane::config::{AppProtocol, RoutingTable};
 use fedmesh_dataplane::error::ProxyError;
-use fedmesh_dataplane::http::{Body, body, full};
+use fedmesh_dataplane::http::{Body, body, full, strip_hop_by_hop};
 use fedmesh_dataplane::relay::relay;
 use http::header;
 use http::{Method, Request, Response, Version};
@@ -210,14 +210,46 @@ impl Sidecar {
             self.config.ensure(&orig.ip().to_string()).await;
         }
         let table = self.config.table();
-        match dest::from_vip(orig, &table) {
-            Some(dest) => {
-                drop(table);
-                self.outbound_to(s, dest, graceful).await
-            }
-            None => {
-                drop(table);
-                self.passthrough(s, orig).await
+        if let Some(dest) = dest::from_vip(orig, &table) {
+            drop(table);
+            return self.outbound_to(s, dest, graceful).await;
+        }
+        // A pod's own address: that endpoint, with mTLS, whatever the protocol (its Service's
+        // routes do not apply), else wherever it was going.
+        let endpoint = table.endpoint_at(orig).cloned();
+        drop(table);
+        match endpoint {
+            Some((entry, target)) => self.to_endpoint(s, &entry, target).await,
+            None => self.passthrough(s, orig).await,
+        }
+    }
+
+    /// Opaque mTLS to one endpoint (ALPN `fedmesh-tcp`): the peer's sidecar checks the caller and
+    /// hands the bytes to its app, naming the caller in any HTTP it finds.
+    async fn to_endpoint(
+        &self,
+        s: TcpStream,
+        entry: &fedmesh_dataplane::config::ServiceEntry,
+        target: fedmesh_dataplane::target::Target,
+    ) {
+        let dest = Dest {
+            service: entry.key.clone(),
+            port: target.sni().port,
+            scope: dest::Scope::Local,
+        };
+        match self
+            .upstreams
+            .tls(
+                &target,
+                crate::upstream::ALPN_TCP,
+                entry.policy.connect_timeout,
+            )
+            .await
+        {
+            Ok(up) => self.relay_tcp(s, up, &dest, &target).await,
+            Err(e) => {
+                self.count_error(e.label());
+                tracing::warn!(endpoint = %target.key(), error = %e, "connection to a meshed endpoint failed");
             }
         }
     }
@@ -305,15 +337,35 @@ impl Sidecar {
             }
             None => self.table_for_host(host.as_deref()).await,
         };
+        let mut pinned = None;
         let dest = match fixed.or_else(|| host.as_deref().and_then(|h| dest::from_host(h, &table)))
         {
             Some(d) => d,
-            None => {
-                let e =
-                    ProxyError::NoRoute(host.unwrap_or_else(|| "a request without a host".into()));
-                self.count_error(e.kind());
-                return e.into_response();
-            }
+            None => match host.as_deref().and_then(|h| h.parse::<SocketAddr>().ok()) {
+                // A pod's own address: that endpoint, with mTLS; its Service's routes do not
+                // apply. An address outside the mesh gets plain HTTP.
+                Some(addr) => match table.endpoint_at(addr) {
+                    Some((entry, target)) => {
+                        pinned = Some(target.clone());
+                        Dest {
+                            service: entry.key.clone(),
+                            port: target.sni().port,
+                            scope: dest::Scope::Local,
+                        }
+                    }
+                    None => {
+                        drop(table);
+                        return self.plain_http(req, addr).await;
+                    }
+                },
+                None => {
+                    let e = ProxyError::NoRoute(
+                        host.unwrap_or_else(|| "a request without a host".into()),
+                    );
+                    self.count_error(e.kind());
+                    return e.into_response();
+                }
+            },
         };
         drop(table);
         if req.headers().contains_key(header::UPGRADE) && req.version() < Version::HTTP_2 {
@@ -321,6 +373,9 @@ impl Sidecar {
         }
         let mut req = req.map(body);
         req.extensions_mut().insert(dest);
+        if let Some(t) = pinned {
+            req.extensions_mut().insert(route::Pinned(t));
+        }
         if let Some(h) = host {
             req.extensions_mut().insert(forward::CallerHost(h));
         }
@@ -331,6 +386,36 @@ impl Sidecar {
         match call.await {
             Ok(resp) => resp,
             Err(never) => match never {},
+        }
+    }
+
+    /// Plain HTTP to an address outside the mesh, as any forward proxy would.
+    async fn plain_http(&self, req: Request<Incoming>, addr: SocketAddr) -> Response<Body> {
+        let (mut parts, b) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = match format!("http://{addr}{path}").parse() {
+            Ok(u) => u,
+            Err(e) => {
+                return ProxyError::BadRequest(format!("bad request target: {e}")).into_response();
+            }
+        };
+        parts.version = Version::HTTP_11;
+        match self
+            .app_h1
+            .request(Request::from_parts(parts, body(b)))
+            .await
+        {
+            Ok(resp) => resp.map(body),
+            Err(e) => {
+                let e = ProxyError::Unavailable(format!("{addr} (outside the mesh): {e}"));
+                self.count_error(e.kind());
+                e.into_response()
+            }
         }
     }
 

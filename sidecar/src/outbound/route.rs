@@ -18,6 +18,11 @@ use fedmesh_dataplane::policy::{BackendTarget, Route as PolicyRoute, RouteBacken
 use super::ctx::{BoxFuture, Drawn, DrawnTarget, RouteCtx};
 use crate::dest::Dest;
 
+/// A request addressed to one endpoint (a pod's own address): it goes there, past the
+/// Service's routes.
+#[derive(Clone, Debug)]
+pub(crate) struct Pinned(pub fedmesh_dataplane::target::Target);
+
 /// Where routing tables come from: the live configuration, or a fixed table in tests.
 pub(crate) trait Tables: Clone + Send + Sync + 'static {
     fn table(&self) -> Arc<RoutingTable>;
@@ -100,6 +105,14 @@ where
             backend: None,
             local_only,
         };
+        if let Some(Pinned(t)) = req.extensions().get::<Pinned>().cloned() {
+            ctx.backend = Some(Drawn {
+                index: None,
+                to: DrawnTarget::Endpoint(t),
+            });
+            req.extensions_mut().insert(ctx);
+            return Box::pin(self.inner.call(req));
+        }
         let selected = entry.policy.select(
             ctx.dest.port,
             ctx.table.own_namespace.as_deref(),
