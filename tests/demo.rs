@@ -36,12 +36,32 @@ fn the_demo_moves_traffic_across_three_clusters_without_failing_a_request() {
         "{stdout}"
     );
     assert!(api.iter().any(|l| l.contains("west 100%")), "{stdout}");
-    // shop/reviews is split between west and central.
-    let reviews = lines("reviews");
+    // shop/reviews is split between west and central; premium users get v2, in either; a fault
+    // injected for a while answers a share of the others (and counts as no failure).
+    let reviews: Vec<&str> = lines("reviews")
+        .into_iter()
+        .filter(|l| !l.contains("premium"))
+        .collect();
     assert!(
         reviews
             .iter()
             .any(|l| l.contains("central") && l.contains("west")),
+        "{stdout}"
+    );
+    assert!(
+        reviews.iter().all(|l| !l.contains("reviews-v2")),
+        "{stdout}"
+    );
+    assert!(
+        reviews.iter().any(|l| l.contains("injected 503")),
+        "{stdout}"
+    );
+    let premium = lines("reviews premium");
+    assert!(!premium.is_empty(), "{stdout}");
+    assert!(
+        premium
+            .iter()
+            .all(|l| { l.contains("reviews-v2@") && !l.contains("injected") }),
         "{stdout}"
     );
     // shop/greeter answers gRPC calls from west or central.

@@ -5,7 +5,10 @@
 //!
 //! - `shop/api`, exported by east and west: locality keeps it in east; east's instance goes down and
 //!   traffic fails over to west with no failed request, then comes back.
-//! - `shop/reviews`, exported by west and central, split 70/30 by a TrafficPolicy, changed live.
+//! - `shop/reviews`, exported by west and central, split 70/30 by an HTTPRoute, changed live; its
+//!   v2 (`shop/reviews-v2`, in west and central too) gets the requests of premium users
+//!   (`x-user: premium`) — a canary by header across clusters; a TrafficPolicy injects a fault into
+//!   a share of the other requests for a while.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,7 +19,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use fedmesh_testbed::client::ProxyClient;
-use fedmesh_testbed::yaml;
 use fedmesh_testbed::{Cluster, ClusterSpec, Testbed, Workload, WorkloadSpec};
 
 use super::parse_duration;
@@ -48,12 +50,46 @@ pub struct DemoArgs {
 #[derive(Default)]
 struct Tally {
     by_cluster: BTreeMap<String, u64>,
+    /// Answered by an injected fault (a TrafficPolicy's faultInjection), not a failure.
+    injected: u64,
     failed: u64,
     last_failure: Option<String>,
     latencies: Vec<Duration>,
 }
 
 type Tallies = Arc<Mutex<BTreeMap<&'static str, Tally>>>;
+
+/// The demo's route for shop/reviews, in east (the caller's cluster): premium users to v2 in any
+/// cluster, everyone else split between west and central.
+fn reviews_route(west: u32) -> String {
+    format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  parentRefs: [{{group: multicluster.x-k8s.io, kind: ServiceImport, name: reviews}}]
+  rules:
+  - name: premium
+    matches: [{{headers: [{{name: x-user, value: premium}}]}}]
+    backendRefs: [{{group: multicluster.x-k8s.io, kind: ServiceImport, name: reviews-v2}}]
+  - name: everyone
+    backendRefs:
+    - {{group: fedmesh.io, kind: Cluster, name: west, weight: {west}}}
+    - {{group: fedmesh.io, kind: Cluster, name: central, weight: {central}}}
+"#,
+        central = 100 - west
+    )
+}
+
+/// A TrafficPolicy that aborts 20% of the `everyone` rule's requests with 503.
+const REVIEWS_FAULT: &str = r#"apiVersion: fedmesh.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: reviews-chaos, namespace: shop}
+spec:
+  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: reviews, sectionName: everyone}
+  faultInjection:
+    abort: {httpStatus: 503, percentage: 20}
+"#;
 
 fn publish(c: &Cluster, name: &str, ws: &[&Workload]) -> anyhow::Result<()> {
     let eps: Vec<_> = ws.iter().map(|w| w.endpoint()).collect();
@@ -130,6 +166,15 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     publish(west, "api", &[&api_w])?;
     publish(west, "reviews", &[&rev_w])?;
     publish(central, "reviews", &[&rev_c])?;
+    // reviews v2: its own Service in west and central (in Kubernetes, selecting version: v2).
+    let (rev2_w, _rev2_w_app) = west
+        .http_echo_workload("shop", "reviews-v2", "us-west-1a", 0)
+        .await?;
+    let (rev2_c, _rev2_c_app) = central
+        .http_echo_workload("shop", "reviews-v2", "eu-central-1a", 0)
+        .await?;
+    publish(west, "reviews-v2", &[&rev2_w])?;
+    publish(central, "reviews-v2", &[&rev2_c])?;
     // shop/greeter, a gRPC service, in west, central and every extra cluster (which also serve
     // shop/api).
     let mut others = Vec::new();
@@ -150,10 +195,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         others.push((w, app));
     }
     // The caller's cluster holds the route that steers its traffic.
-    east.write(
-        "reviews-split.yaml",
-        &yaml::cluster_split("shop", "reviews", &[("west", 70), ("central", 30)]),
-    )?;
+    east.write("reviews-route.yaml", &reviews_route(70))?;
     let frontend = east
         .workload(
             &WorkloadSpec::new("shop", "frontend", "us-east-1a"),
@@ -165,9 +207,12 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             let api = t.service_named("shop/api").is_some_and(|e| {
                 e.svc.endpoints.iter().any(|x| x.ready) && e.svc.remote.iter().any(|r| r.ready > 0)
             });
-            let reviews = t
+            let reviews = ["shop/reviews", "shop/reviews-v2"].iter().all(|s| {
+                t.service_named(s)
+                    .is_some_and(|e| e.svc.remote.iter().filter(|r| r.ready > 0).count() == 2)
+            }) && t
                 .service_named("shop/reviews")
-                .is_some_and(|e| e.svc.remote.iter().filter(|r| r.ready > 0).count() == 2);
+                .is_some_and(|e| e.policy.routes.len() == 2);
             let greeter = t.service_named("shop/greeter").is_some_and(|e| {
                 e.svc.remote.iter().filter(|r| r.ready > 0).count() == greeter_at.len()
             });
@@ -182,6 +227,8 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         (west, "shop/api"),
         (west, "shop/reviews"),
         (central, "shop/reviews"),
+        (west, "shop/reviews-v2"),
+        (central, "shop/reviews-v2"),
     ] {
         c.wait_gateway_serves(svc).await?;
     }
@@ -199,6 +246,18 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     println!(
         "  curl -x http://{} http://reviews.shop.svc.clusterset.local/",
         frontend.proxy
+    );
+    println!(
+        "  curl -x http://{} -H 'x-user: premium' http://reviews.shop.svc.clusterset.local/   # v2",
+        frontend.proxy
+    );
+    println!(
+        "  Drop an HTTPRoute or a TrafficPolicy into {} (east's source directory) to try one;",
+        east.src.display()
+    );
+    println!(
+        "  its status appears in {}",
+        east.data.join("status").display()
     );
     println!(
         "  curl http://{}/config                                     # the frontend sidecar's routing table",
@@ -231,6 +290,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         }
         println!("stopping");
         drop((api_e, api_e_app, api_w, rev_w, rev_c, frontend, others));
+        drop((rev2_w, rev2_c));
         tokio::time::sleep(Duration::from_millis(100)).await;
         tb.shutdown().await;
         return Ok(());
@@ -239,10 +299,14 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let tallies: Tallies = Arc::default();
     let stop = tokio_util::sync::CancellationToken::new();
     let mut traffic = Vec::new();
-    for svc in ["api", "reviews"] {
+    for (label, svc, user) in [
+        ("api", "api", None),
+        ("reviews", "reviews", None),
+        ("reviews premium", "reviews", Some("premium")),
+    ] {
         traffic.push(tokio::spawn(generate(
             frontend.proxy,
-            svc,
+            (label, svc, user),
             a.rate.max(1),
             tallies.clone(),
             stop.clone(),
@@ -255,7 +319,8 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         stop.clone(),
     )));
 
-    // The story, on a loop: steady, east's api down, east's api back, a new split.
+    // The story, on a loop: east's api down, east's api back, a fault injected into reviews, a new
+    // split (and the fault gone), steady.
     let started = Instant::now();
     let deadline = a.duration.map(|d| started + d);
     let mut api_e = Some((api_e, api_e_app));
@@ -265,7 +330,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let mut ctrl_c = std::pin::pin!(super::shutdown_signal());
     let (mut total_ok, mut total_failed) = (0u64, 0u64);
     println!(
-        "\n  t      service        answered by (share)                           failed  p50     p99"
+        "\n  t      service               answered by (share)                                  failed  p50     p99"
     );
     loop {
         tokio::select! {
@@ -281,7 +346,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             continue;
         }
         next_step = Instant::now() + a.every * 3;
-        match step % 4 {
+        match step % 5 {
             0 => {
                 println!(
                     "  >> east's shop/api goes down (sidecar drains, app stops): traffic fails over to west"
@@ -301,19 +366,19 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
                 );
             }
             2 => {
+                println!(
+                    "  >> TrafficPolicy shop/reviews-chaos injects 503 into 20% of everyone's reviews requests (premium users spared)"
+                );
+                east.write("reviews-chaos.yaml", REVIEWS_FAULT)?;
+            }
+            3 => {
                 split_west = if split_west == 70 { 20 } else { 70 };
                 println!(
-                    "  >> HTTPRoute shop/reviews-split changed live: west {split_west} / central {}",
+                    "  >> HTTPRoute shop/reviews changed live: west {split_west} / central {}; the fault is removed",
                     100 - split_west
                 );
-                east.write(
-                    "reviews-split.yaml",
-                    &yaml::cluster_split(
-                        "shop",
-                        "reviews",
-                        &[("west", split_west), ("central", 100 - split_west)],
-                    ),
-                )?;
+                east.remove("reviews-chaos.yaml");
+                east.write("reviews-route.yaml", &reviews_route(split_west))?;
             }
             _ => println!("  >> steady"),
         }
@@ -328,6 +393,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     println!("\nstopping; {total_failed} request(s) failed in the whole run");
     // The workloads first, so nothing complains that its control plane went away.
     drop((api_e, api_w, rev_w, rev_c, frontend, others));
+    drop((rev2_w, rev2_c));
     tokio::time::sleep(Duration::from_millis(100)).await;
     tb.shutdown().await;
     anyhow::ensure!(
@@ -337,8 +403,16 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One call of a traffic generator: the cluster that answered, or why there was no answer.
-type Call<'a> = futures::future::BoxFuture<'a, Result<String, String>>;
+/// What one call of a traffic generator got.
+enum Answer {
+    /// Answered by this (`cluster`, or `workload@cluster` for another version).
+    By(String),
+    /// Answered by a fault a TrafficPolicy injected on purpose.
+    Injected,
+}
+
+/// One call of a traffic generator: who answered, or why there was no answer.
+type Call<'a> = futures::future::BoxFuture<'a, Result<Answer, String>>;
 
 /// Calls `call` on `client` `rate` times a second until `stop`, counting each answer under the
 /// cluster it came from, or as a failure, in `svc`'s tally.
@@ -363,10 +437,11 @@ async fn drive<C: Send>(
         let mut t = tallies.lock().unwrap_or_else(|p| p.into_inner());
         let t = t.entry(svc).or_default();
         match r {
-            Ok(cluster) => {
-                *t.by_cluster.entry(cluster).or_default() += 1;
+            Ok(Answer::By(who)) => {
+                *t.by_cluster.entry(who).or_default() += 1;
                 t.latencies.push(elapsed);
             }
+            Ok(Answer::Injected) => t.injected += 1,
             Err(why) => {
                 t.failed += 1;
                 t.last_failure = Some(why);
@@ -375,9 +450,10 @@ async fn drive<C: Send>(
     }
 }
 
+/// HTTP calls to `svc` (as `user`, when given), tallied under `label`.
 async fn generate(
     proxy: SocketAddr,
-    svc: &'static str,
+    (label, svc, user): (&'static str, &'static str, Option<&'static str>),
     rate: u32,
     tallies: Tallies,
     stop: tokio_util::sync::CancellationToken,
@@ -385,13 +461,34 @@ async fn generate(
     struct Http {
         client: ProxyClient,
         proxy: SocketAddr,
+        svc: &'static str,
         url: String,
+        user: Option<&'static str>,
     }
     fn call(h: &mut Http) -> Call<'_> {
         Box::pin(async move {
-            match tokio::time::timeout(Duration::from_secs(5), h.client.get(&h.url)).await {
-                Ok(Ok(reply)) if reply.status.is_success() => {
-                    reply.echo().map(|e| e.cluster).map_err(|e| e.to_string())
+            let headers: Vec<(&str, &str)> = h.user.map(|u| ("x-user", u)).into_iter().collect();
+            let get = h
+                .client
+                .request("GET", &h.url, &headers, bytes::Bytes::new());
+            match tokio::time::timeout(Duration::from_secs(5), get).await {
+                Ok(Ok(reply)) if reply.status.is_success() => reply
+                    .echo()
+                    .map(|e| {
+                        Answer::By(if e.workload == h.svc {
+                            e.cluster
+                        } else {
+                            format!("{}@{}", e.workload, e.cluster)
+                        })
+                    })
+                    .map_err(|e| e.to_string()),
+                Ok(Ok(reply))
+                    if reply
+                        .headers
+                        .get("fedmesh-proxy-error")
+                        .is_some_and(|v| v == "fault-injected") =>
+                {
+                    Ok(Answer::Injected)
                 }
                 Ok(Ok(reply)) => Err(format!(
                     "{}: {}",
@@ -412,9 +509,11 @@ async fn generate(
     let http = Http {
         client: ProxyClient::new(proxy),
         proxy,
+        svc,
         url: format!("http://{svc}.shop.svc.clusterset.local/"),
+        user,
     };
-    drive(svc, rate, tallies, stop, http, call).await
+    drive(label, rate, tallies, stop, http, call).await
 }
 
 /// Unary gRPC calls to shop/greeter at `rate` per second through the frontend's sidecar.
@@ -438,7 +537,7 @@ async fn generate_grpc(
                     ..Default::default()
                 })
                 .await
-                .map(|reply| reply.into_inner().cluster)
+                .map(|reply| Answer::By(reply.into_inner().cluster))
                 .map_err(|status| format!("gRPC {:?}: {}", status.code(), status.message()))
         })
     }
@@ -452,15 +551,19 @@ fn print_table(started: Instant, tallies: &Tallies) -> (u64, u64) {
     let mut all = tallies.lock().unwrap_or_else(|p| p.into_inner());
     let (mut answered, mut failed) = (0, 0);
     for (svc, t) in all.iter_mut() {
-        let total: u64 = t.by_cluster.values().sum();
+        let total: u64 = t.by_cluster.values().sum::<u64>() + t.injected;
         if total == 0 && t.failed == 0 {
             continue;
         }
-        let shares: Vec<String> = t
+        let share = |n: u64| n as f64 * 100.0 / total.max(1) as f64;
+        let mut shares: Vec<String> = t
             .by_cluster
             .iter()
-            .map(|(c, n)| format!("{c} {:>3.0}%", *n as f64 * 100.0 / total.max(1) as f64))
+            .map(|(c, n)| format!("{c} {:>3.0}%", share(*n)))
             .collect();
+        if t.injected > 0 {
+            shares.push(format!("injected 503 {:>3.0}%", share(t.injected)));
+        }
         t.latencies.sort_unstable();
         let pct = |p: f64| -> f64 {
             t.latencies
@@ -469,7 +572,7 @@ fn print_table(started: Instant, tallies: &Tallies) -> (u64, u64) {
                 .unwrap_or(0.0)
         };
         println!(
-            "  {:>4.0}s  shop/{:<9} {:<45} {:>6}  {:>5.1}ms {:>5.1}ms{}",
+            "  {:>4.0}s  shop/{:<16} {:<52} {:>6}  {:>5.1}ms {:>5.1}ms{}",
             started.elapsed().as_secs_f64(),
             svc,
             shares.join("  "),
