@@ -229,10 +229,11 @@ impl From<ProxyError> for AttemptError {
     }
 }
 
-/// The context a layer needs, or the error that says the stack was assembled wrong.
-pub(crate) fn route_ctx<B>(req: &Request<B>) -> Result<RouteCtx, ProxyError> {
+/// The context a layer needs (shared by the layers, set once by the route layer), or the error
+/// that says the stack was assembled wrong.
+pub(crate) fn route_ctx<B>(req: &Request<B>) -> Result<Arc<RouteCtx>, ProxyError> {
     req.extensions()
-        .get::<RouteCtx>()
+        .get::<Arc<RouteCtx>>()
         .cloned()
         .ok_or_else(|| ProxyError::BadRequest("the request reached a layer before routing".into()))
 }

@@ -281,11 +281,11 @@ impl FilterLayer {
                 copy.extensions_mut().insert(h.clone());
             }
             copy.extensions_mut().insert(Mirrored);
-            copy.extensions_mut().insert(RouteCtx {
+            copy.extensions_mut().insert(Arc::new(RouteCtx {
                 route: None,
                 backend: Some(drawn),
                 ..ctx.clone()
-            });
+            }));
             let call: BoxFuture<_> = Box::pin(inner.clone().call(copy));
             let layer = self.clone();
             self.count("sent");
@@ -369,13 +369,14 @@ mod tests {
         let mut req = routed_request(table, "shop/web");
         *req.uri_mut() = path.parse().unwrap();
         req.extensions_mut().insert(CallerHost("echo:8080".into()));
-        let ctx = req.extensions().get::<RouteCtx>().unwrap().clone();
+        let ctx = (**req.extensions().get::<Arc<RouteCtx>>().unwrap()).clone();
         let route = ctx.entry.policy.routes.iter().position(|r| {
             r.matches
                 .iter()
                 .any(|m| m.matches(req.method(), req.uri(), req.headers()))
         });
-        req.extensions_mut().insert(RouteCtx { route, ..ctx });
+        req.extensions_mut()
+            .insert(Arc::new(RouteCtx { route, ..ctx }));
         req
     }
 

@@ -110,7 +110,7 @@ where
                 index: None,
                 to: DrawnTarget::Endpoint(t),
             });
-            req.extensions_mut().insert(ctx);
+            req.extensions_mut().insert(Arc::new(ctx));
             return Box::pin(self.inner.call(req));
         }
         let selected = entry.policy.select(
@@ -143,7 +143,7 @@ where
                 }
             }
         }
-        req.extensions_mut().insert(ctx);
+        req.extensions_mut().insert(Arc::new(ctx));
         Box::pin(self.inner.call(req))
     }
 }
@@ -260,7 +260,7 @@ mod tests {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let s = seen.clone();
         let inner = tower::service_fn(move |req: Request<Body>| {
-            let ctx = req.extensions().get::<RouteCtx>().unwrap();
+            let ctx = req.extensions().get::<Arc<RouteCtx>>().unwrap();
             s.lock()
                 .unwrap()
                 .push(ctx.route().map(|r| r.name.clone()).unwrap_or_default());
@@ -296,7 +296,7 @@ mod tests {
     /// Sends `n` requests for `path` and counts which service each one's candidates belong to.
     async fn draws(table: &Arc<RoutingTable>, path: &str, n: usize) -> Vec<Result<String, String>> {
         let inner = tower::service_fn(|req: Request<Body>| {
-            let ctx = req.extensions().get::<RouteCtx>().unwrap();
+            let ctx = req.extensions().get::<Arc<RouteCtx>>().unwrap();
             let key = ctx.candidates()[0].key();
             let port = key.rsplit(':').next().unwrap_or_default();
             let mut r = Response::new(fedmesh_dataplane::http::full(""));

@@ -86,14 +86,14 @@ pub(crate) fn routed_request(table: &Arc<RoutingTable>, key: &str) -> Request<Bo
         _ => None,
     };
     req.extensions_mut().insert(dest(key));
-    req.extensions_mut().insert(RouteCtx {
+    req.extensions_mut().insert(Arc::new(RouteCtx {
         table: table.clone(),
         entry,
         dest: dest(key),
         route,
         backend: None,
         local_only: false,
-    });
+    }));
     req
 }
 

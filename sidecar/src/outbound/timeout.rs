@@ -106,10 +106,12 @@ mod tests {
             *req.uri_mut() = path.parse().unwrap();
             // Routing happened before the path changed: match again as the route layer would.
             let ctx = req
-                .extensions_mut()
-                .get_mut::<super::super::ctx::RouteCtx>()
+                .extensions()
+                .get::<std::sync::Arc<super::super::ctx::RouteCtx>>()
                 .unwrap();
+            let mut ctx = (**ctx).clone();
             ctx.route = Some(if path == "/reports" { 0 } else { 1 });
+            req.extensions_mut().insert(std::sync::Arc::new(ctx));
             svc.call(req)
         };
         assert!(call("/fast").await.is_ok());

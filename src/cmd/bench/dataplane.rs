@@ -11,6 +11,11 @@
 //! cross-cluster:     client ─▶ S1 (east) ══mTLS══▶ G (west) ══▶ S3 (west) ─▶ app
 //! ```
 //!
+//! The cost of the L7 pipeline is measured on the sidecar→sidecar path twice over, alternately in
+//! rounds (medians reported): to a service with no policy (the minimal route), and to one behind
+//! the full policy stack — an HTTPRoute with path and method matches, a header filter, timeouts,
+//! a retry and a weighted split, and a rate limit that never triggers.
+//!
 //! Latency is measured open-loop at a fixed rate: request i is due at `t0 + i/rate` and its
 //! latency counts from then, not from when it was sent (coordinated-omission correction), so a
 //! stall shows up in the percentiles instead of silently lowering the load.
@@ -37,6 +42,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::federation::proc_stats;
+use super::policy;
 
 pub struct Params {
     pub rate: u64,
@@ -47,13 +53,13 @@ pub struct Params {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Proto {
+pub(super) enum Proto {
     H1,
     H2,
 }
 
 impl Proto {
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Proto::H1 => "HTTP/1.1",
             Proto::H2 => "HTTP/2",
@@ -62,7 +68,7 @@ impl Proto {
 }
 
 /// A proxy process of the benchmark.
-struct Proc {
+pub(super) struct Proc {
     name: &'static str,
     child: Child,
 }
@@ -80,7 +86,7 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(dir: &Path, name: &'static str, args: &[String]) -> anyhow::Result<Proc> {
+pub(super) fn spawn(dir: &Path, name: &'static str, args: &[String]) -> anyhow::Result<Proc> {
     let exe = std::env::current_exe()?;
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let child = Command::new(exe)
@@ -96,12 +102,12 @@ fn spawn(dir: &Path, name: &'static str, args: &[String]) -> anyhow::Result<Proc
     Ok(Proc { name, child })
 }
 
-fn free_addr() -> anyhow::Result<SocketAddr> {
+pub(super) fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// GET `path` on `addr` with a bare HTTP/1.1 request; the status code.
-async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+pub(super) async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     let mut s = TcpStream::connect(addr).await.ok()?;
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n").as_bytes(),
@@ -116,7 +122,7 @@ async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     std::str::from_utf8(buf.get(9..12)?).ok()?.parse().ok()
 }
 
-async fn wait_until<F, Fut>(what: &str, mut f: F) -> anyhow::Result<()>
+pub(super) async fn wait_until<F, Fut>(what: &str, mut f: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -137,13 +143,13 @@ fn memory(pid: u32) -> (u64, u64, u64, u64) {
     (v[0], v[1], v[2], v[3])
 }
 
-fn cpu_seconds(pids: &[u32]) -> f64 {
+pub(super) fn cpu_seconds(pids: &[u32]) -> f64 {
     pids.iter().map(|p| proc_stats(*p).1).sum()
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub(super) type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
-fn http_client(proto: Proto) -> HttpClient {
+pub(super) fn http_client(proto: Proto) -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let mut b = Client::builder(TokioExecutor::new());
@@ -156,7 +162,7 @@ fn http_client(proto: Proto) -> HttpClient {
 }
 
 /// One request; the time from `due` to the whole answer.
-async fn one(
+pub(super) async fn one(
     client: &HttpClient,
     uri: &http::Uri,
     body: &Bytes,
@@ -178,14 +184,14 @@ async fn one(
     Ok(due.elapsed())
 }
 
-struct FixedRate {
-    latencies: Vec<Duration>,
-    errors: u64,
-    first_error: Option<String>,
+pub(super) struct FixedRate {
+    pub latencies: Vec<Duration>,
+    pub errors: u64,
+    pub first_error: Option<String>,
 }
 
 /// `rate` requests per second for `duration`, each timed from when it was due.
-async fn fixed_rate(
+pub(super) async fn fixed_rate(
     client: &HttpClient,
     uri: &http::Uri,
     body: &Bytes,
@@ -269,7 +275,7 @@ async fn max_throughput(
     .await
 }
 
-fn pct(sorted: &[Duration], p: f64) -> Duration {
+pub(super) fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -277,15 +283,15 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-struct Path3 {
-    name: &'static str,
-    url: String,
+pub(super) struct Path3 {
+    pub name: &'static str,
+    pub url: String,
     /// The proxies this path crosses (for CPU per request).
-    pids: Vec<u32>,
+    pub pids: Vec<u32>,
 }
 
 pub async fn run(p: Params) -> anyhow::Result<()> {
@@ -319,7 +325,7 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
 
     let (s1_admin, s2_admin, s3_admin, g_admin) =
         (free_addr()?, free_addr()?, free_addr()?, free_addr()?);
-    let (s1_local, s1_remote) = (free_addr()?, free_addr()?);
+    let (s1_local, s1_remote, s1_policied) = (free_addr()?, free_addr()?, free_addr()?);
     let (s2_in, s3_in) = (free_addr()?, free_addr()?);
 
     // Services: bench/local in east (not exported), bench/remote and bench/tlsb exported by west.
@@ -336,6 +342,21 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
             }],
         ),
     )?;
+    // bench/policied: the same endpoint as bench/local, behind the whole policy stack.
+    east.write(
+        "policied.yaml",
+        &yaml::service(
+            "bench",
+            "policied",
+            &[("http", 80, "")],
+            &[EndpointSpec {
+                addr: s2_in,
+                zone: "e1".into(),
+                ready: true,
+            }],
+        ),
+    )?;
+    east.write("policied-route.yaml", policy::POLICY_STACK)?;
     west.serve_http(
         "bench",
         "remote",
@@ -393,6 +414,8 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         format!("{s1_local}=bench/local:80"),
         "--listen".into(),
         format!("{s1_remote}=bench/remote:80"),
+        "--listen".into(),
+        format!("{s1_policied}=bench/policied:80"),
     ]);
     let s1 = spawn(&dirp, "sidecar-east-client", &a)?;
     let mut a = vec!["sidecar".to_string()];
@@ -439,8 +462,13 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
             pids: vec![s1.pid(), g.pid(), s3.pid()],
         },
     ];
+    let policied = Path3 {
+        name: "policy stack",
+        url: format!("http://{s1_policied}/"),
+        pids: vec![s1.pid(), s2.pid()],
+    };
     // Every path answers before anything is measured.
-    for path in &paths {
+    for path in paths.iter().chain([&policied]) {
         let uri: http::Uri = path.url.parse()?;
         let c = http_client(Proto::H1);
         let mut last = String::new();
@@ -505,6 +533,14 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
             }
         }
     }
+    report.policy = policy::compare(&paths[1], &policied, &body, &p).await?;
+    report.instructions = policy::instructions(policy::Counted {
+        dir: &dirp,
+        control_plane: &east_cp,
+        workload_api: &ag_s1.endpoint,
+        body: &body,
+    })
+    .await;
     println!(
         "\n  proxy memory after the runs (RSS / peak RSS; of the RSS, private anonymous memory and\n  file-backed pages, mostly the fedmesh binary's code, shared by every process running it):"
     );
@@ -645,6 +681,9 @@ async fn wait_until_ok(c: &HttpClient, uri: &http::Uri, body: &Bytes, last: &mut
 #[derive(Default)]
 struct Report {
     rows: Vec<LatencyRow>,
+    policy: Vec<policy::PolicyRow>,
+    /// Instructions per request of the client sidecar: minimal route, policy stack.
+    instructions: Option<(f64, f64)>,
     memory: Vec<(&'static str, u64, u64)>,
     sni: Vec<SniRow>,
 }
@@ -738,6 +777,7 @@ impl Report {
                 }
             );
         }
+        policy::print_goals(&self.policy, self.instructions);
         let sidecar_max = self
             .memory
             .iter()
@@ -799,7 +839,7 @@ fn all_pids(roots: &[u32]) -> Vec<u32> {
     out
 }
 
-fn which(bin: &str) -> Option<PathBuf> {
+pub(super) fn which(bin: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])

@@ -3,6 +3,7 @@
 mod dataplane;
 mod federation;
 mod identity;
+mod policy;
 
 use std::time::Duration;
 
