@@ -300,3 +300,97 @@ async fn a_consistent_hash_keeps_each_user_on_one_endpoint_and_moves_few_when_on
     }
     tb.shutdown().await;
 }
+
+/// Sends `rate` requests a second to `svc` through `proxy` until `stop`, recording each answer's
+/// status and when it came.
+async fn load(
+    proxy: std::net::SocketAddr,
+    svc: &'static str,
+    rate: u32,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<(std::time::Instant, u16)> {
+    let mut c = ProxyClient::new(proxy);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1) / rate);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut out = Vec::new();
+    while !stop.is_cancelled() {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if let Ok(r) = c.request("GET", &url(svc, "/"), &[], Bytes::new()).await {
+            out.push((std::time::Instant::now(), r.status.as_u16()));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clusterset_wide_limit_holds_across_two_clusters_and_shares_follow_demand() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    let (api_e, _e_app) = http_workload(east, "api", "e1").await;
+    let (api_w, _w_app) = http_workload(west, "api", "w1").await;
+    serve_http(east, "api", &endpoints(&[&api_e]));
+    serve_http(west, "api", &endpoints(&[&api_w]));
+    // Each cluster serving the service declares the clusterset-wide limit.
+    let policy = "apiVersion: fedmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: api, namespace: shop}\nspec:\n  clustersetRateLimit: {requests: 100, per: 1s}\n";
+    east.write("api-policy.yaml", policy).unwrap();
+    west.write("api-policy.yaml", policy).unwrap();
+    let (caller_e, caller_w) = (
+        client_workload(east, "frontend", "e1").await,
+        client_workload(west, "frontend", "w1").await,
+    );
+    wait_routable(&tb, &caller_e, "api", &["east", "west"]).await;
+    wait_routable(&tb, &caller_w, "api", &["east", "west"]).await;
+    for api in [&api_e, &api_w] {
+        wait_policy(api, "api", "the clusterset limit's share", |p| {
+            p.clusterset_rate_limit.is_some()
+        })
+        .await;
+    }
+
+    // East's callers want three times what west's do; locality keeps each in its own cluster.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let tasks = [
+        (caller_e.proxy, 150),
+        (caller_e.proxy, 150),
+        (caller_w.proxy, 100),
+    ]
+    .map(|(proxy, rate)| tokio::spawn(load(proxy, "api", rate, stop.clone())));
+    // The hub rebalances every couple of seconds: measure after it has had a few rounds.
+    let warm = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    tokio::time::sleep(std::time::Duration::from_secs(16)).await;
+    let end = std::time::Instant::now();
+    stop.cancel();
+    let mut by_caller = Vec::new();
+    for t in tasks {
+        by_caller.push(t.await.unwrap());
+    }
+    let in_window = |v: &Vec<(std::time::Instant, u16)>, status: u16| {
+        v.iter()
+            .filter(|(at, s)| *at >= warm && *at <= end && *s == status)
+            .count()
+    };
+    let admitted_e = in_window(&by_caller[0], 200) + in_window(&by_caller[1], 200);
+    let admitted_w = in_window(&by_caller[2], 200);
+    let refused: usize = by_caller.iter().map(|v| in_window(v, 429)).sum();
+    let seconds = (end - warm).as_secs_f64();
+    let expected = 100.0 * seconds;
+    let admitted = (admitted_e + admitted_w) as f64;
+    eprintln!(
+        "clusterset limit 100/s over {seconds:.1} s: admitted {admitted} (east {admitted_e}, west {admitted_w}), refused {refused}"
+    );
+    assert!(
+        (admitted - expected).abs() <= expected * 0.10,
+        "{admitted} admitted in {seconds:.1} s (east {admitted_e}, west {admitted_w}, refused {refused}); the limit allows {expected:.0} ± 10%"
+    );
+    assert!(refused > 0, "the callers asked for more than the limit");
+    // Demand decides: east, asking three times as much, gets the larger share.
+    assert!(
+        admitted_e > admitted_w,
+        "east {admitted_e}, west {admitted_w}"
+    );
+    tb.shutdown().await;
+}

@@ -20,6 +20,7 @@
 //!     delay: {fixedDelay: 2s, percentage: 10}
 //!     abort: {httpStatus: 503, percentage: 5}
 //!   rateLimit: {requests: 100, per: 1s, burst: 20, perCaller: true}   # each endpoint's sidecar
+//!   clustersetRateLimit: {requests: 1000, per: 1s}  # across every cluster serving it
 //!   circuitBreaker: {maxRequests: 200, maxPendingRequests: 50, maxRetries: 10}
 //!   outlierDetection: {consecutiveFailures: 5, baseEjectionTime: 10s, maxEjectionPercent: 50}
 //!   loadBalancer: {type: ConsistentHash, consistentHash: {header: x-user}}
@@ -61,6 +62,10 @@ pub struct TrafficPolicySpec {
     /// target: enforced by each caller's sidecar on the route's requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
+    /// A limit for the service across every cluster serving it (Service targets): each
+    /// cluster's sidecars enforce a share of it, which the hub rebalances by demand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clusterset_rate_limit: Option<ClustersetRateLimitSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreakerSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,6 +157,15 @@ pub struct RateLimitSpec {
     /// One bucket per caller SPIFFE ID (Service targets only).
     #[serde(default)]
     pub per_caller: bool,
+}
+
+/// `requests` per `per` for the service across the clusterset.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClustersetRateLimitSpec {
+    pub requests: u32,
+    /// e.g. `1s`, `1m`.
+    pub per: String,
 }
 
 /// Limits on what each caller's sidecar sends to the service at once.

@@ -17,7 +17,8 @@ struct Bucket {
     limit: RateLimit,
 }
 
-/// Buckets by key, shared by a proxy's requests. Buckets idle for a while are dropped, so a
+/// Buckets by key, shared by a proxy's requests. A bucket whose limit changes keeps its tokens
+/// (up to the new burst). Buckets idle for a while are dropped, so a
 /// stream of new callers cannot grow it without bound.
 #[derive(Default)]
 pub struct Limiter {
@@ -47,8 +48,15 @@ impl Limiter {
             });
         }
         let b = match buckets.get_mut(key) {
-            Some(b) if b.limit == *limit => b,
-            _ => {
+            Some(b) => {
+                if b.limit != *limit {
+                    // A new limit (a share moved): it applies from now, without refilling.
+                    b.tokens = b.tokens.min(burst);
+                    b.limit = limit.clone();
+                }
+                b
+            }
+            None => {
                 buckets.insert(
                     key.to_string(),
                     Bucket {

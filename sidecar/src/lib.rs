@@ -116,6 +116,8 @@ pub struct Sidecar {
     inbound_tls: Arc<rustls::ServerConfig>,
     /// Rate-limit buckets: routes' (outbound) and the service's own (inbound).
     limiter: Arc<fedmesh_dataplane::ratelimit::Limiter>,
+    /// Requests seen since the last report, per service with a clusterset-wide limit.
+    demand: std::sync::Mutex<std::collections::HashMap<fedmesh_api::ServiceKey, u64>>,
 }
 
 impl Sidecar {
@@ -160,6 +162,7 @@ impl Sidecar {
         Arc::new(Self {
             inbound_tls,
             limiter,
+            demand: Default::default(),
             balancer,
             upstreams,
             outbound,
@@ -255,12 +258,49 @@ impl Sidecar {
         app: Option<SocketAddr>,
         shutdown: CancellationToken,
     ) {
+        tokio::spawn(self.clone().report_demand(shutdown.clone()));
         let me = self.clone();
         self.accept_loop(listener, shutdown, move |s, peer, graceful| {
             let me = me.clone();
             async move { me.inbound(s, peer, app, graceful).await }
         })
         .await;
+    }
+
+    /// Every couple of seconds, tells the control plane how many requests this sidecar saw for
+    /// each service it serves under a clusterset-wide limit (the hub shares the limit by demand).
+    async fn report_demand(self: Arc<Self>, shutdown: CancellationToken) {
+        const EVERY: Duration = Duration::from_secs(2);
+        let mut tick = tokio::time::interval(EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let seen: Vec<_> = self
+                .demand
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain()
+                .collect();
+            if seen.is_empty() {
+                continue;
+            }
+            self.config
+                .report_demand(fedmesh_api::pb::dataplane::Demand {
+                    services: seen
+                        .into_iter()
+                        .map(
+                            |(service, requests)| fedmesh_api::pb::dataplane::ServiceRequests {
+                                service: service.to_string(),
+                                requests,
+                                interval_ms: EVERY.as_millis() as u32,
+                            },
+                        )
+                        .collect(),
+                });
+        }
     }
 
     /// Accepts until `shutdown`, then lets connections finish (HTTP connections are told to stop

@@ -40,6 +40,7 @@ pub struct ConfigHandle {
     changes: watch::Receiver<u64>,
     connected: watch::Receiver<bool>,
     subscribe: Option<mpsc::Sender<String>>,
+    report: Option<mpsc::Sender<pb::Demand>>,
 }
 
 impl ConfigHandle {
@@ -60,6 +61,14 @@ impl ConfigHandle {
     pub async fn ready(&self) {
         let mut rx = self.changes.clone();
         let _ = rx.wait_for(|n| *n > 0).await;
+    }
+
+    /// Tells the control plane what this proxy saw of services with a clusterset-wide rate limit
+    /// (never waits: a report that does not fit is dropped; the next one follows).
+    pub fn report_demand(&self, d: pb::Demand) {
+        if let Some(tx) = &self.report {
+            let _ = tx.try_send(d);
+        }
     }
 
     /// Makes sure the table has `subject` (a service key `NAMESPACE/NAME` or an IPv4 address) if
@@ -92,7 +101,12 @@ pub fn start(
     let table = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
     let (changes_tx, changes) = watch::channel(0u64);
     let (connected_tx, connected) = watch::channel(false);
-    let (subscribe_tx, mut subscriptions) = mpsc::channel::<String>(256);
+    let (subscribe_tx, subscriptions) = mpsc::channel::<String>(256);
+    let (report_tx, reports) = mpsc::channel::<pb::Demand>(4);
+    let mut outgoing = Outgoing {
+        subscriptions,
+        reports,
+    };
     let mut state = State {
         map: HashMap::new(),
         epoch: 0,
@@ -121,6 +135,7 @@ pub fn start(
         changes,
         connected,
         subscribe: Some(subscribe_tx),
+        report: Some(report_tx),
     };
     let (role, node) = (role.to_string(), node.to_string());
     tokio::spawn(async move {
@@ -135,7 +150,7 @@ pub fn start(
                 &table,
                 &changes_tx,
                 &connected_tx,
-                &mut subscriptions,
+                &mut outgoing,
                 cache.as_ref(),
                 &shutdown,
             )
@@ -155,6 +170,12 @@ pub fn start(
         }
     });
     handle
+}
+
+/// What the data plane sends on the stream besides requests and acks.
+struct Outgoing {
+    subscriptions: mpsc::Receiver<String>,
+    reports: mpsc::Receiver<pb::Demand>,
 }
 
 struct State {
@@ -234,7 +255,7 @@ async fn session(
     table: &ArcSwap<RoutingTable>,
     changes: &watch::Sender<u64>,
     connected: &watch::Sender<bool>,
-    subscriptions: &mut mpsc::Receiver<String>,
+    outgoing: &mut Outgoing,
     cache: Option<&PathBuf>,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
@@ -274,7 +295,15 @@ async fn session(
         let msg = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             m = inbound.message() => m.map_err(|s| format!("{} ({:?})", s.message(), s.code()))?,
-            Some(subject) = subscriptions.recv() => {
+            Some(d) = outgoing.reports.recv() => {
+                tx.send(pb::DataPlaneMessage {
+                    msg: Some(pb::data_plane_message::Msg::Demand(d)),
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                continue;
+            }
+            Some(subject) = outgoing.subscriptions.recv() => {
                 let mut sub = pb::Subscribe::default();
                 if subject.contains('/') {
                     sub.services.push(subject);
@@ -282,7 +311,7 @@ async fn session(
                     sub.addresses.push(subject);
                 }
                 // More queued asks go in the same message.
-                while let Ok(more) = subscriptions.try_recv() {
+                while let Ok(more) = outgoing.subscriptions.try_recv() {
                     if more.contains('/') {
                         sub.services.push(more);
                     } else {

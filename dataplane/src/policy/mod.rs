@@ -147,6 +147,8 @@ pub struct Policy {
     pub fault: Option<Fault>,
     /// Enforced by the service's own sidecars on what they admit.
     pub rate_limit: Option<RateLimit>,
+    /// This cluster's share of a clusterset-wide limit (its sidecars split it among themselves).
+    pub clusterset_rate_limit: Option<RateLimit>,
     pub circuit_breaker: CircuitBreaker,
     pub outlier: Outlier,
     pub load_balancing: LoadBalancing,
@@ -241,6 +243,19 @@ impl TryFrom<&pb::TrafficPolicy> for Policy {
                 .map(RateLimit::try_from)
                 .transpose()
                 .map_err(|e| format!("rate limit: {e}"))?,
+            // Bursts of a tenth of the share: over a window the clusterset's total stays close to
+            // the limit even as shares move.
+            clusterset_rate_limit: p
+                .clusterset_rate_limit
+                .as_ref()
+                .map(|r| {
+                    RateLimit::try_from(&pb::RateLimit {
+                        burst: (r.requests / 10).max(1),
+                        ..*r
+                    })
+                })
+                .transpose()
+                .map_err(|e| format!("clusterset rate limit: {e}"))?,
             circuit_breaker: p
                 .circuit_breaker
                 .as_ref()

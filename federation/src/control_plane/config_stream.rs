@@ -83,6 +83,7 @@ pub fn services_of(
     region: &str,
     snap: &Snapshot,
     policies: &BTreeMap<String, pb::TrafficPolicy>,
+    limits: &super::ratelimit::ClustersetLimits,
 ) -> ServiceMap {
     let mut keys: std::collections::BTreeSet<&ServiceKey> =
         snap.clusterset.imports.keys().collect();
@@ -197,7 +198,14 @@ pub fn services_of(
                 exported,
                 endpoints,
                 remote,
-                policy: policies.get(&key.to_string()).cloned(),
+                policy: {
+                    let mut p = policies.get(&key.to_string()).cloned();
+                    let clusters = import.map_or(1, |i| i.clusters.len());
+                    if let Some(share) = limits.share_of(key, clusters) {
+                        p.get_or_insert_default().clusterset_rate_limit = Some(share);
+                    }
+                    p
+                },
                 session_affinity: import
                     .map(|i| i.session_affinity.clone())
                     .unwrap_or_default(),
@@ -216,13 +224,16 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut snap = cp.snapshot();
+    let mut shares = cp.rate_limits.subscribe();
     loop {
         let s = snap.borrow_and_update().clone();
+        shares.borrow_and_update();
         let services = services_of(
             &cp.config.cluster,
             &cp.config.region,
             &s,
             &s.policies.by_service,
+            &cp.rate_limits,
         );
         let peers = peers_of(
             &cp.config.cluster,
@@ -250,6 +261,7 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             r = snap.changed() => if r.is_err() { return },
+            r = shares.changed() => if r.is_err() { return },
         }
     }
 }
@@ -333,6 +345,17 @@ impl DataPlane for ConfigService {
         let (epoch, mut state) = (self.epoch, self.state.clone());
         let shutdown = self.cp.shutdown.clone();
         tracing::info!(%caller, role = %req.role, node = %req.node, "data plane connected");
+        // Demand reports count per stream: replicas of one workload share its identity.
+        static STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let stream_id = format!(
+            "{caller}|{}|{}",
+            req.node,
+            STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let caller_ns = caller
+            .namespace_and_service_account()
+            .map(|(ns, _)| ns.to_string());
+        let cp = self.cp.clone();
         tokio::spawn(async move {
             let current = state.borrow_and_update().clone();
             let now = scope.view(&current.services);
@@ -386,6 +409,10 @@ impl DataPlane for ConfigService {
                             if a.nack {
                                 tracing::warn!(%caller, version = a.version, error = %a.error, "data plane could not apply a config update");
                             }
+                            continue;
+                        }
+                        Ok(Some(pb::DataPlaneMessage { msg: Some(pb::data_plane_message::Msg::Demand(d)) })) => {
+                            cp.rate_limits.record(&stream_id, caller_ns.as_deref(), &d);
                             continue;
                         }
                         Ok(Some(pb::DataPlaneMessage { msg: Some(pb::data_plane_message::Msg::Subscribe(s)) })) => {

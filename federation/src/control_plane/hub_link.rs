@@ -310,6 +310,7 @@ struct Accepted {
 }
 
 /// Runs the Federate stream until `shutdown`, reconnecting forever with backoff.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     creds: Arc<HubCredentials>,
     cluster: ClusterName,
@@ -317,6 +318,7 @@ pub async fn run(
     state: Arc<ClusterSetStore>,
     mut desired: watch::Receiver<Arc<Desired>>,
     status: watch::Sender<PublishStatus>,
+    limits: Arc<super::ratelimit::ClustersetLimits>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(200);
@@ -333,6 +335,7 @@ pub async fn run(
             &mut desired,
             &status,
             &mut accepted,
+            &limits,
             &shutdown,
         )
         .await;
@@ -369,6 +372,7 @@ async fn session(
     desired: &mut watch::Receiver<Arc<Desired>>,
     status: &watch::Sender<PublishStatus>,
     accepted: &mut Accepted,
+    limits: &super::ratelimit::ClustersetLimits,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
     let mut client = FederationClient::new(creds.channel_to(replica)?)
@@ -412,6 +416,8 @@ async fn session(
     let mut refused: Option<Desired> = None;
     let mut next_version = accepted.version;
     let mut in_flight: Option<(u64, Desired)> = None;
+    let mut report = tokio::time::interval(super::ratelimit::REPORT_EVERY);
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let failed = loop {
         if in_flight.is_none()
             && let Some(held) = &hub_has
@@ -432,6 +438,16 @@ async fn session(
             changed = desired.changed() => {
                 if changed.is_err() {
                     return Ok(());
+                }
+            }
+            _ = report.tick() => {
+                // Never waits: a report not sent now is replaced by the next one.
+                if hub_has.is_some()
+                    && let Some(d) = limits.report()
+                {
+                    let _ = publish_tx.try_send(pb::ClusterMessage {
+                        msg: Some(pb::cluster_message::Msg::Demand(d)),
+                    });
                 }
             }
             msg = inbound.message() => {
@@ -468,6 +484,7 @@ async fn session(
                             }
                         }
                     }
+                    Some(pb::hub_message::Msg::Shares(s)) => limits.apply_shares(&s),
                     Some(pb::hub_message::Msg::PublishResult(r)) => {
                         let Some((version, sent)) = in_flight.take() else { continue };
                         if r.version != version {

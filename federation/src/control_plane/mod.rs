@@ -10,6 +10,7 @@ pub mod dns;
 pub mod hub_link;
 pub mod identity;
 pub mod policy;
+pub mod ratelimit;
 pub mod routes;
 pub mod scope;
 pub mod source;
@@ -154,6 +155,8 @@ pub struct ControlPlane {
     vips: Mutex<VipAllocator>,
     /// Each TrafficPolicy's last valid version, in force while a newer one is invalid.
     policy_memory: Mutex<policy::Memory>,
+    /// Clusterset-wide rate limits: declared here, demand of the sidecars, shares from the hub.
+    pub rate_limits: Arc<ratelimit::ClustersetLimits>,
     pub credentials: Option<Arc<HubCredentials>>,
     pub dns_addr: Option<SocketAddr>,
     pub listen_addr: Option<SocketAddr>,
@@ -301,6 +304,7 @@ impl ControlPlane {
             snapshot: watch::Sender::new(Arc::new(Snapshot::default())),
             vips: Mutex::new(vips),
             policy_memory: Mutex::new(policy::Memory::new()),
+            rate_limits: Arc::default(),
             credentials,
             dns_addr,
             listen_addr,
@@ -332,6 +336,7 @@ impl ControlPlane {
                 cp.clusterset.clone(),
                 cp.desired.subscribe(),
                 cp.publish.clone(),
+                cp.rate_limits.clone(),
                 shutdown.clone(),
             ));
             tokio::spawn(renew_loop(creds.clone(), shutdown.clone()));
@@ -481,6 +486,8 @@ impl ControlPlane {
             &self.config.cluster,
             &mut *self.policy_memory.lock().await,
         ));
+        self.rate_limits
+            .set_declared(policies.clusterset_limits.clone());
         self.snapshot.send_replace(Arc::new(Snapshot {
             local,
             clusterset: cs,

@@ -46,6 +46,8 @@ pub struct PolicyReport {
 pub struct CompiledPolicies {
     pub by_service: BTreeMap<String, pb::TrafficPolicy>,
     pub reports: Vec<PolicyReport>,
+    /// Clusterset-wide limits declared here: requests per period (ms), by service.
+    pub clusterset_limits: BTreeMap<ServiceKey, (u32, u32)>,
 }
 
 /// What a policy attaches to.
@@ -67,6 +69,8 @@ pub struct Checked {
     /// Route-level parts (route targets).
     fault: Option<pb::Fault>,
     rate_limit: Option<pb::RateLimit>,
+    /// A clusterset-wide limit: requests per period (ms).
+    clusterset_limit: Option<(u32, u32)>,
     /// References that resolve to nothing (their share answers 500).
     unresolved: Vec<String>,
     deprecated: Vec<&'static str>,
@@ -357,6 +361,7 @@ fn check(
         legacy_routes: Vec::new(),
         fault: None,
         rate_limit: None,
+        clusterset_limit: None,
         unresolved: Vec::new(),
         deprecated: Vec::new(),
     };
@@ -395,6 +400,17 @@ fn check(
         c.fault = fault;
         c.rate_limit = limit;
         return Ok(c);
+    }
+    if let Some(l) = &spec.clusterset_rate_limit {
+        let per = parse_duration(&l.per, "clustersetRateLimit.per")
+            .map_err(invalid)?
+            .ok_or_else(|| invalid("clustersetRateLimit.per must be longer than 0".into()))?;
+        if l.requests == 0 {
+            return Err(invalid(
+                "clustersetRateLimit.requests must be above 0".into(),
+            ));
+        }
+        c.clusterset_limit = Some((l.requests, millis(Some(per)).max(1)));
     }
     let mut allowed = Vec::new();
     for a in spec.authorization.iter().flat_map(|a| &a.allowed_callers) {
@@ -595,7 +611,11 @@ pub fn compile(
         in_force.push(checked);
     }
     let mut by_service: BTreeMap<String, pb::TrafficPolicy> = BTreeMap::new();
+    let mut clusterset_limits = BTreeMap::new();
     for c in &in_force {
+        if let (Target::Service(k), Some(l)) = (&c.target, c.clusterset_limit) {
+            clusterset_limits.insert(k.clone(), l);
+        }
         if let Target::Service(k) = &c.target {
             let mut p = c.service.clone();
             if !routes.by_parent.contains_key(k) {
@@ -626,6 +646,7 @@ pub fn compile(
     CompiledPolicies {
         by_service,
         reports,
+        clusterset_limits,
     }
 }
 

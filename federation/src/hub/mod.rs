@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod quota;
 pub mod records;
 pub mod registration;
 mod service;
@@ -107,6 +108,8 @@ pub struct Hub {
     /// Live acknowledged versions of the clusters streaming to this replica (the store's presence
     /// records carry them only at each heartbeat).
     acked: std::sync::Mutex<std::collections::HashMap<ClusterName, u64>>,
+    /// Clusterset-wide rate limits: the clusters' demand and their shares.
+    pub quotas: quota::Quotas,
     shutdown: CancellationToken,
 }
 
@@ -169,6 +172,7 @@ impl Hub {
             revision: watch::Sender::new(revision),
             metrics: HubMetrics::default(),
             acked: Default::default(),
+            quotas: Default::default(),
             shutdown,
         });
         hub.renew_identity()?;

@@ -425,6 +425,13 @@ async fn receive_from_cluster(
                             hub.record_ack(cluster, acked);
                         }
                     }
+                    pb::cluster_message::Msg::Demand(d) => {
+                        // In memory only, and answered at once: a share moves every few seconds.
+                        let shares = hub.quotas.report(cluster, &d);
+                        if !deliver(tx, session, pb::hub_message::Msg::Shares(shares)).await {
+                            break;
+                        }
+                    }
                     pb::cluster_message::Msg::Hello(_) => {
                         let _ = tx.try_send(Err(Status::invalid_argument("Hello may only be sent once")));
                         break;

@@ -288,18 +288,45 @@ impl Sidecar {
         }
     }
 
-    /// The service's rate limit (TrafficPolicy `rateLimit`), enforced by each of its sidecars on
-    /// what it admits: one bucket for everyone, or one per caller identity.
+    /// The service's rate limits, enforced by each of its sidecars on what it admits: its own
+    /// (TrafficPolicy `rateLimit`; one bucket for everyone, or one per caller identity), and its
+    /// part of this cluster's share of a clusterset-wide limit (the share over the service's
+    /// ready endpoints here).
     fn admit_rate(
         &self,
         table: &RoutingTable,
         mesh: &MeshSni,
         caller: &SpiffeId,
     ) -> Result<(), ProxyError> {
-        let Some(limit) = table
-            .service(&mesh.service)
-            .and_then(|e| e.policy.rate_limit.as_ref())
-        else {
+        let Some(entry) = table.service(&mesh.service) else {
+            return Ok(());
+        };
+        if let Some(share) = &entry.policy.clusterset_rate_limit {
+            *self
+                .demand
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(mesh.service.clone())
+                .or_default() += 1;
+            let here = entry.local_targets(mesh.port).len().max(1) as u32;
+            let own = fedmesh_dataplane::policy::RateLimit {
+                requests: share.requests.div_ceil(here),
+                burst: share.burst.div_ceil(here).max(1),
+                ..share.clone()
+            };
+            let key = format!("clusterset|{}", mesh.service);
+            self.limiter
+                .take(&key, &own)
+                .map_err(|retry_after| ProxyError::RateLimited {
+                    what: format!("{} across the clusterset", mesh.service),
+                    limit: format!(
+                        "this sidecar's part: {} requests per {:?}",
+                        own.requests, own.period
+                    ),
+                    retry_after,
+                })?;
+        }
+        let Some(limit) = entry.policy.rate_limit.as_ref() else {
             return Ok(());
         };
         let key = if limit.per_caller {
