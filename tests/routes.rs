@@ -586,3 +586,68 @@ spec:
     );
     tb.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpcroute_routes_by_method_and_a_grpc_fault_answers_with_a_status() {
+    use fedmesh_testbed::pb::EchoRequest;
+    use fedmesh_testbed::pb::echo_client::EchoClient;
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east")]).await;
+    let east = tb.cluster("east");
+    let (v1, _v1_app) = http_workload(east, "greeter", "e1").await;
+    let (v2, _v2_app) = http_workload(east, "greeter-v2", "e1").await;
+    for (name, w) in [("greeter", &v1), ("greeter-v2", &v2)] {
+        east.serve("shop", name, &[("grpc", 9090, "")], &endpoints(&[w]))
+            .unwrap();
+        east.export("shop", name).unwrap();
+    }
+    let client = client_workload(east, "frontend", "e1").await;
+    wait_routable(&tb, &client, "greeter", &["east"]).await;
+    east.write(
+        "greeter-route.yaml",
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: greeter, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, name: greeter, port: 9090}]
+  rules:
+  - name: streams
+    matches: [{method: {service: fedmesh.testbed.v1.Echo, method: ServerStream}}]
+    backendRefs: [{name: greeter-v2, port: 9090}]
+  - name: rest
+    backendRefs: [{name: greeter, port: 9090}]
+---
+apiVersion: fedmesh.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: greeter-chaos, namespace: shop}
+spec:
+  targetRef: {group: gateway.networking.k8s.io, kind: GRPCRoute, name: greeter, sectionName: rest}
+  faultInjection:
+    headers: [{name: x-chaos, value: me}]
+    abort: {grpcStatus: 14}
+"#,
+    )
+    .unwrap();
+    wait_rules(&client, "greeter", 2).await;
+    wait_condition(east, "grpcroutes.yaml", "greeter", "Accepted", "True").await;
+    let port = client.listen("shop/greeter:9090").await.unwrap();
+    let mut grpc = EchoClient::connect(format!("http://{port}")).await.unwrap();
+    let hi = || EchoRequest {
+        message: "hi".into(),
+        count: 3,
+    };
+    for _ in 0..5 {
+        let r = grpc.unary(hi()).await.unwrap().into_inner();
+        assert_eq!(r.workload, "greeter");
+        let mut s = grpc.server_stream(hi()).await.unwrap().into_inner();
+        let first = s.message().await.unwrap().unwrap();
+        assert_eq!(first.workload, "greeter-v2");
+    }
+    // The tester's own calls of the `rest` rule fail with UNAVAILABLE; the others do not.
+    let mut req = tonic::Request::new(hi());
+    req.metadata_mut().insert("x-chaos", "me".parse().unwrap());
+    let status = grpc.unary(req).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(grpc.unary(hi()).await.is_ok());
+    tb.shutdown().await;
+}

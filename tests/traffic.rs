@@ -394,3 +394,81 @@ async fn a_clusterset_wide_limit_holds_across_two_clusters_and_shares_follow_dem
     );
     tb.shutdown().await;
 }
+
+/// The sum of a counter's series whose labels contain every one of `labels`.
+fn counter_sum(w: &Workload, name: &str, labels: &[&str]) -> u64 {
+    w.metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_budget_caps_retries_when_every_backend_fails_in_every_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    let (api_e, _e_app) = http_workload(east, "api", "e1").await;
+    let (api_w, _w_app) = http_workload(west, "api", "w1").await;
+    serve_http(east, "api", &endpoints(&[&api_e]));
+    serve_http(west, "api", &endpoints(&[&api_w]));
+    let client = client_workload(east, "frontend", "e1").await;
+    wait_routable(&tb, &client, "api", &["east", "west"]).await;
+    // Every 503 is retried, three times: without a budget, four attempts per request.
+    east.write(
+        "api-route.yaml",
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: shop}
+spec:
+  parentRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: api}]
+  rules:
+  - backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: api}]
+    retry: {codes: [503], attempts: 3}
+"#,
+    )
+    .unwrap();
+    wait_policy(&client, "api", "the route's retry", |p| {
+        p.routes.iter().any(|r| r.retry.is_some())
+    })
+    .await;
+    // Both clusters' endpoints answer every request with 503 (the app's /status/503).
+    let mut c = ProxyClient::new(client.proxy);
+    let requests = 300u64;
+    for _ in 0..requests {
+        let r = get(&mut c, &url("api", "/status/503"), &[]).await;
+        assert_eq!(r.status, 503);
+    }
+    let attempts: u64 = [&api_e, &api_w]
+        .iter()
+        .map(|w| {
+            counter_sum(
+                w,
+                "fedmesh_sidecar_requests_total",
+                &[
+                    "direction=\"inbound\"",
+                    "service=\"shop/api\"",
+                    "code=\"503\"",
+                ],
+            )
+        })
+        .sum();
+    let retries = counter(&client, "fedmesh_sidecar_retries_total", "");
+    let exhausted = counter(&client, "fedmesh_sidecar_retry_budget_exhausted", "");
+    eprintln!(
+        "{requests} requests: {attempts} attempts ({retries} retries), budget refused {exhausted}"
+    );
+    // The budget: 20% of the requests of the last 10 s plus 10 a second (100 over the window),
+    // where three retries each would have made 900 (a retry goes back to a target already tried
+    // when every one has been).
+    assert_eq!(attempts, requests + retries);
+    assert!(
+        retries <= 100 + requests / 5,
+        "{retries} retries for {requests} requests"
+    );
+    assert!(exhausted > 0);
+    tb.shutdown().await;
+}

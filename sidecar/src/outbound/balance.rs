@@ -20,6 +20,7 @@ use http::{Request, Response, StatusCode};
 use tower::{Layer, Service};
 
 use super::ctx::{AttemptError, BoxFuture, RouteCtx, Tried, route_ctx};
+use super::retry::AppRetry;
 
 #[derive(Clone)]
 pub(crate) struct BalanceLayer {
@@ -142,6 +143,7 @@ where
         let candidates = ctx.candidates();
         let untrusted = untrusted(&self.layer.identity, candidates);
         let mut exclude = tried.snapshot();
+        let retrying = !exclude.is_empty();
         exclude.extend(untrusted.iter().cloned());
         let here = self.layer.locality(&ctx);
         let service = ctx.backend_key().to_string();
@@ -153,15 +155,27 @@ where
                 .affinity(key, req.headers())
                 .map_or(Choose::LeastOfTwo, Choose::Hash),
         };
-        let Some(target) =
-            self.layer
-                .balancer
-                .pick_by(&here, candidates, &ctx.split(), &exclude, how)
-        else {
+        let split = ctx.split();
+        let picked = self
+            .layer
+            .balancer
+            .pick_by(&here, candidates, &split, &exclude, how)
+            .or_else(|| {
+                // An app's answer is retried on a target already tried when none is left.
+                req.extensions().get::<AppRetry>()?;
+                self.layer
+                    .balancer
+                    .pick_by(&here, candidates, &split, &untrusted, how)
+            });
+        let Some(target) = picked else {
             return Box::pin(std::future::ready(Err(AttemptError::new(
                 ProxyError::Unavailable(nothing_to_try(&ctx.destination(), &untrusted)),
             ))));
         };
+        if retrying {
+            // An attempt after another: a retry actually made.
+            self.layer.metrics.retries.inc();
+        }
         tried.push(target.clone());
         let lease = self.layer.balancer.lease(&target);
         req.extensions_mut().insert(target.clone());
@@ -252,5 +266,10 @@ mod tests {
             "{}",
             err.error
         );
+        // A retry of the app's answer may go back to a target already tried.
+        let mut req = routed_request(&table, "shop/web");
+        req.extensions_mut().insert(tried.clone());
+        req.extensions_mut().insert(AppRetry);
+        assert!(svc.call(req).await.is_ok());
     }
 }

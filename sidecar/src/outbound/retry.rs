@@ -180,6 +180,11 @@ impl BodySlot {
     }
 }
 
+/// On an attempt that retries an answer of the app: when every target has been tried, one may
+/// be tried again (a retry of a connection that could not be made never goes back).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AppRetry;
+
 fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -243,6 +248,8 @@ where
             let (mut safe_left, mut app_left) = (layer.safe_retries, app.attempts);
             let mut app_retries_done = 0u32;
             let mut last: Option<Result<Response<Body>, ProxyError>> = None;
+            // The next attempt retries an answer of the app (it may go back to a target tried).
+            let mut after_app_failure = false;
             loop {
                 let Some(b) = body.take() else {
                     return last.unwrap_or_else(|| {
@@ -252,7 +259,10 @@ where
                         )))
                     });
                 };
-                let attempt = Request::from_parts(parts.clone(), b);
+                let mut attempt = Request::from_parts(parts.clone(), b);
+                if after_app_failure {
+                    attempt.extensions_mut().insert(AppRetry);
+                }
                 let call: BoxFuture<_> = Box::pin(inner.call(attempt));
                 let outcome = match attempt_timeout {
                     None => call.await,
@@ -344,7 +354,7 @@ where
                         as_app
                     }
                 };
-                layer.metrics.retries.inc();
+                after_app_failure = app_retry;
                 if app_retry && let Some(b) = app.backoff {
                     tokio::time::sleep(backoff(b, app_retries_done, rand::random())).await;
                     app_retries_done += 1;
