@@ -531,6 +531,40 @@ spec:
     let r = get(&mut c, &url("api", "/typo"), &[]).await;
     let body = String::from_utf8_lossy(&r.body);
     assert!(body.contains("HTTPRoute shop/typo-cluster"), "{body}");
+
+    // The clusterset's status shows every cluster's problems, and explain names them.
+    let fedmesh = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fedmesh"))
+            .args(args)
+            .env("FEDMESH_ADMIN", format!("http://{}", tb.hub_admin))
+            .env("FEDMESH_ADMIN_TOKEN", &tb.hub_admin_token)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let mut status = String::new();
+    for _ in 0..100 {
+        status = fedmesh(&["status"]);
+        if status.contains("typo-cluster") && status.contains("orphan") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for expected in [
+        "HTTPRoute shop/typo-cluster",
+        "ResolvedRefs=False",
+        "BackendNotFound",
+        "HTTPRoute shop/orphan",
+        "NoMatchingParent",
+    ] {
+        assert!(status.contains(expected), "{expected} missing:\n{status}");
+    }
+    let explain = fedmesh(&["explain", "shop/api", "--from", "east"]);
+    assert!(
+        explain.contains("HTTPRoute shop/typo-cluster in east: ResolvedRefs False"),
+        "{explain}"
+    );
     tb.shutdown().await;
 }
 

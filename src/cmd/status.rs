@@ -176,6 +176,40 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
         ]);
     }
     println!("{t}");
+    let problems: Vec<(&str, &fedmesh_federation::hub::admin::ProblemStatus)> = clusters
+        .iter()
+        .flat_map(|c| c.problems.iter().map(move |p| (c.name.as_str(), p)))
+        .collect();
+    if !problems.is_empty() {
+        let mut t = table(&[
+            "CLUSTER",
+            "ROUTE OR POLICY",
+            "CONDITION",
+            "REASON",
+            "MESSAGE",
+        ]);
+        for (cluster, p) in problems {
+            t.add_row(vec![
+                cell(cluster, None),
+                cell(format!("{} {}", p.kind, p.name), None),
+                cell(
+                    format!(
+                        "{}={}",
+                        p.condition,
+                        if p.condition == "PartiallyInvalid" {
+                            "True"
+                        } else {
+                            "False"
+                        }
+                    ),
+                    Some(Color::Yellow),
+                ),
+                cell(&p.reason, None),
+                cell(&p.message, None),
+            ]);
+        }
+        println!("{t}");
+    }
     Ok(())
 }
 

@@ -39,6 +39,8 @@ pub struct Desired {
     pub exports: BTreeMap<ServiceKey, pb::Export>,
     pub bundle: Option<pb::Bundle>,
     pub gateways: Vec<String>,
+    /// Routes and policies not fully accepted, for the clusterset's status.
+    pub problems: Vec<pb::ObjectProblem>,
 }
 
 /// The hub's verdict on each of our exports, for ServiceExport conditions.
@@ -533,6 +535,9 @@ fn full_publish(cluster: &ClusterName, version: u64, want: &Desired) -> pb::Publ
         gateways: Some(pb::Gateways {
             addresses: want.gateways.clone(),
         }),
+        problems: Some(pb::Problems {
+            items: want.problems.clone(),
+        }),
     }
 }
 
@@ -566,6 +571,9 @@ fn diff_publish(
         },
         gateways: (held.gateways != want.gateways).then(|| pb::Gateways {
             addresses: want.gateways.clone(),
+        }),
+        problems: (held.problems != want.problems).then(|| pb::Problems {
+            items: want.problems.clone(),
         }),
     }
 }

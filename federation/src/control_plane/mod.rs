@@ -437,6 +437,7 @@ impl ControlPlane {
                 sequence: bundle.sequence(),
             }),
             gateways: self.config.gateways.clone(),
+            problems: self.desired.borrow().problems.clone(),
         };
         self.desired.send_if_modified(|cur| {
             if **cur == desired {
@@ -488,6 +489,17 @@ impl ControlPlane {
         ));
         self.rate_limits
             .set_declared(policies.clusterset_limits.clone());
+        let problems = problems_of(&routes, &policies);
+        self.desired.send_if_modified(|cur| {
+            if cur.problems == problems {
+                false
+            } else {
+                let mut d = (**cur).clone();
+                d.problems = problems;
+                *cur = Arc::new(d);
+                true
+            }
+        });
         self.snapshot.send_replace(Arc::new(Snapshot {
             local,
             clusterset: cs,
@@ -597,6 +609,62 @@ impl ControlPlane {
             }
         }
     }
+}
+
+/// The routes and policies this cluster could not fully accept, as the hub shows them: each
+/// condition that says so (`Accepted` or `ResolvedRefs` False, `PartiallyInvalid` True).
+fn problems_of(
+    routes: &routes::CompiledRoutes,
+    policies: &policy::CompiledPolicies,
+) -> Vec<pb::ObjectProblem> {
+    let mut out = Vec::new();
+    for r in &routes.reports {
+        for p in &r.parents {
+            let service = format!(
+                "{}/{}",
+                p.parent_ref
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(r.route.namespace.as_str()),
+                p.parent_ref.name
+            );
+            let conds = [
+                ("Accepted", Some(&p.accepted), false),
+                ("ResolvedRefs", Some(&p.resolved_refs), false),
+                ("PartiallyInvalid", p.partially_invalid.as_ref(), true),
+            ];
+            for (condition, c, bad_when) in conds {
+                if let Some(c) = c.filter(|c| c.status == bad_when) {
+                    out.push(pb::ObjectProblem {
+                        kind: r.kind.to_string(),
+                        name: r.route.to_string(),
+                        condition: condition.into(),
+                        reason: c.reason.to_string(),
+                        message: c.message.clone(),
+                        services: vec![service.clone()],
+                    });
+                }
+            }
+        }
+    }
+    for r in &policies.reports {
+        for (condition, c) in [
+            ("Accepted", &r.accepted),
+            ("ResolvedRefs", &r.resolved_refs),
+        ] {
+            if !c.status {
+                out.push(pb::ObjectProblem {
+                    kind: "TrafficPolicy".into(),
+                    name: r.policy.to_string(),
+                    condition: condition.into(),
+                    reason: c.reason.to_string(),
+                    message: c.message.clone(),
+                    services: r.target.iter().cloned().collect(),
+                });
+            }
+        }
+    }
+    out
 }
 
 async fn renew_loop(creds: Arc<HubCredentials>, shutdown: CancellationToken) {

@@ -35,6 +35,8 @@ pub mod policy_reason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyReport {
     pub policy: ServiceKey,
+    /// The service it is about (its target, or its target route's), when known.
+    pub target: Option<String>,
     pub generation: Option<i64>,
     pub accepted: Cond,
     pub resolved_refs: Cond,
@@ -541,8 +543,18 @@ pub fn compile(
     let mut applied: BTreeMap<Target, ServiceKey> = BTreeMap::new();
     let mut in_force: Vec<Checked> = Vec::new();
     for (key, p) in ordered {
+        let target = match target_of(p, key) {
+            Ok(Target::Service(k)) => Some(k.to_string()),
+            Ok(Target::Route(source, _)) => routes
+                .by_parent
+                .iter()
+                .find(|(_, rs)| rs.iter().any(|r| r.source == source))
+                .map(|(k, _)| k.to_string()),
+            Err(_) => None,
+        };
         let report = |accepted: Cond, resolved_refs: Cond| PolicyReport {
             policy: key.clone(),
+            target: target.clone(),
             generation: p.metadata.generation,
             accepted,
             resolved_refs,

@@ -48,6 +48,37 @@ pub struct ClusterStatus {
     pub acked_version: u64,
     pub exports: usize,
     pub hub_replica: Option<String>,
+    /// HTTPRoutes, GRPCRoutes and TrafficPolicies the cluster could not fully accept.
+    #[serde(default)]
+    pub problems: Vec<ProblemStatus>,
+}
+
+/// A route or policy a cluster could not fully accept: the condition that says so.
+#[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq)]
+pub struct ProblemStatus {
+    /// `HTTPRoute`, `GRPCRoute` or `TrafficPolicy`.
+    pub kind: String,
+    /// `namespace/name`.
+    pub name: String,
+    /// `Accepted`, `ResolvedRefs` (False) or `PartiallyInvalid` (True).
+    pub condition: String,
+    pub reason: String,
+    pub message: String,
+    /// The services it is about.
+    pub services: Vec<String>,
+}
+
+impl From<&super::records::ProblemRecord> for ProblemStatus {
+    fn from(p: &super::records::ProblemRecord) -> Self {
+        Self {
+            kind: p.kind.clone(),
+            name: p.name.clone(),
+            condition: p.condition.clone(),
+            reason: p.reason.clone(),
+            message: p.message.clone(),
+            services: p.services.clone(),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq)]
@@ -284,6 +315,7 @@ pub fn cluster_statuses(hub: &Hub) -> Vec<ClusterStatus> {
                 ),
                 exports: v.services_exported_by(&c.name).len(),
                 hub_replica: p.map(|p| p.hub.clone()),
+                problems: c.problems.iter().map(ProblemStatus::from).collect(),
             }
         })
         .collect()
@@ -509,6 +541,29 @@ pub fn explain_route(hub: &Hub, service: &ServiceKey, from: &ClusterName) -> Exp
             "warn",
             format!(
                 "{from} is stale: the hub has not heard from it recently, so its view may be out of date (it keeps routing with its last view)"
+            ),
+        );
+    }
+    // What the asking cluster's own routes and policies for the service could not apply.
+    for p in asker
+        .problems
+        .iter()
+        .filter(|p| p.services.iter().any(|s| *s == service.to_string()))
+    {
+        step(
+            "warn",
+            format!(
+                "{} {} in {from}: {} {} ({}): {}",
+                p.kind,
+                p.name,
+                p.condition,
+                if p.condition == "PartiallyInvalid" {
+                    "True"
+                } else {
+                    "False"
+                },
+                p.reason,
+                p.message
             ),
         );
     }

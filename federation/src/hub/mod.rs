@@ -721,6 +721,14 @@ impl Hub {
             if let Some(g) = &p.gateways {
                 new_record.gateways = g.addresses.clone();
             }
+            if let Some(problems) = &p.problems {
+                new_record.problems = problems
+                    .items
+                    .iter()
+                    .take(records::MAX_PROBLEMS)
+                    .map(records::ProblemRecord::from)
+                    .collect();
+            }
             new_record.published_version = p.version;
             // Last: the hub claims a publish version only once the state it stands for is written.
             ops.push(Op::Put(

@@ -68,6 +68,46 @@ pub struct ClusterRecord {
     /// written before serials were kept: the first identity presented is adopted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub identity_serials: Vec<String>,
+    /// The cluster's routes and policies it could not fully accept (as it reported them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<ProblemRecord>,
+}
+
+/// A route or policy a cluster could not fully accept, and why (its status condition).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProblemRecord {
+    pub kind: String,
+    pub name: String,
+    pub condition: String,
+    pub reason: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
+}
+
+/// At most this many problems are kept per cluster, each message cut to this many bytes: a
+/// cluster cannot fill the hub's store with them.
+pub const MAX_PROBLEMS: usize = 200;
+pub const MAX_PROBLEM_MESSAGE: usize = 1024;
+
+impl From<&fedmesh_api::pb::federation::ObjectProblem> for ProblemRecord {
+    fn from(p: &fedmesh_api::pb::federation::ObjectProblem) -> Self {
+        let cut = |s: &str, n: usize| {
+            let mut end = s.len().min(n);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s[..end].to_string()
+        };
+        Self {
+            kind: cut(&p.kind, 32),
+            name: cut(&p.name, 256),
+            condition: cut(&p.condition, 32),
+            reason: cut(&p.reason, 64),
+            message: cut(&p.message, MAX_PROBLEM_MESSAGE),
+            services: p.services.iter().take(16).map(|s| cut(s, 256)).collect(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

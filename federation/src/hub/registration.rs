@@ -164,6 +164,7 @@ impl Hub {
                     protocol_version: 0,
                     published_version: 0,
                     identity_serials: vec![serial],
+                    problems: vec![],
                 }
             }
         };
