@@ -3,7 +3,9 @@
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod connect;
 pub mod error;
+pub mod h2pool;
 pub mod http;
 pub mod metrics;
 pub mod policy;

@@ -2,17 +2,18 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
 use fedmesh_api::SpiffeId;
+use fedmesh_trust::grpc::{TlsConn, incoming};
+use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
+use tonic::transport::server::Connected as _;
 
-pub type Io = Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
+pub type Io = Either<TcpStream, TlsConn>;
 
 /// Who called, as known at the connection level.
 #[derive(Clone, Debug)]
@@ -28,7 +29,9 @@ impl Connected<IncomingStream<'_, HttpListener>> for Peer {
     }
 }
 
-/// A listener for axum: TCP, or TLS with handshakes done concurrently off the accept path.
+/// A listener for axum: TCP, or TLS with handshakes done concurrently off the accept path (the
+/// same bounded handshakes and connection limit as every fedmesh gRPC server,
+/// [`fedmesh_trust::grpc::incoming`]).
 pub struct HttpListener {
     local: SocketAddr,
     rx: mpsc::Receiver<(Io, Peer)>,
@@ -41,56 +44,32 @@ impl HttpListener {
     ) -> std::io::Result<Self> {
         let local = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(64);
-        let acceptor = tls.map(TlsAcceptor::from);
         tokio::spawn(async move {
-            loop {
-                let (tcp, remote) = tokio::select! {
-                    _ = tx.closed() => return,
-                    a = listener.accept() => match a {
-                        Ok(a) => a,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let _ = tcp.set_nodelay(true);
-                match &acceptor {
-                    None => {
-                        let _ = tx
-                            .send((
-                                Either::Left(tcp),
-                                Peer {
-                                    remote,
-                                    spiffe_id: None,
-                                },
-                            ))
-                            .await;
+            match tls {
+                None => loop {
+                    let (tcp, remote) = tokio::select! {
+                        _ = tx.closed() => return,
+                        a = fedmesh_trust::listen::accept(&listener, "admin API") => a,
+                    };
+                    let peer = Peer {
+                        remote,
+                        spiffe_id: None,
+                    };
+                    if tx.send((Either::Left(tcp), peer)).await.is_err() {
+                        return;
                     }
-                    Some(acceptor) => {
-                        let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                        tokio::spawn(async move {
-                            match tokio::time::timeout(
-                                Duration::from_secs(10),
-                                acceptor.accept(tcp),
-                            )
-                            .await
-                            {
-                                Ok(Ok(tls)) => {
-                                    let spiffe_id = fedmesh_trust::tls::peer_spiffe_id(
-                                        tls.get_ref().1.peer_certificates(),
-                                    );
-                                    let _ = tx
-                                        .send((Either::Right(tls), Peer { remote, spiffe_id }))
-                                        .await;
-                                }
-                                Ok(Err(e)) => {
-                                    tracing::debug!(%remote, error = %fedmesh_trust::tls::handshake_error_message(&e), "admin TLS handshake failed")
-                                }
-                                Err(_) => tracing::debug!(%remote, "admin TLS handshake timed out"),
-                            }
-                        });
+                },
+                Some(config) => {
+                    let mut conns = std::pin::pin!(incoming(listener, config));
+                    while let Some(Ok(conn)) = conns.next().await {
+                        let info = conn.connect_info();
+                        let peer = Peer {
+                            remote: info.remote.unwrap_or(local),
+                            spiffe_id: info.spiffe_id,
+                        };
+                        if tx.send((Either::Right(conn), peer)).await.is_err() {
+                            return;
+                        }
                     }
                 }
             }

@@ -12,20 +12,21 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use fedmesh_dataplane::balance::{Balancer, Locality, OutlierConfig};
+use fedmesh_dataplane::balance::{Balancer, Choose, Locality, OutlierConfig};
 use fedmesh_dataplane::config::ConfigHandle;
+use fedmesh_dataplane::connect::Plan;
 use fedmesh_dataplane::metrics::{BytesLabels, ProxyMetrics, SniLabels, TcpLabels};
+use fedmesh_dataplane::policy::Outlier;
 use fedmesh_dataplane::relay::relay;
 use fedmesh_dataplane::sni::{HelloError, MeshSni, read_client_hello};
 use fedmesh_dataplane::target::{Place, Target};
+use fedmesh_trust::listen::Server;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// Limits and timeouts; the defaults suit production.
 #[derive(Clone, Debug)]
@@ -70,8 +71,7 @@ pub struct Gateway {
     config: ConfigHandle,
     balancer: Balancer,
     metrics: Arc<ProxyMetrics>,
-    slots: Arc<Semaphore>,
-    draining: Arc<AtomicBool>,
+    server: Server,
 }
 
 /// Why a connection was not admitted.
@@ -135,11 +135,10 @@ impl Gateway {
     pub fn new(options: GatewayOptions, config: ConfigHandle, metrics: Arc<ProxyMetrics>) -> Self {
         Self {
             balancer: Balancer::new(options.outlier.clone()),
-            slots: Arc::new(Semaphore::new(options.max_connections)),
+            server: Server::new("gateway", options.max_connections, options.drain_timeout),
             options,
             config,
             metrics,
-            draining: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -149,68 +148,30 @@ impl Gateway {
 
     /// Set while draining (for `/readyz`).
     pub fn draining(&self) -> Arc<AtomicBool> {
-        self.draining.clone()
+        self.server.draining.clone()
     }
 
     /// Serves `listener` until `shutdown`, then stops accepting and gives open connections
     /// `drain_timeout` to finish before closing them.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        let tracker = TaskTracker::new();
-        let hard_stop = CancellationToken::new();
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+        let gw = self.clone();
+        self.server
+            .serve(
+                listener,
+                shutdown,
+                |peer| {
+                    self.metrics.refuse(Refusal::Overloaded.label());
+                    tracing::debug!(%peer, "refused: too many connections");
                 },
-            };
-            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                self.metrics.refuse(Refusal::Overloaded.label());
-                drop(stream);
-                continue;
-            };
-            let gw = self.clone();
-            let stop = hard_stop.clone();
-            tracker.spawn(async move {
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    _ = gw.handle(stream, peer) => {}
-                }
-                drop(permit);
-            });
-        }
-        self.draining.store(true, Ordering::Relaxed);
-        drop(listener);
-        tracker.close();
-        let open = tracker.len();
-        if open > 0 {
-            tracing::info!(
-                connections = open,
-                timeout = ?self.options.drain_timeout,
-                "draining open connections"
-            );
-        }
-        if tokio::time::timeout(self.options.drain_timeout, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                connections = tracker.len(),
-                "drain timeout; closing the remaining connections"
-            );
-            hard_stop.cancel();
-            tracker.wait().await;
-        }
+                move |stream, peer, _graceful| {
+                    let gw = gw.clone();
+                    async move { gw.handle(stream, peer).await }
+                },
+            )
+            .await;
     }
 
     async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
-        let _ = client.set_nodelay(true);
         let mut hello_bytes = Vec::with_capacity(2048);
         let admitted = self.admit(&mut client, &mut hello_bytes).await;
         let (mesh, upstream, target, pool) = match admitted {
@@ -327,33 +288,40 @@ impl Gateway {
             region: here.region.clone(),
             zone: self.options.zone.clone(),
         };
-        let mut tried = Vec::new();
-        for attempt in 0..self.options.connect_attempts.max(1) {
-            let Some(target) = self.balancer.pick(&here, &pool, &[], &tried) else {
-                break;
-            };
-            let Place::Local { addr, .. } = target.place() else {
-                break;
-            };
-            if attempt > 0 {
-                self.metrics.retries.inc();
-            }
-            match tokio::time::timeout(self.options.connect_timeout, TcpStream::connect(addr)).await
-            {
-                Ok(Ok(s)) => {
-                    let _ = s.set_nodelay(true);
-                    self.balancer.success(&target);
-                    return Ok((mesh, s, target, pool));
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(endpoint = %addr, error = %e, "endpoint refused; trying another");
-                }
-                Err(_) => {
-                    tracing::debug!(endpoint = %addr, "endpoint connect timed out; trying another");
-                }
-            }
-            self.balancer.failure(&target, &pool);
-            tried.push(target);
+        let connect_timeout = self.options.connect_timeout;
+        let connected = self
+            .balancer
+            .connect_first(
+                Plan {
+                    here: &here,
+                    pool: &pool,
+                    split: &[],
+                    how: Choose::LeastOfTwo,
+                    outlier: &Outlier::default(),
+                    tries: self.options.connect_attempts,
+                },
+                Vec::new(),
+                &self.metrics,
+                |target: Target| async move {
+                    let Place::Local { addr, .. } = target.place() else {
+                        return Err(format!("{} is not an endpoint of this cluster", target.key()));
+                    };
+                    match tokio::time::timeout(connect_timeout, TcpStream::connect(*addr)).await {
+                        Ok(Ok(s)) => {
+                            let _ = s.set_nodelay(true);
+                            Ok(s)
+                        }
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err(format!("no connection within {connect_timeout:?}")),
+                    }
+                },
+                |target, error| {
+                    tracing::debug!(endpoint = %target.key(), %error, "endpoint connect failed; trying another");
+                },
+            )
+            .await;
+        if let Ok((s, target)) = connected {
+            return Ok((mesh, s, target, pool));
         }
         Err(Refusal::Unavailable(mesh.service.to_string()))
     }

@@ -23,7 +23,7 @@ pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use fedmesh_dataplane::balance::{Balancer, Locality, OutlierConfig};
@@ -34,9 +34,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use dest::Dest;
 use upstream::{Body, Upstreams};
@@ -109,8 +107,8 @@ pub struct Sidecar {
     app_h1: Client<HttpConnector, Body>,
     /// HTTP/2 (h2c) to the local app, pooled like peers.
     app_h2: inbound::AppH2Pool,
-    slots: Arc<Semaphore>,
-    draining: Arc<AtomicBool>,
+    /// Connection limits and draining, shared by all of this sidecar's listeners.
+    server: fedmesh_trust::listen::Server,
     /// The inbound TLS config, built once: it reads the newest SVID and bundles at every
     /// handshake, so rotation needs no new config.
     inbound_tls: Arc<rustls::ServerConfig>,
@@ -168,8 +166,11 @@ impl Sidecar {
             outbound,
             app_h1,
             app_h2: inbound::AppH2Pool::default(),
-            slots: Arc::new(Semaphore::new(options.max_connections)),
-            draining: Arc::new(AtomicBool::new(false)),
+            server: fedmesh_trust::listen::Server::new(
+                "sidecar",
+                options.max_connections,
+                options.drain_timeout,
+            ),
             options,
             identity,
             config,
@@ -182,7 +183,7 @@ impl Sidecar {
     }
 
     pub fn draining(&self) -> Arc<AtomicBool> {
-        self.draining.clone()
+        self.server.draining.clone()
     }
 
     /// Open pooled connections to peers and gateways.
@@ -314,48 +315,8 @@ impl Sidecar {
         F: Fn(TcpStream, SocketAddr, CancellationToken) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let tracker = TaskTracker::new();
-        let hard_stop = CancellationToken::new();
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                self.metrics.refuse("overloaded");
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let fut = f(stream, peer, shutdown.clone());
-            let stop = hard_stop.clone();
-            tracker.spawn(async move {
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    _ = fut => {}
-                }
-                drop(permit);
-            });
-        }
-        self.draining.store(true, Ordering::Relaxed);
-        drop(listener);
-        tracker.close();
-        if tokio::time::timeout(self.options.drain_timeout, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                connections = tracker.len(),
-                "drain timeout; closing the remaining connections"
-            );
-            hard_stop.cancel();
-            tracker.wait().await;
-        }
+        self.server
+            .serve(listener, shutdown, |_| self.metrics.refuse("overloaded"), f)
+            .await;
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::coalesce::Coalesce;
 use fedmesh_api::TrustDomain;
+use fedmesh_dataplane::h2pool::H2Pool;
 use fedmesh_dataplane::target::{ConnectTo, Target};
 use fedmesh_trust::tls::{Authorizer, MeshIdentity, handshake_error_message};
 use hyper::client::conn::http2::SendRequest;
@@ -74,7 +75,6 @@ impl Drop for CountedConn {
 }
 
 type ConfigCache = HashMap<(TrustDomain, &'static [u8]), Arc<ClientConfig>>;
-type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Body>>>>;
 
 pub struct Upstreams {
     identity: MeshIdentity,
@@ -82,7 +82,7 @@ pub struct Upstreams {
     tls_timeout: Duration,
     mark: Option<u32>,
     configs: Mutex<ConfigCache>,
-    h2: Mutex<HashMap<Box<str>, Slot>>,
+    h2: H2Pool<Box<str>>,
 }
 
 impl Upstreams {
@@ -93,7 +93,7 @@ impl Upstreams {
             tls_timeout: Duration::from_secs(10),
             mark,
             configs: Mutex::new(HashMap::new()),
-            h2: Mutex::new(HashMap::new()),
+            h2: H2Pool::default(),
         }
     }
 
@@ -103,14 +103,7 @@ impl Upstreams {
 
     /// Drops pool slots whose connection has closed.
     pub fn sweep(&self) {
-        self.h2
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, s| {
-                s.try_lock()
-                    .map(|g| g.as_ref().is_some_and(|s| !s.is_closed()))
-                    .unwrap_or(true)
-            });
+        self.h2.sweep();
     }
 
     fn client_config(&self, td: &TrustDomain, alpn: &'static [u8]) -> Arc<ClientConfig> {
@@ -173,22 +166,21 @@ impl Upstreams {
         connect_timeout: Option<Duration>,
         gate: Option<&ConnGate>,
     ) -> Result<SendRequest<Body>, UpstreamError> {
-        let slot = {
-            let mut pool = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-            match pool.get(target.pool_key()) {
-                Some(s) => s.clone(),
-                None => pool.entry(target.pool_key().into()).or_default().clone(),
-            }
-        };
-        // One connection attempt per peer at a time; concurrent callers share its result.
-        let mut guard = slot.lock().await;
-        if let Some(s) = guard.as_ref()
-            && !s.is_closed()
-        {
-            return Ok(s.clone());
-        }
-        *guard = None;
-        // A new connection counts against the backend's limit from now until it closes.
+        self.h2
+            .get(target.pool_key(), || {
+                self.connect_h2(target, connect_timeout, gate)
+            })
+            .await
+    }
+
+    /// A new HTTP/2 connection to `target`, counted against the backend's limit from now until
+    /// it closes.
+    async fn connect_h2(
+        &self,
+        target: &Target,
+        connect_timeout: Option<Duration>,
+        gate: Option<&ConnGate>,
+    ) -> Result<SendRequest<Body>, UpstreamError> {
         let counted = match gate {
             None => None,
             Some(g) => {
@@ -224,29 +216,16 @@ impl Upstreams {
             }
             drop(counted);
         });
-        *guard = Some(sender.clone());
         Ok(sender)
     }
 
     /// Forgets a pooled connection (after it failed).
     pub fn evict(&self, target: &Target) {
-        self.h2
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(target.pool_key());
+        self.h2.evict(target.pool_key());
     }
 
     /// Open pooled connections (for metrics and tests).
     pub fn pooled(&self) -> usize {
-        self.h2
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter(|s| {
-                s.try_lock()
-                    .map(|g| g.as_ref().is_some_and(|s| !s.is_closed()))
-                    .unwrap_or(true)
-            })
-            .count()
+        self.h2.open()
     }
 }

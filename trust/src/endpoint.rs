@@ -9,6 +9,7 @@
 //! The client refreshes by the bundle's `spiffe_refresh_hint` and keeps the last good bundle when a
 //! fetch fails.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,11 +25,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
 
 use crate::bundle::{BundleSet, BundleUpdate, MAX_BUNDLE_BYTES, SpiffeBundle};
 use crate::tls::{Authorizer, MeshIdentity, crypto_provider, handshake_error_message};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Open connections; beyond it a new one is closed at once.
+const MAX_CONNECTIONS: usize = 1024;
+/// On shutdown, open connections get this long to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
 const MIN_REFRESH: Duration = Duration::from_secs(1);
 const MAX_REFRESH: Duration = Duration::from_secs(3600);
@@ -83,45 +89,66 @@ pub async fn serve(
         ServerProfile::HttpsSpiffe { identity } => identity.server_config_without_client_auth(),
     };
     let acceptor = TlsAcceptor::from(config);
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "bundle endpoint accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let acceptor = acceptor.clone();
-        let bundle = bundle.clone();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "bundle endpoint handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "bundle endpoint handshake timed out");
-                    return;
-                }
-            };
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let bundle = bundle.borrow().clone();
-                async move { Ok::<_, std::convert::Infallible>(respond(&req, &bundle)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tls), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "bundle endpoint connection ended with an error");
-            }
-        });
+    let server = crate::listen::Server::new("bundle endpoint", MAX_CONNECTIONS, DRAIN_TIMEOUT);
+    let stop = CancellationToken::new();
+    let serving = server.serve(
+        listener,
+        stop.clone(),
+        |peer| tracing::debug!(%peer, "bundle endpoint: too many connections; closed a new one"),
+        move |tcp, peer, graceful| {
+            let (acceptor, bundle) = (acceptor.clone(), bundle.clone());
+            async move { serve_connection(acceptor, tcp, peer, bundle, graceful).await }
+        },
+    );
+    tokio::pin!(serving, shutdown);
+    tokio::select! {
+        _ = &mut serving => {}
+        _ = &mut shutdown => {
+            stop.cancel();
+            serving.await;
+        }
+    }
+    Ok(())
+}
+
+/// One connection: the TLS handshake (bounded in time), then HTTP/1.1 until the client closes or
+/// the endpoint shuts down.
+async fn serve_connection(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    bundle: watch::Receiver<Arc<SpiffeBundle>>,
+    graceful: CancellationToken,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "bundle endpoint handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "bundle endpoint handshake timed out");
+            return;
+        }
+    };
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let bundle = bundle.borrow().clone();
+        async move { Ok::<_, std::convert::Infallible>(respond(&req, &bundle)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = graceful.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%peer, error = %e, "bundle endpoint connection ended with an error");
     }
 }
 

@@ -136,20 +136,12 @@ pub fn incoming(
             };
             let (tcp, remote) = tokio::select! {
                 _ = tx.closed() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                accepted = crate::listen::accept(&listener, "gRPC") => accepted,
             };
             let Ok(slot) = connections.clone().try_acquire_owned() else {
                 tracing::warn!(%remote, limit = MAX_CONNECTIONS, "too many open connections; closing a new one");
                 continue;
             };
-            let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;

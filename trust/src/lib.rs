@@ -8,6 +8,7 @@ pub mod endpoint;
 pub mod files;
 pub mod grpc;
 pub mod jwt;
+pub mod listen;
 pub mod source;
 pub mod svid;
 pub mod tls;

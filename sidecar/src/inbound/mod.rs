@@ -1,15 +1,15 @@
 //! Traffic to the workload: mTLS from other sidecars, authorization by SPIFFE ID, and the hand-off
 //! to the app on loopback.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedmesh_api::SpiffeId;
 use fedmesh_dataplane::config::RoutingTable;
 use fedmesh_dataplane::error::ProxyError;
+use fedmesh_dataplane::h2pool::H2Pool;
 use fedmesh_dataplane::sni::MeshSni;
 use fedmesh_dataplane::trace;
 use fedmesh_trust::tls::{handshake_error_message, peer_spiffe_id};
@@ -34,43 +34,28 @@ use fedmesh_dataplane::http::Body;
 /// How long an inbound connection waits for the sidecar's first configuration.
 const CONFIG_WAIT: Duration = Duration::from_secs(5);
 
-type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Body>>>>;
-
 /// HTTP/2 cleartext connections to the local app, one multiplexed connection per app address.
 #[derive(Default)]
-pub(crate) struct AppH2Pool {
-    slots: Mutex<HashMap<SocketAddr, Slot>>,
-}
+pub(crate) struct AppH2Pool(H2Pool<SocketAddr>);
 
 impl AppH2Pool {
     async fn get(&self, app: SocketAddr, timeout: Duration) -> Result<SendRequest<Body>, String> {
-        let slot = self
-            .slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(app)
-            .or_default()
-            .clone();
-        let mut g = slot.lock().await;
-        if let Some(s) = g.as_ref()
-            && !s.is_closed()
-        {
-            return Ok(s.clone());
-        }
-        *g = None;
-        let tcp = net::connect(&app.to_string(), timeout, None)
+        self.0
+            .get(&app, || async move {
+                let tcp = net::connect_addr(app, timeout, None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                Ok(sender)
+            })
             .await
-            .map_err(|e| e.to_string())?;
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        *g = Some(sender.clone());
-        Ok(sender)
     }
 }
 

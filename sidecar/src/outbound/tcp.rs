@@ -4,6 +4,7 @@
 
 use fedmesh_dataplane::balance::{Choose, stable_hash};
 use fedmesh_dataplane::config::{RoutingTable, Scope};
+use fedmesh_dataplane::connect::{NotConnected, Plan};
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::metrics::{BytesLabels, TcpLabels};
 use fedmesh_dataplane::policy::{ClusterShare, HashKey, LoadBalancing};
@@ -47,41 +48,36 @@ impl Sidecar {
             }
             _ => Choose::LeastOfTwo,
         };
-        let mut tried = untrusted(&self.identity, candidates);
-        let mut last = ProxyError::Unavailable(nothing_to_try(dest, &tried));
-        for attempt in 0..=self.options.safe_retries {
-            let Some(target) = self
-                .balancer
-                .pick_by(&here, candidates, &split, &tried, how)
-            else {
-                break;
-            };
-            if attempt > 0 {
-                self.metrics.retries.inc();
-            }
-            match self.upstreams.tls(&target, ALPN_TCP, connect_timeout).await {
-                Ok(tls) => {
-                    self.balancer.success(&target);
-                    return Ok((tls, target));
+        let untrusted = untrusted(&self.identity, candidates);
+        let upstreams = &self.upstreams;
+        self.balancer
+            .connect_first(
+                Plan {
+                    here: &here,
+                    pool: candidates,
+                    split: &split,
+                    how,
+                    outlier: &entry.policy.outlier,
+                    tries: 1 + self.options.safe_retries as usize,
+                },
+                untrusted.clone(),
+                &self.metrics,
+                |target: Target| async move {
+                    upstreams.tls(&target, ALPN_TCP, connect_timeout).await
+                },
+                |_, e| self.count_error(e.label()),
+            )
+            .await
+            .map_err(|e| match e {
+                NotConnected::NothingToTry => {
+                    ProxyError::Unavailable(nothing_to_try(dest, &untrusted))
                 }
-                Err(e) => {
-                    self.count_error(e.label());
-                    if self
-                        .balancer
-                        .failure_with(&target, candidates, &entry.policy.outlier)
-                    {
-                        self.metrics.ejections.inc();
-                    }
-                    last = ProxyError::Connect {
-                        label: e.label(),
-                        bad_peer: false,
-                        message: e.to_string(),
-                    };
-                    tried.push(target);
-                }
-            }
-        }
-        Err(last)
+                NotConnected::Failed(e) => ProxyError::Connect {
+                    label: e.label(),
+                    bad_peer: false,
+                    message: e.to_string(),
+                },
+            })
     }
 
     pub(super) async fn outbound_tcp<S: AsyncRead + AsyncWrite + Unpin>(
