@@ -9,7 +9,7 @@ use http::{Response, StatusCode};
 
 use crate::http::{Body, PROXY_ERROR, full};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error(
         "{0} is not a service of the clusterset known to this sidecar (use NAME.NAMESPACE.svc.clusterset.local[:PORT])"
@@ -77,6 +77,18 @@ pub enum ProxyError {
     Denied(String),
     #[error("this sidecar has no configuration from its control plane yet")]
     NotReady,
+    /// An inbound connection whose destination (its SNI) this sidecar does not serve to that
+    /// caller: every request on it is answered with the reason.
+    #[error("{message}")]
+    NotAdmitted {
+        /// 421 for a destination that is not here, 403 for one not exported, 503 before the
+        /// first configuration.
+        status: StatusCode,
+        /// `no-sni`, `bad-sni`, `wrong-cluster`, `unknown-service`, `not-an-endpoint`,
+        /// `not-exported`, `not-ready`.
+        kind: &'static str,
+        message: String,
+    },
     #[error("the app at {app} does not accept connections: {error}")]
     AppUnreachable { app: String, error: String },
     #[error("the app at {app} failed the request: {error}")]
@@ -104,6 +116,7 @@ impl ProxyError {
             Self::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamReset { .. } | Self::AppError { .. } => StatusCode::BAD_GATEWAY,
             Self::Denied(_) => StatusCode::FORBIDDEN,
+            Self::NotAdmitted { status, .. } => *status,
         }
     }
 
@@ -128,6 +141,7 @@ impl ProxyError {
             Self::NotReady => "not-ready",
             Self::AppUnreachable { .. } => "app-unreachable",
             Self::AppError { .. } => "app-error",
+            Self::NotAdmitted { kind, .. } => kind,
         }
     }
 

@@ -32,7 +32,6 @@ use fedmesh_dataplane::metrics::ProxyMetrics;
 use fedmesh_trust::tls::MeshIdentity;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -103,19 +102,17 @@ pub struct Sidecar {
     upstreams: Arc<Upstreams>,
     /// The outbound HTTP layers, assembled once.
     outbound: outbound::OutboundStack,
-    /// HTTP/1.1 to the local app (pooled keep-alive connections).
-    app_h1: Client<HttpConnector, Body>,
-    /// HTTP/2 (h2c) to the local app, pooled like peers.
-    app_h2: inbound::AppH2Pool,
+    /// The inbound HTTP layers, assembled once.
+    inbound: inbound::InboundStack,
+    /// HTTP/1.1 to addresses outside the mesh (pooled keep-alive connections).
+    plain_h1: Client<HttpConnector, Body>,
     /// Connection limits and draining, shared by all of this sidecar's listeners.
     server: fedmesh_trust::listen::Server,
     /// The inbound TLS config, built once: it reads the newest SVID and bundles at every
     /// handshake, so rotation needs no new config.
     inbound_tls: Arc<rustls::ServerConfig>,
-    /// Rate-limit buckets: routes' (outbound) and the service's own (inbound).
-    limiter: Arc<fedmesh_dataplane::ratelimit::Limiter>,
     /// Requests seen since the last report, per service with a clusterset-wide limit.
-    demand: std::sync::Mutex<std::collections::HashMap<fedmesh_api::ServiceKey, u64>>,
+    demand: inbound::Demand,
 }
 
 impl Sidecar {
@@ -125,13 +122,6 @@ impl Sidecar {
         config: ConfigHandle,
         metrics: Arc<ProxyMetrics>,
     ) -> Arc<Self> {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(options.connect_timeout));
-        let app_h1 = Client::builder(TokioExecutor::new())
-            .set_host(false)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(http);
         let mut upstreams = Upstreams::new(identity.clone(), options.mark);
         upstreams.set_connect_timeout(options.connect_timeout);
         let upstreams = Arc::new(upstreams);
@@ -157,15 +147,24 @@ impl Sidecar {
             fedmesh_trust::tls::Authorizer::AnyTrusted,
             vec![upstream::ALPN_H2.to_vec(), upstream::ALPN_TCP.to_vec()],
         );
+        let demand = inbound::Demand::default();
+        let inbound = Self::inbound_stack(inbound::InboundParts {
+            config: config.clone(),
+            identity: identity.clone(),
+            metrics: metrics.clone(),
+            limiter: limiter.clone(),
+            demand: demand.clone(),
+            connect_timeout: options.connect_timeout,
+            idle_timeout: options.idle_timeout,
+        });
         Arc::new(Self {
             inbound_tls,
-            limiter,
-            demand: Default::default(),
+            inbound,
+            plain_h1: inbound::h1_client(options.connect_timeout),
+            demand,
             balancer,
             upstreams,
             outbound,
-            app_h1,
-            app_h2: inbound::AppH2Pool::default(),
             server: fedmesh_trust::listen::Server::new(
                 "sidecar",
                 options.max_connections,

@@ -44,6 +44,20 @@ pub struct ConfigHandle {
 }
 
 impl ConfigHandle {
+    /// A handle to one table that never changes: for tests and tools that run without a
+    /// control plane.
+    pub fn fixed(table: Arc<RoutingTable>) -> Self {
+        let (_, changes) = watch::channel(1u64);
+        let (_, connected) = watch::channel(false);
+        Self {
+            table: Arc::new(ArcSwap::new(table)),
+            changes,
+            connected,
+            subscribe: None,
+            report: None,
+        }
+    }
+
     pub fn table(&self) -> Arc<RoutingTable> {
         self.table.load_full()
     }

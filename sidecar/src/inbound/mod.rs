@@ -1,70 +1,99 @@
-//! Traffic to the workload: mTLS from other sidecars, authorization by SPIFFE ID, and the hand-off
-//! to the app on loopback.
+//! Traffic to the workload: mTLS from other sidecars, then each request through a stack of
+//! tower layers ([`Sidecar::inbound_stack`]):
+//!
+//! ```text
+//! observe (metrics, error -> response) → identity (the connection's verified caller; requests
+//! on a connection not admitted get the reason) → authorization (the service's allowed callers)
+//! → rate limit (the service's own, per caller, its clusterset-wide share) → app (loopback)
+//! ```
+//!
+//! Opaque TCP is admitted and authorized once per connection, then relayed ([`opaque`]), where
+//! HTTP found inside a tunnel goes through the same stack.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fedmesh_api::SpiffeId;
 use fedmesh_dataplane::config::RoutingTable;
 use fedmesh_dataplane::error::ProxyError;
-use fedmesh_dataplane::h2pool::H2Pool;
+use fedmesh_dataplane::http::Body;
 use fedmesh_dataplane::sni::MeshSni;
-use fedmesh_dataplane::trace;
 use fedmesh_trust::tls::{handshake_error_message, peer_spiffe_id};
-use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceExt};
 
 use crate::net;
-use fedmesh_dataplane::http::strip_hop_by_hop;
 
+mod app;
+mod authz;
+mod identity;
+mod observe;
 mod opaque;
+mod ratelimit;
+#[cfg(test)]
+mod test_support;
+
+use crate::Sidecar;
 use crate::upstream::ALPN_TCP;
-use crate::{ORIG_PROTO, PROXY_ERROR, Sidecar, XFCC};
-use fedmesh_dataplane::http::Body;
+pub(crate) use app::h1_client;
+pub(crate) use identity::InboundConn;
+use identity::TunnelH1;
+pub(crate) use ratelimit::Demand;
 
 /// How long an inbound connection waits for the sidecar's first configuration.
 const CONFIG_WAIT: Duration = Duration::from_secs(5);
 
-/// HTTP/2 cleartext connections to the local app, one multiplexed connection per app address.
-#[derive(Default)]
-pub(crate) struct AppH2Pool(H2Pool<SocketAddr>);
+/// The assembled inbound HTTP stack.
+pub(crate) type InboundStack = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
-impl AppH2Pool {
-    async fn get(&self, app: SocketAddr, timeout: Duration) -> Result<SendRequest<Body>, String> {
-        self.0
-            .get(&app, || async move {
-                let tcp = net::connect_addr(app, timeout, None)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .handshake(TokioIo::new(tcp))
-                    .await
-                    .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                Ok(sender)
-            })
-            .await
-    }
+/// What the inbound stack is made of.
+pub(crate) struct InboundParts {
+    pub config: fedmesh_dataplane::config::ConfigHandle,
+    pub identity: fedmesh_trust::tls::MeshIdentity,
+    pub metrics: Arc<fedmesh_dataplane::metrics::ProxyMetrics>,
+    pub limiter: Arc<fedmesh_dataplane::ratelimit::Limiter>,
+    pub demand: Demand,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
-/// Who called and what for, settled once per connection.
-struct InboundConn {
-    caller: SpiffeId,
-    caller_cluster: String,
-    /// The service and port named by the SNI, once checked to be served here.
-    admitted: Result<(MeshSni, SocketAddr), (StatusCode, &'static str, String)>,
+/// One request from an inbound connection, as the stack takes it.
+fn into_stack_request(
+    req: Request<Incoming>,
+    conn: &Arc<InboundConn>,
+    tunnel_h1: bool,
+) -> Request<Body> {
+    let mut req = req.map(fedmesh_dataplane::http::body);
+    req.extensions_mut().insert(conn.clone());
+    if tunnel_h1 {
+        req.extensions_mut().insert(TunnelH1);
+    }
+    req
+}
+
+/// Calls the stack. Boxed here: holding the stack's own future across the hyper service trips
+/// rustc's higher-ranked `Send` check.
+fn call_stack(
+    stack: &InboundStack,
+    req: Request<Body>,
+) -> crate::outbound::BoxFuture<Result<Response<Body>, Infallible>> {
+    Box::pin(stack.clone().oneshot(req))
+}
+
+fn not_admitted(status: StatusCode, kind: &'static str, message: String) -> ProxyError {
+    ProxyError::NotAdmitted {
+        status,
+        kind,
+        message,
+    }
 }
 
 impl Sidecar {
@@ -89,24 +118,25 @@ impl Sidecar {
         addressed: SocketAddr,
         app: Option<SocketAddr>,
         caller_td: &fedmesh_api::TrustDomain,
-    ) -> Result<(MeshSni, SocketAddr), (StatusCode, &'static str, String)> {
-        let sni = sni.ok_or((
-            StatusCode::MISDIRECTED_REQUEST,
-            "no-sni",
-            "the connection named no destination (SNI)".to_string(),
-        ))?;
-        let mesh = MeshSni::parse(sni)
-            .map_err(|e| (StatusCode::MISDIRECTED_REQUEST, "bad-sni", e.to_string()))?;
+    ) -> Result<(MeshSni, SocketAddr), ProxyError> {
+        let misdirected =
+            |kind, message| not_admitted(StatusCode::MISDIRECTED_REQUEST, kind, message);
+        let sni = sni.ok_or_else(|| {
+            misdirected(
+                "no-sni",
+                "the connection named no destination (SNI)".to_string(),
+            )
+        })?;
+        let mesh = MeshSni::parse(sni).map_err(|e| misdirected("bad-sni", e.to_string()))?;
         let Some(here) = &table.local else {
-            return Err((
+            return Err(not_admitted(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not-ready",
                 "this sidecar has no configuration from its control plane yet".to_string(),
             ));
         };
         if mesh.cluster != here.name {
-            return Err((
-                StatusCode::MISDIRECTED_REQUEST,
+            return Err(misdirected(
                 "wrong-cluster",
                 format!(
                     "the connection is for cluster {}, this is {}",
@@ -115,15 +145,13 @@ impl Sidecar {
             ));
         }
         let entry = table.service(&mesh.service).ok_or_else(|| {
-            (
-                StatusCode::MISDIRECTED_REQUEST,
+            misdirected(
                 "unknown-service",
                 format!("{} is not a service of this cluster", mesh.service),
             )
         })?;
         if !entry.serves(mesh.port, addressed) {
-            return Err((
-                StatusCode::MISDIRECTED_REQUEST,
+            return Err(misdirected(
                 "not-an-endpoint",
                 format!(
                     "{addressed} is not an endpoint of {} port {}",
@@ -134,7 +162,7 @@ impl Sidecar {
         // Other clusters reach only what this cluster exports (a flat network must not open
         // more than the gateway does).
         if !entry.exported && caller_td != &here.trust_domain {
-            return Err((
+            return Err(not_admitted(
                 StatusCode::FORBIDDEN,
                 "not-exported",
                 format!(
@@ -207,9 +235,9 @@ impl Sidecar {
             caller,
         });
         drop(table);
-        if let Err((_, kind, msg)) = &conn.admitted {
-            self.metrics.refuse(kind);
-            tracing::info!(%peer, caller = %conn.caller, error = %msg, "inbound connection not admitted");
+        if let Err(e) = &conn.admitted {
+            self.metrics.refuse(e.kind());
+            tracing::info!(%peer, caller = %conn.caller, error = %e, "inbound connection not admitted");
         }
         match alpn.as_deref() {
             Some(ALPN_TCP) => self.inbound_tcp(tls, conn, graceful).await,
@@ -227,10 +255,9 @@ impl Sidecar {
     ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let me = self.clone();
-        let svc = service_fn(move |req| {
-            let (me, conn) = (me.clone(), conn.clone());
-            async move { Ok::<_, Infallible>(me.inbound_request(req, &conn, false).await) }
+        let stack = self.inbound.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            call_stack(&stack, into_stack_request(req, &conn, false))
         });
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
@@ -253,85 +280,6 @@ impl Sidecar {
         }
     }
 
-    fn authorize(
-        &self,
-        table: &RoutingTable,
-        mesh: &MeshSni,
-        caller: &SpiffeId,
-    ) -> Result<(), String> {
-        let Some(entry) = table.service(&mesh.service) else {
-            return Ok(());
-        };
-        if entry.policy.allows(caller) {
-            Ok(())
-        } else {
-            Err(format!(
-                "{caller} may not call {} (its TrafficPolicy allows only: {})",
-                mesh.service,
-                entry.policy.allowed_callers_text.join(", ")
-            ))
-        }
-    }
-
-    /// The service's rate limits, enforced by each of its sidecars on what it admits: its own
-    /// (TrafficPolicy `rateLimit`; one bucket for everyone, or one per caller identity), and its
-    /// part of this cluster's share of a clusterset-wide limit (the share over the service's
-    /// ready endpoints here).
-    fn admit_rate(
-        &self,
-        table: &RoutingTable,
-        mesh: &MeshSni,
-        caller: &SpiffeId,
-    ) -> Result<(), ProxyError> {
-        let Some(entry) = table.service(&mesh.service) else {
-            return Ok(());
-        };
-        if let Some(share) = &entry.policy.clusterset_rate_limit {
-            *self
-                .demand
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(mesh.service.clone())
-                .or_default() += 1;
-            let here = entry.local_targets(mesh.port).len().max(1) as u32;
-            let own = fedmesh_dataplane::policy::RateLimit {
-                requests: share.requests.div_ceil(here),
-                burst: share.burst.div_ceil(here).max(1),
-                ..share.clone()
-            };
-            let key = format!("clusterset|{}", mesh.service);
-            self.limiter
-                .take(&key, &own)
-                .map_err(|retry_after| ProxyError::RateLimited {
-                    what: format!("{} across the clusterset", mesh.service),
-                    limit: format!(
-                        "this sidecar's part: {} requests per {:?}",
-                        own.requests, own.period
-                    ),
-                    retry_after,
-                })?;
-        }
-        let Some(limit) = entry.policy.rate_limit.as_ref() else {
-            return Ok(());
-        };
-        let key = if limit.per_caller {
-            format!("inbound|{}|{caller}", mesh.service)
-        } else {
-            format!("inbound|{}", mesh.service)
-        };
-        self.limiter
-            .take(&key, limit)
-            .map_err(|retry_after| ProxyError::RateLimited {
-                what: if limit.per_caller {
-                    format!("{} for {caller}", mesh.service)
-                } else {
-                    mesh.service.to_string()
-                },
-                limit: format!("{} requests per {:?}", limit.requests, limit.period),
-                retry_after,
-            })
-    }
-
     async fn inbound_tcp(
         self: &Arc<Self>,
         tls: tokio_rustls::server::TlsStream<TcpStream>,
@@ -342,7 +290,7 @@ impl Sidecar {
             return;
         };
         let table = self.config.table();
-        if let Err(e) = self.authorize(&table, mesh, &conn.caller) {
+        if let Err(e) = authz::authorize(table.service(&mesh.service).map(|e| &**e), &conn.caller) {
             self.metrics.refuse("unauthorized");
             tracing::info!(error = %e, "inbound TCP connection denied");
             return;
@@ -350,21 +298,6 @@ impl Sidecar {
         drop(table);
         let app = *app;
         self.inbound_opaque(tls, conn, app, graceful).await;
-    }
-
-    /// Only this sidecar says who called: whatever the caller wrote is replaced.
-    fn set_caller(&self, headers: &mut http::HeaderMap, conn: &InboundConn) {
-        headers.remove(ORIG_PROTO);
-        headers.remove(PROXY_ERROR);
-        headers.remove(XFCC);
-        let own = self
-            .identity
-            .spiffe_id()
-            .map(|i| i.to_string())
-            .unwrap_or_default();
-        if let Ok(v) = HeaderValue::from_str(&format!("By={own};URI={}", conn.caller)) {
-            headers.insert(XFCC, v);
-        }
     }
 
     fn count_inbound_error(&self, reason: &str) {
@@ -376,139 +309,32 @@ impl Sidecar {
             .inc();
     }
 
-    /// One request for the app. `tunnel_h1`: it came as HTTP/1 inside a tunnel, and goes to the
-    /// app as HTTP/1 too.
-    async fn inbound_request(
-        &self,
-        req: Request<Incoming>,
-        conn: &InboundConn,
-        tunnel_h1: bool,
-    ) -> Response<Body> {
-        let start = Instant::now();
-        let table = self.config.table();
-        let own_cluster = table.cluster_name().to_string();
-        let (mesh, app) = match &conn.admitted {
-            Ok(x) => x,
-            Err((status, kind, msg)) => {
-                return fedmesh_dataplane::error::proxy_response(*status, kind, msg);
-            }
-        };
-        let service = mesh.service.to_string();
-        if let Err(msg) = self.authorize(&table, mesh, &conn.caller) {
-            self.metrics.refuse("unauthorized");
-            let resp =
-                fedmesh_dataplane::error::proxy_response(StatusCode::FORBIDDEN, "denied", &msg);
-            crate::outbound::record(
-                &self.metrics,
-                "inbound",
-                &conn.caller_cluster,
-                &own_cluster,
-                &service,
-                resp.status(),
-                start.elapsed(),
-            );
-            return resp;
-        }
-        if let Err(e) = self.admit_rate(&table, mesh, &conn.caller) {
-            self.count_inbound_error("rate_limited");
-            let resp = e.into_response();
-            crate::outbound::record(
-                &self.metrics,
-                "inbound",
-                &conn.caller_cluster,
-                &own_cluster,
-                &service,
-                resp.status(),
-                start.elapsed(),
-            );
-            return resp;
-        }
-        drop(table);
-        let (mut parts, body) = req.into_parts();
-        let h1 = tunnel_h1
-            || parts
-                .headers
-                .get(ORIG_PROTO)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"HTTP/1.1"));
-        strip_hop_by_hop(&mut parts.headers);
-        self.set_caller(&mut parts.headers, conn);
-        let _span = trace::propagate(&mut parts.headers);
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
-        let body: Body = http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
-            body,
-            |e| -> fedmesh_dataplane::http::BoxError { Box::new(e) },
-        ));
-        let result = if h1 {
-            if !parts.headers.contains_key(header::HOST)
-                && let Some(a) = parts.uri.authority()
-                && let Ok(v) = HeaderValue::from_str(a.as_str())
-            {
-                parts.headers.insert(header::HOST, v);
-            }
-            parts.version = Version::HTTP_11;
-            parts.uri = match format!("http://{app}{path}").parse::<Uri>() {
-                Ok(u) => u,
-                Err(e) => {
-                    return fedmesh_dataplane::error::proxy_response(
-                        StatusCode::BAD_REQUEST,
-                        "bad-request",
-                        &e.to_string(),
-                    );
-                }
-            };
-            self.app_h1
-                .request(Request::from_parts(parts, body))
-                .await
-                .map_err(|e| {
-                    if e.is_connect() {
-                        (true, e.to_string())
-                    } else {
-                        (false, e.to_string())
-                    }
-                })
-        } else {
-            match self.app_h2.get(*app, self.options.connect_timeout).await {
-                Err(e) => Err((true, e)),
-                Ok(mut sender) => sender
-                    .send_request(Request::from_parts(parts, body))
-                    .await
-                    .map_err(|e| (false, e.to_string())),
-            }
-        };
-        let resp = match result {
-            Ok(r) => r.map(fedmesh_dataplane::http::body),
-            Err((true, e)) => {
-                self.count_inbound_error("app_unreachable");
-                // The app never saw it: the caller's sidecar may retry elsewhere.
-                fedmesh_dataplane::error::proxy_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "app-unreachable",
-                    &format!("the app at {app} does not accept connections: {e}"),
-                )
-            }
-            Err((false, e)) => {
-                self.count_inbound_error("app_error");
-                // The app may have acted on it: a 502, which callers retry only by policy.
-                fedmesh_dataplane::error::proxy_response(
-                    StatusCode::BAD_GATEWAY,
-                    "app-error",
-                    &format!("the app at {app} failed the request: {e}"),
-                )
-            }
-        };
-        crate::outbound::record(
-            &self.metrics,
-            "inbound",
-            &conn.caller_cluster,
-            &own_cluster,
-            &service,
-            resp.status(),
-            start.elapsed(),
+    /// Assembles the inbound HTTP stack (once, when the sidecar is made).
+    pub(crate) fn inbound_stack(parts: InboundParts) -> InboundStack {
+        let app = app::App::new(
+            parts.connect_timeout,
+            parts.idle_timeout,
+            parts.metrics.clone(),
         );
-        resp
+        let limited = ratelimit::ServiceRateLimitLayer {
+            limiter: parts.limiter,
+            demand: parts.demand,
+        }
+        .layer(app);
+        let authorized = authz::AuthorizeLayer {
+            metrics: parts.metrics.clone(),
+        }
+        .layer(limited);
+        let identified = identity::IdentityLayer {
+            config: parts.config.clone(),
+            identity: parts.identity,
+        }
+        .layer(authorized);
+        let observed = observe::ObserveLayer {
+            metrics: parts.metrics,
+            config: parts.config,
+        }
+        .layer(identified);
+        BoxCloneSyncService::new(observed)
     }
 }

@@ -17,8 +17,7 @@
 
 use std::sync::Arc;
 
-use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -26,11 +25,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::InboundConn;
+use super::{InboundConn, call_stack, into_stack_request};
 use crate::Sidecar;
 use crate::net::{self, Prefixed};
-use fedmesh_dataplane::http::Body;
-use fedmesh_dataplane::http::strip_hop_by_hop;
 use fedmesh_dataplane::relay::relay;
 
 /// How many bytes of a tunnel's opening are read before deciding. Larger than any request line an
@@ -186,7 +183,7 @@ impl Sidecar {
                 self.metrics.tcp_active.dec();
             }
             Plan::Http(Opening::Http2, io) => self.serve_h2(io, conn, graceful).await,
-            Plan::Http(_, io) => self.serve_h1(io, conn, app, graceful).await,
+            Plan::Http(_, io) => self.serve_h1(io, conn, graceful).await,
             Plan::Refuse(reason) => {
                 self.metrics.refuse(reason);
                 tracing::info!(
@@ -260,22 +257,13 @@ impl Sidecar {
         self: &Arc<Self>,
         io: S,
         conn: Arc<InboundConn>,
-        app: std::net::SocketAddr,
         graceful: CancellationToken,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let me = self.clone();
+        let stack = self.inbound.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
-            let (me, conn) = (me.clone(), conn.clone());
-            async move {
-                let resp = if req.headers().contains_key(header::UPGRADE) {
-                    me.inbound_upgrade(req, &conn, app).await
-                } else {
-                    me.inbound_request(req, &conn, true).await
-                };
-                Ok::<_, std::convert::Infallible>(resp)
-            }
+            call_stack(&stack, into_stack_request(req, &conn, true))
         });
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
@@ -293,84 +281,6 @@ impl Sidecar {
                 let _ = conn.await;
             }
         }
-    }
-
-    /// An HTTP/1.1 upgrade request from inside a tunnel: sent to the app on a connection of its
-    /// own with the verified caller; when the app switches protocols, both sides are relayed.
-    async fn inbound_upgrade(
-        &self,
-        mut req: Request<Incoming>,
-        conn: &InboundConn,
-        app: std::net::SocketAddr,
-    ) -> Response<Body> {
-        let table = self.config.table();
-        let Ok((mesh, _)) = &conn.admitted else {
-            return fedmesh_dataplane::error::proxy_response(
-                StatusCode::MISDIRECTED_REQUEST,
-                "not-admitted",
-                "",
-            );
-        };
-        if let Err(msg) = self.authorize(&table, mesh, &conn.caller) {
-            self.metrics.refuse("unauthorized");
-            return fedmesh_dataplane::error::proxy_response(StatusCode::FORBIDDEN, "denied", &msg);
-        }
-        drop(table);
-        let caller_side = hyper::upgrade::on(&mut req);
-        let (mut parts, body) = req.into_parts();
-        let upgrade = parts.headers.get(header::UPGRADE).cloned();
-        strip_hop_by_hop(&mut parts.headers);
-        self.set_caller(&mut parts.headers, conn);
-        if let Some(u) = upgrade {
-            parts.headers.insert(header::UPGRADE, u);
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-        let Some(tcp) = self.connect_app(app).await else {
-            return fedmesh_dataplane::error::proxy_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "app-unreachable",
-                &format!("the app at {app} does not accept connections"),
-            );
-        };
-        let (mut sender, c) = match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
-            Ok(x) => x,
-            Err(e) => {
-                return fedmesh_dataplane::error::proxy_response(
-                    StatusCode::BAD_GATEWAY,
-                    "app-error",
-                    &e.to_string(),
-                );
-            }
-        };
-        tokio::spawn(async move {
-            let _ = c.with_upgrades().await;
-        });
-        let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.count_inbound_error("app_error");
-                return fedmesh_dataplane::error::proxy_response(
-                    StatusCode::BAD_GATEWAY,
-                    "app-error",
-                    &format!("the app at {app} failed the upgrade request: {e}"),
-                );
-            }
-        };
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let app_side = hyper::upgrade::on(&mut resp);
-            let idle = self.options.idle_timeout;
-            let metrics = self.metrics.clone();
-            tokio::spawn(async move {
-                if let (Ok(a), Ok(b)) = tokio::join!(caller_side, app_side) {
-                    metrics.tcp_active.inc();
-                    let _ = relay(TokioIo::new(a), TokioIo::new(b), idle).await;
-                    metrics.tcp_active.dec();
-                }
-            });
-        }
-        resp.map(fedmesh_dataplane::http::body)
     }
 }
 

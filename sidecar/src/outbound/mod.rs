@@ -28,7 +28,7 @@ mod retry;
 mod route;
 mod tcp;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 mod timeout;
 
 use std::convert::Infallible;
@@ -54,6 +54,7 @@ use crate::Sidecar;
 use crate::dest::{self, Dest};
 use crate::net::{self, Prefixed, Protocol};
 
+pub(crate) use ctx::BoxFuture;
 pub(crate) use observe::record;
 pub use retry::{BudgetConfig, Budgets};
 
@@ -406,7 +407,7 @@ impl Sidecar {
         };
         parts.version = Version::HTTP_11;
         match self
-            .app_h1
+            .plain_h1
             .request(Request::from_parts(parts, body(b)))
             .await
         {

@@ -1,0 +1,158 @@
+//! The outermost inbound layer: turns a proxy error into the response the caller gets, counts
+//! it by reason, and records every request admitted to a service — source and destination
+//! cluster, service, status, latency — whatever happened below. (Requests on a connection that
+//! was not admitted are counted once, as the connection's refusal.)
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use fedmesh_dataplane::config::ConfigHandle;
+use fedmesh_dataplane::error::ProxyError;
+use fedmesh_dataplane::http::Body;
+use fedmesh_dataplane::metrics::{ProxyMetrics, ReasonLabels};
+use http::{Request, Response};
+use tower::{Layer, Service};
+
+use super::identity::InboundConn;
+use crate::outbound::{BoxFuture, record};
+
+#[derive(Clone)]
+pub(crate) struct ObserveLayer {
+    pub metrics: Arc<ProxyMetrics>,
+    pub config: ConfigHandle,
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Observe<S> {
+    inner: S,
+    layer: ObserveLayer,
+}
+
+impl<S> Service<Request<Body>> for Observe<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let start = Instant::now();
+        let conn = req.extensions().get::<Arc<InboundConn>>().cloned();
+        let call: BoxFuture<_> = Box::pin(self.inner.call(req));
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let result = call.await;
+            let admitted = conn
+                .as_ref()
+                .and_then(|c| c.admitted.as_ref().ok().map(|(mesh, _)| (c, mesh)));
+            let resp = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    if admitted.is_some() {
+                        layer
+                            .metrics
+                            .request_errors
+                            .get_or_create(&ReasonLabels {
+                                reason: e.kind().replace('-', "_"),
+                            })
+                            .inc();
+                    }
+                    e.into_response()
+                }
+            };
+            if let Some((conn, mesh)) = admitted {
+                let table = layer.config.table();
+                record(
+                    &layer.metrics,
+                    "inbound",
+                    &conn.caller_cluster,
+                    table.cluster_name(),
+                    &mesh.service.to_string(),
+                    resp.status(),
+                    start.elapsed(),
+                );
+            }
+            Ok(resp)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::test_support::table_with_policy;
+    use fedmesh_api::pb::dataplane as pb;
+    use fedmesh_dataplane::http::full;
+    use fedmesh_dataplane::sni::MeshSni;
+    use http::StatusCode;
+
+    fn request(admitted: bool) -> Request<Body> {
+        let mut req = Request::get("/").body(full("")).unwrap();
+        req.extensions_mut().insert(Arc::new(InboundConn {
+            caller: "spiffe://west.example/ns/shop/sa/frontend".parse().unwrap(),
+            caller_cluster: "west".into(),
+            admitted: if admitted {
+                Ok((
+                    MeshSni::new(80, "shop/web".parse().unwrap(), "east".parse().unwrap()),
+                    "127.0.0.1:1001".parse().unwrap(),
+                ))
+            } else {
+                Err(ProxyError::NotAdmitted {
+                    status: StatusCode::MISDIRECTED_REQUEST,
+                    kind: "unknown-service",
+                    message: "shop/nope is not a service of this cluster".into(),
+                })
+            },
+        }));
+        req
+    }
+
+    #[tokio::test]
+    async fn errors_become_answers_and_admitted_requests_are_recorded() {
+        let metrics = Arc::new(ProxyMetrics::new("test"));
+        let layer = ObserveLayer {
+            metrics: metrics.clone(),
+            config: ConfigHandle::fixed(table_with_policy(pb::TrafficPolicy::default())),
+        };
+        let mut svc = layer.layer(tower::service_fn(|req: Request<Body>| {
+            let conn = req.extensions().get::<Arc<InboundConn>>().unwrap().clone();
+            std::future::ready(match &conn.admitted {
+                Ok(_) => Err(ProxyError::AppUnreachable {
+                    app: "127.0.0.1:1001".into(),
+                    error: "refused".into(),
+                }),
+                Err(e) => Err(e.clone()),
+            })
+        }));
+        let resp = svc.call(request(true)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[crate::PROXY_ERROR], "app-unreachable");
+        let resp = svc.call(request(false)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::MISDIRECTED_REQUEST);
+        let text = metrics.encode();
+        assert!(text.contains("reason=\"app_unreachable\"} 1"), "{text}");
+        assert!(!text.contains("unknown_service"), "{text}");
+        assert!(
+            text.contains("direction=\"inbound\",src_cluster=\"west\",dst_cluster=\"east\",service=\"shop/web\",code=\"503\"} 1"),
+            "{text}"
+        );
+    }
+}
