@@ -1017,3 +1017,31 @@ async fn services_of_other_namespaces_are_learned_when_first_called() {
     assert!(frontend.config.table().not_found.contains("billing/nope"));
     tb.shutdown().await;
 }
+
+/// A change of another cluster's bundle alone (its CA prepares the next authority; nothing else
+/// in the clusterset changes) reaches this cluster's workloads, through the hub, their control
+/// plane, their agent and its Workload API stream: the way CA rotation reaches federated peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_clusters_next_authority_alone_reaches_local_workloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    let client = client_workload(east, "frontend", "e1").await;
+    client.wait_trusts(&west.trust_domain).await.unwrap();
+    let td = fedmesh_api::TrustDomain::new(&west.trust_domain).unwrap();
+    let anchors = |w: &Workload| w.identity.trust().anchors(&td).map_or(0, <[_]>::len);
+    assert_eq!(anchors(&client), 1);
+    west.control_plane()
+        .expect("west's control plane runs")
+        .ca
+        .prepare_next(None)
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let mut changes = client.identity.subscribe();
+        while anchors(&client) < 2 {
+            changes.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("east's workload holds west's next authority");
+}

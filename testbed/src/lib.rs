@@ -674,7 +674,21 @@ impl Workload {
             }
         })
         .await
-        .with_context(|| format!("{}: no trust bundle for {trust_domain}", self.id))
+        .with_context(|| {
+            // Which trust domains it did get, to tell where the bundle's way stopped (the hub,
+            // the control plane, the agent or the Workload API stream).
+            let held: Vec<String> = self
+                .identity
+                .trust()
+                .bundles()
+                .trust_domains()
+                .map(|td| td.to_string())
+                .collect();
+            format!(
+                "{}: no trust bundle for {trust_domain} within 30 s (it holds {held:?})",
+                self.id
+            )
+        })
     }
 
     /// Waits until this sidecar's configuration satisfies `f`.
