@@ -375,10 +375,8 @@ async fn the_gateway_refuses_what_it_must_and_keeps_serving_good_traffic() {
         let before = refused(&west.gateway.metrics().encode(), reason);
         let err = tls_attempt(gw, sni).await.expect_err("refused");
         assert!(
-            err.contains("UnrecognisedName")
-                || err.contains("unrecognized")
-                || err.contains("AlertReceived"),
-            "{sni:?}: the client learns why: {err}"
+            err.contains("UnrecognisedName"),
+            "{sni:?}: the client learns why (an unrecognized_name alert): {err}"
         );
         let after = refused(&west.gateway.metrics().encode(), reason);
         assert_eq!(after, before + 1, "{sni:?} counted as {reason}");
@@ -397,14 +395,22 @@ async fn the_gateway_refuses_what_it_must_and_keeps_serving_good_traffic() {
         refused(&west.gateway.metrics().encode(), "not_tls"),
         before + 2
     );
-    // A handshake record that claims to be enormous is cut off at the size limit.
-    let mut huge = vec![0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0xff, 0xff, 0xff];
-    huge.extend(std::iter::repeat_n(0u8, 40_000));
-    let _ = raw_attempt(gw, &huge).await;
-    let m = west.gateway.metrics().encode();
-    assert!(
-        refused(&m, "hello_too_large") + refused(&m, "malformed_hello") >= 1,
-        "{m}"
+    // A well-formed ClientHello that claims 40 KiB, in full-size records, is cut off at the
+    // gateway's 32 KiB limit (not refused as malformed) and closed without a word.
+    let mut huge = Vec::new();
+    for i in 0..3 {
+        huge.extend([0x16, 0x03, 0x01, 0x40, 0x00]);
+        let mut record = vec![0u8; 0x4000];
+        if i == 0 {
+            record[..4].copy_from_slice(&[0x01, 0x00, 0xa0, 0x00]);
+        }
+        huge.extend(record);
+    }
+    let before = refused(&west.gateway.metrics().encode(), "hello_too_large");
+    assert!(raw_attempt(gw, &huge).await.is_empty());
+    assert_eq!(
+        refused(&west.gateway.metrics().encode(), "hello_too_large"),
+        before + 1
     );
 
     stop.store(true, Ordering::Relaxed);
@@ -537,11 +543,6 @@ async fn locality_failover_zone_then_cluster_and_back_with_zero_failed_requests(
     assert!(
         failed.is_empty(),
         "requests failed during failover: {failed:?}"
-    );
-    let retries = client.metrics.encode();
-    assert!(
-        retries.contains("fedmesh_sidecar_retries_total"),
-        "{retries}"
     );
     tb.shutdown().await;
 }

@@ -235,7 +235,19 @@ fn ca_cli_signs_csrs_and_refuses_foreign_ones() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("-----BEGIN CERTIFICATE-----"));
+    // The chain's leaf is an X509-SVID for the CSR's ID, for the CA's --svid-ttl (10 minutes).
+    let chain = fedmesh_trust::bundle::parse_pem_certificates(&out.stdout).unwrap();
+    let leaf = fedmesh_trust::svid::inspect(&chain[0]).unwrap();
+    assert_eq!(
+        leaf.spiffe_id.to_string(),
+        "spiffe://east.example/ns/a/sa/b"
+    );
+    assert!(!leaf.is_ca);
+    let lifetime = leaf.not_after.duration_since(leaf.not_before).unwrap();
+    assert!(
+        (Duration::from_secs(540)..=Duration::from_secs(660)).contains(&lifetime),
+        "an SVID of --svid-ttl 10m lives {lifetime:?}"
+    );
 
     let foreign = write_csr("foreign.csr", "spiffe://west.example/ns/a/sa/b");
     let out = fedmesh(&[
@@ -261,13 +273,22 @@ fn ca_cli_signs_csrs_and_refuses_foreign_ones() {
         "--format",
         "pem",
     ]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE"));
+    assert!(out.status.success());
+    let roots = fedmesh_trust::bundle::parse_pem_certificates(&out.stdout).unwrap();
+    assert_eq!(roots.len(), 1, "one authority before any rotation");
+    let out = fedmesh(&["ca", "status", "--dir", ca.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = fedmesh(&[
         "ca",
         "status",
         "--dir",
         dir.path().join("missing").to_str().unwrap(),
     ]);
+    assert!(!out.status.success(), "a missing CA directory is an error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("fedmesh ca init"));
 }
 

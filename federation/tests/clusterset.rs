@@ -81,12 +81,25 @@ async fn an_export_in_east_appears_in_west_and_central_and_removing_it_withdraws
     let missing = dns_a(west.cp.dns_addr.unwrap(), "nope.shop.svc.clusterset.local.").await;
     assert!(missing.is_err(), "unknown services do not resolve");
 
-    // East's ServiceExport reports Valid, Ready and no Conflict.
+    // East's ServiceExport reports Valid, Ready and no Conflict, each with its own status.
+    let condition = |yaml: &str, kind: &str| -> Option<String> {
+        let doc: serde_json::Value = serde_saphyr::from_str(yaml).ok()?;
+        find_condition(&doc, kind)
+    };
     let status = wait_file(&east.data.join("status/serviceexports.yaml"), |s| {
-        s.contains("type: Ready") && s.contains("status: 'True'") || s.contains("status: \"True\"")
+        condition(s, "Ready").as_deref() == Some("True")
     })
     .await;
-    assert!(status.contains("type: Valid"), "{status}");
+    assert_eq!(
+        condition(&status, "Valid").as_deref(),
+        Some("True"),
+        "{status}"
+    );
+    assert_eq!(
+        condition(&status, "Conflict").as_deref(),
+        Some("False"),
+        "{status}"
+    );
     assert!(status.contains("NoConflicts"), "{status}");
 
     // Withdraw: delete the ServiceExport.
@@ -303,4 +316,19 @@ async fn an_agent_joining_again_revokes_the_nodes_earlier_agent_identity() {
     let err = sign(first).await.unwrap_err();
     assert!(err.contains("earlier registration of this node"), "{err}");
     hub.stop().await;
+}
+
+/// The `status` of the first condition of `kind` anywhere in `doc` (a status file).
+fn find_condition(doc: &serde_json::Value, kind: &str) -> Option<String> {
+    use serde_json::Value;
+    match doc {
+        Value::Object(m) => {
+            if m.get("type").and_then(Value::as_str) == Some(kind) {
+                return m.get("status").and_then(Value::as_str).map(str::to_string);
+            }
+            m.values().find_map(|v| find_condition(v, kind))
+        }
+        Value::Array(s) => s.iter().find_map(|v| find_condition(v, kind)),
+        _ => None,
+    }
 }

@@ -88,6 +88,26 @@ async fn a_large_publish_right_after_hello_is_applied() {
         .await
         .unwrap_or_else(|_| panic!("round {round}: no PublishResult within 20s"));
         assert!(accepted.accepted, "{}", accepted.error);
+        // Every export is in the hub's view, as published.
+        {
+            let view = hub.hub.view();
+            let mut held = view.services_exported_by(&cluster);
+            held.sort();
+            let want: Vec<fedmesh_api::ServiceKey> = (0..5000)
+                .map(|i| format!("bench/{name}-svc-{i:05}").parse().unwrap())
+                .collect();
+            assert_eq!(held, want, "round {round}");
+            let one = view
+                .exports_of(&want[4999])
+                .and_then(|by| by.get(&cluster))
+                .expect("the last export is held");
+            assert_eq!(one.ports.len(), 1, "round {round}");
+        }
+        let status = fedmesh_federation::hub::admin::cluster_statuses(&hub.hub)
+            .into_iter()
+            .find(|c| c.name == name)
+            .expect("the cluster is listed");
+        assert_eq!(status.exports, 5000, "round {round}");
         drop(tx);
     }
     hub.stop().await;

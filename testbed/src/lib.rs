@@ -718,13 +718,16 @@ pub async fn wait_table(
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             if f(&config.table()) {
-                return;
+                return Ok(());
             }
             if rx.changed().await.is_err() {
-                return;
+                // The configuration task ended: the condition can no longer come true.
+                return Err(anyhow::anyhow!(
+                    "{who}: the configuration stream ended before {what}"
+                ));
             }
         }
     })
     .await
-    .with_context(|| format!("{who}: timed out waiting for {what}"))
+    .with_context(|| format!("{who}: timed out waiting for {what}"))?
 }

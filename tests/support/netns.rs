@@ -72,13 +72,15 @@ pub fn unavailable() -> Option<String> {
 }
 
 /// Skips (returns true) when namespaces are unavailable, saying why — unless
-/// `FEDMESH_REQUIRE_NETNS` is set (CI), where that is a failure.
+/// `FEDMESH_REQUIRE_NETNS` is set to anything but `0` (CI, and `scripts/test` run as root), where
+/// that is a failure.
 pub fn skip() -> bool {
     match unavailable() {
         None => false,
         Some(why) => {
+            let required = std::env::var("FEDMESH_REQUIRE_NETNS").is_ok_and(|v| v != "0");
             assert!(
-                std::env::var_os("FEDMESH_REQUIRE_NETNS").is_none(),
+                !required,
                 "network-namespace tests are required here (FEDMESH_REQUIRE_NETNS) but cannot run: {why}"
             );
             eprintln!("SKIPPED: network-namespace tests need root and `ip netns`: {why}");

@@ -175,7 +175,13 @@ mod tests {
         let (_key, csr) = new_key_and_csr(&id).unwrap();
         let parsed =
             rcgen::CertificateSigningRequestParams::from_der(&csr.as_slice().into()).unwrap();
-        assert_eq!(parsed.params.subject_alt_names.len(), 1);
+        assert_eq!(
+            parsed.params.subject_alt_names,
+            vec![rcgen::SanType::URI(
+                rcgen::string::Ia5String::try_from(id.to_string()).unwrap()
+            )],
+            "the CSR's only SAN is the SPIFFE ID as a URI"
+        );
     }
 
     #[test]
