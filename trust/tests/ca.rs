@@ -381,11 +381,50 @@ fn jwt_svids_are_signed_by_the_active_authority_and_validate_against_the_bundle(
             .is_err()
     );
     assert!(ca.sign_jwt(&who, &[], None).is_err());
+    // The token names its key, and the bundle publishes that key.
+    let kid_of = |token: &str| -> String {
+        use base64::Engine;
+        let header = token.split('.').next().unwrap();
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        v["kid"].as_str().unwrap().to_string()
+    };
+    let kids = |ca: &TrustDomainCa| -> Vec<String> {
+        ca.bundle()
+            .jwt_authorities()
+            .iter()
+            .map(|a| a.kid.clone())
+            .collect()
+    };
+    let old_kid = kid_of(&token);
+    assert_eq!(kids(&ca), vec![old_kid.clone()]);
     ca.prepare_next(None).unwrap();
     ca.activate_next().unwrap();
-    // Tokens from the retired key still validate while it is in the bundle.
+    // New tokens are signed by the new authority's key; the bundle holds both keys.
+    let fresh = ca.sign_jwt(&who, &["db".into()], None).unwrap();
+    let new_kid = kid_of(&fresh);
+    assert_ne!(new_kid, old_kid);
+    let mut both = kids(&ca);
+    both.sort();
+    let mut want = vec![old_kid.clone(), new_kid.clone()];
+    want.sort();
+    assert_eq!(both, want);
+    // Tokens from the retired key still validate while it is in the bundle, and so do new ones.
     let set = bundles(&[&ca.bundle()]);
     fedmesh_trust::jwt::validate(&token, "db", &set, SystemTime::now()).unwrap();
+    fedmesh_trust::jwt::validate(&fresh, "db", &set, SystemTime::now()).unwrap();
+    // Once the retired authority is pruned, its tokens no longer validate.
+    assert!(
+        ca.prune(SystemTime::now() + Duration::from_secs(400 * 24 * 3600))
+            .unwrap()
+    );
+    assert_eq!(kids(&ca), vec![new_kid]);
+    let set = bundles(&[&ca.bundle()]);
+    let err = fedmesh_trust::jwt::validate(&token, "db", &set, SystemTime::now()).unwrap_err();
+    assert!(err.to_string().contains(&old_kid), "{err}");
+    fedmesh_trust::jwt::validate(&fresh, "db", &set, SystemTime::now()).unwrap();
 }
 
 /// JWT-SVIDs cannot be revoked and anyone who sees one can replay it until it expires: they live

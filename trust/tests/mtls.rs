@@ -306,24 +306,68 @@ async fn chain_signed_by_another_trust_domains_ca_is_refused() {
     );
 }
 
+/// One connection over configs built beforehand: the leaf certificate each side was shown.
+async fn leaves_seen(
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+) -> (Vec<u8>, Vec<u8>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server_task = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = TlsAcceptor::from(server).accept(tcp).await.unwrap();
+        let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+        tls.write_all(b"pong").await.unwrap();
+        tls.shutdown().await.unwrap();
+        leaf
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = TlsConnector::from(client)
+        .connect(ServerName::try_from("west.svc").unwrap(), tcp)
+        .await
+        .unwrap();
+    let server_leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let mut buf = [0u8; 4];
+    tls.read_exact(&mut buf).await.unwrap();
+    (
+        tokio::time::timeout(Duration::from_secs(10), server_task)
+            .await
+            .unwrap()
+            .unwrap(),
+        server_leaf,
+    )
+}
+
 #[tokio::test]
 async fn rotated_svid_is_used_by_new_connections_without_rebuilding_configs() {
     let d = domains();
     let (eb, wb) = (d.east.bundle(), d.west.bundle());
     let client = identity(&svid(&d.east, CLIENT), &[&eb, &wb]);
     let server = identity(&svid(&d.west, SERVER), &[&wb, &eb]);
-    let first = client.svid().unwrap().certified_key.cert[0].clone();
+    // The configs are built once, before either rotation.
+    let client_cfg = client.client_config(Authorizer::AnyTrusted, vec![]);
+    let server_cfg = server.server_config(Authorizer::AnyTrusted, vec![]);
+    let (client_before, server_before) = leaves_seen(client_cfg.clone(), server_cfg.clone()).await;
     client.set_svid(&svid(&d.east, CLIENT)).unwrap();
-    assert_ne!(client.svid().unwrap().certified_key.cert[0], first);
-    let out = connect(
-        &client,
-        Authorizer::AnyTrusted,
-        &server,
-        Authorizer::AnyTrusted,
-    )
-    .await;
-    out.client.unwrap();
-    assert_eq!(out.server.unwrap(), Some(id(CLIENT)));
+    server.set_svid(&svid(&d.west, SERVER)).unwrap();
+    let (client_after, server_after) = leaves_seen(client_cfg, server_cfg).await;
+    // Each side now presents its new SVID through the same config.
+    assert_ne!(
+        client_after, client_before,
+        "the client still presents its old SVID"
+    );
+    assert_ne!(
+        server_after, server_before,
+        "the server still presents its old SVID"
+    );
+    assert_eq!(
+        client_after,
+        client.svid().unwrap().certified_key.cert[0].to_vec()
+    );
+    assert_eq!(
+        server_after,
+        server.svid().unwrap().certified_key.cert[0].to_vec()
+    );
 }
 
 /// Upstream-CA mode: two trust domains' CAs are intermediates under one corporate root, so both
