@@ -94,7 +94,7 @@ impl Drop for Cgroups {
 
 fn skip_unavailable(why: String) {
     assert!(
-        std::env::var_os("FEDMESH_REQUIRE_NETNS").is_none(),
+        !support::netns::privileged_required(),
         "privileged tests are required here (FEDMESH_REQUIRE_NETNS) but cannot run: {why}"
     );
     eprintln!("SKIPPED: the Kubernetes attestation test needs root and a writable cgroup: {why}");
@@ -286,7 +286,12 @@ fn pods_get_their_service_accounts_identity_and_only_their_proxy_container_does(
     // The proxy's pod and container IDs, in a cgroup made to look like the kubelet's
     // elsewhere: refused, with the reason in the log.
     let got = fetch_svid(&socket, Some(&cgroups.lookalike(api_uid, &api_proxy)));
-    assert!(got["error"].is_string(), "{got}");
+    assert!(
+        got["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no identity issued")),
+        "refused for want of an identity, not another failure: {got}"
+    );
     assert!(
         agent
             .log()
@@ -296,9 +301,19 @@ fn pods_get_their_service_accounts_identity_and_only_their_proxy_container_does(
     );
     // A pod of another node, and a process in no pod: nothing.
     let got = fetch_svid(&socket, Some(&cgroups.container(other_uid, &other_proxy)));
-    assert!(got["error"].is_string(), "{got}");
+    assert!(
+        got["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no identity issued")),
+        "refused for want of an identity, not another failure: {got}"
+    );
     let got = fetch_svid(&socket, None);
-    assert!(got["error"].is_string(), "{got}");
+    assert!(
+        got["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no identity issued")),
+        "refused for want of an identity, not another failure: {got}"
+    );
     let log = agent.log();
     assert!(
         log.contains(other_uid) && log.contains("does not know"),
@@ -337,11 +352,10 @@ fn pods_get_their_service_accounts_identity_and_only_their_proxy_container_does(
 /// FEDMESH_TEST_K8S_NODE, else the first node `kubectl get nodes` names); the agent must list
 /// that node's pods with the kubeconfig's credentials.
 #[test]
+#[ignore = "needs a real cluster: set FEDMESH_TEST_KUBECONFIG and run with --run-ignored only"]
 fn agent_pod_watch_against_a_real_cluster_when_configured() {
-    let Ok(kubeconfig) = std::env::var("FEDMESH_TEST_KUBECONFIG") else {
-        eprintln!("skipped: set FEDMESH_TEST_KUBECONFIG to run against a real cluster");
-        return;
-    };
+    let kubeconfig = std::env::var("FEDMESH_TEST_KUBECONFIG")
+        .expect("FEDMESH_TEST_KUBECONFIG names the real cluster's kubeconfig");
     let node = std::env::var("FEDMESH_TEST_K8S_NODE").unwrap_or_else(|_| {
         let out = std::process::Command::new("kubectl")
             .args(["--kubeconfig", &kubeconfig, "get", "nodes", "-o", "name"])

@@ -96,6 +96,13 @@ fn python_spiffe_client_gets_svid_bundles_and_jwts_from_the_agent() {
     assert_eq!(v["jwt_spiffe_id"], WEB);
     assert_eq!(v["jwt_validated_spiffe_id"], WEB);
     assert_eq!(v["wrong_audience_rejected"], true);
+    // Refused for its audience, not for any other failure.
+    assert!(
+        v["wrong_audience_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("audience")),
+        "{v}"
+    );
     assert!(
         v["jwt_bundle_trust_domains"]
             .as_array()

@@ -71,6 +71,12 @@ pub fn unavailable() -> Option<String> {
     }
 }
 
+/// Whether tests that need root (network namespaces, cgroups) must run rather than skip:
+/// `FEDMESH_REQUIRE_NETNS` set to anything but `0` (CI, and `scripts/test` run as root).
+pub fn privileged_required() -> bool {
+    std::env::var("FEDMESH_REQUIRE_NETNS").is_ok_and(|v| v != "0")
+}
+
 /// Skips (returns true) when namespaces are unavailable, saying why — unless
 /// `FEDMESH_REQUIRE_NETNS` is set to anything but `0` (CI, and `scripts/test` run as root), where
 /// that is a failure.
@@ -78,9 +84,8 @@ pub fn skip() -> bool {
     match unavailable() {
         None => false,
         Some(why) => {
-            let required = std::env::var("FEDMESH_REQUIRE_NETNS").is_ok_and(|v| v != "0");
             assert!(
-                !required,
+                !privileged_required(),
                 "network-namespace tests are required here (FEDMESH_REQUIRE_NETNS) but cannot run: {why}"
             );
             eprintln!("SKIPPED: network-namespace tests need root and `ip netns`: {why}");
