@@ -21,7 +21,11 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 const CLIENT: &str = "spiffe://east.example/ns/default/sa/frontend";
 const SERVER: &str = "spiffe://west.example/ns/default/sa/backend";
-const RUN: Duration = Duration::from_secs(9);
+/// The run ends once every phase has carried traffic and both sides present SVIDs of their new
+/// CAs; this only bounds a run that never gets there (then the test fails, saying what is missing).
+const LIMIT: Duration = Duration::from_secs(60);
+/// New connections wanted in each phase (before rotation, during prepare, after activation).
+const PER_PHASE: u64 = 10;
 
 /// What the hub will do: hand each CA's bundle, as it changes, to the other domain's agent.
 fn federate(from: &Arc<TrustDomainCa>, to: Arc<LocalCaSigner>) {
@@ -151,46 +155,82 @@ async fn steady_mtls_stream_survives_svid_and_ca_rotation_with_zero_failures() {
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let server_leaves: Arc<Mutex<HashSet<Vec<u8>>>> = Arc::default();
     let start = Instant::now();
+    // 0: before rotation, 1: next authorities published, 2: activated.
+    let phase = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(tokio::sync::Notify::new());
 
-    // One long-lived connection across all rotations: it must never be dropped.
+    // One long-lived connection across all rotations: it must never be dropped. Its pings are
+    // counted per phase.
     let long_lived = {
         let (connector, name, ok, failed) =
             (connector.clone(), name.clone(), ok.clone(), failed.clone());
+        let (phase, stop) = (phase.clone(), stop.clone());
         tokio::spawn(async move {
             let tcp = TcpStream::connect(addr).await.unwrap();
             let mut tls = connector.connect(name, tcp).await.unwrap();
-            let mut n = 0u64;
-            while start.elapsed() < RUN {
+            let mut by_phase = [0u64; 3];
+            let stopped = stop.notified();
+            tokio::pin!(stopped);
+            loop {
                 match ping(&mut tls).await {
-                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Ok(()) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        by_phase[phase.load(Ordering::Relaxed) as usize] += 1;
+                    }
                     Err(e) => {
                         eprintln!("long-lived ping failed: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed)
+                        failed.fetch_add(1, Ordering::Relaxed);
                     }
                 };
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::select! {
+                    _ = &mut stopped => return by_phase,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
             }
-            n
         })
     };
 
-    // Both CAs rotate mid-run: prepare (publish) at 2.5s, activate at 5s.
-    let rotation = {
-        let (east, west) = (east.clone(), west.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(2500)).await;
-            east.prepare_next(None).unwrap();
-            west.prepare_next(None).unwrap();
-            tokio::time::sleep(Duration::from_millis(2500)).await;
-            east.activate_next().unwrap();
-            west.activate_next().unwrap();
-        })
+    // New connections back to back, one request each; the CAs rotate as the phases fill:
+    // prepare (publish the next authority) once phase 0 has carried its share, activate once
+    // phase 1 has.
+    let mut new_by_phase = [0u64; 3];
+    let new_roots_in_use = || {
+        if phase.load(Ordering::Relaxed) < 2 {
+            return false;
+        }
+        let (east_root, west_root) = (
+            east.bundle().x509_authorities()[1].clone(),
+            west.bundle().x509_authorities()[1].clone(),
+        );
+        client_leaves
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| signed_by(l, &east_root))
+            && server_leaves
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| signed_by(l, &west_root))
     };
-
-    // New connections back to back, one request each.
-    let mut new_conns = 0u64;
-    while start.elapsed() < RUN {
+    // SVIDs (2 s) renew several times over: each side presents at least four.
+    let svids_rotated =
+        || client_leaves.lock().unwrap().len() >= 4 && server_leaves.lock().unwrap().len() >= 4;
+    while start.elapsed() < LIMIT
+        && !(new_by_phase[2] >= PER_PHASE && new_roots_in_use() && svids_rotated())
+    {
+        let now = phase.load(Ordering::Relaxed);
+        if now < 2 && new_by_phase[now as usize] >= PER_PHASE {
+            if now == 0 {
+                east.prepare_next(None).unwrap();
+                west.prepare_next(None).unwrap();
+            } else {
+                east.activate_next().unwrap();
+                west.activate_next().unwrap();
+            }
+            phase.store(now + 1, Ordering::Relaxed);
+            continue;
+        }
         let attempt = async {
             let tcp = TcpStream::connect(addr).await?;
             let mut tls = connector.connect(name.clone(), tcp).await?;
@@ -203,23 +243,37 @@ async fn steady_mtls_stream_survives_svid_and_ca_rotation_with_zero_failures() {
         match tokio::time::timeout(Duration::from_secs(5), attempt).await {
             Ok(Ok(())) => {
                 ok.fetch_add(1, Ordering::Relaxed);
+                new_by_phase[now as usize] += 1;
             }
             other => {
                 eprintln!("request failed at {:?}: {other:?}", start.elapsed());
                 failed.fetch_add(1, Ordering::Relaxed);
             }
         }
-        new_conns += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    rotation.await.unwrap();
-    let long_pings = long_lived.await.unwrap();
+    stop.notify_one();
+    let long_by_phase = long_lived.await.unwrap();
 
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    eprintln!("ok={ok} failed={failed} new_connections={new_conns} long_lived_pings={long_pings}");
+    eprintln!(
+        "ok={ok} failed={failed} new_connections={new_by_phase:?} long_lived_pings={long_by_phase:?} in {:?}",
+        start.elapsed()
+    );
     assert_eq!(failed, 0, "no request may fail across rotations");
     assert_eq!(server_errors.load(Ordering::Relaxed), 0);
-    assert!(new_conns > 50 && long_pings > 50, "the stream was steady");
+    assert!(
+        new_by_phase.iter().all(|n| *n >= PER_PHASE),
+        "new connections in every phase (before, prepared, activated): {new_by_phase:?}"
+    );
+    assert!(
+        long_by_phase.iter().all(|n| *n >= 1),
+        "the long-lived connection carried pings in every phase: {long_by_phase:?}"
+    );
+    assert!(
+        new_roots_in_use(),
+        "both sides came to present SVIDs of their new CAs within {LIMIT:?}"
+    );
 
     // Rotation really happened on both sides, and the new CAs signed SVIDs that were used.
     let client_leaves = client_leaves.lock().unwrap().clone();
