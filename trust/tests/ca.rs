@@ -36,11 +36,22 @@ fn verify_chain(
     .map(|_| ())
 }
 
+/// `not_after` is `ttl` after a signing that happened between `from` and `to` (whole seconds:
+/// the certificate's time may be up to a second earlier).
+fn expires_ttl_after(not_after: SystemTime, from: SystemTime, to: SystemTime, ttl: Duration) {
+    assert!(
+        not_after + Duration::from_secs(1) > from + ttl && not_after <= to + ttl,
+        "not_after {not_after:?} is not {ttl:?} after signing ({from:?}..{to:?})"
+    );
+}
+
 #[test]
 fn svids_follow_the_x509_svid_spec() {
     let dir = tempfile::tempdir().unwrap();
     let ca = new_ca(dir.path(), "east.example");
+    let signed_from = SystemTime::now();
     let s = svid(&ca, "spiffe://east.example/ns/default/sa/web");
+    let signed_by = SystemTime::now();
 
     // The spiffe crate validates leaf constraints (CA=false, digitalSignature, no keyCertSign...).
     let chain_der: Vec<u8> = s.chain.iter().flat_map(|c| c.to_vec()).collect();
@@ -60,29 +71,38 @@ fn svids_follow_the_x509_svid_spec() {
     let eku = cert.extended_key_usage().unwrap().unwrap().value;
     assert!(eku.server_auth && eku.client_auth);
 
-    // Default TTL is one hour.
-    let ttl = s.not_after.duration_since(SystemTime::now()).unwrap();
-    assert!(
-        ttl > Duration::from_secs(3590) && ttl <= Duration::from_secs(3600),
-        "{ttl:?}"
+    // Default TTL is one hour from signing (certificates count whole seconds).
+    expires_ttl_after(
+        s.not_after,
+        signed_from,
+        signed_by,
+        Duration::from_secs(3600),
     );
     verify_chain(&s.chain, ca.bundle().x509_authorities()).unwrap();
 
     // TTL is configurable per request and capped by the CA's maximum.
     let id = id("spiffe://east.example/a");
     let (_, csr) = new_key_and_csr(&id).unwrap();
+    let from = SystemTime::now();
     let short = ca
         .sign_csr(&csr, None, Some(Duration::from_secs(120)))
         .unwrap();
-    let d = short.not_after.duration_since(SystemTime::now()).unwrap();
-    assert!(d <= Duration::from_secs(120) && d > Duration::from_secs(110));
+    expires_ttl_after(
+        short.not_after,
+        from,
+        SystemTime::now(),
+        Duration::from_secs(120),
+    );
+    // Capped at the CA's maximum (24 h).
+    let from = SystemTime::now();
     let long = ca
         .sign_csr(&csr, None, Some(Duration::from_secs(7 * 24 * 3600)))
         .unwrap();
-    let d = long.not_after.duration_since(SystemTime::now()).unwrap();
-    assert!(
-        d <= Duration::from_secs(24 * 3600),
-        "capped at the max TTL: {d:?}"
+    expires_ttl_after(
+        long.not_after,
+        from,
+        SystemTime::now(),
+        Duration::from_secs(24 * 3600),
     );
 }
 
