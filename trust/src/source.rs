@@ -47,8 +47,11 @@ impl WorkloadApiFollower {
                 endpoint: endpoint.to_string(),
                 reason: e.to_string(),
             })?;
-        apply(&source, &identity)?;
+        // Subscribe before the first apply: an update that lands in between (a federated bundle
+        // arriving just after the first SVID) must not be taken as already seen, or it would wait
+        // for the next change (an hour away, for an SVID) to reach the identity.
         let mut updates = source.updated();
+        apply(&source, &identity)?;
         let follower_source = source.clone();
         let task = tokio::spawn(async move {
             while updates.changed().await.is_ok() {

@@ -101,6 +101,8 @@ impl SvidCache {
     pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut bundles = self.signer.bundles();
+        // Bundles that changed before this subscription reach streams opened before it too.
+        self.bump();
         loop {
             let next = self.renew_due().await;
             let sleep = next
