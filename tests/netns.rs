@@ -353,3 +353,100 @@ fn failover_with_zero_failed_requests_and_a_split_across_three_namespaced_cluste
     );
     drop((api_w, rev_w, rev_c, frontend));
 }
+
+/// `fedmesh iptables` as the README and the injected init container use it, in a namespace of
+/// the test's own: it installs the interception rules in FEDMESH_* chains, running it again
+/// replaces them rather than adding a second set, and `--remove` takes them all out.
+#[test]
+fn fedmesh_iptables_installs_replaces_and_removes_its_rules() {
+    if support::netns::skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut net = support::netns::Net::new(dir.path());
+    let ns = net.add_ns("ipt");
+    let fedmesh = env!("CARGO_BIN_EXE_fedmesh");
+    let nat = |net: &support::netns::Net| {
+        String::from_utf8(net.exec(&ns, "iptables-save", &["-t", "nat"]).stdout).unwrap()
+    };
+    // Each chain's rules in order, as iptables-save writes them (without the `-m tcp` it adds).
+    let rules = |text: &str| -> Vec<String> {
+        [
+            "PREROUTING",
+            "OUTPUT",
+            "FEDMESH_INBOUND",
+            "FEDMESH_OUTBOUND",
+        ]
+        .iter()
+        .flat_map(|chain| {
+            text.lines()
+                .filter(move |l| l.starts_with(&format!("-A {chain} ")))
+                .filter(|l| l.contains("FEDMESH"))
+                .map(|l| l.replace(" -m tcp", ""))
+        })
+        .collect()
+    };
+    let args = [
+        "iptables",
+        "--proxy-uid",
+        "1337",
+        "--exclude-inbound-ports",
+        "15020",
+    ];
+    net.exec(&ns, fedmesh, &args);
+    let first = rules(&nat(&net));
+    assert!(
+        first
+            .iter()
+            .any(|r| r.contains("REDIRECT --to-ports 15006"))
+            && first
+                .iter()
+                .any(|r| r.contains("REDIRECT --to-ports 15001"))
+            && first
+                .iter()
+                .any(|r| r.contains("--uid-owner 1337") && r.ends_with("RETURN"))
+            && first
+                .iter()
+                .any(|r| r.contains("--dport 15020") && r.ends_with("RETURN")),
+        "{first:#?}"
+    );
+    // What --print shows is what was installed.
+    let printed = String::from_utf8(
+        std::process::Command::new(fedmesh)
+            .args(args)
+            .arg("--print")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(
+        first,
+        rules(&printed),
+        "--print shows the installed rules, in order"
+    );
+    // The exclusion comes before the redirect it exempts from.
+    let inbound: Vec<&String> = first
+        .iter()
+        .filter(|r| r.starts_with("-A FEDMESH_INBOUND"))
+        .collect();
+    assert!(
+        inbound[0].contains("--dport 15020") && inbound[1].contains("REDIRECT"),
+        "{inbound:#?}"
+    );
+    // Again: the same rules, once.
+    net.exec(&ns, fedmesh, &args);
+    assert_eq!(
+        rules(&nat(&net)),
+        first,
+        "running it again replaces, never duplicates"
+    );
+    // --remove: no FEDMESH chain or rule is left.
+    net.exec(
+        &ns,
+        fedmesh,
+        &["iptables", "--proxy-uid", "1337", "--remove"],
+    );
+    let left = nat(&net);
+    assert!(!left.contains("FEDMESH"), "{left}");
+}
