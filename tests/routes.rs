@@ -13,7 +13,8 @@ use bytes::Bytes;
 use fedmesh_testbed::client::{ProxyClient, Reply};
 use fedmesh_testbed::{Cluster, Workload, WorkloadSpec};
 use support::mesh::{
-    HeldApp, client_workload, endpoints, http_workload, serve_http, testbed, url, wait_routable,
+    HeldApp, api_and_frontend, client_workload, endpoints, get, http_workload, serve_http, testbed,
+    url, wait_routable,
 };
 
 /// The conditions of a route's status, as the control plane wrote them to
@@ -71,10 +72,6 @@ async fn wait_rules(w: &Workload, svc: &str, n: usize) {
     })
     .await
     .unwrap();
-}
-
-async fn get(c: &mut ProxyClient, url: &str, headers: &[(&str, &str)]) -> Reply {
-    c.request("GET", url, headers, Bytes::new()).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,10 +437,7 @@ async fn a_mistake_in_a_route_is_reported_in_its_status_and_never_sends_traffic_
     let dir = tempfile::tempdir().unwrap();
     let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
     let east = tb.cluster("east");
-    let (api, _api_app) = http_workload(east, "api", "e1").await;
-    serve_http(east, "api", &endpoints(&[&api]));
-    let client = client_workload(east, "frontend", "e1").await;
-    wait_routable(&tb, &client, "api", &["east"]).await;
+    let (_api, _api_app, client) = api_and_frontend(&tb, "east").await;
     east.write(
         "api-routes.yaml",
         r#"apiVersion: gateway.networking.k8s.io/v1
@@ -573,10 +567,7 @@ async fn a_request_to_a_pods_own_address_reaches_it_with_mtls_past_the_services_
     let dir = tempfile::tempdir().unwrap();
     let tb = testbed(dir.path(), &[("east", "us-east")]).await;
     let east = tb.cluster("east");
-    let (api, _api_app) = http_workload(east, "api", "e1").await;
-    serve_http(east, "api", &endpoints(&[&api]));
-    let client = client_workload(east, "frontend", "e1").await;
-    wait_routable(&tb, &client, "api", &["east"]).await;
+    let (api, _api_app, client) = api_and_frontend(&tb, "east").await;
     // Every request to the Service is redirected elsewhere.
     east.write(
         "api-route.yaml",

@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use fedmesh_testbed::client::{ProxyClient, Reply};
+use fedmesh_testbed::client::ProxyClient;
 use fedmesh_testbed::{Workload, WorkloadSpec};
 use support::mesh::{
-    HeldApp, client_workload, endpoints, http_workload, serve_http, testbed, url, wait_routable,
+    HeldApp, api_and_frontend, client_workload, endpoints, get, http_workload, serve_http, testbed,
+    url, wait_routable,
 };
 
 /// The value of a counter in a sidecar's Prometheus text (0 when absent).
@@ -23,10 +24,6 @@ fn counter(w: &Workload, name: &str, label: &str) -> u64 {
         .and_then(|v| v.parse::<f64>().ok())
         .map(|v| v as u64)
         .unwrap_or(0)
-}
-
-async fn get(c: &mut ProxyClient, url: &str, headers: &[(&str, &str)]) -> Reply {
-    c.request("GET", url, headers, Bytes::new()).await.unwrap()
 }
 
 /// Waits until `w`'s table holds a policy for `shop/<svc>` that `check` accepts.
@@ -49,10 +46,7 @@ async fn faults_hit_their_share_of_a_routes_requests_and_only_the_testers() {
     let dir = tempfile::tempdir().unwrap();
     let tb = testbed(dir.path(), &[("east", "us-east")]).await;
     let east = tb.cluster("east");
-    let (api, _api_app) = http_workload(east, "api", "e1").await;
-    serve_http(east, "api", &endpoints(&[&api]));
-    let client = client_workload(east, "frontend", "e1").await;
-    wait_routable(&tb, &client, "api", &["east"]).await;
+    let (_api, _api_app, client) = api_and_frontend(&tb, "east").await;
     east.write(
         "api-route.yaml",
         r#"apiVersion: gateway.networking.k8s.io/v1

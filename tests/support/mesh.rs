@@ -54,6 +54,26 @@ pub async fn http_workload_on(
         .expect("workload starts")
 }
 
+/// `GET url` through a sidecar's HTTP proxy with `headers`.
+pub async fn get(
+    c: &mut fedmesh_testbed::client::ProxyClient,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> fedmesh_testbed::client::Reply {
+    c.request("GET", url, headers, Bytes::new()).await.unwrap()
+}
+
+/// `shop/api` served in `c` by one workload in zone e1, and a `frontend` workload there that
+/// can route to it: the workload, its app (keep it alive) and the frontend.
+pub async fn api_and_frontend(tb: &Testbed, c: &str) -> (Workload, RunningApp, Workload) {
+    let cluster = tb.cluster(c);
+    let (api, app) = http_workload(cluster, "api", "e1").await;
+    serve_http(cluster, "api", &endpoints(&[&api]));
+    let frontend = client_workload(cluster, "frontend", "e1").await;
+    wait_routable(tb, &frontend, "api", &[c]).await;
+    (api, app, frontend)
+}
+
 /// A workload that only calls out (its app address is never used).
 pub async fn client_workload(c: &Cluster, name: &str, zone: &str) -> Workload {
     c.workload(
