@@ -160,6 +160,45 @@ impl ProxyMetrics {
         Self { registry, ..m }
     }
 
+    /// Counts a request the proxy answered itself, by its `fedmesh-proxy-error` kind (the label
+    /// takes `_` where the kind has `-`).
+    pub fn count_error(&self, kind: &str) {
+        self.request_errors
+            .get_or_create(&ReasonLabels {
+                reason: kind.replace('-', "_"),
+            })
+            .inc();
+    }
+
+    /// Counts a request and its latency.
+    pub fn record(
+        &self,
+        direction: &str,
+        src_cluster: &str,
+        dst_cluster: &str,
+        service: &str,
+        status: http::StatusCode,
+        elapsed: std::time::Duration,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                direction: direction.into(),
+                src_cluster: src_cluster.into(),
+                dst_cluster: dst_cluster.into(),
+                service: service.into(),
+                code: status.as_u16().to_string(),
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&RouteLabels {
+                direction: direction.into(),
+                src_cluster: src_cluster.into(),
+                dst_cluster: dst_cluster.into(),
+                service: service.into(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
     pub fn refuse(&self, reason: &str) {
         self.refused
             .get_or_create(&ReasonLabels {

@@ -104,7 +104,8 @@ pub struct Sidecar {
     outbound: outbound::OutboundStack,
     /// The inbound HTTP layers, assembled once.
     inbound: inbound::InboundStack,
-    /// HTTP/1.1 to addresses outside the mesh (pooled keep-alive connections).
+    /// HTTP/1.1 to addresses outside the mesh (pooled keep-alive connections; the inbound app
+    /// hand-off shares it).
     plain_h1: Client<HttpConnector, Body>,
     /// Connection limits and draining, shared by all of this sidecar's listeners.
     server: fedmesh_trust::listen::Server,
@@ -148,7 +149,9 @@ impl Sidecar {
             vec![upstream::ALPN_H2.to_vec(), upstream::ALPN_TCP.to_vec()],
         );
         let demand = inbound::Demand::default();
+        let plain_h1 = inbound::h1_client(options.connect_timeout);
         let inbound = Self::inbound_stack(inbound::InboundParts {
+            h1: plain_h1.clone(),
             config: config.clone(),
             identity: identity.clone(),
             metrics: metrics.clone(),
@@ -160,7 +163,7 @@ impl Sidecar {
         Arc::new(Self {
             inbound_tls,
             inbound,
-            plain_h1: inbound::h1_client(options.connect_timeout),
+            plain_h1,
             demand,
             balancer,
             upstreams,

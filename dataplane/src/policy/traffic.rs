@@ -52,6 +52,13 @@ pub struct RateLimit {
     pub per_caller: bool,
 }
 
+/// How a limit reads in messages: `100 requests per 1s`.
+impl std::fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} requests per {:?}", self.requests, self.period)
+    }
+}
+
 /// How much a caller's sidecar sends to a service at once (`None`: no limit).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CircuitBreaker {

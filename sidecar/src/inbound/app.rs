@@ -61,14 +61,17 @@ pub(crate) fn h1_client(connect_timeout: Duration) -> Client<HttpConnector, Body
 }
 
 impl App {
+    /// `h1` is the sidecar's one HTTP/1.1 client (its pool serves the app and plain-HTTP
+    /// destinations alike).
     pub fn new(
+        h1: Client<HttpConnector, Body>,
         connect_timeout: Duration,
         idle_timeout: Duration,
         metrics: Arc<ProxyMetrics>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                h1: h1_client(connect_timeout),
+                h1,
                 h2: H2Pool::default(),
                 connect_timeout,
                 idle_timeout,
@@ -280,6 +283,7 @@ mod tests {
     async fn requests_reach_the_app_in_the_protocol_they_had_at_origin() {
         let addr = app().await;
         let mut svc = App::new(
+            h1_client(Duration::from_secs(1)),
             Duration::from_secs(1),
             Duration::from_secs(60),
             Arc::new(ProxyMetrics::new("t")),
@@ -301,6 +305,7 @@ mod tests {
             l.local_addr().unwrap()
         };
         let mut svc = App::new(
+            h1_client(Duration::from_secs(1)),
             Duration::from_secs(1),
             Duration::from_secs(60),
             Arc::new(ProxyMetrics::new("t")),

@@ -61,6 +61,11 @@ pub(crate) struct InboundParts {
     pub metrics: Arc<fedmesh_dataplane::metrics::ProxyMetrics>,
     pub limiter: Arc<fedmesh_dataplane::ratelimit::Limiter>,
     pub demand: Demand,
+    /// The sidecar's HTTP/1.1 client.
+    pub h1: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Body,
+    >,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
 }
@@ -300,18 +305,10 @@ impl Sidecar {
         self.inbound_opaque(tls, conn, app, graceful).await;
     }
 
-    fn count_inbound_error(&self, reason: &str) {
-        self.metrics
-            .request_errors
-            .get_or_create(&fedmesh_dataplane::metrics::ReasonLabels {
-                reason: reason.to_string(),
-            })
-            .inc();
-    }
-
     /// Assembles the inbound HTTP stack (once, when the sidecar is made).
     pub(crate) fn inbound_stack(parts: InboundParts) -> InboundStack {
         let app = app::App::new(
+            parts.h1,
             parts.connect_timeout,
             parts.idle_timeout,
             parts.metrics.clone(),

@@ -11,12 +11,12 @@ use std::time::Instant;
 use fedmesh_dataplane::config::ConfigHandle;
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::Body;
-use fedmesh_dataplane::metrics::{ProxyMetrics, ReasonLabels};
+use fedmesh_dataplane::metrics::ProxyMetrics;
 use http::{Request, Response};
 use tower::{Layer, Service};
 
 use super::identity::InboundConn;
-use crate::outbound::{BoxFuture, record};
+use crate::outbound::BoxFuture;
 
 #[derive(Clone)]
 pub(crate) struct ObserveLayer {
@@ -67,21 +67,14 @@ where
                 Ok(r) => r,
                 Err(e) => {
                     if admitted.is_some() {
-                        layer
-                            .metrics
-                            .request_errors
-                            .get_or_create(&ReasonLabels {
-                                reason: e.kind().replace('-', "_"),
-                            })
-                            .inc();
+                        layer.metrics.count_error(e.kind());
                     }
                     e.into_response()
                 }
             };
             if let Some((conn, mesh)) = admitted {
                 let table = layer.config.table();
-                record(
-                    &layer.metrics,
+                layer.metrics.record(
                     "inbound",
                     &conn.caller_cluster,
                     table.cluster_name(),

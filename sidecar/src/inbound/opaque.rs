@@ -199,7 +199,7 @@ impl Sidecar {
         match net::connect(&app.to_string(), self.options.connect_timeout, None).await {
             Ok(u) => Some(u),
             Err(e) => {
-                self.count_inbound_error("app_unreachable");
+                self.metrics.count_error("app-unreachable");
                 tracing::warn!(app = %app, error = %e, "the app does not accept connections");
                 None
             }

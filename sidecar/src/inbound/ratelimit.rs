@@ -66,10 +66,7 @@ impl ServiceRateLimitLayer {
                 .take(&format!("clusterset|{service}"), &own)
                 .map_err(|retry_after| ProxyError::RateLimited {
                     what: format!("{service} across the clusterset"),
-                    limit: format!(
-                        "this sidecar's part: {} requests per {:?}",
-                        own.requests, own.period
-                    ),
+                    limit: format!("this sidecar's part: {own}"),
                     retry_after,
                 })?;
         }
@@ -88,7 +85,7 @@ impl ServiceRateLimitLayer {
             .take(&key, limit)
             .map_err(|retry_after| ProxyError::RateLimited {
                 what,
-                limit: format!("{} requests per {:?}", limit.requests, limit.period),
+                limit: limit.to_string(),
                 retry_after,
             })
     }

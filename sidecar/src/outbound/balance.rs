@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use fedmesh_dataplane::balance::{Balancer, Choose, Locality, stable_hash};
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::{Body, PROXY_ERROR};
-use fedmesh_dataplane::metrics::{ProxyMetrics, ReasonLabels};
+use fedmesh_dataplane::metrics::ProxyMetrics;
 use fedmesh_dataplane::policy::{HashKey, LoadBalancing, Outlier};
 use fedmesh_dataplane::target::Target;
 use fedmesh_trust::tls::MeshIdentity;
@@ -201,13 +201,7 @@ where
                     }
                 }
                 Err(e) => {
-                    layer
-                        .metrics
-                        .request_errors
-                        .get_or_create(&ReasonLabels {
-                            reason: e.error.kind().replace('-', "_"),
-                        })
-                        .inc();
+                    layer.metrics.count_error(e.error.kind());
                     layer.failed(&target, pool, outlier);
                 }
             }

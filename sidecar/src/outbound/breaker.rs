@@ -16,7 +16,7 @@ use bytes::Bytes;
 use fedmesh_api::ServiceKey;
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::{Body, BoxError, body};
-use fedmesh_dataplane::metrics::{ProxyMetrics, ReasonLabels};
+use fedmesh_dataplane::metrics::ProxyMetrics;
 use fedmesh_dataplane::policy::CircuitBreaker;
 use http::{Request, Response};
 use hyper::body::Frame;
@@ -193,13 +193,7 @@ where
                     })
             });
         if let Err(e) = taken {
-            self.layer
-                .metrics
-                .request_errors
-                .get_or_create(&ReasonLabels {
-                    reason: "overloaded".into(),
-                })
-                .inc();
+            self.layer.metrics.count_error("overloaded");
             return Box::pin(std::future::ready(Err(e.into())));
         }
         req.extensions_mut().insert(breaker);

@@ -55,7 +55,6 @@ use crate::dest::{self, Dest};
 use crate::net::{self, Prefixed, Protocol};
 
 pub(crate) use ctx::BoxFuture;
-pub(crate) use observe::record;
 pub use retry::{BudgetConfig, Budgets};
 
 /// The assembled HTTP stack.
@@ -249,7 +248,7 @@ impl Sidecar {
         {
             Ok(up) => self.relay_tcp(s, up, &dest, &target).await,
             Err(e) => {
-                self.count_error(e.label());
+                self.metrics.count_error(e.label());
                 tracing::warn!(endpoint = %target.key(), error = %e, "connection to a meshed endpoint failed");
             }
         }
@@ -363,7 +362,7 @@ impl Sidecar {
                     let e = ProxyError::NoRoute(
                         host.unwrap_or_else(|| "a request without a host".into()),
                     );
-                    self.count_error(e.kind());
+                    self.metrics.count_error(e.kind());
                     return e.into_response();
                 }
             },
@@ -414,19 +413,10 @@ impl Sidecar {
             Ok(resp) => resp.map(body),
             Err(e) => {
                 let e = ProxyError::Unavailable(format!("{addr} (outside the mesh): {e}"));
-                self.count_error(e.kind());
+                self.metrics.count_error(e.kind());
                 e.into_response()
             }
         }
-    }
-
-    fn count_error(&self, kind: &str) {
-        self.metrics
-            .request_errors
-            .get_or_create(&fedmesh_dataplane::metrics::ReasonLabels {
-                reason: kind.replace('-', "_"),
-            })
-            .inc();
     }
 }
 

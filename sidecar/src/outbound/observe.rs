@@ -4,48 +4,17 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use fedmesh_dataplane::config::ConfigHandle;
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::Body;
-use fedmesh_dataplane::metrics::{ProxyMetrics, ReasonLabels, RequestLabels, RouteLabels};
-use http::{Request, Response, StatusCode};
+use fedmesh_dataplane::metrics::ProxyMetrics;
+use http::{Request, Response};
 use tower::{Layer, Service};
 
 use super::ctx::{BoxFuture, Tried};
 use crate::dest::Dest;
-
-/// Counts a request and its latency.
-pub(crate) fn record(
-    metrics: &ProxyMetrics,
-    direction: &str,
-    src_cluster: &str,
-    dst_cluster: &str,
-    service: &str,
-    status: StatusCode,
-    elapsed: Duration,
-) {
-    metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            direction: direction.into(),
-            src_cluster: src_cluster.into(),
-            dst_cluster: dst_cluster.into(),
-            service: service.into(),
-            code: status.as_u16().to_string(),
-        })
-        .inc();
-    metrics
-        .request_duration
-        .get_or_create(&RouteLabels {
-            direction: direction.into(),
-            src_cluster: src_cluster.into(),
-            dst_cluster: dst_cluster.into(),
-            service: service.into(),
-        })
-        .observe(elapsed.as_secs_f64());
-}
 
 #[derive(Clone)]
 pub(crate) struct ObserveLayer {
@@ -100,13 +69,7 @@ where
             let resp = match call.await {
                 Ok(r) => r,
                 Err(e) => {
-                    layer
-                        .metrics
-                        .request_errors
-                        .get_or_create(&ReasonLabels {
-                            reason: e.kind().replace('-', "_"),
-                        })
-                        .inc();
+                    layer.metrics.count_error(e.kind());
                     e.into_response()
                 }
             };
@@ -115,8 +78,7 @@ where
                 .map(|t| t.cluster().to_string())
                 .unwrap_or_default();
             let table = layer.config.table();
-            record(
-                &layer.metrics,
+            layer.metrics.record(
                 "outbound",
                 table.cluster_name(),
                 &dst,

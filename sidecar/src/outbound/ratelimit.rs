@@ -9,7 +9,6 @@ use std::task::{Context, Poll};
 
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::Body;
-use fedmesh_dataplane::policy::RateLimit;
 use fedmesh_dataplane::ratelimit::Limiter;
 use http::{Request, Response};
 use tower::{Layer, Service};
@@ -35,11 +34,6 @@ impl<S> Layer<S> for RateLimitLayer {
 pub(crate) struct RateLimited<S> {
     inner: S,
     limiter: Arc<Limiter>,
-}
-
-/// How a limit reads in messages: `100 requests per 1s`.
-pub(crate) fn describe(l: &RateLimit) -> String {
-    format!("{} requests per {:?}", l.requests, l.period)
 }
 
 impl<S> Service<Request<Body>> for RateLimited<S>
@@ -70,7 +64,7 @@ where
             if let Err(retry_after) = self.limiter.take(&key, limit) {
                 return Box::pin(std::future::ready(Err(ProxyError::RateLimited {
                     what: route.source.clone(),
-                    limit: describe(limit),
+                    limit: limit.to_string(),
                     retry_after,
                 })));
             }

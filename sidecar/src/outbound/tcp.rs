@@ -65,7 +65,7 @@ impl Sidecar {
                 |target: Target| async move {
                     upstreams.tls(&target, ALPN_TCP, connect_timeout).await
                 },
-                |_, e| self.count_error(e.label()),
+                |_, e| self.metrics.count_error(e.label()),
             )
             .await
             .map_err(|e| match e {
