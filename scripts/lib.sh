@@ -41,3 +41,15 @@ need_python_spiffe() {
   fi
   export FEDMESH_PYTHON
 }
+
+# A real OpenTelemetry collector for the trace tests: rotel (a Rust OTLP collector) from PyPI, in
+# the same venv; its binary is exported as FEDMESH_ROTEL.
+need_otlp_collector() {
+  local venv=target/py-venv
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv" 2>/dev/null || { apt_need python3-venv; python3 -m venv "$venv"; }
+  fi
+  "$venv/bin/python" -c 'import rotel' 2>/dev/null || "$venv/bin/pip" install --quiet 'rotel==0.0.1a15'
+  FEDMESH_ROTEL=$("$venv/bin/python" -c 'import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), "rotel-agent"))')
+  export FEDMESH_ROTEL
+}

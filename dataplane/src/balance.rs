@@ -327,6 +327,14 @@ impl Balancer {
         )
     }
 
+    /// The locality tier a target is in as seen from `here`, by name: `same-zone`,
+    /// `same-cluster` (another zone), `same-region` (another cluster of this region) or
+    /// `other-region`.
+    pub fn tier_name(here: &Locality, t: &Target) -> &'static str {
+        ["same-zone", "same-cluster", "same-region", "other-region"]
+            [usize::from(Self::tier(here, t))]
+    }
+
     fn tier(here: &Locality, t: &Target) -> u8 {
         match t.place() {
             Place::Local { zone, .. } if !here.zone.is_empty() && **zone == *here.zone => 0,

@@ -109,3 +109,106 @@ pub fn buffer_small(
         Ok(Buffered::Whole(buf.freeze()))
     })
 }
+
+/// `body`, calling `done` once when it ends: with its trailers when it ended with some, `None`
+/// when it ended without or was dropped before its end (the caller went away).
+pub fn on_end(body: Body, done: impl FnOnce(Option<&HeaderMap>) + Send + Sync + 'static) -> Body {
+    OnEnd {
+        inner: body,
+        done: Some(Box::new(done)),
+    }
+    .boxed()
+}
+
+type Done = Box<dyn FnOnce(Option<&HeaderMap>) + Send + Sync>;
+
+struct OnEnd {
+    inner: Body,
+    done: Option<Done>,
+}
+
+impl OnEnd {
+    fn end(&mut self, trailers: Option<&HeaderMap>) {
+        if let Some(done) = self.done.take() {
+            done(trailers);
+        }
+    }
+}
+
+impl hyper::body::Body for OnEnd {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = frame.trailers_ref() {
+                    self.end(Some(t));
+                } else if self.inner.is_end_stream() {
+                    self.end(None);
+                }
+            }
+            std::task::Poll::Ready(_) => self.end(None),
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for OnEnd {
+    fn drop(&mut self) {
+        self.end(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[tokio::test]
+    async fn on_end_fires_once_at_the_end_with_the_trailers() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "14".parse().unwrap());
+        let frames = vec![
+            Ok::<_, BoxError>(hyper::body::Frame::data(Bytes::from_static(b"x"))),
+            Ok(hyper::body::Frame::trailers(trailers)),
+        ];
+        let b = body(http_body_util::StreamBody::new(futures::stream::iter(
+            frames,
+        )));
+        let b = on_end(b, move |t| {
+            s.lock()
+                .unwrap()
+                .push(t.and_then(|t| t.get("grpc-status")).cloned())
+        });
+        let collected = b.collect().await.unwrap();
+        assert_eq!(collected.to_bytes(), "x");
+        assert_eq!(*seen.lock().unwrap(), [Some("14".parse().unwrap())]);
+
+        // A body dropped before its end (the caller went away) ends the span too.
+        let s = seen.clone();
+        let b = on_end(full("abc"), move |t| s.lock().unwrap().push(t.and(None)));
+        drop(b);
+        assert_eq!(seen.lock().unwrap().len(), 2);
+        // An empty body ends at its first poll.
+        let s = seen.clone();
+        let b = on_end(full(""), move |_| s.lock().unwrap().push(None));
+        let _ = b.collect().await.unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 3);
+    }
+}

@@ -13,4 +13,5 @@ pub mod ratelimit;
 pub mod relay;
 pub mod sni;
 pub mod target;
+pub mod telemetry;
 pub mod trace;

@@ -75,6 +75,9 @@ pub struct ProxyMetrics {
     pub mirrors: Family<ReasonLabels, Counter>,
     /// Faults injected by a TrafficPolicy, by kind (`delay`, `abort`).
     pub faults: Family<ReasonLabels, Counter>,
+    /// Spans by outcome: `exported`, `failed` (the collector refused or was unreachable),
+    /// `dropped` (the export queue was full).
+    pub spans: Family<ReasonLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -95,6 +98,7 @@ impl ProxyMetrics {
             ejections: Counter::default(),
             mirrors: Family::default(),
             faults: Family::default(),
+            spans: Family::default(),
         };
         registry.register(
             "requests",
@@ -153,6 +157,11 @@ impl ProxyMetrics {
             m.faults.clone(),
         );
         registry.register(
+            "spans",
+            "Trace spans by outcome: exported, failed (collector error), dropped (queue full)",
+            m.spans.clone(),
+        );
+        registry.register(
             "outlier_ejections",
             "Endpoints ejected by outlier detection",
             m.ejections.clone(),
@@ -168,6 +177,19 @@ impl ProxyMetrics {
                 reason: kind.replace('-', "_"),
             })
             .inc();
+    }
+
+    /// Counts a span's outcome.
+    pub fn count_span(&self, reason: &str) {
+        self.count_spans(reason, 1);
+    }
+
+    pub fn count_spans(&self, reason: &str, n: u64) {
+        self.spans
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc_by(n);
     }
 
     /// Counts a request and its latency.

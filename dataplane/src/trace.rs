@@ -5,8 +5,8 @@
 //! without a valid `traceparent` starts a new trace here. `tracestate` is forwarded untouched when
 //! the `traceparent` was valid and dropped otherwise, as the specification requires.
 //!
-//! Span export (OpenTelemetry) builds on [`HopSpan`]: it already carries everything a span needs
-//! except timing, which the caller records.
+//! [`crate::telemetry`] exports a [`HopSpan`] with the hop's timing and attributes once the hop
+//! ends.
 
 use http::HeaderMap;
 use http::header::HeaderValue;
@@ -116,8 +116,9 @@ fn random_nonzero<const N: usize>() -> [u8; N] {
 }
 
 /// Makes this hop a span of the request's trace (or of a new one) and rewrites the headers to
-/// name it as the parent of the next hop.
-pub fn propagate(headers: &mut HeaderMap) -> HopSpan {
+/// name it as the parent of the next hop. The caller's sampling decision is kept; for a trace
+/// that starts here, `sample_new` decides from the new trace ID.
+pub fn propagate(headers: &mut HeaderMap, sample_new: impl FnOnce([u8; 16]) -> bool) -> HopSpan {
     let parent = headers
         .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
@@ -131,11 +132,12 @@ pub fn propagate(headers: &mut HeaderMap) -> HopSpan {
         },
         None => {
             headers.remove(TRACESTATE);
+            let trace_id = random_nonzero();
             HopSpan {
-                trace_id: random_nonzero(),
+                trace_id,
                 span_id: random_nonzero(),
                 parent_span_id: None,
-                sampled: true,
+                sampled: sample_new(trace_id),
             }
         }
     };
@@ -180,7 +182,8 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, VALID.parse().unwrap());
         h.insert(TRACESTATE, "vendor=abc".parse().unwrap());
-        let span = propagate(&mut h);
+        let span = propagate(&mut h, |_| panic!("the caller decided"));
+        assert!(span.sampled);
         assert_eq!(span.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(
             span.parent_span_id,
@@ -201,9 +204,11 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, "garbage".parse().unwrap());
         h.insert(TRACESTATE, "vendor=abc".parse().unwrap());
-        let span = propagate(&mut h);
+        let span = propagate(&mut h, |_| false);
         assert_eq!(span.parent_span_id, None);
+        assert!(!span.sampled, "the new trace's sampler decides");
         assert!(h.get(TRACESTATE).is_none());
-        assert!(TraceContext::parse(h[TRACEPARENT].to_str().unwrap()).is_some());
+        let out = TraceContext::parse(h[TRACEPARENT].to_str().unwrap()).unwrap();
+        assert!(!out.sampled, "and the next hops learn the decision");
     }
 }

@@ -72,6 +72,8 @@ pub struct SidecarOptions {
     pub outlier: OutlierConfig,
     /// How much retries may add to a service's requests.
     pub retry_budget: outbound::BudgetConfig,
+    /// Where request spans go (off: none are recorded).
+    pub spans: fedmesh_dataplane::telemetry::Spans,
 }
 
 impl Default for SidecarOptions {
@@ -89,6 +91,7 @@ impl Default for SidecarOptions {
             max_connections: 16 * 1024,
             outlier: OutlierConfig::default(),
             retry_budget: outbound::BudgetConfig::default(),
+            spans: fedmesh_dataplane::telemetry::Spans::off(),
         }
     }
 }
@@ -131,6 +134,7 @@ impl Sidecar {
         let outbound = Self::outbound_stack(
             config.clone(),
             outbound::StackParts {
+                spans: options.spans.clone(),
                 upstreams: upstreams.clone(),
                 balancer: balancer.clone(),
                 identity: identity.clone(),
@@ -151,6 +155,7 @@ impl Sidecar {
         let demand = inbound::Demand::default();
         let plain_h1 = inbound::h1_client(options.connect_timeout);
         let inbound = Self::inbound_stack(inbound::InboundParts {
+            spans: options.spans.clone(),
             h1: plain_h1.clone(),
             config: config.clone(),
             identity: identity.clone(),

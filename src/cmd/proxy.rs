@@ -10,10 +10,14 @@ use clap::Args;
 use fedmesh_dataplane::admin::{self, AdminState};
 use fedmesh_dataplane::config::{self, ConfigHandle};
 use fedmesh_dataplane::metrics::ProxyMetrics;
+use fedmesh_dataplane::telemetry::{
+    self, ExportConfig, Exporting, OtlpProtocol, SamplerArg, Spans,
+};
 use fedmesh_gateway::{Gateway, GatewayOptions};
 use fedmesh_sidecar::{Dest, Sidecar, SidecarOptions};
 use fedmesh_trust::source::WorkloadApiFollower;
 use fedmesh_trust::tls::MeshIdentity;
+use opentelemetry::KeyValue;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +54,79 @@ pub struct CommonArgs {
     /// Connections beyond this many are refused.
     #[arg(long, default_value_t = 16384)]
     max_connections: usize,
+    #[command(flatten)]
+    tracing: TracingArgs,
+}
+
+/// Spans: where they go and which are kept. The standard `OTEL_*` variables work too.
+#[derive(Args)]
+#[command(next_help_heading = "Tracing")]
+struct TracingArgs {
+    /// An OpenTelemetry collector to send spans to (OTLP), e.g. http://otel-collector:4317
+    /// (default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT; neither:
+    /// no spans).
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// grpc or http/protobuf.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", default_value = "grpc")]
+    otlp_protocol: OtlpProtocol,
+    /// The share of traces that start at this proxy to keep, 0 to 1 (a caller's decision is
+    /// always kept; failed and slow requests always are). Default: OTEL_TRACES_SAMPLER(_ARG),
+    /// else 0.01.
+    #[arg(long, value_name = "RATIO", value_parser = SamplerArg::parse_ratio)]
+    trace_sampling: Option<SamplerArg>,
+    /// Requests at least this slow keep their spans whatever the sampling said.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    trace_slow: Duration,
+}
+
+impl TracingArgs {
+    /// The export settings, resource included: the workload (its SVID's namespace and service
+    /// account), this proxy, the trust domain; the cluster is added once the configuration
+    /// names it.
+    fn export_config(
+        &self,
+        role: &str,
+        id: &fedmesh_trust::SpiffeId,
+        node: &str,
+    ) -> anyhow::Result<ExportConfig> {
+        let sampling = match self.trace_sampling {
+            Some(s) => s,
+            None => SamplerArg::from_env_values(
+                std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
+                std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().as_deref(),
+            )
+            .map_err(anyhow::Error::msg)?
+            .unwrap_or(ExportConfig::default().sampling),
+        };
+        let (namespace, account) = match id.namespace_and_service_account() {
+            Some((ns, sa)) => (Some(ns), Some(sa)),
+            None => (None, None),
+        };
+        let mut resource = vec![
+            KeyValue::new("fedmesh.trust_domain", id.trust_domain().to_string()),
+            KeyValue::new("fedmesh.proxy", role.to_string()),
+            KeyValue::new("fedmesh.spiffe_id", id.to_string()),
+            KeyValue::new("service.instance.id", node.to_string()),
+        ];
+        if let Some(ns) = namespace {
+            resource.push(KeyValue::new("service.namespace", ns.to_string()));
+            resource.push(KeyValue::new("k8s.namespace.name", ns.to_string()));
+        }
+        let service_name = match (role, account) {
+            ("sidecar", Some(sa)) => sa.to_string(),
+            _ => format!("fedmesh-{role}"),
+        };
+        Ok(ExportConfig {
+            endpoint: self.otlp_endpoint.clone(),
+            protocol: self.otlp_protocol,
+            sampling,
+            slow: self.trace_slow,
+            service_name,
+            resource,
+            ..ExportConfig::default()
+        })
+    }
 }
 
 struct Basics {
@@ -58,6 +135,17 @@ struct Basics {
     config: ConfigHandle,
     metrics: Arc<ProxyMetrics>,
     shutdown: CancellationToken,
+    spans: Spans,
+    /// Exports the last spans once the proxy has drained.
+    exporting: Option<Exporting>,
+}
+
+impl Basics {
+    async fn finish(self) {
+        if let Some(e) = self.exporting {
+            e.finish().await;
+        }
+    }
 }
 
 async fn basics(c: &CommonArgs, role: &str) -> anyhow::Result<Basics> {
@@ -79,6 +167,14 @@ async fn basics(c: &CommonArgs, role: &str) -> anyhow::Result<Basics> {
         c.config_cache.clone(),
         shutdown.clone(),
     );
+    let metrics = Arc::new(ProxyMetrics::new(&format!("fedmesh_{role}")));
+    let export = c.tracing.export_config(role, &id, &node)?;
+    let (spans, exporting) =
+        telemetry::start(&export, metrics.clone(), config.clone(), c.drain_timeout)
+            .map_err(anyhow::Error::msg)?;
+    if spans.enabled() {
+        tracing::info!(service_name = %export.service_name, sampling = export.sampling.0, "exporting spans over OTLP");
+    }
     let signal = shutdown.clone();
     tokio::spawn(async move {
         super::shutdown_signal().await;
@@ -88,8 +184,10 @@ async fn basics(c: &CommonArgs, role: &str) -> anyhow::Result<Basics> {
         identity,
         _follower: follower,
         config,
-        metrics: Arc::new(ProxyMetrics::new(&format!("fedmesh_{role}"))),
+        metrics,
         shutdown,
+        spans,
+        exporting,
     })
 }
 
@@ -162,6 +260,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     );
     tracing::info!(address = %args.listen, control_plane = %args.common.control_plane, "east-west gateway listening");
     gw.serve(listener, b.shutdown.clone()).await;
+    b.finish().await;
     Ok(())
 }
 
@@ -266,6 +365,7 @@ pub async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
         drain_timeout: args.common.drain_timeout,
         mark: args.mark,
         max_connections: args.common.max_connections,
+        spans: b.spans.clone(),
         ..SidecarOptions::default()
     };
     let sc = Sidecar::new(
@@ -305,5 +405,6 @@ pub async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
         tasks.spawn(sc.clone().serve_inbound(inb, None, b.shutdown.clone()));
     }
     while tasks.join_next().await.is_some() {}
+    b.finish().await;
     Ok(())
 }

@@ -145,3 +145,5 @@ pub fn python_with(module: &str) -> Command {
 pub mod federation;
 pub mod mesh;
 pub mod netns;
+pub mod otlp;
+pub mod pods;

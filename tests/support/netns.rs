@@ -160,6 +160,8 @@ pub struct Net {
     pub dir: PathBuf,
     namespaces: Vec<String>,
     pub procs: Vec<NsProc>,
+    /// Environment for every `fedmesh` process started from now on.
+    pub env: Vec<(String, String)>,
 }
 
 fn run_ok(cmd: &mut Command) -> Output {
@@ -230,6 +232,7 @@ impl Net {
             dir: dir.to_path_buf(),
             namespaces: Vec::new(),
             procs: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -263,11 +266,30 @@ impl Net {
         let f = File::create(&log).unwrap();
         let child = ns_command(ns, fedmesh_bin(), uid)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(f)
             .spawn()
             .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        self.procs.push(NsProc {
+            name: name.into(),
+            child,
+            log,
+        });
+        self.procs.len() - 1
+    }
+
+    /// Starts another program inside `ns`, stdout and stderr to `<dir>/<name>.log`.
+    pub fn spawn_program(&mut self, ns: &str, name: &str, program: &str, args: &[String]) -> usize {
+        let log = self.dir.join(format!("{name}.log"));
+        let f = File::create(&log).unwrap();
+        let child = ns_command(ns, program, None)
+            .args(args)
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name} ({program}): {e}"));
         self.procs.push(NsProc {
             name: name.into(),
             child,
@@ -433,6 +455,37 @@ impl Mesh {
             ],
         );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// A real OTLP collector on the WAN (rotel, [`super::otlp`]); every proxy started after
+    /// this sends it all its spans. Returns the collector's process index (its log holds the
+    /// spans).
+    pub fn start_collector(&mut self) -> usize {
+        let grpc = format!("{HUB_IP}:4317");
+        let idx = self.net.spawn_program(
+            &self.wan.clone(),
+            "collector",
+            &super::otlp::rotel_bin(),
+            &super::otlp::rotel_args(&grpc),
+        );
+        let wan = self.wan.clone();
+        wait_until("the collector's OTLP port", Duration::from_secs(30), || {
+            in_ns(&wan, || {
+                TcpStream::connect_timeout(
+                    &SocketAddr::from((HUB_IP, 4317)),
+                    Duration::from_millis(200),
+                )
+                .is_ok()
+            })
+        });
+        self.net.env.extend([
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+                format!("http://{grpc}"),
+            ),
+            ("OTEL_TRACES_SAMPLER".into(), "parentbased_always_on".into()),
+        ]);
+        idx
     }
 
     /// Cluster number `index` (1..): node namespace on the WAN, its control plane joined to the
@@ -768,11 +821,25 @@ fn spawn_app(
 
 /// A bare HTTP/1.1 GET with `Host: host` (connection: close): (status, body).
 pub fn http_get(addr: SocketAddr, path: &str, host: &str) -> std::io::Result<(u16, String)> {
+    http_get_with(addr, path, host, &[])
+}
+
+/// [`http_get`] with more request headers.
+pub fn http_get_with(
+    addr: SocketAddr,
+    path: &str,
+    host: &str,
+    headers: &[(String, String)],
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
     )?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;

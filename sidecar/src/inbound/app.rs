@@ -18,7 +18,6 @@ use fedmesh_dataplane::h2pool::H2Pool;
 use fedmesh_dataplane::http::{Body, strip_hop_by_hop};
 use fedmesh_dataplane::metrics::ProxyMetrics;
 use fedmesh_dataplane::relay::relay;
-use fedmesh_dataplane::trace;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::client::conn::http2::SendRequest;
@@ -116,7 +115,6 @@ impl Inner {
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"HTTP/1.1"));
         parts.headers.remove(ORIG_PROTO);
         strip_hop_by_hop(&mut parts.headers);
-        let _span = trace::propagate(&mut parts.headers);
         let unreachable = |error: String| ProxyError::AppUnreachable {
             app: app.to_string(),
             error,

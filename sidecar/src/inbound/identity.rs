@@ -23,6 +23,8 @@ use crate::{PROXY_ERROR, XFCC};
 
 /// Who called and what for, settled once per connection.
 pub(crate) struct InboundConn {
+    /// The TCP peer: the caller's sidecar, or the gateway it came through.
+    pub peer: SocketAddr,
     pub caller: SpiffeId,
     pub caller_cluster: String,
     /// The service port named by the SNI and the app address, once checked to be served here.
@@ -141,6 +143,7 @@ mod tests {
 
     fn conn(admitted: Result<(MeshSni, SocketAddr), ProxyError>) -> Arc<InboundConn> {
         Arc::new(InboundConn {
+            peer: "127.0.0.1:40000".parse().unwrap(),
             caller: "spiffe://west.example/ns/shop/sa/frontend".parse().unwrap(),
             caller_cluster: "west".into(),
             admitted,

@@ -56,6 +56,7 @@ pub(crate) type InboundStack = BoxCloneSyncService<Request<Body>, Response<Body>
 
 /// What the inbound stack is made of.
 pub(crate) struct InboundParts {
+    pub spans: fedmesh_dataplane::telemetry::Spans,
     pub config: fedmesh_dataplane::config::ConfigHandle,
     pub identity: fedmesh_trust::tls::MeshIdentity,
     pub metrics: Arc<fedmesh_dataplane::metrics::ProxyMetrics>,
@@ -229,6 +230,7 @@ impl Sidecar {
         }
         let table = self.config.table();
         let conn = Arc::new(InboundConn {
+            peer,
             caller_cluster: self.cluster_of_trust_domain(&table, caller.trust_domain()),
             admitted: self.admit(
                 &table,
@@ -324,12 +326,14 @@ impl Sidecar {
         .layer(limited);
         let identified = identity::IdentityLayer {
             config: parts.config.clone(),
-            identity: parts.identity,
+            identity: parts.identity.clone(),
         }
         .layer(authorized);
         let observed = observe::ObserveLayer {
             metrics: parts.metrics,
             config: parts.config,
+            spans: parts.spans,
+            identity: parts.identity,
         }
         .layer(identified);
         BoxCloneSyncService::new(observed)

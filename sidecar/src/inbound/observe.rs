@@ -1,7 +1,9 @@
-//! The outermost inbound layer: turns a proxy error into the response the caller gets, counts
-//! it by reason, and records every request admitted to a service — source and destination
-//! cluster, service, status, latency — whatever happened below. (Requests on a connection that
-//! was not admitted are counted once, as the connection's refusal.)
+//! The outermost inbound layer: makes the request a hop of its trace (`traceparent`), turns a
+//! proxy error into the response the caller gets, counts it by reason, and records every
+//! request admitted to a service — source and destination cluster, service, status, latency —
+//! whatever happened below. (Requests on a connection that was not admitted are counted once,
+//! as the connection's refusal.) Every request, admitted or not, gets a SERVER span: caller and
+//! callee identities and clusters, and the reason it was refused.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,7 +14,12 @@ use fedmesh_dataplane::config::ConfigHandle;
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::Body;
 use fedmesh_dataplane::metrics::ProxyMetrics;
+use fedmesh_dataplane::telemetry::{RequestSpan, Spans};
+use fedmesh_dataplane::trace;
+use fedmesh_trust::tls::MeshIdentity;
 use http::{Request, Response};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use tower::{Layer, Service};
 
 use super::identity::InboundConn;
@@ -22,6 +29,8 @@ use crate::outbound::BoxFuture;
 pub(crate) struct ObserveLayer {
     pub metrics: Arc<ProxyMetrics>,
     pub config: ConfigHandle,
+    pub spans: Spans,
+    pub identity: MeshIdentity,
 }
 
 impl<S> Layer<S> for ObserveLayer {
@@ -53,9 +62,15 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let start = Instant::now();
         let conn = req.extensions().get::<Arc<InboundConn>>().cloned();
+        let spans = &self.layer.spans;
+        let hop = trace::propagate(req.headers_mut(), |id| spans.sample_new(id));
+        let mut span = RequestSpan::start(spans, hop, SpanKind::Server, &req);
+        if let (Some(span), Some(conn)) = (&mut span, &conn) {
+            server_attributes(span, conn, &self.layer);
+        }
         let call: BoxFuture<_> = Box::pin(self.inner.call(req));
         let layer = self.layer.clone();
         Box::pin(async move {
@@ -83,8 +98,40 @@ where
                     start.elapsed(),
                 );
             }
-            Ok(resp)
+            Ok(match span {
+                Some(s) => s.end_with(resp),
+                None => resp,
+            })
         })
+    }
+}
+
+/// What a SERVER span says beyond HTTP: who called from where, and what it asked for.
+fn server_attributes(span: &mut RequestSpan, conn: &InboundConn, layer: &ObserveLayer) {
+    let table = layer.config.table();
+    span.push(KeyValue::new(
+        "fedmesh.source.cluster",
+        conn.caller_cluster.clone(),
+    ));
+    span.push(KeyValue::new(
+        "fedmesh.destination.cluster",
+        table.cluster_name().to_string(),
+    ));
+    span.push(KeyValue::new("fedmesh.caller", conn.caller.to_string()));
+    if let Some(id) = layer.identity.spiffe_id() {
+        span.push(KeyValue::new("fedmesh.callee", id.to_string()));
+    }
+    span.push(KeyValue::new(
+        "network.peer.address",
+        conn.peer.ip().to_string(),
+    ));
+    span.push(KeyValue::new(
+        "network.peer.port",
+        i64::from(conn.peer.port()),
+    ));
+    if let Ok((mesh, _)) = &conn.admitted {
+        span.push(KeyValue::new("fedmesh.service", mesh.service.to_string()));
+        span.push(KeyValue::new("server.port", i64::from(mesh.port)));
     }
 }
 
@@ -100,6 +147,7 @@ mod tests {
     fn request(admitted: bool) -> Request<Body> {
         let mut req = Request::get("/").body(full("")).unwrap();
         req.extensions_mut().insert(Arc::new(InboundConn {
+            peer: "127.0.0.1:40000".parse().unwrap(),
             caller: "spiffe://west.example/ns/shop/sa/frontend".parse().unwrap(),
             caller_cluster: "west".into(),
             admitted: if admitted {
@@ -124,6 +172,8 @@ mod tests {
         let layer = ObserveLayer {
             metrics: metrics.clone(),
             config: ConfigHandle::fixed(table_with_policy(pb::TrafficPolicy::default())),
+            spans: Spans::off(),
+            identity: MeshIdentity::new(),
         };
         let mut svc = layer.layer(tower::service_fn(|req: Request<Body>| {
             let conn = req.extensions().get::<Arc<InboundConn>>().unwrap().clone();

@@ -91,9 +91,10 @@ impl BalanceLayer {
         }
     }
 
-    fn failed(&self, target: &Target, pool: &[Target], outlier: &Outlier) {
+    fn failed(&self, target: &Target, pool: &[Target], outlier: &Outlier, tried: &Tried) {
         if self.balancer.failure_with(target, pool, outlier) {
             self.metrics.ejections.inc();
+            tried.ejected();
         }
     }
 
@@ -176,7 +177,7 @@ where
             // An attempt after another: a retry actually made.
             self.layer.metrics.retries.inc();
         }
-        tried.push(target.clone());
+        tried.push(target.clone(), Balancer::tier_name(&here, &target));
         let lease = self.layer.balancer.lease(&target);
         req.extensions_mut().insert(target.clone());
         let call: BoxFuture<_> = Box::pin(self.inner.call(req));
@@ -195,14 +196,14 @@ where
                             StatusCode::SERVICE_UNAVAILABLE | StatusCode::MISDIRECTED_REQUEST
                         );
                     if unreached || matches!(status.as_u16(), 502..=504) {
-                        layer.failed(&target, pool, outlier);
+                        layer.failed(&target, pool, outlier, &tried);
                     } else {
                         layer.balancer.success(&target);
                     }
                 }
                 Err(e) => {
                     layer.metrics.count_error(e.error.kind());
-                    layer.failed(&target, pool, outlier);
+                    layer.failed(&target, pool, outlier, &tried);
                 }
             }
             result

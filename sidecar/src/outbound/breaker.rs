@@ -279,7 +279,10 @@ mod tests {
         let retry = || {
             let mut req = routed_request(&table, "shop/web");
             let tried = Tried::default();
-            tried.push(table.service_named("shop/web").unwrap().targets[&80][0].clone());
+            tried.push(
+                table.service_named("shop/web").unwrap().targets[&80][0].clone(),
+                "same-cluster",
+            );
             req.extensions_mut().insert(tried);
             req
         };

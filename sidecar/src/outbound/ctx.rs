@@ -153,6 +153,26 @@ impl RouteCtx {
         &self.backend_entry().policy
     }
 
+    /// The backend drawn, for spans: `None` when the request goes to the service itself.
+    pub fn backend_name(&self) -> Option<String> {
+        Some(match &self.backend.as_ref()?.to {
+            DrawnTarget::Parent(Some(c)) => format!("{} in {c}", self.dest.service),
+            DrawnTarget::Parent(None) => return None,
+            DrawnTarget::Service { entry, port, .. } => format!("{}:{port}", entry.key),
+            DrawnTarget::Endpoint(t) => t.key().to_string(),
+        })
+    }
+
+    /// The matched rule, for spans: its source and name (`HTTPRoute shop/web-canary rule 0`).
+    pub fn route_name(&self) -> Option<String> {
+        let r = self.route()?;
+        Some(match (r.source.is_empty(), r.name.is_empty()) {
+            (true, _) => r.name.clone(),
+            (false, true) => r.source.clone(),
+            (false, false) => format!("{} {}", r.source, r.name),
+        })
+    }
+
     /// What the request is addressed to, for messages: the service, or the backend it drew.
     pub fn destination(&self) -> String {
         match self.backend.as_ref().map(|b| &b.to) {
@@ -176,25 +196,53 @@ pub(crate) struct AppRetry {
     pub backoff: Option<Duration>,
 }
 
-/// The targets a request has tried, in order (shared by its attempts).
+/// What happened to a request, shared by its layers and attempts: the targets tried in order
+/// (with the locality tier of each) and the routing decision, for the layers that pick and for
+/// the span and metrics the observe layer records when the request ends.
 #[derive(Clone, Default)]
-pub(crate) struct Tried(Arc<Mutex<Vec<Target>>>);
+pub(crate) struct Tried(Arc<Mutex<Journal>>);
+
+#[derive(Clone, Default)]
+pub(crate) struct Journal {
+    pub targets: Vec<Target>,
+    /// The locality tier of each target tried ([`fedmesh_dataplane::balance::Balancer::tier_name`]).
+    pub tiers: Vec<&'static str>,
+    /// The routing decision, once the route layer made it.
+    pub route: Option<Arc<RouteCtx>>,
+    /// Targets ejected after this request's failures.
+    pub ejected: u32,
+}
 
 impl Tried {
-    pub fn push(&self, t: Target) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(t);
+    fn with<T>(&self, f: impl FnOnce(&mut Journal) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn push(&self, t: Target, tier: &'static str) {
+        self.with(|j| {
+            j.targets.push(t);
+            j.tiers.push(tier);
+        })
     }
 
     pub fn snapshot(&self) -> Vec<Target> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.with(|j| j.targets.clone())
     }
 
     pub fn last(&self) -> Option<Target> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .last()
-            .cloned()
+        self.with(|j| j.targets.last().cloned())
+    }
+
+    pub fn routed(&self, ctx: Arc<RouteCtx>) {
+        self.with(|j| j.route = Some(ctx))
+    }
+
+    pub fn ejected(&self) {
+        self.with(|j| j.ejected += 1)
+    }
+
+    pub fn journal(&self) -> Journal {
+        self.with(|j| j.clone())
     }
 }
 

@@ -1,13 +1,12 @@
 //! What crosses to the peer sidecar: no hop-by-hop headers, no caller-supplied identity or mirror
 //! header (only the callee's sidecar says who called, only this one which copy is a mirror's), the app's protocol noted when it was HTTP/1.x
-//! (every request rides HTTP/2 between sidecars), this hop in the trace, and an absolute URI
-//! naming the destination by the name the caller used.
+//! (every request rides HTTP/2 between sidecars), and an absolute URI naming the destination by
+//! the name the caller used. (The observe layer already made the request a hop of its trace.)
 
 use std::task::{Context, Poll};
 
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::{Body, MIRROR, ORIG_PROTO, PROXY_ERROR, XFCC, strip_hop_by_hop};
-use fedmesh_dataplane::trace;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use tower::{Layer, Service};
@@ -78,7 +77,6 @@ fn prepare(req: Request<Body>) -> Result<Request<Body>, ProxyError> {
             .headers
             .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
     }
-    trace::propagate(&mut parts.headers);
     let authority = match parts.extensions.get::<CallerHost>() {
         Some(h) => h.0.clone(),
         None => format!(
@@ -141,10 +139,6 @@ mod tests {
             "a caller cannot pass its request off as a mirror's"
         );
         assert_eq!(h.get(ORIG_PROTO).unwrap(), "HTTP/1.1");
-        assert!(
-            h.get(trace::TRACEPARENT).is_some(),
-            "a new trace starts here"
-        );
         assert_eq!(out.version(), Version::HTTP_2);
         assert_eq!(
             out.uri().to_string(),

@@ -80,7 +80,7 @@ impl Sidecar {
         };
         let balanced = balance::BalanceLayer {
             balancer: parts.balancer,
-            identity: parts.identity,
+            identity: parts.identity.clone(),
             zone: parts.zone,
             metrics: parts.metrics.clone(),
         }
@@ -117,6 +117,8 @@ impl Sidecar {
         let observed = observe::ObserveLayer {
             metrics: parts.metrics,
             config,
+            spans: parts.spans,
+            identity: parts.identity,
         }
         .layer(routed);
         BoxCloneSyncService::new(observed)
@@ -422,6 +424,7 @@ impl Sidecar {
 
 /// What the outbound stack is made of.
 pub(crate) struct StackParts {
+    pub spans: fedmesh_dataplane::telemetry::Spans,
     pub upstreams: Arc<crate::upstream::Upstreams>,
     pub balancer: Arc<fedmesh_dataplane::balance::Balancer>,
     pub identity: fedmesh_trust::tls::MeshIdentity,

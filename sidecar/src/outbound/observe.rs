@@ -1,5 +1,8 @@
-//! The outermost layer: turns a proxy error into the response the caller gets, and records every
-//! request — source and destination cluster, service, status, latency — whatever happened below.
+//! The outermost layer: makes the request a hop of its trace (`traceparent`), turns a proxy
+//! error into the response the caller gets, and records every request — source and
+//! destination cluster, service, status, latency — whatever happened below, in the metrics and
+//! in its CLIENT span: the rule that matched, the backend drawn, the targets tried and their
+//! locality tier, ejections, and the proxy's reason when it answered.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -10,16 +13,24 @@ use fedmesh_dataplane::config::ConfigHandle;
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::Body;
 use fedmesh_dataplane::metrics::ProxyMetrics;
+use fedmesh_dataplane::target::Place;
+use fedmesh_dataplane::telemetry::{RequestSpan, Spans};
+use fedmesh_dataplane::trace;
+use fedmesh_trust::tls::MeshIdentity;
 use http::{Request, Response};
+use opentelemetry::trace::SpanKind;
+use opentelemetry::{KeyValue, StringValue, Value};
 use tower::{Layer, Service};
 
-use super::ctx::{BoxFuture, Tried};
+use super::ctx::{BoxFuture, Journal, Tried};
 use crate::dest::Dest;
 
 #[derive(Clone)]
 pub(crate) struct ObserveLayer {
     pub metrics: Arc<ProxyMetrics>,
     pub config: ConfigHandle,
+    pub spans: Spans,
+    pub identity: MeshIdentity,
 }
 
 impl<S> Layer<S> for ObserveLayer {
@@ -58,9 +69,12 @@ where
         let start = Instant::now();
         let tried = Tried::default();
         req.extensions_mut().insert(tried.clone());
-        let service = req
-            .extensions()
-            .get::<Dest>()
+        let spans = &self.layer.spans;
+        let hop = trace::propagate(req.headers_mut(), |id| spans.sample_new(id));
+        let span = RequestSpan::start(spans, hop, SpanKind::Client, &req);
+        let dest = req.extensions().get::<Dest>().cloned();
+        let service = dest
+            .as_ref()
             .map(|d| d.service.to_string())
             .unwrap_or_default();
         let call: BoxFuture<_> = Box::pin(self.inner.call(req));
@@ -78,6 +92,19 @@ where
                 .map(|t| t.cluster().to_string())
                 .unwrap_or_default();
             let table = layer.config.table();
+            let resp = match span {
+                Some(mut span) => {
+                    client_attributes(
+                        &mut span,
+                        &tried.journal(),
+                        table.cluster_name(),
+                        dest.as_ref(),
+                        &layer.identity,
+                    );
+                    span.end_with(resp)
+                }
+                None => resp,
+            };
             layer.metrics.record(
                 "outbound",
                 table.cluster_name(),
@@ -88,5 +115,89 @@ where
             );
             Ok(resp)
         })
+    }
+}
+
+/// What a CLIENT span says beyond HTTP: where the request went and why.
+fn client_attributes(
+    span: &mut RequestSpan,
+    journal: &Journal,
+    cluster: &str,
+    dest: Option<&Dest>,
+    identity: &MeshIdentity,
+) {
+    span.push(KeyValue::new("fedmesh.source.cluster", cluster.to_string()));
+    if let Some(id) = identity.spiffe_id() {
+        span.push(KeyValue::new("fedmesh.caller", id.to_string()));
+    }
+    if let Some(d) = dest {
+        span.push(KeyValue::new(
+            "server.address",
+            format!(
+                "{}.{}.svc.{}.local",
+                d.service.name,
+                d.service.namespace,
+                if d.scope == fedmesh_dataplane::config::Scope::Local {
+                    "cluster"
+                } else {
+                    "clusterset"
+                }
+            ),
+        ));
+        span.push(KeyValue::new("server.port", i64::from(d.port)));
+        span.push(KeyValue::new("fedmesh.service", d.service.to_string()));
+    }
+    if let Some(ctx) = &journal.route {
+        if let Some(r) = ctx.route_name() {
+            span.push(KeyValue::new("fedmesh.route", r));
+        }
+        if let Some(b) = ctx.backend_name() {
+            span.push(KeyValue::new("fedmesh.backend", b));
+        }
+    }
+    if let Some(last) = journal.targets.last() {
+        span.push(KeyValue::new(
+            "fedmesh.destination.cluster",
+            last.cluster().to_string(),
+        ));
+        span.push(KeyValue::new(
+            "fedmesh.destination.trust_domain",
+            last.trust_domain().to_string(),
+        ));
+        let peer = match last.place() {
+            Place::Local { addr, .. } => (addr.ip().to_string(), addr.port().to_string()),
+            Place::Remote { gateway, .. } => {
+                span.push(KeyValue::new("fedmesh.gateway", gateway.to_string()));
+                match gateway.rsplit_once(':') {
+                    Some((h, p)) => (h.trim_matches(['[', ']']).to_string(), p.to_string()),
+                    None => (gateway.to_string(), String::new()),
+                }
+            }
+        };
+        span.push(KeyValue::new("network.peer.address", peer.0));
+        if let Ok(port) = peer.1.parse::<i64>() {
+            span.push(KeyValue::new("network.peer.port", port));
+        }
+    }
+    if let Some(tier) = journal.tiers.last() {
+        span.push(KeyValue::new("fedmesh.locality", *tier));
+    }
+    span.push(KeyValue::new(
+        "fedmesh.attempts",
+        journal.targets.len() as i64,
+    ));
+    if journal.targets.len() > 1 {
+        let tried: Vec<StringValue> = journal
+            .targets
+            .iter()
+            .map(|t| format!("{} ({})", t.key(), t.cluster()).into())
+            .collect();
+        span.push(KeyValue::new("fedmesh.tried", Value::Array(tried.into())));
+    }
+    if journal.ejected > 0 {
+        span.push(KeyValue::new(
+            "fedmesh.ejections",
+            i64::from(journal.ejected),
+        ));
     }
 }

@@ -15,7 +15,7 @@ use tower::{Layer, Service};
 
 use fedmesh_dataplane::policy::{BackendTarget, Route as PolicyRoute, RouteBackend, Selected};
 
-use super::ctx::{BoxFuture, Drawn, DrawnTarget, RouteCtx};
+use super::ctx::{BoxFuture, Drawn, DrawnTarget, RouteCtx, Tried};
 use crate::dest::Dest;
 
 /// A request addressed to one endpoint (a pod's own address): it goes there, past the
@@ -110,7 +110,7 @@ where
                 index: None,
                 to: DrawnTarget::Endpoint(t),
             });
-            req.extensions_mut().insert(Arc::new(ctx));
+            routed(&mut req, ctx);
             return Box::pin(self.inner.call(req));
         }
         let selected = entry.policy.select(
@@ -143,9 +143,18 @@ where
                 }
             }
         }
-        req.extensions_mut().insert(Arc::new(ctx));
+        routed(&mut req, ctx);
         Box::pin(self.inner.call(req))
     }
+}
+
+/// Hands the routing decision to the layers below, and to the observe layer's record.
+fn routed(req: &mut Request<Body>, ctx: RouteCtx) {
+    let ctx = Arc::new(ctx);
+    if let Some(t) = req.extensions().get::<Tried>() {
+        t.routed(ctx.clone());
+    }
+    req.extensions_mut().insert(ctx);
 }
 
 /// Resolves a backend of the routing table: the service itself or another one.

@@ -1,0 +1,179 @@
+//! One request seen across clusters in a real OpenTelemetry collector: the calling sidecar's
+//! CLIENT span and the called sidecar's SERVER span in one trace, parent and child, each saying
+//! which clusters, identities and locality were involved; the caller's sampling decision kept;
+//! failed requests kept whatever the sampling said, with the destination cluster and the reason.
+//! Clusters in network namespaces as in `tests/netns.rs` (root and `ip netns`), the collector is
+//! rotel from PyPI (`scripts/test` installs it), the proxies configured by the standard `OTEL_*`
+//! variables.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use fedmesh_testbed::apps::EchoResponse;
+use support::netns::{Mesh, http_get_with, in_ns};
+use support::otlp::{self, Span};
+use support::pods::{clusterset_ip, export, wait_answer_from};
+
+/// The spans of `trace` the collector has logged, once there are at least `n` (export batches
+/// leave every second).
+fn wait_spans(mesh: &Mesh, collector: usize, trace: &str, n: usize) -> Vec<Span> {
+    let start = Instant::now();
+    loop {
+        let spans: Vec<Span> = otlp::parse(&mesh.net.procs[collector].log())
+            .into_iter()
+            .filter(|s| s.trace_id == trace)
+            .collect();
+        if spans.len() >= n {
+            return spans;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the collector has {} of {n} spans of trace {trace}: {spans:#?}\n{}",
+            spans.len(),
+            mesh.net.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn one<'a>(spans: &'a [Span], kind: &str) -> &'a Span {
+    let of_kind: Vec<&Span> = spans.iter().filter(|s| s.kind == kind).collect();
+    assert_eq!(of_kind.len(), 1, "one {kind} span expected: {spans:#?}");
+    of_kind[0]
+}
+
+#[test]
+fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failures_are_always_kept()
+{
+    if support::netns::skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut mesh = Mesh::start(dir.path());
+    let collector = mesh.start_collector();
+    let mut east = mesh.add_cluster(1, "east", "us-east", &["frontend"]);
+    let mut west = mesh.add_cluster(2, "west", "us-west", &["api"]);
+    let api = mesh.add_pod(&mut west, "api", "us-west-1a", true);
+    export(&west, "api", &[(&api, "us-west-1a")]);
+    let frontend = mesh.add_pod(&mut east, "frontend", "us-east-1a", false);
+    let ip = clusterset_ip(&frontend, &east, "api");
+    let host = "api.shop.svc.clusterset.local";
+    wait_answer_from(&frontend, ip, host, "west");
+
+    let get = |path: &str, traceparent: &str| {
+        let (path, tp) = (path.to_string(), traceparent.to_string());
+        in_ns(&frontend.ns, move || {
+            http_get_with(
+                SocketAddr::from((ip, 80)),
+                &path,
+                host,
+                &[("traceparent".into(), tp)],
+            )
+            .unwrap()
+        })
+    };
+
+    // A sampled request: the app's tracer started trace 0af7…, span b7ad….
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let (status, body) = get("/", &format!("00-{trace}-b7ad6b7169203331-01"));
+    assert_eq!(status, 200, "{body}");
+    let echo: EchoResponse = serde_json::from_str(&body).unwrap();
+    let spans = wait_spans(&mesh, collector, trace, 2);
+    let client = one(&spans, "SPAN_KIND_CLIENT");
+    let server = one(&spans, "SPAN_KIND_SERVER");
+    eprintln!("{client:#?}\n{server:#?}");
+    assert_eq!(
+        client.parent_id, "b7ad6b7169203331",
+        "the app's span is the parent"
+    );
+    assert_eq!(
+        server.parent_id, client.span_id,
+        "the server hop is the client's child"
+    );
+    assert!(
+        echo.traceparent
+            .contains(&format!("{trace}-{}", server.span_id)),
+        "the app sees the server span as its parent: {}",
+        echo.traceparent
+    );
+    for s in [client, server] {
+        assert_eq!(s.name, "GET");
+        assert_eq!(s.attr("fedmesh.source.cluster"), Some("east"));
+        assert_eq!(s.attr("fedmesh.destination.cluster"), Some("west"));
+        assert_eq!(
+            s.attr("fedmesh.caller"),
+            Some("spiffe://east.fedmesh.test/ns/shop/sa/frontend")
+        );
+        assert_eq!(s.attr("http.request.method"), Some("GET"));
+        assert_eq!(s.attr("http.response.status_code"), Some("200"));
+        assert_eq!(s.attr("url.path"), Some("/"));
+        assert_eq!(s.attr("error.type"), None);
+        assert_eq!(s.res("service.namespace"), Some("shop"));
+        assert_eq!(s.res("k8s.namespace.name"), Some("shop"));
+    }
+    assert_eq!(client.res("service.name"), Some("frontend"));
+    assert_eq!(client.res("fedmesh.cluster"), Some("east"));
+    assert_eq!(
+        client.res("fedmesh.trust_domain"),
+        Some("east.fedmesh.test")
+    );
+    assert_eq!(client.attr("server.address"), Some(host));
+    assert_eq!(client.attr("fedmesh.service"), Some("shop/api"));
+    assert_eq!(
+        client.attr("fedmesh.locality"),
+        Some("other-region"),
+        "east (us-east) reached west (us-west)"
+    );
+    assert_eq!(client.attr("fedmesh.attempts"), Some("1"));
+    assert_eq!(client.attr("fedmesh.gateway"), Some("10.250.0.12:15443"));
+    assert_eq!(client.attr("network.peer.address"), Some("10.250.0.12"));
+    assert_eq!(
+        client.attr("fedmesh.destination.trust_domain"),
+        Some("west.fedmesh.test")
+    );
+    assert_eq!(server.res("service.name"), Some("api"));
+    assert_eq!(server.res("fedmesh.cluster"), Some("west"));
+    assert_eq!(
+        server.attr("fedmesh.callee"),
+        Some("spiffe://west.fedmesh.test/ns/shop/sa/api")
+    );
+    assert_eq!(server.attr("fedmesh.service"), Some("shop/api"));
+    assert!(server.attr("network.peer.address").is_some(), "{server:#?}");
+
+    // The caller decided not to sample: a request that went well leaves no span...
+    let quiet = "1af7651916cd43dd8448eb211c80319c";
+    let (status, _) = get("/", &format!("00-{quiet}-b7ad6b7169203331-00"));
+    assert_eq!(status, 200);
+    // ...but one that failed is kept (both hops), with its reason. The collector logs batches
+    // in order, so once this later trace is in, the quiet one would have been too.
+    let failed = "2af7651916cd43dd8448eb211c80319c";
+    let (status, _) = get("/status/503", &format!("00-{failed}-b7ad6b7169203331-00"));
+    assert_eq!(status, 503);
+    let spans = wait_spans(&mesh, collector, failed, 2);
+    for s in &spans {
+        assert_eq!(s.attr("error.type"), Some("503"), "{s:#?}");
+        assert_eq!(s.attr("fedmesh.destination.cluster"), Some("west"));
+    }
+    let log = mesh.net.procs[collector].log();
+    assert!(
+        !otlp::parse(&log).iter().any(|s| s.trace_id == quiet),
+        "an unsampled request that went well is not exported"
+    );
+
+    // The app is gone: west's sidecar answers for it, and both spans say why.
+    let app = api.app.expect("the api pod has an app");
+    mesh.net.procs[app].terminate(Duration::from_secs(5));
+    let down = "3af7651916cd43dd8448eb211c80319c";
+    let (status, body) = get("/", &format!("00-{down}-b7ad6b7169203331-00"));
+    assert_eq!(status, 503, "{body}");
+    let spans = wait_spans(&mesh, collector, down, 2);
+    let client = one(&spans, "SPAN_KIND_CLIENT");
+    let server = one(&spans, "SPAN_KIND_SERVER");
+    for s in [client, server] {
+        assert_eq!(s.attr("error.type"), Some("app-unreachable"), "{s:#?}");
+        assert_eq!(s.attr("fedmesh.proxy_error"), Some("app-unreachable"));
+        assert_eq!(s.attr("fedmesh.destination.cluster"), Some("west"));
+    }
+}
