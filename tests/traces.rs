@@ -81,8 +81,8 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
     assert_eq!(status, 200, "{body}");
     let echo: EchoResponse = serde_json::from_str(&body).unwrap();
     let spans = wait_spans(&mesh, collector, trace, 2);
-    let client = one(&spans, "SPAN_KIND_CLIENT");
-    let server = one(&spans, "SPAN_KIND_SERVER");
+    let client = one(&spans, "SPAN_KIND_CLIENT").clone();
+    let server = one(&spans, "SPAN_KIND_SERVER").clone();
     eprintln!("{client:#?}\n{server:#?}");
     assert_eq!(
         client.parent_id, "b7ad6b7169203331",
@@ -98,7 +98,7 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
         "the app sees the server span as its parent: {}",
         echo.traceparent
     );
-    for s in [client, server] {
+    for s in [&client, &server] {
         assert_eq!(s.name, "GET");
         assert_eq!(s.attr("fedmesh.source.cluster"), Some("east"));
         assert_eq!(s.attr("fedmesh.destination.cluster"), Some("west"));
@@ -169,11 +169,92 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
     let (status, body) = get("/", &format!("00-{down}-b7ad6b7169203331-00"));
     assert_eq!(status, 503, "{body}");
     let spans = wait_spans(&mesh, collector, down, 2);
-    let client = one(&spans, "SPAN_KIND_CLIENT");
-    let server = one(&spans, "SPAN_KIND_SERVER");
-    for s in [client, server] {
+    for s in [
+        one(&spans, "SPAN_KIND_CLIENT"),
+        one(&spans, "SPAN_KIND_SERVER"),
+    ] {
         assert_eq!(s.attr("error.type"), Some("app-unreachable"), "{s:#?}");
         assert_eq!(s.attr("fedmesh.proxy_error"), Some("app-unreachable"));
         assert_eq!(s.attr("fedmesh.destination.cluster"), Some("west"));
+    }
+
+    // The gateway hop. The sampled request rode a pooled connection that the gateway knows by
+    // the ID its client span names; the gateway's span of that connection (recorded when it
+    // closes: here, when the frontend's sidecar stops) is the child of the request that
+    // opened the connection, in that request's trace.
+    let conn = client
+        .attr("fedmesh.connection.id")
+        .expect("a request through a gateway names its connection")
+        .to_string();
+    mesh.net.procs[frontend.sidecar].terminate(Duration::from_secs(15));
+    let gateway_span = |all: &[Span]| {
+        all.iter()
+            .find(|s| s.span_id == conn && s.res("service.name") == Some("fedmesh-gateway"))
+            .cloned()
+    };
+    let start = Instant::now();
+    let (gw, all) = loop {
+        let all = otlp::parse(&mesh.net.procs[collector].log());
+        if let Some(gw) = gateway_span(&all) {
+            break (gw, all);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no gateway span {conn}\n{}",
+            mesh.net.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("{gw:#?}");
+    assert_eq!(gw.kind, "SPAN_KIND_SERVER");
+    assert_eq!(gw.name, "relay shop/api");
+    assert_eq!(gw.res("fedmesh.cluster"), Some("west"));
+    assert_eq!(gw.attr("fedmesh.admitted"), Some("true"));
+    assert_eq!(gw.attr("fedmesh.connection.id"), Some(conn.as_str()));
+    assert_eq!(gw.attr("fedmesh.service"), Some("shop/api"));
+    assert_eq!(
+        gw.attr("tls.client.server_name"),
+        Some("p80.api.shop.west.fedmesh")
+    );
+    assert_eq!(
+        gw.attr("fedmesh.endpoint"),
+        Some(api.app_addr().to_string().as_str())
+    );
+    for dir in ["fedmesh.bytes.received", "fedmesh.bytes.sent"] {
+        let n: u64 = gw.attr(dir).unwrap_or("0").parse().unwrap();
+        assert!(n > 1000, "{dir}: {n} bytes (TLS and requests crossed)");
+    }
+    let opener = all
+        .iter()
+        .find(|s| s.span_id == gw.parent_id)
+        .expect("the request that opened the connection is in the collector");
+    assert_eq!(opener.kind, "SPAN_KIND_CLIENT");
+    assert_eq!(opener.trace_id, gw.trace_id);
+    assert_eq!(opener.attr("fedmesh.connection.id"), Some(conn.as_str()));
+
+    // A connection the gateway refuses is a failed span of its own, with the reason.
+    let gateway = west.gateway();
+    in_ns(&east.node, move || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect_timeout(&gateway, Duration::from_secs(5)).unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let _ = std::io::Read::read(&mut s, &mut [0u8; 64]);
+    });
+    let start = Instant::now();
+    loop {
+        let refused: Vec<Span> = otlp::parse(&mesh.net.procs[collector].log())
+            .into_iter()
+            .filter(|s| s.attr("fedmesh.admitted") == Some("false"))
+            .collect();
+        if let Some(r) = refused.first() {
+            assert_eq!(r.attr("error.type"), Some("not_tls"), "{r:#?}");
+            assert!(r.attr("fedmesh.refusal").is_some());
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no span of the refused connection"
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -4,6 +4,8 @@
 //! A caller gets the open connection's sender when there is one. Otherwise it connects while
 //! holding the key's slot, so concurrent callers share one connection attempt and its result
 //! instead of each opening a connection; a failed attempt leaves the slot empty for the next.
+//! Each connection may carry a tag of the caller's (`M`), handed out with its sender: the
+//! sidecar keeps there the ID a gateway knows the connection by.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,13 +16,13 @@ use hyper::client::conn::http2::SendRequest;
 
 use crate::http::Body;
 
-type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Body>>>>;
+type Slot<M> = Arc<tokio::sync::Mutex<Option<(SendRequest<Body>, M)>>>;
 
-pub struct H2Pool<K> {
-    slots: Mutex<HashMap<K, Slot>>,
+pub struct H2Pool<K, M = ()> {
+    slots: Mutex<HashMap<K, Slot<M>>>,
 }
 
-impl<K> Default for H2Pool<K> {
+impl<K, M> Default for H2Pool<K, M> {
     fn default() -> Self {
         Self {
             slots: Mutex::new(HashMap::new()),
@@ -28,15 +30,15 @@ impl<K> Default for H2Pool<K> {
     }
 }
 
-fn open(slot: &Slot) -> bool {
+fn open<M>(slot: &Slot<M>) -> bool {
     slot.try_lock()
-        .map(|g| g.as_ref().is_some_and(|s| !s.is_closed()))
+        .map(|g| g.as_ref().is_some_and(|(s, _)| !s.is_closed()))
         // Someone is connecting: count it as open.
         .unwrap_or(true)
 }
 
-impl<K: Hash + Eq> H2Pool<K> {
-    fn slot<Q>(&self, key: &Q) -> Slot
+impl<K: Hash + Eq, M: Clone> H2Pool<K, M> {
+    fn slot<Q>(&self, key: &Q) -> Slot<M>
     where
         K: std::borrow::Borrow<Q>,
         Q: Hash + Eq + ToOwned + ?Sized,
@@ -49,26 +51,27 @@ impl<K: Hash + Eq> H2Pool<K> {
         }
     }
 
-    /// A sender on `key`'s connection, opening one with `connect` when none is open.
-    pub async fn get<Q, E, F, Fut>(&self, key: &Q, connect: F) -> Result<SendRequest<Body>, E>
+    /// A sender on `key`'s connection and its tag, opening one with `connect` when none is
+    /// open.
+    pub async fn get<Q, E, F, Fut>(&self, key: &Q, connect: F) -> Result<(SendRequest<Body>, M), E>
     where
         K: std::borrow::Borrow<Q>,
         Q: Hash + Eq + ToOwned + ?Sized,
         Q::Owned: Into<K>,
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<SendRequest<Body>, E>>,
+        Fut: Future<Output = Result<(SendRequest<Body>, M), E>>,
     {
         let slot = self.slot(key);
         let mut guard = slot.lock().await;
-        if let Some(s) = guard.as_ref()
+        if let Some((s, tag)) = guard.as_ref()
             && !s.is_closed()
         {
-            return Ok(s.clone());
+            return Ok((s.clone(), tag.clone()));
         }
         *guard = None;
-        let sender = connect().await?;
-        *guard = Some(sender.clone());
-        Ok(sender)
+        let conn = connect().await?;
+        *guard = Some(conn.clone());
+        Ok(conn)
     }
 
     /// Forgets `key`'s connection (after it failed); the next caller opens another.
@@ -133,7 +136,7 @@ mod tests {
         (addr, accepted)
     }
 
-    async fn connect(addr: std::net::SocketAddr) -> Result<SendRequest<Body>, String> {
+    async fn connect(addr: std::net::SocketAddr) -> Result<(SendRequest<Body>, ()), String> {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| e.to_string())?;
@@ -142,7 +145,7 @@ mod tests {
                 .await
                 .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        Ok(sender)
+        Ok((sender, ()))
     }
 
     #[tokio::test]
@@ -151,7 +154,7 @@ mod tests {
         let pool: H2Pool<std::net::SocketAddr> = H2Pool::default();
         let calls = (0..8).map(|_| pool.get(&addr, || connect(addr)));
         for sender in futures::future::join_all(calls).await {
-            let mut sender = sender.unwrap();
+            let (mut sender, ()) = sender.unwrap();
             let resp = sender
                 .send_request(http::Request::new(crate::http::full("")))
                 .await
@@ -166,7 +169,7 @@ mod tests {
         assert_eq!(pool.open(), 1);
         pool.evict(&addr);
         assert_eq!(pool.open(), 0);
-        let mut sender = pool.get(&addr, || connect(addr)).await.unwrap();
+        let (mut sender, ()) = pool.get(&addr, || connect(addr)).await.unwrap();
         // Answered: the server has accepted the new connection.
         sender
             .send_request(http::Request::new(crate::http::full("")))
@@ -180,7 +183,9 @@ mod tests {
         let (addr, _) = server().await;
         let pool: H2Pool<Box<str>> = H2Pool::default();
         let err = pool
-            .get("peer", || async { Err::<SendRequest<Body>, _>("refused") })
+            .get("peer", || async {
+                Err::<(SendRequest<Body>, ()), _>("refused")
+            })
             .await
             .unwrap_err();
         assert_eq!(err, "refused");

@@ -6,6 +6,7 @@ pub mod config;
 pub mod connect;
 pub mod error;
 pub mod h2pool;
+pub mod hop;
 pub mod http;
 pub mod metrics;
 pub mod policy;

@@ -81,6 +81,17 @@ impl TraceContext {
 }
 
 impl HopSpan {
+    /// A hop that starts a new trace; `sample` decides from the new trace ID.
+    pub fn root(sample: impl FnOnce([u8; 16]) -> bool) -> Self {
+        let trace_id = random_nonzero();
+        Self {
+            trace_id,
+            span_id: random_nonzero(),
+            parent_span_id: None,
+            sampled: sample(trace_id),
+        }
+    }
+
     pub fn trace_id_hex(&self) -> String {
         hex::encode(self.trace_id)
     }
@@ -132,13 +143,7 @@ pub fn propagate(headers: &mut HeaderMap, sample_new: impl FnOnce([u8; 16]) -> b
         },
         None => {
             headers.remove(TRACESTATE);
-            let trace_id = random_nonzero();
-            HopSpan {
-                trace_id,
-                span_id: random_nonzero(),
-                parent_span_id: None,
-                sampled: sample_new(trace_id),
-            }
+            HopSpan::root(sample_new)
         }
     };
     if let Ok(v) = HeaderValue::from_str(&span.context().header()) {

@@ -7,24 +7,34 @@
 //! service is exported here. The mTLS session is end to end between the caller's sidecar and the
 //! destination's sidecar, which verifies the caller's SVID against the caller's trust domain.
 //!
+//! A fedmesh sidecar starts each connection with a PROXY protocol v2 header naming the connection
+//! and the request that opened it ([`fedmesh_dataplane::hop`]); the gateway reads it (bounded, and
+//! optional) before the ClientHello, strips it, and records the connection's span ([`span`]).
+//!
 //! Refusals close the connection at once (with a TLS `unrecognized_name` alert when the client
 //! spoke TLS) and are counted by reason; they never disturb other connections.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use fedmesh_dataplane::balance::{Balancer, Choose, Locality, OutlierConfig};
 use fedmesh_dataplane::config::ConfigHandle;
 use fedmesh_dataplane::connect::Plan;
+use fedmesh_dataplane::hop::read_hop_header;
 use fedmesh_dataplane::metrics::{BytesLabels, ProxyMetrics, SniLabels, TcpLabels};
 use fedmesh_dataplane::policy::Outlier;
 use fedmesh_dataplane::relay::relay;
 use fedmesh_dataplane::sni::{HelloError, MeshSni, read_client_hello};
 use fedmesh_dataplane::target::{Place, Target};
+use fedmesh_dataplane::telemetry::Spans;
 use fedmesh_trust::listen::Server;
+use opentelemetry::KeyValue;
 use tokio::io::AsyncWriteExt;
+
+mod span;
+use span::ConnSpan;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +58,8 @@ pub struct GatewayOptions {
     /// The gateway's zone, to prefer endpoints near it.
     pub zone: String,
     pub outlier: OutlierConfig,
+    /// Where connection spans go (off: none are recorded).
+    pub spans: Spans,
 }
 
 impl Default for GatewayOptions {
@@ -62,6 +74,7 @@ impl Default for GatewayOptions {
             drain_timeout: Duration::from_secs(30),
             zone: String::new(),
             outlier: OutlierConfig::default(),
+            spans: Spans::off(),
         }
     }
 }
@@ -95,6 +108,8 @@ enum Refusal {
     Overloaded,
     #[error("no configuration from the control plane yet")]
     NotReady,
+    #[error("{0}")]
+    HopHeader(String),
 }
 
 impl Refusal {
@@ -109,6 +124,7 @@ impl Refusal {
             Refusal::Unavailable(_) => "upstream_unavailable",
             Refusal::Overloaded => "overloaded",
             Refusal::NotReady => "not_ready",
+            Refusal::HopHeader(_) => "bad_proxy_header",
         }
     }
 
@@ -124,6 +140,7 @@ impl Refusal {
                     | HelloError::Io(_)
                     | HelloError::Timeout(_)
             ) | Refusal::Overloaded
+                | Refusal::HopHeader(_)
         )
     }
 }
@@ -172,13 +189,25 @@ impl Gateway {
     }
 
     async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
+        let (wall, start) = (SystemTime::now(), Instant::now());
         let mut hello_bytes = Vec::with_capacity(2048);
-        let admitted = self.admit(&mut client, &mut hello_bytes).await;
+        let header =
+            read_hop_header(&mut client, &mut hello_bytes, self.options.hello_timeout).await;
+        let admitted = match &header {
+            Ok(_) => self.admit(&mut client, &mut hello_bytes).await,
+            Err(e) => Err(Refusal::HopHeader(e.clone())),
+        };
+        let header = header.ok().flatten();
+        let mut span = ConnSpan::start(&self.options.spans, header.as_ref(), peer, wall, start);
         let (mesh, upstream, target, pool) = match admitted {
             Ok(x) => x,
             Err(r) => {
                 self.metrics.refuse(r.label());
                 tracing::debug!(%peer, reason = %r, "refused");
+                if let Some(mut s) = span {
+                    s.refused(r.label(), r.to_string());
+                    s.finish();
+                }
                 if r.spoke_tls() {
                     let _ = tokio::time::timeout(Duration::from_secs(1), async {
                         let _ = client.write_all(&ALERT_UNRECOGNIZED_NAME).await;
@@ -190,6 +219,14 @@ impl Gateway {
             }
         };
         let service = mesh.service.to_string();
+        if let Some(s) = &mut span {
+            s.admitted(
+                mesh.to_string(),
+                service.clone(),
+                mesh.cluster.to_string(),
+                target.key().to_string(),
+            );
+        }
         self.metrics
             .sni_connections
             .get_or_create(&SniLabels {
@@ -212,6 +249,23 @@ impl Gateway {
             Err(e) => Err(e),
         };
         self.metrics.tcp_active.dec();
+        match (&moved, &mut span) {
+            (Ok(m), Some(s)) => {
+                s.push(KeyValue::new(
+                    "fedmesh.bytes.received",
+                    (m.a_to_b + hello_bytes.len() as u64) as i64,
+                ));
+                s.push(KeyValue::new("fedmesh.bytes.sent", m.b_to_a as i64));
+                if m.idle_timeout {
+                    s.push(KeyValue::new("fedmesh.closed", "idle_timeout"));
+                }
+            }
+            (Err(e), Some(s)) => s.failed(format!("{:?}", e.kind())),
+            _ => {}
+        }
+        if let Some(s) = span {
+            s.finish();
+        }
         match moved {
             Ok(m) => {
                 self.metrics

@@ -14,11 +14,14 @@ use std::time::Duration;
 use crate::coalesce::Coalesce;
 use fedmesh_api::TrustDomain;
 use fedmesh_dataplane::h2pool::H2Pool;
+use fedmesh_dataplane::hop::HopHeader;
 use fedmesh_dataplane::target::{ConnectTo, Target};
+use fedmesh_dataplane::trace::TraceContext;
 use fedmesh_trust::tls::{Authorizer, MeshIdentity, handshake_error_message};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -82,7 +85,7 @@ pub struct Upstreams {
     tls_timeout: Duration,
     mark: Option<u32>,
     configs: Mutex<ConfigCache>,
-    h2: H2Pool<Box<str>>,
+    h2: H2Pool<Box<str>, Option<HopHeader>>,
 }
 
 impl Upstreams {
@@ -118,13 +121,16 @@ impl Upstreams {
     }
 
     /// Opens an mTLS connection to `target`, naming its destination in the SNI and expecting a
-    /// server of its trust domain.
+    /// server of its trust domain. To another cluster's gateway, the connection starts with a
+    /// hop header ([`HopHeader`]: its ID and `trigger`, the request that opened it), returned
+    /// with the stream.
     pub async fn tls(
         &self,
         target: &Target,
         alpn: &'static [u8],
         connect_timeout: Option<Duration>,
-    ) -> Result<TlsStream<TcpStream>, UpstreamError> {
+        trigger: Option<TraceContext>,
+    ) -> Result<(TlsStream<TcpStream>, Option<HopHeader>), UpstreamError> {
         let to = target.connect_to();
         let addr = || to.to_string();
         let timeout = connect_timeout.unwrap_or(self.connect_timeout);
@@ -136,6 +142,16 @@ impl Upstreams {
             addr: addr(),
             reason: e.to_string(),
         })?;
+        let mut tcp = tcp;
+        let hop = (!target.is_local()).then(|| HopHeader::new(trigger));
+        if let Some(h) = &hop {
+            tcp.write_all(&h.encode())
+                .await
+                .map_err(|e| UpstreamError::Connect {
+                    addr: addr(),
+                    reason: e.to_string(),
+                })?;
+        }
         let connector = TlsConnector::from(self.client_config(target.trust_domain(), alpn));
         let tls = tokio::time::timeout(
             self.tls_timeout,
@@ -156,19 +172,21 @@ impl Upstreams {
                 wanted: String::from_utf8_lossy(alpn).into_owned(),
             });
         }
-        Ok(tls)
+        Ok((tls, hop))
     }
 
-    /// A ready HTTP/2 sender to `target`, reusing a pooled connection when one is open.
+    /// A ready HTTP/2 sender to `target`, reusing a pooled connection when one is open, with
+    /// the connection's hop header when it goes through a gateway (`trigger` opens a new one).
     pub async fn h2(
         &self,
         target: &Target,
         connect_timeout: Option<Duration>,
         gate: Option<&ConnGate>,
-    ) -> Result<SendRequest<Body>, UpstreamError> {
+        trigger: Option<TraceContext>,
+    ) -> Result<(SendRequest<Body>, Option<HopHeader>), UpstreamError> {
         self.h2
             .get(target.pool_key(), || {
-                self.connect_h2(target, connect_timeout, gate)
+                self.connect_h2(target, connect_timeout, gate, trigger)
             })
             .await
     }
@@ -180,7 +198,8 @@ impl Upstreams {
         target: &Target,
         connect_timeout: Option<Duration>,
         gate: Option<&ConnGate>,
-    ) -> Result<SendRequest<Body>, UpstreamError> {
+        trigger: Option<TraceContext>,
+    ) -> Result<(SendRequest<Body>, Option<HopHeader>), UpstreamError> {
         let counted = match gate {
             None => None,
             Some(g) => {
@@ -195,7 +214,7 @@ impl Upstreams {
                 Some(CountedConn(g.open.clone()))
             }
         };
-        let tls = self.tls(target, ALPN_H2, connect_timeout).await?;
+        let (tls, hop) = self.tls(target, ALPN_H2, connect_timeout, trigger).await?;
         let peer = target.key().to_string();
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -216,7 +235,7 @@ impl Upstreams {
             }
             drop(counted);
         });
-        Ok(sender)
+        Ok((sender, hop))
     }
 
     /// Forgets a pooled connection (after it failed).

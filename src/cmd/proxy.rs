@@ -243,6 +243,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         max_connections: args.common.max_connections,
         drain_timeout: args.common.drain_timeout,
         zone: args.common.zone.clone(),
+        spans: b.spans.clone(),
         ..GatewayOptions::default()
     };
     let gw = Arc::new(Gateway::new(options, b.config.clone(), b.metrics.clone()));

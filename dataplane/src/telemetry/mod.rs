@@ -68,6 +68,9 @@ pub struct SpanRecord {
     pub error: Option<String>,
     /// Spans this one is tied to without being their child: `(trace ID, span ID)`.
     pub links: Vec<([u8; 16], [u8; 8])>,
+    /// A connection's span: its length says how long the connection lived, not that anything
+    /// was slow, so it is kept only when sampled or failed.
+    pub connection: bool,
 }
 
 impl Spans {
@@ -103,7 +106,8 @@ impl Spans {
         let Some(inner) = &self.0 else {
             return;
         };
-        if !(rec.hop.sampled || rec.error.is_some() || rec.duration >= inner.slow) {
+        let slow = !rec.connection && rec.duration >= inner.slow;
+        if !(rec.hop.sampled || rec.error.is_some() || slow) {
             return;
         }
         let status = match &rec.error {

@@ -22,6 +22,7 @@ pub struct RequestSpan {
     name: String,
     grpc: bool,
     attributes: Vec<KeyValue>,
+    links: Vec<([u8; 16], [u8; 8])>,
 }
 
 impl RequestSpan {
@@ -51,11 +52,17 @@ impl RequestSpan {
             name,
             grpc,
             attributes,
+            links: Vec::new(),
         })
     }
 
     pub fn push(&mut self, kv: KeyValue) {
         self.attributes.push(kv);
+    }
+
+    /// Ties the span to another (`trace ID`, `span ID`) it is not a child of.
+    pub fn link(&mut self, to: ([u8; 16], [u8; 8])) {
+        self.links.push(to);
     }
 
     /// Ends the span with the response: now for its status, at the body's end for its timing
@@ -96,7 +103,8 @@ impl RequestSpan {
                     duration: self.start.elapsed(),
                     attributes: self.attributes,
                     error,
-                    links: Vec::new(),
+                    links: self.links,
+                    connection: false,
                 });
             })
         })

@@ -29,6 +29,7 @@ fn record(sampled: bool, error: Option<&str>, millis: u64) -> SpanRecord {
         attributes: vec![KeyValue::new("url.path", "/")],
         error: error.map(str::to_string),
         links: vec![([9; 16], [8; 8])],
+        connection: false,
     }
 }
 
@@ -39,6 +40,11 @@ fn sampled_failed_and_slow_spans_are_kept_others_not() {
     s.finish(record(false, None, 5));
     s.finish(record(false, Some("no-endpoints"), 5));
     s.finish(record(false, None, 600));
+    // A connection that lived long was not slow: unsampled, it is not kept.
+    s.finish(SpanRecord {
+        connection: true,
+        ..record(false, None, 60_000)
+    });
     let mut kept = Vec::new();
     while let Ok(d) = rx.try_recv() {
         kept.push(d);

@@ -96,9 +96,10 @@ impl Inner {
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
-                Ok(sender)
+                Ok((sender, ()))
             })
             .await
+            .map(|(sender, ())| sender)
     }
 
     async fn call(&self, req: Request<Body>) -> Result<Response<Body>, ProxyError> {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use fedmesh_api::{ClusterName, ServiceKey};
 use fedmesh_dataplane::config::{RoutingTable, Scope, ServiceEntry};
 use fedmesh_dataplane::error::ProxyError;
+use fedmesh_dataplane::hop::HopHeader;
 use fedmesh_dataplane::http::Body;
 use fedmesh_dataplane::policy::{ClusterShare, Policy, Route, RouteBackend};
 use fedmesh_dataplane::target::Target;
@@ -211,6 +212,8 @@ pub(crate) struct Journal {
     pub route: Option<Arc<RouteCtx>>,
     /// Targets ejected after this request's failures.
     pub ejected: u32,
+    /// The gateway connection the last attempt rode, as the gateway knows it.
+    pub connection: Option<HopHeader>,
 }
 
 impl Tried {
@@ -239,6 +242,10 @@ impl Tried {
 
     pub fn ejected(&self) {
         self.with(|j| j.ejected += 1)
+    }
+
+    pub fn connection(&self, hop: HopHeader) {
+        self.with(|j| j.connection = Some(hop))
     }
 
     pub fn journal(&self) -> Journal {

@@ -8,11 +8,12 @@ use std::task::{Context, Poll};
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::{Body, PROXY_ERROR, body};
 use fedmesh_dataplane::target::Target;
+use fedmesh_dataplane::trace::HopSpan;
 use http::{Request, Response, StatusCode};
 use tower::Service;
 
 use super::breaker::{Breaker, Held};
-use super::ctx::{AttemptError, BoxFuture, route_ctx};
+use super::ctx::{AttemptError, BoxFuture, Tried, route_ctx};
 use crate::upstream::{ConnGate, UpstreamError, Upstreams};
 
 #[derive(Clone)]
@@ -56,12 +57,18 @@ impl Service<Request<Body>> for Endpoint {
                 open: b.state.connections.clone(),
                 max: b.limits.max_connections,
             });
+            let trigger = req.extensions().get::<HopSpan>().map(HopSpan::context);
             let connected = upstreams
-                .h2(&target, ctx.connect_timeout(), gate.as_ref())
+                .h2(&target, ctx.connect_timeout(), gate.as_ref(), trigger)
                 .await;
             drop(pending);
             let mut sender = match connected {
-                Ok(s) => s,
+                Ok((s, hop)) => {
+                    if let (Some(hop), Some(tried)) = (hop, req.extensions().get::<Tried>()) {
+                        tried.connection(hop);
+                    }
+                    s
+                }
                 Err(UpstreamError::Limit { .. }) => {
                     let b = breaker.as_ref().expect("a limit comes from a breaker");
                     return Err(AttemptError::new(

@@ -245,10 +245,11 @@ impl Sidecar {
                 &target,
                 crate::upstream::ALPN_TCP,
                 entry.policy.connect_timeout,
+                None,
             )
             .await
         {
-            Ok(up) => self.relay_tcp(s, up, &dest, &target).await,
+            Ok((up, _)) => self.relay_tcp(s, up, &dest, &target).await,
             Err(e) => {
                 self.metrics.count_error(e.label());
                 tracing::warn!(endpoint = %target.key(), error = %e, "connection to a meshed endpoint failed");

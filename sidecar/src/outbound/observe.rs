@@ -15,7 +15,7 @@ use fedmesh_dataplane::http::Body;
 use fedmesh_dataplane::metrics::ProxyMetrics;
 use fedmesh_dataplane::target::Place;
 use fedmesh_dataplane::telemetry::{RequestSpan, Spans};
-use fedmesh_dataplane::trace;
+use fedmesh_dataplane::trace::{self, HopSpan};
 use fedmesh_trust::tls::MeshIdentity;
 use http::{Request, Response};
 use opentelemetry::trace::SpanKind;
@@ -72,6 +72,8 @@ where
         let spans = &self.layer.spans;
         let hop = trace::propagate(req.headers_mut(), |id| spans.sample_new(id));
         let span = RequestSpan::start(spans, hop, SpanKind::Client, &req);
+        // The endpoint names this request as the trigger of a gateway connection it opens.
+        req.extensions_mut().insert(hop);
         let dest = req.extensions().get::<Dest>().cloned();
         let service = dest
             .as_ref()
@@ -96,6 +98,7 @@ where
                 Some(mut span) => {
                     client_attributes(
                         &mut span,
+                        hop,
                         &tried.journal(),
                         table.cluster_name(),
                         dest.as_ref(),
@@ -121,6 +124,7 @@ where
 /// What a CLIENT span says beyond HTTP: where the request went and why.
 fn client_attributes(
     span: &mut RequestSpan,
+    hop: HopSpan,
     journal: &Journal,
     cluster: &str,
     dest: Option<&Dest>,
@@ -193,6 +197,16 @@ fn client_attributes(
             .map(|t| format!("{} ({})", t.key(), t.cluster()).into())
             .collect();
         span.push(KeyValue::new("fedmesh.tried", Value::Array(tried.into())));
+    }
+    if let Some(c) = &journal.connection {
+        span.push(KeyValue::new("fedmesh.connection.id", c.id_hex()));
+        // The gateway's span of the connection is a child of the request that opened it; a
+        // later request on the pooled connection links to it.
+        if let Some(t) = c.trigger
+            && t.span_id != hop.span_id
+        {
+            span.link((t.trace_id, c.connection_id));
+        }
     }
     if journal.ejected > 0 {
         span.push(KeyValue::new(

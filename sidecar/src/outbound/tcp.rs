@@ -63,7 +63,10 @@ impl Sidecar {
                 untrusted.clone(),
                 &self.metrics,
                 |target: Target| async move {
-                    upstreams.tls(&target, ALPN_TCP, connect_timeout).await
+                    upstreams
+                        .tls(&target, ALPN_TCP, connect_timeout, None)
+                        .await
+                        .map(|(s, _)| s)
                 },
                 |_, e| self.metrics.count_error(e.label()),
             )
