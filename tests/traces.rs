@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use fedmesh_testbed::apps::EchoResponse;
+use fedmesh_testbed::yaml::{self, EndpointSpec};
 use support::netns::{Mesh, http_get_with, in_ns};
 use support::otlp::{self, Span};
 use support::pods::{clusterset_ip, export, wait_answer_from};
@@ -57,6 +58,20 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
     let mut west = mesh.add_cluster(2, "west", "us-west", &["api"]);
     let api = mesh.add_pod(&mut west, "api", "us-west-1a", true);
     export(&west, "api", &[(&api, "us-west-1a")]);
+    // The same pods as an opaque TCP service: the sidecars relay its bytes without reading them.
+    let eps = [EndpointSpec {
+        addr: api.app_addr(),
+        zone: "us-west-1a".into(),
+        ready: true,
+    }];
+    west.write(
+        "api-tcp.yaml",
+        &yaml::service("shop", "api-tcp", &[("tcp", 80, "tcp")], &eps),
+    );
+    west.write(
+        "api-tcp-export.yaml",
+        &yaml::service_export("shop", "api-tcp"),
+    );
     let frontend = mesh.add_pod(&mut east, "frontend", "us-east-1a", false);
     let ip = clusterset_ip(&frontend, &east, "api");
     let host = "api.shop.svc.clusterset.local";
@@ -161,6 +176,58 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
         !otlp::parse(&log).iter().any(|s| s.trace_id == quiet),
         "an unsampled request that went well is not exported"
     );
+
+    // Opaque TCP: a span per connection on the calling side (a trace of its own: TCP carries no
+    // context), and the gateway's span of that connection is its child. The echo app speaks
+    // HTTP, so the bytes sent are a request; the sidecars do not read them.
+    let tcp_ip = clusterset_ip(&frontend, &east, "api-tcp");
+    let (status, body) = in_ns(&frontend.ns, move || {
+        http_get_with(
+            SocketAddr::from((tcp_ip, 80)),
+            "/",
+            "api-tcp.shop.svc.clusterset.local",
+            &[],
+        )
+        .unwrap()
+    });
+    assert_eq!(status, 200, "{body}");
+    let start = Instant::now();
+    let (tcp, gw) = loop {
+        let all = otlp::parse(&mesh.net.procs[collector].log());
+        let tcp = all
+            .iter()
+            .find(|s| s.name == "connect shop/api-tcp" && s.attr("fedmesh.bytes.sent").is_some())
+            .cloned();
+        if let Some(tcp) = tcp
+            && let Some(gw) = all.iter().find(|s| s.parent_id == tcp.span_id)
+        {
+            break (tcp, gw.clone());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no span of the TCP connection and its gateway hop: {:#?}",
+            all.iter()
+                .filter(|s| s.name.contains("api-tcp"))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("{tcp:#?}\n{gw:#?}");
+    assert_eq!(tcp.kind, "SPAN_KIND_CLIENT");
+    assert_eq!(tcp.attr("fedmesh.source.cluster"), Some("east"));
+    assert_eq!(tcp.attr("fedmesh.destination.cluster"), Some("west"));
+    assert_eq!(
+        tcp.attr("fedmesh.caller"),
+        Some("spiffe://east.fedmesh.test/ns/shop/sa/frontend")
+    );
+    let answered: u64 = tcp.attr("fedmesh.bytes.sent").unwrap().parse().unwrap();
+    assert!(
+        answered > 0,
+        "the answer's bytes went back to the app: {tcp:#?}"
+    );
+    assert_eq!(gw.name, "relay shop/api-tcp");
+    assert_eq!(gw.trace_id, tcp.trace_id);
+    assert_eq!(gw.res("service.name"), Some("fedmesh-gateway"));
 
     // The app is gone: west's sidecar answers for it, and both spans say why.
     let app = api.app.expect("the api pod has an app");

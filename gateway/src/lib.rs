@@ -30,11 +30,9 @@ use fedmesh_dataplane::sni::{HelloError, MeshSni, read_client_hello};
 use fedmesh_dataplane::target::{Place, Target};
 use fedmesh_dataplane::telemetry::Spans;
 use fedmesh_trust::listen::Server;
-use opentelemetry::KeyValue;
 use tokio::io::AsyncWriteExt;
 
 mod span;
-use span::ConnSpan;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -198,14 +196,14 @@ impl Gateway {
             Err(e) => Err(Refusal::HopHeader(e.clone())),
         };
         let header = header.ok().flatten();
-        let mut span = ConnSpan::start(&self.options.spans, header.as_ref(), peer, wall, start);
+        let mut span = span::start(&self.options.spans, header.as_ref(), peer, (wall, start));
         let (mesh, upstream, target, pool) = match admitted {
             Ok(x) => x,
             Err(r) => {
                 self.metrics.refuse(r.label());
                 tracing::debug!(%peer, reason = %r, "refused");
                 if let Some(mut s) = span {
-                    s.refused(r.label(), r.to_string());
+                    span::refused(&mut s, r.label(), r.to_string());
                     s.finish();
                 }
                 if r.spoke_tls() {
@@ -220,7 +218,8 @@ impl Gateway {
         };
         let service = mesh.service.to_string();
         if let Some(s) = &mut span {
-            s.admitted(
+            span::admitted(
+                s,
                 mesh.to_string(),
                 service.clone(),
                 mesh.cluster.to_string(),
@@ -250,17 +249,8 @@ impl Gateway {
         };
         self.metrics.tcp_active.dec();
         match (&moved, &mut span) {
-            (Ok(m), Some(s)) => {
-                s.push(KeyValue::new(
-                    "fedmesh.bytes.received",
-                    (m.a_to_b + hello_bytes.len() as u64) as i64,
-                ));
-                s.push(KeyValue::new("fedmesh.bytes.sent", m.b_to_a as i64));
-                if m.idle_timeout {
-                    s.push(KeyValue::new("fedmesh.closed", "idle_timeout"));
-                }
-            }
-            (Err(e), Some(s)) => s.failed(format!("{:?}", e.kind())),
+            (Ok(m), Some(s)) => s.moved(m, hello_bytes.len() as u64),
+            (Err(e), Some(s)) => s.fail(format!("{:?}", e.kind())),
             _ => {}
         }
         if let Some(s) = span {

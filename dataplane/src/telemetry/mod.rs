@@ -11,6 +11,7 @@
 //! or down, the queue fills and further spans are dropped and counted
 //! (`fedmesh_*_spans{reason="dropped"}`), never the request delayed.
 
+mod connection;
 mod export;
 mod request;
 
@@ -27,6 +28,7 @@ use opentelemetry_sdk::trace::{
 };
 use tokio::sync::mpsc;
 
+pub use connection::ConnectionSpan;
 pub use export::{ExportConfig, Exporting, OtlpProtocol, SamplerArg, start};
 pub use request::RequestSpan;
 

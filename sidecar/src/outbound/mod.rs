@@ -249,7 +249,10 @@ impl Sidecar {
             )
             .await
         {
-            Ok((up, _)) => self.relay_tcp(s, up, &dest, &target).await,
+            Ok((up, _)) => {
+                let span = self.tcp_span(&dest);
+                self.relay_tcp(s, up, &dest, &target, span).await
+            }
             Err(e) => {
                 self.metrics.count_error(e.label());
                 tracing::warn!(endpoint = %target.key(), error = %e, "connection to a meshed endpoint failed");
@@ -296,16 +299,23 @@ impl Sidecar {
         else {
             return ProxyError::NoRoute(format!("CONNECT {}", req.uri())).into_response();
         };
-        let (up, target) = match self.open_tcp(&table, &dest).await {
+        let mut span = self.tcp_span(&dest);
+        let trigger = span.as_ref().map(|s| s.hop().context());
+        let (up, target) = match self.open_tcp(&table, &dest, trigger).await {
             Ok(x) => x,
-            Err(e) => return e.into_response(),
+            Err(e) => {
+                if let Some(s) = span.take() {
+                    s.finish_failed(e.kind());
+                }
+                return e.into_response();
+            }
         };
         drop(table);
         let me = self.clone();
         tokio::spawn(async move {
             match hyper::upgrade::on(req).await {
                 Ok(upgraded) => {
-                    me.relay_tcp(TokioIo::new(upgraded), up, &dest, &target)
+                    me.relay_tcp(TokioIo::new(upgraded), up, &dest, &target, span)
                         .await
                 }
                 Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),

@@ -1,6 +1,7 @@
 //! Opaque TCP to a mesh service: an mTLS connection of its own (ALPN `fedmesh-tcp`) to a target
 //! picked by the same balancer as HTTP — another target tried when a connect fails — and the bytes
-//! relayed both ways.
+//! relayed both ways. Each connection is a CLIENT span of a trace of its own (TCP carries no
+//! trace context); the gateway's span of the connection is its child.
 
 use fedmesh_dataplane::balance::{Choose, stable_hash};
 use fedmesh_dataplane::config::{RoutingTable, Scope};
@@ -10,6 +11,11 @@ use fedmesh_dataplane::metrics::{BytesLabels, TcpLabels};
 use fedmesh_dataplane::policy::{ClusterShare, HashKey, LoadBalancing};
 use fedmesh_dataplane::relay::relay;
 use fedmesh_dataplane::target::Target;
+use fedmesh_dataplane::telemetry::ConnectionSpan;
+use fedmesh_dataplane::trace::{HopSpan, TraceContext};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
+use std::time::{Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -19,11 +25,35 @@ use crate::dest::Dest;
 use crate::upstream::ALPN_TCP;
 
 impl Sidecar {
-    /// Opens an mTLS connection for opaque TCP to `dest`, trying other targets when one fails.
+    /// The span of an opaque connection to `dest`; `None` when tracing is off.
+    pub(super) fn tcp_span(&self, dest: &Dest) -> Option<ConnectionSpan> {
+        let spans = &self.options.spans;
+        let mut s = ConnectionSpan::start(
+            spans,
+            || HopSpan::root(|id| spans.sample_new(id)),
+            SpanKind::Client,
+            format!("connect {}", dest.service),
+            (SystemTime::now(), Instant::now()),
+        )?;
+        s.push(KeyValue::new("fedmesh.service", dest.service.to_string()));
+        s.push(KeyValue::new("server.port", i64::from(dest.port)));
+        s.push(KeyValue::new(
+            "fedmesh.source.cluster",
+            self.config.table().cluster_name().to_string(),
+        ));
+        if let Some(id) = self.identity.spiffe_id() {
+            s.push(KeyValue::new("fedmesh.caller", id.to_string()));
+        }
+        Some(s)
+    }
+
+    /// Opens an mTLS connection for opaque TCP to `dest`, trying other targets when one fails;
+    /// `trigger` is the connection's span, for the gateway's.
     pub(super) async fn open_tcp(
         &self,
         table: &RoutingTable,
         dest: &Dest,
+        trigger: Option<TraceContext>,
     ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, Target), ProxyError> {
         let entry = table
             .service(&dest.service)
@@ -64,7 +94,7 @@ impl Sidecar {
                 &self.metrics,
                 |target: Target| async move {
                     upstreams
-                        .tls(&target, ALPN_TCP, connect_timeout, None)
+                        .tls(&target, ALPN_TCP, connect_timeout, trigger)
                         .await
                         .map(|(s, _)| s)
                 },
@@ -89,22 +119,40 @@ impl Sidecar {
         dest: Dest,
     ) {
         let table = self.config.table();
-        let (up, target) = match self.open_tcp(&table, &dest).await {
+        let mut span = self.tcp_span(&dest);
+        let trigger = span.as_ref().map(|s| s.hop().context());
+        let (up, target) = match self.open_tcp(&table, &dest, trigger).await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(destination = %dest, error = %e, "opaque TCP connection refused");
+                if let Some(s) = span.take() {
+                    s.finish_failed(e.kind());
+                }
                 return;
             }
         };
         drop(table);
-        self.relay_tcp(client, up, &dest, &target).await;
+        self.relay_tcp(client, up, &dest, &target, span).await;
     }
 
-    pub(super) async fn relay_tcp<A, B>(&self, client: A, up: B, dest: &Dest, target: &Target)
-    where
+    pub(super) async fn relay_tcp<A, B>(
+        &self,
+        client: A,
+        up: B,
+        dest: &Dest,
+        target: &Target,
+        mut span: Option<ConnectionSpan>,
+    ) where
         A: AsyncRead + AsyncWrite + Unpin,
         B: AsyncRead + AsyncWrite + Unpin,
     {
+        if let Some(s) = &mut span {
+            s.push(KeyValue::new(
+                "fedmesh.destination.cluster",
+                target.cluster().to_string(),
+            ));
+            s.push(KeyValue::new("fedmesh.endpoint", target.key().to_string()));
+        }
         let service = dest.service.to_string();
         self.metrics
             .tcp_connections
@@ -118,6 +166,13 @@ impl Sidecar {
         let _lease = self.balancer.lease(target);
         let moved = relay(client, up, self.options.idle_timeout).await;
         self.metrics.tcp_active.dec();
+        if let Some(mut s) = span {
+            match &moved {
+                Ok(m) => s.moved(m, 0),
+                Err(e) => s.fail(format!("{:?}", e.kind())),
+            }
+            s.finish();
+        }
         if let Ok(m) = moved {
             self.metrics
                 .bytes

@@ -1,0 +1,101 @@
+//! A connection's span, from accept (or connect) to close: for the hops that see bytes, not
+//! requests — the gateway, and a sidecar's opaque TCP. Kept when sampled or failed, never for
+//! its length alone ([`SpanRecord::connection`]).
+
+use std::time::{Instant, SystemTime};
+
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
+
+use super::{SpanRecord, Spans};
+use crate::relay::Moved;
+use crate::trace::HopSpan;
+
+pub struct ConnectionSpan {
+    spans: Spans,
+    hop: HopSpan,
+    kind: SpanKind,
+    wall: SystemTime,
+    start: Instant,
+    name: String,
+    attributes: Vec<KeyValue>,
+    error: Option<String>,
+}
+
+impl ConnectionSpan {
+    /// A span that started at `(wall, start)`; `None` when tracing is off (and `hop` is not
+    /// called).
+    pub fn start(
+        spans: &Spans,
+        hop: impl FnOnce() -> HopSpan,
+        kind: SpanKind,
+        name: String,
+        (wall, start): (SystemTime, Instant),
+    ) -> Option<Self> {
+        if !spans.enabled() {
+            return None;
+        }
+        Some(Self {
+            spans: spans.clone(),
+            hop: hop(),
+            kind,
+            wall,
+            start,
+            name,
+            attributes: vec![KeyValue::new("network.transport", "tcp")],
+            error: None,
+        })
+    }
+
+    pub fn hop(&self) -> HopSpan {
+        self.hop
+    }
+
+    pub fn set_name(&mut self, name: String) {
+        self.name = name;
+    }
+
+    pub fn push(&mut self, kv: KeyValue) {
+        self.attributes.push(kv);
+    }
+
+    /// Why the connection failed (`error.type`).
+    pub fn fail(&mut self, reason: impl Into<String>) {
+        self.error = Some(reason.into());
+    }
+
+    /// The bytes the relay moved: `received` from the side that opened the connection.
+    pub fn moved(&mut self, m: &Moved, received_before: u64) {
+        self.attributes.extend([
+            KeyValue::new(
+                "fedmesh.bytes.received",
+                (m.a_to_b + received_before) as i64,
+            ),
+            KeyValue::new("fedmesh.bytes.sent", m.b_to_a as i64),
+        ]);
+        if m.idle_timeout {
+            self.attributes
+                .push(KeyValue::new("fedmesh.closed", "idle_timeout"));
+        }
+    }
+
+    /// Ends the span of a connection that failed before it carried anything.
+    pub fn finish_failed(mut self, reason: impl Into<String>) {
+        self.fail(reason);
+        self.finish();
+    }
+
+    pub fn finish(self) {
+        self.spans.finish(SpanRecord {
+            hop: self.hop,
+            name: self.name,
+            kind: self.kind,
+            start: self.wall,
+            duration: self.start.elapsed(),
+            attributes: self.attributes,
+            error: self.error,
+            links: Vec::new(),
+            connection: true,
+        });
+    }
+}
