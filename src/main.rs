@@ -16,6 +16,14 @@ gateways carry end-to-end mTLS between clusters."
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text or as JSON objects (one per line, for log pipelines).
+    #[arg(
+        long,
+        global = true,
+        env = "FEDMESH_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: cmd::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -58,10 +66,19 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The demo and the benchmarks print tables; their many in-process parts log only problems.
-    cmd::init_tracing(match cli.command {
-        Command::Demo(_) | Command::Bench(_) => "warn",
-        _ => "info",
-    });
+    let access = match &cli.command {
+        Command::Sidecar(s) => s.access_log(),
+        Command::Gateway(g) => g.access_log(),
+        _ => false,
+    };
+    cmd::init_tracing(
+        match cli.command {
+            Command::Demo(_) | Command::Bench(_) => "warn",
+            _ => "info",
+        },
+        cli.log_format,
+        access,
+    );
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     let threads = match &cli.command {
         Command::Sidecar(s) => Some(s.threads),

@@ -54,6 +54,11 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
     let dir = tempfile::tempdir().unwrap();
     let mut mesh = Mesh::start(dir.path());
     let collector = mesh.start_collector();
+    // Every process logs JSON, the proxies an access-log line per request and connection.
+    mesh.net.env.extend([
+        ("FEDMESH_LOG_FORMAT".into(), "json".into()),
+        ("FEDMESH_ACCESS_LOG".into(), "1".into()),
+    ]);
     let mut east = mesh.add_cluster(1, "east", "us-east", &["frontend"]);
     let mut west = mesh.add_cluster(2, "west", "us-west", &["api"]);
     let api = mesh.add_pod(&mut west, "api", "us-west-1a", true);
@@ -157,6 +162,50 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
     assert_eq!(server.attr("fedmesh.service"), Some("shop/api"));
     assert!(server.attr("network.peer.address").is_some(), "{server:#?}");
 
+    // The access logs say the same, with the trace ID: JSON lines, no colour codes.
+    let access = |proc_name: &str| -> Vec<serde_json::Value> {
+        let p = mesh
+            .net
+            .procs
+            .iter()
+            .find(|p| p.name == proc_name)
+            .unwrap_or_else(|| panic!("no process {proc_name}"));
+        let log = p.log();
+        assert!(
+            !log.contains('\u{1b}'),
+            "no ANSI codes in a log file: {log}"
+        );
+        log.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .unwrap_or_else(|e| panic!("{proc_name}: not a JSON line ({e}): {l}"))
+            })
+            .filter(|v| v["target"] == "access")
+            .collect()
+    };
+    let out = access(&format!("{}-sidecar", frontend.name));
+    let line = out
+        .iter()
+        .find(|v| v["trace_id"] == trace)
+        .unwrap_or_else(|| panic!("no access line of trace {trace}: {out:#?}"));
+    eprintln!("{line}");
+    assert_eq!(line["direction"], "outbound");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["dst_cluster"], "west");
+    assert_eq!(line["service"], "shop/api");
+    assert_eq!(line["span_id"], client.span_id.as_str());
+    let inb = access(&format!("{}-sidecar", api.name));
+    let line = inb
+        .iter()
+        .find(|v| v["trace_id"] == trace)
+        .unwrap_or_else(|| panic!("no inbound access line of trace {trace}: {inb:#?}"));
+    assert_eq!(line["direction"], "inbound");
+    assert_eq!(
+        line["caller"],
+        "spiffe://east.fedmesh.test/ns/shop/sa/frontend"
+    );
+    assert_eq!(line["span_id"], server.span_id.as_str());
+
     // The caller decided not to sample: a request that went well leaves no span...
     let quiet = "1af7651916cd43dd8448eb211c80319c";
     let (status, _) = get("/", &format!("00-{quiet}-b7ad6b7169203331-00"));
@@ -228,6 +277,14 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
     assert_eq!(gw.name, "relay shop/api-tcp");
     assert_eq!(gw.trace_id, tcp.trace_id);
     assert_eq!(gw.res("service.name"), Some("fedmesh-gateway"));
+    let gw_lines = access("west-gateway");
+    let line = gw_lines
+        .iter()
+        .find(|v| v["span_id"] == gw.span_id.as_str())
+        .unwrap_or_else(|| panic!("no gateway access line of {}: {gw_lines:#?}", gw.span_id));
+    assert_eq!(line["direction"], "gateway");
+    assert_eq!(line["service"], "shop/api-tcp");
+    assert!(line["bytes_sent"].as_u64().unwrap() > 0, "{line}");
 
     // The app is gone: west's sidecar answers for it, and both spans say why.
     let app = api.app.expect("the api pod has an app");

@@ -1,5 +1,6 @@
 //! What fedmesh's east-west gateway and sidecar share.
 
+pub mod access;
 pub mod admin;
 pub mod balance;
 pub mod config;

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime};
 
+use fedmesh_dataplane::access;
 use fedmesh_dataplane::balance::{Balancer, Choose, Locality, OutlierConfig};
 use fedmesh_dataplane::config::ConfigHandle;
 use fedmesh_dataplane::connect::Plan;
@@ -58,6 +59,8 @@ pub struct GatewayOptions {
     pub outlier: OutlierConfig,
     /// Where connection spans go (off: none are recorded).
     pub spans: Spans,
+    /// One access-log line per connection, admitted or refused.
+    pub access_log: bool,
 }
 
 impl Default for GatewayOptions {
@@ -73,6 +76,7 @@ impl Default for GatewayOptions {
             zone: String::new(),
             outlier: OutlierConfig::default(),
             spans: Spans::off(),
+            access_log: false,
         }
     }
 }
@@ -202,6 +206,19 @@ impl Gateway {
             Err(r) => {
                 self.metrics.refuse(r.label());
                 tracing::debug!(%peer, reason = %r, "refused");
+                if self.options.access_log {
+                    access::connection(&access::Connection {
+                        direction: "gateway",
+                        service: "",
+                        peer: &peer.to_string(),
+                        upstream: "",
+                        bytes_received: hello_bytes.len() as u64,
+                        bytes_sent: 0,
+                        duration: start.elapsed(),
+                        error: r.label(),
+                        hop: span.as_ref().map(|s| s.hop()).as_ref(),
+                    });
+                }
                 if let Some(mut s) = span {
                     span::refused(&mut s, r.label(), r.to_string());
                     s.finish();
@@ -248,6 +265,24 @@ impl Gateway {
             Err(e) => Err(e),
         };
         self.metrics.tcp_active.dec();
+        if self.options.access_log {
+            let (received, sent) = moved.as_ref().map_or((0, 0), |m| (m.a_to_b, m.b_to_a));
+            access::connection(&access::Connection {
+                direction: "gateway",
+                service: &service,
+                peer: &peer.to_string(),
+                upstream: target.key(),
+                bytes_received: received + hello_bytes.len() as u64,
+                bytes_sent: sent,
+                duration: start.elapsed(),
+                error: &moved
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("{:?}", e.kind()))
+                    .unwrap_or_default(),
+                hop: span.as_ref().map(|s| s.hop()).as_ref(),
+            });
+        }
         match (&moved, &mut span) {
             (Ok(m), Some(s)) => s.moved(m, hello_bytes.len() as u64),
             (Err(e), Some(s)) => s.fail(format!("{:?}", e.kind())),

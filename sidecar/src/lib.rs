@@ -74,6 +74,8 @@ pub struct SidecarOptions {
     pub retry_budget: outbound::BudgetConfig,
     /// Where request spans go (off: none are recorded).
     pub spans: fedmesh_dataplane::telemetry::Spans,
+    /// One access-log line per request and per opaque connection.
+    pub access_log: bool,
 }
 
 impl Default for SidecarOptions {
@@ -92,6 +94,7 @@ impl Default for SidecarOptions {
             outlier: OutlierConfig::default(),
             retry_budget: outbound::BudgetConfig::default(),
             spans: fedmesh_dataplane::telemetry::Spans::off(),
+            access_log: false,
         }
     }
 }
@@ -135,6 +138,7 @@ impl Sidecar {
             config.clone(),
             outbound::StackParts {
                 spans: options.spans.clone(),
+                access_log: options.access_log,
                 upstreams: upstreams.clone(),
                 balancer: balancer.clone(),
                 identity: identity.clone(),
@@ -156,6 +160,7 @@ impl Sidecar {
         let plain_h1 = inbound::h1_client(options.connect_timeout);
         let inbound = Self::inbound_stack(inbound::InboundParts {
             spans: options.spans.clone(),
+            access_log: options.access_log,
             h1: plain_h1.clone(),
             config: config.clone(),
             identity: identity.clone(),

@@ -13,15 +13,30 @@ pub mod workload;
 
 use std::time::Duration;
 
-/// Logs to stderr; `RUST_LOG` overrides the default `info`.
-/// Logs to stderr at `default` (e.g. "info") unless RUST_LOG says otherwise.
-pub fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr at `default` (e.g. "info") unless RUST_LOG says otherwise, as text (coloured
+/// only on a terminal) or JSON. With `access`, the proxies' access log (target `access`) is on
+/// whatever the level.
+pub fn init_tracing(default: &str, format: LogFormat, access: bool) {
+    use std::io::IsTerminal;
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    if access && let Ok(d) = "access=info".parse() {
+        filter = filter.add_directive(d);
+    }
+    let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => b.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        LogFormat::Json => b.json().flatten_event(true).try_init(),
+    };
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

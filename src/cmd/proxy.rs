@@ -54,6 +54,10 @@ pub struct CommonArgs {
     /// Connections beyond this many are refused.
     #[arg(long, default_value_t = 16384)]
     max_connections: usize,
+    /// One log line per request and per opaque connection (target `access`), with the trace ID;
+    /// JSON with --log-format json.
+    #[arg(long, env = "FEDMESH_ACCESS_LOG", value_parser = clap::builder::BoolishValueParser::new())]
+    access_log: bool,
     #[command(flatten)]
     tracing: TracingArgs,
 }
@@ -230,6 +234,12 @@ pub struct GatewayArgs {
     hello_timeout: Duration,
 }
 
+impl GatewayArgs {
+    pub fn access_log(&self) -> bool {
+        self.common.access_log
+    }
+}
+
 pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let listener = bind(args.listen, "gateway").await?;
     let admin = match args.common.admin {
@@ -244,6 +254,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         drain_timeout: args.common.drain_timeout,
         zone: args.common.zone.clone(),
         spans: b.spans.clone(),
+        access_log: args.common.access_log,
         ..GatewayOptions::default()
     };
     let gw = Arc::new(Gateway::new(options, b.config.clone(), b.metrics.clone()));
@@ -311,6 +322,12 @@ fn parse_pair(s: &str, what: &str) -> anyhow::Result<(SocketAddr, String)> {
     Ok((a, b.to_string()))
 }
 
+impl SidecarArgs {
+    pub fn access_log(&self) -> bool {
+        self.common.access_log
+    }
+}
+
 pub async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     // Parse and bind everything first: a bad flag or a taken port fails before anything starts.
     let mut inbound = Vec::new();
@@ -367,6 +384,7 @@ pub async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
         mark: args.mark,
         max_connections: args.common.max_connections,
         spans: b.spans.clone(),
+        access_log: args.common.access_log,
         ..SidecarOptions::default()
     };
     let sc = Sidecar::new(

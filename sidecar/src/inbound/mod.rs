@@ -57,6 +57,7 @@ pub(crate) type InboundStack = BoxCloneSyncService<Request<Body>, Response<Body>
 /// What the inbound stack is made of.
 pub(crate) struct InboundParts {
     pub spans: fedmesh_dataplane::telemetry::Spans,
+    pub access_log: bool,
     pub config: fedmesh_dataplane::config::ConfigHandle,
     pub identity: fedmesh_trust::tls::MeshIdentity,
     pub metrics: Arc<fedmesh_dataplane::metrics::ProxyMetrics>,
@@ -334,6 +335,7 @@ impl Sidecar {
             config: parts.config,
             spans: parts.spans,
             identity: parts.identity,
+            access_log: parts.access_log,
         }
         .layer(identified);
         BoxCloneSyncService::new(observed)

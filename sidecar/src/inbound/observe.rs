@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use fedmesh_dataplane::access;
 use fedmesh_dataplane::config::ConfigHandle;
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::Body;
@@ -31,6 +32,8 @@ pub(crate) struct ObserveLayer {
     pub config: ConfigHandle,
     pub spans: Spans,
     pub identity: MeshIdentity,
+    /// One access-log line per request.
+    pub access_log: bool,
 }
 
 impl<S> Layer<S> for ObserveLayer {
@@ -68,6 +71,10 @@ where
         let spans = &self.layer.spans;
         let hop = trace::propagate(req.headers_mut(), |id| spans.sample_new(id));
         let mut span = RequestSpan::start(spans, hop, SpanKind::Server, &req);
+        let logged = self
+            .layer
+            .access_log
+            .then(|| (req.method().clone(), req.uri().path().to_string()));
         if let (Some(span), Some(conn)) = (&mut span, &conn) {
             server_attributes(span, conn, &self.layer);
         }
@@ -87,8 +94,8 @@ where
                     e.into_response()
                 }
             };
+            let table = layer.config.table();
             if let Some((conn, mesh)) = admitted {
-                let table = layer.config.table();
                 layer.metrics.record(
                     "inbound",
                     &conn.caller_cluster,
@@ -97,6 +104,31 @@ where
                     resp.status(),
                     start.elapsed(),
                 );
+            }
+            if let (Some((method, path)), Some(conn)) = (logged, &conn) {
+                let (service, app) = match &conn.admitted {
+                    Ok((mesh, app)) => (mesh.service.to_string(), app.to_string()),
+                    Err(_) => (String::new(), String::new()),
+                };
+                access::request(&access::Request {
+                    direction: "inbound",
+                    method: method.as_str(),
+                    path: &path,
+                    status: resp.status().as_u16(),
+                    duration: start.elapsed(),
+                    src_cluster: &conn.caller_cluster,
+                    dst_cluster: table.cluster_name(),
+                    service: &service,
+                    caller: &conn.caller.to_string(),
+                    upstream: &app,
+                    attempts: 1,
+                    proxy_error: resp
+                        .headers()
+                        .get(fedmesh_dataplane::http::PROXY_ERROR)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or(""),
+                    hop: &hop,
+                });
             }
             Ok(match span {
                 Some(s) => s.end_with(resp),
@@ -174,6 +206,7 @@ mod tests {
             config: ConfigHandle::fixed(table_with_policy(pb::TrafficPolicy::default())),
             spans: Spans::off(),
             identity: MeshIdentity::new(),
+            access_log: false,
         };
         let mut svc = layer.layer(tower::service_fn(|req: Request<Body>| {
             let conn = req.extensions().get::<Arc<InboundConn>>().unwrap().clone();

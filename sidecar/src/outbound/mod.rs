@@ -119,6 +119,7 @@ impl Sidecar {
             config,
             spans: parts.spans,
             identity: parts.identity,
+            access_log: parts.access_log,
         }
         .layer(routed);
         BoxCloneSyncService::new(observed)
@@ -436,6 +437,7 @@ impl Sidecar {
 /// What the outbound stack is made of.
 pub(crate) struct StackParts {
     pub spans: fedmesh_dataplane::telemetry::Spans,
+    pub access_log: bool,
     pub upstreams: Arc<crate::upstream::Upstreams>,
     pub balancer: Arc<fedmesh_dataplane::balance::Balancer>,
     pub identity: fedmesh_trust::tls::MeshIdentity,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use fedmesh_dataplane::access;
 use fedmesh_dataplane::config::ConfigHandle;
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::Body;
@@ -31,6 +32,8 @@ pub(crate) struct ObserveLayer {
     pub config: ConfigHandle,
     pub spans: Spans,
     pub identity: MeshIdentity,
+    /// One access-log line per request.
+    pub access_log: bool,
 }
 
 impl<S> Layer<S> for ObserveLayer {
@@ -74,6 +77,10 @@ where
         let span = RequestSpan::start(spans, hop, SpanKind::Client, &req);
         // The endpoint names this request as the trigger of a gateway connection it opens.
         req.extensions_mut().insert(hop);
+        let logged = self
+            .layer
+            .access_log
+            .then(|| (req.method().clone(), req.uri().path().to_string()));
         let dest = req.extensions().get::<Dest>().cloned();
         let service = dest
             .as_ref()
@@ -116,6 +123,32 @@ where
                 resp.status(),
                 start.elapsed(),
             );
+            if let Some((method, path)) = logged {
+                let journal = tried.journal();
+                access::request(&access::Request {
+                    direction: "outbound",
+                    method: method.as_str(),
+                    path: &path,
+                    status: resp.status().as_u16(),
+                    duration: start.elapsed(),
+                    src_cluster: table.cluster_name(),
+                    dst_cluster: &dst,
+                    service: &service,
+                    caller: &layer
+                        .identity
+                        .spiffe_id()
+                        .map(|i| i.to_string())
+                        .unwrap_or_default(),
+                    upstream: journal.targets.last().map_or("", |t| t.key()),
+                    attempts: journal.targets.len(),
+                    proxy_error: resp
+                        .headers()
+                        .get(fedmesh_dataplane::http::PROXY_ERROR)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or(""),
+                    hop: &hop,
+                });
+            }
             Ok(resp)
         })
     }

@@ -3,6 +3,7 @@
 //! relayed both ways. Each connection is a CLIENT span of a trace of its own (TCP carries no
 //! trace context); the gateway's span of the connection is its child.
 
+use fedmesh_dataplane::access;
 use fedmesh_dataplane::balance::{Choose, stable_hash};
 use fedmesh_dataplane::config::{RoutingTable, Scope};
 use fedmesh_dataplane::connect::{NotConnected, Plan};
@@ -164,8 +165,27 @@ impl Sidecar {
             .inc();
         self.metrics.tcp_active.inc();
         let _lease = self.balancer.lease(target);
+        let start = std::time::Instant::now();
         let moved = relay(client, up, self.options.idle_timeout).await;
         self.metrics.tcp_active.dec();
+        if self.options.access_log {
+            let (received, sent) = moved.as_ref().map_or((0, 0), |m| (m.a_to_b, m.b_to_a));
+            access::connection(&access::Connection {
+                direction: "outbound",
+                service: &service,
+                peer: "",
+                upstream: target.key(),
+                bytes_received: received,
+                bytes_sent: sent,
+                duration: start.elapsed(),
+                error: &moved
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("{:?}", e.kind()))
+                    .unwrap_or_default(),
+                hop: span.as_ref().map(|s| s.hop()).as_ref(),
+            });
+        }
         if let Some(mut s) = span {
             match &moved {
                 Ok(m) => s.moved(m, 0),
