@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 pub use connection::ConnectionSpan;
 pub use export::{ExportConfig, Exporting, OtlpProtocol, SamplerArg, start};
-pub use request::RequestSpan;
+pub use request::{RequestSpan, SpanLink};
 
 use crate::metrics::ProxyMetrics;
 use crate::trace::HopSpan;
@@ -69,7 +69,7 @@ pub struct SpanRecord {
     /// Why it failed (`error.type`), if it did.
     pub error: Option<String>,
     /// Spans this one is tied to without being their child: `(trace ID, span ID)`.
-    pub links: Vec<([u8; 16], [u8; 8])>,
+    pub links: Vec<SpanLink>,
     /// A connection's span: its length says how long the connection lived, not that anything
     /// was slow, so it is kept only when sampled or failed.
     pub connection: bool,
@@ -102,14 +102,27 @@ impl Spans {
         result.decision == SamplingDecision::RecordAndSample
     }
 
+    /// Whether a finished hop's span is kept: its trace is sampled, it failed, or (not for a
+    /// connection) it was slow. Spans that are not kept need not be built at all.
+    pub fn keeps(&self, sampled: bool, failed: bool, duration: Duration, connection: bool) -> bool {
+        let Some(inner) = &self.0 else {
+            return false;
+        };
+        sampled || failed || (!connection && duration >= inner.slow)
+    }
+
     /// Records a finished hop: queued for export when kept, dropped (and counted) when the
     /// queue is full.
     pub fn finish(&self, rec: SpanRecord) {
         let Some(inner) = &self.0 else {
             return;
         };
-        let slow = !rec.connection && rec.duration >= inner.slow;
-        if !(rec.hop.sampled || rec.error.is_some() || slow) {
+        if !self.keeps(
+            rec.hop.sampled,
+            rec.error.is_some(),
+            rec.duration,
+            rec.connection,
+        ) {
             return;
         }
         let status = match &rec.error {
@@ -192,10 +205,7 @@ pub fn request_attributes(
 
 /// gRPC's name and attributes, when the request is gRPC (`content-type: application/grpc*`):
 /// the span is named `service/method` and says both.
-pub fn grpc_call(request: &http::HeaderMap, uri: &http::Uri) -> Option<(String, Vec<KeyValue>)> {
-    let grpc = request
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+pub fn grpc_call(grpc: bool, uri: &http::Uri) -> Option<(String, Vec<KeyValue>)> {
     if !grpc {
         return None;
     }

@@ -1,6 +1,11 @@
 //! A request's span, from the moment a proxy has the request to the end of the response body
 //! (a streaming answer's span lasts as long as the stream; a gRPC status in the trailers is
 //! read there).
+//!
+//! Most requests' spans are not kept (sampled out, fast, successful), and that is only known
+//! at the end: until then a span holds only what it cannot get later (the request's method,
+//! URI, version, whether it is gRPC, the start time); its attributes are built when, and only
+//! when, it is kept.
 
 use std::time::{Instant, SystemTime};
 
@@ -8,6 +13,9 @@ use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 
 use super::{SpanRecord, Spans, error_type, grpc_call, grpc_status, request_attributes};
+
+/// A span another is tied to without being its child: `(trace ID, span ID)`.
+pub type SpanLink = ([u8; 16], [u8; 8]);
 use crate::http::{Body, PROXY_ERROR, on_end};
 use crate::trace::HopSpan;
 
@@ -19,10 +27,10 @@ pub struct RequestSpan {
     kind: SpanKind,
     wall: SystemTime,
     start: Instant,
-    name: String,
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
     grpc: bool,
-    attributes: Vec<KeyValue>,
-    links: Vec<([u8; 16], [u8; 8])>,
 }
 
 impl RequestSpan {
@@ -35,53 +43,38 @@ impl RequestSpan {
         if !spans.enabled() {
             return None;
         }
-        let mut attributes = request_attributes(req.method(), req.uri(), req.version());
-        let (name, grpc) = match grpc_call(req.headers(), req.uri()) {
-            Some((name, a)) => {
-                attributes.extend(a);
-                (name, true)
-            }
-            None => (req.method().to_string(), false),
-        };
+        let grpc = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         Some(Self {
             spans: spans.clone(),
             hop,
             kind,
             wall: SystemTime::now(),
             start: Instant::now(),
-            name,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
             grpc,
-            attributes,
-            links: Vec::new(),
         })
     }
 
-    pub fn push(&mut self, kv: KeyValue) {
-        self.attributes.push(kv);
-    }
-
-    /// Ties the span to another (`trace ID`, `span ID`) it is not a child of.
-    pub fn link(&mut self, to: ([u8; 16], [u8; 8])) {
-        self.links.push(to);
-    }
-
-    /// Ends the span with the response: now for its status, at the body's end for its timing
-    /// and a gRPC status in the trailers.
-    pub fn end_with(mut self, resp: http::Response<Body>) -> http::Response<Body> {
+    /// Ends the span with the response: at the body's end (its timing, a gRPC status in the
+    /// trailers), when it is kept, its attributes are built — the HTTP and gRPC ones, and
+    /// those `more` adds (what the proxy knows of the request: clusters, identities, route),
+    /// with any links.
+    pub fn end_with(
+        self,
+        resp: http::Response<Body>,
+        more: impl FnOnce(&mut Vec<KeyValue>, &mut Vec<SpanLink>) + Send + Sync + 'static,
+    ) -> http::Response<Body> {
         let status = resp.status();
-        self.attributes.push(KeyValue::new(
-            "http.response.status_code",
-            i64::from(status.as_u16()),
-        ));
         let proxy_error = resp
             .headers()
             .get(PROXY_ERROR)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        if let Some(reason) = &proxy_error {
-            self.attributes
-                .push(KeyValue::new("fedmesh.proxy_error", reason.clone()));
-        }
         let header_status = if self.grpc {
             grpc_status(resp.headers())
         } else {
@@ -89,21 +82,48 @@ impl RequestSpan {
         };
         resp.map(|body| {
             on_end(body, move |trailers| {
-                let grpc = header_status.or_else(|| trailers.and_then(grpc_status));
-                if let Some(code) = grpc {
-                    self.attributes
-                        .push(KeyValue::new("rpc.grpc.status_code", code));
-                }
+                let grpc = match header_status {
+                    Some(c) => Some(c),
+                    None if self.grpc => trailers.and_then(grpc_status),
+                    None => None,
+                };
                 let error = error_type(&self.kind, status, grpc, proxy_error.as_deref());
+                let duration = self.start.elapsed();
+                if !self
+                    .spans
+                    .keeps(self.hop.sampled, error.is_some(), duration, false)
+                {
+                    return;
+                }
+                let mut attributes = request_attributes(&self.method, &self.uri, self.version);
+                let name = match grpc_call(self.grpc, &self.uri) {
+                    Some((name, a)) => {
+                        attributes.extend(a);
+                        name
+                    }
+                    None => self.method.to_string(),
+                };
+                attributes.push(KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(status.as_u16()),
+                ));
+                if let Some(code) = grpc {
+                    attributes.push(KeyValue::new("rpc.grpc.status_code", code));
+                }
+                if let Some(reason) = proxy_error {
+                    attributes.push(KeyValue::new("fedmesh.proxy_error", reason));
+                }
+                let mut links = Vec::new();
+                more(&mut attributes, &mut links);
                 self.spans.finish(SpanRecord {
                     hop: self.hop,
-                    name: self.name,
+                    name,
                     kind: self.kind,
                     start: self.wall,
-                    duration: self.start.elapsed(),
-                    attributes: self.attributes,
+                    duration,
+                    attributes,
                     error,
-                    links: self.links,
+                    links,
                     connection: false,
                 });
             })

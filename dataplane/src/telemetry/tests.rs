@@ -134,17 +134,12 @@ fn the_standard_sampler_variables_are_read_and_bad_values_named() {
 
 #[test]
 fn grpc_requests_are_named_by_service_and_method() {
-    let mut h = http::HeaderMap::new();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        "application/grpc+proto".parse().unwrap(),
-    );
     let uri: http::Uri = "/shop.Cart/Add".parse().unwrap();
-    let (name, a) = grpc_call(&h, &uri).unwrap();
+    let (name, a) = grpc_call(true, &uri).unwrap();
     assert_eq!(name, "shop.Cart/Add");
     assert!(a.contains(&KeyValue::new("rpc.service", "shop.Cart")));
     assert!(a.contains(&KeyValue::new("rpc.method", "Add")));
-    assert!(grpc_call(&http::HeaderMap::new(), &uri).is_none());
+    assert!(grpc_call(false, &uri).is_none());
     let mut trailers = http::HeaderMap::new();
     trailers.insert("grpc-status", "14".parse().unwrap());
     assert_eq!(grpc_status(&trailers), Some(14));

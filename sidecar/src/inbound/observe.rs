@@ -70,14 +70,11 @@ where
         let conn = req.extensions().get::<Arc<InboundConn>>().cloned();
         let spans = &self.layer.spans;
         let hop = trace::propagate(req.headers_mut(), |id| spans.sample_new(id));
-        let mut span = RequestSpan::start(spans, hop, SpanKind::Server, &req);
+        let span = RequestSpan::start(spans, hop, SpanKind::Server, &req);
         let logged = self
             .layer
             .access_log
             .then(|| (req.method().clone(), req.uri().path().to_string()));
-        if let (Some(span), Some(conn)) = (&mut span, &conn) {
-            server_attributes(span, conn, &self.layer);
-        }
         let call: BoxFuture<_> = Box::pin(self.inner.call(req));
         let layer = self.layer.clone();
         Box::pin(async move {
@@ -130,40 +127,51 @@ where
                     hop: &hop,
                 });
             }
-            Ok(match span {
-                Some(s) => s.end_with(resp),
-                None => resp,
+            Ok(match (span, conn) {
+                (Some(s), Some(conn)) => {
+                    // Built only if the span is kept.
+                    let (identity, cluster) = (layer.identity.clone(), table.clone());
+                    s.end_with(resp, move |a, _| {
+                        server_attributes(a, &conn, &identity, cluster.cluster_name())
+                    })
+                }
+                (Some(s), None) => s.end_with(resp, |_, _| {}),
+                (None, _) => resp,
             })
         })
     }
 }
 
 /// What a SERVER span says beyond HTTP: who called from where, and what it asked for.
-fn server_attributes(span: &mut RequestSpan, conn: &InboundConn, layer: &ObserveLayer) {
-    let table = layer.config.table();
-    span.push(KeyValue::new(
+fn server_attributes(
+    attrs: &mut Vec<KeyValue>,
+    conn: &InboundConn,
+    identity: &MeshIdentity,
+    cluster: &str,
+) {
+    attrs.push(KeyValue::new(
         "fedmesh.source.cluster",
         conn.caller_cluster.clone(),
     ));
-    span.push(KeyValue::new(
+    attrs.push(KeyValue::new(
         "fedmesh.destination.cluster",
-        table.cluster_name().to_string(),
+        cluster.to_string(),
     ));
-    span.push(KeyValue::new("fedmesh.caller", conn.caller.to_string()));
-    if let Some(id) = layer.identity.spiffe_id() {
-        span.push(KeyValue::new("fedmesh.callee", id.to_string()));
+    attrs.push(KeyValue::new("fedmesh.caller", conn.caller.to_string()));
+    if let Some(id) = identity.spiffe_id() {
+        attrs.push(KeyValue::new("fedmesh.callee", id.to_string()));
     }
-    span.push(KeyValue::new(
+    attrs.push(KeyValue::new(
         "network.peer.address",
         conn.peer.ip().to_string(),
     ));
-    span.push(KeyValue::new(
+    attrs.push(KeyValue::new(
         "network.peer.port",
         i64::from(conn.peer.port()),
     ));
     if let Ok((mesh, _)) = &conn.admitted {
-        span.push(KeyValue::new("fedmesh.service", mesh.service.to_string()));
-        span.push(KeyValue::new("server.port", i64::from(mesh.port)));
+        attrs.push(KeyValue::new("fedmesh.service", mesh.service.to_string()));
+        attrs.push(KeyValue::new("server.port", i64::from(mesh.port)));
     }
 }
 

@@ -15,7 +15,7 @@ use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::Body;
 use fedmesh_dataplane::metrics::ProxyMetrics;
 use fedmesh_dataplane::target::Place;
-use fedmesh_dataplane::telemetry::{RequestSpan, Spans};
+use fedmesh_dataplane::telemetry::{RequestSpan, SpanLink, Spans};
 use fedmesh_dataplane::trace::{self, HopSpan};
 use fedmesh_trust::tls::MeshIdentity;
 use http::{Request, Response};
@@ -102,16 +102,21 @@ where
                 .unwrap_or_default();
             let table = layer.config.table();
             let resp = match span {
-                Some(mut span) => {
-                    client_attributes(
-                        &mut span,
-                        hop,
-                        &tried.journal(),
-                        table.cluster_name(),
-                        dest.as_ref(),
-                        &layer.identity,
-                    );
-                    span.end_with(resp)
+                Some(span) => {
+                    // Built only if the span is kept.
+                    let (tried, table, dest) = (tried.clone(), table.clone(), dest.clone());
+                    let identity = layer.identity.clone();
+                    span.end_with(resp, move |a, links| {
+                        client_attributes(
+                            a,
+                            links,
+                            hop,
+                            &tried.journal(),
+                            table.cluster_name(),
+                            dest.as_ref(),
+                            &identity,
+                        )
+                    })
                 }
                 None => resp,
             };
@@ -156,19 +161,20 @@ where
 
 /// What a CLIENT span says beyond HTTP: where the request went and why.
 fn client_attributes(
-    span: &mut RequestSpan,
+    attrs: &mut Vec<KeyValue>,
+    links: &mut Vec<SpanLink>,
     hop: HopSpan,
     journal: &Journal,
     cluster: &str,
     dest: Option<&Dest>,
     identity: &MeshIdentity,
 ) {
-    span.push(KeyValue::new("fedmesh.source.cluster", cluster.to_string()));
+    attrs.push(KeyValue::new("fedmesh.source.cluster", cluster.to_string()));
     if let Some(id) = identity.spiffe_id() {
-        span.push(KeyValue::new("fedmesh.caller", id.to_string()));
+        attrs.push(KeyValue::new("fedmesh.caller", id.to_string()));
     }
     if let Some(d) = dest {
-        span.push(KeyValue::new(
+        attrs.push(KeyValue::new(
             "server.address",
             format!(
                 "{}.{}.svc.{}.local",
@@ -181,45 +187,45 @@ fn client_attributes(
                 }
             ),
         ));
-        span.push(KeyValue::new("server.port", i64::from(d.port)));
-        span.push(KeyValue::new("fedmesh.service", d.service.to_string()));
+        attrs.push(KeyValue::new("server.port", i64::from(d.port)));
+        attrs.push(KeyValue::new("fedmesh.service", d.service.to_string()));
     }
     if let Some(ctx) = &journal.route {
         if let Some(r) = ctx.route_name() {
-            span.push(KeyValue::new("fedmesh.route", r));
+            attrs.push(KeyValue::new("fedmesh.route", r));
         }
         if let Some(b) = ctx.backend_name() {
-            span.push(KeyValue::new("fedmesh.backend", b));
+            attrs.push(KeyValue::new("fedmesh.backend", b));
         }
     }
     if let Some(last) = journal.targets.last() {
-        span.push(KeyValue::new(
+        attrs.push(KeyValue::new(
             "fedmesh.destination.cluster",
             last.cluster().to_string(),
         ));
-        span.push(KeyValue::new(
+        attrs.push(KeyValue::new(
             "fedmesh.destination.trust_domain",
             last.trust_domain().to_string(),
         ));
         let peer = match last.place() {
             Place::Local { addr, .. } => (addr.ip().to_string(), addr.port().to_string()),
             Place::Remote { gateway, .. } => {
-                span.push(KeyValue::new("fedmesh.gateway", gateway.to_string()));
+                attrs.push(KeyValue::new("fedmesh.gateway", gateway.to_string()));
                 match gateway.rsplit_once(':') {
                     Some((h, p)) => (h.trim_matches(['[', ']']).to_string(), p.to_string()),
                     None => (gateway.to_string(), String::new()),
                 }
             }
         };
-        span.push(KeyValue::new("network.peer.address", peer.0));
+        attrs.push(KeyValue::new("network.peer.address", peer.0));
         if let Ok(port) = peer.1.parse::<i64>() {
-            span.push(KeyValue::new("network.peer.port", port));
+            attrs.push(KeyValue::new("network.peer.port", port));
         }
     }
     if let Some(tier) = journal.tiers.last() {
-        span.push(KeyValue::new("fedmesh.locality", *tier));
+        attrs.push(KeyValue::new("fedmesh.locality", *tier));
     }
-    span.push(KeyValue::new(
+    attrs.push(KeyValue::new(
         "fedmesh.attempts",
         journal.targets.len() as i64,
     ));
@@ -229,20 +235,20 @@ fn client_attributes(
             .iter()
             .map(|t| format!("{} ({})", t.key(), t.cluster()).into())
             .collect();
-        span.push(KeyValue::new("fedmesh.tried", Value::Array(tried.into())));
+        attrs.push(KeyValue::new("fedmesh.tried", Value::Array(tried.into())));
     }
     if let Some(c) = &journal.connection {
-        span.push(KeyValue::new("fedmesh.connection.id", c.id_hex()));
+        attrs.push(KeyValue::new("fedmesh.connection.id", c.id_hex()));
         // The gateway's span of the connection is a child of the request that opened it; a
         // later request on the pooled connection links to it.
         if let Some(t) = c.trigger
             && t.span_id != hop.span_id
         {
-            span.link((t.trace_id, c.connection_id));
+            links.push((t.trace_id, c.connection_id));
         }
     }
     if journal.ejected > 0 {
-        span.push(KeyValue::new(
+        attrs.push(KeyValue::new(
             "fedmesh.ejections",
             i64::from(journal.ejected),
         ));

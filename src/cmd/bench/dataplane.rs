@@ -534,13 +534,14 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         }
     }
     report.policy = policy::compare(&paths[1], &policied, &body, &p).await?;
-    report.instructions = policy::instructions(policy::Counted {
+    let counted = policy::Counted {
         dir: &dirp,
         control_plane: &east_cp,
         workload_api: &ag_s1.endpoint,
         body: &body,
-    })
-    .await;
+    };
+    report.instructions = policy::instructions(&counted).await;
+    report.tracing = super::tracing::instructions(&counted).await;
     println!(
         "\n  proxy memory after the runs (RSS / peak RSS; of the RSS, private anonymous memory and\n  file-backed pages, mostly the fedmesh binary's code, shared by every process running it):"
     );
@@ -684,6 +685,8 @@ struct Report {
     policy: Vec<policy::PolicyRow>,
     /// Instructions per request of the client sidecar: minimal route, policy stack.
     instructions: Option<(f64, f64)>,
+    /// Instructions per request of the client sidecar with tracing off, at 1%, at 100%.
+    tracing: Option<super::tracing::TracingCost>,
     memory: Vec<(&'static str, u64, u64)>,
     sni: Vec<SniRow>,
 }
@@ -778,6 +781,7 @@ impl Report {
             );
         }
         policy::print_goals(&self.policy, self.instructions);
+        super::tracing::print_goals(self.tracing);
         let sidecar_max = self
             .memory
             .iter()

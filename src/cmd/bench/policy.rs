@@ -143,11 +143,11 @@ const COUNTED: usize = 400;
 /// A client sidecar run under callgrind with a listener for each path: its instructions per
 /// request on the minimal route and on the policy stack (`None` when valgrind is missing or the
 /// count fails, with the reason printed).
-pub(super) async fn instructions(c: Counted<'_>) -> Option<(f64, f64)> {
+pub(super) async fn instructions(c: &Counted<'_>) -> Option<(f64, f64)> {
     println!(
         "\n  instructions per request of the client sidecar (callgrind, {COUNTED} requests per path, HTTP/1.1, one at a time):"
     );
-    match count(&c).await {
+    match count(c, &[], "policy").await {
         Ok((minimal, policied)) => {
             println!(
                 "    minimal route {minimal:.0}, policy stack {policied:.0} ({:.2}×)",
@@ -162,14 +162,20 @@ pub(super) async fn instructions(c: Counted<'_>) -> Option<(f64, f64)> {
     }
 }
 
-async fn count(c: &Counted<'_>) -> anyhow::Result<(f64, f64)> {
+/// The client sidecar's instructions per request on the minimal route and on the policy stack,
+/// run under callgrind with `extra` flags (`tag` names its files).
+pub(super) async fn count(
+    c: &Counted<'_>,
+    extra: &[String],
+    tag: &str,
+) -> anyhow::Result<(f64, f64)> {
     let valgrind =
         which("valgrind").context("valgrind is not installed (apt-get install valgrind)")?;
     let control = which("callgrind_control")
         .context("callgrind_control is not installed (apt-get install valgrind)")?;
     let (admin, minimal, policied) = (free_addr()?, free_addr()?, free_addr()?);
-    let out = c.dir.join("callgrind.out");
-    let log = std::fs::File::create(c.dir.join("sidecar-callgrind.log"))?;
+    let out = c.dir.join(format!("callgrind-{tag}.out"));
+    let log = std::fs::File::create(c.dir.join(format!("sidecar-callgrind-{tag}.log")))?;
     let mut child = Command::new(valgrind)
         .arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}", out.display()))
@@ -189,6 +195,10 @@ async fn count(c: &Counted<'_>) -> anyhow::Result<(f64, f64)> {
             "--listen",
             &format!("{policied}=bench/policied:80"),
         ])
+        .args(extra)
+        // Only `extra` says where spans go.
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(log)
