@@ -302,6 +302,49 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
         assert_eq!(s.attr("fedmesh.destination.cluster"), Some("west"));
     }
 
+    // A failover, as the span tells it: a third cluster now exports shop/api too, and west's
+    // app is still gone. A request that tries west first is answered there by west's sidecar
+    // (the app never saw it), so east's sidecar retries it in central: one CLIENT span, two
+    // attempts, both clusters tried, central the destination.
+    let mut central = mesh.add_cluster(3, "central", "us-central", &["api"]);
+    let api_c = mesh.add_pod(&mut central, "api", "us-central-1a", true);
+    export(&central, "api", &[(&api_c, "us-central-1a")]);
+    let start = Instant::now();
+    let mut n = 0u32;
+    let failover = loop {
+        n += 1;
+        let id = format!("4af7651916cd43dd8448eb21{n:08x}");
+        let (status, body) = get("/", &format!("00-{id}-b7ad6b7169203331-01"));
+        if status == 200 {
+            let spans = wait_spans(&mesh, collector, &id, 2);
+            let c = one(&spans, "SPAN_KIND_CLIENT").clone();
+            if c.attr("fedmesh.attempts") == Some("2") {
+                break c;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no request failed over from west to central in {n} tries: last {status} {body}"
+        );
+        // Until central's export reaches east, every try ends in west's 503.
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("{failover:#?}");
+    assert_eq!(
+        failover.attr("fedmesh.destination.cluster"),
+        Some("central")
+    );
+    let tried = failover.attr("fedmesh.tried").unwrap_or_default();
+    assert!(
+        tried.contains("(west)") && tried.contains("(central)"),
+        "both clusters tried, in order: {tried}"
+    );
+    assert!(
+        tried.find("(west)") < tried.find("(central)"),
+        "west first: {tried}"
+    );
+    assert_eq!(failover.attr("error.type"), None, "the request succeeded");
+
     // The gateway hop. The sampled request rode a pooled connection that the gateway knows by
     // the ID its client span names; the gateway's span of that connection (recorded when it
     // closes: here, when the frontend's sidecar stops) is the child of the request that
