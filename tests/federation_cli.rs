@@ -83,7 +83,7 @@ fn status_and_explain_show_the_clusterset_as_the_hub_sees_it() {
     assert_eq!(s["services"][0]["service"], "shop/web");
     assert_eq!(s["services"][0]["clusters"][0]["cluster"], "east");
 
-    // The table form is for people.
+    // The table form is for people; piped (as here), it is plain columns that awk can split.
     let mut a = vec!["status".to_string()];
     a.extend(admin_args(&hub));
     let table = String::from_utf8(run(&a).stdout).unwrap();
@@ -91,6 +91,38 @@ fn status_and_explain_show_the_clusterset_as_the_hub_sees_it() {
         table.contains("east.example") && table.contains("shop/web"),
         "{table}"
     );
+    assert!(
+        !table.contains(['│', '─', '┌', '╭', '|']),
+        "no borders when piped: {table}"
+    );
+    let east_row: Vec<&str> = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("east"))
+        .unwrap_or_else(|| panic!("a row starting with east: {table}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(east_row[1], "east.example", "{table}");
+    assert!(
+        table
+            .lines()
+            .next()
+            .is_some_and(|h| h.split_whitespace().next() == Some("CLUSTER")),
+        "{table}"
+    );
+
+    // YAML says what JSON says.
+    let mut a = vec!["status".to_string(), "-o".into(), "yaml".into()];
+    a.extend(admin_args(&hub));
+    let out = run(&a);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let y: serde_json::Value =
+        serde_saphyr::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(y["services"], s["services"]);
+    assert_eq!(y["clusters"].as_array().unwrap().len(), 2);
 
     let mut a = vec![
         "explain".to_string(),

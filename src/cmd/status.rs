@@ -11,6 +11,17 @@ use super::hub::AdminArgs;
 pub enum Output {
     Table,
     Json,
+    Yaml,
+}
+
+/// Prints `doc` as JSON or YAML; `false` for the table output (the caller draws it).
+fn print_doc(output: Output, doc: &serde_json::Value) -> anyhow::Result<bool> {
+    match output {
+        Output::Table => return Ok(false),
+        Output::Json => println!("{}", serde_json::to_string_pretty(doc)?),
+        Output::Yaml => print!("{}", serde_saphyr::to_string(doc)?),
+    }
+    Ok(true)
 }
 
 #[derive(Args)]
@@ -46,24 +57,28 @@ fn cell(text: impl ToString, c: Option<Color>) -> Cell {
     }
 }
 
+/// A table drawn with borders on a terminal; piped, plain columns separated by spaces (as
+/// kubectl prints them), so `awk` and `grep` read it.
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
-    t.load_preset(presets::UTF8_BORDERS_ONLY)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header(header.iter().map(|h| cell(h, None)).collect::<Vec<_>>());
+    if std::io::stdout().is_terminal() {
+        t.load_preset(presets::UTF8_BORDERS_ONLY)
+            .set_content_arrangement(ContentArrangement::Dynamic);
+    } else {
+        t.load_preset(presets::NOTHING)
+            .set_content_arrangement(ContentArrangement::Disabled);
+    }
+    t.set_header(header.iter().map(|h| cell(h, None)).collect::<Vec<_>>());
     t
 }
 
 pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     let client = a.admin.client()?;
     let (clusters, services) = (client.clusters().await?, client.services().await?);
-    if a.output == Output::Json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "clusters": clusters, "services": services })
-            )?
-        );
+    if print_doc(
+        a.output,
+        &serde_json::json!({ "clusters": clusters, "services": services }),
+    )? {
         return Ok(());
     }
     let mut t = table(&[
@@ -215,8 +230,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
 
 pub async fn explain(a: ExplainArgs) -> anyhow::Result<()> {
     let e = a.admin.client()?.explain(&a.service, &a.from).await?;
-    if a.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&e)?);
+    if print_doc(a.output, &serde_json::to_value(&e)?)? {
     } else {
         let paint = |s: &str, code: &str| {
             if color() {
