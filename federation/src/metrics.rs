@@ -26,6 +26,9 @@ pub struct HubMetrics {
     pub snapshots_sent: Counter,
     pub nacks: Counter,
     pub joins: Family<ResultLabels, Counter>,
+    /// Spans sent to the hub's trace window, by result (accepted, rejected, dropped).
+    pub spans: Family<ResultLabels, Counter>,
+    pub trace_window_spans: Gauge,
 }
 
 impl Default for HubMetrics {
@@ -41,6 +44,8 @@ impl Default for HubMetrics {
             snapshots_sent: Counter::default(),
             nacks: Counter::default(),
             joins: Family::default(),
+            spans: Family::default(),
+            trace_window_spans: Gauge::default(),
         };
         registry.register(
             "connected_clusters",
@@ -78,6 +83,16 @@ impl Default for HubMetrics {
             m.nacks.clone(),
         );
         registry.register("joins", "Join attempts by result", m.joins.clone());
+        registry.register(
+            "spans",
+            "Spans sent over OTLP, by result: accepted into the trace window, rejected (invalid), dropped (the oldest, to keep the window within its limits)",
+            m.spans.clone(),
+        );
+        registry.register(
+            "trace_window_spans",
+            "Spans the trace window holds",
+            m.trace_window_spans.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -89,6 +104,16 @@ impl HubMetrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    pub fn count_spans(&self, result: &str, n: u64) {
+        if n > 0 {
+            self.spans
+                .get_or_create(&ResultLabels {
+                    result: result.to_string(),
+                })
+                .inc_by(n);
+        }
     }
 
     pub fn encode(&self) -> String {

@@ -164,9 +164,9 @@ pub struct ErrorBody {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "fedmesh hub admin API", version = "v1", description = "Clusters, exported services, bundles and join tokens of a fedmesh clusterset."),
-    paths(list_clusters, remove_cluster, cluster_imports, withdraw_export, list_services, list_bundles, explain, create_token),
-    components(schemas(ClusterStatus, ServiceStatus, ExporterStatus, PortStatus, ConflictStatus, BundleStatus, Explanation, ExplainStep, TokenRequest, TokenResponse, ErrorBody)),
+    info(title = "fedmesh hub admin API", version = "v1", description = "Clusters, exported services, bundles, join tokens and recent traces of a fedmesh clusterset."),
+    paths(list_clusters, remove_cluster, cluster_imports, withdraw_export, list_services, list_bundles, explain, create_token, super::traces::api::list_traces, super::traces::api::get_trace),
+    components(schemas(ClusterStatus, ServiceStatus, ExporterStatus, PortStatus, ConflictStatus, BundleStatus, Explanation, ExplainStep, TokenRequest, TokenResponse, ErrorBody, super::traces::SpanView, super::traces::TraceSummary)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -200,6 +200,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/bundles", get(list_bundles))
         .route("/explain", get(explain))
         .route("/tokens", post(create_token))
+        .route("/traces", get(super::traces::api::list_traces))
+        .route("/traces/{id}", get(super::traces::api::get_trace))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
@@ -214,7 +216,7 @@ pub fn router(state: AdminState) -> Router {
         .layer(tower::limit::ConcurrencyLimitLayer::new(256))
 }
 
-fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(ErrorBody { error: msg.into() })).into_response()
 }
 

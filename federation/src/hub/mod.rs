@@ -12,6 +12,7 @@ pub mod quota;
 pub mod records;
 pub mod registration;
 mod service;
+pub mod traces;
 pub mod view;
 
 use std::collections::BTreeSet;
@@ -47,6 +48,8 @@ pub struct HubConfig {
     pub cluster_svid_ttl: Duration,
     /// Default lifetime of join tokens.
     pub token_ttl: Duration,
+    /// What the window of recent traces keeps.
+    pub traces: traces::TraceLimits,
 }
 
 impl Default for HubConfig {
@@ -57,6 +60,7 @@ impl Default for HubConfig {
             expire_after: Duration::from_secs(72 * 3600),
             cluster_svid_ttl: Duration::from_secs(24 * 3600),
             token_ttl: Duration::from_secs(3600),
+            traces: traces::TraceLimits::default(),
         }
     }
 }
@@ -110,6 +114,8 @@ pub struct Hub {
     acked: std::sync::Mutex<std::collections::HashMap<ClusterName, u64>>,
     /// Clusterset-wide rate limits: the clusters' demand and their shares.
     pub quotas: quota::Quotas,
+    /// Recent traces, from the clusters' OTLP exports.
+    pub traces: traces::TraceWindow,
     shutdown: CancellationToken,
 }
 
@@ -163,6 +169,7 @@ impl Hub {
         let identity = MeshIdentity::new();
         let (kvs, revision) = store.list("").await?;
         let view = View::from_listing(kvs, revision);
+        let traces = traces::TraceWindow::new(config.traces.clone());
         let hub = Arc::new(Self {
             config,
             store,
@@ -173,6 +180,7 @@ impl Hub {
             metrics: HubMetrics::default(),
             acked: Default::default(),
             quotas: Default::default(),
+            traces,
             shutdown,
         });
         hub.renew_identity()?;
@@ -863,7 +871,8 @@ pub async fn serve_grpc(
         .layer(tower::util::MapRequestLayer::new(
             service::limit_unary_requests,
         ))
-        .add_service(HubService::new(hub))
+        .add_service(HubService::new(hub.clone()))
+        .add_service(traces::intake::server(hub))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
 }
