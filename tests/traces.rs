@@ -425,3 +425,68 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// With no collector named, the proxies send their spans to their control plane, which relays
+/// them to the hub: the hub's admin API shows one request's spans from both clusters.
+#[test]
+fn without_a_collector_spans_reach_the_hubs_trace_window_through_the_control_planes() {
+    if support::netns::skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut mesh = Mesh::start(dir.path());
+    let mut east = mesh.add_cluster(1, "east", "us-east", &["frontend"]);
+    let mut west = mesh.add_cluster(2, "west", "us-west", &["api"]);
+    let api = mesh.add_pod(&mut west, "api", "us-west-1a", true);
+    export(&west, "api", &[(&api, "us-west-1a")]);
+    let frontend = mesh.add_pod(&mut east, "frontend", "us-east-1a", false);
+    let ip = clusterset_ip(&frontend, &east, "api");
+    let host = "api.shop.svc.clusterset.local";
+    wait_answer_from(&frontend, ip, host, "west");
+
+    let trace = "5af7651916cd43dd8448eb211c80319c";
+    let (status, body) = in_ns(&frontend.ns, move || {
+        http_get_with(
+            SocketAddr::from((ip, 80)),
+            "/",
+            host,
+            &[(
+                "traceparent".into(),
+                format!("00-{trace}-b7ad6b7169203331-01"),
+            )],
+        )
+        .unwrap()
+    });
+    assert_eq!(status, 200, "{body}");
+    let start = Instant::now();
+    let spans = loop {
+        let (code, body) = mesh.hub_admin_get(&format!("/api/v1/traces/{trace}"));
+        if code == 200 {
+            let spans: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if spans.as_array().unwrap().len() >= 2 {
+                break spans;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the hub never held the trace: {code} {body}\n{}",
+            mesh.net.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let spans = spans.as_array().unwrap();
+    let client = spans.iter().find(|s| s["kind"] == "client").unwrap();
+    let server = spans.iter().find(|s| s["kind"] == "server").unwrap();
+    assert_eq!(
+        client["cluster"], "east",
+        "stamped by the hub from the relaying cluster"
+    );
+    assert_eq!(client["service"], "frontend");
+    assert_eq!(server["cluster"], "west");
+    assert_eq!(server["service"], "api");
+    assert_eq!(server["parent_span_id"], client["span_id"]);
+    assert_eq!(server["attributes"]["fedmesh.source.cluster"], "east");
+    let (code, body) = mesh.hub_admin_get("/api/v1/traces?service=api");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(trace), "{body}");
+}

@@ -68,7 +68,8 @@ pub struct CommonArgs {
 struct TracingArgs {
     /// An OpenTelemetry collector to send spans to (OTLP), e.g. http://otel-collector:4317
     /// (default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT; neither:
-    /// no spans).
+    /// the cluster's control plane, which relays them to the hub's trace window).
+    /// OTEL_TRACES_EXPORTER=none turns spans off.
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
     /// grpc or http/protobuf.
@@ -172,7 +173,10 @@ async fn basics(c: &CommonArgs, role: &str) -> anyhow::Result<Basics> {
         shutdown.clone(),
     );
     let metrics = Arc::new(ProxyMetrics::new(&format!("fedmesh_{role}")));
-    let export = c.tracing.export_config(role, &id, &node)?;
+    let mut export = c.tracing.export_config(role, &id, &node)?;
+    export.control_plane = Some(
+        config::control_plane_channel(&c.control_plane, &identity).map_err(anyhow::Error::msg)?,
+    );
     let (spans, exporting) =
         telemetry::start(&export, metrics.clone(), config.clone(), c.drain_timeout)
             .map_err(anyhow::Error::msg)?;

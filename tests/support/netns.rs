@@ -434,6 +434,24 @@ impl Mesh {
         Mesh { net, wan, hub_data }
     }
 
+    /// A GET on the hub's admin API (with its admin token), from the WAN: (status, body).
+    pub fn hub_admin_get(&self, path: &str) -> (u16, String) {
+        let token = std::fs::read_to_string(self.hub_data.join("admin-token"))
+            .expect("the hub's admin token")
+            .trim()
+            .to_string();
+        let path = path.to_string();
+        in_ns(&self.wan, move || {
+            http_get_with(
+                SocketAddr::from((HUB_IP, HUB_ADMIN)),
+                &path,
+                "hub",
+                &[("Authorization".into(), format!("Bearer {token}"))],
+            )
+            .expect("the hub's admin API answers")
+        })
+    }
+
     fn join_token(&self, cluster: &str, trust_domain: &str) -> String {
         let admin = format!("http://{HUB_IP}:{HUB_ADMIN}");
         let token_file = self.hub_data.join("admin-token");

@@ -103,6 +103,22 @@ impl ConfigHandle {
     }
 }
 
+/// A channel to this cluster's control plane at `addr`, with `identity`, that accepts only the
+/// control plane of the identity's own trust domain.
+pub fn control_plane_channel(
+    addr: &str,
+    identity: &MeshIdentity,
+) -> Result<tonic::transport::Channel, String> {
+    let id = identity.spiffe_id().ok_or("no SVID yet")?;
+    let cp_id = SpiffeId::new(&format!(
+        "spiffe://{}/fedmesh/control-plane",
+        id.trust_domain()
+    ))
+    .map_err(|e| e.to_string())?;
+    let cfg = identity.client_config(Authorizer::id(cp_id), vec![b"h2".to_vec()]);
+    fedmesh_trust::grpc::channel(addr, cfg, "control-plane.fedmesh")
+}
+
 /// Starts following the control plane at `addr` with `identity`.
 pub fn start(
     addr: String,
@@ -277,13 +293,7 @@ async fn session(
     state.own_namespace = id
         .namespace_and_service_account()
         .map(|(ns, _)| ns.to_string());
-    let cp_id = SpiffeId::new(&format!(
-        "spiffe://{}/fedmesh/control-plane",
-        id.trust_domain()
-    ))
-    .map_err(|e| e.to_string())?;
-    let cfg = identity.client_config(Authorizer::id(cp_id), vec![b"h2".to_vec()]);
-    let channel = fedmesh_trust::grpc::channel(addr, cfg, "control-plane.fedmesh")?;
+    let channel = control_plane_channel(addr, identity)?;
     let mut client = DataPlaneClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(16);
     tx.send(pb::DataPlaneMessage {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::{InstrumentationScope, KeyValue};
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::resource::EnvResourceDetector;
 use opentelemetry_sdk::trace::{Sampler, SpanData, SpanExporter};
@@ -37,6 +37,9 @@ pub struct ExportConfig {
     pub service_name: String,
     /// More resource attributes (`service.namespace`, `k8s.*`, the trust domain...).
     pub resource: Vec<KeyValue>,
+    /// Where spans go when no collector is named: the cluster's control plane, which relays
+    /// them to the hub (OTLP/gRPC over the proxy's mTLS channel).
+    pub control_plane: Option<tonic::transport::Channel>,
 }
 
 impl Default for ExportConfig {
@@ -51,6 +54,7 @@ impl Default for ExportConfig {
             interval: Duration::from_secs(1),
             service_name: "fedmesh-proxy".into(),
             resource: Vec::new(),
+            control_plane: None,
         }
     }
 }
@@ -121,18 +125,32 @@ impl SamplerArg {
     }
 }
 
-/// Whether the environment names a collector (`OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`), and
-/// tracing is not switched off there (`OTEL_TRACES_EXPORTER=none`, `OTEL_SDK_DISABLED=true`).
-fn env_enabled(config: &ExportConfig) -> bool {
-    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
+/// Whether spans have somewhere to go, and tracing is not switched off
+/// (`OTEL_TRACES_EXPORTER=none`, `OTEL_SDK_DISABLED=true`).
+fn enabled(config: &ExportConfig) -> bool {
     let off = std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.trim() == "none")
         || std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim() == "true");
-    !off && (config.endpoint.is_some()
+    !off && (collector_named(config) || config.control_plane.is_some())
+}
+
+/// Whether a collector is named: `--otlp-endpoint`, or `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`.
+fn collector_named(config: &ExportConfig) -> bool {
+    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
+    config.endpoint.is_some()
         || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        || set("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        || set("OTEL_EXPORTER_OTLP_ENDPOINT")
 }
 
 fn exporter(config: &ExportConfig) -> Result<opentelemetry_otlp::SpanExporter, String> {
+    if !collector_named(config)
+        && let Some(channel) = &config.control_plane
+    {
+        return opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_channel(channel.clone())
+            .build()
+            .map_err(|e| format!("cannot set up span export to the control plane: {e}"));
+    }
     let built = match config.protocol {
         OtlpProtocol::Grpc => {
             let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
@@ -187,14 +205,14 @@ impl Exporting {
     }
 }
 
-/// Starts exporting: `Spans::off()` and no task when no collector is configured.
+/// Starts exporting: `Spans::off()` and no task when spans have nowhere to go.
 pub fn start(
     config: &ExportConfig,
     metrics: Arc<ProxyMetrics>,
     table: ConfigHandle,
     flush: Duration,
 ) -> Result<(Spans, Option<Exporting>), String> {
-    if !env_enabled(config) {
+    if !enabled(config) {
         return Ok((Spans::off(), None));
     }
     let exporter = exporter(config)?;

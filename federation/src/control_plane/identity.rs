@@ -366,6 +366,10 @@ pub fn serve(
                 }
                 .into_server(),
             )
+            .add_service(super::traces::start(
+                cp.credentials.clone(),
+                shutdown.clone(),
+            ))
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await;
         if let Err(e) = result {

@@ -16,6 +16,7 @@ pub mod scope;
 pub mod source;
 pub mod state;
 pub mod status;
+pub mod traces;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
