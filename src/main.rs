@@ -47,6 +47,10 @@ enum Command {
     Status(cmd::status::StatusArgs),
     /// Explain why a service is or is not routable from a cluster.
     Explain(cmd::status::ExplainArgs),
+    /// List the recent traces the hub holds (search by service, cluster, failure, duration).
+    Traces(cmd::traces::TracesArgs),
+    /// Show one trace as a waterfall: every hop, its cluster, and why it failed.
+    Trace(cmd::traces::TraceArgs),
     /// Print the Multi-Cluster Services CRDs (ServiceExport, ServiceImport).
     Crds,
     /// Act as a workload against a SPIFFE Workload API (debugging).
@@ -109,6 +113,8 @@ fn main() -> std::process::ExitCode {
             Command::Sidecar(s) => cmd::proxy::sidecar(s).await,
             Command::Status(s) => cmd::status::status(s).await,
             Command::Explain(e) => cmd::status::explain(e).await,
+            Command::Traces(t) => cmd::traces::traces(t).await,
+            Command::Trace(t) => cmd::traces::trace(t).await,
             Command::Crds => {
                 print!("{}", fedmesh_api::mcs::crd_yaml());
                 Ok(())

@@ -489,4 +489,36 @@ fn without_a_collector_spans_reach_the_hubs_trace_window_through_the_control_pla
     let (code, body) = mesh.hub_admin_get("/api/v1/traces?service=api");
     assert_eq!(code, 200, "{body}");
     assert!(body.contains(trace), "{body}");
+
+    // The same from a shell: the list, then the trace as a waterfall, each hop with its cluster.
+    let list = mesh.fedmesh_admin(&["traces", "--service", "api"]);
+    eprintln!("{list}");
+    let row = list
+        .lines()
+        .find(|l| l.starts_with(trace))
+        .unwrap_or_else(|| panic!("the trace is listed: {list}"));
+    assert!(
+        row.contains("frontend: GET") && row.contains("east,west"),
+        "{row}"
+    );
+    let fall = mesh.fedmesh_admin(&["trace", trace]);
+    eprintln!("{fall}");
+    assert!(fall.starts_with(&format!("trace {trace}")), "{fall}");
+    let client_line = fall
+        .lines()
+        .find(|l| l.contains("client frontend GET"))
+        .unwrap();
+    let server_line = fall.lines().find(|l| l.contains("server api GET")).unwrap();
+    assert!(
+        client_line.trim_start().starts_with("east"),
+        "{client_line}"
+    );
+    assert!(
+        server_line.trim_start().starts_with("west"),
+        "{server_line}"
+    );
+    assert!(
+        server_line.find("server").unwrap() > client_line.find("client").unwrap(),
+        "the server hop is drawn under the client's: {fall}"
+    );
 }

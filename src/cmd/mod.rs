@@ -9,6 +9,7 @@ pub mod iptables;
 pub mod proxy;
 pub mod sample_app;
 pub mod status;
+pub mod traces;
 pub mod workload;
 
 use std::time::Duration;

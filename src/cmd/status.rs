@@ -15,7 +15,7 @@ pub enum Output {
 }
 
 /// Prints `doc` as JSON or YAML; `false` for the table output (the caller draws it).
-fn print_doc(output: Output, doc: &serde_json::Value) -> anyhow::Result<bool> {
+pub(super) fn print_doc(output: Output, doc: &serde_json::Value) -> anyhow::Result<bool> {
     match output {
         Output::Table => return Ok(false),
         Output::Json => println!("{}", serde_json::to_string_pretty(doc)?),
@@ -49,7 +49,7 @@ fn color() -> bool {
     std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
-fn cell(text: impl ToString, c: Option<Color>) -> Cell {
+pub(super) fn cell(text: impl ToString, c: Option<Color>) -> Cell {
     let cell = Cell::new(text.to_string());
     match c {
         Some(c) if color() => cell.fg(c),
@@ -59,7 +59,7 @@ fn cell(text: impl ToString, c: Option<Color>) -> Cell {
 
 /// A table drawn with borders on a terminal; piped, plain columns separated by spaces (as
 /// kubectl prints them), so `awk` and `grep` read it.
-fn table(header: &[&str]) -> Table {
+pub(super) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     if std::io::stdout().is_terminal() {
         t.load_preset(presets::UTF8_BORDERS_ONLY)
@@ -69,6 +69,12 @@ fn table(header: &[&str]) -> Table {
             .set_content_arrangement(ContentArrangement::Disabled);
     }
     t.set_header(header.iter().map(|h| cell(h, None)).collect::<Vec<_>>());
+    if !std::io::stdout().is_terminal() {
+        // As kubectl: no margin on the left, two spaces between columns.
+        for c in t.column_iter_mut() {
+            c.set_padding((0, 2));
+        }
+    }
     t
 }
 

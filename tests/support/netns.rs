@@ -452,6 +452,26 @@ impl Mesh {
         })
     }
 
+    /// Runs `fedmesh ARGS --admin <hub> --admin-token-file <its token>` from the WAN: stdout.
+    pub fn fedmesh_admin(&self, args: &[&str]) -> String {
+        let admin = format!("http://{HUB_IP}:{HUB_ADMIN}");
+        let token_file = self.hub_data.join("admin-token");
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend([
+            "--admin",
+            &admin,
+            "--admin-token-file",
+            token_file.to_str().unwrap(),
+        ]);
+        let out = self.net.exec(&self.wan, fedmesh_bin(), &all);
+        assert!(
+            out.status.success(),
+            "fedmesh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     fn join_token(&self, cluster: &str, trust_domain: &str) -> String {
         let admin = format!("http://{HUB_IP}:{HUB_ADMIN}");
         let token_file = self.hub_data.join("admin-token");

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use super::admin::{
     ClusterStatus, ErrorBody, Explanation, ServiceStatus, TokenRequest, TokenResponse,
 };
+use super::traces::{SpanView, TraceQuery, TraceSummary};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -138,6 +139,45 @@ impl AdminClient {
             urlencode(from)
         );
         self.call(Method::GET, &q, None).await
+    }
+
+    /// Recent traces in the hub's window, newest first.
+    pub async fn traces(&self, q: &TraceQuery) -> Result<Vec<TraceSummary>, ClientError> {
+        let mut params = Vec::new();
+        if let Some(v) = &q.service {
+            params.push(format!("service={}", urlencode(v)));
+        }
+        if let Some(v) = &q.cluster {
+            params.push(format!("cluster={}", urlencode(v)));
+        }
+        if let Some(v) = q.error {
+            params.push(format!("error={v}"));
+        }
+        if let Some(v) = q.min_duration_ms {
+            params.push(format!("min_duration_ms={v}"));
+        }
+        if let Some(v) = q.since_unix_ms {
+            params.push(format!("since_unix_ms={v}"));
+        }
+        if let Some(v) = q.limit {
+            params.push(format!("limit={v}"));
+        }
+        let path = if params.is_empty() {
+            "/api/v1/traces".to_string()
+        } else {
+            format!("/api/v1/traces?{}", params.join("&"))
+        };
+        self.call(Method::GET, &path, None).await
+    }
+
+    /// One trace's spans, in start order.
+    pub async fn trace(&self, id: &str) -> Result<Vec<SpanView>, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/api/v1/traces/{}", urlencode(id)),
+            None,
+        )
+        .await
     }
 
     pub async fn create_token(
