@@ -76,6 +76,20 @@ fn the_demo_moves_traffic_across_three_clusters_without_failing_a_request() {
         stdout.contains("stopping; 0 request(s) failed in the whole run"),
         "{stdout}\n{stderr}"
     );
+    // The proxies' spans reached the hub through the control planes: the injected faults
+    // (failed spans are always kept) are there whatever the 1% sampling kept of the rest.
+    let held = stdout
+        .lines()
+        .find(|l| l.starts_with("the hub holds "))
+        .unwrap_or_else(|| panic!("no trace summary: {stdout}"));
+    let numbers: Vec<usize> = held
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert!(
+        numbers.len() >= 2 && numbers[0] > 0 && numbers[1] > 0,
+        "{held}"
+    );
     assert!(stdout.contains("curl -x http://127.0.0.1:"), "{stdout}");
 }
 

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use fedmesh_federation::hub::traces::TraceQuery;
 use fedmesh_testbed::client::ProxyClient;
 use fedmesh_testbed::{Cluster, ClusterSpec, Testbed, Workload, WorkloadSpec};
 
@@ -128,6 +129,11 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         .collect();
     for (name, region) in &extra {
         specs.push(ClusterSpec::new(name, region));
+    }
+    // The demo's proxies send spans to the hub (1% of traces, and every failed or slow
+    // request), so `fedmesh traces` has something to show.
+    for s in &mut specs {
+        s.traces = Some(0.01);
     }
     let tb = Testbed::start(&dir, &specs)
         .await
@@ -269,6 +275,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         tb.hub_admin, tb.hub_admin_token
     );
     println!(
+        "  FEDMESH_ADMIN=http://{} FEDMESH_ADMIN_TOKEN={} fedmesh traces --errors   # then: fedmesh trace ID",
+        tb.hub_admin, tb.hub_admin_token
+    );
+    println!(
         "  shop/greeter (gRPC, fedmesh.testbed.v1.Echo) for the east frontend: h2c on {greeter_addr}"
     );
 
@@ -390,6 +400,17 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     }
     let (ok, failed) = print_table(started, &tallies);
     (total_ok, total_failed) = (total_ok + ok, total_failed + failed);
+    // What the hub's trace window caught of the run (the injected faults, 1% of the rest).
+    let held = tb.hub.traces.search(&TraceQuery {
+        limit: Some(1000),
+        ..TraceQuery::default()
+    });
+    let failed_traces = held.iter().filter(|t| t.error).count();
+    let crossing = held.iter().filter(|t| t.clusters.len() > 1).count();
+    println!(
+        "\nthe hub holds {} trace(s) of the run: {failed_traces} with a failed span, {crossing} crossing clusters (fedmesh traces, fedmesh trace ID)",
+        held.len()
+    );
     println!("\nstopping; {total_failed} request(s) failed in the whole run");
     // The workloads first, so nothing complains that its control plane went away.
     drop((api_e, api_w, rev_w, rev_c, frontend, others));

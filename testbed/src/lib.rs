@@ -26,6 +26,7 @@ use fedmesh_api::{ClusterName, SpiffeId, TrustDomain};
 use fedmesh_dataplane::admin::{self, AdminState};
 use fedmesh_dataplane::config::{self as dpconfig, ConfigHandle};
 use fedmesh_dataplane::metrics::ProxyMetrics;
+use fedmesh_dataplane::telemetry::{self, ExportConfig, SamplerArg, Spans};
 use fedmesh_federation::control_plane::{ControlPlane, ControlPlaneConfig, SourceSpec};
 use fedmesh_federation::hub::{self, Hub, HubConfig};
 use fedmesh_federation::store::{KvStore, RedbStore};
@@ -48,6 +49,9 @@ pub struct ClusterSpec {
     /// Publish this gateway address instead of the in-process gateway's (for a gateway run as
     /// its own process, e.g. by the benchmark).
     pub publish_gateway: Option<SocketAddr>,
+    /// Proxies send spans to the hub through the control plane, keeping this share of new
+    /// traces (and every failed or slow request); `None`: no spans.
+    pub traces: Option<f64>,
 }
 
 impl ClusterSpec {
@@ -56,8 +60,48 @@ impl ClusterSpec {
             name: name.into(),
             region: region.into(),
             publish_gateway: None,
+            traces: None,
         }
     }
+}
+
+/// Spans of an in-process proxy, sent to its control plane (which relays them to the hub);
+/// off when `ratio` is `None`. The export task stops with `shutdown`.
+fn proxy_spans(
+    ratio: Option<f64>,
+    cp_addr: SocketAddr,
+    identity: &MeshIdentity,
+    service_name: &str,
+    metrics: &Arc<ProxyMetrics>,
+    config: &ConfigHandle,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Spans> {
+    let Some(ratio) = ratio else {
+        return Ok(Spans::off());
+    };
+    let export = ExportConfig {
+        sampling: SamplerArg(ratio),
+        service_name: service_name.to_string(),
+        control_plane: Some(
+            dpconfig::control_plane_channel(&cp_addr.to_string(), identity)
+                .map_err(anyhow::Error::msg)?,
+        ),
+        ..ExportConfig::default()
+    };
+    let (spans, exporting) = telemetry::start(
+        &export,
+        metrics.clone(),
+        config.clone(),
+        Duration::from_secs(2),
+    )
+    .map_err(anyhow::Error::msg)?;
+    if let Some(e) = exporting {
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            e.finish().await;
+        });
+    }
+    Ok(spans)
 }
 
 pub struct Testbed {
@@ -216,6 +260,8 @@ impl Agent {
 }
 
 pub struct Cluster {
+    /// The share of new traces the cluster's proxies keep (`None`: no spans).
+    traces: Option<f64>,
     pub name: String,
     pub trust_domain: String,
     pub region: String,
@@ -333,8 +379,20 @@ impl Cluster {
             gateway_shutdown.clone(),
         );
         let metrics = Arc::new(ProxyMetrics::new("fedmesh_gateway"));
+        let spans = proxy_spans(
+            spec.traces,
+            cp_addr,
+            &identity,
+            "fedmesh-gateway",
+            &metrics,
+            &config_handle,
+            gateway_shutdown.clone(),
+        )?;
         let gateway = Arc::new(Gateway::new(
-            GatewayOptions::default(),
+            GatewayOptions {
+                spans,
+                ..GatewayOptions::default()
+            },
             config_handle.clone(),
             metrics.clone(),
         ));
@@ -356,6 +414,7 @@ impl Cluster {
             .await
             .context("the gateway got no configuration from its control plane")?;
         Ok(Self {
+            traces: spec.traces,
             name: spec.name.clone(),
             trust_domain: td.to_string(),
             region: spec.region.clone(),
@@ -526,9 +585,19 @@ impl Cluster {
             shutdown.clone(),
         );
         let metrics = Arc::new(ProxyMetrics::new("fedmesh_sidecar"));
+        let spans = proxy_spans(
+            self.traces,
+            self.cp_addr,
+            &identity,
+            &spec.name,
+            &metrics,
+            &config,
+            shutdown.clone(),
+        )?;
         let options = SidecarOptions {
             zone: spec.zone.clone(),
             drain_timeout: Duration::from_secs(2),
+            spans,
             ..spec.options.clone().unwrap_or_default()
         };
         let sidecar = Sidecar::new(options, identity.clone(), config.clone(), metrics.clone());
