@@ -63,6 +63,37 @@ pub struct Connection<'a> {
     pub hop: Option<&'a HopSpan>,
 }
 
+/// The line of a relayed connection, from what the relay returned (`received_before`: bytes
+/// read from the opener before the relay began, e.g. a ClientHello).
+#[allow(clippy::too_many_arguments)]
+pub fn relayed(
+    direction: &str,
+    service: &str,
+    peer: &str,
+    upstream: &str,
+    moved: &std::io::Result<crate::relay::Moved>,
+    received_before: u64,
+    duration: Duration,
+    hop: Option<&HopSpan>,
+) {
+    let (received, sent) = moved.as_ref().map_or((0, 0), |m| (m.a_to_b, m.b_to_a));
+    connection(&Connection {
+        direction,
+        service,
+        peer,
+        upstream,
+        bytes_received: received + received_before,
+        bytes_sent: sent,
+        duration,
+        error: &moved
+            .as_ref()
+            .err()
+            .map(|e| format!("{:?}", e.kind()))
+            .unwrap_or_default(),
+        hop,
+    });
+}
+
 pub fn connection(c: &Connection<'_>) {
     tracing::info!(
         target: "access",

@@ -266,22 +266,16 @@ impl Gateway {
         };
         self.metrics.tcp_active.dec();
         if self.options.access_log {
-            let (received, sent) = moved.as_ref().map_or((0, 0), |m| (m.a_to_b, m.b_to_a));
-            access::connection(&access::Connection {
-                direction: "gateway",
-                service: &service,
-                peer: &peer.to_string(),
-                upstream: target.key(),
-                bytes_received: received + hello_bytes.len() as u64,
-                bytes_sent: sent,
-                duration: start.elapsed(),
-                error: &moved
-                    .as_ref()
-                    .err()
-                    .map(|e| format!("{:?}", e.kind()))
-                    .unwrap_or_default(),
-                hop: span.as_ref().map(|s| s.hop()).as_ref(),
-            });
+            access::relayed(
+                "gateway",
+                &service,
+                &peer.to_string(),
+                target.key(),
+                &moved,
+                hello_bytes.len() as u64,
+                start.elapsed(),
+                span.as_ref().map(|s| s.hop()).as_ref(),
+            );
         }
         match (&moved, &mut span) {
             (Ok(m), Some(s)) => s.moved(m, hello_bytes.len() as u64),

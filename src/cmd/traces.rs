@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 use comfy_table::Color;
-use fedmesh_federation::hub::traces::{SpanView, TraceQuery};
+use fedmesh_federation::hub::traces::{SpanView, TraceQuery, bounds};
 
 use super::hub::AdminArgs;
 use super::parse_duration;
@@ -105,12 +105,7 @@ const BAR: usize = 32;
 /// One trace as text: a line per span, children under their parent, with its cluster, kind,
 /// service, name, start offset and length, a bar on the trace's timeline, and why it failed.
 pub fn waterfall(spans: &[SpanView], unicode: bool) -> String {
-    let start = spans.iter().map(|s| s.start_unix_nano).min().unwrap_or(0);
-    let end = spans
-        .iter()
-        .map(|s| s.start_unix_nano + s.duration_ns)
-        .max()
-        .unwrap_or(start);
+    let (start, end) = bounds(spans);
     let total = (end - start).max(1);
     let clusters: std::collections::BTreeSet<&str> =
         spans.iter().map(|s| s.cluster.as_str()).collect();

@@ -169,22 +169,16 @@ impl Sidecar {
         let moved = relay(client, up, self.options.idle_timeout).await;
         self.metrics.tcp_active.dec();
         if self.options.access_log {
-            let (received, sent) = moved.as_ref().map_or((0, 0), |m| (m.a_to_b, m.b_to_a));
-            access::connection(&access::Connection {
-                direction: "outbound",
-                service: &service,
-                peer: "",
-                upstream: target.key(),
-                bytes_received: received,
-                bytes_sent: sent,
-                duration: start.elapsed(),
-                error: &moved
-                    .as_ref()
-                    .err()
-                    .map(|e| format!("{:?}", e.kind()))
-                    .unwrap_or_default(),
-                hop: span.as_ref().map(|s| s.hop()).as_ref(),
-            });
+            access::relayed(
+                "outbound",
+                &service,
+                "",
+                target.key(),
+                &moved,
+                0,
+                start.elapsed(),
+                span.as_ref().map(|s| s.hop()).as_ref(),
+            );
         }
         if let Some(mut s) = span {
             match &moved {

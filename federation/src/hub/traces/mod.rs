@@ -291,13 +291,19 @@ impl TraceWindow {
     }
 }
 
-fn summary(id: &str, spans: &[SpanView]) -> TraceSummary {
+/// When a trace's first span starts and its last one ends (Unix nanoseconds).
+pub fn bounds(spans: &[SpanView]) -> (u64, u64) {
     let start = spans.iter().map(|s| s.start_unix_nano).min().unwrap_or(0);
     let end = spans
         .iter()
         .map(|s| s.start_unix_nano + s.duration_ns)
         .max()
         .unwrap_or(start);
+    (start, end)
+}
+
+fn summary(id: &str, spans: &[SpanView]) -> TraceSummary {
+    let (start, end) = bounds(spans);
     let first = spans.iter().min_by_key(|s| s.start_unix_nano);
     let set = |f: fn(&SpanView) -> &String| -> Vec<String> {
         spans
