@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 use comfy_table::Color;
+use fedmesh_federation::hub::traces::skew::{self, ClockSkew};
 use fedmesh_federation::hub::traces::{SpanView, TraceQuery, bounds};
 
 use super::hub::AdminArgs;
@@ -95,8 +96,40 @@ pub async fn trace(a: TraceArgs) -> anyhow::Result<()> {
     if print_doc(a.output, &serde_json::to_value(&spans)?)? {
         return Ok(());
     }
+    // Drawn on the clock of the cluster where the trace started, so a server span sits inside
+    // the client span that caused it however far the clusters' clocks disagree.
+    let skew = skew::estimate(&spans);
+    let spans = skew::corrected(&spans, &skew);
     print!("{}", waterfall(&spans, std::io::stdout().is_terminal()));
+    if let Some(line) = skew_line(&skew) {
+        println!("{line}");
+    }
     Ok(())
+}
+
+/// What the clock-skew correction did, when it did anything.
+pub fn skew_line(skew: &ClockSkew) -> Option<String> {
+    if skew.offsets.is_empty() {
+        return None;
+    }
+    let pairs: usize = skew.offsets.iter().map(|o| o.pairs).max().unwrap_or(0);
+    let offsets: Vec<String> = skew
+        .offsets
+        .iter()
+        .map(|o| format!("{} {:+.2} ms", o.cluster, o.offset_ns as f64 / 1e6))
+        .collect();
+    let mut line = format!(
+        "clock skew corrected (estimated from {pairs} client/server pair(s)): {} relative to {}",
+        offsets.join(", "),
+        skew.reference
+    );
+    if !skew.uncorrected.is_empty() {
+        line.push_str(&format!(
+            "; no estimate for {} (shown as recorded)",
+            skew.uncorrected.join(", ")
+        ));
+    }
+    Some(line)
 }
 
 /// Width of the timeline bar.

@@ -165,8 +165,8 @@ pub struct ErrorBody {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "fedmesh hub admin API", version = "v1", description = "Clusters, exported services, bundles, join tokens and recent traces of a fedmesh clusterset."),
-    paths(list_clusters, remove_cluster, cluster_imports, withdraw_export, list_services, list_bundles, explain, create_token, super::traces::api::list_traces, super::traces::api::get_trace),
-    components(schemas(ClusterStatus, ServiceStatus, ExporterStatus, PortStatus, ConflictStatus, BundleStatus, Explanation, ExplainStep, TokenRequest, TokenResponse, ErrorBody, super::traces::SpanView, super::traces::TraceSummary)),
+    paths(list_clusters, remove_cluster, cluster_imports, withdraw_export, list_services, list_bundles, explain, create_token, super::traces::api::list_traces, super::traces::api::get_trace, super::traces::api::get_skew, super::traces::api::get_graph),
+    components(schemas(ClusterStatus, ServiceStatus, ExporterStatus, PortStatus, ConflictStatus, BundleStatus, Explanation, ExplainStep, TokenRequest, TokenResponse, ErrorBody, super::traces::SpanView, super::traces::TraceSummary, super::traces::skew::ClockSkew, super::traces::skew::ClusterOffset, super::traces::graph::Graph, super::traces::graph::GraphNode, super::traces::graph::GraphEdge)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -202,6 +202,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/tokens", post(create_token))
         .route("/traces", get(super::traces::api::list_traces))
         .route("/traces/{id}", get(super::traces::api::get_trace))
+        .route("/traces/{id}/skew", get(super::traces::api::get_skew))
+        .route("/graph", get(super::traces::api::get_graph))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
@@ -212,6 +214,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(super::ui::router())
         .with_state(state)
         .layer(tower::limit::ConcurrencyLimitLayer::new(256))
 }

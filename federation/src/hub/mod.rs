@@ -13,6 +13,7 @@ pub mod records;
 pub mod registration;
 mod service;
 pub mod traces;
+pub mod ui;
 pub mod view;
 
 use std::collections::BTreeSet;

@@ -8,7 +8,9 @@
 //! is complete on the replica its clusters send to.
 
 pub mod api;
+pub mod graph;
 pub mod intake;
+pub mod skew;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -277,6 +279,19 @@ impl TraceWindow {
         found.sort_by_key(|s| std::cmp::Reverse(s.start_unix_nano));
         found.truncate(limit);
         found
+    }
+
+    /// The service graph of the client spans that started within `window` of now.
+    pub fn graph(&self, window: Duration) -> graph::Graph {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let since = now.saturating_sub(window).as_nanos() as u64;
+        let mut g = graph::GraphBuilder::new(since, window.as_secs());
+        for t in self.lock().traces.values() {
+            g.add_trace(&t.spans);
+        }
+        g.finish()
     }
 
     /// One trace's spans in start order, if the window holds it.
