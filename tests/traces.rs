@@ -241,7 +241,7 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
     });
     assert_eq!(status, 200, "{body}");
     let start = Instant::now();
-    let (tcp, gw) = loop {
+    let (tcp, gw, relay) = loop {
         let all = otlp::parse(&mesh.net.procs[collector].log());
         let tcp = all
             .iter()
@@ -249,8 +249,9 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
             .cloned();
         if let Some(tcp) = tcp
             && let Some(gw) = all.iter().find(|s| s.parent_id == tcp.span_id)
+            && let Some(relay) = all.iter().find(|s| s.parent_id == gw.span_id)
         {
-            break (tcp, gw.clone());
+            break (tcp, gw.clone(), relay.clone());
         }
         assert!(
             start.elapsed() < Duration::from_secs(30),
@@ -274,14 +275,18 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
         answered > 0,
         "the answer's bytes went back to the app: {tcp:#?}"
     );
-    assert_eq!(gw.name, "relay shop/api-tcp");
+    // The gateway's admission (exported at once) and, as its child, the relay until close.
+    assert_eq!(gw.name, "admit shop/api-tcp");
     assert_eq!(gw.trace_id, tcp.trace_id);
     assert_eq!(gw.res("service.name"), Some("fedmesh-gateway"));
+    assert_eq!(relay.name, "relay shop/api-tcp");
+    assert_eq!(relay.kind, "SPAN_KIND_INTERNAL");
+    assert!(relay.attr("fedmesh.bytes.sent").is_some(), "{relay:#?}");
     let gw_lines = access("west-gateway");
     let line = gw_lines
         .iter()
-        .find(|v| v["span_id"] == gw.span_id.as_str())
-        .unwrap_or_else(|| panic!("no gateway access line of {}: {gw_lines:#?}", gw.span_id));
+        .find(|v| v["span_id"] == relay.span_id.as_str())
+        .unwrap_or_else(|| panic!("no gateway access line of {}: {gw_lines:#?}", relay.span_id));
     assert_eq!(line["direction"], "gateway");
     assert_eq!(line["service"], "shop/api-tcp");
     assert!(line["bytes_sent"].as_u64().unwrap() > 0, "{line}");
@@ -346,24 +351,35 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
     assert_eq!(failover.attr("error.type"), None, "the request succeeded");
 
     // The gateway hop. The sampled request rode a pooled connection that the gateway knows by
-    // the ID its client span names; the gateway's span of that connection (recorded when it
-    // closes: here, when the frontend's sidecar stops) is the child of the request that
-    // opened the connection, in that request's trace.
+    // the ID its client span names; the gateway's admission span of that connection (exported
+    // when it was admitted, with the connection ID as its span ID) is the child of the request
+    // that opened the connection, in that request's trace. Its child, the relay, is recorded
+    // when the connection closes: here, when the frontend's sidecar stops.
     let conn = client
         .attr("fedmesh.connection.id")
         .expect("a request through a gateway names its connection")
         .to_string();
-    mesh.net.procs[frontend.sidecar].terminate(Duration::from_secs(15));
     let gateway_span = |all: &[Span]| {
         all.iter()
             .find(|s| s.span_id == conn && s.res("service.name") == Some("fedmesh-gateway"))
             .cloned()
     };
     let start = Instant::now();
-    let (gw, all) = loop {
+    while gateway_span(&otlp::parse(&mesh.net.procs[collector].log())).is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the gateway's admission span {conn} is exported while its connection is open"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    mesh.net.procs[frontend.sidecar].terminate(Duration::from_secs(15));
+    let start = Instant::now();
+    let (gw, relay, all) = loop {
         let all = otlp::parse(&mesh.net.procs[collector].log());
-        if let Some(gw) = gateway_span(&all) {
-            break (gw, all);
+        if let Some(gw) = gateway_span(&all)
+            && let Some(relay) = all.iter().find(|s| s.parent_id == gw.span_id).cloned()
+        {
+            break (gw, relay, all);
         }
         assert!(
             start.elapsed() < Duration::from_secs(30),
@@ -374,7 +390,9 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
     };
     eprintln!("{gw:#?}");
     assert_eq!(gw.kind, "SPAN_KIND_SERVER");
-    assert_eq!(gw.name, "relay shop/api");
+    assert_eq!(gw.name, "admit shop/api");
+    assert_eq!(relay.name, "relay shop/api");
+    assert_eq!(relay.trace_id, gw.trace_id);
     assert_eq!(gw.res("fedmesh.cluster"), Some("west"));
     assert_eq!(gw.attr("fedmesh.admitted"), Some("true"));
     assert_eq!(gw.attr("fedmesh.connection.id"), Some(conn.as_str()));
@@ -388,7 +406,7 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
         Some(api.app_addr().to_string().as_str())
     );
     for dir in ["fedmesh.bytes.received", "fedmesh.bytes.sent"] {
-        let n: u64 = gw.attr(dir).unwrap_or("0").parse().unwrap();
+        let n: u64 = relay.attr(dir).unwrap_or("0").parse().unwrap();
         assert!(n > 1000, "{dir}: {n} bytes (TLS and requests crossed)");
     }
     let opener = all
@@ -520,5 +538,96 @@ fn without_a_collector_spans_reach_the_hubs_trace_window_through_the_control_pla
     assert!(
         server_line.find("server").unwrap() > client_line.find("client").unwrap(),
         "the server hop is drawn under the client's: {fall}"
+    );
+
+    // The clusters' clocks are compared through the client/server pair: both run on this
+    // machine's clock, so the estimate is the way there and back's asymmetry, well under 100 ms.
+    let (code, body) = mesh.hub_admin_get(&format!("/api/v1/traces/{trace}/skew"));
+    assert_eq!(code, 200, "{body}");
+    let skew: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(skew["reference"], "east", "{skew}");
+    let west_offset = &skew["offsets"][0];
+    assert_eq!(west_offset["cluster"], "west", "{skew}");
+    assert_eq!(west_offset["pairs"], 1, "{skew}");
+    assert!(
+        west_offset["offset_ns"].as_i64().unwrap().abs() < 100_000_000,
+        "{skew}"
+    );
+    assert!(
+        fall.contains("clock skew corrected (estimated from 1 client/server pair(s)): west "),
+        "{fall}"
+    );
+
+    // The service graph: east's frontend calls west's api, with both sides' identities.
+    let (code, body) = mesh.hub_admin_get("/api/v1/graph?minutes=5");
+    assert_eq!(code, 200, "{body}");
+    let graph: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let edge = graph["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["target"].as_str().unwrap().starts_with("west/"))
+        .unwrap_or_else(|| panic!("no edge into west: {graph}"));
+    assert!(
+        edge["source"].as_str().unwrap().starts_with("east/")
+            && edge["source"].as_str().unwrap().ends_with("/frontend")
+            && edge["target"].as_str().unwrap().ends_with("/api"),
+        "{edge}"
+    );
+    assert!(edge["requests"].as_f64().unwrap() >= 1.0, "{edge}");
+    assert_eq!(edge["error_share"], 0.0, "{edge}");
+    assert!(
+        edge["callers"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("spiffe://east")
+            && edge["callees"][0]
+                .as_str()
+                .unwrap()
+                .starts_with("spiffe://west"),
+        "{edge}"
+    );
+    let (code, body) = mesh.hub_admin_get("/api/v1/graph?minutes=0");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("give 1 to 1440"), "{body}");
+    // The app's own span — the request's root, whose ID the app sent in its traceparent — goes
+    // from an OpenTelemetry SDK exporter to its sidecar's loopback OTLP port, and joins the
+    // trace in the hub, stamped with the app's cluster.
+    in_ns(&frontend.ns, move || {
+        support::otlp::export_app_span(
+            "http://127.0.0.1:4317",
+            trace,
+            "b7ad6b7169203331",
+            "frontend-app",
+            Duration::from_millis(50),
+        )
+    })
+    .unwrap();
+    let start = Instant::now();
+    let app = loop {
+        let (_, body) = mesh.hub_admin_get(&format!("/api/v1/traces/{trace}"));
+        let spans: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if let Some(app) = spans
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["span_id"] == "b7ad6b7169203331")
+        {
+            break app.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the app's span never reached the hub: {body}\n{}",
+            mesh.net.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(app["service"], "frontend-app", "{app}");
+    assert_eq!(app["cluster"], "east", "{app}");
+    assert_eq!(app["parent_span_id"], "", "{app}");
+    assert_eq!(app["attributes"]["app.step"], "checkout", "{app}");
+    assert_eq!(
+        client["parent_span_id"], "b7ad6b7169203331",
+        "the sidecar's span is the app span's child"
     );
 }

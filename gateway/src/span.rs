@@ -1,6 +1,6 @@
-//! The gateway's span of a connection ([`ConnectionSpan`]): from accept to close, what it was
-//! asked for (SNI), whether it was admitted and why not, the endpoint it went to and the bytes
-//! it carried.
+//! The gateway's spans of a connection ([`ConnectionSpan`]): from accept to admission, what it
+//! was asked for (SNI), whether it was admitted and why not, the endpoint it goes to (exported
+//! at once); then, as its child, from admission to close, the bytes it carried.
 //!
 //! The gateway cannot read the requests inside TLS. A fedmesh sidecar tells it, before the TLS
 //! bytes, the connection's ID and the request that opened it ([`fedmesh_dataplane::hop`]): the
@@ -52,7 +52,10 @@ pub(crate) fn start(
     Some(span)
 }
 
-/// The connection was admitted to `service` (the span is named after it).
+/// The connection was admitted to `service`: its span (`admit SERVICE`, with the connection's
+/// ID) is exported now, and a child (`relay SERVICE`) records the rest of the connection —
+/// bytes, how it ended — when it closes. Pooled connections live for hours; their hop must be
+/// in the trace while the requests riding them are looked at.
 pub(crate) fn admitted(
     span: &mut ConnectionSpan,
     sni: String,
@@ -60,16 +63,16 @@ pub(crate) fn admitted(
     cluster: String,
     endpoint: String,
 ) {
-    span.set_name(format!("relay {service}"));
     for kv in [
         KeyValue::new("fedmesh.admitted", true),
         KeyValue::new("tls.client.server_name", sni),
-        KeyValue::new("fedmesh.service", service),
+        KeyValue::new("fedmesh.service", service.clone()),
         KeyValue::new("fedmesh.destination.cluster", cluster),
         KeyValue::new("fedmesh.endpoint", endpoint),
     ] {
         span.push(kv);
     }
+    span.checkpoint(format!("admit {service}"), format!("relay {service}"));
 }
 
 /// The connection was refused: the reason's label is the span's `error.type`.

@@ -17,7 +17,6 @@ use fedmesh_gateway::{Gateway, GatewayOptions};
 use fedmesh_sidecar::{Dest, Sidecar, SidecarOptions};
 use fedmesh_trust::source::WorkloadApiFollower;
 use fedmesh_trust::tls::MeshIdentity;
-use opentelemetry::KeyValue;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -104,33 +103,14 @@ impl TracingArgs {
             .map_err(anyhow::Error::msg)?
             .unwrap_or(ExportConfig::default().sampling),
         };
-        let (namespace, account) = match id.namespace_and_service_account() {
-            Some((ns, sa)) => (Some(ns), Some(sa)),
-            None => (None, None),
-        };
-        let mut resource = vec![
-            KeyValue::new("fedmesh.trust_domain", id.trust_domain().to_string()),
-            KeyValue::new("fedmesh.proxy", role.to_string()),
-            KeyValue::new("fedmesh.spiffe_id", id.to_string()),
-            KeyValue::new("service.instance.id", node.to_string()),
-        ];
-        if let Some(ns) = namespace {
-            resource.push(KeyValue::new("service.namespace", ns.to_string()));
-            resource.push(KeyValue::new("k8s.namespace.name", ns.to_string()));
-        }
-        let service_name = match (role, account) {
-            ("sidecar", Some(sa)) => sa.to_string(),
-            _ => format!("fedmesh-{role}"),
-        };
         Ok(ExportConfig {
             endpoint: self.otlp_endpoint.clone(),
             protocol: self.otlp_protocol,
             sampling,
             slow: self.trace_slow,
-            service_name,
-            resource,
             ..ExportConfig::default()
-        })
+        }
+        .for_proxy(role, id, node))
     }
 }
 
@@ -197,6 +177,25 @@ async fn basics(c: &CommonArgs, role: &str) -> anyhow::Result<Basics> {
         spans,
         exporting,
     })
+}
+
+/// The app's OTLP port: only where this sidecar's own spans go to the hub (through the control
+/// plane), so an app's spans and the mesh's land in the same place.
+async fn relay_listener(c: &CommonArgs, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let config = ExportConfig {
+        endpoint: c.tracing.otlp_endpoint.clone(),
+        ..ExportConfig::default()
+    };
+    if telemetry::collector_named(&config) {
+        anyhow::bail!(
+            "--app-otlp relays the app's spans to the hub through the control plane, but this \
+             sidecar sends its own to a collector (--otlp-endpoint or OTEL_EXPORTER_OTLP_*): \
+             point the app's exporter at that collector instead"
+        );
+    }
+    telemetry::relay::bind(addr)
+        .await
+        .map_err(anyhow::Error::msg)
 }
 
 fn hostname() -> String {
@@ -314,6 +313,11 @@ pub struct SidecarArgs {
     /// connection as opaque TCP.
     #[arg(long, value_parser = parse_duration, default_value = "250ms")]
     protocol_detect_timeout: Duration,
+    /// An OTLP/gRPC port on loopback for the app's own spans (e.g. 127.0.0.1:4317, where
+    /// OpenTelemetry SDKs send by default): relayed over this sidecar's mTLS channel to the
+    /// control plane and on to the hub's trace window, where they join the mesh's spans.
+    #[arg(long, value_name = "ADDR")]
+    app_otlp: Option<SocketAddr>,
 }
 
 fn parse_pair(s: &str, what: &str) -> anyhow::Result<(SocketAddr, String)> {
@@ -379,7 +383,17 @@ pub async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
         Some(a) => Some(bind(a, "admin").await?),
         None => None,
     };
+    let app_otlp = match args.app_otlp {
+        Some(a) => Some(relay_listener(&args.common, a).await?),
+        None => None,
+    };
     let b = basics(&args.common, "sidecar").await?;
+    if let Some(l) = app_otlp {
+        let channel = config::control_plane_channel(&args.common.control_plane, &b.identity)
+            .map_err(anyhow::Error::msg)?;
+        tracing::info!(address = ?l.local_addr().ok(), "relaying the app's spans (OTLP/gRPC) to the control plane");
+        tokio::spawn(telemetry::relay::serve(l, channel, b.shutdown.clone()));
+    }
     let options = SidecarOptions {
         zone: args.common.zone.clone(),
         protocol_detect_timeout: args.protocol_detect_timeout,

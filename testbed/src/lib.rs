@@ -71,7 +71,7 @@ fn proxy_spans(
     ratio: Option<f64>,
     cp_addr: SocketAddr,
     identity: &MeshIdentity,
-    service_name: &str,
+    (role, node): (&str, &str),
     metrics: &Arc<ProxyMetrics>,
     config: &ConfigHandle,
     shutdown: CancellationToken,
@@ -79,15 +79,18 @@ fn proxy_spans(
     let Some(ratio) = ratio else {
         return Ok(Spans::off());
     };
+    let id = identity
+        .spiffe_id()
+        .ok_or_else(|| anyhow::anyhow!("the {role} on {node} has no SVID yet"))?;
     let export = ExportConfig {
         sampling: SamplerArg(ratio),
-        service_name: service_name.to_string(),
         control_plane: Some(
             dpconfig::control_plane_channel(&cp_addr.to_string(), identity)
                 .map_err(anyhow::Error::msg)?,
         ),
         ..ExportConfig::default()
-    };
+    }
+    .for_proxy(role, &id, node);
     let (spans, exporting) = telemetry::start(
         &export,
         metrics.clone(),
@@ -383,7 +386,7 @@ impl Cluster {
             spec.traces,
             cp_addr,
             &identity,
-            "fedmesh-gateway",
+            ("gateway", &format!("{}-gateway", spec.name)),
             &metrics,
             &config_handle,
             gateway_shutdown.clone(),
@@ -589,7 +592,7 @@ impl Cluster {
             self.traces,
             self.cp_addr,
             &identity,
-            &spec.name,
+            ("sidecar", &spec.name),
             &metrics,
             &config,
             shutdown.clone(),

@@ -767,25 +767,36 @@ impl Mesh {
         zone: &str,
     ) -> usize {
         let uid = c.uid_of(account);
-        let idx = self.net.spawn(
-            ns,
-            &format!("{pod_name}-sidecar"),
-            Some(uid),
-            &[
-                "sidecar",
-                "--transparent",
-                "--control-plane",
-                &format!("{}:{CP_PORT}", c.node_ip),
-                "--workload-api",
-                &format!("unix:{}", c.agent_socket.display()),
-                "--zone",
-                zone,
-                "--node",
-                pod_name,
-                "--admin",
-                &format!("0.0.0.0:{SIDECAR_ADMIN}"),
-            ],
-        );
+        let control_plane = format!("{}:{CP_PORT}", c.node_ip);
+        let socket = format!("unix:{}", c.agent_socket.display());
+        let admin = format!("0.0.0.0:{SIDECAR_ADMIN}");
+        let mut args = vec![
+            "sidecar",
+            "--transparent",
+            "--control-plane",
+            &control_plane,
+            "--workload-api",
+            &socket,
+            "--zone",
+            zone,
+            "--node",
+            pod_name,
+            "--admin",
+            &admin,
+        ];
+        // Without a collector of their own, sidecars relay their app's spans to the hub
+        // (tests/traces.rs); with one, the app would send there itself.
+        if !self
+            .net
+            .env
+            .iter()
+            .any(|(k, _)| k == "OTEL_EXPORTER_OTLP_ENDPOINT")
+        {
+            args.extend(["--app-otlp", "127.0.0.1:4317"]);
+        }
+        let idx = self
+            .net
+            .spawn(ns, &format!("{pod_name}-sidecar"), Some(uid), &args);
         let ns2 = ns.to_string();
         let net = &mut self.net;
         let start = Instant::now();

@@ -119,3 +119,64 @@ pub fn parse(log: &str) -> Vec<Span> {
     }
     spans
 }
+
+/// Exports one span as an app would, with the OpenTelemetry SDK's OTLP/gRPC exporter, to
+/// `endpoint` (a sidecar's `--app-otlp` port): a root span `span_id` of trace `trace_id`, from
+/// service `service`, that started `ago` before now and lasted `ago`.
+pub fn export_app_span(
+    endpoint: &str,
+    trace_id: &str,
+    span_id: &str,
+    service: &str,
+    ago: std::time::Duration,
+) -> Result<(), String> {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+    };
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::Resource;
+    use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| e.to_string())?;
+        exporter.set_resource(
+            &Resource::builder_empty()
+                .with_service_name(service.to_string())
+                .build(),
+        );
+        let now = std::time::SystemTime::now();
+        let span = SpanData {
+            span_context: SpanContext::new(
+                TraceId::from_hex(trace_id).map_err(|e| e.to_string())?,
+                SpanId::from_hex(span_id).map_err(|e| e.to_string())?,
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::NONE,
+            ),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Internal,
+            name: "checkout".into(),
+            start_time: now - ago,
+            end_time: now,
+            attributes: vec![opentelemetry::KeyValue::new("app.step", "checkout")],
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: Status::Unset,
+            instrumentation_scope: opentelemetry::InstrumentationScope::builder("app").build(),
+        };
+        exporter
+            .export(vec![span])
+            .await
+            .map_err(|e| format!("the app's export failed: {e}"))
+    })
+}

@@ -79,6 +79,34 @@ impl ConnectionSpan {
         }
     }
 
+    /// Exports what the span holds so far as a span of its own, named `done`, and goes on as
+    /// its child named `next`, from now. The first span keeps the span ID others name and link
+    /// to (a gateway's connection ID), so a long-lived connection's admission is in its trace
+    /// at once, not only when the connection closes; the child then records how it ended.
+    pub fn checkpoint(&mut self, done: String, next: String) {
+        let child = HopSpan {
+            span_id: HopSpan::root(|_| false).span_id,
+            parent_span_id: Some(self.hop.span_id),
+            ..self.hop
+        };
+        self.spans.finish(SpanRecord {
+            hop: self.hop,
+            name: done,
+            kind: self.kind.clone(),
+            start: self.wall,
+            duration: self.start.elapsed(),
+            attributes: self.attributes.clone(),
+            error: self.error.clone(),
+            links: Vec::new(),
+            connection: true,
+        });
+        self.hop = child;
+        self.name = next;
+        self.kind = SpanKind::Internal;
+        self.wall = SystemTime::now();
+        self.start = Instant::now();
+    }
+
     /// Ends the span of a connection that failed before it carried anything.
     pub fn finish_failed(mut self, reason: impl Into<String>) {
         self.fail(reason);

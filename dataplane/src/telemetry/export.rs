@@ -59,6 +59,36 @@ impl Default for ExportConfig {
     }
 }
 
+impl ExportConfig {
+    /// Names the proxy in its spans' resource: the workload it serves (the SVID's namespace and
+    /// service account: `service.name` is the account, `fedmesh-gateway` for a gateway), its
+    /// role (`fedmesh.proxy`), identity, trust domain and node. The cluster is added once the
+    /// configuration names it.
+    pub fn for_proxy(mut self, role: &str, id: &fedmesh_trust::SpiffeId, node: &str) -> Self {
+        let (namespace, account) = match id.namespace_and_service_account() {
+            Some((ns, sa)) => (Some(ns), Some(sa)),
+            None => (None, None),
+        };
+        self.resource = vec![
+            KeyValue::new("fedmesh.trust_domain", id.trust_domain().to_string()),
+            KeyValue::new("fedmesh.proxy", role.to_string()),
+            KeyValue::new("fedmesh.spiffe_id", id.to_string()),
+            KeyValue::new("service.instance.id", node.to_string()),
+        ];
+        if let Some(ns) = namespace {
+            self.resource
+                .push(KeyValue::new("service.namespace", ns.to_string()));
+            self.resource
+                .push(KeyValue::new("k8s.namespace.name", ns.to_string()));
+        }
+        self.service_name = match (role, account) {
+            ("sidecar", Some(sa)) => sa.to_string(),
+            _ => format!("fedmesh-{role}"),
+        };
+        self
+    }
+}
+
 /// OTLP's two transports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OtlpProtocol {
@@ -134,7 +164,7 @@ fn enabled(config: &ExportConfig) -> bool {
 }
 
 /// Whether a collector is named: `--otlp-endpoint`, or `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`.
-fn collector_named(config: &ExportConfig) -> bool {
+pub fn collector_named(config: &ExportConfig) -> bool {
     let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
     config.endpoint.is_some()
         || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -231,6 +261,7 @@ pub fn start(
     let spans = Spans(Some(Arc::new(Inner {
         queue: tx,
         root: Sampler::TraceIdRatioBased(config.sampling.0),
+        ratio: config.sampling.0,
         slow: config.slow,
         scope: InstrumentationScope::builder("fedmesh")
             .with_version(env!("CARGO_PKG_VERSION"))

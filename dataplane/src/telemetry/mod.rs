@@ -13,6 +13,7 @@
 
 mod connection;
 mod export;
+pub mod relay;
 mod request;
 
 use std::borrow::Cow;
@@ -29,7 +30,7 @@ use opentelemetry_sdk::trace::{
 use tokio::sync::mpsc;
 
 pub use connection::ConnectionSpan;
-pub use export::{ExportConfig, Exporting, OtlpProtocol, SamplerArg, start};
+pub use export::{ExportConfig, Exporting, OtlpProtocol, SamplerArg, collector_named, start};
 pub use request::{RequestSpan, SpanLink};
 
 use crate::metrics::ProxyMetrics;
@@ -53,6 +54,8 @@ struct Inner {
     queue: mpsc::Sender<SpanData>,
     /// Decides for traces that start here; a caller's decision is always kept.
     root: Sampler,
+    /// The ratio `root` keeps: what a sampled span stands for (see [`adjusted_count`]).
+    ratio: f64,
     slow: Duration,
     scope: InstrumentationScope,
     metrics: Arc<ProxyMetrics>,
@@ -130,6 +133,10 @@ impl Spans {
             None => Status::Unset,
         };
         let mut attributes = rec.attributes;
+        let slow = !rec.connection && rec.duration >= inner.slow;
+        if let Some(n) = adjusted_count(rec.error.is_some() || slow, inner.ratio) {
+            attributes.push(KeyValue::new(ADJUSTED_COUNT, n));
+        }
         if let Some(e) = rec.error {
             attributes.push(KeyValue::new("error.type", e));
         }
@@ -160,6 +167,24 @@ impl Spans {
         if inner.queue.try_send(data).is_err() {
             inner.metrics.count_span("dropped");
         }
+    }
+}
+
+/// The attribute saying how many hops a kept span stands for, so a reader of sampled spans
+/// (the hub's service graph) can estimate all traffic from them.
+pub const ADJUSTED_COUNT: &str = "fedmesh.sampling.adjusted_count";
+
+/// How many hops a kept span stands for: 1 when it was kept because it failed or was slow
+/// (every such hop is kept), else 1/ratio — the ratio this proxy samples new traces at, taken
+/// as the clusterset's (a caller's decision came from its own proxy's ratio). `None` when the
+/// ratio is 0 (only a caller's decision keeps spans, at a ratio unknown here).
+fn adjusted_count(always_kept: bool, ratio: f64) -> Option<f64> {
+    if always_kept {
+        Some(1.0)
+    } else if ratio > 0.0 {
+        Some(1.0 / ratio.min(1.0))
+    } else {
+        None
     }
 }
 

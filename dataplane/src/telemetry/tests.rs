@@ -7,6 +7,7 @@ fn spans(ratio: f64, queue: usize) -> (Spans, mpsc::Receiver<SpanData>, Arc<Prox
     let s = Spans(Some(Arc::new(Inner {
         queue: tx,
         root: Sampler::TraceIdRatioBased(ratio),
+        ratio,
         slow: Duration::from_millis(500),
         scope: InstrumentationScope::builder("fedmesh").build(),
         metrics: metrics.clone(),
@@ -65,6 +66,32 @@ fn sampled_failed_and_slow_spans_are_kept_others_not() {
             .attributes
             .contains(&KeyValue::new("error.type", "no-endpoints"))
     );
+}
+
+#[test]
+fn a_kept_span_says_how_many_hops_it_stands_for() {
+    let count = |d: &SpanData| {
+        d.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == ADJUSTED_COUNT)
+            .map(|kv| kv.value.to_string())
+    };
+    let (s, mut rx, _) = spans(0.25, 16);
+    // Sampled at 25%: one of four; failed or slow: every one is kept, so itself only.
+    s.finish(record(true, None, 5));
+    s.finish(record(true, Some("no-endpoints"), 5));
+    s.finish(record(false, None, 600));
+    let got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|d| count(&d))
+        .collect();
+    assert_eq!(
+        got,
+        [Some("4".to_string()), Some("1".into()), Some("1".into())]
+    );
+    // At ratio 0 a sampled span was the caller's decision, at a ratio unknown here.
+    let (s, mut rx, _) = spans(0.0, 16);
+    s.finish(record(true, None, 5));
+    assert_eq!(rx.try_recv().map(|d| count(&d)).ok(), Some(None));
 }
 
 #[test]
