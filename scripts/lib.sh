@@ -53,3 +53,14 @@ need_otlp_collector() {
   FEDMESH_ROTEL=$("$venv/bin/python" -c 'import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), "rotel-agent"))')
   export FEDMESH_ROTEL
 }
+
+# The UI test's browser: Debian's chromium, driven by playwright-core from npm (installed into
+# tests/ui/node_modules from its lock file; it never downloads a browser of its own).
+need_ui_browser() {
+  apt_need chromium
+  # node and npm may come from elsewhere than Debian (NodeSource's nodejs conflicts with its npm).
+  command -v npm >/dev/null || apt_need nodejs npm
+  if [ ! -d tests/ui/node_modules/playwright-core ]; then
+    PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --prefix tests/ui --no-audit --no-fund --loglevel=error
+  fi
+}

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use fedmesh_dataplane::telemetry::SamplerArg;
 use fedmesh_federation::hub::traces::TraceQuery;
 use fedmesh_testbed::client::ProxyClient;
 use fedmesh_testbed::{Cluster, ClusterSpec, Testbed, Workload, WorkloadSpec};
@@ -45,6 +46,10 @@ pub struct DemoArgs {
     /// Only bring the clusterset up (for calling it by hand); no generated traffic.
     #[arg(long)]
     no_traffic: bool,
+    /// The share of new traces the proxies keep and send to the hub (every failed or slow
+    /// request is kept too), 0 to 1.
+    #[arg(long, default_value = "0.01", value_parser = SamplerArg::parse_ratio)]
+    trace_sampling: SamplerArg,
 }
 
 /// Answers per service: cluster → count, failures, latencies.
@@ -130,10 +135,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     for (name, region) in &extra {
         specs.push(ClusterSpec::new(name, region));
     }
-    // The demo's proxies send spans to the hub (1% of traces, and every failed or slow
-    // request), so `fedmesh traces` has something to show.
+    // The demo's proxies send spans to the hub (1% of traces by default, and every failed or
+    // slow request), so `fedmesh traces` and the UI have something to show.
     for s in &mut specs {
-        s.traces = Some(0.01);
+        s.traces = Some(a.trace_sampling.0);
     }
     let tb = Testbed::start(&dir, &specs)
         .await
@@ -276,6 +281,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     );
     println!(
         "  FEDMESH_ADMIN=http://{} FEDMESH_ADMIN_TOKEN={} fedmesh traces --errors   # then: fedmesh trace ID",
+        tb.hub_admin, tb.hub_admin_token
+    );
+    println!(
+        "  open http://{}/ui#token={}   # the hub's web UI: clusterset, service graph, traces",
         tb.hub_admin, tb.hub_admin_token
     );
     println!(
