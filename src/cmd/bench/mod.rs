@@ -4,6 +4,7 @@ mod dataplane;
 mod federation;
 mod identity;
 mod policy;
+mod traces;
 mod tracing;
 
 use std::time::Duration;
@@ -52,6 +53,22 @@ pub enum BenchCommand {
         #[arg(long, value_parser = parse_duration, default_value = "5s")]
         sni_duration: Duration,
     },
+    /// The hub's span intake on one core (decode + trace window, against decoding alone) and
+    /// the window's memory when full.
+    Traces {
+        /// Spans the window holds (the hub's default).
+        #[arg(long, default_value_t = 100_000)]
+        window: usize,
+        /// Spans per OTLP export.
+        #[arg(long, default_value_t = 512)]
+        batch: usize,
+        /// Length of each measurement.
+        #[arg(long, value_parser = parse_duration, default_value = "3s")]
+        duration: Duration,
+        /// Rounds; each measures the baseline and the intake alternately, the median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -74,6 +91,20 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 sni_duration,
             })
             .await
+        }
+        BenchCommand::Traces {
+            window,
+            batch,
+            duration,
+            rounds,
+        } => {
+            let p = traces::Params {
+                window: window.max(1),
+                batch: batch.clamp(3, 100_000),
+                duration,
+                rounds: rounds.max(1),
+            };
+            tokio::task::spawn_blocking(move || traces::run(p)).await?
         }
         BenchCommand::Federation {
             clusters,
