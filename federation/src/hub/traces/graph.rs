@@ -274,10 +274,10 @@ mod tests {
             duration_ns: 1_000_000,
             error: None,
             attributes: BTreeMap::from([("http.request.method".into(), "GET".into())]),
-            resource: BTreeMap::from([
+            resource: std::sync::Arc::new(BTreeMap::from([
                 ("fedmesh.proxy".into(), "sidecar".into()),
                 ("service.namespace".into(), "shop".into()),
-            ]),
+            ])),
             links: vec![],
         }
     }
@@ -320,7 +320,7 @@ mod tests {
         );
         // An app's own span, and one before the window: neither counts.
         let mut app = span("c4", "", "client", "east", "frontend");
-        app.resource.remove("fedmesh.proxy");
+        std::sync::Arc::make_mut(&mut app.resource).remove("fedmesh.proxy");
         let mut old = span("c5", "", "client", "east", "frontend");
         old.start_unix_nano = 10;
         g.add_trace(&[failed, app, old]);

@@ -13,8 +13,8 @@ pub mod intake;
 pub mod skew;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -67,7 +67,9 @@ pub struct SpanView {
     /// Why it failed (`error.type`, else the status message), if it did.
     pub error: Option<String>,
     pub attributes: BTreeMap<String, String>,
-    pub resource: BTreeMap<String, String>,
+    /// Shared by the spans of one export (a proxy sends the same resource with every span).
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub resource: Arc<BTreeMap<String, String>>,
     /// Spans it is tied to without being their child, `TRACE_ID-SPAN_ID`.
     pub links: Vec<String>,
 }
@@ -165,10 +167,11 @@ impl TraceWindow {
         };
         let mut views = Vec::new();
         for rs in req.resource_spans {
-            let resource = rs
-                .resource
-                .map(|r| flatten(r.attributes))
-                .unwrap_or_default();
+            let resource = Arc::new(
+                rs.resource
+                    .map(|r| flatten(r.attributes))
+                    .unwrap_or_default(),
+            );
             let service = resource.get("service.name").cloned().unwrap_or_default();
             for ss in rs.scope_spans {
                 for span in ss.spans {
@@ -356,7 +359,7 @@ fn id_hex(bytes: &[u8], len: usize, what: &str, span: &str) -> Result<String, St
 
 fn view(
     span: Span,
-    resource: &BTreeMap<String, String>,
+    resource: &Arc<BTreeMap<String, String>>,
     service: &str,
     cluster: &str,
 ) -> Result<SpanView, String> {

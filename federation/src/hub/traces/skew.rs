@@ -240,7 +240,7 @@ mod tests {
         assert_eq!(skew.uncorrected, vec!["west".to_string()]);
         // A gateway's connection span under a client span is no pair either.
         let mut gw = span("g", "a", "server", "west", 20 * MS, 3 * MS);
-        gw.resource.insert("fedmesh.proxy".into(), "gateway".into());
+        std::sync::Arc::make_mut(&mut gw.resource).insert("fedmesh.proxy".into(), "gateway".into());
         let skew = estimate(&[spans[0].clone(), gw]);
         assert!(skew.offsets.is_empty(), "{skew:?}");
         assert_eq!(estimate(&[]), ClockSkew::default());
