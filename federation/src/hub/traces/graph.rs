@@ -263,22 +263,15 @@ mod tests {
 
     fn span(id: &str, parent: &str, kind: &str, cluster: &str, service: &str) -> SpanView {
         SpanView {
-            trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
-            span_id: id.into(),
-            parent_span_id: parent.into(),
-            name: "GET".into(),
-            kind: kind.into(),
             service: service.into(),
-            cluster: cluster.into(),
             start_unix_nano: 2_000,
             duration_ns: 1_000_000,
-            error: None,
             attributes: BTreeMap::from([("http.request.method".into(), "GET".into())]),
             resource: std::sync::Arc::new(BTreeMap::from([
                 ("fedmesh.proxy".into(), "sidecar".into()),
                 ("service.namespace".into(), "shop".into()),
             ])),
-            links: vec![],
+            ..super::super::test_span(id, parent, kind, cluster)
         }
     }
 

@@ -460,5 +460,25 @@ fn value(v: Option<AnyValue>) -> String {
     }
 }
 
+/// A span of one test trace, for the window's readers' unit tests.
+#[cfg(test)]
+pub(crate) fn test_span(id: &str, parent: &str, kind: &str, cluster: &str) -> SpanView {
+    SpanView {
+        trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+        span_id: id.into(),
+        parent_span_id: parent.into(),
+        name: "GET".into(),
+        kind: kind.into(),
+        service: String::new(),
+        cluster: cluster.into(),
+        start_unix_nano: 0,
+        duration_ns: 0,
+        error: None,
+        attributes: BTreeMap::new(),
+        resource: Arc::default(),
+        links: vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -159,19 +159,10 @@ mod tests {
 
     fn span(id: &str, parent: &str, kind: &str, cluster: &str, start: u64, dur: u64) -> SpanView {
         SpanView {
-            trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
-            span_id: id.into(),
-            parent_span_id: parent.into(),
-            name: "GET".into(),
-            kind: kind.into(),
             service: format!("svc-{cluster}"),
-            cluster: cluster.into(),
             start_unix_nano: start,
             duration_ns: dur,
-            error: None,
-            attributes: Default::default(),
-            resource: Default::default(),
-            links: vec![],
+            ..super::super::test_span(id, parent, kind, cluster)
         }
     }
 
