@@ -142,9 +142,19 @@ pub fn waterfall(spans: &[SpanView], unicode: bool) -> String {
     let total = (end - start).max(1);
     let clusters: std::collections::BTreeSet<&str> =
         spans.iter().map(|s| s.cluster.as_str()).collect();
+    // The trace's own ID: the one most of its spans carry (spans it links to, such as a pooled
+    // connection's gateway admission, belong to the trace that opened the connection).
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for s in spans {
+        *counts.entry(s.trace_id.as_str()).or_default() += 1;
+    }
+    let own = counts
+        .into_iter()
+        .max_by_key(|(id, n)| (*n, std::cmp::Reverse(*id)))
+        .map_or("", |(id, _)| id);
     let mut out = format!(
         "trace {} — {} spans, {} cluster(s) ({}), {}\n",
-        spans.first().map_or("", |s| s.trace_id.as_str()),
+        own,
         spans.len(),
         clusters.len(),
         clusters.into_iter().collect::<Vec<_>>().join(", "),
@@ -183,7 +193,14 @@ pub fn waterfall(spans: &[SpanView], unicode: bool) -> String {
                 }
             })
             .collect();
-        let label = format!("{}{} {} {}", "  ".repeat(depth), s.kind, s.service, s.name);
+        let linked = if s.trace_id == own { "" } else { " (linked)" };
+        let label = format!(
+            "{}{} {} {}{linked}",
+            "  ".repeat(depth),
+            s.kind,
+            s.service,
+            s.name
+        );
         let hop = match (
             s.attributes.get("fedmesh.tried"),
             s.attributes.get("fedmesh.attempts"),

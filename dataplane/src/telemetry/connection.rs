@@ -89,8 +89,13 @@ impl ConnectionSpan {
             parent_span_id: Some(self.hop.span_id),
             ..self.hop
         };
+        // Kept whatever the sampling: one span per connection, and every sampled request that
+        // later rides the connection links to it, whichever request opened it.
         self.spans.finish(SpanRecord {
-            hop: self.hop,
+            hop: HopSpan {
+                sampled: true,
+                ..self.hop
+            },
             name: done,
             kind: self.kind.clone(),
             start: self.wall,

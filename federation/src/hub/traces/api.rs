@@ -25,7 +25,9 @@ pub async fn list_traces(
     Json(s.hub.traces.search(&q))
 }
 
-/// One trace's spans, in start order, as the clusters' clocks recorded them.
+/// One trace's spans, in start order, as the clusters' clocks recorded them, with the spans of
+/// other traces its spans link to (a pooled connection's gateway admission; its `trace_id`
+/// says it belongs elsewhere).
 #[utoipa::path(get, path = "/api/v1/traces/{id}", params(("id" = String, Path, description = "32 hex digits")),
     responses((status = 200, description = "The trace's spans", body = [SpanView]),
         (status = 400, description = "Not a trace ID", body = ErrorBody),

@@ -304,6 +304,28 @@ impl TraceWindow {
             return None;
         }
         let mut spans = inner.traces.get(trace_id)?.spans.clone();
+        // The spans this trace links to in other traces (a gateway's admission of a pooled
+        // connection, opened by an earlier request) come along: they are its hops too.
+        let linked: Vec<SpanView> = spans
+            .iter()
+            .flat_map(|s| &s.links)
+            .filter_map(|l| l.split_once('-'))
+            .filter(|(t, _)| *t != trace_id)
+            .filter_map(|(t, id)| {
+                inner
+                    .traces
+                    .get(t)?
+                    .spans
+                    .iter()
+                    .find(|s| s.span_id == id)
+                    .cloned()
+            })
+            .collect();
+        for l in linked {
+            if !spans.iter().any(|s| s.span_id == l.span_id) {
+                spans.push(l);
+            }
+        }
         spans.sort_by_key(|s| s.start_unix_nano);
         Some(spans)
     }

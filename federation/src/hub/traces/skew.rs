@@ -50,7 +50,16 @@ impl ClockSkew {
 
 /// Estimates the clusters' offsets from `spans` (one trace).
 pub fn estimate(spans: &[SpanView]) -> ClockSkew {
-    let Some(first) = spans.iter().min_by_key(|s| s.start_unix_nano) else {
+    // The reference: where the request started, not a gateway's connection (which may have been
+    // opened by an earlier request, and is shown with this one through a link).
+    let gateway =
+        |s: &SpanView| s.resource.get("fedmesh.proxy").map(String::as_str) == Some("gateway");
+    let Some(first) = spans
+        .iter()
+        .filter(|s| !gateway(s))
+        .min_by_key(|s| s.start_unix_nano)
+        .or_else(|| spans.iter().min_by_key(|s| s.start_unix_nano))
+    else {
         return ClockSkew::default();
     };
     let by_id: HashMap<&str, &SpanView> = spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
