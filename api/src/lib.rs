@@ -74,3 +74,7 @@ macro_rules! delegate_async_write {
         }
     };
 }
+
+/// The largest OTLP trace export any hop takes (a sidecar's app relay, a control plane's relay,
+/// the hub's intake): one limit along the way, so nothing relayed is refused further on.
+pub const MAX_OTLP_EXPORT_BYTES: usize = 4 << 20;

@@ -182,11 +182,7 @@ async fn basics(c: &CommonArgs, role: &str) -> anyhow::Result<Basics> {
 /// The app's OTLP port: only where this sidecar's own spans go to the hub (through the control
 /// plane), so an app's spans and the mesh's land in the same place.
 async fn relay_listener(c: &CommonArgs, addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    let config = ExportConfig {
-        endpoint: c.tracing.otlp_endpoint.clone(),
-        ..ExportConfig::default()
-    };
-    if telemetry::collector_named(&config) {
+    if telemetry::collector_named(c.tracing.otlp_endpoint.as_deref()) {
         anyhow::bail!(
             "--app-otlp relays the app's spans to the hub through the control plane, but this \
              sidecar sends its own to a collector (--otlp-endpoint or OTEL_EXPORTER_OTLP_*): \

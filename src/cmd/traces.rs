@@ -92,7 +92,8 @@ pub async fn traces(a: TracesArgs) -> anyhow::Result<()> {
 
 pub async fn trace(a: TraceArgs) -> anyhow::Result<()> {
     let client = a.admin.client()?;
-    let spans = client.trace(&a.id.to_ascii_lowercase()).await?;
+    let id = a.id.to_ascii_lowercase();
+    let spans = client.trace(&id).await?;
     if print_doc(a.output, &serde_json::to_value(&spans)?)? {
         return Ok(());
     }
@@ -100,7 +101,10 @@ pub async fn trace(a: TraceArgs) -> anyhow::Result<()> {
     // the client span that caused it however far the clusters' clocks disagree.
     let skew = skew::estimate(&spans);
     let spans = skew::corrected(&spans, &skew);
-    print!("{}", waterfall(&spans, std::io::stdout().is_terminal()));
+    print!(
+        "{}",
+        waterfall(&id, &spans, std::io::stdout().is_terminal())
+    );
     if let Some(line) = skew_line(&skew) {
         println!("{line}");
     }
@@ -137,24 +141,16 @@ const BAR: usize = 32;
 
 /// One trace as text: a line per span, children under their parent, with its cluster, kind,
 /// service, name, start offset and length, a bar on the trace's timeline, and why it failed.
-pub fn waterfall(spans: &[SpanView], unicode: bool) -> String {
+/// Spans of other traces (`trace_id` is not `id`: a pooled connection's gateway admission, which
+/// belongs to the request that opened the connection) are marked as linked.
+pub fn waterfall(id: &str, spans: &[SpanView], unicode: bool) -> String {
     let (start, end) = bounds(spans);
     let total = (end - start).max(1);
     let clusters: std::collections::BTreeSet<&str> =
         spans.iter().map(|s| s.cluster.as_str()).collect();
-    // The trace's own ID: the one most of its spans carry (spans it links to, such as a pooled
-    // connection's gateway admission, belong to the trace that opened the connection).
-    let mut counts: HashMap<&str, usize> = HashMap::new();
-    for s in spans {
-        *counts.entry(s.trace_id.as_str()).or_default() += 1;
-    }
-    let own = counts
-        .into_iter()
-        .max_by_key(|(id, n)| (*n, std::cmp::Reverse(*id)))
-        .map_or("", |(id, _)| id);
     let mut out = format!(
         "trace {} — {} spans, {} cluster(s) ({}), {}\n",
-        own,
+        id,
         spans.len(),
         clusters.len(),
         clusters.into_iter().collect::<Vec<_>>().join(", "),
@@ -193,7 +189,7 @@ pub fn waterfall(spans: &[SpanView], unicode: bool) -> String {
                 }
             })
             .collect();
-        let linked = if s.trace_id == own { "" } else { " (linked)" };
+        let linked = if s.trace_id == id { "" } else { " (linked)" };
         let label = format!(
             "{}{} {} {}{linked}",
             "  ".repeat(depth),
@@ -201,15 +197,13 @@ pub fn waterfall(spans: &[SpanView], unicode: bool) -> String {
             s.service,
             s.name
         );
-        let hop = match (
-            s.attributes.get("fedmesh.tried"),
-            s.attributes.get("fedmesh.attempts"),
-        ) {
-            (Some(t), _) => format!("  tried {t}"),
-            _ => String::new(),
-        };
+        let tried = s
+            .attributes
+            .get("fedmesh.tried")
+            .map(|t| format!("  tried {t}"))
+            .unwrap_or_default();
         out.push_str(&format!(
-            "  {:<10} {:<44} {:>10} {:>10} |{bar}|{}{hop}\n",
+            "  {:<10} {:<44} {:>10} {:>10} |{bar}|{}{tried}\n",
             s.cluster,
             label,
             ms(s.start_unix_nano - start),

@@ -1,13 +1,13 @@
 //! A connection's span, from accept (or connect) to close: for the hops that see bytes, not
 //! requests — the gateway, and a sidecar's opaque TCP. Kept when sampled or failed, never for
-//! its length alone ([`SpanRecord::connection`]).
+//! its length alone ([`Keep::Connection`]).
 
 use std::time::{Instant, SystemTime};
 
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 
-use super::{SpanRecord, Spans};
+use super::{Keep, SpanRecord, Spans};
 use crate::relay::Moved;
 use crate::trace::HopSpan;
 
@@ -82,20 +82,16 @@ impl ConnectionSpan {
     /// Exports what the span holds so far as a span of its own, named `done`, and goes on as
     /// its child named `next`, from now. The first span keeps the span ID others name and link
     /// to (a gateway's connection ID), so a long-lived connection's admission is in its trace
-    /// at once, not only when the connection closes; the child then records how it ended.
+    /// at once, not only when the connection closes, and is kept whatever the sampling
+    /// ([`Keep::Always`]); the child then records how it ended.
     pub fn checkpoint(&mut self, done: String, next: String) {
         let child = HopSpan {
             span_id: HopSpan::root(|_| false).span_id,
             parent_span_id: Some(self.hop.span_id),
             ..self.hop
         };
-        // Kept whatever the sampling: one span per connection, and every sampled request that
-        // later rides the connection links to it, whichever request opened it.
         self.spans.finish(SpanRecord {
-            hop: HopSpan {
-                sampled: true,
-                ..self.hop
-            },
+            hop: self.hop,
             name: done,
             kind: self.kind.clone(),
             start: self.wall,
@@ -103,7 +99,7 @@ impl ConnectionSpan {
             attributes: self.attributes.clone(),
             error: self.error.clone(),
             links: Vec::new(),
-            connection: true,
+            keep: Keep::Always,
         });
         self.hop = child;
         self.name = next;
@@ -128,7 +124,7 @@ impl ConnectionSpan {
             attributes: self.attributes,
             error: self.error,
             links: Vec::new(),
-            connection: true,
+            keep: Keep::Connection,
         });
     }
 }

@@ -160,19 +160,20 @@ impl SamplerArg {
 fn enabled(config: &ExportConfig) -> bool {
     let off = std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.trim() == "none")
         || std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim() == "true");
-    !off && (collector_named(config) || config.control_plane.is_some())
+    !off && (collector_named(config.endpoint.as_deref()) || config.control_plane.is_some())
 }
 
-/// Whether a collector is named: `--otlp-endpoint`, or `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`.
-pub fn collector_named(config: &ExportConfig) -> bool {
+/// Whether a collector is named: `--otlp-endpoint` (`endpoint`), or
+/// `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`.
+pub fn collector_named(endpoint: Option<&str>) -> bool {
     let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
-    config.endpoint.is_some()
+    endpoint.is_some()
         || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         || set("OTEL_EXPORTER_OTLP_ENDPOINT")
 }
 
 fn exporter(config: &ExportConfig) -> Result<opentelemetry_otlp::SpanExporter, String> {
-    if !collector_named(config)
+    if !collector_named(config.endpoint.as_deref())
         && let Some(channel) = &config.control_plane
     {
         return opentelemetry_otlp::SpanExporter::builder()

@@ -73,9 +73,21 @@ pub struct SpanRecord {
     pub error: Option<String>,
     /// Spans this one is tied to without being their child: `(trace ID, span ID)`.
     pub links: Vec<SpanLink>,
-    /// A connection's span: its length says how long the connection lived, not that anything
-    /// was slow, so it is kept only when sampled or failed.
-    pub connection: bool,
+    /// When it is kept.
+    pub keep: Keep,
+}
+
+/// When a finished hop's span is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// A request's: when its trace is sampled, it failed, or it was slow.
+    Request,
+    /// A connection's: when sampled or failed; its length says how long the connection lived,
+    /// not that anything was slow.
+    Connection,
+    /// Always: a gateway's admission of a connection (one per connection, and every sampled
+    /// request that rides the connection links to it, whichever request opened it).
+    Always,
 }
 
 impl Spans {
@@ -105,13 +117,17 @@ impl Spans {
         result.decision == SamplingDecision::RecordAndSample
     }
 
-    /// Whether a finished hop's span is kept: its trace is sampled, it failed, or (not for a
-    /// connection) it was slow. Spans that are not kept need not be built at all.
-    pub fn keeps(&self, sampled: bool, failed: bool, duration: Duration, connection: bool) -> bool {
+    /// Whether a finished hop's span is kept (see [`Keep`]). Spans that are not kept need not
+    /// be built at all.
+    pub fn keeps(&self, sampled: bool, failed: bool, duration: Duration, keep: Keep) -> bool {
         let Some(inner) = &self.0 else {
             return false;
         };
-        sampled || failed || (!connection && duration >= inner.slow)
+        match keep {
+            Keep::Always => true,
+            Keep::Connection => sampled || failed,
+            Keep::Request => sampled || failed || duration >= inner.slow,
+        }
     }
 
     /// Records a finished hop: queued for export when kept, dropped (and counted) when the
@@ -120,12 +136,7 @@ impl Spans {
         let Some(inner) = &self.0 else {
             return;
         };
-        if !self.keeps(
-            rec.hop.sampled,
-            rec.error.is_some(),
-            rec.duration,
-            rec.connection,
-        ) {
+        if !self.keeps(rec.hop.sampled, rec.error.is_some(), rec.duration, rec.keep) {
             return;
         }
         let status = match &rec.error {
@@ -133,8 +144,12 @@ impl Spans {
             None => Status::Unset,
         };
         let mut attributes = rec.attributes;
-        let slow = !rec.connection && rec.duration >= inner.slow;
-        if let Some(n) = adjusted_count(rec.error.is_some() || slow, inner.ratio) {
+        let always_kept = match rec.keep {
+            Keep::Always => true,
+            Keep::Connection => rec.error.is_some(),
+            Keep::Request => rec.error.is_some() || rec.duration >= inner.slow,
+        };
+        if let Some(n) = adjusted_count(always_kept, inner.ratio) {
             attributes.push(KeyValue::new(ADJUSTED_COUNT, n));
         }
         if let Some(e) = rec.error {
@@ -174,8 +189,8 @@ impl Spans {
 /// (the hub's service graph) can estimate all traffic from them.
 pub const ADJUSTED_COUNT: &str = "fedmesh.sampling.adjusted_count";
 
-/// How many hops a kept span stands for: 1 when it was kept because it failed or was slow
-/// (every such hop is kept), else 1/ratio — the ratio this proxy samples new traces at, taken
+/// How many hops a kept span stands for: 1 when it was kept whatever the sampling (it failed,
+/// was slow, or is always kept), else 1/ratio — the ratio this proxy samples new traces at, taken
 /// as the clusterset's (a caller's decision came from its own proxy's ratio). `None` when the
 /// ratio is 0 (only a caller's decision keeps spans, at a ratio unknown here).
 fn adjusted_count(always_kept: bool, ratio: f64) -> Option<f64> {

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedmesh_api::MAX_OTLP_EXPORT_BYTES;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -27,8 +28,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-/// The largest export relayed (the control plane and the hub take no more).
-pub const MAX_EXPORT_BYTES: usize = 4 << 20;
 /// Exports forwarded at once.
 const IN_FLIGHT: usize = 8;
 /// One forward may take this long.
@@ -82,13 +81,12 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
 pub async fn serve(listener: TcpListener, control_plane: Channel, shutdown: CancellationToken) {
     let relay = AppRelay {
         control_plane: TraceServiceClient::new(control_plane)
-            .max_encoding_message_size(MAX_EXPORT_BYTES),
+            .max_encoding_message_size(MAX_OTLP_EXPORT_BYTES),
         in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
     };
-    let service = TraceServiceServer::new(relay).max_decoding_message_size(MAX_EXPORT_BYTES);
+    let service = TraceServiceServer::new(relay).max_decoding_message_size(MAX_OTLP_EXPORT_BYTES);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     if let Err(e) = tonic::transport::Server::builder()
-        .concurrency_limit_per_connection(IN_FLIGHT)
         .timeout(FORWARD_TIMEOUT + Duration::from_secs(1))
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())

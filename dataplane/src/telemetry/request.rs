@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 
-use super::{SpanRecord, Spans, error_type, grpc_call, grpc_status, request_attributes};
+use super::{Keep, SpanRecord, Spans, error_type, grpc_call, grpc_status, request_attributes};
 
 /// A span another is tied to without being its child: `(trace ID, span ID)`.
 pub type SpanLink = ([u8; 16], [u8; 8]);
@@ -91,7 +91,7 @@ impl RequestSpan {
                 let duration = self.start.elapsed();
                 if !self
                     .spans
-                    .keeps(self.hop.sampled, error.is_some(), duration, false)
+                    .keeps(self.hop.sampled, error.is_some(), duration, Keep::Request)
                 {
                     return;
                 }
@@ -124,7 +124,7 @@ impl RequestSpan {
                     attributes,
                     error,
                     links,
-                    connection: false,
+                    keep: Keep::Request,
                 });
             })
         })

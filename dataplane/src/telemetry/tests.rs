@@ -30,7 +30,7 @@ fn record(sampled: bool, error: Option<&str>, millis: u64) -> SpanRecord {
         attributes: vec![KeyValue::new("url.path", "/")],
         error: error.map(str::to_string),
         links: vec![([9; 16], [8; 8])],
-        connection: false,
+        keep: Keep::Request,
     }
 }
 
@@ -43,7 +43,7 @@ fn sampled_failed_and_slow_spans_are_kept_others_not() {
     s.finish(record(false, None, 600));
     // A connection that lived long was not slow: unsampled, it is not kept.
     s.finish(SpanRecord {
-        connection: true,
+        keep: Keep::Connection,
         ..record(false, None, 60_000)
     });
     let mut kept = Vec::new();

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedmesh_api::MAX_OTLP_EXPORT_BYTES;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -20,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::hub_link::HubCredentials;
-use crate::hub::traces::intake::MAX_EXPORT_BYTES;
 
 /// Batches waiting for the hub.
 const QUEUE: usize = 64;
@@ -38,7 +38,7 @@ pub fn start(
 ) -> TraceServiceServer<Relay> {
     let (queue, rx) = mpsc::channel(QUEUE);
     tokio::spawn(forward(hub, rx, shutdown));
-    TraceServiceServer::new(Relay { queue }).max_decoding_message_size(MAX_EXPORT_BYTES)
+    TraceServiceServer::new(Relay { queue }).max_decoding_message_size(MAX_OTLP_EXPORT_BYTES)
 }
 
 fn spans_in(req: &ExportTraceServiceRequest) -> i64 {

@@ -208,7 +208,7 @@ impl GraphBuilder {
 
 /// Spans a mesh sidecar recorded (an app's own spans would count its requests twice).
 fn from_sidecar(s: &SpanView) -> bool {
-    s.resource.get("fedmesh.proxy").map(String::as_str) == Some("sidecar")
+    s.proxy() == Some("sidecar")
 }
 
 /// `(namespace, name)` of a service's DNS name (`NAME.NS.svc.clusterset.local` or

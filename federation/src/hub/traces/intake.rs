@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use fedmesh_api::MAX_OTLP_EXPORT_BYTES;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -15,16 +16,13 @@ use tonic::{Request, Response, Status};
 
 use crate::hub::{Hub, cluster_of};
 
-/// The largest export the hub decodes.
-pub const MAX_EXPORT_BYTES: usize = 4 << 20;
-
 pub struct Intake {
     hub: Arc<Hub>,
 }
 
 /// The OTLP TraceService for the hub's gRPC server.
 pub fn server(hub: Arc<Hub>) -> TraceServiceServer<Intake> {
-    TraceServiceServer::new(Intake { hub }).max_decoding_message_size(MAX_EXPORT_BYTES)
+    TraceServiceServer::new(Intake { hub }).max_decoding_message_size(MAX_OTLP_EXPORT_BYTES)
 }
 
 #[tonic::async_trait]

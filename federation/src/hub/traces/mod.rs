@@ -74,6 +74,14 @@ pub struct SpanView {
     pub links: Vec<String>,
 }
 
+impl SpanView {
+    /// The fedmesh proxy that recorded the span (`sidecar`, `gateway`), as its resource says;
+    /// `None` for an app's own span.
+    pub fn proxy(&self) -> Option<&str> {
+        self.resource.get("fedmesh.proxy").map(String::as_str)
+    }
+}
+
 /// One trace in a search result.
 #[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq)]
 pub struct TraceSummary {

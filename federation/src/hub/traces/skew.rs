@@ -52,8 +52,7 @@ impl ClockSkew {
 pub fn estimate(spans: &[SpanView]) -> ClockSkew {
     // The reference: where the request started, not a gateway's connection (which may have been
     // opened by an earlier request, and is shown with this one through a link).
-    let gateway =
-        |s: &SpanView| s.resource.get("fedmesh.proxy").map(String::as_str) == Some("gateway");
+    let gateway = |s: &SpanView| s.proxy() == Some("gateway");
     let Some(first) = spans
         .iter()
         .filter(|s| !gateway(s))
@@ -67,8 +66,6 @@ pub fn estimate(spans: &[SpanView]) -> ClockSkew {
     // is ahead of the client's.
     let mut samples: BTreeMap<(&str, &str), Vec<i64>> = BTreeMap::new();
     // A gateway's span covers a connection, not one request's way there and back: no pair.
-    let gateway =
-        |s: &SpanView| s.resource.get("fedmesh.proxy").map(String::as_str) == Some("gateway");
     for server in spans.iter().filter(|s| s.kind == "server" && !gateway(s)) {
         let Some(client) = by_id.get(server.parent_span_id.as_str()) else {
             continue;
