@@ -262,34 +262,33 @@ impl Net {
 
     /// Starts `fedmesh ARGS` inside `ns` (as `uid` if given), stderr to `<dir>/<name>.log`.
     pub fn spawn(&mut self, ns: &str, name: &str, uid: Option<u32>, args: &[&str]) -> usize {
-        let log = self.dir.join(format!("{name}.log"));
-        let f = File::create(&log).unwrap();
-        let child = ns_command(ns, fedmesh_bin(), uid)
-            .args(args)
+        let mut cmd = ns_command(ns, fedmesh_bin(), uid);
+        cmd.args(args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(f)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        self.procs.push(NsProc {
-            name: name.into(),
-            child,
-            log,
-        });
-        self.procs.len() - 1
+            .stdout(Stdio::null());
+        self.start(name, cmd, false)
     }
 
     /// Starts another program inside `ns`, stdout and stderr to `<dir>/<name>.log`.
     pub fn spawn_program(&mut self, ns: &str, name: &str, program: &str, args: &[String]) -> usize {
+        let mut cmd = ns_command(ns, program, None);
+        cmd.args(args);
+        self.start(name, cmd, true)
+    }
+
+    /// Runs `cmd` with stderr (and `stdout` too, if asked) to `<dir>/<name>.log`; its index in
+    /// `procs`.
+    fn start(&mut self, name: &str, mut cmd: Command, stdout: bool) -> usize {
         let log = self.dir.join(format!("{name}.log"));
         let f = File::create(&log).unwrap();
-        let child = ns_command(ns, program, None)
-            .args(args)
-            .stdout(f.try_clone().unwrap())
+        if stdout {
+            cmd.stdout(f.try_clone().unwrap());
+        }
+        let child = cmd
             .stderr(f)
             .spawn()
-            .unwrap_or_else(|e| panic!("start {name} ({program}): {e}"));
+            .unwrap_or_else(|e| panic!("start {name} ({:?}): {e}", cmd.get_program()));
         self.procs.push(NsProc {
             name: name.into(),
             child,
