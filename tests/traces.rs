@@ -133,6 +133,8 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
         assert_eq!(s.attr("error.type"), None);
         assert_eq!(s.res("service.namespace"), Some("shop"));
         assert_eq!(s.res("k8s.namespace.name"), Some("shop"));
+        // OTEL_RESOURCE_ATTRIBUTES joins the proxy's own resource (the injector sets k8s.* so).
+        assert_eq!(s.res("k8s.node.name"), Some("netns-node"));
     }
     assert_eq!(client.res("service.name"), Some("frontend"));
     assert_eq!(client.res("fedmesh.cluster"), Some("east"));

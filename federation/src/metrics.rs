@@ -29,6 +29,8 @@ pub struct HubMetrics {
     /// Spans sent to the hub's trace window, by result (accepted, rejected, dropped).
     pub spans: Family<ResultLabels, Counter>,
     pub trace_window_spans: Gauge,
+    /// The trace window's memory as estimated against its --trace-window-mib bound.
+    pub trace_window_bytes: Gauge,
 }
 
 impl Default for HubMetrics {
@@ -46,6 +48,7 @@ impl Default for HubMetrics {
             joins: Family::default(),
             spans: Family::default(),
             trace_window_spans: Gauge::default(),
+            trace_window_bytes: Gauge::default(),
         };
         registry.register(
             "connected_clusters",
@@ -92,6 +95,11 @@ impl Default for HubMetrics {
             "trace_window_spans",
             "Spans the trace window holds",
             m.trace_window_spans.clone(),
+        );
+        registry.register(
+            "trace_window_bytes",
+            "Memory the trace window's spans take (estimated on the high side)",
+            m.trace_window_bytes.clone(),
         );
         Self { registry, ..m }
     }

@@ -221,6 +221,16 @@ struct RunArgs {
     /// This replica's name (default: hostname-pid).
     #[arg(long)]
     replica: Option<String>,
+    /// Spans the window of recent traces keeps; beyond it the oldest traces go (counted in
+    /// fedmesh_hub_spans_total{result="dropped"}).
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    trace_window_spans: u32,
+    /// Memory the window of recent traces may take, in MiB; whichever bound comes first applies.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    trace_window_mib: u32,
+    /// Traces older than this leave the window.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    trace_window_age: Duration,
 }
 
 pub async fn run(args: HubArgs) -> anyhow::Result<()> {
@@ -300,6 +310,12 @@ async fn serve(a: RunArgs) -> anyhow::Result<()> {
         stale_after: a.stale_after,
         expire_after: a.expire_after,
         token_ttl: a.token_ttl,
+        traces: fedmesh_federation::hub::traces::TraceLimits {
+            max_spans: a.trace_window_spans as usize,
+            max_bytes: (a.trace_window_mib as usize) << 20,
+            max_age: a.trace_window_age,
+            ..Default::default()
+        },
         ..HubConfig::default()
     };
     let hub = Hub::start(config, store, Arc::new(ca), shutdown.clone()).await?;

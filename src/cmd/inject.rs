@@ -205,6 +205,11 @@ fn proxy_container(a: &InjectArgs) -> Value {
             {"name": "FEDMESH_ZONE", "valueFrom": {"fieldRef": {
                 "fieldPath": "metadata.labels['topology.kubernetes.io/zone']"}}},
             {"name": "FEDMESH_NODE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "K8S_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            {"name": "K8S_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+            // The proxy's spans carry the pod and node they come from (OpenTelemetry's k8s.*).
+            {"name": "OTEL_RESOURCE_ATTRIBUTES", "value":
+                "k8s.pod.name=$(FEDMESH_NODE),k8s.pod.uid=$(K8S_POD_UID),k8s.node.name=$(K8S_NODE_NAME)"},
         ],
         "ports": [{"name": "fedmesh-admin", "containerPort": a.admin_port}],
         "readinessProbe": probe("/readyz"),

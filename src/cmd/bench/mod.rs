@@ -59,6 +59,9 @@ pub enum BenchCommand {
         /// Spans the window holds (the hub's default).
         #[arg(long, default_value_t = 100_000)]
         window: usize,
+        /// Memory the window may take, in MiB (the hub's default).
+        #[arg(long, default_value_t = 128)]
+        window_mib: usize,
         /// Spans per OTLP export.
         #[arg(long, default_value_t = 512)]
         batch: usize,
@@ -94,12 +97,14 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Traces {
             window,
+            window_mib,
             batch,
             duration,
             rounds,
         } => {
             let p = traces::Params {
                 window: window.max(1),
+                window_bytes: window_mib.clamp(1, 65536) << 20,
                 batch: batch.clamp(3, 100_000),
                 duration,
                 rounds: rounds.max(1),

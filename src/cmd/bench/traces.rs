@@ -2,8 +2,9 @@
 //! batches of CLIENT/SERVER/gateway spans with the attributes our proxies record) decoded and
 //! taken into the trace window, in spans per second, against decoding alone — the baseline, what
 //! any OTLP receiver pays before it keeps anything — measured alternately in the same run. Then
-//! the window's memory: anonymous RSS once it holds its configured number of spans, and again
-//! after twice as many more went through it (the oldest traces dropped), which must not grow.
+//! the window's memory: anonymous RSS once it is full (its span count or its memory bound,
+//! whichever comes first), against the bound and against the window's own estimate, and again
+//! after twice as many more spans went through it (the oldest traces dropped), which must not grow.
 //!
 //! In process, on one thread: the figure is the hub's own work per span, without the gRPC and
 //! TLS layers every OTLP receiver shares.
@@ -20,6 +21,8 @@ use prost::Message;
 pub struct Params {
     /// Spans the window holds (the hub's default is 100,000).
     pub window: usize,
+    /// Memory the window may take (the hub's default is 128 MiB).
+    pub window_bytes: usize,
     /// Spans per export.
     pub batch: usize,
     /// Length of each measurement.
@@ -166,18 +169,21 @@ fn rss_anon_kib() -> u64 {
 pub fn run(p: Params) -> anyhow::Result<()> {
     let exports: Vec<Vec<u8>> = (1..=16).map(|s| export(s, p.batch)).collect();
     println!(
-        "hub span intake, one thread: exports of {} spans ({} bytes of OTLP each), window of {} spans",
+        "hub span intake, one thread: exports of {} spans ({} bytes of OTLP each), window of {} spans or {} MiB",
         p.batch,
         exports[0].len(),
-        p.window
+        p.window,
+        p.window_bytes >> 20
     );
+    let limits = TraceLimits {
+        max_spans: p.window,
+        max_bytes: p.window_bytes,
+        ..TraceLimits::default()
+    };
     // Memory first, before the rounds leave freed memory in the allocator that a fill would
     // reuse unseen: fill the window, then push twice as many more through it.
     let before = rss_anon_kib();
-    let window = TraceWindow::new(TraceLimits {
-        max_spans: p.window,
-        ..TraceLimits::default()
-    });
+    let window = TraceWindow::new(limits.clone());
     let mut n = 1u64 << 40;
     let mut fill = |spans: usize| -> anyhow::Result<()> {
         let mut sent = 0;
@@ -191,6 +197,7 @@ pub fn run(p: Params) -> anyhow::Result<()> {
     };
     fill(p.window)?;
     let full = rss_anon_kib().saturating_sub(before);
+    let estimated = window.bytes();
     fill(2 * p.window)?;
     let after = rss_anon_kib().saturating_sub(before);
     let (held, dropped) = window.sizes();
@@ -202,14 +209,16 @@ pub fn run(p: Params) -> anyhow::Result<()> {
         after as f64 / 1024.0,
         2 * p.window
     );
+    println!(
+        "  the window's own estimate: {:.1} MiB = {:.2}× the RSS it measures (≥ 1: on the high side)",
+        estimated as f64 / f64::from(1 << 20),
+        estimated as f64 / (full as f64 * 1024.0).max(1.0)
+    );
     let mut decoded = Vec::new();
     let mut kept = Vec::new();
     for round in 0..p.rounds {
         let d = spans_per_second(&p, &exports, |req| drop(std::hint::black_box(req)))?;
-        let window = TraceWindow::new(TraceLimits {
-            max_spans: p.window,
-            ..TraceLimits::default()
-        });
+        let window = TraceWindow::new(limits.clone());
         let k = spans_per_second(&p, &exports, |req| {
             std::hint::black_box(window.insert("east", req));
         })?;
@@ -229,6 +238,7 @@ pub fn run(p: Params) -> anyhow::Result<()> {
     );
 
     let bounded = after as f64 <= full as f64 * 1.10 + 1024.0;
+    let within = (full.max(after) as usize) << 10 <= p.window_bytes;
     println!("\ngoals:");
     println!(
         "  ≥ {GOAL_SPANS_PER_SECOND:.0} spans/s on one core: {} ({k:.0})",
@@ -243,6 +253,12 @@ pub fn run(p: Params) -> anyhow::Result<()> {
         if bounded { "met" } else { "NOT met" },
         full as f64 / 1024.0,
         after as f64 / 1024.0
+    );
+    println!(
+        "  memory within the configured bound ({} MiB): {} ({:.2}× of it)",
+        p.window_bytes >> 20,
+        if within { "met" } else { "NOT met" },
+        (full.max(after) as f64 * 1024.0) / p.window_bytes as f64
     );
     Ok(())
 }

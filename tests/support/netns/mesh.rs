@@ -193,6 +193,11 @@ impl Mesh {
                 format!("http://{grpc}"),
             ),
             ("OTEL_TRACES_SAMPLER".into(), "parentbased_always_on".into()),
+            // As the injector sets it from the downward API (k8s.pod.name=$(FEDMESH_NODE),...).
+            (
+                "OTEL_RESOURCE_ATTRIBUTES".into(),
+                "k8s.node.name=netns-node,deployment.environment.name=test".into(),
+            ),
         ]);
         idx
     }

@@ -52,6 +52,7 @@ impl TraceService for Intake {
         m.count_spans("rejected", got.rejected as u64);
         m.count_spans("dropped", got.dropped as u64);
         m.trace_window_spans.set(got.held as i64);
+        m.trace_window_bytes.set(got.held_bytes as i64);
         if let Some(e) = &got.error {
             tracing::debug!(%cluster, rejected = got.rejected, error = %e, "spans refused");
         }

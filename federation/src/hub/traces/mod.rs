@@ -32,6 +32,10 @@ pub struct TraceLimits {
     pub max_age: Duration,
     /// Spans one trace may hold; more are refused (a runaway trace cannot take the window).
     pub max_spans_per_trace: usize,
+    /// Memory the window's spans may take (as [`SpanView::heap_bytes`] estimates it, on the
+    /// high side); beyond it, the oldest traces are dropped. Whichever bound is reached first
+    /// applies: a few large spans cannot take more memory than many small ones.
+    pub max_bytes: usize,
 }
 
 impl Default for TraceLimits {
@@ -40,6 +44,7 @@ impl Default for TraceLimits {
             max_spans: 100_000,
             max_age: Duration::from_secs(3600),
             max_spans_per_trace: 2_000,
+            max_bytes: 128 << 20,
         }
     }
 }
@@ -47,6 +52,9 @@ impl Default for TraceLimits {
 /// Attributes kept per span, and the longest value kept (longer ones are cut).
 const MAX_ATTRIBUTES: usize = 128;
 const MAX_VALUE: usize = 2048;
+
+/// What a trace's bookkeeping takes beyond its spans (see [`SpanView::heap_bytes`]).
+const TRACE_BYTES: usize = 384;
 
 /// One span as the hub keeps and shows it.
 #[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq)]
@@ -75,6 +83,54 @@ pub struct SpanView {
 }
 
 impl SpanView {
+    /// The memory one kept span takes, estimated on the high side: the struct (twice: a trace's
+    /// span list grows by doubling), each string's buffer with the allocator's overhead, and the
+    /// attribute map's B-tree nodes (11 slots each, about half full when filled one by one). The
+    /// resource is shared by the spans of one export and is counted once per export.
+    pub fn heap_bytes(&self) -> usize {
+        const ALLOC: usize = 16;
+        const SLOT: usize = 2 * std::mem::size_of::<String>();
+        const NODE: usize = 11 * SLOT + 32 + ALLOC;
+        let text = |s: &String| if s.is_empty() { 0 } else { s.len() + ALLOC };
+        let n = self.attributes.len();
+        // Plus 256 for the allocator's rounding and the page slack it keeps.
+        2 * std::mem::size_of::<Self>()
+            + 256
+            + [
+                &self.trace_id,
+                &self.span_id,
+                &self.parent_span_id,
+                &self.name,
+                &self.kind,
+                &self.service,
+                &self.cluster,
+            ]
+            .into_iter()
+            .map(text)
+            .sum::<usize>()
+            + self.error.as_ref().map_or(0, text)
+            + n.div_ceil(5) * NODE
+            + self
+                .attributes
+                .iter()
+                .map(|(k, v)| text(k) + text(v))
+                .sum::<usize>()
+            + self
+                .links
+                .iter()
+                .map(|l| text(l) + std::mem::size_of::<String>())
+                .sum::<usize>()
+    }
+
+    /// The memory of a resource shared by an export's spans, counted once per export.
+    fn resource_bytes(resource: &BTreeMap<String, String>) -> usize {
+        resource
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2 * std::mem::size_of::<String>() + 96)
+            .sum::<usize>()
+            + 64
+    }
+
     /// The fedmesh proxy that recorded the span (`sidecar`, `gateway`), as its resource says;
     /// `None` for an app's own span.
     pub fn proxy(&self) -> Option<&str> {
@@ -125,10 +181,14 @@ pub struct Accepted {
     pub dropped: usize,
     /// Spans the window holds now.
     pub held: usize,
+    /// The memory they take ([`TraceWindow::bytes`]).
+    pub held_bytes: usize,
 }
 
 struct Trace {
     spans: Vec<SpanView>,
+    /// What its spans take ([`SpanView::heap_bytes`], and the resources they brought).
+    bytes: usize,
 }
 
 #[derive(Default)]
@@ -137,6 +197,7 @@ struct Inner {
     /// Trace IDs in the order their first span arrived, with that time.
     order: VecDeque<(String, Instant)>,
     spans: usize,
+    bytes: usize,
 }
 
 /// The hub's window of recent traces.
@@ -165,6 +226,11 @@ impl TraceWindow {
         (self.lock().spans, self.dropped.load(Ordering::Relaxed))
     }
 
+    /// The memory the window's spans take, as estimated against [`TraceLimits::max_bytes`].
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
     /// Takes an export from `cluster`: every valid span is kept, each invalid one refused (the
     /// first reason is returned, as OTLP's partial success reports it).
     pub fn insert(&self, cluster: &str, req: ExportTraceServiceRequest) -> Accepted {
@@ -181,10 +247,15 @@ impl TraceWindow {
                     .unwrap_or_default(),
             );
             let service = resource.get("service.name").cloned().unwrap_or_default();
+            // The first span kept from this resource carries its memory.
+            let mut shared = SpanView::resource_bytes(&resource);
             for ss in rs.scope_spans {
                 for span in ss.spans {
                     match view(span, &resource, &service, cluster) {
-                        Ok(v) => views.push(v),
+                        Ok(v) => {
+                            let bytes = v.heap_bytes() + std::mem::take(&mut shared);
+                            views.push((v, bytes));
+                        }
                         Err(e) => refuse(&mut out, e),
                     }
                 }
@@ -193,15 +264,22 @@ impl TraceWindow {
         let now = Instant::now();
         let mut inner = self.lock();
         out.dropped += self.expire(&mut inner, now);
-        for v in views {
+        for (v, bytes) in views {
             let known = inner.traces.contains_key(&v.trace_id);
+            // A new trace's bookkeeping: its map entry and ID (the map's slack included) and
+            // its place in the age order.
+            let mut bytes = bytes;
             if !known {
                 inner.order.push_back((v.trace_id.clone(), now));
+                bytes += TRACE_BYTES;
             }
             let trace = inner
                 .traces
                 .entry(v.trace_id.clone())
-                .or_insert_with(|| Trace { spans: Vec::new() });
+                .or_insert_with(|| Trace {
+                    spans: Vec::new(),
+                    bytes: 0,
+                });
             if trace.spans.len() >= self.limits.max_spans_per_trace {
                 let id = v.trace_id.clone();
                 refuse(
@@ -214,25 +292,32 @@ impl TraceWindow {
                 continue;
             }
             trace.spans.push(v);
+            trace.bytes += bytes;
             inner.spans += 1;
+            inner.bytes += bytes;
             out.accepted += 1;
         }
         // Oldest traces out until the window fits.
-        while inner.spans > self.limits.max_spans {
+        while inner.spans > self.limits.max_spans || inner.bytes > self.limits.max_bytes {
             match self.drop_oldest(&mut inner) {
                 Some(n) => out.dropped += n,
                 None => break,
             }
         }
         out.held = inner.spans;
+        out.held_bytes = inner.bytes;
         out
     }
 
     /// Drops the oldest trace: how many spans it held (`None`: the window is empty).
     fn drop_oldest(&self, inner: &mut Inner) -> Option<usize> {
         let (id, _) = inner.order.pop_front()?;
-        let n = inner.traces.remove(&id).map_or(0, |t| t.spans.len());
+        let (n, bytes) = inner
+            .traces
+            .remove(&id)
+            .map_or((0, 0), |t| (t.spans.len(), t.bytes));
         inner.spans -= n;
+        inner.bytes -= bytes;
         self.dropped.fetch_add(n as u64, Ordering::Relaxed);
         Some(n)
     }

@@ -167,3 +167,41 @@ fn the_window_stays_within_its_limits_dropping_the_oldest_traces_and_counting_th
     let got = aged.insert("east", export("x", vec![span(2, 1, None, 0, vec![])]));
     assert_eq!(got.dropped, 1, "the aged trace is dropped and counted");
 }
+
+#[test]
+fn large_spans_are_bounded_by_the_windows_memory_not_only_its_span_count() {
+    let limits = TraceLimits {
+        max_spans: 1_000,
+        max_bytes: 256 << 10,
+        ..TraceLimits::default()
+    };
+    let w = TraceWindow::new(limits);
+    // Each span carries ~20 KiB of attributes: 1,000 of them would take 20 MiB.
+    let big = || {
+        (0..10)
+            .map(|i| kv(&format!("blob.{i}"), &"x".repeat(2_000)))
+            .collect::<Vec<_>>()
+    };
+    for t in 1..=100u8 {
+        w.insert(
+            "east",
+            export("frontend", vec![span(t, 1, None, 100, big())]),
+        );
+    }
+    let (held, dropped) = w.sizes();
+    assert!(w.bytes() <= 256 << 10, "{} bytes held", w.bytes());
+    assert!(held < 20 && held > 5, "{held} spans held");
+    assert_eq!(
+        held as u64 + dropped,
+        100,
+        "every span kept or counted as dropped"
+    );
+    assert!(
+        w.get(&hex::encode([100u8; 16])).is_some(),
+        "the newest stays"
+    );
+    assert!(w.get(&hex::encode([1u8; 16])).is_none(), "the oldest went");
+    // The estimate is on the high side of what the strings alone take.
+    let one = &w.get(&hex::encode([100u8; 16])).unwrap()[0];
+    assert!(one.heap_bytes() > 20_000, "{}", one.heap_bytes());
+}
