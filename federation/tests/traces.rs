@@ -23,7 +23,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::Trac
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, span::SpanKind};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 fn kv(k: &str, v: &str) -> KeyValue {
     KeyValue {
@@ -92,6 +93,10 @@ async fn join(
     dir: &std::path::Path,
     name: &str,
 ) -> TraceServiceClient<tonic::transport::Channel> {
+    TraceServiceClient::new(join_creds(hub, dir, name).await.channel().unwrap())
+}
+
+async fn join_creds(hub: &HubHandle, dir: &std::path::Path, name: &str) -> HubCredentials {
     let cluster = ClusterName::new(name).unwrap();
     let td = TrustDomain::new(&format!("{name}.example")).unwrap();
     let (token, _) = hub.hub.create_token(&cluster, &td, None).await.unwrap();
@@ -113,7 +118,7 @@ async fn join(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    TraceServiceClient::new(creds.channel().unwrap())
+    creds
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,5 +321,199 @@ async fn joined_clusters_send_spans_and_operators_find_them_in_the_admin_api() {
         "{}",
         e.message()
     );
+    hub.stop().await;
+}
+
+/// An OTLP/HTTP POST of `body` as `content_type` on `s` (HTTP/1.1): the status and the body.
+async fn post_traces<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let head = format!(
+        "POST /v1/traces HTTP/1.1\r\nHost: hub\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // An oversized body may be refused before it is all sent.
+    let _ = s.write_all(body).await;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    let status = String::from_utf8_lossy(&buf[9..12]).parse().unwrap();
+    let at = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    (status, buf[at..].to_vec())
+}
+
+/// `google.rpc.Status`, an OTLP/HTTP error body.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hubs_otlp_listener_takes_grpc_and_http_from_joined_clusters_and_plain_text_only_where_configured()
+ {
+    use fedmesh_federation::hub::traces::listener;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn KvStore> = Arc::new(RedbStore::open(&dir.path().join("hub.redb")).unwrap());
+    let hub = start_hub(
+        dir.path(),
+        store,
+        "127.0.0.1:0".parse().unwrap(),
+        hub_config(),
+    )
+    .await;
+    let east = join_creds(&hub, dir.path(), "east").await;
+    let serve = |tls| async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(listener::serve(
+            hub.hub.clone(),
+            l,
+            tls,
+            hub.shutdown.clone(),
+        ));
+        addr
+    };
+    let mtls = serve(Some(hub.hub.otlp_tls())).await;
+    let plain = serve(None).await;
+    let one = |t: u8, service: &str| {
+        export(
+            service,
+            vec![span([t; 16], 1, None, SpanKind::Client, vec![])],
+        )
+    };
+    let tls_to = |alpn: &[u8], with_identity: bool| {
+        let config = if with_identity {
+            east.client_tls(vec![alpn.to_vec()])
+        } else {
+            // The hub's certificate verified, no client certificate.
+            let anonymous = fedmesh_trust::tls::MeshIdentity::new();
+            let mut bundles = fedmesh_trust::bundle::BundleSet::new();
+            bundles.update_arc(hub.hub.ca().bundle());
+            anonymous.set_bundles(bundles);
+            let mut c = (*anonymous.anonymous_client_config(
+                fedmesh_trust::tls::Authorizer::trust_domain(hub.hub.trust_domain()),
+            ))
+            .clone();
+            c.alpn_protocols = vec![alpn.to_vec()];
+            Arc::new(c)
+        };
+        async move {
+            let tcp = tokio::net::TcpStream::connect(mtls).await.unwrap();
+            tokio_rustls::TlsConnector::from(config)
+                .connect("hub.fedmesh".try_into().unwrap(), tcp)
+                .await
+                .unwrap()
+        }
+    };
+
+    // OTLP/HTTP over mTLS as a joined cluster: kept, stamped with the cluster.
+    let (status, body) = post_traces(
+        tls_to(b"http/1.1", true).await,
+        "application/x-protobuf",
+        &one(21, "frontend").encode_to_vec(),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let resp = ExportTraceServiceResponse::decode(&body[..]).unwrap();
+    assert_eq!(resp.partial_success, None);
+    let spans = hub.hub.traces.get(&hex::encode([21u8; 16])).unwrap();
+    assert_eq!(spans[0].cluster, "east");
+    // OTLP/gRPC on the same port, same identity.
+    let channel = fedmesh_trust::grpc::channel(
+        &mtls.to_string(),
+        east.client_tls(vec![b"h2".to_vec()]),
+        "hub.fedmesh",
+    )
+    .unwrap();
+    TraceServiceClient::new(channel)
+        .export(one(22, "frontend"))
+        .await
+        .expect("OTLP/gRPC over mTLS");
+    assert_eq!(
+        hub.hub.traces.get(&hex::encode([22u8; 16])).unwrap()[0].cluster,
+        "east"
+    );
+    // Without a client certificate: 401, saying what to do; nothing kept.
+    let (status, body) = post_traces(
+        tls_to(b"http/1.1", false).await,
+        "application/x-protobuf",
+        &one(23, "frontend").encode_to_vec(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let why = RpcStatus::decode(&body[..]).unwrap();
+    assert!(why.message.contains("joined cluster's identity"), "{why:?}");
+    assert!(hub.hub.traces.get(&hex::encode([23u8; 16])).is_none());
+
+    // The plain-text listener takes anyone's spans, stamped unverified whatever they claim.
+    let tcp = || tokio::net::TcpStream::connect(plain);
+    let mut claiming = one(24, "checkout");
+    claiming.resource_spans[0]
+        .resource
+        .as_mut()
+        .unwrap()
+        .attributes
+        .push(kv("fedmesh.cluster", "east"));
+    let (status, _) = post_traces(
+        tcp().await.unwrap(),
+        "application/x-protobuf; charset=binary",
+        &claiming.encode_to_vec(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let spans = hub.hub.traces.get(&hex::encode([24u8; 16])).unwrap();
+    assert_eq!(spans[0].cluster, "(unverified)");
+    assert_eq!(
+        spans[0].resource.get("fedmesh.cluster").map(String::as_str),
+        Some("east")
+    );
+    let mut grpc = TraceServiceClient::connect(format!("http://{plain}"))
+        .await
+        .unwrap();
+    grpc.export(one(25, "checkout"))
+        .await
+        .expect("OTLP/gRPC, h2c");
+    assert_eq!(
+        hub.hub.traces.get(&hex::encode([25u8; 16])).unwrap()[0].cluster,
+        "(unverified)"
+    );
+    // Bad input: each refused with a reason, and the listener keeps serving.
+    let (status, body) = post_traces(tcp().await.unwrap(), "application/json", b"{}").await;
+    assert_eq!(status, 415);
+    assert!(
+        RpcStatus::decode(&body[..])
+            .unwrap()
+            .message
+            .contains("http/protobuf")
+    );
+    let (status, body) = post_traces(
+        tcp().await.unwrap(),
+        "application/x-protobuf",
+        b"\xff\xff\xff",
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        RpcStatus::decode(&body[..])
+            .unwrap()
+            .message
+            .contains("not an OTLP ExportTraceServiceRequest")
+    );
+    let huge = vec![0u8; fedmesh_api::MAX_OTLP_EXPORT_BYTES + 1];
+    let (status, _) = post_traces(tcp().await.unwrap(), "application/x-protobuf", &huge).await;
+    assert_eq!(status, 413);
+    let (status, _) = post_traces(
+        tcp().await.unwrap(),
+        "application/x-protobuf",
+        &one(26, "checkout").encode_to_vec(),
+    )
+    .await;
+    assert_eq!(status, 200, "still serving");
     hub.stop().await;
 }

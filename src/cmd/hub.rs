@@ -231,6 +231,14 @@ struct RunArgs {
     /// Traces older than this leave the window.
     #[arg(long, value_parser = parse_duration, default_value = "1h")]
     trace_window_age: Duration,
+    /// Also take OTLP (gRPC and HTTP/protobuf at /v1/traces) here, over TLS: only joined
+    /// clusters' identities may send (as on --listen, which takes OTLP/gRPC already).
+    #[arg(long)]
+    otlp_listen: Option<SocketAddr>,
+    /// Take OTLP (gRPC and HTTP/protobuf) in plain text here from anyone who can reach it (apps,
+    /// collectors outside the mesh); their spans are stamped cluster "(unverified)". Off unless set.
+    #[arg(long)]
+    otlp_plaintext_listen: Option<SocketAddr>,
 }
 
 pub async fn run(args: HubArgs) -> anyhow::Result<()> {
@@ -342,6 +350,33 @@ async fn serve(a: RunArgs) -> anyhow::Result<()> {
         signal.cancel();
     });
     let admin_task = tokio::spawn(hub::serve_admin(state, admin, tls, shutdown.clone()));
+    let otlp = [
+        (a.otlp_listen, Some(hub.otlp_tls()), "--otlp-listen"),
+        (a.otlp_plaintext_listen, None, "--otlp-plaintext-listen"),
+    ];
+    for (addr, tls, flag) in otlp {
+        let Some(addr) = addr else { continue };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} ({flag})"))?;
+        let how = if tls.is_some() {
+            "TLS, joined clusters only"
+        } else {
+            "plain text, spans marked (unverified)"
+        };
+        eprintln!(
+            "  OTLP (gRPC and HTTP /v1/traces) on {} ({how})",
+            listener.local_addr()?
+        );
+        let (hub, shutdown) = (hub.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) =
+                fedmesh_federation::hub::traces::listener::serve(hub, listener, tls, shutdown).await
+            {
+                tracing::error!(error = %e, "the OTLP listener stopped");
+            }
+        });
+    }
     hub::serve_grpc(hub, grpc, shutdown.clone()).await?;
     let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
     Ok(())

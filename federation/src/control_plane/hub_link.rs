@@ -228,11 +228,16 @@ impl HubCredentials {
         let addr = addrs
             .get(i % addrs.len().max(1))
             .ok_or("no hub address configured")?;
-        let config = self.identity.client_config(
+        fedmesh_trust::grpc::channel(addr, self.client_tls(vec![b"h2".to_vec()]), "hub.fedmesh")
+    }
+
+    /// A TLS client config that authenticates as this cluster and accepts only the hub's server
+    /// identity, offering `alpn` (for the hub's other ports: its OTLP listener).
+    pub fn client_tls(&self, alpn: Vec<Vec<u8>>) -> Arc<rustls::ClientConfig> {
+        self.identity.client_config(
             Authorizer::id(crate::hub::hub_server_id(&self.hub_trust_domain)),
-            vec![b"h2".to_vec()],
-        );
-        fedmesh_trust::grpc::channel(addr, config, "hub.fedmesh")
+            alpn,
+        )
     }
 
     /// Renews the cluster identity when past half its life; returns when it next should run.

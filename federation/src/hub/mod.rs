@@ -900,4 +900,13 @@ impl Hub {
         self.identity
             .server_config_optional_client_auth(Authorizer::AnyTrusted, vec![b"http/1.1".to_vec()])
     }
+
+    /// A TLS config for the hub's OTLP listener: as [`Hub::admin_tls`], with HTTP/2 for OTLP/gRPC.
+    /// Only a joined cluster's identity may send ([`traces::intake`] checks the client's SVID).
+    pub fn otlp_tls(&self) -> Arc<rustls::ServerConfig> {
+        self.identity.server_config_optional_client_auth(
+            Authorizer::AnyTrusted,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        )
+    }
 }

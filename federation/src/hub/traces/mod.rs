@@ -10,6 +10,7 @@
 pub mod api;
 pub mod graph;
 pub mod intake;
+pub mod listener;
 pub mod skew;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
