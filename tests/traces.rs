@@ -230,8 +230,9 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
     );
 
     // Opaque TCP: a span per connection on the calling side (a trace of its own: TCP carries no
-    // context), and the gateway's span of that connection is its child. The echo app speaks
-    // HTTP, so the bytes sent are a request; the sidecars do not read them.
+    // context of the app's); the gateway's span of that connection and the callee sidecar's
+    // (its context sent first inside TLS) are its children. The echo app speaks HTTP, so the
+    // bytes sent are a request.
     let tcp_ip = clusterset_ip(&frontend, &east, "api-tcp");
     let (status, body) = in_ns(&frontend.ns, move || {
         http_get_with(
@@ -244,17 +245,22 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
     });
     assert_eq!(status, 200, "{body}");
     let start = Instant::now();
-    let (tcp, gw, relay) = loop {
+    let (tcp, gw, relay, accept) = loop {
         let all = otlp::parse(&mesh.net.procs[collector].log());
         let tcp = all
             .iter()
             .find(|s| s.name == "connect shop/api-tcp" && s.attr("fedmesh.bytes.sent").is_some())
             .cloned();
         if let Some(tcp) = tcp
-            && let Some(gw) = all.iter().find(|s| s.parent_id == tcp.span_id)
+            && let Some(gw) = all.iter().find(|s| {
+                s.parent_id == tcp.span_id && s.res("service.name") == Some("fedmesh-gateway")
+            })
             && let Some(relay) = all.iter().find(|s| s.parent_id == gw.span_id)
+            && let Some(accept) = all
+                .iter()
+                .find(|s| s.parent_id == tcp.span_id && s.name == "accept shop/api-tcp")
         {
-            break (tcp, gw.clone(), relay.clone());
+            break (tcp, gw.clone(), relay.clone(), accept.clone());
         }
         assert!(
             start.elapsed() < Duration::from_secs(30),
@@ -285,6 +291,21 @@ fn a_request_across_clusters_is_one_trace_of_client_and_server_spans_and_failure
     assert_eq!(relay.name, "relay shop/api-tcp");
     assert_eq!(relay.kind, "SPAN_KIND_INTERNAL");
     assert!(relay.attr("fedmesh.bytes.sent").is_some(), "{relay:#?}");
+    // The callee's span: same trace, caller proven by mTLS, in the callee's cluster.
+    assert_eq!(accept.kind, "SPAN_KIND_SERVER");
+    assert_eq!(accept.trace_id, tcp.trace_id);
+    assert_eq!(accept.res("fedmesh.cluster"), Some("west"));
+    assert_eq!(accept.res("service.name"), Some("api"));
+    assert_eq!(accept.attr("fedmesh.source.cluster"), Some("east"));
+    assert_eq!(
+        accept.attr("fedmesh.caller"),
+        Some("spiffe://east.fedmesh.test/ns/shop/sa/frontend")
+    );
+    assert_eq!(
+        accept.attr("network.protocol.name"),
+        Some("http"),
+        "{accept:#?}"
+    );
     let gw_lines = access("west-gateway");
     let line = gw_lines
         .iter()

@@ -154,7 +154,11 @@ impl Sidecar {
         // Any trust domain we hold a bundle for: our own and the federated ones.
         let inbound_tls = identity.server_config(
             fedmesh_trust::tls::Authorizer::AnyTrusted,
-            vec![upstream::ALPN_H2.to_vec(), upstream::ALPN_TCP.to_vec()],
+            vec![
+                upstream::ALPN_H2.to_vec(),
+                upstream::ALPN_TCP_TRACED.to_vec(),
+                upstream::ALPN_TCP.to_vec(),
+            ],
         );
         let demand = inbound::Demand::default();
         let plain_h1 = inbound::h1_client(options.connect_timeout);

@@ -21,7 +21,7 @@ use fedmesh_trust::tls::{Authorizer, MeshIdentity, handshake_error_message};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -32,6 +32,41 @@ pub use fedmesh_dataplane::http::{Body, BoxError};
 
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_TCP: &[u8] = b"fedmesh-tcp";
+/// Opaque TCP whose first bytes inside TLS carry the caller's trace context ([`tcp_preamble`]),
+/// so the callee's span of the connection joins the caller's trace. Offered before
+/// [`ALPN_TCP`], which a sidecar that does not know it picks instead.
+pub const ALPN_TCP_TRACED: &[u8] = b"fedmesh-tcp/traced";
+
+const OFFER_H2: &[&[u8]] = &[ALPN_H2];
+const OFFER_TCP: &[&[u8]] = &[ALPN_TCP_TRACED, ALPN_TCP];
+
+/// What a caller sends first on a [`ALPN_TCP_TRACED`] connection: one byte, the length of what
+/// follows, then a W3C `traceparent` (length 0: no context).
+pub(crate) fn tcp_preamble(context: Option<TraceContext>) -> Vec<u8> {
+    let tp = context.map(|c| c.header()).unwrap_or_default();
+    let mut v = Vec::with_capacity(1 + tp.len());
+    v.push(tp.len() as u8);
+    v.extend_from_slice(tp.as_bytes());
+    v
+}
+
+/// Reads a [`tcp_preamble`]: the caller's trace context, if it sent one; an error for anything
+/// that is not a preamble.
+pub(crate) async fn read_tcp_preamble<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> std::io::Result<Option<TraceContext>> {
+    let invalid = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
+    let n = r.read_u8().await? as usize;
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut buf = vec![0u8; n];
+    r.read_exact(&mut buf).await?;
+    let text = std::str::from_utf8(&buf).map_err(|_| invalid("the trace context is not text"))?;
+    TraceContext::parse(text)
+        .map(Some)
+        .ok_or_else(|| invalid("the trace context is not a traceparent"))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -77,7 +112,7 @@ impl Drop for CountedConn {
     }
 }
 
-type ConfigCache = HashMap<(TrustDomain, &'static [u8]), Arc<ClientConfig>>;
+type ConfigCache = HashMap<(TrustDomain, &'static [&'static [u8]]), Arc<ClientConfig>>;
 
 pub struct Upstreams {
     identity: MeshIdentity,
@@ -109,25 +144,56 @@ impl Upstreams {
         self.h2.sweep();
     }
 
-    fn client_config(&self, td: &TrustDomain, alpn: &'static [u8]) -> Arc<ClientConfig> {
+    fn client_config(
+        &self,
+        td: &TrustDomain,
+        alpns: &'static [&'static [u8]],
+    ) -> Arc<ClientConfig> {
         let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
         configs
-            .entry((td.clone(), alpn))
+            .entry((td.clone(), alpns))
             .or_insert_with(|| {
-                self.identity
-                    .client_config(Authorizer::trust_domain(td.clone()), vec![alpn.to_vec()])
+                self.identity.client_config(
+                    Authorizer::trust_domain(td.clone()),
+                    alpns.iter().map(|a| a.to_vec()).collect(),
+                )
             })
             .clone()
+    }
+
+    /// An mTLS connection for opaque TCP to `target` (see [`Upstreams::tls`]). When the peer
+    /// takes [`ALPN_TCP_TRACED`], `context` (the connection's span) goes first, so the peer's
+    /// span of the connection is its child.
+    pub async fn tcp(
+        &self,
+        target: &Target,
+        connect_timeout: Option<Duration>,
+        context: Option<TraceContext>,
+    ) -> Result<TlsStream<TcpStream>, UpstreamError> {
+        let (mut tls, _) = self
+            .tls(target, OFFER_TCP, connect_timeout, context)
+            .await?;
+        if tls.get_ref().1.alpn_protocol() == Some(ALPN_TCP_TRACED) {
+            let sent = async {
+                tls.write_all(&tcp_preamble(context)).await?;
+                tls.flush().await
+            };
+            sent.await.map_err(|e| UpstreamError::Connect {
+                addr: target.connect_to().to_string(),
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(tls)
     }
 
     /// Opens an mTLS connection to `target`, naming its destination in the SNI and expecting a
     /// server of its trust domain. To another cluster's gateway, the connection starts with a
     /// hop header ([`HopHeader`]: its ID and `trigger`, the request that opened it), returned
     /// with the stream.
-    pub async fn tls(
+    async fn tls(
         &self,
         target: &Target,
-        alpn: &'static [u8],
+        alpns: &'static [&'static [u8]],
         connect_timeout: Option<Duration>,
         trigger: Option<TraceContext>,
     ) -> Result<(TlsStream<TcpStream>, Option<HopHeader>), UpstreamError> {
@@ -152,7 +218,7 @@ impl Upstreams {
                     reason: e.to_string(),
                 })?;
         }
-        let connector = TlsConnector::from(self.client_config(target.trust_domain(), alpn));
+        let connector = TlsConnector::from(self.client_config(target.trust_domain(), alpns));
         let tls = tokio::time::timeout(
             self.tls_timeout,
             connector.connect(target.server_name().clone(), tcp),
@@ -166,10 +232,19 @@ impl Upstreams {
             addr: addr(),
             reason: handshake_error_message(&e),
         })?;
-        if tls.get_ref().1.alpn_protocol() != Some(alpn) {
+        if !tls
+            .get_ref()
+            .1
+            .alpn_protocol()
+            .is_some_and(|got| alpns.contains(&got))
+        {
             return Err(UpstreamError::Alpn {
                 addr: addr(),
-                wanted: String::from_utf8_lossy(alpn).into_owned(),
+                wanted: alpns
+                    .iter()
+                    .map(|a| String::from_utf8_lossy(a))
+                    .collect::<Vec<_>>()
+                    .join(" or "),
             });
         }
         Ok((tls, hop))
@@ -214,7 +289,7 @@ impl Upstreams {
                 Some(CountedConn(g.open.clone()))
             }
         };
-        let (tls, hop) = self.tls(target, ALPN_H2, connect_timeout, trigger).await?;
+        let (tls, hop) = self.tls(target, OFFER_H2, connect_timeout, trigger).await?;
         let peer = target.key().to_string();
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -246,5 +321,42 @@ impl Upstreams {
     /// Open pooled connections (for metrics and tests).
     pub fn pooled(&self) -> usize {
         self.h2.open()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn read(bytes: &[u8]) -> std::io::Result<Option<TraceContext>> {
+        read_tcp_preamble(&mut &bytes[..]).await
+    }
+
+    #[tokio::test]
+    async fn a_tcp_preamble_carries_the_callers_trace_context_or_none() {
+        let ctx =
+            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let mut bytes = tcp_preamble(Some(ctx));
+        assert_eq!(bytes[0], 55);
+        // The app's first bytes follow and are not consumed.
+        bytes.extend_from_slice(b"PING");
+        let mut r = &bytes[..];
+        assert_eq!(read_tcp_preamble(&mut r).await.unwrap(), Some(ctx));
+        assert_eq!(r, b"PING");
+        assert_eq!(read(&tcp_preamble(None)).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn anything_but_a_preamble_is_refused() {
+        let mut bad = vec![55u8];
+        bad.extend_from_slice(&[b'x'; 55]);
+        let e = read(&bad).await.unwrap_err();
+        assert!(e.to_string().contains("not a traceparent"), "{e}");
+        assert!(read(&[3, 0xff, 0xfe, 0xfd]).await.is_err());
+        // Cut short: the caller closed before sending it all.
+        assert_eq!(
+            read(&[55, b'0', b'0']).await.unwrap_err().kind(),
+            std::io::ErrorKind::UnexpectedEof
+        );
     }
 }

@@ -13,17 +13,21 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use fedmesh_dataplane::config::RoutingTable;
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::Body;
 use fedmesh_dataplane::sni::MeshSni;
+use fedmesh_dataplane::telemetry::ConnectionSpan;
+use fedmesh_dataplane::trace::{HopSpan, TraceContext};
 use fedmesh_trust::tls::{handshake_error_message, peer_spiffe_id};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -42,7 +46,7 @@ mod ratelimit;
 mod test_support;
 
 use crate::Sidecar;
-use crate::upstream::ALPN_TCP;
+use crate::upstream::{ALPN_TCP, ALPN_TCP_TRACED, read_tcp_preamble};
 pub(crate) use app::h1_client;
 pub(crate) use identity::InboundConn;
 use identity::TunnelH1;
@@ -50,6 +54,10 @@ pub(crate) use ratelimit::Demand;
 
 /// How long an inbound connection waits for the sidecar's first configuration.
 const CONFIG_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a `fedmesh-tcp/traced` caller has to send its trace context (it sends it right
+/// after the handshake, in the same flight).
+const TCP_PREAMBLE_WAIT: Duration = Duration::from_secs(10);
 
 /// The assembled inbound HTTP stack.
 pub(crate) type InboundStack = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
@@ -248,7 +256,22 @@ impl Sidecar {
             tracing::info!(%peer, caller = %conn.caller, error = %e, "inbound connection not admitted");
         }
         match alpn.as_deref() {
-            Some(ALPN_TCP) => self.inbound_tcp(tls, conn, graceful).await,
+            Some(ALPN_TCP_TRACED) => {
+                let mut tls = tls;
+                let read = tokio::time::timeout(TCP_PREAMBLE_WAIT, read_tcp_preamble(&mut tls));
+                match read.await {
+                    Ok(Ok(context)) => self.inbound_tcp(tls, conn, graceful, context).await,
+                    Ok(Err(e)) => {
+                        self.metrics.refuse("bad_tcp_preamble");
+                        tracing::info!(%peer, caller = %conn.caller, error = %e, "inbound TCP connection refused: its trace context preamble is malformed");
+                    }
+                    Err(_) => {
+                        self.metrics.refuse("bad_tcp_preamble");
+                        tracing::info!(%peer, caller = %conn.caller, "inbound TCP connection refused: no trace context preamble within {TCP_PREAMBLE_WAIT:?}");
+                    }
+                }
+            }
+            Some(ALPN_TCP) => self.inbound_tcp(tls, conn, graceful, None).await,
             _ => self.serve_h2(tls, conn, graceful).await,
         }
     }
@@ -288,24 +311,84 @@ impl Sidecar {
         }
     }
 
+    /// An opaque connection: its SERVER span (a child of the caller's CLIENT span when it sent
+    /// its `context`), admission and authorization once, then [`opaque`].
     async fn inbound_tcp(
         self: &Arc<Self>,
         tls: tokio_rustls::server::TlsStream<TcpStream>,
         conn: Arc<InboundConn>,
         graceful: CancellationToken,
+        context: Option<TraceContext>,
     ) {
-        let Ok((mesh, app)) = &conn.admitted else {
-            return;
-        };
         let table = self.config.table();
+        let span = self.inbound_tcp_span(&table, &conn, context);
+        let (mesh, app) = match &conn.admitted {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                if let Some(s) = span {
+                    s.finish_failed(e.kind());
+                }
+                return;
+            }
+        };
         if let Err(e) = authz::authorize(table.service(&mesh.service).map(|e| &**e), &conn.caller) {
             self.metrics.refuse("unauthorized");
             tracing::info!(error = %e, "inbound TCP connection denied");
+            if let Some(s) = span {
+                s.finish_failed("unauthorized");
+            }
             return;
         }
         drop(table);
         let app = *app;
-        self.inbound_opaque(tls, conn, app, graceful).await;
+        self.inbound_opaque(tls, conn, app, graceful, span).await;
+    }
+
+    /// The callee's span of an opaque connection; `None` when tracing is off.
+    fn inbound_tcp_span(
+        &self,
+        table: &RoutingTable,
+        conn: &InboundConn,
+        context: Option<TraceContext>,
+    ) -> Option<ConnectionSpan> {
+        let spans = &self.options.spans;
+        let hop = || match context {
+            Some(c) => HopSpan {
+                trace_id: c.trace_id,
+                span_id: HopSpan::root(|_| false).span_id,
+                parent_span_id: Some(c.span_id),
+                sampled: c.sampled,
+            },
+            None => HopSpan::root(|id| spans.sample_new(id)),
+        };
+        let service = conn
+            .admitted
+            .as_ref()
+            .map(|(m, _)| m.service.to_string())
+            .unwrap_or_default();
+        let mut s = ConnectionSpan::start(
+            spans,
+            hop,
+            SpanKind::Server,
+            format!("accept {service}"),
+            (SystemTime::now(), Instant::now()),
+        )?;
+        for kv in [
+            KeyValue::new("fedmesh.service", service),
+            KeyValue::new("fedmesh.caller", conn.caller.to_string()),
+            KeyValue::new("fedmesh.source.cluster", conn.caller_cluster.clone()),
+            KeyValue::new(
+                "fedmesh.destination.cluster",
+                table.cluster_name().to_string(),
+            ),
+            KeyValue::new("network.peer.address", conn.peer.ip().to_string()),
+        ] {
+            s.push(kv);
+        }
+        if let Ok((mesh, _)) = &conn.admitted {
+            s.push(KeyValue::new("server.port", i64::from(mesh.port)));
+        }
+        Some(s)
     }
 
     /// Assembles the inbound HTTP stack (once, when the sidecar is made).

@@ -29,6 +29,8 @@ use super::{InboundConn, call_stack, into_stack_request};
 use crate::Sidecar;
 use crate::net::{self, Prefixed};
 use fedmesh_dataplane::relay::relay;
+use fedmesh_dataplane::telemetry::ConnectionSpan;
+use opentelemetry::KeyValue;
 
 /// How many bytes of a tunnel's opening are read before deciding. Larger than any request line an
 /// HTTP server we know accepts by default (nginx 8 KiB, hyper 8 KiB; Go reads up to 1 MiB, but
@@ -154,23 +156,25 @@ enum Plan<S> {
 }
 
 impl Sidecar {
-    /// Serves an admitted, authorized opaque tunnel to `app`.
+    /// Serves an admitted, authorized opaque tunnel to `app`; `span` records what it carried
+    /// (HTTP found inside gets a span per request besides).
     pub(super) async fn inbound_opaque<S>(
         self: &Arc<Self>,
         mut tls: S,
         conn: Arc<InboundConn>,
         app: std::net::SocketAddr,
         graceful: CancellationToken,
+        mut span: Option<ConnectionSpan>,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut buf = Vec::new();
         let deadline = tokio::time::Instant::now() + self.options.protocol_detect_timeout;
         let plan = match read_opening(&mut tls, &mut buf, Some(deadline)).await {
-            Err(_) => return,
+            Err(_) => Plan::Refuse("caller_closed"),
             Ok(Some(Opening::Opaque)) => match self.connect_app(app).await {
                 Some(up) => Plan::Relay(Prefixed::new(buf, tls), up),
-                None => return,
+                None => Plan::Refuse("app_unreachable"),
             },
             Ok(Some(Opening::Undecidable)) => Plan::Refuse("undecidable_opening"),
             Ok(Some(http)) => Plan::Http(http, Prefixed::new(buf, tls)),
@@ -179,19 +183,41 @@ impl Sidecar {
         match plan {
             Plan::Relay(client, up) => {
                 self.metrics.tcp_active.inc();
-                let _ = relay(client, up, self.options.idle_timeout).await;
+                let moved = relay(client, up, self.options.idle_timeout).await;
                 self.metrics.tcp_active.dec();
+                if let Some(s) = &mut span {
+                    match &moved {
+                        Ok(m) => s.moved(m, 0),
+                        Err(e) => s.fail(format!("{:?}", e.kind())),
+                    }
+                }
             }
-            Plan::Http(Opening::Http2, io) => self.serve_h2(io, conn, graceful).await,
-            Plan::Http(_, io) => self.serve_h1(io, conn, graceful).await,
+            Plan::Http(opening, io) => {
+                if let Some(s) = &mut span {
+                    s.push(KeyValue::new("network.protocol.name", "http"));
+                }
+                match opening {
+                    Opening::Http2 => self.serve_h2(io, conn, graceful).await,
+                    _ => self.serve_h1(io, conn, graceful).await,
+                }
+            }
             Plan::Refuse(reason) => {
                 self.metrics.refuse(reason);
-                tracing::info!(
-                    caller = %conn.caller,
-                    reason,
-                    "inbound tunnel refused: its opening could be an HTTP request the sidecar cannot check"
-                );
+                if let Some(s) = &mut span {
+                    s.fail(reason);
+                }
+                match reason {
+                    "app_unreachable" | "caller_closed" => {}
+                    _ => tracing::info!(
+                        caller = %conn.caller,
+                        reason,
+                        "inbound tunnel refused: its opening could be an HTTP request the sidecar cannot check"
+                    ),
+                }
             }
+        }
+        if let Some(s) = span {
+            s.finish();
         }
     }
 

@@ -227,7 +227,7 @@ impl Sidecar {
         }
     }
 
-    /// Opaque mTLS to one endpoint (ALPN `fedmesh-tcp`): the peer's sidecar checks the caller and
+    /// Opaque mTLS to one endpoint (ALPN `fedmesh-tcp/traced`): the peer's sidecar checks the caller and
     /// hands the bytes to its app, naming the caller in any HTTP it finds.
     async fn to_endpoint(
         &self,
@@ -240,21 +240,18 @@ impl Sidecar {
             port: target.sni().port,
             scope: dest::Scope::Local,
         };
+        let span = self.tcp_span(&dest);
+        let context = span.as_ref().map(|s| s.hop().context());
         match self
             .upstreams
-            .tls(
-                &target,
-                crate::upstream::ALPN_TCP,
-                entry.policy.connect_timeout,
-                None,
-            )
+            .tcp(&target, entry.policy.connect_timeout, context)
             .await
         {
-            Ok((up, _)) => {
-                let span = self.tcp_span(&dest);
-                self.relay_tcp(s, up, &dest, &target, span).await
-            }
+            Ok(up) => self.relay_tcp(s, up, &dest, &target, span).await,
             Err(e) => {
+                if let Some(s) = span {
+                    s.finish_failed(e.label());
+                }
                 self.metrics.count_error(e.label());
                 tracing::warn!(endpoint = %target.key(), error = %e, "connection to a meshed endpoint failed");
             }

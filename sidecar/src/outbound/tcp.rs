@@ -1,7 +1,9 @@
-//! Opaque TCP to a mesh service: an mTLS connection of its own (ALPN `fedmesh-tcp`) to a target
-//! picked by the same balancer as HTTP — another target tried when a connect fails — and the bytes
-//! relayed both ways. Each connection is a CLIENT span of a trace of its own (TCP carries no
-//! trace context); the gateway's span of the connection is its child.
+//! Opaque TCP to a mesh service: an mTLS connection of its own (ALPN `fedmesh-tcp/traced`, or
+//! `fedmesh-tcp` with an older peer) to a target picked by the same balancer as HTTP — another
+//! target tried when a connect fails — and the bytes relayed both ways. Each connection is a
+//! CLIENT span of a trace of its own (TCP carries no trace context of the app's); the gateway's
+//! span of the connection and the callee sidecar's SERVER span (its context sent first inside
+//! TLS) are its children.
 
 use fedmesh_dataplane::access;
 use fedmesh_dataplane::balance::{Choose, stable_hash};
@@ -23,7 +25,6 @@ use tokio::net::TcpStream;
 use super::balance::{nothing_to_try, untrusted};
 use crate::Sidecar;
 use crate::dest::Dest;
-use crate::upstream::ALPN_TCP;
 
 impl Sidecar {
     /// The span of an opaque connection to `dest`; `None` when tracing is off.
@@ -94,10 +95,7 @@ impl Sidecar {
                 untrusted.clone(),
                 &self.metrics,
                 |target: Target| async move {
-                    upstreams
-                        .tls(&target, ALPN_TCP, connect_timeout, trigger)
-                        .await
-                        .map(|(s, _)| s)
+                    upstreams.tcp(&target, connect_timeout, trigger).await
                 },
                 |_, e| self.metrics.count_error(e.label()),
             )
