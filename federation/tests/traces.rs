@@ -240,6 +240,29 @@ async fn joined_clusters_send_spans_and_operators_find_them_in_the_admin_api() {
     );
     assert!(hub.hub.traces.get(&hex::encode([10u8; 16])).is_some());
 
+    // A batch as large as a busy proxy's (~1 MiB: many spans) is taken whole.
+    let many: Vec<Span> = (0..2_000u32)
+        .map(|i| {
+            let mut trace = [0x77u8; 16];
+            trace[..4].copy_from_slice(&i.to_be_bytes());
+            span(
+                trace,
+                1,
+                None,
+                SpanKind::Client,
+                vec![kv("url.path", &"p".repeat(400))],
+            )
+        })
+        .collect();
+    let batch = export("frontend", many);
+    assert!(batch.encoded_len() > 900 << 10, "{}", batch.encoded_len());
+    let r = east
+        .export(batch)
+        .await
+        .expect("a 1 MiB batch is within the OTLP limit")
+        .into_inner();
+    assert_eq!(r.partial_success, None);
+
     // An oversized batch is refused whole, and the hub keeps serving.
     let huge = kv("blob", &"x".repeat(5 << 20));
     let e = east

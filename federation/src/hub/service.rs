@@ -27,29 +27,43 @@ const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// so the Federate limit would let anyone make the hub hold 64 MiB per call.
 pub const UNARY_REQUEST_LIMIT: usize = 64 * 1024;
 
-/// Caps the request body of every call but Federate at [`UNARY_REQUEST_LIMIT`] (a tower
-/// request map for the hub's gRPC server).
+/// The OTLP export method the federation port also serves ([`crate::hub::traces::intake`]).
+const OTLP_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// Caps the request body of every call: Federate at its message limit (checked by tonic), an
+/// OTLP export at [`fedmesh_api::MAX_OTLP_EXPORT_BYTES`] (a batch of a cluster's spans), every
+/// other call at [`UNARY_REQUEST_LIMIT`] (a tower request map for the hub's gRPC server).
 pub fn limit_unary_requests(
     req: http::Request<tonic::body::Body>,
 ) -> http::Request<tonic::body::Body> {
-    let federate = req
-        .uri()
-        .path()
+    let path = req.uri().path();
+    let federate = path
         .strip_prefix('/')
         .and_then(|p| p.strip_prefix(SERVICE_NAME))
         == Some("/Federate");
     if federate {
         return req;
     }
+    let (limit, what) = if path == OTLP_EXPORT {
+        (
+            fedmesh_api::MAX_OTLP_EXPORT_BYTES,
+            "the most one OTLP export may carry",
+        )
+    } else {
+        (
+            UNARY_REQUEST_LIMIT,
+            "Join and Renew carry only a token and a CSR",
+        )
+    };
     req.map(|body| {
-        let limited = http_body_util::Limited::new(body, UNARY_REQUEST_LIMIT);
+        let limited = http_body_util::Limited::new(body, limit);
         tonic::body::Body::new(http_body_util::BodyExt::map_err(
             limited,
-            |e: Box<dyn std::error::Error + Send + Sync>| {
+            move |e: Box<dyn std::error::Error + Send + Sync>| {
                 if e.is::<http_body_util::LengthLimitError>() {
                     Status::resource_exhausted(format!(
-                        "request larger than {} KiB; Join and Renew carry only a token and a CSR",
-                        UNARY_REQUEST_LIMIT / 1024
+                        "request larger than {} KiB ({what})",
+                        limit / 1024
                     ))
                 } else {
                     Status::from_error(e)

@@ -69,7 +69,7 @@ impl Proto {
 
 /// A proxy process of the benchmark.
 pub(super) struct Proc {
-    name: &'static str,
+    pub(super) name: &'static str,
     child: Child,
 }
 
@@ -542,6 +542,7 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
     };
     report.instructions = policy::instructions(&counted).await;
     report.tracing = super::tracing::instructions(&counted).await;
+    report.tracing_latency = super::tracing::latency(&counted, &p).await;
     println!(
         "\n  proxy memory after the runs (RSS / peak RSS; of the RSS, private anonymous memory and\n  file-backed pages, mostly the fedmesh binary's code, shared by every process running it):"
     );
@@ -687,6 +688,7 @@ struct Report {
     instructions: Option<(f64, f64)>,
     /// Instructions per request of the client sidecar with tracing off, at 1%, at 100%.
     tracing: Option<super::tracing::TracingCost>,
+    tracing_latency: Option<super::tracing::TracingLatency>,
     memory: Vec<(&'static str, u64, u64)>,
     sni: Vec<SniRow>,
 }
@@ -781,7 +783,7 @@ impl Report {
             );
         }
         policy::print_goals(&self.policy, self.instructions);
-        super::tracing::print_goals(self.tracing);
+        super::tracing::print_goals(self.tracing, self.tracing_latency);
         let sidecar_max = self
             .memory
             .iter()

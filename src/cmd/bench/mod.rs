@@ -140,9 +140,10 @@ pub(crate) fn rate(
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// The median (the upper one of an even count); 0 for none.
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Fields of `/proc/<pid>/status` given in KiB (`VmRSS:`, `VmHWM:`...), 0 when absent.

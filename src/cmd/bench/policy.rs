@@ -58,11 +58,6 @@ pub(super) struct PolicyRow {
     noise_p99: Duration,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
 /// The minimal route and the policy stack on the same sidecars, alternately, per protocol.
 pub(super) async fn compare(
     minimal: &Path3,
@@ -97,8 +92,8 @@ pub(super) async fn compare(
         }
         let spread = p99[0].iter().cloned().fold(f64::MIN, f64::max)
             - p99[0].iter().cloned().fold(f64::MAX, f64::min);
-        let [cpu_min, cpu_pol] = cpu.map(median);
-        let [p99_min, p99_pol] = p99.map(median);
+        let [cpu_min, cpu_pol] = cpu.map(super::median);
+        let [p99_min, p99_pol] = p99.map(super::median);
         let row = PolicyRow {
             proto: proto.name(),
             minimal_cpu: cpu_min,
