@@ -132,6 +132,34 @@ pub(super) struct Counted<'a> {
     pub body: &'a Bytes,
 }
 
+impl Counted<'_> {
+    /// The flags of a client sidecar of the bench's east cluster, in zone e1, with its admin
+    /// port and a listener per `(address, service:port)`.
+    pub(super) fn sidecar_args(
+        &self,
+        admin: std::net::SocketAddr,
+        listens: &[(std::net::SocketAddr, &str)],
+    ) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "sidecar",
+            "--control-plane",
+            self.control_plane,
+            "--workload-api",
+            self.workload_api,
+            "--admin",
+            &admin.to_string(),
+            "--zone",
+            "e1",
+        ]
+        .map(String::from)
+        .to_vec();
+        for (addr, to) in listens {
+            args.extend(["--listen".to_string(), format!("{addr}={to}")]);
+        }
+        args
+    }
+}
+
 /// Requests counted per path.
 const COUNTED: usize = 400;
 
@@ -175,21 +203,10 @@ pub(super) async fn count(
         .arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(std::env::current_exe()?)
-        .args([
-            "sidecar",
-            "--control-plane",
-            c.control_plane,
-            "--workload-api",
-            c.workload_api,
-            "--admin",
-            &admin.to_string(),
-            "--zone",
-            "e1",
-            "--listen",
-            &format!("{minimal}=bench/local:80"),
-            "--listen",
-            &format!("{policied}=bench/policied:80"),
-        ])
+        .args(c.sidecar_args(
+            admin,
+            &[(minimal, "bench/local:80"), (policied, "bench/policied:80")],
+        ))
         .args(extra)
         // Only `extra` says where spans go.
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")

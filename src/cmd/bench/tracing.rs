@@ -150,21 +150,7 @@ async fn compare_latency(
         ("sidecar-trace-1pct", Some("0.01")),
     ] {
         let (admin, listen) = (free_addr()?, free_addr()?);
-        let mut args: Vec<String> = [
-            "sidecar",
-            "--control-plane",
-            c.control_plane,
-            "--workload-api",
-            c.workload_api,
-            "--admin",
-            &admin.to_string(),
-            "--zone",
-            "e1",
-            "--listen",
-            &format!("{listen}=bench/local:80"),
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut args = c.sidecar_args(admin, &[(listen, "bench/local:80")]);
         args.extend(tracing_flags(collector, ratio));
         let proc = spawn(c.dir, name, &args)?;
         let uri: http::Uri = format!("http://{listen}/").parse()?;
