@@ -275,6 +275,38 @@ fn a_control_plane_without_a_join_token_says_how_to_get_one() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("fedmesh hub token create"), "{err}");
+    // A token file others can read, or an empty one, is refused before anything starts.
+    let token = dir.path().join("east.token");
+    std::fs::write(&token, "fmj1.x\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let with_file = |f: &std::path::Path| {
+        fedmesh(&[
+            "control-plane",
+            "--cluster",
+            "east",
+            "--trust-domain",
+            "east.example",
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--source",
+            &format!("dir:{}", dir.path().join("src").display()),
+            "--hub",
+            "127.0.0.1:1",
+            "--join-token-file",
+            f.to_str().unwrap(),
+        ])
+    };
+    let out = with_file(&token);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("chmod 600") && err.contains("east.token"),
+        "{err}"
+    );
+    std::fs::write(&token, "\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let err = String::from_utf8_lossy(&with_file(&token).stderr).to_string();
+    assert!(err.contains("is empty"), "{err}");
     let out = fedmesh(&[
         "control-plane",
         "--cluster",

@@ -32,9 +32,19 @@ pub struct ControlPlaneArgs {
     /// The hub's federation address(es), HOST:PORT[,HOST:PORT]. Omit to run without a hub.
     #[arg(long)]
     hub: Option<String>,
-    /// One-time join token (first start only): `fedmesh hub token create --cluster NAME --trust-domain TD`.
-    #[arg(long, env = "FEDMESH_JOIN_TOKEN", hide_env_values = true)]
+    /// One-time join token (first start only): `fedmesh hub token create --cluster NAME
+    /// --trust-domain TD`. Prefer $FEDMESH_JOIN_TOKEN or --join-token-file: a command line is
+    /// visible to every user of the machine (`ps`).
+    #[arg(
+        long,
+        env = "FEDMESH_JOIN_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "join_token_file"
+    )]
     join_token: Option<String>,
+    /// A file (mode 0600) holding the one-time join token.
+    #[arg(long)]
+    join_token_file: Option<PathBuf>,
     /// This cluster's east-west gateway address(es), HOST:PORT, published to other clusters.
     #[arg(long = "gateway")]
     gateways: Vec<String>,
@@ -52,13 +62,33 @@ pub struct ControlPlaneArgs {
     svid_ttl: Duration,
 }
 
+/// A token from a file only its owner can read, trimmed; a clear error otherwise.
+pub(crate) fn read_token(f: &std::path::Path) -> anyhow::Result<String> {
+    let bytes = fedmesh_trust::files::read_private(f).with_context(|| {
+        format!(
+            "the token file {} must exist and be readable only by its owner (chmod 600)",
+            f.display()
+        )
+    })?;
+    let token = String::from_utf8(bytes)
+        .with_context(|| format!("{} is not text", f.display()))?
+        .trim()
+        .to_string();
+    anyhow::ensure!(!token.is_empty(), "the token file {} is empty", f.display());
+    Ok(token)
+}
+
 pub async fn run(a: ControlPlaneArgs) -> anyhow::Result<()> {
     let cluster = ClusterName::new(&a.cluster).context("--cluster")?;
     let td = TrustDomain::new(&a.trust_domain).context("--trust-domain")?;
     let mut config = ControlPlaneConfig::new(cluster, td, a.data_dir.clone(), a.source);
     config.region = a.region;
     config.hub = a.hub;
-    config.join_token = a.join_token;
+    config.join_token = match (a.join_token, &a.join_token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(f)) => Some(read_token(f)?),
+        (None, None) => None,
+    };
     for g in &a.gateways {
         fedmesh_api::names::check_gateway_address(g)
             .map_err(|e| anyhow::anyhow!("--gateway {g:?}: {e}"))?;

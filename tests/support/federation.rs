@@ -80,6 +80,19 @@ pub fn start_cp_on(dir: &Path, hub: &Hub, name: &str, listen: u16) -> Proc {
     );
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(token.starts_with("fmj1."), "{token}");
+    // As the README does: the token in a 0600 file, never on a command line.
+    let token_file = dir.join(format!("{name}.token"));
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&token_file)
+            .unwrap();
+        std::io::Write::write_all(&mut f, token.as_bytes()).unwrap();
+    }
     let src = dir.join(format!("{name}-src"));
     std::fs::create_dir_all(&src).unwrap();
     Proc::start(
@@ -98,8 +111,8 @@ pub fn start_cp_on(dir: &Path, hub: &Hub, name: &str, listen: u16) -> Proc {
             &format!("dir:{}", src.display()),
             "--hub",
             &hub.grpc,
-            "--join-token",
-            &token,
+            "--join-token-file",
+            token_file.to_str().unwrap(),
             "--gateway",
             &format!("127.0.0.1:{}", free_port()),
             "--listen",

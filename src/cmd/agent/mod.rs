@@ -37,7 +37,7 @@ pub struct AgentArgs {
     /// <data-dir>/agent-token).
     #[arg(long, env = "FEDMESH_AGENT_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
-    /// A file holding the agent bootstrap token.
+    /// A file (mode 0600) holding the agent bootstrap token.
     #[arg(long)]
     join_token_file: Option<PathBuf>,
     /// Where the agent keeps its own identity and the last bundles (with --control-plane).
@@ -88,12 +88,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         (None, Some(addr)) => {
             let token = match (&args.join_token, &args.join_token_file) {
                 (Some(t), _) => Some(t.clone()),
-                (None, Some(f)) => Some(
-                    std::fs::read_to_string(f)
-                        .with_context(|| format!("reading {}", f.display()))?
-                        .trim()
-                        .to_string(),
-                ),
+                (None, Some(f)) => Some(super::control_plane::read_token(f)?),
                 (None, None) => None,
             };
             let node = args.node.clone().unwrap_or_default();
