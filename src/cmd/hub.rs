@@ -228,6 +228,9 @@ struct RunArgs {
     /// Memory the window of recent traces may take, in MiB; whichever bound comes first applies.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65536))]
     trace_window_mib: u32,
+    /// How long the audit log (GET /api/v1/audit) keeps a record of each change.
+    #[arg(long, value_parser = parse_duration, default_value = "90d")]
+    audit_retention: Duration,
     /// Traces older than this leave the window.
     #[arg(long, value_parser = parse_duration, default_value = "1h")]
     trace_window_age: Duration,
@@ -318,6 +321,7 @@ async fn serve(a: RunArgs) -> anyhow::Result<()> {
         stale_after: a.stale_after,
         expire_after: a.expire_after,
         token_ttl: a.token_ttl,
+        audit_retention: a.audit_retention,
         traces: fedmesh_federation::hub::traces::TraceLimits {
             max_spans: a.trace_window_spans as usize,
             max_bytes: (a.trace_window_mib as usize) << 20,

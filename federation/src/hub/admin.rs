@@ -12,13 +12,14 @@ use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use fedmesh_api::pb::federation as pb;
 use fedmesh_api::{ClusterName, ServiceKey, SpiffeId};
 use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
 use super::Hub;
+use super::audit::{Actor, AuditQuery, AuditRecord};
 use super::records::now_ms;
 use crate::http::Peer;
 
@@ -164,9 +165,9 @@ pub struct ErrorBody {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "fedmesh hub admin API", version = "v1", description = "Clusters, exported services, bundles, join tokens and recent traces of a fedmesh clusterset."),
-    paths(list_clusters, remove_cluster, cluster_imports, withdraw_export, list_services, list_bundles, explain, create_token, super::traces::api::list_traces, super::traces::api::get_trace, super::traces::api::get_skew, super::traces::api::get_graph),
-    components(schemas(ClusterStatus, ServiceStatus, ExporterStatus, PortStatus, ConflictStatus, BundleStatus, Explanation, ExplainStep, TokenRequest, TokenResponse, ErrorBody, super::traces::SpanView, super::traces::TraceSummary, super::traces::skew::ClockSkew, super::traces::skew::ClusterOffset, super::traces::graph::Graph, super::traces::graph::GraphNode, super::traces::graph::GraphEdge)),
+    info(title = "fedmesh hub admin API", version = "v1", description = "Clusters, exported services, bundles, join tokens, the audit log and recent traces of a fedmesh clusterset."),
+    paths(list_clusters, remove_cluster, cluster_imports, withdraw_export, list_services, list_bundles, explain, create_token, audit_log, super::traces::api::list_traces, super::traces::api::get_trace, super::traces::api::get_skew, super::traces::api::get_graph),
+    components(schemas(ClusterStatus, ServiceStatus, ExporterStatus, PortStatus, ConflictStatus, BundleStatus, Explanation, ExplainStep, TokenRequest, TokenResponse, ErrorBody, AuditRecord, super::traces::SpanView, super::traces::TraceSummary, super::traces::skew::ClockSkew, super::traces::skew::ClusterOffset, super::traces::graph::Graph, super::traces::graph::GraphNode, super::traces::graph::GraphEdge)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -200,6 +201,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/bundles", get(list_bundles))
         .route("/explain", get(explain))
         .route("/tokens", post(create_token))
+        .route("/audit", get(audit_log))
         .route("/traces", get(super::traces::api::list_traces))
         .route("/traces/{id}", get(super::traces::api::get_trace))
         .route("/traces/{id}/skew", get(super::traces::api::get_skew))
@@ -227,12 +229,13 @@ async fn authorize(
     State(s): State<AdminState>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     headers: HeaderMap,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     if let Some(id) = &peer.spiffe_id
         && s.admin_ids.contains(id)
     {
+        req.extensions_mut().insert(Actor(format!("admin {id}")));
         return next.run(req).await;
     }
     let presented = headers
@@ -240,7 +243,10 @@ async fn authorize(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
-        Some(t) if constant_time_eq(t.as_bytes(), s.token.as_bytes()) => next.run(req).await,
+        Some(t) if constant_time_eq(t.as_bytes(), s.token.as_bytes()) => {
+            req.extensions_mut().insert(Actor("admin token".into()));
+            next.run(req).await
+        }
         Some(_) => {
             s.hub.metrics.refuse("admin_token");
             error(StatusCode::UNAUTHORIZED, "the admin token is wrong")
@@ -333,7 +339,11 @@ async fn list_clusters(State(s): State<AdminState>) -> Json<Vec<ClusterStatus>> 
 
 #[utoipa::path(delete, path = "/api/v1/clusters/{name}", params(("name" = String, Path)),
     responses((status = 204), (status = 404, body = ErrorBody)))]
-async fn remove_cluster(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
+async fn remove_cluster(
+    State(s): State<AdminState>,
+    Extension(actor): Extension<Actor>,
+    Path(name): Path<String>,
+) -> Response {
     let Ok(c) = ClusterName::new(&name) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -343,6 +353,9 @@ async fn remove_cluster(State(s): State<AdminState>, Path(name): Path<String>) -
     match s.hub.remove_cluster(&c).await {
         Ok(true) => {
             tracing::info!(cluster = %c, "cluster removed by an operator");
+            s.hub
+                .audit(&actor.0, "cluster.remove", c.as_str(), String::new())
+                .await;
             StatusCode::NO_CONTENT.into_response()
         }
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no cluster {c}")),
@@ -355,6 +368,7 @@ async fn remove_cluster(State(s): State<AdminState>, Path(name): Path<String>) -
     responses((status = 204), (status = 404, body = ErrorBody)))]
 async fn withdraw_export(
     State(s): State<AdminState>,
+    Extension(actor): Extension<Actor>,
     Path((name, namespace, service)): Path<(String, String, String)>,
 ) -> Response {
     let (Ok(c), Ok(k)) = (
@@ -366,6 +380,14 @@ async fn withdraw_export(
     match s.hub.withdraw_export(&c, &k).await {
         Ok(true) => {
             tracing::info!(cluster = %c, service = %k, "export withdrawn by an operator");
+            s.hub
+                .audit(
+                    &actor.0,
+                    "export.withdraw",
+                    &format!("{c}/{k}"),
+                    String::new(),
+                )
+                .await;
             StatusCode::NO_CONTENT.into_response()
         }
         Ok(false) => error(StatusCode::NOT_FOUND, format!("{c} does not export {k}")),
@@ -692,9 +714,23 @@ pub fn explain_route(hub: &Hub, service: &ServiceKey, from: &ClusterName) -> Exp
     done(steps, routable)
 }
 
+#[utoipa::path(get, path = "/api/v1/audit", params(AuditQuery),
+    responses((status = 200, body = Vec<AuditRecord>), (status = 503, body = ErrorBody)))]
+/// The audit log: every change through this API or the federation protocol, newest first.
+async fn audit_log(State(s): State<AdminState>, Query(q): Query<AuditQuery>) -> Response {
+    match s.hub.audit_log(&q).await {
+        Ok(records) => Json(records).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
 #[utoipa::path(post, path = "/api/v1/tokens", request_body = TokenRequest,
     responses((status = 201, body = TokenResponse), (status = 400, body = ErrorBody)))]
-async fn create_token(State(s): State<AdminState>, Json(req): Json<TokenRequest>) -> Response {
+async fn create_token(
+    State(s): State<AdminState>,
+    Extension(actor): Extension<Actor>,
+    Json(req): Json<TokenRequest>,
+) -> Response {
     let cluster = match ClusterName::new(&req.cluster) {
         Ok(c) => c,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
@@ -721,6 +757,22 @@ async fn create_token(State(s): State<AdminState>, Json(req): Json<TokenRequest>
     match s.hub.create_token(&cluster, &trust_domain, ttl).await {
         Ok((token, expires)) => {
             tracing::info!(%cluster, %trust_domain, "join token created");
+            let id = crate::tokens::JoinToken::parse(&token)
+                .map(|t| t.id)
+                .unwrap_or_default();
+            s.hub
+                .audit(
+                    &actor.0,
+                    "token.create",
+                    cluster.as_str(),
+                    format!(
+                        "join token {id} for trust domain {trust_domain}, valid until {}",
+                        fedmesh_trust::svid::rfc3339(fedmesh_trust::svid::from_unix_secs(
+                            expires.max(0) as u64
+                        ))
+                    ),
+                )
+                .await;
             (
                 StatusCode::CREATED,
                 Json(TokenResponse {

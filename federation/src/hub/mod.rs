@@ -7,6 +7,7 @@
 //! resume where it was.
 
 pub mod admin;
+pub mod audit;
 pub mod client;
 pub mod quota;
 pub mod records;
@@ -51,6 +52,8 @@ pub struct HubConfig {
     pub token_ttl: Duration,
     /// What the window of recent traces keeps.
     pub traces: traces::TraceLimits,
+    /// How long the audit log keeps a record.
+    pub audit_retention: Duration,
 }
 
 impl Default for HubConfig {
@@ -62,6 +65,7 @@ impl Default for HubConfig {
             cluster_svid_ttl: Duration::from_secs(24 * 3600),
             token_ttl: Duration::from_secs(3600),
             traces: traces::TraceLimits::default(),
+            audit_retention: Duration::from_secs(90 * 24 * 3600),
         }
     }
 }
@@ -188,6 +192,7 @@ impl Hub {
         hub.index_trust_domains().await;
         tokio::spawn(hub.clone().follow_store());
         tokio::spawn(hub.clone().sweep());
+        tokio::spawn(hub.clone().expire_audit());
         tokio::spawn(hub.clone().keep_identity_fresh());
         tracing::info!(replica = %hub.config.replica, backend = hub.store.backend(), revision, trust_domain = %hub.trust_domain(), "hub started");
         Ok(hub)
@@ -411,6 +416,24 @@ impl Hub {
                     return None;
                 }
                 _ => return None,
+            }
+        }
+    }
+
+    /// Drops audit records past their retention, at start and then hourly (every replica; a
+    /// record deleted twice is deleted once).
+    async fn expire_audit(self: Arc<Self>) {
+        let period = (self.config.audit_retention / 24)
+            .clamp(Duration::from_secs(1), Duration::from_secs(3600));
+        loop {
+            match audit::expire(&**self.store(), self.config.audit_retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(records = n, "audit records past their retention deleted"),
+                Err(e) => tracing::warn!(error = %e, "cannot expire audit records (will retry)"),
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
             }
         }
     }

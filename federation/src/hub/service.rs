@@ -143,6 +143,15 @@ impl Federation for HubService {
                 .await
                 .map_err(registration_status)?;
             tracing::info!(%cluster, trust_domain = %td, ?remote, "cluster joined");
+            let from = remote.map(|r| format!(" from {r}")).unwrap_or_default();
+            self.hub
+                .audit(
+                    &format!("cluster {cluster}"),
+                    "cluster.join",
+                    cluster.as_str(),
+                    format!("trust domain {td}, join token {}{from}", token.id),
+                )
+                .await;
             Ok(pb::JoinResponse {
                 chain: chain.iter().map(|c| c.to_vec()).collect(),
                 hub_bundle: self.hub.ca().bundle().to_json().into_bytes(),
