@@ -16,29 +16,9 @@ use fedmesh_federation::control_plane::hub_link::HubCredentials;
 use fedmesh_federation::hub::admin::AdminState;
 use fedmesh_federation::hub::{self, audit};
 use fedmesh_federation::store::{KvStore, RedbStore};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// One admin API call: status and body.
 async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!(
-            "{method} {path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer t0ken\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text[9..12].parse().unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    admin_call(addr, method, path, Some("t0ken"), body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
