@@ -255,23 +255,31 @@ fn the_checked_in_crds_are_what_fedmesh_crds_prints() {
 fn a_control_plane_without_a_join_token_says_how_to_get_one() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("src")).unwrap();
-    let out = fedmesh(&[
-        "control-plane",
-        "--cluster",
-        "east",
-        "--trust-domain",
-        "east.example",
-        "--data-dir",
-        dir.path().join("data").to_str().unwrap(),
-        "--source",
-        &format!("dir:{}", dir.path().join("src").display()),
-        "--hub",
-        "127.0.0.1:1",
-        "--listen",
-        "127.0.0.1:0",
-        "--dns-listen",
-        "127.0.0.1:0",
-    ]);
+    // East's control plane, joining the hub with `token` (flags), on ports it never opens.
+    let control_plane = |token: &[&str]| {
+        let data = dir.path().join("data");
+        let source = format!("dir:{}", dir.path().join("src").display());
+        let mut args = vec![
+            "control-plane",
+            "--cluster",
+            "east",
+            "--trust-domain",
+            "east.example",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--source",
+            &source,
+            "--hub",
+            "127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+            "--dns-listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(token);
+        fedmesh(&args)
+    };
+    let out = control_plane(&[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("fedmesh hub token create"), "{err}");
@@ -279,23 +287,8 @@ fn a_control_plane_without_a_join_token_says_how_to_get_one() {
     let token = dir.path().join("east.token");
     std::fs::write(&token, "fmj1.x\n").unwrap();
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    let with_file = |f: &std::path::Path| {
-        fedmesh(&[
-            "control-plane",
-            "--cluster",
-            "east",
-            "--trust-domain",
-            "east.example",
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-            "--source",
-            &format!("dir:{}", dir.path().join("src").display()),
-            "--hub",
-            "127.0.0.1:1",
-            "--join-token-file",
-            f.to_str().unwrap(),
-        ])
-    };
+    let with_file =
+        |f: &std::path::Path| control_plane(&["--join-token-file", f.to_str().unwrap()]);
     let out = with_file(&token);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -5,16 +5,12 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use fedmesh_api::{ClusterName, TrustDomain};
-use fedmesh_federation::control_plane::hub_link::HubCredentials;
-use fedmesh_federation::hub::admin::AdminState;
-use fedmesh_federation::hub::{self, audit};
+use fedmesh_federation::hub::audit;
 use fedmesh_federation::store::{KvStore, RedbStore};
 
 async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
@@ -32,18 +28,7 @@ async fn every_change_is_in_the_audit_log_with_who_made_it_and_no_secret() {
         hub_config(),
     )
     .await;
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = admin.local_addr().unwrap();
-    tokio::spawn(hub::serve_admin(
-        AdminState {
-            hub: hub.hub.clone(),
-            token: Arc::new("t0ken".into()),
-            admin_ids: Arc::new(BTreeSet::new()),
-        },
-        admin,
-        None,
-        hub.shutdown.clone(),
-    ));
+    let addr = hub.serve_admin("t0ken").await;
 
     // An operator creates a token; the cluster joins with it; the operator removes the cluster.
     let (status, body) = call(
@@ -58,24 +43,7 @@ async fn every_change_is_in_the_audit_log_with_who_made_it_and_no_secret() {
         .as_str()
         .unwrap()
         .to_string();
-    let east = ClusterName::new("east").unwrap();
-    HubCredentials::join(
-        &dir.path().join("east"),
-        &hub.addr.to_string(),
-        &token,
-        &east,
-        &TrustDomain::new("east.example").unwrap(),
-    )
-    .await
-    .unwrap();
-    let start = std::time::Instant::now();
-    while hub.hub.view().cluster(&east).is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "east never joined"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    hub.join(dir.path(), "east", &token).await;
     let (status, body) = call(addr, "DELETE", "/api/v1/clusters/east", "").await;
     assert_eq!(status, 204, "{body}");
     // Nothing changed, nothing recorded.

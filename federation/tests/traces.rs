@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +13,8 @@ use std::time::Duration;
 use common::*;
 use fedmesh_api::{ClusterName, TrustDomain};
 use fedmesh_federation::control_plane::hub_link::HubCredentials;
-use fedmesh_federation::hub::admin::AdminState;
+use fedmesh_federation::hub::HubConfig;
 use fedmesh_federation::hub::traces::TraceLimits;
-use fedmesh_federation::hub::{self, HubConfig};
 use fedmesh_federation::store::{KvStore, RedbStore};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
@@ -83,25 +81,7 @@ async fn join_creds(hub: &HubHandle, dir: &std::path::Path, name: &str) -> HubCr
     let cluster = ClusterName::new(name).unwrap();
     let td = TrustDomain::new(&format!("{name}.example")).unwrap();
     let (token, _) = hub.hub.create_token(&cluster, &td, None).await.unwrap();
-    let creds = HubCredentials::join(
-        &dir.join(name),
-        &hub.addr.to_string(),
-        &token,
-        &cluster,
-        &td,
-    )
-    .await
-    .unwrap();
-    // Joined: the cluster is in the hub's view once its record is written.
-    let start = std::time::Instant::now();
-    while hub.hub.view().cluster(&cluster).is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{name} never joined"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    creds
+    hub.join(dir, name, &token).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,18 +96,7 @@ async fn joined_clusters_send_spans_and_operators_find_them_in_the_admin_api() {
         ..hub_config()
     };
     let hub = start_hub(dir.path(), store, "127.0.0.1:0".parse().unwrap(), config).await;
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin_addr = admin.local_addr().unwrap();
-    tokio::spawn(hub::serve_admin(
-        AdminState {
-            hub: hub.hub.clone(),
-            token: Arc::new("t0ken".into()),
-            admin_ids: Arc::new(BTreeSet::new()),
-        },
-        admin,
-        None,
-        hub.shutdown.clone(),
-    ));
+    let admin_addr = hub.serve_admin("t0ken").await;
     let mut east = join(&hub, dir.path(), "east").await;
     let mut west = join(&hub, dir.path(), "west").await;
 

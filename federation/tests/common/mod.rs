@@ -21,6 +21,53 @@ pub struct HubHandle {
 }
 
 impl HubHandle {
+    /// Serves the hub's admin API on a free loopback port (plain HTTP) with `token` as the admin
+    /// token, until the hub stops: its address.
+    pub async fn serve_admin(&self, token: &str) -> SocketAddr {
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = admin.local_addr().unwrap();
+        tokio::spawn(hub::serve_admin(
+            hub::admin::AdminState {
+                hub: self.hub.clone(),
+                token: Arc::new(token.into()),
+                admin_ids: Arc::new(Default::default()),
+            },
+            admin,
+            None,
+            self.shutdown.clone(),
+        ));
+        addr
+    }
+
+    /// Joins cluster `name` (trust domain `<name>.example`) with `token` as a control plane
+    /// would, its credentials under `dir/name`, and waits until the hub's view has it.
+    pub async fn join(
+        &self,
+        dir: &Path,
+        name: &str,
+        token: &str,
+    ) -> fedmesh_federation::control_plane::hub_link::HubCredentials {
+        let cluster = ClusterName::new(name).unwrap();
+        let creds = fedmesh_federation::control_plane::hub_link::HubCredentials::join(
+            &dir.join(name),
+            &self.addr.to_string(),
+            token,
+            &cluster,
+            &TrustDomain::new(&format!("{name}.example")).unwrap(),
+        )
+        .await
+        .unwrap();
+        let start = std::time::Instant::now();
+        while self.hub.view().cluster(&cluster).is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{name} never joined"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        creds
+    }
+
     /// Stops the hub and waits until its store and port are released.
     pub async fn stop(self) {
         self.shutdown.cancel();
