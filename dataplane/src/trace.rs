@@ -92,6 +92,16 @@ impl HopSpan {
         }
     }
 
+    /// A hop of `parent`'s trace, its child, keeping its sampling decision.
+    pub fn child_of(parent: TraceContext) -> Self {
+        Self {
+            trace_id: parent.trace_id,
+            span_id: random_nonzero(),
+            parent_span_id: Some(parent.span_id),
+            sampled: parent.sampled,
+        }
+    }
+
     pub fn trace_id_hex(&self) -> String {
         hex::encode(self.trace_id)
     }
@@ -135,12 +145,7 @@ pub fn propagate(headers: &mut HeaderMap, sample_new: impl FnOnce([u8; 16]) -> b
         .and_then(|v| v.to_str().ok())
         .and_then(TraceContext::parse);
     let span = match parent {
-        Some(p) => HopSpan {
-            trace_id: p.trace_id,
-            span_id: random_nonzero(),
-            parent_span_id: Some(p.span_id),
-            sampled: p.sampled,
-        },
+        Some(p) => HopSpan::child_of(p),
         None => {
             headers.remove(TRACESTATE);
             HopSpan::root(sample_new)

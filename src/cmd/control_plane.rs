@@ -62,22 +62,6 @@ pub struct ControlPlaneArgs {
     svid_ttl: Duration,
 }
 
-/// A token from a file only its owner can read, trimmed; a clear error otherwise.
-pub(crate) fn read_token(f: &std::path::Path) -> anyhow::Result<String> {
-    let bytes = fedmesh_trust::files::read_private(f).with_context(|| {
-        format!(
-            "the token file {} must exist and be readable only by its owner (chmod 600)",
-            f.display()
-        )
-    })?;
-    let token = String::from_utf8(bytes)
-        .with_context(|| format!("{} is not text", f.display()))?
-        .trim()
-        .to_string();
-    anyhow::ensure!(!token.is_empty(), "the token file {} is empty", f.display());
-    Ok(token)
-}
-
 pub async fn run(a: ControlPlaneArgs) -> anyhow::Result<()> {
     let cluster = ClusterName::new(&a.cluster).context("--cluster")?;
     let td = TrustDomain::new(&a.trust_domain).context("--trust-domain")?;
@@ -86,7 +70,7 @@ pub async fn run(a: ControlPlaneArgs) -> anyhow::Result<()> {
     config.hub = a.hub;
     config.join_token = match (a.join_token, &a.join_token_file) {
         (Some(t), _) => Some(t),
-        (None, Some(f)) => Some(read_token(f)?),
+        (None, Some(f)) => Some(super::read_token(f)?),
         (None, None) => None,
     };
     for g in &a.gateways {

@@ -57,6 +57,23 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// A token from a file only its owner can read, trimmed; a clear error otherwise.
+pub fn read_token(f: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let bytes = fedmesh_trust::files::read_private(f).with_context(|| {
+        format!(
+            "the token file {} must exist and be readable only by its owner (chmod 600)",
+            f.display()
+        )
+    })?;
+    let token = String::from_utf8(bytes)
+        .with_context(|| format!("{} is not text", f.display()))?
+        .trim()
+        .to_string();
+    anyhow::ensure!(!token.is_empty(), "the token file {} is empty", f.display());
+    Ok(token)
+}
+
 /// Parses durations such as `90s`, `30m`, `1h`, `7d` for clap.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 90s, 30m, 1h, 30d)"))

@@ -85,11 +85,7 @@ impl ConnectionSpan {
     /// at once, not only when the connection closes, and is kept whatever the sampling
     /// ([`Keep::Always`]); the child then records how it ended.
     pub fn checkpoint(&mut self, done: String, next: String) {
-        let child = HopSpan {
-            span_id: HopSpan::root(|_| false).span_id,
-            parent_span_id: Some(self.hop.span_id),
-            ..self.hop
-        };
+        let child = HopSpan::child_of(self.hop.context());
         self.spans.finish(SpanRecord {
             hop: self.hop,
             name: done,

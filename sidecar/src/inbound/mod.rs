@@ -353,12 +353,7 @@ impl Sidecar {
     ) -> Option<ConnectionSpan> {
         let spans = &self.options.spans;
         let hop = || match context {
-            Some(c) => HopSpan {
-                trace_id: c.trace_id,
-                span_id: HopSpan::root(|_| false).span_id,
-                parent_span_id: Some(c.span_id),
-                sampled: c.sampled,
-            },
+            Some(c) => HopSpan::child_of(c),
             None => HopSpan::root(|id| spans.sample_new(id)),
         };
         let service = conn

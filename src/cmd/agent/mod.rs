@@ -88,7 +88,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         (None, Some(addr)) => {
             let token = match (&args.join_token, &args.join_token_file) {
                 (Some(t), _) => Some(t.clone()),
-                (None, Some(f)) => Some(super::control_plane::read_token(f)?),
+                (None, Some(f)) => Some(super::read_token(f)?),
                 (None, None) => None,
             };
             let node = args.node.clone().unwrap_or_default();
