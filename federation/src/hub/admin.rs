@@ -20,6 +20,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use super::Hub;
 use super::audit::{Actor, AuditQuery, AuditRecord};
+pub use super::explain::{ExplainStep, Explanation, explain_route};
 use super::records::now_ms;
 use crate::http::Peer;
 
@@ -126,21 +127,6 @@ pub struct BundleStatus {
     pub jwt_authorities: usize,
 }
 
-#[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq)]
-pub struct ExplainStep {
-    /// `ok`, `warn` or `fail`.
-    pub status: String,
-    pub message: String,
-}
-
-#[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq)]
-pub struct Explanation {
-    pub service: String,
-    pub from: String,
-    pub routable: bool,
-    pub steps: Vec<ExplainStep>,
-}
-
 #[derive(Serialize, Deserialize, ToSchema, Debug, Clone)]
 pub struct TokenRequest {
     pub cluster: String,
@@ -166,7 +152,7 @@ pub struct ErrorBody {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "fedmesh hub admin API", version = "v1", description = "Clusters, exported services, bundles, join tokens, the audit log and recent traces of a fedmesh clusterset."),
-    paths(list_clusters, remove_cluster, cluster_imports, withdraw_export, list_services, list_bundles, explain, create_token, audit_log, super::traces::api::list_traces, super::traces::api::get_trace, super::traces::api::get_skew, super::traces::api::get_graph),
+    paths(list_clusters, remove_cluster, cluster_imports, withdraw_export, list_services, list_bundles, super::explain::explain, create_token, audit_log, super::traces::api::list_traces, super::traces::api::get_trace, super::traces::api::get_skew, super::traces::api::get_graph),
     components(schemas(ClusterStatus, ServiceStatus, ExporterStatus, PortStatus, ConflictStatus, BundleStatus, Explanation, ExplainStep, TokenRequest, TokenResponse, ErrorBody, AuditRecord, super::traces::SpanView, super::traces::TraceSummary, super::traces::skew::ClockSkew, super::traces::skew::ClusterOffset, super::traces::graph::Graph, super::traces::graph::GraphNode, super::traces::graph::GraphEdge)),
     modifiers(&BearerAuth)
 )]
@@ -199,7 +185,7 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/services", get(list_services))
         .route("/bundles", get(list_bundles))
-        .route("/explain", get(explain))
+        .route("/explain", get(super::explain::explain))
         .route("/tokens", post(create_token))
         .route("/audit", get(audit_log))
         .route("/traces", get(super::traces::api::list_traces))
@@ -508,210 +494,6 @@ async fn list_bundles(State(s): State<AdminState>) -> Json<Vec<BundleStatus>> {
             })
             .collect(),
     )
-}
-
-#[derive(Deserialize, utoipa::IntoParams)]
-pub struct ExplainQuery {
-    /// NAMESPACE/NAME
-    service: String,
-    /// The cluster asking.
-    from: String,
-}
-
-#[utoipa::path(get, path = "/api/v1/explain", params(ExplainQuery),
-    responses((status = 200, body = Explanation), (status = 400, body = ErrorBody)))]
-async fn explain(State(s): State<AdminState>, Query(q): Query<ExplainQuery>) -> Response {
-    let service: ServiceKey = match q.service.parse() {
-        Ok(k) => k,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("service: {e}")),
-    };
-    let from = match ClusterName::new(&q.from) {
-        Ok(c) => c,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("from: {e}")),
-    };
-    Json(explain_route(&s.hub, &service, &from)).into_response()
-}
-
-/// Why `service` is or is not routable from `from`, as a chain of checks a person can follow.
-pub fn explain_route(hub: &Hub, service: &ServiceKey, from: &ClusterName) -> Explanation {
-    let v = hub.view();
-    let now = now_ms();
-    let mut steps = Vec::new();
-    let mut step = |status: &str, message: String| {
-        steps.push(ExplainStep {
-            status: status.into(),
-            message,
-        })
-    };
-    let done = |steps: Vec<ExplainStep>, routable: bool| Explanation {
-        service: service.to_string(),
-        from: from.to_string(),
-        routable,
-        steps,
-    };
-    let Some(asker) = v.cluster(from).cloned() else {
-        step(
-            "fail",
-            format!("cluster {from} is not joined to this clusterset (see `fedmesh status`)"),
-        );
-        return done(steps, false);
-    };
-    step(
-        "ok",
-        format!(
-            "cluster {from} is joined (trust domain {})",
-            asker.trust_domain
-        ),
-    );
-    if asker.stale {
-        step(
-            "warn",
-            format!(
-                "{from} is stale: the hub has not heard from it recently, so its view may be out of date (it keeps routing with its last view)"
-            ),
-        );
-    }
-    // What the asking cluster's own routes and policies for the service could not apply.
-    for p in asker
-        .problems
-        .iter()
-        .filter(|p| p.services.iter().any(|s| *s == service.to_string()))
-    {
-        step(
-            "warn",
-            format!(
-                "{} {} in {from}: {} {} ({}): {}",
-                p.kind,
-                p.name,
-                p.condition,
-                if p.condition == "PartiallyInvalid" {
-                    "True"
-                } else {
-                    "False"
-                },
-                p.reason,
-                p.message
-            ),
-        );
-    }
-    let Some(import) = v.import(service).cloned() else {
-        step(
-            "fail",
-            format!(
-                "{service} is not exported by any cluster: create a ServiceExport named {} in namespace {} next to the Service",
-                service.name, service.namespace
-            ),
-        );
-        return done(steps, false);
-    };
-    let exporters: Vec<String> = import.clusters.iter().map(|c| c.cluster.clone()).collect();
-    step(
-        "ok",
-        format!("{service} is exported by {}", exporters.join(", ")),
-    );
-    for c in &import.conflicts {
-        step("warn", format!("conflict: {}", c.message));
-    }
-    if v.bundle(&asker.trust_domain).is_none() {
-        step(
-            "fail",
-            format!(
-                "the hub has no bundle of {from} ({}): exporters cannot verify its callers; is its control plane connected?",
-                asker.trust_domain
-            ),
-        );
-    }
-    let mut routable = false;
-    for ic in &import.clusters {
-        let Ok(name) = ClusterName::new(&ic.cluster) else {
-            continue;
-        };
-        let Some(exporter) = v.cluster(&name) else {
-            continue;
-        };
-        let ready: u32 = ic
-            .endpoints
-            .iter()
-            .map(|e| e.ready)
-            .fold(0, u32::saturating_add);
-        let mut ok = true;
-        if exporter.expired {
-            step(
-                "fail",
-                format!("{name} expired (silent too long); its export is withdrawn"),
-            );
-            continue;
-        }
-        if exporter.stale {
-            let silent = v
-                .presence(&name)
-                .map(|p| (now - p.last_seen_ms).max(0) / 1000);
-            step(
-                "warn",
-                format!(
-                    "{name} is stale (silent for {}s): its export stays routable until data-plane health says otherwise",
-                    silent.unwrap_or(0)
-                ),
-            );
-        }
-        if name != *from {
-            if v.bundle(&exporter.trust_domain).is_none() {
-                step(
-                    "fail",
-                    format!(
-                        "no bundle of {} ({name}) at the hub: {from} cannot verify its endpoints",
-                        exporter.trust_domain
-                    ),
-                );
-                ok = false;
-            }
-            if exporter.gateways.is_empty() {
-                step(
-                    "fail",
-                    format!(
-                        "{name} publishes no east-west gateway address: remote clusters cannot reach it"
-                    ),
-                );
-                ok = false;
-            }
-        }
-        if ready == 0 {
-            step(
-                "fail",
-                format!("no healthy endpoints of {service} in {name}"),
-            );
-            ok = false;
-        }
-        if ok {
-            let via = if name == *from {
-                "locally".to_string()
-            } else {
-                format!("through gateway {}", exporter.gateways.join(", "))
-            };
-            step(
-                "ok",
-                format!("{name}: {ready} ready endpoint(s), reachable {via}"),
-            );
-            routable = true;
-        }
-    }
-    let last_change = v.last_change;
-    drop(v);
-    let acked = hub.acked_version(from);
-    if acked < last_change && !asker.stale {
-        step(
-            "warn",
-            format!(
-                "{from} has acknowledged view version {acked} of {last_change}; the latest changes may still be on their way"
-            ),
-        );
-    }
-    if routable {
-        step("ok", format!("{service} is routable from {from}"));
-    } else {
-        step("fail", format!("{service} is not routable from {from}"));
-    }
-    done(steps, routable)
 }
 
 #[utoipa::path(get, path = "/api/v1/audit", params(AuditQuery),

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod audit;
 pub mod client;
+mod explain;
 pub mod quota;
 pub mod records;
 pub mod registration;
