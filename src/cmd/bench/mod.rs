@@ -4,6 +4,7 @@ mod dataplane;
 mod federation;
 mod identity;
 mod policy;
+mod sni;
 mod traces;
 mod tracing;
 
