@@ -35,8 +35,8 @@ enum Command {
     Ca(cmd::ca::CaCommand),
     /// Run the federation hub (or manage it: `fedmesh hub token create`).
     Hub(Box<cmd::hub::HubArgs>),
-    /// Run one cluster's control plane.
-    ControlPlane(cmd::control_plane::ControlPlaneArgs),
+    /// Run one cluster's control plane (or manage it: `fedmesh control-plane token create --node`).
+    ControlPlane(cmd::control_plane::ControlPlaneCmd),
     /// Run a cluster's east-west gateway (SNI-routed mTLS passthrough).
     Gateway(cmd::proxy::GatewayArgs),
     /// Run the sidecar proxy beside a workload.

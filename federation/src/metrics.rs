@@ -130,3 +130,59 @@ impl HubMetrics {
         out
     }
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub node: String,
+    pub result: String,
+}
+
+/// The control plane's own metrics, served on its admin socket (`GET /metrics`).
+pub struct ControlPlaneMetrics {
+    registry: Registry,
+    /// Workload and node identities asked for by agents, by node and result (`issued`, or the
+    /// reason of a refusal: `no_entry`, `no_pod_on_node`, `not_registered`, ...).
+    pub svids: Family<NodeLabels, Counter>,
+    /// Agent joins by node and result.
+    pub joins: Family<NodeLabels, Counter>,
+}
+
+impl Default for ControlPlaneMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("fedmesh_control_plane");
+        let svids = Family::<NodeLabels, Counter>::default();
+        let joins = Family::<NodeLabels, Counter>::default();
+        registry.register(
+            "svid_requests",
+            "SVIDs node agents asked for, by node and result: issued, or why the node was refused",
+            svids.clone(),
+        );
+        registry.register(
+            "agent_joins",
+            "Node agents' joins, by node and result",
+            joins.clone(),
+        );
+        Self {
+            registry,
+            svids,
+            joins,
+        }
+    }
+}
+
+impl ControlPlaneMetrics {
+    pub fn count(family: &Family<NodeLabels, Counter>, node: &str, result: &str) {
+        family
+            .get_or_create(&NodeLabels {
+                node: node.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

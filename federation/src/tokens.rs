@@ -30,7 +30,7 @@ pub enum TokenError {
     Expired { id: String, at: String },
     #[error("join token {id} was already used at {at}; join tokens work once — create a new one")]
     Used { id: String, at: String },
-    #[error("join token {id} was issued for cluster {issued_for}, not {cluster}")]
+    #[error("join token {id} was issued for {issued_for}, not {cluster}")]
     WrongCluster {
         id: String,
         issued_for: String,

@@ -197,20 +197,12 @@ async fn each_clusters_workload_api_serves_the_other_clusters_bundles() {
     }
     let uid = unsafe { libc::getuid() };
     for c in &clusters {
-        // An agent in remote mode: joins its control plane with the bootstrap token, gets SVIDs
+        // An agent in remote mode: joins its control plane with its node's token, gets SVIDs
         // from the cluster's CA and bundles (own + federated) from the control plane.
-        let token = std::fs::read_to_string(c.data.join("agent-token")).unwrap();
-        let agent_dir = dir.path().join(format!("{}-agent", c.name));
-        let signer = fedmesh_trust::workload::ControlPlaneSigner::start(
-            &c.cp.listen_addr.unwrap().to_string(),
-            &agent_dir,
-            "node-1",
-            Some(&token),
-            c.shutdown.clone(),
-        )
-        .await
-        .unwrap();
         let id = format!("spiffe://{}.example/ns/shop/sa/web", c.name);
+        let token = c.enroll("node-1", &[&id]).await;
+        let agent_dir = dir.path().join(format!("{}-agent", c.name));
+        let signer = c.agent(&agent_dir, "node-1", &token).await.unwrap();
         let entries = fedmesh_trust::workload::entries::parse_entries(
             &format!("entries:\n  - spiffe_id: {id}\n    selectors: [\"unix:uid:{uid}\"]\n"),
             std::path::Path::new("e.yaml"),
@@ -270,32 +262,14 @@ async fn an_agent_joining_again_revokes_the_nodes_earlier_agent_identity() {
     let dir = tempfile::tempdir().unwrap();
     let hub = start_redb_hub(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
     let east = start_cluster(dir.path(), "east", &hub).await;
-    let token_file = east.data.join("agent-token");
-    for _ in 0..200 {
-        if token_file.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let token = std::fs::read_to_string(&token_file).unwrap();
-    let addr = east.cp.listen_addr.unwrap().to_string();
     let join = |sub: &str| {
-        let (addr, token, dir, shutdown) = (
-            addr.clone(),
-            token.clone(),
-            dir.path().join(sub),
-            east.shutdown.clone(),
-        );
+        let dir = dir.path().join(sub);
+        let east = &east;
         async move {
-            fedmesh_trust::workload::ControlPlaneSigner::start(
-                &addr,
-                &dir,
-                "node-1",
-                Some(&token),
-                shutdown,
-            )
-            .await
-            .unwrap()
+            let token = east
+                .enroll("node-1", &["spiffe://east.example/ns/shop/sa/web"])
+                .await;
+            east.agent(&dir, "node-1", &token).await.unwrap()
         }
     };
     let web = fedmesh_api::SpiffeId::new("spiffe://east.example/ns/shop/sa/web").unwrap();

@@ -213,7 +213,7 @@ async fn join_tokens_are_one_time_expiring_and_bound_to_a_cluster_and_its_trust_
     let err = join(token.clone(), "west", "west.example", "w")
         .await
         .unwrap();
-    assert!(err.contains("issued for cluster east, not west"), "{err}");
+    assert!(err.contains("issued for east, not west"), "{err}");
     // The attack: east's token used to register east under west's trust domain.
     let err = join(token.clone(), "east", "west.example", "w2")
         .await

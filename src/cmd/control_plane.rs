@@ -5,30 +5,128 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, Subcommand};
 use fedmesh_api::{ClusterName, TrustDomain};
+use fedmesh_federation::control_plane::admin::AdminSocketClient;
 use fedmesh_federation::control_plane::{ControlPlane, ControlPlaneConfig, SourceSpec};
 use tokio_util::sync::CancellationToken;
 
 use super::parse_duration;
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ControlPlaneCmd {
+    #[command(subcommand)]
+    command: Option<AdminCommand>,
+    #[command(flatten)]
+    run: ControlPlaneArgs,
+}
+
+/// Managing a running control plane through its admin socket (`<data-dir>/admin.sock`, 0600:
+/// run these as the control plane's user).
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// One-time join tokens for node agents.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The workload identities registered for each node (plain hosts; on Kubernetes the pods on
+    /// a node decide).
+    #[command(subcommand)]
+    Entry(EntryCommand),
+    /// The nodes whose agents joined.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Args)]
+struct Socket {
+    /// The control plane's --data-dir (its admin socket is admin.sock inside).
+    #[arg(long, default_value = "/var/lib/fedmesh/control-plane")]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token that lets one agent join once as NODE (printed on stdout, or written to
+    /// --out with mode 0600).
+    Create {
+        #[arg(long)]
+        node: String,
+        /// How long the token may wait for its agent.
+        #[arg(long, value_parser = parse_duration, default_value = "1h")]
+        ttl: Duration,
+        /// Write the token to this file (0600) instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        socket: Socket,
+    },
+}
+
+#[derive(Subcommand)]
+enum EntryCommand {
+    /// Let NODE's agent obtain SVIDs for SPIFFE_ID.
+    Create {
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        spiffe_id: String,
+        #[command(flatten)]
+        socket: Socket,
+    },
+    /// Stop issuing SPIFFE_ID to NODE's agent (SVIDs already issued expire and are not renewed).
+    Delete {
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        spiffe_id: String,
+        #[command(flatten)]
+        socket: Socket,
+    },
+    /// List the entries (of one node, or all).
+    List {
+        #[arg(long)]
+        node: Option<String>,
+        #[command(flatten)]
+        socket: Socket,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// The nodes: their agent's registration and the identities they may hold.
+    List {
+        /// json for scripts; table otherwise.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+        #[command(flatten)]
+        socket: Socket,
+    },
+    /// End a node's registration: its agent can no longer renew its identity or obtain SVIDs.
+    Remove {
+        node: String,
+        #[command(flatten)]
+        socket: Socket,
+    },
+}
+
+#[derive(Args)]
 pub struct ControlPlaneArgs {
-    /// This cluster's name in the clusterset (a DNS label).
+    /// This cluster's name in the clusterset (a DNS label). Required.
     #[arg(long)]
-    cluster: String,
-    /// This cluster's SPIFFE trust domain, e.g. east.example.
+    cluster: Option<String>,
+    /// This cluster's SPIFFE trust domain, e.g. east.example. Required.
     #[arg(long)]
-    trust_domain: String,
+    trust_domain: Option<String>,
     /// The cluster's region (topology.kubernetes.io/region), for locality-aware routing.
     #[arg(long, default_value = "")]
     region: String,
     /// State, the trust domain's CA, hub credentials, status files.
     #[arg(long, default_value = "/var/lib/fedmesh/control-plane")]
     data_dir: PathBuf,
-    /// Where Services/EndpointSlices/ServiceExports come from: dir:PATH or kubernetes.
+    /// Where Services/EndpointSlices/ServiceExports come from: dir:PATH or kubernetes. Required.
     #[arg(long)]
-    source: SourceSpec,
+    source: Option<SourceSpec>,
     /// The hub's federation address(es), HOST:PORT[,HOST:PORT]. Omit to run without a hub.
     #[arg(long)]
     hub: Option<String>,
@@ -62,10 +160,143 @@ pub struct ControlPlaneArgs {
     svid_ttl: Duration,
 }
 
-pub async fn run(a: ControlPlaneArgs) -> anyhow::Result<()> {
-    let cluster = ClusterName::new(&a.cluster).context("--cluster")?;
-    let td = TrustDomain::new(&a.trust_domain).context("--trust-domain")?;
-    let mut config = ControlPlaneConfig::new(cluster, td, a.data_dir.clone(), a.source);
+pub async fn run(cmd: ControlPlaneCmd) -> anyhow::Result<()> {
+    match cmd.command {
+        Some(c) => admin(c).await,
+        None => serve(cmd.run).await,
+    }
+}
+
+async fn admin(c: AdminCommand) -> anyhow::Result<()> {
+    let client = |s: &Socket| AdminSocketClient::new(&s.data_dir);
+    let fail = |e: String| anyhow::anyhow!(e);
+    match c {
+        AdminCommand::Token(TokenCommand::Create {
+            node,
+            ttl,
+            out,
+            socket,
+        }) => {
+            let t = client(&socket)
+                .create_token(&node, ttl)
+                .await
+                .map_err(fail)?;
+            let until = fedmesh_trust::svid::rfc3339(fedmesh_trust::svid::from_unix_secs(
+                t.expires_unix.max(0) as u64,
+            ));
+            match out {
+                Some(path) => {
+                    fedmesh_trust::files::write_private(
+                        &path,
+                        format!("{}\n", t.token).as_bytes(),
+                    )?;
+                    eprintln!(
+                        "wrote a join token for node {} to {} (valid until {until}, usable once)",
+                        t.node,
+                        path.display()
+                    );
+                }
+                None => {
+                    eprintln!(
+                        "join token for node {} (valid until {until}, usable once):",
+                        t.node
+                    );
+                    println!("{}", t.token);
+                }
+            }
+        }
+        AdminCommand::Entry(EntryCommand::Create {
+            node,
+            spiffe_id,
+            socket,
+        }) => {
+            let r = client(&socket)
+                .add_entry(&node, &spiffe_id)
+                .await
+                .map_err(fail)?;
+            println!(
+                "{} {spiffe_id} for node {node}",
+                if r.changed {
+                    "registered"
+                } else {
+                    "already registered:"
+                }
+            );
+        }
+        AdminCommand::Entry(EntryCommand::Delete {
+            node,
+            spiffe_id,
+            socket,
+        }) => {
+            client(&socket)
+                .delete_entry(&node, &spiffe_id)
+                .await
+                .map_err(fail)?;
+            println!("deleted {spiffe_id} from node {node}");
+        }
+        AdminCommand::Entry(EntryCommand::List { node, socket }) => {
+            for n in client(&socket).nodes().await.map_err(fail)? {
+                if node.as_ref().is_some_and(|want| want != &n.node) {
+                    continue;
+                }
+                for id in &n.entries {
+                    println!("{}\t{id}", n.node);
+                }
+            }
+        }
+        AdminCommand::Node(NodeCommand::List { output, socket }) => {
+            let nodes = client(&socket).nodes().await.map_err(fail)?;
+            match output.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&nodes)?),
+                "table" | "wide" => {
+                    println!("NODE\tAGENT\tJOINED\tENTRIES\tPOD IDENTITIES");
+                    for n in nodes {
+                        let (agent, joined) = match &n.agent {
+                            Some(a) => (
+                                "registered",
+                                fedmesh_trust::svid::rfc3339(fedmesh_trust::svid::from_unix_secs(
+                                    a.joined_unix.max(0) as u64,
+                                )),
+                            ),
+                            None => ("-", "-".to_string()),
+                        };
+                        println!(
+                            "{}\t{agent}\t{joined}\t{}\t{}",
+                            n.node,
+                            n.entries.len(),
+                            n.pod_identities.len()
+                        );
+                    }
+                }
+                other => anyhow::bail!("-o {other}: use table or json"),
+            }
+        }
+        AdminCommand::Node(NodeCommand::Remove { node, socket }) => {
+            client(&socket).remove_node(&node).await.map_err(fail)?;
+            println!(
+                "removed node {node}: its agent can no longer renew its identity or obtain SVIDs; a new agent joins with a new token"
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn serve(a: ControlPlaneArgs) -> anyhow::Result<()> {
+    let required = |what: &str| {
+        anyhow::anyhow!(
+            "{what} is required to run a control plane (or name a command: token, entry, node)"
+        )
+    };
+    let cluster = ClusterName::new(a.cluster.as_deref().ok_or_else(|| required("--cluster"))?)
+        .context("--cluster")?;
+    let td = TrustDomain::new(
+        a.trust_domain
+            .as_deref()
+            .ok_or_else(|| required("--trust-domain"))?,
+    )
+    .context("--trust-domain")?;
+    let source = a.source.ok_or_else(|| required("--source"))?;
+    let mut config = ControlPlaneConfig::new(cluster, td, a.data_dir.clone(), source);
     config.region = a.region;
     config.hub = a.hub;
     config.join_token = match (a.join_token, &a.join_token_file) {
@@ -92,9 +323,12 @@ pub async fn run(a: ControlPlaneArgs) -> anyhow::Result<()> {
         cp.status_dir().display()
     );
     eprintln!(
-        "  agents join with: fedmesh agent --control-plane {} --join-token-file {} --node NAME ...",
-        cp.listen_addr.map(|a| a.to_string()).unwrap_or_default(),
-        a.data_dir.join("agent-token").display()
+        "  a node's agent joins with a token made for it: fedmesh control-plane token create --node NAME --data-dir {} --out FILE",
+        a.data_dir.display()
+    );
+    eprintln!(
+        "  then: fedmesh agent --control-plane {} --node NAME --join-token-file FILE ...",
+        cp.listen_addr.map(|a| a.to_string()).unwrap_or_default()
     );
     super::shutdown_signal().await;
     shutdown.cancel();

@@ -221,21 +221,41 @@ impl Drop for Agent {
     }
 }
 
+/// What an operator does for a new node, through the control plane's admin socket: registers
+/// `id` for `node` and makes the node's one-time join token. `None` (with the reason logged)
+/// when the control plane is not running; an agent that joined before needs no token.
+async fn enroll(cp_data: &Path, node: &str, id: &SpiffeId) -> Option<String> {
+    let admin = fedmesh_federation::control_plane::admin::AdminSocketClient::new(cp_data);
+    let enrolled = async {
+        admin.add_entry(node, &id.to_string()).await?;
+        admin.create_token(node, Duration::from_secs(600)).await
+    }
+    .await;
+    match enrolled {
+        Ok(t) => Some(t.token),
+        Err(e) => {
+            tracing::warn!(node, error = %e, "cannot enroll the node");
+            None
+        }
+    }
+}
+
 impl Agent {
     async fn start(
         cp_addr: SocketAddr,
         dir: &Path,
+        cp_data: &Path,
         node: &str,
-        token: &str,
         id: SpiffeId,
     ) -> anyhow::Result<Self> {
         let shutdown = CancellationToken::new();
         std::fs::create_dir_all(dir)?;
+        let token = enroll(cp_data, node, &id).await;
         let signer = ControlPlaneSigner::start(
             &cp_addr.to_string(),
             dir,
             node,
-            Some(token),
+            token.as_deref(),
             shutdown.clone(),
         )
         .await?;
@@ -283,7 +303,6 @@ pub struct Cluster {
     gateway_shutdown: CancellationToken,
     _gateway_agent: Agent,
     _gateway_follower: WorkloadApiFollower,
-    agent_token: String,
 }
 
 impl Cluster {
@@ -344,17 +363,6 @@ impl Cluster {
         let dns_addr = cp.dns_addr.context("the control plane serves no DNS")?;
         config.listen = Some(cp_addr);
         config.dns_listen = Some(dns_addr);
-        // The control plane writes the agents' bootstrap token once it serves.
-        let token_path = data.join("agent-token");
-        let mut agent_token = None;
-        for _ in 0..200 {
-            if let Ok(t) = std::fs::read_to_string(&token_path) {
-                agent_token = Some(t.trim().to_string());
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let agent_token = agent_token.context("the control plane wrote no agent token")?;
 
         // The gateway: its identity (for the config stream), its configuration, its listener.
         let gw_id = SpiffeId::new(&format!(
@@ -363,8 +371,8 @@ impl Cluster {
         let agent = Agent::start(
             cp_addr,
             &data.join("agents/gateway"),
+            &data,
             "gateway",
-            &agent_token,
             gw_id,
         )
         .await?;
@@ -434,7 +442,6 @@ impl Cluster {
             gateway_shutdown,
             _gateway_agent: agent,
             _gateway_follower: follower,
-            agent_token,
         })
     }
 
@@ -552,7 +559,7 @@ impl Cluster {
     pub async fn agent(&self, ns: &str, name: &str) -> anyhow::Result<Agent> {
         let id = SpiffeId::new(&format!("spiffe://{}/ns/{ns}/sa/{name}", self.trust_domain))?;
         let dir = self.data.join("agents").join(format!("{ns}-{name}"));
-        Agent::start(self.cp_addr, &dir, name, &self.agent_token, id).await
+        Agent::start(self.cp_addr, &dir, &self.data, name, id).await
     }
 
     /// Starts a workload's agent and sidecar in front of `app`. The sidecar's inbound listener
@@ -566,14 +573,8 @@ impl Cluster {
             .data
             .join("agents")
             .join(format!("{}-{}", spec.namespace, spec.name));
-        let agent = Agent::start(
-            self.cp_addr,
-            &agent_dir,
-            &spec.name,
-            &self.agent_token,
-            id.clone(),
-        )
-        .await?;
+        let agent =
+            Agent::start(self.cp_addr, &agent_dir, &self.data, &spec.name, id.clone()).await?;
         let identity = MeshIdentity::new();
         let follower =
             WorkloadApiFollower::start(&agent.endpoint, identity.clone(), Duration::from_secs(30))

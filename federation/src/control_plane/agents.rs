@@ -27,7 +27,7 @@ pub struct AgentRecord {
     pub identity_serials: Vec<String>,
 }
 
-fn node_of(id: &SpiffeId) -> &str {
+pub fn node_of(id: &SpiffeId) -> &str {
     id.path().rsplit('/').next().unwrap_or_default()
 }
 
@@ -51,8 +51,8 @@ pub async fn register(db: &dyn KvStore, id: &SpiffeId, serial: &str) -> Result<(
 }
 
 /// Checks that the agent identity `serial` of `id` belongs to its current registration; with
-/// `next`, records a renewed identity beside it. Agents that joined before registrations were
-/// kept are adopted with the identity they present.
+/// `next`, records a renewed identity beside it. A node without a registration (removed with
+/// `fedmesh control-plane node remove`) is refused: its agent must join again with a new token.
 pub async fn check(
     db: &dyn KvStore,
     id: &SpiffeId,
@@ -79,26 +79,21 @@ pub async fn check(
             }
             (r, Compare::ModRevision(key.clone(), kv.mod_revision))
         }
-        None => (
-            AgentRecord {
-                node: node_of(id).to_string(),
-                id: id.clone(),
-                joined_unix: now_unix(),
-                identity_serials: vec![],
-            },
-            Compare::Absent(key.clone()),
-        ),
+        None => {
+            return Err(Status::permission_denied(format!(
+                "node {} is not registered (it was removed, or never joined): its agent must join again with a token made for it (fedmesh control-plane token create --node {})",
+                node_of(id),
+                node_of(id)
+            )));
+        }
     };
     let wanted = match next {
         Some(n) => vec![serial.to_string(), n.to_string()],
         None => vec![serial.to_string()],
     };
-    // Write only when it changes something: a renewal, adopting, or a renewed identity now used.
+    // Write only when it changes something: a renewal, or a renewed identity now used.
     let newest = record.identity_serials.last().is_some_and(|s| s == serial);
-    if next.is_some()
-        || record.identity_serials.is_empty()
-        || (newest && record.identity_serials.len() > 1)
-    {
+    if next.is_some() || (newest && record.identity_serials.len() > 1) {
         record.identity_serials = wanted;
         let outcome = db
             .commit(

@@ -1,9 +1,11 @@
 //! The control plane hosts its trust domain's CA for the cluster's node agents.
 //!
-//! An agent joins once with the cluster's bootstrap token (written to `<data-dir>/agent-token`,
-//! mode 0600; it pins this CA) and receives `spiffe://<td>/fedmesh/agent/<node>`. With that
-//! identity it asks for workload SVIDs by CSR — the keys stay on the node — and follows the
-//! trust domain's own bundle plus every federated bundle the hub delivered.
+//! An agent joins once with a one-time token made for its node (`fedmesh control-plane token
+//! create --node NAME`; it pins this CA) and receives `spiffe://<td>/fedmesh/agent/<node>`, a
+//! short-lived identity it renews while its node stays registered. With that identity it asks
+//! for workload SVIDs by CSR — the keys stay on the node — for the workloads its node may host
+//! ([`super::nodes`]), and follows the trust domain's own bundle plus every federated bundle the
+//! hub delivered.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -21,21 +23,20 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::ControlPlane;
-use crate::store::KvStore;
+use crate::metrics::ControlPlaneMetrics;
 use crate::tokens::{self, JoinToken};
 
 /// Agent identities live under this path; agents may not request anything under `/fedmesh/`.
 const AGENT_PREFIX: &str = "/fedmesh/agent/";
-const RESERVED_PREFIX: &str = "/fedmesh/";
-const BOOTSTRAP_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+pub(super) const RESERVED_PREFIX: &str = "/fedmesh/";
+/// A node identity's lifetime: a node removed from the cluster loses its identity within it.
+pub const NODE_IDENTITY_TTL: Duration = Duration::from_secs(3600);
 /// Largest request message: a token, a node name, a CSR. tonic buffers a message whole before
 /// the handler runs, and its 4 MiB default would let each stream of a flood hold 4 MiB.
 pub const REQUEST_LIMIT: usize = 64 * 1024;
 
 pub fn agent_id(cp: &ControlPlane, node: &str) -> Result<SpiffeId, String> {
-    for label in node.split('.') {
-        fedmesh_api::names::check_dns_label("node name", label).map_err(|e| e.to_string())?;
-    }
+    super::nodes::check_node(node)?;
     SpiffeId::new(&format!(
         "spiffe://{}{AGENT_PREFIX}{node}",
         cp.config.trust_domain
@@ -82,21 +83,28 @@ impl IdentityService {
         Ok(id)
     }
 
-    fn workload_id(&self, s: &str) -> Result<SpiffeId, Status> {
-        let id =
-            SpiffeId::new(s).map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
-        if id.trust_domain() != &self.cp.config.trust_domain {
-            return Err(Status::permission_denied(format!(
-                "{id} is not in trust domain {}; agents get IDs of their own cluster only",
-                self.cp.config.trust_domain
-            )));
+    /// The workload identity `s`, if the calling agent's node may host it; refusals are
+    /// counted and logged with the node and the reason.
+    async fn workload_id(&self, agent: &SpiffeId, s: &str) -> Result<SpiffeId, Status> {
+        let node = super::agents::node_of(agent);
+        let id = super::nodes::check_workload_id(&self.cp, s).map_err(|e| {
+            self.refused(node, "invalid_id", &e);
+            Status::permission_denied(e)
+        })?;
+        if let Err(r) = super::nodes::may_host(&self.cp, node, &id).await {
+            self.refused(node, r.reason(), &r.to_string());
+            return Err(match r {
+                super::nodes::Refusal::Store { .. } => Status::unavailable(r.to_string()),
+                _ => Status::permission_denied(r.to_string()),
+            });
         }
-        if id.path().starts_with(RESERVED_PREFIX) {
-            return Err(Status::permission_denied(format!(
-                "{id} is reserved for fedmesh components"
-            )));
-        }
+        ControlPlaneMetrics::count(&self.cp.metrics.svids, node, "issued");
         Ok(id)
+    }
+
+    fn refused(&self, node: &str, reason: &str, message: &str) {
+        ControlPlaneMetrics::count(&self.cp.metrics.svids, node, reason);
+        tracing::warn!(node, reason, "refused an SVID: {message}");
     }
 
     fn ttl(s: u64) -> Option<Duration> {
@@ -116,15 +124,34 @@ impl Identity for IdentityService {
     ) -> Result<Response<pb::AgentJoinResponse>, Status> {
         let req = request.into_inner();
         let id = agent_id(&self.cp, &req.node).map_err(Status::invalid_argument)?;
-        let token =
-            JoinToken::parse(&req.token).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let refuse = |result: &str, status: Status| {
+            ControlPlaneMetrics::count(&self.cp.metrics.joins, &req.node, result);
+            tracing::warn!(node = %req.node, "refused an agent's join: {}", status.message());
+            status
+        };
+        let token = JoinToken::parse(&req.token)
+            .map_err(|e| refuse("bad_token", Status::unauthenticated(e.to_string())))?;
+        // Node tokens only: a token without a node (the shared bootstrap token of earlier
+        // versions) would let one secret claim every node.
+        let (record, _) = tokens::check(&*self.cp.db, &token, &req.node)
+            .await
+            .map_err(|e| refuse("bad_token", Status::permission_denied(e.to_string())))?;
+        if record.subject.is_none() || record.reusable {
+            return Err(refuse(
+                "shared_token",
+                Status::permission_denied(format!(
+                    "join token {} is not bound to a node; create one for this node: fedmesh control-plane token create --node {}",
+                    token.id, req.node
+                )),
+            ));
+        }
         tokens::consume_as(&*self.cp.db, &token, &req.node)
             .await
-            .map_err(|e| Status::permission_denied(e.to_string()))?;
+            .map_err(|e| refuse("bad_token", Status::permission_denied(e.to_string())))?;
         let issued = self
             .cp
             .ca
-            .sign_csr_for(&req.csr, &id, Some(Duration::from_secs(24 * 3600)))
+            .sign_csr_for(&req.csr, &id, Some(NODE_IDENTITY_TTL))
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let serial = issued
             .chain
@@ -134,6 +161,7 @@ impl Identity for IdentityService {
             .ok_or_else(|| Status::internal("the CA issued no certificate"))?;
         // A new registration: identities issued to an earlier agent of this node stop working.
         super::agents::register(&*self.cp.db, &id, &serial).await?;
+        ControlPlaneMetrics::count(&self.cp.metrics.joins, &req.node, "joined");
         tracing::info!(node = %req.node, %id, "agent joined");
         Ok(Response::new(pb::AgentJoinResponse {
             chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
@@ -152,15 +180,18 @@ impl Identity for IdentityService {
         if !renewal {
             super::agents::check(&*self.cp.db, &agent, serial.as_deref(), None).await?;
         }
-        let id = if renewal {
-            agent.clone()
+        let (id, ttl) = if renewal {
+            (agent.clone(), Some(NODE_IDENTITY_TTL))
         } else {
-            self.workload_id(&req.spiffe_id)?
+            (
+                self.workload_id(&agent, &req.spiffe_id).await?,
+                Self::ttl(req.ttl_seconds),
+            )
         };
         let issued = self
             .cp
             .ca
-            .sign_csr(&req.csr, Some(&id), Self::ttl(req.ttl_seconds))
+            .sign_csr(&req.csr, Some(&id), ttl)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if renewal {
             let next = issued
@@ -179,9 +210,9 @@ impl Identity for IdentityService {
         &self,
         request: Request<pb::SignJwtSvidRequest>,
     ) -> Result<Response<pb::SignJwtSvidResponse>, Status> {
-        self.agent(&request).await?;
+        let agent = self.agent(&request).await?;
         let req = request.into_inner();
-        let id = self.workload_id(&req.spiffe_id)?;
+        let id = self.workload_id(&agent, &req.spiffe_id).await?;
         let token = self
             .cp
             .ca
@@ -267,37 +298,9 @@ fn refresh_server_identity(cp: &ControlPlane, ident: &MeshIdentity) -> Result<()
         .map_err(|e| e.to_string())
 }
 
-/// Makes sure a valid agent bootstrap token exists in `<data-dir>/agent-token` (0600), pinning
-/// the CA's active authority (a new token once the CA rotated).
-pub async fn ensure_agent_token(cp: &ControlPlane) -> Result<String, String> {
-    let path = cp.config.data_dir.join("agent-token");
-    if let Ok(raw) = fedmesh_trust::files::read_private(&path)
-        && let Ok(t) = JoinToken::parse(String::from_utf8_lossy(&raw).trim())
-        && let Ok(Some(kv)) = cp.db.get(&crate::hub::records::token_key(&t.id)).await
-        && let Ok(r) = serde_json::from_slice::<crate::hub::records::TokenRecord>(&kv.value)
-        && r.expires_unix > crate::hub::records::now_unix() + 24 * 3600
-        && t.ca_pin == current_pin(cp)
-    {
-        return Ok(t.to_string());
-    }
-    let (t, _) = tokens::create_with(
-        &*cp.db,
-        None,
-        None,
-        true,
-        BOOTSTRAP_TOKEN_TTL,
-        &current_pin(cp),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    fedmesh_trust::files::write_private(&path, format!("{t}\n").as_bytes())
-        .map_err(|e| e.to_string())?;
-    Ok(t.to_string())
-}
-
 /// The active (signing) authority: the one our server chain carries. A prepared next authority
 /// is in the bundle already but signs nothing until activated.
-fn current_pin(cp: &ControlPlane) -> String {
+pub(super) fn current_pin(cp: &ControlPlane) -> String {
     cp.ca
         .active_certificate()
         .map(|c| fedmesh_trust::grpc::ca_pin(&c))
@@ -311,11 +314,8 @@ pub fn serve(
     shutdown: CancellationToken,
 ) {
     tokio::spawn(async move {
-        // Subscribed before the token and the certificate are made, so no rotation slips past.
+        // Subscribed before the certificate is made, so no rotation slips past.
         let mut rotations = cp.ca.subscribe_bundle();
-        if let Err(e) = ensure_agent_token(&cp).await {
-            tracing::error!(error = %e, "cannot write the agent bootstrap token");
-        }
         let ident = match server_identity(&cp) {
             Ok(i) => i,
             Err(e) => {
@@ -324,21 +324,18 @@ pub fn serve(
             }
         };
         // Keep the server certificate fresh, and follow CA rotation: once another authority
-        // signs, the served chain and the agent token's pin must name it.
+        // signs, the served chain must name it (node tokens made from then on pin it).
         {
             let (cp, ident, shutdown) = (cp.clone(), ident.clone(), shutdown.clone());
             tokio::spawn(async move {
                 loop {
-                    let rotated = tokio::select! {
+                    tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(600)) => false,
-                        r = rotations.changed() => if r.is_err() { return } else { true },
-                    };
+                        _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+                        r = rotations.changed() => if r.is_err() { return },
+                    }
                     if let Err(e) = refresh_server_identity(&cp, &ident) {
                         tracing::error!(error = %e, "cannot renew the control plane's server identity");
-                    }
-                    if rotated && let Err(e) = ensure_agent_token(&cp).await {
-                        tracing::error!(error = %e, "cannot renew the agent bootstrap token");
                     }
                 }
             });

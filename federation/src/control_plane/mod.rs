@@ -4,11 +4,13 @@
 //! DNS and the data-plane configuration. Everything it received is kept on disk: when the hub is
 //! unreachable it keeps serving the last state.
 
+pub mod admin;
 pub mod agents;
 pub mod config_stream;
 pub mod dns;
 pub mod hub_link;
 pub mod identity;
+pub mod nodes;
 pub mod policy;
 pub mod ratelimit;
 pub mod routes;
@@ -162,6 +164,10 @@ pub struct ControlPlane {
     pub dns_addr: Option<SocketAddr>,
     pub listen_addr: Option<SocketAddr>,
     kube_writer: Option<Arc<source::kube::KubeWriter>>,
+    /// With the Kubernetes source: the service accounts of the pods on each node, for
+    /// node-bound issuance.
+    node_pods: Option<nodes::NodePodsWatch>,
+    pub metrics: Arc<crate::metrics::ControlPlaneMetrics>,
     /// The data-plane configuration, versioned within `config_epoch`.
     dataplane: watch::Sender<Arc<config_stream::ConfigState>>,
     pub config_epoch: u64,
@@ -247,6 +253,9 @@ impl ControlPlane {
                 source::kube::KubeSource::start(client, shutdown.clone()).subscribe()
             }
         };
+        let node_pods = client
+            .clone()
+            .map(|c| source::pods::start(c, shutdown.clone()));
         let kube_writer =
             client.map(|c| Arc::new(source::kube::KubeWriter::new(c, config.cluster.clone())));
 
@@ -310,6 +319,8 @@ impl ControlPlane {
             dns_addr,
             listen_addr,
             kube_writer,
+            node_pods,
+            metrics: Arc::default(),
             dataplane: watch::Sender::new(Arc::new(config_stream::ConfigState::default())),
             config_epoch: {
                 use ring::rand::SecureRandom;
@@ -321,6 +332,12 @@ impl ControlPlane {
             config,
         });
 
+        admin::serve(cp.clone(), shutdown.clone()).map_err(|e| {
+            StartError::Config(format!(
+                "cannot serve the admin socket in {}: {e}",
+                cp.config.data_dir.display()
+            ))
+        })?;
         cp.clone().derive_desired().await;
         tokio::spawn(cp.clone().derive_loop());
         tokio::spawn(cp.clone().snapshot_loop());
@@ -371,6 +388,11 @@ impl ControlPlane {
 
     pub fn shutdown_token(&self) -> &CancellationToken {
         &self.shutdown
+    }
+
+    /// `<data-dir>/admin.sock`: node tokens, entries, nodes, metrics.
+    pub fn admin_socket(&self) -> PathBuf {
+        admin::socket_path(&self.config.data_dir)
     }
 
     pub fn status_dir(&self) -> PathBuf {

@@ -196,7 +196,7 @@ impl AdminClient {
     }
 }
 
-async fn send<I>(
+pub(crate) async fn send<I>(
     io: I,
     req: Request<Full<Bytes>>,
 ) -> Result<http::Response<hyper::body::Incoming>, String>
@@ -213,7 +213,7 @@ where
         .map_err(|e| e.to_string())
 }
 
-fn urlencode(s: &str) -> String {
+pub(crate) fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {

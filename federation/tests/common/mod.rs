@@ -212,6 +212,38 @@ impl ClusterHandle {
         let _ = std::fs::remove_file(self.src.join(file));
     }
 
+    /// Enrolls `node` as an operator does through the admin socket: registers `ids` for it and
+    /// returns a one-time join token for its agent.
+    pub async fn enroll(&self, node: &str, ids: &[&str]) -> String {
+        let admin = fedmesh_federation::control_plane::admin::AdminSocketClient::new(&self.data);
+        for id in ids {
+            admin.add_entry(node, id).await.unwrap();
+        }
+        admin
+            .create_token(node, Duration::from_secs(600))
+            .await
+            .unwrap()
+            .token
+    }
+
+    /// An agent of `node` joined with `token`, its credentials in `dir`.
+    pub async fn agent(
+        &self,
+        dir: &Path,
+        node: &str,
+        token: &str,
+    ) -> Result<Arc<fedmesh_trust::workload::ControlPlaneSigner>, String> {
+        fedmesh_trust::workload::ControlPlaneSigner::start(
+            &self.cp.listen_addr.unwrap().to_string(),
+            dir,
+            node,
+            Some(token),
+            self.shutdown.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+
     /// Stops the control plane and waits until its tasks let go of it (and of its database).
     pub async fn stop(self) {
         self.shutdown.cancel();

@@ -33,11 +33,11 @@ pub struct AgentArgs {
     /// This node's name (with --control-plane).
     #[arg(long)]
     node: Option<String>,
-    /// The control plane's agent bootstrap token (first start only; it writes
-    /// <data-dir>/agent-token).
+    /// A one-time join token made for this node (first start only): `fedmesh control-plane token
+    /// create --node NAME`. Prefer --join-token-file: a command line is visible in `ps`.
     #[arg(long, env = "FEDMESH_AGENT_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
-    /// A file (mode 0600) holding the agent bootstrap token.
+    /// A file (mode 0600) holding this node's join token.
     #[arg(long)]
     join_token_file: Option<PathBuf>,
     /// Where the agent keeps its own identity and the last bundles (with --control-plane).

@@ -313,24 +313,74 @@ impl Mesh {
                 &dns,
             ],
         );
-        let agent_token = cp_data.join("agent-token");
+        let admin_socket = cp_data.join("admin.sock");
         wait_until(
-            "the control plane's agent token",
+            "the control plane's admin socket",
             Duration::from_secs(30),
-            || agent_token.exists(),
+            || admin_socket.exists(),
         );
         let mut uids = Vec::new();
         let mut entries = format!(
             "entries:\n  - spiffe_id: spiffe://{trust_domain}/ns/fedmesh-system/sa/east-west-gateway\n    selectors: [\"unix:uid:{GATEWAY_UID}\"]\n"
         );
+        let mut ids = vec![format!(
+            "spiffe://{trust_domain}/ns/fedmesh-system/sa/east-west-gateway"
+        )];
         for (i, a) in accounts.iter().enumerate() {
             let uid = 2000 + i as u32;
             entries += &format!(
                 "  - spiffe_id: spiffe://{trust_domain}/ns/shop/sa/{a}\n    selectors: [\"unix:uid:{uid}\"]\n"
             );
+            ids.push(format!("spiffe://{trust_domain}/ns/shop/sa/{a}"));
             uids.push((a.to_string(), uid));
         }
         std::fs::write(data.join("entries.yaml"), entries).unwrap();
+        // As an operator enrolls a node: its workloads' identities, then its one-time token.
+        let node_name = format!("{name}-node");
+        let cp_dir = cp_data.to_str().unwrap();
+        for id in &ids {
+            let out = net.exec(
+                &node,
+                fedmesh_bin(),
+                &[
+                    "control-plane",
+                    "entry",
+                    "create",
+                    "--node",
+                    &node_name,
+                    "--spiffe-id",
+                    id,
+                    "--data-dir",
+                    cp_dir,
+                ],
+            );
+            assert!(
+                out.status.success(),
+                "entry create: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let agent_token = data.join("agent-token");
+        let out = net.exec(
+            &node,
+            fedmesh_bin(),
+            &[
+                "control-plane",
+                "token",
+                "create",
+                "--node",
+                &node_name,
+                "--out",
+                agent_token.to_str().unwrap(),
+                "--data-dir",
+                cp_dir,
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let agent_socket = data.join("agent.sock");
         net.spawn(
             &node,
@@ -341,7 +391,7 @@ impl Mesh {
                 "--control-plane",
                 &cp_listen,
                 "--node",
-                &format!("{name}-node"),
+                &node_name,
                 "--join-token-file",
                 agent_token.to_str().unwrap(),
                 "--data-dir",

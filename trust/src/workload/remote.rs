@@ -1,7 +1,7 @@
 //! The agent's production mode: SVIDs signed by the control plane's CA.
 //!
-//! The agent joins its control plane once with the cluster's bootstrap token (which pins the CA),
-//! keeps its own identity (`spiffe://<td>/fedmesh/agent/<node>`) in its data directory (key 0600)
+//! The agent joins its control plane once with a one-time token made for its node (which pins the
+//! CA), keeps its own short-lived identity (`spiffe://<td>/fedmesh/agent/<node>`) in its data directory (key 0600)
 //! and renews it, sends CSRs for workloads — keys never leave the node — and follows the trust
 //! domain's bundle plus every federated bundle. Bundles are also kept on disk, so a restarted
 //! agent serves them even while the control plane is unreachable.
@@ -32,7 +32,7 @@ pub enum RemoteError {
     #[error("agent credentials in {dir}: {reason}")]
     Credentials { dir: PathBuf, reason: String },
     #[error(
-        "this agent has not joined its control plane: pass --join-token (the control plane writes it to <its data dir>/agent-token)"
+        "this agent has not joined its control plane: pass --join-token-file with a token made for this node (fedmesh control-plane token create --node NAME --out FILE)"
     )]
     NotJoined,
 }
@@ -220,7 +220,8 @@ impl ControlPlaneSigner {
                     .sign_x509_svid(pb::SignX509SvidRequest {
                         spiffe_id: id.to_string(),
                         csr,
-                        ttl_seconds: 24 * 3600,
+                        // The control plane decides a node identity's lifetime.
+                        ttl_seconds: 0,
                     })
                     .await
                     .map_err(|s| s.message().to_string())?

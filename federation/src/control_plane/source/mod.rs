@@ -4,6 +4,7 @@
 
 pub mod dir;
 pub mod kube;
+pub mod pods;
 
 use std::collections::BTreeMap;
 
