@@ -13,7 +13,7 @@ use fedmesh_api::{ClusterName, SpiffeId, TrustDomain};
 use fedmesh_federation::control_plane::admin::AdminSocketClient;
 use fedmesh_federation::control_plane::{ControlPlane, ControlPlaneConfig, SourceSpec};
 use fedmesh_test_support::fake_kube::FakeApi;
-use fedmesh_trust::workload::{ControlPlaneSigner, SvidSigner};
+use fedmesh_trust::workload::{ControlPlaneSigner, JoinCredential, SvidSigner};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -245,7 +245,7 @@ async fn on_kubernetes_a_node_gets_the_identities_of_the_pods_scheduled_on_it() 
         &cp.listen_addr.unwrap().to_string(),
         &dir.path().join("agent"),
         "node-a",
-        Some(&token),
+        Some(&JoinCredential::Token(token)),
         shutdown.clone(),
     )
     .await
@@ -302,5 +302,219 @@ async fn on_kubernetes_a_node_gets_the_identities_of_the_pods_scheduled_on_it() 
     let node_b = nodes.iter().find(|n| n.node == "node-b").unwrap();
     assert_eq!(node_b.pod_identities, vec![DB.to_string()]);
     assert!(node_b.agent.is_none());
+    shutdown.cancel();
+}
+
+/// The API server's user for a projected token of `sa` in `ns`, bound to pod `pod` (uid `uid`).
+fn pod_user(ns: &str, sa: &str, pod: Option<(&str, &str)>) -> serde_json::Value {
+    let mut user = json!({"username": format!("system:serviceaccount:{ns}:{sa}"), "uid": "sa-uid"});
+    if let Some((name, uid)) = pod {
+        user["extra"] = json!({"authentication.kubernetes.io/pod-name": [name],
+                               "authentication.kubernetes.io/pod-uid": [uid]});
+    }
+    user
+}
+
+/// On Kubernetes an agent proves its node with its pod's projected service-account token: the
+/// control plane asks TokenReview whose token it is and reads the pod's node itself. A token of
+/// another audience, another service account, a pod on another node, or one bound to no pod
+/// does not join; a node deleted from the cluster can no longer renew its agent's identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kubernetes_an_agent_proves_its_node_with_its_pods_service_account_token() {
+    let api = FakeApi::new(
+        &[
+            "services",
+            "endpointslices",
+            "serviceexports",
+            "serviceimports",
+            "pods",
+            "nodes",
+            "tokenreviews",
+            "configmaps",
+        ],
+        &["shop", "fedmesh-system"],
+    );
+    let url = api.start().await;
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    for node in ["node-a", "node-b"] {
+        api.put(
+            "nodes",
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}),
+        );
+    }
+    api.put(
+        "pods",
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "agent-x1", "namespace": "fedmesh-system", "uid": "uid-x1"},
+               "spec": {"nodeName": "node-a", "serviceAccountName": "fedmesh-agent", "containers": [{"name": "agent"}]},
+               "status": {"phase": "Running"}}),
+    );
+    api.put("pods", pod("web-1", "node-a", "web", "Running"));
+    api.put("pods", pod("db-1", "node-b", "db", "Running"));
+    let agent = Some(("agent-x1", "uid-x1"));
+    api.add_token(
+        "sat-agent",
+        &["fedmesh"],
+        pod_user("fedmesh-system", "fedmesh-agent", agent),
+    );
+    api.add_token(
+        "sat-for-the-api-server",
+        &["api"],
+        pod_user("fedmesh-system", "fedmesh-agent", agent),
+    );
+    api.add_token(
+        "sat-of-a-workload",
+        &["fedmesh"],
+        pod_user("shop", "web", Some(("web-1", "uid-web-1"))),
+    );
+    api.add_token(
+        "legacy-secret-token",
+        &["fedmesh"],
+        pod_user("fedmesh-system", "fedmesh-agent", None),
+    );
+    api.add_token(
+        "sat-of-a-replaced-pod",
+        &["fedmesh"],
+        pod_user(
+            "fedmesh-system",
+            "fedmesh-agent",
+            Some(("agent-x1", "uid-old")),
+        ),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ControlPlaneConfig::new(
+        ClusterName::new("east").unwrap(),
+        TrustDomain::new("east.example").unwrap(),
+        dir.path().join("data"),
+        SourceSpec::Kubernetes,
+    );
+    config.listen = Some("127.0.0.1:0".parse().unwrap());
+    let shutdown = CancellationToken::new();
+    let cp = ControlPlane::start_with_kube_client(config, client, shutdown.clone())
+        .await
+        .unwrap();
+    let addr = cp.listen_addr.unwrap().to_string();
+
+    // The control plane publishes the bundle agents verify it with.
+    let mut published = None;
+    for _ in 0..100 {
+        published = api.get("configmaps", "fedmesh-system", "fedmesh-ca-bundle");
+        if published.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let published = published.expect("the ConfigMap fedmesh-ca-bundle is published");
+    assert_eq!(published["data"]["trust-domain"], "east.example");
+    let bundle_file = dir.path().join("bundle.spiffe");
+    std::fs::write(
+        &bundle_file,
+        published["data"]["bundle.spiffe"].as_str().unwrap(),
+    )
+    .unwrap();
+
+    let join = |name: &str, node: &str, token: &str, bundle: &std::path::Path| {
+        let token_file = dir.path().join(format!("{name}.token"));
+        std::fs::write(&token_file, token).unwrap();
+        let credential = JoinCredential::ServiceAccount {
+            token_file,
+            bundle_file: bundle.to_path_buf(),
+            trust_domain: TrustDomain::new("east.example").unwrap(),
+        };
+        let (addr, agent_dir, node, shutdown) = (
+            addr.clone(),
+            dir.path().join(name),
+            node.to_string(),
+            shutdown.clone(),
+        );
+        async move {
+            ControlPlaneSigner::start(&addr, &agent_dir, &node, Some(&credential), shutdown)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+
+    let refusals = [
+        (
+            "node-b",
+            "sat-agent",
+            "pod fedmesh-system/agent-x1 runs on node node-a, not node-b",
+        ),
+        (
+            "node-a",
+            "sat-for-the-api-server",
+            "is invalid for the target audiences",
+        ),
+        (
+            "node-a",
+            "sat-of-a-workload",
+            "belongs to system:serviceaccount:shop:web, not to the agent's service account system:serviceaccount:fedmesh-system:fedmesh-agent",
+        ),
+        ("node-a", "legacy-secret-token", "is not bound to a pod"),
+        (
+            "node-a",
+            "sat-of-a-replaced-pod",
+            "was replaced by another pod of that name",
+        ),
+        ("node-a", "a-forged-token", "invalid bearer token"),
+    ];
+    for (i, (node, token, want)) in refusals.iter().enumerate() {
+        let err = join(&format!("refused-{i}"), node, token, &bundle_file)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{token} claiming {node} joined"));
+        assert!(err.contains(want), "{token} claiming {node}: {err}");
+    }
+    let metrics = AdminSocketClient::new(&cp.config.data_dir)
+        .metrics()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "fedmesh_control_plane_agent_joins_total{node=\"node-b\",result=\"wrong_node\"} 1"
+        ),
+        "{metrics}"
+    );
+
+    // A bundle of another CA (what an attacker's control plane would match) does not verify us.
+    let other = fedmesh_trust::ca::TrustDomainCa::init(
+        &dir.path().join("other-ca"),
+        fedmesh_trust::ca::CaOptions::new(TrustDomain::new("east.example").unwrap()),
+    )
+    .unwrap();
+    let other_bundle = dir.path().join("other.spiffe");
+    std::fs::write(&other_bundle, other.bundle().to_json()).unwrap();
+    let err = join("wrong-bundle", "node-a", "sat-agent", &other_bundle)
+        .await
+        .err()
+        .expect("a control plane outside the given bundle is not trusted");
+    assert!(err.contains("joining the control plane"), "{err}");
+
+    // The agent's own token, for its own node: joined, and served its node's workloads only.
+    let a = join("agent", "node-a", "sat-agent", &bundle_file)
+        .await
+        .unwrap();
+    let mut web = Err(String::new());
+    for _ in 0..100 {
+        web = sign(&a, WEB).await;
+        if web.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(web.unwrap().to_string(), WEB);
+    assert!(sign(&a, DB).await.unwrap_err().contains("no running pod"));
+    a.renew_identity()
+        .await
+        .expect("a node of the cluster renews");
+
+    // The node is deleted from the cluster: its agent can no longer renew.
+    assert!(api.delete("nodes", "default", "node-a"));
+    let err = a.renew_identity().await.unwrap_err();
+    assert!(
+        err.contains("node node-a no longer exists in the cluster"),
+        "{err}"
+    );
     shutdown.cancel();
 }

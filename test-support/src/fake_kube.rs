@@ -1,6 +1,7 @@
 //! A fake Kubernetes API server on loopback (no API server can run here): list and watch (with
-//! label and field selectors), server-side apply, status and delete, recording every request
-//! so tests can assert what a controller asked for.
+//! label and field selectors), get, server-side apply, status, delete and TokenReview (for the
+//! tokens a test registers), recording every request so tests can assert what a controller
+//! asked for.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -51,6 +52,8 @@ struct Inner {
     objects: BTreeMap<String, BTreeMap<(String, String), Value>>,
     namespaces: BTreeSet<String>,
     requests: Vec<Recorded>,
+    /// token -> (its audiences, the user it authenticates as)
+    tokens: BTreeMap<String, (Vec<String>, Value)>,
 }
 
 /// Splits an API path into its parts.
@@ -64,6 +67,7 @@ fn parse_path(path: &str) -> Option<ApiPath> {
     let s = |x: &&str| x.to_string();
     let (plural, ns, name, sub) = match rest {
         [plural] => (s(plural), None, None, None),
+        [plural, name] if *plural != "namespaces" => (s(plural), None, Some(s(name)), None),
         ["namespaces", ns, plural] => (s(plural), Some(s(ns)), None, None),
         ["namespaces", ns, plural, name] => (s(plural), Some(s(ns)), Some(s(name)), None),
         ["namespaces", ns, plural, name, sub] => {
@@ -170,6 +174,45 @@ impl FakeApi {
             .get(plural)
             .and_then(|m| m.get(&(ns.to_string(), name.to_string())))
             .cloned()
+    }
+
+    /// Makes `token` known to TokenReview: for the `audiences` it was issued for, it
+    /// authenticates as `user` (`{"username": ..., "uid": ..., "extra": {...}}`), as the API
+    /// server answers for a projected service-account token.
+    pub fn add_token(&self, token: &str, audiences: &[&str], user: Value) {
+        self.inner.lock().unwrap().tokens.insert(
+            token.to_string(),
+            (audiences.iter().map(|a| a.to_string()).collect(), user),
+        );
+    }
+
+    /// The API server's answer to a TokenReview: authenticated only for a known token and an
+    /// audience it was issued for (none requested means the API server's own, "api").
+    fn review(&self, spec: &Value) -> Value {
+        let token = spec["token"].as_str().unwrap_or_default();
+        let wanted: Vec<String> = spec["audiences"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_else(|| vec!["api".into()]);
+        let known = self.inner.lock().unwrap().tokens.get(token).cloned();
+        let status = match known {
+            None => json!({"authenticated": false, "error": "invalid bearer token"}),
+            Some((audiences, user)) => {
+                let both: Vec<&String> = wanted.iter().filter(|a| audiences.contains(a)).collect();
+                if both.is_empty() {
+                    json!({"authenticated": false,
+                           "error": format!("token audiences {audiences:?} is invalid for the target audiences {wanted:?}")})
+                } else {
+                    json!({"authenticated": true, "user": user, "audiences": both})
+                }
+            }
+        };
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+               "metadata": {}, "spec": spec, "status": status})
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -293,6 +336,16 @@ async fn handle(
                 })
                 .unwrap_or_default();
             axum::Json(json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": i.rv.to_string()}, "items": items})).into_response()
+        }
+        (Method::POST, None) if plural == "tokenreviews" => {
+            (StatusCode::CREATED, axum::Json(api.review(&body["spec"]))).into_response()
+        }
+        (Method::GET, Some(name)) if sub.is_none() => {
+            // Objects put without a namespace (cluster-scoped ones) are kept under "default".
+            match api.get(&plural, ns.as_deref().unwrap_or("default"), &name) {
+                Some(o) => axum::Json(o).into_response(),
+                None => status_body(404, "NotFound", &format!("{plural} \"{name}\" not found")),
+            }
         }
         (Method::PATCH, Some(name)) => {
             let ns = ns.unwrap_or_default();

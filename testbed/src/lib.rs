@@ -35,7 +35,9 @@ use fedmesh_sidecar::{Sidecar, SidecarOptions};
 use fedmesh_trust::ca::{CaOptions, TrustDomainCa};
 use fedmesh_trust::source::WorkloadApiFollower;
 use fedmesh_trust::tls::MeshIdentity;
-use fedmesh_trust::workload::{self, ControlPlaneSigner, RegistrationEntry, Selector, SvidCache};
+use fedmesh_trust::workload::{
+    self, ControlPlaneSigner, JoinCredential, RegistrationEntry, Selector, SvidCache,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -255,7 +257,7 @@ impl Agent {
             &cp_addr.to_string(),
             dir,
             node,
-            token.as_deref(),
+            token.map(JoinCredential::Token).as_ref(),
             shutdown.clone(),
         )
         .await?;

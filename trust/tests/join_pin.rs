@@ -7,7 +7,9 @@ mod common;
 use common::*;
 use fedmesh_trust::svid::X509Svid;
 use fedmesh_trust::tls::{Authorizer, MeshIdentity};
-use fedmesh_trust::workload::remote::{CONTROL_PLANE_PATH, ControlPlaneSigner, RemoteError};
+use fedmesh_trust::workload::remote::{
+    CONTROL_PLANE_PATH, ControlPlaneSigner, JoinCredential, RemoteError,
+};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -58,7 +60,7 @@ async fn a_workload_svid_cannot_pose_as_the_control_plane_to_a_joining_agent() {
         &addr,
         &dir.path().join("agent"),
         "node-1",
-        Some(&token),
+        Some(&JoinCredential::Token(token.clone())),
         CancellationToken::new(),
     )
     .await

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::ControlPlane;
+use super::attest::AttestError;
 use crate::metrics::ControlPlaneMetrics;
 use crate::tokens::{self, JoinToken};
 
@@ -107,6 +108,56 @@ impl IdentityService {
         tracing::warn!(node, reason, "refused an SVID: {message}");
     }
 
+    /// Checks and consumes a node's one-time join token; the refusal carries its metrics label.
+    async fn check_join_token(
+        &self,
+        raw: &str,
+        node: &str,
+    ) -> Result<String, (&'static str, Status)> {
+        let token = JoinToken::parse(raw)
+            .map_err(|e| ("bad_token", Status::unauthenticated(e.to_string())))?;
+        // Node tokens only: a token without a node (the shared bootstrap token of earlier
+        // versions) would let one secret claim every node.
+        let (record, _) = tokens::check(&*self.cp.db, &token, node)
+            .await
+            .map_err(|e| ("bad_token", Status::permission_denied(e.to_string())))?;
+        if record.subject.is_none() || record.reusable {
+            return Err((
+                "shared_token",
+                Status::permission_denied(format!(
+                    "join token {} is not bound to a node; create one for this node: fedmesh control-plane token create --node {node}",
+                    token.id
+                )),
+            ));
+        }
+        tokens::consume_as(&*self.cp.db, &token, node)
+            .await
+            .map_err(|e| ("bad_token", Status::permission_denied(e.to_string())))?;
+        Ok(format!("join token {}", token.id))
+    }
+
+    /// On Kubernetes, a node deleted from the cluster may not renew its agent's identity.
+    async fn check_node_exists(&self, agent: &SpiffeId) -> Result<(), Status> {
+        let Some(attestor) = &self.cp.k8s_attestor else {
+            return Ok(());
+        };
+        let node = super::agents::node_of(agent);
+        match attestor.node_exists(node).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                ControlPlaneMetrics::count(&self.cp.metrics.svids, node, "node_deleted");
+                tracing::warn!(
+                    node,
+                    "refused to renew an agent identity: the node no longer exists"
+                );
+                Err(Status::permission_denied(format!(
+                    "node {node} no longer exists in the cluster; its agent identity is not renewed"
+                )))
+            }
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
     fn ttl(s: u64) -> Option<Duration> {
         (s > 0).then(|| Duration::from_secs(s))
     }
@@ -129,25 +180,40 @@ impl Identity for IdentityService {
             tracing::warn!(node = %req.node, "refused an agent's join: {}", status.message());
             status
         };
-        let token = JoinToken::parse(&req.token)
-            .map_err(|e| refuse("bad_token", Status::unauthenticated(e.to_string())))?;
-        // Node tokens only: a token without a node (the shared bootstrap token of earlier
-        // versions) would let one secret claim every node.
-        let (record, _) = tokens::check(&*self.cp.db, &token, &req.node)
-            .await
-            .map_err(|e| refuse("bad_token", Status::permission_denied(e.to_string())))?;
-        if record.subject.is_none() || record.reusable {
-            return Err(refuse(
-                "shared_token",
-                Status::permission_denied(format!(
-                    "join token {} is not bound to a node; create one for this node: fedmesh control-plane token create --node {}",
-                    token.id, req.node
-                )),
-            ));
-        }
-        tokens::consume_as(&*self.cp.db, &token, &req.node)
-            .await
-            .map_err(|e| refuse("bad_token", Status::permission_denied(e.to_string())))?;
+        let via = if req.service_account_token.is_empty() {
+            self.check_join_token(&req.token, &req.node)
+                .await
+                .map_err(|(result, status)| refuse(result, status))?
+        } else {
+            if !req.token.is_empty() {
+                return Err(refuse(
+                    "bad_request",
+                    Status::invalid_argument(
+                        "send a join token or a service-account token, not both",
+                    ),
+                ));
+            }
+            let Some(attestor) = &self.cp.k8s_attestor else {
+                return Err(refuse(
+                    "not_kubernetes",
+                    Status::failed_precondition(format!(
+                        "this control plane does not run on Kubernetes, so it cannot check a service-account token; join with a node token: fedmesh control-plane token create --node {}",
+                        req.node
+                    )),
+                ));
+            };
+            let pod = attestor
+                .attest(&req.service_account_token, &req.node)
+                .await
+                .map_err(|e| {
+                    let status = match e {
+                        AttestError::Api(_) => Status::unavailable(e.to_string()),
+                        _ => Status::permission_denied(e.to_string()),
+                    };
+                    refuse(e.reason(), status)
+                })?;
+            format!("the service-account token of pod {pod}")
+        };
         let issued = self
             .cp
             .ca
@@ -162,7 +228,7 @@ impl Identity for IdentityService {
         // A new registration: identities issued to an earlier agent of this node stop working.
         super::agents::register(&*self.cp.db, &id, &serial).await?;
         ControlPlaneMetrics::count(&self.cp.metrics.joins, &req.node, "joined");
-        tracing::info!(node = %req.node, %id, "agent joined");
+        tracing::info!(node = %req.node, %id, %via, "agent joined");
         Ok(Response::new(pb::AgentJoinResponse {
             chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
             bundle: self.cp.ca.bundle().to_json().into_bytes(),
@@ -181,6 +247,7 @@ impl Identity for IdentityService {
             super::agents::check(&*self.cp.db, &agent, serial.as_deref(), None).await?;
         }
         let (id, ttl) = if renewal {
+            self.check_node_exists(&agent).await?;
             (agent.clone(), Some(NODE_IDENTITY_TTL))
         } else {
             (

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod agents;
+pub mod attest;
 pub mod config_stream;
 pub mod dns;
 pub mod hub_link;
@@ -88,6 +89,9 @@ pub struct ControlPlaneConfig {
     /// The namespace of fedmesh's own components: only its identities may stream a gateway's
     /// configuration.
     pub system_namespace: String,
+    /// The node agents' service account (in the system namespace): on Kubernetes, only its
+    /// pods' projected tokens may join as agents.
+    pub agent_service_account: String,
 }
 
 impl ControlPlaneConfig {
@@ -112,6 +116,7 @@ impl ControlPlaneConfig {
             poll_interval: Duration::from_millis(500),
             svid_ttl: Duration::from_secs(3600),
             system_namespace: "fedmesh-system".into(),
+            agent_service_account: "fedmesh-agent".into(),
         }
     }
 }
@@ -167,6 +172,8 @@ pub struct ControlPlane {
     /// With the Kubernetes source: the service accounts of the pods on each node, for
     /// node-bound issuance.
     node_pods: Option<nodes::NodePodsWatch>,
+    /// With the Kubernetes source: checks agents' service-account tokens and nodes.
+    k8s_attestor: Option<attest::K8sAttestor>,
     pub metrics: Arc<crate::metrics::ControlPlaneMetrics>,
     /// The data-plane configuration, versioned within `config_epoch`.
     dataplane: watch::Sender<Arc<config_stream::ConfigState>>,
@@ -256,6 +263,15 @@ impl ControlPlane {
         let node_pods = client
             .clone()
             .map(|c| source::pods::start(c, shutdown.clone()));
+        let k8s_attestor = client.clone().map(|c| {
+            attest::publish_bundle(
+                c.clone(),
+                config.system_namespace.clone(),
+                ca.clone(),
+                shutdown.clone(),
+            );
+            attest::K8sAttestor::new(c, &config.system_namespace, &config.agent_service_account)
+        });
         let kube_writer =
             client.map(|c| Arc::new(source::kube::KubeWriter::new(c, config.cluster.clone())));
 
@@ -320,6 +336,7 @@ impl ControlPlane {
             listen_addr,
             kube_writer,
             node_pods,
+            k8s_attestor,
             metrics: Arc::default(),
             dataplane: watch::Sender::new(Arc::new(config_stream::ConfigState::default())),
             config_epoch: {

@@ -237,7 +237,9 @@ impl ClusterHandle {
             &self.cp.listen_addr.unwrap().to_string(),
             dir,
             node,
-            Some(token),
+            Some(&fedmesh_trust::workload::JoinCredential::Token(
+                token.to_string(),
+            )),
             self.shutdown.clone(),
         )
         .await

@@ -13,8 +13,8 @@ use fedmesh_trust::bundle::SpiffeBundle;
 use fedmesh_trust::ca::TrustDomainCa;
 use fedmesh_trust::workload::k8s::expand_entries;
 use fedmesh_trust::workload::{
-    self, ControlPlaneSigner, EntryFile, K8sAttestor, LocalCaSigner, PodIndex, SvidCache,
-    SvidSigner, load_entry_file,
+    self, ControlPlaneSigner, EntryFile, JoinCredential, K8sAttestor, LocalCaSigner, PodIndex,
+    SvidCache, SvidSigner, load_entry_file,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -38,8 +38,21 @@ pub struct AgentArgs {
     #[arg(long, env = "FEDMESH_AGENT_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
     /// A file (mode 0600) holding this node's join token.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "join_token")]
     join_token_file: Option<PathBuf>,
+    /// Kubernetes: join with this pod's projected service-account token (audience `fedmesh`)
+    /// instead of a join token; the control plane checks it with TokenReview and the pod's
+    /// node. Needs --control-plane-bundle and --trust-domain.
+    #[arg(long, conflicts_with_all = ["join_token", "join_token_file"], requires_all = ["control_plane_bundle", "trust_domain"])]
+    service_account_token_file: Option<PathBuf>,
+    /// The trust bundle (SPIFFE JWK Set JSON) to verify the control plane with when joining by
+    /// service-account token: the key `bundle.spiffe` of the ConfigMap fedmesh-ca-bundle, which
+    /// the control plane keeps current.
+    #[arg(long, requires = "service_account_token_file")]
+    control_plane_bundle: Option<PathBuf>,
+    /// The trust domain of this cluster (with --service-account-token-file).
+    #[arg(long, requires = "service_account_token_file")]
+    trust_domain: Option<String>,
     /// Where the agent keeps its own identity and the last bundles (with --control-plane).
     #[arg(long, default_value = "/var/lib/fedmesh/agent")]
     data_dir: PathBuf,
@@ -86,17 +99,29 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             LocalCaSigner::new(ca, federated)
         }
         (None, Some(addr)) => {
-            let token = match (&args.join_token, &args.join_token_file) {
-                (Some(t), _) => Some(t.clone()),
-                (None, Some(f)) => Some(super::read_token(f)?),
-                (None, None) => None,
+            let credential = match (
+                &args.join_token,
+                &args.join_token_file,
+                &args.service_account_token_file,
+            ) {
+                (Some(t), _, _) => Some(JoinCredential::Token(t.clone())),
+                (None, Some(f), _) => Some(JoinCredential::Token(super::read_token(f)?)),
+                (None, None, Some(f)) => Some(JoinCredential::ServiceAccount {
+                    token_file: f.clone(),
+                    bundle_file: args.control_plane_bundle.clone().unwrap_or_default(),
+                    trust_domain: TrustDomain::new(
+                        args.trust_domain.as_deref().unwrap_or_default(),
+                    )
+                    .context("--trust-domain")?,
+                }),
+                (None, None, None) => None,
             };
             let node = args.node.clone().unwrap_or_default();
             ControlPlaneSigner::start(
                 addr,
                 &args.data_dir,
                 &node,
-                token.as_deref(),
+                credential.as_ref(),
                 shutdown.clone(),
             )
             .await?

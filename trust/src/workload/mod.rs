@@ -13,6 +13,6 @@ pub mod signer;
 pub use cache::SvidCache;
 pub use entries::{EntryFile, RegistrationEntry, Selector, load_entry_file};
 pub use k8s::{K8sAttestor, PodIndex, PodInfo};
-pub use remote::ControlPlaneSigner;
+pub use remote::{ControlPlaneSigner, JoinCredential};
 pub use server::{WorkloadApi, bind_socket, serve, serve_with_attestor};
 pub use signer::{LocalCaSigner, SvidSigner};

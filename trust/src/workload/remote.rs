@@ -32,15 +32,34 @@ pub enum RemoteError {
     #[error("agent credentials in {dir}: {reason}")]
     Credentials { dir: PathBuf, reason: String },
     #[error(
-        "this agent has not joined its control plane: pass --join-token-file with a token made for this node (fedmesh control-plane token create --node NAME --out FILE)"
+        "this agent has not joined its control plane: pass --join-token-file with a token made for this node (fedmesh control-plane token create --node NAME --out FILE), or on Kubernetes --service-account-token-file with --control-plane-bundle"
     )]
     NotJoined,
+}
+
+/// How an agent proves its node on its first start.
+pub enum JoinCredential {
+    /// A one-time token made for this node; its last field pins the control plane's CA.
+    Token(String),
+    /// Kubernetes: the agent pod's projected service-account token (audience `fedmesh`), read
+    /// from the file the kubelet keeps fresh; the control plane checks it with TokenReview and
+    /// the pod's node. The control plane is verified with the trust bundle it publishes (the
+    /// ConfigMap `fedmesh-ca-bundle`, key `bundle.spiffe`), mounted as `bundle_file`.
+    ServiceAccount {
+        token_file: PathBuf,
+        bundle_file: PathBuf,
+        trust_domain: TrustDomain,
+    },
 }
 
 pub struct ControlPlaneSigner {
     trust_domain: TrustDomain,
     client: IdentityClient<tonic::transport::Channel>,
     bundles: watch::Sender<Arc<BundleSet>>,
+    /// Where the agent's identity is kept, and the identity itself.
+    dir: PathBuf,
+    meta: AgentMeta,
+    ident: MeshIdentity,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -64,14 +83,14 @@ impl ControlPlaneSigner {
         addr: &str,
         dir: &Path,
         node: &str,
-        token: Option<&str>,
+        credential: Option<&JoinCredential>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, RemoteError> {
         let identity = match load(dir)? {
             Some(i) => i,
             None => {
-                let token = token.ok_or(RemoteError::NotJoined)?;
-                join(addr, dir, node, token).await?;
+                let credential = credential.ok_or(RemoteError::NotJoined)?;
+                join(addr, dir, node, credential).await?;
                 load(dir)?.ok_or(RemoteError::NotJoined)?
             }
         };
@@ -92,15 +111,15 @@ impl ControlPlaneSigner {
             trust_domain: td,
             client,
             bundles: watch::Sender::new(Arc::new(saved)),
+            dir: dir.to_path_buf(),
+            meta,
+            ident,
         });
         tokio::spawn(
             me.clone()
                 .follow_bundles(dir.to_path_buf(), shutdown.clone()),
         );
-        tokio::spawn(
-            me.clone()
-                .keep_identity(dir.to_path_buf(), meta, ident, shutdown),
-        );
+        tokio::spawn(me.clone().keep_identity(shutdown));
         Ok(me)
     }
 
@@ -187,15 +206,10 @@ impl ControlPlaneSigner {
     }
 
     /// Renews the agent's own identity at half its life.
-    async fn keep_identity(
-        self: Arc<Self>,
-        dir: PathBuf,
-        meta: AgentMeta,
-        ident: MeshIdentity,
-        shutdown: CancellationToken,
-    ) {
+    async fn keep_identity(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
-            let wait = ident
+            let wait = self
+                .ident
                 .svid()
                 .and_then(|s| {
                     s.not_after
@@ -209,39 +223,44 @@ impl ControlPlaneSigner {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
-            let Some(id) = ident.spiffe_id() else {
-                continue;
-            };
-            let result = async {
-                let (key, csr) = new_key_and_csr(&id).map_err(|e| e.to_string())?;
-                let resp = self
-                    .client
-                    .clone()
-                    .sign_x509_svid(pb::SignX509SvidRequest {
-                        spiffe_id: id.to_string(),
-                        csr,
-                        // The control plane decides a node identity's lifetime.
-                        ttl_seconds: 0,
-                    })
-                    .await
-                    .map_err(|s| s.message().to_string())?
-                    .into_inner();
-                let chain: Vec<CertificateDer<'static>> =
-                    resp.chain.into_iter().map(CertificateDer::from).collect();
-                save(&dir, &meta, &chain, &key.serialize_der(), None).map_err(|e| e.to_string())?;
-                ident
-                    .set_svid_parts(
-                        chain,
-                        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-                    )
-                    .map_err(|e| e.to_string())
-            }
-            .await;
-            match result {
-                Ok(()) => tracing::info!(%id, "renewed the agent identity"),
+            match self.renew_identity().await {
+                Ok(id) => tracing::info!(%id, "renewed the agent identity"),
                 Err(e) => tracing::warn!(error = %e, "cannot renew the agent identity; retrying"),
             }
         }
+    }
+
+    /// Renews the agent's own identity now (new key, same ID) and saves it; the control plane
+    /// refuses a node it no longer knows.
+    pub async fn renew_identity(&self) -> Result<SpiffeId, String> {
+        let id = self
+            .ident
+            .spiffe_id()
+            .ok_or("the agent holds no identity")?;
+        let (key, csr) = new_key_and_csr(&id).map_err(|e| e.to_string())?;
+        let resp = self
+            .client
+            .clone()
+            .sign_x509_svid(pb::SignX509SvidRequest {
+                spiffe_id: id.to_string(),
+                csr,
+                // The control plane decides a node identity's lifetime.
+                ttl_seconds: 0,
+            })
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        let chain: Vec<CertificateDer<'static>> =
+            resp.chain.into_iter().map(CertificateDer::from).collect();
+        save(&self.dir, &self.meta, &chain, &key.serialize_der(), None)
+            .map_err(|e| e.to_string())?;
+        self.ident
+            .set_svid_parts(
+                chain,
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(id)
     }
 }
 
@@ -305,21 +324,54 @@ impl SvidSigner for ControlPlaneSigner {
     }
 }
 
-async fn join(addr: &str, dir: &Path, node: &str, token: &str) -> Result<(), RemoteError> {
+async fn join(
+    addr: &str,
+    dir: &Path,
+    node: &str,
+    credential: &JoinCredential,
+) -> Result<(), RemoteError> {
     let fail = |reason: String| RemoteError::Join {
         addr: addr.to_string(),
         reason,
     };
-    // The token's last field pins the control plane's CA (see fedmesh-federation's tokens).
-    let pin = token
-        .trim()
-        .rsplit('.')
-        .next()
-        .filter(|p| p.len() == 64)
-        .ok_or_else(|| fail("the join token is malformed".into()))?;
-    let config =
-        crate::grpc::pinned_ca_client_config(pin, CONTROL_PLANE_PATH, vec![b"h2".to_vec()])
-            .map_err(fail)?;
+    let alpn = vec![b"h2".to_vec()];
+    let (config, token, service_account_token) = match credential {
+        JoinCredential::Token(token) => {
+            // The token's last field pins the control plane's CA (see fedmesh-federation's tokens).
+            let pin = token
+                .trim()
+                .rsplit('.')
+                .next()
+                .filter(|p| p.len() == 64)
+                .ok_or_else(|| fail("the join token is malformed".into()))?;
+            let config = crate::grpc::pinned_ca_client_config(pin, CONTROL_PLANE_PATH, alpn)
+                .map_err(fail)?;
+            (config, token.trim().to_string(), String::new())
+        }
+        JoinCredential::ServiceAccount {
+            token_file,
+            bundle_file,
+            trust_domain,
+        } => {
+            let read = |f: &Path| {
+                std::fs::read(f).map_err(|e| fail(format!("reading {}: {e}", f.display())))
+            };
+            let sat = String::from_utf8(read(token_file)?)
+                .map_err(|_| fail(format!("{} is not text", token_file.display())))?;
+            let bundle = SpiffeBundle::from_json(trust_domain.clone(), &read(bundle_file)?)
+                .map_err(|e| fail(format!("{}: {e}", bundle_file.display())))?;
+            let ident = MeshIdentity::new();
+            let mut set = BundleSet::new();
+            set.update(bundle);
+            ident.set_bundles(set);
+            let mut config = (*ident.anonymous_client_config(Authorizer::Ids(
+                control_plane_id(trust_domain).into_iter().collect(),
+            )))
+            .clone();
+            config.alpn_protocols = alpn;
+            (Arc::new(config), String::new(), sat.trim().to_string())
+        }
+    };
     let channel = crate::grpc::channel(addr, config, "control-plane.fedmesh").map_err(fail)?;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| fail(e.to_string()))?;
@@ -327,8 +379,9 @@ async fn join(addr: &str, dir: &Path, node: &str, token: &str) -> Result<(), Rem
     let resp = IdentityClient::new(channel)
         .join(pb::AgentJoinRequest {
             node: node.to_string(),
-            token: token.trim().to_string(),
+            token,
             csr,
+            service_account_token,
         })
         .await
         .map_err(|s| fail(format!("{} ({:?})", s.message(), s.code())))?
