@@ -19,7 +19,10 @@ Checks:
      binary's source (src/main.rs, src/cmd/*.rs);
   5. the kind configs: fields, distinct non-overlapping subnets, region/zone labels, and that the
      overlays and sample overlays agree with them;
-  6. the registration entries; the Dockerfile's context filter covers every workspace member.
+  6. the registration entries; the Dockerfile's context filter covers every workspace member;
+  7. node attestation: the agents join with a projected service-account token for audience
+     fedmesh (never a Secret token), verify the control plane with the bundle ConfigMap it
+     publishes, and the control plane's RBAC lets it review tokens and read pods and nodes.
 """
 
 import argparse
@@ -40,8 +43,12 @@ CLUSTERS = ["east", "west", "central"]
 RUNTIME_OBJECTS = {
     ("ConfigMap", "fedmesh-federation"),
     ("Secret", "fedmesh-join-token"),
-    ("Secret", "fedmesh-agent-token"),
 }
+# Written by the control plane itself once it runs (name, the source that writes it).
+CONTROL_PLANE_OBJECTS = {
+    ("ConfigMap", "fedmesh-ca-bundle"): "federation/src/control_plane/attest.rs",
+}
+AGENT_AUDIENCE = "fedmesh"
 # Containers allowed to run as root, and why (each still drops every capability it does not need).
 ROOT_CONTAINERS = {
     ("DaemonSet", "fedmesh-agent", "agent"): "owns the socket in the host's /run/fedmesh",
@@ -233,7 +240,7 @@ def check_workloads(where, objs):
 
 def check_references(where, objs):
     present = {(o["kind"], o["metadata"]["name"]) for o in objs}
-    present |= RUNTIME_OBJECTS
+    present |= RUNTIME_OBJECTS | set(CONTROL_PLANE_OBJECTS)
     present.add(("ServiceAccount", "default"))
     for obj in (o for o in objs if o.get("kind") in WORKLOAD_KINDS):
         pod = pod_spec(obj)
@@ -246,6 +253,11 @@ def check_references(where, objs):
                 refs.append(("Secret", v["secret"]["secretName"]))
             if "persistentVolumeClaim" in v:
                 refs.append(("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]))
+            for src in v.get("projected", {}).get("sources", []):
+                if "configMap" in src:
+                    refs.append(("ConfigMap", src["configMap"]["name"]))
+                if "secret" in src:
+                    refs.append(("Secret", src["secret"]["name"]))
         for c in pod.get("containers", []) + pod.get("initContainers", []):
             for e in c.get("env", []):
                 src = e.get("valueFrom", {})
@@ -260,6 +272,86 @@ def check_references(where, objs):
     for kind, name in RUNTIME_OBJECTS:
         if name not in up:
             fail("up.sh", f"does not create {kind} {name}, which the overlays expect")
+    for (kind, name), source in CONTROL_PLANE_OBJECTS.items():
+        if f'"{name}"' not in open(os.path.join(ROOT, source)).read():
+            fail(source, f"does not write {kind} {name}, which the overlays expect")
+
+
+# --- 7. node attestation --------------------------------------------------------------------------
+
+
+def flag_value(args, flag):
+    for a in args:
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def check_agent_join(where, objs):
+    """The agent joins with its pod's projected token (audience fedmesh), never a shared secret."""
+    agents = [o for o in objs if o.get("kind") == "DaemonSet" and o["metadata"]["name"] == "fedmesh-agent"]
+    if not agents:
+        fail(where, "no DaemonSet fedmesh-agent")
+        return
+    pod = pod_spec(agents[0])
+    if pod.get("automountServiceAccountToken") is False:
+        fail(where, "the agent needs its service account (pod watch)")
+    c = next((c for c in pod["containers"] if c["name"] == "agent"), None)
+    if c is None:
+        fail(where, "DaemonSet fedmesh-agent has no container agent")
+        return
+    args = c.get("args", [])
+    if any(a.startswith("--join-token") for a in args):
+        fail(where, "the agent must not join with a shared join token: use --service-account-token-file")
+    token = flag_value(args, "--service-account-token-file")
+    bundle = flag_value(args, "--control-plane-bundle")
+    if not token or not bundle or not flag_value(args, "--trust-domain"):
+        fail(where, "the agent needs --service-account-token-file, --control-plane-bundle and --trust-domain")
+        return
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+
+    def source_of(path):
+        for m in c.get("volumeMounts", []):
+            prefix = m["mountPath"].rstrip("/") + "/"
+            if path.startswith(prefix):
+                return volumes.get(m["name"]), path[len(prefix):]
+        return None, None
+
+    vol, rel_path = source_of(token)
+    sat = None
+    for src in (vol or {}).get("projected", {}).get("sources", []):
+        t = src.get("serviceAccountToken")
+        if t and t.get("path") == rel_path:
+            sat = t
+    if sat is None:
+        fail(where, f"{token} is not a projected serviceAccountToken")
+    else:
+        if sat.get("audience") != AGENT_AUDIENCE:
+            fail(where, f"the agent's token must be for audience {AGENT_AUDIENCE!r}, not {sat.get('audience')!r}")
+        if sat.get("expirationSeconds", 3600) > 3600:
+            fail(where, "the agent's token should live an hour at most")
+    vol, rel_path = source_of(bundle)
+    found = False
+    for src in (vol or {}).get("projected", {}).get("sources", []) + ([{"configMap": vol["configMap"]}] if vol and "configMap" in vol else []):
+        cm = src.get("configMap")
+        if cm and cm["name"] == "fedmesh-ca-bundle":
+            items = cm.get("items")
+            found = items is None or any(i["path"] == rel_path and i["key"] == "bundle.spiffe" for i in items)
+    if not found:
+        fail(where, f"{bundle} is not the key bundle.spiffe of the ConfigMap fedmesh-ca-bundle")
+
+    rules = [r for o in objs if o.get("kind") in ("ClusterRole", "Role")
+             and o["metadata"]["name"] == "fedmesh-control-plane" for r in o.get("rules", [])]
+
+    def allowed(group, resource, verb):
+        return any(group in r.get("apiGroups", []) and resource in r.get("resources", [])
+                   and verb in r.get("verbs", []) for r in rules)
+
+    for group, resource, verb in [("authentication.k8s.io", "tokenreviews", "create"),
+                                  ("", "pods", "get"), ("", "pods", "list"), ("", "pods", "watch"),
+                                  ("", "nodes", "get"), ("", "configmaps", "patch")]:
+        if not allowed(group, resource, verb):
+            fail(where, f"the control plane's RBAC does not allow {verb} {resource} ({group or 'core'})")
 
 
 # --- 4. fedmesh command lines ---------------------------------------------------------------------
@@ -513,6 +605,8 @@ def main():
         check_workloads(where, objs)
         if name in {f"overlays__{c}" for c in CLUSTERS} | {"overlays__hub", "overlays__hub-etcd", "overlays__east-loadbalancer"}:
             check_references(where, objs)
+        if name in {f"overlays__{c}" for c in CLUSTERS}:
+            check_agent_join(where, objs)
     check_kind(rendered)
     check_image_build()
 

@@ -154,19 +154,15 @@ for c in "${CLUSTERS[@]}"; do
   fi
   kc "$c" -n "$NS" rollout status deploy/fedmesh-control-plane --timeout="$TIMEOUT"
 
-  say "cluster $c: agent bootstrap token, agents, gateway"
-  agent_token=""
+  say "cluster $c: agents (joining with their pods' service-account tokens), gateway"
+  # The agents mount the trust bundle the control plane publishes; wait for it rather than for
+  # the kubelet's retry of a missing ConfigMap.
   for _ in $(seq 1 30); do
-    if agent_token=$(kc "$c" -n "$NS" exec deploy/fedmesh-control-plane -c control-plane -- \
-      cat /var/lib/fedmesh/control-plane/agent-token 2>/dev/null) && [ -n "$agent_token" ]; then
-      break
-    fi
+    kc "$c" -n "$NS" get configmap fedmesh-ca-bundle >/dev/null 2>&1 && break
     sleep 2
   done
-  [ -n "$agent_token" ] ||
-    die "$c: the control plane wrote no agent-token; see: kubectl --context kind-$c -n $NS logs deploy/fedmesh-control-plane"
-  apply_secret "$c" fedmesh-agent-token "$agent_token"
-  unset agent_token
+  kc "$c" -n "$NS" get configmap fedmesh-ca-bundle >/dev/null 2>&1 ||
+    die "$c: the control plane published no ConfigMap fedmesh-ca-bundle; see: kubectl --context kind-$c -n $NS logs deploy/fedmesh-control-plane"
   restart_unready "$c" fedmesh-agent
   kc "$c" -n "$NS" rollout status ds/fedmesh-agent --timeout="$TIMEOUT"
   restart_unready "$c" fedmesh-gateway

@@ -158,6 +158,14 @@ pub struct ControlPlaneArgs {
     /// Default workload SVID lifetime (when the CA is created).
     #[arg(long, value_parser = parse_duration, default_value = "1h")]
     svid_ttl: Duration,
+    /// The namespace of fedmesh's own components (gateways, agents; where the trust bundle for
+    /// agents is published on Kubernetes).
+    #[arg(long, default_value = "fedmesh-system")]
+    system_namespace: String,
+    /// Kubernetes: the service account (in --system-namespace) whose pods' projected tokens may
+    /// join as node agents.
+    #[arg(long, default_value = "fedmesh-agent")]
+    agent_service_account: String,
 }
 
 pub async fn run(cmd: ControlPlaneCmd) -> anyhow::Result<()> {
@@ -313,6 +321,8 @@ async fn serve(a: ControlPlaneArgs) -> anyhow::Result<()> {
     config.dns_listen = Some(a.dns_listen);
     config.clusterset_cidr = a.clusterset_cidr;
     config.svid_ttl = a.svid_ttl;
+    config.system_namespace = a.system_namespace;
+    config.agent_service_account = a.agent_service_account;
     let shutdown = CancellationToken::new();
     let cp = ControlPlane::start(config, shutdown.clone()).await?;
     eprintln!(
