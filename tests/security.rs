@@ -164,3 +164,278 @@ fn a_stream_flood_without_a_certificate_is_bounded_on_the_control_plane_and_the_
         },
     );
 }
+
+/// Every `-----BEGIN ... PRIVATE KEY-----` body line (base64, long enough to be unique) in the
+/// files under `dir`.
+fn private_key_lines(dir: &std::path::Path, out: &mut Vec<(String, String)>) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            private_key_lines(&path, out);
+        } else if let Ok(text) = std::fs::read_to_string(&path)
+            && text.contains("PRIVATE KEY-----")
+        {
+            for line in text
+                .lines()
+                .filter(|l| l.len() >= 40 && !l.starts_with("-----"))
+            {
+                out.push((path.display().to_string(), line.to_string()));
+            }
+        }
+    }
+}
+
+/// Writes `secret` to a 0600 file, as a user keeps a token.
+fn secret_file(path: &std::path::Path, secret: &str) -> String {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, secret.as_bytes()).unwrap();
+    path.display().to_string()
+}
+
+/// No secret a run makes — the hub's admin token, a cluster's join token, node join tokens, the
+/// private keys of the CA, the hub credentials and the agents — appears in any log line (fedmesh's
+/// crates at debug level) or error message, also when a token is refused: wrong, reused, altered.
+#[test]
+fn no_token_or_private_key_appears_in_any_log_or_error_message() {
+    // SAFETY: set before any thread is started; nextest runs this test in its own process.
+    unsafe {
+        std::env::set_var(
+            "FEDMESH_TEST_LOG",
+            "info,fedmesh=debug,fedmesh_federation=debug,fedmesh_trust=debug",
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let hub = start_hub(d);
+    let cp_port = free_port();
+    let mut cp = start_cp_on(d, &hub, "east", cp_port);
+    let cp_data = d.join("east-data");
+    wait_until(
+        "the control plane's admin socket",
+        Duration::from_secs(30),
+        || cp_data.join("admin.sock").exists(),
+    );
+    let mut errors = Vec::new();
+    let mut run_err = |what: &str, args: &[&str]| {
+        let out = fedmesh(args);
+        assert!(!out.status.success(), "{what} succeeded");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        errors.push((what.to_string(), text));
+    };
+
+    // The hub's admin API with a wrong token.
+    let wrong_admin = secret_file(
+        &d.join("wrong-admin"),
+        "fmadmin-this-is-not-the-admin-token-0123456789",
+    );
+    run_err(
+        "status with a wrong admin token",
+        &[
+            "status",
+            "--admin",
+            &hub.admin,
+            "--admin-token-file",
+            &wrong_admin,
+        ],
+    );
+
+    // A cluster join token used a second time.
+    let mut again = Proc::start(
+        "east-again",
+        &[
+            "control-plane",
+            "--cluster",
+            "east",
+            "--trust-domain",
+            "east.example",
+            "--data-dir",
+            d.join("east-again-data").to_str().unwrap(),
+            "--source",
+            &format!("dir:{}", d.join("east-src").display()),
+            "--hub",
+            &hub.grpc,
+            "--join-token-file",
+            d.join("east.token").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--dns-listen",
+            "127.0.0.1:0",
+        ],
+        d,
+    );
+    assert!(
+        again
+            .wait_exit(Duration::from_secs(30))
+            .is_some_and(|s| !s.success()),
+        "a reused join token is refused: {}",
+        again.log()
+    );
+
+    // A node token: one agent joins with it; a second with the same token, and a third with its
+    // secret altered, are refused.
+    let data = cp_data.to_str().unwrap();
+    let out = fedmesh(&[
+        "control-plane",
+        "token",
+        "create",
+        "--node",
+        "node-1",
+        "--data-dir",
+        data,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let node_token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let parts: Vec<&str> = node_token.split('.').collect();
+    assert_eq!(parts.len(), 4, "fmj1.ID.SECRET.PIN: {node_token}");
+    let altered = format!(
+        "{}.{}.{}.{}",
+        parts[0],
+        parts[1],
+        parts[2].chars().rev().collect::<String>(),
+        parts[3]
+    );
+    let out = fedmesh(&[
+        "control-plane",
+        "entry",
+        "create",
+        "--node",
+        "node-1",
+        "--spiffe-id",
+        "spiffe://east.example/ns/shop/sa/web",
+        "--data-dir",
+        data,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entries = d.join("entries.yaml");
+    std::fs::write(
+        &entries,
+        format!(
+            "entries:\n  - spiffe_id: spiffe://east.example/ns/shop/sa/web\n    selectors: [\"unix:uid:{}\"]\n",
+            uid()
+        ),
+    )
+    .unwrap();
+    let cp_addr = format!("127.0.0.1:{cp_port}");
+    let agent = |name: &str, token: &str| {
+        let token_file = secret_file(&d.join(format!("{name}.token")), token);
+        Proc::start(
+            name,
+            &[
+                "agent",
+                "--control-plane",
+                &cp_addr,
+                "--node",
+                "node-1",
+                "--join-token-file",
+                &token_file,
+                "--data-dir",
+                d.join(name).to_str().unwrap(),
+                "--socket",
+                d.join(format!("{name}.sock")).to_str().unwrap(),
+                "--entries",
+                entries.to_str().unwrap(),
+            ],
+            d,
+        )
+    };
+    let mut joined = agent("agent-1", &node_token);
+    wait_until("agent-1's Workload API", Duration::from_secs(30), || {
+        d.join("agent-1.sock").exists()
+    });
+    for (name, token, why) in [
+        ("agent-reused", node_token.as_str(), "already used"),
+        ("agent-altered", altered.as_str(), "join token"),
+    ] {
+        let mut a = agent(name, token);
+        assert!(
+            a.wait_exit(Duration::from_secs(30))
+                .is_some_and(|s| !s.success()),
+            "{name} is refused: {}",
+            a.log()
+        );
+        assert!(a.log().contains(why), "{name}: {}", a.log());
+    }
+    joined.terminate(Duration::from_secs(10));
+    cp.terminate(Duration::from_secs(10));
+    drop(hub);
+
+    let admin_token = std::fs::read_to_string(d.join("hub").join("admin-token")).unwrap();
+    let join_token = std::fs::read_to_string(d.join("east.token")).unwrap();
+    let mut secrets: Vec<(String, String)> = vec![
+        ("the hub's admin token".into(), admin_token.trim().into()),
+        (
+            "the wrong admin token".into(),
+            "fmadmin-this-is-not-the-admin-token-0123456789".into(),
+        ),
+    ];
+    for (name, token) in [
+        ("east's join token", join_token.trim()),
+        ("node-1's join token", node_token.as_str()),
+        ("the altered node token", altered.as_str()),
+    ] {
+        secrets.push((name.to_string(), token.to_string()));
+        // The secret part alone (the ID and the CA pin are not secret).
+        secrets.push((
+            format!("the secret of {name}"),
+            token.split('.').nth(2).unwrap().to_string(),
+        ));
+    }
+    let mut keys = Vec::new();
+    private_key_lines(d, &mut keys);
+    let key_files: std::collections::BTreeSet<&str> =
+        keys.iter().map(|(f, _)| f.as_str()).collect();
+    assert!(
+        key_files.iter().any(|f| f.contains("agent-1"))
+            && key_files.iter().any(|f| f.contains("/ca")),
+        "the CA's and the agent's keys were found: {key_files:?}"
+    );
+    for (file, line) in keys {
+        secrets.push((format!("a private key line of {file}"), line));
+    }
+
+    let mut texts: Vec<(String, String)> = errors;
+    for entry in std::fs::read_dir(d).unwrap().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            texts.push((
+                path.display().to_string(),
+                std::fs::read_to_string(&path).unwrap(),
+            ));
+        }
+    }
+    // The refusals were logged where an operator looks, so the check below covers them.
+    let all: String = texts.iter().map(|(_, t)| t.as_str()).collect();
+    for logged in [
+        "refused an agent's join: join token",
+        "was already used",
+        "join token is invalid",
+        "agent joined",
+        "joined the hub",
+    ] {
+        assert!(all.contains(logged), "no log says {logged:?}");
+    }
+    for (what, secret) in &secrets {
+        for (name, text) in &texts {
+            assert!(!text.contains(secret.as_str()), "{what} appears in {name}");
+        }
+    }
+}

@@ -35,10 +35,13 @@ impl Proc {
     pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)], log_dir: &Path) -> Self {
         let stderr_path = log_dir.join(format!("{name}.log"));
         let log = std::fs::File::create(&stderr_path).unwrap();
+        // FEDMESH_TEST_LOG raises the level for a test that reads every line (set it at the
+        // test's start: nextest runs each test in its own process).
+        let level = std::env::var("FEDMESH_TEST_LOG").unwrap_or_else(|_| "info".into());
         let child = Command::new(fedmesh_bin())
             .args(args)
+            .env("RUST_LOG", level)
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
