@@ -321,3 +321,237 @@ fn a_control_plane_without_a_join_token_says_how_to_get_one() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("dir:PATH or kubernetes"));
 }
+
+/// `fedmesh ARGS` with the hub's admin API and an admin token from `token_file`; (ok, stdout,
+/// stderr).
+fn as_token(hub: &Hub, token_file: &Path, args: &[&str]) -> (bool, String, String) {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend([
+        "--admin",
+        hub.admin.as_str(),
+        "--admin-token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    let out = fedmesh(&all);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Named admin tokens with roles: a read-only token reads status but changes nothing and sees no
+/// tokens; an admin token creates, lists and revokes join tokens; a revoked token stops working;
+/// the audit log names the token behind each change; a revoked join token cannot join.
+#[test]
+fn admin_tokens_have_names_and_roles_and_tokens_can_be_listed_and_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let hub = start_hub(d);
+    let root = hub.token_file.clone();
+
+    let reader = d.join("reader.token");
+    let (ok, _, err) = as_token(
+        &hub,
+        &root,
+        &[
+            "hub",
+            "admin-token",
+            "create",
+            "--name",
+            "ci-readonly",
+            "--role",
+            "read-only",
+            "--out",
+            reader.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("wrote admin token ci-readonly (read-only)"),
+        "{err}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&reader).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (ok, ops_token, err) = as_token(
+        &hub,
+        &root,
+        &[
+            "hub",
+            "admin-token",
+            "create",
+            "--name",
+            "ops",
+            "--role",
+            "admin",
+        ],
+    );
+    assert!(ok && ops_token.trim().starts_with("fma1.ops."), "{err}");
+    let ops = d.join("ops.token");
+    write_secret(&ops, ops_token.trim());
+    let (ok, _, err) = as_token(
+        &hub,
+        &root,
+        &[
+            "hub",
+            "admin-token",
+            "create",
+            "--name",
+            "ops",
+            "--role",
+            "read-only",
+        ],
+    );
+    assert!(
+        !ok && err.contains("an admin token named ops exists"),
+        "{err}"
+    );
+
+    // Read-only: reads, never changes, never lists tokens.
+    let (ok, _, err) = as_token(&hub, &reader, &["status"]);
+    assert!(ok, "a read-only token reads status: {err}");
+    let (ok, _, err) = as_token(
+        &hub,
+        &reader,
+        &[
+            "hub",
+            "token",
+            "create",
+            "--cluster",
+            "east",
+            "--trust-domain",
+            "east.example",
+        ],
+    );
+    assert!(
+        !ok && err.contains("admin token ci-readonly is read-only"),
+        "{err}"
+    );
+    let (ok, _, err) = as_token(&hub, &reader, &["hub", "token", "list"]);
+    assert!(!ok && err.contains("is read-only"), "{err}");
+
+    // Admin: creates a join token, lists it, revokes it; the revoked token cannot join.
+    let (ok, join_token, err) = as_token(
+        &hub,
+        &ops,
+        &[
+            "hub",
+            "token",
+            "create",
+            "--cluster",
+            "east",
+            "--trust-domain",
+            "east.example",
+        ],
+    );
+    assert!(ok, "{err}");
+    let join_token = join_token.trim().to_string();
+    let id = join_token.split('.').nth(1).unwrap().to_string();
+    let (ok, list, err) = as_token(&hub, &ops, &["hub", "token", "list"]);
+    assert!(ok, "{err}");
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with(&format!("{id}\teast\teast.example\t"))
+                && l.ends_with("\tunused")),
+        "{list}"
+    );
+    assert!(
+        !list.contains(join_token.split('.').nth(2).unwrap()),
+        "no secret listed: {list}"
+    );
+    let (ok, out, err) = as_token(&hub, &ops, &["hub", "token", "revoke", &id]);
+    assert!(
+        ok && out.contains(&format!("revoked join token {id}")),
+        "{err}"
+    );
+    let (ok, _, err) = as_token(&hub, &ops, &["hub", "token", "revoke", &id]);
+    assert!(
+        !ok && err.contains(&format!("no join token has ID {id}")),
+        "{err}"
+    );
+    let token_file = d.join("east.token");
+    write_secret(&token_file, &join_token);
+    std::fs::create_dir_all(d.join("east-src")).unwrap();
+    let mut cp = Proc::start(
+        "east",
+        &[
+            "control-plane",
+            "--cluster",
+            "east",
+            "--trust-domain",
+            "east.example",
+            "--data-dir",
+            d.join("east-data").to_str().unwrap(),
+            "--source",
+            &format!("dir:{}", d.join("east-src").display()),
+            "--hub",
+            &hub.grpc,
+            "--join-token-file",
+            token_file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--dns-listen",
+            "127.0.0.1:0",
+        ],
+        d,
+    );
+    assert!(
+        cp.wait_exit(Duration::from_secs(30))
+            .is_some_and(|s| !s.success()),
+        "a revoked join token does not join: {}",
+        cp.log()
+    );
+    assert!(
+        cp.log().contains(&format!("join token {id} is unknown")),
+        "{}",
+        cp.log()
+    );
+
+    let (ok, list, err) = as_token(&hub, &ops, &["hub", "admin-token", "list"]);
+    assert!(ok, "{err}");
+    assert!(list.contains("ci-readonly\tread-only\t"), "{list}");
+    assert!(list.contains("ops\tadmin\t"), "{list}");
+
+    // The audit log names the token that made each change.
+    let root_token = std::fs::read_to_string(&root).unwrap();
+    let (code, audit) = http_get(&hub.admin, "/api/v1/audit", Some(root_token.trim()));
+    assert_eq!(code, 200, "{audit}");
+    let audit: serde_json::Value = serde_json::from_str(&audit).unwrap();
+    let by = |action: &str| -> Vec<String> {
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["action"] == action)
+            .map(|r| {
+                format!(
+                    "{} {}",
+                    r["actor"].as_str().unwrap(),
+                    r["target"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        by("admin-token.create"),
+        vec!["admin token ops", "admin token ci-readonly"]
+    );
+    assert_eq!(by("token.create"), vec!["admin token ops east"]);
+    assert_eq!(by("token.revoke"), vec![format!("admin token ops {id}")]);
+
+    // Revoked: the next request with it is refused.
+    let (ok, out, err) = as_token(
+        &hub,
+        &root,
+        &["hub", "admin-token", "revoke", "ci-readonly"],
+    );
+    assert!(
+        ok && out.contains("revoked admin token ci-readonly"),
+        "{err}"
+    );
+    let (ok, _, err) = as_token(&hub, &reader, &["status"]);
+    assert!(!ok && err.contains("the admin token is wrong"), "{err}");
+}

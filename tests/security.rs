@@ -185,17 +185,9 @@ fn private_key_lines(dir: &std::path::Path, out: &mut Vec<(String, String)>) {
     }
 }
 
-/// Writes `secret` to a 0600 file, as a user keeps a token.
+/// `secret` in a 0600 file at `path`; the path.
 fn secret_file(path: &std::path::Path, secret: &str) -> String {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap();
-    std::io::Write::write_all(&mut f, secret.as_bytes()).unwrap();
+    write_secret(path, secret);
     path.display().to_string()
 }
 

@@ -97,7 +97,7 @@ impl std::fmt::Display for JoinToken {
     }
 }
 
-fn random<const N: usize>() -> [u8; N] {
+pub(crate) fn random<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     // Failure of the OS RNG is not recoverable in a security context; refuse to make a token.
     SystemRandom::new().fill(&mut b).unwrap_or_else(|_| {

@@ -29,6 +29,38 @@ enum HubCommand {
     /// Manage join tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Manage named admin tokens with a role (read-only or admin).
+    #[command(subcommand)]
+    AdminToken(AdminTokenCommand),
+}
+
+#[derive(Subcommand)]
+enum AdminTokenCommand {
+    /// Create a named admin token (printed once on stdout, or written to --out with mode 0600).
+    Create {
+        #[arg(long)]
+        name: String,
+        /// read-only: status, services, explain, traces, the audit log; admin: also changes.
+        #[arg(long, value_parser = ["read-only", "admin"])]
+        role: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List the named admin tokens (never their secrets).
+    List {
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Revoke a named admin token: the next request with it is refused.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -44,6 +76,19 @@ enum TokenCommand {
         /// Lifetime (default: the hub's --token-ttl).
         #[arg(long)]
         ttl: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List join tokens: ID, cluster, trust domain, expiry and state (never their secrets).
+    List {
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Revoke a join token by its ID (the hex after `fmj1.`): it can no longer join.
+    Revoke {
+        id: String,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -266,8 +311,79 @@ pub async fn run(args: HubArgs) -> anyhow::Result<()> {
             println!("{}", t.token);
             Ok(())
         }
+        Some(HubCommand::Token(TokenCommand::List { output, admin })) => {
+            let tokens = admin.client()?.join_tokens().await?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&tokens)?);
+            } else {
+                println!("ID\tCLUSTER\tTRUST DOMAIN\tEXPIRES\tSTATE");
+                for t in tokens {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        t.id, t.cluster, t.trust_domain, t.expires, t.state
+                    );
+                }
+            }
+            Ok(())
+        }
+        Some(HubCommand::Token(TokenCommand::Revoke { id, admin })) => {
+            admin.client()?.revoke_join_token(&id).await?;
+            println!("revoked join token {id}");
+            Ok(())
+        }
+        Some(HubCommand::AdminToken(c)) => admin_token_command(c).await,
         None => serve(args.run).await,
     }
+}
+
+async fn admin_token_command(c: AdminTokenCommand) -> anyhow::Result<()> {
+    use hub::access::Role;
+    match c {
+        AdminTokenCommand::Create {
+            name,
+            role,
+            out,
+            admin,
+        } => {
+            let role = if role == "admin" {
+                Role::Admin
+            } else {
+                Role::ReadOnly
+            };
+            let t = admin.client()?.create_admin_token(&name, role).await?;
+            match out {
+                Some(path) => {
+                    fedmesh_trust::files::write_private(&path, t.token.as_bytes())?;
+                    eprintln!(
+                        "wrote admin token {} ({}) to {}",
+                        t.name,
+                        t.role,
+                        path.display()
+                    );
+                }
+                None => {
+                    eprintln!("admin token {} ({}), shown once:", t.name, t.role);
+                    println!("{}", t.token);
+                }
+            }
+        }
+        AdminTokenCommand::List { output, admin } => {
+            let tokens = admin.client()?.admin_tokens().await?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&tokens)?);
+            } else {
+                println!("NAME\tROLE\tCREATED\tCREATED BY");
+                for t in tokens {
+                    println!("{}\t{}\t{}\t{}", t.name, t.role, t.created, t.created_by);
+                }
+            }
+        }
+        AdminTokenCommand::Revoke { name, admin } => {
+            admin.client()?.revoke_admin_token(&name).await?;
+            println!("revoked admin token {name}");
+        }
+    }
+    Ok(())
 }
 
 async fn serve(a: RunArgs) -> anyhow::Result<()> {

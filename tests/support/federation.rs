@@ -82,17 +82,7 @@ pub fn start_cp_on(dir: &Path, hub: &Hub, name: &str, listen: u16) -> Proc {
     assert!(token.starts_with("fmj1."), "{token}");
     // As the README does: the token in a 0600 file, never on a command line.
     let token_file = dir.join(format!("{name}.token"));
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&token_file)
-            .unwrap();
-        std::io::Write::write_all(&mut f, token.as_bytes()).unwrap();
-    }
+    write_secret(&token_file, &token);
     let src = dir.join(format!("{name}-src"));
     std::fs::create_dir_all(&src).unwrap();
     Proc::start(

@@ -9,6 +9,19 @@ pub fn fedmesh_bin() -> &'static str {
     env!("CARGO_BIN_EXE_fedmesh")
 }
 
+/// Keeps a secret as a user does: in a file only its owner can read (0600).
+pub fn write_secret(path: &Path, secret: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, secret.as_bytes()).unwrap();
+}
+
 /// Runs `fedmesh ARGS` to completion.
 pub fn fedmesh(args: &[&str]) -> Output {
     Command::new(fedmesh_bin())

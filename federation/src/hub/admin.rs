@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
 use super::Hub;
+use super::access::Role;
 use super::audit::{Actor, AuditQuery, AuditRecord};
 pub use super::explain::{ExplainStep, Explanation, explain_route};
 use super::records::now_ms;
@@ -152,8 +153,8 @@ pub struct ErrorBody {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "fedmesh hub admin API", version = "v1", description = "Clusters, exported services, bundles, join tokens, the audit log and recent traces of a fedmesh clusterset."),
-    paths(list_clusters, remove_cluster, cluster_imports, withdraw_export, list_services, list_bundles, super::explain::explain, create_token, audit_log, super::traces::api::list_traces, super::traces::api::get_trace, super::traces::api::get_skew, super::traces::api::get_graph),
-    components(schemas(ClusterStatus, ServiceStatus, ExporterStatus, PortStatus, ConflictStatus, BundleStatus, Explanation, ExplainStep, TokenRequest, TokenResponse, ErrorBody, AuditRecord, super::traces::SpanView, super::traces::TraceSummary, super::traces::skew::ClockSkew, super::traces::skew::ClusterOffset, super::traces::graph::Graph, super::traces::graph::GraphNode, super::traces::graph::GraphEdge)),
+    paths(list_clusters, remove_cluster, cluster_imports, withdraw_export, list_services, list_bundles, super::explain::explain, create_token, super::access::list_join_tokens, super::access::revoke_join_token, super::access::create_admin_token, super::access::list_admin_tokens, super::access::revoke_admin_token, audit_log, super::traces::api::list_traces, super::traces::api::get_trace, super::traces::api::get_skew, super::traces::api::get_graph),
+    components(schemas(ClusterStatus, ServiceStatus, ExporterStatus, PortStatus, ConflictStatus, BundleStatus, Explanation, ExplainStep, TokenRequest, TokenResponse, super::access::Role, super::access::AdminTokenRequest, super::access::AdminTokenResponse, super::access::AdminTokenView, super::access::JoinTokenView, super::access::Revoked, ErrorBody, AuditRecord, super::traces::SpanView, super::traces::TraceSummary, super::traces::skew::ClockSkew, super::traces::skew::ClusterOffset, super::traces::graph::Graph, super::traces::graph::GraphNode, super::traces::graph::GraphEdge)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -186,7 +187,19 @@ pub fn router(state: AdminState) -> Router {
         .route("/services", get(list_services))
         .route("/bundles", get(list_bundles))
         .route("/explain", get(super::explain::explain))
-        .route("/tokens", post(create_token))
+        .route(
+            "/tokens",
+            post(create_token).get(super::access::list_join_tokens),
+        )
+        .route("/tokens/{id}", delete(super::access::revoke_join_token))
+        .route(
+            "/admin-tokens",
+            post(super::access::create_admin_token).get(super::access::list_admin_tokens),
+        )
+        .route(
+            "/admin-tokens/{name}",
+            delete(super::access::revoke_admin_token),
+        )
         .route("/audit", get(audit_log))
         .route("/traces", get(super::traces::api::list_traces))
         .route("/traces/{id}", get(super::traces::api::get_trace))
@@ -228,23 +241,52 @@ async fn authorize(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(t) if constant_time_eq(t.as_bytes(), s.token.as_bytes()) => {
-            req.extensions_mut().insert(Actor("admin token".into()));
-            next.run(req).await
-        }
-        Some(_) => {
-            s.hub.metrics.refuse("admin_token");
-            error(StatusCode::UNAUTHORIZED, "the admin token is wrong")
-        }
-        None => error(
+    let Some(t) = presented else {
+        return error(
             StatusCode::UNAUTHORIZED,
             "missing `Authorization: Bearer <admin token>` (the hub wrote it to <data-dir>/admin-token)",
-        ),
+        );
+    };
+    let (actor, role) = if constant_time_eq(t.as_bytes(), s.token.as_bytes()) {
+        ("admin token".to_string(), Role::Admin)
+    } else {
+        match super::access::authenticate(s.hub.store().as_ref(), t).await {
+            Some((name, role)) => (format!("admin token {name}"), role),
+            None => {
+                s.hub.metrics.refuse("admin_token");
+                return error(StatusCode::UNAUTHORIZED, "the admin token is wrong");
+            }
+        }
+    };
+    if role == Role::ReadOnly && !read_only_may(req.method(), req.uri().path()) {
+        s.hub.metrics.refuse("read_only_token");
+        // The path as sent (this router is nested under /api/v1).
+        let path = req
+            .extensions()
+            .get::<axum::extract::OriginalUri>()
+            .map_or_else(|| req.uri().path().to_string(), |u| u.path().to_string());
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{actor} is read-only: it may read status, services, explain, traces and the audit log, not {} {path}; use an admin token",
+                req.method(),
+            ),
+        );
     }
+    req.extensions_mut().insert(Actor(actor));
+    next.run(req).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// A read-only token reads, and never lists tokens.
+fn read_only_may(method: &axum::http::Method, path: &str) -> bool {
+    let reads = method == axum::http::Method::GET || method == axum::http::Method::HEAD;
+    let tokens = ["/tokens", "/admin-tokens"]
+        .iter()
+        .any(|p| path.ends_with(p) || path.contains(&format!("{p}/")));
+    reads && !tokens
+}
+
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -26,9 +26,11 @@ pub struct AuditRecord {
     /// When, RFC 3339 (UTC).
     pub at: String,
     pub unix_ms: i64,
-    /// Who: `admin token`, `admin spiffe://...` (a client certificate), `cluster NAME`.
+    /// Who: `admin token` (the bootstrap token), `admin token NAME`, `admin spiffe://...` (a
+    /// client certificate), `cluster NAME`.
     pub actor: String,
-    /// `token.create`, `cluster.join`, `cluster.remove`, `export.withdraw`.
+    /// `token.create`, `token.revoke`, `admin-token.create`, `admin-token.revoke`,
+    /// `cluster.join`, `cluster.remove`, `export.withdraw`.
     pub action: String,
     /// What it acted on: a cluster, `cluster/namespace/service`.
     pub target: String,

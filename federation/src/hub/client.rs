@@ -9,6 +9,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
+use super::access::{
+    AdminTokenRequest, AdminTokenResponse, AdminTokenView, JoinTokenView, Revoked, Role,
+};
 use super::admin::{
     ClusterStatus, ErrorBody, Explanation, ServiceStatus, TokenRequest, TokenResponse,
 };
@@ -193,6 +196,39 @@ impl AdminClient {
         })
         .map_err(|e| ClientError::Body(e.to_string()))?;
         self.call(Method::POST, "/api/v1/tokens", Some(body)).await
+    }
+
+    /// Join tokens (never their secrets).
+    pub async fn join_tokens(&self) -> Result<Vec<JoinTokenView>, ClientError> {
+        self.call(Method::GET, "/api/v1/tokens", None).await
+    }
+
+    pub async fn revoke_join_token(&self, id: &str) -> Result<Revoked, ClientError> {
+        let path = format!("/api/v1/tokens/{}", urlencode(id));
+        self.call(Method::DELETE, &path, None).await
+    }
+
+    pub async fn create_admin_token(
+        &self,
+        name: &str,
+        role: Role,
+    ) -> Result<AdminTokenResponse, ClientError> {
+        let body = serde_json::to_vec(&AdminTokenRequest {
+            name: name.to_string(),
+            role,
+        })
+        .map_err(|e| ClientError::Body(e.to_string()))?;
+        self.call(Method::POST, "/api/v1/admin-tokens", Some(body))
+            .await
+    }
+
+    pub async fn admin_tokens(&self) -> Result<Vec<AdminTokenView>, ClientError> {
+        self.call(Method::GET, "/api/v1/admin-tokens", None).await
+    }
+
+    pub async fn revoke_admin_token(&self, name: &str) -> Result<Revoked, ClientError> {
+        let path = format!("/api/v1/admin-tokens/{}", urlencode(name));
+        self.call(Method::DELETE, &path, None).await
     }
 }
 

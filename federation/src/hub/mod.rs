@@ -6,6 +6,7 @@
 //! view version is the store revision, so a control plane can fail over between replicas and
 //! resume where it was.
 
+pub mod access;
 pub mod admin;
 pub mod audit;
 pub mod client;
