@@ -474,30 +474,9 @@ fn admin_tokens_have_names_and_roles_and_tokens_can_be_listed_and_revoked() {
     );
     let token_file = d.join("east.token");
     write_secret(&token_file, &join_token);
-    std::fs::create_dir_all(d.join("east-src")).unwrap();
-    let mut cp = Proc::start(
-        "east",
-        &[
-            "control-plane",
-            "--cluster",
-            "east",
-            "--trust-domain",
-            "east.example",
-            "--data-dir",
-            d.join("east-data").to_str().unwrap(),
-            "--source",
-            &format!("dir:{}", d.join("east-src").display()),
-            "--hub",
-            &hub.grpc,
-            "--join-token-file",
-            token_file.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--dns-listen",
-            "127.0.0.1:0",
-        ],
-        d,
-    );
+    let args = cp_args(d, &hub, "east", "east-data", &token_file, free_port());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cp = Proc::start("east", &args, d);
     assert!(
         cp.wait_exit(Duration::from_secs(30))
             .is_some_and(|s| !s.success()),

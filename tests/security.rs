@@ -243,29 +243,16 @@ fn no_token_or_private_key_appears_in_any_log_or_error_message() {
     );
 
     // A cluster join token used a second time.
-    let mut again = Proc::start(
-        "east-again",
-        &[
-            "control-plane",
-            "--cluster",
-            "east",
-            "--trust-domain",
-            "east.example",
-            "--data-dir",
-            d.join("east-again-data").to_str().unwrap(),
-            "--source",
-            &format!("dir:{}", d.join("east-src").display()),
-            "--hub",
-            &hub.grpc,
-            "--join-token-file",
-            d.join("east.token").to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--dns-listen",
-            "127.0.0.1:0",
-        ],
+    let args = cp_args(
         d,
+        &hub,
+        "east",
+        "east-again-data",
+        &d.join("east.token"),
+        free_port(),
     );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut again = Proc::start("east-again", &args, d);
     assert!(
         again
             .wait_exit(Duration::from_secs(30))

@@ -49,12 +49,7 @@ enum AdminTokenCommand {
         admin: AdminArgs,
     },
     /// List the named admin tokens (never their secrets).
-    List {
-        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
-        output: String,
-        #[command(flatten)]
-        admin: AdminArgs,
-    },
+    List(ListArgs),
     /// Revoke a named admin token: the next request with it is refused.
     Revoke {
         name: String,
@@ -80,18 +75,22 @@ enum TokenCommand {
         admin: AdminArgs,
     },
     /// List join tokens: ID, cluster, trust domain, expiry and state (never their secrets).
-    List {
-        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
-        output: String,
-        #[command(flatten)]
-        admin: AdminArgs,
-    },
+    List(ListArgs),
     /// Revoke a join token by its ID (the hex after `fmj1.`): it can no longer join.
     Revoke {
         id: String,
         #[command(flatten)]
         admin: AdminArgs,
     },
+}
+
+#[derive(Args)]
+struct ListArgs {
+    /// table (tab-separated, for awk) or json.
+    #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+    output: String,
+    #[command(flatten)]
+    admin: AdminArgs,
 }
 
 /// How to reach the hub's admin API.
@@ -311,7 +310,7 @@ pub async fn run(args: HubArgs) -> anyhow::Result<()> {
             println!("{}", t.token);
             Ok(())
         }
-        Some(HubCommand::Token(TokenCommand::List { output, admin })) => {
+        Some(HubCommand::Token(TokenCommand::List(ListArgs { output, admin }))) => {
             let tokens = admin.client()?.join_tokens().await?;
             if output == "json" {
                 println!("{}", serde_json::to_string_pretty(&tokens)?);
@@ -367,7 +366,7 @@ async fn admin_token_command(c: AdminTokenCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        AdminTokenCommand::List { output, admin } => {
+        AdminTokenCommand::List(ListArgs { output, admin }) => {
             let tokens = admin.client()?.admin_tokens().await?;
             if output == "json" {
                 println!("{}", serde_json::to_string_pretty(&tokens)?);

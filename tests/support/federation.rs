@@ -83,33 +83,46 @@ pub fn start_cp_on(dir: &Path, hub: &Hub, name: &str, listen: u16) -> Proc {
     // As the README does: the token in a 0600 file, never on a command line.
     let token_file = dir.join(format!("{name}.token"));
     write_secret(&token_file, &token);
+    let args = cp_args(dir, hub, name, &format!("{name}-data"), &token_file, listen);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::start(name, &args, dir)
+}
+
+/// The flags of a control plane of cluster `name` (trust domain `<name>.example`, sources in
+/// `<dir>/<name>-src`, data in `<dir>/<data>`) joining `hub` with the token in `token_file`.
+pub fn cp_args(
+    dir: &Path,
+    hub: &Hub,
+    name: &str,
+    data: &str,
+    token_file: &Path,
+    listen: u16,
+) -> Vec<String> {
     let src = dir.join(format!("{name}-src"));
     std::fs::create_dir_all(&src).unwrap();
-    Proc::start(
+    [
+        "control-plane",
+        "--cluster",
         name,
-        &[
-            "control-plane",
-            "--cluster",
-            name,
-            "--trust-domain",
-            &format!("{name}.example"),
-            "--region",
-            &format!("{name}-1"),
-            "--data-dir",
-            dir.join(format!("{name}-data")).to_str().unwrap(),
-            "--source",
-            &format!("dir:{}", src.display()),
-            "--hub",
-            &hub.grpc,
-            "--join-token-file",
-            token_file.to_str().unwrap(),
-            "--gateway",
-            &format!("127.0.0.1:{}", free_port()),
-            "--listen",
-            &format!("127.0.0.1:{listen}"),
-            "--dns-listen",
-            &format!("127.0.0.1:{}", free_port()),
-        ],
-        dir,
-    )
+        "--trust-domain",
+        &format!("{name}.example"),
+        "--region",
+        &format!("{name}-1"),
+        "--data-dir",
+        dir.join(data).to_str().unwrap(),
+        "--source",
+        &format!("dir:{}", src.display()),
+        "--hub",
+        &hub.grpc,
+        "--join-token-file",
+        token_file.to_str().unwrap(),
+        "--gateway",
+        &format!("127.0.0.1:{}", free_port()),
+        "--listen",
+        &format!("127.0.0.1:{listen}"),
+        "--dns-listen",
+        &format!("127.0.0.1:{}", free_port()),
+    ]
+    .map(String::from)
+    .to_vec()
 }
