@@ -149,6 +149,40 @@ fn status_and_explain_show_the_clusterset_as_the_hub_sees_it() {
     let out = run(&a);
     assert_eq!(out.status.code(), Some(2), "not routable exits 2");
     assert!(String::from_utf8_lossy(&out.stdout).contains("not exported by any cluster"));
+
+    // As the README shows: the hub and the token from the environment, no flags; JSON for scripts.
+    let out = std::process::Command::new(fedmesh_bin())
+        .args(["explain", "shop/web", "--from", "west", "-o", "json"])
+        .env("FEDMESH_ADMIN", &hub.admin)
+        .env(
+            "FEDMESH_ADMIN_TOKEN",
+            std::fs::read_to_string(&hub.token_file).unwrap().trim(),
+        )
+        // The default token file must not be what answered.
+        .env("HOME", dir.path())
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["routable"], true, "{e}");
+    assert_eq!(e["service"], "shop/web", "{e}");
+    let out = std::process::Command::new(fedmesh_bin())
+        .args(["status"])
+        .env("FEDMESH_ADMIN", &hub.admin)
+        .env("FEDMESH_ADMIN_TOKEN", "not-the-token")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("the admin token is wrong"),
+        "FEDMESH_ADMIN_TOKEN is the token used: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

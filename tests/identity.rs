@@ -299,6 +299,87 @@ fn ca_cli_signs_csrs_and_refuses_foreign_ones() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("fedmesh ca init"));
 }
 
+/// `fedmesh ca rotate --step` as the README shows it, with `ca status` after each step: prepare
+/// publishes a second authority that signs nothing yet, activate makes it the signer and retires
+/// the old one (still in the bundle while its SVIDs live), prune keeps a retired authority whose
+/// SVIDs may still be valid; steps out of order are refused with what to do.
+#[test]
+fn ca_rotation_steps_on_the_cli_show_in_ca_status_and_the_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    ca_init(&ca, "east.example", &[]);
+    let ca_dir = ca.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = fedmesh(args);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // (authority, state) rows of `ca status`.
+    let states = || -> Vec<(String, String)> {
+        let (ok, out, err) = run(&["ca", "status", "--dir", ca_dir]);
+        assert!(ok, "{err}");
+        out.lines()
+            .skip_while(|l| !l.starts_with("AUTHORITY"))
+            .skip(1)
+            .map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next().unwrap().to_string(), f.next().unwrap().to_string())
+            })
+            .collect()
+    };
+    let roots = || {
+        let (ok, out, err) = run(&["ca", "bundle", "--dir", ca_dir, "--format", "pem"]);
+        assert!(ok, "{err}");
+        fedmesh_trust::bundle::parse_pem_certificates(out.as_bytes())
+            .unwrap()
+            .len()
+    };
+    let first = states();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].1, "active");
+
+    let (ok, _, err) = run(&["ca", "rotate", "--dir", ca_dir, "--step", "activate"]);
+    assert!(
+        !ok && err.contains("there is no prepared authority to activate; prepare one first"),
+        "{err}"
+    );
+
+    let (ok, _, err) = run(&["ca", "rotate", "--dir", ca_dir, "--step", "prepare"]);
+    assert!(ok, "{err}");
+    let prepared = states();
+    assert_eq!(prepared.len(), 2, "{prepared:?}");
+    assert_eq!(prepared[0], first[0], "the old authority still signs");
+    assert_eq!(prepared[1].1, "prepared");
+    assert_eq!(
+        roots(),
+        2,
+        "the prepared authority is published before it signs"
+    );
+
+    let (ok, _, err) = run(&["ca", "rotate", "--dir", ca_dir, "--step", "activate"]);
+    assert!(ok, "{err}");
+    let activated = states();
+    assert_eq!(
+        activated,
+        vec![
+            (first[0].0.clone(), "retired".to_string()),
+            (prepared[1].0.clone(), "active".to_string())
+        ]
+    );
+    assert_eq!(
+        roots(),
+        2,
+        "the retired authority stays trusted while its SVIDs live"
+    );
+
+    let (ok, _, err) = run(&["ca", "rotate", "--dir", ca_dir, "--step", "prune"]);
+    assert!(ok && err.contains("nothing to prune"), "{err}");
+    assert_eq!(states(), activated);
+}
+
 /// The socket is open to every local user and the first header block of a connection is decoded
 /// before any caller is attested. HPACK lets one byte stand for a 4 KB table entry: a 60 KB
 /// block of such references once decoded to 240 MB. Now the decoded size is bounded: the agent
