@@ -203,6 +203,80 @@ fn agent_refuses_to_start_on_bad_entries_and_says_which() {
     );
 }
 
+/// `fedmesh workload fetch` as the README shows it: the caller's SVID, key (0600) and every
+/// bundle written as PEM; a good edit of the agent's entries file applies without a restart (the
+/// next fetch gets the new identity); a socket nobody serves is a clear error.
+#[test]
+fn workload_fetch_writes_the_svid_and_bundles_and_a_good_edit_of_the_entries_applies() {
+    let s = start_agent(&my_entry());
+    let out_dir = s.dir.path().join("out");
+    let socket = s.socket.to_str().unwrap();
+    let fetch = |write: Option<&Path>| {
+        let mut args = vec!["workload", "fetch", "--socket", socket];
+        if let Some(w) = write {
+            args.extend(["--write", w.to_str().unwrap()]);
+        }
+        fedmesh(&args)
+    };
+    let out = fetch(Some(&out_dir));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(WEB),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let chain = fedmesh_trust::bundle::parse_pem_certificates(
+        &std::fs::read(out_dir.join("svid.pem")).unwrap(),
+    )
+    .unwrap();
+    let leaf = fedmesh_trust::svid::inspect(&chain[0]).unwrap();
+    assert_eq!(leaf.spiffe_id.to_string(), WEB);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out_dir.join("svid.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the key is the caller's alone");
+    for td in ["east.example", "west.example"] {
+        let roots = fedmesh_trust::bundle::parse_pem_certificates(
+            &std::fs::read(out_dir.join(format!("bundle.{td}.pem"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(roots.len(), 1, "{td}'s bundle");
+    }
+
+    // A good edit: the same caller now gets another identity, with no restart.
+    const API: &str = "spiffe://east.example/ns/default/sa/api";
+    std::fs::write(
+        s.dir.path().join("entries.yaml"),
+        my_entry().replace(WEB, API),
+    )
+    .unwrap();
+    wait_until("the edited entry to apply", Duration::from_secs(20), || {
+        let out = fetch(None);
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(API)
+    });
+
+    let out = fedmesh(&[
+        "workload",
+        "fetch",
+        "--socket",
+        s.dir.path().join("nobody.sock").to_str().unwrap(),
+        "--timeout",
+        "2s",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nobody.sock"),
+        "the error names the socket: {err}"
+    );
+}
+
 #[test]
 fn agent_keeps_the_last_good_entries_when_the_file_turns_bad() {
     let s = start_agent(&my_entry());

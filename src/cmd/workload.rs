@@ -37,6 +37,15 @@ pub async fn run(cmd: WorkloadCommand) -> anyhow::Result<()> {
             } else {
                 format!("unix:{socket}")
             };
+            // A socket that is not there will never answer: say so now, not after --timeout.
+            if let Some(path) = endpoint.strip_prefix("unix:") {
+                let path = path.strip_prefix("//").unwrap_or(path);
+                if !std::path::Path::new(path).exists() {
+                    anyhow::bail!(
+                        "there is no Workload API socket at {path}: is the agent running, and is --socket (or SPIFFE_ENDPOINT_SOCKET) its --socket?"
+                    );
+                }
+            }
             let source = tokio::time::timeout(
                 timeout,
                 spiffe::X509Source::builder().endpoint(&endpoint).build(),
