@@ -35,6 +35,42 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// Whether a request is gRPC (`content-type: application/grpc*`).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// A trailers-only gRPC answer: HTTP 200 with `grpc-status` `code` and `grpc-message`, marked as
+/// the proxy's own (`fedmesh-proxy-error: kind`), as a gRPC client expects an error.
+pub fn grpc_error(code: u32, kind: &'static str, message: &str) -> http::Response<Body> {
+    use http::header::HeaderValue;
+    let mut r = http::Response::new(full(""));
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(code));
+    // grpc-message is percent-encoded: '%' and bytes outside printable ASCII.
+    let encoded: String = message
+        .bytes()
+        .map(|b| {
+            if (0x20..0x7f).contains(&b) && b != b'%' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&encoded) {
+        h.insert("grpc-message", v);
+    }
+    h.insert(PROXY_ERROR, HeaderValue::from_static(kind));
+    r
+}
+
 /// Headers that belong to one connection and never cross a proxy (RFC 9110 §7.6.1), plus those
 /// named in `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {

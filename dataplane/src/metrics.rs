@@ -42,6 +42,15 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// An authorization decision that named a policy: `result` is `denied` or `audited`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub service: String,
+    pub policy: String,
+    pub source_principal: String,
+    pub result: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
     pub direction: String,
@@ -78,6 +87,8 @@ pub struct ProxyMetrics {
     /// Spans by outcome: `exported`, `failed` (the collector refused or was unreachable),
     /// `dropped` (the export queue was full).
     pub spans: Family<ReasonLabels, Counter>,
+    /// Requests and connections an authorization policy denied or audited.
+    pub authz: Family<AuthzLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -93,6 +104,7 @@ impl ProxyMetrics {
             bytes: Family::default(),
             sni_connections: Family::default(),
             refused: Family::default(),
+            authz: Family::default(),
             retries: Counter::default(),
             retry_budget_exhausted: Counter::default(),
             ejections: Counter::default(),
@@ -135,6 +147,11 @@ impl ProxyMetrics {
             "refused",
             "Connections refused, by reason",
             m.refused.clone(),
+        );
+        registry.register(
+            "authz",
+            "Requests and connections denied or audited by an authorization policy, by service, policy and caller",
+            m.authz.clone(),
         );
         registry.register(
             "retries",
@@ -219,6 +236,18 @@ impl ProxyMetrics {
                 service: service.into(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts an authorization decision that named `policy`.
+    pub fn count_authz(&self, service: &str, policy: &str, caller: &str, result: &str) {
+        self.authz
+            .get_or_create(&AuthzLabels {
+                service: service.into(),
+                policy: policy.into(),
+                source_principal: caller.into(),
+                result: result.into(),
+            })
+            .inc();
     }
 
     pub fn refuse(&self, reason: &str) {

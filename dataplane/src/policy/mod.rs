@@ -3,6 +3,7 @@
 //! `Duration`, clusters as `ClusterName`, matchers ready to run ([`matchers`]), filters and
 //! backends typed ([`filters`]), callers as parsed patterns. The request path only runs them.
 
+mod authz;
 mod filters;
 mod matchers;
 mod traffic;
@@ -13,6 +14,7 @@ use fedmesh_api::pb::dataplane as pb;
 use fedmesh_api::{ClusterName, SpiffeId, TrustDomain};
 use http::{HeaderMap, Method, Uri};
 
+pub use authz::{Authz, Denial, HttpRequest, Subject, Verdict};
 pub use filters::{
     BackendTarget, Filter, HeaderModifier, Mirror, PathModifier, Redirect, Rewrite, RouteBackend,
 };
@@ -131,14 +133,18 @@ impl CallerPattern {
     }
 }
 
+/// The name a TrafficPolicy's `allowedCallers` goes by as an ALLOW policy.
+pub const ALLOWED_CALLERS: &str = "TrafficPolicy allowedCallers";
+
 /// A service's compiled policy. The default is plain locality routing with no limits.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
     /// In precedence order: the first that matches wins.
     pub routes: Vec<Route>,
-    /// Empty: any authenticated caller.
-    pub allowed_callers: Vec<CallerPattern>,
-    /// The text of `allowed_callers`, for messages.
+    /// Who may call it: its AuthorizationPolicies, and its TrafficPolicy's `allowedCallers` as
+    /// an ALLOW policy. Empty: any authenticated caller.
+    pub authz: Authz,
+    /// The text of the TrafficPolicy's `allowedCallers`, for messages.
     pub allowed_callers_text: Vec<String>,
     pub connect_timeout: Option<Duration>,
     /// Routes came from Gateway API: a request to a bound port that matches none gets 404.
@@ -223,11 +229,20 @@ impl TryFrom<&pb::TrafficPolicy> for Policy {
             .collect::<Result<Vec<_>, String>>()?;
         Ok(Self {
             routes,
-            allowed_callers: p
-                .allowed_callers
-                .iter()
-                .map(|c| CallerPattern::parse(c))
-                .collect::<Result<_, _>>()?,
+            authz: {
+                let mut authz = Authz::try_from(&p.authorization[..])
+                    .map_err(|e| format!("authorization: {e}"))?;
+                if !p.allowed_callers.is_empty() {
+                    authz.allow_callers(
+                        ALLOWED_CALLERS,
+                        p.allowed_callers
+                            .iter()
+                            .map(|c| CallerPattern::parse(c))
+                            .collect::<Result<_, _>>()?,
+                    );
+                }
+                authz
+            },
             allowed_callers_text: p.allowed_callers.clone(),
             connect_timeout: millis(p.connect_timeout_ms),
             exhaustive: p.exhaustive,
@@ -339,11 +354,6 @@ impl Policy {
             })
             .unwrap_or_default()
     }
-
-    /// Whether `caller` may call the service.
-    pub fn allows(&self, caller: &SpiffeId) -> bool {
-        self.allowed_callers.is_empty() || self.allowed_callers.iter().any(|p| p.matches(caller))
-    }
 }
 
 #[cfg(test)]
@@ -364,7 +374,14 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-            p.allows(&web)
+            p.authz
+                .evaluate(&Subject {
+                    caller: &web,
+                    port: 80,
+                    http: None,
+                })
+                .denied_by
+                .is_none()
         };
         assert!(allows(&["spiffe://east.example/ns/shop/sa/web"]));
         assert!(allows(&["spiffe://east.example/ns/shop/*"]));

@@ -1,34 +1,59 @@
-//! Authorization: a service whose policy lists allowed callers admits only those (by SPIFFE ID,
-//! exact or `*` patterns); anyone else gets 403 with who may call. A request is checked against
-//! the configuration it arrived under, so a changed policy applies from the next request, on
-//! connections already open too. Opaque TCP is checked once per connection ([`authorize`]).
+//! Authorization: a service's AuthorizationPolicies (and its TrafficPolicy's `allowedCallers`)
+//! decide who may call it, on the caller's verified SPIFFE ID and, for HTTP and gRPC, the method,
+//! path and headers ([`fedmesh_dataplane::policy::Authz`]). A denial is 403 (gRPC:
+//! PERMISSION_DENIED) naming the policy, counted with the caller and the policy. A request is
+//! checked against the configuration it arrived under, so a changed policy applies from the next
+//! request, on connections already open too. Opaque TCP is checked once per connection
+//! ([`authorize`] without a request).
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use fedmesh_api::SpiffeId;
 use fedmesh_dataplane::config::ServiceEntry;
 use fedmesh_dataplane::error::ProxyError;
-use fedmesh_dataplane::http::Body;
+use fedmesh_dataplane::http::{Body, grpc_error, is_grpc};
 use fedmesh_dataplane::metrics::ProxyMetrics;
+use fedmesh_dataplane::policy::{ALLOWED_CALLERS, Denial, HttpRequest, Subject};
 use http::{Request, Response};
 use tower::{Layer, Service};
 
 use super::identity::inbound_ctx;
 use crate::outbound::BoxFuture;
 
-/// Whether `caller` may call the service of `entry` (a service without an entry has no policy).
-pub(crate) fn authorize(entry: Option<&ServiceEntry>, caller: &SpiffeId) -> Result<(), ProxyError> {
+/// Whether the subject may call the service of `entry` (a service without an entry has no
+/// policy); audits and denials are counted and logged.
+pub(crate) fn authorize(
+    entry: Option<&ServiceEntry>,
+    s: &Subject<'_>,
+    metrics: &ProxyMetrics,
+) -> Result<(), ProxyError> {
     let Some(entry) = entry else { return Ok(()) };
-    if entry.policy.allows(caller) {
-        Ok(())
-    } else {
-        Err(ProxyError::Denied(format!(
-            "{caller} may not call {} (its TrafficPolicy allows only: {})",
-            entry.key,
-            entry.policy.allowed_callers_text.join(", ")
-        )))
+    if entry.policy.authz.is_empty() {
+        return Ok(());
     }
+    let service = entry.key.to_string();
+    let caller = s.caller.to_string();
+    let verdict = entry.policy.authz.evaluate(s);
+    for policy in &verdict.audited {
+        metrics.count_authz(&service, policy, &caller, "audited");
+        tracing::info!(%service, %caller, policy, "audit: an AUDIT policy matched; let through");
+    }
+    let Some(denial) = verdict.denied_by else {
+        return Ok(());
+    };
+    metrics.refuse("unauthorized");
+    metrics.count_authz(&service, denial.policy(), &caller, "denied");
+    let why = match &denial {
+        Denial::Denied(p) => format!("denied by {p}"),
+        Denial::NotAllowed(ps) if ps[..] == [ALLOWED_CALLERS] => format!(
+            "its TrafficPolicy allows only: {}",
+            entry.policy.allowed_callers_text.join(", ")
+        ),
+        Denial::NotAllowed(ps) => format!("no ALLOW policy matches: {}", ps.join(", ")),
+    };
+    Err(ProxyError::Denied(format!(
+        "{caller} may not call {service} ({why})"
+    )))
 }
 
 #[derive(Clone)]
@@ -66,11 +91,23 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let checked =
-            inbound_ctx(&req).and_then(|ctx| authorize(ctx.entry.as_deref(), &ctx.caller));
+        let checked = inbound_ctx(&req).and_then(|ctx| {
+            let subject = Subject {
+                caller: &ctx.caller,
+                port: ctx.mesh.port,
+                http: Some(HttpRequest {
+                    method: req.method(),
+                    path: req.uri().path(),
+                    headers: req.headers(),
+                }),
+            };
+            authorize(ctx.entry.as_deref(), &subject, &self.metrics)
+        });
         if let Err(e) = checked {
-            if matches!(e, ProxyError::Denied(_)) {
-                self.metrics.refuse("unauthorized");
+            // gRPC callers get PERMISSION_DENIED with the reason, as a gRPC error.
+            if let (ProxyError::Denied(m), true) = (&e, is_grpc(req.headers())) {
+                let r = grpc_error(7, e.kind(), m);
+                return Box::pin(std::future::ready(Ok(r)));
             }
             return Box::pin(std::future::ready(Err(e)));
         }
@@ -129,16 +166,73 @@ mod tests {
         assert!(text.contains("reason=\"unauthorized\"} 1"), "{text}");
     }
 
+    /// An AuthorizationPolicy's DENY on a gRPC method: the caller gets PERMISSION_DENIED naming
+    /// the policy, other methods pass, and the denial is counted with the caller and the policy.
+    #[tokio::test]
+    async fn a_grpc_method_denied_by_a_policy_answers_permission_denied_naming_it() {
+        let entry = web_entry(pb::TrafficPolicy {
+            authorization: vec![pb::AuthzPolicy {
+                name: "AuthorizationPolicy shop/no-deletes".into(),
+                action: pb::AuthzAction::AuthzDeny as i32,
+                rules: vec![pb::AuthzRule {
+                    to: vec![pb::AuthzOperation {
+                        paths: vec!["/shop.Catalog/Delete*".into()],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                invalid: false,
+            }],
+            ..Default::default()
+        });
+        let metrics = Arc::new(ProxyMetrics::new("test"));
+        let inner = tower::service_fn(|_req: Request<Body>| {
+            std::future::ready(Ok::<_, ProxyError>(Response::new(full("served"))))
+        });
+        let mut svc = AuthorizeLayer {
+            metrics: metrics.clone(),
+        }
+        .layer(inner);
+        let grpc = |path: &str| {
+            let mut r = request_from(&entry, "spiffe://west.example/ns/shop/sa/admin");
+            *r.uri_mut() = path.parse().unwrap();
+            *r.method_mut() = http::Method::POST;
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                "application/grpc".parse().unwrap(),
+            );
+            r
+        };
+        let r = svc.call(grpc("/shop.Catalog/DeleteItem")).await.unwrap();
+        assert_eq!(r.headers()["grpc-status"], "7");
+        let message = r.headers()["grpc-message"].to_str().unwrap();
+        assert!(
+            message.contains("spiffe://west.example/ns/shop/sa/admin may not call shop/web")
+                && message.contains("denied by AuthorizationPolicy shop/no-deletes"),
+            "{message}"
+        );
+        let r = svc.call(grpc("/shop.Catalog/ListItems")).await.unwrap();
+        assert!(r.headers().get("grpc-status").is_none(), "served");
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                "test_authz_total{service=\"shop/web\",policy=\"AuthorizationPolicy shop/no-deletes\",source_principal=\"spiffe://west.example/ns/shop/sa/admin\",result=\"denied\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
     #[tokio::test]
     async fn a_service_without_a_list_admits_every_verified_caller() {
         let entry = web_entry(pb::TrafficPolicy::default());
-        assert!(
-            authorize(
-                Some(&entry),
-                &"spiffe://x.example/ns/a/sa/b".parse().unwrap()
-            )
-            .is_ok()
-        );
-        assert!(authorize(None, &"spiffe://x.example/ns/a/sa/b".parse().unwrap()).is_ok());
+        let metrics = ProxyMetrics::new("test");
+        let caller = "spiffe://x.example/ns/a/sa/b".parse().unwrap();
+        let s = Subject {
+            caller: &caller,
+            port: 80,
+            http: None,
+        };
+        assert!(authorize(Some(&entry), &s, &metrics).is_ok());
+        assert!(authorize(None, &s, &metrics).is_ok());
     }
 }

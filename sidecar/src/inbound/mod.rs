@@ -331,8 +331,16 @@ impl Sidecar {
                 return;
             }
         };
-        if let Err(e) = authz::authorize(table.service(&mesh.service).map(|e| &**e), &conn.caller) {
-            self.metrics.refuse("unauthorized");
+        let subject = fedmesh_dataplane::policy::Subject {
+            caller: &conn.caller,
+            port: mesh.port,
+            http: None,
+        };
+        if let Err(e) = authz::authorize(
+            table.service(&mesh.service).map(|e| &**e),
+            &subject,
+            &self.metrics,
+        ) {
             tracing::info!(error = %e, "inbound TCP connection denied");
             if let Some(s) = span {
                 s.finish_failed("unauthorized");

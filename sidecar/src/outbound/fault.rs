@@ -7,10 +7,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use fedmesh_dataplane::error::ProxyError;
-use fedmesh_dataplane::http::{Body, PROXY_ERROR, full};
+use fedmesh_dataplane::http::Body;
 use fedmesh_dataplane::metrics::{ProxyMetrics, ReasonLabels};
 use fedmesh_dataplane::policy::{Abort, Fault, MILLION};
-use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use tower::{Layer, Service};
 
@@ -54,19 +53,11 @@ fn drawn(ppm: u32) -> bool {
 }
 
 fn grpc_abort(code: u32) -> Response<Body> {
-    let mut r = Response::new(full(""));
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    h.insert("grpc-status", HeaderValue::from(code));
-    h.insert(
-        "grpc-message",
-        HeaderValue::from_static("fault injected by a fedmesh TrafficPolicy"),
-    );
-    h.insert(PROXY_ERROR, HeaderValue::from_static("fault-injected"));
-    r
+    fedmesh_dataplane::http::grpc_error(
+        code,
+        "fault-injected",
+        "fault injected by a fedmesh TrafficPolicy",
+    )
 }
 
 impl<S> Service<Request<Body>> for Faults<S>
@@ -135,6 +126,7 @@ mod tests {
     use super::*;
     use crate::outbound::test_support::{ok, routed_request, table_with_policy};
     use fedmesh_api::pb::dataplane as pb;
+    use http::HeaderValue;
     use std::time::Duration;
     use tokio::time::Instant;
 
