@@ -708,6 +708,136 @@ async fn authorization_by_spiffe_id_denies_callers_a_policy_does_not_list() {
     tb.shutdown().await;
 }
 
+/// An AuthorizationPolicy as an Istio user writes it, enforced by the callee's sidecar in west on
+/// callers from east: an ALLOW by principal, method and path, a DENY that wins over it, everyone
+/// else refused; each refusal names the policy, is counted with the caller, and the policies'
+/// status says they are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_policies_allow_by_principal_method_and_path_and_a_deny_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    let (w, _w_app) = http_workload(west, "api", "w1").await;
+    serve_http(west, "api", &endpoints(&[&w]));
+    let frontend = client_workload(east, "frontend", "e1").await;
+    let intruder = client_workload(east, "intruder", "e1").await;
+    west.write(
+        "api-authz.yaml",
+        &format!(
+            r#"apiVersion: fedmesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: api-readers, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Service, name: api}}]
+  rules:
+    - from: [{{source: {{principals: ["{}"], clusters: [east]}}}}]
+      to: [{{operation: {{methods: [GET], paths: ["/api/*"]}}}}]
+---
+apiVersion: fedmesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: no-admin, namespace: shop}}
+spec:
+  action: DENY
+  rules:
+    - to: [{{operation: {{paths: ["/api/admin*"]}}}}]
+"#,
+            frontend.id
+        ),
+    )
+    .unwrap();
+    w.wait_config("the authorization policies", |t| {
+        t.service_named("shop/api")
+            .and_then(|e| e.svc.policy.as_ref())
+            .is_some_and(|p| p.authorization.len() == 2)
+    })
+    .await
+    .unwrap();
+    wait_routable(&tb, &frontend, "api", &["west"]).await;
+    wait_routable(&tb, &intruder, "api", &["west"]).await;
+
+    let mut f = ProxyClient::new(frontend.proxy);
+    let mut i = ProxyClient::new(intruder.proxy);
+    assert_eq!(f.get(&url("api", "/api/items")).await.unwrap().status, 200);
+    let cases = [
+        (
+            f.get(&url("api", "/api/admin/users")).await.unwrap(),
+            "denied by AuthorizationPolicy shop/no-admin",
+        ),
+        (
+            f.request("POST", &url("api", "/api/items"), &[], bytes::Bytes::new())
+                .await
+                .unwrap(),
+            "no ALLOW policy matches: AuthorizationPolicy shop/api-readers",
+        ),
+        (
+            i.get(&url("api", "/api/items")).await.unwrap(),
+            "no ALLOW policy matches: AuthorizationPolicy shop/api-readers",
+        ),
+    ];
+    for (reply, why) in &cases {
+        let msg = String::from_utf8_lossy(&reply.body);
+        assert_eq!(reply.status, 403, "{msg}");
+        assert!(
+            msg.contains("may not call shop/api") && msg.contains(why),
+            "{msg}"
+        );
+    }
+    let metrics = w.metrics.encode();
+    for (policy, caller) in [
+        ("AuthorizationPolicy shop/no-admin", frontend.id.to_string()),
+        (
+            "AuthorizationPolicy shop/api-readers",
+            intruder.id.to_string(),
+        ),
+    ] {
+        let line = format!(
+            "fedmesh_sidecar_authz_total{{service=\"shop/api\",policy=\"{policy}\",source_principal=\"{caller}\",result=\"denied\"}} 1"
+        );
+        assert!(metrics.contains(&line), "{line}\n{metrics}");
+    }
+    // Their status, as the control plane writes it for the directory source: both accepted.
+    let file = west.data.join("status/authorizationpolicies.yaml");
+    let accepted = |text: &str| -> Vec<(String, String)> {
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(text).unwrap_or_default();
+        docs.iter()
+            .flat_map(|d| {
+                let name = d["metadata"]["name"].as_str().unwrap_or("").to_string();
+                d["status"]["conditions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |c| {
+                        (
+                            format!("{name}/{}", c["type"].as_str().unwrap_or("")),
+                            c["status"].as_str().unwrap_or("").to_string(),
+                        )
+                    })
+            })
+            .collect()
+    };
+    let mut conditions = Vec::new();
+    for _ in 0..100 {
+        conditions = accepted(&std::fs::read_to_string(&file).unwrap_or_default());
+        if conditions.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    conditions.sort();
+    assert_eq!(
+        conditions,
+        [
+            "api-readers/Accepted",
+            "api-readers/ResolvedRefs",
+            "no-admin/Accepted",
+            "no-admin/ResolvedRefs"
+        ]
+        .map(|c| (c.to_string(), "True".to_string()))
+    );
+    tb.shutdown().await;
+}
+
 /// Answers by cluster for `n` GETs of `host`.
 async fn clusters_answering(proxy: SocketAddr, host: &str, n: usize) -> BTreeMap<String, usize> {
     let mut c = ProxyClient::new(proxy);

@@ -152,7 +152,8 @@ pub struct ClusterStatus {
     pub cluster: String,
 }
 
-/// The CRDs fedmesh uses — ServiceExport, ServiceImport and fedmesh's TrafficPolicy — as
+/// The CRDs fedmesh uses — ServiceExport, ServiceImport and fedmesh's TrafficPolicy and
+/// AuthorizationPolicy — as
 /// multi-document YAML, as `fedmesh crds` prints them.
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
@@ -161,6 +162,7 @@ pub fn crd_yaml() -> String {
         ServiceExport::crd(),
         ServiceImport::crd(),
         crate::policy::TrafficPolicy::crd(),
+        crate::authz::AuthorizationPolicy::crd(),
     ] {
         out.push_str("---\n");
         // Serializing a derived CRD cannot fail; fall back to JSON (valid YAML) just in case.
@@ -228,11 +230,21 @@ mod tests {
     fn crd_yaml_parses_back() {
         let yaml = crd_yaml();
         let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&yaml).unwrap();
-        assert_eq!(docs.len(), 3);
-        assert_eq!(docs[0]["kind"], "CustomResourceDefinition");
+        let names: Vec<&str> = docs
+            .iter()
+            .map(|d| {
+                assert_eq!(d["kind"], "CustomResourceDefinition");
+                d["metadata"]["name"].as_str().unwrap()
+            })
+            .collect();
         assert_eq!(
-            docs[1]["metadata"]["name"],
-            "serviceimports.multicluster.x-k8s.io"
+            names,
+            [
+                "serviceexports.multicluster.x-k8s.io",
+                "serviceimports.multicluster.x-k8s.io",
+                "trafficpolicies.fedmesh.io",
+                "authorizationpolicies.fedmesh.io"
+            ]
         );
     }
 }

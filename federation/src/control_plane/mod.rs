@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod agents;
 pub mod attest;
+pub mod authz;
 pub mod config_stream;
 pub mod dns;
 pub mod hub_link;
@@ -520,13 +521,23 @@ impl ControlPlane {
             None => self.snapshot.borrow().validity.clone(),
         };
         let routes = Arc::new(routes::compile(&local, &cs, &self.config.cluster));
-        let policies = Arc::new(policy::compile(
+        let mut policies = policy::compile(
             &local,
             &routes,
             &cs,
             &self.config.cluster,
             &mut *self.policy_memory.lock().await,
-        ));
+        );
+        let authz = authz::compile(&local, &cs, &self.config.cluster, &self.config.trust_domain);
+        for (service, list) in authz.by_service {
+            policies
+                .by_service
+                .entry(service)
+                .or_default()
+                .authorization = list;
+        }
+        policies.reports.extend(authz.reports);
+        let policies = Arc::new(policies);
         self.rate_limits
             .set_declared(policies.clusterset_limits.clone());
         let problems = problems_of(&routes, &policies);
@@ -623,24 +634,29 @@ impl ControlPlane {
                     })
                     .collect()
             };
+            let policy_docs = |kind: &str| -> Vec<serde_json::Value> {
+                policies
+                    .iter()
+                    .filter(|(k, _, _)| *k == kind)
+                    .map(|(kind, key, status)| {
+                        serde_json::json!({
+                            "apiVersion": "fedmesh.io/v1alpha1",
+                            "kind": kind,
+                            "metadata": {"name": key.name.to_string(), "namespace": key.namespace.to_string()},
+                            "status": status,
+                        })
+                    })
+                    .collect()
+            };
             for (name, docs) in [
                 ("serviceimports.yaml", to_values(imports)),
                 ("serviceexports.yaml", exports),
                 ("httproutes.yaml", route_docs("HTTPRoute")),
                 ("grpcroutes.yaml", route_docs("GRPCRoute")),
+                ("trafficpolicies.yaml", policy_docs("TrafficPolicy")),
                 (
-                    "trafficpolicies.yaml",
-                    policies
-                        .iter()
-                        .map(|(key, status)| {
-                            serde_json::json!({
-                                "apiVersion": "fedmesh.io/v1alpha1",
-                                "kind": "TrafficPolicy",
-                                "metadata": {"name": key.name.to_string(), "namespace": key.namespace.to_string()},
-                                "status": status,
-                            })
-                        })
-                        .collect(),
+                    "authorizationpolicies.yaml",
+                    policy_docs("AuthorizationPolicy"),
                 ),
             ] {
                 if let Err(e) = status::write_yaml_if_changed(&dir.join(name), &docs) {
@@ -694,7 +710,7 @@ fn problems_of(
         ] {
             if !c.status {
                 out.push(pb::ObjectProblem {
-                    kind: "TrafficPolicy".into(),
+                    kind: r.kind.into(),
                     name: r.policy.to_string(),
                     condition: condition.into(),
                     reason: c.reason.to_string(),

@@ -34,6 +34,8 @@ pub mod policy_reason {
 /// What fedmesh says about one policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyReport {
+    /// `TrafficPolicy` or `AuthorizationPolicy`.
+    pub kind: &'static str,
     pub policy: ServiceKey,
     /// The service it is about (its target, or its target route's), when known.
     pub target: Option<String>,
@@ -553,6 +555,7 @@ pub fn compile(
             Err(_) => None,
         };
         let report = |accepted: Cond, resolved_refs: Cond| PolicyReport {
+            kind: "TrafficPolicy",
             policy: key.clone(),
             target: target.clone(),
             generation: p.metadata.generation,

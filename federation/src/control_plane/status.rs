@@ -285,12 +285,17 @@ impl ConditionTracker {
         out
     }
 
-    /// Every TrafficPolicy's status (`Accepted`, `ResolvedRefs`), transition times kept while a
+    /// Every TrafficPolicy's and AuthorizationPolicy's status (`Accepted`, `ResolvedRefs`; the
+    /// same shape for both), transition times kept while a
     /// condition does not change.
     pub fn policy_statuses(
         &mut self,
         policies: &super::policy::CompiledPolicies,
-    ) -> Vec<(ServiceKey, fedmesh_api::policy::TrafficPolicyStatus)> {
+    ) -> Vec<(
+        &'static str,
+        ServiceKey,
+        fedmesh_api::policy::TrafficPolicyStatus,
+    )> {
         use fedmesh_api::gateway::reason;
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let mut seen = Vec::new();
@@ -301,7 +306,7 @@ impl ConditionTracker {
                 (reason::ACCEPTED, &r.accepted),
                 (reason::RESOLVED_REFS, &r.resolved_refs),
             ] {
-                let key = (r.policy.clone(), format!("TrafficPolicy/{type_}"));
+                let key = (r.policy.clone(), format!("{}/{type_}", r.kind));
                 conditions.push(tracked(
                     &mut self.policies_previous,
                     key.clone(),
@@ -313,6 +318,7 @@ impl ConditionTracker {
                 seen.push(key);
             }
             out.push((
+                r.kind,
                 r.policy.clone(),
                 fedmesh_api::policy::TrafficPolicyStatus { conditions },
             ));

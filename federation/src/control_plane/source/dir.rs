@@ -158,6 +158,11 @@ impl DirSource {
                             objs.policies.insert(k, (**p).clone());
                         }
                     }
+                    Object::AuthorizationPolicy(p) => {
+                        if let Some(k) = key_of(&p.metadata) {
+                            objs.authz_policies.insert(k, (**p).clone());
+                        }
+                    }
                     Object::HttpRoute(r) => {
                         if let Some(k) = key_of(&r.metadata) {
                             objs.http_routes.insert(k, (**r).clone());

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fedmesh_api::authz::AuthorizationPolicy;
 use fedmesh_api::gateway::{GRPCRoute, HTTPRoute};
 use fedmesh_api::mcs::{
     LABEL_MANAGED_BY, LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, MANAGED_BY, ServiceExport,
@@ -38,9 +39,14 @@ use super::{LocalObjects, key_of};
 
 const FIELD_MANAGER: &str = "fedmesh";
 /// How many kinds the source watches; it publishes once every one has listed.
-const WATCHED_KINDS: usize = 6;
+const WATCHED_KINDS: usize = 7;
 /// Kinds whose CRD may be absent.
-const OPTIONAL_KINDS: [&str; 3] = ["trafficpolicies", "httproutes", "grpcroutes"];
+const OPTIONAL_KINDS: [&str; 4] = [
+    "trafficpolicies",
+    "authorizationpolicies",
+    "httproutes",
+    "grpcroutes",
+];
 
 #[derive(Default)]
 struct State {
@@ -48,6 +54,7 @@ struct State {
     slices: BTreeMap<String, EndpointSlice>,
     exports: BTreeMap<ServiceKey, ServiceExport>,
     policies: BTreeMap<ServiceKey, TrafficPolicy>,
+    authz_policies: BTreeMap<ServiceKey, AuthorizationPolicy>,
     http_routes: BTreeMap<ServiceKey, HTTPRoute>,
     grpc_routes: BTreeMap<ServiceKey, GRPCRoute>,
     /// Which watchers have completed their initial list.
@@ -95,6 +102,13 @@ impl KubeSource {
             me.clone(),
             shutdown.clone(),
         );
+        spawn_watch::<AuthorizationPolicy>(
+            Api::all(client.clone()),
+            "authorizationpolicies",
+            state.clone(),
+            me.clone(),
+            shutdown.clone(),
+        );
         spawn_watch::<HTTPRoute>(
             Api::all(client.clone()),
             "httproutes",
@@ -124,6 +138,7 @@ impl KubeSource {
             slices: st.slices.clone(),
             exports: st.exports.clone(),
             policies: st.policies.clone(),
+            authz_policies: st.authz_policies.clone(),
             http_routes: st.http_routes.clone(),
             grpc_routes: st.grpc_routes.clone(),
         };
@@ -193,6 +208,21 @@ impl Watched for EndpointSlice {
     }
     fn clear(st: &mut State) {
         st.slices.clear();
+    }
+}
+
+impl Watched for AuthorizationPolicy {
+    fn insert(st: &mut State, o: Self) {
+        let Some(k) = key_of(&o.metadata) else { return };
+        st.authz_policies.insert(k, o);
+    }
+    fn remove(st: &mut State, o: &Self) {
+        if let Some(k) = key_of(&o.metadata) {
+            st.authz_policies.remove(&k);
+        }
+    }
+    fn clear(st: &mut State) {
+        st.authz_policies.clear();
     }
 }
 
@@ -316,7 +346,7 @@ fn spawn_watch<K: Watched>(
                         if st.ready.insert(name) {
                             tracing::info!(
                                 kind = name,
-                                "this CRD is not installed, so there are none (TrafficPolicy: `fedmesh crds | kubectl apply -f -`; HTTPRoute/GRPCRoute: the Gateway API standard CRDs)"
+                                "this CRD is not installed, so there are none (TrafficPolicy, AuthorizationPolicy: `fedmesh crds | kubectl apply -f -`; HTTPRoute/GRPCRoute: the Gateway API standard CRDs)"
                             );
                         }
                         source.publish(&st);
@@ -543,25 +573,37 @@ impl KubeWriter {
 
     pub async fn sync_policy_status(
         &self,
-        policies: &[(ServiceKey, fedmesh_api::policy::TrafficPolicyStatus)],
+        policies: &[(
+            &'static str,
+            ServiceKey,
+            fedmesh_api::policy::TrafficPolicyStatus,
+        )],
     ) {
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        for (key, status) in policies {
+        for (kind, key, status) in policies {
             let (ns, name) = (key.namespace.to_string(), key.name.to_string());
             let patch = serde_json::json!({
                 "apiVersion": "fedmesh.io/v1alpha1",
-                "kind": "TrafficPolicy",
+                "kind": kind,
                 "status": status,
             });
-            let id = format!("tp/{ns}/{name}");
+            let id = format!("{kind}/{ns}/{name}");
             if !self.changed(&id, &patch).await {
                 continue;
             }
-            if let Err(err) = Api::<TrafficPolicy>::namespaced(self.client.clone(), &ns)
-                .patch_status(&name, &params, &Patch::Apply(&patch))
-                .await
-            {
-                tracing::warn!(%ns, %name, error = %err, "cannot write TrafficPolicy status");
+            let result = if *kind == "AuthorizationPolicy" {
+                Api::<AuthorizationPolicy>::namespaced(self.client.clone(), &ns)
+                    .patch_status(&name, &params, &Patch::Apply(&patch))
+                    .await
+                    .map(|_| ())
+            } else {
+                Api::<TrafficPolicy>::namespaced(self.client.clone(), &ns)
+                    .patch_status(&name, &params, &Patch::Apply(&patch))
+                    .await
+                    .map(|_| ())
+            };
+            if let Err(err) = result {
+                tracing::warn!(%ns, %name, error = %err, "cannot write {kind} status");
                 self.forget(&id).await;
             }
         }

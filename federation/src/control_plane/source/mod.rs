@@ -8,6 +8,7 @@ pub mod pods;
 
 use std::collections::BTreeMap;
 
+use fedmesh_api::authz::AuthorizationPolicy;
 use fedmesh_api::gateway::{GRPCRoute, HTTPRoute};
 use fedmesh_api::mcs::{ServiceExport, condition, reason};
 use fedmesh_api::pb::federation as pb;
@@ -29,6 +30,8 @@ pub struct LocalObjects {
     pub exports: BTreeMap<ServiceKey, ServiceExport>,
     /// Traffic policies, keyed by their own namespace and name.
     pub policies: BTreeMap<ServiceKey, TrafficPolicy>,
+    /// Authorization policies, keyed by their own namespace and name.
+    pub authz_policies: BTreeMap<ServiceKey, AuthorizationPolicy>,
     /// Gateway API routes, keyed by their own namespace/name.
     pub http_routes: BTreeMap<ServiceKey, HTTPRoute>,
     pub grpc_routes: BTreeMap<ServiceKey, GRPCRoute>,
@@ -263,6 +266,7 @@ pub enum Object {
     EndpointSlice(Box<EndpointSlice>),
     ServiceExport(Box<ServiceExport>),
     TrafficPolicy(Box<TrafficPolicy>),
+    AuthorizationPolicy(Box<AuthorizationPolicy>),
     HttpRoute(Box<HTTPRoute>),
     GrpcRoute(Box<GRPCRoute>),
 }
@@ -275,6 +279,7 @@ impl Object {
             Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
             Object::ServiceExport(o) => ("ServiceExport", &o.metadata),
             Object::TrafficPolicy(o) => ("TrafficPolicy", &o.metadata),
+            Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
             Object::HttpRoute(o) => ("HTTPRoute", &o.metadata),
             Object::GrpcRoute(o) => ("GRPCRoute", &o.metadata),
         };
@@ -332,6 +337,10 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, String> {
             let p: TrafficPolicy = typed(&doc, &what)?;
             Object::TrafficPolicy(Box::new(p))
         }
+        ("fedmesh.io/v1alpha1", "AuthorizationPolicy") => {
+            fedmesh_api::ServiceName::new(&name).map_err(|e| format!("{what}: {e}"))?;
+            Object::AuthorizationPolicy(Box::new(typed(&doc, &what)?))
+        }
         ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
             fedmesh_api::ServiceName::new(&name).map_err(|e| format!("{what}: route {e}"))?;
             Object::HttpRoute(Box::new(typed(&doc, &what)?))
@@ -343,7 +352,7 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, String> {
         ("", _) | (_, "") => return Err(format!("document has no apiVersion or kind ({what})")),
         _ => {
             return Err(format!(
-                "{api_version} {kind} is not a kind fedmesh reads (Service v1, EndpointSlice discovery.k8s.io/v1, ServiceExport multicluster.x-k8s.io/v1alpha1, HTTPRoute and GRPCRoute gateway.networking.k8s.io/v1, TrafficPolicy fedmesh.io/v1alpha1)"
+                "{api_version} {kind} is not a kind fedmesh reads (Service v1, EndpointSlice discovery.k8s.io/v1, ServiceExport multicluster.x-k8s.io/v1alpha1, HTTPRoute and GRPCRoute gateway.networking.k8s.io/v1, TrafficPolicy and AuthorizationPolicy fedmesh.io/v1alpha1)"
             ));
         }
     };
