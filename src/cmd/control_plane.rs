@@ -63,26 +63,22 @@ enum TokenCommand {
     },
 }
 
+#[derive(Args)]
+struct EntryArgs {
+    #[arg(long)]
+    node: String,
+    #[arg(long)]
+    spiffe_id: String,
+    #[command(flatten)]
+    socket: Socket,
+}
+
 #[derive(Subcommand)]
 enum EntryCommand {
     /// Let NODE's agent obtain SVIDs for SPIFFE_ID.
-    Create {
-        #[arg(long)]
-        node: String,
-        #[arg(long)]
-        spiffe_id: String,
-        #[command(flatten)]
-        socket: Socket,
-    },
+    Create(EntryArgs),
     /// Stop issuing SPIFFE_ID to NODE's agent (SVIDs already issued expire and are not renewed).
-    Delete {
-        #[arg(long)]
-        node: String,
-        #[arg(long)]
-        spiffe_id: String,
-        #[command(flatten)]
-        socket: Socket,
-    },
+    Delete(EntryArgs),
     /// List the entries (of one node, or all).
     List {
         #[arg(long)]
@@ -213,11 +209,11 @@ async fn admin(c: AdminCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        AdminCommand::Entry(EntryCommand::Create {
+        AdminCommand::Entry(EntryCommand::Create(EntryArgs {
             node,
             spiffe_id,
             socket,
-        }) => {
+        })) => {
             let r = client(&socket)
                 .add_entry(&node, &spiffe_id)
                 .await
@@ -231,11 +227,11 @@ async fn admin(c: AdminCommand) -> anyhow::Result<()> {
                 }
             );
         }
-        AdminCommand::Entry(EntryCommand::Delete {
+        AdminCommand::Entry(EntryCommand::Delete(EntryArgs {
             node,
             spiffe_id,
             socket,
-        }) => {
+        })) => {
             client(&socket)
                 .delete_entry(&node, &spiffe_id)
                 .await

@@ -210,10 +210,6 @@ impl AuthzPolicy {
 }
 
 impl Authz {
-    pub fn is_empty(&self) -> bool {
-        self.policies.is_empty()
-    }
-
     /// A TrafficPolicy's `allowedCallers` as the ALLOW policy it is.
     pub fn allow_callers(&mut self, name: &str, callers: Vec<CallerPattern>) {
         self.policies.push(AuthzPolicy {

@@ -190,6 +190,16 @@ fn action(a: Option<&str>) -> Result<pb::AuthzAction, String> {
     }
 }
 
+/// Every service of `key`'s namespace (`namespace/name`).
+fn namespace_services(key: &ServiceKey, local: &LocalObjects) -> Vec<String> {
+    local
+        .services
+        .keys()
+        .filter(|k| k.namespace == key.namespace)
+        .map(|k| k.to_string())
+        .collect()
+}
+
 /// The services `p` applies to (`namespace/name`), and the references that name no service.
 fn targets(
     key: &ServiceKey,
@@ -197,13 +207,7 @@ fn targets(
     local: &LocalObjects,
 ) -> Result<(Vec<String>, Vec<String>), String> {
     if p.spec.target_refs.is_empty() {
-        let services = local
-            .services
-            .keys()
-            .filter(|k| k.namespace == key.namespace)
-            .map(|k| k.to_string())
-            .collect();
-        return Ok((services, Vec::new()));
+        return Ok((namespace_services(key, local), Vec::new()));
     }
     let (mut found, mut missing) = (Vec::new(), Vec::new());
     for t in &p.spec.target_refs {
@@ -283,15 +287,7 @@ pub fn compile(
         let (services, missing) = match targeted {
             Ok(t) => t,
             // A bad targetRef: fail closed on every service of the namespace.
-            Err(_) => (
-                local
-                    .services
-                    .keys()
-                    .filter(|k| k.namespace == key.namespace)
-                    .map(|k| k.to_string())
-                    .collect(),
-                Vec::new(),
-            ),
+            Err(_) => (namespace_services(key, local), Vec::new()),
         };
         unresolved.extend(missing);
         let resolved = if unresolved.is_empty() {

@@ -28,12 +28,13 @@ pub(crate) fn authorize(
     metrics: &ProxyMetrics,
 ) -> Result<(), ProxyError> {
     let Some(entry) = entry else { return Ok(()) };
-    if entry.policy.authz.is_empty() {
+    let verdict = entry.policy.authz.evaluate(s);
+    if verdict.audited.is_empty() && verdict.denied_by.is_none() {
+        // The common case allocates nothing.
         return Ok(());
     }
     let service = entry.key.to_string();
     let caller = s.caller.to_string();
-    let verdict = entry.policy.authz.evaluate(s);
     for policy in &verdict.audited {
         metrics.count_authz(&service, policy, &caller, "audited");
         tracing::info!(%service, %caller, policy, "audit: an AUDIT policy matched; let through");
