@@ -1,6 +1,7 @@
 //! fedmesh's shared vocabulary: identities, names, the MCS CRD types and the protocols between
 //! components. No I/O lives here.
 
+pub mod authn;
 pub mod authz;
 pub mod gateway;
 pub mod identity;

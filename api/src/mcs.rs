@@ -152,8 +152,8 @@ pub struct ClusterStatus {
     pub cluster: String,
 }
 
-/// The CRDs fedmesh uses — ServiceExport, ServiceImport and fedmesh's TrafficPolicy and
-/// AuthorizationPolicy — as
+/// The CRDs fedmesh uses — ServiceExport, ServiceImport and fedmesh's TrafficPolicy,
+/// AuthorizationPolicy, PeerAuthentication and RequestAuthentication — as
 /// multi-document YAML, as `fedmesh crds` prints them.
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
@@ -163,6 +163,8 @@ pub fn crd_yaml() -> String {
         ServiceImport::crd(),
         crate::policy::TrafficPolicy::crd(),
         crate::authz::AuthorizationPolicy::crd(),
+        crate::authn::PeerAuthentication::crd(),
+        crate::authn::RequestAuthentication::crd(),
     ] {
         out.push_str("---\n");
         // Serializing a derived CRD cannot fail; fall back to JSON (valid YAML) just in case.
@@ -243,7 +245,9 @@ mod tests {
                 "serviceexports.multicluster.x-k8s.io",
                 "serviceimports.multicluster.x-k8s.io",
                 "trafficpolicies.fedmesh.io",
-                "authorizationpolicies.fedmesh.io"
+                "authorizationpolicies.fedmesh.io",
+                "peerauthentications.fedmesh.io",
+                "requestauthentications.fedmesh.io"
             ]
         );
     }

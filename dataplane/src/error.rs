@@ -75,6 +75,9 @@ pub enum ProxyError {
     UpstreamReset { target: String, error: String },
     #[error("{0}")]
     Denied(String),
+    /// A RequestAuthentication wanted a valid JWT and did not get one.
+    #[error("{0}")]
+    Unauthenticated(String),
     #[error("this sidecar has no configuration from its control plane yet")]
     NotReady,
     /// An inbound connection whose destination (its SNI) this sidecar does not serve to that
@@ -116,6 +119,7 @@ impl ProxyError {
             Self::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamReset { .. } | Self::AppError { .. } => StatusCode::BAD_GATEWAY,
             Self::Denied(_) => StatusCode::FORBIDDEN,
+            Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Self::NotAdmitted { status, .. } => *status,
         }
     }
@@ -138,6 +142,7 @@ impl ProxyError {
             Self::Connect { label, .. } => label,
             Self::UpstreamReset { .. } => "upstream-reset",
             Self::Denied(_) => "denied",
+            Self::Unauthenticated(_) => "unauthenticated",
             Self::NotReady => "not-ready",
             Self::AppUnreachable { .. } => "app-unreachable",
             Self::AppError { .. } => "app-error",
@@ -153,6 +158,13 @@ impl ProxyError {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        if let Self::Unauthenticated(_) = &self {
+            // RFC 6750 §3: the scheme the caller should use (the reason is in the body).
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
         }
         r
     }

@@ -123,7 +123,8 @@ for c in "${CLUSTERS[@]}"; do
   kc "$c" apply -k "$HERE/base/crds"
   kc "$c" wait --for condition=established --timeout=60s \
     crd/serviceexports.multicluster.x-k8s.io crd/serviceimports.multicluster.x-k8s.io \
-    crd/trafficpolicies.fedmesh.io crd/authorizationpolicies.fedmesh.io
+    crd/trafficpolicies.fedmesh.io crd/authorizationpolicies.fedmesh.io \
+    crd/peerauthentications.fedmesh.io crd/requestauthentications.fedmesh.io
   kc "$c" apply -k "$HERE/base/namespace"
 
   gateway="$(node_ip "$c"):$GATEWAY_NODE_PORT"

@@ -162,6 +162,10 @@ pub struct ControlPlaneArgs {
     /// join as node agents.
     #[arg(long, default_value = "fedmesh-agent")]
     agent_service_account: String,
+    /// How often the JWK Sets of RequestAuthentications (`jwksUri`) are fetched again; a new
+    /// one is fetched at once.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    jwks_refresh: Duration,
 }
 
 pub async fn run(cmd: ControlPlaneCmd) -> anyhow::Result<()> {
@@ -319,6 +323,7 @@ async fn serve(a: ControlPlaneArgs) -> anyhow::Result<()> {
     config.svid_ttl = a.svid_ttl;
     config.system_namespace = a.system_namespace;
     config.agent_service_account = a.agent_service_account;
+    config.jwks_refresh = a.jwks_refresh;
     let shutdown = CancellationToken::new();
     let cp = ControlPlane::start(config, shutdown.clone()).await?;
     eprintln!(

@@ -54,6 +54,8 @@ pub struct ClusterSpec {
     /// Proxies send spans to the hub through the control plane, keeping this share of new
     /// traces (and every failed or slow request); `None`: no spans.
     pub traces: Option<f64>,
+    /// How often the control plane fetches JWK Sets again (`None`: its default).
+    pub jwks_refresh: Option<Duration>,
 }
 
 impl ClusterSpec {
@@ -63,6 +65,7 @@ impl ClusterSpec {
             region: region.into(),
             publish_gateway: None,
             traces: None,
+            jwks_refresh: None,
         }
     }
 }
@@ -345,6 +348,9 @@ impl Cluster {
             SourceSpec::Dir(src.clone()),
         );
         config.region = spec.region.clone();
+        if let Some(r) = spec.jwks_refresh {
+            config.jwks_refresh = r;
+        }
         config.hub = Some(hub_addr.to_string());
         config.gateways = vec![spec.publish_gateway.unwrap_or(gateway_addr).to_string()];
         // Port 0: the control plane binds, and a restart reuses the ports it got (no window

@@ -223,6 +223,7 @@ pub fn compile(
         })
         .collect();
     table.by_endpoint = by_endpoint;
+    table.permissive = table.services.values().any(|e| e.policy.permissive);
     Ok(table)
 }
 

@@ -160,6 +160,8 @@ pub struct RoutingTable {
     pub by_endpoint: HashMap<SocketAddr, (Arc<ServiceEntry>, Target)>,
     /// The addresses of `by_endpoint`.
     pub endpoint_ips: HashSet<Ipv4Addr>,
+    /// Some service is PERMISSIVE: inbound connections may be plain text.
+    pub permissive: bool,
 }
 
 impl RoutingTable {

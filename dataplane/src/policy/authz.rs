@@ -6,12 +6,18 @@
 //! policy: any authenticated caller. An invalid policy fails closed (an ALLOW matches nothing, a
 //! DENY everything). On opaque TCP there is no method, path or header: an ALLOW rule that needs
 //! one matches nothing, a DENY rule ignores it (denies more, never less).
+//!
+//! A caller without an identity (plain text to a PERMISSIVE service) never matches a source
+//! that names identities: not an ALLOW's (it is not allowed by who it is), and a DENY's only
+//! through its `not*` fields (it is none of the listed callers). A rule without `from` matches
+//! it, as any caller.
 
 use fedmesh_api::pb::dataplane as pb;
 use fedmesh_api::{SpiffeId, TrustDomain};
 use http::{HeaderMap, Method};
 
 use super::CallerPattern;
+use super::authn::Claims;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -64,8 +70,15 @@ struct Operation {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
+enum Key {
+    Header(http::HeaderName),
+    /// A validated JWT's claim, by its path.
+    Claim(Vec<String>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Condition {
-    header: http::HeaderName,
+    key: Key,
     values: Vec<Text>,
     not_values: Vec<Text>,
 }
@@ -94,7 +107,8 @@ pub struct Authz {
 /// What is being authorized: a caller, the service port it called and, for HTTP and gRPC, the
 /// request.
 pub struct Subject<'a> {
-    pub caller: &'a SpiffeId,
+    /// `None`: plain text from outside the mesh (unauthenticated).
+    pub caller: Option<&'a SpiffeId>,
     pub port: u16,
     pub http: Option<HttpRequest<'a>>,
 }
@@ -103,6 +117,8 @@ pub struct HttpRequest<'a> {
     pub method: &'a Method,
     pub path: &'a str,
     pub headers: &'a HeaderMap,
+    /// The claims of the request's validated JWT, if it carried one.
+    pub claims: Option<&'a Claims>,
 }
 
 /// The outcome: `denied_by` names the policy that refused (or the ALLOW policies none of which
@@ -140,7 +156,18 @@ fn namespace_of(id: &SpiffeId) -> Option<&str> {
 }
 
 impl Source {
-    fn matches(&self, caller: &SpiffeId) -> bool {
+    fn positive(&self) -> bool {
+        !self.principals.is_empty() || !self.namespaces.is_empty() || !self.trust_domains.is_empty()
+    }
+
+    fn negative(&self) -> bool {
+        !self.not_principals.is_empty() || !self.not_namespaces.is_empty()
+    }
+
+    fn matches(&self, caller: Option<&SpiffeId>, deny: bool) -> bool {
+        let Some(caller) = caller else {
+            return !self.positive() && (!self.negative() || deny);
+        };
         let ns = namespace_of(caller);
         (self.principals.is_empty() || self.principals.iter().any(|p| p.matches(caller)))
             && !self.not_principals.iter().any(|p| p.matches(caller))
@@ -180,20 +207,45 @@ impl Operation {
 impl Condition {
     fn matches(&self, s: &Subject<'_>, deny: bool) -> bool {
         let Some(r) = &s.http else { return deny };
-        let values: Vec<&str> = r
-            .headers
-            .get_all(&self.header)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        (self.values.is_empty() || values.iter().any(|v| any_text(&self.values, v)))
-            && !values.iter().any(|v| any_text(&self.not_values, v))
+        let values: Vec<std::borrow::Cow<'_, str>> = match &self.key {
+            Key::Header(h) => r
+                .headers
+                .get_all(h)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(Into::into)
+                .collect(),
+            Key::Claim(path) => claim_values(r.claims, path),
+        };
+        (self.values.is_empty() || values.iter().any(|v| any_text(&self.values, v.as_ref())))
+            && !values
+                .iter()
+                .any(|v| any_text(&self.not_values, v.as_ref()))
+    }
+}
+
+/// A claim's values: a string, each string of a list, or a number or boolean as text.
+fn claim_values<'a>(claims: Option<&'a Claims>, path: &[String]) -> Vec<std::borrow::Cow<'a, str>> {
+    let mut at = claims.and_then(|c| c.get(path.first()?));
+    for p in path.iter().skip(1) {
+        at = at.and_then(|v| v.get(p));
+    }
+    let one = |v: &'a serde_json::Value| match v {
+        serde_json::Value::String(s) => Some(std::borrow::Cow::Borrowed(s.as_str())),
+        serde_json::Value::Number(n) => Some(n.to_string().into()),
+        serde_json::Value::Bool(b) => Some(b.to_string().into()),
+        _ => None,
+    };
+    match at {
+        Some(serde_json::Value::Array(list)) => list.iter().filter_map(one).collect(),
+        Some(v) => one(v).into_iter().collect(),
+        None => Vec::new(),
     }
 }
 
 impl Rule {
     fn matches(&self, s: &Subject<'_>, deny: bool) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|f| f.matches(s.caller)))
+        (self.from.is_empty() || self.from.iter().any(|f| f.matches(s.caller, deny)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(s, deny)))
             && self.when.iter().all(|c| c.matches(s, deny))
     }
@@ -338,9 +390,16 @@ fn rule(r: &pb::AuthzRule) -> Result<Rule, String> {
             .when
             .iter()
             .map(|c| -> Result<Condition, String> {
+                let key = if c.claim.is_empty() {
+                    Key::Header(
+                        http::HeaderName::from_bytes(c.header.to_ascii_lowercase().as_bytes())
+                            .map_err(|_| format!("header {:?} is not a header name", c.header))?,
+                    )
+                } else {
+                    Key::Claim(c.claim.clone())
+                };
                 Ok(Condition {
-                    header: http::HeaderName::from_bytes(c.header.to_ascii_lowercase().as_bytes())
-                        .map_err(|_| format!("header {:?} is not a header name", c.header))?,
+                    key,
                     values: texts(&c.values),
                     not_values: texts(&c.not_values),
                 })
@@ -381,6 +440,7 @@ mod tests {
             method: m,
             path,
             headers: h,
+            claims: None,
         })
     }
 
@@ -435,7 +495,7 @@ mod tests {
         let batch = id(BATCH);
         let ask = |caller: &SpiffeId, m: &Method, path: &str| {
             let v = authz.evaluate(&Subject {
-                caller,
+                caller: Some(caller),
                 port: 80,
                 http: http(m, path, &h),
             });
@@ -488,7 +548,7 @@ mod tests {
                 .unwrap();
         let frontend = id(FRONTEND);
         let tcp = |port| Subject {
-            caller: &frontend,
+            caller: Some(&frontend),
             port,
             http: None,
         };
@@ -510,7 +570,7 @@ mod tests {
         let h = HeaderMap::new();
         let m = Method::GET;
         let s = Subject {
-            caller: &frontend,
+            caller: Some(&frontend),
             port: 80,
             http: http(&m, "/", &h),
         };
@@ -531,6 +591,7 @@ mod tests {
                         header: "X-Tenant".into(),
                         values: vec!["acme-*".into()],
                         not_values: vec!["acme-evil".into()],
+                        ..Default::default()
                     }],
                     ..Default::default()
                 }],
@@ -540,7 +601,7 @@ mod tests {
         let mut h = HeaderMap::new();
         let ask = |h: &HeaderMap| {
             when.evaluate(&Subject {
-                caller: &frontend,
+                caller: Some(&frontend),
                 port: 80,
                 http: http(&m, "/", h),
             })
@@ -575,7 +636,7 @@ mod tests {
         let ok = |s: &str| {
             authz
                 .evaluate(&Subject {
-                    caller: &id(s),
+                    caller: Some(&id(s)),
                     port: 80,
                     http: None,
                 })
@@ -587,5 +648,141 @@ mod tests {
         assert!(!ok(BATCH), "notPrincipals");
         assert!(!ok("spiffe://north.example/ns/shop/sa/x"), "trust domain");
         assert!(!ok("spiffe://east.example/fedmesh/gateway"), "no namespace");
+    }
+
+    /// Plain text to a PERMISSIVE service has no caller: an identity-based ALLOW never admits
+    /// it, a DENY by `notPrincipals` refuses it, and a rule without `from` takes it as anyone.
+    #[test]
+    fn an_unauthenticated_caller_never_matches_an_identity_based_allow() {
+        let h = HeaderMap::new();
+        let get = Method::GET;
+        let ask = |authz: &Authz, caller: Option<&SpiffeId>| {
+            authz
+                .evaluate(&Subject {
+                    caller,
+                    port: 80,
+                    http: http(&get, "/", &h),
+                })
+                .denied_by
+                .map(|d| d.policy().to_string())
+        };
+        let frontend = id(FRONTEND);
+        let by_identity = Authz::try_from(
+            &[
+                policy(
+                    "shop-only",
+                    pb::AuthzAction::AuthzAllow,
+                    vec![pb::AuthzRule {
+                        from: vec![pb::AuthzSource {
+                            namespaces: vec!["shop".into()],
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }],
+                ),
+                policy(
+                    "not-from-jobs",
+                    pb::AuthzAction::AuthzAllow,
+                    vec![pb::AuthzRule {
+                        from: vec![pb::AuthzSource {
+                            not_namespaces: vec!["jobs".into()],
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }],
+                ),
+            ][..],
+        )
+        .unwrap();
+        assert_eq!(ask(&by_identity, Some(&frontend)), None);
+        assert_eq!(ask(&by_identity, None).as_deref(), Some("shop-only"));
+
+        let deny_strangers = Authz::try_from(
+            &[policy(
+                "mesh-only",
+                pb::AuthzAction::AuthzDeny,
+                vec![pb::AuthzRule {
+                    from: vec![pb::AuthzSource {
+                        not_principals: vec!["spiffe://east.example/*".into()],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            )][..],
+        )
+        .unwrap();
+        assert_eq!(ask(&deny_strangers, Some(&frontend)), None);
+        assert_eq!(ask(&deny_strangers, None).as_deref(), Some("mesh-only"));
+
+        let anyone = Authz::try_from(
+            &[policy(
+                "gets",
+                pb::AuthzAction::AuthzAllow,
+                vec![pb::AuthzRule {
+                    to: vec![pb::AuthzOperation {
+                        methods: vec!["GET".into()],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            )][..],
+        )
+        .unwrap();
+        assert_eq!(ask(&anyone, None), None);
+    }
+
+    /// `when` on a JWT claim: a string claim, an element of a list claim, a nested claim; no
+    /// token means no value.
+    #[test]
+    fn claims_of_the_validated_token_decide_when_conditions() {
+        let authz = Authz::try_from(
+            &[policy(
+                "admins",
+                pb::AuthzAction::AuthzAllow,
+                vec![pb::AuthzRule {
+                    when: vec![
+                        pb::AuthzCondition {
+                            claim: vec!["groups".into()],
+                            values: vec!["admin*".into()],
+                            ..Default::default()
+                        },
+                        pb::AuthzCondition {
+                            claim: vec!["org".into(), "tier".into()],
+                            not_values: vec!["free".into()],
+                            ..Default::default()
+                        },
+                    ],
+                    ..Default::default()
+                }],
+            )][..],
+        )
+        .unwrap();
+        let h = HeaderMap::new();
+        let get = Method::GET;
+        let frontend = id(FRONTEND);
+        let ask = |claims: Option<&Claims>| {
+            authz
+                .evaluate(&Subject {
+                    caller: Some(&frontend),
+                    port: 80,
+                    http: Some(HttpRequest {
+                        method: &get,
+                        path: "/",
+                        headers: &h,
+                        claims,
+                    }),
+                })
+                .denied_by
+                .is_none()
+        };
+        let claims = |v: serde_json::Value| v.as_object().unwrap().clone();
+        assert!(ask(Some(&claims(serde_json::json!({
+            "groups": ["users", "admins"], "org": {"tier": "gold"}
+        })))));
+        assert!(!ask(Some(&claims(serde_json::json!({
+            "groups": ["admins"], "org": {"tier": "free"}
+        })))));
+        assert!(!ask(Some(&claims(serde_json::json!({"groups": "users"})))));
+        assert!(!ask(None));
     }
 }

@@ -3,6 +3,7 @@
 //! `Duration`, clusters as `ClusterName`, matchers ready to run ([`matchers`]), filters and
 //! backends typed ([`filters`]), callers as parsed patterns. The request path only runs them.
 
+mod authn;
 mod authz;
 mod filters;
 mod matchers;
@@ -14,6 +15,7 @@ use fedmesh_api::pb::dataplane as pb;
 use fedmesh_api::{ClusterName, SpiffeId, TrustDomain};
 use http::{HeaderMap, Method, Uri};
 
+pub use authn::{Authn, Claims, Unauthenticated};
 pub use authz::{Authz, Denial, HttpRequest, Subject, Verdict};
 pub use filters::{
     BackendTarget, Filter, HeaderModifier, Mirror, PathModifier, Redirect, Rewrite, RouteBackend,
@@ -144,6 +146,10 @@ pub struct Policy {
     /// Who may call it: its AuthorizationPolicies, and its TrafficPolicy's `allowedCallers` as
     /// an ALLOW policy. Empty: any authenticated caller.
     pub authz: Authz,
+    /// The JWTs a request must carry (its RequestAuthentications).
+    pub authn: Authn,
+    /// PeerAuthentication PERMISSIVE: plain text from outside the mesh is admitted too.
+    pub permissive: bool,
     /// The text of the TrafficPolicy's `allowedCallers`, for messages.
     pub allowed_callers_text: Vec<String>,
     pub connect_timeout: Option<Duration>,
@@ -243,6 +249,8 @@ impl TryFrom<&pb::TrafficPolicy> for Policy {
                 }
                 authz
             },
+            authn: Authn::from(&p.request_authn[..]),
+            permissive: p.mtls_mode == pb::MtlsMode::MtlsPermissive as i32,
             allowed_callers_text: p.allowed_callers.clone(),
             connect_timeout: millis(p.connect_timeout_ms),
             exhaustive: p.exhaustive,
@@ -376,7 +384,7 @@ mod tests {
             .unwrap();
             p.authz
                 .evaluate(&Subject {
-                    caller: &web,
+                    caller: Some(&web),
                     port: 80,
                     http: None,
                 })

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use fedmesh_api::authz::{AuthorizationPolicy, AuthzRuleSpec};
+use fedmesh_api::authz::{AuthzRuleSpec, AuthzTargetRef};
 use fedmesh_api::gateway::reason;
 use fedmesh_api::pb::dataplane as pb;
 use fedmesh_api::{ClusterName, Namespace, ServiceKey, SpiffeId, TrustDomain};
@@ -76,14 +76,31 @@ fn path(p: &str) -> Result<String, String> {
     Ok(p.to_string())
 }
 
-fn header_key(key: &str) -> Result<String, String> {
+/// A `when` key: `request.headers[NAME]` (the header, lower case) or
+/// `request.auth.claims[NAME]...` (the claim's path in the request's validated JWT).
+fn condition_key(key: &str) -> Result<(String, Vec<String>), String> {
+    if let Some(rest) = key.strip_prefix("request.auth.claims") {
+        let path: Vec<String> = rest
+            .strip_prefix('[')
+            .and_then(|r| r.strip_suffix(']'))
+            .map(|r| r.split("][").map(str::to_string).collect())
+            .unwrap_or_default();
+        if path.is_empty() || path.iter().any(|p| p.is_empty() || p.contains(['[', ']'])) {
+            return Err(format!(
+                "when key {key:?}: write request.auth.claims[NAME] (nested: [NAME][FIELD])"
+            ));
+        }
+        return Ok((String::new(), path));
+    }
     let name = key
         .strip_prefix("request.headers[")
         .and_then(|k| k.strip_suffix(']'))
-        .ok_or_else(|| format!("when key {key:?}: only request.headers[NAME] is supported"))?;
+        .ok_or_else(|| {
+            format!("when key {key:?}: use request.headers[NAME] or request.auth.claims[NAME]")
+        })?;
     http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
         .map_err(|_| format!("when key {key:?}: {name:?} is not a header name"))?;
-    Ok(name.to_ascii_lowercase())
+    Ok((name.to_ascii_lowercase(), Vec::new()))
 }
 
 /// One rule, checked; unknown clusters are listed in `unresolved` (they match no caller).
@@ -172,10 +189,12 @@ fn rule(
         if w.values.is_empty() && w.not_values.is_empty() {
             return Err(format!("when {:?}: give values or notValues", w.key));
         }
+        let (header, claim) = condition_key(&w.key)?;
         out.when.push(pb::AuthzCondition {
-            header: header_key(&w.key)?,
+            header,
             values: w.values.clone(),
             not_values: w.not_values.clone(),
+            claim,
         });
     }
     Ok(out)
@@ -191,7 +210,7 @@ fn action(a: Option<&str>) -> Result<pb::AuthzAction, String> {
 }
 
 /// Every service of `key`'s namespace (`namespace/name`).
-fn namespace_services(key: &ServiceKey, local: &LocalObjects) -> Vec<String> {
+pub(super) fn namespace_services(key: &ServiceKey, local: &LocalObjects) -> Vec<String> {
     local
         .services
         .keys()
@@ -200,17 +219,18 @@ fn namespace_services(key: &ServiceKey, local: &LocalObjects) -> Vec<String> {
         .collect()
 }
 
-/// The services `p` applies to (`namespace/name`), and the references that name no service.
-fn targets(
+/// The services a policy `key` with `refs` applies to (`namespace/name`; no refs: every service
+/// of its namespace), and the references that name no service.
+pub(super) fn targets(
     key: &ServiceKey,
-    p: &AuthorizationPolicy,
+    refs: &[AuthzTargetRef],
     local: &LocalObjects,
 ) -> Result<(Vec<String>, Vec<String>), String> {
-    if p.spec.target_refs.is_empty() {
+    if refs.is_empty() {
         return Ok((namespace_services(key, local), Vec::new()));
     }
     let (mut found, mut missing) = (Vec::new(), Vec::new());
-    for t in &p.spec.target_refs {
+    for t in refs {
         if t.kind != "Service" || !(t.group.is_empty() || t.group == "core") {
             return Err(format!(
                 "targetRefs: {} {} is not a Service (kind: Service, group \"\")",
@@ -251,7 +271,7 @@ pub fn compile(
                 .collect::<Result<Vec<_>, String>>()?;
             Ok((a, rules))
         });
-        let targeted = targets(key, p, local);
+        let targeted = targets(key, &p.spec.target_refs, local);
         let (compiled, accepted) = match (&checked, &targeted) {
             (Ok((a, rules)), Ok(_)) => (
                 pb::AuthzPolicy {
@@ -319,6 +339,7 @@ pub fn compile(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fedmesh_api::authz::AuthorizationPolicy;
     use fedmesh_api::pb::federation as fpb;
     use k8s_openapi::api::core::v1::Service;
 
@@ -392,7 +413,7 @@ mod tests {
     #[test]
     fn an_invalid_policy_fails_closed_and_says_why() {
         let l = local(&format!(
-            "{HEAD}metadata: {{name: bad-deny, namespace: shop}}\nspec:\n  action: DENY\n  targetRefs: [{{kind: Service, name: api}}]\n  rules:\n    - to: [{{operation: {{paths: [\"api/*\"]}}}}]\n---\n{HEAD}metadata: {{name: bad-action, namespace: shop}}\nspec:\n  action: deny\n  targetRefs: [{{kind: Service, name: web}}]\n---\n{HEAD}metadata: {{name: bad-when, namespace: shop}}\nspec:\n  targetRefs: [{{kind: Service, name: web}}]\n  rules:\n    - when: [{{key: \"request.auth.claims[iss]\", values: [x]}}]\n"
+            "{HEAD}metadata: {{name: bad-deny, namespace: shop}}\nspec:\n  action: DENY\n  targetRefs: [{{kind: Service, name: api}}]\n  rules:\n    - to: [{{operation: {{paths: [\"api/*\"]}}}}]\n---\n{HEAD}metadata: {{name: bad-action, namespace: shop}}\nspec:\n  action: deny\n  targetRefs: [{{kind: Service, name: web}}]\n---\n{HEAD}metadata: {{name: bad-when, namespace: shop}}\nspec:\n  targetRefs: [{{kind: Service, name: web}}]\n  rules:\n    - when: [{{key: \"request.auth.claims[]\", values: [x]}}, {{key: \"source.ip\", values: [x]}}]\n"
         ));
         let c = compile_here(&l);
         let api = &c.by_service["shop/api"];
@@ -423,7 +444,7 @@ mod tests {
             "{m}"
         );
         assert!(message("bad-action").contains("use ALLOW, DENY or AUDIT"));
-        assert!(message("bad-when").contains("only request.headers[NAME] is supported"));
+        assert!(message("bad-when").contains("write request.auth.claims[NAME]"));
     }
 
     #[test]

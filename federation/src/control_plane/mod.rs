@@ -7,11 +7,13 @@
 pub mod admin;
 pub mod agents;
 pub mod attest;
+pub mod authn;
 pub mod authz;
 pub mod config_stream;
 pub mod dns;
 pub mod hub_link;
 pub mod identity;
+pub mod jwks;
 pub mod nodes;
 pub mod policy;
 pub mod ratelimit;
@@ -93,6 +95,8 @@ pub struct ControlPlaneConfig {
     /// The node agents' service account (in the system namespace): on Kubernetes, only its
     /// pods' projected tokens may join as agents.
     pub agent_service_account: String,
+    /// How often the JWK Sets RequestAuthentications name by `jwksUri` are fetched again.
+    pub jwks_refresh: Duration,
 }
 
 impl ControlPlaneConfig {
@@ -118,6 +122,7 @@ impl ControlPlaneConfig {
             svid_ttl: Duration::from_secs(3600),
             system_namespace: "fedmesh-system".into(),
             agent_service_account: "fedmesh-agent".into(),
+            jwks_refresh: Duration::from_secs(300),
         }
     }
 }
@@ -164,6 +169,9 @@ pub struct ControlPlane {
     vips: Mutex<VipAllocator>,
     /// Each TrafficPolicy's last valid version, in force while a newer one is invalid.
     policy_memory: Mutex<policy::Memory>,
+    /// The JWK Sets RequestAuthentications fetch, and the uris the last snapshot used.
+    jwks: jwks::Jwks,
+    jwks_wanted: std::sync::Mutex<Vec<String>>,
     /// Clusterset-wide rate limits: declared here, demand of the sidecars, shares from the hub.
     pub rate_limits: Arc<ratelimit::ClustersetLimits>,
     pub credentials: Option<Arc<HubCredentials>>,
@@ -331,6 +339,8 @@ impl ControlPlane {
             snapshot: watch::Sender::new(Arc::new(Snapshot::default())),
             vips: Mutex::new(vips),
             policy_memory: Mutex::new(policy::Memory::new()),
+            jwks: jwks::Jwks::new(config.jwks_refresh),
+            jwks_wanted: std::sync::Mutex::default(),
             rate_limits: Arc::default(),
             credentials,
             dns_addr,
@@ -358,6 +368,7 @@ impl ControlPlane {
         })?;
         cp.clone().derive_desired().await;
         tokio::spawn(cp.clone().derive_loop());
+        tokio::spawn(cp.clone().jwks_loop());
         tokio::spawn(cp.clone().snapshot_loop());
         tokio::spawn(config_stream::run(
             cp.clone(),
@@ -505,6 +516,26 @@ impl ControlPlane {
         }
     }
 
+    /// Fetches the JWK Sets in use when they are new or due, and republishes when one changed.
+    async fn jwks_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let wanted = self
+                .jwks_wanted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if self.jwks.refresh_due(&wanted).await {
+                self.publish_snapshot(None).await;
+            }
+        }
+    }
+
     /// Rebuilds the snapshot for consumers, allocating clusterset IPs for new imports.
     async fn publish_snapshot(&self, validity: Option<BTreeMap<ServiceKey, Result<(), Invalid>>>) {
         let cs = self.clusterset.current();
@@ -537,6 +568,19 @@ impl ControlPlane {
                 .authorization = list;
         }
         policies.reports.extend(authz.reports);
+        let authn = authn::compile(&local, &self.jwks);
+        for (service, mode) in authn.mtls {
+            policies.by_service.entry(service).or_default().mtls_mode = mode as i32;
+        }
+        for (service, list) in authn.request {
+            policies
+                .by_service
+                .entry(service)
+                .or_default()
+                .request_authn = list;
+        }
+        policies.reports.extend(authn.reports);
+        *self.jwks_wanted.lock().unwrap_or_else(|p| p.into_inner()) = authn.jwks_uris;
         let policies = Arc::new(policies);
         self.rate_limits
             .set_declared(policies.clusterset_limits.clone());
@@ -657,6 +701,14 @@ impl ControlPlane {
                 (
                     "authorizationpolicies.yaml",
                     policy_docs("AuthorizationPolicy"),
+                ),
+                (
+                    "peerauthentications.yaml",
+                    policy_docs("PeerAuthentication"),
+                ),
+                (
+                    "requestauthentications.yaml",
+                    policy_docs("RequestAuthentication"),
                 ),
             ] {
                 if let Err(e) = status::write_yaml_if_changed(&dir.join(name), &docs) {

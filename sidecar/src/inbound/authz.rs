@@ -17,7 +17,8 @@ use fedmesh_dataplane::policy::{ALLOWED_CALLERS, Denial, HttpRequest, Subject};
 use http::{Request, Response};
 use tower::{Layer, Service};
 
-use super::identity::inbound_ctx;
+use super::authn::RequestClaims;
+use super::identity::{caller_name, inbound_ctx};
 use crate::outbound::BoxFuture;
 
 /// Whether the subject may call the service of `entry` (a service without an entry has no
@@ -34,7 +35,7 @@ pub(crate) fn authorize(
         return Ok(());
     }
     let service = entry.key.to_string();
-    let caller = s.caller.to_string();
+    let caller = caller_name(s.caller);
     for policy in &verdict.audited {
         metrics.count_authz(&service, policy, &caller, "audited");
         tracing::info!(%service, %caller, policy, "audit: an AUDIT policy matched; let through");
@@ -94,12 +95,13 @@ where
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let checked = inbound_ctx(&req).and_then(|ctx| {
             let subject = Subject {
-                caller: &ctx.caller,
+                caller: ctx.caller.as_ref(),
                 port: ctx.mesh.port,
                 http: Some(HttpRequest {
                     method: req.method(),
                     path: req.uri().path(),
                     headers: req.headers(),
+                    claims: req.extensions().get::<RequestClaims>().map(|c| &*c.0),
                 }),
             };
             authorize(ctx.entry.as_deref(), &subject, &self.metrics)
@@ -229,7 +231,7 @@ mod tests {
         let metrics = ProxyMetrics::new("test");
         let caller = "spiffe://x.example/ns/a/sa/b".parse().unwrap();
         let s = Subject {
-            caller: &caller,
+            caller: Some(&caller),
             port: 80,
             http: None,
         };

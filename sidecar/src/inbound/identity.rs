@@ -21,20 +21,36 @@ use tower::{Layer, Service};
 use crate::outbound::BoxFuture;
 use crate::{PROXY_ERROR, XFCC};
 
+/// How a caller without an identity is named in metrics, access logs and spans: plain text to
+/// a PERMISSIVE service.
+pub(crate) const UNAUTHENTICATED: &str = "unauthenticated";
+
 /// Who called and what for, settled once per connection.
 pub(crate) struct InboundConn {
     /// The TCP peer: the caller's sidecar, or the gateway it came through.
     pub peer: SocketAddr,
-    pub caller: SpiffeId,
+    /// The verified caller; `None` for plain text (PERMISSIVE).
+    pub caller: Option<SpiffeId>,
     pub caller_cluster: String,
     /// The service port named by the SNI and the app address, once checked to be served here.
     pub admitted: Result<(MeshSni, SocketAddr), ProxyError>,
 }
 
+impl InboundConn {
+    /// The caller's SPIFFE ID, or `unauthenticated`.
+    pub fn caller_name(&self) -> String {
+        caller_name(self.caller.as_ref())
+    }
+}
+
+pub(crate) fn caller_name(caller: Option<&SpiffeId>) -> String {
+    caller.map_or_else(|| UNAUTHENTICATED.to_string(), ToString::to_string)
+}
+
 /// What the layers below identity know of a request.
 #[derive(Clone)]
 pub(crate) struct InboundCtx {
-    pub caller: SpiffeId,
+    pub caller: Option<SpiffeId>,
     pub mesh: MeshSni,
     pub app: SocketAddr,
     /// The service's entry in the configuration the request arrived under.
@@ -109,7 +125,10 @@ where
             .spiffe_id()
             .map(|i| i.to_string())
             .unwrap_or_default();
-        if let Ok(v) = HeaderValue::from_str(&format!("By={own};URI={}", conn.caller)) {
+        // Plain text carries no client certificate: no XFCC, and none the caller wrote.
+        if let Some(caller) = &conn.caller
+            && let Ok(v) = HeaderValue::from_str(&format!("By={own};URI={caller}"))
+        {
             headers.insert(XFCC, v);
         }
         let entry = self.layer.config.table().service(&mesh.service).cloned();
@@ -144,7 +163,7 @@ mod tests {
     fn conn(admitted: Result<(MeshSni, SocketAddr), ProxyError>) -> Arc<InboundConn> {
         Arc::new(InboundConn {
             peer: "127.0.0.1:40000".parse().unwrap(),
-            caller: "spiffe://west.example/ns/shop/sa/frontend".parse().unwrap(),
+            caller: Some("spiffe://west.example/ns/shop/sa/frontend".parse().unwrap()),
             caller_cluster: "west".into(),
             admitted,
         })

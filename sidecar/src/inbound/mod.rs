@@ -3,12 +3,18 @@
 //!
 //! ```text
 //! observe (metrics, error -> response) → identity (the connection's verified caller; requests
-//! on a connection not admitted get the reason) → authorization (the service's allowed callers)
-//! → rate limit (the service's own, per caller, its clusterset-wide share) → app (loopback)
+//! on a connection not admitted get the reason) → authentication (the JWT a RequestAuthentication
+//! wants) → authorization (AuthorizationPolicies) → rate limit (the service's own, per caller,
+//! its clusterset-wide share) → app (loopback)
 //! ```
 //!
 //! Opaque TCP is admitted and authorized once per connection, then relayed ([`opaque`]), where
 //! HTTP found inside a tunnel goes through the same stack.
+//!
+//! A PERMISSIVE service (PeerAuthentication) also takes plain text from callers outside the
+//! mesh, told from TLS by the first byte ([`plaintext`]): such a connection has no caller
+//! identity (`unauthenticated` in metrics, access logs and spans) and is otherwise served as a
+//! tunnel's opening is — HTTP through the same stack, anything else relayed once authorized.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -37,10 +43,12 @@ use tower::{Layer, ServiceExt};
 use crate::net;
 
 mod app;
+mod authn;
 mod authz;
 mod identity;
 mod observe;
 mod opaque;
+mod plaintext;
 mod ratelimit;
 #[cfg(test)]
 mod test_support;
@@ -204,6 +212,11 @@ impl Sidecar {
             s.local_addr()
         };
         let Ok(addressed) = addressed else { return };
+        if self.config.table().permissive && !self.starts_with_tls(&s).await {
+            return self
+                .inbound_plaintext(s, peer, addressed, app, graceful)
+                .await;
+        }
         let tls = match tokio::time::timeout(
             Duration::from_secs(10),
             TlsAcceptor::from(self.inbound_tls.clone()).accept(s),
@@ -248,12 +261,12 @@ impl Sidecar {
                 app,
                 caller.trust_domain(),
             ),
-            caller,
+            caller: Some(caller),
         });
         drop(table);
         if let Err(e) = &conn.admitted {
             self.metrics.refuse(e.kind());
-            tracing::info!(%peer, caller = %conn.caller, error = %e, "inbound connection not admitted");
+            tracing::info!(%peer, caller = %conn.caller_name(), error = %e, "inbound connection not admitted");
         }
         match alpn.as_deref() {
             Some(ALPN_TCP_TRACED) => {
@@ -263,11 +276,11 @@ impl Sidecar {
                     Ok(Ok(context)) => self.inbound_tcp(tls, conn, graceful, context).await,
                     Ok(Err(e)) => {
                         self.metrics.refuse("bad_tcp_preamble");
-                        tracing::info!(%peer, caller = %conn.caller, error = %e, "inbound TCP connection refused: its trace context preamble is malformed");
+                        tracing::info!(%peer, caller = %conn.caller_name(), error = %e, "inbound TCP connection refused: its trace context preamble is malformed");
                     }
                     Err(_) => {
                         self.metrics.refuse("bad_tcp_preamble");
-                        tracing::info!(%peer, caller = %conn.caller, "inbound TCP connection refused: no trace context preamble within {TCP_PREAMBLE_WAIT:?}");
+                        tracing::info!(%peer, caller = %conn.caller_name(), "inbound TCP connection refused: no trace context preamble within {TCP_PREAMBLE_WAIT:?}");
                     }
                 }
             }
@@ -332,7 +345,7 @@ impl Sidecar {
             }
         };
         let subject = fedmesh_dataplane::policy::Subject {
-            caller: &conn.caller,
+            caller: conn.caller.as_ref(),
             port: mesh.port,
             http: None,
         };
@@ -378,7 +391,7 @@ impl Sidecar {
         )?;
         for kv in [
             KeyValue::new("fedmesh.service", service),
-            KeyValue::new("fedmesh.caller", conn.caller.to_string()),
+            KeyValue::new("fedmesh.caller", conn.caller_name()),
             KeyValue::new("fedmesh.source.cluster", conn.caller_cluster.clone()),
             KeyValue::new(
                 "fedmesh.destination.cluster",
@@ -411,11 +424,15 @@ impl Sidecar {
             metrics: parts.metrics.clone(),
         }
         .layer(limited);
+        let authenticated = authn::AuthenticateLayer {
+            metrics: parts.metrics.clone(),
+        }
+        .layer(authorized);
         let identified = identity::IdentityLayer {
             config: parts.config.clone(),
             identity: parts.identity.clone(),
         }
-        .layer(authorized);
+        .layer(authenticated);
         let observed = observe::ObserveLayer {
             metrics: parts.metrics,
             config: parts.config,

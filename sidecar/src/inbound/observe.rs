@@ -116,7 +116,7 @@ where
                     src_cluster: &conn.caller_cluster,
                     dst_cluster: table.cluster_name(),
                     service: &service,
-                    caller: &conn.caller.to_string(),
+                    caller: &conn.caller_name(),
                     upstream: &app,
                     attempts: 1,
                     proxy_error: resp
@@ -157,7 +157,7 @@ fn server_attributes(
         "fedmesh.destination.cluster",
         cluster.to_string(),
     ));
-    attrs.push(KeyValue::new("fedmesh.caller", conn.caller.to_string()));
+    attrs.push(KeyValue::new("fedmesh.caller", conn.caller_name()));
     if let Some(id) = identity.spiffe_id() {
         attrs.push(KeyValue::new("fedmesh.callee", id.to_string()));
     }
@@ -188,7 +188,7 @@ mod tests {
         let mut req = Request::get("/").body(full("")).unwrap();
         req.extensions_mut().insert(Arc::new(InboundConn {
             peer: "127.0.0.1:40000".parse().unwrap(),
-            caller: "spiffe://west.example/ns/shop/sa/frontend".parse().unwrap(),
+            caller: Some("spiffe://west.example/ns/shop/sa/frontend".parse().unwrap()),
             caller_cluster: "west".into(),
             admitted: if admitted {
                 Ok((

@@ -180,6 +180,16 @@ impl Sidecar {
             Ok(Some(http)) => Plan::Http(http, Prefixed::new(buf, tls)),
             Ok(None) => self.server_first(tls, buf, app).await,
         };
+        // A plain-text caller's connection is authorized here, once it is known not to be HTTP
+        // (HTTP is authorized per request).
+        let plan = match plan {
+            Plan::Relay(..)
+                if conn.caller.is_none() && self.unauthenticated_relay_denied(&conn) =>
+            {
+                Plan::Refuse("unauthorized")
+            }
+            plan => plan,
+        };
         match plan {
             Plan::Relay(client, up) => {
                 self.metrics.tcp_active.inc();
@@ -202,14 +212,17 @@ impl Sidecar {
                 }
             }
             Plan::Refuse(reason) => {
-                self.metrics.refuse(reason);
+                if reason != "unauthorized" {
+                    // (authorization counted its own refusal)
+                    self.metrics.refuse(reason);
+                }
                 if let Some(s) = &mut span {
                     s.fail(reason);
                 }
                 match reason {
-                    "app_unreachable" | "caller_closed" => {}
+                    "app_unreachable" | "caller_closed" | "unauthorized" => {}
                     _ => tracing::info!(
-                        caller = %conn.caller,
+                        caller = %conn.caller_name(),
                         reason,
                         "inbound tunnel refused: its opening could be an HTTP request the sidecar cannot check"
                     ),

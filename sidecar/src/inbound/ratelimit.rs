@@ -47,7 +47,12 @@ pub(crate) struct ServiceRateLimit<S> {
 }
 
 impl ServiceRateLimitLayer {
-    fn admit(&self, entry: &ServiceEntry, port: u16, caller: &SpiffeId) -> Result<(), ProxyError> {
+    fn admit(
+        &self,
+        entry: &ServiceEntry,
+        port: u16,
+        caller: Option<&SpiffeId>,
+    ) -> Result<(), ProxyError> {
         let service = &entry.key;
         if let Some(share) = &entry.policy.clusterset_rate_limit {
             *self
@@ -74,6 +79,8 @@ impl ServiceRateLimitLayer {
             return Ok(());
         };
         let (key, what) = if limit.per_caller {
+            // Unauthenticated callers (plain text, PERMISSIVE) share one bucket.
+            let caller = super::identity::caller_name(caller);
             (
                 format!("inbound|{service}|{caller}"),
                 format!("{service} for {caller}"),
@@ -106,7 +113,7 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let admitted = inbound_ctx(&req).and_then(|ctx| match &ctx.entry {
-            Some(entry) => self.layer.admit(entry, ctx.mesh.port, &ctx.caller),
+            Some(entry) => self.layer.admit(entry, ctx.mesh.port, ctx.caller.as_ref()),
             None => Ok(()),
         });
         if let Err(e) = admitted {

@@ -24,7 +24,7 @@ pub(crate) fn web_entry(policy: pb::TrafficPolicy) -> Arc<ServiceEntry> {
 pub(crate) fn request_from(entry: &Arc<ServiceEntry>, caller: &str) -> Request<Body> {
     let mut req = Request::get("/").body(full("")).unwrap();
     req.extensions_mut().insert(InboundCtx {
-        caller: caller.parse().unwrap(),
+        caller: Some(caller.parse().unwrap()),
         mesh: MeshSni::new(80, entry.key.clone(), "east".parse().unwrap()),
         app: "127.0.0.1:1001".parse().unwrap(),
         entry: Some(entry.clone()),

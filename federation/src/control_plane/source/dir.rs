@@ -163,6 +163,16 @@ impl DirSource {
                             objs.authz_policies.insert(k, (**p).clone());
                         }
                     }
+                    Object::PeerAuthentication(p) => {
+                        if let Some(k) = key_of(&p.metadata) {
+                            objs.peer_authns.insert(k, (**p).clone());
+                        }
+                    }
+                    Object::RequestAuthentication(p) => {
+                        if let Some(k) = key_of(&p.metadata) {
+                            objs.request_authns.insert(k, (**p).clone());
+                        }
+                    }
                     Object::HttpRoute(r) => {
                         if let Some(k) = key_of(&r.metadata) {
                             objs.http_routes.insert(k, (**r).clone());

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fedmesh_api::authn::{PeerAuthentication, RequestAuthentication};
 use fedmesh_api::authz::AuthorizationPolicy;
 use fedmesh_api::gateway::{GRPCRoute, HTTPRoute};
 use fedmesh_api::mcs::{
@@ -39,11 +40,13 @@ use super::{LocalObjects, key_of};
 
 const FIELD_MANAGER: &str = "fedmesh";
 /// How many kinds the source watches; it publishes once every one has listed.
-const WATCHED_KINDS: usize = 7;
+const WATCHED_KINDS: usize = 9;
 /// Kinds whose CRD may be absent.
-const OPTIONAL_KINDS: [&str; 4] = [
+const OPTIONAL_KINDS: [&str; 6] = [
     "trafficpolicies",
     "authorizationpolicies",
+    "peerauthentications",
+    "requestauthentications",
     "httproutes",
     "grpcroutes",
 ];
@@ -55,6 +58,8 @@ struct State {
     exports: BTreeMap<ServiceKey, ServiceExport>,
     policies: BTreeMap<ServiceKey, TrafficPolicy>,
     authz_policies: BTreeMap<ServiceKey, AuthorizationPolicy>,
+    peer_authns: BTreeMap<ServiceKey, PeerAuthentication>,
+    request_authns: BTreeMap<ServiceKey, RequestAuthentication>,
     http_routes: BTreeMap<ServiceKey, HTTPRoute>,
     grpc_routes: BTreeMap<ServiceKey, GRPCRoute>,
     /// Which watchers have completed their initial list.
@@ -109,6 +114,20 @@ impl KubeSource {
             me.clone(),
             shutdown.clone(),
         );
+        spawn_watch::<PeerAuthentication>(
+            Api::all(client.clone()),
+            "peerauthentications",
+            state.clone(),
+            me.clone(),
+            shutdown.clone(),
+        );
+        spawn_watch::<RequestAuthentication>(
+            Api::all(client.clone()),
+            "requestauthentications",
+            state.clone(),
+            me.clone(),
+            shutdown.clone(),
+        );
         spawn_watch::<HTTPRoute>(
             Api::all(client.clone()),
             "httproutes",
@@ -139,6 +158,8 @@ impl KubeSource {
             exports: st.exports.clone(),
             policies: st.policies.clone(),
             authz_policies: st.authz_policies.clone(),
+            peer_authns: st.peer_authns.clone(),
+            request_authns: st.request_authns.clone(),
             http_routes: st.http_routes.clone(),
             grpc_routes: st.grpc_routes.clone(),
         };
@@ -226,6 +247,28 @@ impl Watched for AuthorizationPolicy {
     }
 }
 
+/// A namespaced kind kept in one map of the state by its namespace/name.
+macro_rules! watched_by_key {
+    ($kind:ty, $field:ident) => {
+        impl Watched for $kind {
+            fn insert(st: &mut State, o: Self) {
+                let Some(k) = key_of(&o.metadata) else { return };
+                st.$field.insert(k, o);
+            }
+            fn remove(st: &mut State, o: &Self) {
+                if let Some(k) = key_of(&o.metadata) {
+                    st.$field.remove(&k);
+                }
+            }
+            fn clear(st: &mut State) {
+                st.$field.clear();
+            }
+        }
+    };
+}
+watched_by_key!(PeerAuthentication, peer_authns);
+watched_by_key!(RequestAuthentication, request_authns);
+
 impl Watched for TrafficPolicy {
     fn insert(st: &mut State, o: Self) {
         // Checked by the control plane, which keeps the last valid version of each policy in
@@ -289,6 +332,26 @@ impl Watched for ServiceExport {
     fn clear(st: &mut State) {
         st.exports.clear();
     }
+}
+
+/// Patches the status of the namespaced object `ns/name` of kind `K`.
+async fn patch_status<K>(
+    client: kube::Client,
+    ns: &str,
+    name: &str,
+    params: &PatchParams,
+    patch: &Patch<&serde_json::Value>,
+) -> kube::Result<()>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client, ns)
+        .patch_status(name, params, patch)
+        .await
+        .map(|_| ())
 }
 
 fn spawn_watch<K: Watched>(
@@ -591,16 +654,18 @@ impl KubeWriter {
             if !self.changed(&id, &patch).await {
                 continue;
             }
-            let result = if *kind == "AuthorizationPolicy" {
-                Api::<AuthorizationPolicy>::namespaced(self.client.clone(), &ns)
-                    .patch_status(&name, &params, &Patch::Apply(&patch))
-                    .await
-                    .map(|_| ())
-            } else {
-                Api::<TrafficPolicy>::namespaced(self.client.clone(), &ns)
-                    .patch_status(&name, &params, &Patch::Apply(&patch))
-                    .await
-                    .map(|_| ())
+            let (c, p) = (self.client.clone(), Patch::Apply(&patch));
+            let result = match *kind {
+                "AuthorizationPolicy" => {
+                    patch_status::<AuthorizationPolicy>(c, &ns, &name, &params, &p).await
+                }
+                "PeerAuthentication" => {
+                    patch_status::<PeerAuthentication>(c, &ns, &name, &params, &p).await
+                }
+                "RequestAuthentication" => {
+                    patch_status::<RequestAuthentication>(c, &ns, &name, &params, &p).await
+                }
+                _ => patch_status::<TrafficPolicy>(c, &ns, &name, &params, &p).await,
             };
             if let Err(err) = result {
                 tracing::warn!(%ns, %name, error = %err, "cannot write {kind} status");

@@ -8,6 +8,7 @@ pub mod pods;
 
 use std::collections::BTreeMap;
 
+use fedmesh_api::authn::{PeerAuthentication, RequestAuthentication};
 use fedmesh_api::authz::AuthorizationPolicy;
 use fedmesh_api::gateway::{GRPCRoute, HTTPRoute};
 use fedmesh_api::mcs::{ServiceExport, condition, reason};
@@ -32,6 +33,9 @@ pub struct LocalObjects {
     pub policies: BTreeMap<ServiceKey, TrafficPolicy>,
     /// Authorization policies, keyed by their own namespace and name.
     pub authz_policies: BTreeMap<ServiceKey, AuthorizationPolicy>,
+    /// PeerAuthentications and RequestAuthentications, keyed by their own namespace and name.
+    pub peer_authns: BTreeMap<ServiceKey, PeerAuthentication>,
+    pub request_authns: BTreeMap<ServiceKey, RequestAuthentication>,
     /// Gateway API routes, keyed by their own namespace/name.
     pub http_routes: BTreeMap<ServiceKey, HTTPRoute>,
     pub grpc_routes: BTreeMap<ServiceKey, GRPCRoute>,
@@ -267,6 +271,8 @@ pub enum Object {
     ServiceExport(Box<ServiceExport>),
     TrafficPolicy(Box<TrafficPolicy>),
     AuthorizationPolicy(Box<AuthorizationPolicy>),
+    PeerAuthentication(Box<PeerAuthentication>),
+    RequestAuthentication(Box<RequestAuthentication>),
     HttpRoute(Box<HTTPRoute>),
     GrpcRoute(Box<GRPCRoute>),
 }
@@ -280,6 +286,8 @@ impl Object {
             Object::ServiceExport(o) => ("ServiceExport", &o.metadata),
             Object::TrafficPolicy(o) => ("TrafficPolicy", &o.metadata),
             Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
+            Object::PeerAuthentication(o) => ("PeerAuthentication", &o.metadata),
+            Object::RequestAuthentication(o) => ("RequestAuthentication", &o.metadata),
             Object::HttpRoute(o) => ("HTTPRoute", &o.metadata),
             Object::GrpcRoute(o) => ("GRPCRoute", &o.metadata),
         };
@@ -341,6 +349,14 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, String> {
             fedmesh_api::ServiceName::new(&name).map_err(|e| format!("{what}: {e}"))?;
             Object::AuthorizationPolicy(Box::new(typed(&doc, &what)?))
         }
+        ("fedmesh.io/v1alpha1", "PeerAuthentication") => {
+            fedmesh_api::ServiceName::new(&name).map_err(|e| format!("{what}: {e}"))?;
+            Object::PeerAuthentication(Box::new(typed(&doc, &what)?))
+        }
+        ("fedmesh.io/v1alpha1", "RequestAuthentication") => {
+            fedmesh_api::ServiceName::new(&name).map_err(|e| format!("{what}: {e}"))?;
+            Object::RequestAuthentication(Box::new(typed(&doc, &what)?))
+        }
         ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
             fedmesh_api::ServiceName::new(&name).map_err(|e| format!("{what}: route {e}"))?;
             Object::HttpRoute(Box::new(typed(&doc, &what)?))
@@ -352,7 +368,7 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, String> {
         ("", _) | (_, "") => return Err(format!("document has no apiVersion or kind ({what})")),
         _ => {
             return Err(format!(
-                "{api_version} {kind} is not a kind fedmesh reads (Service v1, EndpointSlice discovery.k8s.io/v1, ServiceExport multicluster.x-k8s.io/v1alpha1, HTTPRoute and GRPCRoute gateway.networking.k8s.io/v1, TrafficPolicy and AuthorizationPolicy fedmesh.io/v1alpha1)"
+                "{api_version} {kind} is not a kind fedmesh reads (Service v1, EndpointSlice discovery.k8s.io/v1, ServiceExport multicluster.x-k8s.io/v1alpha1, HTTPRoute and GRPCRoute gateway.networking.k8s.io/v1, TrafficPolicy, AuthorizationPolicy, PeerAuthentication and RequestAuthentication fedmesh.io/v1alpha1)"
             ));
         }
     };
