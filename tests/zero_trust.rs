@@ -270,6 +270,43 @@ async fn a_permissive_service_takes_plain_text_as_unauthenticated_and_strict_clo
         "{metrics}"
     );
 
+    // `fedmesh status` shows how much plain text the service still gets (the sidecar reports
+    // every 2 s, the control plane passes it on to the hub). The last request is plain text, so
+    // the last report counts some.
+    assert_eq!(
+        plain_get(w.inbound, "/again", "").await.map(|r| r.0),
+        Some(200)
+    );
+    let mut shown = String::new();
+    for _ in 0..60 {
+        let out = std::process::Command::new(support::fedmesh_bin())
+            .args(["status"])
+            .env("FEDMESH_ADMIN", format!("http://{}", tb.hub_admin))
+            .env("FEDMESH_ADMIN_TOKEN", &tb.hub_admin_token)
+            .env("HOME", dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        shown = String::from_utf8_lossy(&out.stdout).to_string();
+        if shown.contains("PERMISSIVE SERVICE") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let row = shown
+        .lines()
+        .find(|l| l.starts_with("shop/api ") && l.contains('%'))
+        .unwrap_or_else(|| panic!("no plain-text row:\n{shown}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cols[1], "west", "{row}");
+    let plain: f64 = cols[3].parse().unwrap();
+    let share: f64 = cols[4].trim_end_matches('%').parse().unwrap();
+    assert!(plain > 0.0 && share > 0.0 && share <= 100.0, "{shown}");
+
     // An ALLOW by identity: the frontend passes, plain text never does.
     west.write(
         "authz.yaml",

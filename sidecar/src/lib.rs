@@ -120,6 +120,7 @@ pub struct Sidecar {
     inbound_tls: Arc<rustls::ServerConfig>,
     /// Requests seen since the last report, per service with a clusterset-wide limit.
     demand: inbound::Demand,
+    permissive: inbound::PermissiveTraffic,
 }
 
 impl Sidecar {
@@ -161,6 +162,7 @@ impl Sidecar {
             ],
         );
         let demand = inbound::Demand::default();
+        let permissive = inbound::PermissiveTraffic::default();
         let plain_h1 = inbound::h1_client(options.connect_timeout);
         let inbound = Self::inbound_stack(inbound::InboundParts {
             spans: options.spans.clone(),
@@ -171,6 +173,7 @@ impl Sidecar {
             metrics: metrics.clone(),
             limiter: limiter.clone(),
             demand: demand.clone(),
+            permissive: permissive.clone(),
             connect_timeout: options.connect_timeout,
             idle_timeout: options.idle_timeout,
         });
@@ -179,6 +182,7 @@ impl Sidecar {
             inbound,
             plain_h1,
             demand,
+            permissive,
             balancer,
             upstreams,
             outbound,
@@ -285,7 +289,8 @@ impl Sidecar {
     }
 
     /// Every couple of seconds, tells the control plane how many requests this sidecar saw for
-    /// each service it serves under a clusterset-wide limit (the hub shares the limit by demand).
+    /// each service it serves under a clusterset-wide limit (the hub shares the limit by demand),
+    /// and for each PERMISSIVE one how many came in plain text.
     async fn report_demand(self: Arc<Self>, shutdown: CancellationToken) {
         const EVERY: Duration = Duration::from_secs(2);
         let mut tick = tokio::time::interval(EVERY);
@@ -301,11 +306,24 @@ impl Sidecar {
                 .unwrap_or_else(|p| p.into_inner())
                 .drain()
                 .collect();
-            if seen.is_empty() {
+            let permissive = self.permissive.drain();
+            if seen.is_empty() && permissive.is_empty() {
                 continue;
             }
+            let interval_ms = EVERY.as_millis() as u32;
             self.config
                 .report_demand(fedmesh_api::pb::dataplane::Demand {
+                    permissive: permissive
+                        .into_iter()
+                        .map(|(service, (mtls, plaintext))| {
+                            fedmesh_api::pb::dataplane::PermissiveRequests {
+                                service: service.to_string(),
+                                mtls,
+                                plaintext,
+                                interval_ms,
+                            }
+                        })
+                        .collect(),
                     services: seen
                         .into_iter()
                         .map(

@@ -81,9 +81,10 @@ pub(super) fn table(header: &[&str]) -> Table {
 pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     let client = a.admin.client()?;
     let (clusters, services) = (client.clusters().await?, client.services().await?);
+    let plaintext = client.plaintext().await?;
     if print_doc(
         a.output,
-        &serde_json::json!({ "clusters": clusters, "services": services }),
+        &serde_json::json!({ "clusters": clusters, "services": services, "plaintext": plaintext }),
     )? {
         return Ok(());
     }
@@ -227,6 +228,34 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
                 ),
                 cell(&p.reason, None),
                 cell(&p.message, None),
+            ]);
+        }
+        println!("{t}");
+    }
+    if !plaintext.is_empty() {
+        // The migration to mTLS: a PERMISSIVE service whose plain-text share stays at 0 can be
+        // made STRICT.
+        let mut t = table(&[
+            "PERMISSIVE SERVICE",
+            "CLUSTER",
+            "MTLS/S",
+            "PLAIN TEXT/S",
+            "PLAIN TEXT",
+        ]);
+        for p in &plaintext {
+            t.add_row(vec![
+                cell(&p.service, None),
+                cell(&p.cluster, None),
+                cell(format!("{:.1}", p.mtls_per_second), None),
+                cell(format!("{:.1}", p.plaintext_per_second), None),
+                cell(
+                    format!("{:.0}%", p.plaintext_share * 100.0),
+                    Some(if p.plaintext_per_second > 0.0 {
+                        Color::Yellow
+                    } else {
+                        Color::Green
+                    }),
+                ),
             ]);
         }
         println!("{t}");

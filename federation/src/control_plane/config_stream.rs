@@ -413,6 +413,7 @@ impl DataPlane for ConfigService {
                         }
                         Ok(Some(pb::DataPlaneMessage { msg: Some(pb::data_plane_message::Msg::Demand(d)) })) => {
                             cp.rate_limits.record(&stream_id, caller_ns.as_deref(), &d);
+                            cp.peer_traffic.record(&stream_id, caller_ns.as_deref(), &d.permissive);
                             continue;
                         }
                         Ok(Some(pb::DataPlaneMessage { msg: Some(pb::data_plane_message::Msg::Subscribe(s)) })) => {

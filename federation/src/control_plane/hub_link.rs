@@ -326,6 +326,7 @@ pub async fn run(
     mut desired: watch::Receiver<Arc<Desired>>,
     status: watch::Sender<PublishStatus>,
     limits: Arc<super::ratelimit::ClustersetLimits>,
+    traffic: Arc<super::peer_traffic::PeerTraffic>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(200);
@@ -343,6 +344,7 @@ pub async fn run(
             &status,
             &mut accepted,
             &limits,
+            &traffic,
             &shutdown,
         )
         .await;
@@ -380,6 +382,7 @@ async fn session(
     status: &watch::Sender<PublishStatus>,
     accepted: &mut Accepted,
     limits: &super::ratelimit::ClustersetLimits,
+    traffic: &super::peer_traffic::PeerTraffic,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
     let mut client = FederationClient::new(creds.channel_to(replica)?)
@@ -454,6 +457,13 @@ async fn session(
                 {
                     let _ = publish_tx.try_send(pb::ClusterMessage {
                         msg: Some(pb::cluster_message::Msg::Demand(d)),
+                    });
+                }
+                if hub_has.is_some()
+                    && let Some(t) = traffic.report()
+                {
+                    let _ = publish_tx.try_send(pb::ClusterMessage {
+                        msg: Some(pb::cluster_message::Msg::Traffic(t)),
                     });
                 }
             }

@@ -15,6 +15,7 @@ pub mod hub_link;
 pub mod identity;
 pub mod jwks;
 pub mod nodes;
+pub mod peer_traffic;
 pub mod policy;
 pub mod ratelimit;
 pub mod routes;
@@ -174,6 +175,8 @@ pub struct ControlPlane {
     jwks_wanted: std::sync::Mutex<Vec<String>>,
     /// Clusterset-wide rate limits: declared here, demand of the sidecars, shares from the hub.
     pub rate_limits: Arc<ratelimit::ClustersetLimits>,
+    /// Requests to PERMISSIVE services, mTLS or plain text, as the sidecars count them.
+    pub peer_traffic: Arc<peer_traffic::PeerTraffic>,
     pub credentials: Option<Arc<HubCredentials>>,
     pub dns_addr: Option<SocketAddr>,
     pub listen_addr: Option<SocketAddr>,
@@ -342,6 +345,7 @@ impl ControlPlane {
             jwks: jwks::Jwks::new(config.jwks_refresh),
             jwks_wanted: std::sync::Mutex::default(),
             rate_limits: Arc::default(),
+            peer_traffic: Arc::default(),
             credentials,
             dns_addr,
             listen_addr,
@@ -384,6 +388,7 @@ impl ControlPlane {
                 cp.desired.subscribe(),
                 cp.publish.clone(),
                 cp.rate_limits.clone(),
+                cp.peer_traffic.clone(),
                 shutdown.clone(),
             ));
             tokio::spawn(renew_loop(creds.clone(), shutdown.clone()));

@@ -158,6 +158,7 @@ mod tests {
                 requests: n,
                 interval_ms: 2000,
             }],
+            permissive: Vec::new(),
         };
         l.record("a", Some("shop"), &report(100));
         l.record("b", Some("shop"), &report(60));

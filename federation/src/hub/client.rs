@@ -135,6 +135,11 @@ impl AdminClient {
         self.call(Method::GET, "/api/v1/services", None).await
     }
 
+    /// The PERMISSIVE services and their plain-text share.
+    pub async fn plaintext(&self) -> Result<Vec<super::plaintext::PlaintextStatus>, ClientError> {
+        self.call(Method::GET, "/api/v1/plaintext", None).await
+    }
+
     pub async fn explain(&self, service: &str, from: &str) -> Result<Explanation, ClientError> {
         let q = format!(
             "/api/v1/explain?service={}&from={}",

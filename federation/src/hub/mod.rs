@@ -11,6 +11,7 @@ pub mod admin;
 pub mod audit;
 pub mod client;
 mod explain;
+pub mod plaintext;
 pub mod quota;
 pub mod records;
 pub mod registration;
@@ -121,6 +122,8 @@ pub struct Hub {
     acked: std::sync::Mutex<std::collections::HashMap<ClusterName, u64>>,
     /// Clusterset-wide rate limits: the clusters' demand and their shares.
     pub quotas: quota::Quotas,
+    /// What the PERMISSIVE services still get in plain text, per cluster.
+    pub plaintext: plaintext::PlaintextShares,
     /// Recent traces, from the clusters' OTLP exports.
     pub traces: traces::TraceWindow,
     shutdown: CancellationToken,
@@ -187,6 +190,7 @@ impl Hub {
             metrics: HubMetrics::default(),
             acked: Default::default(),
             quotas: Default::default(),
+            plaintext: Default::default(),
             traces,
             shutdown,
         });

@@ -75,6 +75,8 @@ pub(crate) struct IdentityLayer {
     pub config: ConfigHandle,
     /// This workload's identity (its SPIFFE ID is the `By=` of the XFCC).
     pub identity: MeshIdentity,
+    /// Where requests to PERMISSIVE services are counted, mTLS or plain text.
+    pub permissive: super::plaintext::PermissiveTraffic,
 }
 
 impl<S> Layer<S> for IdentityLayer {
@@ -132,6 +134,11 @@ where
             headers.insert(XFCC, v);
         }
         let entry = self.layer.config.table().service(&mesh.service).cloned();
+        if let Some(e) = &entry
+            && e.policy.permissive
+        {
+            self.layer.permissive.count(&e.key, conn.caller.is_none());
+        }
         let tunnel_h1 = req.extensions().get::<TunnelH1>().is_some();
         req.extensions_mut().insert(InboundCtx {
             caller: conn.caller.clone(),
@@ -157,6 +164,7 @@ mod tests {
             config: ConfigHandle::fixed(table_with_policy(pb::TrafficPolicy::default())),
             // No SVID yet: the XFCC names no `By`.
             identity: MeshIdentity::new(),
+            permissive: Default::default(),
         }
     }
 

@@ -58,6 +58,7 @@ use crate::upstream::{ALPN_TCP, ALPN_TCP_TRACED, read_tcp_preamble};
 pub(crate) use app::h1_client;
 pub(crate) use identity::InboundConn;
 use identity::TunnelH1;
+pub(crate) use plaintext::PermissiveTraffic;
 pub(crate) use ratelimit::Demand;
 
 /// How long an inbound connection waits for the sidecar's first configuration.
@@ -79,6 +80,7 @@ pub(crate) struct InboundParts {
     pub metrics: Arc<fedmesh_dataplane::metrics::ProxyMetrics>,
     pub limiter: Arc<fedmesh_dataplane::ratelimit::Limiter>,
     pub demand: Demand,
+    pub permissive: PermissiveTraffic,
     /// The sidecar's HTTP/1.1 client.
     pub h1: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -431,6 +433,7 @@ impl Sidecar {
         let identified = identity::IdentityLayer {
             config: parts.config.clone(),
             identity: parts.identity.clone(),
+            permissive: parts.permissive,
         }
         .layer(authenticated);
         let observed = observe::ObserveLayer {

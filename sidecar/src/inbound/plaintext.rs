@@ -9,8 +9,11 @@
 //! caller identity: it is `unauthenticated` in metrics (`src_cluster`), access logs and spans,
 //! never matches an identity-based ALLOW, and is served as a tunnel's opening ([`super::opaque`]).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use fedmesh_api::ServiceKey;
 
 use fedmesh_dataplane::policy::Subject;
 use tokio::net::TcpStream;
@@ -19,6 +22,35 @@ use tokio_util::sync::CancellationToken;
 use super::identity::UNAUTHENTICATED;
 use super::{InboundConn, authz};
 use crate::Sidecar;
+
+/// Requests to PERMISSIVE services since the last report, by how they came: (mTLS, plain
+/// text). Reported to the control plane with the demand; the hub shows the plain-text share.
+#[derive(Clone, Default)]
+pub(crate) struct PermissiveTraffic(Arc<Mutex<HashMap<ServiceKey, (u64, u64)>>>);
+
+impl PermissiveTraffic {
+    pub fn count(&self, service: &ServiceKey, plaintext: bool) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let c = match m.get_mut(service) {
+            Some(c) => c,
+            None => m.entry(service.clone()).or_default(),
+        };
+        if plaintext {
+            c.1 += 1;
+        } else {
+            c.0 += 1;
+        }
+    }
+
+    /// What was counted since the last call.
+    pub fn drain(&self) -> Vec<(ServiceKey, (u64, u64))> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect()
+    }
+}
 
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
