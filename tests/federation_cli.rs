@@ -568,3 +568,32 @@ fn admin_tokens_have_names_and_roles_and_tokens_can_be_listed_and_revoked() {
     let (ok, _, err) = as_token(&hub, &reader, &["status"]);
     assert!(!ok && err.contains("the admin token is wrong"), "{err}");
 }
+
+/// An admin token file others can read is refused before anything is sent, as a key would be;
+/// the error says how to fix it.
+#[test]
+fn an_admin_token_file_others_can_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("admin-token");
+    std::fs::write(&file, "fma1.ops.secret\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = std::process::Command::new(fedmesh_bin())
+        .args([
+            "status",
+            "--admin",
+            "http://127.0.0.1:9",
+            "--admin-token-file",
+        ])
+        .arg(&file)
+        .env_remove("FEDMESH_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("must exist and be readable only by its owner (chmod 600)"),
+        "{err}"
+    );
+    assert!(!err.contains("secret"), "the token never appears: {err}");
+}

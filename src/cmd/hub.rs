@@ -125,13 +125,13 @@ impl AdminArgs {
     pub fn client(&self) -> anyhow::Result<hub::client::AdminClient> {
         let token = match &self.token {
             Some(t) => Some(t.clone()),
-            None => std::fs::read_to_string(&self.token_file)
-                .ok()
-                .map(|t| t.trim().to_string()),
+            // A token file others can read is refused, as a key would be.
+            None if self.token_file.exists() => Some(super::read_token(&self.token_file)?),
+            None => None,
         };
         if token.is_none() {
             anyhow::bail!(
-                "no admin token: pass --admin-token, set FEDMESH_ADMIN_TOKEN, or point --admin-token-file at the hub's <data-dir>/admin-token ({} is not readable)",
+                "no admin token: pass --admin-token, set FEDMESH_ADMIN_TOKEN, or point --admin-token-file at the hub's <data-dir>/admin-token ({} does not exist)",
                 self.token_file.display()
             );
         }

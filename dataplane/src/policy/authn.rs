@@ -208,6 +208,17 @@ fn issuer_of(token: &str) -> Result<String, String> {
     iss.iss.ok_or_else(|| "the token has no iss claim".into())
 }
 
+/// The `alg` a token's header claims, unverified (for the message when it is refused).
+fn unverified_alg(token: &str) -> Option<String> {
+    use base64::Engine;
+    let header = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(v.get("alg")?.as_str()?.to_string())
+}
+
 fn why(e: &jsonwebtoken::errors::Error) -> String {
     use jsonwebtoken::errors::ErrorKind as K;
     match e.kind() {
@@ -288,8 +299,24 @@ impl Authn {
         if let Some(e) = &rule.error {
             return fail(format!("the keys of issuer {iss} are not available: {e}"));
         }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| Unauthenticated(format!("the token's header is not valid: {e}")))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| {
+            Unauthenticated(match unverified_alg(token).as_deref() {
+                Some(a) if a.eq_ignore_ascii_case("none") => {
+                    "the token is not signed (alg none), which is never accepted".to_string()
+                }
+                Some(a) => format!("the token's algorithm {a} is not accepted"),
+                None => format!("the token's header is not valid: {e}"),
+            })
+        })?;
+        if matches!(
+            header.alg,
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+        ) {
+            return fail(format!(
+                "the token's algorithm {:?} is symmetric, which is never accepted",
+                header.alg
+            ));
+        }
         let candidates: Vec<&Key> = match &header.kid {
             Some(kid) => rule
                 .keys
@@ -444,7 +471,21 @@ mod tests {
             B64.encode(br#"{"alg":"none","typ":"JWT"}"#),
             B64.encode(good.to_string())
         );
-        assert!(refused(&a, &bearer(&none)).starts_with("the token's header is not valid"));
+        assert_eq!(
+            refused(&a, &bearer(&none)),
+            "the token is not signed (alg none), which is never accepted"
+        );
+        // HS256 signed with the public key as the secret: the classic algorithm confusion.
+        let hs = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &good,
+            &EncodingKey::from_secret(b"public key bytes"),
+        )
+        .unwrap();
+        assert_eq!(
+            refused(&a, &bearer(&hs)),
+            "the token's algorithm HS256 is symmetric, which is never accepted"
+        );
         assert!(refused(&a, &HeaderMap::new()).starts_with("a JWT is required"));
         assert_eq!(
             refused(&a, &bearer("abc")),

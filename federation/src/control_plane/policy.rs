@@ -621,6 +621,15 @@ pub fn compile(
                 }
             );
         }
+        if !checked.service.allowed_callers.is_empty() {
+            // One way to say one thing: who may call a service is an AuthorizationPolicy.
+            let note = "authorization.allowedCallers still applies but is deprecated: write an AuthorizationPolicy (ALLOW, from.source.principals) instead";
+            accepted.message = if accepted.message.is_empty() {
+                note.to_string()
+            } else {
+                format!("{}; {note}", accepted.message)
+            };
+        }
         reports.push(report(accepted, resolved));
         applied.insert(checked.target.clone(), key.clone());
         in_force.push(checked);
@@ -775,7 +784,15 @@ mod tests {
             "api",
             "authorization: {allowedCallers: ['spiffe://east.example/ns/shop/sa/web']}\n",
         );
-        run(&local_with(vec![good]), &mut memory);
+        let c = run(&local_with(vec![good]), &mut memory);
+        let r = report(&c, "api");
+        assert!(
+            r.accepted.status
+                && r.accepted
+                    .message
+                    .contains("allowedCallers still applies but is deprecated"),
+            "{r:?}"
+        );
         let edited = policy("api", "authorization: {allowedCallers: ['not-an-id']}\n");
         let mut twin = policy(
             "api-too",
