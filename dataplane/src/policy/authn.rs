@@ -8,8 +8,13 @@
 //! `nbf` with 60 s of leeway, and an audience. `alg: none` and symmetric algorithms are never
 //! accepted. A request without a token passes only when every policy allows it
 //! (`allowMissing`). What fails is refused with the reason, never silently let through.
+//!
+//! A token verified once is remembered with its claims (bounded, per compiled set) and not
+//! verified again while it is within its `exp`/`nbf` window: a user's session sends the same token
+//! many times, and the signature check is most of the cost.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use fedmesh_api::pb::dataplane as pb;
 use http::HeaderMap;
@@ -51,10 +56,49 @@ struct AuthnPolicy {
     invalid: Option<String>,
 }
 
+/// Tokens a set of policies validated lately, with their claims: the same token (a user's
+/// session) is not verified again until it expires, as Envoy's JWT cache does. Bounded (emptied
+/// when full); a new configuration compiles a new set, with an empty cache, so a rotated key
+/// never vouches for a token.
+#[derive(Default)]
+struct Verified(Mutex<HashMap<Box<str>, Arc<Claims>>>);
+
+/// Tokens remembered per compiled set.
+const VERIFIED_MAX: usize = 1024;
+/// The clock skew allowed on `exp` and `nbf` (jsonwebtoken's default).
+const LEEWAY_SECS: u64 = 60;
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Verified {
+    /// The claims of `token` if it was verified and is still in its validity window.
+    fn get(&self, token: &str) -> Option<Arc<Claims>> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let c = m.get(token)?;
+        let now = now_secs();
+        let exp = c.get("exp").and_then(Value::as_u64)?;
+        let nbf = c.get("nbf").and_then(Value::as_u64).unwrap_or(0);
+        (now <= exp + LEEWAY_SECS && now + LEEWAY_SECS >= nbf).then(|| c.clone())
+    }
+
+    fn put(&self, token: &str, claims: Arc<Claims>) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= VERIFIED_MAX {
+            m.clear();
+        }
+        m.insert(token.into(), claims);
+    }
+}
+
 /// A service's RequestAuthentications, ready to validate tokens.
 #[derive(Clone, Default)]
 pub struct Authn {
     policies: Arc<[AuthnPolicy]>,
+    verified: Arc<Verified>,
     /// As the control plane sent them: two compiled sets are equal when these are.
     source: Vec<pb::RequestAuthn>,
 }
@@ -184,6 +228,7 @@ impl From<&[pb::RequestAuthn]> for Authn {
             .collect();
         Self {
             policies,
+            verified: Arc::default(),
             source: list.to_vec(),
         }
     }
@@ -263,7 +308,10 @@ impl Authn {
 
     /// Validates the request's token. `Ok(None)`: no policy, or no token where every policy
     /// allows that.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Claims>, Unauthenticated> {
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<Option<Arc<Claims>>, Unauthenticated> {
         if self.policies.is_empty() {
             return Ok(None);
         }
@@ -284,6 +332,9 @@ impl Authn {
                 self.names()
             ));
         };
+        if let Some(claims) = self.verified.get(token) {
+            return Ok(Some(claims));
+        }
         let iss = issuer_of(token).map_err(|m| Unauthenticated(m.to_string()))?;
         let Some(rule) = self
             .policies
@@ -334,7 +385,11 @@ impl Authn {
         let mut last = None;
         for k in candidates {
             match jsonwebtoken::decode::<Claims>(token, &k.key, &k.validation) {
-                Ok(data) => return Ok(Some(data.claims)),
+                Ok(data) => {
+                    let claims = Arc::new(data.claims);
+                    self.verified.put(token, claims.clone());
+                    return Ok(Some(claims));
+                }
                 Err(e) => last = Some(e),
             }
         }
@@ -555,5 +610,25 @@ mod tests {
         assert!(
             refused(&symmetric, &bearer(&token)).contains("symmetric (oct) keys are not accepted")
         );
+    }
+
+    /// A verified token is remembered with its claims until it expires (then it is verified
+    /// again, and refused); the cache is bounded.
+    #[test]
+    fn verified_tokens_are_remembered_only_while_valid() {
+        let v = Verified::default();
+        let claims =
+            |exp: u64| Arc::new(serde_json::json!({"exp": exp}).as_object().unwrap().clone());
+        v.put("fresh", claims(now() + 600));
+        v.put("old", claims(now() - 3600));
+        v.put("no-exp", Arc::new(Claims::new()));
+        assert!(v.get("fresh").is_some());
+        assert!(v.get("old").is_none());
+        assert!(v.get("no-exp").is_none());
+        assert!(v.get("never-seen").is_none());
+        for i in 0..VERIFIED_MAX + 1 {
+            v.put(&format!("t{i}"), claims(now() + 600));
+        }
+        assert!(v.0.lock().unwrap().len() <= VERIFIED_MAX);
     }
 }

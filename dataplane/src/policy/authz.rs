@@ -243,23 +243,27 @@ fn claim_values<'a>(claims: Option<&'a Claims>, path: &[String]) -> Vec<std::bor
     }
 }
 
-impl Rule {
-    fn matches(&self, s: &Subject<'_>, deny: bool) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|f| f.matches(s.caller, deny)))
-            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(s, deny)))
-            && self.when.iter().all(|c| c.matches(s, deny))
-    }
-}
-
 impl AuthzPolicy {
-    fn matches(&self, s: &Subject<'_>) -> bool {
+    /// Whether the request matches one of `rules` (the indices of the rules whose `from` its
+    /// caller matches).
+    fn matches(&self, rules: &[u32], s: &Subject<'_>) -> bool {
         let deny = self.action == Action::Deny;
         if self.invalid {
             return deny;
         }
-        self.rules.iter().any(|r| r.matches(s, deny))
+        rules.iter().any(|&i| {
+            let r = &self.rules[i as usize];
+            (r.to.is_empty() || r.to.iter().any(|o| o.matches(s, deny)))
+                && r.when.iter().all(|c| c.matches(s, deny))
+        })
     }
 }
+
+/// The rules of a service's policies whose `from` one caller matches, per policy: what a caller
+/// is does not change on its connection, so this is worked out once per connection (and
+/// configuration), and each request then checks only these rules' `to` and `when`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallerRules(Vec<Vec<u32>>);
 
 impl Authz {
     /// A TrafficPolicy's `allowedCallers` as the ALLOW policy it is.
@@ -278,28 +282,62 @@ impl Authz {
         });
     }
 
+    /// No policy: every authenticated caller may call.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// The rules `caller` can match (see [`CallerRules`]).
+    pub fn caller_rules(&self, caller: Option<&SpiffeId>) -> CallerRules {
+        CallerRules(
+            self.policies
+                .iter()
+                .map(|p| {
+                    let deny = p.action == Action::Deny;
+                    (0..p.rules.len() as u32)
+                        .filter(|&i| {
+                            let r = &p.rules[i as usize];
+                            r.from.is_empty() || r.from.iter().any(|f| f.matches(caller, deny))
+                        })
+                        .collect()
+                })
+                .collect(),
+        )
+    }
+
     pub fn evaluate<'a>(&'a self, s: &Subject<'_>) -> Verdict<'a> {
+        self.evaluate_for(&self.caller_rules(s.caller), s)
+    }
+
+    /// [`Authz::evaluate`] with the caller's rules worked out already (`rules` must come from
+    /// this `Authz` and `s.caller`).
+    pub fn evaluate_for<'a>(&'a self, rules: &CallerRules, s: &Subject<'_>) -> Verdict<'a> {
         let mut verdict = Verdict::default();
-        for p in &self.policies {
-            if p.action == Action::Deny && p.matches(s) {
+        let each = || self.policies.iter().zip(rules.0.iter());
+        for (p, r) in each() {
+            if p.action == Action::Deny && p.matches(r, s) {
                 verdict.denied_by = Some(Denial::Denied(&p.name));
                 return verdict;
             }
         }
-        verdict.audited = self
-            .policies
-            .iter()
-            .filter(|p| p.action == Action::Audit && p.matches(s))
-            .map(|p| p.name.as_str())
-            .collect();
-        let allows: Vec<&AuthzPolicy> = self
-            .policies
-            .iter()
-            .filter(|p| p.action == Action::Allow)
-            .collect();
-        if !allows.is_empty() && !allows.iter().any(|p| p.matches(s)) {
+        let (mut allows, mut allowed) = (false, false);
+        for (p, r) in each() {
+            match p.action {
+                Action::Audit if p.matches(r, s) => verdict.audited.push(p.name.as_str()),
+                Action::Allow if !allowed => {
+                    allows = true;
+                    allowed = p.matches(r, s);
+                }
+                _ => {}
+            }
+        }
+        if allows && !allowed {
             verdict.denied_by = Some(Denial::NotAllowed(
-                allows.iter().map(|p| p.name.as_str()).collect(),
+                self.policies
+                    .iter()
+                    .filter(|p| p.action == Action::Allow)
+                    .map(|p| p.name.as_str())
+                    .collect(),
             ));
         }
         verdict

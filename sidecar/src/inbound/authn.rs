@@ -66,7 +66,7 @@ where
         });
         match checked {
             Ok(Some(claims)) => {
-                req.extensions_mut().insert(RequestClaims(Arc::new(claims)));
+                req.extensions_mut().insert(RequestClaims(claims));
             }
             Ok(None) => {}
             Err(e) => {

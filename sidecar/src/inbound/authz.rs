@@ -13,12 +13,12 @@ use fedmesh_dataplane::config::ServiceEntry;
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::{Body, grpc_error, is_grpc};
 use fedmesh_dataplane::metrics::ProxyMetrics;
-use fedmesh_dataplane::policy::{ALLOWED_CALLERS, Denial, HttpRequest, Subject};
+use fedmesh_dataplane::policy::{ALLOWED_CALLERS, CallerRules, Denial, HttpRequest, Subject};
 use http::{Request, Response};
 use tower::{Layer, Service};
 
 use super::authn::RequestClaims;
-use super::identity::{caller_name, inbound_ctx};
+use super::identity::{InboundConn, caller_name, inbound_ctx};
 use crate::outbound::BoxFuture;
 
 /// Whether the subject may call the service of `entry` (a service without an entry has no
@@ -28,8 +28,25 @@ pub(crate) fn authorize(
     s: &Subject<'_>,
     metrics: &ProxyMetrics,
 ) -> Result<(), ProxyError> {
+    authorize_for(entry, None, s, metrics)
+}
+
+/// [`authorize`] with the caller's rules of `entry` worked out already (per connection).
+fn authorize_for(
+    entry: Option<&ServiceEntry>,
+    rules: Option<&CallerRules>,
+    s: &Subject<'_>,
+    metrics: &ProxyMetrics,
+) -> Result<(), ProxyError> {
     let Some(entry) = entry else { return Ok(()) };
-    let verdict = entry.policy.authz.evaluate(s);
+    let authz = &entry.policy.authz;
+    if authz.is_empty() {
+        return Ok(());
+    }
+    let verdict = match rules {
+        Some(r) => authz.evaluate_for(r, s),
+        None => authz.evaluate(s),
+    };
     if verdict.audited.is_empty() && verdict.denied_by.is_none() {
         // The common case allocates nothing.
         return Ok(());
@@ -104,7 +121,16 @@ where
                     claims: req.extensions().get::<RequestClaims>().map(|c| &*c.0),
                 }),
             };
-            authorize(ctx.entry.as_deref(), &subject, &self.metrics)
+            let rules = match (&ctx.entry, req.extensions().get::<Arc<InboundConn>>()) {
+                (Some(e), Some(conn)) if !e.policy.authz.is_empty() => Some(conn.caller_rules(e)),
+                _ => None,
+            };
+            authorize_for(
+                ctx.entry.as_deref(),
+                rules.as_deref(),
+                &subject,
+                &self.metrics,
+            )
         });
         if let Err(e) = checked {
             // gRPC callers get PERMISSION_DENIED with the reason, as a gRPC error.
@@ -223,6 +249,43 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    /// The caller's rules are worked out once per connection, and again when the configuration
+    /// changes: a policy edited while a connection is open applies to its next request.
+    #[tokio::test]
+    async fn a_connection_keeps_its_callers_rules_until_the_configuration_changes() {
+        let frontend = "spiffe://west.example/ns/shop/sa/frontend";
+        let allow = |who: &str| {
+            web_entry(pb::TrafficPolicy {
+                allowed_callers: vec![who.into()],
+                ..Default::default()
+            })
+        };
+        let conn = Arc::new(InboundConn::new(
+            "127.0.0.1:40000".parse().unwrap(),
+            Some(frontend.parse().unwrap()),
+            "west".into(),
+            Err(ProxyError::NotReady),
+        ));
+        let metrics = Arc::new(ProxyMetrics::new("test"));
+        let inner = tower::service_fn(|_req: Request<Body>| {
+            std::future::ready(Ok::<_, ProxyError>(Response::new(full(""))))
+        });
+        let mut svc = AuthorizeLayer { metrics }.layer(inner);
+        let on_conn = |entry: &Arc<fedmesh_dataplane::config::ServiceEntry>| {
+            let mut r = request_from(entry, frontend);
+            r.extensions_mut().insert(conn.clone());
+            r
+        };
+        let open = allow(frontend);
+        assert!(svc.call(on_conn(&open)).await.is_ok());
+        assert!(svc.call(on_conn(&open)).await.is_ok());
+        let first = conn.caller_rules(&open);
+        assert!(Arc::ptr_eq(&first, &conn.caller_rules(&open)), "cached");
+        let closed = allow("spiffe://west.example/ns/shop/sa/admin");
+        let e = svc.call(on_conn(&closed)).await.unwrap_err();
+        assert_eq!(e.status(), StatusCode::FORBIDDEN);
     }
 
     #[tokio::test]

@@ -5,13 +5,14 @@
 //! `x-forwarded-client-cert` naming the verified caller.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use fedmesh_api::SpiffeId;
 use fedmesh_dataplane::config::{ConfigHandle, ServiceEntry};
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::Body;
+use fedmesh_dataplane::policy::CallerRules;
 use fedmesh_dataplane::sni::MeshSni;
 use fedmesh_trust::tls::MeshIdentity;
 use http::header::HeaderValue;
@@ -34,9 +35,41 @@ pub(crate) struct InboundConn {
     pub caller_cluster: String,
     /// The service port named by the SNI and the app address, once checked to be served here.
     pub admitted: Result<(MeshSni, SocketAddr), ProxyError>,
+    /// The rules of the service's AuthorizationPolicies this caller can match, under the
+    /// configuration entry they were worked out for.
+    pub authz_rules: Mutex<Option<(Arc<ServiceEntry>, Arc<CallerRules>)>>,
 }
 
 impl InboundConn {
+    pub fn new(
+        peer: SocketAddr,
+        caller: Option<SpiffeId>,
+        caller_cluster: String,
+        admitted: Result<(MeshSni, SocketAddr), ProxyError>,
+    ) -> Self {
+        Self {
+            peer,
+            caller,
+            caller_cluster,
+            admitted,
+            authz_rules: Mutex::default(),
+        }
+    }
+
+    /// The rules of `entry`'s policies this caller can match: worked out on the connection's
+    /// first request, again when the configuration changed.
+    pub fn caller_rules(&self, entry: &Arc<ServiceEntry>) -> Arc<CallerRules> {
+        let mut cached = self.authz_rules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((e, r)) = &*cached
+            && Arc::ptr_eq(e, entry)
+        {
+            return r.clone();
+        }
+        let r = Arc::new(entry.policy.authz.caller_rules(self.caller.as_ref()));
+        *cached = Some((entry.clone(), r.clone()));
+        r
+    }
+
     /// The caller's SPIFFE ID, or `unauthenticated`.
     pub fn caller_name(&self) -> String {
         caller_name(self.caller.as_ref())
@@ -169,12 +202,12 @@ mod tests {
     }
 
     fn conn(admitted: Result<(MeshSni, SocketAddr), ProxyError>) -> Arc<InboundConn> {
-        Arc::new(InboundConn {
-            peer: "127.0.0.1:40000".parse().unwrap(),
-            caller: Some("spiffe://west.example/ns/shop/sa/frontend".parse().unwrap()),
-            caller_cluster: "west".into(),
+        Arc::new(InboundConn::new(
+            "127.0.0.1:40000".parse().unwrap(),
+            Some("spiffe://west.example/ns/shop/sa/frontend".parse().unwrap()),
+            "west".into(),
             admitted,
-        })
+        ))
     }
 
     fn web() -> (MeshSni, SocketAddr) {

@@ -253,18 +253,20 @@ impl Sidecar {
             self.config.ensure(&mesh.service.to_string()).await;
         }
         let table = self.config.table();
-        let conn = Arc::new(InboundConn {
+        let admitted = self.admit(
+            &table,
+            sni.as_deref(),
+            addressed,
+            app,
+            caller.trust_domain(),
+        );
+        let caller_cluster = self.cluster_of_trust_domain(&table, caller.trust_domain());
+        let conn = Arc::new(InboundConn::new(
             peer,
-            caller_cluster: self.cluster_of_trust_domain(&table, caller.trust_domain()),
-            admitted: self.admit(
-                &table,
-                sni.as_deref(),
-                addressed,
-                app,
-                caller.trust_domain(),
-            ),
-            caller: Some(caller),
-        });
+            Some(caller),
+            caller_cluster,
+            admitted,
+        ));
         drop(table);
         if let Err(e) = &conn.admitted {
             self.metrics.refuse(e.kind());

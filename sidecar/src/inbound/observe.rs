@@ -186,11 +186,11 @@ mod tests {
 
     fn request(admitted: bool) -> Request<Body> {
         let mut req = Request::get("/").body(full("")).unwrap();
-        req.extensions_mut().insert(Arc::new(InboundConn {
-            peer: "127.0.0.1:40000".parse().unwrap(),
-            caller: Some("spiffe://west.example/ns/shop/sa/frontend".parse().unwrap()),
-            caller_cluster: "west".into(),
-            admitted: if admitted {
+        req.extensions_mut().insert(Arc::new(InboundConn::new(
+            "127.0.0.1:40000".parse().unwrap(),
+            Some("spiffe://west.example/ns/shop/sa/frontend".parse().unwrap()),
+            "west".into(),
+            if admitted {
                 Ok((
                     MeshSni::new(80, "shop/web".parse().unwrap(), "east".parse().unwrap()),
                     "127.0.0.1:1001".parse().unwrap(),
@@ -202,7 +202,7 @@ mod tests {
                     message: "shop/nope is not a service of this cluster".into(),
                 })
             },
-        }));
+        )));
         req
     }
 

@@ -101,12 +101,12 @@ impl Sidecar {
                 return;
             }
         };
-        let conn = Arc::new(InboundConn {
+        let conn = Arc::new(InboundConn::new(
             peer,
-            caller: None,
-            caller_cluster: UNAUTHENTICATED.to_string(),
-            admitted: Ok((mesh, app)),
-        });
+            None,
+            UNAUTHENTICATED.to_string(),
+            Ok((mesh, app)),
+        ));
         self.inbound_opaque(s, conn, app, graceful, None).await;
     }
 

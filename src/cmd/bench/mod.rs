@@ -1,5 +1,6 @@
 //! `fedmesh bench`: benchmarks that report ratios against a baseline measured in the same run.
 
+mod authz;
 mod dataplane;
 mod federation;
 mod identity;
@@ -54,6 +55,17 @@ pub enum BenchCommand {
         #[arg(long, value_parser = parse_duration, default_value = "5s")]
         sni_duration: Duration,
     },
+    /// What zero trust costs at the callee: instructions per request with 50 AuthorizationPolicies
+    /// of 10 rules and with a RequestAuthentication against no policy (callgrind), and JWT
+    /// validations per CPU second on one thread.
+    Authz {
+        /// Request and response body size in bytes.
+        #[arg(long, default_value_t = 1024)]
+        body: usize,
+        /// How long the JWT validation loop runs.
+        #[arg(long, value_parser = parse_duration, default_value = "3s")]
+        duration: Duration,
+    },
     /// The hub's span intake on one core (decode + trace window, against decoding alone) and
     /// the window's memory when full.
     Traces {
@@ -93,6 +105,13 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 body,
                 concurrency,
                 sni_duration,
+            })
+            .await
+        }
+        BenchCommand::Authz { body, duration } => {
+            authz::run(authz::Params {
+                body: body.max(1),
+                duration,
             })
             .await
         }

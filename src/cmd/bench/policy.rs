@@ -194,8 +194,6 @@ pub(super) async fn count(
 ) -> anyhow::Result<(f64, f64)> {
     let valgrind =
         which("valgrind").context("valgrind is not installed (apt-get install valgrind)")?;
-    let control = which("callgrind_control")
-        .context("callgrind_control is not installed (apt-get install valgrind)")?;
     let (admin, minimal, policied) = (free_addr()?, free_addr()?, free_addr()?);
     let out = c.dir.join(format!("callgrind-{tag}.out"));
     let log = std::fs::File::create(c.dir.join(format!("sidecar-callgrind-{tag}.log")))?;
@@ -233,14 +231,11 @@ pub(super) async fn count(
             for _ in 0..50 {
                 one(&client, &uri, c.body, Instant::now()).await?;
             }
-            run(&control, &["-z", &child.id().to_string()])?;
+            reset_counts(child.id())?;
             for _ in 0..COUNTED {
                 one(&client, &uri, c.body, Instant::now()).await?;
             }
-            let before: std::collections::BTreeSet<_> = dumps(&out);
-            run(&control, &["-d", &child.id().to_string()])?;
-            let dump = newest_dump(&out, &before).await?;
-            per_request.push(total_ir(&dump)? / COUNTED as f64);
+            per_request.push(callgrind_dump(&out, child.id()).await? / COUNTED as f64);
         }
         Ok((per_request[0], per_request[1]))
     }
@@ -250,7 +245,22 @@ pub(super) async fn count(
     result
 }
 
-fn run(control: &Path, args: &[&str]) -> anyhow::Result<()> {
+/// Zeroes the counts of the process `pid` running under callgrind.
+pub(super) fn reset_counts(pid: u32) -> anyhow::Result<()> {
+    callgrind_control(&["-z", &pid.to_string()])
+}
+
+/// Has the process `pid` under callgrind (writing to `out`) dump its counts; the instructions
+/// counted since the last reset.
+pub(super) async fn callgrind_dump(out: &Path, pid: u32) -> anyhow::Result<f64> {
+    let before = dumps(out);
+    callgrind_control(&["-d", &pid.to_string()])?;
+    total_ir(&newest_dump(out, &before).await?)
+}
+
+fn callgrind_control(args: &[&str]) -> anyhow::Result<()> {
+    let control = which("callgrind_control")
+        .context("callgrind_control is not installed (apt-get install valgrind)")?;
     let out = Command::new(control).args(args).output()?;
     anyhow::ensure!(
         out.status.success(),
