@@ -556,3 +556,75 @@ spec:
     );
     tb.shutdown().await;
 }
+
+/// An AuthorizationPolicy that targets a route (Gateway API, GAMMA) covers only the requests that
+/// route takes: the callee's sidecar selects the route as the caller's did, so `/admin` (route
+/// api-admin) is for the frontend only while the rest of `shop/api` stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_on_a_route_covers_only_that_routes_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("west", "us-west")]).await;
+    let west = tb.cluster("west");
+    let (w, _app) = http_workload(west, "api", "w1").await;
+    serve_http(west, "api", &endpoints(&[&w]));
+    let frontend = client_workload(west, "frontend", "w1").await;
+    let intruder = client_workload(west, "intruder", "w1").await;
+    wait_routable(&tb, &frontend, "api", &["west"]).await;
+    wait_routable(&tb, &intruder, "api", &["west"]).await;
+    let route = |name: &str, prefix: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: api, port: 80}}]\n  rules: [{{matches: [{{path: {{type: PathPrefix, value: {prefix}}}}}], backendRefs: [{{name: api, port: 80}}]}}]\n"
+        )
+    };
+    west.write(
+        "routes.yaml",
+        &format!(
+            "{}---\n{}",
+            route("api-admin", "/admin"),
+            route("api-rest", "/")
+        ),
+    )
+    .unwrap();
+    west.write(
+        "authz.yaml",
+        &format!(
+            "apiVersion: fedmesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: admins, namespace: shop}}\nspec:\n  targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: api-admin}}]\n  rules: [{{from: [{{source: {{principals: [\"{}\"]}}}}]}}]\n",
+            frontend.id
+        ),
+    )
+    .unwrap();
+    for who in [&w, &frontend, &intruder] {
+        who.wait_config("the routes and the policy", |t| {
+            t.service_named("shop/api")
+                .and_then(|e| e.svc.policy.as_ref())
+                .is_some_and(|p| {
+                    p.routes.len() >= 2
+                        && p.authorization
+                            .first()
+                            .is_some_and(|a| a.routes == ["HTTPRoute shop/api-admin"])
+                })
+        })
+        .await
+        .unwrap();
+    }
+    let mut f = ProxyClient::new(frontend.proxy);
+    let mut i = ProxyClient::new(intruder.proxy);
+    assert_eq!(
+        f.get(&url("api", "/admin/users")).await.unwrap().status,
+        200
+    );
+    assert_eq!(i.get(&url("api", "/items")).await.unwrap().status, 200);
+    let denied = i.get(&url("api", "/admin/users")).await.unwrap();
+    let msg = String::from_utf8_lossy(&denied.body);
+    assert_eq!(denied.status, 403, "{msg}");
+    assert!(
+        msg.contains(&format!("{} may not call shop/api", intruder.id))
+            && msg.contains("no ALLOW policy matches: AuthorizationPolicy shop/admins"),
+        "{msg}"
+    );
+    assert_eq!(
+        status_conditions(west, "authorizationpolicies.yaml", 2).await,
+        ["admins/Accepted", "admins/ResolvedRefs"].map(|c| (c.to_string(), "True".to_string()))
+    );
+    tb.shutdown().await;
+}

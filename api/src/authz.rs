@@ -7,7 +7,7 @@
 //! kind: AuthorizationPolicy
 //! metadata: {name: api-readers, namespace: shop}
 //! spec:
-//!   targetRefs: [{kind: Service, name: api}]      # none: every service of the namespace
+//!   targetRefs: [{kind: Service, name: api}]      # or a route; none: every service of the namespace
 //!   action: ALLOW                                 # ALLOW (default), DENY (wins), AUDIT
 //!   rules:
 //!     - from:
@@ -44,7 +44,9 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
-    /// The Services it applies to (`kind: Service`). None: every service of the namespace.
+    /// The Services it applies to (`kind: Service`), or routes (`group: gateway.networking.k8s.io`,
+    /// `kind: HTTPRoute` or `GRPCRoute`: only the requests that route takes, on its Services).
+    /// None: every service of the namespace.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub target_refs: Vec<AuthzTargetRef>,
     /// `ALLOW` (default), `DENY` or `AUDIT`.

@@ -96,6 +96,8 @@ struct AuthzPolicy {
     action: Action,
     rules: Vec<Rule>,
     invalid: bool,
+    /// The routes it targets (`HTTPRoute shop/web`); empty: the whole service.
+    routes: Vec<String>,
 }
 
 /// A service's policies, ready to evaluate.
@@ -119,6 +121,8 @@ pub struct HttpRequest<'a> {
     pub headers: &'a HeaderMap,
     /// The claims of the request's validated JWT, if it carried one.
     pub claims: Option<&'a Claims>,
+    /// The route the request takes (`HTTPRoute shop/web`), when a policy targets routes.
+    pub route: Option<&'a str>,
 }
 
 /// The outcome: `denied_by` names the policy that refused (or the ALLOW policies none of which
@@ -244,6 +248,18 @@ fn claim_values<'a>(claims: Option<&'a Claims>, path: &[String]) -> Vec<std::bor
 }
 
 impl AuthzPolicy {
+    /// Whether the policy covers the request: a route-targeted one, only requests of its routes
+    /// (on opaque TCP, which takes no route, a DENY still applies: it denies more, never less).
+    fn applies(&self, s: &Subject<'_>) -> bool {
+        if self.routes.is_empty() {
+            return true;
+        }
+        match &s.http {
+            Some(r) => r.route.is_some_and(|x| self.routes.iter().any(|y| y == x)),
+            None => self.action == Action::Deny,
+        }
+    }
+
     /// Whether the request matches one of `rules` (the indices of the rules whose `from` its
     /// caller matches).
     fn matches(&self, rules: &[u32], s: &Subject<'_>) -> bool {
@@ -279,12 +295,18 @@ impl Authz {
                 ..Default::default()
             }],
             invalid: false,
+            routes: Vec::new(),
         });
     }
 
     /// No policy: every authenticated caller may call.
     pub fn is_empty(&self) -> bool {
         self.policies.is_empty()
+    }
+
+    /// Some policy targets routes: the request's route must be known to evaluate it.
+    pub fn has_routes(&self) -> bool {
+        self.policies.iter().any(|p| !p.routes.is_empty())
     }
 
     /// The rules `caller` can match (see [`CallerRules`]).
@@ -313,7 +335,12 @@ impl Authz {
     /// this `Authz` and `s.caller`).
     pub fn evaluate_for<'a>(&'a self, rules: &CallerRules, s: &Subject<'_>) -> Verdict<'a> {
         let mut verdict = Verdict::default();
-        let each = || self.policies.iter().zip(rules.0.iter());
+        let each = || {
+            self.policies
+                .iter()
+                .zip(rules.0.iter())
+                .filter(|(p, _)| p.applies(s))
+        };
         for (p, r) in each() {
             if p.action == Action::Deny && p.matches(r, s) {
                 verdict.denied_by = Some(Denial::Denied(&p.name));
@@ -335,7 +362,7 @@ impl Authz {
             verdict.denied_by = Some(Denial::NotAllowed(
                 self.policies
                     .iter()
-                    .filter(|p| p.action == Action::Allow)
+                    .filter(|p| p.action == Action::Allow && p.applies(s))
                     .map(|p| p.name.as_str())
                     .collect(),
             ));
@@ -374,6 +401,7 @@ impl TryFrom<&[pb::AuthzPolicy]> for Authz {
                 action,
                 rules,
                 invalid: p.invalid,
+                routes: p.routes.clone(),
             });
         }
         Ok(Self { policies })
@@ -460,6 +488,7 @@ mod tests {
             action: action as i32,
             rules,
             invalid: false,
+            routes: Vec::new(),
         }
     }
 
@@ -479,6 +508,7 @@ mod tests {
             path,
             headers: h,
             claims: None,
+            route: None,
         })
     }
 
@@ -808,6 +838,7 @@ mod tests {
                         path: "/",
                         headers: &h,
                         claims,
+                        route: None,
                     }),
                 })
                 .denied_by
@@ -822,5 +853,62 @@ mod tests {
         })))));
         assert!(!ask(Some(&claims(serde_json::json!({"groups": "users"})))));
         assert!(!ask(None));
+    }
+
+    /// A policy targeting a route covers only the requests that take it: an ALLOW there does not
+    /// make the rest of the service default-deny; on TCP (no route) only a DENY applies.
+    #[test]
+    fn a_route_targeted_policy_covers_only_its_routes_requests() {
+        let mut admins = policy(
+            "admins",
+            pb::AuthzAction::AuthzAllow,
+            vec![pb::AuthzRule {
+                from: vec![from(&[FRONTEND])],
+                ..Default::default()
+            }],
+        );
+        admins.routes = vec!["HTTPRoute shop/admin".into()];
+        let mut no_tcp = policy(
+            "no-tcp",
+            pb::AuthzAction::AuthzDeny,
+            vec![pb::AuthzRule::default()],
+        );
+        no_tcp.routes = vec!["HTTPRoute shop/admin".into()];
+        let authz = Authz::try_from(&[admins][..]).unwrap();
+        assert!(authz.has_routes());
+        let (h, get, batch) = (HeaderMap::new(), Method::GET, id(BATCH));
+        let ask = |authz: &Authz, route: Option<&str>| {
+            authz
+                .evaluate(&Subject {
+                    caller: Some(&batch),
+                    port: 80,
+                    http: Some(HttpRequest {
+                        method: &get,
+                        path: "/",
+                        headers: &h,
+                        claims: None,
+                        route,
+                    }),
+                })
+                .denied_by
+                .map(|d| d.policy().to_string())
+        };
+        assert_eq!(
+            ask(&authz, Some("HTTPRoute shop/admin")).as_deref(),
+            Some("admins")
+        );
+        assert_eq!(ask(&authz, Some("HTTPRoute shop/rest")), None);
+        assert_eq!(ask(&authz, None), None);
+        let deny = Authz::try_from(&[no_tcp][..]).unwrap();
+        let tcp = Subject {
+            caller: Some(&batch),
+            port: 80,
+            http: None,
+        };
+        assert_eq!(
+            deny.evaluate(&tcp).denied_by,
+            Some(Denial::Denied("no-tcp"))
+        );
+        assert_eq!(ask(&deny, Some("HTTPRoute shop/rest")), None);
     }
 }

@@ -226,23 +226,114 @@ pub(super) fn targets(
     refs: &[AuthzTargetRef],
     local: &LocalObjects,
 ) -> Result<(Vec<String>, Vec<String>), String> {
-    if refs.is_empty() {
-        return Ok((namespace_services(key, local), Vec::new()));
+    let (found, missing) = targets_or_routes(key, refs, local, false)?;
+    Ok((found.into_keys().collect(), missing))
+}
+
+/// The route a Gateway API reference names: `HTTPRoute ns/name` (as the data plane knows it) and
+/// the Services of the policy's namespace it is attached to; `None` for another kind.
+fn route_ref(
+    key: &ServiceKey,
+    t: &AuthzTargetRef,
+    local: &LocalObjects,
+) -> Option<Result<(String, Vec<String>), String>> {
+    if t.group != "gateway.networking.k8s.io"
+        || !matches!(t.kind.as_str(), "HTTPRoute" | "GRPCRoute")
+    {
+        return None;
     }
-    let (mut found, mut missing) = (Vec::new(), Vec::new());
+    let rk = match format!("{}/{}", key.namespace, t.name).parse::<ServiceKey>() {
+        Ok(k) => k,
+        Err(e) => return Some(Err(format!("targetRefs: {}: {e}", t.name))),
+    };
+    let parents = if t.kind == "HTTPRoute" {
+        local.http_routes.get(&rk).map(|r| &r.spec.parent_refs)
+    } else {
+        local.grpc_routes.get(&rk).map(|r| &r.spec.parent_refs)
+    };
+    let Some(parents) = parents else {
+        return Some(Err(format!("{} {rk} does not exist", t.kind)));
+    };
+    // The route's Services in the policy's namespace: a policy guards its own namespace.
+    let services = parents
+        .iter()
+        .filter(|p| p.kind.as_deref() == Some("Service"))
+        .filter(|p| {
+            p.namespace
+                .as_deref()
+                .is_none_or(|n| n == key.namespace.as_str())
+        })
+        .map(|p| format!("{}/{}", key.namespace, p.name))
+        .filter(|s| {
+            s.parse::<ServiceKey>()
+                .is_ok_and(|k| local.services.contains_key(&k))
+        })
+        .collect();
+    Some(Ok((format!("{} {rk}", t.kind), services)))
+}
+
+/// Per service (`namespace/name`), the routes a policy covers there (none: all of it).
+pub(super) type Covered = BTreeMap<String, Vec<String>>;
+
+/// What a policy applies to, per service (`namespace/name`): the routes whose requests it covers
+/// there (none: every request to the service); and the references that name nothing. Routes are
+/// accepted only where `routes` (AuthorizationPolicy: yes; a PeerAuthentication is about
+/// connections, which no route describes).
+pub(super) fn targets_or_routes(
+    key: &ServiceKey,
+    refs: &[AuthzTargetRef],
+    local: &LocalObjects,
+    routes: bool,
+) -> Result<(Covered, Vec<String>), String> {
+    if refs.is_empty() {
+        let all = namespace_services(key, local);
+        return Ok((
+            all.into_iter().map(|s| (s, Vec::new())).collect(),
+            Vec::new(),
+        ));
+    }
+    let mut found = Covered::new();
+    let mut whole: Vec<String> = Vec::new();
+    let mut missing = Vec::new();
     for t in refs {
+        if routes && let Some(r) = route_ref(key, t, local) {
+            match r {
+                Ok((route, services)) if services.is_empty() => missing.push(format!(
+                    "{route} is attached to no Service of namespace {}",
+                    key.namespace
+                )),
+                Ok((route, services)) => {
+                    for s in services {
+                        found.entry(s).or_default().push(route.clone());
+                    }
+                }
+                Err(m) if m.starts_with("targetRefs") => return Err(m),
+                Err(m) => missing.push(m),
+            }
+            continue;
+        }
         if t.kind != "Service" || !(t.group.is_empty() || t.group == "core") {
             return Err(format!(
-                "targetRefs: {} {} is not a Service (kind: Service, group \"\")",
-                t.kind, t.name
+                "targetRefs: {} {} is not a Service (kind: Service, group \"\"){}",
+                t.kind,
+                t.name,
+                if routes {
+                    " or a route (group gateway.networking.k8s.io, kind HTTPRoute or GRPCRoute)"
+                } else {
+                    ""
+                }
             ));
         }
         let k = format!("{}/{}", key.namespace, t.name);
         match k.parse::<ServiceKey>() {
-            Ok(sk) if local.services.contains_key(&sk) => found.push(k),
+            Ok(sk) if local.services.contains_key(&sk) => whole.push(k),
             Ok(_) => missing.push(format!("Service {k} does not exist")),
             Err(e) => return Err(format!("targetRefs: {}: {e}", t.name)),
         }
+    }
+    // A service named itself is covered whole, whatever routes of it are named too.
+    for s in whole {
+        found.insert(s, Vec::new());
     }
     Ok((found, missing))
 }
@@ -271,7 +362,7 @@ pub fn compile(
                 .collect::<Result<Vec<_>, String>>()?;
             Ok((a, rules))
         });
-        let targeted = targets(key, &p.spec.target_refs, local);
+        let targeted = targets_or_routes(key, &p.spec.target_refs, local, true);
         let (compiled, accepted) = match (&checked, &targeted) {
             (Ok((a, rules)), Ok(_)) => (
                 pb::AuthzPolicy {
@@ -279,6 +370,7 @@ pub fn compile(
                     action: *a as i32,
                     rules: rules.clone(),
                     invalid: false,
+                    routes: Vec::new(),
                 },
                 Cond::ok(reason::ACCEPTED),
             ),
@@ -299,6 +391,7 @@ pub fn compile(
                         action: a as i32,
                         rules: Vec::new(),
                         invalid: true,
+                        routes: Vec::new(),
                     },
                     Cond::no(policy_reason::INVALID, format!("{e}; {effect}")),
                 )
@@ -307,7 +400,13 @@ pub fn compile(
         let (services, missing) = match targeted {
             Ok(t) => t,
             // A bad targetRef: fail closed on every service of the namespace.
-            Err(_) => (namespace_services(key, local), Vec::new()),
+            Err(_) => (
+                namespace_services(key, local)
+                    .into_iter()
+                    .map(|s| (s, Vec::new()))
+                    .collect(),
+                Vec::new(),
+            ),
         };
         unresolved.extend(missing);
         let resolved = if unresolved.is_empty() {
@@ -315,16 +414,21 @@ pub fn compile(
         } else {
             Cond::no(policy_reason::TARGET_NOT_FOUND, unresolved.join("; "))
         };
-        for s in &services {
+        for (s, routes) in &services {
             by_service
                 .entry(s.clone())
                 .or_default()
-                .push(compiled.clone());
+                .push(pb::AuthzPolicy {
+                    routes: routes.clone(),
+                    ..compiled.clone()
+                });
         }
         reports.push(PolicyReport {
             kind: KIND,
             policy: key.clone(),
-            target: (services.len() == 1).then(|| services[0].clone()),
+            target: (services.len() == 1)
+                .then(|| services.keys().next().cloned())
+                .flatten(),
             generation: p.metadata.generation,
             accepted,
             resolved_refs: resolved,
@@ -449,35 +553,57 @@ mod tests {
 
     #[test]
     fn a_missing_target_is_reported_and_a_non_service_target_is_invalid() {
-        let l = local(&format!(
-            "{HEAD}metadata: {{name: p, namespace: shop}}\nspec:\n  targetRefs: [{{kind: Service, name: gone}}, {{kind: Service, name: api}}]\n  rules: [{{}}]\n---\n{HEAD}metadata: {{name: q, namespace: shop}}\nspec:\n  targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: api}}]\n"
+        let mut l = local(&format!(
+            "{HEAD}metadata: {{name: p, namespace: shop}}\nspec:\n  targetRefs: [{{kind: Service, name: gone}}, {{kind: Service, name: api}}]\n  rules: [{{}}]\n---\n{HEAD}metadata: {{name: q, namespace: shop}}\nspec:\n  targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: nope}}]\n---\n{HEAD}metadata: {{name: r, namespace: shop}}\nspec:\n  targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: api}}]\n---\n{HEAD}metadata: {{name: admins, namespace: shop}}\nspec:\n  targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: api-admin}}]\n  rules: [{{}}]\n"
         ));
+        let route: fedmesh_api::gateway::HTTPRoute = serde_saphyr::from_str(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: api-admin, namespace: shop}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: api, port: 80}]\n  rules: [{matches: [{path: {type: PathPrefix, value: /admin}}]}]\n",
+        )
+        .unwrap();
+        l.http_routes
+            .insert("shop/api-admin".parse().unwrap(), route);
         let c = compile_here(&l);
-        let p = c
-            .reports
-            .iter()
-            .find(|r| r.policy.name.as_str() == "p")
-            .unwrap();
+        let report = |name: &str| {
+            c.reports
+                .iter()
+                .find(|r| r.policy.name.as_str() == name)
+                .unwrap()
+        };
+        let p = report("p");
         assert!(p.accepted.status);
         assert!(
             p.resolved_refs
                 .message
                 .contains("Service shop/gone does not exist")
         );
+        let api = &c.by_service["shop/api"];
         assert!(
-            c.by_service["shop/api"]
-                .iter()
-                .any(|x| x.name.ends_with("shop/p") && !x.invalid)
+            api.iter()
+                .any(|x| x.name.ends_with("shop/p") && !x.invalid && x.routes.is_empty())
         );
-        let q = c
-            .reports
-            .iter()
-            .find(|r| r.policy.name.as_str() == "q")
-            .unwrap();
+        // A route target: the policy covers that route's requests on its Service.
         assert!(
-            q.accepted.message.contains("is not a Service"),
+            api.iter().any(
+                |x| x.name.ends_with("shop/admins") && x.routes == ["HTTPRoute shop/api-admin"]
+            ),
+            "{api:?}"
+        );
+        assert!(report("admins").resolved_refs.status);
+        let q = report("q");
+        assert!(q.accepted.status);
+        assert!(
+            q.resolved_refs
+                .message
+                .contains("HTTPRoute shop/nope does not exist"),
             "{}",
-            q.accepted.message
+            q.resolved_refs.message
+        );
+        let r = report("r");
+        assert!(
+            r.accepted.message.contains("is not a Service")
+                && r.accepted.message.contains("or a route"),
+            "{}",
+            r.accepted.message
         );
     }
 }

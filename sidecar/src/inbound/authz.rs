@@ -13,7 +13,9 @@ use fedmesh_dataplane::config::ServiceEntry;
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::{Body, grpc_error, is_grpc};
 use fedmesh_dataplane::metrics::ProxyMetrics;
-use fedmesh_dataplane::policy::{ALLOWED_CALLERS, CallerRules, Denial, HttpRequest, Subject};
+use fedmesh_dataplane::policy::{
+    ALLOWED_CALLERS, CallerRules, Denial, HttpRequest, Selected, Subject,
+};
 use http::{Request, Response};
 use tower::{Layer, Service};
 
@@ -75,6 +77,15 @@ fn authorize_for(
     )))
 }
 
+/// The namespace of a caller's ID (`spiffe://TD/ns/NAMESPACE/...`).
+fn caller_namespace(id: &fedmesh_api::SpiffeId) -> Option<&str> {
+    let mut parts = id.path().trim_start_matches('/').split('/');
+    match (parts.next(), parts.next()) {
+        (Some("ns"), Some(ns)) if !ns.is_empty() => Some(ns),
+        _ => None,
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct AuthorizeLayer {
     pub metrics: Arc<ProxyMetrics>,
@@ -111,6 +122,21 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let checked = inbound_ctx(&req).and_then(|ctx| {
+            // The route the caller's sidecar chose for it, when a policy targets routes.
+            let route = ctx
+                .entry
+                .as_deref()
+                .filter(|e| e.policy.authz.has_routes())
+                .and_then(|e| {
+                    let ns = ctx.caller.as_ref().and_then(caller_namespace);
+                    match e
+                        .policy
+                        .select(ctx.mesh.port, ns, req.method(), req.uri(), req.headers())
+                    {
+                        Selected::Route(_, r) => Some(r.source.as_str()),
+                        _ => None,
+                    }
+                });
             let subject = Subject {
                 caller: ctx.caller.as_ref(),
                 port: ctx.mesh.port,
@@ -119,6 +145,7 @@ where
                     path: req.uri().path(),
                     headers: req.headers(),
                     claims: req.extensions().get::<RequestClaims>().map(|c| &*c.0),
+                    route,
                 }),
             };
             let rules = match (&ctx.entry, req.extensions().get::<Arc<InboundConn>>()) {
@@ -211,6 +238,7 @@ mod tests {
                     ..Default::default()
                 }],
                 invalid: false,
+                routes: Vec::new(),
             }],
             ..Default::default()
         });

@@ -374,7 +374,8 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
             p.body
         );
         let mut per_request = Vec::new();
-        for (i, h) in auth.iter().enumerate() {
+        // The baseline again at the end: how far two counts of the same path differ is the noise.
+        for (i, h) in auth.iter().enumerate().chain([(0, &auth[0])]) {
             let u = uri(i, "/")?;
             for _ in 0..50 {
                 post(&client, &u, &body, h).await?;
@@ -392,8 +393,17 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
     let _ = server.kill();
     let _ = server.wait();
     let per_request = result?;
-    let (open, guarded, jwt) = (per_request[0], per_request[1], per_request[2]);
+    let (open, guarded, jwt, again) = (
+        per_request[0],
+        per_request[1],
+        per_request[2],
+        per_request[3],
+    );
     println!("    no policy (bench/open)                                    {open:.0}");
+    println!(
+        "    no policy again, last (the noise between two counts)      {again:.0} ({:.3}×)",
+        again / open
+    );
     println!(
         "    {POLICIES} AuthorizationPolicies × {RULES} rules (bench/guarded)        {guarded:.0} ({:.3}×)",
         guarded / open
