@@ -104,6 +104,11 @@ struct AuthzPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Authz {
     policies: Vec<AuthzPolicy>,
+    /// Derived from `policies` ([`Authz::index`]): some policy targets routes; some ALLOW covers
+    /// the whole service; the routes some ALLOW targets.
+    has_routes: bool,
+    allow_wide: bool,
+    allow_routes: Vec<String>,
 }
 
 /// What is being authorized: a caller, the service port it called and, for HTTP and gRPC, the
@@ -279,7 +284,7 @@ impl AuthzPolicy {
 /// is does not change on its connection, so this is worked out once per connection (and
 /// configuration), and each request then checks only these rules' `to` and `when`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CallerRules(Vec<Vec<u32>>);
+pub struct CallerRules(Vec<(u32, Vec<u32>)>);
 
 impl Authz {
     /// A TrafficPolicy's `allowedCallers` as the ALLOW policy it is.
@@ -297,6 +302,27 @@ impl Authz {
             invalid: false,
             routes: Vec::new(),
         });
+        self.index();
+    }
+
+    /// Works out what evaluation needs of the policies as a whole.
+    fn index(&mut self) {
+        let allows = || self.policies.iter().filter(|p| p.action == Action::Allow);
+        self.has_routes = self.policies.iter().any(|p| !p.routes.is_empty());
+        self.allow_wide = allows().any(|p| p.routes.is_empty());
+        let mut routes: Vec<String> = allows().flat_map(|p| p.routes.iter().cloned()).collect();
+        routes.sort();
+        routes.dedup();
+        self.allow_routes = routes;
+    }
+
+    /// Some ALLOW policy covers the request (then one must match it).
+    fn allows_apply(&self, s: &Subject<'_>) -> bool {
+        self.allow_wide
+            || s.http
+                .as_ref()
+                .and_then(|r| r.route)
+                .is_some_and(|route| self.allow_routes.iter().any(|x| x == route))
     }
 
     /// No policy: every authenticated caller may call.
@@ -306,22 +332,25 @@ impl Authz {
 
     /// Some policy targets routes: the request's route must be known to evaluate it.
     pub fn has_routes(&self) -> bool {
-        self.policies.iter().any(|p| !p.routes.is_empty())
+        self.has_routes
     }
 
-    /// The rules `caller` can match (see [`CallerRules`]).
+    /// The rules `caller` can match (see [`CallerRules`]); only the policies that can match it
+    /// at all (one of its rules can, or it is invalid: a DENY then matches everything).
     pub fn caller_rules(&self, caller: Option<&SpiffeId>) -> CallerRules {
         CallerRules(
             self.policies
                 .iter()
-                .map(|p| {
+                .enumerate()
+                .filter_map(|(i, p)| {
                     let deny = p.action == Action::Deny;
-                    (0..p.rules.len() as u32)
+                    let rules: Vec<u32> = (0..p.rules.len() as u32)
                         .filter(|&i| {
                             let r = &p.rules[i as usize];
                             r.from.is_empty() || r.from.iter().any(|f| f.matches(caller, deny))
                         })
-                        .collect()
+                        .collect();
+                    (p.invalid || !rules.is_empty()).then_some((i as u32, rules))
                 })
                 .collect(),
         )
@@ -336,9 +365,10 @@ impl Authz {
     pub fn evaluate_for<'a>(&'a self, rules: &CallerRules, s: &Subject<'_>) -> Verdict<'a> {
         let mut verdict = Verdict::default();
         let each = || {
-            self.policies
+            rules
+                .0
                 .iter()
-                .zip(rules.0.iter())
+                .map(|(i, r)| (&self.policies[*i as usize], &r[..]))
                 .filter(|(p, _)| p.applies(s))
         };
         for (p, r) in each() {
@@ -347,18 +377,15 @@ impl Authz {
                 return verdict;
             }
         }
-        let (mut allows, mut allowed) = (false, false);
+        let mut allowed = false;
         for (p, r) in each() {
             match p.action {
                 Action::Audit if p.matches(r, s) => verdict.audited.push(p.name.as_str()),
-                Action::Allow if !allowed => {
-                    allows = true;
-                    allowed = p.matches(r, s);
-                }
+                Action::Allow if !allowed => allowed = p.matches(r, s),
                 _ => {}
             }
         }
-        if allows && !allowed {
+        if !allowed && self.allows_apply(s) {
             verdict.denied_by = Some(Denial::NotAllowed(
                 self.policies
                     .iter()
@@ -404,7 +431,12 @@ impl TryFrom<&[pb::AuthzPolicy]> for Authz {
                 routes: p.routes.clone(),
             });
         }
-        Ok(Self { policies })
+        let mut authz = Self {
+            policies,
+            ..Self::default()
+        };
+        authz.index();
+        Ok(authz)
     }
 }
 
