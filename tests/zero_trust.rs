@@ -16,6 +16,21 @@ use support::mesh::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Waits until `w`'s configuration of `shop/api` satisfies `f` (its TrafficPolicy as sent).
+async fn wait_api_policy(
+    w: &Workload,
+    what: &str,
+    f: impl Fn(&fedmesh_api::pb::dataplane::TrafficPolicy) -> bool,
+) {
+    w.wait_config(what, |t| {
+        t.service_named("shop/api")
+            .and_then(|e| e.svc.policy.as_ref())
+            .is_some_and(&f)
+    })
+    .await
+    .unwrap();
+}
+
 /// The conditions (`name/Type` → status) of the objects in `<data-dir>/status/<file>`, once there
 /// are `n` of them (the control plane writes them for the directory source).
 async fn status_conditions(c: &Cluster, file: &str, n: usize) -> Vec<(String, String)> {
@@ -65,13 +80,10 @@ async fn authorization_by_spiffe_id_denies_callers_a_policy_does_not_list() {
         &yaml::traffic_policy("shop", "api", &[&frontend.id.to_string()]),
     )
     .unwrap();
-    w.wait_config("the authorization policy", |t| {
-        t.service_named("shop/api")
-            .and_then(|e| e.svc.policy.as_ref())
-            .is_some_and(|p| !p.allowed_callers.is_empty())
+    wait_api_policy(&w, "the authorization policy", |p| {
+        !p.allowed_callers.is_empty()
     })
-    .await
-    .unwrap();
+    .await;
     wait_routable(&tb, &frontend, "api", &["west"]).await;
     wait_routable(&tb, &intruder, "api", &["west"]).await;
     let ok = ProxyClient::new(frontend.proxy)
@@ -130,13 +142,10 @@ spec:
         ),
     )
     .unwrap();
-    w.wait_config("the authorization policies", |t| {
-        t.service_named("shop/api")
-            .and_then(|e| e.svc.policy.as_ref())
-            .is_some_and(|p| p.authorization.len() == 2)
+    wait_api_policy(&w, "the authorization policies", |p| {
+        p.authorization.len() == 2
     })
-    .await
-    .unwrap();
+    .await;
     wait_routable(&tb, &frontend, "api", &["west"]).await;
     wait_routable(&tb, &intruder, "api", &["west"]).await;
 
@@ -220,14 +229,6 @@ spec:
   mtls: {mode: PERMISSIVE}
 ";
 
-fn mtls_mode(w: &Workload) -> Option<i32> {
-    w.config
-        .table()
-        .service_named("shop/api")
-        .and_then(|e| e.svc.policy.as_ref())
-        .map(|p| p.mtls_mode)
-}
-
 /// Migrating a namespace to mTLS: while its PeerAuthentication is PERMISSIVE the sidecar also
 /// serves plain text from callers outside the mesh, as `unauthenticated` (no identity reaches the
 /// app, a forged one is dropped, metrics say so), and an identity-based ALLOW never admits it;
@@ -245,9 +246,7 @@ async fn a_permissive_service_takes_plain_text_as_unauthenticated_and_strict_clo
     assert_eq!(plain_get(w.inbound, "/strict", "").await, None, "STRICT");
 
     west.write("peer.yaml", PERMISSIVE).unwrap();
-    w.wait_config("PERMISSIVE", |_| mtls_mode(&w) == Some(1))
-        .await
-        .unwrap();
+    wait_api_policy(&w, "PERMISSIVE", |p| p.mtls_mode == 1).await;
     let forged = "x-forwarded-client-cert: By=x;URI=spiffe://west.example/ns/shop/sa/admin\r\n";
     let (status, body) = plain_get(w.inbound, "/plain", forged)
         .await
@@ -316,13 +315,7 @@ async fn a_permissive_service_takes_plain_text_as_unauthenticated_and_strict_clo
         ),
     )
     .unwrap();
-    w.wait_config("the ALLOW policy", |t| {
-        t.service_named("shop/api")
-            .and_then(|e| e.svc.policy.as_ref())
-            .is_some_and(|p| p.authorization.len() == 1)
-    })
-    .await
-    .unwrap();
+    wait_api_policy(&w, "the ALLOW policy", |p| p.authorization.len() == 1).await;
     let (status, body) = plain_get(w.inbound, "/plain", "").await.expect("answered");
     assert_eq!(status, 403, "{body}");
     assert!(
@@ -342,9 +335,7 @@ async fn a_permissive_service_takes_plain_text_as_unauthenticated_and_strict_clo
 
     // The policy gone: STRICT again.
     west.remove("peer.yaml");
-    w.wait_config("STRICT", |_| mtls_mode(&w) == Some(0))
-        .await
-        .unwrap();
+    wait_api_policy(&w, "STRICT", |p| p.mtls_mode == 0).await;
     assert_eq!(plain_get(w.inbound, "/strict", "").await, None, "STRICT");
     assert!(w.metrics.encode().contains(r#"reason="tls_handshake""#));
     tb.shutdown().await;
@@ -444,17 +435,12 @@ spec:
         ),
     )
     .unwrap();
-    w.wait_config("the fetched keys", |t| {
-        t.service_named("shop/api")
-            .and_then(|e| e.svc.policy.as_ref())
-            .is_some_and(|p| {
-                p.request_authn
-                    .first()
-                    .is_some_and(|a| !a.rules[0].jwks.is_empty())
-            })
+    wait_api_policy(&w, "the fetched keys", |p| {
+        p.request_authn
+            .first()
+            .is_some_and(|a| !a.rules[0].jwks.is_empty())
     })
-    .await
-    .unwrap();
+    .await;
     let mut f = ProxyClient::new(frontend.proxy);
     let mut ask = async |path: &str, token: &str| {
         let auth = format!("Bearer {token}");
@@ -594,18 +580,13 @@ async fn a_policy_on_a_route_covers_only_that_routes_requests() {
     )
     .unwrap();
     for who in [&w, &frontend, &intruder] {
-        who.wait_config("the routes and the policy", |t| {
-            t.service_named("shop/api")
-                .and_then(|e| e.svc.policy.as_ref())
-                .is_some_and(|p| {
-                    p.routes.len() >= 2
-                        && p.authorization
-                            .first()
-                            .is_some_and(|a| a.routes == ["HTTPRoute shop/api-admin"])
-                })
+        wait_api_policy(who, "the routes and the policy", |p| {
+            p.routes.len() >= 2
+                && p.authorization
+                    .first()
+                    .is_some_and(|a| a.routes == ["HTTPRoute shop/api-admin"])
         })
-        .await
-        .unwrap();
+        .await;
     }
     let mut f = ProxyClient::new(frontend.proxy);
     let mut i = ProxyClient::new(intruder.proxy);

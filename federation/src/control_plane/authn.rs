@@ -254,38 +254,10 @@ pub fn compile(local: &LocalObjects, jwks: &Jwks) -> CompiledAuthn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::Service;
 
     fn local(docs: &str) -> LocalObjects {
-        let mut l = LocalObjects::default();
-        for name in ["api", "web"] {
-            let mut s = Service::default();
-            s.metadata.name = Some(name.into());
-            s.metadata.namespace = Some("shop".into());
-            l.services
-                .insert(format!("shop/{name}").parse().unwrap(), s);
-        }
-        for doc in docs.split("---\n") {
-            let v: serde_json::Value = serde_saphyr::from_str(doc).unwrap();
-            let key: ServiceKey = format!(
-                "{}/{}",
-                v["metadata"]["namespace"].as_str().unwrap(),
-                v["metadata"]["name"].as_str().unwrap()
-            )
-            .parse()
-            .unwrap();
-            match v["kind"].as_str().unwrap() {
-                "PeerAuthentication" => {
-                    l.peer_authns
-                        .insert(key, serde_json::from_value(v).unwrap());
-                }
-                _ => {
-                    l.request_authns
-                        .insert(key, serde_json::from_value(v).unwrap());
-                }
-            }
-        }
-        l
+        let shop = crate::control_plane::authz::tests::SHOP;
+        LocalObjects::from_yaml(&format!("{shop}\n---\n{docs}"))
     }
 
     const PA: &str = "apiVersion: fedmesh.io/v1alpha1\nkind: PeerAuthentication\n";

@@ -441,32 +441,16 @@ pub fn compile(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use fedmesh_api::authz::AuthorizationPolicy;
     use fedmesh_api::pb::federation as fpb;
-    use k8s_openapi::api::core::v1::Service;
 
+    /// Services shop/api and shop/web, and `policies`.
     fn local(policies: &str) -> LocalObjects {
-        let mut l = LocalObjects::default();
-        for name in ["api", "web"] {
-            let mut s = Service::default();
-            s.metadata.name = Some(name.into());
-            s.metadata.namespace = Some("shop".into());
-            l.services
-                .insert(format!("shop/{name}").parse().unwrap(), s);
-        }
-        for doc in policies.split("---") {
-            let p: AuthorizationPolicy = serde_saphyr::from_str(doc).unwrap();
-            let key = format!(
-                "{}/{}",
-                p.metadata.namespace.as_deref().unwrap(),
-                p.metadata.name.as_deref().unwrap()
-            );
-            l.authz_policies.insert(key.parse().unwrap(), p);
-        }
-        l
+        LocalObjects::from_yaml(&format!("{SHOP}\n---\n{policies}"))
     }
+
+    pub(crate) const SHOP: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\nspec: {ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{port: 80}]}";
 
     fn compile_here(l: &LocalObjects) -> CompiledAuthz {
         let mut cs = ClusterSet::default();

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{LocalObjects, Object, key_of, parse_object};
+use super::{LocalObjects, Object, parse_object};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileProblem {
@@ -142,59 +142,7 @@ impl DirSource {
                     continue;
                 }
                 owners.insert(o.id(), path.clone());
-                match o {
-                    Object::Service(s) => {
-                        if let Some(k) = key_of(&s.metadata) {
-                            objs.services.insert(k, (**s).clone());
-                        }
-                    }
-                    Object::ServiceExport(e) => {
-                        if let Some(k) = key_of(&e.metadata) {
-                            objs.exports.insert(k, (**e).clone());
-                        }
-                    }
-                    Object::TrafficPolicy(p) => {
-                        if let Some(k) = key_of(&p.metadata) {
-                            objs.policies.insert(k, (**p).clone());
-                        }
-                    }
-                    Object::AuthorizationPolicy(p) => {
-                        if let Some(k) = key_of(&p.metadata) {
-                            objs.authz_policies.insert(k, (**p).clone());
-                        }
-                    }
-                    Object::PeerAuthentication(p) => {
-                        if let Some(k) = key_of(&p.metadata) {
-                            objs.peer_authns.insert(k, (**p).clone());
-                        }
-                    }
-                    Object::RequestAuthentication(p) => {
-                        if let Some(k) = key_of(&p.metadata) {
-                            objs.request_authns.insert(k, (**p).clone());
-                        }
-                    }
-                    Object::HttpRoute(r) => {
-                        if let Some(k) = key_of(&r.metadata) {
-                            objs.http_routes.insert(k, (**r).clone());
-                        }
-                    }
-                    Object::GrpcRoute(r) => {
-                        if let Some(k) = key_of(&r.metadata) {
-                            objs.grpc_routes.insert(k, (**r).clone());
-                        }
-                    }
-                    Object::EndpointSlice(s) => {
-                        let ns = s
-                            .metadata
-                            .namespace
-                            .clone()
-                            .unwrap_or_else(|| "default".into());
-                        let name = s.metadata.name.clone().unwrap_or_default();
-                        let mut s = (**s).clone();
-                        s.metadata.namespace = Some(ns.clone());
-                        objs.slices.insert(format!("{ns}/{name}"), s);
-                    }
-                }
+                objs.insert(o);
             }
         }
         self.objects.send_if_modified(|cur| {

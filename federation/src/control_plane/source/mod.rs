@@ -63,6 +63,53 @@ pub struct Invalid {
 }
 
 impl LocalObjects {
+    /// Adds (or replaces) an object read from YAML, keyed as its kind is.
+    pub fn insert(&mut self, o: &Object) {
+        fn by_key<T: Clone>(
+            map: &mut BTreeMap<ServiceKey, T>,
+            m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+            o: &T,
+        ) {
+            if let Some(k) = key_of(m) {
+                map.insert(k, o.clone());
+            }
+        }
+        match o {
+            Object::Service(s) => by_key(&mut self.services, &s.metadata, &**s),
+            Object::ServiceExport(e) => by_key(&mut self.exports, &e.metadata, &**e),
+            Object::TrafficPolicy(p) => by_key(&mut self.policies, &p.metadata, &**p),
+            Object::AuthorizationPolicy(p) => by_key(&mut self.authz_policies, &p.metadata, &**p),
+            Object::PeerAuthentication(p) => by_key(&mut self.peer_authns, &p.metadata, &**p),
+            Object::RequestAuthentication(p) => by_key(&mut self.request_authns, &p.metadata, &**p),
+            Object::HttpRoute(r) => by_key(&mut self.http_routes, &r.metadata, &**r),
+            Object::GrpcRoute(r) => by_key(&mut self.grpc_routes, &r.metadata, &**r),
+            Object::EndpointSlice(s) => {
+                let ns = s
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into());
+                let name = s.metadata.name.clone().unwrap_or_default();
+                let mut s = (**s).clone();
+                s.metadata.namespace = Some(ns.clone());
+                self.slices.insert(format!("{ns}/{name}"), s);
+            }
+        }
+    }
+
+    /// Parses multi-document YAML as the directory source does and adds every object (tests).
+    #[cfg(test)]
+    pub fn from_yaml(yaml: &str) -> Self {
+        let mut l = Self::default();
+        for doc in yaml.split("\n---\n") {
+            let v: Value = serde_saphyr::from_str(doc).expect("YAML");
+            if let Some(o) = parse_object(v).expect("an object fedmesh reads") {
+                l.insert(&o);
+            }
+        }
+        l
+    }
+
     /// Ready endpoints of a service, from its EndpointSlices.
     pub fn endpoints(&self, key: &ServiceKey) -> Vec<LocalEndpoint> {
         let mut out: Vec<LocalEndpoint> = self
