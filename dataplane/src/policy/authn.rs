@@ -234,34 +234,34 @@ impl From<&[pb::RequestAuthn]> for Authn {
     }
 }
 
-/// The unverified `iss` of a token: which rule to check it against.
-fn issuer_of(token: &str) -> Result<String, String> {
+/// Segment `n` of a token (0: header, 1: payload), decoded but not verified: to pick the rule
+/// to check it against, and to name what is wrong when it is refused.
+fn unverified_segment(token: &str, n: usize) -> Result<Map<String, Value>, &'static str> {
     use base64::Engine;
-    let payload = token
+    let part = token
         .split('.')
-        .nth(1)
+        .nth(n)
         .ok_or("the token is not a JWT (header.payload.signature)")?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
+        .decode(part.trim_end_matches('='))
         .map_err(|_| "the token's payload is not base64url")?;
-    #[derive(serde::Deserialize)]
-    struct Iss {
-        iss: Option<String>,
+    serde_json::from_slice(&bytes).map_err(|_| "the token's payload is not a JSON object")
+}
+
+/// The unverified `iss` of a token: which rule to check it against.
+fn issuer_of(token: &str) -> Result<String, String> {
+    match unverified_segment(token, 1)?.remove("iss") {
+        Some(Value::String(iss)) => Ok(iss),
+        _ => Err("the token has no iss claim".into()),
     }
-    let iss: Iss =
-        serde_json::from_slice(&bytes).map_err(|_| "the token's payload is not a JSON object")?;
-    iss.iss.ok_or_else(|| "the token has no iss claim".into())
 }
 
 /// The `alg` a token's header claims, unverified (for the message when it is refused).
 fn unverified_alg(token: &str) -> Option<String> {
-    use base64::Engine;
-    let header = token.split('.').next()?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(header.trim_end_matches('='))
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    Some(v.get("alg")?.as_str()?.to_string())
+    match unverified_segment(token, 0).ok()?.remove("alg") {
+        Some(Value::String(alg)) => Some(alg),
+        _ => None,
+    }
 }
 
 fn why(e: &jsonwebtoken::errors::Error) -> String {

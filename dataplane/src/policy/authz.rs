@@ -156,7 +156,8 @@ impl Denial<'_> {
     }
 }
 
-fn namespace_of(id: &SpiffeId) -> Option<&str> {
+/// The namespace of a caller's ID (`spiffe://TD/ns/NAMESPACE/...`).
+pub fn namespace_of(id: &SpiffeId) -> Option<&str> {
     let mut parts = id.path().trim_start_matches('/').split('/');
     match (parts.next(), parts.next()) {
         (Some("ns"), Some(ns)) if !ns.is_empty() => Some(ns),

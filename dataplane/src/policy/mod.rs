@@ -16,7 +16,7 @@ use fedmesh_api::{ClusterName, SpiffeId, TrustDomain};
 use http::{HeaderMap, Method, Uri};
 
 pub use authn::{Authn, Claims, Unauthenticated};
-pub use authz::{Authz, CallerRules, Denial, HttpRequest, Subject, Verdict};
+pub use authz::{Authz, CallerRules, Denial, HttpRequest, Subject, Verdict, namespace_of};
 pub use filters::{
     BackendTarget, Filter, HeaderModifier, Mirror, PathModifier, Redirect, Rewrite, RouteBackend,
 };

@@ -14,7 +14,7 @@ use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::{Body, grpc_error, is_grpc};
 use fedmesh_dataplane::metrics::ProxyMetrics;
 use fedmesh_dataplane::policy::{
-    ALLOWED_CALLERS, CallerRules, Denial, HttpRequest, Selected, Subject,
+    ALLOWED_CALLERS, CallerRules, Denial, HttpRequest, Selected, Subject, namespace_of,
 };
 use http::{Request, Response};
 use tower::{Layer, Service};
@@ -77,15 +77,6 @@ fn authorize_for(
     )))
 }
 
-/// The namespace of a caller's ID (`spiffe://TD/ns/NAMESPACE/...`).
-fn caller_namespace(id: &fedmesh_api::SpiffeId) -> Option<&str> {
-    let mut parts = id.path().trim_start_matches('/').split('/');
-    match (parts.next(), parts.next()) {
-        (Some("ns"), Some(ns)) if !ns.is_empty() => Some(ns),
-        _ => None,
-    }
-}
-
 #[derive(Clone)]
 pub(crate) struct AuthorizeLayer {
     pub metrics: Arc<ProxyMetrics>,
@@ -128,7 +119,7 @@ where
                 .as_deref()
                 .filter(|e| e.policy.authz.has_routes())
                 .and_then(|e| {
-                    let ns = ctx.caller.as_ref().and_then(caller_namespace);
+                    let ns = ctx.caller.as_ref().and_then(namespace_of);
                     match e
                         .policy
                         .select(ctx.mesh.port, ns, req.method(), req.uri(), req.headers())

@@ -232,21 +232,6 @@ impl Watched for EndpointSlice {
     }
 }
 
-impl Watched for AuthorizationPolicy {
-    fn insert(st: &mut State, o: Self) {
-        let Some(k) = key_of(&o.metadata) else { return };
-        st.authz_policies.insert(k, o);
-    }
-    fn remove(st: &mut State, o: &Self) {
-        if let Some(k) = key_of(&o.metadata) {
-            st.authz_policies.remove(&k);
-        }
-    }
-    fn clear(st: &mut State) {
-        st.authz_policies.clear();
-    }
-}
-
 /// A namespaced kind kept in one map of the state by its namespace/name.
 macro_rules! watched_by_key {
     ($kind:ty, $field:ident) => {
@@ -266,6 +251,7 @@ macro_rules! watched_by_key {
         }
     };
 }
+watched_by_key!(AuthorizationPolicy, authz_policies);
 watched_by_key!(PeerAuthentication, peer_authns);
 watched_by_key!(RequestAuthentication, request_authns);
 
