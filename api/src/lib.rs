@@ -3,6 +3,7 @@
 
 pub mod authn;
 pub mod authz;
+pub mod federation;
 pub mod gateway;
 pub mod identity;
 pub mod mcs;

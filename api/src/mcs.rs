@@ -165,6 +165,7 @@ pub fn crd_yaml() -> String {
         crate::authz::AuthorizationPolicy::crd(),
         crate::authn::PeerAuthentication::crd(),
         crate::authn::RequestAuthentication::crd(),
+        crate::federation::FederatedTrustDomain::crd(),
     ] {
         out.push_str("---\n");
         // Serializing a derived CRD cannot fail; fall back to JSON (valid YAML) just in case.

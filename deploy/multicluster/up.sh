@@ -124,7 +124,8 @@ for c in "${CLUSTERS[@]}"; do
   kc "$c" wait --for condition=established --timeout=60s \
     crd/serviceexports.multicluster.x-k8s.io crd/serviceimports.multicluster.x-k8s.io \
     crd/trafficpolicies.fedmesh.io crd/authorizationpolicies.fedmesh.io \
-    crd/peerauthentications.fedmesh.io crd/requestauthentications.fedmesh.io
+    crd/peerauthentications.fedmesh.io crd/requestauthentications.fedmesh.io \
+    crd/federatedtrustdomains.fedmesh.io
   kc "$c" apply -k "$HERE/base/namespace"
 
   gateway="$(node_ip "$c"):$GATEWAY_NODE_PORT"

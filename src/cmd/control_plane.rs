@@ -166,6 +166,17 @@ pub struct ControlPlaneArgs {
     /// one is fetched at once.
     #[arg(long, value_parser = parse_duration, default_value = "5m")]
     jwks_refresh: Duration,
+    /// Serve this trust domain's bundle at a SPIFFE bundle endpoint on ADDR (e.g.
+    /// 0.0.0.0:8443), for trust domains outside the clusterset (a SPIRE server) to federate with.
+    /// Profile https_spiffe (the control plane's SVID) unless --bundle-endpoint-cert is given.
+    #[arg(long, value_name = "ADDR")]
+    bundle_endpoint: Option<SocketAddr>,
+    /// https_web profile: the endpoint's certificate chain (PEM), e.g. from your Web PKI.
+    #[arg(long, requires_all = ["bundle_endpoint", "bundle_endpoint_key"], value_name = "FILE")]
+    bundle_endpoint_cert: Option<PathBuf>,
+    /// https_web profile: the certificate's private key (PEM, a 0600 file).
+    #[arg(long, requires = "bundle_endpoint_cert", value_name = "FILE")]
+    bundle_endpoint_key: Option<PathBuf>,
 }
 
 pub async fn run(cmd: ControlPlaneCmd) -> anyhow::Result<()> {
@@ -324,6 +335,8 @@ async fn serve(a: ControlPlaneArgs) -> anyhow::Result<()> {
     config.system_namespace = a.system_namespace;
     config.agent_service_account = a.agent_service_account;
     config.jwks_refresh = a.jwks_refresh;
+    config.bundle_endpoint = a.bundle_endpoint;
+    config.bundle_endpoint_web = a.bundle_endpoint_cert.zip(a.bundle_endpoint_key);
     let shutdown = CancellationToken::new();
     let cp = ControlPlane::start(config, shutdown.clone()).await?;
     eprintln!(
@@ -333,6 +346,21 @@ async fn serve(a: ControlPlaneArgs) -> anyhow::Result<()> {
         cp.dns_addr.map(|a| a.to_string()).unwrap_or_default(),
         cp.status_dir().display()
     );
+    if let Some(addr) = cp.bundle_endpoint_addr {
+        let profile = if cp.config.bundle_endpoint_web.is_some() {
+            "https_web".to_string()
+        } else {
+            format!(
+                "https_spiffe, endpoint SPIFFE ID spiffe://{}{}",
+                cp.config.trust_domain,
+                fedmesh_trust::workload::remote::CONTROL_PLANE_PATH
+            )
+        };
+        eprintln!(
+            "  bundle endpoint of {} on https://{addr} ({profile})",
+            cp.config.trust_domain
+        );
+    }
     eprintln!(
         "  a node's agent joins with a token made for it: fedmesh control-plane token create --node NAME --data-dir {} --out FILE",
         a.data_dir.display()

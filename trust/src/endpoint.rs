@@ -317,10 +317,28 @@ impl BundleEndpointClient {
         initial: Option<SpiffeBundle>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> (watch::Receiver<Option<Arc<SpiffeBundle>>>, JoinHandle<()>) {
+        let (rx, _errors, task) = self.spawn_refresher_reporting(initial, shutdown);
+        (rx, task)
+    }
+
+    /// As [`BundleEndpointClient::spawn_refresher`], and also reports each attempt: the second
+    /// receiver holds `Err(reason)` after a failed fetch and `Ok(n)` after the `n`th good one.
+    #[allow(clippy::type_complexity)]
+    pub fn spawn_refresher_reporting(
+        self,
+        initial: Option<SpiffeBundle>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> (
+        watch::Receiver<Option<Arc<SpiffeBundle>>>,
+        watch::Receiver<Result<u64, String>>,
+        JoinHandle<()>,
+    ) {
         let (tx, rx) = watch::channel(initial.map(Arc::new));
+        let (attempts, attempts_rx) = watch::channel(Ok(0));
         let task = tokio::spawn(async move {
             tokio::pin!(shutdown);
             let mut failures = 0u32;
+            let mut fetched = 0u64;
             loop {
                 let current = tx.borrow().clone();
                 let wait = match self.fetch(current.as_deref()).await {
@@ -342,6 +360,8 @@ impl BundleEndpointClient {
                                 tracing::warn!(trust_domain = %self.trust_domain, held, offered, "endpoint served an older bundle; keeping ours");
                             }
                         }
+                        fetched += 1;
+                        attempts.send_modify(|a| *a = Ok(fetched));
                         hint.unwrap_or(DEFAULT_REFRESH)
                             .clamp(MIN_REFRESH, MAX_REFRESH)
                     }
@@ -355,6 +375,7 @@ impl BundleEndpointClient {
                             Duration::from_secs(1) * 2u32.saturating_pow(failures.min(6) - 1);
                         let wait = backoff.min(hint).clamp(MIN_REFRESH, MAX_REFRESH);
                         tracing::warn!(error = %e, retry_in = ?wait, "bundle fetch failed; keeping the last good bundle");
+                        attempts.send_modify(|a| *a = Err(e.to_string()));
                         wait
                     }
                 };
@@ -364,6 +385,6 @@ impl BundleEndpointClient {
                 }
             }
         });
-        (rx, task)
+        (rx, attempts_rx, task)
     }
 }

@@ -296,6 +296,7 @@ impl Identity for IdentityService {
         let cp = self.cp.clone();
         let mut snap = cp.snapshot();
         let mut own = cp.ca.subscribe_bundle();
+        let mut federated = cp.federated.subscribe();
         let shutdown = cp.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
@@ -313,6 +314,7 @@ impl Identity for IdentityService {
                     _ = tx.closed() => return,
                     r = snap.changed() => if r.is_err() { return },
                     r = own.changed() => if r.is_err() { return },
+                    r = federated.changed() => if r.is_err() { return },
                 }
             }
         });
@@ -322,9 +324,15 @@ impl Identity for IdentityService {
     }
 }
 
-/// Our own bundle and every federated one the hub delivered (never our own from the hub).
+/// Our own bundle, every clusterset one the hub delivered (never our own from the hub), and
+/// those of the trust domains outside the clusterset we federate with.
 fn bundles_now(cp: &ControlPlane) -> pb::Bundles {
     let mut bundles: HashMap<String, Vec<u8>> = HashMap::new();
+    // First, so the clusterset's and our own always win (a FederatedTrustDomain naming one of
+    // them is refused anyway).
+    for b in cp.federated.bundles() {
+        bundles.insert(b.trust_domain().to_string(), b.to_json().into_bytes());
+    }
     let cs = cp.clusterset.current();
     for (td, b) in &cs.bundles {
         if td != &cp.config.trust_domain {
@@ -374,6 +382,63 @@ pub(super) fn current_pin(cp: &ControlPlane) -> String {
         .unwrap_or_default()
 }
 
+/// The control plane's own SVID (`spiffe://<td>/fedmesh/control-plane`), kept fresh and following
+/// CA rotation until `shutdown`: once another authority signs, the served chain must name it
+/// (node tokens made from then on pin it).
+pub(super) fn own_identity(
+    cp: &Arc<ControlPlane>,
+    shutdown: &CancellationToken,
+) -> Result<MeshIdentity, String> {
+    // Subscribed before the certificate is made, so no rotation slips past.
+    let mut rotations = cp.ca.subscribe_bundle();
+    let ident = server_identity(cp)?;
+    let (cp, renewed, shutdown) = (cp.clone(), ident.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+                r = rotations.changed() => if r.is_err() { return },
+            }
+            if let Err(e) = refresh_server_identity(&cp, &renewed) {
+                tracing::error!(error = %e, "cannot renew the control plane's server identity");
+            }
+        }
+    });
+    Ok(ident)
+}
+
+/// Serves the trust domain's bundle at a SPIFFE bundle endpoint (`https_spiffe` with the control
+/// plane's SVID, or `https_web` with `web`'s certificate chain and key), for trust domains
+/// outside the clusterset (a SPIRE server) to federate with.
+pub fn serve_bundle_endpoint(
+    cp: Arc<ControlPlane>,
+    listener: tokio::net::TcpListener,
+    web: Option<(
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+    )>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    use fedmesh_trust::endpoint::ServerProfile;
+    let profile = match web {
+        Some((chain, key)) => ServerProfile::HttpsWeb { chain, key },
+        None => ServerProfile::HttpsSpiffe {
+            identity: own_identity(&cp, &shutdown)?,
+        },
+    };
+    let bundle = cp.ca.subscribe_bundle();
+    tokio::spawn(async move {
+        if let Err(e) =
+            fedmesh_trust::endpoint::serve(listener, profile, bundle, shutdown.cancelled_owned())
+                .await
+        {
+            tracing::error!(error = %e, "the bundle endpoint stopped");
+        }
+    });
+    Ok(())
+}
+
 /// Serves the Identity service (and, on the same port, the data-plane config) until `shutdown`.
 pub fn serve(
     cp: Arc<ControlPlane>,
@@ -381,32 +446,13 @@ pub fn serve(
     shutdown: CancellationToken,
 ) {
     tokio::spawn(async move {
-        // Subscribed before the certificate is made, so no rotation slips past.
-        let mut rotations = cp.ca.subscribe_bundle();
-        let ident = match server_identity(&cp) {
+        let ident = match own_identity(&cp, &shutdown) {
             Ok(i) => i,
             Err(e) => {
                 tracing::error!(error = %e, "cannot issue the control plane's server identity");
                 return;
             }
         };
-        // Keep the server certificate fresh, and follow CA rotation: once another authority
-        // signs, the served chain must name it (node tokens made from then on pin it).
-        {
-            let (cp, ident, shutdown) = (cp.clone(), ident.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(600)) => {}
-                        r = rotations.changed() => if r.is_err() { return },
-                    }
-                    if let Err(e) = refresh_server_identity(&cp, &ident) {
-                        tracing::error!(error = %e, "cannot renew the control plane's server identity");
-                    }
-                }
-            });
-        }
         let td = cp.config.trust_domain.clone();
         let authorizer = Authorizer::Custom {
             description: format!("only agents and data-plane components of {td}"),

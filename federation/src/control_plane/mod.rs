@@ -11,6 +11,7 @@ pub mod authn;
 pub mod authz;
 pub mod config_stream;
 pub mod dns;
+pub mod federated;
 pub mod hub_link;
 pub mod identity;
 pub mod jwks;
@@ -98,6 +99,39 @@ pub struct ControlPlaneConfig {
     pub agent_service_account: String,
     /// How often the JWK Sets RequestAuthentications name by `jwksUri` are fetched again.
     pub jwks_refresh: Duration,
+    /// Serve the trust domain's bundle at a SPIFFE bundle endpoint here, for trust domains
+    /// outside the clusterset (e.g. a SPIRE server) to federate with.
+    pub bundle_endpoint: Option<SocketAddr>,
+    /// The endpoint's `https_web` certificate chain and key (PEM files); without them it is
+    /// `https_spiffe`, authenticated by the control plane's SVID.
+    pub bundle_endpoint_web: Option<(PathBuf, PathBuf)>,
+}
+
+/// An `https_web` certificate chain and its key, from PEM files.
+fn load_web_pki(
+    chain: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<
+    (
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    ),
+    String,
+> {
+    use rustls_pki_types::pem::PemObject;
+    let pem = std::fs::read(chain)
+        .map_err(|e| format!("--bundle-endpoint-cert {}: {e}", chain.display()))?;
+    let certs = fedmesh_trust::bundle::parse_pem_certificates(&pem)
+        .map_err(|e| format!("--bundle-endpoint-cert {}: {e}", chain.display()))?;
+    let key_pem = fedmesh_trust::files::read_private(key)
+        .map_err(|e| format!("--bundle-endpoint-key: {e}"))?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        format!(
+            "--bundle-endpoint-key {}: not a PEM private key ({e})",
+            key.display()
+        )
+    })?;
+    Ok((certs, key))
 }
 
 impl ControlPlaneConfig {
@@ -124,6 +158,8 @@ impl ControlPlaneConfig {
             system_namespace: "fedmesh-system".into(),
             agent_service_account: "fedmesh-agent".into(),
             jwks_refresh: Duration::from_secs(300),
+            bundle_endpoint: None,
+            bundle_endpoint_web: None,
         }
     }
 }
@@ -173,6 +209,8 @@ pub struct ControlPlane {
     /// The JWK Sets RequestAuthentications fetch, and the uris the last snapshot used.
     jwks: jwks::Jwks,
     jwks_wanted: std::sync::Mutex<Vec<String>>,
+    /// Trust domains outside the clusterset this cluster federates with (FederatedTrustDomain).
+    pub federated: Arc<federated::Federated>,
     /// Clusterset-wide rate limits: declared here, demand of the sidecars, shares from the hub.
     pub rate_limits: Arc<ratelimit::ClustersetLimits>,
     /// Requests to PERMISSIVE services, mTLS or plain text, as the sidecars count them.
@@ -180,6 +218,8 @@ pub struct ControlPlane {
     pub credentials: Option<Arc<HubCredentials>>,
     pub dns_addr: Option<SocketAddr>,
     pub listen_addr: Option<SocketAddr>,
+    /// Where the SPIFFE bundle endpoint listens (`--bundle-endpoint`), once bound.
+    pub bundle_endpoint_addr: Option<SocketAddr>,
     kube_writer: Option<Arc<source::kube::KubeWriter>>,
     /// With the Kubernetes source: the service accounts of the pods on each node, for
     /// node-bound issuance.
@@ -311,6 +351,21 @@ impl ControlPlane {
             }
         };
 
+        let bundle_web = match &config.bundle_endpoint_web {
+            Some((chain, key)) => Some(load_web_pki(chain, key).map_err(StartError::Config)?),
+            None => None,
+        };
+        let mut bundle_endpoint_addr = None;
+        let bundle_listener = match config.bundle_endpoint {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Listen { addr, source })?;
+                bundle_endpoint_addr = l.local_addr().ok();
+                Some(l)
+            }
+            None => None,
+        };
         let mut listen_addr = None;
         let listener = match config.listen {
             Some(addr) => {
@@ -344,11 +399,13 @@ impl ControlPlane {
             policy_memory: Mutex::new(policy::Memory::new()),
             jwks: jwks::Jwks::new(config.jwks_refresh),
             jwks_wanted: std::sync::Mutex::default(),
+            federated: federated::Federated::new(&config.data_dir),
             rate_limits: Arc::default(),
             peer_traffic: Arc::default(),
             credentials,
             dns_addr,
             listen_addr,
+            bundle_endpoint_addr,
             kube_writer,
             node_pods,
             k8s_attestor,
@@ -398,6 +455,10 @@ impl ControlPlane {
         }
         if let Some(l) = listener {
             identity::serve(cp.clone(), l, shutdown.clone());
+        }
+        if let Some(l) = bundle_listener {
+            identity::serve_bundle_endpoint(cp.clone(), l, bundle_web, shutdown.clone())
+                .map_err(|e| StartError::Config(format!("the bundle endpoint: {e}")))?;
         }
         tracing::info!(cluster = %cp.config.cluster, trust_domain = %cp.config.trust_domain, hub = ?cp.config.hub, dns = ?cp.dns_addr, listen = ?cp.listen_addr, "control plane started");
         Ok(cp)
@@ -586,6 +647,10 @@ impl ControlPlane {
         }
         policies.reports.extend(authn.reports);
         *self.jwks_wanted.lock().unwrap_or_else(|p| p.into_inner()) = authn.jwks_uris;
+        let mut reserved: std::collections::BTreeSet<TrustDomain> =
+            cs.bundles.keys().cloned().collect();
+        reserved.insert(self.config.trust_domain.clone());
+        self.federated.sync(&local, &reserved, &self.shutdown);
         let policies = Arc::new(policies);
         self.rate_limits
             .set_declared(policies.clusterset_limits.clone());
@@ -618,6 +683,7 @@ impl ControlPlane {
         let validity = self.clone().derive_desired().await;
         self.publish_snapshot(Some(validity)).await;
         let mut snap = self.snapshot.subscribe();
+        let mut federated = self.federated.subscribe();
         loop {
             self.write_status(&mut tracker).await;
             tokio::select! {
@@ -628,6 +694,7 @@ impl ControlPlane {
                 }
                 r = publish.changed() => if r.is_err() { return },
                 r = snap.changed() => if r.is_err() { return },
+                r = federated.changed() => if r.is_err() { return },
             }
         }
     }
@@ -647,7 +714,9 @@ impl ControlPlane {
         );
         let routes = tracker.route_statuses(&snap.routes);
         let policies = tracker.policy_statuses(&snap.policies);
+        let federated = tracker.federated_statuses(&self.federated.reports(&snap.local));
         if let Some(w) = &self.kube_writer {
+            w.sync_federated_status(&federated).await;
             w.sync_imports(&imports, &snap.clusterset).await;
             w.sync_export_status(&exports).await;
             w.sync_route_status(&routes).await;
@@ -714,6 +783,20 @@ impl ControlPlane {
                 (
                     "requestauthentications.yaml",
                     policy_docs("RequestAuthentication"),
+                ),
+                (
+                    "federatedtrustdomains.yaml",
+                    federated
+                        .iter()
+                        .map(|(name, status)| {
+                            serde_json::json!({
+                                "apiVersion": "fedmesh.io/v1alpha1",
+                                "kind": "FederatedTrustDomain",
+                                "metadata": {"name": name},
+                                "status": status,
+                            })
+                        })
+                        .collect(),
                 ),
             ] {
                 if let Err(e) = status::write_yaml_if_changed(&dir.join(name), &docs) {

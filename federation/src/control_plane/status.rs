@@ -187,12 +187,13 @@ pub struct ConditionTracker {
     routes_previous: BTreeMap<(ServiceKey, String), Condition>,
     /// TrafficPolicy conditions, by policy and type.
     policies_previous: BTreeMap<(ServiceKey, String), Condition>,
+    federated_previous: BTreeMap<(String, &'static str), Condition>,
 }
 
 /// A condition as it is now, keeping its `lastTransitionTime` while its status and reason stay.
-fn tracked(
-    previous: &mut BTreeMap<(ServiceKey, String), Condition>,
-    key: (ServiceKey, String),
+fn tracked<K: Ord>(
+    previous: &mut BTreeMap<K, Condition>,
+    key: K,
     type_: &str,
     c: &super::routes::Cond,
     generation: Option<i64>,
@@ -229,6 +230,7 @@ impl ConditionTracker {
             previous: BTreeMap::new(),
             routes_previous: BTreeMap::new(),
             policies_previous: BTreeMap::new(),
+            federated_previous: BTreeMap::new(),
         }
     }
 
@@ -324,6 +326,37 @@ impl ConditionTracker {
             ));
         }
         self.policies_previous.retain(|k, _| seen.contains(k));
+        out
+    }
+
+    /// Every FederatedTrustDomain's status (`Accepted`, `Ready`), by name.
+    pub fn federated_statuses(
+        &mut self,
+        reports: &[super::federated::Report],
+    ) -> Vec<(String, fedmesh_api::federation::FederatedTrustDomainStatus)> {
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        for r in reports {
+            let mut conditions = Vec::new();
+            for (type_, c) in [("Accepted", &r.accepted), ("Ready", &r.ready)] {
+                let key = (r.name.clone(), type_);
+                conditions.push(tracked(
+                    &mut self.federated_previous,
+                    key.clone(),
+                    type_,
+                    c,
+                    r.generation,
+                    &now,
+                ));
+                seen.push(key);
+            }
+            out.push((
+                r.name.clone(),
+                fedmesh_api::federation::FederatedTrustDomainStatus { conditions },
+            ));
+        }
+        self.federated_previous.retain(|k, _| seen.contains(k));
         out
     }
 

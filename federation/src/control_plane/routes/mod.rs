@@ -49,6 +49,13 @@ impl Cond {
             message: String::new(),
         }
     }
+    pub fn yes(reason: &'static str, message: String) -> Self {
+        Self {
+            status: true,
+            reason,
+            message,
+        }
+    }
     pub fn no(reason: &'static str, message: String) -> Self {
         Self {
             status: false,

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use fedmesh_api::authn::{PeerAuthentication, RequestAuthentication};
 use fedmesh_api::authz::AuthorizationPolicy;
+use fedmesh_api::federation::FederatedTrustDomain;
 use fedmesh_api::gateway::{GRPCRoute, HTTPRoute};
 use fedmesh_api::mcs::{
     LABEL_MANAGED_BY, LABEL_SERVICE_NAME, LABEL_SOURCE_CLUSTER, MANAGED_BY, ServiceExport,
@@ -40,9 +41,10 @@ use super::{LocalObjects, key_of};
 
 const FIELD_MANAGER: &str = "fedmesh";
 /// How many kinds the source watches; it publishes once every one has listed.
-const WATCHED_KINDS: usize = 9;
+const WATCHED_KINDS: usize = 10;
 /// Kinds whose CRD may be absent.
-const OPTIONAL_KINDS: [&str; 6] = [
+const OPTIONAL_KINDS: [&str; 7] = [
+    "federatedtrustdomains",
     "trafficpolicies",
     "authorizationpolicies",
     "peerauthentications",
@@ -62,6 +64,7 @@ struct State {
     request_authns: BTreeMap<ServiceKey, RequestAuthentication>,
     http_routes: BTreeMap<ServiceKey, HTTPRoute>,
     grpc_routes: BTreeMap<ServiceKey, GRPCRoute>,
+    federated_tds: BTreeMap<String, FederatedTrustDomain>,
     /// Which watchers have completed their initial list.
     ready: BTreeSet<&'static str>,
 }
@@ -135,7 +138,20 @@ impl KubeSource {
             me.clone(),
             shutdown.clone(),
         );
-        spawn_watch::<GRPCRoute>(Api::all(client), "grpcroutes", state, me.clone(), shutdown);
+        spawn_watch::<GRPCRoute>(
+            Api::all(client.clone()),
+            "grpcroutes",
+            state.clone(),
+            me.clone(),
+            shutdown.clone(),
+        );
+        spawn_watch::<FederatedTrustDomain>(
+            Api::all(client),
+            "federatedtrustdomains",
+            state,
+            me.clone(),
+            shutdown,
+        );
         me
     }
 
@@ -162,6 +178,7 @@ impl KubeSource {
             request_authns: st.request_authns.clone(),
             http_routes: st.http_routes.clone(),
             grpc_routes: st.grpc_routes.clone(),
+            federated_tds: st.federated_tds.clone(),
         };
         self.objects.send_if_modified(|cur| {
             if **cur == objs {
@@ -254,6 +271,22 @@ macro_rules! watched_by_key {
 watched_by_key!(AuthorizationPolicy, authz_policies);
 watched_by_key!(PeerAuthentication, peer_authns);
 watched_by_key!(RequestAuthentication, request_authns);
+
+impl Watched for FederatedTrustDomain {
+    fn insert(st: &mut State, o: Self) {
+        if let Some(name) = o.metadata.name.clone() {
+            st.federated_tds.insert(name, o);
+        }
+    }
+    fn remove(st: &mut State, o: &Self) {
+        if let Some(name) = &o.metadata.name {
+            st.federated_tds.remove(name);
+        }
+    }
+    fn clear(st: &mut State) {
+        st.federated_tds.clear();
+    }
+}
 
 impl Watched for TrafficPolicy {
     fn insert(st: &mut State, o: Self) {
@@ -655,6 +688,30 @@ impl KubeWriter {
             };
             if let Err(err) = result {
                 tracing::warn!(%ns, %name, error = %err, "cannot write {kind} status");
+                self.forget(&id).await;
+            }
+        }
+    }
+
+    /// Writes FederatedTrustDomains' status (cluster-scoped).
+    pub async fn sync_federated_status(
+        &self,
+        statuses: &[(String, fedmesh_api::federation::FederatedTrustDomainStatus)],
+    ) {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        for (name, status) in statuses {
+            let patch = serde_json::json!({
+                "apiVersion": "fedmesh.io/v1alpha1",
+                "kind": "FederatedTrustDomain",
+                "status": status,
+            });
+            let id = format!("FederatedTrustDomain/{name}");
+            if !self.changed(&id, &patch).await {
+                continue;
+            }
+            let api: Api<FederatedTrustDomain> = Api::all(self.client.clone());
+            if let Err(err) = api.patch_status(name, &params, &Patch::Apply(&patch)).await {
+                tracing::warn!(%name, error = %err, "cannot write FederatedTrustDomain status");
                 self.forget(&id).await;
             }
         }

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use fedmesh_api::authn::{PeerAuthentication, RequestAuthentication};
 use fedmesh_api::authz::AuthorizationPolicy;
+use fedmesh_api::federation::FederatedTrustDomain;
 use fedmesh_api::gateway::{GRPCRoute, HTTPRoute};
 use fedmesh_api::mcs::{ServiceExport, condition, reason};
 use fedmesh_api::pb::federation as pb;
@@ -39,6 +40,9 @@ pub struct LocalObjects {
     /// Gateway API routes, keyed by their own namespace/name.
     pub http_routes: BTreeMap<ServiceKey, HTTPRoute>,
     pub grpc_routes: BTreeMap<ServiceKey, GRPCRoute>,
+    /// Trust domains outside the clusterset this cluster federates with (cluster-scoped, keyed
+    /// by name).
+    pub federated_tds: BTreeMap<String, FederatedTrustDomain>,
 }
 
 /// An endpoint of a local service, for the data plane.
@@ -83,6 +87,11 @@ impl LocalObjects {
             Object::RequestAuthentication(p) => by_key(&mut self.request_authns, &p.metadata, &**p),
             Object::HttpRoute(r) => by_key(&mut self.http_routes, &r.metadata, &**r),
             Object::GrpcRoute(r) => by_key(&mut self.grpc_routes, &r.metadata, &**r),
+            Object::FederatedTrustDomain(f) => {
+                if let Some(name) = &f.metadata.name {
+                    self.federated_tds.insert(name.clone(), (**f).clone());
+                }
+            }
             Object::EndpointSlice(s) => {
                 let ns = s
                     .metadata
@@ -322,6 +331,7 @@ pub enum Object {
     RequestAuthentication(Box<RequestAuthentication>),
     HttpRoute(Box<HTTPRoute>),
     GrpcRoute(Box<GRPCRoute>),
+    FederatedTrustDomain(Box<FederatedTrustDomain>),
 }
 
 impl Object {
@@ -337,6 +347,12 @@ impl Object {
             Object::RequestAuthentication(o) => ("RequestAuthentication", &o.metadata),
             Object::HttpRoute(o) => ("HTTPRoute", &o.metadata),
             Object::GrpcRoute(o) => ("GRPCRoute", &o.metadata),
+            Object::FederatedTrustDomain(o) => {
+                return format!(
+                    "FederatedTrustDomain {}",
+                    o.metadata.name.as_deref().unwrap_or("")
+                );
+            }
         };
         format!(
             "{kind} {}/{}",
@@ -404,6 +420,10 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, String> {
             fedmesh_api::ServiceName::new(&name).map_err(|e| format!("{what}: {e}"))?;
             Object::RequestAuthentication(Box::new(typed(&doc, &what)?))
         }
+        ("fedmesh.io/v1alpha1", "FederatedTrustDomain") => {
+            // Cluster-scoped: a namespace in the document is ignored, as Kubernetes does.
+            Object::FederatedTrustDomain(Box::new(typed(&doc, &format!("{kind} {name}"))?))
+        }
         ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
             fedmesh_api::ServiceName::new(&name).map_err(|e| format!("{what}: route {e}"))?;
             Object::HttpRoute(Box::new(typed(&doc, &what)?))
@@ -415,7 +435,7 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, String> {
         ("", _) | (_, "") => return Err(format!("document has no apiVersion or kind ({what})")),
         _ => {
             return Err(format!(
-                "{api_version} {kind} is not a kind fedmesh reads (Service v1, EndpointSlice discovery.k8s.io/v1, ServiceExport multicluster.x-k8s.io/v1alpha1, HTTPRoute and GRPCRoute gateway.networking.k8s.io/v1, TrafficPolicy, AuthorizationPolicy, PeerAuthentication and RequestAuthentication fedmesh.io/v1alpha1)"
+                "{api_version} {kind} is not a kind fedmesh reads (Service v1, EndpointSlice discovery.k8s.io/v1, ServiceExport multicluster.x-k8s.io/v1alpha1, HTTPRoute and GRPCRoute gateway.networking.k8s.io/v1, TrafficPolicy, AuthorizationPolicy, PeerAuthentication, RequestAuthentication and FederatedTrustDomain fedmesh.io/v1alpha1)"
             ));
         }
     };
