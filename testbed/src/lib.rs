@@ -56,6 +56,13 @@ pub struct ClusterSpec {
     pub traces: Option<f64>,
     /// How often the control plane fetches JWK Sets again (`None`: its default).
     pub jwks_refresh: Option<Duration>,
+    /// The cluster's CA is an intermediate under this authority (e.g. a root SPIRE also signs
+    /// under), instead of a self-signed root.
+    pub upstream: Option<fedmesh_trust::ca::UpstreamAuthority>,
+    /// The `spiffe_refresh_hint` of the cluster's bundle (`None`: the CA's default).
+    pub bundle_refresh_hint: Option<Duration>,
+    /// The control plane serves its SPIFFE bundle endpoint (`https_spiffe`) on a loopback port.
+    pub bundle_endpoint: bool,
 }
 
 impl ClusterSpec {
@@ -66,6 +73,9 @@ impl ClusterSpec {
             publish_gateway: None,
             traces: None,
             jwks_refresh: None,
+            upstream: None,
+            bundle_refresh_hint: None,
+            bundle_endpoint: false,
         }
     }
 }
@@ -351,6 +361,20 @@ impl Cluster {
         if let Some(r) = spec.jwks_refresh {
             config.jwks_refresh = r;
         }
+        if spec.bundle_endpoint {
+            config.bundle_endpoint = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        }
+        let ca_dir = data.join("ca");
+        if (spec.upstream.is_some() || spec.bundle_refresh_hint.is_some())
+            && !ca_dir.join(fedmesh_trust::ca::STATE_FILE).exists()
+        {
+            let mut opts = CaOptions::new(td.clone());
+            opts.upstream = spec.upstream.clone();
+            if let Some(h) = spec.bundle_refresh_hint {
+                opts.refresh_hint = h;
+            }
+            TrustDomainCa::init(&ca_dir, opts)?;
+        }
         config.hub = Some(hub_addr.to_string());
         config.gateways = vec![spec.publish_gateway.unwrap_or(gateway_addr).to_string()];
         // Port 0: the control plane binds, and a restart reuses the ports it got (no window
@@ -371,6 +395,7 @@ impl Cluster {
         let dns_addr = cp.dns_addr.context("the control plane serves no DNS")?;
         config.listen = Some(cp_addr);
         config.dns_listen = Some(dns_addr);
+        config.bundle_endpoint = cp.bundle_endpoint_addr;
 
         // The gateway: its identity (for the config stream), its configuration, its listener.
         let gw_id = SpiffeId::new(&format!(
@@ -577,15 +602,23 @@ impl Cluster {
             "spiffe://{}/ns/{}/sa/{}",
             self.trust_domain, spec.namespace, spec.name
         ))?;
-        let agent_dir = self
-            .data
-            .join("agents")
-            .join(format!("{}-{}", spec.namespace, spec.name));
-        let agent =
-            Agent::start(self.cp_addr, &agent_dir, &self.data, &spec.name, id.clone()).await?;
+        let (agent, endpoint) = match &spec.workload_api {
+            Some(endpoint) => (None, endpoint.clone()),
+            None => {
+                let agent_dir = self
+                    .data
+                    .join("agents")
+                    .join(format!("{}-{}", spec.namespace, spec.name));
+                let agent =
+                    Agent::start(self.cp_addr, &agent_dir, &self.data, &spec.name, id.clone())
+                        .await?;
+                let endpoint = agent.endpoint.clone();
+                (Some(agent), endpoint)
+            }
+        };
         let identity = MeshIdentity::new();
         let follower =
-            WorkloadApiFollower::start(&agent.endpoint, identity.clone(), Duration::from_secs(30))
+            WorkloadApiFollower::start(&endpoint, identity.clone(), Duration::from_secs(30))
                 .await?;
         let shutdown = CancellationToken::new();
         let config = dpconfig::start(
@@ -667,6 +700,9 @@ pub struct WorkloadSpec {
     pub zone: String,
     pub inbound_port: u16,
     pub options: Option<SidecarOptions>,
+    /// Take the identity from this Workload API (e.g. `unix:/run/spire/agent.sock`, a SPIRE
+    /// agent) instead of an agent of the testbed's own.
+    pub workload_api: Option<String>,
 }
 
 impl WorkloadSpec {
@@ -698,7 +734,7 @@ pub struct Workload {
     shutdown: CancellationToken,
     inbound_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     _follower: WorkloadApiFollower,
-    _agent: Agent,
+    _agent: Option<Agent>,
 }
 
 impl Workload {

@@ -46,19 +46,34 @@ impl Proc {
 
     /// [`Proc::start`] with extra environment variables.
     pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)], log_dir: &Path) -> Self {
-        let stderr_path = log_dir.join(format!("{name}.log"));
-        let log = std::fs::File::create(&stderr_path).unwrap();
         // FEDMESH_TEST_LOG raises the level for a test that reads every line (set it at the
         // test's start: nextest runs each test in its own process).
         let level = std::env::var("FEDMESH_TEST_LOG").unwrap_or_else(|_| "info".into());
-        let child = Command::new(fedmesh_bin())
-            .args(args)
+        let mut cmd = Command::new(fedmesh_bin());
+        cmd.args(args)
             .env("RUST_LOG", level)
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
+            .envs(env.iter().copied());
+        Self::spawn_logged(name, cmd, log_dir, false)
+    }
+
+    /// Starts any program, with its stdout and stderr captured to `log_dir/<name>.log`.
+    pub fn spawn(name: &str, cmd: Command, log_dir: &Path) -> Self {
+        Self::spawn_logged(name, cmd, log_dir, true)
+    }
+
+    fn spawn_logged(name: &str, mut cmd: Command, log_dir: &Path, stdout: bool) -> Self {
+        let stderr_path = log_dir.join(format!("{name}.log"));
+        let log = std::fs::File::create(&stderr_path).unwrap();
+        let out = if stdout {
+            Stdio::from(log.try_clone().unwrap())
+        } else {
+            Stdio::null()
+        };
+        let child = cmd
+            .stdout(out)
             .stderr(log)
             .spawn()
-            .expect("spawn fedmesh");
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         Self {
             child,
             name: name.to_string(),
@@ -162,4 +177,5 @@ pub mod federation;
 pub mod mesh;
 pub mod netns;
 pub mod otlp;
+pub mod peers;
 pub mod pods;

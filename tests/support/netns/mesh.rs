@@ -170,27 +170,63 @@ impl Mesh {
     /// this sends it all its spans. Returns the collector's process index (its log holds the
     /// spans).
     pub fn start_collector(&mut self) -> usize {
-        let grpc = format!("{HUB_IP}:4317");
-        let idx = self.net.spawn_program(
-            &self.wan.clone(),
-            "collector",
-            &super::super::otlp::rotel_bin(),
-            &super::super::otlp::rotel_args(&grpc),
-        );
+        let args = super::super::otlp::rotel_args(&format!("{HUB_IP}:4317"));
+        let rotel = super::super::otlp::rotel_bin();
+        let idx = self
+            .net
+            .spawn_program(&self.wan.clone(), "collector", &rotel, &args);
+        self.send_spans_to_wan_otlp("the collector's");
+        idx
+    }
+
+    /// Jaeger (all-in-one, in-memory storage) on the WAN: its OTLP receiver takes every span of
+    /// the proxies started after this, its query API answers on `HUB_IP:16686`. Returns its
+    /// process index.
+    pub fn start_jaeger(&mut self, jaeger: &Path) -> usize {
+        // Jaeger's listeners bind JAEGER_LISTEN_HOST (localhost by default); the query API binds
+        // every address of the WAN namespace, which only this test's namespaces can reach.
+        let args = [
+            format!("JAEGER_LISTEN_HOST={HUB_IP}"),
+            jaeger.display().to_string(),
+        ];
+        let idx = self
+            .net
+            .spawn_program(&self.wan.clone(), "jaeger", "/usr/bin/env", &args);
+        self.send_spans_to_wan_otlp("Jaeger's");
         let wan = self.wan.clone();
-        wait_until("the collector's OTLP port", Duration::from_secs(30), || {
+        wait_until("Jaeger's query API", Duration::from_secs(30), || {
             in_ns(&wan, || {
                 TcpStream::connect_timeout(
-                    &SocketAddr::from((HUB_IP, 4317)),
+                    &SocketAddr::from((HUB_IP, 16686)),
                     Duration::from_millis(200),
                 )
                 .is_ok()
             })
         });
+        idx
+    }
+
+    /// Waits for an OTLP/gRPC receiver on `HUB_IP:4317` and points the proxies started from now
+    /// on at it, sampling as their caller says, with the resource the injector would give.
+    fn send_spans_to_wan_otlp(&mut self, whose: &str) {
+        let wan = self.wan.clone();
+        wait_until(
+            &format!("{whose} OTLP port"),
+            Duration::from_secs(30),
+            || {
+                in_ns(&wan, || {
+                    TcpStream::connect_timeout(
+                        &SocketAddr::from((HUB_IP, 4317)),
+                        Duration::from_millis(200),
+                    )
+                    .is_ok()
+                })
+            },
+        );
         self.net.env.extend([
             (
                 "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
-                format!("http://{grpc}"),
+                format!("http://{HUB_IP}:4317"),
             ),
             ("OTEL_TRACES_SAMPLER".into(), "parentbased_always_on".into()),
             // As the injector sets it from the downward API (k8s.pod.name=$(FEDMESH_NODE),...).
@@ -199,7 +235,6 @@ impl Mesh {
                 "k8s.node.name=netns-node,deployment.environment.name=test".into(),
             ),
         ]);
-        idx
     }
 
     /// Cluster number `index` (1..): node namespace on the WAN, its control plane joined to the

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use super::{fedmesh_bin, wait_until};
 
 const PREFIX: &str = "fmt";
-const HUB_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+pub const HUB_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 const HUB_GRPC: u16 = 9443;
 const HUB_ADMIN: u16 = 9080;
 const GATEWAY_PORT: u16 = 15443;
@@ -360,11 +360,37 @@ pub fn http_get_with(
         .get(9..12)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
     Ok((status, body))
+}
+
+/// A `Transfer-Encoding: chunked` body, joined.
+fn dechunk(body: &str) -> std::io::Result<String> {
+    let bad = |what: &str| std::io::Error::other(format!("bad chunked body ({what}): {body:?}"));
+    let mut rest = body;
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").ok_or_else(|| bad("no size line"))?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| bad("size"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = after.get(..size).ok_or_else(|| bad("short chunk"))?;
+        out.push_str(chunk);
+        rest = after
+            .get(size..)
+            .and_then(|r| r.strip_prefix("\r\n"))
+            .ok_or_else(|| bad("no CRLF after a chunk"))?;
+    }
 }
 
 mod mesh;
