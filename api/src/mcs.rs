@@ -248,7 +248,8 @@ mod tests {
                 "trafficpolicies.fedmesh.io",
                 "authorizationpolicies.fedmesh.io",
                 "peerauthentications.fedmesh.io",
-                "requestauthentications.fedmesh.io"
+                "requestauthentications.fedmesh.io",
+                "federatedtrustdomains.fedmesh.io"
             ]
         );
     }
