@@ -685,9 +685,11 @@ impl ControlPlane {
         let mut snap = self.snapshot.subscribe();
         let mut federated = self.federated.subscribe();
         loop {
-            self.write_status(&mut tracker).await;
+            // A failed write to the API server is tried again even if nothing changes.
+            let retry = self.write_status(&mut tracker).await;
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(retry.unwrap_or(Duration::from_secs(3600))), if retry.is_some() => {}
                 r = cs.changed() => {
                     if r.is_err() { return }
                     self.publish_snapshot(None).await;
@@ -699,7 +701,9 @@ impl ControlPlane {
         }
     }
 
-    async fn write_status(&self, tracker: &mut ConditionTracker) {
+    /// Writes the status of what the cluster holds (and, on Kubernetes, its ServiceImports);
+    /// returns when to write again if a write failed.
+    async fn write_status(&self, tracker: &mut ConditionTracker) -> Option<Duration> {
         let snap = self.snapshot.borrow().clone();
         let publish = self.publish.borrow().clone();
         let vips = self.vips.lock().await;
@@ -721,13 +725,13 @@ impl ControlPlane {
             w.sync_export_status(&exports).await;
             w.sync_route_status(&routes).await;
             w.sync_policy_status(&policies).await;
-            return;
+            return w.retry_after();
         }
         if matches!(self.config.source, SourceSpec::Dir(_)) {
             let dir = self.status_dir();
             if let Err(e) = std::fs::create_dir_all(&dir) {
                 tracing::error!(dir = %dir.display(), error = %e, "cannot write status");
-                return;
+                return None;
             }
             let to_values = |v: Vec<serde_json::Value>| v;
             let imports: Vec<serde_json::Value> = imports
@@ -804,6 +808,7 @@ impl ControlPlane {
                 }
             }
         }
+        None
     }
 }
 

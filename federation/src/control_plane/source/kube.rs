@@ -451,7 +451,18 @@ pub struct KubeWriter {
     cluster: ClusterName,
     /// What we last wrote, to skip unchanged objects.
     written: tokio::sync::Mutex<BTreeMap<String, serde_json::Value>>,
+    /// A write, delete or list failed this round: try again after `backoff`.
+    failed: std::sync::atomic::AtomicBool,
+    /// An import waits for its namespace to be created here: look again now and then.
+    waiting_namespace: std::sync::atomic::AtomicBool,
+    backoff: std::sync::Mutex<Duration>,
 }
+
+/// The first retry after a failed write, doubled up to [`MAX_BACKOFF`] while writes keep failing.
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often imports into namespaces this cluster does not have are tried again.
+const NAMESPACE_RECHECK: Duration = Duration::from_secs(30);
 
 fn managed_labels(service: &ServiceKey) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -466,7 +477,38 @@ impl KubeWriter {
             client,
             cluster,
             written: Default::default(),
+            failed: Default::default(),
+            waiting_namespace: Default::default(),
+            backoff: std::sync::Mutex::new(MIN_BACKOFF),
         }
+    }
+
+    /// When to write again although nothing changed: after a round in which something failed
+    /// (a 403 until RBAC is fixed, the API server unreachable), with backoff, or while an import
+    /// waits for its namespace. None when every write went through.
+    pub fn retry_after(&self) -> Option<Duration> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let failed = self.failed.swap(false, Relaxed);
+        let waiting = self.waiting_namespace.swap(false, Relaxed);
+        let mut backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        if failed {
+            let after = *backoff;
+            *backoff = (after * 2).min(MAX_BACKOFF);
+            return Some(after);
+        }
+        *backoff = MIN_BACKOFF;
+        waiting.then_some(NAMESPACE_RECHECK)
+    }
+
+    /// A write of `key` failed: it is written again on the next round.
+    async fn failed(&self, key: &str) {
+        self.forget(key).await;
+        self.note_failure();
+    }
+
+    fn note_failure(&self) {
+        self.failed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn changed(&self, key: &str, value: &serde_json::Value) -> bool {
@@ -512,11 +554,13 @@ impl KubeWriter {
                     Err(kube::Error::Api(e)) if e.code == 404 => {
                         tracing::info!(service = %key, "namespace does not exist here; not importing (namespace sameness)");
                         self.forget(&format!("si/{ns}/{name}")).await;
+                        self.waiting_namespace
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
                         continue;
                     }
                     Err(e) => {
                         tracing::warn!(service = %key, error = %e, "cannot write ServiceImport; will retry");
-                        self.forget(&format!("si/{ns}/{name}")).await;
+                        self.failed(&format!("si/{ns}/{name}")).await;
                         continue;
                     }
                 }
@@ -533,7 +577,7 @@ impl KubeWriter {
                         .await
                 {
                     tracing::warn!(service = %key, error = %e, "cannot write ServiceImport status");
-                    self.forget(&format!("sis/{ns}/{name}")).await;
+                    self.failed(&format!("sis/{ns}/{name}")).await;
                 }
             }
             // One derived EndpointSlice per remote exporting cluster: its gateway addresses.
@@ -560,7 +604,7 @@ impl KubeWriter {
                     let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &ns);
                     if let Err(e) = api.patch(&slice_name, &params, &Patch::Apply(&slice)).await {
                         tracing::warn!(service = %key, error = %e, "cannot write derived EndpointSlice");
-                        self.forget(&format!("es/{ns}/{slice_name}")).await;
+                        self.failed(&format!("es/{ns}/{slice_name}")).await;
                     }
                 }
             }
@@ -587,6 +631,7 @@ impl KubeWriter {
                         let api: Api<ServiceImport> = Api::namespaced(self.client.clone(), &ns);
                         if let Err(e) = api.delete(&name, &DeleteParams::default()).await {
                             tracing::warn!(%ns, %name, error = %e, "cannot delete withdrawn ServiceImport");
+                            self.note_failure();
                         } else {
                             tracing::info!(%ns, %name, "deleted withdrawn ServiceImport");
                         }
@@ -595,7 +640,10 @@ impl KubeWriter {
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot list ServiceImports"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list ServiceImports");
+                self.note_failure();
+            }
         }
         let all_es: Api<EndpointSlice> = Api::all(self.client.clone());
         match all_es.list(&lp).await {
@@ -607,12 +655,18 @@ impl KubeWriter {
                     );
                     if !slices.contains(&(ns.clone(), name.clone())) {
                         let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &ns);
-                        let _ = api.delete(&name, &DeleteParams::default()).await;
+                        if let Err(e) = api.delete(&name, &DeleteParams::default()).await {
+                            tracing::warn!(%ns, %name, error = %e, "cannot delete withdrawn EndpointSlice");
+                            self.note_failure();
+                        }
                         self.forget(&format!("es/{ns}/{name}")).await;
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot list derived EndpointSlices"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list derived EndpointSlices");
+                self.note_failure();
+            }
         }
     }
 
@@ -648,7 +702,7 @@ impl KubeWriter {
             };
             if let Err(err) = result {
                 tracing::warn!(%ns, %name, kind, error = %err, "cannot write route status");
-                self.forget(&id).await;
+                self.failed(&id).await;
             }
         }
     }
@@ -688,7 +742,7 @@ impl KubeWriter {
             };
             if let Err(err) = result {
                 tracing::warn!(%ns, %name, error = %err, "cannot write {kind} status");
-                self.forget(&id).await;
+                self.failed(&id).await;
             }
         }
     }
@@ -712,7 +766,7 @@ impl KubeWriter {
             let api: Api<FederatedTrustDomain> = Api::all(self.client.clone());
             if let Err(err) = api.patch_status(name, &params, &Patch::Apply(&patch)).await {
                 tracing::warn!(%name, error = %err, "cannot write FederatedTrustDomain status");
-                self.forget(&id).await;
+                self.failed(&id).await;
             }
         }
     }
@@ -739,7 +793,7 @@ impl KubeWriter {
                 .await
             {
                 tracing::warn!(%ns, %name, error = %err, "cannot write ServiceExport status");
-                self.forget(&format!("se/{ns}/{name}")).await;
+                self.failed(&format!("se/{ns}/{name}")).await;
             }
         }
     }
