@@ -64,6 +64,7 @@ pub struct MtlsSpec {
     /// `STRICT` (default): only mTLS from sidecars. `PERMISSIVE`: plain text from callers
     /// outside the mesh too, labelled unauthenticated; it never matches an identity-based ALLOW.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["STRICT", "PERMISSIVE"]))]
     pub mode: Option<String>,
 }
 

@@ -51,6 +51,7 @@ pub struct AuthorizationPolicySpec {
     pub target_refs: Vec<AuthzTargetRef>,
     /// `ALLOW` (default), `DENY` or `AUDIT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["ALLOW", "DENY", "AUDIT"]))]
     pub action: Option<String>,
     /// A request matches the policy when it matches one rule. An ALLOW without rules allows
     /// nothing; `rules: [{}]` matches every request.
@@ -64,7 +65,8 @@ pub struct AuthzTargetRef {
     /// `""` (core).
     #[serde(default)]
     pub group: String,
-    /// `Service`.
+    /// `Service`, or `HTTPRoute` / `GRPCRoute` (group `gateway.networking.k8s.io`).
+    #[schemars(extend("enum" = ["Service", "HTTPRoute", "GRPCRoute"]))]
     pub kind: String,
     pub name: String,
 }

@@ -57,6 +57,7 @@ pub struct BundleEndpointProfile {
     /// `https_spiffe` (the endpoint presents an SVID of the foreign trust domain) or `https_web`
     /// (a Web PKI certificate, verified with the system's roots).
     #[serde(rename = "type")]
+    #[schemars(extend("enum" = ["https_spiffe", "https_web"]))]
     pub type_: String,
     /// `https_spiffe`: the SPIFFE ID the endpoint must present.
     #[serde(

@@ -100,6 +100,7 @@ pub struct PolicyTargetRef {
     #[serde(default)]
     pub group: String,
     /// `Service`, `HTTPRoute` or `GRPCRoute`.
+    #[schemars(extend("enum" = ["Service", "HTTPRoute", "GRPCRoute"]))]
     pub kind: String,
     pub name: String,
     /// A route's rule, by its `name` (unset: every rule).
@@ -201,6 +202,7 @@ pub struct OutlierDetectionSpec {
 pub struct LoadBalancerSpec {
     /// `LeastRequest` (default), `RoundRobin` or `ConsistentHash`.
     #[serde(rename = "type")]
+    #[schemars(extend("enum" = ["LeastRequest", "RoundRobin", "ConsistentHash"]))]
     pub type_: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistent_hash: Option<ConsistentHashSpec>,
