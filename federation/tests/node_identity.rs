@@ -12,9 +12,8 @@ use common::*;
 use fedmesh_api::{ClusterName, SpiffeId, TrustDomain};
 use fedmesh_federation::control_plane::admin::AdminSocketClient;
 use fedmesh_federation::control_plane::{ControlPlane, ControlPlaneConfig, SourceSpec};
-use fedmesh_test_support::fake_kube::FakeApi;
+use fedmesh_test_support::kube_apiserver::KubeApiServer;
 use fedmesh_trust::workload::{ControlPlaneSigner, JoinCredential, SvidSigner};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 const WEB: &str = "spiffe://east.example/ns/shop/sa/web";
@@ -196,32 +195,37 @@ async fn a_removed_node_gets_no_more_svids_until_it_joins_again() {
     hub.stop().await;
 }
 
-fn pod(name: &str, node: &str, sa: &str, phase: &str) -> serde_json::Value {
-    json!({"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": name, "namespace": "shop"},
-           "spec": {"nodeName": node, "serviceAccountName": sa, "containers": [{"name": "app"}]},
-           "status": {"phase": phase}})
+/// A real API server (kube-apiserver + etcd) with fedmesh installed from the kind manifests,
+/// nodes `node-a` and `node-b`, the namespace `shop`, and a client acting as the control plane's
+/// own service account: each call the control plane makes needs a permission of our RBAC.
+/// None when the peer is not built (the test then skips, except in CI).
+async fn kubernetes() -> Option<(KubeApiServer, kube::Client)> {
+    let api = tokio::task::spawn_blocking(|| {
+        let api = KubeApiServer::start()?;
+        api.install_fedmesh("east");
+        api.apply(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: node-b}\n",
+        );
+        Some(api)
+    })
+    .await
+    .unwrap()?;
+    let client = api
+        .client_as("fedmesh-system", "fedmesh-control-plane")
+        .await;
+    Some((api, client))
 }
 
 /// With the Kubernetes source, the control plane's own watch of the pods decides: an agent on
 /// node A asking for a service account that runs only on node B is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_kubernetes_a_node_gets_the_identities_of_the_pods_scheduled_on_it() {
-    let api = FakeApi::new(
-        &[
-            "services",
-            "endpointslices",
-            "serviceexports",
-            "serviceimports",
-            "pods",
-        ],
-        &["shop"],
-    );
-    let url = api.start().await;
-    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-    api.put("pods", pod("web-1", "node-a", "web", "Running"));
-    api.put("pods", pod("db-1", "node-b", "db", "Running"));
-    api.put("pods", pod("batch-1", "node-a", "batch", "Succeeded"));
+    let Some((api, client)) = kubernetes().await else {
+        return;
+    };
+    api.create_pod("shop", "web-1", "web", "node-a", "Running");
+    api.create_pod("shop", "db-1", "db", "node-b", "Running");
+    api.create_pod("shop", "batch-1", "batch", "node-a", "Succeeded");
 
     let dir = tempfile::tempdir().unwrap();
     let mut config = ControlPlaneConfig::new(
@@ -274,7 +278,7 @@ async fn on_kubernetes_a_node_gets_the_identities_of_the_pods_scheduled_on_it() 
     assert!(err.contains("no running pod"), "a finished pod: {err}");
 
     // The db pod moves to node A: the next request is served; it leaves again: refused.
-    api.put("pods", pod("db-2", "node-a", "db", "Running"));
+    api.create_pod("shop", "db-2", "db", "node-a", "Running");
     let mut db = Err(String::new());
     for _ in 0..100 {
         db = sign(&a, DB).await;
@@ -284,7 +288,19 @@ async fn on_kubernetes_a_node_gets_the_identities_of_the_pods_scheduled_on_it() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     db.expect("a db pod runs on node A now");
-    api.delete("pods", "shop", "db-2");
+    // No kubelet confirms a graceful deletion here: delete at once, as a force delete does.
+    api.kubectl_ok(
+        &[
+            "delete",
+            "pod",
+            "db-2",
+            "-n",
+            "shop",
+            "--grace-period=0",
+            "--force",
+        ],
+        None,
+    );
     let mut refused = false;
     for _ in 0..100 {
         if sign(&a, DB).await.is_err() {
@@ -305,82 +321,42 @@ async fn on_kubernetes_a_node_gets_the_identities_of_the_pods_scheduled_on_it() 
     shutdown.cancel();
 }
 
-/// The API server's user for a projected token of `sa` in `ns`, bound to pod `pod` (uid `uid`).
-fn pod_user(ns: &str, sa: &str, pod: Option<(&str, &str)>) -> serde_json::Value {
-    let mut user = json!({"username": format!("system:serviceaccount:{ns}:{sa}"), "uid": "sa-uid"});
-    if let Some((name, uid)) = pod {
-        user["extra"] = json!({"authentication.kubernetes.io/pod-name": [name],
-                               "authentication.kubernetes.io/pod-uid": [uid]});
-    }
-    user
-}
-
 /// On Kubernetes an agent proves its node with its pod's projected service-account token: the
 /// control plane asks TokenReview whose token it is and reads the pod's node itself. A token of
-/// another audience, another service account, a pod on another node, or one bound to no pod
-/// does not join; a node deleted from the cluster can no longer renew its agent's identity.
+/// another audience, another service account, a pod on another node, a pod since replaced, or
+/// one bound to no pod does not join; a node deleted from the cluster can no longer renew its
+/// agent's identity. Every token is a real one from the API server's TokenRequest API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_kubernetes_an_agent_proves_its_node_with_its_pods_service_account_token() {
-    let api = FakeApi::new(
+    let Some((api, client)) = kubernetes().await else {
+        return;
+    };
+    let sa = "fedmesh-agent";
+    api.create_pod("fedmesh-system", "agent-x1", sa, "node-a", "Running");
+    api.create_pod("shop", "web-1", "web", "node-a", "Running");
+    api.create_pod("shop", "db-1", "db", "node-b", "Running");
+    let agent = Some("agent-x1");
+    let sat_agent = api.token("fedmesh-system", sa, Some("fedmesh"), agent);
+    let sat_for_the_api_server = api.token("fedmesh-system", sa, None, agent);
+    let sat_of_a_workload = api.token("shop", "web", Some("fedmesh"), Some("web-1"));
+    let unbound = api.token("fedmesh-system", sa, Some("fedmesh"), None);
+    // A token of a pod that was deleted and replaced by another of the same name.
+    let old_uid = api.create_pod("fedmesh-system", "agent-x2", sa, "node-a", "Running");
+    let sat_of_a_replaced_pod = api.token("fedmesh-system", sa, Some("fedmesh"), Some("agent-x2"));
+    api.kubectl_ok(
         &[
-            "services",
-            "endpointslices",
-            "serviceexports",
-            "serviceimports",
-            "pods",
-            "nodes",
-            "tokenreviews",
-            "configmaps",
-        ],
-        &["shop", "fedmesh-system"],
-    );
-    let url = api.start().await;
-    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-    for node in ["node-a", "node-b"] {
-        api.put(
-            "nodes",
-            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}),
-        );
-    }
-    api.put(
-        "pods",
-        json!({"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": "agent-x1", "namespace": "fedmesh-system", "uid": "uid-x1"},
-               "spec": {"nodeName": "node-a", "serviceAccountName": "fedmesh-agent", "containers": [{"name": "agent"}]},
-               "status": {"phase": "Running"}}),
-    );
-    api.put("pods", pod("web-1", "node-a", "web", "Running"));
-    api.put("pods", pod("db-1", "node-b", "db", "Running"));
-    let agent = Some(("agent-x1", "uid-x1"));
-    api.add_token(
-        "sat-agent",
-        &["fedmesh"],
-        pod_user("fedmesh-system", "fedmesh-agent", agent),
-    );
-    api.add_token(
-        "sat-for-the-api-server",
-        &["api"],
-        pod_user("fedmesh-system", "fedmesh-agent", agent),
-    );
-    api.add_token(
-        "sat-of-a-workload",
-        &["fedmesh"],
-        pod_user("shop", "web", Some(("web-1", "uid-web-1"))),
-    );
-    api.add_token(
-        "legacy-secret-token",
-        &["fedmesh"],
-        pod_user("fedmesh-system", "fedmesh-agent", None),
-    );
-    api.add_token(
-        "sat-of-a-replaced-pod",
-        &["fedmesh"],
-        pod_user(
+            "delete",
+            "pod",
+            "agent-x2",
+            "-n",
             "fedmesh-system",
-            "fedmesh-agent",
-            Some(("agent-x1", "uid-old")),
-        ),
+            "--grace-period=0",
+            "--force",
+        ],
+        None,
     );
+    let new_uid = api.create_pod("fedmesh-system", "agent-x2", sa, "node-a", "Running");
+    assert_ne!(old_uid, new_uid);
 
     let dir = tempfile::tempdir().unwrap();
     let mut config = ControlPlaneConfig::new(
@@ -399,7 +375,7 @@ async fn on_kubernetes_an_agent_proves_its_node_with_its_pods_service_account_to
     // The control plane publishes the bundle agents verify it with.
     let mut published = None;
     for _ in 0..100 {
-        published = api.get("configmaps", "fedmesh-system", "fedmesh-ca-bundle");
+        published = api.get("configmap", "fedmesh-system", "fedmesh-ca-bundle");
         if published.is_some() {
             break;
         }
@@ -437,34 +413,50 @@ async fn on_kubernetes_an_agent_proves_its_node_with_its_pods_service_account_to
 
     let refusals = [
         (
+            "the agent's token, claiming another node",
             "node-b",
-            "sat-agent",
+            sat_agent.as_str(),
             "pod fedmesh-system/agent-x1 runs on node node-a, not node-b",
         ),
         (
+            "a token for the API server",
             "node-a",
-            "sat-for-the-api-server",
+            sat_for_the_api_server.as_str(),
             "is invalid for the target audiences",
         ),
         (
+            "a workload's token",
             "node-a",
-            "sat-of-a-workload",
+            sat_of_a_workload.as_str(),
             "belongs to system:serviceaccount:shop:web, not to the agent's service account system:serviceaccount:fedmesh-system:fedmesh-agent",
         ),
-        ("node-a", "legacy-secret-token", "is not bound to a pod"),
         (
+            "a token bound to no pod",
             "node-a",
-            "sat-of-a-replaced-pod",
-            "was replaced by another pod of that name",
+            unbound.as_str(),
+            "is not bound to a pod",
         ),
-        ("node-a", "a-forged-token", "invalid bearer token"),
+        // The API server itself refuses it (the control plane checks the uid too, for API
+        // servers that do not).
+        (
+            "the token of a replaced pod",
+            "node-a",
+            sat_of_a_replaced_pod.as_str(),
+            "does not match service account pod ref claim",
+        ),
+        (
+            "a forged token",
+            "node-a",
+            "a-forged-token",
+            "invalid bearer token",
+        ),
     ];
-    for (i, (node, token, want)) in refusals.iter().enumerate() {
+    for (i, (what, node, token, want)) in refusals.iter().enumerate() {
         let err = join(&format!("refused-{i}"), node, token, &bundle_file)
             .await
             .err()
-            .unwrap_or_else(|| panic!("{token} claiming {node} joined"));
-        assert!(err.contains(want), "{token} claiming {node}: {err}");
+            .unwrap_or_else(|| panic!("{what} claiming {node} joined"));
+        assert!(err.contains(want), "{what} claiming {node}: {err}");
     }
     let metrics = AdminSocketClient::new(&cp.config.data_dir)
         .metrics()
@@ -485,14 +477,14 @@ async fn on_kubernetes_an_agent_proves_its_node_with_its_pods_service_account_to
     .unwrap();
     let other_bundle = dir.path().join("other.spiffe");
     std::fs::write(&other_bundle, other.bundle().to_json()).unwrap();
-    let err = join("wrong-bundle", "node-a", "sat-agent", &other_bundle)
+    let err = join("wrong-bundle", "node-a", &sat_agent, &other_bundle)
         .await
         .err()
         .expect("a control plane outside the given bundle is not trusted");
     assert!(err.contains("joining the control plane"), "{err}");
 
     // The agent's own token, for its own node: joined, and served its node's workloads only.
-    let a = join("agent", "node-a", "sat-agent", &bundle_file)
+    let a = join("agent", "node-a", &sat_agent, &bundle_file)
         .await
         .unwrap();
     let mut web = Err(String::new());
@@ -510,7 +502,7 @@ async fn on_kubernetes_an_agent_proves_its_node_with_its_pods_service_account_to
         .expect("a node of the cluster renews");
 
     // The node is deleted from the cluster: its agent can no longer renew.
-    assert!(api.delete("nodes", "default", "node-a"));
+    api.kubectl_ok(&["delete", "node", "node-a"], None);
     let err = a.renew_identity().await.unwrap_err();
     assert!(
         err.contains("node node-a no longer exists in the cluster"),

@@ -2,7 +2,7 @@
 //! killed, bounded waiting, and DNS queries. Nothing here mocks a component.
 
 pub mod attack;
-pub mod fake_kube;
+pub mod kube_apiserver;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -49,6 +49,29 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
+}
+
+/// `target/peers/<peer>/bin/<cmd>`, where `scripts/peers` puts the real systems the tests run
+/// against (or `$FEDMESH_PEERS/<peer>/bin/<cmd>`). Without it the caller skips with the reason
+/// printed, unless `FEDMESH_REQUIRE_PEERS=1` (CI), where a missing peer fails the test.
+pub fn peer_bin(peer: &str, cmd: &str) -> Option<PathBuf> {
+    let root = std::env::var_os("FEDMESH_PEERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/peers"));
+    let path = root.join(peer).join("bin").join(cmd);
+    if path.exists() {
+        return Some(path);
+    }
+    let why = format!(
+        "{} is missing: run scripts/peers (needs Go)",
+        path.display()
+    );
+    assert!(
+        std::env::var("FEDMESH_REQUIRE_PEERS").as_deref() != Ok("1"),
+        "real peers are required here (FEDMESH_REQUIRE_PEERS=1) but {why}"
+    );
+    eprintln!("SKIPPED: this test runs against {peer}, and {why}");
+    None
 }
 
 /// Polls `cond` every 20 ms; panics naming `what` after `timeout`.

@@ -62,6 +62,15 @@ pub fn start_cp(dir: &Path, hub: &Hub, name: &str) -> Proc {
 
 /// [`start_cp`] with its gRPC port (agents, data plane) at `listen`.
 pub fn start_cp_on(dir: &Path, hub: &Hub, name: &str, listen: u16) -> Proc {
+    let token_file = join_token_file(dir, hub, name);
+    let args = cp_args(dir, hub, name, &format!("{name}-data"), &token_file, listen);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::start(name, &args, dir)
+}
+
+/// A join token for cluster `name` (trust domain `<name>.example`) from the hub's CLI, kept as
+/// the README keeps it: in a 0600 file (`<dir>/<name>.token`), never on a command line.
+pub fn join_token_file(dir: &Path, hub: &Hub, name: &str) -> std::path::PathBuf {
     let mut args = vec![
         "hub".to_string(),
         "token".into(),
@@ -80,12 +89,9 @@ pub fn start_cp_on(dir: &Path, hub: &Hub, name: &str, listen: u16) -> Proc {
     );
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(token.starts_with("fmj1."), "{token}");
-    // As the README does: the token in a 0600 file, never on a command line.
     let token_file = dir.join(format!("{name}.token"));
     write_secret(&token_file, &token);
-    let args = cp_args(dir, hub, name, &format!("{name}-data"), &token_file, listen);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proc::start(name, &args, dir)
+    token_file
 }
 
 /// The flags of a control plane of cluster `name` (trust domain `<name>.example`, sources in

@@ -1,5 +1,6 @@
-//! Real peers built by `scripts/peers` from their own Go modules (SPIRE, Jaeger): where to find
-//! them, and a SPIRE server + agent run as processes on loopback.
+//! Real peers built by `scripts/peers` from their own Go modules (SPIRE, Jaeger; kube-apiserver is
+//! in `fedmesh_test_support::kube_apiserver`): where to find them, and a SPIRE server + agent run
+//! as processes on loopback.
 //!
 //! A test that needs a peer calls [`bin`]: without it the test says why and skips, unless
 //! `FEDMESH_REQUIRE_PEERS=1` (CI), where a missing peer fails the test.
@@ -10,26 +11,7 @@ use std::time::Duration;
 
 use super::{Proc, free_port, wait_until};
 
-/// `target/peers/<peer>/bin/<cmd>`, where `scripts/peers` puts them (or `$FEDMESH_PEERS/...`).
-pub fn bin(peer: &str, cmd: &str) -> Option<PathBuf> {
-    let root = std::env::var_os("FEDMESH_PEERS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/peers"));
-    let path = root.join(peer).join("bin").join(cmd);
-    if path.exists() {
-        return Some(path);
-    }
-    let why = format!(
-        "{} is missing: run scripts/peers (needs Go)",
-        path.display()
-    );
-    assert!(
-        std::env::var("FEDMESH_REQUIRE_PEERS").as_deref() != Ok("1"),
-        "real peers are required here (FEDMESH_REQUIRE_PEERS=1) but {why}"
-    );
-    eprintln!("SKIPPED: this test runs against {peer}, and {why}");
-    None
-}
+pub use fedmesh_test_support::peer_bin as bin;
 
 /// How a SPIRE server is set up.
 #[derive(Default)]

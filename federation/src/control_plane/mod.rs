@@ -249,7 +249,8 @@ impl ControlPlane {
         Self::start_inner(config, client, shutdown).await
     }
 
-    /// Starts with the Kubernetes source on the given client (tests use a mocked API server).
+    /// Starts with the Kubernetes source on the given client (tests pass one that acts as the
+    /// control plane's service account on a real API server).
     pub async fn start_with_kube_client(
         config: ControlPlaneConfig,
         client: ::kube::Client,
