@@ -477,29 +477,8 @@ fn without_a_collector_spans_reach_the_hubs_trace_window_through_the_control_pla
     }
     let dir = tempfile::tempdir().unwrap();
     let mut mesh = Mesh::start(dir.path());
-    let mut east = mesh.add_cluster(1, "east", "us-east", &["frontend"]);
-    let mut west = mesh.add_cluster(2, "west", "us-west", &["api"]);
-    let api = mesh.add_pod(&mut west, "api", "us-west-1a", true);
-    export(&west, "api", &[(&api, "us-west-1a")]);
-    let frontend = mesh.add_pod(&mut east, "frontend", "us-east-1a", false);
-    let ip = clusterset_ip(&frontend, &east, "api");
-    let host = "api.shop.svc.clusterset.local";
-    wait_answer_from(&frontend, ip, host, "west");
-
     let trace = "5af7651916cd43dd8448eb211c80319c";
-    let (status, body) = in_ns(&frontend.ns, move || {
-        http_get_with(
-            SocketAddr::from((ip, 80)),
-            "/",
-            host,
-            &[(
-                "traceparent".into(),
-                format!("00-{trace}-b7ad6b7169203331-01"),
-            )],
-        )
-        .unwrap()
-    });
-    assert_eq!(status, 200, "{body}");
+    let call = mesh.traced_call(trace);
     let start = Instant::now();
     let spans = loop {
         let (code, body) = mesh.hub_admin_get(&format!("/api/v1/traces/{trace}"));
@@ -620,7 +599,7 @@ fn without_a_collector_spans_reach_the_hubs_trace_window_through_the_control_pla
     // The app's own span — the request's root, whose ID the app sent in its traceparent — goes
     // from an OpenTelemetry SDK exporter to its sidecar's loopback OTLP port, and joins the
     // trace in the hub, stamped with the app's cluster.
-    in_ns(&frontend.ns, move || {
+    in_ns(&call.frontend.ns, move || {
         support::otlp::export_app_span(
             "http://127.0.0.1:4317",
             trace,

@@ -6,3 +6,15 @@ pub mod hub;
 pub mod metrics;
 pub mod store;
 pub mod tokens;
+
+/// An error with its sources, each after a colon (what a client library hides in `source()`).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -88,7 +88,7 @@ impl Default for HubMetrics {
         registry.register("joins", "Join attempts by result", m.joins.clone());
         registry.register(
             "spans",
-            "Spans sent over OTLP, by result: accepted into the trace window, rejected (invalid), dropped (the oldest, to keep the window within its limits)",
+            "Spans sent over OTLP, by result: accepted into the trace window, rejected (invalid), dropped (the oldest, to keep the window within its limits); with --otlp-forward, forwarded to the backend or forward_dropped (queue full, or the backend failed three times)",
             m.spans.clone(),
         );
         registry.register(

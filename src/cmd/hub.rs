@@ -286,6 +286,12 @@ struct RunArgs {
     /// collectors outside the mesh); their spans are stamped cluster "(unverified)". Off unless set.
     #[arg(long)]
     otlp_plaintext_listen: Option<SocketAddr>,
+    /// Also send every span the hub accepts to your trace backend (Jaeger, Tempo, an OpenTelemetry
+    /// Collector) at this OTLP/HTTP traces URL, e.g. http://jaeger-collector:4318/v1/traces
+    /// (https: verified with the system's roots). Each span's resource names the cluster that
+    /// proved it sent it (fedmesh.cluster), as the hub's views do.
+    #[arg(long, value_name = "URL")]
+    otlp_forward: Option<String>,
 }
 
 pub async fn run(args: HubArgs) -> anyhow::Result<()> {
@@ -437,6 +443,7 @@ async fn serve(a: RunArgs) -> anyhow::Result<()> {
         expire_after: a.expire_after,
         token_ttl: a.token_ttl,
         audit_retention: a.audit_retention,
+        otlp_forward: a.otlp_forward.clone(),
         traces: fedmesh_federation::hub::traces::TraceLimits {
             max_spans: a.trace_window_spans as usize,
             max_bytes: (a.trace_window_mib as usize) << 20,

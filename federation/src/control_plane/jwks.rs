@@ -119,7 +119,7 @@ impl Jwks {
             let resp = client
                 .get(parsed)
                 .await
-                .map_err(|e| format!("GET {uri}: {}", error_chain(&e)))?;
+                .map_err(|e| format!("GET {uri}: {}", crate::error_chain(&e)))?;
             if !resp.status().is_success() {
                 return Err(format!("GET {uri}: {}", resp.status()));
             }
@@ -134,15 +134,4 @@ impl Jwks {
             .await
             .map_err(|_| format!("GET {uri}: no answer within {FETCH_TIMEOUT:?}"))?
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

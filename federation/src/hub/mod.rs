@@ -57,6 +57,8 @@ pub struct HubConfig {
     pub traces: traces::TraceLimits,
     /// How long the audit log keeps a record.
     pub audit_retention: Duration,
+    /// Also send every accepted span to this OTLP/HTTP traces endpoint (the operator's backend).
+    pub otlp_forward: Option<String>,
 }
 
 impl Default for HubConfig {
@@ -69,6 +71,7 @@ impl Default for HubConfig {
             token_ttl: Duration::from_secs(3600),
             traces: traces::TraceLimits::default(),
             audit_retention: Duration::from_secs(90 * 24 * 3600),
+            otlp_forward: None,
         }
     }
 }
@@ -107,6 +110,8 @@ pub enum HubError {
     Store(#[from] StoreError),
     #[error("hub identity: {0}")]
     Identity(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 pub struct Hub {
@@ -126,6 +131,8 @@ pub struct Hub {
     pub plaintext: plaintext::PlaintextShares,
     /// Recent traces, from the clusters' OTLP exports.
     pub traces: traces::TraceWindow,
+    /// The operator's trace backend, which gets every accepted span too.
+    pub forward: Option<traces::forward::Forwarder>,
     shutdown: CancellationToken,
 }
 
@@ -180,6 +187,14 @@ impl Hub {
         let (kvs, revision) = store.list("").await?;
         let view = View::from_listing(kvs, revision);
         let traces = traces::TraceWindow::new(config.traces.clone());
+        let metrics = HubMetrics::default();
+        let forward = match &config.otlp_forward {
+            Some(url) => Some(
+                traces::forward::Forwarder::start(url, metrics.spans.clone(), shutdown.clone())
+                    .map_err(HubError::Config)?,
+            ),
+            None => None,
+        };
         let hub = Arc::new(Self {
             config,
             store,
@@ -187,11 +202,12 @@ impl Hub {
             identity,
             view: RwLock::new(view),
             revision: watch::Sender::new(revision),
-            metrics: HubMetrics::default(),
+            metrics,
             acked: Default::default(),
             quotas: Default::default(),
             plaintext: Default::default(),
             traces,
+            forward,
             shutdown,
         });
         hub.renew_identity()?;

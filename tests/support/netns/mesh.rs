@@ -65,6 +65,11 @@ pub struct Mesh {
 
 impl Mesh {
     pub fn start(dir: &Path) -> Mesh {
+        Self::start_with_hub_args(dir, &[])
+    }
+
+    /// [`Mesh::start`] with more flags for the hub.
+    pub fn start_with_hub_args(dir: &Path, hub_args: &[&str]) -> Mesh {
         let mut net = Net::new(dir);
         let wan = net.add_ns("wan");
         net.ip(&wan, &["link", "add", "wan", "type", "bridge"]);
@@ -78,20 +83,17 @@ impl Mesh {
             format!("{HUB_IP}:{HUB_GRPC}"),
             format!("{HUB_IP}:{HUB_ADMIN}"),
         );
-        net.spawn(
-            &wan,
+        let mut args = vec![
             "hub",
-            None,
-            &[
-                "hub",
-                "--data-dir",
-                hub_data.to_str().unwrap(),
-                "--listen",
-                &g,
-                "--admin-listen",
-                &a,
-            ],
-        );
+            "--data-dir",
+            hub_data.to_str().unwrap(),
+            "--listen",
+            &g,
+            "--admin-listen",
+            &a,
+        ];
+        args.extend_from_slice(hub_args);
+        net.spawn(&wan, "hub", None, &args);
         let wan2 = wan.clone();
         wait_until("the hub's admin API", Duration::from_secs(30), || {
             in_ns(&wan2, || {
@@ -179,9 +181,8 @@ impl Mesh {
         idx
     }
 
-    /// Jaeger (all-in-one, in-memory storage) on the WAN: its OTLP receiver takes every span of
-    /// the proxies started after this, its query API answers on `HUB_IP:16686`. Returns its
-    /// process index.
+    /// Jaeger (all-in-one, in-memory storage) on the WAN: its OTLP receivers on `HUB_IP:4317`
+    /// (gRPC) and `:4318` (HTTP), its query API on `HUB_IP:16686`. Returns its process index.
     pub fn start_jaeger(&mut self, jaeger: &Path) -> usize {
         // Jaeger's listeners bind JAEGER_LISTEN_HOST (localhost by default); the query API binds
         // every address of the WAN namespace, which only this test's namespaces can reach.
@@ -192,7 +193,6 @@ impl Mesh {
         let idx = self
             .net
             .spawn_program(&self.wan.clone(), "jaeger", "/usr/bin/env", &args);
-        self.send_spans_to_wan_otlp("Jaeger's");
         let wan = self.wan.clone();
         wait_until("Jaeger's query API", Duration::from_secs(30), || {
             in_ns(&wan, || {
@@ -627,4 +627,46 @@ fn spawn_app(
             zone,
         ],
     )
+}
+
+/// East (with a frontend pod) and west (exporting `api`) of a [`Mesh`], and the frontend's
+/// answer to one request it sent to west's api with a W3C `traceparent` of trace `trace` under
+/// the app's span `b7ad6b7169203331`.
+pub struct TracedCall {
+    pub east: ClusterNet,
+    pub west: ClusterNet,
+    pub frontend: Pod,
+    pub api: Pod,
+}
+
+impl Mesh {
+    /// Builds [`TracedCall`]'s two clusters and sends its request; panics unless it answers 200.
+    pub fn traced_call(&mut self, trace: &str) -> TracedCall {
+        use super::super::pods::{clusterset_ip, export, wait_answer_from};
+        let mut east = self.add_cluster(1, "east", "us-east", &["frontend"]);
+        let mut west = self.add_cluster(2, "west", "us-west", &["api"]);
+        let api = self.add_pod(&mut west, "api", "us-west-1a", true);
+        export(&west, "api", &[(&api, "us-west-1a")]);
+        let frontend = self.add_pod(&mut east, "frontend", "us-east-1a", false);
+        let ip = clusterset_ip(&frontend, &east, "api");
+        let host = "api.shop.svc.clusterset.local";
+        wait_answer_from(&frontend, ip, host, "west");
+        let traceparent = format!("00-{trace}-b7ad6b7169203331-01");
+        let (status, body) = super::in_ns(&frontend.ns, move || {
+            super::http_get_with(
+                SocketAddr::from((ip, 80)),
+                "/",
+                host,
+                &[("traceparent".into(), traceparent)],
+            )
+            .unwrap()
+        });
+        assert_eq!(status, 200, "{body}");
+        TracedCall {
+            east,
+            west,
+            frontend,
+            api,
+        }
+    }
 }

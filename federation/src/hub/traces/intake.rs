@@ -86,6 +86,9 @@ impl Intake {
         req: ExportTraceServiceRequest,
     ) -> Result<ExportTraceServiceResponse, Status> {
         let cluster = self.cluster(sender)?;
+        if let Some(forward) = &self.hub.forward {
+            forward.send(&cluster, req.clone());
+        }
         let got = self.hub.traces.insert(&cluster, req);
         let m = &self.hub.metrics;
         m.count_spans("accepted", got.accepted as u64);

@@ -8,6 +8,7 @@
 //! is complete on the replica its clusters send to.
 
 pub mod api;
+pub mod forward;
 pub mod graph;
 pub mod intake;
 pub mod listener;
@@ -473,12 +474,8 @@ fn id_hex(bytes: &[u8], len: usize, what: &str, span: &str) -> Result<String, St
     Ok(hex::encode(bytes))
 }
 
-fn view(
-    span: Span,
-    resource: &Arc<BTreeMap<String, String>>,
-    service: &str,
-    cluster: &str,
-) -> Result<SpanView, String> {
+/// A span's trace, own and parent IDs in hex, or why the window refuses it.
+fn ids(span: &Span) -> Result<(String, String, String), String> {
     let trace_id = id_hex(&span.trace_id, 16, "trace_id", &span.name)?;
     let span_id = id_hex(&span.span_id, 8, "span_id", &span.name)?;
     let parent_span_id = if span.parent_span_id.is_empty() {
@@ -489,6 +486,16 @@ fn view(
     if span.end_time_unix_nano < span.start_time_unix_nano {
         return Err(format!("span {:?}: it ends before it starts", span.name));
     }
+    Ok((trace_id, span_id, parent_span_id))
+}
+
+fn view(
+    span: Span,
+    resource: &Arc<BTreeMap<String, String>>,
+    service: &str,
+    cluster: &str,
+) -> Result<SpanView, String> {
+    let (trace_id, span_id, parent_span_id) = ids(&span)?;
     let attributes = flatten(span.attributes);
     let failed = span
         .status
