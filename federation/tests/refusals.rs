@@ -274,35 +274,48 @@ async fn a_malformed_source_file_is_reported_and_its_last_good_content_kept() {
     west.wait_for("import", |s| s.clusterset.imports.contains_key(&web))
         .await;
 
-    let mut problems = {
-        // Reach the directory source through a fresh one on the same directory: it reports.
-        let src = fedmesh_federation::control_plane::source::dir::DirSource::start(
-            &east.src,
-            Duration::from_millis(50),
-            east.shutdown.clone(),
-        );
-        src.problems()
+    // What the operator sees: the hub's status of east (`fedmesh status`) names the file and
+    // what is wrong in it, while the last good content stays in force.
+    let problems = |hub: &HubHandle| {
+        fedmesh_federation::hub::admin::cluster_statuses(&hub.hub)
+            .into_iter()
+            .find(|c| c.name == "east")
+            .map(|c| c.problems)
+            .unwrap_or_default()
     };
-    for bad in [
-        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  portz: []\n  ports: [{name: http, port: 80}]\n  sessionAffinityy: None\n",
-        "apiVersion: v1\nkind: Service\nmetadata: {name: Web_1, namespace: shop}\n",
-        "this: [is, not: valid yaml\n",
+    for (bad, named) in [
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  portz: [{port: 80}]\n  ports: [{name: http, port: 80}]\n",
+            "spec.portz",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: Web_1, namespace: shop}\n",
+            "Web_1",
+        ),
+        (
+            "this: [is, not: valid yaml\n",
+            "line 1 column 7: unclosed bracket",
+        ),
     ] {
         east.write("web.yaml", bad);
-        let p = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                problems.changed().await.unwrap();
-                let p = problems.borrow().clone();
-                if !p.is_empty() {
-                    return p;
-                }
+        let mut seen = Vec::new();
+        for _ in 0..200 {
+            seen = problems(&hub);
+            if seen.iter().any(|p| p.message.contains(named)) {
+                break;
             }
-        })
-        .await
-        .expect("the problem is reported");
-        assert!(p[0].file.ends_with("web.yaml"));
-        assert!(!p[0].message.is_empty());
-        tokio::time::sleep(Duration::from_millis(400)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let p = seen
+            .iter()
+            .find(|p| p.message.contains(named))
+            .unwrap_or_else(|| panic!("{named:?} is not named in east's problems: {seen:#?}"));
+        assert_eq!(
+            (p.kind.as_str(), p.name.as_str(), p.condition.as_str()),
+            ("File", "web.yaml", "Valid"),
+            "{p:#?}"
+        );
+        assert_eq!(seen.len(), 1, "one problem for one bad file: {seen:#?}");
         // The export stays: the last good web.yaml is still in force.
         assert!(
             west.snapshot().clusterset.imports.contains_key(&web),
@@ -310,6 +323,15 @@ async fn a_malformed_source_file_is_reported_and_its_last_good_content_kept() {
         );
         assert!(east.snapshot().local.services.contains_key(&web));
     }
+    // Mended: the problem goes.
+    east.export_web(80, &[("10.1.0.2", "a")]);
+    for _ in 0..200 {
+        if problems(&hub).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(problems(&hub), vec![]);
     hub.stop().await;
 }
 

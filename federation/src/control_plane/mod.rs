@@ -28,7 +28,7 @@ pub mod traces;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -200,6 +200,8 @@ pub struct ControlPlane {
     db: Arc<RedbStore>,
     pub clusterset: Arc<ClusterSetStore>,
     local: watch::Receiver<Arc<LocalObjects>>,
+    /// The directory source's files it could not read (their last good content stays in force).
+    file_problems: Option<watch::Receiver<Arc<Vec<source::dir::FileProblem>>>>,
     desired: watch::Sender<Arc<Desired>>,
     publish: watch::Sender<PublishStatus>,
     snapshot: watch::Sender<Arc<Snapshot>>,
@@ -295,7 +297,7 @@ impl ControlPlane {
             .await
             .map_err(StartError::Config)?;
 
-        let local = match &config.source {
+        let (local, file_problems) = match &config.source {
             SourceSpec::Dir(path) => {
                 if !path.is_dir() {
                     return Err(StartError::Config(format!(
@@ -303,14 +305,16 @@ impl ControlPlane {
                         path.display()
                     )));
                 }
-                source::dir::DirSource::start(path, config.poll_interval, shutdown.clone())
-                    .subscribe()
+                let dir =
+                    source::dir::DirSource::start(path, config.poll_interval, shutdown.clone());
+                (dir.subscribe(), Some(dir.problems()))
             }
             SourceSpec::Kubernetes => {
                 let client = client
                     .clone()
                     .ok_or_else(|| StartError::Config("no Kubernetes client".into()))?;
-                source::kube::KubeSource::start(client, shutdown.clone()).subscribe()
+                let source = source::kube::KubeSource::start(client, shutdown.clone());
+                (source.subscribe(), None)
             }
         };
         let node_pods = client
@@ -393,6 +397,7 @@ impl ControlPlane {
             db,
             clusterset,
             local,
+            file_problems,
             desired: watch::Sender::new(Arc::new(Desired::default())),
             publish: watch::Sender::new(PublishStatus::default()),
             snapshot: watch::Sender::new(Arc::new(Snapshot::default())),
@@ -572,11 +577,19 @@ impl ControlPlane {
     async fn derive_loop(self: Arc<Self>) {
         let mut local = self.local.clone();
         let mut bundle = self.ca.subscribe_bundle();
+        let mut files = self.file_problems.clone();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 r = local.changed() => if r.is_err() { return },
                 r = bundle.changed() => if r.is_err() { return },
+                // A file that fails to parse changes no object (its last good content stays),
+                // only what the cluster reports.
+                r = async { files.as_mut().unwrap().changed().await }, if files.is_some() => {
+                    if r.is_err() { return }
+                    self.publish_snapshot(None).await;
+                    continue;
+                }
             }
             let validity = self.clone().derive_desired().await;
             self.publish_snapshot(Some(validity)).await;
@@ -655,7 +668,10 @@ impl ControlPlane {
         let policies = Arc::new(policies);
         self.rate_limits
             .set_declared(policies.clusterset_limits.clone());
-        let problems = problems_of(&routes, &policies);
+        let mut problems = problems_of(&routes, &policies);
+        if let (Some(files), SourceSpec::Dir(root)) = (&self.file_problems, &self.config.source) {
+            problems.extend(file_problems(root, &files.borrow()));
+        }
         self.desired.send_if_modified(|cur| {
             if cur.problems == problems {
                 false
@@ -867,6 +883,32 @@ fn problems_of(
         }
     }
     out
+}
+
+/// The directory source's unreadable files as problems the hub shows (`fedmesh status`): kind
+/// `File`, named by their path under the source directory.
+fn file_problems(root: &Path, files: &[source::dir::FileProblem]) -> Vec<pb::ObjectProblem> {
+    files
+        .iter()
+        .map(|f| pb::ObjectProblem {
+            kind: "File".into(),
+            name: f
+                .file
+                .strip_prefix(root)
+                .unwrap_or(&f.file)
+                .display()
+                .to_string(),
+            condition: "Valid".into(),
+            reason: "Invalid".into(),
+            // The first line: a YAML error goes on with a drawing of the spot, which the log
+            // keeps and a table cannot show.
+            message: format!(
+                "{} (its last good content stays in force)",
+                f.message.lines().next().unwrap_or_default()
+            ),
+            services: Vec::new(),
+        })
+        .collect()
 }
 
 async fn renew_loop(creds: Arc<HubCredentials>, shutdown: CancellationToken) {

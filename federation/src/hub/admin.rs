@@ -51,19 +51,22 @@ pub struct ClusterStatus {
     pub acked_version: u64,
     pub exports: usize,
     pub hub_replica: Option<String>,
-    /// HTTPRoutes, GRPCRoutes and TrafficPolicies the cluster could not fully accept.
+    /// Routes and policies the cluster could not fully accept, and source files it could not
+    /// read.
     #[serde(default)]
     pub problems: Vec<ProblemStatus>,
 }
 
-/// A route or policy a cluster could not fully accept: the condition that says so.
+/// A route or policy a cluster could not fully accept, or a file of its directory source it could
+/// not read: the condition that says so.
 #[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq)]
 pub struct ProblemStatus {
-    /// `HTTPRoute`, `GRPCRoute` or `TrafficPolicy`.
+    /// `HTTPRoute`, `GRPCRoute`, a policy's kind, or `File`.
     pub kind: String,
-    /// `namespace/name`.
+    /// `namespace/name`; a file's path under the source directory.
     pub name: String,
-    /// `Accepted`, `ResolvedRefs` (False) or `PartiallyInvalid` (True).
+    /// `Accepted`, `ResolvedRefs` (False), `PartiallyInvalid` (True), or a file's `Valid`
+    /// (False).
     pub condition: String,
     pub reason: String,
     pub message: String,
