@@ -60,16 +60,7 @@ fn our_crds_install_with_kubectl_and_the_api_server_holds_objects_to_their_schem
         .map(|l| l.trim_end_matches(" created"))
         .collect();
     assert_eq!(names.len(), 7, "{applied}");
-    api.kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ],
-        None,
-    );
+    api.wait_crds_established();
     for name in &names {
         let crd = api.get("crd", "", name).unwrap();
         for c in ["Established", "NamesAccepted"] {
@@ -187,34 +178,6 @@ fn start_cp_with(
     Proc::start_with_env(name, &args, env, dir)
 }
 
-const SHOP: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec:
-  ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-abc
-  namespace: shop
-  labels: {kubernetes.io/service-name: web}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-  - addresses: [10.1.0.7]
-    conditions: {ready: true}
----
-apiVersion: multicluster.x-k8s.io/v1alpha1
-kind: ServiceExport
-metadata: {name: web, namespace: shop}
-"#;
-
 /// West (a directory source) exports `shop/<name>`.
 fn west_exports(dir: &std::path::Path, name: &str) {
     std::fs::write(
@@ -254,7 +217,9 @@ fn the_kind_manifests_give_each_component_what_it_uses_and_a_missing_permission_
         return;
     };
     api.install_fedmesh("east");
-    api.apply(SHOP);
+    api.apply(&KubeApiServer::exported_service(
+        "shop", "web", "10.1.0.7", "east-1a",
+    ));
 
     // Least privilege, as the API server itself answers it for each service account.
     let can = |sa: &str, verb: &str, resource: &str, ns: Option<&str>| {

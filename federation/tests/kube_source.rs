@@ -16,34 +16,9 @@ use fedmesh_test_support::kube_apiserver::KubeApiServer;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-const SHOP: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec:
-  ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-abc
-  namespace: shop
-  labels: {kubernetes.io/service-name: web}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-  - addresses: [10.1.0.7]
-    zone: east-1a
-    conditions: {ready: true}
----
-apiVersion: multicluster.x-k8s.io/v1alpha1
-kind: ServiceExport
-metadata: {name: web, namespace: shop}
----
+/// Beside `shop/web`, exported: a policy (whose status the control plane writes) and a
+/// ServiceImport a user made (which it must never touch).
+const SHOP_EXTRAS: &str = r#"
 apiVersion: fedmesh.io/v1alpha1
 kind: AuthorizationPolicy
 metadata: {name: web-readers, namespace: shop}
@@ -101,7 +76,10 @@ async fn kubernetes_source_and_writer_against_a_real_api_server() {
     let Some(api) = tokio::task::spawn_blocking(|| {
         let api = KubeApiServer::start()?;
         api.install_fedmesh("east");
-        api.apply(SHOP);
+        api.apply(&KubeApiServer::exported_service(
+            "shop", "web", "10.1.0.7", "east-1a",
+        ));
+        api.apply(SHOP_EXTRAS);
         Some(api)
     })
     .await

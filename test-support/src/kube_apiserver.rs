@@ -145,6 +145,11 @@ impl KubeApiServer {
             .join("../deploy/multicluster/overlays")
             .join(overlay);
         self.kubectl_ok(&["apply", "-k", dir.to_str().expect("utf-8 path")], None);
+        self.wait_crds_established();
+    }
+
+    /// Waits until every CRD applied so far serves its kind.
+    pub fn wait_crds_established(&self) {
         self.kubectl_ok(
             &[
                 "wait",
@@ -155,6 +160,15 @@ impl KubeApiServer {
             ],
             None,
         );
+    }
+
+    /// Namespace `ns` (created if missing) with Service `name` (port 80 to 8080), its
+    /// EndpointSlice with one ready endpoint `ip` in `zone`, and its ServiceExport, as YAML for
+    /// [`Self::apply`].
+    pub fn exported_service(ns: &str, name: &str, ip: &str, zone: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-abc\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n  - addresses: [{ip}]\n    zone: {zone}\n    conditions: {{ready: true}}\n---\napiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {{name: {name}, namespace: {ns}}}\n"
+        )
     }
 
     /// `kubectl apply -f -` of `manifest` (YAML or JSON) as cluster admin.
@@ -302,19 +316,11 @@ pub async fn client(kubeconfig: &Path) -> kube::Client {
 }
 
 fn write_kubeconfig(path: &Path, url: &str, ca: &Path, user: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
     let text = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\nusers:\n- name: user\n  user:\n    {user}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: user\ncurrent-context: test\n",
         ca = ca.display()
     );
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .expect("write the kubeconfig");
-    std::io::Write::write_all(&mut f, text.as_bytes()).expect("write the kubeconfig");
+    crate::write_private(path, text.as_bytes());
 }
 
 /// The API server's certificates and keys (P-256), as files.

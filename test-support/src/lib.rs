@@ -74,6 +74,20 @@ pub fn peer_bin(peer: &str, cmd: &str) -> Option<PathBuf> {
     None
 }
 
+/// Writes `data` to a file only its owner can read (0600), as a secret or key is kept.
+pub fn write_private(path: &Path, data: &[u8]) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::io::Write::write_all(&mut f, data)
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
 /// Polls `cond` every 20 ms; panics naming `what` after `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();

@@ -11,15 +11,7 @@ pub fn fedmesh_bin() -> &'static str {
 
 /// Keeps a secret as a user does: in a file only its owner can read (0600).
 pub fn write_secret(path: &Path, secret: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap();
-    std::io::Write::write_all(&mut f, secret.as_bytes()).unwrap();
+    fedmesh_test_support::write_private(path, secret.as_bytes());
 }
 
 /// Runs `fedmesh ARGS` to completion.
@@ -83,6 +75,11 @@ impl Proc {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The file its stdout/stderr go to.
+    pub fn log_path(&self) -> PathBuf {
+        self.stderr_path.clone()
     }
 
     /// Sends SIGTERM and waits up to `timeout` for a clean exit.
