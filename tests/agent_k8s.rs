@@ -266,7 +266,7 @@ fn pods_get_their_service_accounts_identity_and_only_their_proxy_container_does(
         d,
         NODE,
         kubeconfig.to_str().unwrap(),
-        &["--k8s-attest-wait", "2s"],
+        &["--k8s-attest-wait", "5s"],
     );
     let id = |v: &Value| v["spiffe_id"].as_str().map(str::to_string);
 
@@ -349,10 +349,25 @@ fn pods_get_their_service_accounts_identity_and_only_their_proxy_container_does(
         .unwrap()
         .to_string();
     let db_cgroup = cgroups.container(&db_uid, &db_proxy);
+    // Its status arrives once the agent says it waits for it (no sleep: the agent's own log).
     let kubectl = std::thread::spawn({
-        let (kubeconfig, proxy) = (api.admin_kubeconfig.clone(), db_proxy.clone());
+        let (kubeconfig, proxy, log) = (
+            api.admin_kubeconfig.clone(),
+            db_proxy.clone(),
+            agent.log_path(),
+        );
+        let uid = db_uid.clone();
         move || {
-            std::thread::sleep(Duration::from_millis(600));
+            wait_until(
+                "the agent to wait for db-1",
+                Duration::from_secs(20),
+                || {
+                    std::fs::read_to_string(&log).is_ok_and(|l| {
+                        l.lines()
+                            .any(|l| l.contains("waiting for it") && l.contains(&uid))
+                    })
+                },
+            );
             let status = json!({"status": {"phase": "Running", "containerStatuses": [
                 {"name": "fedmesh-proxy", "containerID": format!("containerd://{proxy}"),
                  "image": "registry.invalid/x", "imageID": "", "ready": true, "restartCount": 0,

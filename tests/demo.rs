@@ -10,7 +10,7 @@ fn the_demo_moves_traffic_across_three_clusters_without_failing_a_request() {
         .args([
             "demo",
             "--duration",
-            "14s",
+            "17s",
             "--every",
             "1s",
             "--rate",
@@ -29,13 +29,30 @@ fn the_demo_moves_traffic_across_three_clusters_without_failing_a_request() {
             .filter(|l| l.contains(&format!("shop/{svc} ")))
             .collect()
     };
-    // Locality keeps shop/api in east at first; the failover sends it to west.
+    // Locality keeps shop/api in east at first; the failover sends it to west; when east's api
+    // is back, traffic returns to east.
     let api = lines("api");
+    let first_west = api
+        .iter()
+        .position(|l| l.contains("west"))
+        .unwrap_or_else(|| panic!("shop/api never failed over to west: {stdout}"));
     assert!(
-        api.first().is_some_and(|l| l.contains("east 100%")),
+        api[..first_west].iter().all(|l| l.contains("east 100%")),
         "{stdout}"
     );
-    assert!(api.iter().any(|l| l.contains("west 100%")), "{stdout}");
+    assert!(
+        api[first_west..].iter().any(|l| l.contains("west 100%")),
+        "{stdout}"
+    );
+    let first_west = first_west
+        + api[first_west..]
+            .iter()
+            .position(|l| l.contains("west 100%"))
+            .unwrap();
+    assert!(
+        api[first_west..].iter().any(|l| l.contains("east 100%")),
+        "shop/api never returned to east: {stdout}"
+    );
     // shop/reviews is split between west and central; premium users get v2, in either; a fault
     // injected for a while answers a share of the others (and counts as no failure).
     let reviews: Vec<&str> = lines("reviews")
@@ -43,18 +60,60 @@ fn the_demo_moves_traffic_across_three_clusters_without_failing_a_request() {
         .filter(|l| !l.contains("premium"))
         .collect();
     assert!(
-        reviews
-            .iter()
-            .any(|l| l.contains("central") && l.contains("west")),
-        "{stdout}"
-    );
-    assert!(
         reviews.iter().all(|l| !l.contains("reviews-v2")),
         "{stdout}"
     );
     assert!(
         reviews.iter().any(|l| l.contains("injected 503")),
         "{stdout}"
+    );
+    // The weights: 70/30 until the route changes live to 20/80. West's share of the answers
+    // west and central gave, averaged over the tables on each side of the change (the first
+    // table after it mixes both).
+    let all: Vec<&str> = stdout.lines().collect();
+    let change = all
+        .iter()
+        .position(|l| l.contains(">> HTTPRoute shop/reviews changed live: west 20 / central 80"))
+        .unwrap_or_else(|| panic!("the split never changed: {stdout}"));
+    let percent = |l: &str, cluster: &str| -> f64 {
+        let after = l.split(&format!("{cluster} ")).nth(1).unwrap_or("0%");
+        after
+            .trim_start()
+            .split('%')
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let west_share = |ls: &[&str]| -> f64 {
+        let shares: Vec<f64> = ls
+            .iter()
+            .filter(|l| l.contains("shop/reviews ") && !l.contains("premium"))
+            .map(|l| {
+                let (w, c) = (percent(l, "west"), percent(l, "central"));
+                w / (w + c).max(1.0)
+            })
+            .collect();
+        assert!(!shares.is_empty(), "no reviews table: {stdout}");
+        shares.iter().sum::<f64>() / shares.len() as f64
+    };
+    let before = west_share(&all[..change]);
+    let after_tables: Vec<&str> = all[change..]
+        .iter()
+        .filter(|l| l.contains("shop/reviews ") && !l.contains("premium"))
+        .skip(1)
+        .copied()
+        .collect();
+    let after = west_share(&after_tables);
+    // About 20 requests a table: 4 standard deviations of the averaged share either way.
+    assert!(
+        (0.55..=0.85).contains(&before),
+        "70/30 measured as {before:.2}: {stdout}"
+    );
+    assert!(
+        (0.0..=0.4).contains(&after),
+        "20/80 measured as {after:.2}: {stdout}"
     );
     let premium = lines("reviews premium");
     assert!(!premium.is_empty(), "{stdout}");
@@ -72,6 +131,24 @@ fn the_demo_moves_traffic_across_three_clusters_without_failing_a_request() {
             .any(|l| l.contains("west") || l.contains("central")),
         "{stdout}"
     );
+    // No request failed: every table's FAILED column is 0 (and the summary agrees).
+    let failed: u64 = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()) && l.contains("shop/"))
+        .map(|l| {
+            // "  12s  shop/api  east 100%  0  0.6ms 1.2ms[  last failure: ...]": the failed
+            // count is the column before the first latency.
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let p50 = cols
+                .iter()
+                .position(|c| c.ends_with("ms"))
+                .unwrap_or_else(|| panic!("{l}"));
+            cols[p50 - 1]
+                .parse::<u64>()
+                .unwrap_or_else(|_| panic!("{l}"))
+        })
+        .sum();
+    assert_eq!(failed, 0, "{stdout}\n{stderr}");
     assert!(
         stdout.contains("stopping; 0 request(s) failed in the whole run"),
         "{stdout}\n{stderr}"

@@ -356,6 +356,7 @@ impl K8sAttestor {
         };
         let mut changes = self.pods.subscribe();
         let deadline = tokio::time::Instant::now() + self.wait;
+        let mut waiting = false;
         loop {
             let known = self.pods.get(&pod.pod_uid);
             let complete = known.as_ref().is_some_and(|p| match &pod.container_id {
@@ -365,6 +366,10 @@ impl K8sAttestor {
             if complete {
                 let p = known.expect("checked above");
                 return Ok(p.selectors(pod.container_id.as_deref()));
+            }
+            if !waiting {
+                waiting = true;
+                tracing::info!(pod_uid = %pod.pod_uid, container_id = ?pod.container_id, known = known.is_some(), wait = ?self.wait, "the caller's pod or container is not in the pod watch yet; waiting for it");
             }
             let timed_out = tokio::time::timeout_at(deadline, changes.changed())
                 .await
