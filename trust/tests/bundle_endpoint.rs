@@ -136,10 +136,10 @@ async fn https_spiffe_authenticates_the_endpoint_by_its_svid_and_keeps_the_last_
 
     // Refresh, then the endpoint dies: the last good bundle stays.
     let stop_client = CancellationToken::new();
-    let (mut rx, _task) = client
+    let (mut rx, mut attempts, _task) = client
         .clone()
         .with_timeout(Duration::from_secs(2))
-        .spawn_refresher(
+        .spawn_refresher_reporting(
             Some(bootstrap.clone()),
             stop_client.clone().cancelled_owned(),
         );
@@ -158,7 +158,13 @@ async fn https_spiffe_authenticates_the_endpoint_by_its_svid_and_keeps_the_last_
     .unwrap();
     stop_server.cancel();
     server.await.unwrap().unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The next refresh fails (the endpoint is gone), and the bundle it had stays.
+    let failed = tokio::time::timeout(Duration::from_secs(30), attempts.wait_for(|a| a.is_err()))
+        .await
+        .expect("a refresh was attempted after the endpoint died")
+        .unwrap()
+        .clone();
+    assert!(failed.is_err(), "{failed:?}");
     assert_eq!(
         rx.borrow().as_deref(),
         Some(&*newer),
