@@ -203,13 +203,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
         .flat_map(|c| c.problems.iter().map(move |p| (c.name.as_str(), p)))
         .collect();
     if !problems.is_empty() {
-        let mut t = table(&[
-            "CLUSTER",
-            "ROUTE OR POLICY",
-            "CONDITION",
-            "REASON",
-            "MESSAGE",
-        ]);
+        let mut t = table(&["CLUSTER", "OBJECT", "CONDITION", "REASON", "MESSAGE"]);
         for (cluster, p) in problems {
             t.add_row(vec![
                 cell(cluster, None),
