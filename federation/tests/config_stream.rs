@@ -371,14 +371,23 @@ async fn a_proxy_receives_its_namespace_and_what_it_asks_for_not_the_whole_clust
         ["billing/audit", "shop/web"],
         "a gateway sees what its cluster exports"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        east.cp
-            .dataplane_config()
-            .borrow()
-            .services
-            .contains_key("billing/ledger")
+    // The control plane holds billing/ledger (not exported); it never reaches the gateway, as an
+    // export made after it shows: the gateway gets that one and still not the ledger.
+    let mut config = east.cp.dataplane_config();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        config.wait_for(|c| c.services.contains_key("billing/ledger")),
+    )
+    .await
+    .expect("the control plane reads billing/ledger")
+    .unwrap();
+    east.write(
+        "marker.yaml",
+        &web_service("ops", "marker", "http", 80, &[("10.1.0.9", "a")]),
     );
+    east.write("marker-export.yaml", &service_export("ops", "marker"));
+    until(&mut gs, &mut all, |m| m.contains_key("ops/marker")).await;
+    assert_eq!(known(&all), ["billing/audit", "ops/marker", "shop/web"]);
 
     let mut c = client(&east);
     let (tx, mut s) = open_as(&mut c, "sidecar", 0, 0, vec![]).await.unwrap();
