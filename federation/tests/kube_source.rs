@@ -16,8 +16,8 @@ use fedmesh_test_support::kube_apiserver::KubeApiServer;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-/// Beside `shop/web`, exported: a policy (whose status the control plane writes) and a
-/// ServiceImport a user made (which it must never touch).
+/// Beside `shop/web`, exported: policies and a FederatedTrustDomain (whose status the control
+/// plane writes) and a ServiceImport a user made (which it must never touch).
 const SHOP_EXTRAS: &str = r#"
 apiVersion: fedmesh.io/v1alpha1
 kind: AuthorizationPolicy
@@ -26,6 +26,21 @@ spec:
   targetRefs: [{kind: Service, name: web}]
   rules:
     - from: [{source: {namespaces: [shop]}}]
+---
+apiVersion: fedmesh.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  timeouts: {connect: 1s}
+---
+# A trust domain outside the clusterset whose endpoint does not answer: Accepted, not Ready.
+apiVersion: fedmesh.io/v1alpha1
+kind: FederatedTrustDomain
+metadata: {name: partner}
+spec:
+  trustDomain: partner.example
+  bundleEndpointURL: https://127.0.0.1:1
+  bundleEndpointProfile: {type: https_web}
 ---
 # Made by a user, not by fedmesh: the control plane must never touch it.
 apiVersion: multicluster.x-k8s.io/v1alpha1
@@ -159,6 +174,27 @@ async fn kubernetes_source_and_writer_against_a_real_api_server() {
     assert!(
         managed_by(&policy, "fedmesh", "status").is_some(),
         "{policy:#}"
+    );
+    let policy = wait_object(&api, "trafficpolicy", "shop", "web", |o| {
+        condition(o, "Accepted")["status"] == "True"
+    })
+    .await;
+    assert!(
+        managed_by(&policy, "fedmesh", "status").is_some(),
+        "{policy:#}"
+    );
+    let partner = wait_object(&api, "federatedtrustdomain", "", "partner", |o| {
+        condition(o, "Ready")["status"] == "False"
+    })
+    .await;
+    assert_eq!(
+        condition(&partner, "Accepted")["status"],
+        "True",
+        "{partner:#}"
+    );
+    assert!(
+        managed_by(&partner, "fedmesh", "status").is_some(),
+        "{partner:#}"
     );
 
     // ServiceImport for our own export, as the schema keeps it, labelled as fedmesh's.
