@@ -190,6 +190,21 @@ fn pod(
         ]})
         .to_string(),
     );
+    let patched = write_running_status(&api.admin_kubeconfig, name, containers);
+    assert!(patched.status.success(), "{patched:?}");
+    api.get("pod", "shop", name).unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Writes the status the kubelet writes once pod `shop/NAME`'s `containers` (name, container ID)
+/// run, through the status subresource, as the user of `kubeconfig`.
+fn write_running_status(
+    kubeconfig: &Path,
+    name: &str,
+    containers: &[(&str, &str)],
+) -> std::process::Output {
     let statuses: Vec<Value> = containers
         .iter()
         .map(|(name, id)| {
@@ -199,7 +214,8 @@ fn pod(
         })
         .collect();
     let status = json!({"status": {"phase": "Running", "containerStatuses": statuses}});
-    api.kubectl_ok(
+    fedmesh_test_support::kube_apiserver::kubectl_with(
+        kubeconfig,
         &[
             "patch",
             "pod",
@@ -212,11 +228,7 @@ fn pod(
             &status.to_string(),
         ],
         None,
-    );
-    api.get("pod", "shop", name).unwrap()["metadata"]["uid"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    )
 }
 
 fn cid(n: u8) -> String {
@@ -368,25 +380,7 @@ fn pods_get_their_service_accounts_identity_and_only_their_proxy_container_does(
                     })
                 },
             );
-            let status = json!({"status": {"phase": "Running", "containerStatuses": [
-                {"name": "fedmesh-proxy", "containerID": format!("containerd://{proxy}"),
-                 "image": "registry.invalid/x", "imageID": "", "ready": true, "restartCount": 0,
-                 "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]}});
-            fedmesh_test_support::kube_apiserver::kubectl_with(
-                &kubeconfig,
-                &[
-                    "patch",
-                    "pod",
-                    "db-1",
-                    "-n",
-                    "shop",
-                    "--subresource=status",
-                    "--type=merge",
-                    "-p",
-                    &status.to_string(),
-                ],
-                None,
-            )
+            write_running_status(&kubeconfig, "db-1", &[("fedmesh-proxy", &proxy)])
         }
     });
     let got = fetch_svid(&socket, Some(&db_cgroup));
