@@ -95,12 +95,13 @@ impl Federated {
         let mut refused = BTreeMap::new();
         let mut relations = self.relations.lock().unwrap_or_else(|p| p.into_inner());
         let mut tds_seen: BTreeMap<TrustDomain, String> = BTreeMap::new();
+        let mut changed = false;
         for (name, ftd) in &local.federated_tds {
             let generation = ftd.metadata.generation;
-            if relations.get(name).is_some_and(|r| r.spec == ftd.spec) {
-                if let Some(r) = relations.get(name) {
-                    tds_seen.insert(r.trust_domain.clone(), name.clone());
-                }
+            if let Some(r) = relations.get(name)
+                && r.spec == ftd.spec
+            {
+                tds_seen.insert(r.trust_domain.clone(), name.clone());
                 continue;
             }
             let started =
@@ -116,10 +117,13 @@ impl Federated {
                     tracing::info!(%name, trust_domain = %td, url = %ftd.spec.bundle_endpoint_url, "federating with a trust domain outside the clusterset");
                     tds_seen.insert(td, name.clone());
                     relations.insert(name.clone(), relation);
+                    changed = true;
                 }
                 Err(why) => {
-                    tracing::warn!(%name, error = %why, "FederatedTrustDomain refused");
-                    relations.remove(name);
+                    if !self.refused_now(name, &why) {
+                        tracing::warn!(%name, error = %why, "FederatedTrustDomain refused");
+                    }
+                    changed |= relations.remove(name).is_some();
                     refused.insert(name.clone(), (generation, why));
                 }
             }
@@ -130,14 +134,28 @@ impl Federated {
             .cloned()
             .collect();
         for name in gone {
+            changed = true;
             if let Some(r) = relations.remove(&name) {
                 tracing::info!(%name, trust_domain = %r.trust_domain, "no longer federating");
                 let _ = std::fs::remove_file(self.file(&r.trust_domain));
             }
         }
         drop(relations);
-        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = refused;
-        self.changed.send_modify(|v| *v += 1);
+        let mut held = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        changed |= *held != refused;
+        *held = refused;
+        drop(held);
+        // Called on every snapshot: wake the agents' bundle streams and the status writer only
+        // when a relationship started, stopped or was refused.
+        if changed {
+            self.changed.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Whether `name` is refused already, for `why`.
+    fn refused_now(&self, name: &str, why: &str) -> bool {
+        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        refused.get(name).is_some_and(|(_, w)| w == why)
     }
 
     /// Each relationship's conditions.
@@ -290,11 +308,18 @@ impl Federated {
             );
             let (name, td) = (name.to_string(), td.clone());
             tokio::spawn(async move {
+                let mut kept = None;
                 loop {
+                    // A refresh attempt changes only the status; a new bundle goes to disk too.
                     if let Some(b) = bundle.borrow_and_update().clone()
-                        && let Err(e) = me.persist(&td, &b)
+                        && !kept.as_ref().is_some_and(|k| Arc::ptr_eq(k, &b))
                     {
-                        tracing::warn!(%name, error = %e, "cannot keep the federated bundle on disk");
+                        match me.persist(&td, &b) {
+                            Ok(()) => kept = Some(b),
+                            Err(e) => {
+                                tracing::warn!(%name, error = %e, "cannot keep the federated bundle on disk")
+                            }
+                        }
                     }
                     me.changed.send_modify(|v| *v += 1);
                     tokio::select! {
