@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use fedmesh_api::pb::federation as pb;
 use fedmesh_api::pb::federation::federation_client::FederationClient;
 use fedmesh_api::{ClusterName, FEDERATION_PROTOCOL_VERSION, ServiceKey, TrustDomain};
-use fedmesh_trust::bundle::{BundleSet, SpiffeBundle, parse_pem_certificates};
+use fedmesh_trust::bundle::{BundleSet, SpiffeBundle};
 use fedmesh_trust::svid::{inspect, new_key_and_csr};
 use fedmesh_trust::tls::{Authorizer, MeshIdentity};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -85,16 +85,11 @@ impl HubCredentials {
             &fedmesh_trust::files::read(&meta_path).map_err(|e| bad(e.to_string()))?,
         )
         .map_err(|e| bad(format!("hub.json: {e}")))?;
-        let chain = parse_pem_certificates(
-            &fedmesh_trust::files::read(&dir.join("identity.pem"))
-                .map_err(|e| bad(e.to_string()))?,
+        let (chain, key) = fedmesh_trust::files::read_chain_and_key(
+            &dir.join("identity.pem"),
+            &dir.join("identity.key"),
         )
         .map_err(bad)?;
-        let key_pem = fedmesh_trust::files::read_private(&dir.join("identity.key"))
-            .map_err(|e| bad(e.to_string()))?;
-        use rustls_pki_types::pem::PemObject;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|e| bad(format!("identity.key: {e}")))?;
         let bundle_json = fedmesh_trust::files::read(&dir.join("hub-bundle.json"))
             .map_err(|e| bad(e.to_string()))?;
         let bundle = SpiffeBundle::from_json(meta.hub_trust_domain.clone(), &bundle_json)

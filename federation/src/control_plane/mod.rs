@@ -107,33 +107,6 @@ pub struct ControlPlaneConfig {
     pub bundle_endpoint_web: Option<(PathBuf, PathBuf)>,
 }
 
-/// An `https_web` certificate chain and its key, from PEM files.
-fn load_web_pki(
-    chain: &std::path::Path,
-    key: &std::path::Path,
-) -> Result<
-    (
-        Vec<rustls_pki_types::CertificateDer<'static>>,
-        rustls_pki_types::PrivateKeyDer<'static>,
-    ),
-    String,
-> {
-    use rustls_pki_types::pem::PemObject;
-    let pem = std::fs::read(chain)
-        .map_err(|e| format!("--bundle-endpoint-cert {}: {e}", chain.display()))?;
-    let certs = fedmesh_trust::bundle::parse_pem_certificates(&pem)
-        .map_err(|e| format!("--bundle-endpoint-cert {}: {e}", chain.display()))?;
-    let key_pem = fedmesh_trust::files::read_private(key)
-        .map_err(|e| format!("--bundle-endpoint-key: {e}"))?;
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-        format!(
-            "--bundle-endpoint-key {}: not a PEM private key ({e})",
-            key.display()
-        )
-    })?;
-    Ok((certs, key))
-}
-
 impl ControlPlaneConfig {
     pub fn new(
         cluster: ClusterName,
@@ -357,7 +330,11 @@ impl ControlPlane {
         };
 
         let bundle_web = match &config.bundle_endpoint_web {
-            Some((chain, key)) => Some(load_web_pki(chain, key).map_err(StartError::Config)?),
+            Some((chain, key)) => Some(
+                fedmesh_trust::files::read_chain_and_key(chain, key).map_err(|e| {
+                    StartError::Config(format!("--bundle-endpoint-cert/--bundle-endpoint-key: {e}"))
+                })?,
+            ),
             None => None,
         };
         let mut bundle_endpoint_addr = None;
