@@ -182,40 +182,89 @@ pub fn service_imports(cs: &ClusterSet, vips: &VipAllocator) -> Vec<ServiceImpor
 
 /// ServiceExport conditions, keeping `lastTransitionTime` when a condition did not change.
 pub struct ConditionTracker {
-    previous: BTreeMap<(ServiceKey, String), Condition>,
+    /// ServiceExport conditions, by export and type.
+    exports: Tracked<(ServiceKey, String)>,
     /// Route conditions, by route and `kind/parent/type`.
-    routes_previous: BTreeMap<(ServiceKey, String), Condition>,
-    /// TrafficPolicy conditions, by policy and type.
-    policies_previous: BTreeMap<(ServiceKey, String), Condition>,
-    federated_previous: BTreeMap<(String, &'static str), Condition>,
+    routes: Tracked<(ServiceKey, String)>,
+    /// TrafficPolicy conditions, by policy and `kind/type`.
+    policies: Tracked<(ServiceKey, String)>,
+    /// FederatedTrustDomain conditions, by name and type.
+    federated: Tracked<(String, &'static str)>,
 }
 
-/// A condition as it is now, keeping its `lastTransitionTime` while its status and reason stay.
-fn tracked<K: Ord>(
-    previous: &mut BTreeMap<K, Condition>,
-    key: K,
-    type_: &str,
-    c: &super::routes::Cond,
-    generation: Option<i64>,
-    now: &Time,
-) -> Condition {
-    let status = if c.status { "True" } else { "False" }.to_string();
-    let last = match previous.get(&key) {
-        Some(prev) if prev.status == status && prev.reason == c.reason => {
-            prev.last_transition_time.clone()
+/// Conditions as they were last written, by key, so a condition keeps its `lastTransitionTime`
+/// while its status and reason stay; those not written again in a round are forgotten.
+struct Tracked<K> {
+    previous: BTreeMap<K, Condition>,
+    seen: std::collections::BTreeSet<K>,
+}
+
+impl<K: Ord + Clone> Tracked<K> {
+    fn new() -> Self {
+        Self {
+            previous: BTreeMap::new(),
+            seen: Default::default(),
         }
-        _ => now.clone(),
-    };
-    let cond = Condition {
-        type_: type_.to_string(),
-        status,
-        reason: c.reason.to_string(),
-        message: c.message.clone(),
-        last_transition_time: last,
-        observed_generation: generation,
-    };
-    previous.insert(key, cond.clone());
-    cond
+    }
+
+    /// The condition `type_` under `key` as it is now.
+    fn condition(
+        &mut self,
+        key: K,
+        type_: &str,
+        c: &super::routes::Cond,
+        generation: Option<i64>,
+        now: &Time,
+    ) -> Condition {
+        self.track(
+            key,
+            type_,
+            c.status,
+            c.reason,
+            c.message.clone(),
+            generation,
+            now,
+        )
+    }
+
+    /// A condition as it is now, keeping its `lastTransitionTime` while its status and reason
+    /// stay.
+    #[allow(clippy::too_many_arguments)]
+    fn track(
+        &mut self,
+        key: K,
+        type_: &str,
+        status: bool,
+        reason: &str,
+        message: String,
+        generation: Option<i64>,
+        now: &Time,
+    ) -> Condition {
+        let status = if status { "True" } else { "False" }.to_string();
+        let last = match self.previous.get(&key) {
+            Some(prev) if prev.status == status && prev.reason == reason => {
+                prev.last_transition_time.clone()
+            }
+            _ => now.clone(),
+        };
+        let cond = Condition {
+            type_: type_.to_string(),
+            status,
+            reason: reason.to_string(),
+            message,
+            last_transition_time: last,
+            observed_generation: generation,
+        };
+        self.seen.insert(key.clone());
+        self.previous.insert(key, cond.clone());
+        cond
+    }
+
+    /// Ends a round: forgets the keys it did not write.
+    fn end_round(&mut self) {
+        let seen = std::mem::take(&mut self.seen);
+        self.previous.retain(|k, _| seen.contains(k));
+    }
 }
 
 impl Default for ConditionTracker {
@@ -227,10 +276,10 @@ impl Default for ConditionTracker {
 impl ConditionTracker {
     pub fn new() -> Self {
         Self {
-            previous: BTreeMap::new(),
-            routes_previous: BTreeMap::new(),
-            policies_previous: BTreeMap::new(),
-            federated_previous: BTreeMap::new(),
+            exports: Tracked::new(),
+            routes: Tracked::new(),
+            policies: Tracked::new(),
+            federated: Tracked::new(),
         }
     }
 
@@ -242,7 +291,6 @@ impl ConditionTracker {
     ) -> Vec<(&'static str, ServiceKey, fedmesh_api::gateway::RouteStatus)> {
         use fedmesh_api::gateway::{CONTROLLER_NAME, RouteParentStatus, RouteStatus, reason};
         let now = Time(k8s_openapi::jiff::Timestamp::now());
-        let mut seen = Vec::new();
         let mut out = Vec::new();
         for r in &routes.reports {
             let mut parents = Vec::new();
@@ -265,15 +313,7 @@ impl ConditionTracker {
                             p.parent_ref.port.unwrap_or(0)
                         ),
                     );
-                    conditions.push(tracked(
-                        &mut self.routes_previous,
-                        key.clone(),
-                        type_,
-                        c,
-                        r.generation,
-                        &now,
-                    ));
-                    seen.push(key);
+                    conditions.push(self.routes.condition(key, type_, c, r.generation, &now));
                 }
                 parents.push(RouteParentStatus {
                     parent_ref: p.parent_ref.clone(),
@@ -283,7 +323,7 @@ impl ConditionTracker {
             }
             out.push((r.kind, r.route.clone(), RouteStatus { parents }));
         }
-        self.routes_previous.retain(|k, _| seen.contains(k));
+        self.routes.end_round();
         out
     }
 
@@ -300,7 +340,6 @@ impl ConditionTracker {
     )> {
         use fedmesh_api::gateway::reason;
         let now = Time(k8s_openapi::jiff::Timestamp::now());
-        let mut seen = Vec::new();
         let mut out = Vec::new();
         for r in &policies.reports {
             let mut conditions = Vec::new();
@@ -309,15 +348,7 @@ impl ConditionTracker {
                 (reason::RESOLVED_REFS, &r.resolved_refs),
             ] {
                 let key = (r.policy.clone(), format!("{}/{type_}", r.kind));
-                conditions.push(tracked(
-                    &mut self.policies_previous,
-                    key.clone(),
-                    type_,
-                    c,
-                    r.generation,
-                    &now,
-                ));
-                seen.push(key);
+                conditions.push(self.policies.condition(key, type_, c, r.generation, &now));
             }
             out.push((
                 r.kind,
@@ -325,7 +356,7 @@ impl ConditionTracker {
                 fedmesh_api::policy::TrafficPolicyStatus { conditions },
             ));
         }
-        self.policies_previous.retain(|k, _| seen.contains(k));
+        self.policies.end_round();
         out
     }
 
@@ -335,28 +366,19 @@ impl ConditionTracker {
         reports: &[super::federated::Report],
     ) -> Vec<(String, fedmesh_api::federation::FederatedTrustDomainStatus)> {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
-        let mut seen = Vec::new();
         let mut out = Vec::new();
         for r in reports {
             let mut conditions = Vec::new();
             for (type_, c) in [("Accepted", &r.accepted), ("Ready", &r.ready)] {
                 let key = (r.name.clone(), type_);
-                conditions.push(tracked(
-                    &mut self.federated_previous,
-                    key.clone(),
-                    type_,
-                    c,
-                    r.generation,
-                    &now,
-                ));
-                seen.push(key);
+                conditions.push(self.federated.condition(key, type_, c, r.generation, &now));
             }
             out.push((
                 r.name.clone(),
                 fedmesh_api::federation::FederatedTrustDomainStatus { conditions },
             ));
         }
-        self.federated_previous.retain(|k, _| seen.contains(k));
+        self.federated.end_round();
         out
     }
 
@@ -371,7 +393,6 @@ impl ConditionTracker {
     ) -> Vec<ServiceExport> {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let mut out = Vec::new();
-        let mut seen = Vec::new();
         for (k, e) in &local.exports {
             let valid = validity.get(k).cloned().unwrap_or(Ok(()));
             let ready = if publish.accepted.contains_key(k) {
@@ -391,32 +412,22 @@ impl ConditionTracker {
                 .unwrap_or_default();
             let mut conditions = Vec::new();
             for (type_, status, reason, message) in export_conditions(&valid, ready, &conflicts) {
-                let status = if status { "True" } else { "False" }.to_string();
-                let prev = self.previous.get(&(k.clone(), type_.clone()));
-                let last = match prev {
-                    Some(p) if p.status == status && p.reason == reason => {
-                        p.last_transition_time.clone()
-                    }
-                    _ => now.clone(),
-                };
-                let c = Condition {
-                    type_: type_.clone(),
+                conditions.push(self.exports.track(
+                    (k.clone(), type_.clone()),
+                    &type_,
                     status,
-                    reason,
+                    &reason,
                     message,
-                    last_transition_time: last,
-                    observed_generation: e.metadata.generation,
-                };
-                self.previous.insert((k.clone(), type_.clone()), c.clone());
-                seen.push((k.clone(), type_));
-                conditions.push(c);
+                    e.metadata.generation,
+                    &now,
+                ));
             }
             let mut with_status = e.clone();
             with_status.metadata.namespace = Some(k.namespace.to_string());
             with_status.status = Some(ServiceExportStatus { conditions });
             out.push(with_status);
         }
-        self.previous.retain(|k, _| seen.contains(k));
+        self.exports.end_round();
         out
     }
 }
