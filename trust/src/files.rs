@@ -148,6 +148,27 @@ pub fn create_private_dir(path: &Path) -> Result<(), FileError> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(err)
 }
 
+/// A certificate chain (PEM, leaf first) and its private key (PEM, a file only its owner can
+/// read), as a TLS server presents them; each error names the file and what is wrong with it.
+pub fn read_chain_and_key(
+    chain: &Path,
+    key: &Path,
+) -> Result<
+    (
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    ),
+    String,
+> {
+    use rustls_pki_types::pem::PemObject;
+    let certs = crate::bundle::parse_pem_certificates(&read(chain).map_err(|e| e.to_string())?)
+        .map_err(|e| format!("{}: {e}", chain.display()))?;
+    let pem = read_private(key).map_err(|e| e.to_string())?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| format!("{}: not a PEM private key ({e})", key.display()))?;
+    Ok((certs, key))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,25 +225,4 @@ mod tests {
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
-}
-
-/// A certificate chain (PEM, leaf first) and its private key (PEM, a file only its owner can
-/// read), as a TLS server presents them; each error names the file and what is wrong with it.
-pub fn read_chain_and_key(
-    chain: &Path,
-    key: &Path,
-) -> Result<
-    (
-        Vec<rustls_pki_types::CertificateDer<'static>>,
-        rustls_pki_types::PrivateKeyDer<'static>,
-    ),
-    String,
-> {
-    use rustls_pki_types::pem::PemObject;
-    let certs = crate::bundle::parse_pem_certificates(&read(chain).map_err(|e| e.to_string())?)
-        .map_err(|e| format!("{}: {e}", chain.display()))?;
-    let pem = read_private(key).map_err(|e| e.to_string())?;
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&pem)
-        .map_err(|e| format!("{}: not a PEM private key ({e})", key.display()))?;
-    Ok((certs, key))
 }
