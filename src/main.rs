@@ -38,9 +38,9 @@ enum Command {
     /// Run one cluster's control plane (or manage it: `fedmesh control-plane token create --node`).
     ControlPlane(cmd::control_plane::ControlPlaneCmd),
     /// Run a cluster's east-west gateway (SNI-routed mTLS passthrough).
-    Gateway(cmd::proxy::GatewayArgs),
+    Gateway(fedmesh_proxy::GatewayArgs),
     /// Run the sidecar proxy beside a workload.
-    Sidecar(cmd::proxy::SidecarArgs),
+    Sidecar(fedmesh_proxy::SidecarArgs),
     /// Serve the SPIFFE Workload API to local workloads.
     Agent(cmd::agent::AgentArgs),
     /// Show the clusterset: clusters, exported services, conflicts.
@@ -69,38 +69,28 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // The demo and the benchmarks print tables; their many in-process parts log only problems.
-    let access = match &cli.command {
-        Command::Sidecar(s) => s.access_log(),
-        Command::Gateway(g) => g.access_log(),
-        _ => false,
+    // The proxies run exactly as `fedmesh-proxy` runs them.
+    let command = match cli.command {
+        Command::Sidecar(s) => {
+            return fedmesh_proxy::main(fedmesh_proxy::ProxyCommand::Sidecar(s), cli.log_format);
+        }
+        Command::Gateway(g) => {
+            return fedmesh_proxy::main(fedmesh_proxy::ProxyCommand::Gateway(g), cli.log_format);
+        }
+        other => other,
     };
+    // The demo and the benchmarks print tables; their many in-process parts log only problems.
     cmd::init_tracing(
-        match cli.command {
+        match command {
             Command::Demo(_) | Command::Bench(_) => "warn",
             _ => "info",
         },
         cli.log_format,
-        access,
+        false,
     );
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    let threads = match &cli.command {
-        Command::Sidecar(s) => Some(s.threads),
-        Command::Gateway(g) => g.threads,
-        _ => None,
-    };
-    if let Some(n) = threads {
-        builder.worker_threads(n.max(1));
-    }
-    let runtime = match builder.enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async move {
-        match cli.command {
+    let builder = tokio::runtime::Builder::new_multi_thread();
+    fedmesh_proxy::block_on(builder, async move {
+        match command {
             Command::Demo(d) => cmd::demo::run(d).await,
             Command::Ca(c) => cmd::ca::run(c),
             Command::Inject(i) => cmd::inject::run(i),
@@ -109,8 +99,6 @@ fn main() -> std::process::ExitCode {
             Command::Hub(h) => cmd::hub::run(*h).await,
             Command::ControlPlane(c) => cmd::control_plane::run(c).await,
             Command::Agent(a) => cmd::agent::run(a).await,
-            Command::Gateway(g) => cmd::proxy::gateway(g).await,
-            Command::Sidecar(s) => cmd::proxy::sidecar(s).await,
             Command::Status(s) => cmd::status::status(s).await,
             Command::Explain(e) => cmd::status::explain(e).await,
             Command::Traces(t) => cmd::traces::traces(t).await,
@@ -121,13 +109,9 @@ fn main() -> std::process::ExitCode {
             }
             Command::Workload(w) => cmd::workload::run(w).await,
             Command::Bench(b) => cmd::bench::run(b).await,
+            Command::Sidecar(_) | Command::Gateway(_) => {
+                unreachable!("the proxies returned above")
+            }
         }
-    });
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    })
 }

@@ -386,11 +386,11 @@ def clap_structs(sources):
 
 
 def cli_flags():
-    """subcommand -> set of --flags, for the subcommands declared in src/main.rs."""
-    main = open(os.path.join(ROOT, "src", "main.rs")).read()
-    cmd_dir = os.path.join(ROOT, "src", "cmd")
+    """binary -> subcommand -> set of --flags: `fedmesh` (src/main.rs) and `fedmesh-proxy`
+    (src/bin/fedmesh-proxy.rs, its commands from proxy/src)."""
     sources = [open(os.path.join(d, f)).read()
-               for d, _, files in sorted(os.walk(cmd_dir)) for f in sorted(files) if f.endswith(".rs")]
+               for top in (os.path.join(ROOT, "src"), os.path.join(ROOT, "proxy", "src"))
+               for d, _, files in sorted(os.walk(top)) for f in sorted(files) if f.endswith(".rs")]
     structs = clap_structs(sources)
 
     def flags_of(name, seen=()):
@@ -402,10 +402,14 @@ def cli_flags():
             out |= flags_of(f, seen + (name,))
         return out
 
-    enum = re.search(r"enum Command \{(.*?)^\}", main, re.S | re.M).group(1)
     out = {}
-    for variant, struct in re.findall(r"^\s*(\w+)\((?:Box<)?cmd::\w+::(\w+)>?\),", enum, re.M):
-        out[kebab(variant)] = flags_of(struct) | {"help"}
+    for binary, path in (("fedmesh", ("src", "main.rs")), ("fedmesh-proxy", ("src", "bin", "fedmesh-proxy.rs"))):
+        main = open(os.path.join(ROOT, *path)).read()
+        enum = re.search(r"enum Command \{(.*?)^\}", main, re.S | re.M).group(1)
+        subs = {}
+        for variant, struct in re.findall(r"^\s*(\w+)\((?:Box<)?(?:cmd|fedmesh_proxy)::(?:\w+::)?(\w+)>?\),", enum, re.M):
+            subs[kebab(variant)] = flags_of(struct) | {"help"}
+        out[binary] = subs
     return out
 
 
@@ -416,18 +420,24 @@ def check_command_lines(where, objs, cli):
             if not c.get("image", "").startswith("fedmesh:"):
                 continue
             wname = f"{obj['kind']}/{obj['metadata']['name']} container {c['name']}"
-            args = c.get("command", [])[1:] + c.get("args", []) if c.get("command") else c.get("args", [])
-            if not args or args[0] not in cli:
-                fail(where, f"{wname}: `fedmesh {args[0] if args else ''}` is not a subcommand "
-                            f"of the binary (src/main.rs has: {', '.join(sorted(cli))})")
+            command = c.get("command", [])
+            binary = os.path.basename(command[0]) if command else "fedmesh"
+            if binary not in cli:
+                fail(where, f"{wname}: the image has no binary {command[0]!r} (it has {', '.join(f'/usr/local/bin/{b}' for b in sorted(cli))})")
+                continue
+            subs = cli[binary]
+            args = command[1:] + c.get("args", [])
+            if not args or args[0] not in subs:
+                fail(where, f"{wname}: `{binary} {args[0] if args else ''}` is not a subcommand "
+                            f"of the binary (it has: {', '.join(sorted(subs))})")
                 continue
             ports = {p.get("containerPort") for p in c.get("ports", [])}
             for a in args[1:]:
                 if not a.startswith("--"):
                     continue
                 flag, _, value = a[2:].partition("=")
-                if flag not in cli[args[0]]:
-                    fail(where, f"{wname}: `fedmesh {args[0]}` has no flag --{flag}")
+                if flag not in subs[args[0]]:
+                    fail(where, f"{wname}: `{binary} {args[0]}` has no flag --{flag}")
                 # A listener on all interfaces is meant to be reached: declare its port.
                 m = re.fullmatch(r"0\.0\.0\.0:(\d+)", value)
                 if m and int(m.group(1)) not in ports:
@@ -575,8 +585,8 @@ def check_image_build():
     for n in sorted(needed - allowed):
         fail(where, f"{n} is needed by the build (Cargo workspace) but left out of the context (add !{n}/)")
     docker = open(os.path.join(HERE, "Dockerfile")).read()
-    if "--bin fedmesh" not in docker or "--locked" not in docker:
-        fail("Dockerfile", "must build with `cargo build --release --locked --bin fedmesh`")
+    if "--bin fedmesh " not in docker or "--bin fedmesh-proxy" not in docker or "--locked" not in docker:
+        fail("Dockerfile", "must build with `cargo build --release --locked --bin fedmesh --bin fedmesh-proxy`")
 
 
 def main():
@@ -588,8 +598,11 @@ def main():
     crds = crd_schemas()
     cli = cli_flags()
     for sub in ("hub", "control-plane", "agent", "gateway", "sidecar", "inject", "iptables", "sample-app"):
-        if sub not in cli:
+        if sub not in cli["fedmesh"]:
             fail("src/main.rs", f"no subcommand {sub!r}, which the deployment uses")
+    for sub in ("gateway", "sidecar"):
+        if sub not in cli["fedmesh-proxy"]:
+            fail("src/bin/fedmesh-proxy.rs", f"no subcommand {sub!r}, which the deployment uses")
     rendered = {}
     counts = {"k8s": 0, "crd": 0, "error": 0}
     for f in sorted(os.listdir(a.rendered)):
@@ -613,7 +626,7 @@ def main():
     print(f"  {sum(len(v) for v in rendered.values())} objects in {len(rendered)} renders: "
           f"{counts['k8s']} validated against Kubernetes {a.k8s_version} (strict), "
           f"{counts['crd']} against fedmesh's CRD schemas")
-    print(f"  fedmesh command lines checked against src/: {', '.join(sorted(cli))}")
+    print(f"  fedmesh command lines checked against src/ and proxy/src/: {', '.join(f'{b} ({len(s)} commands)' for b, s in sorted(cli.items()))}")
     if failures:
         print("\n".join(failures), file=sys.stderr)
         print(f"{len(failures)} problem(s)", file=sys.stderr)

@@ -21,6 +21,8 @@ use serde_json::{Value, json};
 
 pub const PROXY: &str = "fedmesh-proxy";
 pub const INIT: &str = "fedmesh-init";
+/// Where the image keeps `fedmesh-proxy` (deploy/multicluster/Dockerfile).
+const PROXY_BIN: &str = "/usr/local/bin/fedmesh-proxy";
 const SOCKET_VOLUME: &str = "fedmesh-agent-socket";
 const ANNOTATION: &str = "fedmesh.io/inject";
 const KINDS: [&str; 3] = ["Deployment", "StatefulSet", "DaemonSet"];
@@ -197,6 +199,8 @@ fn proxy_container(a: &InjectArgs) -> Value {
     json!({
         "name": PROXY,
         "image": a.image,
+        // The data plane's own binary: a third the size of `fedmesh`, fewer pages in memory.
+        "command": [PROXY_BIN],
         "args": ["sidecar", "--transparent", "--admin", format!("0.0.0.0:{}", a.admin_port)],
         "env": [
             {"name": "FEDMESH_CONTROL_PLANE", "value": a.control_plane},

@@ -9,6 +9,11 @@ pub fn fedmesh_bin() -> &'static str {
     env!("CARGO_BIN_EXE_fedmesh")
 }
 
+/// `fedmesh-proxy`: the binary meshed pods and gateways run (`sidecar`, `gateway`).
+pub fn proxy_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fedmesh-proxy")
+}
+
 /// Keeps a secret as a user does: in a file only its owner can read (0600).
 pub fn write_secret(path: &Path, secret: &str) {
     fedmesh_test_support::write_private(path, secret.as_bytes());

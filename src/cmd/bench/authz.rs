@@ -301,7 +301,7 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
     let mut server = Command::new(valgrind)
         .arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}", out.display()))
-        .arg(std::env::current_exe()?)
+        .arg(super::proxy_exe()?)
         .args([
             "sidecar",
             "--control-plane",

@@ -87,7 +87,11 @@ impl Drop for Proc {
 }
 
 pub(super) fn spawn(dir: &Path, name: &'static str, args: &[String]) -> anyhow::Result<Proc> {
-    let exe = std::env::current_exe()?;
+    // The proxies run from their own binary, as in a pod.
+    let exe = match args.first().map(String::as_str) {
+        Some("sidecar" | "gateway") => super::proxy_exe()?,
+        _ => std::env::current_exe()?,
+    };
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let child = Command::new(exe)
         .args(args)

@@ -181,3 +181,18 @@ pub(crate) fn status_kib(pid: u32, fields: &[&str]) -> Vec<u64> {
         })
         .collect()
 }
+
+/// The binary a meshed pod runs for `sidecar`/`gateway`: `fedmesh-proxy`, beside this one (cargo
+/// builds both). Measuring `fedmesh sidecar` instead would count the pages of the whole `fedmesh`
+/// binary in the proxies' memory.
+pub(crate) fn proxy_exe() -> anyhow::Result<std::path::PathBuf> {
+    let me = std::env::current_exe()?;
+    let proxy = me.with_file_name("fedmesh-proxy");
+    anyhow::ensure!(
+        proxy.is_file(),
+        "{} is missing: the benchmarks run the proxies from it (build both binaries with \
+         `cargo build --release`)",
+        proxy.display()
+    );
+    Ok(proxy)
+}

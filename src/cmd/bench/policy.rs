@@ -200,7 +200,7 @@ pub(super) async fn count(
     let mut child = Command::new(valgrind)
         .arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}", out.display()))
-        .arg(std::env::current_exe()?)
+        .arg(super::proxy_exe()?)
         .args(c.sidecar_args(
             admin,
             &[(minimal, "bench/local:80"), (policied, "bench/policied:80")],

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{fedmesh_bin, wait_until};
+use super::{fedmesh_bin, proxy_bin, wait_until};
 
 const PREFIX: &str = "fmt";
 pub const HUB_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
@@ -260,9 +260,14 @@ impl Net {
         in_ns(ns, move || std::fs::write(&path, v).expect("sysctl"));
     }
 
-    /// Starts `fedmesh ARGS` inside `ns` (as `uid` if given), stderr to `<dir>/<name>.log`.
+    /// Starts `fedmesh ARGS` inside `ns` (as `uid` if given), stderr to `<dir>/<name>.log`;
+    /// `sidecar` and `gateway` from `fedmesh-proxy`, the binary pods run them from.
     pub fn spawn(&mut self, ns: &str, name: &str, uid: Option<u32>, args: &[&str]) -> usize {
-        let mut cmd = ns_command(ns, fedmesh_bin(), uid);
+        let bin = match args.first() {
+            Some(&"sidecar" | &"gateway") => proxy_bin(),
+            _ => fedmesh_bin(),
+        };
+        let mut cmd = ns_command(ns, bin, uid);
         cmd.args(args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")

@@ -1,4 +1,4 @@
-//! `fedmesh gateway` and `fedmesh sidecar`: the data plane's processes.
+//! `gateway` and `sidecar`: their flags, and the process around the gateway and sidecar crates.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,7 +20,7 @@ use fedmesh_trust::tls::MeshIdentity;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::parse_duration;
+use crate::parse_duration;
 
 /// What both proxies need: an identity and the control plane's configuration.
 #[derive(Args)]
@@ -165,7 +165,7 @@ async fn basics(c: &CommonArgs, role: &str) -> anyhow::Result<Basics> {
     }
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        super::shutdown_signal().await;
+        crate::shutdown_signal().await;
         signal.cancel();
     });
     Ok(Basics {
@@ -372,7 +372,7 @@ pub async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     };
     if inbound.is_empty() && services.is_empty() && proxy.is_none() && transparent.is_none() {
         anyhow::bail!(
-            "nothing to do: give --inbound, --http-proxy, --listen or --transparent (see fedmesh sidecar --help)"
+            "nothing to do: give --inbound, --http-proxy, --listen or --transparent (see sidecar --help)"
         );
     }
     let admin = match args.common.admin {
