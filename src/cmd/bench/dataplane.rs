@@ -50,6 +50,27 @@ pub struct Params {
     pub body: usize,
     pub concurrency: usize,
     pub sni_duration: Duration,
+    /// The parts to run; empty: all of them.
+    pub only: Vec<Part>,
+}
+
+/// A part of `fedmesh bench dataplane`, for `--only`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Part {
+    /// Latency, throughput and CPU of the direct, sidecar and cross-cluster paths.
+    Paths,
+    /// The policy stack against the minimal route (time, and instructions under callgrind).
+    Policy,
+    /// What tracing costs (instructions under callgrind, and p99).
+    Tracing,
+    /// SNI passthrough: the gateway beside HAProxy and nginx.
+    Sni,
+}
+
+impl Params {
+    fn runs(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -490,7 +511,12 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         p.rate, p.duration, p.body
     );
     let mut report = Report::default();
-    for proto in [Proto::H1, Proto::H2] {
+    let protos: &[Proto] = if p.runs(Part::Paths) {
+        &[Proto::H1, Proto::H2]
+    } else {
+        &[]
+    };
+    for &proto in protos {
         let mut direct: Option<FixedRate> = None;
         for path in &paths {
             let uri: http::Uri = path.url.parse()?;
@@ -541,16 +567,20 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
             }
         }
     }
-    report.policy = policy::compare(&paths[1], &policied, &body, &p).await?;
     let counted = policy::Counted {
         dir: &dirp,
         control_plane: &east_cp,
         workload_api: &ag_s1.endpoint,
         body: &body,
     };
-    report.instructions = policy::instructions(&counted).await;
-    report.tracing = super::tracing::instructions(&counted).await;
-    report.tracing_latency = super::tracing::latency(&counted, &p).await;
+    if p.runs(Part::Policy) {
+        report.policy = policy::compare(&paths[1], &policied, &body, &p).await?;
+        report.instructions = policy::instructions(&counted).await;
+    }
+    if p.runs(Part::Tracing) {
+        report.tracing = super::tracing::instructions(&counted).await;
+        report.tracing_latency = super::tracing::latency(&counted, &p).await;
+    }
     println!(
         "\n  proxy memory after the runs (RSS / peak RSS; of the RSS, private anonymous memory and\n  file-backed pages, mostly the fedmesh binary's code, shared by every process running it):"
     );
@@ -567,8 +597,10 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         report.memory.push((proc.name, rss, hwm));
     }
 
-    report.sni =
-        super::sni::compare(&dirp, (gw_addr, g.pid()), &tls, &sni, backend_addr, &p).await?;
+    if p.runs(Part::Sni) {
+        report.sni =
+            super::sni::compare(&dirp, (gw_addr, g.pid()), &tls, &sni, backend_addr, &p).await?;
+    }
     report.print_goals();
     drop((s1, s2, s3, g));
     drop((ag_s1, ag_s2, ag_s3, ag_g));

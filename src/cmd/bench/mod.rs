@@ -54,6 +54,9 @@ pub enum BenchCommand {
         /// Length of each SNI passthrough measurement.
         #[arg(long, value_parser = parse_duration, default_value = "5s")]
         sni_duration: Duration,
+        /// Run only these parts (repeatable); memory and goals are always reported.
+        #[arg(long, value_enum)]
+        only: Vec<dataplane::Part>,
     },
     /// What zero trust costs at the callee: instructions per request with 50 AuthorizationPolicies
     /// of 10 rules and with a RequestAuthentication against no policy (callgrind), and JWT
@@ -98,6 +101,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             body,
             concurrency,
             sni_duration,
+            only,
         } => {
             dataplane::run(dataplane::Params {
                 rate,
@@ -105,6 +109,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 body,
                 concurrency,
                 sni_duration,
+                only,
             })
             .await
         }

@@ -21,8 +21,51 @@ struct Contender {
     name: String,
     addr: SocketAddr,
     pid: u32,
-    /// Started by the benchmark (HAProxy, nginx): killed at the end.
-    child: Option<Child>,
+    /// Started by the benchmark (HAProxy, nginx): stopped when dropped.
+    server: Option<Server>,
+}
+
+/// A server the benchmark started (HAProxy, nginx) in a process group of its own. Dropped, it is
+/// stopped the way it expects (`stop`: nginx finishes gracefully on SIGQUIT, HAProxy stops on
+/// SIGTERM), given five seconds, and then its whole group is killed: no worker process outlives
+/// the benchmark, even when the master dies first or the benchmark returns early with an error.
+struct Server {
+    child: Child,
+    stop: libc::c_int,
+}
+
+impl Server {
+    fn spawn(mut cmd: Command, stop: libc::c_int, what: &str) -> anyhow::Result<Self> {
+        use std::os::unix::process::CommandExt;
+        let child = cmd
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        Ok(Self { child, stop })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let Ok(pid) = libc::pid_t::try_from(self.child.id()) else {
+            return;
+        };
+        // SAFETY: kill(2) with the pid of our own child and then its process group (which
+        // process_group(0) made equal to the pid); no memory is involved.
+        unsafe { libc::kill(pid, self.stop) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 pub(super) struct SniRow {
@@ -54,7 +97,7 @@ pub(super) async fn compare(
         name: "fedmesh gateway".into(),
         addr: gw_addr,
         pid: gw_pid,
-        child: None,
+        server: None,
     }];
     for (name, started) in [
         (
@@ -67,11 +110,11 @@ pub(super) async fn compare(
         ),
     ] {
         match started {
-            Ok((addr, child)) => contenders.push(Contender {
+            Ok((addr, server)) => contenders.push(Contender {
                 name: name.into(),
                 addr,
-                pid: child.id(),
-                child: Some(child),
+                pid: server.pid(),
+                server: Some(server),
             }),
             Err(e) => println!("    {name} skipped: {e:#}"),
         }
@@ -87,16 +130,13 @@ pub(super) async fn compare(
         .await;
         match passed {
             Ok(()) => ready.push(c),
-            Err(e) if c.child.is_some() => {
+            Err(e) if c.server.is_some() => {
                 let log = ["haproxy.log", "nginx.log"]
                     .iter()
                     .filter_map(|f| std::fs::read_to_string(dirp.join(f)).ok())
                     .collect::<Vec<_>>()
                     .join("\n");
                 println!("    {} skipped: {e:#}\n{log}", c.name);
-                if let Some(child) = c.child {
-                    kill(child);
-                }
             }
             Err(e) => return Err(e),
         }
@@ -141,11 +181,7 @@ pub(super) async fn compare(
             }
         );
     }
-    for c in contenders {
-        if let Some(child) = c.child {
-            kill(child);
-        }
-    }
+    drop(contenders);
     Ok(sni_rows)
 }
 
@@ -166,11 +202,6 @@ pub(super) fn print_goal(rows: &[SniRow]) {
             }
         );
     }
-}
-
-fn kill(mut c: Child) {
-    let _ = c.kill();
-    let _ = c.wait();
 }
 
 /// The process and its children (HAProxy and nginx run worker processes).
@@ -199,7 +230,7 @@ fn start_haproxy(
     dir: &Path,
     sni: &str,
     backend: SocketAddr,
-) -> anyhow::Result<(SocketAddr, Child)> {
+) -> anyhow::Result<(SocketAddr, Server)> {
     let bin = which("haproxy").context("haproxy is not installed (apt-get install haproxy)")?;
     let addr = free_addr()?;
     let cfg = dir.join("haproxy.cfg");
@@ -209,17 +240,15 @@ fn start_haproxy(
             "global\n  maxconn 8000\n  log stderr format raw local0 err\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend sni\n  bind {addr}\n  tcp-request inspect-delay 5s\n  tcp-request content accept if {{ req_ssl_hello_type 1 }}\n  use_backend tlsb if {{ req.ssl_sni -i {sni} }}\nbackend tlsb\n  server b1 {backend}\n"
         ),
     )?;
-    let child = Command::new(bin)
-        .args(["-db", "-f"])
+    let mut cmd = Command::new(bin);
+    cmd.args(["-db", "-f"])
         .arg(&cfg)
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("haproxy.log"))?)
-        .spawn()
-        .context("starting haproxy")?;
-    Ok((addr, child))
+        .stderr(std::fs::File::create(dir.join("haproxy.log"))?);
+    Ok((addr, Server::spawn(cmd, libc::SIGTERM, "haproxy")?))
 }
 
-fn start_nginx(dir: &Path, sni: &str, backend: SocketAddr) -> anyhow::Result<(SocketAddr, Child)> {
+fn start_nginx(dir: &Path, sni: &str, backend: SocketAddr) -> anyhow::Result<(SocketAddr, Server)> {
     let bin = which("nginx")
         .context("nginx is not installed (apt-get install nginx libnginx-mod-stream)")?;
     let module = ["/usr/lib/nginx/modules/ngx_stream_module.so"]
@@ -236,16 +265,14 @@ fn start_nginx(dir: &Path, sni: &str, backend: SocketAddr) -> anyhow::Result<(So
             log = dir.join("nginx.log").display(),
         ),
     )?;
-    let child = Command::new(bin)
-        .arg("-c")
+    let mut cmd = Command::new(bin);
+    cmd.arg("-c")
         .arg(&cfg)
         .arg("-e")
         .arg(dir.join("nginx.log"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting nginx")?;
-    Ok((addr, child))
+        .stderr(Stdio::null());
+    Ok((addr, Server::spawn(cmd, libc::SIGQUIT, "nginx")?))
 }
 
 /// A TLS server for the SNI name and a client that trusts it (its own throwaway CA).

@@ -1,0 +1,96 @@
+//! `fedmesh bench` as a user runs it: it finishes, reports, and leaves nothing running.
+
+use std::process::Command;
+
+mod support;
+
+/// The processes whose parent is this one (with `PR_SET_CHILD_SUBREAPER`, orphans of our
+/// children's children land here), zombies aside.
+fn live_children() -> Vec<(i32, String)> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let (state, ppid) = (f.next(), f.next().and_then(|p| p.parse::<u32>().ok()));
+        if ppid == Some(me) && state != Some("Z") {
+            let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .replace('\0', " ");
+            out.push((pid as i32, format!("{pid} {head}) {cmdline}")));
+        }
+    }
+    out
+}
+
+#[test]
+fn bench_dataplane_compares_with_haproxy_and_nginx_and_leaves_no_process_behind() {
+    for (bin, package) in [
+        ("haproxy", "haproxy"),
+        ("nginx", "nginx libnginx-mod-stream"),
+    ] {
+        assert!(
+            ["/usr/sbin", "/usr/bin"]
+                .iter()
+                .any(|d| std::path::Path::new(d).join(bin).exists()),
+            "{bin} is missing (apt-get install {package}; scripts/test installs it)"
+        );
+    }
+    // SAFETY: prctl with integer arguments only. Orphaned grandchildren (a server's workers whose
+    // master died) are reparented to this process instead of init, so the check below sees them.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
+    let out = Command::new(support::fedmesh_bin())
+        .args([
+            "bench",
+            "dataplane",
+            "--only",
+            "sni",
+            "--sni-duration",
+            "1s",
+            "--concurrency",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fedmesh bench dataplane: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Each server really ran and passed connections: a row with its figures, not "skipped".
+    for name in ["fedmesh gateway", "HAProxy (mode tcp", "nginx (stream"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{stdout}"));
+        assert!(
+            row.contains("conn/s") && row.contains("MiB/s") && !row.contains("failed"),
+            "{row}"
+        );
+    }
+    assert!(stdout.contains("gateway ≥ HAProxy:"), "{stdout}");
+    let left = live_children();
+    for (pid, _) in &left {
+        // SAFETY: kill(2) of a process that is our child (reparented); nothing outlives the test.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    let left: Vec<String> = left.into_iter().map(|(_, d)| d).collect();
+    assert!(
+        left.is_empty(),
+        "processes of the benchmark outlived it: {left:#?}"
+    );
+    // Reap what exited after its parent (zombies reparented to us).
+    // SAFETY: waitpid on any child, without blocking.
+    while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+}
