@@ -26,7 +26,7 @@ use fedmesh_dataplane::connect::Plan;
 use fedmesh_dataplane::hop::read_hop_header;
 use fedmesh_dataplane::metrics::{BytesLabels, ProxyMetrics, SniLabels, TcpLabels};
 use fedmesh_dataplane::policy::Outlier;
-use fedmesh_dataplane::relay::relay;
+use fedmesh_dataplane::relay::relay_tcp;
 use fedmesh_dataplane::sni::{HelloError, MeshSni, read_client_hello};
 use fedmesh_dataplane::target::{Place, Target};
 use fedmesh_dataplane::telemetry::Spans;
@@ -261,7 +261,7 @@ impl Gateway {
         let _lease = self.balancer.lease(&target);
         let mut upstream = upstream;
         let moved = match upstream.write_all(&hello_bytes).await {
-            Ok(()) => relay(client, upstream, self.options.idle_timeout).await,
+            Ok(()) => relay_tcp(client, upstream, self.options.idle_timeout).await,
             Err(e) => Err(e),
         };
         self.metrics.tcp_active.dec();
