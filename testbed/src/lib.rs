@@ -381,7 +381,6 @@ impl Cluster {
         // between picking a free port and binding it).
         config.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         config.dns_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-        config.poll_interval = Duration::from_millis(100);
         let mut first = config.clone();
         if !data.join("hub/hub.json").exists() {
             let (token, _) = hub.create_token(&name, &td, None).await?;

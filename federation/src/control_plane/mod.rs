@@ -87,8 +87,9 @@ pub struct ControlPlaneConfig {
     /// DNS listen address for `*.svc.clusterset.local`.
     pub dns_listen: Option<SocketAddr>,
     pub clusterset_cidr: String,
-    /// How often the directory source looks for changes.
-    pub poll_interval: Duration,
+    /// How often the directory source reads its whole directory even without a change event
+    /// (it is watched; this is the safety net for missed events).
+    pub rescan_interval: Duration,
     /// Default SVID TTL when the CA is created.
     pub svid_ttl: Duration,
     /// The namespace of fedmesh's own components: only its identities may stream a gateway's
@@ -126,7 +127,7 @@ impl ControlPlaneConfig {
             listen: None,
             dns_listen: None,
             clusterset_cidr: "240.240.0.0/16".into(),
-            poll_interval: Duration::from_millis(500),
+            rescan_interval: Duration::from_secs(10),
             svid_ttl: Duration::from_secs(3600),
             system_namespace: "fedmesh-system".into(),
             agent_service_account: "fedmesh-agent".into(),
@@ -279,7 +280,7 @@ impl ControlPlane {
                     )));
                 }
                 let dir =
-                    source::dir::DirSource::start(path, config.poll_interval, shutdown.clone());
+                    source::dir::DirSource::start(path, config.rescan_interval, shutdown.clone());
                 (dir.subscribe(), Some(dir.problems()))
             }
             SourceSpec::Kubernetes => {

@@ -279,7 +279,6 @@ pub fn cluster_config(dir: &Path, name: &str, hub: Option<SocketAddr>) -> Contro
     c.gateways = vec![format!("127.0.0.1:{}", 15443)];
     c.listen = Some("127.0.0.1:0".parse().unwrap());
     c.dns_listen = Some("127.0.0.1:0".parse().unwrap());
-    c.poll_interval = Duration::from_millis(100);
     c
 }
 

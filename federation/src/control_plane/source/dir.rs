@@ -1,6 +1,12 @@
 //! The directory source: Kubernetes YAML (`*.yaml`, `*.yml`, multi-document) under a directory,
 //! re-read when a file changes. A file that does not parse is reported and its last good content
 //! is kept, so a typo never withdraws an export.
+//!
+//! The directory is watched (inotify on Linux, through `notify`): a change is read
+//! [`DEBOUNCE`] after its first event, so an edit is in force within milliseconds. A full rescan
+//! every `rescan` interval is the safety net for events a watch can miss (a queue overflow, a
+//! network filesystem); where no watch can be set up, the directory is polled every
+//! [`POLL_WITHOUT_WATCH`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,21 +38,63 @@ pub struct DirSource {
     problems: watch::Sender<Arc<Vec<FileProblem>>>,
 }
 
+/// How long after a file's first change event the directory is read: an editor's or a tool's
+/// burst of writes and renames is read once, whole.
+pub const DEBOUNCE: Duration = Duration::from_millis(15);
+/// How often the directory is read when it cannot be watched.
+pub const POLL_WITHOUT_WATCH: Duration = Duration::from_millis(500);
+
+/// Watches `dir` recursively; each event wakes `wake`. None (logged) when the platform or its
+/// limits (e.g. `fs.inotify.max_user_instances`) refuse a watch.
+fn watch(dir: &Path, wake: Arc<tokio::sync::Notify>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let made = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Errors (e.g. a queue overflow) wake a rescan too: it finds whatever was missed.
+        if event.as_ref().map_or(true, |e| !e.kind.is_access()) {
+            wake.notify_one();
+        }
+    })
+    .and_then(|mut w| {
+        w.watch(dir, notify::RecursiveMode::Recursive)?;
+        Ok(w)
+    });
+    match made {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, interval = ?POLL_WITHOUT_WATCH,
+                "cannot watch the source directory; polling it instead (raise fs.inotify.max_user_instances / max_user_watches if they are exhausted)");
+            None
+        }
+    }
+}
+
 impl DirSource {
-    /// Reads `dir` now and then every `interval` until `shutdown`.
-    pub fn start(dir: &Path, interval: Duration, shutdown: CancellationToken) -> Arc<Self> {
+    /// Reads `dir` now, then on every change (watched) and at least every `rescan`, until
+    /// `shutdown`.
+    pub fn start(dir: &Path, rescan: Duration, shutdown: CancellationToken) -> Arc<Self> {
         let me = Arc::new(Self {
             dir: dir.to_path_buf(),
             objects: watch::Sender::new(Arc::new(LocalObjects::default())),
             problems: watch::Sender::new(Arc::new(Vec::new())),
         });
         let mut files = BTreeMap::new();
+        let wake = Arc::new(tokio::sync::Notify::new());
+        // Watching starts before the first read: nothing written in between is missed.
+        let watcher = watch(dir, wake.clone());
+        let interval = if watcher.is_some() {
+            rescan
+        } else {
+            rescan.min(POLL_WITHOUT_WATCH)
+        };
         me.rescan(&mut files);
         let bg = me.clone();
         tokio::spawn(async move {
+            // The watch lives as long as this task.
+            let _watcher = watcher;
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
+                    _ = wake.notified() => tokio::time::sleep(DEBOUNCE).await,
                     _ = tokio::time::sleep(interval) => {}
                 }
                 let scan = bg.clone();
@@ -194,4 +242,53 @@ pub fn parse_file(text: &str) -> Result<Vec<Object>, String> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXPORT: &str = "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: web, namespace: shop}\n";
+
+    /// Waits (bounded) for the source's objects to satisfy `f`.
+    async fn until(rx: &mut watch::Receiver<Arc<LocalObjects>>, f: impl Fn(&LocalObjects) -> bool) {
+        tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|o| f(o)))
+            .await
+            .expect("the change was never read")
+            .expect("source gone");
+    }
+
+    // The rescan is an hour away: only the watch can deliver these changes.
+    #[tokio::test]
+    async fn changes_are_read_when_they_happen_not_when_a_poll_comes_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let source = DirSource::start(dir.path(), Duration::from_secs(3600), shutdown.clone());
+        let mut rx = source.subscribe();
+        assert!(rx.borrow().exports.is_empty());
+
+        // Written in place, in a subdirectory made after the watch began, renamed over, removed.
+        std::fs::write(dir.path().join("web.yaml"), EXPORT).unwrap();
+        until(&mut rx, |o| o.exports.len() == 1).await;
+        std::fs::create_dir(dir.path().join("team")).unwrap();
+        std::fs::write(
+            dir.path().join("team/api.yaml"),
+            EXPORT.replace("name: web", "name: api"),
+        )
+        .unwrap();
+        until(&mut rx, |o| o.exports.len() == 2).await;
+        std::fs::write(
+            dir.path().join(".tmp"),
+            EXPORT.replace("name: web", "name: db"),
+        )
+        .unwrap();
+        std::fs::rename(dir.path().join(".tmp"), dir.path().join("web.yaml")).unwrap();
+        until(&mut rx, |o| {
+            o.exports.keys().map(|k| k.to_string()).collect::<Vec<_>>() == ["shop/api", "shop/db"]
+        })
+        .await;
+        std::fs::remove_file(dir.path().join("team/api.yaml")).unwrap();
+        until(&mut rx, |o| o.exports.len() == 1).await;
+        shutdown.cancel();
+    }
 }
