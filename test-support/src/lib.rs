@@ -4,7 +4,7 @@
 pub mod attack;
 pub mod kube_apiserver;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -363,29 +363,4 @@ fn which(name: &str) -> Option<String> {
     })
 }
 
-/// Asks a DNS server for the A records of `name`.
-pub async fn dns_a(server: SocketAddr, name: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
-    use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-    use hickory_resolver::net::runtime::TokioRuntimeProvider;
-    let mut config = ResolverConfig::from_parts(None, vec![], vec![]);
-    let (mut udp, mut tcp) = (ConnectionConfig::udp(), ConnectionConfig::tcp());
-    udp.port = server.port();
-    tcp.port = server.port();
-    config.add_name_server(NameServerConfig::new(server.ip(), true, vec![udp, tcp]));
-    let resolver =
-        hickory_resolver::Resolver::builder_with_config(config, TokioRuntimeProvider::default())
-            .build()
-            .map_err(|e| e.to_string())?;
-    let lookup = resolver
-        .ipv4_lookup(name)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(lookup
-        .answers()
-        .iter()
-        .filter_map(|r| match &r.data {
-            hickory_resolver::proto::rr::RData::A(a) => Some(a.0),
-            _ => None,
-        })
-        .collect())
-}
+pub use fedmesh_testbed::client::dns_a;

@@ -102,3 +102,31 @@ impl ProxyClient {
         })
     }
 }
+
+/// Asks a DNS server (a control plane's, for `*.svc.clusterset.local`) for the A records of
+/// `name`.
+pub async fn dns_a(server: SocketAddr, name: &str) -> Result<Vec<std::net::Ipv4Addr>, String> {
+    use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+    let mut config = ResolverConfig::from_parts(None, vec![], vec![]);
+    let (mut udp, mut tcp) = (ConnectionConfig::udp(), ConnectionConfig::tcp());
+    udp.port = server.port();
+    tcp.port = server.port();
+    config.add_name_server(NameServerConfig::new(server.ip(), true, vec![udp, tcp]));
+    let resolver =
+        hickory_resolver::Resolver::builder_with_config(config, TokioRuntimeProvider::default())
+            .build()
+            .map_err(|e| e.to_string())?;
+    let lookup = resolver
+        .ipv4_lookup(name)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(lookup
+        .answers()
+        .iter()
+        .filter_map(|r| match &r.data {
+            hickory_resolver::proto::rr::RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect())
+}

@@ -3,6 +3,7 @@
 mod authz;
 mod dataplane;
 mod federation;
+mod files;
 mod identity;
 mod policy;
 mod sni;
@@ -26,7 +27,8 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
-    /// Export propagation time across a clusterset, hub RSS and CPU (real hub process).
+    /// Export propagation time across a clusterset, hub RSS and CPU (real hub process); with
+    /// `--mode files`, from a YAML file written into a cluster's source directory to DNS answers.
     Federation {
         #[arg(long, default_value_t = 50)]
         clusters: usize,
@@ -35,6 +37,10 @@ pub enum BenchCommand {
         /// Changes to time after steady state.
         #[arg(long, default_value_t = 200)]
         changes: usize,
+        /// `hub`: simulated control planes against a hub process, change to every cluster.
+        /// `files`: two whole clusters in-process, file written to visible in DNS.
+        #[arg(long, value_enum, default_value = "hub")]
+        mode: FederationMode,
     },
     /// Latency, throughput, CPU and memory of the sidecar and gateway against a direct
     /// connection; the gateway's SNI passthrough beside HAProxy and nginx (real processes).
@@ -90,6 +96,13 @@ pub enum BenchCommand {
     },
 }
 
+/// What `fedmesh bench federation` measures.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum FederationMode {
+    Hub,
+    Files,
+}
+
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Identity { duration, rounds } => {
@@ -137,9 +150,15 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || traces::run(p)).await?
         }
         BenchCommand::Federation {
+            mode: FederationMode::Files,
+            changes,
+            ..
+        } => files::run(files::Params { changes }).await,
+        BenchCommand::Federation {
             clusters,
             services,
             changes,
+            mode: FederationMode::Hub,
         } => {
             federation::run(federation::Params {
                 clusters,
