@@ -94,3 +94,63 @@ fn bench_dataplane_compares_with_haproxy_and_nginx_and_leaves_no_process_behind(
     // SAFETY: waitpid on any child, without blocking.
     while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
 }
+
+#[test]
+fn bench_instructions_fails_naming_each_proxy_that_grew_past_its_committed_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let build = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    // Two figures far below what any proxy costs, the others far above.
+    let figures = dir.path().join("instructions.txt");
+    std::fs::write(
+        &figures,
+        format!(
+            "# test\nbuild {build}\nHTTP/1.1 client-sidecar 1000\nHTTP/2 gateway 100\n\
+             HTTP/1.1 gateway 1e12\nHTTP/1.1 server-sidecar 1e12\nHTTP/2 client-sidecar 1e12\n\
+             HTTP/2 server-sidecar 1e12\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(support::fedmesh_bin())
+        .args(["bench", "instructions", "--requests", "10", "--check"])
+        .arg(&figures)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("grew by more than 10%"),
+        "{stdout}\n{stderr}"
+    );
+    let failed: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("instructions per request,"))
+        .collect();
+    assert_eq!(failed.len(), 2, "{stderr}");
+    assert!(failed[0].contains("HTTP/1.1 client-sidecar"), "{stderr}");
+    assert!(failed[1].contains("HTTP/2 gateway"), "{stderr}");
+    // Every proxy was counted: six rows with a figure of their own.
+    let rows = stdout.lines().filter(|l| l.contains("committed")).count();
+    assert_eq!(rows, 6, "{stdout}");
+
+    // Figures of another build are refused before anything runs.
+    let other = if build == "debug" { "release" } else { "debug" };
+    std::fs::write(&figures, format!("build {other}\nHTTP/1.1 gateway 1\n")).unwrap();
+    let out = Command::new(support::fedmesh_bin())
+        .args(["bench", "instructions", "--check"])
+        .arg(&figures)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("figures of a {other} build")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

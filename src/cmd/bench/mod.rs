@@ -5,6 +5,7 @@ mod dataplane;
 mod federation;
 mod files;
 mod identity;
+mod instructions;
 mod policy;
 mod sni;
 mod traces;
@@ -26,6 +27,19 @@ pub enum BenchCommand {
         /// Rounds; each measures fedmesh and the baseline alternately, the median is reported.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+    },
+    /// Instructions per request of each proxy on the cross-cluster path (callgrind), HTTP/1.1
+    /// and HTTP/2; `--check FILE` fails when one grew by more than 10% over FILE's figures.
+    Instructions {
+        /// Requests counted per protocol.
+        #[arg(long, default_value_t = 400)]
+        requests: usize,
+        /// Compare with these committed figures (e.g. benchmarks/instructions.txt).
+        #[arg(long, value_name = "FILE")]
+        check: Option<std::path::PathBuf>,
+        /// Record this run's figures here.
+        #[arg(long, value_name = "FILE")]
+        write: Option<std::path::PathBuf>,
     },
     /// Export propagation time across a clusterset, hub RSS and CPU (real hub process); with
     /// `--mode files`, from a YAML file written into a cluster's source directory to DNS answers.
@@ -148,6 +162,18 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 rounds: rounds.max(1),
             };
             tokio::task::spawn_blocking(move || traces::run(p)).await?
+        }
+        BenchCommand::Instructions {
+            requests,
+            check,
+            write,
+        } => {
+            instructions::run(instructions::Params {
+                requests,
+                check,
+                write,
+            })
+            .await
         }
         BenchCommand::Federation {
             mode: FederationMode::Files,
