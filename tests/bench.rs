@@ -55,7 +55,13 @@ fn bench_dataplane_compares_with_haproxy_and_nginx_and_leaves_no_process_behind(
             "dataplane",
             "--only",
             "sni",
+            "--only",
+            "pairs",
             "--sni-duration",
+            "1s",
+            "--rate",
+            "100",
+            "--duration",
             "1s",
             "--concurrency",
             "4",
@@ -80,6 +86,20 @@ fn bench_dataplane_compares_with_haproxy_and_nginx_and_leaves_no_process_behind(
         );
     }
     assert!(stdout.contains("gateway ≥ HAProxy:"), "{stdout}");
+    // The mTLS sidecar pairs answered every request, beside ours.
+    for name in ["sidecar→sidecar", "nginx mTLS pair", "HAProxy mTLS pair"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with("HTTP/1.1") && l.contains(name))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{stdout}"));
+        assert!(
+            row.contains("CPU s/1k req") && !row.contains("ERRORS"),
+            "{row}"
+        );
+    }
+    for goal in ["≤ 0.8× the nginx mTLS pair", "≤ 0.8× the HAProxy mTLS pair"] {
+        assert!(stdout.contains(goal), "{stdout}");
+    }
     let left = live_children();
     for (pid, _) in &left {
         // SAFETY: kill(2) of a process that is our child (reparented); nothing outlives the test.

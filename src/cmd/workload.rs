@@ -67,32 +67,40 @@ pub async fn run(cmd: WorkloadCommand) -> anyhow::Result<()> {
                 println!("bundle:      {td} ({} authorities)", b.authorities().len());
             }
             if let Some(dir) = write {
-                std::fs::create_dir_all(&dir)?;
-                let chain: String = svid
-                    .cert_chain()
-                    .iter()
-                    .map(|c| der_to_pem("CERTIFICATE", c.as_bytes()))
-                    .collect();
-                fedmesh_trust::files::write_public(&dir.join("svid.pem"), chain.as_bytes())?;
-                fedmesh_trust::files::write_private(
-                    &dir.join("svid.key"),
-                    der_to_pem("PRIVATE KEY", svid.private_key().as_bytes()).as_bytes(),
-                )?;
-                for (td, b) in &tds {
-                    let pem: String = b
-                        .authorities()
-                        .iter()
-                        .map(|c| der_to_pem("CERTIFICATE", c.as_bytes()))
-                        .collect();
-                    fedmesh_trust::files::write_public(
-                        &dir.join(format!("bundle.{td}.pem")),
-                        pem.as_bytes(),
-                    )?;
-                }
+                write_pem_files(&dir, &svid, &bundles)?;
                 println!("wrote svid.pem, svid.key and bundles to {}", dir.display());
             }
             source.shutdown().await;
             Ok(())
         }
     }
+}
+
+/// Writes `svid.pem` (the chain), `svid.key` (0600) and `bundle.<trust domain>.pem` into `dir`:
+/// the files a TLS server or client that speaks no Workload API (nginx, HAProxy) is given.
+pub(crate) fn write_pem_files(
+    dir: &std::path::Path,
+    svid: &spiffe::X509Svid,
+    bundles: &spiffe::X509BundleSet,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let chain: String = svid
+        .cert_chain()
+        .iter()
+        .map(|c| der_to_pem("CERTIFICATE", c.as_bytes()))
+        .collect();
+    fedmesh_trust::files::write_public(&dir.join("svid.pem"), chain.as_bytes())?;
+    fedmesh_trust::files::write_private(
+        &dir.join("svid.key"),
+        der_to_pem("PRIVATE KEY", svid.private_key().as_bytes()).as_bytes(),
+    )?;
+    for (td, b) in bundles.iter() {
+        let pem: String = b
+            .authorities()
+            .iter()
+            .map(|c| der_to_pem("CERTIFICATE", c.as_bytes()))
+            .collect();
+        fedmesh_trust::files::write_public(&dir.join(format!("bundle.{td}.pem")), pem.as_bytes())?;
+    }
+    Ok(())
 }

@@ -41,8 +41,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::federation::proc_stats;
-use super::policy;
 use super::sni::{TlsPair, tls_backend};
+use super::{pairs, policy};
 
 pub struct Params {
     pub rate: u64,
@@ -65,6 +65,8 @@ pub enum Part {
     Tracing,
     /// SNI passthrough: the gateway beside HAProxy and nginx.
     Sni,
+    /// Our sidecar pair beside nginx and HAProxy set up as mTLS sidecar pairs (HTTP/1.1).
+    Pairs,
 }
 
 impl Params {
@@ -163,7 +165,7 @@ where
 }
 
 /// VmRSS, VmHWM, RssAnon and RssFile of a process, in KiB.
-fn memory(pid: u32) -> (u64, u64, u64, u64) {
+pub(super) fn memory(pid: u32) -> (u64, u64, u64, u64) {
     let v = super::status_kib(pid, &["VmRSS:", "VmHWM:", "RssAnon:", "RssFile:"]);
     (v[0], v[1], v[2], v[3])
 }
@@ -321,6 +323,56 @@ pub(super) struct Path3 {
     pub url: String,
     /// The proxies this path crosses (for CPU per request).
     pub pids: Vec<u32>,
+}
+
+/// One path at one protocol: latency at the fixed rate (after a second of warm-up), the
+/// proxies' CPU over it, then the maximum throughput. `direct`: the baseline for "added".
+pub(super) async fn measure_path(
+    path: &Path3,
+    proto: Proto,
+    body: &Bytes,
+    p: &Params,
+    direct: Option<&FixedRate>,
+) -> anyhow::Result<(LatencyRow, FixedRate)> {
+    let uri: http::Uri = path.url.parse()?;
+    let client = http_client(proto);
+    // Warm up: connections open, pools fill.
+    let _ = fixed_rate(&client, &uri, body, p.rate, Duration::from_secs(1)).await;
+    let cpu0 = cpu_seconds(&path.pids);
+    let r = fixed_rate(&client, &uri, body, p.rate, p.duration).await;
+    let cpu = cpu_seconds(&path.pids) - cpu0;
+    let (tput, tput_errors) = max_throughput(
+        &client,
+        &uri,
+        body,
+        p.concurrency,
+        p.duration.min(Duration::from_secs(5)),
+    )
+    .await;
+    let n = r.latencies.len() as f64;
+    let row = LatencyRow {
+        proto: proto.name(),
+        path: path.name,
+        p50: pct(&r.latencies, 0.50),
+        p99: pct(&r.latencies, 0.99),
+        p999: pct(&r.latencies, 0.999),
+        added: direct.map(|d| {
+            (
+                pct(&r.latencies, 0.50).as_secs_f64() - pct(&d.latencies, 0.50).as_secs_f64(),
+                pct(&r.latencies, 0.99).as_secs_f64() - pct(&d.latencies, 0.99).as_secs_f64(),
+                pct(&r.latencies, 0.999).as_secs_f64() - pct(&d.latencies, 0.999).as_secs_f64(),
+            )
+        }),
+        errors: r.errors + tput_errors,
+        first_error: r.first_error.clone(),
+        cpu_per_1k: if path.pids.is_empty() || n == 0.0 {
+            None
+        } else {
+            Some(cpu / n * 1000.0)
+        },
+        throughput: tput,
+    };
+    Ok((row, r))
 }
 
 pub async fn run(p: Params) -> anyhow::Result<()> {
@@ -516,56 +568,54 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
     } else {
         &[]
     };
+    let mut direct_h1: Option<FixedRate> = None;
     for &proto in protos {
         let mut direct: Option<FixedRate> = None;
         for path in &paths {
-            let uri: http::Uri = path.url.parse()?;
-            let client = http_client(proto);
-            // Warm up: connections open, pools fill.
-            let _ = fixed_rate(&client, &uri, &body, p.rate, Duration::from_secs(1)).await;
-            let cpu0 = cpu_seconds(&path.pids);
-            let r = fixed_rate(&client, &uri, &body, p.rate, p.duration).await;
-            let cpu = cpu_seconds(&path.pids) - cpu0;
-            let (tput, tput_errors) = max_throughput(
-                &client,
-                &uri,
-                &body,
-                p.concurrency,
-                p.duration.min(Duration::from_secs(5)),
-            )
-            .await;
-            let n = r.latencies.len() as f64;
-            let row = LatencyRow {
-                proto: proto.name(),
-                path: path.name,
-                p50: pct(&r.latencies, 0.50),
-                p99: pct(&r.latencies, 0.99),
-                p999: pct(&r.latencies, 0.999),
-                added: direct.as_ref().map(|d| {
-                    (
-                        pct(&r.latencies, 0.50).as_secs_f64()
-                            - pct(&d.latencies, 0.50).as_secs_f64(),
-                        pct(&r.latencies, 0.99).as_secs_f64()
-                            - pct(&d.latencies, 0.99).as_secs_f64(),
-                        pct(&r.latencies, 0.999).as_secs_f64()
-                            - pct(&d.latencies, 0.999).as_secs_f64(),
-                    )
-                }),
-                errors: r.errors + tput_errors,
-                first_error: r.first_error.clone(),
-                cpu_per_1k: if path.pids.is_empty() || n == 0.0 {
-                    None
-                } else {
-                    Some(cpu / n * 1000.0)
-                },
-                throughput: tput,
-            };
+            let (row, r) = measure_path(path, proto, &body, &p, direct.as_ref()).await?;
             row.print();
             report.rows.push(row);
             if path.name == "direct" {
                 direct = Some(r);
             }
         }
+        if proto == Proto::H1 {
+            direct_h1 = direct;
+        }
+    }
+    if p.runs(Part::Pairs) {
+        // The baseline and our pair come from this run: measured above, or now.
+        let direct = match direct_h1 {
+            Some(d) => d,
+            None => measure_path(&paths[0], Proto::H1, &body, &p, None).await?.1,
+        };
+        let ours_at = |rows: &[LatencyRow]| {
+            rows.iter()
+                .position(|r| r.proto == Proto::H1.name() && r.path == paths[1].name)
+        };
+        if ours_at(&report.rows).is_none() {
+            let (row, _) = measure_path(&paths[1], Proto::H1, &body, &p, Some(&direct)).await?;
+            row.print();
+            report.rows.push(row);
+        }
+        let ours = ours_at(&report.rows).map(|i| &report.rows[i]);
+        let client = pairs::SvidFiles::fetch(&ag_s1.endpoint, &dirp.join("svid-client")).await?;
+        let server = pairs::SvidFiles::fetch(&ag_s2.endpoint, &dirp.join("svid-server")).await?;
+        let rows = match ours {
+            Some(ours) => {
+                pairs::compare(
+                    &dirp,
+                    (&client, &server),
+                    app_e.addr,
+                    &body,
+                    &p,
+                    (&direct, ours),
+                )
+                .await?
+            }
+            None => Vec::new(),
+        };
+        report.pairs = rows;
     }
     let counted = policy::Counted {
         dir: &dirp,
@@ -631,23 +681,25 @@ struct Report {
     tracing_latency: Option<super::tracing::TracingLatency>,
     memory: Vec<(&'static str, u64, u64)>,
     sni: Vec<super::sni::SniRow>,
+    pairs: Vec<pairs::PairRow>,
 }
 
-struct LatencyRow {
-    proto: &'static str,
-    path: &'static str,
+pub(super) struct LatencyRow {
+    pub(super) proto: &'static str,
+    pub(super) path: &'static str,
     p50: Duration,
-    p99: Duration,
+    pub(super) p99: Duration,
     p999: Duration,
-    added: Option<(f64, f64, f64)>,
+    /// Over the direct path: p50, p99, p99.9 in seconds.
+    pub(super) added: Option<(f64, f64, f64)>,
     errors: u64,
     first_error: Option<String>,
-    cpu_per_1k: Option<f64>,
-    throughput: f64,
+    pub(super) cpu_per_1k: Option<f64>,
+    pub(super) throughput: f64,
 }
 
 impl LatencyRow {
-    fn print(&self) {
+    pub(super) fn print(&self) {
         let added = match self.added {
             Some((a, b, c)) => format!(
                 "added p50 {:+.3} / p99 {:+.3} / p99.9 {:+.3} ms",
@@ -723,6 +775,7 @@ impl Report {
             }
         );
         super::sni::print_goal(&self.sni);
+        pairs::print_goals(&self.pairs);
     }
 }
 

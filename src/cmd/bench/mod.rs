@@ -6,8 +6,10 @@ mod federation;
 mod files;
 mod identity;
 mod instructions;
+mod pairs;
 mod policy;
 mod sni;
+mod thirdparty;
 mod traces;
 mod tracing;
 
