@@ -16,14 +16,8 @@ gateways carry end-to-end mTLS between clusters."
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Log lines as text or as JSON objects (one per line, for log pipelines).
-    #[arg(
-        long,
-        global = true,
-        env = "FEDMESH_LOG_FORMAT",
-        default_value = "text"
-    )]
-    log_format: cmd::LogFormat,
+    #[command(flatten)]
+    global: fedmesh_proxy::GlobalArgs,
 }
 
 #[derive(Subcommand)]
@@ -72,10 +66,16 @@ fn main() -> std::process::ExitCode {
     // The proxies run exactly as `fedmesh-proxy` runs them.
     let command = match cli.command {
         Command::Sidecar(s) => {
-            return fedmesh_proxy::main(fedmesh_proxy::ProxyCommand::Sidecar(s), cli.log_format);
+            return fedmesh_proxy::main(
+                fedmesh_proxy::ProxyCommand::Sidecar(s),
+                cli.global.log_format,
+            );
         }
         Command::Gateway(g) => {
-            return fedmesh_proxy::main(fedmesh_proxy::ProxyCommand::Gateway(g), cli.log_format);
+            return fedmesh_proxy::main(
+                fedmesh_proxy::ProxyCommand::Gateway(g),
+                cli.global.log_format,
+            );
         }
         other => other,
     };
@@ -85,7 +85,7 @@ fn main() -> std::process::ExitCode {
             Command::Demo(_) | Command::Bench(_) => "warn",
             _ => "info",
         },
-        cli.log_format,
+        cli.global.log_format,
         false,
     );
     let builder = tokio::runtime::Builder::new_multi_thread();

@@ -60,6 +60,19 @@ pub fn block_on(
     }
 }
 
+/// What every fedmesh binary takes besides its command's own flags.
+#[derive(clap::Args)]
+pub struct GlobalArgs {
+    /// Log lines as text or as JSON objects (one per line, for log pipelines).
+    #[arg(
+        long,
+        global = true,
+        env = "FEDMESH_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum LogFormat {

@@ -15,14 +15,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Log lines as text or as JSON objects (one per line, for log pipelines).
-    #[arg(
-        long,
-        global = true,
-        env = "FEDMESH_LOG_FORMAT",
-        default_value = "text"
-    )]
-    log_format: fedmesh_proxy::LogFormat,
+    #[command(flatten)]
+    global: fedmesh_proxy::GlobalArgs,
 }
 
 #[derive(Subcommand)]
@@ -39,5 +33,5 @@ fn main() -> std::process::ExitCode {
         Command::Sidecar(s) => fedmesh_proxy::ProxyCommand::Sidecar(s),
         Command::Gateway(g) => fedmesh_proxy::ProxyCommand::Gateway(g),
     };
-    fedmesh_proxy::main(command, cli.log_format)
+    fedmesh_proxy::main(command, cli.global.log_format)
 }

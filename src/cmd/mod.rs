@@ -11,7 +11,7 @@ pub mod status;
 pub mod traces;
 pub mod workload;
 
-pub use fedmesh_proxy::{LogFormat, init_tracing, parse_duration, shutdown_signal};
+pub use fedmesh_proxy::{init_tracing, parse_duration, shutdown_signal};
 
 /// A token from a file only its owner can read, trimmed; a clear error otherwise.
 pub fn read_token(f: &std::path::Path) -> anyhow::Result<String> {

@@ -375,6 +375,18 @@ pub(super) async fn measure_path(
     Ok((row, r))
 }
 
+/// Two clusters in-process, east and west (under `dir`/clusterset), west publishing `gateway` — a
+/// gateway process the benchmark starts there — instead of its in-process gateway's address.
+pub(super) async fn east_west(dir: &Path, gateway: SocketAddr) -> anyhow::Result<Testbed> {
+    let mut west = ClusterSpec::new("west", "us-west");
+    west.publish_gateway = Some(gateway);
+    Testbed::start(
+        &dir.join("clusterset"),
+        &[ClusterSpec::new("east", "us-east"), west],
+    )
+    .await
+}
+
 pub async fn run(p: Params) -> anyhow::Result<()> {
     anyhow::ensure!(
         p.rate > 0 && p.body > 0,
@@ -383,15 +395,8 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let dirp = dir.path().to_path_buf();
 
-    // The clusterset: west publishes the gateway process's address, not the in-process one's.
     let gw_addr = free_addr()?;
-    let mut west_spec = ClusterSpec::new("west", "us-west");
-    west_spec.publish_gateway = Some(gw_addr);
-    let tb = Testbed::start(
-        &dirp.join("clusterset"),
-        &[ClusterSpec::new("east", "us-east"), west_spec],
-    )
-    .await?;
+    let tb = east_west(&dirp, gw_addr).await?;
     let (east, west) = (tb.cluster("east"), tb.cluster("west"));
 
     // The apps: the same fixed answer of `body` bytes.

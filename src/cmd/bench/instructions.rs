@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
+use fedmesh_testbed::apps;
 use fedmesh_testbed::yaml::EndpointSpec;
-use fedmesh_testbed::{ClusterSpec, Testbed, apps};
 use tokio::net::TcpListener;
 
 use super::dataplane::{Proto, free_addr, http_client, http_status, one, which};
@@ -134,13 +134,7 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let dirp = dir.path();
     let gw_addr = free_addr()?;
-    let mut west_spec = ClusterSpec::new("west", "us-west");
-    west_spec.publish_gateway = Some(gw_addr);
-    let tb = Testbed::start(
-        &dirp.join("clusterset"),
-        &[ClusterSpec::new("east", "us-east"), west_spec],
-    )
-    .await?;
+    let tb = super::dataplane::east_west(dirp, gw_addr).await?;
     let (east, west) = (tb.cluster("east"), tb.cluster("west"));
     let app = apps::http_fixed(TcpListener::bind("127.0.0.1:0").await?, BODY).await;
     let ag_client = east.agent("bench", "client").await?;
