@@ -12,7 +12,6 @@
 //!    them): the thread's own CPU time, so other load on the machine does not count.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -25,10 +24,8 @@ use fedmesh_testbed::{ClusterSpec, Testbed};
 use http_body_util::{BodyExt, Full};
 use tokio::net::TcpListener;
 
-use super::dataplane::{
-    HttpClient, Proto, free_addr, http_client, http_status, spawn, wait_until, which,
-};
-use super::policy::{callgrind_dump, reset_counts};
+use super::callgrind::UnderCallgrind;
+use super::dataplane::{HttpClient, Proto, free_addr, http_client, http_status, spawn, wait_until};
 
 /// Requests counted per service.
 const COUNTED: usize = 400;
@@ -294,15 +291,10 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
     }
     let _client = spawn(dir.path(), "sidecar-client", &a)?;
 
-    let valgrind =
-        which("valgrind").context("valgrind is not installed (apt-get install valgrind)")?;
-    let out = dir.path().join("callgrind-server.out");
-    let log = std::fs::File::create(dir.path().join("sidecar-server-callgrind.log"))?;
-    let mut server = Command::new(valgrind)
-        .arg("--tool=callgrind")
-        .arg(format!("--callgrind-out-file={}", out.display()))
-        .arg(super::proxy_exe()?)
-        .args([
+    let server = UnderCallgrind::start(
+        dir.path(),
+        "callee-sidecar",
+        &[
             "sidecar",
             "--control-plane",
             &cp,
@@ -314,30 +306,17 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
             "e1",
             "--inbound",
             &format!("{server_in}={}", app.addr),
-        ])
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting the callee sidecar under callgrind")?;
+        ]
+        .map(String::from),
+        &[],
+    )?;
     let result = async {
         wait_until(
             &format!("the client sidecar ready (see {})", dir.path().display()),
             || async move { http_status(client_admin, "/readyz").await == Some(200) },
         )
         .await?;
-        // Under callgrind the callee starts some fifty times slower.
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while http_status(server_admin, "/readyz").await != Some(200) {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the callee sidecar under callgrind was not ready within 3 minutes (see {})",
-                dir.path().display()
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        server.ready(server_admin).await?;
         let client = http_client(Proto::H1);
         let body = Bytes::from(vec![b'q'; p.body]);
         let uri = |i: usize, path: &str| -> anyhow::Result<http::Uri> {
@@ -385,18 +364,17 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
             for _ in 0..50 {
                 post(&client, &u, &body, h).await?;
             }
-            reset_counts(server.id())?;
+            server.reset()?;
             for _ in 0..COUNTED {
                 let s = post(&client, &u, &body, h).await?;
                 anyhow::ensure!(s == 200, "{} answered {s}", listens[i].1);
             }
-            per_request.push(callgrind_dump(&out, server.id()).await? / COUNTED as f64);
+            per_request.push(server.dump().await? / COUNTED as f64);
         }
         Ok::<_, anyhow::Error>(per_request)
     }
     .await;
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let per_request = result?;
     let (open, guarded, jwt, again) = (
         per_request[0],

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -15,8 +14,8 @@ use fedmesh_testbed::apps;
 use fedmesh_testbed::yaml::EndpointSpec;
 use tokio::net::TcpListener;
 
-use super::dataplane::{Proto, free_addr, http_client, http_status, one, which};
-use super::policy::{callgrind_dump, reset_counts};
+use super::callgrind::UnderCallgrind;
+use super::dataplane::{Proto, free_addr, http_client, one};
 
 pub struct Params {
     /// Requests counted per protocol (one at a time).
@@ -36,49 +35,18 @@ const BUILD: &str = if cfg!(debug_assertions) {
     "release"
 };
 
-/// A proxy process under callgrind, killed when dropped.
-struct Counted {
-    name: &'static str,
-    out: PathBuf,
-    admin: std::net::SocketAddr,
-    child: Child,
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// A proxy of the path under callgrind, and its admin port.
 fn start(
     dir: &Path,
     name: &'static str,
     admin: std::net::SocketAddr,
     args: &[String],
-) -> anyhow::Result<Counted> {
-    let valgrind =
-        which("valgrind").context("valgrind is not installed (apt-get install valgrind)")?;
-    let out = dir.join(format!("callgrind-{name}.out"));
-    let child = Command::new(valgrind)
-        .arg("--tool=callgrind")
-        .arg(format!("--callgrind-out-file={}", out.display()))
-        .arg(super::proxy_exe()?)
-        .args(args)
-        .args(["--admin".to_string(), admin.to_string()])
-        // Counted work is the proxying: no spans, no access log.
-        .env("OTEL_TRACES_EXPORTER", "none")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?)
-        .spawn()
-        .with_context(|| format!("starting the {name} under callgrind"))?;
-    Ok(Counted {
-        name,
-        out,
-        admin,
-        child,
-    })
+) -> anyhow::Result<(UnderCallgrind, std::net::SocketAddr)> {
+    let mut args = args.to_vec();
+    args.extend(["--admin".to_string(), admin.to_string()]);
+    // Counted work is the proxying: no spans.
+    let proc = UnderCallgrind::start(dir, name, &args, &[("OTEL_TRACES_EXPORTER", "none")])?;
+    Ok((proc, admin))
 }
 
 /// `proto proxy` → instructions per request, from a figures file (`# comments` allowed), which
@@ -202,17 +170,8 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
             ]),
         )?,
     ];
-    let deadline = Instant::now() + Duration::from_secs(180);
-    for proxy in &proxies {
-        while http_status(proxy.admin, "/readyz").await != Some(200) {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the {} under callgrind was not ready within 3 minutes (see its log in {})",
-                proxy.name,
-                dirp.display()
-            );
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+    for (proxy, admin) in &proxies {
+        proxy.ready(*admin).await?;
     }
     let body = Bytes::from(vec![b'q'; BODY]);
     let uri: http::Uri = format!("http://{listen}/").parse()?;
@@ -233,15 +192,15 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         for _ in 0..50 {
             one(&client, &uri, &body, Instant::now()).await?;
         }
-        for proxy in &proxies {
-            reset_counts(proxy.child.id())?;
+        for (proxy, _) in &proxies {
+            proxy.reset()?;
         }
         for _ in 0..p.requests {
             one(&client, &uri, &body, Instant::now()).await?;
         }
-        for proxy in &proxies {
-            let total = callgrind_dump(&proxy.out, proxy.child.id()).await?;
-            measured.push((proto.name(), proxy.name, total / p.requests as f64));
+        for (proxy, _) in &proxies {
+            let total = proxy.dump().await?;
+            measured.push((proto.name(), proxy.name.as_str(), total / p.requests as f64));
         }
     }
     let mut failed = Vec::new();

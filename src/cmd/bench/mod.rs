@@ -1,6 +1,7 @@
 //! `fedmesh bench`: benchmarks that report ratios against a baseline measured in the same run.
 
 mod authz;
+mod callgrind;
 mod dataplane;
 mod federation;
 mod files;

@@ -5,15 +5,13 @@
 //! shared machine is not).
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use bytes::Bytes;
 
+use super::callgrind::UnderCallgrind;
 use super::dataplane::{
-    Params, Path3, Proto, cpu_seconds, fixed_rate, free_addr, http_client, http_status, ms, one,
-    pct, which,
+    Params, Path3, Proto, cpu_seconds, fixed_rate, free_addr, http_client, ms, one, pct,
 };
 
 /// The routing and policy of bench/policied: every layer of the outbound pipeline has work to
@@ -192,127 +190,29 @@ pub(super) async fn count(
     extra: &[String],
     tag: &str,
 ) -> anyhow::Result<(f64, f64)> {
-    let valgrind =
-        which("valgrind").context("valgrind is not installed (apt-get install valgrind)")?;
     let (admin, minimal, policied) = (free_addr()?, free_addr()?, free_addr()?);
-    let out = c.dir.join(format!("callgrind-{tag}.out"));
-    let log = std::fs::File::create(c.dir.join(format!("sidecar-callgrind-{tag}.log")))?;
-    let mut child = Command::new(valgrind)
-        .arg("--tool=callgrind")
-        .arg(format!("--callgrind-out-file={}", out.display()))
-        .arg(super::proxy_exe()?)
-        .args(c.sidecar_args(
-            admin,
-            &[(minimal, "bench/local:80"), (policied, "bench/policied:80")],
-        ))
-        .args(extra)
-        // Only `extra` says where spans go.
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting the sidecar under callgrind")?;
-    let result = async {
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while http_status(admin, "/readyz").await != Some(200) {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the sidecar under callgrind was not ready within 3 minutes"
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        let mut per_request = Vec::new();
-        for addr in [minimal, policied] {
-            let uri: http::Uri = format!("http://{addr}/").parse()?;
-            let client = http_client(Proto::H1);
-            // Warm: the connection to the peer open, the pools filled.
-            for _ in 0..50 {
-                one(&client, &uri, c.body, Instant::now()).await?;
-            }
-            reset_counts(child.id())?;
-            for _ in 0..COUNTED {
-                one(&client, &uri, c.body, Instant::now()).await?;
-            }
-            per_request.push(callgrind_dump(&out, child.id()).await? / COUNTED as f64);
-        }
-        Ok((per_request[0], per_request[1]))
-    }
-    .await;
-    let _ = child.kill();
-    let _ = child.wait();
-    result
-}
-
-/// Zeroes the counts of the process `pid` running under callgrind.
-pub(super) fn reset_counts(pid: u32) -> anyhow::Result<()> {
-    callgrind_control(&["-z", &pid.to_string()])
-}
-
-/// Has the process `pid` under callgrind (writing to `out`) dump its counts; the instructions
-/// counted since the last reset.
-pub(super) async fn callgrind_dump(out: &Path, pid: u32) -> anyhow::Result<f64> {
-    let before = dumps(out);
-    callgrind_control(&["-d", &pid.to_string()])?;
-    total_ir(&newest_dump(out, &before).await?)
-}
-
-fn callgrind_control(args: &[&str]) -> anyhow::Result<()> {
-    let control = which("callgrind_control")
-        .context("callgrind_control is not installed (apt-get install valgrind)")?;
-    let out = Command::new(control).args(args).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "callgrind_control {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
+    let mut args = c.sidecar_args(
+        admin,
+        &[(minimal, "bench/local:80"), (policied, "bench/policied:80")],
     );
-    Ok(())
-}
-
-/// The dump files callgrind has written next to `out` (`out.1`, `out.2`, ...).
-fn dumps(out: &Path) -> std::collections::BTreeSet<std::path::PathBuf> {
-    let (Some(dir), Some(name)) = (out.parent(), out.file_name()) else {
-        return Default::default();
-    };
-    let prefix = format!("{}.", name.to_string_lossy());
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
-        })
-        .collect()
-}
-
-async fn newest_dump(
-    out: &Path,
-    before: &std::collections::BTreeSet<std::path::PathBuf>,
-) -> anyhow::Result<std::path::PathBuf> {
-    for _ in 0..100 {
-        if let Some(p) = dumps(out).into_iter().find(|p| !before.contains(p)) {
-            return Ok(p);
+    args.extend_from_slice(extra);
+    let sidecar = UnderCallgrind::start(c.dir, &format!("sidecar-callgrind-{tag}"), &args, &[])?;
+    sidecar.ready(admin).await?;
+    let mut per_request = Vec::new();
+    for addr in [minimal, policied] {
+        let uri: http::Uri = format!("http://{addr}/").parse()?;
+        let client = http_client(Proto::H1);
+        // Warm: the connection to the peer open, the pools filled.
+        for _ in 0..50 {
+            one(&client, &uri, c.body, Instant::now()).await?;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        sidecar.reset()?;
+        for _ in 0..COUNTED {
+            one(&client, &uri, c.body, Instant::now()).await?;
+        }
+        per_request.push(sidecar.dump().await? / COUNTED as f64);
     }
-    anyhow::bail!("callgrind wrote no dump")
-}
-
-/// The instructions a callgrind dump counted (its `totals:` or `summary:` line).
-fn total_ir(path: &Path) -> anyhow::Result<f64> {
-    let text = std::fs::read_to_string(path)?;
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("totals:")
-                .or_else(|| l.strip_prefix("summary:"))
-        })
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .with_context(|| format!("no totals in {}", path.display()))
+    Ok((per_request[0], per_request[1]))
 }
 
 /// The goals of the policy stack: CPU per request within 10% of the minimal route (by instruction

@@ -49,7 +49,8 @@ pub const POLL_WITHOUT_WATCH: Duration = Duration::from_millis(500);
 fn watch(dir: &Path, wake: Arc<tokio::sync::Notify>) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let made = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Errors (e.g. a queue overflow) wake a rescan too: it finds whatever was missed.
+        // Reading a file is an access event too: our own rescans would wake us forever. Errors
+        // (e.g. a queue overflow) wake a rescan: it finds whatever was missed.
         if event.as_ref().map_or(true, |e| !e.kind.is_access()) {
             wake.notify_one();
         }
