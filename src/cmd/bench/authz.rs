@@ -25,7 +25,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::net::TcpListener;
 
 use super::callgrind::UnderCallgrind;
-use super::dataplane::{HttpClient, Proto, free_addr, http_client, http_status, spawn, wait_until};
+use super::load::{HttpClient, Proto, free_addr, http_client, http_status, spawn, wait_until};
 
 /// Requests counted per service.
 const COUNTED: usize = 400;

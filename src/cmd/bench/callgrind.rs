@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::dataplane::{http_status, which};
+use super::load::{http_status, which};
 
 /// `fedmesh-proxy ARGS` under callgrind; killed when dropped.
 pub(super) struct UnderCallgrind {

@@ -12,7 +12,7 @@ use fedmesh_testbed::client::dns_a;
 use fedmesh_testbed::yaml::{self, EndpointSpec};
 use fedmesh_testbed::{ClusterSpec, Testbed};
 
-use super::dataplane::{ms, pct};
+use super::load::{ms, pct};
 
 pub struct Params {
     /// Exports to write and time, one at a time.

@@ -15,7 +15,7 @@ use fedmesh_testbed::yaml::EndpointSpec;
 use tokio::net::TcpListener;
 
 use super::callgrind::UnderCallgrind;
-use super::dataplane::{Proto, free_addr, http_client, one};
+use super::load::{Proto, free_addr, http_client, one};
 
 pub struct Params {
     /// Requests counted per protocol (one at a time).

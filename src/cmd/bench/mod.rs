@@ -7,6 +7,7 @@ mod federation;
 mod files;
 mod identity;
 mod instructions;
+mod load;
 mod pairs;
 mod policy;
 mod sni;

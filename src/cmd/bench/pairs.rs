@@ -17,9 +17,8 @@ use std::process::{Command, Stdio};
 use anyhow::Context;
 use bytes::Bytes;
 
-use super::dataplane::{
-    FixedRate, LatencyRow, Params, Path3, Proto, free_addr, measure_path, memory, wait_until, which,
-};
+use super::dataplane::{LatencyRow, Params, Path3, measure_path};
+use super::load::{FixedRate, Proto, free_addr, memory, wait_until, which};
 use super::thirdparty::{Server, all_pids};
 
 /// A workload's SVID as files: `svid.pem`, `svid.key` and its trust domain's bundle.
@@ -212,10 +211,10 @@ pub(super) async fn compare(
         let url = format!("http://{}/", pair.listen);
         let answered = wait_until(&format!("the {} to answer", pair.name), || {
             let uri: http::Uri = url.parse().expect("a valid URI");
-            let client = super::dataplane::http_client(Proto::H1);
+            let client = super::load::http_client(Proto::H1);
             let body = body.clone();
             async move {
-                super::dataplane::one(&client, &uri, &body, std::time::Instant::now())
+                super::load::one(&client, &uri, &body, std::time::Instant::now())
                     .await
                     .is_ok()
             }

@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::callgrind::UnderCallgrind;
-use super::dataplane::{
-    Params, Path3, Proto, cpu_seconds, fixed_rate, free_addr, http_client, ms, one, pct,
-};
+use super::dataplane::{Params, Path3};
+use super::load::{Proto, cpu_seconds, fixed_rate, free_addr, http_client, ms, one, pct};
 
 /// The routing and policy of bench/policied: every layer of the outbound pipeline has work to
 /// do, and none of it changes the answer (the rate limit never triggers, the split sends all to

@@ -14,7 +14,8 @@ use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::dataplane::{Params, closed_loop, cpu_seconds, free_addr, wait_until, which};
+use super::dataplane::Params;
+use super::load::{closed_loop, cpu_seconds, free_addr, wait_until, which};
 use super::thirdparty::{Server, all_pids};
 
 /// A proxy in the SNI passthrough comparison.

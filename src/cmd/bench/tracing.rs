@@ -17,9 +17,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::dataplane::{
-    Params, Proc, Proto, fixed_rate, free_addr, http_client, ms, one, pct, spawn,
-};
+use super::dataplane::Params;
+use super::load::{Proc, Proto, fixed_rate, free_addr, http_client, ms, one, pct, spawn};
 use super::policy::{Counted, count};
 
 /// Rounds of the latency comparison (each runs both sidecars, in alternating order).
