@@ -12,8 +12,6 @@
 //! The header is read before any TLS, so it is unauthenticated: it only ever labels spans (a
 //! caller can mislabel its own connection's span, nothing more), and it is bounded in size.
 
-use std::time::Duration;
-
 use ppp::v2::{self, Addresses, Builder, Command, IPv4, Protocol, Type, Version};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -99,17 +97,15 @@ impl HopHeader {
     }
 }
 
-/// Reads a hop header if the connection starts with one, within `timeout`. Bytes read past it
-/// (or all of them, when there is none) are left in `buf` for the ClientHello reader.
+/// Reads a hop header if the connection starts with one. Bytes read past it (or all of them,
+/// when there is none) are left in `buf` for the ClientHello reader. It does not time out by
+/// itself: the caller bounds it together with the ClientHello, so a slow opening gets one
+/// deadline, not one per part.
 pub async fn read_hop_header<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
-    timeout: Duration,
 ) -> Result<Option<HopHeader>, String> {
-    match tokio::time::timeout(timeout, read_inner(r, buf)).await {
-        Ok(res) => res,
-        Err(_) => Err(format!("no complete PROXY header within {timeout:?}")),
-    }
+    read_inner(r, buf).await
 }
 
 async fn read_inner<R: AsyncRead + Unpin>(
@@ -172,9 +168,7 @@ mod tests {
             let _ = w.write_all(&wire).await;
         });
         let mut buf = Vec::new();
-        let got = read_hop_header(&mut r, &mut buf, Duration::from_secs(1))
-            .await
-            .unwrap();
+        let got = read_hop_header(&mut r, &mut buf).await.unwrap();
         assert_eq!(got, Some(h));
         // What followed the header stays for the ClientHello reader (at most one chunk read
         // past it).
@@ -185,9 +179,7 @@ mod tests {
     async fn no_header_reads_nothing_more_than_the_first_bytes() {
         let mut r: &[u8] = b"\x16\x03\x01\x02\x00";
         let mut buf = Vec::new();
-        let got = read_hop_header(&mut r, &mut buf, Duration::from_secs(1))
-            .await
-            .unwrap();
+        let got = read_hop_header(&mut r, &mut buf).await.unwrap();
         assert_eq!(got, None);
         assert_eq!(buf, b"\x16\x03\x01\x02\x00");
     }
@@ -197,25 +189,19 @@ mod tests {
         let mut big = v2::PROTOCOL_PREFIX.to_vec();
         big.extend_from_slice(&[0x20, 0x00, 0xff, 0xff]);
         let mut r: &[u8] = &big;
-        let e = read_hop_header(&mut r, &mut Vec::new(), Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let e = read_hop_header(&mut r, &mut Vec::new()).await.unwrap_err();
         assert!(e.contains("more than the 512 allowed"), "{e}");
 
         // A LOCAL header without a connection ID.
         let mut no_id = v2::PROTOCOL_PREFIX.to_vec();
         no_id.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
         let mut r: &[u8] = &no_id;
-        let e = read_hop_header(&mut r, &mut Vec::new(), Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let e = read_hop_header(&mut r, &mut Vec::new()).await.unwrap_err();
         assert!(e.contains("connection ID"), "{e}");
 
         // Closed half way.
         let mut r: &[u8] = &v2::PROTOCOL_PREFIX[..5];
-        let e = read_hop_header(&mut r, &mut Vec::new(), Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let e = read_hop_header(&mut r, &mut Vec::new()).await.unwrap_err();
         assert!(e.contains("closed inside"), "{e}");
     }
 }

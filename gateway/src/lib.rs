@@ -193,13 +193,20 @@ impl Gateway {
     async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
         let (wall, start) = (SystemTime::now(), Instant::now());
         let mut hello_bytes = Vec::with_capacity(2048);
+        // The opening — hop header, then the ClientHello — has one deadline: a client that
+        // sends nothing, or dribbles, is a `hello_timeout` whichever part it stalls in.
+        let deadline = tokio::time::Instant::now() + self.options.hello_timeout;
         let header =
-            read_hop_header(&mut client, &mut hello_bytes, self.options.hello_timeout).await;
+            tokio::time::timeout_at(deadline, read_hop_header(&mut client, &mut hello_bytes)).await;
         let admitted = match &header {
-            Ok(_) => self.admit(&mut client, &mut hello_bytes).await,
-            Err(e) => Err(Refusal::HopHeader(e.clone())),
+            Ok(Ok(_)) => self.admit(&mut client, &mut hello_bytes, deadline).await,
+            Ok(Err(e)) => Err(Refusal::HopHeader(e.clone())),
+            Err(_) => Err(Refusal::Hello(HelloError::Timeout(
+                self.options.hello_timeout,
+            ))),
         };
-        let header = header.ok().flatten();
+        let header = header.ok().and_then(Result::ok);
+        let header = header.flatten();
         let mut span = span::start(&self.options.spans, header.as_ref(), peer, (wall, start));
         let (mesh, upstream, target, pool) = match admitted {
             Ok(x) => x,
@@ -321,14 +328,20 @@ impl Gateway {
         &self,
         client: &mut TcpStream,
         hello_bytes: &mut Vec<u8>,
+        deadline: tokio::time::Instant,
     ) -> Result<(MeshSni, TcpStream, Target, Vec<Target>), Refusal> {
         let hello = read_client_hello(
             client,
             hello_bytes,
             self.options.max_hello_bytes,
-            self.options.hello_timeout,
+            deadline.saturating_duration_since(tokio::time::Instant::now()),
         )
         .await
+        .map_err(|e| match e {
+            // Reported as the whole opening's limit, not what was left of it.
+            HelloError::Timeout(_) => HelloError::Timeout(self.options.hello_timeout),
+            e => e,
+        })
         .map_err(Refusal::Hello)?;
         let sni = hello.sni.ok_or(Refusal::Hello(HelloError::NoSni))?;
         let mesh = MeshSni::parse(&sni).map_err(|_| Refusal::BadSni(sni.clone()))?;
