@@ -52,7 +52,7 @@ fn clusters_reach_each_other_only_through_gateways_with_mtls_and_transparent_sid
 
     // The request crossed the WAN only through west's gateway, routed by SNI.
     let metrics = in_ns(&west.node, {
-        let a = SocketAddr::from((west.node_ip, 15021));
+        let a = west.gateway_admin();
         move || http_get(a, "/metrics", "gw").unwrap().1
     });
     assert!(

@@ -71,6 +71,11 @@ impl ConfigHandle {
         *self.connected.borrow()
     }
 
+    /// Whether a table is loaded (from the control plane or the cache).
+    pub fn is_ready(&self) -> bool {
+        *self.changes.borrow() > 0
+    }
+
     /// Resolves once a table is loaded (from the control plane or the cache).
     pub async fn ready(&self) {
         let mut rx = self.changes.clone();

@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedmesh_dataplane::config::{AppProtocol, RoutingTable};
+use fedmesh_dataplane::config::{AppProtocol, RoutingTable, SUBSCRIBE_WAIT};
 use fedmesh_dataplane::error::ProxyError;
 use fedmesh_dataplane::http::{Body, body, full, strip_hop_by_hop};
 use fedmesh_dataplane::relay::relay;
@@ -137,30 +137,78 @@ impl Sidecar {
             let (me, fixed) = (me.clone(), fixed.clone());
             async move { Ok::<_, Infallible>(me.outbound_request(req, fixed).await) }
         });
-        let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        b.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
-            .max_buf_size(64 * 1024);
-        b.http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(64 * 1024);
-        let io = TokioIo::new(Prefixed::new(prefix, s));
-        let conn = b.serve_connection_with_upgrades(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "outbound connection ended with an error");
-                }
-            }
-            _ = graceful.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
+        serve_http_conn(s, prefix, svc, graceful).await
     }
 
+    /// Whether a routing table is loaded, waiting up to [`SUBSCRIBE_WAIT`] for the first one.
+    /// On an empty table a sidecar would send a clusterset IP through to nowhere and answer
+    /// `no-route` for a service it will know a moment later.
+    async fn has_config(&self) -> bool {
+        self.config.is_ready()
+            || tokio::time::timeout(SUBSCRIBE_WAIT, self.config.ready())
+                .await
+                .is_ok()
+    }
+
+    /// A connection that came before any configuration (none from the control plane, no
+    /// `--config-cache`): HTTP gets 503 `not-ready` for each request, anything else is closed,
+    /// since it cannot be told why. Counted as `not_ready`.
+    async fn not_ready(&self, mut s: TcpStream, graceful: CancellationToken) {
+        tracing::debug!("connection before any configuration: not ready");
+        let detected = net::detect(&mut s, self.options.protocol_detect_timeout).await;
+        let Ok((Protocol::Http1 | Protocol::Http2, prefix)) = detected else {
+            self.metrics.count_error(ProxyError::NotReady.kind());
+            return;
+        };
+        let metrics = self.metrics.clone();
+        let svc = service_fn(move |_req| {
+            let e = ProxyError::NotReady;
+            metrics.count_error(e.kind());
+            std::future::ready(Ok::<_, Infallible>(e.into_response()))
+        });
+        serve_http_conn(s, prefix, svc, graceful).await
+    }
+}
+
+/// Serves one client connection (HTTP/1.1 or HTTP/2, `prefix` the bytes protocol detection
+/// already read) with `svc`, finishing gracefully when `graceful` is cancelled.
+async fn serve_http_conn<S, F>(s: TcpStream, prefix: Vec<u8>, svc: S, graceful: CancellationToken)
+where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future = F,
+        > + Clone
+        + Send
+        + 'static,
+    F: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(64 * 1024);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(64 * 1024);
+    let io = TokioIo::new(Prefixed::new(prefix, s));
+    let conn = b.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "outbound connection ended with an error");
+            }
+        }
+        _ = graceful.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+impl Sidecar {
     /// A connection for a known service port: HTTP or opaque TCP.
     pub(crate) async fn outbound_to(
         self: Arc<Self>,
@@ -208,6 +256,10 @@ impl Sidecar {
             // Addressed to the listener itself: there is nowhere to send it.
             self.metrics.refuse("loop");
             return;
+        }
+        if !self.has_config().await {
+            // Nothing says yet whether `orig` is a clusterset IP, a pod or the outside world.
+            return self.not_ready(s, graceful).await;
         }
         if orig.is_ipv4() {
             self.config.ensure(&orig.ip().to_string()).await;
@@ -328,6 +380,11 @@ impl Sidecar {
         req: Request<Incoming>,
         fixed: Option<Dest>,
     ) -> Response<Body> {
+        if !self.has_config().await {
+            let e = ProxyError::NotReady;
+            self.metrics.count_error(e.kind());
+            return e.into_response();
+        }
         if req.method() == Method::CONNECT {
             return self.connect_tunnel(req).await;
         }

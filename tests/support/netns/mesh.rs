@@ -16,6 +16,11 @@ pub struct ClusterNet {
     pub agent_socket: PathBuf,
     /// Service accounts with their uids (the agent's registration entries).
     pub accounts: Vec<(String, u32)>,
+    /// The control plane's and the gateway's process indexes in [`Net::procs`].
+    pub control_plane: usize,
+    pub gateway: usize,
+    cp_args: Vec<String>,
+    gateway_args: Vec<String>,
     next_pod: u8,
 }
 
@@ -25,6 +30,10 @@ impl ClusterNet {
     }
     pub fn dns(&self) -> SocketAddr {
         SocketAddr::from((self.node_ip, 53))
+    }
+    /// The gateway's admin port (on the node's bridge).
+    pub fn gateway_admin(&self) -> SocketAddr {
+        SocketAddr::from((self.node_ip, GATEWAY_ADMIN))
     }
     pub fn uid_of(&self, account: &str) -> u32 {
         self.accounts
@@ -311,7 +320,8 @@ impl Mesh {
         let objects = data.join("objects");
         std::fs::create_dir_all(&objects).unwrap();
         let trust_domain = format!("{name}.fedmesh.test");
-        let token = self.join_token(name, &trust_domain);
+        let token_file = data.join("join-token");
+        super::super::write_secret(&token_file, &self.join_token(name, &trust_domain));
         let cp_data = data.join("control-plane");
         let (cp_listen, dns, gw) = (
             format!("{node_ip}:{CP_PORT}"),
@@ -320,34 +330,33 @@ impl Mesh {
         );
         let hub = format!("{HUB_IP}:{HUB_GRPC}");
         let net = &mut self.net;
-        net.spawn(
-            &node,
-            &format!("{name}-control-plane"),
-            None,
-            &[
-                "control-plane",
-                "--cluster",
-                name,
-                "--trust-domain",
-                &trust_domain,
-                "--region",
-                region,
-                "--data-dir",
-                cp_data.to_str().unwrap(),
-                "--source",
-                &format!("dir:{}", objects.display()),
-                "--hub",
-                &hub,
-                "--join-token",
-                &token,
-                "--gateway",
-                &gw,
-                "--listen",
-                &cp_listen,
-                "--dns-listen",
-                &dns,
-            ],
-        );
+        let cp_args: Vec<String> = [
+            "control-plane",
+            "--cluster",
+            name,
+            "--trust-domain",
+            &trust_domain,
+            "--region",
+            region,
+            "--data-dir",
+            cp_data.to_str().unwrap(),
+            "--source",
+            &format!("dir:{}", objects.display()),
+            "--hub",
+            &hub,
+            "--join-token-file",
+            token_file.to_str().unwrap(),
+            "--gateway",
+            &gw,
+            "--listen",
+            &cp_listen,
+            "--dns-listen",
+            &dns,
+        ]
+        .map(String::from)
+        .to_vec();
+        let control_plane =
+            spawn_args(net, &node, &format!("{name}-control-plane"), None, &cp_args);
         let admin_socket = cp_data.join("admin.sock");
         wait_until(
             "the control plane's admin socket",
@@ -441,29 +450,20 @@ impl Mesh {
             agent_socket.exists()
         });
         let wl = format!("unix:{}", agent_socket.display());
-        net.spawn(
-            &node,
-            &format!("{name}-gateway"),
-            Some(GATEWAY_UID),
-            &[
-                "gateway",
-                "--control-plane",
-                &cp_listen,
-                "--workload-api",
-                &wl,
-                "--listen",
-                &gw,
-                "--admin",
-                &format!("{node_ip}:15021"),
-            ],
-        );
-        let node2 = node.clone();
-        wait_until("the gateway's admin port", Duration::from_secs(30), || {
-            in_ns(&node2, || {
-                http_get(SocketAddr::from((node_ip, 15021)), "/healthz", "x").is_ok()
-            })
-        });
-        ClusterNet {
+        let gateway_args: Vec<String> = [
+            "gateway",
+            "--control-plane",
+            &cp_listen,
+            "--workload-api",
+            &wl,
+            "--listen",
+            &gw,
+            "--admin",
+            &format!("{node_ip}:{GATEWAY_ADMIN}"),
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut c = ClusterNet {
             name: name.into(),
             index,
             region: region.into(),
@@ -474,13 +474,66 @@ impl Mesh {
             objects,
             agent_socket,
             accounts: uids,
+            control_plane,
+            gateway: usize::MAX,
+            cp_args,
+            gateway_args,
             next_pod: 10,
+        };
+        self.start_gateway(&mut c, &[]);
+        c
+    }
+
+    /// Starts the cluster's gateway (again) with its usual flags and `extra`, and waits for its
+    /// admin port. The one before must have exited.
+    pub fn start_gateway(&mut self, c: &mut ClusterNet, extra: &[&str]) {
+        let mut args = c.gateway_args.clone();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let name = match c.gateway {
+            usize::MAX => format!("{}-gateway", c.name),
+            _ => format!("{}-gateway-{}", c.name, self.net.procs.len()),
+        };
+        c.gateway = spawn_args(&mut self.net, &c.node, &name, Some(GATEWAY_UID), &args);
+        let (node, admin) = (c.node.clone(), c.gateway_admin());
+        let net = &mut self.net;
+        let start = Instant::now();
+        while !in_ns(&node, || http_get(admin, "/healthz", "x").is_ok()) {
+            assert!(
+                !net.procs[c.gateway].exited(),
+                "the gateway of {} exited",
+                c.name
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the gateway of {} did not start",
+                c.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts the cluster's control plane again (the one before must have exited): same flags,
+    /// same data directory.
+    pub fn restart_control_plane(&mut self, c: &mut ClusterNet) {
+        let name = format!("{}-control-plane-{}", c.name, self.net.procs.len());
+        c.control_plane = spawn_args(&mut self.net, &c.node, &name, None, &c.cp_args);
     }
 
     /// A pod of `account` in `zone`: namespace, veth to the node's bridge, iptables interception,
     /// the sample app (unless `app` is false) and the sidecar under the account's uid.
     pub fn add_pod(&mut self, c: &mut ClusterNet, account: &str, zone: &str, app: bool) -> Pod {
+        self.add_pod_with(c, account, zone, app, &[])
+    }
+
+    /// [`Mesh::add_pod`] with more flags for the sidecar.
+    pub fn add_pod_with(
+        &mut self,
+        c: &mut ClusterNet,
+        account: &str,
+        zone: &str,
+        app: bool,
+        sidecar_extra: &[&str],
+    ) -> Pod {
         let pod_name = format!("{}-{account}-{}", c.name, c.next_pod);
         let ip = Ipv4Addr::new(10, 100 + c.index, 0, c.next_pod);
         c.next_pod += 1;
@@ -509,7 +562,7 @@ impl Mesh {
         );
         let app_proc =
             app.then(|| spawn_app(net, &ns, &format!("{pod_name}-app"), c, account, zone));
-        let sidecar = self.start_sidecar(c, &ns, &pod_name, account, zone);
+        let sidecar = self.start_sidecar(c, &ns, &pod_name, account, zone, sidecar_extra);
         Pod {
             ns,
             ip,
@@ -526,6 +579,7 @@ impl Mesh {
         pod_name: &str,
         account: &str,
         zone: &str,
+        extra: &[&str],
     ) -> usize {
         let uid = c.uid_of(account);
         let control_plane = format!("{}:{CP_PORT}", c.node_ip);
@@ -555,6 +609,7 @@ impl Mesh {
         {
             args.extend(["--app-otlp", "127.0.0.1:4317"]);
         }
+        args.extend_from_slice(extra);
         let idx = self
             .net
             .spawn(ns, &format!("{pod_name}-sidecar"), Some(uid), &args);
@@ -597,9 +652,29 @@ impl Mesh {
             let name = format!("{}-app2", pod.name);
             pod.app = Some(spawn_app(&mut self.net, &pod.ns, &name, c, account, zone));
         }
-        let (ns, name) = (pod.ns.clone(), format!("{}-2", pod.name));
-        pod.sidecar = self.start_sidecar(c, &ns, &name, account, zone);
+        self.restart_sidecar(c, pod, account, zone, &[]);
     }
+
+    /// Starts the pod's sidecar again (the one before must have exited), with `extra` flags;
+    /// waits until its admin port answers (not until it is ready).
+    pub fn restart_sidecar(
+        &mut self,
+        c: &ClusterNet,
+        pod: &mut Pod,
+        account: &str,
+        zone: &str,
+        extra: &[&str],
+    ) {
+        let ns = pod.ns.clone();
+        let name = format!("{}-{}", pod.name, self.net.procs.len());
+        pod.sidecar = self.start_sidecar(c, &ns, &name, account, zone, extra);
+    }
+}
+
+/// `fedmesh ARGS` in `ns` (as `uid`), from owned strings.
+fn spawn_args(net: &mut Net, ns: &str, name: &str, uid: Option<u32>, args: &[String]) -> usize {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    net.spawn(ns, name, uid, &args)
 }
 
 /// The pod's app: `fedmesh sample-app` on :8080, answering as `account` in `c`, `zone`.

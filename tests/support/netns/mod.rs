@@ -40,6 +40,7 @@ const CP_PORT: u16 = 15012;
 const APP_PORT: u16 = 8080;
 pub const SIDECAR_ADMIN: u16 = 15020;
 const GATEWAY_UID: u32 = 1500;
+const GATEWAY_ADMIN: u16 = 15021;
 
 /// Why network-namespace tests cannot run here, if they cannot.
 pub fn unavailable() -> Option<String> {
@@ -139,6 +140,11 @@ impl NsProc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    /// SIGKILL, as a crash or the OOM killer ends a process; reaped.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -348,15 +354,49 @@ pub fn http_get_with(
     host: &str,
     headers: &[(String, String)],
 ) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, host, headers).map(|a| (a.status, a.body))
+}
+
+/// An HTTP answer with its headers (names lowercased).
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpAnswer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A bare HTTP/1.1 request without a body (`Connection: close`), with `Host: host` and more
+/// request headers.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    host: &str,
+    headers: &[(String, String)],
+) -> std::io::Result<HttpAnswer> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let extra: String = headers
         .iter()
         .map(|(k, v)| format!("{k}: {v}\r\n"))
         .collect();
+    let length = if method == "GET" {
+        ""
+    } else {
+        "Content-Length: 0\r\n"
+    };
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}{length}Connection: close\r\n\r\n"
     )?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
@@ -366,15 +406,25 @@ pub fn http_get_with(
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let chunked = head
+    let headers: Vec<(String, String)> = head
         .lines()
-        .any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
     let body = if chunked {
         dechunk(body)?
     } else {
         body.to_string()
     };
-    Ok((status, body))
+    Ok(HttpAnswer {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// A `Transfer-Encoding: chunked` body, joined.
