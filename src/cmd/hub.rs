@@ -93,6 +93,9 @@ struct ListArgs {
     admin: AdminArgs,
 }
 
+/// The hub's trust domain unless `fedmesh hub --trust-domain` says otherwise.
+const HUB_TRUST_DOMAIN: &str = "hub.fedmesh";
+
 /// How to reach the hub's admin API.
 #[derive(Args, Clone)]
 pub struct AdminArgs {
@@ -119,6 +122,13 @@ pub struct AdminArgs {
     /// For https:// admin URLs: the hub's CA bundle (PEM or JWK Set).
     #[arg(long = "admin-ca")]
     pub ca: Option<PathBuf>,
+    /// For a hub run with --admin-tls: a client certificate chain (PEM) whose SPIFFE ID the hub
+    /// lists with --admin-id; replaces the token.
+    #[arg(long = "admin-cert", env = "FEDMESH_ADMIN_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM, mode 0600).
+    #[arg(long = "admin-key", env = "FEDMESH_ADMIN_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
 }
 
 impl AdminArgs {
@@ -129,36 +139,71 @@ impl AdminArgs {
             None if self.token_file.exists() => Some(super::read_token(&self.token_file)?),
             None => None,
         };
-        if token.is_none() {
+        if token.is_none() && self.cert.is_none() {
             anyhow::bail!(
-                "no admin token: pass --admin-token, set FEDMESH_ADMIN_TOKEN, or point --admin-token-file at the hub's <data-dir>/admin-token ({} does not exist)",
+                "no admin token: pass --admin-token, set FEDMESH_ADMIN_TOKEN, point --admin-token-file at the hub's <data-dir>/admin-token ({} does not exist), or give a client certificate (--admin-cert/--admin-key) to a hub run with --admin-tls",
                 self.token_file.display()
             );
         }
+        let https = self.url.starts_with("https://");
+        if self.cert.is_some() && !(https && self.ca.is_some()) {
+            anyhow::bail!(
+                "a client certificate needs an https:// --admin URL and the hub's CA (--admin-ca): the hub asks for it only with --admin-tls"
+            );
+        }
+        // The hub's certificate carries its SPIFFE ID, not a host name: it is verified as a
+        // SPIFFE peer of the bundle given (any ID of the hub's trust domain), whatever address
+        // the hub was reached at.
         let tls = match &self.ca {
             Some(p) => {
                 let data = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-                let bundle = fedmesh_trust::bundle::SpiffeBundle::from_json_or_pem(
-                    TrustDomain::new("hub.fedmesh")?,
-                    &data,
-                )?;
-                let mut roots = rustls::RootCertStore::empty();
-                for c in bundle.x509_authorities() {
-                    roots.add(c.clone())?;
-                }
-                Some(Arc::new(
-                    rustls::ClientConfig::builder_with_provider(
-                        fedmesh_trust::tls::crypto_provider(),
-                    )
-                    .with_safe_default_protocol_versions()?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth(),
-                ))
+                let td = TrustDomain::new(HUB_TRUST_DOMAIN)?;
+                let bundle =
+                    fedmesh_trust::bundle::SpiffeBundle::from_json_or_pem(td.clone(), &data)?;
+                let mut bundles = fedmesh_trust::bundle::BundleSet::new();
+                bundles.update(bundle);
+                let identity = fedmesh_trust::tls::MeshIdentity::new();
+                identity.set_bundles(bundles);
+                let authorizer = fedmesh_trust::tls::Authorizer::trust_domain(td);
+                Some(match (&self.cert, &self.key) {
+                    (Some(cert), Some(key)) => {
+                        let (chain, key) = client_identity(cert, key)?;
+                        identity
+                            .set_svid_parts(chain, key)
+                            .context("the admin client certificate is not a usable X509-SVID")?;
+                        identity.client_config(authorizer, vec![b"http/1.1".to_vec()])
+                    }
+                    _ => identity.anonymous_client_config(authorizer),
+                })
             }
             None => None,
         };
         Ok(hub::client::AdminClient::new(&self.url, token, tls)?)
     }
+}
+
+/// An operator's client certificate chain and key (PEM files; the key readable by its owner only).
+fn client_identity(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<(
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+)> {
+    use rustls::pki_types::pem::PemObject;
+    let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("reading the certificate chain {}", cert.display()))?;
+    anyhow::ensure!(!chain.is_empty(), "{} holds no certificate", cert.display());
+    let pem = fedmesh_trust::files::read_private(key).with_context(|| {
+        format!(
+            "the key file {} must exist and be readable only by its owner (chmod 600)",
+            key.display()
+        )
+    })?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem)
+        .with_context(|| format!("{} holds no private key (PEM)", key.display()))?;
+    Ok((chain, key))
 }
 
 /// How the hub reaches etcd. Whoever can write to the hub's etcd can rewrite trust bundles and
@@ -233,7 +278,7 @@ struct RunArgs {
     #[command(flatten)]
     etcd: EtcdArgs,
     /// The hub's own trust domain (cluster identities are issued in it).
-    #[arg(long, default_value = "hub.fedmesh")]
+    #[arg(long, default_value = HUB_TRUST_DOMAIN)]
     trust_domain: String,
     /// The hub CA directory (default: <data-dir>/ca). HA replicas must share it.
     #[arg(long)]

@@ -246,6 +246,15 @@ async fn authorize(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let Some(t) = presented else {
+        if let Some(id) = &peer.spiffe_id {
+            s.hub.metrics.refuse("admin_id");
+            return error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the client certificate's SPIFFE ID {id} is not an admin ID of this hub (its --admin-id list); present a listed one, or an admin token"
+                ),
+            );
+        }
         return error(
             StatusCode::UNAUTHORIZED,
             "missing `Authorization: Bearer <admin token>` (the hub wrote it to <data-dir>/admin-token)",

@@ -25,6 +25,10 @@ pub enum ClientError {
         "cannot reach the hub admin API at {url}: {reason} (is `fedmesh hub` running? see --admin-listen)"
     )]
     Connect { url: String, reason: String },
+    #[error(
+        "the hub at {url} refused the TLS connection: {reason} (a client certificate must chain to the hub's CA or a joined cluster's trust bundle; check --admin-cert)"
+    )]
+    TlsRefused { url: String, reason: String },
     #[error("the hub answered {status}: {message}")]
     Status { status: StatusCode, message: String },
     #[error("unexpected answer from the hub: {0}")]
@@ -109,7 +113,17 @@ impl AdminClient {
         } else {
             send(TokioIo::new(tcp), req).await
         }
-        .map_err(connect_err)?;
+        .map_err(|reason| {
+            // The server's alert after our certificate went out: it did not accept it.
+            if https && reason.contains("received fatal alert") {
+                ClientError::TlsRefused {
+                    url: self.base.to_string(),
+                    reason,
+                }
+            } else {
+                connect_err(reason)
+            }
+        })?;
         let status = resp.status();
         let bytes = resp
             .into_body()
@@ -247,11 +261,29 @@ where
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
         .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
-        .await
-        .map_err(|_| "no answer within 30s".to_string())?
-        .map_err(|e| e.to_string())
+    let conn = tokio::spawn(conn);
+    match tokio::time::timeout(Duration::from_secs(30), sender.send_request(req)).await {
+        Err(_) => Err("no answer within 30s".to_string()),
+        Ok(Ok(resp)) => Ok(resp),
+        // The connection's own error says why (e.g. the hub refused our client certificate,
+        // which TLS 1.3 reports only after the handshake).
+        Ok(Err(e)) => match tokio::time::timeout(Duration::from_secs(1), conn).await {
+            Ok(Ok(Err(conn_error))) => Err(describe(&conn_error)),
+            _ => Err(describe(&e)),
+        },
+    }
+}
+
+/// A hyper error with the TLS or socket reason under it, if there is one.
+fn describe(e: &hyper::Error) -> String {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return format!("{e}: {}", fedmesh_trust::tls::handshake_error_message(io));
+        }
+        source = s.source();
+    }
+    e.to_string()
 }
 
 pub(crate) fn urlencode(s: &str) -> String {

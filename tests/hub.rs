@@ -1,0 +1,486 @@
+//! The hub as an operator runs it, every part a real process: two replicas on a secured etcd
+//! (TLS, client certificate, user and password), one killed with SIGKILL while a control plane
+//! is connected to it; the admin API over TLS for a client certificate whose SPIFFE ID is
+//! listed with `--admin-id`; operator withdrawal with `DELETE` over HTTP; and a silent cluster
+//! marked stale, then its exports withdrawn after `--expire-after`.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedmesh_test_support::EtcdServer;
+use fedmesh_testbed::yaml::{self, EndpointSpec};
+use support::federation::{Hub, admin_args, cp_args, join_token_file, run, start_cp};
+use support::{Proc, free_port, wait_until};
+
+/// Publishes and exports `shop/<name>` from the control plane of `cluster` (its directory
+/// source `<dir>/<cluster>-src`).
+fn export(dir: &Path, cluster: &str, name: &str) {
+    let src = dir.join(format!("{cluster}-src"));
+    let ep = EndpointSpec {
+        addr: "127.0.0.1:9".parse().unwrap(),
+        zone: "z1".into(),
+        ready: true,
+    };
+    std::fs::write(
+        src.join(format!("{name}.yaml")),
+        yaml::service("shop", name, &[("http", 80, "http")], &[ep]),
+    )
+    .unwrap();
+    std::fs::write(
+        src.join(format!("{name}-export.yaml")),
+        yaml::service_export("shop", name),
+    )
+    .unwrap();
+}
+
+/// `fedmesh status -o json` with `admin` flags; panics with its stderr on failure.
+fn status(admin: &[String]) -> serde_json::Value {
+    let mut a = vec!["status".to_string(), "-o".into(), "json".into()];
+    a.extend_from_slice(admin);
+    let out = run(&a);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The services in a status, as "ns/name@cluster" for each exporting cluster.
+fn exports(s: &serde_json::Value) -> Vec<String> {
+    let mut v: Vec<String> = s["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|svc| {
+            svc["clusters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{}@{}",
+                        svc["service"].as_str().unwrap(),
+                        c["cluster"].as_str().unwrap()
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn cluster<'a>(s: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    s["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+}
+
+fn wait_admin(port: u16) {
+    wait_until("the hub admin API", Duration::from_secs(30), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+}
+
+/// A hub replica on the secured etcd; the CA directory and the admin token are shared, as
+/// one Kubernetes Secret mounted by every replica.
+fn start_replica(dir: &Path, etcd: &EtcdServer, name: &str, grpc: u16, admin: u16) -> Hub {
+    let creds = etcd.secure.as_ref().expect("a secured etcd");
+    let path = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let args = [
+        "hub".to_string(),
+        "--data-dir".into(),
+        path(&dir.join(name)),
+        "--store".into(),
+        format!("etcd:{}", etcd.url),
+        "--etcd-ca".into(),
+        path(&creds.ca_file),
+        "--etcd-cert".into(),
+        path(&creds.client_cert_file),
+        "--etcd-key".into(),
+        path(&creds.client_key_file),
+        "--etcd-user".into(),
+        creds.user.clone(),
+        "--etcd-password-file".into(),
+        path(&creds.password_file),
+        "--ca-dir".into(),
+        path(&dir.join("hub-ca")),
+        "--admin-token-file".into(),
+        path(&dir.join("admin-token")),
+        "--replica".into(),
+        name.into(),
+        "--listen".into(),
+        format!("127.0.0.1:{grpc}"),
+        "--admin-listen".into(),
+        format!("127.0.0.1:{admin}"),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let proc = Proc::start(name, &args, dir);
+    wait_admin(admin);
+    Hub {
+        proc,
+        admin: format!("http://127.0.0.1:{admin}"),
+        grpc: format!("127.0.0.1:{grpc}"),
+        token_file: dir.join("admin-token"),
+    }
+}
+
+#[test]
+fn two_hub_replicas_on_a_secured_etcd_serve_one_clusterset_and_a_control_plane_outlives_one() {
+    let etcd = EtcdServer::start_secure();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ports = [(free_port(), free_port()), (free_port(), free_port())];
+    let mut hub_a = start_replica(d, &etcd, "hub-a", ports[0].0, ports[0].1);
+    // The second replica starts once the first has made the shared CA and admin token.
+    let hub_b = start_replica(d, &etcd, "hub-b", ports[1].0, ports[1].1);
+    // Tokens come from replica a; the control plane knows both replicas.
+    let token = join_token_file(d, &hub_a, "east");
+    let mut args = cp_args(d, &hub_a, "east", "east-data", &token, free_port());
+    let at = args.iter().position(|a| a == "--hub").unwrap() + 1;
+    args[at] = format!("{},{}", hub_a.grpc, hub_b.grpc);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _east = Proc::start("east", &args, d);
+    export(d, "east", "api");
+
+    let via_a = admin_args(&hub_a);
+    let via_b = admin_args(&hub_b);
+    wait_until(
+        "the export, read through replica b",
+        Duration::from_secs(30),
+        || exports(&status(&via_b)) == ["shop/api@east"],
+    );
+    assert_eq!(exports(&status(&via_a)), ["shop/api@east"]);
+    let s = status(&via_a);
+    assert_eq!(
+        cluster(&s, "east").unwrap()["hub_replica"],
+        "hub-a",
+        "east starts on the first replica it was given: {s}"
+    );
+
+    // Replica a dies without a word. Whichever replica east was on, its next export reaches
+    // the clusterset through the one left.
+    hub_a.proc.child.kill().unwrap();
+    hub_a.proc.child.wait().unwrap();
+    export(d, "east", "reviews");
+    wait_until(
+        "the second export, after replica a died",
+        Duration::from_secs(60),
+        || exports(&status(&via_b)) == ["shop/api@east", "shop/reviews@east"],
+    );
+    let east = status(&via_b);
+    let east = cluster(&east, "east").unwrap();
+    assert_eq!(east["connected"], true, "{east}");
+    assert_eq!(east["hub_replica"], "hub-b", "{east}");
+
+    // Restarted, replica a reads the same clusterset from etcd: nothing was lost.
+    hub_a.proc = start_replica(d, &etcd, "hub-a", ports[0].0, ports[0].1).proc;
+    assert_eq!(
+        exports(&status(&via_a)),
+        ["shop/api@east", "shop/reviews@east"]
+    );
+}
+
+/// A CSR for `id` with a fresh key: (CSR PEM, key PEM).
+fn csr_for(id: &str) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+    let csr = params.serialize_request(&key).unwrap();
+    (csr.pem().unwrap(), key.serialize_pem())
+}
+
+/// An operator's client certificate for `id`, signed by the hub's own CA with `fedmesh ca sign`
+/// as the README says: (chain file, key file).
+fn operator_cert(dir: &Path, ca_dir: &Path, name: &str, id: &str) -> (PathBuf, PathBuf) {
+    let (csr, key) = csr_for(id);
+    let csr_file = dir.join(format!("{name}.csr"));
+    std::fs::write(&csr_file, csr).unwrap();
+    let key_file = dir.join(format!("{name}.key"));
+    support::write_secret(&key_file, &key);
+    let out = run(&[
+        "ca".into(),
+        "sign".into(),
+        "--dir".into(),
+        ca_dir.display().to_string(),
+        "--csr".into(),
+        csr_file.display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let chain = dir.join(format!("{name}.pem"));
+    std::fs::write(&chain, out.stdout).unwrap();
+    (chain, key_file)
+}
+
+#[test]
+fn over_admin_tls_a_listed_spiffe_id_needs_no_token_and_any_other_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (grpc, admin) = (free_port(), free_port());
+    let data = d.join("hub");
+    let _hub = Proc::start(
+        "hub",
+        &[
+            "hub",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+            "--admin-tls",
+            "--admin-id",
+            "spiffe://hub.fedmesh/ops/oncall",
+        ],
+        d,
+    );
+    wait_admin(admin);
+    let ca_dir = data.join("ca");
+    let bundle = d.join("hub-ca.pem");
+    let out = run(&[
+        "ca".into(),
+        "bundle".into(),
+        "--dir".into(),
+        ca_dir.display().to_string(),
+        "--format".into(),
+        "pem".into(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&bundle, out.stdout).unwrap();
+    let url = format!("https://127.0.0.1:{admin}");
+    let no_token = d.join("no-token");
+    let with = |extra: &[&Path]| {
+        let mut a: Vec<String> = [
+            "status",
+            "--admin",
+            &url,
+            "--admin-ca",
+            bundle.to_str().unwrap(),
+            "--admin-token-file",
+            no_token.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        if let [cert, key] = extra {
+            a.extend([
+                "--admin-cert".into(),
+                cert.display().to_string(),
+                "--admin-key".into(),
+                key.display().to_string(),
+            ]);
+        }
+        run(&a)
+    };
+
+    // The on-call engineer's certificate is enough.
+    let (cert, key) = operator_cert(d, &ca_dir, "oncall", "spiffe://hub.fedmesh/ops/oncall");
+    let out = with(&[&cert, &key]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CLUSTER"));
+
+    // A certificate from the same CA for an ID not listed is not.
+    let (cert, key) = operator_cert(d, &ca_dir, "intern", "spiffe://hub.fedmesh/ops/intern");
+    let out = with(&[&cert, &key]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("403") && err.contains("spiffe://hub.fedmesh/ops/intern is not an admin ID"),
+        "{err}"
+    );
+
+    // Nor is one from a CA the hub does not trust, whatever ID it claims.
+    let other = d.join("other-ca");
+    support::ca_init(&other, "hub.fedmesh", &[]);
+    let (cert, key) = operator_cert(d, &other, "forged", "spiffe://hub.fedmesh/ops/oncall");
+    let out = with(&[&cert, &key]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("forged: {err}");
+    assert!(err.contains("certificate"), "the refusal says why: {err}");
+
+    // The token still works over TLS; plain HTTP to the TLS port does not.
+    let out = run(&[
+        "status".into(),
+        "--admin".into(),
+        url.clone(),
+        "--admin-ca".into(),
+        bundle.display().to_string(),
+        "--admin-token-file".into(),
+        data.join("admin-token").display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&[
+        "status".into(),
+        "--admin".into(),
+        format!("http://127.0.0.1:{admin}"),
+        "--admin-token-file".into(),
+        data.join("admin-token").display().to_string(),
+    ]);
+    assert!(!out.status.success());
+}
+
+/// `DELETE path` on the admin API over HTTP with the bearer token: (status, body).
+fn http_delete(hub: &Hub, path: &str) -> (u16, String) {
+    http_call(hub, "DELETE", path)
+}
+
+/// `METHOD path` on the admin API over HTTP with the bearer token: (status, body).
+fn http_call(hub: &Hub, method: &str, path: &str) -> (u16, String) {
+    let token = std::fs::read_to_string(&hub.token_file).unwrap();
+    let addr = hub.admin.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        token.trim()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+#[test]
+fn operators_withdraw_over_http_and_a_silent_cluster_goes_stale_then_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (grpc, admin) = (free_port(), free_port());
+    let data = d.join("hub");
+    let proc = Proc::start(
+        "hub",
+        &[
+            "hub",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{grpc}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+            "--stale-after",
+            "1s",
+            "--expire-after",
+            "6s",
+        ],
+        d,
+    );
+    wait_admin(admin);
+    let hub = Hub {
+        proc,
+        admin: format!("http://127.0.0.1:{admin}"),
+        grpc: format!("127.0.0.1:{grpc}"),
+        token_file: data.join("admin-token"),
+    };
+    let via = admin_args(&hub);
+    let mut east = start_cp(d, &hub, "east");
+    let mut west = start_cp(d, &hub, "west");
+    export(d, "east", "api");
+    export(d, "east", "orders");
+    export(d, "west", "reviews");
+    let all = ["shop/api@east", "shop/orders@east", "shop/reviews@west"];
+    wait_until("three exports", Duration::from_secs(30), || {
+        exports(&status(&via)) == all
+    });
+
+    // Both control planes go away for good.
+    for cp in [&mut east, &mut west] {
+        cp.child.kill().unwrap();
+        cp.child.wait().unwrap();
+    }
+    // Silent past --stale-after: stale, and everything still routable.
+    wait_until("both clusters stale", Duration::from_secs(30), || {
+        let s = status(&via);
+        ["east", "west"]
+            .iter()
+            .all(|c| cluster(&s, c).unwrap()["stale"] == true)
+    });
+    let s = status(&via);
+    assert_eq!(exports(&s), all, "stale clusters keep their exports");
+    assert_eq!(cluster(&s, "west").unwrap()["expired"], false);
+
+    // An operator withdraws one export, then removes a cluster, with plain HTTP calls.
+    assert_eq!(
+        http_delete(&hub, "/api/v1/clusters/east/exports/shop/orders").0,
+        204
+    );
+    let (code, body) = http_delete(&hub, "/api/v1/clusters/east/exports/shop/orders");
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("does not export"), "{body}");
+    assert_eq!(
+        exports(&status(&via)),
+        ["shop/api@east", "shop/reviews@west"]
+    );
+    assert_eq!(http_delete(&hub, "/api/v1/clusters/east").0, 204);
+    let s = status(&via);
+    assert!(cluster(&s, "east").is_none(), "{s}");
+    assert_eq!(exports(&s), ["shop/reviews@west"]);
+
+    // West, silent past --expire-after, loses its exports but stays listed as expired.
+    wait_until("west's exports withdrawn", Duration::from_secs(60), || {
+        exports(&status(&via)).is_empty()
+    });
+    let s = status(&via);
+    assert_eq!(cluster(&s, "west").unwrap()["expired"], true, "{s}");
+    assert!(
+        hub.proc.log().contains("cluster expired"),
+        "{}",
+        hub.proc.log()
+    );
+
+    // Each operator change is in the audit log with who made it.
+    let (code, body) = http_call(&hub, "GET", "/api/v1/audit");
+    assert_eq!(code, 200, "{body}");
+    let audit: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let records = audit
+        .as_array()
+        .or_else(|| audit["records"].as_array())
+        .unwrap();
+    let done: Vec<(String, String, String)> = records
+        .iter()
+        .map(|r| {
+            let f = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+            (f("actor"), f("action"), f("target"))
+        })
+        .filter(|(_, a, _)| a == "export.withdraw" || a == "cluster.remove")
+        .collect();
+    // Newest first.
+    assert_eq!(
+        done,
+        [
+            ("admin token".into(), "cluster.remove".into(), "east".into()),
+            (
+                "admin token".into(),
+                "export.withdraw".into(),
+                "east/shop/orders".into()
+            ),
+        ],
+        "{body}"
+    );
+}
