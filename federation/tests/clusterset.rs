@@ -136,16 +136,17 @@ async fn conflicting_exports_get_a_conflict_naming_the_field_and_the_older_clust
     let east = start_cluster(dir.path(), "east", &hub).await;
     let west = start_cluster(dir.path(), "west", &hub).await;
 
-    east.export_web(80, &[("10.1.0.1", "a")]);
-    west.wait_for("east's export", |s| {
+    west.export_web(80, &[("10.1.0.1", "a")]);
+    east.wait_for("west's export", |s| {
         s.clusterset.imports.contains_key(&web())
     })
     .await;
-    // West exports later, with the same port name on another port number.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    west.export_web(8080, &[("10.2.0.1", "a")]);
+    // East exports later (it has seen west's), with the same port name on another port number.
+    // The hub ages exports by when it first received them, to the millisecond; a tie would go
+    // to the first name, east, so west winning shows the order of arrival decided.
+    east.export_web(8080, &[("10.2.0.1", "a")]);
 
-    let snap = east
+    let snap = west
         .wait_for("both exports merged", |s| {
             s.clusterset
                 .imports
@@ -163,23 +164,23 @@ async fn conflicting_exports_get_a_conflict_naming_the_field_and_the_older_clust
             conflict.field.as_str(),
             conflict.winner.as_str()
         ),
-        ("west", "ports", "east")
+        ("east", "ports", "west")
     );
 
-    let status = wait_file(&west.data.join("status/serviceexports.yaml"), |s| {
+    let status = wait_file(&east.data.join("status/serviceexports.yaml"), |s| {
         s.contains("PortConflict")
     })
     .await;
     assert!(status.contains("type: Conflict"), "{status}");
     assert!(
-        status.contains("east"),
+        status.contains("west"),
         "the message names the winning cluster: {status}"
     );
-    let east_status = wait_file(&east.data.join("status/serviceexports.yaml"), |s| {
+    let west_status = wait_file(&west.data.join("status/serviceexports.yaml"), |s| {
         s.contains("NoConflicts")
     })
     .await;
-    assert!(!east_status.contains("PortConflict"));
+    assert!(!west_status.contains("PortConflict"));
     hub.stop().await;
 }
 

@@ -752,7 +752,7 @@ impl Hub {
                     ops.push(Op::Delete(k.clone()));
                 }
             }
-            let now = now_unix();
+            let (now, now_ms) = (now_unix(), now_ms());
             for e in &upserts {
                 let k = export_key(cluster, &e.service);
                 let held = current.get(&k).and_then(Option::as_ref);
@@ -760,6 +760,7 @@ impl Hub {
                 // the export first arrives: a cluster claiming the past would always win.
                 let mut e = e.clone();
                 e.created_unix = held.map(|h| h.created_unix).unwrap_or(now);
+                e.created_unix_ms = held.map(|h| h.first_received_ms()).unwrap_or(now_ms);
                 // Unchanged exports are not rewritten: a reconnecting cluster's full publish costs nothing.
                 if held != Some(&e) {
                     ops.push(Op::Put(k, serde_json::to_vec(&e).unwrap_or_default()));

@@ -164,6 +164,21 @@ pub struct ExportRecord {
     #[serde(default)]
     pub endpoints: Vec<LocalityCount>,
     pub created_unix: i64,
+    /// When the hub first received it, in milliseconds: the age that decides conflicts. Records
+    /// stored before it existed have 0 and are aged by `created_unix`.
+    #[serde(default)]
+    pub created_unix_ms: i64,
+}
+
+impl ExportRecord {
+    /// When the hub first received this export (ms since the epoch).
+    pub fn first_received_ms(&self) -> i64 {
+        if self.created_unix_ms > 0 {
+            self.created_unix_ms
+        } else {
+            self.created_unix.saturating_mul(1000)
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,6 +310,7 @@ pub fn export_from_pb(e: &pb::Export) -> Result<ExportRecord, String> {
         session_affinity_timeout_seconds: e.session_affinity_timeout_seconds,
         endpoints,
         created_unix: e.created_unix,
+        created_unix_ms: 0,
     })
 }
 

@@ -326,7 +326,7 @@ fn port_identity(p: &PortRecord) -> String {
 /// Merges the exports of one service per KEP-1645 (oldest export wins conflicts).
 pub fn merge(s: &ServiceKey, exports: &BTreeMap<ClusterName, ExportRecord>) -> pb::Import {
     let mut ordered: Vec<(&ClusterName, &ExportRecord)> = exports.iter().collect();
-    ordered.sort_by(|a, b| (a.1.created_unix, a.0).cmp(&(b.1.created_unix, b.0)));
+    ordered.sort_by_key(|(cluster, e)| (e.first_received_ms(), *cluster));
     let (oldest_cluster, oldest) = ordered[0];
     let mut conflicts = Vec::new();
     let mut ports: BTreeMap<String, (&ClusterName, &PortRecord)> = BTreeMap::new();
@@ -428,6 +428,7 @@ mod tests {
             session_affinity_timeout_seconds: 0,
             endpoints: vec![],
             created_unix: created,
+            created_unix_ms: 0,
         }
     }
 
