@@ -503,3 +503,166 @@ fn an_hpack_bomb_on_the_workload_api_socket_is_refused_with_the_agents_memory_bo
     // Still serving workloads.
     assert_serves_web(&s.socket);
 }
+
+/// The agent rotates its CA on schedule (`--rotation-check`, as the README says): it prepares
+/// the next authority at half the active one's life and activates it at three quarters, and
+/// the workloads it serves get the next authority in their bundle before it signs, then SVIDs
+/// signed by it.
+#[test]
+fn the_agent_rotates_its_ca_on_the_schedule_it_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = d.join("ca");
+    // An 8 s authority: prepared after ~4 s, active after ~6 s. SVIDs live 1 s, so the agent
+    // fetches new ones all along.
+    ca_init(
+        &ca,
+        "east.example",
+        &[
+            "--ca-ttl",
+            "8s",
+            "--svid-ttl",
+            "1s",
+            "--max-svid-ttl",
+            "2s",
+            "--jwt-ttl",
+            "1s",
+            "--max-jwt-ttl",
+            "2s",
+        ],
+    );
+    std::fs::write(d.join("entries.yaml"), my_entry()).unwrap();
+    let socket = d.join("agent.sock");
+    let agent = Proc::start(
+        "agent",
+        &[
+            "agent",
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "--entries",
+            d.join("entries.yaml").to_str().unwrap(),
+            "--rotation-check",
+            "100ms",
+        ],
+        d,
+    );
+    wait_until("the agent socket", Duration::from_secs(20), || {
+        socket.exists()
+    });
+    let states = || -> Vec<(String, String)> {
+        let out = fedmesh(&["ca", "status", "--dir", ca.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip_while(|l| !l.starts_with("AUTHORITY"))
+            .skip(1)
+            .map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next().unwrap().to_string(), f.next().unwrap().to_string())
+            })
+            .collect()
+    };
+    let first = states();
+    assert_eq!(first.len(), 1, "{first:?}");
+    let first_id = first[0].0.clone();
+    // What a workload holds: the roots of its bundle and the authority that signed its SVID
+    // (the issuer's subject key identifier names it, as `ca status` does).
+    let out_dir = d.join("out");
+    let fetch = || {
+        let out = fedmesh(&[
+            "workload",
+            "fetch",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--write",
+            out_dir.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let read = |f: &str| {
+            fedmesh_trust::bundle::parse_pem_certificates(&std::fs::read(out_dir.join(f)).unwrap())
+                .unwrap()
+        };
+        (read("bundle.east.example.pem").len(), read("svid.pem"))
+    };
+    let (roots, _) = fetch();
+    assert_eq!(roots, 1);
+
+    let mut prepared = None;
+    wait_until(
+        "the next authority prepared",
+        Duration::from_secs(30),
+        || {
+            let s = states();
+            prepared = s
+                .iter()
+                .find(|(_, st)| st == "prepared")
+                .map(|(id, _)| id.clone());
+            prepared.is_some()
+        },
+    );
+    let prepared = prepared.unwrap();
+    wait_until(
+        "workloads to trust the prepared authority",
+        Duration::from_secs(20),
+        || fetch().0 == 2,
+    );
+    wait_until(
+        "the prepared authority active",
+        Duration::from_secs(30),
+        || {
+            let s = states();
+            s.contains(&(first_id.clone(), "retired".into()))
+                && s.contains(&(prepared.clone(), "active".into()))
+        },
+    );
+    let log = agent.log();
+    assert!(log.contains("prepared next CA authority"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "activated CA authority trust_domain=east.example authority={prepared}"
+        )),
+        "{log}"
+    );
+    // SVIDs now come from the new authority: the leaf's authority key identifier is the new
+    // authority's subject key identifier.
+    let new_ca = std::fs::read(ca.join(format!("authorities/{prepared}.crt"))).unwrap();
+    let new_ca = fedmesh_trust::bundle::parse_pem_certificates(&new_ca).unwrap();
+    let ski = key_ids(&new_ca[0])
+        .0
+        .expect("an authority has a subject key identifier");
+    wait_until(
+        "an SVID signed by the new authority",
+        Duration::from_secs(20),
+        || {
+            let (_, chain) = fetch();
+            key_ids(&chain[0]).1.as_ref() == Some(&ski)
+        },
+    );
+}
+
+/// A certificate's (subject, authority) key identifiers.
+fn key_ids(der: &[u8]) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    use x509_parser::extensions::ParsedExtension;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    let (mut ski, mut aki) = (None, None);
+    for ext in cert.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => ski = Some(k.0.to_vec()),
+            ParsedExtension::AuthorityKeyIdentifier(a) => {
+                aki = a.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
+            _ => {}
+        }
+    }
+    (ski, aki)
+}

@@ -274,6 +274,11 @@ impl Agent {
             shutdown.clone(),
         )
         .await?;
+        // In process every workload has the test's uid, so attestation cannot tell them apart:
+        // each workload gets an agent of its own with its one entry, and no agent holds another
+        // workload's identity to hand out. Attestation of workloads apart (one node agent, a
+        // uid per service account) is what the network-namespace harness tests
+        // (tests/support/netns: every sidecar under its account's uid).
         let entry = RegistrationEntry {
             spiffe_id: id,
             selectors: BTreeSet::from([Selector::UnixUid(unsafe { libc::getuid() })]),
