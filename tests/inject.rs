@@ -109,3 +109,84 @@ fn bad_input_is_refused_with_a_reason() {
     assert!(!ok);
     assert!(err.contains("uid 1337"), "{err}");
 }
+
+/// `--control-plane`, `--proxy-uid` and `--admin-port` reach the injected pod as the README says:
+/// the proxy container is told the control plane through the environment variable its flag
+/// reads, runs under the proxy uid, and the init container exempts that uid and the admin port.
+#[test]
+fn the_control_plane_proxy_uid_and_admin_port_flags_reach_the_injected_pod() {
+    let deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: a}\nspec:\n  selector: {matchLabels: {app: a}}\n  template:\n    metadata: {labels: {app: a}}\n    spec: {containers: [{name: a, image: a}]}\n";
+    let (ok, out, err) = inject(
+        &[
+            "--control-plane",
+            "cp.east.example:15012",
+            "--proxy-uid",
+            "1400",
+            "--admin-port",
+            "15090",
+        ],
+        deployment,
+    );
+    assert!(ok, "{err}");
+    let doc: serde_json::Value = serde_saphyr::from_str(&out).unwrap();
+    let spec = &doc["spec"]["template"]["spec"];
+    let named = |list: &str, name: &str| -> serde_json::Value {
+        spec[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {list} {name}: {out}"))
+            .clone()
+    };
+    let proxy = named("containers", "fedmesh-proxy");
+    let env = |name: &str| {
+        proxy["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .map(String::from)
+    };
+    assert_eq!(
+        env("FEDMESH_CONTROL_PLANE").as_deref(),
+        Some("cp.east.example:15012")
+    );
+    assert_eq!(proxy["securityContext"]["runAsUser"], 1400);
+    let args: Vec<&str> = proxy["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        args.windows(2).any(|w| w == ["--admin", "0.0.0.0:15090"]),
+        "{args:?}"
+    );
+    assert_eq!(proxy["readinessProbe"]["httpGet"]["port"], 15090);
+    // The sidecar takes its control plane from that variable (its --help says so).
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_fedmesh-proxy"))
+        .args(["sidecar", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("[env: FEDMESH_CONTROL_PLANE="), "{help}");
+
+    let init = named("initContainers", "fedmesh-init");
+    let args: Vec<&str> = init["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        args.windows(2).any(|w| w == ["--proxy-uid", "1400"]),
+        "{args:?}"
+    );
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--exclude-inbound-ports" && w[1].split(',').any(|p| p == "15090")),
+        "{args:?}"
+    );
+}
