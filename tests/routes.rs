@@ -676,3 +676,158 @@ spec:
     assert!(grpc.unary(hi()).await.is_ok());
     tb.shutdown().await;
 }
+
+/// The conditions of a TrafficPolicy's status (`status/trafficpolicies.yaml`): (type, status,
+/// message) of each.
+fn policy_conditions(c: &Cluster, name: &str) -> Vec<(String, String, String)> {
+    let text =
+        std::fs::read_to_string(c.data.join("status/trafficpolicies.yaml")).unwrap_or_default();
+    let mut out = Vec::new();
+    for doc in text.split("\n---\n").skip(1) {
+        let Ok(v) = serde_saphyr::from_str::<serde_json::Value>(doc) else {
+            continue;
+        };
+        if v["metadata"]["name"] != name {
+            continue;
+        }
+        for c in v["status"]["conditions"].as_array().into_iter().flatten() {
+            let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+            out.push((s("type"), s("status"), s("message")));
+        }
+    }
+    out
+}
+
+/// Inbound requests a workload's sidecar answered with `code` (its own metrics).
+fn inbound_answers(w: &Workload, code: u16) -> u64 {
+    w.metrics
+        .encode()
+        .lines()
+        .filter(|l| {
+            l.starts_with("fedmesh_sidecar_requests_total{")
+                && l.contains(r#"direction="inbound""#)
+                && l.contains(&format!(r#"code="{code}""#))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The first TrafficPolicy's routing fields (README "Migrating from TrafficPolicy routing") keep
+/// working as routing, not just as configuration: `rules` match by path and pick a cluster,
+/// `timeouts.request` answers 504, `retries` retry a 503 that many times; the status calls them
+/// deprecated; and once an HTTPRoute binds the service they are ignored, which the status says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deprecated_traffic_policy_routes_times_out_and_retries_until_an_httproute_binds_the_service()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    let (e1, _e1_app) = http_workload(east, "api", "e1").await;
+    let (w1, _w1_app) = http_workload(west, "api", "w1").await;
+    serve_http(east, "api", &endpoints(&[&e1]));
+    serve_http(west, "api", &endpoints(&[&w1]));
+    let client = client_workload(east, "frontend", "e1").await;
+    wait_routable(&tb, &client, "api", &["east", "west"]).await;
+
+    east.write(
+        "api-policy.yaml",
+        r#"apiVersion: fedmesh.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: api, namespace: shop}
+spec:
+  rules:
+  - matches: [{path: {value: /delay}}]
+    backendRefs: [{cluster: west}]
+    timeouts: {request: 300ms}
+  - backendRefs: [{cluster: east}]
+    retries: {attempts: 2}
+"#,
+    )
+    .unwrap();
+    wait_rules(&client, "api", 2).await;
+    let conditions = policy_conditions(east, "api");
+    let accepted = conditions
+        .iter()
+        .find(|(t, _, _)| t == "Accepted")
+        .unwrap_or_else(|| panic!("{conditions:?}"));
+    assert_eq!(accepted.1, "True", "{conditions:?}");
+    assert!(
+        accepted.2.contains("rules") && accepted.2.contains("deprecated"),
+        "{conditions:?}"
+    );
+
+    let mut c = ProxyClient::new(client.proxy);
+    let from = |r: &Reply| r.echo().map(|e| e.cluster).unwrap_or_default();
+    for _ in 0..20 {
+        let r = get(&mut c, &url("api", "/delay/1"), &[]).await;
+        assert_eq!(from(&r), "west", "the path rule picks west");
+        let r = get(&mut c, &url("api", "/x"), &[]).await;
+        assert_eq!(from(&r), "east", "everything else stays in east");
+    }
+    // The /delay rule's request timeout: an answer the app holds for 5 s is cut at 300 ms.
+    let r = get(&mut c, &url("api", "/delay/5000"), &[]).await;
+    assert_eq!(r.status, 504, "{:?}", r.headers);
+    assert_eq!(r.headers["fedmesh-proxy-error"], "timeout");
+    // The other rule's retries: a 503 of the app is tried three times (once, then twice more).
+    // The first attempt goes where the rule says (east); a retry goes to an endpoint not yet
+    // tried, and with east's one endpoint tried, failover takes it to west (README: backends).
+    let answered_503 = || inbound_answers(&e1, 503) + inbound_answers(&w1, 503);
+    let (before, before_east) = (answered_503(), inbound_answers(&e1, 503));
+    let r = get(&mut c, &url("api", "/status/503"), &[]).await;
+    assert_eq!(r.status, 503);
+    // (A callee's sidecar counts an answer once it has sent it: the count may trail the
+    // caller's by a moment.)
+    for _ in 0..100 {
+        if answered_503() - before >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(answered_503() - before, 3, "one attempt and two retries");
+    assert!(
+        inbound_answers(&e1, 503) > before_east,
+        "the first attempt went to east"
+    );
+
+    // An HTTPRoute for the service takes over: everything to west, and the policy says its
+    // routing fields are ignored.
+    east.write(
+        "api-route.yaml",
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 80}]
+  rules:
+  - backendRefs: [{group: fedmesh.io, kind: Cluster, name: west}]
+"#,
+    )
+    .unwrap();
+    wait_rules(&client, "api", 1).await;
+    for _ in 0..10 {
+        let r = get(&mut c, &url("api", "/x"), &[]).await;
+        assert_eq!(from(&r), "west", "the HTTPRoute decides now");
+    }
+    let r = get(&mut c, &url("api", "/delay/600"), &[]).await;
+    assert_eq!(
+        r.status, 200,
+        "the policy's 300 ms timeout no longer applies"
+    );
+    for _ in 0..300 {
+        if policy_conditions(east, "api")
+            .iter()
+            .any(|(t, _, m)| t == "Accepted" && m.contains("so they are ignored"))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        policy_conditions(east, "api")
+            .iter()
+            .any(|(t, _, m)| t == "Accepted" && m.contains("so they are ignored")),
+        "{:?}",
+        policy_conditions(east, "api")
+    );
+    tb.shutdown().await;
+}
