@@ -597,3 +597,129 @@ fn an_admin_token_file_others_can_read_is_refused() {
     );
     assert!(!err.contains("secret"), "the token never appears: {err}");
 }
+
+/// Each cluster's node agent, run as an operator runs it (`fedmesh agent --control-plane`,
+/// enrolled with `fedmesh control-plane entry create` and `token create`), hands its workload an
+/// SVID of its own cluster and the bundles of every cluster in the clusterset, which its control
+/// plane received through the hub. Read with the Rust `spiffe` crate's X509Source.
+#[test]
+fn each_clusters_agent_serves_its_workloads_every_clusters_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let hub = start_hub(d);
+    let names = ["east", "west", "central"];
+    let mut procs = Vec::new();
+    let mut sockets = Vec::new();
+    for name in names {
+        let port = free_port();
+        procs.push(start_cp_on(d, &hub, name, port));
+        let cp_data = d.join(format!("{name}-data"));
+        wait_until(
+            "the control plane's admin socket",
+            Duration::from_secs(30),
+            || cp_data.join("admin.sock").exists(),
+        );
+        let cp_dir = cp_data.to_str().unwrap();
+        let id = format!("spiffe://{name}.example/ns/shop/sa/web");
+        let out = fedmesh(&[
+            "control-plane",
+            "entry",
+            "create",
+            "--node",
+            "node-1",
+            "--spiffe-id",
+            &id,
+            "--data-dir",
+            cp_dir,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = d.join(format!("{name}-agent-token"));
+        let out = fedmesh(&[
+            "control-plane",
+            "token",
+            "create",
+            "--node",
+            "node-1",
+            "--out",
+            token.to_str().unwrap(),
+            "--data-dir",
+            cp_dir,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let entries = d.join(format!("{name}-entries.yaml"));
+        std::fs::write(
+            &entries,
+            format!(
+                "entries:\n  - spiffe_id: {id}\n    selectors: [\"unix:uid:{}\"]\n",
+                uid()
+            ),
+        )
+        .unwrap();
+        let socket = d.join(format!("{name}-agent.sock"));
+        procs.push(Proc::start(
+            &format!("{name}-agent"),
+            &[
+                "agent",
+                "--control-plane",
+                &format!("127.0.0.1:{port}"),
+                "--node",
+                "node-1",
+                "--join-token-file",
+                token.to_str().unwrap(),
+                "--data-dir",
+                d.join(format!("{name}-agent")).to_str().unwrap(),
+                "--socket",
+                socket.to_str().unwrap(),
+                "--entries",
+                entries.to_str().unwrap(),
+            ],
+            d,
+        ));
+        wait_until("the agent's socket", Duration::from_secs(30), || {
+            socket.exists()
+        });
+        sockets.push((name, id, socket));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (name, id, socket) in sockets {
+        rt.block_on(async {
+            let source = spiffe::X509Source::builder()
+                .endpoint(format!("unix:{}", socket.display()))
+                .build()
+                .await
+                .unwrap();
+            assert_eq!(source.svid().unwrap().spiffe_id().to_string(), id);
+            let tds = || {
+                let mut t: Vec<String> = source
+                    .bundle_set()
+                    .unwrap()
+                    .iter()
+                    .map(|(td, _)| td.to_string())
+                    .collect();
+                t.sort();
+                t
+            };
+            // The federated bundles come from the hub through the control plane.
+            for _ in 0..600 {
+                if tds().len() == 3 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(
+                tds(),
+                ["central.example", "east.example", "west.example"],
+                "{name}"
+            );
+            source.shutdown().await;
+        });
+    }
+}

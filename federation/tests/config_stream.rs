@@ -14,25 +14,34 @@ use fedmesh_trust::tls::{Authorizer, MeshIdentity};
 use tokio::sync::mpsc;
 
 /// A data-plane client with an SVID of the cluster's trust domain (a sidecar of namespace shop).
-fn client(c: &ClusterHandle) -> DataPlaneClient<tonic::transport::Channel> {
-    client_as(c, "/ns/shop/sa/sidecar")
+async fn client(c: &ClusterHandle) -> DataPlaneClient<tonic::transport::Channel> {
+    client_as(c, "/ns/shop/sa/sidecar").await
 }
 
-/// A data-plane client with the SVID `spiffe://<trust domain><path>`.
-fn client_as(c: &ClusterHandle, path: &str) -> DataPlaneClient<tonic::transport::Channel> {
+/// A data-plane client with the SVID `spiffe://<trust domain><path>`, got as a proxy gets it:
+/// from a node agent the control plane enrolled, which has the control plane sign it.
+async fn client_as(c: &ClusterHandle, path: &str) -> DataPlaneClient<tonic::transport::Channel> {
+    use fedmesh_trust::workload::SvidSigner;
+    static NODES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let id = fedmesh_api::SpiffeId::new(&format!("spiffe://{}{path}", c.cp.config.trust_domain))
         .unwrap();
+    let node = format!(
+        "node-{}",
+        NODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let token = c.enroll(&node, &[&id.to_string()]).await;
+    let agent = c
+        .agent(&c.data.join("agents").join(&node), &node, &token)
+        .await
+        .unwrap();
     let (key, csr) = fedmesh_trust::svid::new_key_and_csr(&id).unwrap();
-    let issued = c.cp.ca.sign_csr(&csr, Some(&id), None).unwrap();
+    let chain = agent.sign_x509(csr, id.clone(), None).await.unwrap();
     let ident = MeshIdentity::new();
     ident
-        .set_svid(&fedmesh_trust::svid::X509Svid {
-            id,
-            chain: issued.chain,
-            key: rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()),
-            not_before: issued.not_before,
-            not_after: issued.not_after,
-        })
+        .set_svid_parts(
+            chain,
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
         .unwrap();
     let mut set = fedmesh_trust::bundle::BundleSet::new();
     set.update((*c.cp.ca.bundle()).clone());
@@ -130,7 +139,7 @@ async fn sidecars_and_gateways_get_endpoints_by_locality_remote_gateways_and_pol
     east.export_web(80, &[("10.1.0.1", "east-a"), ("10.1.0.2", "east-b")]);
     west.export_web(80, &[("10.2.0.1", "west-a")]);
 
-    let mut c = client(&east);
+    let mut c = client(&east).await;
     let (_tx, mut s) = open(&mut c, 0, 0).await;
     let mut map = Default::default();
     let u = until(&mut s, &mut map, |m| {
@@ -268,7 +277,7 @@ async fn local_services_are_routable_in_cluster_and_an_export_counts_before_the_
             "spec:\n  clusterIP: 10.96.0.15\n  ports:",
         ),
     );
-    let mut c = client(&east);
+    let mut c = client(&east).await;
     let (_tx, mut s) = open(&mut c, 0, 0).await;
     let mut map = Default::default();
     until(&mut s, &mut map, |m| m.contains_key("shop/db")).await;
@@ -360,7 +369,7 @@ async fn a_proxy_receives_its_namespace_and_what_it_asks_for_not_the_whole_clust
         |m: &std::collections::BTreeMap<String, pb::Service>| m.keys().cloned().collect::<Vec<_>>();
     // Wait until the control plane has all three.
     let mut all = std::collections::BTreeMap::new();
-    let mut system = client_as(&east, "/ns/fedmesh-system/sa/gateway");
+    let mut system = client_as(&east, "/ns/fedmesh-system/sa/gateway").await;
     let (_g, mut gs) = open_as(&mut system, "gateway", 0, 0, vec![]).await.unwrap();
     until(&mut gs, &mut all, |m| {
         m.contains_key("billing/audit") && m.contains_key("shop/web")
@@ -389,7 +398,7 @@ async fn a_proxy_receives_its_namespace_and_what_it_asks_for_not_the_whole_clust
     until(&mut gs, &mut all, |m| m.contains_key("ops/marker")).await;
     assert_eq!(known(&all), ["billing/audit", "ops/marker", "shop/web"]);
 
-    let mut c = client(&east);
+    let mut c = client(&east).await;
     let (tx, mut s) = open_as(&mut c, "sidecar", 0, 0, vec![]).await.unwrap();
     let first = next(&mut s).await;
     let mut map: std::collections::BTreeMap<String, pb::Service> = first
@@ -441,7 +450,7 @@ async fn a_proxy_receives_its_namespace_and_what_it_asks_for_not_the_whole_clust
         err.message()
     );
     // An ID not shaped like a Kubernetes workload's gets only what it asks for.
-    let mut host = client_as(&east, "/web");
+    let mut host = client_as(&east, "/web").await;
     let (_h, mut hs) = open_as(&mut host, "sidecar", 0, 0, vec![]).await.unwrap();
     assert!(next(&mut hs).await.services.is_empty());
 }
