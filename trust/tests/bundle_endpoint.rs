@@ -9,9 +9,6 @@ use std::time::Duration;
 use common::*;
 use fedmesh_trust::ca::{CaOptions, TrustDomainCa};
 use fedmesh_trust::endpoint::{self, BundleEndpointClient, ClientProfile, ServerProfile};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-use rustls::RootCertStore;
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -21,31 +18,6 @@ fn quick_refresh_ca(dir: &std::path::Path, name: &str) -> Arc<TrustDomainCa> {
     let mut opts = CaOptions::new(td(name));
     opts.refresh_hint = Duration::from_secs(1);
     Arc::new(TrustDomainCa::init(&dir.join(name), opts).unwrap())
-}
-
-/// A Web PKI for `https_web`: a root and a server certificate for `localhost`.
-fn web_pki() -> (
-    RootCertStore,
-    Vec<rustls_pki_types::CertificateDer<'static>>,
-    PrivateKeyDer<'static>,
-) {
-    let root_key = KeyPair::generate().unwrap();
-    let mut root = CertificateParams::default();
-    root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let root_cert = root.self_signed(&root_key).unwrap();
-    let issuer = Issuer::new(root, root_key);
-    let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let mut roots = RootCertStore::empty();
-    roots.add(root_cert.der().clone()).unwrap();
-    (
-        roots,
-        vec![leaf.der().clone()],
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-    )
 }
 
 #[tokio::test]

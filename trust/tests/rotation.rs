@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use fedmesh_trust::ca::TrustDomainCa;
+use fedmesh_trust::endpoint::{self, BundleEndpointClient, ClientProfile, ServerProfile};
 use fedmesh_trust::source::WorkloadApiFollower;
 use fedmesh_trust::tls::{Authorizer, MeshIdentity};
 use fedmesh_trust::workload::LocalCaSigner;
@@ -27,16 +28,47 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// New connections wanted in each phase (before rotation, during prepare, after activation).
 const PER_PHASE: u64 = 10;
 
-/// What the hub will do: hand each CA's bundle, as it changes, to the other domain's agent.
-fn federate(from: &Arc<TrustDomainCa>, to: Arc<LocalCaSigner>) {
-    to.set_federated((*from.bundle()).clone());
-    let mut rx = from.subscribe_bundle();
+/// Federation as SPIFFE defines it: `from` publishes its bundle at an `https_web` bundle
+/// endpoint (refresh hint 1 s) and `to`'s agent fetches it by the hint and serves it to its
+/// workloads, as a FederatedTrustDomain does. (Through the hub, the same rotation is tested
+/// end to end in tests/dataplane.rs and tests/spire.rs.)
+async fn federate(from: &Arc<TrustDomainCa>, to: Arc<LocalCaSigner>) {
+    let (roots, chain, key) = web_pki();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(endpoint::serve(
+        listener,
+        ServerProfile::HttpsWeb { chain, key },
+        from.subscribe_bundle(),
+        std::future::pending(),
+    ));
+    let client = BundleEndpointClient::new(
+        &format!("https://localhost:{port}/"),
+        from.trust_domain(),
+        ClientProfile::HttpsWeb {
+            roots: Arc::new(roots),
+        },
+    )
+    .unwrap();
+    let (mut rx, _task) = client.spawn_refresher(None, std::future::pending());
     tokio::spawn(async move {
-        while rx.changed().await.is_ok() {
-            let b = (**rx.borrow_and_update()).clone();
-            to.set_federated(b);
+        loop {
+            if let Some(b) = rx.borrow_and_update().clone() {
+                to.set_federated((*b).clone());
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
         }
     });
+}
+
+/// The X.509 roots `ident` trusts for `trust_domain`.
+fn roots_of(ident: &MeshIdentity, trust_domain: &str) -> usize {
+    ident
+        .trust()
+        .anchors(&td(trust_domain))
+        .map_or(0, |a| a.len())
 }
 
 /// Whether `root` signed `leaf` (checked at the leaf's own issue time: old leaves have expired).
@@ -82,8 +114,8 @@ async fn steady_mtls_stream_survives_svid_and_ca_rotation_with_zero_failures() {
         TestAgent::start(dir.path(), east.clone(), &TestAgent::entry_for_me(CLIENT)).await;
     let west_agent =
         TestAgent::start(dir.path(), west.clone(), &TestAgent::entry_for_me(SERVER)).await;
-    federate(&east, west_agent.signer.clone());
-    federate(&west, east_agent.signer.clone());
+    federate(&east, west_agent.signer.clone()).await;
+    federate(&west, east_agent.signer.clone()).await;
 
     let client = MeshIdentity::new();
     let server = MeshIdentity::new();
@@ -225,6 +257,12 @@ async fn steady_mtls_stream_survives_svid_and_ca_rotation_with_zero_failures() {
                 east.prepare_next(None).unwrap();
                 west.prepare_next(None).unwrap();
             } else {
+                // As an operator (or the CA's schedule) does: activate once the other side's
+                // workloads trust the next authority, fetched from the bundle endpoint.
+                if roots_of(&client, "west.example") < 2 || roots_of(&server, "east.example") < 2 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
                 east.activate_next().unwrap();
                 west.activate_next().unwrap();
             }

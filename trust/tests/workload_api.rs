@@ -18,6 +18,10 @@ async fn spiffe_crate_x509_source_gets_the_registered_svid_and_both_bundles() {
     let east = new_ca(dir.path(), "east.example");
     let west = new_ca(dir.path(), "west.example");
     let agent = TestAgent::start(dir.path(), east.clone(), &TestAgent::entry_for_me(WEB)).await;
+    // What this test is about is what the Workload API hands out of what the agent holds; how
+    // the agent gets a federated bundle is tested where it happens: from the hub through the
+    // control plane (tests/federation_cli.rs), a bundle endpoint (rotation.rs) and
+    // `--federated-bundle` (tests/identity.rs).
     agent.signer.set_federated((*west.bundle()).clone());
 
     let source = spiffe::X509Source::builder()

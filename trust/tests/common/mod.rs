@@ -36,6 +36,8 @@ pub fn short_lived_ca(dir: &Path, trust_domain: &str, svid_ttl: Duration) -> Arc
     opts.default_svid_ttl = svid_ttl;
     opts.max_svid_ttl = svid_ttl;
     opts.ca_ttl = Duration::from_secs(3600);
+    // Bundle endpoint clients fetch again after this (the shortest they accept).
+    opts.refresh_hint = Duration::from_secs(1);
     Arc::new(TrustDomainCa::init(&dir.join(trust_domain), opts).unwrap())
 }
 
@@ -153,4 +155,31 @@ pub fn with_header<T>(msg: T) -> tonic::Request<T> {
     r.metadata_mut()
         .insert("workload.spiffe.io", "true".parse().unwrap());
     r
+}
+
+/// A Web PKI for `https_web`: a root and a server certificate for `localhost`.
+pub fn web_pki() -> (
+    rustls::RootCertStore,
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use rustls_pki_types::PrivateKeyDer;
+    let root_key = KeyPair::generate().unwrap();
+    let mut root = CertificateParams::default();
+    root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let root_cert = root.self_signed(&root_key).unwrap();
+    let issuer = Issuer::new(root, root_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root_cert.der().clone()).unwrap();
+    (
+        roots,
+        vec![leaf.der().clone()],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    )
 }
