@@ -745,6 +745,16 @@ spec:
     )
     .unwrap();
     wait_rules(&client, "api", 2).await;
+    // The status is written beside the configuration push, not before it: wait for it.
+    for _ in 0..300 {
+        if policy_conditions(east, "api")
+            .iter()
+            .any(|(t, _, _)| t == "Accepted")
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let conditions = policy_conditions(east, "api");
     let accepted = conditions
         .iter()
@@ -768,25 +778,46 @@ spec:
     let r = get(&mut c, &url("api", "/delay/5000"), &[]).await;
     assert_eq!(r.status, 504, "{:?}", r.headers);
     assert_eq!(r.headers["fedmesh-proxy-error"], "timeout");
-    // The other rule's retries: a 503 of the app is tried three times (once, then twice more).
-    // The first attempt goes where the rule says (east); a retry goes to an endpoint not yet
-    // tried, and with east's one endpoint tried, failover takes it to west (README: backends).
-    let answered_503 = || inbound_answers(&e1, 503) + inbound_answers(&w1, 503);
-    let (before, before_east) = (answered_503(), inbound_answers(&e1, 503));
-    let r = get(&mut c, &url("api", "/status/503"), &[]).await;
-    assert_eq!(r.status, 503);
-    // (A callee's sidecar counts an answer once it has sent it: the count may trail the
-    // caller's by a moment.)
+    // The other rule's retries: a 502, 503 or 504 of the app is tried three times (once, then
+    // twice more). The first attempt goes where the rule says (east); a retry goes to an endpoint
+    // not yet tried, and with east's one endpoint tried, failover takes it to west (README:
+    // backends).
+    for code in [502u16, 503, 504] {
+        let answered = || inbound_answers(&e1, code) + inbound_answers(&w1, code);
+        let (before, before_east) = (answered(), inbound_answers(&e1, code));
+        let r = get(&mut c, &url("api", &format!("/status/{code}")), &[]).await;
+        assert_eq!(r.status, code);
+        // (A callee's sidecar counts an answer once it has sent it: the count may trail the
+        // caller's by a moment.)
+        for _ in 0..100 {
+            if answered() - before >= 3 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            answered() - before,
+            3,
+            "{code}: one attempt and two retries"
+        );
+        assert!(
+            inbound_answers(&e1, code) > before_east,
+            "{code}: the first attempt went to east"
+        );
+    }
+    // Other answers of the app are not retried.
+    let before = inbound_answers(&e1, 500) + inbound_answers(&w1, 500);
+    let r = get(&mut c, &url("api", "/status/500"), &[]).await;
+    assert_eq!(r.status, 500);
     for _ in 0..100 {
-        if answered_503() - before >= 3 {
+        if inbound_answers(&e1, 500) + inbound_answers(&w1, 500) > before {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert_eq!(answered_503() - before, 3, "one attempt and two retries");
-    assert!(
-        inbound_answers(&e1, 503) > before_east,
-        "the first attempt went to east"
+    assert_eq!(
+        inbound_answers(&e1, 500) + inbound_answers(&w1, 500) - before,
+        1
     );
 
     // An HTTPRoute for the service takes over: everything to west, and the policy says its

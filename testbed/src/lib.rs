@@ -790,9 +790,14 @@ impl Workload {
         tokio::time::timeout(Duration::from_secs(30), async {
             while !self.identity.trust().trusts(trust_domain) {
                 if rx.changed().await.is_err() {
-                    return;
+                    // The identity is gone: the bundle can no longer arrive.
+                    return Err(anyhow::anyhow!(
+                        "{}: its identity stopped changing before it trusted {trust_domain}",
+                        self.id
+                    ));
                 }
             }
+            Ok(())
         })
         .await
         .with_context(|| {
@@ -809,7 +814,7 @@ impl Workload {
                 "{}: no trust bundle for {trust_domain} within 30 s (it holds {held:?})",
                 self.id
             )
-        })
+        })?
     }
 
     /// Waits until this sidecar's configuration satisfies `f`.
