@@ -611,10 +611,32 @@ fn the_agent_rotates_its_ca_on_the_schedule_it_checks() {
         },
     );
     let prepared = prepared.unwrap();
+    let ski_of = |authority: &str| {
+        let pem = std::fs::read(ca.join(format!("authorities/{authority}.crt"))).unwrap();
+        let der = fedmesh_trust::bundle::parse_pem_certificates(&pem).unwrap();
+        key_ids(&der[0])
+            .0
+            .expect("an authority has a subject key identifier")
+    };
+    // Workloads trust the next authority before it signs: the first fetch whose bundle holds
+    // both still carries an SVID of the old one.
+    let mut first_with_both = None;
     wait_until(
         "workloads to trust the prepared authority",
         Duration::from_secs(20),
-        || fetch().0 == 2,
+        || {
+            let (roots, chain) = fetch();
+            if roots == 2 {
+                first_with_both = Some(chain);
+            }
+            roots == 2
+        },
+    );
+    let chain = first_with_both.unwrap();
+    assert_eq!(
+        key_ids(&chain[0]).1,
+        Some(ski_of(&first_id)),
+        "the SVID handed out with the two-authority bundle is still the old authority's"
     );
     wait_until(
         "the prepared authority active",
@@ -635,11 +657,7 @@ fn the_agent_rotates_its_ca_on_the_schedule_it_checks() {
     );
     // SVIDs now come from the new authority: the leaf's authority key identifier is the new
     // authority's subject key identifier.
-    let new_ca = std::fs::read(ca.join(format!("authorities/{prepared}.crt"))).unwrap();
-    let new_ca = fedmesh_trust::bundle::parse_pem_certificates(&new_ca).unwrap();
-    let ski = key_ids(&new_ca[0])
-        .0
-        .expect("an authority has a subject key identifier");
+    let ski = ski_of(&prepared);
     wait_until(
         "an SVID signed by the new authority",
         Duration::from_secs(20),
