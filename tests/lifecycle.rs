@@ -120,6 +120,15 @@ impl Clients {
 
 /// A sidecar's `fedmesh_sidecar_request_errors_total{reason=...}`, read in its pod.
 fn proxy_errors(pod: &Pod, reason: &str) -> u64 {
+    admin_metric(
+        pod,
+        &format!("fedmesh_sidecar_request_errors_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// The value of one series (name and labels as exposed) of a sidecar's `/metrics`, read in its
+/// pod; 0 when absent.
+fn admin_metric(pod: &Pod, series: &str) -> u64 {
     let (_, metrics) = in_ns(&pod.ns, || {
         http_get(
             SocketAddr::from(([127, 0, 0, 1], SIDECAR_ADMIN)),
@@ -128,7 +137,7 @@ fn proxy_errors(pod: &Pod, reason: &str) -> u64 {
         )
         .expect("the sidecar's admin port")
     });
-    let series = format!("fedmesh_sidecar_request_errors_total{{reason=\"{reason}\"}} ");
+    let series = format!("{series} ");
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(&series))
@@ -263,9 +272,12 @@ fn a_sidecar_on_sigterm_finishes_requests_in_flight_and_cuts_them_at_the_drain_t
     // for 60 s, far past it.
     let short = Clients::start(&frontend, ip, &["GET"], "/delay/1500");
     let long = Clients::start(&frontend, ip, &["GET"], "/delay/60000");
-    // Both are on the wire before SIGTERM: the short one cannot have been answered yet, and if
-    // either had not reached the sidecar, the assertions below would fail, not pass.
-    std::thread::sleep(Duration::from_millis(500));
+    // Both are on the wire before SIGTERM: the api's sidecar holds two requests for its app.
+    wait_until(
+        "two requests in flight at the api",
+        Duration::from_secs(30),
+        || admin_metric(&api, "fedmesh_sidecar_inbound_requests_active") == 2,
+    );
     let term = Instant::now();
     let pid = mesh.net.procs[api.sidecar].pid();
     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -407,5 +419,44 @@ fn proxies_restarted_with_their_control_planes_down_route_from_their_config_cach
     mesh.restart_control_plane(&mut west);
     wait_answer_from(&frontend, ip, API, "west");
     assert_eq!(connected(&frontend), Some(true));
+
+    // The gateway's limits, as flags: with `--max-connections 2`, two connections that never
+    // say hello fill it and a third from the WAN is turned away (`overloaded`); the two are
+    // closed by `--hello-timeout` (`hello_timeout`); then it carries traffic again.
+    mesh.net.procs[west.gateway].terminate(Duration::from_secs(15));
+    mesh.start_gateway(
+        &mut west,
+        &["--max-connections", "2", "--hello-timeout", "1s"],
+    );
+    let gateway = west.gateway();
+    let closed_without_a_word = |mut s: std::net::TcpStream| {
+        use std::io::Read;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = Vec::new();
+        matches!(s.read_to_end(&mut buf), Ok(0))
+    };
+    let (overloaded, timed_out) = in_ns(&mesh.wan, || {
+        let idle: Vec<_> = (0..2)
+            .map(|_| std::net::TcpStream::connect(gateway).unwrap())
+            .collect();
+        let third = std::net::TcpStream::connect(gateway).unwrap();
+        let overloaded = closed_without_a_word(third);
+        let timed_out = idle.into_iter().all(closed_without_a_word);
+        (overloaded, timed_out)
+    });
+    assert!(overloaded && timed_out);
+    let refused = |reason: &str| {
+        let (_, metrics) = in_ns(&west.node, || {
+            http_get(west.gateway_admin(), "/metrics", "x")
+        })
+        .expect("the gateway's admin port");
+        let series = format!("fedmesh_gateway_refused_total{{reason=\"{reason}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    assert_eq!((refused("overloaded"), refused("hello_timeout")), (1, 2));
+    wait_answer_from(&frontend, ip, API, "west");
     drop(api);
 }

@@ -228,16 +228,27 @@ spec:
         );
     }
     // Every request was answered while the mirror had answered none of its copies.
-    let mut copies = 0;
-    for _ in 0..100 {
-        copies = shadow_app.mirrored.load(Ordering::SeqCst);
-        if copies >= 60 {
+    // Copies go out from tasks of their own: wait until each one the caller's sidecar sent
+    // (its `mirrored_requests{reason="sent"}`) has reached the mirror.
+    let sent = || {
+        client
+            .metrics
+            .encode()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"fedmesh_sidecar_mirrored_requests_total{reason="sent"} "#)
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+            })
+            .unwrap_or(0)
+    };
+    for _ in 0..250 {
+        if shadow_app.mirrored.load(Ordering::SeqCst) >= sent() {
             break;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    copies = copies.max(shadow_app.mirrored.load(Ordering::SeqCst));
+    let copies = shadow_app.mirrored.load(Ordering::SeqCst);
+    assert_eq!(copies, sent(), "every copy sent arrived");
     assert_eq!(
         shadow_app.answered.load(Ordering::SeqCst),
         0,

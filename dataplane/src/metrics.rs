@@ -71,6 +71,8 @@ pub struct ProxyMetrics {
     pub request_errors: Family<ReasonLabels, Counter>,
     pub tcp_connections: Family<TcpLabels, Counter>,
     pub tcp_active: Gauge,
+    /// HTTP requests a sidecar has taken in for its app and not yet answered.
+    pub inbound_active: Gauge,
     pub bytes: Family<BytesLabels, Counter>,
     pub sni_connections: Family<SniLabels, Counter>,
     pub refused: Family<ReasonLabels, Counter>,
@@ -101,6 +103,7 @@ impl ProxyMetrics {
             request_errors: Family::default(),
             tcp_connections: Family::default(),
             tcp_active: Gauge::default(),
+            inbound_active: Gauge::default(),
             bytes: Family::default(),
             sni_connections: Family::default(),
             refused: Family::default(),
@@ -136,6 +139,11 @@ impl ProxyMetrics {
             "tcp_active_connections",
             "Open proxied connections",
             m.tcp_active.clone(),
+        );
+        registry.register(
+            "inbound_requests_active",
+            "HTTP requests taken in for the app and not yet answered",
+            m.inbound_active.clone(),
         );
         registry.register("bytes", "Bytes relayed", m.bytes.clone());
         registry.register(
@@ -187,6 +195,13 @@ impl ProxyMetrics {
     }
 
     /// Counts a request the proxy answered itself, by its `fedmesh-proxy-error` kind (the label
+    /// An inbound request taken in: counted in `inbound_requests_active` until the guard drops
+    /// (answered, or its caller went away).
+    pub fn inbound_request(&self) -> InFlight {
+        self.inbound_active.inc();
+        InFlight(self.inbound_active.clone())
+    }
+
     /// takes `_` where the kind has `-`).
     pub fn count_error(&self, kind: &str) {
         self.request_errors
@@ -262,5 +277,14 @@ impl ProxyMetrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// One request in a gauge of requests in flight, until dropped.
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

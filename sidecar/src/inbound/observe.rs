@@ -77,8 +77,10 @@ where
             .then(|| (req.method().clone(), req.uri().path().to_string()));
         let call: BoxFuture<_> = Box::pin(self.inner.call(req));
         let layer = self.layer.clone();
+        let active = layer.metrics.inbound_request();
         Box::pin(async move {
             let result = call.await;
+            drop(active);
             let admitted = conn
                 .as_ref()
                 .and_then(|c| c.admitted.as_ref().ok().map(|(mesh, _)| (c, mesh)));
