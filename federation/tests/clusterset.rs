@@ -1,6 +1,6 @@
 //! A hub and three control planes in-process, on loopback, with directory sources: exports
-//! propagate as ServiceImports (status, DNS), conflicts are reported, bundles are exchanged and
-//! reach every cluster's Workload API.
+//! propagate as ServiceImports (status, DNS), conflicts are reported. (Bundles reaching every
+//! cluster's Workload API, through agent processes: tests/federation_cli.rs.)
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! A steady stream of mTLS requests between two trust domains completes with zero failures across
 //! SVID rotations (every ~second) and a CA rotation of both CAs. Identities come from two agents
-//! through the Workload API, via the `spiffe` crate's X509Source, as real workloads get them.
+//! through the Workload API, as real workloads get them; each trust domain's bundle reaches the
+//! other's agent through a SPIFFE bundle endpoint.
 
 mod common;
 
