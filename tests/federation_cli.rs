@@ -598,6 +598,178 @@ fn an_admin_token_file_others_can_read_is_refused() {
     assert!(!err.contains("secret"), "the token never appears: {err}");
 }
 
+/// `fedmesh control-plane ARGS --data-dir <data>` against a running control plane; panics with
+/// its stderr on failure.
+fn cp_admin(data: &Path, args: &[&str]) {
+    let mut a = vec!["control-plane"];
+    a.extend_from_slice(args);
+    a.extend(["--data-dir", data.to_str().unwrap()]);
+    let out = fedmesh(&a);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Enrolls node `node` of the control plane at `data` for `id` and makes it a one-time join
+/// token, as an operator does (`entry create`, `token create`); the token's file.
+fn enroll(data: &Path, node: &str, id: &str, token: &Path) -> std::path::PathBuf {
+    cp_admin(
+        data,
+        &["entry", "create", "--node", node, "--spiffe-id", id],
+    );
+    cp_admin(
+        data,
+        &[
+            "token",
+            "create",
+            "--node",
+            node,
+            "--out",
+            token.to_str().unwrap(),
+        ],
+    );
+    token.to_path_buf()
+}
+
+/// Writes an entries file giving this test's uid the identity `id`.
+fn entries_for_me(file: &Path, id: &str) {
+    let tmp = file.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        format!(
+            "entries:\n  - spiffe_id: {id}\n    selectors: [\"unix:uid:{}\"]\n",
+            uid()
+        ),
+    )
+    .unwrap();
+    std::fs::rename(tmp, file).unwrap();
+}
+
+/// `fedmesh agent --control-plane` for `node`, joined with `token`, serving on `socket`.
+fn start_agent(
+    d: &Path,
+    name: &str,
+    cp_port: u16,
+    node: &str,
+    token: &Path,
+    entries: &Path,
+) -> (Proc, std::path::PathBuf) {
+    let socket = d.join(format!("{name}.sock"));
+    let p = Proc::start(
+        name,
+        &[
+            "agent",
+            "--control-plane",
+            &format!("127.0.0.1:{cp_port}"),
+            "--node",
+            node,
+            "--join-token-file",
+            token.to_str().unwrap(),
+            "--data-dir",
+            d.join(name).to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "--entries",
+            entries.to_str().unwrap(),
+        ],
+        d,
+    );
+    wait_until("the agent's socket", Duration::from_secs(30), || {
+        socket.exists()
+    });
+    (p, socket)
+}
+
+/// `fedmesh workload fetch --socket S`: the SPIFFE ID it printed, if it got an SVID.
+fn fetched_id(socket: &Path) -> Option<String> {
+    let out = fedmesh(&[
+        "workload",
+        "fetch",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--timeout",
+        "2s",
+    ]);
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find(|w| w.starts_with("spiffe://"))
+        .map(String::from)
+}
+
+/// A node whose agent joins again (a reinstall, a stolen disk image) gets a new registration:
+/// the earlier agent of that node can have no new SVID signed, and says why in its log; the new
+/// one serves. Both are `fedmesh agent` processes.
+#[test]
+fn an_agent_joining_again_leaves_the_nodes_earlier_agent_unable_to_sign() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let hub = start_hub(d);
+    let port = free_port();
+    let _cp = start_cp_on(d, &hub, "east", port);
+    let data = d.join("east-data");
+    wait_until(
+        "the control plane's admin socket",
+        Duration::from_secs(30),
+        || data.join("admin.sock").exists(),
+    );
+    const WEB: &str = "spiffe://east.example/ns/shop/sa/web";
+    const API: &str = "spiffe://east.example/ns/shop/sa/api";
+    let first_entries = d.join("first.yaml");
+    entries_for_me(&first_entries, WEB);
+    let token = enroll(&data, "node-1", WEB, &d.join("first.token"));
+    let (first, first_socket) = start_agent(d, "first", port, "node-1", &token, &first_entries);
+    assert_eq!(fetched_id(&first_socket).as_deref(), Some(WEB));
+
+    // The node joins again with a new token.
+    cp_admin(
+        &data,
+        &[
+            "token",
+            "create",
+            "--node",
+            "node-1",
+            "--out",
+            d.join("second.token").to_str().unwrap(),
+        ],
+    );
+    let second_entries = d.join("second.yaml");
+    entries_for_me(&second_entries, WEB);
+    let (_second, second_socket) = start_agent(
+        d,
+        "second",
+        port,
+        "node-1",
+        &d.join("second.token"),
+        &second_entries,
+    );
+    assert_eq!(fetched_id(&second_socket).as_deref(), Some(WEB));
+
+    // The node may now host api too; the first agent, told to serve it, cannot get it signed.
+    cp_admin(
+        &data,
+        &["entry", "create", "--node", "node-1", "--spiffe-id", API],
+    );
+    entries_for_me(&first_entries, API);
+    wait_until(
+        "the first agent to be refused",
+        Duration::from_secs(30),
+        || first.log().contains("earlier registration of this node"),
+    );
+    assert_ne!(fetched_id(&first_socket).as_deref(), Some(API));
+    // The second agent gets it.
+    entries_for_me(&second_entries, API);
+    wait_until(
+        "the second agent to serve api",
+        Duration::from_secs(30),
+        || fetched_id(&second_socket).as_deref() == Some(API),
+    );
+}
+
 /// Each cluster's node agent, run as an operator runs it (`fedmesh agent --control-plane`,
 /// enrolled with `fedmesh control-plane entry create` and `token create`), hands its workload an
 /// SVID of its own cluster and the bundles of every cluster in the clusterset, which its control
@@ -619,73 +791,24 @@ fn each_clusters_agent_serves_its_workloads_every_clusters_bundle() {
             Duration::from_secs(30),
             || cp_data.join("admin.sock").exists(),
         );
-        let cp_dir = cp_data.to_str().unwrap();
         let id = format!("spiffe://{name}.example/ns/shop/sa/web");
-        let out = fedmesh(&[
-            "control-plane",
-            "entry",
-            "create",
-            "--node",
+        let token = enroll(
+            &cp_data,
             "node-1",
-            "--spiffe-id",
             &id,
-            "--data-dir",
-            cp_dir,
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let token = d.join(format!("{name}-agent-token"));
-        let out = fedmesh(&[
-            "control-plane",
-            "token",
-            "create",
-            "--node",
-            "node-1",
-            "--out",
-            token.to_str().unwrap(),
-            "--data-dir",
-            cp_dir,
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+            &d.join(format!("{name}-agent-token")),
         );
         let entries = d.join(format!("{name}-entries.yaml"));
-        std::fs::write(
-            &entries,
-            format!(
-                "entries:\n  - spiffe_id: {id}\n    selectors: [\"unix:uid:{}\"]\n",
-                uid()
-            ),
-        )
-        .unwrap();
-        let socket = d.join(format!("{name}-agent.sock"));
-        procs.push(Proc::start(
-            &format!("{name}-agent"),
-            &[
-                "agent",
-                "--control-plane",
-                &format!("127.0.0.1:{port}"),
-                "--node",
-                "node-1",
-                "--join-token-file",
-                token.to_str().unwrap(),
-                "--data-dir",
-                d.join(format!("{name}-agent")).to_str().unwrap(),
-                "--socket",
-                socket.to_str().unwrap(),
-                "--entries",
-                entries.to_str().unwrap(),
-            ],
+        entries_for_me(&entries, &id);
+        let (agent, socket) = start_agent(
             d,
-        ));
-        wait_until("the agent's socket", Duration::from_secs(30), || {
-            socket.exists()
-        });
+            &format!("{name}-agent"),
+            port,
+            "node-1",
+            &token,
+            &entries,
+        );
+        procs.push(agent);
         sockets.push((name, id, socket));
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
