@@ -24,6 +24,8 @@ pub enum TokenError {
         "join token is malformed: expected fmj1.<id>.<secret>.<ca hash>, as printed by `fedmesh hub token create`"
     )]
     Malformed,
+    #[error("a token lifetime of {0:?} does not fit a date; give a shorter one")]
+    Lifetime(Duration),
     #[error("join token {0} is unknown to this hub (was it created on another clusterset?)")]
     Unknown(String),
     #[error("join token {id} expired at {at}; create a new one")]
@@ -147,7 +149,11 @@ pub async fn create_with(
         ca_pin: ca_pin.to_string(),
     };
     let now = now_unix();
-    let expires = now + ttl.as_secs() as i64;
+    // A lifetime past what a date can hold must not wrap round into the past.
+    let expires = i64::try_from(ttl.as_secs())
+        .ok()
+        .and_then(|t| now.checked_add(t))
+        .ok_or(TokenError::Lifetime(ttl))?;
     let record = TokenRecord {
         subject,
         trust_domain,

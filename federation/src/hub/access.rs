@@ -64,6 +64,7 @@ pub struct AdminTokenView {
 }
 
 #[derive(Serialize, Deserialize, ToSchema, Debug, Clone)]
+#[serde(deny_unknown_fields)]
 pub struct AdminTokenRequest {
     /// Lower-case letters, digits and '-', at most 63 (e.g. `ci-readonly`).
     pub name: String,

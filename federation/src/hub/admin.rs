@@ -131,7 +131,11 @@ pub struct BundleStatus {
     pub jwt_authorities: usize,
 }
 
+/// The longest a join token may live.
+pub const MAX_JOIN_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
 #[derive(Serialize, Deserialize, ToSchema, Debug, Clone)]
+#[serde(deny_unknown_fields)]
 pub struct TokenRequest {
     pub cluster: String,
     /// The trust domain the cluster registers with; the token registers this one and no other.
@@ -588,6 +592,16 @@ async fn create_token(
         .map(humantime::parse_duration)
         .transpose()
     {
+        Ok(Some(t)) if t.is_zero() || t > MAX_JOIN_TOKEN_TTL => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "ttl: {} is not between 1s and {} (a join token is a bearer secret until it is used: keep it short)",
+                    humantime::format_duration(t),
+                    humantime::format_duration(MAX_JOIN_TOKEN_TTL)
+                ),
+            );
+        }
         Ok(t) => t,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("ttl: {e} (write e.g. 1h)")),
     };
