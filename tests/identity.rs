@@ -684,3 +684,32 @@ fn key_ids(der: &[u8]) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
     }
     (ski, aki)
 }
+
+/// A process no registration entry matches gets the agent's refusal from `fedmesh workload
+/// fetch` at once, with what to check — not a wait until `--timeout` (review found it waited out
+/// its 10 s deadline on the PermissionDenied it had been given).
+#[test]
+fn workload_fetch_by_an_unregistered_process_says_so_instead_of_timing_out() {
+    // Entries for another uid only.
+    let s = start_agent(&format!(
+        "entries:\n  - spiffe_id: {WEB}\n    selectors: [\"unix:uid:{}\"]\n",
+        uid() + 1
+    ));
+    let out = fedmesh(&[
+        "workload",
+        "fetch",
+        "--socket",
+        s.socket.to_str().unwrap(),
+        "--timeout",
+        "10m",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("has no identity for this process")
+            && err.contains(&format!("uid {}", uid()))
+            && err.contains("--entries"),
+        "{err}"
+    );
+    assert!(!err.contains("within"), "refused, not timed out: {err}");
+}

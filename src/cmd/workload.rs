@@ -46,31 +46,40 @@ pub async fn run(cmd: WorkloadCommand) -> anyhow::Result<()> {
                     );
                 }
             }
-            let source = tokio::time::timeout(
-                timeout,
-                spiffe::X509Source::builder().endpoint(&endpoint).build(),
-            )
+            // One call, as `spire-agent api fetch` makes: a refusal (this process is not
+            // registered) is the answer, not something to retry until --timeout.
+            let context = tokio::time::timeout(timeout, async {
+                let client = spiffe::WorkloadApiClient::connect_to(&endpoint).await?;
+                client.fetch_x509_context().await
+            })
             .await
             .with_context(|| format!("no answer from the Workload API at {endpoint} within {timeout:?}"))?
-            .with_context(|| {
-                format!("cannot fetch an SVID from {endpoint}; is the agent running and is this process registered?")
+            .map_err(|e| match e {
+                spiffe::WorkloadApiError::NoIdentityIssued | spiffe::WorkloadApiError::PermissionDenied(_) => {
+                    anyhow::anyhow!(
+                        "the Workload API at {endpoint} has no identity for this process ({e}): no registration entry matches it (uid {}); check the agent's --entries",
+                        unsafe { libc::getuid() }
+                    )
+                }
+                e => anyhow::anyhow!("cannot fetch an SVID from {endpoint}: {e}; is the agent running?"),
             })?;
-            let svid = source.svid()?;
+            let svid = context
+                .default_svid()
+                .context("the Workload API answered with no SVID")?;
             let leaf = inspect(svid.leaf().as_bytes())?;
             println!("SPIFFE ID:   {}", svid.spiffe_id());
             println!("valid until: {}", rfc3339(leaf.not_after));
             println!("chain:       {} certificate(s)", svid.cert_chain().len());
-            let bundles = source.bundle_set()?;
+            let bundles = context.bundle_set();
             let mut tds: Vec<_> = bundles.iter().collect();
             tds.sort_by_key(|(td, _)| td.to_string());
             for (td, b) in &tds {
                 println!("bundle:      {td} ({} authorities)", b.authorities().len());
             }
             if let Some(dir) = write {
-                write_pem_files(&dir, &svid, &bundles)?;
+                write_pem_files(&dir, svid, bundles)?;
                 println!("wrote svid.pem, svid.key and bundles to {}", dir.display());
             }
-            source.shutdown().await;
             Ok(())
         }
     }
