@@ -713,3 +713,45 @@ fn workload_fetch_by_an_unregistered_process_says_so_instead_of_timing_out() {
     );
     assert!(!err.contains("within"), "refused, not timed out: {err}");
 }
+
+/// The Workload API socket is open to every local user (mode 0666), and review found one uid
+/// could hold 5,000 connections until the agent ran out of file descriptors. A uid now holds at
+/// most 256: past that a new connection is closed at once, and it is served again as soon as it
+/// lets some go.
+#[test]
+fn one_uid_cannot_hold_more_than_its_share_of_the_workload_api_socket() {
+    use std::io::Read;
+    let s = start_agent(&my_entry());
+    let held: Vec<std::os::unix::net::UnixStream> = (0..300)
+        .map(|_| std::os::unix::net::UnixStream::connect(&s.socket).unwrap())
+        .collect();
+    for c in &held {
+        c.set_nonblocking(true).unwrap();
+    }
+    // The agent closes what is over the limit, and only that.
+    let closed = || {
+        held.iter()
+            .filter(|c| matches!((&**c).read(&mut [0u8; 1]), Ok(0)))
+            .count()
+    };
+    wait_until(
+        "44 connections over the limit closed",
+        Duration::from_secs(30),
+        || closed() >= 44,
+    );
+    assert_eq!(closed(), 44, "exactly those over 256");
+    let pid = s.agent.child.id();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    // Each connection holds its socket and the caller's pidfd (taken at accept for attestation).
+    assert!(fds < 2 * 256 + 64, "the agent holds {fds} fds");
+    // Letting some go makes room: the uid is served again.
+    drop(held);
+    let out = fedmesh(&["workload", "fetch", "--socket", s.socket.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

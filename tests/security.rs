@@ -487,3 +487,81 @@ fn the_admin_api_refuses_absurd_token_lifetimes_and_unknown_fields() {
     assert_eq!(code, 422, "{body}");
     assert!(body.contains("expires"), "{body}");
 }
+
+/// Open file descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// The hub's admin port held idle and slow clients forever (review: 5,000 half-open connections
+/// took the hub from 16 to 5,016 fds). Now a request head must arrive within 10 s, so idle and
+/// slow-loris connections are cut, and at most 1,024 are open at once; a good client is served
+/// once they are gone.
+#[test]
+fn the_hub_admin_port_cuts_idle_and_slow_clients_and_bounds_its_connections() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path());
+    let pid = hub.proc.child.id();
+    let addr: std::net::SocketAddr = hub.admin.trim_start_matches("http://").parse().unwrap();
+    let before = open_fds(pid);
+
+    // 1,100 connections that never send a byte, and one that sends its head a byte at a time.
+    let mut idle: Vec<std::net::TcpStream> = (0..1100)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: hub\r\n")
+        .unwrap();
+    wait_until(
+        "the hub to take in what it will",
+        Duration::from_secs(30),
+        || open_fds(pid) >= before + 1000,
+    );
+    let held = open_fds(pid);
+    assert!(
+        held <= before + 1024 + 8,
+        "{held} fds open (from {before}): the connection limit holds"
+    );
+    // The slow one keeps dribbling; it is cut all the same.
+    let slow_cut = std::thread::spawn(move || {
+        for _ in 0..120 {
+            if slow.write_all(b"X").is_err() {
+                return true;
+            }
+            let mut b = [0u8; 1];
+            slow.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            if matches!(slow.read(&mut b), Ok(0)) {
+                return true;
+            }
+        }
+        false
+    });
+    // Every idle connection ends: cut by the head timeout, or refused over the limit.
+    for c in &mut idle {
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut b = Vec::new();
+        assert!(
+            matches!(c.read_to_end(&mut b), Ok(0)),
+            "an idle connection is closed without an answer"
+        );
+    }
+    assert!(slow_cut.join().unwrap(), "the slow-loris connection is cut");
+    drop(idle);
+    wait_until(
+        "the hub's fds back to where they were",
+        Duration::from_secs(30),
+        || open_fds(pid) <= before + 4,
+    );
+    let mut a = vec!["status".to_string()];
+    a.extend(admin_args(&hub));
+    let out = run(&a);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

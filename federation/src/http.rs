@@ -97,3 +97,72 @@ impl axum::serve::Listener for HttpListener {
         })
     }
 }
+
+/// A request head must arrive within this; an idle connection, or one that dribbles its head
+/// (slow-loris), is closed at this point.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Request heads larger than this are answered 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Open connections of one HTTP/1.1 server; beyond it a new one is closed at once.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// On shutdown, open connections get this long to finish.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `router` over HTTP/1.1 on `listener` (TLS with `tls`) until `shutdown`, with the
+/// limits axum's own server lacks: [`HEADER_READ_TIMEOUT`] on every request head (which also
+/// cuts a connection that never sends one), [`MAX_HEADER_BYTES`], and [`MAX_CONNECTIONS`].
+/// Handlers see the caller as `ConnectInfo<Peer>`.
+pub async fn serve_http1(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    router: axum::Router,
+    name: &'static str,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use axum::serve::Listener as _;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut listener = HttpListener::new(listener, tls)?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let (io, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            c = listener.accept() => c,
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(server = name, peer = %peer.remote, "too many connections; closed a new one");
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(
+            router
+                .clone()
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+        );
+        let graceful = shutdown.clone();
+        tracker.spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES);
+            let conn = http
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(server = name, error = %e, "connection ended with an error");
+                    }
+                }
+                _ = graceful.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    tracker.close();
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await;
+    Ok(())
+}

@@ -932,11 +932,7 @@ pub async fn serve_admin(
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let listener = crate::http::HttpListener::new(listener, tls)?;
-    let app = admin::router(state).into_make_service_with_connect_info::<crate::http::Peer>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    crate::http::serve_http1(listener, tls, admin::router(state), "admin API", shutdown).await
 }
 
 impl Hub {

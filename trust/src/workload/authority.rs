@@ -77,9 +77,17 @@ pub struct AuthorityRewrite<S> {
     decoder: loona_hpack::Decoder<'static>,
     encoder: loona_hpack::Encoder<'static>,
     eof: bool,
+    /// Whatever must live as long as the connection (the server's per-caller count).
+    held: Option<Box<dyn Send + Sync>>,
 }
 
 impl<S> AuthorityRewrite<S> {
+    /// Keeps `value` until the connection is dropped.
+    pub fn holding(mut self, value: impl Send + Sync + 'static) -> Self {
+        self.held = Some(Box::new(value));
+        self
+    }
+
     pub fn new(inner: S) -> Self {
         let mut decoder = loona_hpack::Decoder::new();
         decoder.set_max_allowed_table_size(HPACK_TABLE);
@@ -94,6 +102,7 @@ impl<S> AuthorityRewrite<S> {
             decoder,
             encoder,
             eof: false,
+            held: None,
         }
     }
 

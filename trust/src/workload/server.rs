@@ -444,6 +444,48 @@ pub async fn serve(
     serve_with_attestor(listener, socket_path, cache, None, shutdown).await
 }
 
+/// Connections one uid may hold open to the socket (mode 0666: every local user can connect, and
+/// is attested only once it asks). More is a client bug or an attack, and would spend the
+/// agent's file descriptors that every other workload needs.
+pub const MAX_CONNECTIONS_PER_UID: usize = 256;
+
+/// Open connections by the caller's uid.
+#[derive(Clone, Default)]
+struct UidSlots(Arc<std::sync::Mutex<HashMap<u32, usize>>>);
+
+/// One connection of a uid, counted until dropped.
+struct UidSlot {
+    slots: UidSlots,
+    uid: u32,
+}
+
+impl UidSlots {
+    fn take(&self, uid: u32) -> Option<UidSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(uid).or_default();
+        if *n >= MAX_CONNECTIONS_PER_UID {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot {
+            slots: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
+}
+
 /// [`serve`], attesting callers in Kubernetes pods with `k8s`.
 pub async fn serve_with_attestor(
     listener: UnixListener,
@@ -458,6 +500,24 @@ pub async fn serve_with_attestor(
         shutdown.await;
         close.cancel();
     };
+    let slots = UidSlots::default();
+    let incoming = UnixListenerStream::new(listener).filter_map(move |s| match s {
+        Ok(stream) => {
+            let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+            match slots.take(uid) {
+                Some(slot) => Some(Ok(AuthorityRewrite::new(stream).holding(slot))),
+                None => {
+                    tracing::debug!(
+                        uid,
+                        limit = MAX_CONNECTIONS_PER_UID,
+                        "Workload API: a uid at its connection limit; closed a new one"
+                    );
+                    None
+                }
+            }
+        }
+        Err(e) => Some(Err(e)),
+    });
     let result = crate::grpc::server()
         .add_service(
             match k8s {
@@ -466,10 +526,7 @@ pub async fn serve_with_attestor(
             }
             .into_service(),
         )
-        .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener).map(|s| s.map(AuthorityRewrite::new)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = std::fs::remove_file(&socket_path);
     result
