@@ -7,116 +7,18 @@
 
 mod support;
 
-use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::chown;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use fedmesh_testbed::apps::EchoResponse;
-use support::netns::{HttpAnswer, Mesh, Pod, SIDECAR_ADMIN, http_get, http_request, in_ns};
+use support::netns::load::{Clients, Outcome};
+use support::netns::{Mesh, Pod, SIDECAR_ADMIN, http_get, http_request, in_ns};
 use support::pods::{call, clusterset_ip, export, wait_answer_from};
 use support::wait_until;
 
 const API: &str = "api.shop.svc.clusterset.local";
-
-/// One request of a [`Clients`] run: when it started and ended, and what came back.
-#[derive(Debug, Clone)]
-struct Outcome {
-    method: &'static str,
-    started: Instant,
-    ended: Instant,
-    answer: Result<(u16, Option<String>), String>,
-}
-
-impl Outcome {
-    fn ok(&self) -> bool {
-        matches!(self.answer, Ok((200, _)))
-    }
-    /// Whether it was on the wire at `t`.
-    fn in_flight_at(&self, t: Instant) -> bool {
-        self.started < t && self.ended > t
-    }
-}
-
-/// Clients in a pod's namespace, each sending `method path` to `ip` one request after another
-/// (a new connection each, as the pod's app would) until stopped. Bounded: 5,000 requests or
-/// 3 minutes per client.
-struct Clients {
-    stop: Arc<AtomicBool>,
-    outcomes: Arc<Mutex<Vec<Outcome>>>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Clients {
-    fn start(pod: &Pod, ip: Ipv4Addr, methods: &[&'static str], path: &str) -> Clients {
-        let stop = Arc::new(AtomicBool::new(false));
-        let outcomes = Arc::new(Mutex::new(Vec::new()));
-        let threads = methods
-            .iter()
-            .map(|&method| {
-                let (stop, outcomes, path) = (stop.clone(), outcomes.clone(), path.to_string());
-                let ns = File::open(format!("/run/netns/{}", pod.ns)).unwrap();
-                std::thread::spawn(move || {
-                    use std::os::fd::AsRawFd;
-                    assert_eq!(
-                        unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-                        0
-                    );
-                    let begin = Instant::now();
-                    for _ in 0..5_000 {
-                        if stop.load(Ordering::Relaxed)
-                            || begin.elapsed() > Duration::from_secs(180)
-                        {
-                            break;
-                        }
-                        let started = Instant::now();
-                        let answer =
-                            http_request(SocketAddr::from((ip, 80)), method, &path, API, &[])
-                                .map(|a: HttpAnswer| {
-                                    (a.status, a.header("fedmesh-proxy-error").map(String::from))
-                                })
-                                .map_err(|e| e.to_string());
-                        outcomes.lock().unwrap().push(Outcome {
-                            method,
-                            started,
-                            ended: Instant::now(),
-                            answer,
-                        });
-                    }
-                })
-            })
-            .collect();
-        Clients {
-            stop,
-            outcomes,
-            threads,
-        }
-    }
-
-    /// Waits until `n` requests that started after `t` have succeeded.
-    fn until_ok_after(&self, t: Instant, n: usize) {
-        wait_until(
-            &format!("{n} good answers to requests sent after the fault"),
-            Duration::from_secs(90),
-            || {
-                let o = self.outcomes.lock().unwrap();
-                o.iter().filter(|o| o.started > t && o.ok()).count() >= n
-            },
-        );
-    }
-
-    fn finish(self) -> Vec<Outcome> {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        self.outcomes.lock().unwrap().clone()
-    }
-}
 
 /// A sidecar's `fedmesh_sidecar_request_errors_total{reason=...}`, read in its pod.
 fn proxy_errors(pod: &Pod, reason: &str) -> u64 {
@@ -186,7 +88,7 @@ fn an_app_or_a_sidecar_killed_with_sigkill_fails_only_the_requests_in_flight_on_
     // Six clients, each with one request in flight at a time, held 150 ms by the app: about two
     // on each endpoint at any moment. Half send GET, half POST.
     let methods = ["GET", "POST", "GET", "POST", "GET", "POST"];
-    let clients = Clients::start(&frontend, ip, &methods, "/delay/150");
+    let clients = Clients::start(&frontend, ip, API, &methods, "/delay/150");
     clients.until_ok_after(Instant::now(), 60);
 
     // 1. api1's sidecar dies. Requests on their way to it are reset: a GET is retried on
@@ -270,8 +172,8 @@ fn a_sidecar_on_sigterm_finishes_requests_in_flight_and_cuts_them_at_the_drain_t
 
     // One request the app holds for 1.5 s, well inside the drain timeout, and one it holds
     // for 60 s, far past it.
-    let short = Clients::start(&frontend, ip, &["GET"], "/delay/1500");
-    let long = Clients::start(&frontend, ip, &["GET"], "/delay/60000");
+    let short = Clients::start(&frontend, ip, API, &["GET"], "/delay/1500");
+    let long = Clients::start(&frontend, ip, API, &["GET"], "/delay/60000");
     // Both are on the wire before SIGTERM: the api's sidecar holds two requests for its app.
     wait_until(
         "two requests in flight at the api",

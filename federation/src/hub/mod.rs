@@ -911,7 +911,13 @@ pub async fn serve_grpc(
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = fedmesh_trust::grpc::incoming(listener, hub.server_tls());
+    // The hub records a cluster's presence while its stream lives, so a stream whose peer went
+    // silent (a partition drops packets; nothing closes) must end well inside --stale-after:
+    // PING after a heartbeat of silence, and give up after another.
+    let heartbeat = hub.config.heartbeat();
     fedmesh_trust::grpc::server()
+        .http2_keepalive_interval(Some(heartbeat))
+        .http2_keepalive_timeout(Some(heartbeat))
         .layer(fedmesh_trust::grpc::UnauthenticatedLimitLayer::new(&[
             "/fedmesh.federation.v1.Federation/Join",
         ]))

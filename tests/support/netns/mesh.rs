@@ -70,6 +70,9 @@ pub struct Mesh {
     pub net: Net,
     pub wan: String,
     hub_data: PathBuf,
+    /// The hub's process index in [`Net::procs`].
+    pub hub: usize,
+    hub_args: Vec<String>,
 }
 
 impl Mesh {
@@ -102,10 +105,30 @@ impl Mesh {
             &a,
         ];
         args.extend_from_slice(hub_args);
-        net.spawn(&wan, "hub", None, &args);
-        let wan2 = wan.clone();
+        let hub_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let mut mesh = Mesh {
+            net,
+            wan,
+            hub_data,
+            hub: usize::MAX,
+            hub_args,
+        };
+        mesh.start_hub();
+        mesh
+    }
+
+    /// Starts the hub (again: the one before must have exited) on its data directory, and waits
+    /// for its admin API.
+    pub fn start_hub(&mut self) {
+        let name = match self.hub {
+            usize::MAX => "hub".to_string(),
+            _ => format!("hub-{}", self.net.procs.len()),
+        };
+        let args: Vec<&str> = self.hub_args.iter().map(String::as_str).collect();
+        self.hub = self.net.spawn(&self.wan, &name, None, &args);
+        let wan = self.wan.clone();
         wait_until("the hub's admin API", Duration::from_secs(30), || {
-            in_ns(&wan2, || {
+            in_ns(&wan, || {
                 TcpStream::connect_timeout(
                     &SocketAddr::from((HUB_IP, HUB_ADMIN)),
                     Duration::from_millis(200),
@@ -113,7 +136,15 @@ impl Mesh {
                 .is_ok()
             })
         });
-        Mesh { net, wan, hub_data }
+    }
+
+    /// Takes cluster `c`'s WAN link down (`up: false`) or brings it back: a partition.
+    pub fn set_wan_link(&self, c: &ClusterNet, up: bool) {
+        let state = if up { "up" } else { "down" };
+        self.net.ip(
+            &self.wan,
+            &["link", "set", &format!("to-{}", c.name), state],
+        );
     }
 
     /// A GET on the hub's admin API (with its admin token), from the WAN: (status, body).

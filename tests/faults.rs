@@ -1,0 +1,278 @@
+//! Faults under steady load, in clusters that share only a WAN (as `tests/netns.rs` builds them,
+//! every part the real binary in its own namespace): the hub killed with SIGKILL and restarted
+//! on its store, a cluster partitioned from the WAN and reconnected, and a whole remote cluster
+//! dying while it serves half of a split. Four clients call across clusters the whole time;
+//! each case reports requests sent, failed and the longest gap between answers (the figures of
+//! benchmarks/RELIABILITY.md), and asserts what the README promises. Needs root and `ip netns`;
+//! elsewhere the tests say so and skip (CI requires them).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use fedmesh_testbed::yaml;
+use support::netns::load::{Clients, Outcome, report};
+use support::netns::{ClusterNet, Mesh, Pod};
+use support::pods::{clusterset_ip, export, wait_answer_from};
+use support::wait_until;
+
+const API: &str = "api.shop.svc.clusterset.local";
+const REVIEWS: &str = "reviews.shop.svc.clusterset.local";
+
+/// East calls; west serves `api` and half of `reviews`, central the other half.
+struct Setup {
+    mesh: Mesh,
+    east: ClusterNet,
+    west: ClusterNet,
+    central: ClusterNet,
+    frontend: Pod,
+    pods: Vec<Pod>,
+}
+
+fn setup(dir: &std::path::Path, hub_args: &[&str]) -> Setup {
+    let mut mesh = Mesh::start_with_hub_args(dir, hub_args);
+    let mut east = mesh.add_cluster(1, "east", "us-east", &["frontend"]);
+    let mut west = mesh.add_cluster(2, "west", "us-west", &["api", "reviews"]);
+    let mut central = mesh.add_cluster(3, "central", "eu-central", &["reviews"]);
+    let api = mesh.add_pod(&mut west, "api", "us-west-1a", true);
+    let rev_w = mesh.add_pod(&mut west, "reviews", "us-west-1a", true);
+    let rev_c = mesh.add_pod(&mut central, "reviews", "eu-central-1a", true);
+    export(&west, "api", &[(&api, "us-west-1a")]);
+    export(&west, "reviews", &[(&rev_w, "us-west-1a")]);
+    export(&central, "reviews", &[(&rev_c, "eu-central-1a")]);
+    east.write(
+        "reviews-split.yaml",
+        &yaml::cluster_split("shop", "reviews", &[("west", 50), ("central", 50)]),
+    );
+    let frontend = mesh.add_pod(&mut east, "frontend", "us-east-1a", false);
+    let api_ip = clusterset_ip(&frontend, &east, "api");
+    let reviews_ip = clusterset_ip(&frontend, &east, "reviews");
+    wait_answer_from(&frontend, api_ip, API, "west");
+    wait_answer_from(&frontend, reviews_ip, REVIEWS, "west");
+    wait_answer_from(&frontend, reviews_ip, REVIEWS, "central");
+    Setup {
+        mesh,
+        east,
+        west,
+        central,
+        frontend,
+        pods: vec![api, rev_w, rev_c],
+    }
+}
+
+/// Two clients on `api` and two on `reviews`, from east's frontend.
+fn load(s: &Setup) -> (Clients, Clients) {
+    let api = clusterset_ip(&s.frontend, &s.east, "api");
+    let reviews = clusterset_ip(&s.frontend, &s.east, "reviews");
+    (
+        Clients::start(&s.frontend, api, API, &["GET", "GET"], "/"),
+        Clients::start(&s.frontend, reviews, REVIEWS, &["GET", "GET"], "/"),
+    )
+}
+
+/// One line of the reliability report; panics naming the failures if any request failed.
+fn assert_none_failed(case: &str, what: &str, outcomes: &[Outcome]) {
+    let (sent, failed, gap) = report(outcomes);
+    eprintln!(
+        "RELIABILITY | {case} | {what} | {sent} requests | {failed} failed | longest gap {gap:?}"
+    );
+    let failures: Vec<&Outcome> = outcomes.iter().filter(|o| !o.ok()).take(10).collect();
+    assert_eq!(failed, 0, "{case}: {what}: {failures:?}");
+}
+
+/// The clusterset as the hub's admin API shows it: clusters and who exports what.
+fn view(mesh: &Mesh) -> (Vec<String>, Vec<String>) {
+    let s: serde_json::Value =
+        serde_json::from_str(&mesh.fedmesh_admin(&["status", "-o", "json"])).unwrap();
+    let mut clusters: Vec<String> = s["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    clusters.sort();
+    let mut exports: Vec<String> = s["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|svc| {
+            let name = svc["service"].as_str().unwrap().to_string();
+            svc["clusters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(move |c| format!("{name}@{}", c["cluster"].as_str().unwrap()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    exports.sort();
+    (clusters, exports)
+}
+
+fn cluster_state(mesh: &Mesh, name: &str) -> serde_json::Value {
+    let s: serde_json::Value =
+        serde_json::from_str(&mesh.fedmesh_admin(&["status", "-o", "json"])).unwrap();
+    s["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_hub_killed_and_restarted_on_its_store_costs_no_request_and_loses_nothing() {
+    if support::netns::skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = setup(dir.path(), &[]);
+    let before = view(&s.mesh);
+    let (api, reviews) = load(&s);
+    api.until_ok_after(Instant::now(), 50);
+
+    // SIGKILL, no warning. While the hub is away, west exports another service.
+    let killed = Instant::now();
+    s.mesh.net.procs[s.mesh.hub].kill();
+    let ratings = s.mesh.add_pod(&mut s.west, "api", "us-west-1a", true);
+    export(&s.west, "ratings", &[(&ratings, "us-west-1a")]);
+    // The clusterset keeps working without it: a few hundred answers with the hub down.
+    api.until_ok_after(killed, 200);
+    reviews.until_ok_after(killed, 200);
+    s.mesh.start_hub();
+    let restarted = Instant::now();
+    // The change made during the outage arrives; nothing else changed.
+    let mut after = view(&s.mesh);
+    wait_until(
+        "the outage's export at the hub",
+        Duration::from_secs(60),
+        || {
+            after = view(&s.mesh);
+            after.1.contains(&"shop/ratings@west".to_string())
+        },
+    );
+    let mut expected = before.clone();
+    expected.1.push("shop/ratings@west".into());
+    expected.1.sort();
+    assert_eq!(
+        after, expected,
+        "the hub's view after equals before, plus the outage's change"
+    );
+    api.until_ok_after(restarted, 50);
+    let (api, reviews) = (api.finish(), reviews.finish());
+    let outage = restarted - killed;
+    eprintln!("RELIABILITY | hub SIGKILL | hub down for {outage:?}");
+    assert_none_failed("hub SIGKILL", "api (west)", &api);
+    assert_none_failed("hub SIGKILL", "reviews (west/central split)", &reviews);
+    drop((ratings, s.pods));
+}
+
+#[test]
+fn a_partitioned_cluster_goes_stale_keeps_its_exports_and_serves_again_once_reconnected() {
+    if support::netns::skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path(), &["--stale-after", "2s"]);
+    let (api, reviews) = load(&s);
+    api.until_ok_after(Instant::now(), 50);
+    let before = view(&s.mesh);
+
+    // Central's WAN link goes down: its gateway and its control plane's hub stream with it.
+    let cut = Instant::now();
+    s.mesh.set_wan_link(&s.central, false);
+    wait_until("central marked stale", Duration::from_secs(60), || {
+        cluster_state(&s.mesh, "central")["stale"] == true
+    });
+    eprintln!(
+        "RELIABILITY | partition | central marked stale {:?} after the cut (--stale-after 2s)",
+        cut.elapsed()
+    );
+    assert_eq!(
+        view(&s.mesh),
+        before,
+        "a stale cluster's exports are not withdrawn"
+    );
+    // Everything keeps answering from west meanwhile.
+    api.until_ok_after(cut, 200);
+    reviews.until_ok_after(cut, 200);
+    s.mesh.set_wan_link(&s.central, true);
+    let healed = Instant::now();
+    wait_until("central fresh again", Duration::from_secs(60), || {
+        cluster_state(&s.mesh, "central")["stale"] == false
+    });
+    // Traffic into central resumes.
+    wait_until(
+        "an answer from central after the partition",
+        Duration::from_secs(60),
+        || {
+            reviews
+                .outcomes
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|o| o.started > healed && o.cluster.as_deref() == Some("central"))
+        },
+    );
+    let (api, reviews) = (api.finish(), reviews.finish());
+    let during = |o: &Outcome| o.started > cut && o.started < healed;
+    let central_during = reviews
+        .iter()
+        .filter(|o| during(o) && o.cluster.as_deref() == Some("central"))
+        .count();
+    eprintln!(
+        "RELIABILITY | partition | central cut off for {:?}; {central_during} answers from central meanwhile",
+        healed - cut
+    );
+    assert_none_failed("partition", "api (west)", &api);
+    assert_none_failed("partition", "reviews (west/central split)", &reviews);
+    drop(s.pods);
+}
+
+#[test]
+fn a_remote_cluster_dying_mid_split_moves_its_share_with_no_failed_request() {
+    if support::netns::skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = setup(dir.path(), &[]);
+    let (api, reviews) = load(&s);
+    reviews.until_ok_after(Instant::now(), 100);
+
+    // Central dies whole: its gateway, its pod's app and sidecar, its control plane.
+    let died = Instant::now();
+    let central_pod = s.pods.pop().unwrap();
+    for i in [
+        s.central.gateway,
+        central_pod.sidecar,
+        central_pod.app.unwrap(),
+        s.central.control_plane,
+    ] {
+        s.mesh.net.procs[i].kill();
+    }
+    reviews.until_ok_after(died, 300);
+    let (api, reviews) = (api.finish(), reviews.finish());
+    // When the split stopped sending to central: the last answer from it.
+    let last_central = reviews
+        .iter()
+        .filter(|o| o.cluster.as_deref() == Some("central"))
+        .map(|o| o.ended)
+        .max()
+        .unwrap();
+    let after: Vec<&Outcome> = reviews.iter().filter(|o| o.started > died).collect();
+    eprintln!(
+        "RELIABILITY | cluster death | {} requests after central died, all answered by west; last answer from central {:?} after the kill",
+        after.len(),
+        last_central.saturating_duration_since(died)
+    );
+    assert!(
+        after
+            .iter()
+            .all(|o| !o.ok() || o.cluster.as_deref() == Some("west")),
+        "after central died, only west answers"
+    );
+    assert_none_failed("cluster death", "api (west)", &api);
+    assert_none_failed("cluster death", "reviews (split, central dead)", &reviews);
+    drop(s.pods);
+}
