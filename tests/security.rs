@@ -521,8 +521,10 @@ fn the_hub_admin_port_cuts_idle_and_slow_clients_and_bounds_its_connections() {
         || open_fds(pid) >= before + 1000,
     );
     let held = open_fds(pid);
+    // 1,024 served, and at most the 64 accepted connections queued for the server loop (closed
+    // as it reaches them when it is full).
     assert!(
-        held <= before + 1024 + 8,
+        held <= before + 1024 + 64 + 8,
         "{held} fds open (from {before}): the connection limit holds"
     );
     // The slow one keeps dribbling; it is cut all the same.

@@ -914,10 +914,12 @@ pub async fn serve_grpc(
     // The hub records a cluster's presence while its stream lives, so a stream whose peer went
     // silent (a partition drops packets; nothing closes) must end well inside --stale-after:
     // PING after a heartbeat of silence, and give up after another.
-    let heartbeat = hub.config.heartbeat();
+    // (At least a second each: a PING answered late on a busy machine must not cut a live
+    // stream.)
+    let keepalive = hub.config.heartbeat().max(Duration::from_secs(1));
     fedmesh_trust::grpc::server()
-        .http2_keepalive_interval(Some(heartbeat))
-        .http2_keepalive_timeout(Some(heartbeat))
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(keepalive))
         .layer(fedmesh_trust::grpc::UnauthenticatedLimitLayer::new(&[
             "/fedmesh.federation.v1.Federation/Join",
         ]))
