@@ -6,14 +6,15 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fedmesh_test_support::EtcdServer;
 use fedmesh_testbed::yaml::{self, EndpointSpec};
-use support::federation::{Hub, admin_args, cp_args, join_token_file, run, start_cp};
+use support::federation::{
+    Hub, admin_args, admin_request, cp_args, join_token_file, run, start_cp, start_hub_with,
+};
 use support::{Proc, free_port, wait_until};
 
 /// Publishes and exports `shop/<name>` from the control plane of `cluster` (its directory
@@ -227,25 +228,16 @@ fn operator_cert(dir: &Path, ca_dir: &Path, name: &str, id: &str) -> (PathBuf, P
 fn over_admin_tls_a_listed_spiffe_id_needs_no_token_and_any_other_certificate_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (grpc, admin) = (free_port(), free_port());
-    let data = d.join("hub");
-    let _hub = Proc::start(
-        "hub",
+    let hub = start_hub_with(
+        d,
         &[
-            "hub",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
             "--admin-tls",
             "--admin-id",
             "spiffe://hub.fedmesh/ops/oncall",
         ],
-        d,
     );
-    wait_admin(admin);
+    let data = d.join("hub");
+    let admin = hub.admin.trim_start_matches("http://").to_string();
     let ca_dir = data.join("ca");
     let bundle = d.join("hub-ca.pem");
     let out = run(&[
@@ -262,7 +254,7 @@ fn over_admin_tls_a_listed_spiffe_id_needs_no_token_and_any_other_certificate_is
         String::from_utf8_lossy(&out.stderr)
     );
     std::fs::write(&bundle, out.stdout).unwrap();
-    let url = format!("https://127.0.0.1:{admin}");
+    let url = format!("https://{admin}");
     let no_token = d.join("no-token");
     let with = |extra: &[&Path]| {
         let mut a: Vec<String> = [
@@ -335,69 +327,18 @@ fn over_admin_tls_a_listed_spiffe_id_needs_no_token_and_any_other_certificate_is
     let out = run(&[
         "status".into(),
         "--admin".into(),
-        format!("http://127.0.0.1:{admin}"),
+        format!("http://{admin}"),
         "--admin-token-file".into(),
         data.join("admin-token").display().to_string(),
     ]);
     assert!(!out.status.success());
 }
 
-/// `DELETE path` on the admin API over HTTP with the bearer token: (status, body).
-fn http_delete(hub: &Hub, path: &str) -> (u16, String) {
-    http_call(hub, "DELETE", path)
-}
-
-/// `METHOD path` on the admin API over HTTP with the bearer token: (status, body).
-fn http_call(hub: &Hub, method: &str, path: &str) -> (u16, String) {
-    let token = std::fs::read_to_string(&hub.token_file).unwrap();
-    let addr = hub.admin.trim_start_matches("http://");
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-        token.trim()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let code = out[9..12].parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
-}
-
 #[test]
 fn operators_withdraw_over_http_and_a_silent_cluster_goes_stale_then_expires() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (grpc, admin) = (free_port(), free_port());
-    let data = d.join("hub");
-    let proc = Proc::start(
-        "hub",
-        &[
-            "hub",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
-            "--stale-after",
-            "1s",
-            "--expire-after",
-            "6s",
-        ],
-        d,
-    );
-    wait_admin(admin);
-    let hub = Hub {
-        proc,
-        admin: format!("http://127.0.0.1:{admin}"),
-        grpc: format!("127.0.0.1:{grpc}"),
-        token_file: data.join("admin-token"),
-    };
+    let hub = start_hub_with(d, &["--stale-after", "1s", "--expire-after", "6s"]);
     let via = admin_args(&hub);
     let mut east = start_cp(d, &hub, "east");
     let mut west = start_cp(d, &hub, "west");
@@ -427,17 +368,31 @@ fn operators_withdraw_over_http_and_a_silent_cluster_goes_stale_then_expires() {
 
     // An operator withdraws one export, then removes a cluster, with plain HTTP calls.
     assert_eq!(
-        http_delete(&hub, "/api/v1/clusters/east/exports/shop/orders").0,
+        admin_request(
+            &hub,
+            "DELETE",
+            "/api/v1/clusters/east/exports/shop/orders",
+            ""
+        )
+        .0,
         204
     );
-    let (code, body) = http_delete(&hub, "/api/v1/clusters/east/exports/shop/orders");
+    let (code, body) = admin_request(
+        &hub,
+        "DELETE",
+        "/api/v1/clusters/east/exports/shop/orders",
+        "",
+    );
     assert_eq!(code, 404, "{body}");
     assert!(body.contains("does not export"), "{body}");
     assert_eq!(
         exports(&status(&via)),
         ["shop/api@east", "shop/reviews@west"]
     );
-    assert_eq!(http_delete(&hub, "/api/v1/clusters/east").0, 204);
+    assert_eq!(
+        admin_request(&hub, "DELETE", "/api/v1/clusters/east", "").0,
+        204
+    );
     let s = status(&via);
     assert!(cluster(&s, "east").is_none(), "{s}");
     assert_eq!(exports(&s), ["shop/reviews@west"]);
@@ -455,7 +410,7 @@ fn operators_withdraw_over_http_and_a_silent_cluster_goes_stale_then_expires() {
     );
 
     // Each operator change is in the audit log with who made it.
-    let (code, body) = http_call(&hub, "GET", "/api/v1/audit");
+    let (code, body) = admin_request(&hub, "GET", "/api/v1/audit", "");
     assert_eq!(code, 200, "{body}");
     let audit: serde_json::Value = serde_json::from_str(&body).unwrap();
     let records = audit

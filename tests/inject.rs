@@ -110,6 +110,16 @@ fn bad_input_is_refused_with_a_reason() {
     assert!(err.contains("uid 1337"), "{err}");
 }
 
+/// A container's `args`.
+fn args_of(container: &serde_json::Value) -> Vec<&str> {
+    container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect()
+}
+
 /// `--control-plane`, `--proxy-uid` and `--admin-port` reach the injected pod as the README says:
 /// the proxy container is told the control plane through the environment variable its flag
 /// reads, runs under the proxy uid, and the init container exempts that uid and the admin port.
@@ -154,12 +164,7 @@ fn the_control_plane_proxy_uid_and_admin_port_flags_reach_the_injected_pod() {
         Some("cp.east.example:15012")
     );
     assert_eq!(proxy["securityContext"]["runAsUser"], 1400);
-    let args: Vec<&str> = proxy["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
+    let args = args_of(&proxy);
     assert!(
         args.windows(2).any(|w| w == ["--admin", "0.0.0.0:15090"]),
         "{args:?}"
@@ -174,12 +179,7 @@ fn the_control_plane_proxy_uid_and_admin_port_flags_reach_the_injected_pod() {
     assert!(help.contains("[env: FEDMESH_CONTROL_PLANE="), "{help}");
 
     let init = named("initContainers", "fedmesh-init");
-    let args: Vec<&str> = init["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
+    let args = args_of(&init);
     assert!(
         args.windows(2).any(|w| w == ["--proxy-uid", "1400"]),
         "{args:?}"

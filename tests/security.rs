@@ -419,29 +419,6 @@ fn no_token_or_private_key_appears_in_any_log_or_error_message() {
     }
 }
 
-/// `POST path` with a JSON body on the hub's admin API (bearer `token`): (status, body).
-fn admin_post(hub: &support::federation::Hub, path: &str, json: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let token = std::fs::read_to_string(&hub.token_file).unwrap();
-    let addr = hub.admin.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
-        token.trim(),
-        json.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let code = out[9..12].parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
-}
-
 /// A join token's lifetime is bounded and cannot wrap round into the past (review found
 /// `99999999999999d` answered 201 with an expiry that had wrapped), and a request body with a
 /// field the API does not know is refused with the field named, not silently half-applied.
@@ -450,8 +427,9 @@ fn the_admin_api_refuses_absurd_token_lifetimes_and_unknown_fields() {
     let dir = tempfile::tempdir().unwrap();
     let hub = support::federation::start_hub(dir.path());
     let token = |ttl: &str| {
-        admin_post(
+        admin_request(
             &hub,
+            "POST",
             "/api/v1/tokens",
             &format!(r#"{{"cluster": "east", "trust_domain": "east.example", "ttl": "{ttl}"}}"#),
         )
@@ -472,15 +450,17 @@ fn the_admin_api_refuses_absurd_token_lifetimes_and_unknown_fields() {
         .to_string();
     assert!(expires.starts_with("20"), "{expires}");
 
-    let (code, body) = admin_post(
+    let (code, body) = admin_request(
         &hub,
+        "POST",
         "/api/v1/tokens",
         r#"{"cluster": "east", "trust_domain": "east.example", "tll": "1h"}"#,
     );
     assert_eq!(code, 422, "{body}");
     assert!(body.contains("tll"), "the unknown field is named: {body}");
-    let (code, body) = admin_post(
+    let (code, body) = admin_request(
         &hub,
+        "POST",
         "/api/v1/admin-tokens",
         r#"{"name": "ci", "role": "read-only", "expires": "1h"}"#,
     );

@@ -13,32 +13,59 @@ pub struct Hub {
 }
 
 pub fn start_hub(dir: &Path) -> Hub {
+    start_hub_with(dir, &["--stale-after", "2s"])
+}
+
+/// A hub (data in `<dir>/hub`) on free loopback ports, with more flags.
+pub fn start_hub_with(dir: &Path, extra: &[&str]) -> Hub {
     let (grpc, admin) = (free_port(), free_port());
     let data = dir.join("hub");
-    let proc = Proc::start(
+    let (grpc_addr, admin_addr) = (format!("127.0.0.1:{grpc}"), format!("127.0.0.1:{admin}"));
+    let mut args = vec![
         "hub",
-        &[
-            "hub",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
-            "--stale-after",
-            "2s",
-        ],
-        dir,
-    );
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        &grpc_addr,
+        "--admin-listen",
+        &admin_addr,
+    ];
+    args.extend_from_slice(extra);
+    let proc = Proc::start("hub", &args, dir);
     wait_until("the hub admin API", Duration::from_secs(20), || {
         std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok()
     });
     Hub {
         proc,
         admin: format!("http://127.0.0.1:{admin}"),
-        grpc: format!("127.0.0.1:{grpc}"),
+        grpc: grpc_addr,
         token_file: data.join("admin-token"),
     }
+}
+
+/// `METHOD path` on the hub's plain-HTTP admin API with its admin token and a JSON `body`:
+/// (status, body).
+pub fn admin_request(hub: &Hub, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let token = std::fs::read_to_string(&hub.token_file).unwrap();
+    let addr = hub.admin.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        token.trim(),
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
 }
 
 pub fn admin_args(hub: &Hub) -> Vec<String> {
