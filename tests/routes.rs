@@ -17,26 +17,34 @@ use support::mesh::{
     url, wait_routable,
 };
 
+/// The object named `name` in a status file the control plane wrote (`status/<file>`).
+fn status_doc(c: &Cluster, file: &str, name: &str) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(c.data.join("status").join(file)).unwrap_or_default();
+    text.split("\n---\n")
+        .skip(1)
+        .filter_map(|doc| serde_saphyr::from_str::<serde_json::Value>(doc).ok())
+        .find(|v| v["metadata"]["name"] == name)
+}
+
+/// (type, status, reason, message) of a condition.
+fn condition(c: &serde_json::Value) -> (String, String, String, String) {
+    let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+    (s("type"), s("status"), s("reason"), s("message"))
+}
+
 /// The conditions of a route's status, as the control plane wrote them to
 /// `status/<file>`: (type, status, reason, message) of each parent, in order.
 fn route_conditions(c: &Cluster, file: &str, name: &str) -> Vec<(String, String, String, String)> {
-    let text = std::fs::read_to_string(c.data.join("status").join(file)).unwrap_or_default();
-    let mut out = Vec::new();
-    for doc in text.split("\n---\n").skip(1) {
-        let Ok(v) = serde_saphyr::from_str::<serde_json::Value>(doc) else {
-            continue;
-        };
-        if v["metadata"]["name"] != name {
-            continue;
-        }
-        for parent in v["status"]["parents"].as_array().into_iter().flatten() {
-            for c in parent["conditions"].as_array().into_iter().flatten() {
-                let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
-                out.push((s("type"), s("status"), s("reason"), s("message")));
-            }
-        }
-    }
-    out
+    let Some(v) = status_doc(c, file, name) else {
+        return Vec::new();
+    };
+    v["status"]["parents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["conditions"].as_array().into_iter().flatten())
+        .map(condition)
+        .collect()
 }
 
 /// Waits until the route's status has a condition `type_` with `status`, and returns its
@@ -691,22 +699,18 @@ spec:
 /// The conditions of a TrafficPolicy's status (`status/trafficpolicies.yaml`): (type, status,
 /// message) of each.
 fn policy_conditions(c: &Cluster, name: &str) -> Vec<(String, String, String)> {
-    let text =
-        std::fs::read_to_string(c.data.join("status/trafficpolicies.yaml")).unwrap_or_default();
-    let mut out = Vec::new();
-    for doc in text.split("\n---\n").skip(1) {
-        let Ok(v) = serde_saphyr::from_str::<serde_json::Value>(doc) else {
-            continue;
-        };
-        if v["metadata"]["name"] != name {
-            continue;
-        }
-        for c in v["status"]["conditions"].as_array().into_iter().flatten() {
-            let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
-            out.push((s("type"), s("status"), s("message")));
-        }
-    }
-    out
+    let Some(v) = status_doc(c, "trafficpolicies.yaml", name) else {
+        return Vec::new();
+    };
+    v["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let (t, s, _, m) = condition(c);
+            (t, s, m)
+        })
+        .collect()
 }
 
 /// Inbound requests a workload's sidecar answered with `code` (its own metrics).
