@@ -303,7 +303,7 @@ fn ca_cli_signs_csrs_and_refuses_foreign_ones() {
         path
     };
     let good = write_csr("good.csr", "spiffe://east.example/ns/a/sa/b");
-    let out = fedmesh(&[
+    let out = fedmesh_ok(&[
         "ca",
         "sign",
         "--dir",
@@ -311,11 +311,6 @@ fn ca_cli_signs_csrs_and_refuses_foreign_ones() {
         "--csr",
         good.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     // The chain's leaf is an X509-SVID for the CSR's ID, for the CA's --svid-ttl (10 minutes).
     let chain = fedmesh_trust::bundle::parse_pem_certificates(&out.stdout).unwrap();
     let leaf = fedmesh_trust::svid::inspect(&chain[0]).unwrap();
@@ -357,12 +352,7 @@ fn ca_cli_signs_csrs_and_refuses_foreign_ones() {
     assert!(out.status.success());
     let roots = fedmesh_trust::bundle::parse_pem_certificates(&out.stdout).unwrap();
     assert_eq!(roots.len(), 1, "one authority before any rotation");
-    let out = fedmesh(&["ca", "status", "--dir", ca.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fedmesh_ok(&["ca", "status", "--dir", ca.to_str().unwrap()]);
     let out = fedmesh(&[
         "ca",
         "status",
@@ -552,12 +542,7 @@ fn the_agent_rotates_its_ca_on_the_schedule_it_checks() {
         socket.exists()
     });
     let states = || -> Vec<(String, String)> {
-        let out = fedmesh(&["ca", "status", "--dir", ca.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = fedmesh_ok(&["ca", "status", "--dir", ca.to_str().unwrap()]);
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .skip_while(|l| !l.starts_with("AUTHORITY"))
@@ -575,7 +560,7 @@ fn the_agent_rotates_its_ca_on_the_schedule_it_checks() {
     // (the issuer's subject key identifier names it, as `ca status` does).
     let out_dir = d.join("out");
     let fetch = || {
-        let out = fedmesh(&[
+        fedmesh_ok(&[
             "workload",
             "fetch",
             "--socket",
@@ -583,11 +568,6 @@ fn the_agent_rotates_its_ca_on_the_schedule_it_checks() {
             "--write",
             out_dir.to_str().unwrap(),
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let read = |f: &str| {
             fedmesh_trust::bundle::parse_pem_certificates(&std::fs::read(out_dir.join(f)).unwrap())
                 .unwrap()
@@ -748,10 +728,5 @@ fn one_uid_cannot_hold_more_than_its_share_of_the_workload_api_socket() {
     assert!(fds < 2 * 256 + 64, "the agent holds {fds} fds");
     // Letting some go makes room: the uid is served again.
     drop(held);
-    let out = fedmesh(&["workload", "fetch", "--socket", s.socket.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fedmesh_ok(&["workload", "fetch", "--socket", s.socket.to_str().unwrap()]);
 }

@@ -28,6 +28,18 @@ pub fn fedmesh(args: &[&str]) -> Output {
         .expect("run fedmesh")
 }
 
+/// Runs `fedmesh ARGS` to completion and panics with its stderr if it failed.
+pub fn fedmesh_ok(args: &[&str]) -> Output {
+    let out = fedmesh(args);
+    assert!(
+        out.status.success(),
+        "fedmesh {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A child process that is killed (and reaped) when dropped, even if the test fails.
 pub struct Proc {
     pub child: Child,
