@@ -105,13 +105,6 @@ pub async fn read_hop_header<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<Option<HopHeader>, String> {
-    read_inner(r, buf).await
-}
-
-async fn read_inner<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut Vec<u8>,
-) -> Result<Option<HopHeader>, String> {
     let prefix = v2::PROTOCOL_PREFIX;
     let mut need = FIXED_LEN;
     let mut chunk = [0u8; 512];

@@ -113,15 +113,15 @@ impl AdminClient {
         } else {
             send(TokioIo::new(tcp), req).await
         }
-        .map_err(|reason| {
+        .map_err(|e| {
             // The server's alert after our certificate went out: it did not accept it.
-            if https && reason.contains("received fatal alert") {
+            if e.tls_alert {
                 ClientError::TlsRefused {
                     url: self.base.to_string(),
-                    reason,
+                    reason: e.message,
                 }
             } else {
-                connect_err(reason)
+                connect_err(e.message)
             }
         })?;
         let status = resp.status();
@@ -251,19 +251,42 @@ impl AdminClient {
     }
 }
 
+/// Why a request got no answer.
+#[derive(Debug)]
+pub(crate) struct SendError {
+    pub message: String,
+    /// The server ended the connection with a TLS alert: it refused us (our certificate, say).
+    pub tls_alert: bool,
+}
+
+impl From<String> for SendError {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            tls_alert: false,
+        }
+    }
+}
+
+impl From<SendError> for String {
+    fn from(e: SendError) -> String {
+        e.message
+    }
+}
+
 pub(crate) async fn send<I>(
     io: I,
     req: Request<Full<Bytes>>,
-) -> Result<http::Response<hyper::body::Incoming>, String>
+) -> Result<http::Response<hyper::body::Incoming>, SendError>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| describe(&e))?;
     let conn = tokio::spawn(conn);
     match tokio::time::timeout(Duration::from_secs(30), sender.send_request(req)).await {
-        Err(_) => Err("no answer within 30s".to_string()),
+        Err(_) => Err("no answer within 30s".to_string().into()),
         Ok(Ok(resp)) => Ok(resp),
         // The connection's own error says why (e.g. the hub refused our client certificate,
         // which TLS 1.3 reports only after the handshake).
@@ -275,15 +298,22 @@ where
 }
 
 /// A hyper error with the TLS or socket reason under it, if there is one.
-fn describe(e: &hyper::Error) -> String {
+fn describe(e: &hyper::Error) -> SendError {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return format!("{e}: {}", fedmesh_trust::tls::handshake_error_message(io));
+            let tls_alert = io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|r| matches!(r, rustls::Error::AlertReceived(_)));
+            return SendError {
+                message: format!("{e}: {}", fedmesh_trust::tls::handshake_error_message(io)),
+                tls_alert,
+            };
         }
         source = s.source();
     }
-    e.to_string()
+    e.to_string().into()
 }
 
 pub(crate) fn urlencode(s: &str) -> String {

@@ -150,65 +150,29 @@ impl Sidecar {
                 .is_ok()
     }
 
+    /// 503 `not-ready`, counted.
+    fn answer_not_ready(&self) -> Response<Body> {
+        let e = ProxyError::NotReady;
+        self.metrics.count_error(e.kind());
+        e.into_response()
+    }
+
     /// A connection that came before any configuration (none from the control plane, no
     /// `--config-cache`): HTTP gets 503 `not-ready` for each request, anything else is closed,
     /// since it cannot be told why. Counted as `not_ready`.
-    async fn not_ready(&self, mut s: TcpStream, graceful: CancellationToken) {
+    async fn not_ready(self: Arc<Self>, mut s: TcpStream, graceful: CancellationToken) {
         tracing::debug!("connection before any configuration: not ready");
         let detected = net::detect(&mut s, self.options.protocol_detect_timeout).await;
         let Ok((Protocol::Http1 | Protocol::Http2, prefix)) = detected else {
             self.metrics.count_error(ProxyError::NotReady.kind());
             return;
         };
-        let metrics = self.metrics.clone();
-        let svc = service_fn(move |_req| {
-            let e = ProxyError::NotReady;
-            metrics.count_error(e.kind());
-            std::future::ready(Ok::<_, Infallible>(e.into_response()))
-        });
+        let me = self.clone();
+        let svc =
+            service_fn(move |_req| std::future::ready(Ok::<_, Infallible>(me.answer_not_ready())));
         serve_http_conn(s, prefix, svc, graceful).await
     }
-}
 
-/// Serves one client connection (HTTP/1.1 or HTTP/2, `prefix` the bytes protocol detection
-/// already read) with `svc`, finishing gracefully when `graceful` is cancelled.
-async fn serve_http_conn<S, F>(s: TcpStream, prefix: Vec<u8>, svc: S, graceful: CancellationToken)
-where
-    S: hyper::service::Service<
-            Request<Incoming>,
-            Response = Response<Body>,
-            Error = Infallible,
-            Future = F,
-        > + Clone
-        + Send
-        + 'static,
-    F: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
-{
-    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(64 * 1024);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(64 * 1024);
-    let io = TokioIo::new(Prefixed::new(prefix, s));
-    let conn = b.serve_connection_with_upgrades(io, svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "outbound connection ended with an error");
-            }
-        }
-        _ = graceful.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
-}
-
-impl Sidecar {
     /// A connection for a known service port: HTTP or opaque TCP.
     pub(crate) async fn outbound_to(
         self: Arc<Self>,
@@ -381,9 +345,7 @@ impl Sidecar {
         fixed: Option<Dest>,
     ) -> Response<Body> {
         if !self.has_config().await {
-            let e = ProxyError::NotReady;
-            self.metrics.count_error(e.kind());
-            return e.into_response();
+            return self.answer_not_ready();
         }
         if req.method() == Method::CONNECT {
             return self.connect_tunnel(req).await;
@@ -484,6 +446,44 @@ impl Sidecar {
                 self.metrics.count_error(e.kind());
                 e.into_response()
             }
+        }
+    }
+}
+
+/// Serves one client connection (HTTP/1.1 or HTTP/2, `prefix` the bytes protocol detection
+/// already read) with `svc`, finishing gracefully when `graceful` is cancelled.
+async fn serve_http_conn<S, F>(s: TcpStream, prefix: Vec<u8>, svc: S, graceful: CancellationToken)
+where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future = F,
+        > + Clone
+        + Send
+        + 'static,
+    F: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(64 * 1024);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(64 * 1024);
+    let io = TokioIo::new(Prefixed::new(prefix, s));
+    let conn = b.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "outbound connection ended with an error");
+            }
+        }
+        _ = graceful.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         }
     }
 }
