@@ -16,6 +16,28 @@ struct Setup {
     socket: std::path::PathBuf,
 }
 
+/// `fedmesh agent --ca-dir CA` in `d` with `entries` and more flags, serving on `<d>/agent.sock`
+/// once it is there.
+fn agent_on(d: &Path, ca: &Path, entries: &str, extra: &[&str]) -> (Proc, std::path::PathBuf) {
+    let (entries_file, socket) = (d.join("entries.yaml"), d.join("agent.sock"));
+    std::fs::write(&entries_file, entries).unwrap();
+    let mut args = vec![
+        "agent",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+        "--entries",
+        entries_file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let agent = Proc::start("agent", &args, d);
+    wait_until("the agent socket", Duration::from_secs(20), || {
+        socket.exists()
+    });
+    (agent, socket)
+}
+
 fn start_agent(entries: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -27,27 +49,8 @@ fn start_agent(entries: &str) -> Setup {
     let west_bundle = fedmesh(&["ca", "bundle", "--dir", west.to_str().unwrap()]);
     assert!(west_bundle.status.success());
     std::fs::write(d.join("west.json"), &west_bundle.stdout).unwrap();
-    std::fs::write(d.join("entries.yaml"), entries).unwrap();
-    let socket = d.join("agent.sock");
     let federated = format!("west.example={}", d.join("west.json").display());
-    let agent = Proc::start(
-        "agent",
-        &[
-            "agent",
-            "--ca-dir",
-            east.to_str().unwrap(),
-            "--socket",
-            socket.to_str().unwrap(),
-            "--entries",
-            d.join("entries.yaml").to_str().unwrap(),
-            "--federated-bundle",
-            &federated,
-        ],
-        d,
-    );
-    wait_until("the agent socket", Duration::from_secs(20), || {
-        socket.exists()
-    });
+    let (agent, socket) = agent_on(d, &east, entries, &["--federated-bundle", &federated]);
     Setup { dir, agent, socket }
 }
 
@@ -521,26 +524,7 @@ fn the_agent_rotates_its_ca_on_the_schedule_it_checks() {
             "2s",
         ],
     );
-    std::fs::write(d.join("entries.yaml"), my_entry()).unwrap();
-    let socket = d.join("agent.sock");
-    let agent = Proc::start(
-        "agent",
-        &[
-            "agent",
-            "--ca-dir",
-            ca.to_str().unwrap(),
-            "--socket",
-            socket.to_str().unwrap(),
-            "--entries",
-            d.join("entries.yaml").to_str().unwrap(),
-            "--rotation-check",
-            "100ms",
-        ],
-        d,
-    );
-    wait_until("the agent socket", Duration::from_secs(20), || {
-        socket.exists()
-    });
+    let (agent, socket) = agent_on(d, &ca, &my_entry(), &["--rotation-check", "100ms"]);
     let states = || -> Vec<(String, String)> {
         let out = fedmesh_ok(&["ca", "status", "--dir", ca.to_str().unwrap()]);
         String::from_utf8_lossy(&out.stdout)

@@ -94,6 +94,9 @@ fn an_app_or_a_sidecar_killed_with_sigkill_fails_only_the_requests_in_flight_on_
     // 1. api1's sidecar dies. Requests on their way to it are reset: a GET is retried on
     // another endpoint, a POST may have reached the app and is not. New requests find its
     // port closed and go elsewhere at no cost.
+    wait_until("a request at api1", Duration::from_secs(30), || {
+        admin_metric(&api1, "fedmesh_sidecar_inbound_requests_active") > 0
+    });
     let sidecar_killed = Instant::now();
     mesh.net.procs[api1.sidecar].kill();
     clients.until_ok_after(sidecar_killed, 60);
@@ -102,6 +105,10 @@ fn an_app_or_a_sidecar_killed_with_sigkill_fails_only_the_requests_in_flight_on_
     // `app-error` (it may have acted on them); new ones are refused before the app sees them
     // (`app-unreachable`) and the caller's sidecar sends them elsewhere.
     let errors_before = proxy_errors(&api2, "app_error");
+    // The kill lands with the app holding a request (its sidecar says so).
+    wait_until("a request at api2's app", Duration::from_secs(30), || {
+        admin_metric(&api2, "fedmesh_sidecar_inbound_requests_active") > 0
+    });
     let app_killed = Instant::now();
     mesh.net.procs[api2.app.unwrap()].kill();
     clients.until_ok_after(app_killed, 60);
