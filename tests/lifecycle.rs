@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use fedmesh_testbed::apps::EchoResponse;
 use support::netns::load::{Clients, Outcome};
-use support::netns::{Mesh, Pod, SIDECAR_ADMIN, http_get, http_request, in_ns};
+use support::netns::{Mesh, Pod, SIDECAR_ADMIN, admin_metric, http_get, http_request, in_ns};
 use support::pods::{call, clusterset_ip, export, wait_answer_from};
 use support::wait_until;
 
@@ -26,24 +26,6 @@ fn proxy_errors(pod: &Pod, reason: &str) -> u64 {
         pod,
         &format!("fedmesh_sidecar_request_errors_total{{reason=\"{reason}\"}}"),
     )
-}
-
-/// The value of one series (name and labels as exposed) of a sidecar's `/metrics`, read in its
-/// pod; 0 when absent.
-fn admin_metric(pod: &Pod, series: &str) -> u64 {
-    let (_, metrics) = in_ns(&pod.ns, || {
-        http_get(
-            SocketAddr::from(([127, 0, 0, 1], SIDECAR_ADMIN)),
-            "/metrics",
-            "x",
-        )
-        .expect("the sidecar's admin port")
-    });
-    let series = format!("{series} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .map_or(0, |v| v.trim().parse().unwrap())
 }
 
 /// A GET of the pod's sidecar admin `path` from inside the pod (loopback, as `/config` needs).

@@ -39,14 +39,10 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: Cancellat
         .route("/readyz", get(readyz))
         .route("/config", get(config))
         .with_state(state);
-    let result = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "admin server failed");
+    use fedmesh_trust::http_server::{HttpListener, Versions, serve};
+    match HttpListener::new(listener, None, "proxy admin") {
+        Ok(l) => serve(l, app, Versions::Http1, "proxy admin", shutdown).await,
+        Err(e) => tracing::error!(error = %e, "admin server failed"),
     }
 }
 
@@ -85,8 +81,9 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 
 async fn config(
     State(s): State<AdminState>,
-    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<fedmesh_trust::http_server::Peer>,
 ) -> Response {
+    let peer = peer.remote;
     if !peer.ip().is_loopback() {
         return (
             StatusCode::FORBIDDEN,

@@ -44,6 +44,12 @@ pub const PROXY_ERROR: &str = "fedmesh-proxy-error";
 pub const ORIG_PROTO: &str = "fedmesh-orig-proto";
 pub const XFCC: &str = "x-forwarded-client-cert";
 
+/// HTTP/1.1 on the connections the sidecar serves its app and its peers' tunnels: a request head
+/// must arrive within this (between requests too), longer than on a stranger-facing port
+/// ([`fedmesh_trust::limits::HEADER_READ_TIMEOUT`]) because these are keep-alive pools that idle
+/// between requests.
+pub const POOLED_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Clone, Debug)]
 pub struct SidecarOptions {
     /// The workload's zone (its region comes with the cluster).

@@ -3,6 +3,7 @@
 
 pub mod attack;
 pub mod kube_apiserver;
+pub mod probe;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

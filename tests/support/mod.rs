@@ -146,6 +146,20 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// Whether `cond` comes to hold within `timeout` (polling), for a test that reports rather than
+/// panics.
+#[allow(dead_code)] // not every test binary that includes this module waits this way
+pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
 #[allow(unused_imports)] // not every test binary that includes this module needs a port
 pub use fedmesh_test_support::free_port;
 

@@ -135,10 +135,7 @@ async fn serve_connection(
         let bundle = bundle.borrow().clone();
         async move { Ok::<_, std::convert::Infallible>(respond(&req, &bundle)) }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .serve_connection(TokioIo::new(tls), svc);
+    let conn = crate::limits::http1().serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(conn);
     let ended = tokio::select! {
         r = conn.as_mut() => r,

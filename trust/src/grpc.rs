@@ -58,7 +58,8 @@ pub struct PeerInfo {
 
 /// An accepted TLS connection.
 pub struct TlsConn {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    /// Held to sending its first bytes in time, as every HTTP connection is.
+    inner: crate::limits::Preface<tokio_rustls::server::TlsStream<TcpStream>>,
     info: PeerInfo,
     /// One of the listener's [`MAX_CONNECTIONS`], returned when the connection is dropped.
     _slot: tokio::sync::OwnedSemaphorePermit,
@@ -155,7 +156,7 @@ pub fn incoming(
                             .and_then(|c| crate::svid::inspect(c).ok())
                             .map(|i| i.serial_hex);
                         let conn = TlsConn {
-                            inner: tls,
+                            inner: crate::limits::Preface::h2(tls),
                             info: PeerInfo {
                                 remote: Some(remote),
                                 spiffe_id,

@@ -85,8 +85,12 @@ pub async fn serve(listener: TcpListener, control_plane: Channel, shutdown: Canc
         in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
     };
     let service = TraceServiceServer::new(relay).max_decoding_message_size(MAX_OTLP_EXPORT_BYTES);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    if let Err(e) = tonic::transport::Server::builder()
+    use tokio_stream::StreamExt as _;
+    // The app is local, but held to the limits of every gRPC port all the same: a client that
+    // connects and says nothing is cut (`Preface`), streams and resets are bounded.
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
+        .map(|s| s.map(fedmesh_trust::limits::Preface::h2));
+    if let Err(e) = fedmesh_trust::grpc::server()
         .timeout(FORWARD_TIMEOUT + Duration::from_secs(1))
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled())

@@ -23,7 +23,7 @@ use super::access::Role;
 use super::audit::{Actor, AuditQuery, AuditRecord};
 pub use super::explain::{ExplainStep, Explanation, explain_route};
 use super::records::now_ms;
-use crate::http::Peer;
+use fedmesh_trust::http_server::Peer;
 
 #[derive(Clone)]
 pub struct AdminState {

@@ -940,7 +940,17 @@ pub async fn serve_admin(
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    crate::http::serve_http1(listener, tls, admin::router(state), "admin API", shutdown).await
+    use fedmesh_trust::http_server::{HttpListener, Versions, serve};
+    let listener = HttpListener::new(listener, tls, "admin API")?;
+    serve(
+        listener,
+        admin::router(state),
+        Versions::Http1,
+        "admin API",
+        shutdown,
+    )
+    .await;
+    Ok(())
 }
 
 impl Hub {

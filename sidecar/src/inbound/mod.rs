@@ -31,7 +31,7 @@ use fedmesh_trust::tls::{handshake_error_message, peer_spiffe_id};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 use tokio::net::TcpStream;
@@ -307,12 +307,9 @@ impl Sidecar {
         let svc = service_fn(move |req: Request<Incoming>| {
             call_stack(&stack, into_stack_request(req, &conn, false))
         });
-        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new())
-            .max_header_list_size(64 * 1024)
-            .initial_stream_window_size(1024 * 1024)
-            .initial_connection_window_size(4 * 1024 * 1024)
-            .keep_alive_interval(Duration::from_secs(30));
+        let mut b = fedmesh_trust::limits::http2();
+        b.initial_stream_window_size(1024 * 1024)
+            .initial_connection_window_size(4 * 1024 * 1024);
         let conn = b.serve_connection(TokioIo::new(io), svc);
         tokio::pin!(conn);
         tokio::select! {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -304,9 +304,8 @@ impl Sidecar {
         let svc = service_fn(move |req: Request<Incoming>| {
             call_stack(&stack, into_stack_request(req, &conn, true))
         });
-        let mut b = hyper::server::conn::http1::Builder::new();
-        b.timer(TokioTimer::new())
-            .header_read_timeout(std::time::Duration::from_secs(30));
+        let mut b = fedmesh_trust::limits::http1();
+        b.header_read_timeout(crate::POOLED_HEADER_READ_TIMEOUT);
         let conn = b.serve_connection(TokioIo::new(io), svc).with_upgrades();
         tokio::pin!(conn);
         tokio::select! {

@@ -34,7 +34,6 @@ mod timeout;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use fedmesh_dataplane::config::{AppProtocol, RoutingTable, SUBSCRIBE_WAIT};
 use fedmesh_dataplane::error::ProxyError;
@@ -44,7 +43,7 @@ use http::header;
 use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tower::util::BoxCloneSyncService;
@@ -216,8 +215,11 @@ impl Sidecar {
                 return;
             }
         };
-        if Some(orig) == own {
-            // Addressed to the listener itself: there is nowhere to send it.
+        // Addressed to the listener itself (a client that dialled the outbound port, at any of
+        // the addresses a wildcard listener answers on): sending it "where it was going" would
+        // connect the sidecar to itself, without end.
+        if Some(orig) == own || s.local_addr().is_ok_and(|local| local == orig) {
+            tracing::debug!(%peer, destination = %orig, "a connection to the outbound port itself; closed");
             self.metrics.refuse("loop");
             return;
         }
@@ -464,15 +466,18 @@ where
         + 'static,
     F: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
-    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut b = fedmesh_trust::limits::auto();
+    // The app's own keep-alive connections may idle longer than a stranger's.
     b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(64 * 1024);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(64 * 1024);
-    let io = TokioIo::new(Prefixed::new(prefix, s));
+        .header_read_timeout(crate::POOLED_HEADER_READ_TIMEOUT);
+    // A connection that never says anything (its protocol declared, so not detected) is cut
+    // when a silent keep-alive connection would be.
+    let need = if prefix.is_empty() { 1 } else { 0 };
+    let io = TokioIo::new(fedmesh_trust::limits::Preface::within(
+        Prefixed::new(prefix, s),
+        need,
+        crate::POOLED_HEADER_READ_TIMEOUT,
+    ));
     let conn = b.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     tokio::select! {

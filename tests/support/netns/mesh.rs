@@ -546,6 +546,12 @@ impl Mesh {
     /// Starts the cluster's control plane again (the one before must have exited): same flags,
     /// same data directory.
     pub fn restart_control_plane(&mut self, c: &mut ClusterNet) {
+        self.restart_control_plane_with(c, &[]);
+    }
+
+    /// [`Mesh::restart_control_plane`] with more flags, kept for later restarts.
+    pub fn restart_control_plane_with(&mut self, c: &mut ClusterNet, extra: &[&str]) {
+        c.cp_args.extend(extra.iter().map(|a| a.to_string()));
         let name = format!("{}-control-plane-{}", c.name, self.net.procs.len());
         c.control_plane = spawn_args(&mut self.net, &c.node, &name, None, &c.cp_args);
     }
@@ -775,4 +781,22 @@ impl Mesh {
             api,
         }
     }
+}
+
+/// The value of one series (name and labels as exposed) of a sidecar's `/metrics`, read in its
+/// pod; 0 when absent.
+pub fn admin_metric(pod: &Pod, series: &str) -> u64 {
+    let (_, metrics) = in_ns(&pod.ns, || {
+        http_get(
+            SocketAddr::from(([127, 0, 0, 1], SIDECAR_ADMIN)),
+            "/metrics",
+            "x",
+        )
+        .expect("the sidecar's admin port")
+    });
+    let series = format!("{series} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map_or(0, |v| v.trim().parse().unwrap())
 }

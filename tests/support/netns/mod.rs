@@ -451,4 +451,4 @@ fn dechunk(body: &str) -> std::io::Result<String> {
 pub mod load;
 mod mesh;
 #[allow(unused_imports)] // not every test binary builds a clusterset
-pub use mesh::{ClusterNet, Mesh, Pod};
+pub use mesh::{ClusterNet, Mesh, Pod, admin_metric};

@@ -505,7 +505,9 @@ pub async fn serve_with_attestor(
         Ok(stream) => {
             let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
             match slots.take(uid) {
-                Some(slot) => Some(Ok(AuthorityRewrite::new(stream).holding(slot))),
+                Some(slot) => Some(Ok(crate::limits::Preface::h2(
+                    AuthorityRewrite::new(stream).holding(slot),
+                ))),
                 None => {
                     tracing::debug!(
                         uid,

@@ -20,8 +20,8 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::intake::{self, Intake, Sender};
-use crate::http::{HttpListener, Peer};
 use crate::hub::Hub;
+use fedmesh_trust::http_server::{self, HttpListener, Peer, Versions};
 
 /// Exports taken at once; more wait (their connections' HTTP/2 flow control pushes back).
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -151,8 +151,12 @@ pub async fn serve(
         ))
         .layer(DefaultBodyLimit::max(MAX_OTLP_EXPORT_BYTES))
         .layer(tower::limit::ConcurrencyLimitLayer::new(MAX_IN_FLIGHT));
-    let listener = HttpListener::new(listener, tls)?;
-    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    let name = if plaintext {
+        "OTLP (plain text)"
+    } else {
+        "OTLP"
+    };
+    let listener = HttpListener::new(listener, tls, name)?;
+    http_server::serve(listener, app, Versions::Http1And2, name, shutdown).await;
+    Ok(())
 }

@@ -1,4 +1,6 @@
-//! Serving axum over plain TCP or TLS, with the peer's verified SPIFFE ID available to handlers.
+//! Serving axum over plain TCP or TLS with the limits of [`crate::limits`] and a bounded number of
+//! connections, the peer's verified SPIFFE ID available to handlers: the hub's admin and OTLP
+//! ports and the proxies' admin ports.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -6,14 +8,18 @@ use std::sync::Arc;
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
 use fedmesh_api::SpiffeId;
-use fedmesh_trust::grpc::{TlsConn, incoming};
 use futures::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::either::Either;
 use tonic::transport::server::Connected as _;
 
-pub type Io = Either<TcpStream, TlsConn>;
+use crate::grpc::{TlsConn, incoming};
+use crate::limits::{self, Preface};
+
+/// A plain connection must send its first bytes in time ([`Preface`]); a TLS one is held to the
+/// same by [`incoming`].
+pub type Io = Either<Preface<TcpStream>, TlsConn>;
 
 /// Who called, as known at the connection level.
 #[derive(Clone, Debug)]
@@ -31,16 +37,18 @@ impl Connected<IncomingStream<'_, HttpListener>> for Peer {
 
 /// A listener for axum: TCP, or TLS with handshakes done concurrently off the accept path (the
 /// same bounded handshakes and connection limit as every fedmesh gRPC server,
-/// [`fedmesh_trust::grpc::incoming`]).
+/// [`crate::grpc::incoming`]).
 pub struct HttpListener {
     local: SocketAddr,
     rx: mpsc::Receiver<(Io, Peer)>,
 }
 
 impl HttpListener {
+    /// Accepts on `listener`, TLS with `tls`; `name` is the server's name in logs.
     pub fn new(
         listener: TcpListener,
         tls: Option<Arc<rustls::ServerConfig>>,
+        name: &'static str,
     ) -> std::io::Result<Self> {
         let local = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(64);
@@ -49,12 +57,13 @@ impl HttpListener {
                 None => loop {
                     let (tcp, remote) = tokio::select! {
                         _ = tx.closed() => return,
-                        a = fedmesh_trust::listen::accept(&listener, "admin API") => a,
+                        a = crate::listen::accept(&listener, name) => a,
                     };
                     let peer = Peer {
                         remote,
                         spiffe_id: None,
                     };
+                    let tcp = Preface::h2(tcp);
                     if tx.send((Either::Left(tcp), peer)).await.is_err() {
                         return;
                     }
@@ -98,30 +107,32 @@ impl axum::serve::Listener for HttpListener {
     }
 }
 
-/// A request head must arrive within this; an idle connection, or one that dribbles its head
-/// (slow-loris), is closed at this point.
-pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Request heads larger than this are answered 431.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Open connections of one HTTP/1.1 server; beyond it a new one is closed at once.
+/// Open connections of one HTTP server; beyond it a new one is closed at once.
 pub const MAX_CONNECTIONS: usize = 1024;
 /// On shutdown, open connections get this long to finish.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Serves `router` over HTTP/1.1 on `listener` (TLS with `tls`) until `shutdown`, with the
-/// limits axum's own server lacks: [`HEADER_READ_TIMEOUT`] on every request head (which also
-/// cuts a connection that never sends one), [`MAX_HEADER_BYTES`], and [`MAX_CONNECTIONS`].
-/// Handlers see the caller as `ConnectInfo<Peer>`.
-pub async fn serve_http1(
-    listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+/// Which HTTP versions a server speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Versions {
+    Http1,
+    /// HTTP/1.1 and HTTP/2, told apart by the client's preface.
+    Http1And2,
+}
+
+/// Serves `router` on `listener` until `shutdown`, with the limits of [`crate::limits`] (which
+/// axum's own server lacks: a connection that says nothing, or dribbles its head, is cut) and at
+/// most [`MAX_CONNECTIONS`] open. Handlers see the caller as `ConnectInfo<Peer>`. On shutdown,
+/// open connections finish their requests for up to 5 s.
+pub async fn serve(
+    mut listener: HttpListener,
     router: axum::Router,
+    versions: Versions,
     name: &'static str,
     shutdown: tokio_util::sync::CancellationToken,
-) -> std::io::Result<()> {
+) {
     use axum::serve::Listener as _;
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    let mut listener = HttpListener::new(listener, tls)?;
+    use hyper_util::rt::TokioIo;
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let tracker = tokio_util::task::TaskTracker::new();
     loop {
@@ -140,29 +151,50 @@ pub async fn serve_http1(
         );
         let graceful = shutdown.clone();
         tracker.spawn(async move {
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES);
-            let conn = http
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(server = name, error = %e, "connection ended with an error");
-                    }
+            let io = TokioIo::new(io);
+            let ended = match versions {
+                Versions::Http1 => {
+                    let conn = limits::http1()
+                        .serve_connection(io, service)
+                        .with_upgrades();
+                    drive(conn, graceful, |c| c.graceful_shutdown())
+                        .await
+                        .map_err(|e| e.to_string())
                 }
-                _ = graceful.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
+                Versions::Http1And2 => {
+                    let builder = limits::auto();
+                    let conn = builder.serve_connection_with_upgrades(io, service);
+                    drive(conn, graceful, |c| c.graceful_shutdown())
+                        .await
+                        .map_err(|e| e.to_string())
                 }
+            };
+            if let Err(e) = ended {
+                tracing::debug!(server = name, error = %e, "connection ended with an error");
             }
             drop(permit);
         });
     }
     tracker.close();
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await;
-    Ok(())
+}
+
+/// Runs a connection until it ends, or until `graceful` is cancelled; then asks it to finish
+/// (`shut`) and gives it [`DRAIN_TIMEOUT`].
+async fn drive<C, E>(
+    conn: C,
+    graceful: tokio_util::sync::CancellationToken,
+    shut: impl FnOnce(std::pin::Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: std::future::Future<Output = Result<(), E>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = graceful.cancelled() => {
+            shut(conn.as_mut());
+            tokio::time::timeout(DRAIN_TIMEOUT, conn).await.unwrap_or(Ok(()))
+        }
+    }
 }
