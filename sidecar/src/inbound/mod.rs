@@ -215,9 +215,7 @@ impl Sidecar {
         };
         let Ok(addressed) = addressed else { return };
         if self.config.table().permissive && !self.starts_with_tls(&s).await {
-            return self
-                .inbound_plaintext(s, peer, addressed, app, graceful)
-                .await;
+            return Box::pin(self.inbound_plaintext(s, peer, addressed, app, graceful)).await;
         }
         let tls = match tokio::time::timeout(
             Duration::from_secs(10),
@@ -272,12 +270,17 @@ impl Sidecar {
             self.metrics.refuse(e.kind());
             tracing::info!(%peer, caller = %conn.caller_name(), error = %e, "inbound connection not admitted");
         }
+        // What follows the handshake is boxed: a connection's task is allocated at accept with
+        // room for its largest state, and one stuck in its handshake (a slow-loris) should cost
+        // the handshake's few KiB, not the ~33 KiB of serving HTTP/2 or relaying bytes.
         match alpn.as_deref() {
             Some(ALPN_TCP_TRACED) => {
                 let mut tls = tls;
                 let read = tokio::time::timeout(TCP_PREAMBLE_WAIT, read_tcp_preamble(&mut tls));
                 match read.await {
-                    Ok(Ok(context)) => self.inbound_tcp(tls, conn, graceful, context).await,
+                    Ok(Ok(context)) => {
+                        Box::pin(self.inbound_tcp(tls, conn, graceful, context)).await
+                    }
                     Ok(Err(e)) => {
                         self.metrics.refuse("bad_tcp_preamble");
                         tracing::info!(%peer, caller = %conn.caller_name(), error = %e, "inbound TCP connection refused: its trace context preamble is malformed");
@@ -288,8 +291,8 @@ impl Sidecar {
                     }
                 }
             }
-            Some(ALPN_TCP) => self.inbound_tcp(tls, conn, graceful, None).await,
-            _ => self.serve_h2(tls, conn, graceful).await,
+            Some(ALPN_TCP) => Box::pin(self.inbound_tcp(tls, conn, graceful, None)).await,
+            _ => Box::pin(self.serve_h2(tls, conn, graceful)).await,
         }
     }
 

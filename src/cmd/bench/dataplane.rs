@@ -61,6 +61,8 @@ pub enum Part {
     Sni,
     /// Our sidecar pair beside nginx and HAProxy set up as mTLS sidecar pairs (HTTP/1.1).
     Pairs,
+    /// The cross-cluster path's p99 with 1,000 slow-loris connections held against each proxy.
+    Slowloris,
 }
 
 impl Params {
@@ -143,6 +145,9 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         p.rate > 0 && p.body > 0,
         "--rate and --body must be positive"
     );
+    if p.runs(Part::Slowloris) {
+        super::slowloris::raise_fd_limit();
+    }
     let dir = tempfile::tempdir()?;
     let dirp = dir.path().to_path_buf();
 
@@ -387,6 +392,11 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         report.tracing = super::tracing::instructions(&counted).await;
         report.tracing_latency = super::tracing::latency(&counted, &p).await;
     }
+    if p.runs(Part::Slowloris) {
+        report.slowloris = Some(
+            super::slowloris::compare(&paths[2], (s1_remote, gw_addr, s3_in), &body, &p).await?,
+        );
+    }
     println!(
         "\n  proxy memory after the runs (RSS / peak RSS; of the RSS, private anonymous memory and\n  file-backed pages, mostly the fedmesh binary's code, shared by every process running it):"
     );
@@ -438,6 +448,7 @@ struct Report {
     memory: Vec<(&'static str, u64, u64)>,
     sni: Vec<super::sni::SniRow>,
     pairs: Vec<pairs::PairRow>,
+    slowloris: Option<super::slowloris::SlowlorisRow>,
 }
 
 pub(super) struct LatencyRow {
@@ -532,5 +543,6 @@ impl Report {
         );
         super::sni::print_goal(&self.sni);
         pairs::print_goals(&self.pairs);
+        super::slowloris::print_goal(&self.slowloris);
     }
 }

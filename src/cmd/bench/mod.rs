@@ -10,6 +10,7 @@ mod instructions;
 mod load;
 mod pairs;
 mod policy;
+mod slowloris;
 mod sni;
 mod thirdparty;
 mod traces;
