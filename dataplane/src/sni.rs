@@ -131,6 +131,17 @@ pub struct ClientHello {
     pub alpn: Vec<Vec<u8>>,
 }
 
+impl ClientHello {
+    /// The verdict on the bytes a client sent first, as [`read_client_hello`] reaches it without
+    /// the reading: `None` while more bytes are needed.
+    pub fn parse(data: &[u8]) -> Option<Result<ClientHello, HelloError>> {
+        match parse_client_hello(data) {
+            Parse::Done(r) => Some(r),
+            Parse::NeedMore => None,
+        }
+    }
+}
+
 /// Reads a complete ClientHello into `buf` (all bytes read are kept there, to be replayed to the
 /// upstream) and parses it. At most `limit` bytes and `timeout` are spent.
 pub async fn read_client_hello<R: AsyncRead + Unpin>(
