@@ -1,10 +1,11 @@
 //! Faults under steady load, in clusters that share only a WAN (as `tests/netns.rs` builds them,
 //! every part the real binary in its own namespace): the hub killed with SIGKILL and restarted
-//! on its store, a cluster partitioned from the WAN and reconnected, and a whole remote cluster
-//! dying while it serves half of a split. Four clients call across clusters the whole time;
-//! each case reports requests sent, failed and the longest gap between answers (the figures of
-//! benchmarks/RELIABILITY.md), and asserts what the README promises. Needs root and `ip netns`;
-//! elsewhere the tests say so and skip (CI requires them).
+//! on its store, a cluster partitioned from the WAN and reconnected, a whole remote cluster
+//! dying while it serves half of a split, and the disk under the hub's store filling up. Four
+//! clients call across clusters the whole time; each case reports requests sent, failed and the
+//! longest gap between answers (the figures of benchmarks/RELIABILITY.md), and asserts what the
+//! README promises. Needs root and `ip netns`; elsewhere the tests say so and skip (CI requires
+//! them).
 
 mod support;
 
@@ -275,4 +276,187 @@ fn a_remote_cluster_dying_mid_split_moves_its_share_with_no_failed_request() {
     assert_none_failed("cluster death", "api (west)", &api);
     assert_none_failed("cluster death", "reviews (split, central dead)", &reviews);
     drop(s.pods);
+}
+
+/// A small tmpfs mounted for the hub's data directory, unmounted when dropped (a failed test
+/// too).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &std::path::Path, mib: u32) -> SmallDisk {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700")])
+            .arg("fedmesh-test")
+            .arg(path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount a tmpfs at {}", path.display());
+        SmallDisk(path.to_path_buf())
+    }
+
+    /// Fills what is left with one file; its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.0.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        for chunk in [1 << 20, 64 << 10, 4 << 10] {
+            let block = vec![0u8; chunk];
+            loop {
+                match f.write(&block) {
+                    Ok(n) if n == chunk => continue,
+                    Ok(_) => break,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                    Err(e) => panic!("filling {}: {e}", filler.display()),
+                }
+            }
+        }
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The clusters join tokens were created for, as the hub lists them.
+fn token_clusters(mesh: &Mesh) -> Vec<String> {
+    let (code, body) = mesh.hub_admin_get("/api/v1/tokens");
+    assert_eq!(code, 200, "{body}");
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut names: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["cluster"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_full_disk_under_the_hub_fails_writes_clearly_loses_nothing_and_recovers_when_space_returns() {
+    if support::netns::skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(&dir.path().join("hub"), 32);
+    let mut s = setup(dir.path(), &[]);
+    let (api, reviews) = load(&s);
+    api.until_ok_after(Instant::now(), 50);
+
+    // The disk fills up. Writes through the admin API go on until one fails (the store may still
+    // have room in pages it holds); every one that succeeded must survive.
+    let filled = Instant::now();
+    let filler = disk.fill();
+    let mut created = Vec::new();
+    let mut refusal = None;
+    for i in 0..2000 {
+        let name = format!("full-{i:04}");
+        let td = format!("{name}.example");
+        let out = s.mesh.fedmesh_admin_unchecked(&[
+            "hub",
+            "token",
+            "create",
+            "--cluster",
+            &name,
+            "--trust-domain",
+            &td,
+        ]);
+        if !out.status.success() {
+            refusal = Some(String::from_utf8_lossy(&out.stderr).into_owned());
+            break;
+        }
+        created.push(name);
+    }
+    let refusal = refusal.expect("a write to a full disk fails");
+    eprintln!(
+        "RELIABILITY | disk full | {} writes stored before the first refusal: {}",
+        created.len(),
+        refusal.trim()
+    );
+    assert!(
+        refusal.contains("no space left") && refusal.contains("free space"),
+        "the refusal says what is wrong and what to do: {refusal}"
+    );
+    assert!(
+        s.mesh.net.procs[s.mesh.hub].log().contains("no space left"),
+        "the hub logs why it cannot write"
+    );
+    // While the disk is full: the hub still answers, and what it stored is all there; west
+    // exports another service, which the hub cannot store yet.
+    let before = view(&s.mesh);
+    assert_eq!(
+        before.1,
+        vec![
+            "shop/api@west".to_string(),
+            "shop/reviews@central".into(),
+            "shop/reviews@west".into()
+        ]
+    );
+    let stored: Vec<String> = token_clusters(&s.mesh)
+        .into_iter()
+        .filter(|c| c.starts_with("full-"))
+        .collect();
+    assert_eq!(
+        stored, created,
+        "every write acknowledged before the disk filled is kept"
+    );
+    let ratings = s.mesh.add_pod(&mut s.west, "api", "us-west-1a", true);
+    export(&s.west, "ratings", &[(&ratings, "us-west-1a")]);
+    api.until_ok_after(filled, 200);
+    reviews.until_ok_after(filled, 200);
+
+    // Space returns: the export arrives and writes succeed again, with no restart.
+    std::fs::remove_file(&filler).unwrap();
+    let freed = Instant::now();
+    wait_until(
+        "the export written while the disk was full, at the hub",
+        Duration::from_secs(60),
+        || view(&s.mesh).1.contains(&"shop/ratings@west".to_string()),
+    );
+    s.mesh.fedmesh_admin(&[
+        "hub",
+        "token",
+        "create",
+        "--cluster",
+        "after",
+        "--trust-domain",
+        "after.example",
+    ]);
+    let recovered = freed.elapsed();
+    let after = view(&s.mesh);
+
+    // And all of it is on disk: a hub restarted on the store sees the same.
+    s.mesh.net.procs[s.mesh.hub].kill();
+    s.mesh.start_hub();
+    let mut restarted = view(&s.mesh);
+    wait_until(
+        "the hub's view after a restart",
+        Duration::from_secs(30),
+        || {
+            restarted = view(&s.mesh);
+            restarted == after
+        },
+    );
+    let mut expected = created.clone();
+    expected.push("after".into());
+    expected.sort();
+    let tokens: Vec<String> = token_clusters(&s.mesh)
+        .into_iter()
+        .filter(|c| c.starts_with("full-") || c == "after")
+        .collect();
+    assert_eq!(tokens, expected);
+    let (api, reviews) = (api.finish(), reviews.finish());
+    eprintln!("RELIABILITY | disk full | writes resumed {recovered:?} after space returned");
+    assert_none_failed("disk full", "api (west)", &api);
+    assert_none_failed("disk full", "reviews (west/central split)", &reviews);
+    drop((ratings, s.pods));
+    drop(disk);
 }

@@ -229,7 +229,13 @@ pub fn router(state: AdminState) -> Router {
 }
 
 pub(crate) fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(ErrorBody { error: msg.into() })).into_response()
+    let msg = msg.into();
+    // The client's mistakes are the client's to read; the hub's own failures (its store
+    // unavailable, its disk full) are the operator's, so they go to the log too.
+    if status.is_server_error() {
+        tracing::warn!(status = status.as_u16(), error = %msg, "admin API request failed");
+    }
+    (status, Json(ErrorBody { error: msg })).into_response()
 }
 
 async fn authorize(

@@ -3,8 +3,9 @@
 //! restarted later — can ask for everything after a revision. The log keeps the most recent
 //! [`LOG_RETENTION`] revisions.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -26,16 +27,137 @@ pub const LOG_RETENTION: u64 = 200_000;
 /// Log entries a catching-up watcher reads at a time.
 const HISTORY_PAGE: usize = 1024;
 
+/// After a failed reopen, operations fail at once with its error for this long before the next
+/// attempt (a full disk is not cleared in microseconds).
+const REOPEN_BACKOFF: Duration = Duration::from_secs(1);
+
 pub struct RedbStore {
-    db: Arc<Database>,
+    db: Arc<Handle>,
     events: broadcast::Sender<Arc<WatchBatch>>,
     /// Held from the start of a write transaction until its batch is broadcast, so watchers
     /// receive batches in revision order.
-    write_lock: Arc<std::sync::Mutex<()>>,
+    write_lock: Arc<Mutex<()>>,
 }
 
-fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+/// Why one operation failed: redb's own error (an I/O error among them spends the handle), or
+/// one of ours (a malformed record, compacted history).
+enum Fail {
+    Redb(redb::Error),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Fail::Store(e)
+    }
+}
+
+fn err(e: impl Into<redb::Error>) -> Fail {
+    Fail::Redb(e.into())
+}
+
+fn joined(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Unavailable(format!("a store operation did not finish: {e}"))
+}
+
+/// The open database file. redb answers every call after one I/O error (a full disk, a failing
+/// device) with `PreviousIo`, reads included, until the file is closed and opened again. So an
+/// I/O error spends the handle here, and the next operation opens the file afresh: redb finds its
+/// last commit, and writes succeed again once the disk has room, with no restart. Nothing but
+/// this slot keeps a `Database` beyond one operation, so a spent one closes (and releases the
+/// file's lock) as soon as the operations still running on it end.
+struct Handle {
+    path: PathBuf,
+    slot: Mutex<Slot>,
+}
+
+enum Slot {
+    Open(Arc<Database>),
+    /// Spent, or its reopen failed: the error, and when to try again.
+    Closed(Option<(StoreError, Instant)>),
+}
+
+impl Handle {
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        match &*slot {
+            Slot::Open(db) => return Ok(db.clone()),
+            Slot::Closed(Some((e, retry))) if Instant::now() < *retry => return Err(e.clone()),
+            Slot::Closed(_) => {}
+        }
+        match open_database(&self.path) {
+            Ok(db) => {
+                tracing::info!(path = %self.path.display(), "store file reopened after an I/O error");
+                let db = Arc::new(db);
+                *slot = Slot::Open(db.clone());
+                Ok(db)
+            }
+            Err(e) => {
+                let e = self.describe(e);
+                *slot = Slot::Closed(Some((e.clone(), Instant::now() + REOPEN_BACKOFF)));
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs one (blocking) operation on the database.
+    fn run<T>(&self, op: impl FnOnce(&Database) -> Result<T, Fail>) -> Result<T, StoreError> {
+        let db = self.db()?;
+        match op(&db) {
+            Ok(v) => Ok(v),
+            Err(Fail::Store(e)) => Err(e),
+            Err(Fail::Redb(e)) => {
+                if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
+                    let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+                    if matches!(&*slot, Slot::Open(d) if Arc::ptr_eq(d, &db)) {
+                        *slot = Slot::Closed(None);
+                    }
+                }
+                Err(self.describe(Fail::Redb(e)))
+            }
+        }
+    }
+
+    /// A redb error as the operator should read it: what is wrong and what to do.
+    fn describe(&self, e: Fail) -> StoreError {
+        let path = self.path.display();
+        match e {
+            Fail::Store(e) => e,
+            Fail::Redb(redb::Error::Io(io))
+                if io.kind() == std::io::ErrorKind::StorageFull
+                    || io.raw_os_error() == Some(libc::ENOSPC) =>
+            {
+                StoreError::Unavailable(format!(
+                    "no space left on the device holding {path}: free space there; what is \
+                     stored is kept, and writes resume once there is room (no restart needed)"
+                ))
+            }
+            Fail::Redb(redb::Error::Io(io)) => {
+                StoreError::Unavailable(format!("I/O error on {path}: {io}"))
+            }
+            Fail::Redb(redb::Error::PreviousIo) => StoreError::Unavailable(format!(
+                "{path} failed an earlier write; it is opened again at the next operation"
+            )),
+            Fail::Redb(redb::Error::DatabaseAlreadyOpen) => StoreError::Unavailable(format!(
+                "cannot open {path}: it is in use (by another hub, or by operations still \
+                 running on a handle spent by an I/O error)"
+            )),
+            Fail::Redb(e) => StoreError::Unavailable(format!("{path}: {e}")),
+        }
+    }
+}
+
+/// Opens (or creates) the file and its tables.
+fn open_database(path: &Path) -> Result<Database, Fail> {
+    let db = Database::create(path).map_err(err)?;
+    let txn = db.begin_write().map_err(err)?;
+    {
+        txn.open_table(KV).map_err(err)?;
+        txn.open_table(LOG).map_err(err)?;
+        txn.open_table(META).map_err(err)?;
+    }
+    txn.commit().map_err(err)?;
+    Ok(db)
 }
 
 impl RedbStore {
@@ -48,23 +170,22 @@ impl RedbStore {
                 StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        let db = Database::create(path).map_err(|e| {
-            StoreError::Unavailable(format!(
-                "cannot open {}: {e} (is another hub using it?)",
+        let handle = Handle {
+            path: path.to_path_buf(),
+            slot: Mutex::new(Slot::Closed(None)),
+        };
+        let db = open_database(path).map_err(|e| match e {
+            Fail::Redb(redb::Error::DatabaseAlreadyOpen) => StoreError::Unavailable(format!(
+                "cannot open {}: another hub is using it",
                 path.display()
-            ))
+            )),
+            e => handle.describe(e),
         })?;
-        let txn = db.begin_write().map_err(err)?;
-        {
-            txn.open_table(KV).map_err(err)?;
-            txn.open_table(LOG).map_err(err)?;
-            txn.open_table(META).map_err(err)?;
-        }
-        txn.commit().map_err(err)?;
+        *handle.slot.lock().unwrap_or_else(|p| p.into_inner()) = Slot::Open(Arc::new(db));
         Ok(Self {
-            db: Arc::new(db),
+            db: Arc::new(handle),
             events: broadcast::channel(1024).0,
-            write_lock: Arc::new(std::sync::Mutex::new(())),
+            write_lock: Arc::new(Mutex::new(())),
         })
     }
 }
@@ -156,10 +277,7 @@ fn decode_events(revision: Revision, mut raw: &[u8]) -> Result<Vec<Event>, Store
 }
 
 impl RedbStore {
-    fn commit_blocking(
-        db: &Database,
-        txn: Txn,
-    ) -> Result<(TxnOutcome, Option<WatchBatch>), StoreError> {
+    fn commit_blocking(db: &Database, txn: Txn) -> Result<(TxnOutcome, Option<WatchBatch>), Fail> {
         let w = db.begin_write().map_err(err)?;
         let outcome;
         let batch;
@@ -252,7 +370,7 @@ impl RedbStore {
         db: &Database,
         after: Revision,
         limit: usize,
-    ) -> Result<Vec<WatchBatch>, StoreError> {
+    ) -> Result<Vec<WatchBatch>, Fail> {
         let r = db.begin_read().map_err(err)?;
         let meta = r.open_table(META).map_err(err)?;
         let compacted = meta
@@ -261,10 +379,10 @@ impl RedbStore {
             .map(|v| v.value())
             .unwrap_or(0);
         if after < compacted {
-            return Err(StoreError::Compacted {
+            return Err(Fail::Store(StoreError::Compacted {
                 requested: after,
                 oldest: compacted,
-            });
+            }));
         }
         let log = r.open_table(LOG).map_err(err)?;
         let mut out = Vec::new();
@@ -302,15 +420,17 @@ impl KvStore for RedbStore {
         let (db, key) = (self.db.clone(), key.to_string());
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                let r = db.begin_read().map_err(err)?;
-                let kv = r.open_table(KV).map_err(err)?;
-                match kv.get(key.as_str()).map_err(err)? {
-                    Some(raw) => Ok(Some(decode_record(&key, raw.value())?)),
-                    None => Ok(None),
-                }
+                db.run(|db| {
+                    let r = db.begin_read().map_err(err)?;
+                    let kv = r.open_table(KV).map_err(err)?;
+                    match kv.get(key.as_str()).map_err(err)? {
+                        Some(raw) => Ok(Some(decode_record(&key, raw.value())?)),
+                        None => Ok(None),
+                    }
+                })
             })
             .await
-            .map_err(err)?
+            .map_err(joined)?
         })
     }
 
@@ -318,27 +438,29 @@ impl KvStore for RedbStore {
         let (db, prefix) = (self.db.clone(), prefix.to_string());
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                let r = db.begin_read().map_err(err)?;
-                let revision = r
-                    .open_table(META)
-                    .map_err(err)?
-                    .get(REVISION)
-                    .map_err(err)?
-                    .map(|v| v.value())
-                    .unwrap_or(0);
-                let kv = r.open_table(KV).map_err(err)?;
-                let mut out = Vec::new();
-                for entry in kv.range(prefix.as_str()..).map_err(err)? {
-                    let (k, v) = entry.map_err(err)?;
-                    if !k.value().starts_with(prefix.as_str()) {
-                        break;
+                db.run(|db| {
+                    let r = db.begin_read().map_err(err)?;
+                    let revision = r
+                        .open_table(META)
+                        .map_err(err)?
+                        .get(REVISION)
+                        .map_err(err)?
+                        .map(|v| v.value())
+                        .unwrap_or(0);
+                    let kv = r.open_table(KV).map_err(err)?;
+                    let mut out = Vec::new();
+                    for entry in kv.range(prefix.as_str()..).map_err(err)? {
+                        let (k, v) = entry.map_err(err)?;
+                        if !k.value().starts_with(prefix.as_str()) {
+                            break;
+                        }
+                        out.push(decode_record(k.value(), v.value())?);
                     }
-                    out.push(decode_record(k.value(), v.value())?);
-                }
-                Ok((out, revision))
+                    Ok((out, revision))
+                })
             })
             .await
-            .map_err(err)?
+            .map_err(joined)?
         })
     }
 
@@ -349,14 +471,14 @@ impl KvStore for RedbStore {
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 let _order = lock.lock().unwrap_or_else(|p| p.into_inner());
-                let (outcome, batch) = Self::commit_blocking(&db, txn)?;
+                let (outcome, batch) = db.run(|db| Self::commit_blocking(db, txn))?;
                 if let Some(b) = batch {
                     let _ = events.send(Arc::new(b));
                 }
                 Ok(outcome)
             })
             .await
-            .map_err(err)?
+            .map_err(joined)?
         })
     }
 
@@ -364,16 +486,18 @@ impl KvStore for RedbStore {
         let db = self.db.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                let r = db.begin_read().map_err(err)?;
-                Ok(r.open_table(META)
-                    .map_err(err)?
-                    .get(REVISION)
-                    .map_err(err)?
-                    .map(|v| v.value())
-                    .unwrap_or(0))
+                db.run(|db| {
+                    let r = db.begin_read().map_err(err)?;
+                    Ok(r.open_table(META)
+                        .map_err(err)?
+                        .get(REVISION)
+                        .map_err(err)?
+                        .map(|v| v.value())
+                        .unwrap_or(0))
+                })
             })
             .await
-            .map_err(err)?
+            .map_err(joined)?
         })
     }
 
@@ -387,7 +511,7 @@ impl KvStore for RedbStore {
         let rx = self.events.subscribe();
         let prefix = prefix.to_string();
         struct State {
-            db: Arc<Database>,
+            db: Arc<Handle>,
             rx: broadcast::Receiver<Arc<WatchBatch>>,
             prefix: String,
             last: Revision,
@@ -419,10 +543,10 @@ impl KvStore for RedbStore {
                 if !s.caught_up {
                     let (db, last) = (s.db.clone(), s.last);
                     let history = tokio::task::spawn_blocking(move || {
-                        Self::history_blocking(&db, last, HISTORY_PAGE)
+                        db.run(|db| Self::history_blocking(db, last, HISTORY_PAGE))
                     })
                     .await
-                    .map_err(err)
+                    .map_err(joined)
                     .and_then(|r| r);
                     match history {
                         Ok(h) => {

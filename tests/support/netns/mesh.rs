@@ -167,6 +167,17 @@ impl Mesh {
 
     /// Runs `fedmesh ARGS --admin <hub> --admin-token-file <its token>` from the WAN: stdout.
     pub fn fedmesh_admin(&self, args: &[&str]) -> String {
+        let out = self.fedmesh_admin_unchecked(args);
+        assert!(
+            out.status.success(),
+            "fedmesh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// [`Mesh::fedmesh_admin`], whether it succeeds or not.
+    pub fn fedmesh_admin_unchecked(&self, args: &[&str]) -> Output {
         let admin = format!("http://{HUB_IP}:{HUB_ADMIN}");
         let token_file = self.hub_data.join("admin-token");
         let mut all: Vec<&str> = args.to_vec();
@@ -176,13 +187,7 @@ impl Mesh {
             "--admin-token-file",
             token_file.to_str().unwrap(),
         ]);
-        let out = self.net.exec(&self.wan, fedmesh_bin(), &all);
-        assert!(
-            out.status.success(),
-            "fedmesh {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        self.net.exec_unchecked(&self.wan, fedmesh_bin(), &all)
     }
 
     fn join_token(&self, cluster: &str, trust_domain: &str) -> String {

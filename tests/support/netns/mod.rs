@@ -260,6 +260,14 @@ impl Net {
         run_ok(ns_command(ns, program, None).args(args))
     }
 
+    /// Runs a program inside `ns` to completion; its output, whether it succeeded or not.
+    pub fn exec_unchecked(&self, ns: &str, program: &str, args: &[&str]) -> Output {
+        ns_command(ns, program, None)
+            .args(args)
+            .output()
+            .expect("run a command")
+    }
+
     pub fn sysctl(&self, ns: &str, key: &str, value: &str) {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
         let v = value.to_string();
