@@ -1,11 +1,11 @@
 //! Faults under steady load, in clusters that share only a WAN (as `tests/netns.rs` builds them,
 //! every part the real binary in its own namespace): the hub killed with SIGKILL and restarted
 //! on its store, a cluster partitioned from the WAN and reconnected, a whole remote cluster
-//! dying while it serves half of a split, and the disk under the hub's store filling up. Four
-//! clients call across clusters the whole time; each case reports requests sent, failed and the
-//! longest gap between answers (the figures of benchmarks/RELIABILITY.md), and asserts what the
-//! README promises. Needs root and `ip netns`; elsewhere the tests say so and skip (CI requires
-//! them).
+//! dying while it serves half of a split, a gateway replica killed (and a cluster's only
+//! gateway), and the disk under the hub's store filling up. Four clients call across clusters
+//! the whole time; each case reports requests sent, failed and the longest gap between answers
+//! (the figures of benchmarks/RELIABILITY.md), and asserts what the README promises. Needs root
+//! and `ip netns`; elsewhere the tests say so and skip (CI requires them).
 
 mod support;
 
@@ -31,9 +31,15 @@ struct Setup {
 }
 
 fn setup(dir: &std::path::Path, hub_args: &[&str]) -> Setup {
+    setup_with(dir, hub_args, 1)
+}
+
+/// [`setup`] with `west_gateways` gateway replicas in west.
+fn setup_with(dir: &std::path::Path, hub_args: &[&str], west_gateways: u16) -> Setup {
     let mut mesh = Mesh::start_with_hub_args(dir, hub_args);
     let mut east = mesh.add_cluster(1, "east", "us-east", &["frontend"]);
-    let mut west = mesh.add_cluster(2, "west", "us-west", &["api", "reviews"]);
+    let mut west =
+        mesh.add_cluster_with_gateways(2, "west", "us-west", &["api", "reviews"], west_gateways);
     let mut central = mesh.add_cluster(3, "central", "eu-central", &["reviews"]);
     let api = mesh.add_pod(&mut west, "api", "us-west-1a", true);
     let rev_w = mesh.add_pod(&mut west, "reviews", "us-west-1a", true);
@@ -275,6 +281,74 @@ fn a_remote_cluster_dying_mid_split_moves_its_share_with_no_failed_request() {
     );
     assert_none_failed("cluster death", "api (west)", &api);
     assert_none_failed("cluster death", "reviews (split, central dead)", &reviews);
+    drop(s.pods);
+}
+
+#[test]
+fn a_gateway_killed_costs_no_request_with_a_second_replica_and_fails_over_to_another_cluster_without()
+ {
+    if support::netns::skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = setup_with(dir.path(), &[], 2);
+    assert_eq!(s.west.gateways.len(), 2);
+    let (api, reviews) = load(&s);
+    api.until_ok_after(Instant::now(), 100);
+    reviews.until_ok_after(Instant::now(), 100);
+
+    // West has two gateway replicas, and east's sidecar uses both; one is SIGKILLed.
+    // Connections through it die with it; the requests on them are retried through the other.
+    let used: Vec<u64> = (0..2).map(|k| s.west.gateway_connections(k)).collect();
+    eprintln!(
+        "RELIABILITY | gateway killed | connections through west's replicas before: {used:?}"
+    );
+    assert!(
+        used.iter().all(|&n| n > 0),
+        "both replicas carry traffic: {used:?}"
+    );
+    let killed = Instant::now();
+    s.mesh.net.procs[s.west.gateways[0]].kill();
+    api.until_ok_after(killed, 300);
+    reviews.until_ok_after(killed, 300);
+
+    // Central has one gateway, and it dies (central's control plane and pods live on): its
+    // share of `reviews` fails over to west.
+    let central_killed = Instant::now();
+    s.mesh.net.procs[s.central.gateway].kill();
+    reviews.until_ok_after(central_killed, 300);
+    let (api, reviews) = (api.finish(), reviews.finish());
+    let last_central = reviews
+        .iter()
+        .filter(|o| o.cluster.as_deref() == Some("central"))
+        .map(|o| o.ended)
+        .max()
+        .unwrap();
+    let after: Vec<&Outcome> = reviews
+        .iter()
+        .filter(|o| o.started > central_killed)
+        .collect();
+    eprintln!(
+        "RELIABILITY | gateway killed | {} requests after central's gateway died, all answered by west; last answer from central {:?} after the kill",
+        after.len(),
+        last_central.saturating_duration_since(central_killed)
+    );
+    assert!(
+        after
+            .iter()
+            .all(|o| !o.ok() || o.cluster.as_deref() == Some("west")),
+        "after central's gateway died, only west answers"
+    );
+    assert_none_failed(
+        "gateway killed",
+        "api (west, one of two replicas killed)",
+        &api,
+    );
+    assert_none_failed(
+        "gateway killed",
+        "reviews (split; then central's only gateway killed)",
+        &reviews,
+    );
     drop(s.pods);
 }
 

@@ -19,6 +19,8 @@ pub struct ClusterNet {
     /// The control plane's and the gateway's process indexes in [`Net::procs`].
     pub control_plane: usize,
     pub gateway: usize,
+    /// Every gateway replica's process index (the first is [`ClusterNet::gateway`]).
+    pub gateways: Vec<usize>,
     cp_args: Vec<String>,
     gateway_args: Vec<String>,
     next_pod: u8,
@@ -33,7 +35,25 @@ impl ClusterNet {
     }
     /// The gateway's admin port (on the node's bridge).
     pub fn gateway_admin(&self) -> SocketAddr {
-        SocketAddr::from((self.node_ip, GATEWAY_ADMIN))
+        self.gateway_replica_admin(0)
+    }
+
+    /// Gateway replica `k`'s admin port.
+    pub fn gateway_replica_admin(&self, k: u16) -> SocketAddr {
+        SocketAddr::from((self.node_ip, GATEWAY_ADMIN + k))
+    }
+
+    /// Connections gateway replica `k` has admitted (`sni_connections_total`, all outcomes).
+    pub fn gateway_connections(&self, k: u16) -> u64 {
+        let admin = self.gateway_replica_admin(k);
+        let (_, metrics) = in_ns(&self.node, || {
+            http_get(admin, "/metrics", "x").expect("the gateway's admin port")
+        });
+        metrics
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains("sni_connections_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
     }
     pub fn uid_of(&self, account: &str) -> u32 {
         self.accounts
@@ -292,6 +312,19 @@ impl Mesh {
         region: &str,
         accounts: &[&str],
     ) -> ClusterNet {
+        self.add_cluster_with_gateways(index, name, region, accounts, 1)
+    }
+
+    /// [`Mesh::add_cluster`] with `replicas` east-west gateways, each on its own port of the
+    /// node's WAN address (15443, 15444, ...) and published by the control plane.
+    pub fn add_cluster_with_gateways(
+        &mut self,
+        index: u8,
+        name: &str,
+        region: &str,
+        accounts: &[&str],
+        replicas: u16,
+    ) -> ClusterNet {
         let net = &mut self.net;
         let node = net.add_ns(name);
         let wan_ip = Ipv4Addr::new(10, 250, 0, 10 + index);
@@ -382,8 +415,6 @@ impl Mesh {
             &hub,
             "--join-token-file",
             token_file.to_str().unwrap(),
-            "--gateway",
-            &gw,
             "--listen",
             &cp_listen,
             "--dns-listen",
@@ -391,6 +422,11 @@ impl Mesh {
         ]
         .map(String::from)
         .to_vec();
+        let mut cp_args = cp_args;
+        for k in 0..replicas {
+            cp_args.push("--gateway".into());
+            cp_args.push(format!("{wan_ip}:{}", GATEWAY_PORT + k));
+        }
         let control_plane =
             spawn_args(net, &node, &format!("{name}-control-plane"), None, &cp_args);
         let admin_socket = cp_data.join("admin.sock");
@@ -512,12 +548,46 @@ impl Mesh {
             accounts: uids,
             control_plane,
             gateway: usize::MAX,
+            gateways: Vec::new(),
             cp_args,
             gateway_args,
             next_pod: 10,
         };
         self.start_gateway(&mut c, &[]);
+        for k in 1..replicas {
+            self.start_gateway_replica(&mut c, k);
+        }
         c
+    }
+
+    /// Starts gateway replica `k` (1..) of cluster `c`: the usual flags on port 15443 + k, its
+    /// admin port on 15021 + k.
+    pub fn start_gateway_replica(&mut self, c: &mut ClusterNet, k: u16) {
+        let mut args = c.gateway_args.clone();
+        for (flag, addr) in [
+            ("--listen", SocketAddr::from((c.wan_ip, GATEWAY_PORT + k))),
+            ("--admin", c.gateway_replica_admin(k)),
+        ] {
+            let i = args.iter().position(|a| a == flag).unwrap();
+            args[i + 1] = addr.to_string();
+        }
+        let name = format!("{}-gateway-replica-{k}", c.name);
+        let i = spawn_args(&mut self.net, &c.node, &name, Some(GATEWAY_UID), &args);
+        let admin = c.gateway_replica_admin(k);
+        let (node, net) = (c.node.clone(), &mut self.net);
+        wait_until(
+            "a gateway replica's admin port",
+            Duration::from_secs(30),
+            || {
+                assert!(
+                    !net.procs[i].exited(),
+                    "gateway replica {k} of {} exited",
+                    c.name
+                );
+                in_ns(&node, || http_get(admin, "/healthz", "x").is_ok())
+            },
+        );
+        c.gateways.push(i);
     }
 
     /// Starts the cluster's gateway (again) with its usual flags and `extra`, and waits for its
@@ -530,6 +600,10 @@ impl Mesh {
             _ => format!("{}-gateway-{}", c.name, self.net.procs.len()),
         };
         c.gateway = spawn_args(&mut self.net, &c.node, &name, Some(GATEWAY_UID), &args);
+        match c.gateways.first_mut() {
+            Some(first) => *first = c.gateway,
+            None => c.gateways.push(c.gateway),
+        }
         let (node, admin) = (c.node.clone(), c.gateway_admin());
         let net = &mut self.net;
         let start = Instant::now();
