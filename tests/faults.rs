@@ -67,12 +67,17 @@ fn setup_with(dir: &std::path::Path, hub_args: &[&str], west_gateways: u16) -> S
     }
 }
 
-/// Two clients on `api` and two on `reviews`, from east's frontend.
+/// From east's frontend: on `api`, two HTTP/1.1 clients, one HTTP/2 and one gRPC; on `reviews`,
+/// two HTTP/1.1 clients.
 fn load(s: &Setup) -> (Clients, Clients) {
     let api = clusterset_ip(&s.frontend, &s.east, "api");
     let reviews = clusterset_ip(&s.frontend, &s.east, "reviews");
     (
-        Clients::start(&s.frontend, api, API, &["GET", "GET"], "/"),
+        Clients::start(&s.frontend, api, API, &["GET", "GET"], "/").with_h2_and_grpc(
+            &s.frontend,
+            api,
+            API,
+        ),
         Clients::start(&s.frontend, reviews, REVIEWS, &["GET", "GET"], "/"),
     )
 }
@@ -80,8 +85,16 @@ fn load(s: &Setup) -> (Clients, Clients) {
 /// One line of the reliability report; panics naming the failures if any request failed.
 fn assert_none_failed(case: &str, what: &str, outcomes: &[Outcome]) {
     let (sent, failed, gap) = report(outcomes);
+    let mut by_kind: Vec<String> = Vec::new();
+    for o in outcomes {
+        if !by_kind.iter().any(|k| k.starts_with(o.method)) {
+            let n = outcomes.iter().filter(|p| p.method == o.method).count();
+            by_kind.push(format!("{} {n}", o.method));
+        }
+    }
     eprintln!(
-        "RELIABILITY | {case} | {what} | {sent} requests | {failed} failed | longest gap {gap:?}"
+        "RELIABILITY | {case} | {what} | {sent} requests ({}) | {failed} failed | longest gap {gap:?}",
+        by_kind.join(", ")
     );
     let failures: Vec<&Outcome> = outcomes.iter().filter(|o| !o.ok()).take(10).collect();
     assert_eq!(failed, 0, "{case}: {what}: {failures:?}");

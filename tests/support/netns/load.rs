@@ -108,6 +108,33 @@ impl Clients {
         }
     }
 
+    /// Adds two clients in `pod`'s namespace that call as long-lived HTTP/2 callers do: one
+    /// sending `GET /` over one kept HTTP/2 connection (prior knowledge), one calling the sample
+    /// app's gRPC `Echo/Unary` over one tonic channel. Each reconnects after an error and sends
+    /// one call after another, 5 ms apart, bounded like [`Clients::start`].
+    pub fn with_h2_and_grpc(mut self, pod: &Pod, ip: Ipv4Addr, host: &str) -> Clients {
+        let addr = SocketAddr::from((ip, 80));
+        for kind in [H2::Get, H2::Grpc] {
+            let (stop, outcomes, host) =
+                (self.stop.clone(), self.outcomes.clone(), host.to_string());
+            let ns = File::open(format!("/run/netns/{}", pod.ns)).unwrap();
+            self.threads.push(std::thread::spawn(move || {
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on this thread only, with a namespace file we hold open.
+                assert_eq!(
+                    unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                    0
+                );
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(h2_loop(kind, addr, host, stop, outcomes));
+            }));
+        }
+        self
+    }
+
     /// Waits until `n` requests that started after `t` have succeeded.
     pub fn until_ok_after(&self, t: Instant, n: usize) {
         wait_until(
@@ -141,4 +168,118 @@ pub fn report(outcomes: &[Outcome]) -> (usize, usize, Duration) {
     let gap = ok.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
     let failed = outcomes.iter().filter(|o| !o.ok()).count();
     (outcomes.len(), failed, gap)
+}
+
+#[derive(Clone, Copy)]
+enum H2 {
+    Get,
+    Grpc,
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+async fn h2_connect(addr: SocketAddr) -> Result<H2Sender, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+/// One HTTP/2 GET on `send`: (status, `fedmesh-proxy-error`) and the answering cluster.
+async fn h2_get(
+    send: &mut H2Sender,
+    host: &str,
+) -> Result<((u16, Option<String>), Option<String>), String> {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(format!("http://{host}/"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let error = resp
+        .headers()
+        .get("fedmesh-proxy-error")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let cluster = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["cluster"].as_str().map(String::from));
+    Ok(((status, error), cluster.filter(|_| status == 200)))
+}
+
+async fn h2_loop(
+    kind: H2,
+    addr: SocketAddr,
+    host: String,
+    stop: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+) {
+    use fedmesh_testbed::pb::{EchoRequest, echo_client::EchoClient};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .origin(format!("http://{host}").parse().unwrap())
+        .connect_lazy();
+    let mut grpc = EchoClient::new(channel);
+    let mut h2: Option<H2Sender> = None;
+    let begin = Instant::now();
+    for _ in 0..20_000 {
+        if stop.load(Ordering::Relaxed) || begin.elapsed() > Duration::from_secs(180) {
+            break;
+        }
+        let started = Instant::now();
+        let call = async {
+            match kind {
+                H2::Get => {
+                    if h2.as_ref().is_none_or(|s| s.is_closed()) {
+                        h2 = Some(h2_connect(addr).await?);
+                    }
+                    let got = match h2.as_mut() {
+                        Some(send) => h2_get(send, &host).await,
+                        None => unreachable!("connected above"),
+                    };
+                    if got.is_err() {
+                        h2 = None;
+                    }
+                    got
+                }
+                H2::Grpc => grpc
+                    .unary(EchoRequest {
+                        message: "load".into(),
+                        count: 0,
+                    })
+                    .await
+                    .map(|r| ((200, None), Some(r.into_inner().cluster)))
+                    .map_err(|s| format!("gRPC {:?}: {}", s.code(), s.message())),
+            }
+        };
+        let (answer, cluster) = match tokio::time::timeout(Duration::from_secs(10), call).await {
+            Ok(Ok((answer, cluster))) => (Ok(answer), cluster),
+            Ok(Err(e)) => (Err(e), None),
+            Err(_) => (Err("no answer within 10 s".to_string()), None),
+        };
+        outcomes.lock().unwrap().push(Outcome {
+            method: match kind {
+                H2::Get => "HTTP/2 GET",
+                H2::Grpc => "gRPC Echo/Unary",
+            },
+            started,
+            ended: Instant::now(),
+            answer,
+            cluster,
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
