@@ -150,6 +150,36 @@ impl ProxyError {
         }
     }
 
+    /// The gRPC status a gRPC caller gets for this error: the HTTP status mapped as gRPC
+    /// specifies (`doc/http-grpc-status-mapping.md`), with the cases a proxy knows better named
+    /// exactly (a timeout is `DEADLINE_EXCEEDED`, a denial `PERMISSION_DENIED`).
+    pub fn grpc_code(&self) -> u32 {
+        match self {
+            Self::Timeout { .. } => 4,
+            Self::Denied(_) => 7,
+            Self::Unauthenticated(_) => 16,
+            Self::NoRoute(_) | Self::NoMatchingRoute { .. } | Self::Upgrade => 12,
+            _ => match self.status().as_u16() {
+                400 => 13,
+                401 => 16,
+                403 => 7,
+                404 => 12,
+                429 | 502 | 503 | 504 => 14,
+                _ => 2,
+            },
+        }
+    }
+
+    /// The response for a caller: a gRPC caller (`content-type: application/grpc...`) gets a
+    /// trailers-only answer with [`ProxyError::grpc_code`], as its client library can read it;
+    /// anyone else [`ProxyError::into_response`].
+    pub fn into_response_for(self, grpc: bool) -> Response<Body> {
+        if grpc {
+            return crate::http::grpc_error(self.grpc_code(), self.kind(), &self.to_string());
+        }
+        self.into_response()
+    }
+
     /// The response a caller gets: the status, `fedmesh-proxy-error`, and the message as text.
     pub fn into_response(self) -> Response<Body> {
         let mut r = proxy_response(self.status(), self.kind(), &self.to_string());
@@ -181,4 +211,36 @@ pub fn proxy_response(status: StatusCode, kind: &'static str, message: &str) -> 
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grpc_caller_gets_a_trailers_only_status_it_can_read_and_others_get_text() {
+        let reset = || ProxyError::UpstreamReset {
+            target: "west".into(),
+            error: "connection reset".into(),
+        };
+        let r = reset().into_response_for(true);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["content-type"], "application/grpc");
+        assert_eq!(r.headers()["grpc-status"], "14", "UNAVAILABLE");
+        assert_eq!(r.headers()[PROXY_ERROR], "upstream-reset");
+        let r = reset().into_response_for(false);
+        assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+        assert!(r.headers().get("grpc-status").is_none());
+        let timeout = ProxyError::Timeout {
+            dest: "shop/api".into(),
+            after: Duration::from_secs(1),
+        };
+        assert_eq!(timeout.grpc_code(), 4, "DEADLINE_EXCEEDED");
+        assert_eq!(
+            ProxyError::NoRoute("x".into()).grpc_code(),
+            12,
+            "UNIMPLEMENTED"
+        );
+        assert_eq!(ProxyError::Overloaded("x".into()).grpc_code(), 14);
+    }
 }

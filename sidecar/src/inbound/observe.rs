@@ -75,6 +75,7 @@ where
             .layer
             .access_log
             .then(|| (req.method().clone(), req.uri().path().to_string()));
+        let grpc = fedmesh_dataplane::http::is_grpc(req.headers());
         let call: BoxFuture<_> = Box::pin(self.inner.call(req));
         let layer = self.layer.clone();
         let active = layer.metrics.inbound_request();
@@ -90,7 +91,7 @@ where
                     if admitted.is_some() {
                         layer.metrics.count_error(e.kind());
                     }
-                    e.into_response()
+                    e.into_response_for(grpc)
                 }
             };
             let table = layer.config.table();

@@ -86,6 +86,7 @@ where
             .as_ref()
             .map(|d| d.service.to_string())
             .unwrap_or_default();
+        let grpc = fedmesh_dataplane::http::is_grpc(req.headers());
         let call: BoxFuture<_> = Box::pin(self.inner.call(req));
         let layer = self.layer.clone();
         Box::pin(async move {
@@ -93,7 +94,7 @@ where
                 Ok(r) => r,
                 Err(e) => {
                     layer.metrics.count_error(e.kind());
-                    e.into_response()
+                    e.into_response_for(grpc)
                 }
             };
             let dst = tried
