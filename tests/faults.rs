@@ -1,11 +1,12 @@
 //! Faults under steady load, in clusters that share only a WAN (as `tests/netns.rs` builds them,
 //! every part the real binary in its own namespace): the hub killed with SIGKILL and restarted
-//! on its store, a cluster partitioned from the WAN and reconnected, a whole remote cluster
-//! dying while it serves half of a split, a gateway replica killed (and a cluster's only
-//! gateway), and the disk under the hub's store filling up. Four clients call across clusters
-//! the whole time; each case reports requests sent, failed and the longest gap between answers
-//! (the figures of benchmarks/RELIABILITY.md), and asserts what the README promises. Needs root
-//! and `ip netns`; elsewhere the tests say so and skip (CI requires them).
+//! on its store, one of two hub replicas on etcd killed, a cluster partitioned from the WAN and
+//! reconnected, a whole remote cluster dying while it serves half of a split, a gateway replica
+//! killed (and a cluster's only gateway), and the disk under the hub's store filling up. Six
+//! clients (HTTP/1.1, HTTP/2 and gRPC) call across clusters the whole time; each case reports
+//! requests sent, failed and the longest gap between answers (the figures of
+//! benchmarks/RELIABILITY.md), and asserts what the README promises. Needs root and `ip netns`;
+//! elsewhere the tests say so and skip (CI requires them).
 
 mod support;
 
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use fedmesh_testbed::yaml;
 use support::netns::load::{Clients, Outcome, report};
-use support::netns::{ClusterNet, Mesh, Pod};
+use support::netns::{ClusterNet, HUB_ADMIN, HUB_ADMIN_B, Mesh, Pod};
 use support::pods::{clusterset_ip, export, wait_answer_from};
 use support::wait_until;
 
@@ -36,7 +37,11 @@ fn setup(dir: &std::path::Path, hub_args: &[&str]) -> Setup {
 
 /// [`setup`] with `west_gateways` gateway replicas in west.
 fn setup_with(dir: &std::path::Path, hub_args: &[&str], west_gateways: u16) -> Setup {
-    let mut mesh = Mesh::start_with_hub_args(dir, hub_args);
+    setup_on(Mesh::start_with_hub_args(dir, hub_args), west_gateways)
+}
+
+/// The clusters, pods and exports of [`setup`] on a hub already running.
+fn setup_on(mut mesh: Mesh, west_gateways: u16) -> Setup {
     let mut east = mesh.add_cluster(1, "east", "us-east", &["frontend"]);
     let mut west =
         mesh.add_cluster_with_gateways(2, "west", "us-west", &["api", "reviews"], west_gateways);
@@ -100,10 +105,73 @@ fn assert_none_failed(case: &str, what: &str, outcomes: &[Outcome]) {
     assert_eq!(failed, 0, "{case}: {what}: {failures:?}");
 }
 
+/// After central failed at `t` (`what`), every request of the `reviews` split answered by west;
+/// reports how many, and when central last answered.
+fn only_west_after(case: &str, what: &str, reviews: &[Outcome], t: Instant) {
+    let last_central = reviews
+        .iter()
+        .filter(|o| o.cluster.as_deref() == Some("central"))
+        .map(|o| o.ended)
+        .max()
+        .unwrap();
+    let after: Vec<&Outcome> = reviews.iter().filter(|o| o.started > t).collect();
+    eprintln!(
+        "RELIABILITY | {case} | {} requests after {what}, all answered by west; last answer from central {:?} after it",
+        after.len(),
+        last_central.saturating_duration_since(t)
+    );
+    assert!(
+        after
+            .iter()
+            .all(|o| !o.ok() || o.cluster.as_deref() == Some("west")),
+        "after {what}, only west answers"
+    );
+}
+
+/// SIGKILLs the hub process `hub` (no warning); west then exports another service, `ratings`,
+/// from a new pod. When the kill happened, and the pod.
+fn kill_hub_then_export(s: &mut Setup, hub: usize) -> (Instant, Pod) {
+    let killed = Instant::now();
+    s.mesh.net.procs[hub].kill();
+    let ratings = s.mesh.add_pod(&mut s.west, "api", "us-west-1a", true);
+    export(&s.west, "ratings", &[(&ratings, "us-west-1a")]);
+    (killed, ratings)
+}
+
+/// Waits until the hub replica at admin `port` shows west's `ratings`, and checks that its view
+/// is `before` plus that export and nothing else; the view.
+fn expect_ratings_added(
+    mesh: &Mesh,
+    port: u16,
+    before: &(Vec<String>, Vec<String>),
+) -> (Vec<String>, Vec<String>) {
+    let mut after = view_at(mesh, port);
+    wait_until(
+        "west's ratings export at the hub",
+        Duration::from_secs(60),
+        || {
+            after = view_at(mesh, port);
+            after.1.contains(&"shop/ratings@west".to_string())
+        },
+    );
+    let mut expected = before.clone();
+    expected.1.push("shop/ratings@west".into());
+    expected.1.sort();
+    assert_eq!(
+        after, expected,
+        "the hub's view is the one before, plus the new export"
+    );
+    after
+}
+
 /// The clusterset as the hub's admin API shows it: clusters and who exports what.
 fn view(mesh: &Mesh) -> (Vec<String>, Vec<String>) {
-    let s: serde_json::Value =
-        serde_json::from_str(&mesh.fedmesh_admin(&["status", "-o", "json"])).unwrap();
+    view_at(mesh, HUB_ADMIN)
+}
+
+/// [`view`] through the hub replica whose admin port is `port`.
+fn view_at(mesh: &Mesh, port: u16) -> (Vec<String>, Vec<String>) {
+    let s = status_at(mesh, port);
     let mut clusters: Vec<String> = s["clusters"]
         .as_array()
         .unwrap()
@@ -127,6 +195,17 @@ fn view(mesh: &Mesh) -> (Vec<String>, Vec<String>) {
         .collect();
     exports.sort();
     (clusters, exports)
+}
+
+/// `fedmesh status -o json` through the hub replica whose admin port is `port`.
+fn status_at(mesh: &Mesh, port: u16) -> serde_json::Value {
+    let out = mesh.fedmesh_admin_at(port, &["status", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "fedmesh status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn cluster_state(mesh: &Mesh, name: &str) -> serde_json::Value {
@@ -153,38 +232,74 @@ fn the_hub_killed_and_restarted_on_its_store_costs_no_request_and_loses_nothing(
     api.until_ok_after(Instant::now(), 50);
 
     // SIGKILL, no warning. While the hub is away, west exports another service.
-    let killed = Instant::now();
-    s.mesh.net.procs[s.mesh.hub].kill();
-    let ratings = s.mesh.add_pod(&mut s.west, "api", "us-west-1a", true);
-    export(&s.west, "ratings", &[(&ratings, "us-west-1a")]);
+    let hub = s.mesh.hub;
+    let (killed, ratings) = kill_hub_then_export(&mut s, hub);
     // The clusterset keeps working without it: a few hundred answers with the hub down.
     api.until_ok_after(killed, 200);
     reviews.until_ok_after(killed, 200);
     s.mesh.start_hub();
     let restarted = Instant::now();
     // The change made during the outage arrives; nothing else changed.
-    let mut after = view(&s.mesh);
-    wait_until(
-        "the outage's export at the hub",
-        Duration::from_secs(60),
-        || {
-            after = view(&s.mesh);
-            after.1.contains(&"shop/ratings@west".to_string())
-        },
-    );
-    let mut expected = before.clone();
-    expected.1.push("shop/ratings@west".into());
-    expected.1.sort();
-    assert_eq!(
-        after, expected,
-        "the hub's view after equals before, plus the outage's change"
-    );
+    expect_ratings_added(&s.mesh, HUB_ADMIN, &before);
     api.until_ok_after(restarted, 50);
     let (api, reviews) = (api.finish(), reviews.finish());
     let outage = restarted - killed;
     eprintln!("RELIABILITY | hub SIGKILL | hub down for {outage:?}");
     assert_none_failed("hub SIGKILL", "api (west)", &api);
     assert_none_failed("hub SIGKILL", "reviews (west/central split)", &reviews);
+    drop((ratings, s.pods));
+}
+
+#[test]
+fn a_hub_replica_on_etcd_killed_costs_no_request_and_the_other_carries_the_clusterset() {
+    if support::netns::skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = setup_on(Mesh::start_with_etcd_replicas(dir.path()), 1);
+    let before = view(&s.mesh);
+    assert_eq!(
+        view_at(&s.mesh, HUB_ADMIN_B),
+        before,
+        "both replicas read one clusterset"
+    );
+    let (api, reviews) = load(&s);
+    api.until_ok_after(Instant::now(), 50);
+
+    // Replica a (where every control plane started) dies without a word; west exports another
+    // service meanwhile.
+    let hub = s.mesh.hub;
+    let (killed, ratings) = kill_hub_then_export(&mut s, hub);
+    let expected = expect_ratings_added(&s.mesh, HUB_ADMIN_B, &before);
+    let moved = killed.elapsed();
+    wait_until(
+        "every cluster connected to replica b",
+        Duration::from_secs(60),
+        || {
+            let st = status_at(&s.mesh, HUB_ADMIN_B);
+            st["clusters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["connected"] == true && c["hub_replica"] == "hub-b")
+        },
+    );
+    api.until_ok_after(killed, 200);
+    reviews.until_ok_after(killed, 200);
+
+    // Replica a comes back and reads the same clusterset from etcd.
+    s.mesh.start_hub();
+    assert_eq!(view(&s.mesh), expected, "a restarted replica lost nothing");
+    let (api, reviews) = (api.finish(), reviews.finish());
+    eprintln!(
+        "RELIABILITY | hub replica killed (etcd) | the new export visible through replica b {moved:?} after the kill"
+    );
+    assert_none_failed("hub replica killed (etcd)", "api (west)", &api);
+    assert_none_failed(
+        "hub replica killed (etcd)",
+        "reviews (west/central split)",
+        &reviews,
+    );
     drop((ratings, s.pods));
 }
 
@@ -273,25 +388,7 @@ fn a_remote_cluster_dying_mid_split_moves_its_share_with_no_failed_request() {
     }
     reviews.until_ok_after(died, 300);
     let (api, reviews) = (api.finish(), reviews.finish());
-    // When the split stopped sending to central: the last answer from it.
-    let last_central = reviews
-        .iter()
-        .filter(|o| o.cluster.as_deref() == Some("central"))
-        .map(|o| o.ended)
-        .max()
-        .unwrap();
-    let after: Vec<&Outcome> = reviews.iter().filter(|o| o.started > died).collect();
-    eprintln!(
-        "RELIABILITY | cluster death | {} requests after central died, all answered by west; last answer from central {:?} after the kill",
-        after.len(),
-        last_central.saturating_duration_since(died)
-    );
-    assert!(
-        after
-            .iter()
-            .all(|o| !o.ok() || o.cluster.as_deref() == Some("west")),
-        "after central died, only west answers"
-    );
+    only_west_after("cluster death", "central died", &reviews, died);
     assert_none_failed("cluster death", "api (west)", &api);
     assert_none_failed("cluster death", "reviews (split, central dead)", &reviews);
     drop(s.pods);
@@ -331,26 +428,27 @@ fn a_gateway_killed_costs_no_request_with_a_second_replica_and_fails_over_to_ano
     s.mesh.net.procs[s.central.gateway].kill();
     reviews.until_ok_after(central_killed, 300);
     let (api, reviews) = (api.finish(), reviews.finish());
-    let last_central = reviews
-        .iter()
-        .filter(|o| o.cluster.as_deref() == Some("central"))
-        .map(|o| o.ended)
-        .max()
-        .unwrap();
-    let after: Vec<&Outcome> = reviews
-        .iter()
-        .filter(|o| o.started > central_killed)
-        .collect();
+    only_west_after(
+        "gateway killed",
+        "central's gateway died",
+        &reviews,
+        central_killed,
+    );
+    // A gRPC call is a POST, not safe to send twice: one in flight on a connection through the
+    // killed replica may fail, as gRPC UNAVAILABLE `upstream-reset` from the sidecar (where the
+    // HTTP GETs beside it are retried). Nothing else may.
+    let (lost, api): (Vec<Outcome>, Vec<Outcome>) = api.into_iter().partition(|o| {
+        o.method == "gRPC Echo/Unary"
+            && o.in_flight_at(killed)
+            && matches!(&o.answer, Err(e) if e.starts_with("gRPC Unavailable (upstream-reset)"))
+    });
     eprintln!(
-        "RELIABILITY | gateway killed | {} requests after central's gateway died, all answered by west; last answer from central {:?} after the kill",
-        after.len(),
-        last_central.saturating_duration_since(central_killed)
+        "RELIABILITY | gateway killed | gRPC calls in flight through the killed replica, failed UNAVAILABLE: {}",
+        lost.len()
     );
     assert!(
-        after
-            .iter()
-            .all(|o| !o.ok() || o.cluster.as_deref() == Some("west")),
-        "after central's gateway died, only west answers"
+        lost.len() <= 1,
+        "one gRPC client, one call in flight: {lost:?}"
     );
     assert_none_failed(
         "gateway killed",

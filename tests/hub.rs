@@ -13,7 +13,8 @@ use std::time::Duration;
 use fedmesh_test_support::EtcdServer;
 use fedmesh_testbed::yaml::{self, EndpointSpec};
 use support::federation::{
-    Hub, admin_args, admin_request, cp_args, join_token_file, run, start_cp, start_hub_with,
+    Hub, admin_args, admin_request, cp_args, etcd_replica_args, join_token_file, run, start_cp,
+    start_hub_with,
 };
 use support::{Proc, free_port, wait_until};
 
@@ -93,35 +94,14 @@ fn wait_admin(port: u16) {
 /// A hub replica on the secured etcd; the CA directory and the admin token are shared, as
 /// one Kubernetes Secret mounted by every replica.
 fn start_replica(dir: &Path, etcd: &EtcdServer, name: &str, grpc: u16, admin: u16) -> Hub {
-    let creds = etcd.secure.as_ref().expect("a secured etcd");
-    let path = |p: &PathBuf| p.to_str().unwrap().to_string();
-    let args = [
-        "hub".to_string(),
-        "--data-dir".into(),
-        path(&dir.join(name)),
-        "--store".into(),
-        format!("etcd:{}", etcd.url),
-        "--etcd-ca".into(),
-        path(&creds.ca_file),
-        "--etcd-cert".into(),
-        path(&creds.client_cert_file),
-        "--etcd-key".into(),
-        path(&creds.client_key_file),
-        "--etcd-user".into(),
-        creds.user.clone(),
-        "--etcd-password-file".into(),
-        path(&creds.password_file),
-        "--ca-dir".into(),
-        path(&dir.join("hub-ca")),
-        "--admin-token-file".into(),
-        path(&dir.join("admin-token")),
-        "--replica".into(),
-        name.into(),
-        "--listen".into(),
-        format!("127.0.0.1:{grpc}"),
-        "--admin-listen".into(),
-        format!("127.0.0.1:{admin}"),
-    ];
+    let args = etcd_replica_args(
+        etcd,
+        dir,
+        name,
+        &dir.join("admin-token"),
+        &format!("127.0.0.1:{grpc}"),
+        &format!("127.0.0.1:{admin}"),
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let proc = Proc::start(name, &args, dir);
     wait_admin(admin);

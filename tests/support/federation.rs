@@ -159,3 +159,45 @@ pub fn cp_args(
     .map(String::from)
     .to_vec()
 }
+
+/// The flags of hub replica `name` on the secured `etcd` (data in `<dir>/<name>`, the replicas'
+/// shared CA in `<dir>/hub-ca`, their shared admin token in `token`), listening on `grpc` and
+/// `admin` (HOST:PORT).
+pub fn etcd_replica_args(
+    etcd: &fedmesh_test_support::EtcdServer,
+    dir: &Path,
+    name: &str,
+    token: &Path,
+    grpc: &str,
+    admin: &str,
+) -> Vec<String> {
+    let creds = etcd.secure.as_ref().expect("a secured etcd");
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    vec![
+        "hub".into(),
+        "--data-dir".into(),
+        p(&dir.join(name)),
+        "--store".into(),
+        format!("etcd:{}", etcd.url),
+        "--etcd-ca".into(),
+        p(&creds.ca_file),
+        "--etcd-cert".into(),
+        p(&creds.client_cert_file),
+        "--etcd-key".into(),
+        p(&creds.client_key_file),
+        "--etcd-user".into(),
+        creds.user.clone(),
+        "--etcd-password-file".into(),
+        p(&creds.password_file),
+        "--ca-dir".into(),
+        p(&dir.join("hub-ca")),
+        "--admin-token-file".into(),
+        p(token),
+        "--replica".into(),
+        name.into(),
+        "--listen".into(),
+        grpc.into(),
+        "--admin-listen".into(),
+        admin.into(),
+    ]
+}

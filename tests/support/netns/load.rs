@@ -262,7 +262,11 @@ async fn h2_loop(
                     })
                     .await
                     .map(|r| ((200, None), Some(r.into_inner().cluster)))
-                    .map_err(|s| format!("gRPC {:?}: {}", s.code(), s.message())),
+                    .map_err(|s| {
+                        let kind = s.metadata().get("fedmesh-proxy-error");
+                        let kind = kind.and_then(|v| v.to_str().ok()).unwrap_or("-");
+                        format!("gRPC {:?} ({kind}): {}", s.code(), s.message())
+                    }),
             }
         };
         let (answer, cluster) = match tokio::time::timeout(Duration::from_secs(10), call).await {

@@ -90,9 +90,16 @@ pub struct Mesh {
     pub net: Net,
     pub wan: String,
     hub_data: PathBuf,
-    /// The hub's process index in [`Net::procs`].
+    /// The hub's process index in [`Net::procs`] (with two replicas: replica a).
     pub hub: usize,
     hub_args: Vec<String>,
+    /// With [`Mesh::start_with_etcd_replicas`]: replica b's process index and flags.
+    pub hub_b: Option<usize>,
+    hub_b_args: Vec<String>,
+    /// What control planes are given as `--hub`.
+    hub_addrs: String,
+    /// The etcd the replicas share, running in the WAN namespace.
+    etcd: Option<fedmesh_test_support::EtcdServer>,
 }
 
 impl Mesh {
@@ -102,6 +109,56 @@ impl Mesh {
 
     /// [`Mesh::start`] with more flags for the hub.
     pub fn start_with_hub_args(dir: &Path, hub_args: &[&str]) -> Mesh {
+        let mut mesh = Self::wan_only(dir);
+        let data = mesh.hub_data.to_str().unwrap().to_string();
+        let (g, a) = (
+            format!("{HUB_IP}:{HUB_GRPC}"),
+            format!("{HUB_IP}:{HUB_ADMIN}"),
+        );
+        let mut args = vec![
+            "hub",
+            "--data-dir",
+            &data,
+            "--listen",
+            &g,
+            "--admin-listen",
+            &a,
+        ];
+        args.extend_from_slice(hub_args);
+        mesh.hub_args = args.iter().map(|a| a.to_string()).collect();
+        mesh.start_hub();
+        mesh
+    }
+
+    /// The hub as two replicas on one etcd (secured, in the WAN namespace): replica a on the
+    /// usual ports, replica b on the next ones ([`HUB_ADMIN_B`]); control planes are given both.
+    pub fn start_with_etcd_replicas(dir: &Path) -> Mesh {
+        let mut mesh = Self::wan_only(dir);
+        let etcd = in_ns(&mesh.wan, fedmesh_test_support::EtcdServer::start_secure);
+        let token = mesh.hub_data.join("admin-token");
+        let replica = |name: &str, grpc: u16, admin: u16| {
+            super::super::federation::etcd_replica_args(
+                &etcd,
+                dir,
+                name,
+                &token,
+                &format!("{HUB_IP}:{grpc}"),
+                &format!("{HUB_IP}:{admin}"),
+            )
+        };
+        std::fs::create_dir_all(&mesh.hub_data).unwrap();
+        mesh.hub_args = replica("hub-a", HUB_GRPC, HUB_ADMIN);
+        mesh.hub_b_args = replica("hub-b", HUB_GRPC + 1, HUB_ADMIN_B);
+        mesh.hub_addrs = format!("{HUB_IP}:{HUB_GRPC},{HUB_IP}:{}", HUB_GRPC + 1);
+        mesh.etcd = Some(etcd);
+        mesh.start_hub();
+        // The second replica starts once the first has made the shared CA and admin token.
+        mesh.start_hub_b();
+        mesh
+    }
+
+    /// The WAN bridge and no hub yet.
+    fn wan_only(dir: &Path) -> Mesh {
         let mut net = Net::new(dir);
         let wan = net.add_ns("wan");
         net.ip(&wan, &["link", "add", "wan", "type", "bridge"]);
@@ -110,31 +167,25 @@ impl Mesh {
             &["addr", "add", &format!("{HUB_IP}/24"), "dev", "wan"],
         );
         net.ip(&wan, &["link", "set", "wan", "up"]);
-        let hub_data = dir.join("hub");
-        let (g, a) = (
-            format!("{HUB_IP}:{HUB_GRPC}"),
-            format!("{HUB_IP}:{HUB_ADMIN}"),
-        );
-        let mut args = vec![
-            "hub",
-            "--data-dir",
-            hub_data.to_str().unwrap(),
-            "--listen",
-            &g,
-            "--admin-listen",
-            &a,
-        ];
-        args.extend_from_slice(hub_args);
-        let hub_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let mut mesh = Mesh {
+        Mesh {
             net,
             wan,
-            hub_data,
+            hub_data: dir.join("hub"),
             hub: usize::MAX,
-            hub_args,
-        };
-        mesh.start_hub();
-        mesh
+            hub_args: Vec::new(),
+            hub_b: None,
+            hub_b_args: Vec::new(),
+            hub_addrs: format!("{HUB_IP}:{HUB_GRPC}"),
+            etcd: None,
+        }
+    }
+
+    /// Starts hub replica b (again: the one before must have exited).
+    pub fn start_hub_b(&mut self) {
+        let name = format!("hub-b-{}", self.net.procs.len());
+        let args: Vec<&str> = self.hub_b_args.iter().map(String::as_str).collect();
+        self.hub_b = Some(self.net.spawn(&self.wan, &name, None, &args));
+        wait_admin(&self.wan, HUB_ADMIN_B);
     }
 
     /// Starts the hub (again: the one before must have exited) on its data directory, and waits
@@ -198,7 +249,12 @@ impl Mesh {
 
     /// [`Mesh::fedmesh_admin`], whether it succeeds or not.
     pub fn fedmesh_admin_unchecked(&self, args: &[&str]) -> Output {
-        let admin = format!("http://{HUB_IP}:{HUB_ADMIN}");
+        self.fedmesh_admin_at(HUB_ADMIN, args)
+    }
+
+    /// [`Mesh::fedmesh_admin_unchecked`] through the replica whose admin port is `port`.
+    pub fn fedmesh_admin_at(&self, port: u16, args: &[&str]) -> Output {
+        let admin = format!("http://{HUB_IP}:{port}");
         let token_file = self.hub_data.join("admin-token");
         let mut all: Vec<&str> = args.to_vec();
         all.extend([
@@ -397,7 +453,7 @@ impl Mesh {
             format!("{node_ip}:53"),
             format!("{wan_ip}:{GATEWAY_PORT}"),
         );
-        let hub = format!("{HUB_IP}:{HUB_GRPC}");
+        let hub = self.hub_addrs.clone();
         let net = &mut self.net;
         let cp_args: Vec<String> = [
             "control-plane",
@@ -878,4 +934,17 @@ pub fn admin_metric(pod: &Pod, series: &str) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix(&series))
         .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// Waits until a hub's admin port (on the WAN) accepts connections.
+fn wait_admin(wan: &str, port: u16) {
+    wait_until("the hub's admin API", Duration::from_secs(30), || {
+        in_ns(wan, || {
+            TcpStream::connect_timeout(
+                &SocketAddr::from((HUB_IP, port)),
+                Duration::from_millis(200),
+            )
+            .is_ok()
+        })
+    });
 }

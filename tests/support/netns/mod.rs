@@ -34,7 +34,9 @@ use super::{fedmesh_bin, proxy_bin, wait_until};
 const PREFIX: &str = "fmt";
 pub const HUB_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 const HUB_GRPC: u16 = 9443;
-const HUB_ADMIN: u16 = 9080;
+pub const HUB_ADMIN: u16 = 9080;
+/// Hub replica b's admin port (with [`Mesh::start_with_etcd_replicas`]).
+pub const HUB_ADMIN_B: u16 = 9081;
 const GATEWAY_PORT: u16 = 15443;
 const CP_PORT: u16 = 15012;
 const APP_PORT: u16 = 8080;
