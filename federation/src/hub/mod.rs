@@ -12,6 +12,7 @@ pub mod audit;
 pub mod client;
 mod explain;
 pub mod plaintext;
+mod publish;
 pub mod quota;
 pub mod records;
 pub mod registration;
@@ -26,7 +27,6 @@ use std::time::Duration;
 
 use fedmesh_api::pb::federation as pb;
 use fedmesh_api::{ClusterName, SpiffeId, TrustDomain};
-use fedmesh_trust::bundle::SpiffeBundle;
 use fedmesh_trust::ca::TrustDomainCa;
 use fedmesh_trust::svid::new_key_and_csr;
 use fedmesh_trust::tls::{Authorizer, MeshIdentity};
@@ -35,6 +35,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use self::publish::{CheckedPublish, check_publish};
 use self::records::*;
 pub use self::service::HubService;
 use self::view::{View, ViewKey, view_key_of};
@@ -891,66 +892,6 @@ pub async fn serve_grpc(
         .add_service(traces::intake::server(hub))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
-}
-
-/// A Publish that passed [`check_publish`]: its exports, removals and bundle, parsed.
-pub struct CheckedPublish {
-    pub upserts: Vec<ExportRecord>,
-    pub removals: Vec<fedmesh_api::ServiceKey>,
-    pub bundle: Option<BundleRecord>,
-}
-
-/// Checks a Publish from `cluster` before anything of it is stored: a cluster publishes only its
-/// own state, every export, removal, gateway address and bundle must parse. What the store
-/// decides (registration, versions, the bundle's trust domain) is checked by
-/// [`Hub::apply_publish`]. The error says what was refused and why.
-pub fn check_publish(cluster: &ClusterName, p: &pb::Publish) -> Result<CheckedPublish, String> {
-    if !p.cluster.is_empty() && p.cluster != cluster.as_str() {
-        return Err(format!(
-            "cluster {cluster} may publish only its own state, not that of {:?}",
-            p.cluster
-        ));
-    }
-    let upserts = p
-        .upserts
-        .iter()
-        .map(export_from_pb)
-        .collect::<Result<Vec<_>, _>>()?;
-    let removals = p
-        .removals
-        .iter()
-        .map(|s| {
-            s.parse::<fedmesh_api::ServiceKey>()
-                .map_err(|e| format!("removal {s:?}: {e}"))
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    if let Some(g) = &p.gateways {
-        for a in &g.addresses {
-            fedmesh_api::names::check_gateway_address(a)
-                .map_err(|e| format!("gateway {a:?}: {e}"))?;
-        }
-    }
-    let bundle = match &p.bundle {
-        Some(b) => {
-            let td = TrustDomain::new(&b.trust_domain).map_err(|e| format!("bundle: {e}"))?;
-            let parsed = SpiffeBundle::from_json(td.clone(), &b.jwks).map_err(|e| e.to_string())?;
-            if parsed.x509_authorities().is_empty() {
-                return Err(format!("bundle of {td} has no X.509 authorities"));
-            }
-            Some(BundleRecord {
-                trust_domain: td,
-                cluster: cluster.clone(),
-                jwks: String::from_utf8_lossy(&b.jwks).into_owned(),
-                sequence: parsed.sequence(),
-            })
-        }
-        None => None,
-    };
-    Ok(CheckedPublish {
-        upserts,
-        removals,
-        bundle,
-    })
 }
 
 /// Serves the admin API on `listener` until `shutdown`. With `tls`, clients may authenticate with

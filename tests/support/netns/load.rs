@@ -243,15 +243,14 @@ async fn h2_loop(
         let call = async {
             match kind {
                 H2::Get => {
-                    if h2.as_ref().is_none_or(|s| s.is_closed()) {
-                        h2 = Some(h2_connect(addr).await?);
-                    }
-                    let got = match h2.as_mut() {
-                        Some(send) => h2_get(send, &host).await,
-                        None => unreachable!("connected above"),
+                    // One kept connection, replaced after an error.
+                    let mut send = match h2.take() {
+                        Some(s) if !s.is_closed() => s,
+                        _ => h2_connect(addr).await?,
                     };
-                    if got.is_err() {
-                        h2 = None;
+                    let got = h2_get(&mut send, &host).await;
+                    if got.is_ok() {
+                        h2 = Some(send);
                     }
                     got
                 }
