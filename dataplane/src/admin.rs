@@ -139,9 +139,25 @@ async fn config(
             }),
         );
     }
+    // Whom this proxy can verify: per trust domain, how many CA authorities it holds (two
+    // while a rotation has prepared or retired one).
+    let trust: serde_json::Map<String, serde_json::Value> = s
+        .identity
+        .trust()
+        .bundles()
+        .iter()
+        .map(|b| {
+            (
+                b.trust_domain().to_string(),
+                json!({"authorities": b.x509_authorities().len(), "sequence": b.sequence()}),
+            )
+        })
+        .collect();
     axum::Json(json!({
         "role": s.role,
         "identity": s.identity.spiffe_id().map(|i| i.to_string()),
+        "svidNotAfter": s.identity.svid().map(|v| fedmesh_trust::svid::rfc3339(v.not_after)),
+        "trust": trust,
         "controlPlaneConnected": s.config.connected(),
         "epoch": t.epoch,
         "version": t.version,

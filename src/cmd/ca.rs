@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use fedmesh_trust::TrustDomain;
-use fedmesh_trust::ca::{CaOptions, TrustDomainCa, UpstreamAuthority};
+use fedmesh_trust::ca::{CaOptions, CaView, TrustDomainCa, UpstreamAuthority};
 use fedmesh_trust::svid::rfc3339;
 
 use super::parse_duration;
@@ -111,8 +111,8 @@ impl UpstreamArgs {
 pub struct RotateArgs {
     #[arg(long)]
     dir: PathBuf,
-    /// Which step to run. Run the CA's owner (agent or control plane) stopped, or let it rotate
-    /// on its own schedule.
+    /// Which step to run. Run the CA's owner (agent) stopped, or let it rotate on its own
+    /// schedule; a running control plane's CA rotates with `fedmesh control-plane ca rotate`.
     #[arg(long, value_enum)]
     step: RotateStep,
     #[command(flatten)]
@@ -188,43 +188,70 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             Ok(())
         }
         CaCommand::Rotate(args) => {
+            refuse_if_served(&args.dir)?;
             let ca = TrustDomainCa::open(&args.dir)?;
             match args.step {
                 RotateStep::Prepare => ca.prepare_next(args.upstream.load()?.as_ref())?,
                 RotateStep::Activate => ca.activate_next()?,
                 RotateStep::Prune => {
-                    if !ca.prune(SystemTime::now())? {
-                        eprintln!("nothing to prune");
+                    let now = SystemTime::now();
+                    if !ca.prune(now)? {
+                        let blockers = ca.prune_blockers(now);
+                        if blockers.is_empty() {
+                            eprintln!("nothing to prune: no authority is retired");
+                        } else {
+                            eprintln!("nothing to prune yet: {}", blockers.join("; "));
+                        }
                     }
                 }
             }
-            print_status(&ca);
+            print_status(&ca.view());
             Ok(())
         }
         CaCommand::Status { dir } => {
             let ca = TrustDomainCa::open(&dir)?;
-            print_status(&ca);
+            print_status(&ca.view());
             Ok(())
         }
     }
 }
 
-fn print_status(ca: &TrustDomainCa) {
+/// A control plane's CA lives in `<data-dir>/ca`: changing its files under the running process
+/// would be lost at its next write (and the bundle it publishes would not follow).
+fn refuse_if_served(dir: &std::path::Path) -> anyhow::Result<()> {
+    let Some(data_dir) = dir.parent() else {
+        return Ok(());
+    };
+    let socket = fedmesh_federation::control_plane::admin::socket_path(data_dir);
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        anyhow::bail!(
+            "a running control plane owns this CA (its admin socket {} answers): rotate it there, \
+             so the bundle it publishes follows: fedmesh control-plane ca rotate --step STEP \
+             --data-dir {}",
+            socket.display(),
+            data_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The table of `fedmesh ca status` and `fedmesh control-plane ca status`.
+pub(crate) fn print_status(v: &CaView) {
     println!(
-        "trust domain {}  bundle sequence {}",
-        ca.trust_domain(),
-        ca.bundle().sequence()
+        "trust domain {}  bundle sequence {}  longest SVID {}s",
+        v.trust_domain, v.bundle_sequence, v.max_svid_ttl_secs
     );
     println!(
-        "{:<18} {:<9} {:<22} JWT KID",
-        "AUTHORITY", "STATE", "NOT AFTER"
+        "{:<18} {:<9} {:<22} {:<22} JWT KID",
+        "AUTHORITY", "STATE", "NOT AFTER", "LEAVES BUNDLE"
     );
-    for a in ca.authorities() {
+    for a in &v.authorities {
         println!(
-            "{:<18} {:<9} {:<22} {}",
+            "{:<18} {:<9} {:<22} {:<22} {}",
             a.id,
             format!("{:?}", a.state).to_lowercase(),
             a.not_after,
+            a.retire_at.as_deref().unwrap_or("-"),
             a.jwt_kid
         );
     }

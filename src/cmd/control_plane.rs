@@ -36,6 +36,30 @@ enum AdminCommand {
     /// The nodes whose agents joined.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// The cluster's CA, rotated while it serves: prepare, then activate once every cluster
+    /// trusts the prepared authority, then prune once the retired one's SVIDs have expired.
+    #[command(subcommand)]
+    Ca(CaAdminCommand),
+}
+
+#[derive(Subcommand)]
+enum CaAdminCommand {
+    /// The CA's authorities: prepared, active, retired (and when a retired one leaves the bundle).
+    Status {
+        /// json for scripts; table otherwise.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+        #[command(flatten)]
+        socket: Socket,
+    },
+    /// One rotation step; the bundle the control plane publishes (to the hub, so to every
+    /// cluster, and to its agents) follows at once.
+    Rotate {
+        #[arg(long, value_enum)]
+        step: super::ca::RotateStep,
+        #[command(flatten)]
+        socket: Socket,
+    },
 }
 
 #[derive(Args)]
@@ -154,6 +178,10 @@ pub struct ControlPlaneArgs {
     /// Default workload SVID lifetime (when the CA is created).
     #[arg(long, value_parser = parse_duration, default_value = "1h")]
     svid_ttl: Duration,
+    /// Longest SVID lifetime a workload may ask for (when the CA is created; default: 24h, or
+    /// --svid-ttl if longer). A retired CA authority stays in the bundle this long.
+    #[arg(long, value_parser = parse_duration)]
+    max_svid_ttl: Option<Duration>,
     /// The namespace of fedmesh's own components (gateways, agents; where the trust bundle for
     /// agents is published on Kubernetes).
     #[arg(long, default_value = "fedmesh-system")]
@@ -290,6 +318,24 @@ async fn admin(c: AdminCommand) -> anyhow::Result<()> {
                 other => anyhow::bail!("-o {other}: use table or json"),
             }
         }
+        AdminCommand::Ca(CaAdminCommand::Status { output, socket }) => {
+            let view = client(&socket).ca().await.map_err(fail)?;
+            match output.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&view)?),
+                "table" | "wide" => super::ca::print_status(&view),
+                other => anyhow::bail!("-o {other}: use table or json"),
+            }
+        }
+        AdminCommand::Ca(CaAdminCommand::Rotate { step, socket }) => {
+            use fedmesh_federation::control_plane::admin::RotateStep as Step;
+            let step = match step {
+                super::ca::RotateStep::Prepare => Step::Prepare,
+                super::ca::RotateStep::Activate => Step::Activate,
+                super::ca::RotateStep::Prune => Step::Prune,
+            };
+            let view = client(&socket).rotate_ca(step).await.map_err(fail)?;
+            super::ca::print_status(&view);
+        }
         AdminCommand::Node(NodeCommand::Remove { node, socket }) => {
             client(&socket).remove_node(&node).await.map_err(fail)?;
             println!(
@@ -303,7 +349,7 @@ async fn admin(c: AdminCommand) -> anyhow::Result<()> {
 async fn serve(a: ControlPlaneArgs) -> anyhow::Result<()> {
     let required = |what: &str| {
         anyhow::anyhow!(
-            "{what} is required to run a control plane (or name a command: token, entry, node)"
+            "{what} is required to run a control plane (or name a command: token, entry, node, ca)"
         )
     };
     let cluster = ClusterName::new(a.cluster.as_deref().ok_or_else(|| required("--cluster"))?)
@@ -332,6 +378,7 @@ async fn serve(a: ControlPlaneArgs) -> anyhow::Result<()> {
     config.dns_listen = Some(a.dns_listen);
     config.clusterset_cidr = a.clusterset_cidr;
     config.svid_ttl = a.svid_ttl;
+    config.max_svid_ttl = a.max_svid_ttl;
     config.system_namespace = a.system_namespace;
     config.agent_service_account = a.agent_service_account;
     config.jwks_refresh = a.jwks_refresh;

@@ -1,4 +1,4 @@
-//! `fedmesh hub`: the federation hub, and `fedmesh hub token create`.
+//! `fedmesh hub`: the federation hub, and its admin commands (`fedmesh hub token|admin-token|cluster`).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -32,6 +32,21 @@ enum HubCommand {
     /// Manage named admin tokens with a role (read-only or admin).
     #[command(subcommand)]
     AdminToken(AdminTokenCommand),
+    /// Manage the clusters of the clusterset.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Remove a cluster from the clusterset: its exports are withdrawn and its trust bundle
+    /// leaves every other cluster, so its workloads can no longer open connections into them.
+    /// It may join again only with a new join token.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -382,6 +397,14 @@ pub async fn run(args: HubArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Some(HubCommand::AdminToken(c)) => admin_token_command(c).await,
+        Some(HubCommand::Cluster(ClusterCommand::Remove { name, admin })) => {
+            ClusterName::new(&name).with_context(|| format!("{name:?} is not a cluster name"))?;
+            admin.client()?.remove_cluster(&name).await?;
+            println!(
+                "removed cluster {name}: its exports are withdrawn and the other clusters stop trusting its identities"
+            );
+            Ok(())
+        }
         None => serve(args.run).await,
     }
 }

@@ -63,6 +63,9 @@ pub struct ClusterSpec {
     pub bundle_refresh_hint: Option<Duration>,
     /// The control plane serves its SPIFFE bundle endpoint (`https_spiffe`) on a loopback port.
     pub bundle_endpoint: bool,
+    /// The lifetime of the SVIDs the cluster's CA issues (`None`: the control plane's default);
+    /// they are renewed at half of it.
+    pub svid_ttl: Option<Duration>,
 }
 
 impl ClusterSpec {
@@ -76,6 +79,7 @@ impl ClusterSpec {
             upstream: None,
             bundle_refresh_hint: None,
             bundle_endpoint: false,
+            svid_ttl: None,
         }
     }
 }
@@ -368,6 +372,9 @@ impl Cluster {
         }
         if spec.bundle_endpoint {
             config.bundle_endpoint = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        }
+        if let Some(ttl) = spec.svid_ttl {
+            config.svid_ttl = ttl;
         }
         let ca_dir = data.join("ca");
         if (spec.upstream.is_some() || spec.bundle_refresh_hint.is_some())

@@ -201,3 +201,106 @@ pub fn etcd_replica_args(
         admin.into(),
     ]
 }
+
+/// `fedmesh control-plane ARGS --data-dir <data>` against a running control plane; panics with
+/// its stderr on failure.
+pub fn cp_admin(data: &Path, args: &[&str]) {
+    let mut a = vec!["control-plane"];
+    a.extend_from_slice(args);
+    a.extend(["--data-dir", data.to_str().unwrap()]);
+    let out = fedmesh(&a);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Enrolls node `node` of the control plane at `data` for `id` and makes it a one-time join
+/// token, as an operator does (`entry create`, `token create`); the token's file.
+pub fn enroll(data: &Path, node: &str, id: &str, token: &Path) -> std::path::PathBuf {
+    cp_admin(
+        data,
+        &["entry", "create", "--node", node, "--spiffe-id", id],
+    );
+    cp_admin(
+        data,
+        &[
+            "token",
+            "create",
+            "--node",
+            node,
+            "--out",
+            token.to_str().unwrap(),
+        ],
+    );
+    token.to_path_buf()
+}
+
+/// Writes an entries file giving this test's uid the identity `id`.
+pub fn entries_for_me(file: &Path, id: &str) {
+    let tmp = file.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        format!(
+            "entries:\n  - spiffe_id: {id}\n    selectors: [\"unix:uid:{}\"]\n",
+            uid()
+        ),
+    )
+    .unwrap();
+    std::fs::rename(tmp, file).unwrap();
+}
+
+/// `fedmesh agent --control-plane` for `node`, joined with `token`, serving on `socket`.
+pub fn start_agent(
+    d: &Path,
+    name: &str,
+    cp_port: u16,
+    node: &str,
+    token: &Path,
+    entries: &Path,
+) -> (Proc, std::path::PathBuf) {
+    let socket = d.join(format!("{name}.sock"));
+    let p = Proc::start(
+        name,
+        &[
+            "agent",
+            "--control-plane",
+            &format!("127.0.0.1:{cp_port}"),
+            "--node",
+            node,
+            "--join-token-file",
+            token.to_str().unwrap(),
+            "--data-dir",
+            d.join(name).to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "--entries",
+            entries.to_str().unwrap(),
+        ],
+        d,
+    );
+    wait_until("the agent's socket", Duration::from_secs(30), || {
+        socket.exists()
+    });
+    (p, socket)
+}
+
+/// `fedmesh workload fetch --socket S`: the SPIFFE ID it printed, if it got an SVID.
+pub fn fetched_id(socket: &Path) -> Option<String> {
+    let out = fedmesh(&[
+        "workload",
+        "fetch",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--timeout",
+        "2s",
+    ]);
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find(|w| w.starts_with("spiffe://"))
+        .map(String::from)
+}

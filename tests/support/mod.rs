@@ -201,6 +201,7 @@ pub fn python_with(module: &str) -> Command {
     );
     Command::new(python)
 }
+pub mod faults;
 pub mod federation;
 pub mod mesh;
 pub mod netns;

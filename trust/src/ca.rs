@@ -220,12 +220,25 @@ pub struct IssuedSvid {
 }
 
 /// Status of one authority, for `fedmesh ca status` and logs.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuthorityStatus {
     pub id: String,
     pub state: AuthorityState,
     pub not_after: String,
     pub jwt_kid: String,
+    /// A retired authority leaves the bundle then (RFC 3339): the last SVID it signed expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_at: Option<String>,
+}
+
+/// A CA as `fedmesh ca status` and `fedmesh control-plane ca status` show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaView {
+    pub trust_domain: String,
+    pub bundle_sequence: u64,
+    /// The longest lifetime an SVID may have: how long a retired authority stays in the bundle.
+    pub max_svid_ttl_secs: u64,
+    pub authorities: Vec<AuthorityStatus>,
 }
 
 pub struct TrustDomainCa {
@@ -399,6 +412,37 @@ impl TrustDomainCa {
                 state: a.record.state,
                 not_after: rfc3339(from_unix_secs(a.record.not_after)),
                 jwt_kid: a.record.jwt_kid.clone(),
+                retire_at: a.record.retire_at.map(|t| rfc3339(from_unix_secs(t))),
+            })
+            .collect()
+    }
+
+    /// The CA's state for status commands.
+    pub fn view(&self) -> CaView {
+        CaView {
+            trust_domain: self.trust_domain().to_string(),
+            bundle_sequence: self.bundle().sequence(),
+            max_svid_ttl_secs: self.read().state.max_svid_ttl_secs,
+            authorities: self.authorities(),
+        }
+    }
+
+    /// Why [`Self::prune`] removes nothing at `now`: each retired authority that SVIDs it signed
+    /// may still rely on, and when it may go. Empty when there is no retired authority.
+    pub fn prune_blockers(&self, now: SystemTime) -> Vec<String> {
+        self.read()
+            .authorities
+            .iter()
+            .filter(|a| a.record.state == AuthorityState::Retired)
+            .filter_map(|a| {
+                let at = from_unix_secs(a.record.retire_at?);
+                let left = at.duration_since(now).ok()?;
+                Some(format!(
+                    "retired authority {} may still vouch for SVIDs it signed until {} (in {}s): it can be pruned then, and the control plane prunes it by itself within a minute after",
+                    a.record.id,
+                    rfc3339(at),
+                    left.as_secs() + 1
+                ))
             })
             .collect()
     }

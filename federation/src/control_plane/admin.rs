@@ -6,6 +6,8 @@
 //! - `GET /v1/nodes` → every node with its agent's registration and its entries
 //! - `DELETE /v1/nodes/{node}` → ends the node's registration (its identities stop renewing)
 //! - `POST /v1/nodes/{node}/entries` `{"spiffe_id": ID}` / `DELETE ...?spiffe_id=ID` → entries
+//! - `GET /v1/ca` → the CA's authorities; `POST /v1/ca/rotate` `{"step": "prepare"|"activate"|"prune"}`
+//!   → one rotation step on the running CA, then its authorities
 //! - `GET /metrics` → Prometheus text
 
 use std::path::{Path, PathBuf};
@@ -52,6 +54,23 @@ pub struct EntryRequest {
     pub spiffe_id: String,
 }
 
+/// A step of CA rotation (`fedmesh control-plane ca rotate --step`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotateStep {
+    /// Make the next authority and publish it in the bundle (it signs nothing yet).
+    Prepare,
+    /// The prepared authority starts signing; the active one retires (still trusted).
+    Activate,
+    /// Drop retired authorities once every SVID they signed has expired.
+    Prune,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RotateRequest {
+    pub step: RotateStep,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Changed {
     pub changed: bool,
@@ -72,6 +91,8 @@ fn router(cp: Arc<ControlPlane>) -> Router {
             "/v1/nodes/{node}/entries",
             post(add_entry).delete(delete_entry),
         )
+        .route("/v1/ca", get(ca_status))
+        .route("/v1/ca/rotate", post(ca_rotate))
         .route("/metrics", get(metrics))
         .with_state(cp)
         .layer(tower::limit::ConcurrencyLimitLayer::new(16))
@@ -175,6 +196,47 @@ async fn delete_entry(
             format!("node {node} has no entry {id}"),
         ),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn ca_status(State(cp): Cp) -> Response {
+    Json(cp.ca.view()).into_response()
+}
+
+/// One rotation step on the CA this control plane signs with: the bundle it publishes (to the
+/// hub, agents and the bundle endpoint) follows at once.
+async fn ca_rotate(State(cp): Cp, Json(req): Json<RotateRequest>) -> Response {
+    use fedmesh_trust::ca::CaError;
+    let now = std::time::SystemTime::now();
+    let done = match req.step {
+        RotateStep::Prepare => cp.ca.prepare_next(None),
+        RotateStep::Activate => cp.ca.activate_next(),
+        RotateStep::Prune => match cp.ca.prune(now) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                let blockers = cp.ca.prune_blockers(now);
+                let msg = if blockers.is_empty() {
+                    "nothing to prune: no authority is retired (`--step activate` retires the active one)".to_string()
+                } else {
+                    format!("nothing to prune yet: {}", blockers.join("; "))
+                };
+                return error(StatusCode::CONFLICT, msg);
+            }
+            Err(e) => Err(e),
+        },
+    };
+    match done {
+        Ok(()) => {
+            tracing::info!(step = ?req.step, "CA rotation step done by an operator");
+            Json(cp.ca.view()).into_response()
+        }
+        Err(e @ (CaError::NothingPrepared | CaError::UpstreamKeyNeeded)) => {
+            error(StatusCode::CONFLICT, e.to_string())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, step = ?req.step, "CA rotation step failed");
+            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
     }
 }
 
@@ -339,6 +401,16 @@ impl AdminSocketClient {
             None,
         )
         .await
+    }
+
+    pub async fn ca(&self) -> Result<fedmesh_trust::ca::CaView, String> {
+        self.call(http::Method::GET, "/v1/ca", None).await
+    }
+
+    pub async fn rotate_ca(&self, step: RotateStep) -> Result<fedmesh_trust::ca::CaView, String> {
+        let body = serde_json::to_vec(&RotateRequest { step }).unwrap_or_default();
+        self.call(http::Method::POST, "/v1/ca/rotate", Some(body))
+            .await
     }
 
     pub async fn metrics(&self) -> Result<String, String> {

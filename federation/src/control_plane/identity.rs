@@ -394,18 +394,39 @@ pub(super) fn own_identity(
     let ident = server_identity(cp)?;
     let (cp, renewed, shutdown) = (cp.clone(), ident.clone(), shutdown.clone());
     tokio::spawn(async move {
+        let mut failed = false;
         loop {
+            // At half the certificate's remaining life (it lives --svid-ttl), as agents renew
+            // theirs; soon again after a failure.
+            let wait = if failed {
+                Duration::from_secs(5)
+            } else {
+                renew_in(renewed.svid().map(|s| s.not_after))
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+                _ = tokio::time::sleep(wait) => {}
                 r = rotations.changed() => if r.is_err() { return },
             }
-            if let Err(e) = refresh_server_identity(&cp, &renewed) {
-                tracing::error!(error = %e, "cannot renew the control plane's server identity");
-            }
+            failed = match refresh_server_identity(&cp, &renewed) {
+                Ok(()) => false,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot renew the control plane's server identity; retrying in 5s");
+                    true
+                }
+            };
         }
     });
     Ok(ident)
+}
+
+/// How long until a certificate expiring at `not_after` is due for renewal: half its remaining
+/// life, at least a second.
+fn renew_in(not_after: Option<std::time::SystemTime>) -> Duration {
+    not_after
+        .and_then(|t| t.duration_since(std::time::SystemTime::now()).ok())
+        .map_or(Duration::from_secs(1), |left| left / 2)
+        .max(Duration::from_secs(1))
 }
 
 /// Serves the trust domain's bundle at a SPIFFE bundle endpoint (`https_spiffe` with the control

@@ -92,6 +92,10 @@ pub struct ControlPlaneConfig {
     pub rescan_interval: Duration,
     /// Default SVID TTL when the CA is created.
     pub svid_ttl: Duration,
+    /// Longest SVID TTL when the CA is created (`None`: the default TTL or 24 h, whichever is
+    /// longer). A retired authority stays in the bundle this long after a rotation activates
+    /// its successor.
+    pub max_svid_ttl: Option<Duration>,
     /// The namespace of fedmesh's own components: only its identities may stream a gateway's
     /// configuration.
     pub system_namespace: String,
@@ -129,6 +133,7 @@ impl ControlPlaneConfig {
             clusterset_cidr: "240.240.0.0/16".into(),
             rescan_interval: Duration::from_secs(10),
             svid_ttl: Duration::from_secs(3600),
+            max_svid_ttl: None,
             system_namespace: "fedmesh-system".into(),
             agent_service_account: "fedmesh-agent".into(),
             jwks_refresh: Duration::from_secs(300),
@@ -248,7 +253,17 @@ impl ControlPlane {
         } else {
             let mut opts = CaOptions::new(config.trust_domain.clone());
             opts.default_svid_ttl = config.svid_ttl;
-            opts.max_svid_ttl = config.svid_ttl.max(Duration::from_secs(24 * 3600));
+            opts.max_svid_ttl = match config.max_svid_ttl {
+                Some(max) if max < config.svid_ttl => {
+                    return Err(StartError::Config(format!(
+                        "--max-svid-ttl {}s is shorter than --svid-ttl {}s: raise it, or lower --svid-ttl",
+                        max.as_secs(),
+                        config.svid_ttl.as_secs()
+                    )));
+                }
+                Some(max) => max,
+                None => config.svid_ttl.max(Duration::from_secs(24 * 3600)),
+            };
             TrustDomainCa::init(&ca_dir, opts)?
         };
         if ca.trust_domain() != config.trust_domain {

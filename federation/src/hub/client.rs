@@ -138,6 +138,12 @@ impl AdminClient {
             return Err(ClientError::Status { status, message });
         }
         let _ = url;
+        // 204 No Content: nothing to read (a `()` answer).
+        let bytes = if bytes.is_empty() {
+            Bytes::from_static(b"null")
+        } else {
+            bytes
+        };
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Body(e.to_string()))
     }
 
@@ -243,6 +249,12 @@ impl AdminClient {
 
     pub async fn admin_tokens(&self) -> Result<Vec<AdminTokenView>, ClientError> {
         self.call(Method::GET, "/api/v1/admin-tokens", None).await
+    }
+
+    /// Removes a cluster from the clusterset: its record, exports and trust bundle.
+    pub async fn remove_cluster(&self, name: &str) -> Result<(), ClientError> {
+        let path = format!("/api/v1/clusters/{}", urlencode(name));
+        self.call(Method::DELETE, &path, None).await
     }
 
     pub async fn revoke_admin_token(&self, name: &str) -> Result<Revoked, ClientError> {

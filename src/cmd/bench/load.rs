@@ -80,6 +80,22 @@ pub(super) fn free_addr() -> anyhow::Result<SocketAddr> {
 
 /// GET `path` on `addr` with a bare HTTP/1.1 request; the status code.
 pub(super) async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let buf = http_get_raw(addr, path).await?;
+    std::str::from_utf8(buf.get(9..12)?).ok()?.parse().ok()
+}
+
+/// GET `path` on `addr` with a bare HTTP/1.1 request: the body of a 200 answer.
+pub(super) async fn http_get_body(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
+    let mut buf = http_get_raw(addr, path).await?;
+    if buf.get(9..12)? != b"200" {
+        return None;
+    }
+    let start = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    Some(buf.split_off(start))
+}
+
+/// The whole answer to `GET path` (connection: close), read within 2 s.
+async fn http_get_raw(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
     let mut s = TcpStream::connect(addr).await.ok()?;
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n").as_bytes(),
@@ -91,7 +107,7 @@ pub(super) async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
         .await
         .ok()?
         .ok()?;
-    std::str::from_utf8(buf.get(9..12)?).ok()?.parse().ok()
+    Some(buf)
 }
 
 pub(super) async fn wait_until<F, Fut>(what: &str, mut f: F) -> anyhow::Result<()>

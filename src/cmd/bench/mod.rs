@@ -12,6 +12,7 @@ mod pairs;
 mod policy;
 mod slowloris;
 mod sni;
+mod soak;
 mod thirdparty;
 mod traces;
 mod tracing;
@@ -94,6 +95,10 @@ pub enum BenchCommand {
         #[arg(long, value_parser = parse_duration, default_value = "3s")]
         duration: Duration,
     },
+    /// Hours-long steadiness: cross-cluster load through real proxy processes with config churn
+    /// and a new SVID for every proxy each minute; fails if a process's memory or file
+    /// descriptors still grow over the last half of the run.
+    Soak(SoakArgs),
     /// The hub's span intake on one core (decode + trace window, against decoding alone) and
     /// the window's memory when full.
     Traces {
@@ -113,6 +118,23 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+}
+
+/// Arguments of `fedmesh bench soak`.
+#[derive(clap::Args)]
+pub struct SoakArgs {
+    /// How long to run (the figures of 30m are in benchmarks/RELIABILITY.md).
+    #[arg(long, value_parser = parse_duration, default_value = "30m")]
+    duration: Duration,
+    /// Requests per second in all, half HTTP/1.1 and half HTTP/2.
+    #[arg(long, default_value_t = 200)]
+    rate: u64,
+    /// How often every process is sampled and the configuration changes.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    every: Duration,
+    /// Request and response body size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    body: usize,
 }
 
 /// What `fedmesh bench federation` measures.
@@ -167,6 +189,15 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 rounds: rounds.max(1),
             };
             tokio::task::spawn_blocking(move || traces::run(p)).await?
+        }
+        BenchCommand::Soak(a) => {
+            soak::run(soak::Params {
+                duration: a.duration,
+                rate: a.rate,
+                every: a.every,
+                body: a.body,
+            })
+            .await
         }
         BenchCommand::Instructions {
             requests,

@@ -43,6 +43,12 @@ impl ClusterNet {
         SocketAddr::from((self.node_ip, GATEWAY_ADMIN + k))
     }
 
+    /// The control plane's `--data-dir` (its CA and admin socket are inside).
+    pub fn control_plane_data(&self) -> &str {
+        let i = self.cp_args.iter().position(|a| a == "--data-dir").unwrap();
+        &self.cp_args[i + 1]
+    }
+
     /// Connections gateway replica `k` has admitted (`sni_connections_total`, all outcomes).
     pub fn gateway_connections(&self, k: u16) -> u64 {
         let admin = self.gateway_replica_admin(k);
@@ -100,6 +106,8 @@ pub struct Mesh {
     hub_addrs: String,
     /// The etcd the replicas share, running in the WAN namespace.
     etcd: Option<fedmesh_test_support::EtcdServer>,
+    /// More flags for every control plane of a cluster added from now on.
+    pub control_plane_args: Vec<String>,
 }
 
 impl Mesh {
@@ -177,6 +185,7 @@ impl Mesh {
             hub_b_args: Vec::new(),
             hub_addrs: format!("{HUB_IP}:{HUB_GRPC}"),
             etcd: None,
+            control_plane_args: Vec::new(),
         }
     }
 
@@ -479,6 +488,7 @@ impl Mesh {
         .map(String::from)
         .to_vec();
         let mut cp_args = cp_args;
+        cp_args.extend(self.control_plane_args.iter().cloned());
         for k in 0..replicas {
             cp_args.push("--gateway".into());
             cp_args.push(format!("{wan_ip}:{}", GATEWAY_PORT + k));
@@ -921,19 +931,42 @@ impl Mesh {
 /// The value of one series (name and labels as exposed) of a sidecar's `/metrics`, read in its
 /// pod; 0 when absent.
 pub fn admin_metric(pod: &Pod, series: &str) -> u64 {
-    let (_, metrics) = in_ns(&pod.ns, || {
-        http_get(
-            SocketAddr::from(([127, 0, 0, 1], SIDECAR_ADMIN)),
-            "/metrics",
-            "x",
-        )
-        .expect("the sidecar's admin port")
-    });
+    let metrics = admin_get(pod, "/metrics");
     let series = format!("{series} ");
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(&series))
         .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// The sum of every series of metric family `name` (all label sets) of a sidecar's `/metrics`.
+pub fn admin_metric_sum(pod: &Pod, name: &str) -> u64 {
+    admin_get(pod, "/metrics")
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<u64>().ok())
+        .sum()
+}
+
+/// The sidecar's `/config` (what it routes by, the identity it holds and whom it trusts), read
+/// in its pod.
+pub fn admin_config(pod: &Pod) -> serde_json::Value {
+    serde_json::from_str(&admin_get(pod, "/config")).expect("/config is JSON")
+}
+
+/// A GET to the sidecar's admin port, in its pod (loopback, as `/config` requires): the body.
+fn admin_get(pod: &Pod, path: &str) -> String {
+    let path = path.to_string();
+    let (status, body) = in_ns(&pod.ns, move || {
+        http_get(
+            SocketAddr::from(([127, 0, 0, 1], SIDECAR_ADMIN)),
+            &path,
+            "x",
+        )
+        .expect("the sidecar's admin port")
+    });
+    assert_eq!(status, 200, "{body}");
+    body
 }
 
 /// Waits until a hub's admin port (on the WAN) accepts connections.

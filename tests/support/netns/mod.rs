@@ -262,6 +262,11 @@ impl Net {
         run_ok(ns_command(ns, program, None).args(args))
     }
 
+    /// Runs a program inside `ns` as user `uid` to completion; its output (it must succeed).
+    pub fn exec_as(&self, ns: &str, uid: u32, program: &str, args: &[&str]) -> Output {
+        run_ok(ns_command(ns, program, Some(uid)).args(args))
+    }
+
     /// Runs a program inside `ns` to completion; its output, whether it succeeded or not.
     pub fn exec_unchecked(&self, ns: &str, program: &str, args: &[&str]) -> Output {
         ns_command(ns, program, None)
@@ -461,4 +466,4 @@ fn dechunk(body: &str) -> std::io::Result<String> {
 pub mod load;
 mod mesh;
 #[allow(unused_imports)] // not every test binary builds a clusterset
-pub use mesh::{ClusterNet, Mesh, Pod, admin_metric};
+pub use mesh::{ClusterNet, Mesh, Pod, admin_config, admin_metric, admin_metric_sum};
