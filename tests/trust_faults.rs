@@ -84,8 +84,12 @@ fn trouble(s: &Setup) -> (u64, u64) {
 /// an operator: prepare; activate once east's frontend trusts the prepared authority; prune once
 /// the CA allows it (refused until then, saying when); then wait until the frontend has dropped
 /// the retired authority. Reports the times.
-fn rotate(s: &Setup, clusters: &[&ClusterNet], case: &str) {
+fn rotate(s: &Setup, clusters: &[&ClusterNet], case: &str, load_began: Instant) {
     let t0 = Instant::now();
+    eprintln!(
+        "RELIABILITY | {case} | began {:.1?} after the load",
+        t0 - load_began
+    );
     let mut next = Vec::new();
     for c in clusters {
         ca(s, c, &["rotate", "--step", "prepare"]).unwrap();
@@ -181,14 +185,16 @@ fn probe_config(dir: &Path, peer: &str) -> Arc<rustls::ClientConfig> {
     identity.client_config(Authorizer::trust_domain(td), vec![b"h2".to_vec()])
 }
 
+type Probe = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
 /// A new mTLS connection through `gateway` to the service `sni` names, as a sidecar opens one:
-/// Ok once the callee's sidecar has accepted the client certificate (it answers the HTTP/2
+/// open once the callee's sidecar has accepted the client certificate (it answers the HTTP/2
 /// preface with its SETTINGS); the TLS alert or reset otherwise.
-fn new_connection(
+fn open_connection(
     cfg: &Arc<rustls::ClientConfig>,
     gateway: SocketAddr,
     sni: &str,
-) -> Result<(), String> {
+) -> Result<Probe, String> {
     let tcp =
         TcpStream::connect_timeout(&gateway, Duration::from_secs(2)).map_err(|e| e.to_string())?;
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -198,11 +204,35 @@ fn new_connection(
     // The HTTP/2 preface and an empty SETTINGS frame.
     tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
         .map_err(|e| e.to_string())?;
-    let mut buf = [0u8; 64];
-    match tls.read(&mut buf) {
-        Ok(n) if n > 0 => Ok(()),
-        Ok(_) => Err("closed without a word".into()),
-        Err(e) => Err(e.to_string()),
+    match read_frame(&mut tls) {
+        Ok(4) => Ok(tls),
+        Ok(t) => Err(format!("a frame of type {t} before SETTINGS")),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads one HTTP/2 frame: its type.
+fn read_frame(tls: &mut Probe) -> Result<u8, String> {
+    let mut head = [0u8; 9];
+    tls.read_exact(&mut head).map_err(|e| e.to_string())?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    tls.read_exact(&mut payload).map_err(|e| e.to_string())?;
+    Ok(head[3])
+}
+
+/// Reads frames until the callee ends the connection: how it did (a GOAWAY, or the end).
+fn until_told_to_stop(tls: &mut Probe, within: Duration) -> Result<String, String> {
+    tls.sock.set_read_timeout(Some(within)).unwrap();
+    loop {
+        match read_frame(tls) {
+            Ok(7) => return Ok("GOAWAY".into()),
+            Ok(_) => continue,
+            Err(e) if e.contains("timed out") || e.contains("would block") => {
+                return Err(format!("still open after {within:?}"));
+            }
+            Err(e) => return Ok(format!("closed ({e})")),
+        }
     }
 }
 
@@ -216,15 +246,17 @@ fn ca_rotation_in_one_then_two_clusters_under_load_costs_nothing_and_a_removed_c
     let mut mesh = Mesh::start(dir.path());
     mesh.control_plane_args = SHORT_SVIDS.map(String::from).to_vec();
     let mut s = setup_on(mesh, 1);
+    let load_began = Instant::now();
     let (api, reviews) = load(&s);
     reviews.until_ok_after(Instant::now(), 50);
     let before = trouble(&s);
 
-    rotate(&s, &[&s.west], "CA rotation, west");
+    rotate(&s, &[&s.west], "CA rotation, west", load_began);
     rotate(
         &s,
         &[&s.west, &s.central],
         "CA rotation, west and central at once",
+        load_began,
     );
     assert_eq!(
         trouble(&s),
@@ -234,6 +266,10 @@ fn ca_rotation_in_one_then_two_clusters_under_load_costs_nothing_and_a_removed_c
 
     // A pod started now holds only SVIDs and bundles of the new authorities: its new
     // connections reach both clusters.
+    eprintln!(
+        "RELIABILITY | a late pod | started {:.1?} after the load",
+        load_began.elapsed()
+    );
     let late = s.mesh.add_pod(&mut s.east, "frontend", "us-east-1a", false);
     let api_ip = clusterset_ip(&late, &s.east, "api");
     let reviews_ip = clusterset_ip(&late, &s.east, "reviews");
@@ -288,17 +324,30 @@ fn ca_rotation_in_one_then_two_clusters_under_load_costs_nothing_and_a_removed_c
         ClusterName::new("west").unwrap(),
     )
     .to_string();
-    let connect = |cfg: &Arc<rustls::ClientConfig>| {
+    let open = |cfg: &Arc<rustls::ClientConfig>| {
         let (cfg, sni) = (cfg.clone(), sni.clone());
-        in_ns(&s.central.node, move || new_connection(&cfg, gateway, &sni))
+        in_ns(&s.central.node, move || {
+            open_connection(&cfg, gateway, &sni)
+        })
     };
-    connect(&cfg).expect("central's workload connects to west's api before the removal");
+    let connect = |cfg: &Arc<rustls::ClientConfig>| open(cfg).map(drop);
+    // One connection stays open across the removal.
+    let mut held =
+        open(&cfg).expect("central's workload connects to west's api before the removal");
     let api_pod = &s.pods[0];
     let refused_before = admin_metric(api_pod, HANDSHAKE_REFUSED);
 
+    eprintln!(
+        "RELIABILITY | cluster removed | {:.1?} after the load",
+        load_began.elapsed()
+    );
     let removed = Instant::now();
     s.mesh
         .fedmesh_admin(&["hub", "cluster", "remove", "central"]);
+    let told = std::thread::spawn(move || {
+        let how = until_told_to_stop(&mut held, Duration::from_secs(60));
+        (removed.elapsed(), how)
+    });
     let mut first_refusal = None;
     let mut accepted_after = 0;
     wait_until(
@@ -327,9 +376,20 @@ fn ca_rotation_in_one_then_two_clusters_under_load_costs_nothing_and_a_removed_c
         refused >= 21,
         "west's api sidecar counted the refusals: {refused}"
     );
+    // The connection it already had is told to stop as well.
+    let (stopped_after, how) = told.join().unwrap();
+    let how = how.expect("west ends the connection central already had");
+    assert_eq!(
+        admin_metric(
+            api_pod,
+            "fedmesh_sidecar_refused_total{reason=\"trust_withdrawn\"}"
+        ),
+        1
+    );
     eprintln!(
         "RELIABILITY | cluster removed | central removed → new connections from it refused by west after {cut_after:?} \
-         ({accepted_after} accepted before; client saw: {why}); {refused} refusals counted by west's api sidecar"
+         ({accepted_after} accepted before; client saw: {why}); {refused} refusals counted by west's api sidecar; \
+         the connection it had open ended after {stopped_after:?} ({how})"
     );
 
     reviews.until_ok_after(Instant::now(), 100);

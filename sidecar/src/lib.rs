@@ -127,6 +127,8 @@ pub struct Sidecar {
     /// Requests seen since the last report, per service with a clusterset-wide limit.
     demand: inbound::Demand,
     permissive: inbound::PermissiveTraffic,
+    /// Open inbound connections by caller trust domain, to stop those no longer trusted.
+    peer_domains: Arc<inbound::PeerDomains>,
 }
 
 impl Sidecar {
@@ -184,6 +186,7 @@ impl Sidecar {
             idle_timeout: options.idle_timeout,
         });
         Arc::new(Self {
+            peer_domains: Arc::default(),
             inbound_tls,
             inbound,
             plain_h1,
@@ -286,6 +289,11 @@ impl Sidecar {
         shutdown: CancellationToken,
     ) {
         tokio::spawn(self.clone().report_demand(shutdown.clone()));
+        tokio::spawn(self.peer_domains.clone().follow(
+            self.identity.clone(),
+            self.metrics.clone(),
+            shutdown.clone(),
+        ));
         let me = self.clone();
         self.accept_loop(listener, shutdown, move |s, peer, graceful| {
             let me = me.clone();

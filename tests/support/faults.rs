@@ -4,7 +4,7 @@
 
 use fedmesh_testbed::yaml;
 
-use super::netns::load::{Clients, Outcome, report};
+use super::netns::load::{Clients, Outcome, longest_gap, report};
 use super::netns::{ClusterNet, Mesh, Pod};
 use super::pods::{clusterset_ip, export, wait_answer_from};
 
@@ -88,8 +88,9 @@ pub fn assert_none_failed(case: &str, what: &str, outcomes: &[Outcome]) {
             by_kind.push(format!("{} {n}", o.method));
         }
     }
+    let (_, at) = longest_gap(outcomes);
     eprintln!(
-        "RELIABILITY | {case} | {what} | {sent} requests ({}) | {failed} failed | longest gap {gap:?}",
+        "RELIABILITY | {case} | {what} | {sent} requests ({}) | {failed} failed | longest gap {gap:?} ({at:.1?} after the load began)",
         by_kind.join(", ")
     );
     let failures: Vec<&Outcome> = outcomes.iter().filter(|o| !o.ok()).take(10).collect();

@@ -48,6 +48,7 @@ mod authz;
 mod identity;
 mod observe;
 mod opaque;
+mod peers;
 mod plaintext;
 mod ratelimit;
 #[cfg(test)]
@@ -58,6 +59,7 @@ use crate::upstream::{ALPN_TCP, ALPN_TCP_TRACED, read_tcp_preamble};
 pub(crate) use app::h1_client;
 pub(crate) use identity::InboundConn;
 use identity::TunnelH1;
+pub(crate) use peers::PeerDomains;
 pub(crate) use plaintext::PermissiveTraffic;
 pub(crate) use ratelimit::Demand;
 
@@ -259,6 +261,9 @@ impl Sidecar {
             caller.trust_domain(),
         );
         let caller_cluster = self.cluster_of_trust_domain(&table, caller.trust_domain());
+        // Told to stop if the caller's trust domain stops being trusted ([`peers`]).
+        let registered = self.peer_domains.register(caller.trust_domain(), &graceful);
+        let stop = registered.stop.clone();
         let conn = Arc::new(InboundConn::new(
             peer,
             Some(caller),
@@ -273,27 +278,45 @@ impl Sidecar {
         // What follows the handshake is boxed: a connection's task is allocated at accept with
         // room for its largest state, and one stuck in its handshake (a slow-loris) should cost
         // the handshake's few KiB, not the ~33 KiB of serving HTTP/2 or relaying bytes.
-        match alpn.as_deref() {
-            Some(ALPN_TCP_TRACED) => {
-                let mut tls = tls;
-                let read = tokio::time::timeout(TCP_PREAMBLE_WAIT, read_tcp_preamble(&mut tls));
-                match read.await {
-                    Ok(Ok(context)) => {
-                        Box::pin(self.inbound_tcp(tls, conn, graceful, context)).await
-                    }
-                    Ok(Err(e)) => {
-                        self.metrics.refuse("bad_tcp_preamble");
-                        tracing::info!(%peer, caller = %conn.caller_name(), error = %e, "inbound TCP connection refused: its trace context preamble is malformed");
-                    }
-                    Err(_) => {
-                        self.metrics.refuse("bad_tcp_preamble");
-                        tracing::info!(%peer, caller = %conn.caller_name(), "inbound TCP connection refused: no trace context preamble within {TCP_PREAMBLE_WAIT:?}");
+        let serve = async {
+            match alpn.as_deref() {
+                Some(ALPN_TCP_TRACED) => {
+                    let mut tls = tls;
+                    let read = tokio::time::timeout(TCP_PREAMBLE_WAIT, read_tcp_preamble(&mut tls));
+                    match read.await {
+                        Ok(Ok(context)) => {
+                            Box::pin(self.inbound_tcp(tls, conn, stop.clone(), context)).await
+                        }
+                        Ok(Err(e)) => {
+                            self.metrics.refuse("bad_tcp_preamble");
+                            tracing::info!(%peer, caller = %conn.caller_name(), error = %e, "inbound TCP connection refused: its trace context preamble is malformed");
+                        }
+                        Err(_) => {
+                            self.metrics.refuse("bad_tcp_preamble");
+                            tracing::info!(%peer, caller = %conn.caller_name(), "inbound TCP connection refused: no trace context preamble within {TCP_PREAMBLE_WAIT:?}");
+                        }
                     }
                 }
+                Some(ALPN_TCP) => Box::pin(self.inbound_tcp(tls, conn, stop.clone(), None)).await,
+                _ => Box::pin(self.serve_h2(tls, conn, stop.clone())).await,
             }
-            Some(ALPN_TCP) => Box::pin(self.inbound_tcp(tls, conn, graceful, None)).await,
-            _ => Box::pin(self.serve_h2(tls, conn, graceful)).await,
+        };
+        // Its trust withdrawn, a connection has the drain timeout to finish (HTTP/2 was sent
+        // a GOAWAY); a drain of the whole sidecar is the listener's to end.
+        let withdrawn = async {
+            stop.cancelled().await;
+            if graceful.is_cancelled() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(self.options.drain_timeout).await;
+        };
+        tokio::select! {
+            _ = serve => {}
+            _ = withdrawn => {
+                tracing::info!(%peer, "closed an inbound connection: its caller's trust domain is no longer trusted");
+            }
         }
+        drop(registered);
     }
 
     /// HTTP/2 from a peer sidecar (or found inside a tunnel): every request is checked and

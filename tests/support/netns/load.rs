@@ -159,15 +159,28 @@ impl Clients {
 /// Requests sent, failed, and the longest time between two successful answers (the outage a
 /// client saw).
 pub fn report(outcomes: &[Outcome]) -> (usize, usize, Duration) {
+    let failed = outcomes.iter().filter(|o| !o.ok()).count();
+    (outcomes.len(), failed, longest_gap(outcomes).0)
+}
+
+/// The longest time between two good answers, and how long after the first request it began.
+pub fn longest_gap(outcomes: &[Outcome]) -> (Duration, Duration) {
     let mut ok: Vec<Instant> = outcomes
         .iter()
         .filter(|o| o.ok())
         .map(|o| o.ended)
         .collect();
     ok.sort();
-    let gap = ok.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
-    let failed = outcomes.iter().filter(|o| !o.ok()).count();
-    (outcomes.len(), failed, gap)
+    let first = outcomes.iter().map(|o| o.started).min();
+    ok.windows(2).map(|w| (w[1] - w[0], w[0])).max().map_or(
+        (Duration::ZERO, Duration::ZERO),
+        |(gap, at)| {
+            (
+                gap,
+                first.map_or(Duration::ZERO, |f| at.saturating_duration_since(f)),
+            )
+        },
+    )
 }
 
 #[derive(Clone, Copy)]
