@@ -156,6 +156,15 @@ async fn bind_local(port: u16) -> anyhow::Result<TcpListener> {
 impl Testbed {
     /// Starts the hub and the clusters, and waits until every cluster has joined.
     pub async fn start(dir: &Path, specs: &[ClusterSpec]) -> anyhow::Result<Self> {
+        Self::start_with_hub(dir, specs, |_| {}).await
+    }
+
+    /// [`Testbed::start`] with the hub's configuration adjusted by `adjust` first.
+    pub async fn start_with_hub(
+        dir: &Path,
+        specs: &[ClusterSpec],
+        adjust: impl FnOnce(&mut HubConfig),
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let shutdown = CancellationToken::new();
         let store: Arc<dyn KvStore> = Arc::new(RedbStore::open(&dir.join("hub.redb"))?);
@@ -165,10 +174,11 @@ impl Testbed {
         } else {
             TrustDomainCa::init(&ca_dir, CaOptions::new(TrustDomain::new("hub.fedmesh")?))?
         });
-        let config = HubConfig {
+        let mut config = HubConfig {
             stale_after: Duration::from_secs(5),
             ..HubConfig::default()
         };
+        adjust(&mut config);
         let hub = Hub::start(config, store, ca, shutdown.clone()).await?;
         let listener = bind_local(0).await?;
         let hub_addr = listener.local_addr()?;

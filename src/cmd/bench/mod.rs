@@ -144,7 +144,16 @@ pub enum FederationMode {
     Files,
 }
 
+/// Runs a benchmark; Ctrl-C or SIGTERM stops it, and what it started (proxy processes, nginx,
+/// HAProxy, the in-process clusterset) is stopped with it rather than left running.
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    tokio::select! {
+        r = run_one(cmd) => r,
+        _ = super::shutdown_signal() => anyhow::bail!("interrupted; what the benchmark started is stopped"),
+    }
+}
+
+async fn run_one(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Identity { duration, rounds } => {
             tokio::task::spawn_blocking(move || identity::run(duration, rounds.max(1))).await?

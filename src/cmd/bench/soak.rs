@@ -10,7 +10,8 @@
 //!
 //! The hub, both control planes and the agents run inside the benchmark process (as in
 //! `fedmesh bench dataplane`), so they are sampled as that process, together with the load
-//! generator. Each interval, west exports one more service and withdraws an older one (the hub
+//! generator; that process is judged on its heap in use, the others on their RSS. The proxies
+//! send their sampled spans to the hub as they do by default; the hub keeps 5 minutes of them. Each interval, west exports one more service and withdraws an older one (the hub
 //! and both control planes recompute, every proxy gets a new configuration), and east adds or
 //! removes an HTTPRoute on the service under load (the client sidecar recompiles its routes).
 
@@ -38,6 +39,9 @@ pub struct Params {
 /// SVIDs live two minutes, so every proxy gets a new one each minute.
 const SVID_TTL: Duration = Duration::from_secs(120);
 
+/// How long the hub keeps a trace (`fedmesh hub --trace-window-age`).
+const TRACE_WINDOW: Duration = Duration::from_secs(300);
+
 /// One process's figures at one sample.
 #[derive(Clone, Copy)]
 struct Sample {
@@ -45,6 +49,9 @@ struct Sample {
     t: f64,
     rss_kib: u64,
     fds: u64,
+    /// The benchmark process's own heap in use (malloc's count of live bytes): its RSS also
+    /// holds what the allocator keeps after the load generator's tasks free it.
+    heap_kib: Option<u64>,
 }
 
 struct Watched {
@@ -74,7 +81,13 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
     let mut west = ClusterSpec::new("west", "us-west");
     west.svid_ttl = Some(SVID_TTL);
     west.publish_gateway = Some(gw_addr);
-    let tb = Testbed::start(&dirp.join("clusterset"), &[east, west]).await?;
+    // The proxies send their sampled spans to the hub (the product's default), whose window of
+    // recent traces keeps them up to an age: 5 minutes here instead of the default hour, so the
+    // window is full, and stops growing, early in the run.
+    let tb = Testbed::start_with_hub(&dirp.join("clusterset"), &[east, west], |hub| {
+        hub.traces.max_age = TRACE_WINDOW;
+    })
+    .await?;
     let (east, west) = (tb.cluster("east"), tb.cluster("west"));
     let app = apps::http_fixed(TcpListener::bind("127.0.0.1:0").await?, p.body).await;
 
@@ -166,12 +179,13 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
 
     println!(
         "fedmesh bench soak: {} at {} req/s (half HTTP/1.1, half HTTP/2, {} B bodies) across east → west; \
-         config churn and a sample every {}; SVIDs of {}s (a new one each minute)",
+         config churn and a sample every {}; SVIDs of {}s (a new one each minute); the hub keeps traces {}s",
         humantime::format_duration(p.duration),
         p.rate,
         p.body,
         humantime::format_duration(p.every),
-        SVID_TTL.as_secs()
+        SVID_TTL.as_secs(),
+        TRACE_WINDOW.as_secs()
     );
     print!(
         "{:>7} {:>9} {:>6} {:>8}",
@@ -208,6 +222,7 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
                 t,
                 rss_kib: super::status_kib(w.pid, &["VmRSS:"])[0],
                 fds: open_fds(w.pid),
+                heap_kib: (w.pid == std::process::id()).then(heap_in_use_kib),
             };
             print!(" | {:>9.1} {:>4}", s.rss_kib as f64 / 1024.0, s.fds);
             w.samples.push(s);
@@ -241,6 +256,7 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         "SVIDs"
     );
     let mut unbounded = Vec::new();
+    let mut heap_line = None;
     for w in &watched {
         let rss: Vec<(f64, f64)> = w
             .samples
@@ -251,7 +267,20 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         let span = p.duration.as_secs_f64();
         let rss_trend = Trend::of(&rss, span, 4.0);
         let fd_trend = Trend::of(&fds, span, 8.0);
-        let verdict = if rss_trend.grows {
+        let heap: Vec<(f64, f64)> = w
+            .samples
+            .iter()
+            .filter_map(|s| Some((s.t, s.heap_kib? as f64 / 1024.0)))
+            .collect();
+        let heap_trend = (!heap.is_empty()).then(|| Trend::of(&heap, span, 4.0));
+        // A process is judged on its RSS, except the benchmark's own: its load generator frees
+        // tens of thousands of tasks' memory each interval into per-thread arenas, which RSS
+        // keeps; what it still holds is its heap in use.
+        let memory_grows = match &heap_trend {
+            Some(h) => h.grows,
+            None => rss_trend.grows,
+        };
+        let verdict = if memory_grows {
             unbounded.push(format!("{}: memory", w.name));
             "MEMORY GROWS"
         } else if fd_trend.grows {
@@ -260,6 +289,12 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         } else {
             "bounded"
         };
+        if let (Some(h), Some(f), Some(l)) = (&heap_trend, heap.first(), heap.last()) {
+            heap_line = Some(format!(
+                "  {}: heap in use {:.1} → {:.1} MiB, slope {:.2} MiB/h over the last half (RSS {:.2} MiB/h)",
+                w.name, f.1, l.1, h.per_hour, rss_trend.per_hour
+            ));
+        }
         let (f, l) = (w.samples.first().unwrap(), w.samples.last().unwrap());
         println!(
             "{:<42} {:>22} {:>18.2} {:>16} {:>14.1} {:>6}  {verdict}",
@@ -278,6 +313,9 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
                 "-".into()
             },
         );
+    }
+    if let Some(l) = heap_line {
+        println!("{l}");
     }
     drop((client, server, gateway));
     tb.shutdown().await;
@@ -343,6 +381,13 @@ fn merged(a: &FixedRate, b: &FixedRate) -> Vec<Duration> {
     let mut v: Vec<Duration> = a.latencies.iter().chain(&b.latencies).copied().collect();
     v.sort_unstable();
     v
+}
+
+/// Bytes malloc has handed out and not had back, in every arena and in mmapped blocks.
+fn heap_in_use_kib() -> u64 {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let m = unsafe { libc::mallinfo2() };
+    ((m.uordblks + m.hblkhd) / 1024) as u64
 }
 
 fn open_fds(pid: u32) -> u64 {
