@@ -19,6 +19,27 @@ fn ca(data: &Path, args: &[&str]) -> std::process::Output {
     fedmesh(&all)
 }
 
+/// A bare HTTP/1.1 GET to `addr`: (status, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: cp\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -51,7 +72,9 @@ fn a_running_control_planes_ca_rotates_from_the_cli_and_its_own_certificate_foll
     let port = free_port();
     let token = join_token_file(d, &hub, "east");
     let mut args = cp_args(d, &hub, "east", "east-data", &token, port);
+    let admin = format!("127.0.0.1:{}", free_port());
     args.extend(["--svid-ttl", "4s", "--max-svid-ttl", "4s"].map(String::from));
+    args.extend(["--admin-listen".to_string(), admin.clone()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _cp = Proc::start("east", &args, d);
     let data = d.join("east-data");
@@ -60,6 +83,23 @@ fn a_running_control_planes_ca_rotates_from_the_cli_and_its_own_certificate_foll
         Duration::from_secs(30),
         || data.join("admin.sock").exists(),
     );
+
+    // Its HTTP admin port, for Prometheus and the kubelet's probes.
+    let get = |path: &str| http_get(&admin, path);
+    wait_until(
+        "the control plane joined to the hub",
+        Duration::from_secs(30),
+        || get("/readyz").1.contains("connected to the hub"),
+    );
+    assert_eq!(get("/healthz"), (200, "ok\n".to_string()));
+    let (code, metrics) = get("/metrics");
+    assert_eq!(code, 200);
+    for series in [
+        "fedmesh_control_plane_hub_connected 1",
+        "fedmesh_control_plane_ca_authorities{state=\"active\"} 1",
+    ] {
+        assert!(metrics.contains(series), "{series} in {metrics}");
+    }
 
     let (v, list) = authorities(&data);
     assert_eq!(v["trust_domain"], "east.example");

@@ -16,7 +16,7 @@ use support::federation::{
     Hub, admin_args, admin_request, cp_args, etcd_replica_args, join_token_file, run, start_cp,
     start_hub_with,
 };
-use support::{Proc, free_port, wait_until};
+use support::{Proc, fedmesh, fedmesh_ok, free_port, wait_until};
 
 /// Publishes and exports `shop/<name>` from the control plane of `cluster` (its directory
 /// source `<dir>/<cluster>-src`).
@@ -345,8 +345,25 @@ fn operators_withdraw_over_http_and_a_silent_cluster_goes_stale_then_expires() {
     let s = status(&via);
     assert_eq!(exports(&s), all, "stale clusters keep their exports");
     assert_eq!(cluster(&s, "west").unwrap()["expired"], false);
+    // What an alert watches: per cluster, stale, connected and seconds since last seen.
+    let (code, metrics) = admin_request(&hub, "GET", "/metrics", "");
+    assert_eq!(code, 200, "{metrics}");
+    for c in ["east", "west"] {
+        let series = |name: &str| {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("fedmesh_hub_{name}{{cluster=\"{c}\"}} ")))
+                .map(|v| v.trim().parse::<i64>().unwrap())
+        };
+        assert_eq!(series("cluster_stale"), Some(1), "{metrics}");
+        assert_eq!(series("cluster_connected"), Some(0), "{metrics}");
+        assert!(
+            series("cluster_last_seen_seconds").unwrap() >= 1,
+            "{metrics}"
+        );
+    }
 
-    // An operator withdraws one export, then removes a cluster, with plain HTTP calls.
+    // An operator withdraws one export with plain HTTP calls, then removes a cluster with the CLI.
     assert_eq!(
         admin_request(
             &hub,
@@ -369,12 +386,28 @@ fn operators_withdraw_over_http_and_a_silent_cluster_goes_stale_then_expires() {
         exports(&status(&via)),
         ["shop/api@east", "shop/reviews@west"]
     );
-    assert_eq!(
-        admin_request(&hub, "DELETE", "/api/v1/clusters/east", "").0,
-        204
+    let mut remove = vec!["hub", "cluster", "remove", "east"];
+    remove.extend(via.iter().map(String::as_str));
+    let out = fedmesh_ok(&remove);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("removed cluster east"),
+        "{out:?}"
+    );
+    let mut again = vec!["hub", "cluster", "remove", "east"];
+    again.extend(via.iter().map(String::as_str));
+    let out = fedmesh(&again);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no cluster east"),
+        "{out:?}"
     );
     let s = status(&via);
     assert!(cluster(&s, "east").is_none(), "{s}");
+    let (_, metrics) = admin_request(&hub, "GET", "/metrics", "");
+    assert!(
+        !metrics.contains("cluster=\"east\""),
+        "a removed cluster leaves the metrics: {metrics}"
+    );
     assert_eq!(exports(&s), ["shop/reviews@west"]);
 
     // West, silent past --expire-after, loses its exports but stays listed as expired.

@@ -16,6 +16,20 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster: String,
+}
+
+/// One registered cluster as a scrape sees it.
+pub struct ClusterSeen {
+    pub cluster: String,
+    /// Seconds since the hub last heard from it; `None` if never since this replica started.
+    pub seconds_since_seen: Option<u64>,
+    pub stale: bool,
+    pub connected: bool,
+}
+
 pub struct HubMetrics {
     registry: Registry,
     pub connected_clusters: Gauge,
@@ -31,6 +45,12 @@ pub struct HubMetrics {
     pub trace_window_spans: Gauge,
     /// The trace window's memory as estimated against its --trace-window-mib bound.
     pub trace_window_bytes: Gauge,
+    /// Per registered cluster, set at each scrape: what to alert on.
+    pub cluster_last_seen_seconds: Family<ClusterLabels, Gauge>,
+    pub cluster_stale: Family<ClusterLabels, Gauge>,
+    pub cluster_connected: Family<ClusterLabels, Gauge>,
+    /// Scrapes set the per-cluster families whole; one at a time.
+    scrape: std::sync::Mutex<()>,
 }
 
 impl Default for HubMetrics {
@@ -49,6 +69,10 @@ impl Default for HubMetrics {
             spans: Family::default(),
             trace_window_spans: Gauge::default(),
             trace_window_bytes: Gauge::default(),
+            cluster_last_seen_seconds: Family::default(),
+            cluster_stale: Family::default(),
+            cluster_connected: Family::default(),
+            scrape: std::sync::Mutex::new(()),
         };
         registry.register(
             "connected_clusters",
@@ -101,11 +125,50 @@ impl Default for HubMetrics {
             "Memory the trace window's spans take (estimated on the high side)",
             m.trace_window_bytes.clone(),
         );
+        registry.register(
+            "cluster_last_seen_seconds",
+            "Seconds since the hub last heard from each registered cluster (absent if never since this replica started)",
+            m.cluster_last_seen_seconds.clone(),
+        );
+        registry.register(
+            "cluster_stale",
+            "1 for a registered cluster silent past --stale-after (its exports stay routable), else 0",
+            m.cluster_stale.clone(),
+        );
+        registry.register(
+            "cluster_connected",
+            "1 for a registered cluster whose control plane holds a Federate stream, else 0",
+            m.cluster_connected.clone(),
+        );
         Self { registry, ..m }
     }
 }
 
 impl HubMetrics {
+    /// The metrics as Prometheus text, with the per-cluster gauges set from `clusters` (the
+    /// registered clusters now: a removed one leaves the families).
+    pub fn encode_with_clusters(&self, clusters: &[ClusterSeen]) -> String {
+        let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        self.cluster_last_seen_seconds.clear();
+        self.cluster_stale.clear();
+        self.cluster_connected.clear();
+        for c in clusters {
+            let l = ClusterLabels {
+                cluster: c.cluster.clone(),
+            };
+            if let Some(s) = c.seconds_since_seen {
+                self.cluster_last_seen_seconds
+                    .get_or_create(&l)
+                    .set(s as i64);
+            }
+            self.cluster_stale.get_or_create(&l).set(i64::from(c.stale));
+            self.cluster_connected
+                .get_or_create(&l)
+                .set(i64::from(c.connected));
+        }
+        self.encode()
+    }
+
     pub fn refuse(&self, reason: &str) {
         self.refused
             .get_or_create(&ReasonLabels {
@@ -145,6 +208,27 @@ pub struct ControlPlaneMetrics {
     pub svids: Family<NodeLabels, Counter>,
     /// Agent joins by node and result.
     pub joins: Family<NodeLabels, Counter>,
+    /// Set at each scrape ([`ControlPlaneMetrics::encode_with`]).
+    pub hub_connected: Gauge,
+    pub hub_accepted_exports: Gauge,
+    pub clusterset_services: Gauge,
+    pub ca_authorities: Family<StateLabels, Gauge>,
+    scrape: std::sync::Mutex<()>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
+/// What a control plane scrape reports besides its counters.
+pub struct ControlPlaneState {
+    /// `None`: no hub configured.
+    pub hub_connected: Option<bool>,
+    pub hub_accepted_exports: usize,
+    pub clusterset_services: usize,
+    /// CA authorities by state (prepared, active, retired).
+    pub ca_authorities: Vec<String>,
 }
 
 impl Default for ControlPlaneMetrics {
@@ -162,10 +246,38 @@ impl Default for ControlPlaneMetrics {
             "Node agents' joins, by node and result",
             joins.clone(),
         );
+        let (hub_connected, hub_accepted_exports, clusterset_services) =
+            (Gauge::default(), Gauge::default(), Gauge::default());
+        let ca_authorities = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "hub_connected",
+            "1 while connected to the hub, else 0 (absent without --hub)",
+            hub_connected.clone(),
+        );
+        registry.register(
+            "hub_accepted_exports",
+            "This cluster's exports the hub has accepted",
+            hub_accepted_exports.clone(),
+        );
+        registry.register(
+            "clusterset_services",
+            "Services of the clusterset this cluster knows (each has a clusterset IP)",
+            clusterset_services.clone(),
+        );
+        registry.register(
+            "ca_authorities",
+            "The cluster CA's authorities by state: prepared (in the bundle, not signing), active, retired (in the bundle until the SVIDs it signed expire)",
+            ca_authorities.clone(),
+        );
         Self {
             registry,
             svids,
             joins,
+            hub_connected,
+            hub_accepted_exports,
+            clusterset_services,
+            ca_authorities,
+            scrape: std::sync::Mutex::new(()),
         }
     }
 }
@@ -184,5 +296,25 @@ impl ControlPlaneMetrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The metrics as Prometheus text, with the gauges set from `state`.
+    pub fn encode_with(&self, state: &ControlPlaneState) -> String {
+        let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        // Without a hub the gauge stays unset: its family shows no sample.
+        if let Some(c) = state.hub_connected {
+            self.hub_connected.set(i64::from(c));
+        }
+        self.hub_accepted_exports
+            .set(state.hub_accepted_exports as i64);
+        self.clusterset_services
+            .set(state.clusterset_services as i64);
+        self.ca_authorities.clear();
+        for st in &state.ca_authorities {
+            self.ca_authorities
+                .get_or_create(&StateLabels { state: st.clone() })
+                .inc();
+        }
+        self.encode()
     }
 }

@@ -202,6 +202,11 @@ pub struct ControlPlaneArgs {
     /// https_web profile: the endpoint's certificate chain (PEM), e.g. from your Web PKI.
     #[arg(long, requires_all = ["bundle_endpoint", "bundle_endpoint_key"], value_name = "FILE")]
     bundle_endpoint_cert: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz over HTTP on ADDR (e.g. 0.0.0.0:15014), for
+    /// Prometheus and the kubelet's probes. Off unless set (the admin socket serves the same
+    /// metrics: curl --unix-socket <data-dir>/admin.sock http://cp/metrics).
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<SocketAddr>,
     /// https_web profile: the certificate's private key (PEM, a 0600 file).
     #[arg(long, requires = "bundle_endpoint_cert", value_name = "FILE")]
     bundle_endpoint_key: Option<PathBuf>,
@@ -383,6 +388,7 @@ async fn serve(a: ControlPlaneArgs) -> anyhow::Result<()> {
     config.agent_service_account = a.agent_service_account;
     config.jwks_refresh = a.jwks_refresh;
     config.bundle_endpoint = a.bundle_endpoint;
+    config.admin_listen = a.admin_listen;
     config.bundle_endpoint_web = a.bundle_endpoint_cert.zip(a.bundle_endpoint_key);
     let shutdown = CancellationToken::new();
     let cp = ControlPlane::start(config, shutdown.clone()).await?;

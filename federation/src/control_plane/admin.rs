@@ -241,12 +241,24 @@ async fn ca_rotate(State(cp): Cp, Json(req): Json<RotateRequest>) -> Response {
 }
 
 async fn metrics(State(cp): Cp) -> Response {
+    let publish = cp.publish_status().borrow().clone();
+    let state = crate::metrics::ControlPlaneState {
+        hub_connected: cp.config.hub.as_ref().map(|_| publish.connected),
+        hub_accepted_exports: publish.accepted.len(),
+        clusterset_services: cp.snapshot().borrow().vips.len(),
+        ca_authorities: cp
+            .ca
+            .authorities()
+            .iter()
+            .map(|a| format!("{:?}", a.state).to_lowercase())
+            .collect(),
+    };
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        cp.metrics.encode(),
+        cp.metrics.encode_with(&state),
     )
         .into_response()
 }
@@ -282,6 +294,40 @@ pub fn serve(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> std::io::Res
         let _ = std::fs::remove_file(&served);
     });
     Ok(path)
+}
+
+/// `--admin-listen`: `/metrics` (as on the admin socket), `/healthz` and `/readyz`, read-only and
+/// without the socket's changes, for Prometheus and the kubelet's probes.
+pub fn serve_http(
+    cp: Arc<ControlPlane>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) {
+    use fedmesh_trust::http_server::{HttpListener, Versions, serve};
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(cp);
+    tokio::spawn(async move {
+        match HttpListener::new(listener, None, "control plane admin") {
+            Ok(l) => serve(l, app, Versions::Http1, "control plane admin", shutdown).await,
+            Err(e) => tracing::error!(error = %e, "the control plane's admin port failed"),
+        }
+    });
+}
+
+/// Ready once serving: agents and proxies get their identities and last configuration even while
+/// the hub is away, so the hub link is reported, not required.
+async fn readyz(State(cp): Cp) -> Response {
+    let hub = match (&cp.config.hub, cp.publish_status().borrow().connected) {
+        (None, _) => "no hub configured".to_string(),
+        (Some(h), true) => format!("connected to the hub at {h}"),
+        (Some(h), false) => format!(
+            "not connected to the hub at {h} (serving the last clusterset view; see fedmesh status)"
+        ),
+    };
+    (StatusCode::OK, format!("ready; {hub}\n")).into_response()
 }
 
 /// `fedmesh control-plane token|entry|node ...`: the admin socket's client.

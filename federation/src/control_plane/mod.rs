@@ -110,6 +110,8 @@ pub struct ControlPlaneConfig {
     /// The endpoint's `https_web` certificate chain and key (PEM files); without them it is
     /// `https_spiffe`, authenticated by the control plane's SVID.
     pub bundle_endpoint_web: Option<(PathBuf, PathBuf)>,
+    /// Serve `/metrics`, `/healthz` and `/readyz` over HTTP here (for Prometheus and probes).
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl ControlPlaneConfig {
@@ -139,6 +141,7 @@ impl ControlPlaneConfig {
             jwks_refresh: Duration::from_secs(300),
             bundle_endpoint: None,
             bundle_endpoint_web: None,
+            admin_listen: None,
         }
     }
 }
@@ -201,6 +204,8 @@ pub struct ControlPlane {
     pub listen_addr: Option<SocketAddr>,
     /// Where the SPIFFE bundle endpoint listens (`--bundle-endpoint`), once bound.
     pub bundle_endpoint_addr: Option<SocketAddr>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`--admin-listen`).
+    pub admin_addr: Option<SocketAddr>,
     kube_writer: Option<Arc<source::kube::KubeWriter>>,
     /// With the Kubernetes source: the service accounts of the pods on each node, for
     /// node-bound issuance.
@@ -364,6 +369,15 @@ impl ControlPlane {
             }
             None => None,
         };
+        let admin_listener = match config.admin_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
+        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
         let mut listen_addr = None;
         let listener = match config.listen {
             Some(addr) => {
@@ -405,6 +419,7 @@ impl ControlPlane {
             dns_addr,
             listen_addr,
             bundle_endpoint_addr,
+            admin_addr,
             kube_writer,
             node_pods,
             k8s_attestor,
@@ -454,6 +469,9 @@ impl ControlPlane {
         }
         if let Some(l) = listener {
             identity::serve(cp.clone(), l, shutdown.clone());
+        }
+        if let Some(l) = admin_listener {
+            admin::serve_http(cp.clone(), l, shutdown.clone());
         }
         if let Some(l) = bundle_listener {
             identity::serve_bundle_endpoint(cp.clone(), l, bundle_web, shutdown.clone())

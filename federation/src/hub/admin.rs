@@ -332,12 +332,21 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    let clusters: Vec<crate::metrics::ClusterSeen> = cluster_statuses(&s.hub)
+        .into_iter()
+        .map(|c| crate::metrics::ClusterSeen {
+            cluster: c.name,
+            seconds_since_seen: c.seconds_since_seen,
+            stale: c.stale,
+            connected: c.connected,
+        })
+        .collect();
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.hub.metrics.encode(),
+        s.hub.metrics.encode_with_clusters(&clusters),
     )
 }
 
