@@ -41,6 +41,8 @@ enum Command {
     Status(cmd::status::StatusArgs),
     /// Explain why a service is or is not routable from a cluster.
     Explain(cmd::status::ExplainArgs),
+    /// Every sidecar and gateway of the clusterset, and whether it holds its configuration.
+    ProxyStatus(cmd::proxy_status::ProxyStatusArgs),
     /// List the recent traces the hub holds (search by service, cluster, failure, duration).
     Traces(cmd::traces::TracesArgs),
     /// Show one trace as a waterfall: every hop, its cluster, and why it failed.
@@ -101,6 +103,7 @@ fn main() -> std::process::ExitCode {
             Command::Agent(a) => cmd::agent::run(a).await,
             Command::Status(s) => cmd::status::status(s).await,
             Command::Explain(e) => cmd::status::explain(e).await,
+            Command::ProxyStatus(p) => cmd::proxy_status::run(p).await,
             Command::Traces(t) => cmd::traces::traces(t).await,
             Command::Trace(t) => cmd::traces::trace(t).await,
             Command::Crds => {

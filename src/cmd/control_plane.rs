@@ -36,6 +36,14 @@ enum AdminCommand {
     /// The nodes whose agents joined.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// The sidecars and gateways this control plane serves now, and whether each holds its
+    /// configuration.
+    ProxyStatus {
+        #[arg(short = 'o', long, value_enum, default_value_t = super::status::Output::Table)]
+        output: super::status::Output,
+        #[command(flatten)]
+        socket: Socket,
+    },
     /// The cluster's CA, rotated while it serves: prepare, then activate once every cluster
     /// trusts the prepared authority, then prune once the retired one's SVIDs have expired.
     #[command(subcommand)]
@@ -322,6 +330,22 @@ async fn admin(c: AdminCommand) -> anyhow::Result<()> {
                 }
                 other => anyhow::bail!("-o {other}: use table or json"),
             }
+        }
+        AdminCommand::ProxyStatus { output, socket } => {
+            let v = client(&socket).proxies().await.map_err(fail)?;
+            let rows: Vec<_> = v
+                .proxies
+                .into_iter()
+                .map(|p| {
+                    fedmesh_federation::hub::proxies::ProxyStatus::new(
+                        &v.cluster,
+                        v.config_version,
+                        p,
+                        0,
+                    )
+                })
+                .collect();
+            super::proxy_status::print(&rows, output)?;
         }
         AdminCommand::Ca(CaAdminCommand::Status { output, socket }) => {
             let view = client(&socket).ca().await.map_err(fail)?;

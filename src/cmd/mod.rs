@@ -6,6 +6,7 @@ pub mod demo;
 pub mod hub;
 pub mod inject;
 pub mod iptables;
+pub mod proxy_status;
 pub mod sample_app;
 pub mod status;
 pub mod traces;

@@ -54,6 +54,8 @@ pub struct PeerInfo {
     /// That certificate's serial number (lowercase hex): which issued identity is calling, so a
     /// server can refuse identities it has revoked.
     pub serial: Option<String>,
+    /// When that certificate expires.
+    pub not_after: Option<std::time::SystemTime>,
 }
 
 /// An accepted TLS connection.
@@ -151,16 +153,18 @@ pub fn incoming(
                     Ok(Ok(tls)) => {
                         let certs = tls.get_ref().1.peer_certificates();
                         let spiffe_id = peer_spiffe_id(certs);
-                        let serial = certs
+                        let leaf = certs
                             .and_then(|c| c.first())
-                            .and_then(|c| crate::svid::inspect(c).ok())
-                            .map(|i| i.serial_hex);
+                            .and_then(|c| crate::svid::inspect(c).ok());
+                        let not_after = leaf.as_ref().map(|i| i.not_after);
+                        let serial = leaf.map(|i| i.serial_hex);
                         let conn = TlsConn {
                             inner: crate::limits::Preface::h2(tls),
                             info: PeerInfo {
                                 remote: Some(remote),
                                 spiffe_id,
                                 serial,
+                                not_after,
                             },
                             _slot: slot,
                         };

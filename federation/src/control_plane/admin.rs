@@ -8,6 +8,8 @@
 //! - `POST /v1/nodes/{node}/entries` `{"spiffe_id": ID}` / `DELETE ...?spiffe_id=ID` → entries
 //! - `GET /v1/ca` → the CA's authorities; `POST /v1/ca/rotate` `{"step": "prepare"|"activate"|"prune"}`
 //!   → one rotation step on the running CA, then its authorities
+//! - `GET /v1/proxies` → the sidecars and gateways with a configuration stream open, and the
+//!   configuration version now
 //! - `GET /metrics` → Prometheus text
 
 use std::path::{Path, PathBuf};
@@ -91,6 +93,7 @@ fn router(cp: Arc<ControlPlane>) -> Router {
             "/v1/nodes/{node}/entries",
             post(add_entry).delete(delete_entry),
         )
+        .route("/v1/proxies", get(list_proxies))
         .route("/v1/ca", get(ca_status))
         .route("/v1/ca/rotate", post(ca_rotate))
         .route("/metrics", get(metrics))
@@ -197,6 +200,23 @@ async fn delete_entry(
         ),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
+}
+
+/// What `GET /v1/proxies` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProxiesView {
+    pub cluster: String,
+    pub config_version: u64,
+    pub proxies: Vec<super::proxies::ProxyView>,
+}
+
+async fn list_proxies(State(cp): Cp) -> Response {
+    Json(ProxiesView {
+        cluster: cp.config.cluster.to_string(),
+        config_version: cp.dataplane_config().borrow().version,
+        proxies: cp.proxies.list(),
+    })
+    .into_response()
 }
 
 async fn ca_status(State(cp): Cp) -> Response {
@@ -447,6 +467,10 @@ impl AdminSocketClient {
             None,
         )
         .await
+    }
+
+    pub async fn proxies(&self) -> Result<ProxiesView, String> {
+        self.call(http::Method::GET, "/v1/proxies", None).await
     }
 
     pub async fn ca(&self) -> Result<fedmesh_trust::ca::CaView, String> {

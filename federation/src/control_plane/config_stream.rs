@@ -307,6 +307,7 @@ impl DataPlane for ConfigService {
         let caller = fedmesh_trust::grpc::peer_id(&request).ok_or_else(|| {
             Status::unauthenticated("data-plane components authenticate with their SVID")
         })?;
+        let svid_not_after = fedmesh_trust::grpc::peer_info(&request).and_then(|p| p.not_after);
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(std::time::Duration::from_secs(10), inbound.message())
             .await
@@ -357,6 +358,10 @@ impl DataPlane for ConfigService {
             .map(|(ns, _)| ns.to_string());
         let cp = self.cp.clone();
         tokio::spawn(async move {
+            // Listed while the stream lasts (`fedmesh proxy-status`).
+            let entry =
+                cp.proxies
+                    .connected(&caller.to_string(), &req.role, &req.node, svid_not_after);
             let current = state.borrow_and_update().clone();
             let now = scope.view(&current.services);
             let held = (req.resume_epoch == epoch)
@@ -394,9 +399,11 @@ impl DataPlane for ConfigService {
                     not_found: vec![],
                 },
             };
+            let first_version = first.version;
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
+            entry.sent(first_version);
             let mut sent = now;
             let mut sent_peers = current.peers.clone();
             loop {
@@ -409,6 +416,7 @@ impl DataPlane for ConfigService {
                             if a.nack {
                                 tracing::warn!(%caller, version = a.version, error = %a.error, "data plane could not apply a config update");
                             }
+                            entry.acked(a.version, a.nack.then_some(a.error.as_str()));
                             continue;
                         }
                         Ok(Some(pb::DataPlaneMessage { msg: Some(pb::data_plane_message::Msg::Demand(d)) })) => {
@@ -451,9 +459,11 @@ impl DataPlane for ConfigService {
                     removed_services,
                     not_found,
                 };
+                let version = u.version;
                 if tx.send(Ok(u)).await.is_err() {
                     return;
                 }
+                entry.sent(version);
             }
         });
         Ok(Response::new(Box::pin(

@@ -312,6 +312,21 @@ struct Accepted {
 }
 
 /// Runs the Federate stream until `shutdown`, reconnecting forever with backoff.
+/// What a control plane tells the hub every few seconds besides its exports.
+pub struct Reports {
+    /// Demand for clusterset-wide rate limits (and where the hub's shares go).
+    pub limits: Arc<super::ratelimit::ClustersetLimits>,
+    /// What reaches PERMISSIVE services.
+    pub traffic: Arc<super::peer_traffic::PeerTraffic>,
+    /// The proxies served, with the configuration version now.
+    pub proxies: Arc<super::proxies::Proxies>,
+    pub config: watch::Receiver<Arc<super::config_stream::ConfigState>>,
+}
+
+/// The proxy list goes whole at least this often even unchanged: the hub forgets a report older
+/// than [`crate::hub::proxies::REPORT_TTL`].
+const PROXIES_EVERY: u32 = 5;
+
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     creds: Arc<HubCredentials>,
@@ -320,8 +335,7 @@ pub async fn run(
     state: Arc<ClusterSetStore>,
     mut desired: watch::Receiver<Arc<Desired>>,
     status: watch::Sender<PublishStatus>,
-    limits: Arc<super::ratelimit::ClustersetLimits>,
-    traffic: Arc<super::peer_traffic::PeerTraffic>,
+    reports: Reports,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(200);
@@ -338,8 +352,7 @@ pub async fn run(
             &mut desired,
             &status,
             &mut accepted,
-            &limits,
-            &traffic,
+            &reports,
             &shutdown,
         )
         .await;
@@ -376,10 +389,11 @@ async fn session(
     desired: &mut watch::Receiver<Arc<Desired>>,
     status: &watch::Sender<PublishStatus>,
     accepted: &mut Accepted,
-    limits: &super::ratelimit::ClustersetLimits,
-    traffic: &super::peer_traffic::PeerTraffic,
+    reports: &Reports,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
+    let (limits, traffic) = (&reports.limits, &reports.traffic);
+    let mut ticks = 0u32;
     let mut client = FederationClient::new(creds.channel_to(replica)?)
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
@@ -460,6 +474,20 @@ async fn session(
                     let _ = publish_tx.try_send(pb::ClusterMessage {
                         msg: Some(pb::cluster_message::Msg::Traffic(t)),
                     });
+                }
+                // The first after welcome, and every PROXIES_EVERY ticks, go whole.
+                if hub_has.is_some()
+                    && let Some(p) = reports.proxies.report(
+                        reports.config.borrow().version,
+                        ticks.is_multiple_of(PROXIES_EVERY),
+                    )
+                {
+                    let _ = publish_tx.try_send(pb::ClusterMessage {
+                        msg: Some(pb::cluster_message::Msg::Proxies(p)),
+                    });
+                }
+                if hub_has.is_some() {
+                    ticks = ticks.wrapping_add(1);
                 }
             }
             msg = inbound.message() => {

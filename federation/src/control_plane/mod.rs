@@ -18,6 +18,7 @@ pub mod jwks;
 pub mod nodes;
 pub mod peer_traffic;
 pub mod policy;
+pub mod proxies;
 pub mod ratelimit;
 pub mod routes;
 pub mod scope;
@@ -199,6 +200,8 @@ pub struct ControlPlane {
     pub rate_limits: Arc<ratelimit::ClustersetLimits>,
     /// Requests to PERMISSIVE services, mTLS or plain text, as the sidecars count them.
     pub peer_traffic: Arc<peer_traffic::PeerTraffic>,
+    /// The sidecars and gateways with a configuration stream open now.
+    pub proxies: Arc<proxies::Proxies>,
     pub credentials: Option<Arc<HubCredentials>>,
     pub dns_addr: Option<SocketAddr>,
     pub listen_addr: Option<SocketAddr>,
@@ -415,6 +418,7 @@ impl ControlPlane {
             federated: federated::Federated::new(&config.data_dir),
             rate_limits: Arc::default(),
             peer_traffic: Arc::default(),
+            proxies: Arc::default(),
             credentials,
             dns_addr,
             listen_addr,
@@ -458,8 +462,12 @@ impl ControlPlane {
                 cp.clusterset.clone(),
                 cp.desired.subscribe(),
                 cp.publish.clone(),
-                cp.rate_limits.clone(),
-                cp.peer_traffic.clone(),
+                hub_link::Reports {
+                    limits: cp.rate_limits.clone(),
+                    traffic: cp.peer_traffic.clone(),
+                    proxies: cp.proxies.clone(),
+                    config: cp.dataplane_config(),
+                },
                 shutdown.clone(),
             ));
             tokio::spawn(renew_loop(creds.clone(), shutdown.clone()));

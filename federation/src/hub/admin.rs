@@ -160,8 +160,8 @@ pub struct ErrorBody {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "fedmesh hub admin API", version = "v1", description = "Clusters, exported services, bundles, join tokens, the audit log and recent traces of a fedmesh clusterset."),
-    paths(list_clusters, remove_cluster, cluster_imports, withdraw_export, list_services, list_bundles, super::explain::explain, create_token, super::access::list_join_tokens, super::access::revoke_join_token, super::access::create_admin_token, super::access::list_admin_tokens, super::access::revoke_admin_token, audit_log, super::traces::api::list_traces, super::traces::api::get_trace, super::traces::api::get_skew, super::traces::api::get_graph, super::plaintext::list_plaintext),
-    components(schemas(ClusterStatus, ServiceStatus, ExporterStatus, PortStatus, ConflictStatus, BundleStatus, Explanation, ExplainStep, TokenRequest, TokenResponse, super::access::Role, super::access::AdminTokenRequest, super::access::AdminTokenResponse, super::access::AdminTokenView, super::access::JoinTokenView, super::access::Revoked, ErrorBody, AuditRecord, super::traces::SpanView, super::traces::TraceSummary, super::traces::skew::ClockSkew, super::traces::skew::ClusterOffset, super::traces::graph::Graph, super::traces::graph::GraphNode, super::traces::graph::GraphEdge, super::plaintext::PlaintextStatus)),
+    paths(list_clusters, remove_cluster, cluster_imports, withdraw_export, list_services, list_bundles, super::explain::explain, create_token, super::access::list_join_tokens, super::access::revoke_join_token, super::access::create_admin_token, super::access::list_admin_tokens, super::access::revoke_admin_token, audit_log, super::traces::api::list_traces, super::traces::api::get_trace, super::traces::api::get_skew, super::traces::api::get_graph, super::plaintext::list_plaintext, super::proxies::list_proxies),
+    components(schemas(ClusterStatus, ServiceStatus, ExporterStatus, PortStatus, ConflictStatus, BundleStatus, Explanation, ExplainStep, TokenRequest, TokenResponse, super::access::Role, super::access::AdminTokenRequest, super::access::AdminTokenResponse, super::access::AdminTokenView, super::access::JoinTokenView, super::access::Revoked, ErrorBody, AuditRecord, super::traces::SpanView, super::traces::TraceSummary, super::traces::skew::ClockSkew, super::traces::skew::ClusterOffset, super::traces::graph::Graph, super::traces::graph::GraphNode, super::traces::graph::GraphEdge, super::plaintext::PlaintextStatus, super::proxies::ProxyStatus)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -193,6 +193,7 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/services", get(list_services))
         .route("/plaintext", get(super::plaintext::list_plaintext))
+        .route("/proxies", get(super::proxies::list_proxies))
         .route("/bundles", get(list_bundles))
         .route("/explain", get(super::explain::explain))
         .route(

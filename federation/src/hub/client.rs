@@ -156,6 +156,10 @@ impl AdminClient {
     }
 
     /// The PERMISSIVE services and their plain-text share.
+    pub async fn proxies(&self) -> Result<Vec<super::proxies::ProxyStatus>, ClientError> {
+        self.call(Method::GET, "/api/v1/proxies", None).await
+    }
+
     pub async fn plaintext(&self) -> Result<Vec<super::plaintext::PlaintextStatus>, ClientError> {
         self.call(Method::GET, "/api/v1/plaintext", None).await
     }

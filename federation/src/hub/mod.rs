@@ -12,6 +12,7 @@ pub mod audit;
 pub mod client;
 mod explain;
 pub mod plaintext;
+pub mod proxies;
 mod publish;
 pub mod quota;
 pub mod records;
@@ -130,6 +131,8 @@ pub struct Hub {
     pub quotas: quota::Quotas,
     /// What the PERMISSIVE services still get in plain text, per cluster.
     pub plaintext: plaintext::PlaintextShares,
+    /// Every cluster's proxies, as its control plane last reported them.
+    pub proxies: proxies::ProxyReports,
     /// Recent traces, from the clusters' OTLP exports.
     pub traces: traces::TraceWindow,
     /// The operator's trace backend, which gets every accepted span too.
@@ -207,6 +210,7 @@ impl Hub {
             acked: Default::default(),
             quotas: Default::default(),
             plaintext: Default::default(),
+            proxies: Default::default(),
             traces,
             forward,
             shutdown,

@@ -1,0 +1,118 @@
+//! Every proxy of the clusterset and whether it holds its control plane's configuration: each
+//! control plane reports its open configuration streams every few seconds; the hub keeps the
+//! latest report of each cluster in memory for [`REPORT_TTL`] and serves them at
+//! `/api/v1/proxies`, which `fedmesh proxy-status` prints. (With several hub replicas, each knows
+//! the clusters connected to it.)
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::State;
+use fedmesh_api::ClusterName;
+use fedmesh_api::pb::federation as pb;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::admin::AdminState;
+use crate::control_plane::proxies::ProxyView;
+
+/// How long a cluster's report counts (control planes send theirs at least every 10 s).
+pub const REPORT_TTL: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+pub struct ProxyReports {
+    reports: Mutex<BTreeMap<ClusterName, (pb::ProxyReport, Instant)>>,
+}
+
+/// One sidecar or gateway, as its control plane last reported it.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq)]
+pub struct ProxyStatus {
+    pub cluster: String,
+    /// Its SPIFFE ID.
+    pub identity: String,
+    /// `sidecar` or `gateway`.
+    pub role: String,
+    /// The pod or host it runs on, as it says.
+    pub node: String,
+    /// `SYNCED` (it acknowledged the last version it was sent), `PENDING` (an update is on its
+    /// way) or `NACK` (it refused the last update; see `nack_error`).
+    pub sync: String,
+    /// The control plane's configuration version now. A proxy is sent a version only when its
+    /// view changed, so `sent_version` may be lower and current.
+    pub config_version: u64,
+    pub sent_version: u64,
+    pub acked_version: u64,
+    /// RFC 3339; absent if it never acknowledged.
+    pub acked_at: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub nack_error: String,
+    /// RFC 3339: when its configuration stream opened.
+    pub connected_at: String,
+    /// RFC 3339: expiry of the SVID its stream was opened with.
+    pub svid_not_after: Option<String>,
+    /// Seconds since the hub got this report.
+    pub report_age_seconds: u64,
+}
+
+fn rfc3339(unix: i64) -> Option<String> {
+    (unix > 0)
+        .then(|| fedmesh_trust::svid::rfc3339(fedmesh_trust::svid::from_unix_secs(unix as u64)))
+}
+
+impl ProxyStatus {
+    /// `v` of `cluster`, whose control plane is at `config_version`, reported `age` seconds ago.
+    pub fn new(cluster: &str, config_version: u64, v: ProxyView, age: u64) -> Self {
+        Self {
+            cluster: cluster.to_string(),
+            sync: v.sync_state().to_string(),
+            identity: v.identity,
+            role: v.role,
+            node: v.node,
+            config_version,
+            sent_version: v.sent_version,
+            acked_version: v.acked_version,
+            acked_at: rfc3339(v.acked_unix),
+            nack_error: v.nack_error,
+            connected_at: rfc3339(v.connected_unix).unwrap_or_default(),
+            svid_not_after: rfc3339(v.svid_not_after_unix),
+            report_age_seconds: age,
+        }
+    }
+}
+
+impl ProxyReports {
+    pub fn record(&self, cluster: &ClusterName, r: pb::ProxyReport) {
+        self.reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cluster.clone(), (r, Instant::now()));
+    }
+
+    /// The proxies of the clusters that reported lately, by cluster and identity.
+    pub fn current(&self) -> Vec<ProxyStatus> {
+        let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        reports.retain(|_, (_, at)| at.elapsed() < REPORT_TTL);
+        reports
+            .iter()
+            .flat_map(|(cluster, (r, at))| {
+                r.proxies.iter().map(move |p| {
+                    ProxyStatus::new(
+                        cluster.as_str(),
+                        r.config_version,
+                        ProxyView::from_pb(p),
+                        at.elapsed().as_secs(),
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+/// Every sidecar and gateway of the clusterset with a configuration stream open, and its sync
+/// state.
+#[utoipa::path(get, path = "/api/v1/proxies", responses((status = 200, body = [ProxyStatus])))]
+pub async fn list_proxies(State(s): State<AdminState>) -> Json<Vec<ProxyStatus>> {
+    Json(s.hub.proxies.current())
+}
