@@ -146,13 +146,30 @@ fn status_and_explain_show_the_clusterset_as_the_hub_sees_it() {
         "west".into(),
     ];
     a.extend(admin_args(&hub));
+    let mut bad = a.clone();
+    bad[1] = "db".into();
+    let out = run(&bad);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NAME.NAMESPACE.svc.clusterset.local"),
+        "a service it cannot read says which forms it takes: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = run(&a);
     assert_eq!(out.status.code(), Some(2), "not routable exits 2");
     assert!(String::from_utf8_lossy(&out.stdout).contains("not exported by any cluster"));
 
-    // As the README shows: the hub and the token from the environment, no flags; JSON for scripts.
+    // As the README shows: the hub and the token from the environment, no flags; JSON for scripts;
+    // the service by its DNS name, as a user copies it from an app's config.
     let out = std::process::Command::new(fedmesh_bin())
-        .args(["explain", "shop/web", "--from", "west", "-o", "json"])
+        .args([
+            "explain",
+            "web.shop.svc.clusterset.local",
+            "--from",
+            "west",
+            "-o",
+            "json",
+        ])
         .env("FEDMESH_ADMIN", &hub.admin)
         .env(
             "FEDMESH_ADMIN_TOKEN",

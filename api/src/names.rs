@@ -16,7 +16,9 @@ pub enum NameError {
         value: String,
         reason: &'static str,
     },
-    #[error("service {0:?} is not NAMESPACE/NAME")]
+    #[error(
+        "service {0:?} is not NAMESPACE/NAME (or NAME.NAMESPACE, NAME.NAMESPACE.svc.cluster.local, NAME.NAMESPACE.svc.clusterset.local)"
+    )]
     NotServiceKey(String),
     #[error("locality {0:?} is not REGION or REGION/ZONE")]
     NotLocality(String),
@@ -129,6 +131,24 @@ impl ServiceKey {
         })
     }
 
+    /// A service as people type it: `NAMESPACE/NAME`, or a DNS name `NAME.NAMESPACE`,
+    /// `NAME.NAMESPACE.svc`, `NAME.NAMESPACE.svc.cluster.local` or
+    /// `NAME.NAMESPACE.svc.clusterset.local` (a trailing dot allowed).
+    pub fn from_user_input(s: &str) -> Result<Self, NameError> {
+        if s.contains('/') {
+            return s.parse();
+        }
+        let dns = s.trim_end_matches('.');
+        let rest = ["svc.clusterset.local", "svc.cluster.local", "svc"]
+            .iter()
+            .find_map(|suffix| dns.strip_suffix(suffix)?.strip_suffix('.'))
+            .unwrap_or(dns);
+        match rest.split('.').collect::<Vec<_>>()[..] {
+            [name, namespace] => Self::new(namespace, name),
+            _ => Err(NameError::NotServiceKey(s.to_string())),
+        }
+    }
+
     /// `<name>.<namespace>.svc.clusterset.local`
     pub fn clusterset_dns_name(&self) -> String {
         format!("{}.{}.svc.clusterset.local", self.name, self.namespace)
@@ -232,6 +252,25 @@ impl FromStr for Locality {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_service_is_taken_in_the_forms_people_type() {
+        let want = ServiceKey::new("shop", "api").unwrap();
+        for form in [
+            "shop/api",
+            "api.shop",
+            "api.shop.svc",
+            "api.shop.svc.cluster.local",
+            "api.shop.svc.clusterset.local",
+            "api.shop.svc.clusterset.local.",
+        ] {
+            assert_eq!(ServiceKey::from_user_input(form).unwrap(), want, "{form}");
+        }
+        for bad in ["api", "a.b.c", "api.shop.svc.example.com", "Shop/api", ""] {
+            let e = ServiceKey::from_user_input(bad).unwrap_err().to_string();
+            assert!(e.contains("NAME") || e.contains("label"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn labels_follow_rfc1123() {

@@ -34,7 +34,7 @@ pub struct StatusArgs {
 
 #[derive(Args)]
 pub struct ExplainArgs {
-    /// The service, NAMESPACE/NAME.
+    /// The service: NAMESPACE/NAME, or its DNS name (api.shop, api.shop.svc.clusterset.local).
     service: String,
     /// The cluster that wants to reach it.
     #[arg(long)]
@@ -258,7 +258,12 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
 }
 
 pub async fn explain(a: ExplainArgs) -> anyhow::Result<()> {
-    let e = a.admin.client()?.explain(&a.service, &a.from).await?;
+    let service = fedmesh_api::ServiceKey::from_user_input(&a.service)?;
+    let e = a
+        .admin
+        .client()?
+        .explain(&service.to_string(), &a.from)
+        .await?;
     if print_doc(a.output, &serde_json::to_value(&e)?)? {
     } else {
         let paint = |s: &str, code: &str| {

@@ -42,7 +42,7 @@ pub(super) async fn explain(
     State(s): State<AdminState>,
     Query(q): Query<ExplainQuery>,
 ) -> Response {
-    let service: ServiceKey = match q.service.parse() {
+    let service = match ServiceKey::from_user_input(&q.service) {
         Ok(k) => k,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("service: {e}")),
     };
