@@ -466,6 +466,73 @@ fn the_admin_api_refuses_absurd_token_lifetimes_and_unknown_fields() {
     );
     assert_eq!(code, 422, "{body}");
     assert!(body.contains("expires"), "{body}");
+
+    // Every refusal is JSON, with what to do: a body that is not JSON, one not sent as JSON, a
+    // path or a method the API does not serve.
+    let refusals = [
+        (
+            support::federation::admin_request_as(
+                &hub,
+                "POST",
+                "/api/v1/tokens",
+                "cluster=east",
+                "application/x-www-form-urlencoded",
+            ),
+            415,
+            "Content-Type: application/json",
+        ),
+        (
+            admin_request(&hub, "POST", "/api/v1/tokens", "{\"cluster\": "),
+            400,
+            "not valid JSON",
+        ),
+        (
+            admin_request(
+                &hub,
+                "POST",
+                "/api/v1/tokens",
+                r#"{"cluster": "east", "trust_domain": "east.example", "tll": "1h"}"#,
+            ),
+            422,
+            "/api/openapi.json",
+        ),
+        (
+            admin_request(&hub, "GET", "/api/v1/nope", ""),
+            404,
+            "/api/openapi.json",
+        ),
+        (
+            admin_request(&hub, "PUT", "/api/v1/clusters", ""),
+            405,
+            "/api/openapi.json",
+        ),
+    ];
+    for ((code, body), want_code, hint) in refusals {
+        assert_eq!(code, want_code, "{body}");
+        if want_code == 405 {
+            assert!(
+                body.contains("/api/v1/clusters does not take PUT"),
+                "{body}"
+            );
+        }
+        let v: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{want_code} answered as JSON ({e}): {body:?}"));
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+        assert!(
+            v["hint"].as_str().is_some_and(|h| h.contains(hint)),
+            "{want_code}: the hint says {hint:?}: {v}"
+        );
+    }
+    // The OpenAPI document lists them.
+    let (_, doc) = admin_request(&hub, "GET", "/api/openapi.json", "");
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    let post = &doc["paths"]["/api/v1/tokens"]["post"]["responses"];
+    for code in ["201", "400", "415", "422"] {
+        assert!(
+            post.get(code).is_some(),
+            "POST /api/v1/tokens documents {code}: {post}"
+        );
+    }
 }
 
 /// Open file descriptors of process `pid`.

@@ -46,6 +46,17 @@ pub fn start_hub_with(dir: &Path, extra: &[&str]) -> Hub {
 /// `METHOD path` on the hub's plain-HTTP admin API with its admin token and a JSON `body`:
 /// (status, body).
 pub fn admin_request(hub: &Hub, method: &str, path: &str, body: &str) -> (u16, String) {
+    admin_request_as(hub, method, path, body, "application/json")
+}
+
+/// [`admin_request`] with the body's `Content-Type`.
+pub fn admin_request_as(
+    hub: &Hub,
+    method: &str,
+    path: &str,
+    body: &str,
+    content_type: &str,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let token = std::fs::read_to_string(&hub.token_file).unwrap();
     let addr = hub.admin.trim_start_matches("http://");
@@ -53,7 +64,7 @@ pub fn admin_request(hub: &Hub, method: &str, path: &str, body: &str) -> (u16, S
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         token.trim(),
         body.len()
     )

@@ -144,12 +144,16 @@ pub async fn authenticate(db: &dyn KvStore, presented: &str) -> Option<(String, 
 }
 
 #[utoipa::path(post, path = "/api/v1/admin-tokens", request_body = AdminTokenRequest,
-    responses((status = 201, body = AdminTokenResponse), (status = 400, body = ErrorBody),
-              (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 201, body = AdminTokenResponse),
+              (status = 400, description = "an invalid name, or a body that is not JSON", body = ErrorBody),
+              (status = 403, description = "a read-only token", body = ErrorBody),
+              (status = 409, description = "a token of that name exists", body = ErrorBody),
+              (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
+              (status = 422, description = "a field the API does not know, or of the wrong type", body = ErrorBody)))]
 pub async fn create_admin_token(
     State(s): State<AdminState>,
     Extension(actor): Extension<Actor>,
-    Json(req): Json<AdminTokenRequest>,
+    super::api_json::ApiJson(req): super::api_json::ApiJson<AdminTokenRequest>,
 ) -> Response {
     if let Err(e) = check_name(&req.name) {
         return error(StatusCode::BAD_REQUEST, e);

@@ -152,9 +152,14 @@ pub struct TokenResponse {
     pub expires: String,
 }
 
+/// Every error the admin API answers.
 #[derive(Serialize, Deserialize, ToSchema, Debug, Clone)]
 pub struct ErrorBody {
+    /// What was wrong.
     pub error: String,
+    /// What to do about it, where the API knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
 }
 
 #[derive(OpenApi)]
@@ -214,6 +219,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/traces/{id}", get(super::traces::api::get_trace))
         .route("/traces/{id}/skew", get(super::traces::api::get_skew))
         .route("/graph", get(super::traces::api::get_graph))
+        .method_not_allowed_fallback(super::api_json::method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
@@ -225,18 +231,31 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(super::ui::router())
+        .fallback(super::api_json::not_found)
         .with_state(state)
         .layer(tower::limit::ConcurrencyLimitLayer::new(256))
 }
 
 pub(crate) fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    let msg = msg.into();
+    answer_error(status, msg.into(), None)
+}
+
+/// [`error`] with what to do about it.
+pub(crate) fn error_with_hint(
+    status: StatusCode,
+    msg: impl Into<String>,
+    hint: impl Into<String>,
+) -> Response {
+    answer_error(status, msg.into(), Some(hint.into()))
+}
+
+fn answer_error(status: StatusCode, msg: String, hint: Option<String>) -> Response {
     // The client's mistakes are the client's to read; the hub's own failures (its store
     // unavailable, its disk full) are the operator's, so they go to the log too.
     if status.is_server_error() {
         tracing::warn!(status = status.as_u16(), error = %msg, "admin API request failed");
     }
-    (status, Json(ErrorBody { error: msg })).into_response()
+    (status, Json(ErrorBody { error: msg, hint })).into_response()
 }
 
 async fn authorize(
@@ -582,11 +601,14 @@ async fn audit_log(State(s): State<AdminState>, Query(q): Query<AuditQuery>) -> 
 }
 
 #[utoipa::path(post, path = "/api/v1/tokens", request_body = TokenRequest,
-    responses((status = 201, body = TokenResponse), (status = 400, body = ErrorBody)))]
+    responses((status = 201, body = TokenResponse),
+              (status = 400, description = "an invalid cluster name, trust domain or lifetime, or a body that is not JSON", body = ErrorBody),
+              (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
+              (status = 422, description = "a field the API does not know, or of the wrong type", body = ErrorBody)))]
 async fn create_token(
     State(s): State<AdminState>,
     Extension(actor): Extension<Actor>,
-    Json(req): Json<TokenRequest>,
+    super::api_json::ApiJson(req): super::api_json::ApiJson<TokenRequest>,
 ) -> Response {
     let cluster = match ClusterName::new(&req.cluster) {
         Ok(c) => c,

@@ -8,6 +8,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod api_json;
 pub mod audit;
 pub mod client;
 mod explain;
