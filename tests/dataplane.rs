@@ -830,6 +830,17 @@ async fn services_of_other_namespaces_are_learned_when_first_called() {
         .unwrap();
     assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
     assert!(frontend.config.table().not_found.contains("billing/nope"));
+    // The answer is counted, with its service, and the cluster it never reached reads
+    // `unknown`: no series carries an empty label.
+    let metrics = frontend.metrics.encode();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("fedmesh_sidecar_requests_total")
+                && l.contains("dst_cluster=\"unknown\",service=\"billing/nope\",code=\"404\"")),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("=\"\""), "no empty label: {metrics}");
     tb.shutdown().await;
 }
 

@@ -194,7 +194,6 @@ impl ProxyMetrics {
         Self { registry, ..m }
     }
 
-    /// Counts a request the proxy answered itself, by its `fedmesh-proxy-error` kind (the label
     /// An inbound request taken in: counted in `inbound_requests_active` until the guard drops
     /// (answered, or its caller went away).
     pub fn inbound_request(&self) -> InFlight {
@@ -202,6 +201,7 @@ impl ProxyMetrics {
         InFlight(self.inbound_active.clone())
     }
 
+    /// Counts a request the proxy answered itself, by its `fedmesh-proxy-error` kind (the label
     /// takes `_` where the kind has `-`).
     pub fn count_error(&self, kind: &str) {
         self.request_errors
@@ -234,21 +234,32 @@ impl ProxyMetrics {
         status: http::StatusCode,
         elapsed: std::time::Duration,
     ) {
+        // A label the proxy could not know (no route: no destination cluster; a caller in
+        // plain text: no source cluster) reads `unknown`, as in Istio, never empty.
+        let known = |s: &str| -> String {
+            if s.is_empty() {
+                "unknown".into()
+            } else {
+                s.into()
+            }
+        };
+        let (src_cluster, dst_cluster, service) =
+            (known(src_cluster), known(dst_cluster), known(service));
         self.requests
             .get_or_create(&RequestLabels {
                 direction: direction.into(),
-                src_cluster: src_cluster.into(),
-                dst_cluster: dst_cluster.into(),
-                service: service.into(),
+                src_cluster: src_cluster.clone(),
+                dst_cluster: dst_cluster.clone(),
+                service: service.clone(),
                 code: status.as_u16().to_string(),
             })
             .inc();
         self.request_duration
             .get_or_create(&RouteLabels {
                 direction: direction.into(),
-                src_cluster: src_cluster.into(),
-                dst_cluster: dst_cluster.into(),
-                service: service.into(),
+                src_cluster,
+                dst_cluster,
+                service,
             })
             .observe(elapsed.as_secs_f64());
     }

@@ -346,6 +346,7 @@ impl Sidecar {
         req: Request<Incoming>,
         fixed: Option<Dest>,
     ) -> Response<Body> {
+        let start = std::time::Instant::now();
         if !self.has_config().await {
             return self.answer_not_ready();
         }
@@ -391,11 +392,23 @@ impl Sidecar {
                     }
                 },
                 None => {
+                    // Answered before the stack, and counted as it would count it: the service
+                    // asked for (or `unknown`), no destination cluster.
+                    let service = host.as_deref().and_then(dest::subject_of_host);
                     let e = ProxyError::NoRoute(
                         host.unwrap_or_else(|| "a request without a host".into()),
                     );
                     self.metrics.count_error(e.kind());
-                    return e.into_response();
+                    let resp = e.into_response();
+                    self.metrics.record(
+                        "outbound",
+                        table.cluster_name(),
+                        "",
+                        service.as_deref().unwrap_or(""),
+                        resp.status(),
+                        start.elapsed(),
+                    );
+                    return resp;
                 }
             },
         };
