@@ -258,12 +258,12 @@ async fn http1_grpc_and_tcp_cross_clusters_through_the_gateway_with_the_callers_
     // Metrics: requests by source and destination cluster, on both sides; the gateway by SNI.
     let out = frontend.metrics.encode();
     assert!(
-        out.contains(r#"direction="outbound",src_cluster="east",dst_cluster="west",service="shop/api",code="200""#),
+        out.contains(r#"reporter="source",source_cluster="east",destination_cluster="west",destination_service="shop/api",response_code="200""#),
         "{out}"
     );
     let inbound = api.metrics.encode();
     assert!(
-        inbound.contains(r#"direction="inbound",src_cluster="east",dst_cluster="west",service="shop/api",code="200""#),
+        inbound.contains(r#"reporter="destination",source_cluster="east",destination_cluster="west",destination_service="shop/api",response_code="200""#),
         "{inbound}"
     );
     let gw = west.gateway.metrics().encode();
@@ -837,7 +837,7 @@ async fn services_of_other_namespaces_are_learned_when_first_called() {
         metrics
             .lines()
             .any(|l| l.starts_with("fedmesh_sidecar_requests_total")
-                && l.contains("dst_cluster=\"unknown\",service=\"billing/nope\",code=\"404\"")),
+                && l.contains("destination_cluster=\"unknown\",destination_service=\"billing/nope\",response_code=\"404\"")),
         "{metrics}"
     );
     assert!(!metrics.contains("=\"\""), "no empty label: {metrics}");

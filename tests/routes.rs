@@ -720,8 +720,8 @@ fn inbound_answers(w: &Workload, code: u16) -> u64 {
         .lines()
         .filter(|l| {
             l.starts_with("fedmesh_sidecar_requests_total{")
-                && l.contains(r#"direction="inbound""#)
-                && l.contains(&format!(r#"code="{code}""#))
+                && l.contains(r#"reporter="destination""#)
+                && l.contains(&format!(r#"response_code="{code}""#))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()

@@ -443,9 +443,9 @@ spec:
                 w,
                 "fedmesh_sidecar_requests_total",
                 &[
-                    "direction=\"inbound\"",
-                    "service=\"shop/api\"",
-                    "code=\"503\"",
+                    "reporter=\"destination\"",
+                    "destination_service=\"shop/api\"",
+                    "response_code=\"503\"",
                 ],
             )
         })

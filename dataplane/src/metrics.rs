@@ -7,29 +7,41 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// A request's labels, named as Istio names them, so its users' queries and dashboards carry
+/// over: `reporter` is `source` for the caller's sidecar (outbound), `destination` for the
+/// callee's (inbound).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// inbound or outbound
-    pub direction: String,
-    pub src_cluster: String,
-    pub dst_cluster: String,
-    pub service: String,
-    pub code: String,
+    pub reporter: String,
+    pub source_cluster: String,
+    pub destination_cluster: String,
+    pub destination_service: String,
+    pub response_code: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub direction: String,
-    pub src_cluster: String,
-    pub dst_cluster: String,
-    pub service: String,
+    pub reporter: String,
+    pub source_cluster: String,
+    pub destination_cluster: String,
+    pub destination_service: String,
 }
 
+/// An opaque TCP connection's labels: `reporter` is `source` (a sidecar) or `gateway`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
-    pub direction: String,
-    pub dst_cluster: String,
-    pub service: String,
+    pub reporter: String,
+    pub destination_cluster: String,
+    pub destination_service: String,
+}
+
+/// Istio's `reporter` for a sidecar's direction (`outbound`, `inbound`); other values as given.
+pub fn reporter(direction: &str) -> &str {
+    match direction {
+        "outbound" => "source",
+        "inbound" => "destination",
+        other => other,
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -245,21 +257,22 @@ impl ProxyMetrics {
         };
         let (src_cluster, dst_cluster, service) =
             (known(src_cluster), known(dst_cluster), known(service));
+        let reporter = reporter(direction).to_string();
         self.requests
             .get_or_create(&RequestLabels {
-                direction: direction.into(),
-                src_cluster: src_cluster.clone(),
-                dst_cluster: dst_cluster.clone(),
-                service: service.clone(),
-                code: status.as_u16().to_string(),
+                reporter: reporter.clone(),
+                source_cluster: src_cluster.clone(),
+                destination_cluster: dst_cluster.clone(),
+                destination_service: service.clone(),
+                response_code: status.as_u16().to_string(),
             })
             .inc();
         self.request_duration
             .get_or_create(&RouteLabels {
-                direction: direction.into(),
-                src_cluster,
-                dst_cluster,
-                service,
+                reporter,
+                source_cluster: src_cluster,
+                destination_cluster: dst_cluster,
+                destination_service: service,
             })
             .observe(elapsed.as_secs_f64());
     }

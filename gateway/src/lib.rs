@@ -259,9 +259,9 @@ impl Gateway {
         self.metrics
             .tcp_connections
             .get_or_create(&TcpLabels {
-                direction: "gateway".into(),
-                dst_cluster: mesh.cluster.to_string(),
-                service: service.clone(),
+                reporter: "gateway".into(),
+                destination_cluster: mesh.cluster.to_string(),
+                destination_service: service.clone(),
             })
             .inc();
         self.metrics.tcp_active.inc();

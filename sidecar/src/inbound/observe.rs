@@ -238,7 +238,7 @@ mod tests {
         assert!(text.contains("reason=\"app_unreachable\"} 1"), "{text}");
         assert!(!text.contains("unknown_service"), "{text}");
         assert!(
-            text.contains("direction=\"inbound\",src_cluster=\"west\",dst_cluster=\"east\",service=\"shop/web\",code=\"503\"} 1"),
+            text.contains("reporter=\"destination\",source_cluster=\"west\",destination_cluster=\"east\",destination_service=\"shop/web\",response_code=\"503\"} 1"),
             "{text}"
         );
     }

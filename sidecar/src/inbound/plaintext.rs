@@ -6,7 +6,7 @@
 //! caller silent past the protocol detection timeout (a server-first protocol), is plain text.
 //! Plain text is admitted only to an endpoint address of a PERMISSIVE service; to a STRICT one
 //! the connection is closed and counted (`plaintext_refused`). An admitted connection has no
-//! caller identity: it is `unauthenticated` in metrics (`src_cluster`), access logs and spans,
+//! caller identity: it is `unauthenticated` in metrics (`source_cluster`), access logs and spans,
 //! never matches an identity-based ALLOW, and is served as a tunnel's opening ([`super::opaque`]).
 
 use std::collections::HashMap;

@@ -156,9 +156,9 @@ impl Sidecar {
         self.metrics
             .tcp_connections
             .get_or_create(&TcpLabels {
-                direction: "outbound".into(),
-                dst_cluster: target.cluster().to_string(),
-                service: service.clone(),
+                reporter: "source".into(),
+                destination_cluster: target.cluster().to_string(),
+                destination_service: service.clone(),
             })
             .inc();
         self.metrics.tcp_active.inc();
