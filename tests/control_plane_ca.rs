@@ -19,27 +19,6 @@ fn ca(data: &Path, args: &[&str]) -> std::process::Output {
     fedmesh(&all)
 }
 
-/// A bare HTTP/1.1 GET to `addr`: (status, body).
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let _ = write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: cp\r\nConnection: close\r\n\r\n"
-    );
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -49,18 +28,7 @@ fn authorities(data: &Path) -> (serde_json::Value, Vec<(String, String, Option<S
     let out = ca(data, &["status", "-o", "json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let list = v["authorities"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| {
-            (
-                a["id"].as_str().unwrap().to_string(),
-                a["state"].as_str().unwrap().to_string(),
-                a["retire_at"].as_str().map(String::from),
-            )
-        })
-        .collect();
+    let list = support::ca_authorities(&v);
     (v, list)
 }
 
@@ -85,7 +53,9 @@ fn a_running_control_planes_ca_rotates_from_the_cli_and_its_own_certificate_foll
     );
 
     // Its HTTP admin port, for Prometheus and the kubelet's probes.
-    let get = |path: &str| http_get(&admin, path);
+    let admin_addr: std::net::SocketAddr = admin.parse().unwrap();
+    let get =
+        |path: &str| support::netns::http_get(admin_addr, path, "cp").unwrap_or((0, String::new()));
     wait_until(
         "the control plane joined to the hub",
         Duration::from_secs(30),

@@ -48,16 +48,9 @@ fn ca(s: &Setup, c: &ClusterNet, args: &[&str]) -> Result<String, String> {
 fn authorities(s: &Setup, c: &ClusterNet) -> Vec<(String, String)> {
     let v: serde_json::Value = serde_json::from_str(&ca(s, c, &["status", "-o", "json"]).unwrap())
         .expect("ca status -o json");
-    v["authorities"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| {
-            (
-                a["id"].as_str().unwrap().to_string(),
-                a["state"].as_str().unwrap().to_string(),
-            )
-        })
+    support::ca_authorities(&v)
+        .into_iter()
+        .map(|(id, state, _)| (id, state))
         .collect()
 }
 

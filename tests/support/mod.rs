@@ -14,6 +14,23 @@ pub fn proxy_bin() -> &'static str {
     env!("CARGO_BIN_EXE_fedmesh-proxy")
 }
 
+/// A CA's authorities as `fedmesh ca status -o json` (or `control-plane ca status`) lists them:
+/// (id, state, when a retired one leaves the bundle).
+pub fn ca_authorities(doc: &serde_json::Value) -> Vec<(String, String, Option<String>)> {
+    doc["authorities"]
+        .as_array()
+        .expect("a list of authorities")
+        .iter()
+        .map(|a| {
+            (
+                a["id"].as_str().unwrap().to_string(),
+                a["state"].as_str().unwrap().to_string(),
+                a["retire_at"].as_str().map(String::from),
+            )
+        })
+        .collect()
+}
+
 /// Keeps a secret as a user does: in a file only its owner can read (0600).
 pub fn write_secret(path: &Path, secret: &str) {
     fedmesh_test_support::write_private(path, secret.as_bytes());
