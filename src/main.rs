@@ -43,6 +43,10 @@ enum Command {
     Explain(cmd::status::ExplainArgs),
     /// Every sidecar and gateway of the clusterset, and whether it holds its configuration.
     ProxyStatus(cmd::proxy_status::ProxyStatusArgs),
+    /// Every cluster's east-west gateways as every other cluster reaches them (mTLS probes, latency).
+    Gateways(cmd::gateways::GatewaysArgs),
+    /// Check the clusterset end to end: clusters, trust, gateways, control planes, proxies (exit 1 on a failure).
+    Check(cmd::check::CheckArgs),
     /// List the recent traces the hub holds (search by service, cluster, failure, duration).
     Traces(cmd::traces::TracesArgs),
     /// Show one trace as a waterfall: every hop, its cluster, and why it failed.
@@ -104,6 +108,8 @@ fn main() -> std::process::ExitCode {
             Command::Status(s) => cmd::status::status(s).await,
             Command::Explain(e) => cmd::status::explain(e).await,
             Command::ProxyStatus(p) => cmd::proxy_status::run(p).await,
+            Command::Gateways(g) => cmd::gateways::run(g).await,
+            Command::Check(c) => cmd::check::run(c).await,
             Command::Traces(t) => cmd::traces::traces(t).await,
             Command::Trace(t) => cmd::traces::trace(t).await,
             Command::Crds => {

@@ -11,6 +11,8 @@ pub mod hop;
 pub mod http;
 pub mod metrics;
 pub mod policy;
+pub mod prefixed;
+pub mod probe;
 pub mod ratelimit;
 pub mod relay;
 pub mod sni;

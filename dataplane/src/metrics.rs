@@ -103,6 +103,9 @@ pub struct ProxyMetrics {
     pub spans: Family<ReasonLabels, Counter>,
     /// Requests and connections an authorization policy denied or audited.
     pub authz: Family<AuthzLabels, Counter>,
+    /// Probes a gateway answered (`answered`) or could not (`failed`: the prober was not
+    /// trusted, spoke no probe protocol, or stalled).
+    pub probes: Family<ReasonLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -126,6 +129,7 @@ impl ProxyMetrics {
             mirrors: Family::default(),
             faults: Family::default(),
             spans: Family::default(),
+            probes: Family::default(),
         };
         registry.register(
             "requests",
@@ -192,6 +196,11 @@ impl ProxyMetrics {
             "injected_faults",
             "Delays and aborts injected by a TrafficPolicy's faultInjection, by kind",
             m.faults.clone(),
+        );
+        registry.register(
+            "gateway_probes",
+            "Reachability probes from other clusters' control plane answered by this gateway, by outcome",
+            m.probes.clone(),
         );
         registry.register(
             "spans",

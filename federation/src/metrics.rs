@@ -213,7 +213,16 @@ pub struct ControlPlaneMetrics {
     pub hub_accepted_exports: Gauge,
     pub clusterset_services: Gauge,
     pub ca_authorities: Family<StateLabels, Gauge>,
+    /// Other clusters' gateways as this cluster's last probe found them.
+    pub gateway_up: Family<GatewayLabels, Gauge>,
+    pub gateway_latency: Family<GatewayLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     scrape: std::sync::Mutex<()>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayLabels {
+    pub cluster: String,
+    pub gateway: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -229,6 +238,8 @@ pub struct ControlPlaneState {
     pub clusterset_services: usize,
     /// CA authorities by state (prepared, active, retired).
     pub ca_authorities: Vec<String>,
+    /// The latest probe of every other cluster's gateways.
+    pub gateway_probes: Vec<fedmesh_api::pb::federation::GatewayProbe>,
 }
 
 impl Default for ControlPlaneMetrics {
@@ -269,8 +280,23 @@ impl Default for ControlPlaneMetrics {
             "The cluster CA's authorities by state: prepared (in the bundle, not signing), active, retired (in the bundle until the SVIDs it signed expire)",
             ca_authorities.clone(),
         );
+        let gateway_up = Family::<GatewayLabels, Gauge>::default();
+        let gateway_latency =
+            Family::<GatewayLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "gateway_probe_up",
+            "1 if another cluster's east-west gateway answered this cluster's last mTLS probe, else 0",
+            gateway_up.clone(),
+        );
+        registry.register(
+            "gateway_probe_latency_seconds",
+            "Connect, mTLS handshake and answer of the last successful probe of another cluster's gateway",
+            gateway_latency.clone(),
+        );
         Self {
             registry,
+            gateway_up,
+            gateway_latency,
             svids,
             joins,
             hub_connected,
@@ -314,6 +340,22 @@ impl ControlPlaneMetrics {
             self.ca_authorities
                 .get_or_create(&StateLabels { state: st.clone() })
                 .inc();
+        }
+        self.gateway_up.clear();
+        self.gateway_latency.clear();
+        for p in &state.gateway_probes {
+            let labels = GatewayLabels {
+                cluster: p.cluster.clone(),
+                gateway: p.address.clone(),
+            };
+            self.gateway_up
+                .get_or_create(&labels)
+                .set(i64::from(p.reachable));
+            if p.reachable {
+                self.gateway_latency
+                    .get_or_create(&labels)
+                    .set(p.latency_us as f64 / 1e6);
+            }
         }
         self.encode()
     }

@@ -11,6 +11,9 @@
 //! and the request that opened it ([`fedmesh_dataplane::hop`]); the gateway reads it (bounded, and
 //! optional) before the ClientHello, strips it, and records the connection's span ([`span`]).
 //!
+//! One SNI is not passed through: `probe.<this cluster>.fedmesh` asks the gateway itself whether it
+//! is reachable, and it answers over mTLS with its own SVID ([`fedmesh_dataplane::probe`]).
+//!
 //! Refusals close the connection at once (with a TLS `unrecognized_name` alert when the client
 //! spoke TLS) and are counted by reason; they never disturb other connections.
 
@@ -26,11 +29,14 @@ use fedmesh_dataplane::connect::Plan;
 use fedmesh_dataplane::hop::read_hop_header;
 use fedmesh_dataplane::metrics::{BytesLabels, ProxyMetrics, SniLabels, TcpLabels};
 use fedmesh_dataplane::policy::Outlier;
+use fedmesh_dataplane::prefixed::Prefixed;
+use fedmesh_dataplane::probe::{self, ProbeAnswer};
 use fedmesh_dataplane::relay::relay_tcp;
 use fedmesh_dataplane::sni::{HelloError, MeshSni, read_client_hello};
 use fedmesh_dataplane::target::{Place, Target};
 use fedmesh_dataplane::telemetry::Spans;
 use fedmesh_trust::listen::Server;
+use fedmesh_trust::tls::{Authorizer, MeshIdentity};
 use tokio::io::AsyncWriteExt;
 
 mod span;
@@ -61,6 +67,9 @@ pub struct GatewayOptions {
     pub spans: Spans,
     /// One access-log line per connection, admitted or refused.
     pub access_log: bool,
+    /// The gateway's own identity: with it, it answers reachability probes from other clusters'
+    /// control planes (mTLS, any trust domain it trusts); without, a probe is refused.
+    pub identity: Option<MeshIdentity>,
 }
 
 impl Default for GatewayOptions {
@@ -77,6 +86,7 @@ impl Default for GatewayOptions {
             outlier: OutlierConfig::default(),
             spans: Spans::off(),
             access_log: false,
+            identity: None,
         }
     }
 }
@@ -87,6 +97,16 @@ pub struct Gateway {
     balancer: Balancer,
     metrics: Arc<ProxyMetrics>,
     server: Server,
+    /// Answers probes (from `options.identity`).
+    probe: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// What a connection's opening asked for.
+enum Opening {
+    /// A service of this cluster: relay to the endpoint connected.
+    Relay(MeshSni, TcpStream, Target, Vec<Target>),
+    /// A reachability probe for this gateway itself.
+    Probe,
 }
 
 /// Why a connection was not admitted.
@@ -112,6 +132,8 @@ enum Refusal {
     NotReady,
     #[error("{0}")]
     HopHeader(String),
+    #[error("a probe, and this gateway has no identity to answer probes with")]
+    ProbeUnsupported,
 }
 
 impl Refusal {
@@ -127,6 +149,7 @@ impl Refusal {
             Refusal::Overloaded => "overloaded",
             Refusal::NotReady => "not_ready",
             Refusal::HopHeader(_) => "bad_proxy_header",
+            Refusal::ProbeUnsupported => "probe_unsupported",
         }
     }
 
@@ -152,7 +175,13 @@ const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x
 
 impl Gateway {
     pub fn new(options: GatewayOptions, config: ConfigHandle, metrics: Arc<ProxyMetrics>) -> Self {
+        let probe = options.identity.as_ref().map(|id| {
+            tokio_rustls::TlsAcceptor::from(
+                id.server_config(Authorizer::AnyTrusted, vec![probe::ALPN.to_vec()]),
+            )
+        });
         Self {
+            probe,
             balancer: Balancer::new(options.outlier.clone()),
             server: Server::new("gateway", options.max_connections, options.drain_timeout),
             options,
@@ -208,6 +237,11 @@ impl Gateway {
         let header = header.ok().and_then(Result::ok);
         let header = header.flatten();
         let mut span = span::start(&self.options.spans, header.as_ref(), peer, (wall, start));
+        let admitted = match admitted {
+            Ok(Opening::Probe) => return self.answer_probe(client, hello_bytes, peer).await,
+            Ok(Opening::Relay(mesh, upstream, target, pool)) => Ok((mesh, upstream, target, pool)),
+            Err(r) => Err(r),
+        };
         let (mesh, upstream, target, pool) = match admitted {
             Ok(x) => x,
             Err(r) => {
@@ -322,6 +356,40 @@ impl Gateway {
         }
     }
 
+    /// Answers a probe on `client`, whose opening `hello` was read already.
+    async fn answer_probe(&self, client: TcpStream, hello: Vec<u8>, peer: SocketAddr) {
+        let Some(acceptor) = &self.probe else { return };
+        let table = self.config.table();
+        let answer = ProbeAnswer {
+            cluster: table
+                .local
+                .as_ref()
+                .map(|l| l.name.to_string())
+                .unwrap_or_default(),
+            ready: table.local.is_some(),
+            config_version: table.version,
+            exported_services: table.services.values().filter(|e| e.exported).count() as u32,
+        };
+        let result = probe::answer(
+            Prefixed::new(hello, client),
+            acceptor,
+            &answer,
+            self.options.hello_timeout,
+        )
+        .await;
+        let outcome = if result.is_ok() { "answered" } else { "failed" };
+        self.metrics
+            .probes
+            .get_or_create(&fedmesh_dataplane::metrics::ReasonLabels {
+                reason: outcome.into(),
+            })
+            .inc();
+        match result {
+            Ok(prober) => tracing::debug!(%peer, %prober, "answered a probe"),
+            Err(error) => tracing::debug!(%peer, %error, "a probe failed"),
+        }
+    }
+
     /// Reads and checks the ClientHello, then connects to an endpoint (trying others when one
     /// fails to connect).
     async fn admit(
@@ -329,7 +397,7 @@ impl Gateway {
         client: &mut TcpStream,
         hello_bytes: &mut Vec<u8>,
         deadline: tokio::time::Instant,
-    ) -> Result<(MeshSni, TcpStream, Target, Vec<Target>), Refusal> {
+    ) -> Result<Opening, Refusal> {
         let hello = read_client_hello(
             client,
             hello_bytes,
@@ -344,8 +412,19 @@ impl Gateway {
         })
         .map_err(Refusal::Hello)?;
         let sni = hello.sni.ok_or(Refusal::Hello(HelloError::NoSni))?;
-        let mesh = MeshSni::parse(&sni).map_err(|_| Refusal::BadSni(sni.clone()))?;
         let table = self.config.table();
+        if let Some(cluster) = probe::cluster_of(&sni) {
+            // Answered even before the first configuration: the answer says it is not ready.
+            return match &table.local {
+                Some(here) if cluster != here.name.as_str() => Err(Refusal::WrongCluster {
+                    sni_cluster: cluster.to_string(),
+                    own: here.name.to_string(),
+                }),
+                _ if self.probe.is_none() => Err(Refusal::ProbeUnsupported),
+                _ => Ok(Opening::Probe),
+            };
+        }
+        let mesh = MeshSni::parse(&sni).map_err(|_| Refusal::BadSni(sni.clone()))?;
         let Some(here) = &table.local else {
             return Err(Refusal::NotReady);
         };
@@ -407,7 +486,7 @@ impl Gateway {
             )
             .await;
         if let Ok((s, target)) = connected {
-            return Ok((mesh, s, target, pool));
+            return Ok(Opening::Relay(mesh, s, target, pool));
         }
         Err(Refusal::Unavailable(mesh.service.to_string()))
     }

@@ -254,6 +254,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         zone: args.common.zone.clone(),
         spans: b.spans.clone(),
         access_log: args.common.access_log,
+        identity: Some(b.identity.clone()),
         ..GatewayOptions::default()
     };
     let gw = Arc::new(Gateway::new(options, b.config.clone(), b.metrics.clone()));

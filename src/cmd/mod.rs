@@ -1,8 +1,10 @@
 pub mod agent;
 pub mod bench;
 pub mod ca;
+pub mod check;
 pub mod control_plane;
 pub mod demo;
+pub mod gateways;
 pub mod hub;
 pub mod inject;
 pub mod iptables;

@@ -281,6 +281,11 @@ pub async fn explain(a: ExplainArgs) -> anyhow::Result<()> {
                 _ => paint("✗", "31"),
             };
             println!("  {mark} {}", step.message);
+            if step.status != "ok"
+                && let Some(h) = &step.hint
+            {
+                println!("      → {h}");
+            }
         }
         println!(
             "{}",

@@ -340,6 +340,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Stops this cluster's east-west gateway (its listener closes): other clusters can no
+    /// longer reach the services it exports.
+    pub fn stop_gateway(&self) {
+        self.gateway_shutdown.cancel();
+    }
+
     /// Waits until this cluster's gateway admits connections for `service` ("ns/name") and has
     /// a ready endpoint for it.
     pub async fn wait_gateway_serves(&self, service: &str) -> anyhow::Result<()> {
@@ -456,6 +462,7 @@ impl Cluster {
         let gateway = Arc::new(Gateway::new(
             GatewayOptions {
                 spans,
+                identity: Some(identity.clone()),
                 ..GatewayOptions::default()
             },
             config_handle.clone(),

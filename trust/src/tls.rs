@@ -337,6 +337,17 @@ impl MeshIdentity {
         Ok(())
     }
 
+    /// An identity presenting this one's SVID (renewals included) that trusts its own bundles,
+    /// set apart from this one's: e.g. to verify peers this identity's bundles do not cover.
+    pub fn sharing_svid(&self) -> Self {
+        Self {
+            svid: self.svid.clone(),
+            trust: Arc::new(ArcSwap::from_pointee(TrustStore::default())),
+            provider: self.provider.clone(),
+            changes: Arc::new(watch::Sender::new(0)),
+        }
+    }
+
     pub fn set_bundles(&self, bundles: BundleSet) {
         self.set_trust(TrustStore::from_bundles(bundles));
     }

@@ -272,6 +272,7 @@ async fn metrics(State(cp): Cp) -> Response {
             .iter()
             .map(|a| format!("{:?}", a.state).to_lowercase())
             .collect(),
+        gateway_probes: cp.gateway_probes.current(),
     };
     (
         [(

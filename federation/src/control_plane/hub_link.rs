@@ -39,8 +39,11 @@ pub struct Desired {
     pub exports: BTreeMap<ServiceKey, pb::Export>,
     pub bundle: Option<pb::Bundle>,
     pub gateways: Vec<String>,
-    /// Routes and policies not fully accepted, for the clusterset's status.
+    /// Routes and policies not fully accepted, and exports that cannot be exported, for the
+    /// clusterset's status.
     pub problems: Vec<pb::ObjectProblem>,
+    /// The routes in force, rule by rule (for `fedmesh explain`).
+    pub routes: Vec<pb::RouteSummary>,
 }
 
 /// The hub's verdict on each of our exports, for ServiceExport conditions.
@@ -320,6 +323,8 @@ pub struct Reports {
     pub traffic: Arc<super::peer_traffic::PeerTraffic>,
     /// The proxies served, with the configuration version now.
     pub proxies: Arc<super::proxies::Proxies>,
+    /// The latest probes of other clusters' gateways.
+    pub probes: Arc<super::gateway_probe::GatewayProbes>,
     pub config: watch::Receiver<Arc<super::config_stream::ConfigState>>,
 }
 
@@ -398,7 +403,7 @@ async fn session(
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
     // Hello, then publishes, in order; at most one publish is in flight, so this never fills.
-    let (publish_tx, publish_rx) = mpsc::channel::<pb::ClusterMessage>(4);
+    let (publish_tx, publish_rx) = mpsc::channel::<pb::ClusterMessage>(8);
     // The latest ack. Acks are cumulative, so a newer one replaces one not sent yet: reading the
     // hub never waits for the hub to read us (it may be waiting for us to read it).
     let (ack_tx, ack_rx) = watch::channel::<Option<pb::Ack>>(None);
@@ -484,6 +489,13 @@ async fn session(
                 {
                     let _ = publish_tx.try_send(pb::ClusterMessage {
                         msg: Some(pb::cluster_message::Msg::Proxies(p)),
+                    });
+                }
+                if hub_has.is_some()
+                    && let Some(p) = reports.probes.report()
+                {
+                    let _ = publish_tx.try_send(pb::ClusterMessage {
+                        msg: Some(pb::cluster_message::Msg::Probes(p)),
                     });
                 }
                 if hub_has.is_some() {
@@ -576,6 +588,9 @@ fn full_publish(cluster: &ClusterName, version: u64, want: &Desired) -> pb::Publ
         problems: Some(pb::Problems {
             items: want.problems.clone(),
         }),
+        routes: Some(pb::Routes {
+            items: want.routes.clone(),
+        }),
     }
 }
 
@@ -612,6 +627,9 @@ fn diff_publish(
         }),
         problems: (held.problems != want.problems).then(|| pb::Problems {
             items: want.problems.clone(),
+        }),
+        routes: (held.routes != want.routes).then(|| pb::Routes {
+            items: want.routes.clone(),
         }),
     }
 }

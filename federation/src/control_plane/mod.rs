@@ -12,6 +12,7 @@ pub mod authz;
 pub mod config_stream;
 pub mod dns;
 pub mod federated;
+pub mod gateway_probe;
 pub mod hub_link;
 pub mod identity;
 pub mod jwks;
@@ -202,6 +203,8 @@ pub struct ControlPlane {
     pub peer_traffic: Arc<peer_traffic::PeerTraffic>,
     /// The sidecars and gateways with a configuration stream open now.
     pub proxies: Arc<proxies::Proxies>,
+    /// The latest probe of every other cluster's gateways.
+    pub gateway_probes: Arc<gateway_probe::GatewayProbes>,
     pub credentials: Option<Arc<HubCredentials>>,
     pub dns_addr: Option<SocketAddr>,
     pub listen_addr: Option<SocketAddr>,
@@ -419,6 +422,7 @@ impl ControlPlane {
             rate_limits: Arc::default(),
             peer_traffic: Arc::default(),
             proxies: Arc::default(),
+            gateway_probes: Arc::default(),
             credentials,
             dns_addr,
             listen_addr,
@@ -466,11 +470,26 @@ impl ControlPlane {
                     limits: cp.rate_limits.clone(),
                     traffic: cp.peer_traffic.clone(),
                     proxies: cp.proxies.clone(),
+                    probes: cp.gateway_probes.clone(),
                     config: cp.dataplane_config(),
                 },
                 shutdown.clone(),
             ));
             tokio::spawn(renew_loop(creds.clone(), shutdown.clone()));
+            match identity::own_identity(&cp, &shutdown) {
+                Ok(own) => {
+                    tokio::spawn(gateway_probe::run(
+                        cp.config.cluster.clone(),
+                        own,
+                        cp.clusterset.clone(),
+                        cp.gateway_probes.clone(),
+                        shutdown.clone(),
+                    ));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot issue the identity gateway probes use; other clusters' gateways go unprobed")
+                }
+            }
         }
         if let Some((udp, tcp)) = dns_sockets {
             dns::serve(cp.snapshot.subscribe(), udp, tcp, shutdown.clone());
@@ -581,6 +600,7 @@ impl ControlPlane {
             }),
             gateways: self.config.gateways.clone(),
             problems: self.desired.borrow().problems.clone(),
+            routes: self.desired.borrow().routes.clone(),
         };
         self.desired.send_if_modified(|cur| {
             if **cur == desired {
@@ -688,15 +708,18 @@ impl ControlPlane {
         self.rate_limits
             .set_declared(policies.clusterset_limits.clone());
         let mut problems = problems_of(&routes, &policies);
+        problems.extend(export_problems(&validity));
         if let (Some(files), SourceSpec::Dir(root)) = (&self.file_problems, &self.config.source) {
             problems.extend(file_problems(root, &files.borrow()));
         }
+        let summaries = routes::summaries(&routes);
         self.desired.send_if_modified(|cur| {
-            if cur.problems == problems {
+            if cur.problems == problems && cur.routes == summaries {
                 false
             } else {
                 let mut d = (**cur).clone();
                 d.problems = problems;
+                d.routes = summaries;
                 *cur = Arc::new(d);
                 true
             }
@@ -902,6 +925,23 @@ fn problems_of(
         }
     }
     out
+}
+
+/// The ServiceExports that cannot be exported (no Service, an ExternalName, ...), as problems the
+/// hub shows: `fedmesh explain` says why a service no cluster exports is not exported.
+fn export_problems(validity: &BTreeMap<ServiceKey, Result<(), Invalid>>) -> Vec<pb::ObjectProblem> {
+    validity
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().err().map(|i| (k, i)))
+        .map(|(k, i)| pb::ObjectProblem {
+            kind: "ServiceExport".into(),
+            name: k.to_string(),
+            condition: fedmesh_api::mcs::condition::VALID.into(),
+            reason: i.reason.to_string(),
+            message: i.message.clone(),
+            services: vec![k.to_string()],
+        })
+        .collect()
 }
 
 /// The directory source's unreadable files as problems the hub shows (`fedmesh status`): kind

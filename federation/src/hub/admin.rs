@@ -48,7 +48,12 @@ pub struct ClusterStatus {
     pub bundle_sequence: Option<u64>,
     pub gateways: Vec<String>,
     pub published_version: u64,
+    /// The last view version the cluster acknowledged having applied.
     pub acked_version: u64,
+    /// The hub's view version now: an `acked_version` below it means the cluster has not
+    /// applied the latest changes yet (or is applying them).
+    #[serde(default)]
+    pub view_version: u64,
     pub exports: usize,
     pub hub_replica: Option<String>,
     /// Routes and policies the cluster could not fully accept, and source files it could not
@@ -165,8 +170,8 @@ pub struct ErrorBody {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "fedmesh hub admin API", version = "v1", description = "Clusters, exported services, bundles, join tokens, the audit log and recent traces of a fedmesh clusterset."),
-    paths(list_clusters, remove_cluster, cluster_imports, withdraw_export, list_services, list_bundles, super::explain::explain, create_token, super::access::list_join_tokens, super::access::revoke_join_token, super::access::create_admin_token, super::access::list_admin_tokens, super::access::revoke_admin_token, audit_log, super::traces::api::list_traces, super::traces::api::get_trace, super::traces::api::get_skew, super::traces::api::get_graph, super::plaintext::list_plaintext, super::proxies::list_proxies),
-    components(schemas(ClusterStatus, ServiceStatus, ExporterStatus, PortStatus, ConflictStatus, BundleStatus, Explanation, ExplainStep, TokenRequest, TokenResponse, super::access::Role, super::access::AdminTokenRequest, super::access::AdminTokenResponse, super::access::AdminTokenView, super::access::JoinTokenView, super::access::Revoked, ErrorBody, AuditRecord, super::traces::SpanView, super::traces::TraceSummary, super::traces::skew::ClockSkew, super::traces::skew::ClusterOffset, super::traces::graph::Graph, super::traces::graph::GraphNode, super::traces::graph::GraphEdge, super::plaintext::PlaintextStatus, super::proxies::ProxyStatus)),
+    paths(list_clusters, remove_cluster, cluster_imports, withdraw_export, list_services, list_bundles, super::explain::explain, create_token, super::access::list_join_tokens, super::access::revoke_join_token, super::access::create_admin_token, super::access::list_admin_tokens, super::access::revoke_admin_token, audit_log, super::traces::api::list_traces, super::traces::api::get_trace, super::traces::api::get_skew, super::traces::api::get_graph, super::plaintext::list_plaintext, super::proxies::list_proxies, super::gateways::list_gateways),
+    components(schemas(ClusterStatus, ServiceStatus, ExporterStatus, PortStatus, ConflictStatus, BundleStatus, Explanation, ExplainStep, TokenRequest, TokenResponse, super::access::Role, super::access::AdminTokenRequest, super::access::AdminTokenResponse, super::access::AdminTokenView, super::access::JoinTokenView, super::access::Revoked, ErrorBody, AuditRecord, super::traces::SpanView, super::traces::TraceSummary, super::traces::skew::ClockSkew, super::traces::skew::ClusterOffset, super::traces::graph::Graph, super::traces::graph::GraphNode, super::traces::graph::GraphEdge, super::plaintext::PlaintextStatus, super::proxies::ProxyStatus, super::gateways::GatewayStatus)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -199,6 +204,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/services", get(list_services))
         .route("/plaintext", get(super::plaintext::list_plaintext))
         .route("/proxies", get(super::proxies::list_proxies))
+        .route("/gateways", get(super::gateways::list_gateways))
         .route("/bundles", get(list_bundles))
         .route("/explain", get(super::explain::explain))
         .route(
@@ -404,6 +410,7 @@ pub fn cluster_statuses(hub: &Hub) -> Vec<ClusterStatus> {
                         .map(|m| m.get(&c.name).copied().unwrap_or(0))
                         .unwrap_or(0),
                 ),
+                view_version: v.last_change,
                 exports: v.services_exported_by(&c.name).len(),
                 hub_replica: p.map(|p| p.hub.clone()),
                 problems: c.problems.iter().map(ProblemStatus::from).collect(),

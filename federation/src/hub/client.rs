@@ -155,11 +155,17 @@ impl AdminClient {
         self.call(Method::GET, "/api/v1/services", None).await
     }
 
-    /// The PERMISSIVE services and their plain-text share.
+    /// Every sidecar and gateway of the clusterset and its sync state.
     pub async fn proxies(&self) -> Result<Vec<super::proxies::ProxyStatus>, ClientError> {
         self.call(Method::GET, "/api/v1/proxies", None).await
     }
 
+    /// Every cluster's gateways as every other cluster's probes found them.
+    pub async fn gateways(&self) -> Result<Vec<super::gateways::GatewayStatus>, ClientError> {
+        self.call(Method::GET, "/api/v1/gateways", None).await
+    }
+
+    /// The PERMISSIVE services and their plain-text share.
     pub async fn plaintext(&self) -> Result<Vec<super::plaintext::PlaintextStatus>, ClientError> {
         self.call(Method::GET, "/api/v1/plaintext", None).await
     }

@@ -1,5 +1,8 @@
 //! `explain`: why a service is or is not routable from a cluster, as a chain of checks a person
-//! can follow (`GET /api/v1/explain`, `fedmesh explain`), from the hub's view of the clusterset.
+//! can follow (`GET /api/v1/explain`, `fedmesh explain`), from the hub's view of the clusterset:
+//! the routes and splits the asking cluster applies to it, its problems, each exporter's export
+//! and endpoints, and each exporter's gateway as the asking cluster's last mTLS probe found it.
+//! The first failing step names the broken link; its hint says what to do.
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -18,6 +21,9 @@ pub struct ExplainStep {
     /// `ok`, `warn` or `fail`.
     pub status: String,
     pub message: String,
+    /// What to do about it (or the command that looks further).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq)]
@@ -55,51 +61,93 @@ pub(super) async fn explain(
 
 /// Why `service` is or is not routable from `from`, as a chain of checks a person can follow.
 pub fn explain_route(hub: &Hub, service: &ServiceKey, from: &ClusterName) -> Explanation {
+    // Before the view is read: it reads the view too.
+    let probes = super::gateways::gateway_status(hub);
     let v = hub.view();
     let now = now_ms();
-    let mut steps = Vec::new();
-    let mut step = |status: &str, message: String| {
-        steps.push(ExplainStep {
-            status: status.into(),
-            message,
-        })
-    };
-    let done = |steps: Vec<ExplainStep>, routable: bool| Explanation {
+    let mut steps = Steps::default();
+    let done = |steps: Steps, routable: bool| Explanation {
         service: service.to_string(),
         from: from.to_string(),
         routable,
-        steps,
+        steps: steps.0,
     };
     let Some(asker) = v.cluster(from).cloned() else {
-        step(
-            "fail",
-            format!("cluster {from} is not joined to this clusterset (see `fedmesh status`)"),
+        steps.fail(
+            format!("cluster {from} is not joined to this clusterset"),
+            "fedmesh status (the clusters that joined); a cluster joins with a token from `fedmesh hub token create`",
         );
         return done(steps, false);
     };
-    step(
-        "ok",
-        format!(
-            "cluster {from} is joined (trust domain {})",
-            asker.trust_domain
-        ),
-    );
+    steps.ok(format!(
+        "cluster {from} is joined (trust domain {})",
+        asker.trust_domain
+    ));
     if asker.stale {
-        step(
-            "warn",
+        steps.warn(
             format!(
                 "{from} is stale: the hub has not heard from it recently, so its view may be out of date (it keeps routing with its last view)"
             ),
+            "fedmesh status; the log of its control plane",
         );
+    }
+    // The routes the asking cluster's sidecars apply to the service, rule by rule.
+    for r in asker
+        .routes
+        .iter()
+        .filter(|r| r.service == service.to_string())
+    {
+        let total: u64 = r.backends.iter().map(|b| u64::from(b.1)).sum();
+        let to: Vec<String> = r
+            .backends
+            .iter()
+            .map(|(name, weight, unresolved)| {
+                let share = (u64::from(*weight) * 100)
+                    .checked_div(total)
+                    .map(|p| format!(" {p}%"))
+                    .unwrap_or_default();
+                let broken = if *unresolved {
+                    " (resolves to nothing: its share answers 500)"
+                } else {
+                    ""
+                };
+                format!("{name}{share}{broken}")
+            })
+            .collect();
+        let who = if r.consumer_namespace.is_empty() {
+            String::new()
+        } else {
+            format!(" (for callers in namespace {})", r.consumer_namespace)
+        };
+        let message = format!(
+            "{} in {from}{who}: {} → {}",
+            r.source,
+            r.matches,
+            if to.is_empty() {
+                "no backend".to_string()
+            } else {
+                to.join(", ")
+            }
+        );
+        if !r.invalid.is_empty() {
+            steps.warn(
+                format!("{message}: this rule cannot be applied, requests it matches are answered 500: {}", r.invalid),
+                "the route's status (kubectl get httproute -o yaml, or the directory source's status files)",
+            );
+        } else if r.backends.iter().any(|b| b.2) {
+            steps.warn(message, "the route's status (ResolvedRefs)");
+        } else {
+            steps.ok(message);
+        }
     }
     // What the asking cluster's own routes and policies for the service could not apply.
     for p in asker
         .problems
         .iter()
+        .filter(|p| p.kind != "ServiceExport")
         .filter(|p| p.services.iter().any(|s| *s == service.to_string()))
     {
-        step(
-            "warn",
+        steps.warn(
             format!(
                 "{} {} in {from}: {} {} ({}): {}",
                 p.kind,
@@ -113,33 +161,57 @@ pub fn explain_route(hub: &Hub, service: &ServiceKey, from: &ClusterName) -> Exp
                 p.reason,
                 p.message
             ),
+            "the object's status in that cluster",
         );
     }
     let Some(import) = v.import(service).cloned() else {
-        step(
-            "fail",
-            format!(
-                "{service} is not exported by any cluster: create a ServiceExport named {} in namespace {} next to the Service",
-                service.name, service.namespace
-            ),
-        );
+        // A cluster may have a ServiceExport it cannot export: say why.
+        let mut why = false;
+        for c in v.clusters() {
+            for p in c
+                .problems
+                .iter()
+                .filter(|p| p.kind == "ServiceExport" && p.name == service.to_string())
+            {
+                steps.fail(
+                    format!(
+                        "{} has a ServiceExport {service} but cannot export it: {} ({})",
+                        c.name, p.message, p.reason
+                    ),
+                    format!(
+                        "in {}: create the Service {} in namespace {} (or fix it), and the export follows",
+                        c.name, service.name, service.namespace
+                    ),
+                );
+                why = true;
+            }
+        }
+        if !why {
+            steps.fail(
+                format!("{service} is not exported by any cluster"),
+                format!(
+                    "create a ServiceExport named {} in namespace {} next to the Service, in the cluster that runs it",
+                    service.name, service.namespace
+                ),
+            );
+        }
         return done(steps, false);
     };
     let exporters: Vec<String> = import.clusters.iter().map(|c| c.cluster.clone()).collect();
-    step(
-        "ok",
-        format!("{service} is exported by {}", exporters.join(", ")),
-    );
+    steps.ok(format!("{service} is exported by {}", exporters.join(", ")));
     for c in &import.conflicts {
-        step("warn", format!("conflict: {}", c.message));
+        steps.warn(
+            format!("conflict: {}", c.message),
+            "fedmesh status (MCS conflict resolution: the oldest export wins)",
+        );
     }
     if v.bundle(&asker.trust_domain).is_none() {
-        step(
-            "fail",
+        steps.fail(
             format!(
-                "the hub has no bundle of {from} ({}): exporters cannot verify its callers; is its control plane connected?",
+                "the hub has no bundle of {from} ({}): exporters cannot verify its callers",
                 asker.trust_domain
             ),
+            format!("is {from}'s control plane connected? fedmesh status; its log"),
         );
     }
     let mut routable = false;
@@ -157,9 +229,9 @@ pub fn explain_route(hub: &Hub, service: &ServiceKey, from: &ClusterName) -> Exp
             .fold(0, u32::saturating_add);
         let mut ok = true;
         if exporter.expired {
-            step(
-                "fail",
+            steps.fail(
                 format!("{name} expired (silent too long); its export is withdrawn"),
+                format!("start {name}'s control plane again; fedmesh status"),
             );
             continue;
         }
@@ -167,52 +239,50 @@ pub fn explain_route(hub: &Hub, service: &ServiceKey, from: &ClusterName) -> Exp
             let silent = v
                 .presence(&name)
                 .map(|p| (now - p.last_seen_ms).max(0) / 1000);
-            step(
-                "warn",
+            steps.warn(
                 format!(
                     "{name} is stale (silent for {}s): its export stays routable until data-plane health says otherwise",
                     silent.unwrap_or(0)
                 ),
+                format!("the log of {name}'s control plane"),
             );
         }
+        let mut via = "locally".to_string();
         if name != *from {
             if v.bundle(&exporter.trust_domain).is_none() {
-                step(
-                    "fail",
+                steps.fail(
                     format!(
                         "no bundle of {} ({name}) at the hub: {from} cannot verify its endpoints",
                         exporter.trust_domain
                     ),
+                    format!("is {name}'s control plane connected? fedmesh status"),
                 );
                 ok = false;
             }
             if exporter.gateways.is_empty() {
-                step(
-                    "fail",
-                    format!(
-                        "{name} publishes no east-west gateway address: remote clusters cannot reach it"
-                    ),
+                steps.fail(
+                    format!("{name} publishes no east-west gateway address: remote clusters cannot reach it"),
+                    format!("start {name}'s control plane with --gateway HOST:PORT (where its `fedmesh gateway` listens for other clusters)"),
                 );
                 ok = false;
+            } else {
+                match gateway_steps(&mut steps, &probes, from, &name, &exporter.gateways) {
+                    Some(gw) => via = gw,
+                    None => ok = false,
+                }
             }
         }
         if ready == 0 {
-            step(
-                "fail",
+            steps.fail(
                 format!("no healthy endpoints of {service} in {name}"),
+                format!("in {name}: are the pods of {service} running and ready? (the EndpointSlices of the Service)"),
             );
             ok = false;
         }
         if ok {
-            let via = if name == *from {
-                "locally".to_string()
-            } else {
-                format!("through gateway {}", exporter.gateways.join(", "))
-            };
-            step(
-                "ok",
-                format!("{name}: {ready} ready endpoint(s), reachable {via}"),
-            );
+            steps.ok(format!(
+                "{name}: {ready} ready endpoint(s), reachable {via}"
+            ));
             routable = true;
         }
     }
@@ -220,17 +290,100 @@ pub fn explain_route(hub: &Hub, service: &ServiceKey, from: &ClusterName) -> Exp
     drop(v);
     let acked = hub.acked_version(from);
     if acked < last_change && !asker.stale {
-        step(
-            "warn",
+        steps.warn(
             format!(
                 "{from} has acknowledged view version {acked} of {last_change}; the latest changes may still be on their way"
             ),
+            format!("fedmesh check; the log of {from}'s control plane"),
         );
     }
     if routable {
-        step("ok", format!("{service} is routable from {from}"));
+        steps.ok(format!("{service} is routable from {from}"));
     } else {
-        step("fail", format!("{service} is not routable from {from}"));
+        steps.fail(
+            format!("{service} is not routable from {from}"),
+            "the first ✗ above is the broken link",
+        );
     }
     done(steps, routable)
+}
+
+/// What `from`'s probes found of `to`'s gateways: `Some("through gateway ...")` when one answered
+/// (or none was probed yet: not known to be broken), `None` when every probed one failed.
+fn gateway_steps(
+    steps: &mut Steps,
+    probes: &[super::gateways::GatewayStatus],
+    from: &ClusterName,
+    to: &ClusterName,
+    addresses: &[String],
+) -> Option<String> {
+    let mine: Vec<_> = probes
+        .iter()
+        .filter(|g| g.from == from.as_str() && g.cluster == to.as_str())
+        .collect();
+    let look = format!("fedmesh gateways --cluster {to}");
+    let up: Vec<_> = mine.iter().filter(|g| g.reachable() && g.ready).collect();
+    if let Some(g) = up.first() {
+        steps.ok(format!(
+            "{to}'s gateway {} answered {from}'s mTLS probe in {:.1}ms",
+            g.address,
+            g.latency_ms.unwrap_or_default()
+        ));
+        return Some(format!("through gateway {}", g.address));
+    }
+    let through = format!("through gateway {}", addresses.join(", "));
+    if mine.is_empty() {
+        steps.warn(
+            format!("{from} has reported no probe of {to}'s gateways"),
+            look.clone(),
+        );
+        return Some(through);
+    }
+    let mut failed = false;
+    for g in &mine {
+        match g.state.as_str() {
+            "unknown" => steps.warn(
+                format!("{from} has not probed {to}'s gateway {} yet", g.address),
+                look.clone(),
+            ),
+            "reachable" => {
+                failed = true;
+                steps.fail(
+                    format!("{to}'s gateway {} answers but holds no configuration from its control plane: it admits nothing", g.address),
+                    format!("the gateway's log: can it reach {to}'s control plane?"),
+                );
+            }
+            _ => {
+                failed = true;
+                steps.fail(
+                    format!("{to}'s gateway {} is unreachable from {from}: {}", g.address, g.error),
+                    format!("is `fedmesh gateway` running in {to}, listening at {} and reachable from {from}? {look}", g.address),
+                );
+            }
+        }
+    }
+    (!failed).then_some(through)
+}
+
+/// The steps of an explanation.
+#[derive(Default)]
+struct Steps(Vec<ExplainStep>);
+
+impl Steps {
+    fn push(&mut self, status: &str, message: String, hint: Option<String>) {
+        self.0.push(ExplainStep {
+            status: status.into(),
+            message,
+            hint,
+        });
+    }
+    fn ok(&mut self, message: String) {
+        self.push("ok", message, None);
+    }
+    fn warn(&mut self, message: String, hint: impl Into<String>) {
+        self.push("warn", message, Some(hint.into()));
+    }
+    fn fail(&mut self, message: String, hint: impl Into<String>) {
+        self.push("fail", message, Some(hint.into()));
+    }
 }

@@ -12,12 +12,14 @@ pub mod api_json;
 pub mod audit;
 pub mod client;
 mod explain;
+pub mod gateways;
 pub mod plaintext;
 pub mod proxies;
 mod publish;
 pub mod quota;
 pub mod records;
 pub mod registration;
+pub mod reports;
 mod service;
 pub mod traces;
 pub mod ui;
@@ -134,6 +136,8 @@ pub struct Hub {
     pub plaintext: plaintext::PlaintextShares,
     /// Every cluster's proxies, as its control plane last reported them.
     pub proxies: proxies::ProxyReports,
+    /// Every cluster's probes of the others' gateways, as its control plane last reported them.
+    pub probes: gateways::ProbeReports,
     /// Recent traces, from the clusters' OTLP exports.
     pub traces: traces::TraceWindow,
     /// The operator's trace backend, which gets every accepted span too.
@@ -212,6 +216,7 @@ impl Hub {
             quotas: Default::default(),
             plaintext: Default::default(),
             proxies: Default::default(),
+            probes: Default::default(),
             traces,
             forward,
             shutdown,
@@ -749,6 +754,14 @@ impl Hub {
                     .iter()
                     .take(records::MAX_PROBLEMS)
                     .map(records::ProblemRecord::from)
+                    .collect();
+            }
+            if let Some(routes) = &p.routes {
+                new_record.routes = routes
+                    .items
+                    .iter()
+                    .take(records::MAX_ROUTES)
+                    .map(records::RouteRecord::from)
                     .collect();
             }
             new_record.published_version = p.version;

@@ -4,9 +4,7 @@
 //! `fedmesh status` prints. A service whose plain-text share has stayed at 0 can be switched to
 //! STRICT. (With several hub replicas, each knows the clusters connected to it.)
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -16,13 +14,17 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::admin::AdminState;
+use super::reports::LatestReports;
 
 /// How long a cluster's report counts.
 pub const REPORT_TTL: Duration = Duration::from_secs(15);
 
-#[derive(Default)]
-pub struct PlaintextShares {
-    reports: Mutex<BTreeMap<ClusterName, (pb::PeerTraffic, Instant)>>,
+pub struct PlaintextShares(LatestReports<pb::PeerTraffic>);
+
+impl Default for PlaintextShares {
+    fn default() -> Self {
+        Self(LatestReports::new(REPORT_TTL))
+    }
 }
 
 /// A PERMISSIVE service in one cluster, and what reaches it.
@@ -39,24 +41,21 @@ pub struct PlaintextStatus {
 
 impl PlaintextShares {
     pub fn record(&self, cluster: &ClusterName, t: pb::PeerTraffic) {
-        self.reports
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(cluster.clone(), (t, Instant::now()));
+        self.0.record(cluster, t);
     }
 
     /// Every service of the clusters that reported lately, by cluster and service.
     pub fn current(&self) -> Vec<PlaintextStatus> {
-        let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
-        reports.retain(|_, (_, at)| at.elapsed() < REPORT_TTL);
-        let mut out: Vec<PlaintextStatus> = reports
-            .iter()
-            .flat_map(|(cluster, (t, _))| {
-                t.services.iter().map(move |s| {
+        let mut out: Vec<PlaintextStatus> = self
+            .0
+            .current()
+            .into_iter()
+            .flat_map(|(cluster, t, _)| {
+                t.services.into_iter().map(move |s| {
                     let total = s.mtls_per_second + s.plaintext_per_second;
                     PlaintextStatus {
                         cluster: cluster.to_string(),
-                        service: s.service.clone(),
+                        service: s.service,
                         mtls_per_second: s.mtls_per_second,
                         plaintext_per_second: s.plaintext_per_second,
                         plaintext_share: if total > 0.0 {

@@ -4,9 +4,7 @@
 //! `/api/v1/proxies`, which `fedmesh proxy-status` prints. (With several hub replicas, each knows
 //! the clusters connected to it.)
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -16,14 +14,18 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::admin::AdminState;
+use super::reports::LatestReports;
 use crate::control_plane::proxies::ProxyView;
 
 /// How long a cluster's report counts (control planes send theirs at least every 10 s).
 pub const REPORT_TTL: Duration = Duration::from_secs(30);
 
-#[derive(Default)]
-pub struct ProxyReports {
-    reports: Mutex<BTreeMap<ClusterName, (pb::ProxyReport, Instant)>>,
+pub struct ProxyReports(LatestReports<pb::ProxyReport>);
+
+impl Default for ProxyReports {
+    fn default() -> Self {
+        Self(LatestReports::new(REPORT_TTL))
+    }
 }
 
 /// One sidecar or gateway, as its control plane last reported it.
@@ -84,27 +86,26 @@ impl ProxyStatus {
 
 impl ProxyReports {
     pub fn record(&self, cluster: &ClusterName, r: pb::ProxyReport) {
-        self.reports
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(cluster.clone(), (r, Instant::now()));
+        self.0.record(cluster, r);
     }
 
     /// The proxies of the clusters that reported lately, by cluster and identity.
     pub fn current(&self) -> Vec<ProxyStatus> {
-        let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
-        reports.retain(|_, (_, at)| at.elapsed() < REPORT_TTL);
-        reports
-            .iter()
-            .flat_map(|(cluster, (r, at))| {
-                r.proxies.iter().map(move |p| {
-                    ProxyStatus::new(
-                        cluster.as_str(),
-                        r.config_version,
-                        ProxyView::from_pb(p),
-                        at.elapsed().as_secs(),
-                    )
-                })
+        self.0
+            .current()
+            .into_iter()
+            .flat_map(|(cluster, r, age)| {
+                r.proxies
+                    .iter()
+                    .map(|p| {
+                        ProxyStatus::new(
+                            cluster.as_str(),
+                            r.config_version,
+                            ProxyView::from_pb(p),
+                            age.as_secs(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
             })
             .collect()
     }

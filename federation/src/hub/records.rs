@@ -71,6 +71,53 @@ pub struct ClusterRecord {
     /// The cluster's routes and policies it could not fully accept (as it reported them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<ProblemRecord>,
+    /// The routes in force in the cluster, rule by rule (as it reported them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteRecord>,
+}
+
+/// One rule of a route in force in a cluster: which service it binds, what it matches and where
+/// it sends requests, with weights.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteRecord {
+    pub service: String,
+    pub source: String,
+    pub matches: String,
+    pub backends: Vec<(String, u32, bool)>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub consumer_namespace: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub invalid: String,
+}
+
+/// At most this many route rules are kept per cluster.
+pub const MAX_ROUTES: usize = 500;
+
+impl From<&fedmesh_api::pb::federation::RouteSummary> for RouteRecord {
+    fn from(r: &fedmesh_api::pb::federation::RouteSummary) -> Self {
+        Self {
+            service: cut(&r.service, 256),
+            source: cut(&r.source, 300),
+            matches: cut(&r.matches, 512),
+            backends: r
+                .backends
+                .iter()
+                .take(32)
+                .map(|b| (cut(&b.name, 300), b.weight, b.unresolved))
+                .collect(),
+            consumer_namespace: cut(&r.consumer_namespace, 64),
+            invalid: cut(&r.invalid, MAX_PROBLEM_MESSAGE),
+        }
+    }
+}
+
+/// `s` cut to at most `n` bytes, on a character boundary.
+fn cut(s: &str, n: usize) -> String {
+    let mut end = s.len().min(n);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
 }
 
 /// A route or policy a cluster could not fully accept, and why (its status condition).
@@ -92,13 +139,6 @@ pub const MAX_PROBLEM_MESSAGE: usize = 1024;
 
 impl From<&fedmesh_api::pb::federation::ObjectProblem> for ProblemRecord {
     fn from(p: &fedmesh_api::pb::federation::ObjectProblem) -> Self {
-        let cut = |s: &str, n: usize| {
-            let mut end = s.len().min(n);
-            while !s.is_char_boundary(end) {
-                end -= 1;
-            }
-            s[..end].to_string()
-        };
         Self {
             kind: cut(&p.kind, 32),
             name: cut(&p.name, 256),

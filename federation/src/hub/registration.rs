@@ -165,6 +165,7 @@ impl Hub {
                     published_version: 0,
                     identity_serials: vec![serial],
                     problems: vec![],
+                    routes: vec![],
                 }
             }
         };

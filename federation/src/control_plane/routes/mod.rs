@@ -28,10 +28,12 @@ use super::source::LocalObjects;
 use super::state::ClusterSet;
 
 mod matches;
+mod summary;
 use matches::{
     first_by_name, grpc_precedence, header_modifier, http_match, is_core, path_modifier,
     precedence, value_match,
 };
+pub use summary::summaries;
 
 /// One condition of a route's status for a parent.
 #[derive(Clone, Debug, PartialEq, Eq)]
