@@ -349,3 +349,69 @@ fn the_kind_manifests_give_each_component_what_it_uses_and_a_missing_permission_
     assert_eq!(si["spec"]["ports"][0]["port"], 7000);
     west.terminate(Duration::from_secs(10));
 }
+
+/// `fedmesh check --pre` against a real API server: before fedmesh's CRDs are installed it fails
+/// naming each and the command that installs them; once they are, it passes (the Gateway API
+/// CRDs, which fedmesh reads when present, only warn).
+#[test]
+fn check_pre_flight_names_the_missing_crds_and_passes_once_they_are_installed() {
+    let Some(api) = KubeApiServer::start() else {
+        return;
+    };
+    let check = || {
+        let out = std::process::Command::new(fedmesh_bin())
+            .args(["check", "--pre"])
+            .env("KUBECONFIG", &api.admin_kubeconfig)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, out) = check();
+    eprintln!("before the CRDs:\n{out}");
+    assert!(!ok, "{out}");
+    assert!(out.contains("answers"), "the API server's version: {out}");
+    for crd in [
+        "serviceexports.multicluster.x-k8s.io",
+        "serviceimports.multicluster.x-k8s.io",
+    ] {
+        assert!(
+            out.contains(&format!("FAIL CRD {crd} is not installed")),
+            "{crd}: {out}"
+        );
+    }
+    // The control plane reads no policies when their CRDs are missing: a warning.
+    assert!(
+        out.contains(
+            "warn CRD trafficpolicies.fedmesh.io is not installed: no TrafficPolicy can be created"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("→ kubectl apply -k deploy/multicluster/base/crds "),
+        "{out}"
+    );
+    // The command the hint names, as written.
+    let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/multicluster/base/crds");
+    api.kubectl_ok(&["apply", "-k", crds], None);
+    api.wait_crds_established();
+    let (ok, out) = check();
+    eprintln!("after:\n{out}");
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("ok   CRD serviceexports.multicluster.x-k8s.io serves v1alpha1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warn CRD httproutes.gateway.networking.k8s.io is not installed: no HTTPRoute can be created"),
+        "{out}"
+    );
+    assert!(out.contains("0 failed"), "{out}");
+}

@@ -25,8 +25,8 @@ pub struct CheckArgs {
     /// installed and serving the versions fedmesh reads.
     #[arg(long)]
     kubernetes: bool,
-    /// Pre-flight only: the hub's admin API (and, with --kubernetes, the CRDs), before any
-    /// cluster has joined.
+    /// Pre-flight only, before installing: the Kubernetes cluster of the current kubeconfig
+    /// context (reachable, its version, fedmesh's CRDs); the hub is not asked.
     #[arg(long)]
     pre: bool,
     /// How long changes in flight — a view a cluster has not acknowledged yet, an update a proxy
@@ -106,10 +106,12 @@ struct Seen {
 
 pub async fn run(a: CheckArgs) -> anyhow::Result<()> {
     let mut checks = Vec::new();
-    if a.kubernetes {
+    if a.kubernetes || a.pre {
         checks.extend(kubernetes_checks().await);
     }
-    checks.extend(live_checks(&a).await);
+    if !a.pre {
+        checks.extend(live_checks(&a).await);
+    }
     let failed = checks.iter().filter(|c| c.status == Verdict::Fail).count();
     let warned = checks.iter().filter(|c| c.status == Verdict::Warn).count();
     if !print_doc(
@@ -164,7 +166,7 @@ async fn live_checks(a: &CheckArgs) -> Vec<Check> {
                 return hub.list;
             }
         };
-        let judged = judge(&seen, &a.admin.url, a.pre);
+        let judged = judge(&seen, &a.admin.url);
         if !judged.unsettled || Instant::now() >= deadline {
             return judged.list;
         }
@@ -172,7 +174,7 @@ async fn live_checks(a: &CheckArgs) -> Vec<Check> {
     }
 }
 
-fn judge(seen: &Seen, url: &str, pre: bool) -> Checks {
+fn judge(seen: &Seen, url: &str) -> Checks {
     let mut c = Checks::default();
     let view = seen
         .clusters
@@ -188,9 +190,6 @@ fn judge(seen: &Seen, url: &str, pre: bool) -> Checks {
             seen.services.len()
         ),
     );
-    if pre {
-        return c;
-    }
     clusters(&mut c, seen);
     trust(&mut c, seen);
     gateways(&mut c, seen);
@@ -464,29 +463,44 @@ async fn kubernetes_checks() -> Vec<Check> {
             return c.list;
         }
     };
-    // (CRD name, version fedmesh reads, required: the routes are optional)
-    let wanted: Vec<(String, String, bool)> = vec![
+    // (CRD name, version fedmesh reads, kind, required): the control plane reads the policies
+    // and routes when their CRDs exist and none when they do not; the MCS ones it needs.
+    let wanted: Vec<(String, String, String, bool)> = vec![
         crd::<fedmesh_api::mcs::ServiceExport>(true),
         crd::<fedmesh_api::mcs::ServiceImport>(true),
-        crd::<fedmesh_api::policy::TrafficPolicy>(true),
-        crd::<fedmesh_api::authz::AuthorizationPolicy>(true),
-        crd::<fedmesh_api::authn::PeerAuthentication>(true),
-        crd::<fedmesh_api::authn::RequestAuthentication>(true),
-        crd::<fedmesh_api::federation::FederatedTrustDomain>(true),
+        crd::<fedmesh_api::policy::TrafficPolicy>(false),
+        crd::<fedmesh_api::authz::AuthorizationPolicy>(false),
+        crd::<fedmesh_api::authn::PeerAuthentication>(false),
+        crd::<fedmesh_api::authn::RequestAuthentication>(false),
+        crd::<fedmesh_api::federation::FederatedTrustDomain>(false),
         crd::<fedmesh_api::gateway::HTTPRoute>(false),
         crd::<fedmesh_api::gateway::GRPCRoute>(false),
     ];
     fn crd<K: CustomResourceExt + Resource<DynamicType = ()>>(
         required: bool,
-    ) -> (String, String, bool) {
+    ) -> (String, String, String, bool) {
         (
             K::crd_name().to_string(),
             K::version(&()).to_string(),
+            K::kind(&()).to_string(),
             required,
         )
     }
+    match client.apiserver_version().await {
+        Err(e) => {
+            c.fail(
+                S,
+                format!("the Kubernetes API of the current kubeconfig context did not answer: {e}"),
+                "kubectl cluster-info (KUBECONFIG, --context)".into(),
+            );
+            return c.list;
+        }
+        Ok(v) => c.ok(S, format!("Kubernetes {} answers", v.git_version)),
+    }
     let api: kube::Api<CustomResourceDefinition> = kube::Api::all(client);
-    for (name, version, required) in wanted {
+    const INSTALL: &str =
+        "kubectl apply -k deploy/multicluster/base/crds (or: fedmesh crds | kubectl apply -f -)";
+    for (name, version, kind, required) in wanted {
         match api.get_opt(&name).await {
             Err(e) => {
                 c.fail(S, format!("cannot read CRD {name}: {e}"), "kubectl auth can-i get customresourcedefinitions".into());
@@ -494,12 +508,17 @@ async fn kubernetes_checks() -> Vec<Check> {
             Ok(None) if required => c.fail(
                 S,
                 format!("CRD {name} is not installed"),
-                "kubectl apply -f deploy/multicluster/base/crds/ (the MCS ones alone: fedmesh crds | kubectl apply -f -)".into(),
+                INSTALL.into(),
+            ),
+            Ok(None) if name.ends_with(fedmesh_api::gateway::GROUP) => c.warn(
+                S,
+                format!("CRD {name} is not installed: no {kind} can be created, the control plane reads none"),
+                "install the Gateway API CRDs (standard channel) to route with them",
             ),
             Ok(None) => c.warn(
                 S,
-                format!("CRD {name} is not installed: HTTPRoutes and GRPCRoutes are not read"),
-                "install the Gateway API CRDs (standard channel) to route with them",
+                format!("CRD {name} is not installed: no {kind} can be created, the control plane reads none"),
+                INSTALL,
             ),
             Ok(Some(d)) => {
                 let served: Vec<&str> = d
@@ -515,7 +534,7 @@ async fn kubernetes_checks() -> Vec<Check> {
                     c.fail(
                         S,
                         format!("CRD {name} serves {} but fedmesh reads {version}", served.join(", ")),
-                        "kubectl apply -f deploy/multicluster/base/crds/ (this fedmesh's CRDs)".into(),
+                        INSTALL.into(),
                     );
                 }
             }
