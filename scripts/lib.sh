@@ -27,10 +27,10 @@ need_build_tools() {
   fi
 }
 
-# A Python with the PyPI `spiffe` client, PyJWT and h2, in a venv under target/ (exported as
-# FEDMESH_PYTHON).
+# A Python with the PyPI `spiffe` client, PyJWT, h2 and schemathesis, in a venv under target/
+# (exported as FEDMESH_PYTHON).
 need_python_spiffe() {
-  if python3 -c 'import spiffe, jwt, cryptography, h2' 2>/dev/null; then
+  if python3 -c 'import spiffe, jwt, cryptography, h2, schemathesis' 2>/dev/null; then
     FEDMESH_PYTHON=$(command -v python3)
   else
     local venv=target/py-venv
@@ -38,9 +38,11 @@ need_python_spiffe() {
       python3 -m venv "$venv" 2>/dev/null || { apt_need python3-venv; python3 -m venv "$venv"; }
     fi
     # PyJWT (with cryptography) signs the tokens of the request-authentication tests; h2 lets a
-    # workload outside the mesh speak HTTP/2 to a sidecar (the SPIRE federation tests).
-    "$venv/bin/python" -c 'import spiffe, jwt, cryptography, h2' 2>/dev/null \
-      || "$venv/bin/pip" install --quiet 'spiffe==0.3.2' 'PyJWT[crypto]==2.15.1' 'h2==4.3.0'
+    # workload outside the mesh speak HTTP/2 to a sidecar (the SPIRE federation tests);
+    # schemathesis holds the hub's admin API to its OpenAPI document.
+    "$venv/bin/python" -c 'import spiffe, jwt, cryptography, h2, schemathesis' 2>/dev/null \
+      || "$venv/bin/pip" install --quiet 'spiffe==0.3.2' 'PyJWT[crypto]==2.15.1' 'h2==4.3.0' \
+        'schemathesis==4.32.5'
     FEDMESH_PYTHON=$PWD/$venv/bin/python
   fi
   export FEDMESH_PYTHON

@@ -28,9 +28,9 @@ pub struct TracesArgs {
     /// Only traces lasting at least this long (e.g. 100ms).
     #[arg(long, value_parser = parse_duration)]
     min_duration: Option<Duration>,
-    /// At most this many, newest first.
-    #[arg(long, default_value_t = 20)]
-    limit: usize,
+    /// At most this many, newest first (1 to 1000).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    limit: u16,
     #[command(flatten)]
     admin: AdminArgs,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
@@ -59,7 +59,7 @@ pub async fn traces(a: TracesArgs) -> anyhow::Result<()> {
         error: a.errors.then_some(true),
         min_duration_ms: a.min_duration.map(|d| d.as_millis() as u64),
         since_unix_ms: None,
-        limit: Some(a.limit),
+        limit: Some(usize::from(a.limit)),
     };
     let found = client.traces(&q).await?;
     if print_doc(a.output, &serde_json::to_value(&found)?)? {

@@ -67,6 +67,7 @@ pub struct AdminTokenView {
 #[serde(deny_unknown_fields)]
 pub struct AdminTokenRequest {
     /// Lower-case letters, digits and '-', at most 63 (e.g. `ci-readonly`).
+    #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub name: String,
     pub role: Role,
 }
@@ -144,7 +145,7 @@ pub async fn authenticate(db: &dyn KvStore, presented: &str) -> Option<(String, 
 }
 
 #[utoipa::path(post, path = "/api/v1/admin-tokens", request_body = AdminTokenRequest,
-    responses((status = 201, body = AdminTokenResponse),
+    responses((status = 201, description = "The token (shown once): give it to the tool that uses it", body = AdminTokenResponse),
               (status = 400, description = "an invalid name, or a body that is not JSON", body = ErrorBody),
               (status = 403, description = "a read-only token", body = ErrorBody),
               (status = 409, description = "a token of that name exists", body = ErrorBody),
@@ -203,7 +204,8 @@ pub async fn create_admin_token(
 }
 
 #[utoipa::path(get, path = "/api/v1/admin-tokens",
-    responses((status = 200, body = [AdminTokenView]), (status = 403, body = ErrorBody)))]
+    responses((status = 200, description = "Every named admin token: name, role, creation time (never the secret)", body = [AdminTokenView]),
+        (status = 403, description = "A read-only token may not list tokens", body = ErrorBody)))]
 pub async fn list_admin_tokens(State(s): State<AdminState>) -> Response {
     match s.hub.store().list(ADMIN_TOKENS).await {
         Ok((kvs, _)) => Json(
@@ -259,8 +261,11 @@ async fn revoke(
     }
 }
 
-#[utoipa::path(delete, path = "/api/v1/admin-tokens/{name}", params(("name" = String, Path)),
-    responses((status = 200, body = Revoked), (status = 404, body = ErrorBody), (status = 403, body = ErrorBody)))]
+#[utoipa::path(delete, path = "/api/v1/admin-tokens/{name}",
+    params(("name" = String, Path, description = "The token's name", pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")),
+    responses((status = 200, description = "Revoked: it no longer authenticates", body = Revoked),
+        (status = 404, description = "No admin token of that name", body = ErrorBody),
+        (status = 403, description = "A read-only token may not revoke tokens", body = ErrorBody)))]
 pub async fn revoke_admin_token(
     State(s): State<AdminState>,
     Extension(actor): Extension<Actor>,
@@ -284,7 +289,8 @@ pub async fn revoke_admin_token(
 }
 
 #[utoipa::path(get, path = "/api/v1/tokens",
-    responses((status = 200, body = [JoinTokenView]), (status = 403, body = ErrorBody)))]
+    responses((status = 200, description = "Every join token: ID, cluster, trust domain, expiry and state (never the secret)", body = [JoinTokenView]),
+        (status = 403, description = "A read-only token may not list join tokens", body = ErrorBody)))]
 pub async fn list_join_tokens(State(s): State<AdminState>) -> Response {
     let now = now_unix();
     match s.hub.store().list(TOKENS).await {
@@ -313,9 +319,11 @@ pub async fn list_join_tokens(State(s): State<AdminState>) -> Response {
     }
 }
 
-#[utoipa::path(delete, path = "/api/v1/tokens/{id}", params(("id" = String, Path)),
-    responses((status = 200, body = Revoked), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 403, body = ErrorBody)))]
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}",
+    params(("id" = String, Path, description = "The token's ID: the hex after `fmj1.`, as the list shows", pattern = r"^[0-9a-fA-F]+$")),
+    responses((status = 200, description = "Revoked: it can no longer join", body = Revoked),
+        (status = 404, description = "No join token with that ID", body = ErrorBody),
+        (status = 403, description = "A read-only token may not revoke join tokens", body = ErrorBody)))]
 pub async fn revoke_join_token(
     State(s): State<AdminState>,
     Extension(actor): Extension<Actor>,

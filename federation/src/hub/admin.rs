@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -142,10 +142,17 @@ pub const MAX_JOIN_TOKEN_TTL: std::time::Duration = std::time::Duration::from_se
 #[derive(Serialize, Deserialize, ToSchema, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
+    /// The cluster's name (a DNS label).
+    #[schema(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     pub cluster: String,
-    /// The trust domain the cluster registers with; the token registers this one and no other.
+    /// The trust domain the cluster registers with; the token registers this one and no other
+    /// (not the hub's own).
+    #[schema(pattern = r"^(spiffe://)?[a-z0-9._-]{1,255}$")]
     pub trust_domain: String,
-    /// Lifetime, e.g. `1h` (default: the hub's --token-ttl).
+    /// Lifetime, 1s to 7 days, e.g. `1h` (default: the hub's --token-ttl).
+    #[schema(
+        pattern = r"^([1-9][0-9]{0,4}s|[1-9][0-9]{0,3}m|([1-9][0-9]?|1[0-5][0-9]|16[0-8])h|[1-7]d)$"
+    )]
     pub ttl: Option<String>,
 }
 
@@ -172,9 +179,66 @@ pub struct ErrorBody {
     info(title = "fedmesh hub admin API", version = "v1", description = "Clusters, exported services, bundles, join tokens, the audit log and recent traces of a fedmesh clusterset."),
     paths(list_clusters, remove_cluster, cluster_imports, withdraw_export, list_services, list_bundles, super::explain::explain, create_token, super::access::list_join_tokens, super::access::revoke_join_token, super::access::create_admin_token, super::access::list_admin_tokens, super::access::revoke_admin_token, audit_log, super::traces::api::list_traces, super::traces::api::get_trace, super::traces::api::get_skew, super::traces::api::get_graph, super::plaintext::list_plaintext, super::proxies::list_proxies, super::gateways::list_gateways),
     components(schemas(ClusterStatus, ServiceStatus, ExporterStatus, PortStatus, ConflictStatus, BundleStatus, Explanation, ExplainStep, TokenRequest, TokenResponse, super::access::Role, super::access::AdminTokenRequest, super::access::AdminTokenResponse, super::access::AdminTokenView, super::access::JoinTokenView, super::access::Revoked, ErrorBody, AuditRecord, super::traces::SpanView, super::traces::TraceSummary, super::traces::skew::ClockSkew, super::traces::skew::ClusterOffset, super::traces::graph::Graph, super::traces::graph::GraphNode, super::traces::graph::GraphEdge, super::plaintext::PlaintextStatus, super::proxies::ProxyStatus, super::gateways::GatewayStatus)),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &CommonResponses)
 )]
 pub struct ApiDoc;
+
+/// The answers every operation can give, whatever it does: 401 (no admin token, or a wrong
+/// one), 403 (a read-only token where an admin one is needed, or a client certificate whose ID
+/// the hub does not list), and 400 for an operation that takes parameters (one that does not
+/// parse, or is outside its range). All are JSON `{"error", "hint"}`.
+struct CommonResponses;
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let responses = &mut op.responses.responses;
+                let mut add = |status: &str, description: &str| {
+                    responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| error(description).into());
+                };
+                add(
+                    "401",
+                    "No admin token (`Authorization: Bearer ...`), or a wrong one",
+                );
+                add(
+                    "403",
+                    "A read-only token where an admin one is needed, or a client certificate whose SPIFFE ID is not an admin ID of this hub",
+                );
+                if op.parameters.as_ref().is_some_and(|p| !p.is_empty())
+                    || op.request_body.is_some()
+                {
+                    add(
+                        "400",
+                        "A parameter or body that does not parse, or a value out of its range (the error says which)",
+                    );
+                }
+            }
+        }
+    }
+}
 
 struct BearerAuth;
 impl utoipa::Modify for BearerAuth {
@@ -419,13 +483,15 @@ pub fn cluster_statuses(hub: &Hub) -> Vec<ClusterStatus> {
         .collect()
 }
 
-#[utoipa::path(get, path = "/api/v1/clusters", responses((status = 200, body = [ClusterStatus])))]
+#[utoipa::path(get, path = "/api/v1/clusters",
+    responses((status = 200, description = "Every cluster that joined: its trust domain, region, gateways, whether it is connected, stale or expired, and the view version it applied", body = [ClusterStatus])))]
 async fn list_clusters(State(s): State<AdminState>) -> Json<Vec<ClusterStatus>> {
     Json(cluster_statuses(&s.hub))
 }
 
-#[utoipa::path(delete, path = "/api/v1/clusters/{name}", params(("name" = String, Path)),
-    responses((status = 204), (status = 404, body = ErrorBody)))]
+#[utoipa::path(delete, path = "/api/v1/clusters/{name}", params(("name" = String, Path, description = "The cluster's name (a DNS label)", pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")),
+    responses((status = 204, description = "Removed: its exports are withdrawn and its bundle leaves every other cluster"),
+        (status = 404, description = "No cluster of that name joined", body = ErrorBody)))]
 async fn remove_cluster(
     State(s): State<AdminState>,
     Extension(actor): Extension<Actor>,
@@ -451,8 +517,11 @@ async fn remove_cluster(
 }
 
 #[utoipa::path(delete, path = "/api/v1/clusters/{name}/exports/{namespace}/{service}",
-    params(("name" = String, Path), ("namespace" = String, Path), ("service" = String, Path)),
-    responses((status = 204), (status = 404, body = ErrorBody)))]
+    params(("name" = String, Path, description = "The cluster's name (a DNS label)", pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"),
+        ("namespace" = String, Path, description = "The service's namespace (a DNS label)", pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"),
+        ("service" = String, Path, description = "The service's name (a DNS label)", pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")),
+    responses((status = 204, description = "The cluster's export of the service is withdrawn until it publishes it again"),
+        (status = 404, description = "No such cluster, or it does not export the service", body = ErrorBody)))]
 async fn withdraw_export(
     State(s): State<AdminState>,
     Extension(actor): Extension<Actor>,
@@ -539,14 +608,16 @@ fn service_status(hub: &Hub, i: &pb::Import) -> ServiceStatus {
     }
 }
 
-#[utoipa::path(get, path = "/api/v1/services", responses((status = 200, body = [ServiceStatus])))]
+#[utoipa::path(get, path = "/api/v1/services",
+    responses((status = 200, description = "Every exported service of the clusterset (its ServiceImport): type, ports, the clusters exporting it with their endpoints, and conflicts", body = [ServiceStatus])))]
 async fn list_services(State(s): State<AdminState>) -> Json<Vec<ServiceStatus>> {
     let imports: Vec<_> = s.hub.view().imports().cloned().collect();
     Json(imports.iter().map(|i| service_status(&s.hub, i)).collect())
 }
 
-#[utoipa::path(get, path = "/api/v1/clusters/{name}/imports", params(("name" = String, Path)),
-    responses((status = 200, body = [ServiceStatus]), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/clusters/{name}/imports", params(("name" = String, Path, description = "The cluster's name (a DNS label)", pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")),
+    responses((status = 200, description = "The services the cluster imports (every exported service of the clusterset)", body = [ServiceStatus]),
+        (status = 404, description = "No cluster of that name joined", body = ErrorBody)))]
 async fn cluster_imports(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
     let Ok(c) = ClusterName::new(&name) else {
         return error(
@@ -568,7 +639,8 @@ async fn cluster_imports(State(s): State<AdminState>, Path(name): Path<String>) 
     .into_response()
 }
 
-#[utoipa::path(get, path = "/api/v1/bundles", responses((status = 200, body = [BundleStatus])))]
+#[utoipa::path(get, path = "/api/v1/bundles",
+    responses((status = 200, description = "Every cluster's trust bundle the hub holds: sequence and authority counts", body = [BundleStatus])))]
 async fn list_bundles(State(s): State<AdminState>) -> Json<Vec<BundleStatus>> {
     let v = s.hub.view();
     Json(
@@ -598,9 +670,16 @@ async fn list_bundles(State(s): State<AdminState>) -> Json<Vec<BundleStatus>> {
 }
 
 #[utoipa::path(get, path = "/api/v1/audit", params(AuditQuery),
-    responses((status = 200, body = Vec<AuditRecord>), (status = 503, body = ErrorBody)))]
+    responses((status = 200, description = "The records that match, newest first", body = Vec<AuditRecord>),
+        (status = 503, description = "The hub's store is unavailable", body = ErrorBody)))]
 /// The audit log: every change through this API or the federation protocol, newest first.
-async fn audit_log(State(s): State<AdminState>, Query(q): Query<AuditQuery>) -> Response {
+async fn audit_log(
+    State(s): State<AdminState>,
+    super::api_json::ApiQuery(q): super::api_json::ApiQuery<AuditQuery>,
+) -> Response {
+    if let Some(r) = q.refusal() {
+        return r;
+    }
     match s.hub.audit_log(&q).await {
         Ok(records) => Json(records).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -608,7 +687,7 @@ async fn audit_log(State(s): State<AdminState>, Query(q): Query<AuditQuery>) -> 
 }
 
 #[utoipa::path(post, path = "/api/v1/tokens", request_body = TokenRequest,
-    responses((status = 201, body = TokenResponse),
+    responses((status = 201, description = "The join token (shown once) and its expiry", body = TokenResponse),
               (status = 400, description = "an invalid cluster name, trust domain or lifetime, or a body that is not JSON", body = ErrorBody),
               (status = 415, description = "the body is not sent as application/json", body = ErrorBody),
               (status = 422, description = "a field the API does not know, or of the wrong type", body = ErrorBody)))]

@@ -2,8 +2,9 @@
 //! refusals included: a body that is not JSON, a field it does not know, a path or method it
 //! does not serve. Without this, axum answers those in plain text (or with an empty body).
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
@@ -28,6 +29,37 @@ where
             Err(r) => Err(refusal(&r)),
         }
     }
+}
+
+/// Query parameters, refused as JSON when they cannot be read.
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    axum::extract::Query<T>: FromRequestParts<S, Rejection = QueryRejection>,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Self(v)),
+            Err(r) => Err(error_with_hint(
+                StatusCode::BAD_REQUEST,
+                r.body_text(),
+                SCHEMA_HINT,
+            )),
+        }
+    }
+}
+
+/// A query parameter outside its documented range, refused as the schema says.
+pub fn out_of_range(name: &str, value: impl std::fmt::Display, min: u64, max: u64) -> Response {
+    error_with_hint(
+        StatusCode::BAD_REQUEST,
+        format!("{name}={value} is out of range: give {min} to {max}"),
+        SCHEMA_HINT,
+    )
 }
 
 fn refusal(r: &JsonRejection) -> Response {

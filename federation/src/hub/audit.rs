@@ -46,8 +46,18 @@ pub struct AuditRecord {
 pub struct AuditQuery {
     /// Records at or after this time (Unix milliseconds).
     pub since_unix_ms: Option<i64>,
-    /// At most this many, newest first (default 100, at most 10,000).
+    /// At most this many, newest first (default 100, 1 to 10,000).
+    #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<usize>,
+}
+
+impl AuditQuery {
+    /// The answer to a query the schema does not allow, if it is one.
+    pub fn refusal(&self) -> Option<axum::response::Response> {
+        self.limit
+            .filter(|v| !(1..=10_000).contains(v))
+            .map(|v| crate::hub::api_json::out_of_range("limit", v, 1, 10_000))
+    }
 }
 
 /// Keeps keys unique when two records of one replica fall in the same nanosecond.

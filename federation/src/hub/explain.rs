@@ -5,7 +5,7 @@
 //! The first failing step names the broken link; its hint says what to do.
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use fedmesh_api::{ClusterName, ServiceKey};
@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::Hub;
-use super::admin::{AdminState, ErrorBody, error};
+use super::admin::{AdminState, error};
 use super::records::now_ms;
 
 #[derive(Serialize, Deserialize, ToSchema, Debug, Clone, PartialEq)]
@@ -35,18 +35,24 @@ pub struct Explanation {
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ExplainQuery {
-    /// NAMESPACE/NAME
+    /// The service: NAMESPACE/NAME, NAME.NAMESPACE, or its DNS name
+    /// (NAME.NAMESPACE.svc.clusterset.local).
+    #[param(
+        pattern = r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?|[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.svc(\.cluster\.local|\.clusterset\.local)?)?\.*)$"
+    )]
     service: String,
     /// The cluster asking.
+    #[param(pattern = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
     from: String,
 }
 
 #[utoipa::path(get, path = "/api/v1/explain", params(ExplainQuery),
-    responses((status = 200, body = Explanation), (status = 400, body = ErrorBody)))]
+    responses((status = 200, description = "The chain of checks, the first failing one the broken link", body = Explanation)))]
 pub(super) async fn explain(
     State(s): State<AdminState>,
-    Query(q): Query<ExplainQuery>,
+    super::api_json::ApiQuery(q): super::api_json::ApiQuery<ExplainQuery>,
 ) -> Response {
     let service = match ServiceKey::from_user_input(&q.service) {
         Ok(k) => k,

@@ -73,7 +73,8 @@ impl PlaintextShares {
 }
 
 /// The PERMISSIVE services (PeerAuthentication) and how much of their traffic is still plain text.
-#[utoipa::path(get, path = "/api/v1/plaintext", responses((status = 200, body = [PlaintextStatus])))]
+#[utoipa::path(get, path = "/api/v1/plaintext",
+    responses((status = 200, description = "Every PERMISSIVE service by cluster: requests per second with mTLS and in plain text", body = [PlaintextStatus])))]
 pub async fn list_plaintext(State(s): State<AdminState>) -> Json<Vec<PlaintextStatus>> {
     Json(s.hub.plaintext.current())
 }

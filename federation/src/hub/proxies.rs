@@ -113,7 +113,8 @@ impl ProxyReports {
 
 /// Every sidecar and gateway of the clusterset with a configuration stream open, and its sync
 /// state.
-#[utoipa::path(get, path = "/api/v1/proxies", responses((status = 200, body = [ProxyStatus])))]
+#[utoipa::path(get, path = "/api/v1/proxies",
+    responses((status = 200, description = "Every sidecar and gateway with a configuration stream open, as its control plane last reported it", body = [ProxyStatus])))]
 pub async fn list_proxies(State(s): State<AdminState>) -> Json<Vec<ProxyStatus>> {
     Json(s.hub.proxies.current())
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -13,6 +13,7 @@ use super::graph::Graph;
 use super::skew::{self, ClockSkew};
 use super::{SpanView, TraceQuery, TraceSummary};
 use crate::hub::admin::{AdminState, ErrorBody, error};
+use crate::hub::api_json::{ApiQuery, out_of_range};
 
 /// Recent traces, newest first.
 #[utoipa::path(get, path = "/api/v1/traces", params(TraceQuery),
@@ -20,15 +21,18 @@ use crate::hub::admin::{AdminState, ErrorBody, error};
         (status = 400, description = "A malformed parameter", body = ErrorBody)))]
 pub async fn list_traces(
     State(s): State<AdminState>,
-    Query(q): Query<TraceQuery>,
-) -> Json<Vec<TraceSummary>> {
-    Json(s.hub.traces.search(&q))
+    ApiQuery(q): ApiQuery<TraceQuery>,
+) -> Response {
+    if let Some(r) = q.refusal() {
+        return r;
+    }
+    Json(s.hub.traces.search(&q)).into_response()
 }
 
 /// One trace's spans, in start order, as the clusters' clocks recorded them, with the spans of
 /// other traces its spans link to (a pooled connection's gateway admission; its `trace_id`
 /// says it belongs elsewhere).
-#[utoipa::path(get, path = "/api/v1/traces/{id}", params(("id" = String, Path, description = "32 hex digits")),
+#[utoipa::path(get, path = "/api/v1/traces/{id}", params(("id" = String, Path, description = "The trace ID: 32 hex digits", pattern = r"^[0-9a-fA-F]{32}$")),
     responses((status = 200, description = "The trace's spans", body = [SpanView]),
         (status = 400, description = "Not a trace ID", body = ErrorBody),
         (status = 404, description = "Not in the window (never seen, or aged out)", body = ErrorBody)))]
@@ -42,7 +46,7 @@ pub async fn get_trace(State(s): State<AdminState>, Path(id): Path<String>) -> R
 /// How far each cluster's clock runs ahead of the one where the trace started, estimated from
 /// the trace's client/server span pairs that cross clusters. A span's start on the reference
 /// clock is its start minus its cluster's offset.
-#[utoipa::path(get, path = "/api/v1/traces/{id}/skew", params(("id" = String, Path, description = "32 hex digits")),
+#[utoipa::path(get, path = "/api/v1/traces/{id}/skew", params(("id" = String, Path, description = "The trace ID: 32 hex digits", pattern = r"^[0-9a-fA-F]{32}$")),
     responses((status = 200, description = "The clusters' estimated clock offsets", body = ClockSkew),
         (status = 400, description = "Not a trace ID", body = ErrorBody),
         (status = 404, description = "Not in the window (never seen, or aged out)", body = ErrorBody)))]
@@ -77,6 +81,7 @@ fn spans(s: &AdminState, id: String) -> Result<Vec<SpanView>, (StatusCode, Strin
 pub struct GraphQuery {
     /// Requests of the last this many minutes (default 15, 1 to 1440; the window keeps an
     /// hour by default).
+    #[param(minimum = 1, maximum = 1440)]
     pub minutes: Option<u64>,
 }
 
@@ -87,13 +92,10 @@ pub struct GraphQuery {
 #[utoipa::path(get, path = "/api/v1/graph", params(GraphQuery),
     responses((status = 200, description = "Nodes and edges of the window", body = Graph),
         (status = 400, description = "A malformed parameter", body = ErrorBody)))]
-pub async fn get_graph(State(s): State<AdminState>, Query(q): Query<GraphQuery>) -> Response {
+pub async fn get_graph(State(s): State<AdminState>, ApiQuery(q): ApiQuery<GraphQuery>) -> Response {
     let minutes = q.minutes.unwrap_or(15);
     if !(1..=1440).contains(&minutes) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("minutes={minutes} is out of range: give 1 to 1440"),
-        );
+        return out_of_range("minutes", minutes, 1, 1440);
     }
     Json(s.hub.traces.graph(Duration::from_secs(minutes * 60))).into_response()
 }

@@ -165,12 +165,32 @@ pub struct TraceQuery {
     pub cluster: Option<String>,
     /// `true`: traces with a failed span; `false`: traces without.
     pub error: Option<bool>,
-    /// Traces lasting at least this long.
+    /// Traces lasting at least this long (at most a day).
+    #[param(minimum = 0, maximum = 86400000)]
     pub min_duration_ms: Option<u64>,
     /// Traces that started at or after this time (Unix milliseconds).
+    #[param(minimum = 0, maximum = 1000000000000000_u64)]
     pub since_unix_ms: Option<u64>,
-    /// At most this many, newest first (default 20, at most 1,000).
+    /// At most this many, newest first (default 20, 1 to 1,000).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
+}
+
+impl TraceQuery {
+    /// The answer to a query the schema does not allow, if it is one.
+    pub fn refusal(&self) -> Option<axum::response::Response> {
+        use crate::hub::api_json::out_of_range;
+        if let Some(v) = self.min_duration_ms.filter(|v| *v > 86_400_000) {
+            return Some(out_of_range("min_duration_ms", v, 0, 86_400_000));
+        }
+        if let Some(v) = self.since_unix_ms.filter(|v| *v > 1_000_000_000_000_000) {
+            return Some(out_of_range("since_unix_ms", v, 0, 1_000_000_000_000_000));
+        }
+        if let Some(v) = self.limit.filter(|v| !(1..=1000).contains(v)) {
+            return Some(out_of_range("limit", v, 1, 1000));
+        }
+        None
+    }
 }
 
 /// What an export did: spans accepted and refused (with the first reason).
