@@ -45,6 +45,11 @@ enum Command {
     ProxyStatus(cmd::proxy_status::ProxyStatusArgs),
     /// Every cluster's east-west gateways as every other cluster reaches them (mTLS probes, latency).
     Gateways(cmd::gateways::GatewaysArgs),
+    /// The clusters of the clusterset: list, link (join in one step), remove.
+    #[command(subcommand)]
+    Cluster(cmd::cluster::ClusterCommand),
+    /// Join a cluster in one step (the same as `fedmesh cluster link`).
+    Link(cmd::cluster::LinkArgs),
     /// Check the clusterset end to end: clusters, trust, gateways, control planes, proxies (exit 1 on a failure).
     Check(cmd::check::CheckArgs),
     /// List the recent traces the hub holds (search by service, cluster, failure, duration).
@@ -110,6 +115,10 @@ fn main() -> std::process::ExitCode {
             Command::ProxyStatus(p) => cmd::proxy_status::run(p).await,
             Command::Gateways(g) => cmd::gateways::run(g).await,
             Command::Check(c) => cmd::check::run(c).await,
+            Command::Cluster(c) => cmd::cluster::run(c).await,
+            Command::Link(l) => {
+                cmd::cluster::run(cmd::cluster::ClusterCommand::Link(Box::new(l))).await
+            }
             Command::Traces(t) => cmd::traces::traces(t).await,
             Command::Trace(t) => cmd::traces::trace(t).await,
             Command::Crds => {
@@ -123,4 +132,15 @@ fn main() -> std::process::ExitCode {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every command's arguments are consistent (no two with one name, ...): clap checks this
+    /// only when a command is used, so check all of them here.
+    #[test]
+    fn every_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -760,3 +760,99 @@ fn each_clusters_agent_serves_its_workloads_every_clusters_bundle() {
         });
     }
 }
+
+/// `fedmesh cluster link` on hosts: one command creates the join token (written 0600, never
+/// printed) and prints the control plane's command line, which — run as printed — joins; `fedmesh
+/// cluster list` shows the cluster and `fedmesh cluster remove` removes it.
+#[test]
+fn cluster_link_prints_the_line_that_joins_and_cluster_list_shows_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path());
+    let token_file = dir.path().join("west.token");
+    std::fs::create_dir_all(dir.path().join("west-src")).unwrap();
+    let cp_port = free_port();
+    let mut args: Vec<String> = [
+        "cluster",
+        "link",
+        "--cluster",
+        "west",
+        "--trust-domain",
+        "west.example",
+        "--hub",
+        &hub.grpc,
+        "--gateway",
+        "127.0.0.1:25443",
+        "--out",
+        token_file.to_str().unwrap(),
+        "--source",
+        &format!("dir:{}", dir.path().join("west-src").display()),
+        "--data-dir",
+        dir.path().join("west").to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(admin_args(&hub));
+    let out = run(&args);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{said}");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert!(token.starts_with("fmj1."), "{token}");
+    assert!(!said.contains(&token), "the token is never printed: {said}");
+    assert_eq!(
+        std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The line to run, as printed.
+    let line = said
+        .lines()
+        .find(|l| l.starts_with("fedmesh control-plane "))
+        .unwrap_or_else(|| panic!("no command printed: {said}"));
+    assert!(line.contains("--join-token-file") && line.contains("--gateway 127.0.0.1:25443"));
+    let mut cp_args: Vec<String> = line.split_whitespace().skip(1).map(String::from).collect();
+    // On loopback ports this test chose (the printed line leaves the listeners at their defaults).
+    cp_args.extend([
+        "--listen".into(),
+        format!("127.0.0.1:{cp_port}"),
+        "--dns-listen".into(),
+        format!("127.0.0.1:{}", free_port()),
+    ]);
+    let cp_args: Vec<&str> = cp_args.iter().map(String::as_str).collect();
+    let _cp = Proc::start("west-cp", &cp_args, dir.path());
+    let list = || {
+        let mut a = vec!["cluster".to_string(), "list".into()];
+        a.extend(admin_args(&hub));
+        String::from_utf8_lossy(&run(&a).stdout).into_owned()
+    };
+    wait_until("west joined and connected", Duration::from_secs(30), || {
+        list()
+            .lines()
+            .any(|l| l.starts_with("west ") && l.contains("connected"))
+    });
+    let table = list();
+    assert!(table.starts_with("CLUSTER"), "{table}");
+    assert!(table.contains("127.0.0.1:25443"), "{table}");
+    // Again: the token file exists, nothing is created.
+    let again = run(&args);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("exists already"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let mut rm = vec!["cluster".to_string(), "remove".into(), "west".into()];
+    rm.extend(admin_args(&hub));
+    let out = run(&rm);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!list().contains("west "), "{}", list());
+}

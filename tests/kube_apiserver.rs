@@ -415,3 +415,95 @@ fn check_pre_flight_names_the_missing_crds_and_passes_once_they_are_installed() 
     );
     assert!(out.contains("0 failed"), "{out}");
 }
+
+/// `fedmesh cluster link --kubernetes` against a real API server: one command creates the join
+/// token on the hub and writes the Secret and ConfigMap the control plane's manifest reads (the
+/// namespace too); a second link of the same cluster is refused before any token is made.
+#[test]
+fn cluster_link_writes_the_secret_and_configmap_the_control_plane_reads() {
+    let Some(api) = KubeApiServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start_hub(dir.path());
+    let link = || {
+        let mut args: Vec<String> = [
+            "cluster",
+            "link",
+            "--kubernetes",
+            "--cluster",
+            "west",
+            "--trust-domain",
+            "west.example",
+            "--hub",
+            "hub.example:7443",
+            "--gateway",
+            "172.18.0.3:30443",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(admin_args(&hub));
+        let out = std::process::Command::new(fedmesh_bin())
+            .args(&args)
+            .env("KUBECONFIG", &api.admin_kubeconfig)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, said) = link();
+    eprintln!("{said}");
+    assert!(ok, "{said}");
+    assert!(
+        said.contains("linked west (west.example): wrote secret fedmesh-system/fedmesh-join-token"),
+        "{said}"
+    );
+    let secret = api
+        .get("secret", "fedmesh-system", "fedmesh-join-token")
+        .unwrap();
+    let token = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        secret["data"]["token"].as_str().unwrap(),
+    )
+    .unwrap();
+    let token = String::from_utf8(token).unwrap();
+    assert!(token.starts_with("fmj1."), "{token}");
+    assert!(!said.contains(&token), "the token is never printed");
+    let cm = api
+        .get("configmap", "fedmesh-system", "fedmesh-federation")
+        .unwrap();
+    assert_eq!(cm["data"]["hub"], "hub.example:7443", "{cm}");
+    assert_eq!(cm["data"]["gateway"], "172.18.0.3:30443", "{cm}");
+    // The hub knows the token: for west, not used yet.
+    let mut list = vec![
+        "hub".to_string(),
+        "token".into(),
+        "list".into(),
+        "-o".into(),
+        "json".into(),
+    ];
+    list.extend(admin_args(&hub));
+    let out = run(&list);
+    let tokens: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(tokens.as_array().unwrap().len(), 1, "{tokens}");
+    assert_eq!(tokens[0]["cluster"], "west", "{tokens}");
+    // Linked already: refused, and no second token made.
+    let (ok, said) = link();
+    assert!(!ok, "{said}");
+    assert!(said.contains("exists already"), "{said}");
+    let out = run(&list);
+    let tokens: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        tokens.as_array().unwrap().len(),
+        1,
+        "no second token: {tokens}"
+    );
+}

@@ -32,21 +32,9 @@ enum HubCommand {
     /// Manage named admin tokens with a role (read-only or admin).
     #[command(subcommand)]
     AdminToken(AdminTokenCommand),
-    /// Manage the clusters of the clusterset.
+    /// Manage the clusters of the clusterset (the same as `fedmesh cluster`).
     #[command(subcommand)]
-    Cluster(ClusterCommand),
-}
-
-#[derive(Subcommand)]
-enum ClusterCommand {
-    /// Remove a cluster from the clusterset: its exports are withdrawn and its trust bundle
-    /// leaves every other cluster, so its workloads can no longer open connections into them.
-    /// It may join again only with a new join token.
-    Remove {
-        name: String,
-        #[command(flatten)]
-        admin: AdminArgs,
-    },
+    Cluster(super::cluster::ClusterCommand),
 }
 
 #[derive(Subcommand)]
@@ -397,14 +385,7 @@ pub async fn run(args: HubArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Some(HubCommand::AdminToken(c)) => admin_token_command(c).await,
-        Some(HubCommand::Cluster(ClusterCommand::Remove { name, admin })) => {
-            ClusterName::new(&name).with_context(|| format!("{name:?} is not a cluster name"))?;
-            admin.client()?.remove_cluster(&name).await?;
-            println!(
-                "removed cluster {name}: its exports are withdrawn and the other clusters stop trusting its identities"
-            );
-            Ok(())
-        }
+        Some(HubCommand::Cluster(c)) => super::cluster::run(c).await,
         None => serve(args.run).await,
     }
 }

@@ -2,6 +2,7 @@ pub mod agent;
 pub mod bench;
 pub mod ca;
 pub mod check;
+pub mod cluster;
 pub mod control_plane;
 pub mod demo;
 pub mod gateways;

@@ -88,55 +88,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     )? {
         return Ok(());
     }
-    let mut t = table(&[
-        "CLUSTER",
-        "TRUST DOMAIN",
-        "REGION",
-        "STATE",
-        "LAST SEEN",
-        "EXPORTS",
-        "BUNDLE",
-        "GATEWAYS",
-    ]);
-    for c in &clusters {
-        let (state, col) = if c.expired {
-            ("expired", Color::Red)
-        } else if c.stale {
-            ("stale", Color::Yellow)
-        } else if c.connected {
-            ("connected", Color::Green)
-        } else {
-            ("disconnected", Color::Yellow)
-        };
-        t.add_row(vec![
-            cell(&c.name, None),
-            cell(&c.trust_domain, None),
-            cell(if c.region.is_empty() { "-" } else { &c.region }, None),
-            cell(state, Some(col)),
-            cell(
-                c.seconds_since_seen
-                    .map(|s| format!("{s}s ago"))
-                    .unwrap_or_else(|| "never".into()),
-                None,
-            ),
-            cell(c.exports, None),
-            cell(
-                c.bundle_sequence
-                    .map(|s| format!("seq {s}"))
-                    .unwrap_or_else(|| "missing".into()),
-                None,
-            ),
-            cell(
-                if c.gateways.is_empty() {
-                    "-".into()
-                } else {
-                    c.gateways.join(", ")
-                },
-                None,
-            ),
-        ]);
-    }
-    println!("{t}");
+    clusters_table(&clusters);
     let mut t = table(&[
         "SERVICE",
         "TYPE",
@@ -300,4 +252,57 @@ pub async fn explain(a: ExplainArgs) -> anyhow::Result<()> {
         std::process::exit(2);
     }
     Ok(())
+}
+
+/// The clusters as `fedmesh status` and `fedmesh cluster list` draw them.
+pub(super) fn clusters_table(clusters: &[fedmesh_federation::hub::admin::ClusterStatus]) {
+    let mut t = table(&[
+        "CLUSTER",
+        "TRUST DOMAIN",
+        "REGION",
+        "STATE",
+        "LAST SEEN",
+        "EXPORTS",
+        "BUNDLE",
+        "GATEWAYS",
+    ]);
+    for c in clusters {
+        let (state, col) = if c.expired {
+            ("expired", Color::Red)
+        } else if c.stale {
+            ("stale", Color::Yellow)
+        } else if c.connected {
+            ("connected", Color::Green)
+        } else {
+            ("disconnected", Color::Yellow)
+        };
+        t.add_row(vec![
+            cell(&c.name, None),
+            cell(&c.trust_domain, None),
+            cell(if c.region.is_empty() { "-" } else { &c.region }, None),
+            cell(state, Some(col)),
+            cell(
+                c.seconds_since_seen
+                    .map(|s| format!("{s}s ago"))
+                    .unwrap_or_else(|| "never".into()),
+                None,
+            ),
+            cell(c.exports, None),
+            cell(
+                c.bundle_sequence
+                    .map(|s| format!("seq {s}"))
+                    .unwrap_or_else(|| "missing".into()),
+                None,
+            ),
+            cell(
+                if c.gateways.is_empty() {
+                    "-".into()
+                } else {
+                    c.gateways.join(", ")
+                },
+                None,
+            ),
+        ]);
+    }
+    println!("{t}");
 }
