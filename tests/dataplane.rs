@@ -258,12 +258,12 @@ async fn http1_grpc_and_tcp_cross_clusters_through_the_gateway_with_the_callers_
     // Metrics: requests by source and destination cluster, on both sides; the gateway by SNI.
     let out = frontend.metrics.encode();
     assert!(
-        out.contains(r#"reporter="source",source_cluster="east",destination_cluster="west",destination_service="shop/api",response_code="200""#),
+        out.contains(r#"reporter="source",source_principal="spiffe://east.fedmesh.test/ns/shop/sa/frontend",source_cluster="east",destination_cluster="west",destination_service="shop/api",response_code="200""#),
         "{out}"
     );
     let inbound = api.metrics.encode();
     assert!(
-        inbound.contains(r#"reporter="destination",source_cluster="east",destination_cluster="west",destination_service="shop/api",response_code="200""#),
+        inbound.contains(r#"reporter="destination",source_principal="spiffe://east.fedmesh.test/ns/shop/sa/frontend",source_cluster="east",destination_cluster="west",destination_service="shop/api",response_code="200""#),
         "{inbound}"
     );
     let gw = west.gateway.metrics().encode();

@@ -264,7 +264,7 @@ async fn a_permissive_service_takes_plain_text_as_unauthenticated_and_strict_clo
     let metrics = w.metrics.encode();
     assert!(
         metrics.contains(
-            r#"fedmesh_sidecar_requests_total{reporter="destination",source_cluster="unauthenticated",destination_cluster="west",destination_service="shop/api",response_code="200"} 1"#
+            r#"fedmesh_sidecar_requests_total{reporter="destination",source_principal="unknown",source_cluster="unauthenticated",destination_cluster="west",destination_service="shop/api",response_code="200"} 1"#
         ),
         "{metrics}"
     );

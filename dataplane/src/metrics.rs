@@ -9,10 +9,12 @@ use prometheus_client::registry::Registry;
 
 /// A request's labels, named as Istio names them, so its users' queries and dashboards carry
 /// over: `reporter` is `source` for the caller's sidecar (outbound), `destination` for the
-/// callee's (inbound).
+/// callee's (inbound); `source_principal` is the caller's SPIFFE ID (on the callee's side as
+/// proven by mTLS, `unknown` for plain text).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub reporter: String,
+    pub source_principal: String,
     pub source_cluster: String,
     pub destination_cluster: String,
     pub destination_service: String,
@@ -22,6 +24,7 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub reporter: String,
+    pub source_principal: String,
     pub source_cluster: String,
     pub destination_cluster: String,
     pub destination_service: String,
@@ -245,10 +248,12 @@ impl ProxyMetrics {
             .inc_by(n);
     }
 
-    /// Counts a request and its latency.
+    /// Counts a request and its latency. `caller` is the caller's SPIFFE ID (empty: unknown).
+    #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
         direction: &str,
+        caller: &str,
         src_cluster: &str,
         dst_cluster: &str,
         service: &str,
@@ -264,12 +269,17 @@ impl ProxyMetrics {
                 s.into()
             }
         };
-        let (src_cluster, dst_cluster, service) =
-            (known(src_cluster), known(dst_cluster), known(service));
+        let (src_cluster, dst_cluster, service, caller) = (
+            known(src_cluster),
+            known(dst_cluster),
+            known(service),
+            known(caller),
+        );
         let reporter = reporter(direction).to_string();
         self.requests
             .get_or_create(&RequestLabels {
                 reporter: reporter.clone(),
+                source_principal: caller.clone(),
                 source_cluster: src_cluster.clone(),
                 destination_cluster: dst_cluster.clone(),
                 destination_service: service.clone(),
@@ -279,6 +289,7 @@ impl ProxyMetrics {
         self.request_duration
             .get_or_create(&RouteLabels {
                 reporter,
+                source_principal: caller,
                 source_cluster: src_cluster,
                 destination_cluster: dst_cluster,
                 destination_service: service,

@@ -96,8 +96,10 @@ where
             };
             let table = layer.config.table();
             if let Some((conn, mesh)) = admitted {
+                let caller = conn.caller.as_ref().map(ToString::to_string);
                 layer.metrics.record(
                     "inbound",
+                    caller.as_deref().unwrap_or(""),
                     &conn.caller_cluster,
                     table.cluster_name(),
                     &mesh.service.to_string(),

@@ -400,8 +400,10 @@ impl Sidecar {
                     );
                     self.metrics.count_error(e.kind());
                     let resp = e.into_response();
+                    let own = self.identity.spiffe_id().map(|id| id.to_string());
                     self.metrics.record(
                         "outbound",
+                        own.as_deref().unwrap_or(""),
                         table.cluster_name(),
                         "",
                         service.as_deref().unwrap_or(""),

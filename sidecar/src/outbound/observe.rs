@@ -121,8 +121,10 @@ where
                 }
                 None => resp,
             };
+            let own = layer.identity.spiffe_id().map(|id| id.to_string());
             layer.metrics.record(
                 "outbound",
+                own.as_deref().unwrap_or(""),
                 table.cluster_name(),
                 &dst,
                 &service,
