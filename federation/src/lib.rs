@@ -2,6 +2,7 @@
 
 pub mod control_plane;
 pub mod hub;
+pub mod inject;
 pub mod metrics;
 pub mod store;
 pub mod tokens;

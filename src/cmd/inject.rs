@@ -1,31 +1,14 @@
 //! `fedmesh inject`: adds the sidecar to workloads, like `linkerd inject`. Reads Kubernetes YAML
-//! (one or many documents, or a `List`) from a file or stdin and writes it back with every
-//! Deployment, StatefulSet and DaemonSet pod template carrying
-//!
-//! - an init container `fedmesh-init` that installs the iptables interception
-//!   (`fedmesh iptables`, NET_ADMIN and NET_RAW, nothing else), and
-//! - a container `fedmesh-proxy` running `fedmesh sidecar --transparent` as uid 1337 (the uid the
-//!   rules exempt), with the node agent's Workload API socket mounted read-only. The agent gives
-//!   it the identity of the pod's service account (it selects the container by name).
-//!
-//! Injecting twice gives the same output as injecting once (the fedmesh parts are replaced, not
-//! added again); `fedmesh.io/inject: disabled` on a pod template leaves it alone. Other objects
-//! pass through unchanged. Output keys are sorted, as `kubectl get -o yaml` prints them.
+//! (one or many documents, or a `List`) from a file or stdin and writes it back injected (see
+//! [`fedmesh_federation::inject`]); the control plane's admission webhook does the same to pods
+//! as they are created.
 
 use std::io::Read;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args;
-use serde_json::{Value, json};
-
-pub const PROXY: &str = "fedmesh-proxy";
-pub const INIT: &str = "fedmesh-init";
-/// Where the image keeps `fedmesh-proxy` (deploy/multicluster/Dockerfile).
-const PROXY_BIN: &str = "/usr/local/bin/fedmesh-proxy";
-const SOCKET_VOLUME: &str = "fedmesh-agent-socket";
-const ANNOTATION: &str = "fedmesh.io/inject";
-const KINDS: [&str; 3] = ["Deployment", "StatefulSet", "DaemonSet"];
+use fedmesh_federation::inject::{InjectOptions, inject};
 
 #[derive(Args, Clone, Debug)]
 pub struct InjectArgs {
@@ -50,188 +33,24 @@ pub struct InjectArgs {
     /// The host directory holding the node agent's Workload API socket (`agent.sock`).
     #[arg(long, default_value = "/run/fedmesh")]
     agent_socket_dir: String,
+    /// Inject a native sidecar (an init container with `restartPolicy: Always`; Kubernetes
+    /// 1.29+): it starts before the app and stops after it. The admission webhook decides this
+    /// from the cluster's version.
+    #[arg(long)]
+    native_sidecar: bool,
 }
 
-/// Injects every document of `text`; the YAML to print.
-pub fn inject(text: &str, a: &InjectArgs) -> anyhow::Result<String> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text)
-        .map_err(|e| anyhow::anyhow!("the input is not valid YAML: {e}"))?;
-    let mut out = String::new();
-    let mut injected = 0;
-    for (i, mut doc) in docs.into_iter().enumerate() {
-        if doc.is_null() {
-            continue;
+impl InjectArgs {
+    pub fn options(&self) -> InjectOptions {
+        InjectOptions {
+            image: self.image.clone(),
+            control_plane: self.control_plane.clone(),
+            proxy_uid: self.proxy_uid,
+            admin_port: self.admin_port,
+            agent_socket_dir: self.agent_socket_dir.clone(),
+            native_sidecar: self.native_sidecar,
         }
-        if !doc.is_object() {
-            bail!(
-                "document {} is not a Kubernetes object (a mapping with apiVersion and kind)",
-                i + 1
-            );
-        }
-        injected += inject_object(&mut doc, a).with_context(|| format!("document {}", i + 1))?;
-        if !out.is_empty() {
-            out.push_str("---\n");
-        }
-        out.push_str(&serde_saphyr::to_string(&doc).map_err(|e| anyhow::anyhow!("{e}"))?);
     }
-    if injected == 0 {
-        tracing::warn!("no Deployment, StatefulSet or DaemonSet found to inject");
-    }
-    Ok(out)
-}
-
-/// Injects one object (recursing into a `List`); how many pod templates were injected.
-fn inject_object(doc: &mut Value, a: &InjectArgs) -> anyhow::Result<usize> {
-    let kind = doc["kind"].as_str().unwrap_or_default().to_string();
-    if kind == "List" || kind.ends_with("List") {
-        let mut n = 0;
-        if let Some(items) = doc["items"].as_array_mut() {
-            for it in items {
-                n += inject_object(it, a)?;
-            }
-        }
-        return Ok(n);
-    }
-    if !KINDS.contains(&kind.as_str()) {
-        return Ok(0);
-    }
-    let name = doc["metadata"]["name"].as_str().unwrap_or("?").to_string();
-    let template = doc
-        .pointer_mut("/spec/template")
-        .filter(|t| t.is_object())
-        .with_context(|| format!("{kind} {name} has no spec.template"))?;
-    let annotations = &template["metadata"]["annotations"];
-    if annotations[ANNOTATION] == "disabled" {
-        return Ok(0);
-    }
-    let pod = template
-        .get_mut("spec")
-        .filter(|s| s.is_object())
-        .with_context(|| format!("{kind} {name} has no spec.template.spec"))?;
-    if pod["hostNetwork"] == true {
-        bail!(
-            "{kind} {name} uses hostNetwork: interception would capture the node's traffic; \
-             annotate its pod template with {ANNOTATION}: disabled"
-        );
-    }
-    let containers = pod["containers"]
-        .as_array()
-        .with_context(|| format!("{kind} {name} has no containers"))?;
-    if containers.iter().all(|c| c["name"] == PROXY) {
-        bail!("{kind} {name} has no app container");
-    }
-    if containers
-        .iter()
-        .any(|c| c["name"] != PROXY && c["securityContext"]["runAsUser"] == a.proxy_uid)
-    {
-        bail!(
-            "{kind} {name} runs an app container as uid {}, the sidecar's uid: its traffic would \
-             bypass the mesh; choose another --proxy-uid",
-            a.proxy_uid
-        );
-    }
-    upsert(pod, "initContainers", init_container(a));
-    upsert(pod, "containers", proxy_container(a));
-    upsert(
-        pod,
-        "volumes",
-        json!({
-            "name": SOCKET_VOLUME,
-            "hostPath": {"path": a.agent_socket_dir, "type": "Directory"},
-        }),
-    );
-    let meta = template
-        .as_object_mut()
-        .expect("template is an object")
-        .entry("metadata")
-        .or_insert_with(|| json!({}));
-    let ann = meta
-        .as_object_mut()
-        .with_context(|| format!("{kind} {name}: spec.template.metadata is not a mapping"))?
-        .entry("annotations")
-        .or_insert_with(|| json!({}));
-    ann.as_object_mut()
-        .with_context(|| format!("{kind} {name}: annotations are not a mapping"))?
-        .insert(ANNOTATION.into(), json!("injected"));
-    Ok(1)
-}
-
-/// Puts `item` into the array `pod[field]`, replacing an element of the same name.
-fn upsert(pod: &mut Value, field: &str, item: Value) {
-    let obj = pod.as_object_mut().expect("pod spec is an object");
-    let arr = obj.entry(field).or_insert_with(|| json!([]));
-    if !arr.is_array() {
-        *arr = json!([]);
-    }
-    let arr = arr.as_array_mut().expect("just made an array");
-    match arr.iter_mut().find(|x| x["name"] == item["name"]) {
-        Some(x) => *x = item,
-        None => arr.push(item),
-    }
-}
-
-fn init_container(a: &InjectArgs) -> Value {
-    json!({
-        "name": INIT,
-        "image": a.image,
-        "args": [
-            "iptables",
-            "--proxy-uid", a.proxy_uid.to_string(),
-            "--exclude-inbound-ports", a.admin_port.to_string(),
-        ],
-        "securityContext": {
-            "runAsUser": 0,
-            "runAsNonRoot": false,
-            "allowPrivilegeEscalation": false,
-            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
-        },
-        "resources": {
-            "requests": {"cpu": "10m", "memory": "16Mi"},
-            "limits": {"memory": "64Mi"},
-        },
-    })
-}
-
-fn proxy_container(a: &InjectArgs) -> Value {
-    let socket = format!("{}/agent.sock", a.agent_socket_dir.trim_end_matches('/'));
-    let probe =
-        |path: &str| json!({"httpGet": {"path": path, "port": a.admin_port}, "periodSeconds": 5});
-    json!({
-        "name": PROXY,
-        "image": a.image,
-        // The data plane's own binary: a third the size of `fedmesh`, fewer pages in memory.
-        "command": [PROXY_BIN],
-        "args": ["sidecar", "--transparent", "--admin", format!("0.0.0.0:{}", a.admin_port)],
-        "env": [
-            {"name": "FEDMESH_CONTROL_PLANE", "value": a.control_plane},
-            {"name": "SPIFFE_ENDPOINT_SOCKET", "value": format!("unix:{socket}")},
-            // Pods carry their node's zone label on Kubernetes 1.33+ (PodTopologyLabels).
-            {"name": "FEDMESH_ZONE", "valueFrom": {"fieldRef": {
-                "fieldPath": "metadata.labels['topology.kubernetes.io/zone']"}}},
-            {"name": "FEDMESH_NODE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-            {"name": "K8S_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-            {"name": "K8S_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
-            // The proxy's spans carry the pod and node they come from (OpenTelemetry's k8s.*).
-            {"name": "OTEL_RESOURCE_ATTRIBUTES", "value":
-                "k8s.pod.name=$(FEDMESH_NODE),k8s.pod.uid=$(K8S_POD_UID),k8s.node.name=$(K8S_NODE_NAME)"},
-        ],
-        "ports": [{"name": "fedmesh-admin", "containerPort": a.admin_port}],
-        "readinessProbe": probe("/readyz"),
-        "livenessProbe": probe("/healthz"),
-        "securityContext": {
-            "runAsUser": a.proxy_uid,
-            "runAsGroup": a.proxy_uid,
-            "runAsNonRoot": true,
-            "allowPrivilegeEscalation": false,
-            "readOnlyRootFilesystem": true,
-            "capabilities": {"drop": ["ALL"]},
-        },
-        "resources": {
-            "requests": {"cpu": "50m", "memory": "32Mi"},
-            "limits": {"memory": "128Mi"},
-        },
-        "volumeMounts": [{"name": SOCKET_VOLUME, "mountPath": a.agent_socket_dir, "readOnly": true}],
-    })
 }
 
 pub fn run(a: InjectArgs) -> anyhow::Result<()> {
@@ -244,6 +63,6 @@ pub fn run(a: InjectArgs) -> anyhow::Result<()> {
     } else {
         std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?
     };
-    print!("{}", inject(&text, &a)?);
+    print!("{}", inject(&text, &a.options())?);
     Ok(())
 }
