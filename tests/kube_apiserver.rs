@@ -507,3 +507,156 @@ fn cluster_link_writes_the_secret_and_configmap_the_control_plane_reads() {
         "no second token: {tokens}"
     );
 }
+
+/// The control plane's sidecar injection webhook, called by a real API server: a bare Pod created
+/// in a namespace labelled `fedmesh.io/inject=enabled` is stored with the sidecar (a native
+/// sidecar: this API server is 1.29+), one in another namespace is not, one that cannot be
+/// injected (host network) is refused with what to do; and a Deployment sent as an
+/// AdmissionReview, as the API server would send it, gets its pod template injected. TLS is the
+/// cluster CA's: the webhook configuration trusts `fedmesh ca bundle --format pem`.
+#[test]
+fn the_webhook_injects_pods_the_api_server_sends_it() {
+    let Some(api) = KubeApiServer::start() else {
+        return;
+    };
+    let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/multicluster/base/crds");
+    api.kubectl_ok(&["apply", "-k", crds], None);
+    api.wait_crds_established();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let hub = start_hub(d);
+    let token_file = join_token_file(d, &hub, "east");
+    let mut args = cp_args(d, &hub, "east", "east-data", &token_file, free_port());
+    let i = args.iter().position(|a| a == "--source").unwrap();
+    args[i + 1] = "kubernetes".into();
+    let port = free_port();
+    args.extend([
+        "--webhook-listen".to_string(),
+        format!("127.0.0.1:{port}"),
+        "--webhook-host".into(),
+        "127.0.0.1".into(),
+        "--inject-image".into(),
+        "registry.example/fedmesh:1.2.3".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let kubeconfig = api.admin_kubeconfig.to_str().unwrap().to_string();
+    let cp = Proc::start_with_env("east", &args, &[("KUBECONFIG", &kubeconfig)], d);
+    wait_until("the webhook listens", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let bundle = fedmesh_ok(&[
+        "ca",
+        "bundle",
+        "--dir",
+        d.join("east-data/ca").to_str().unwrap(),
+        "--format",
+        "pem",
+    ]);
+    let bundle_file = d.join("bundle.pem");
+    std::fs::write(&bundle_file, &bundle.stdout).unwrap();
+    let ca_bundle = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &bundle.stdout);
+    api.apply(&format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {{name: fedmesh-sidecar-injector}}
+webhooks:
+- name: inject.fedmesh.io
+  clientConfig: {{url: "https://127.0.0.1:{port}/inject", caBundle: "{ca_bundle}"}}
+  rules: [{{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [pods]}}]
+  namespaceSelector: {{matchLabels: {{fedmesh.io/inject: enabled}}}}
+  failurePolicy: Fail
+  sideEffects: None
+  admissionReviewVersions: [v1]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: shop, labels: {{fedmesh.io/inject: enabled}}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: plain}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: default, namespace: shop}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: default, namespace: plain}}
+"#
+    ));
+    let pod = |ns: &str, name: &str, extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  {extra}containers: [{{name: app, image: nginx}}]\n"
+        )
+    };
+    api.apply(&pod("shop", "web", ""));
+    let web = api.get("pod", "shop", "web").unwrap();
+    let init: Vec<&str> = web["spec"]["initContainers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not injected: {web}"))
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(init, ["fedmesh-init", "fedmesh-proxy"], "{web}");
+    let proxy = &web["spec"]["initContainers"][1];
+    assert_eq!(proxy["restartPolicy"], "Always", "a native sidecar: {proxy}");
+    assert_eq!(proxy["image"], "registry.example/fedmesh:1.2.3");
+    assert_eq!(web["metadata"]["annotations"]["fedmesh.io/inject"], "injected");
+    let containers = web["spec"]["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1, "the app alone: {web}");
+
+    api.apply(&pod("plain", "web", ""));
+    let plain = api.get("pod", "plain", "web").unwrap();
+    assert!(plain["spec"]["initContainers"].is_null(), "{plain}");
+
+    let refused = api.kubectl(&["apply", "-f", "-"], Some(&pod("shop", "node-agent", "hostNetwork: true\n  ")));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "a host-network pod was admitted");
+    assert!(
+        said.contains("uses hostNetwork") && said.contains("fedmesh.io/inject: disabled"),
+        "{said}"
+    );
+
+    // A Deployment, as an AdmissionReview (what an API server sends), over the webhook's TLS.
+    let review = serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "7f0a4c5e-0000-4000-8000-000000000001",
+            "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
+            "namespace": "shop",
+            "operation": "CREATE",
+            "object": {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "api", "namespace": "shop"},
+                "spec": {"template": {"metadata": {"labels": {"app": "api"}},
+                    "spec": {"containers": [{"name": "app", "image": "api:1"}]}}}
+            }
+        }
+    });
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail", "--cacert"])
+        .arg(&bundle_file)
+        .args(["-H", "Content-Type: application/json", "--data-binary", &review.to_string()])
+        .arg(format!("https://127.0.0.1:{port}/inject"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["response"]["uid"], "7f0a4c5e-0000-4000-8000-000000000001");
+    assert_eq!(answer["response"]["allowed"], true);
+    assert_eq!(answer["response"]["patchType"], "JSONPatch");
+    let patch = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        answer["response"]["patch"].as_str().unwrap(),
+    )
+    .unwrap();
+    let patch: Value = serde_json::from_slice(&patch).unwrap();
+    let template = &patch[0]["value"]["template"];
+    assert_eq!(patch[0]["path"], "/spec", "{patch}");
+    assert_eq!(template["spec"]["initContainers"][1]["name"], "fedmesh-proxy", "{patch}");
+    assert_eq!(template["metadata"]["annotations"]["fedmesh.io/inject"], "injected");
+    assert!(cp.log().contains("injected the sidecar"), "{}", cp.log());
+}

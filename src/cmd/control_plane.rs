@@ -218,6 +218,28 @@ pub struct ControlPlaneArgs {
     /// https_web profile: the certificate's private key (PEM, a 0600 file).
     #[arg(long, requires = "bundle_endpoint_cert", value_name = "FILE")]
     bundle_endpoint_key: Option<PathBuf>,
+    /// Serve the sidecar injection webhook (HTTPS) on ADDR, e.g. 0.0.0.0:15017: the API server
+    /// sends it the Pods created in namespaces labelled fedmesh.io/inject=enabled. Its
+    /// certificate comes from this cluster's CA (the webhook configuration's caBundle is `fedmesh
+    /// ca bundle --format pem`).
+    #[arg(long, value_name = "ADDR")]
+    webhook_listen: Option<SocketAddr>,
+    /// A name (or IP address) the API server calls the webhook by; repeatable.
+    #[arg(
+        long = "webhook-host",
+        value_name = "HOST",
+        default_values_t = ["fedmesh-control-plane.fedmesh-system.svc".to_string()]
+    )]
+    webhook_hosts: Vec<String>,
+    /// The image the webhook injects (the sidecar and its iptables init container).
+    #[arg(long, env = "FEDMESH_IMAGE", default_value = "fedmesh:dev")]
+    inject_image: String,
+    /// The control plane's address as injected sidecars reach it.
+    #[arg(
+        long,
+        default_value = "fedmesh-control-plane.fedmesh-system.svc.cluster.local:15012"
+    )]
+    inject_control_plane: String,
 }
 
 pub async fn run(cmd: ControlPlaneCmd) -> anyhow::Result<()> {
@@ -413,6 +435,17 @@ async fn serve(a: ControlPlaneArgs) -> anyhow::Result<()> {
     config.jwks_refresh = a.jwks_refresh;
     config.bundle_endpoint = a.bundle_endpoint;
     config.admin_listen = a.admin_listen;
+    config.webhook = a.webhook_listen.map(|listen| {
+        fedmesh_federation::inject::webhook::WebhookConfig {
+            listen,
+            hosts: a.webhook_hosts.clone(),
+            inject: fedmesh_federation::inject::InjectOptions {
+                image: a.inject_image.clone(),
+                control_plane: a.inject_control_plane.clone(),
+                ..Default::default()
+            },
+        }
+    });
     config.bundle_endpoint_web = a.bundle_endpoint_cert.zip(a.bundle_endpoint_key);
     let shutdown = CancellationToken::new();
     let cp = ControlPlane::start(config, shutdown.clone()).await?;

@@ -484,7 +484,14 @@ impl TrustDomainCa {
         }
         let now = SystemTime::now();
         let (not_before, not_after) = self.validity(&inner, ttl, now)?;
-        let chain = issue_leaf(active(&inner, now)?, &id, public_key, not_before, not_after)?;
+        let chain = issue_leaf(
+            active(&inner, now)?,
+            &id,
+            &[],
+            public_key,
+            not_before,
+            not_after,
+        )?;
         Ok(IssuedSvid {
             id,
             chain,
@@ -519,7 +526,51 @@ impl TrustDomainCa {
         }
         let now = SystemTime::now();
         let (not_before, not_after) = self.validity(&inner, ttl, now)?;
-        let chain = issue_leaf(active(&inner, now)?, id, public_key, not_before, not_after)?;
+        let chain = issue_leaf(
+            active(&inner, now)?,
+            id,
+            &[],
+            public_key,
+            not_before,
+            not_after,
+        )?;
+        Ok(IssuedSvid {
+            id: id.clone(),
+            chain,
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Signs an X.509-SVID for the key in `csr_der` as `id` that also names `hosts` (DNS names or
+    /// IP addresses), for a client that checks host names rather than SPIFFE IDs — the
+    /// Kubernetes API server calling the control plane's admission webhook. (An X.509-SVID has
+    /// exactly one URI SAN and may have other SANs.)
+    pub fn sign_serving_cert(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        hosts: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<IssuedSvid, CaError> {
+        let (_, public_key) = check_csr(csr_der, true)?;
+        let inner = self.read();
+        if !id.is_member_of(&inner.state.trust_domain) {
+            return Err(CaError::ForeignTrustDomain {
+                requested: id.clone(),
+                trust_domain: inner.state.trust_domain.clone(),
+            });
+        }
+        let now = SystemTime::now();
+        let (not_before, not_after) = self.validity(&inner, ttl, now)?;
+        let chain = issue_leaf(
+            active(&inner, now)?,
+            id,
+            hosts,
+            public_key,
+            not_before,
+            not_after,
+        )?;
         Ok(IssuedSvid {
             id: id.clone(),
             chain,
@@ -597,6 +648,7 @@ impl TrustDomainCa {
         let chain = issue_leaf(
             active(&inner, SystemTime::now())?,
             &id,
+            &[],
             public_key,
             not_before,
             not_after,
@@ -838,6 +890,7 @@ fn check_csr(
 fn issue_leaf(
     authority: &Authority,
     id: &SpiffeId,
+    hosts: &[String],
     public_key: rcgen::PublicKey,
     not_before: SystemTime,
     not_after: SystemTime,
@@ -851,6 +904,12 @@ fn issue_leaf(
         .distinguished_name
         .push(DnType::OrganizationName, "fedmesh");
     params.subject_alt_names = vec![SanType::URI(id.to_string().as_str().try_into()?)];
+    for h in hosts {
+        params.subject_alt_names.push(match h.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(h.as_str().try_into()?),
+        });
+    }
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![

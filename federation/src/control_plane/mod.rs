@@ -114,6 +114,8 @@ pub struct ControlPlaneConfig {
     pub bundle_endpoint_web: Option<(PathBuf, PathBuf)>,
     /// Serve `/metrics`, `/healthz` and `/readyz` over HTTP here (for Prometheus and probes).
     pub admin_listen: Option<SocketAddr>,
+    /// Serve the sidecar injection webhook (HTTPS, a certificate of this cluster's CA).
+    pub webhook: Option<crate::inject::webhook::WebhookConfig>,
 }
 
 impl ControlPlaneConfig {
@@ -144,6 +146,7 @@ impl ControlPlaneConfig {
             bundle_endpoint: None,
             bundle_endpoint_web: None,
             admin_listen: None,
+            webhook: None,
         }
     }
 }
@@ -316,6 +319,13 @@ impl ControlPlane {
                 let source = source::kube::KubeSource::start(client, shutdown.clone());
                 (source.subscribe(), None)
             }
+        };
+        // The webhook injects native sidecars where the API server runs them.
+        let native_sidecars = match (&config.webhook, &client) {
+            (Some(_), Some(c)) => c.apiserver_version().await.is_ok_and(|v| {
+                crate::inject::webhook::supports_native_sidecars(&v.major, &v.minor)
+            }),
+            _ => false,
         };
         let node_pods = client
             .clone()
@@ -496,6 +506,17 @@ impl ControlPlane {
         }
         if let Some(l) = listener {
             identity::serve(cp.clone(), l, shutdown.clone());
+        }
+        if let Some(mut w) = cp.config.webhook.clone() {
+            w.inject.native_sidecar = native_sidecars;
+            crate::inject::webhook::serve(
+                w,
+                cp.ca.clone(),
+                identity::control_plane_id(&cp),
+                shutdown.clone(),
+            )
+            .await
+            .map_err(StartError::Config)?;
         }
         if let Some(l) = admin_listener {
             admin::serve_http(cp.clone(), l, shutdown.clone());
