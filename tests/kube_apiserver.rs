@@ -513,7 +513,8 @@ fn cluster_link_writes_the_secret_and_configmap_the_control_plane_reads() {
 /// sidecar: this API server is 1.29+), one in another namespace is not, one that cannot be
 /// injected (host network) is refused with what to do; and a Deployment sent as an
 /// AdmissionReview, as the API server would send it, gets its pod template injected. TLS is the
-/// cluster CA's: the webhook configuration trusts `fedmesh ca bundle --format pem`.
+/// cluster CA's: the control plane sets the webhook configuration's caBundle to it (`fedmesh ca
+/// bundle --format pem`).
 #[test]
 fn the_webhook_injects_pods_the_api_server_sends_it() {
     let Some(api) = KubeApiServer::start() else {
@@ -554,14 +555,15 @@ fn the_webhook_injects_pods_the_api_server_sends_it() {
     ]);
     let bundle_file = d.join("bundle.pem");
     std::fs::write(&bundle_file, &bundle.stdout).unwrap();
-    let ca_bundle = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &bundle.stdout);
+    let ca_bundle =
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &bundle.stdout);
     api.apply(&format!(
         r#"apiVersion: admissionregistration.k8s.io/v1
 kind: MutatingWebhookConfiguration
 metadata: {{name: fedmesh-sidecar-injector}}
 webhooks:
 - name: inject.fedmesh.io
-  clientConfig: {{url: "https://127.0.0.1:{port}/inject", caBundle: "{ca_bundle}"}}
+  clientConfig: {{url: "https://127.0.0.1:{port}/inject"}}
   rules: [{{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [pods]}}]
   namespaceSelector: {{matchLabels: {{fedmesh.io/inject: enabled}}}}
   failurePolicy: Fail
@@ -585,6 +587,25 @@ kind: ServiceAccount
 metadata: {{name: default, namespace: plain}}
 "#
     ));
+    // The control plane sets the configuration's caBundle to its CA.
+    wait_until(
+        "the caBundle set by the control plane",
+        Duration::from_secs(90),
+        || {
+            let mwc = api.get(
+                "mutatingwebhookconfiguration",
+                "",
+                "fedmesh-sidecar-injector",
+            );
+            let set = mwc.is_some_and(|m| {
+                m["webhooks"][0]["clientConfig"]["caBundle"] == ca_bundle.as_str()
+            });
+            if !set {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            set
+        },
+    );
     let pod = |ns: &str, name: &str, extra: &str| {
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  {extra}containers: [{{name: app, image: nginx}}]\n"
@@ -600,9 +621,15 @@ metadata: {{name: default, namespace: plain}}
         .collect();
     assert_eq!(init, ["fedmesh-init", "fedmesh-proxy"], "{web}");
     let proxy = &web["spec"]["initContainers"][1];
-    assert_eq!(proxy["restartPolicy"], "Always", "a native sidecar: {proxy}");
+    assert_eq!(
+        proxy["restartPolicy"], "Always",
+        "a native sidecar: {proxy}"
+    );
     assert_eq!(proxy["image"], "registry.example/fedmesh:1.2.3");
-    assert_eq!(web["metadata"]["annotations"]["fedmesh.io/inject"], "injected");
+    assert_eq!(
+        web["metadata"]["annotations"]["fedmesh.io/inject"],
+        "injected"
+    );
     let containers = web["spec"]["containers"].as_array().unwrap();
     assert_eq!(containers.len(), 1, "the app alone: {web}");
 
@@ -610,7 +637,10 @@ metadata: {{name: default, namespace: plain}}
     let plain = api.get("pod", "plain", "web").unwrap();
     assert!(plain["spec"]["initContainers"].is_null(), "{plain}");
 
-    let refused = api.kubectl(&["apply", "-f", "-"], Some(&pod("shop", "node-agent", "hostNetwork: true\n  ")));
+    let refused = api.kubectl(
+        &["apply", "-f", "-"],
+        Some(&pod("shop", "node-agent", "hostNetwork: true\n  ")),
+    );
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "a host-network pod was admitted");
     assert!(
@@ -639,13 +669,25 @@ metadata: {{name: default, namespace: plain}}
     let out = std::process::Command::new("curl")
         .args(["-sS", "--fail", "--cacert"])
         .arg(&bundle_file)
-        .args(["-H", "Content-Type: application/json", "--data-binary", &review.to_string()])
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &review.to_string(),
+        ])
         .arg(format!("https://127.0.0.1:{port}/inject"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(answer["response"]["uid"], "7f0a4c5e-0000-4000-8000-000000000001");
+    assert_eq!(
+        answer["response"]["uid"],
+        "7f0a4c5e-0000-4000-8000-000000000001"
+    );
     assert_eq!(answer["response"]["allowed"], true);
     assert_eq!(answer["response"]["patchType"], "JSONPatch");
     let patch = base64::Engine::decode(
@@ -656,7 +698,13 @@ metadata: {{name: default, namespace: plain}}
     let patch: Value = serde_json::from_slice(&patch).unwrap();
     let template = &patch[0]["value"]["template"];
     assert_eq!(patch[0]["path"], "/spec", "{patch}");
-    assert_eq!(template["spec"]["initContainers"][1]["name"], "fedmesh-proxy", "{patch}");
-    assert_eq!(template["metadata"]["annotations"]["fedmesh.io/inject"], "injected");
+    assert_eq!(
+        template["spec"]["initContainers"][1]["name"], "fedmesh-proxy",
+        "{patch}"
+    );
+    assert_eq!(
+        template["metadata"]["annotations"]["fedmesh.io/inject"],
+        "injected"
+    );
     assert!(cp.log().contains("injected the sidecar"), "{}", cp.log());
 }

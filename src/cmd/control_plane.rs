@@ -231,6 +231,10 @@ pub struct ControlPlaneArgs {
         default_values_t = ["fedmesh-control-plane.fedmesh-system.svc".to_string()]
     )]
     webhook_hosts: Vec<String>,
+    /// The MutatingWebhookConfiguration whose caBundle this control plane keeps set to its CA
+    /// (Kubernetes source).
+    #[arg(long, default_value = "fedmesh-sidecar-injector")]
+    webhook_configuration: String,
     /// The image the webhook injects (the sidecar and its iptables init container).
     #[arg(long, env = "FEDMESH_IMAGE", default_value = "fedmesh:dev")]
     inject_image: String,
@@ -435,17 +439,19 @@ async fn serve(a: ControlPlaneArgs) -> anyhow::Result<()> {
     config.jwks_refresh = a.jwks_refresh;
     config.bundle_endpoint = a.bundle_endpoint;
     config.admin_listen = a.admin_listen;
-    config.webhook = a.webhook_listen.map(|listen| {
-        fedmesh_federation::inject::webhook::WebhookConfig {
-            listen,
-            hosts: a.webhook_hosts.clone(),
-            inject: fedmesh_federation::inject::InjectOptions {
-                image: a.inject_image.clone(),
-                control_plane: a.inject_control_plane.clone(),
-                ..Default::default()
+    config.webhook =
+        a.webhook_listen.map(
+            |listen| fedmesh_federation::inject::webhook::WebhookConfig {
+                listen,
+                hosts: a.webhook_hosts.clone(),
+                configuration: a.webhook_configuration.clone(),
+                inject: fedmesh_federation::inject::InjectOptions {
+                    image: a.inject_image.clone(),
+                    control_plane: a.inject_control_plane.clone(),
+                    ..Default::default()
+                },
             },
-        }
-    });
+        );
     config.bundle_endpoint_web = a.bundle_endpoint_cert.zip(a.bundle_endpoint_key);
     let shutdown = CancellationToken::new();
     let cp = ControlPlane::start(config, shutdown.clone()).await?;

@@ -905,10 +905,12 @@ fn issue_leaf(
         .push(DnType::OrganizationName, "fedmesh");
     params.subject_alt_names = vec![SanType::URI(id.to_string().as_str().try_into()?)];
     for h in hosts {
-        params.subject_alt_names.push(match h.parse::<std::net::IpAddr>() {
-            Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(h.as_str().try_into()?),
-        });
+        params
+            .subject_alt_names
+            .push(match h.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(h.as_str().try_into()?),
+            });
     }
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

@@ -320,6 +320,7 @@ impl ControlPlane {
                 (source.subscribe(), None)
             }
         };
+        let webhook_client = config.webhook.as_ref().and(client.clone());
         // The webhook injects native sidecars where the API server runs them.
         let native_sidecars = match (&config.webhook, &client) {
             (Some(_), Some(c)) => c.apiserver_version().await.is_ok_and(|v| {
@@ -510,13 +511,21 @@ impl ControlPlane {
         if let Some(mut w) = cp.config.webhook.clone() {
             w.inject.native_sidecar = native_sidecars;
             crate::inject::webhook::serve(
-                w,
+                w.clone(),
                 cp.ca.clone(),
                 identity::control_plane_id(&cp),
                 shutdown.clone(),
             )
             .await
             .map_err(StartError::Config)?;
+            if let Some(client) = webhook_client {
+                tokio::spawn(crate::inject::webhook::keep_ca_bundle(
+                    client,
+                    w.configuration.clone(),
+                    cp.ca.clone(),
+                    shutdown.clone(),
+                ));
+            }
         }
         if let Some(l) = admin_listener {
             admin::serve_http(cp.clone(), l, shutdown.clone());

@@ -40,6 +40,70 @@ pub struct WebhookConfig {
     /// The names (or IP addresses) the API server reaches the webhook by.
     pub hosts: Vec<String>,
     pub inject: InjectOptions,
+    /// The MutatingWebhookConfiguration whose `caBundle` the control plane keeps set to its
+    /// trust bundle (on Kubernetes).
+    pub configuration: String,
+}
+
+/// Keeps the `caBundle` of every webhook of the MutatingWebhookConfiguration `name` equal to the
+/// trust domain's X.509 authorities (PEM), now and after each CA rotation, until `shutdown`. A
+/// configuration that does not exist (yet), or could not be written, is tried again every 10 s.
+pub async fn keep_ca_bundle(
+    client: kube::Client,
+    name: String,
+    ca: Arc<TrustDomainCa>,
+    shutdown: CancellationToken,
+) {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let api: kube::Api<MutatingWebhookConfiguration> = kube::Api::all(client);
+    let mut rotations = ca.subscribe_bundle();
+    let mut said_missing = false;
+    loop {
+        let pem = ca.bundle().x509_authorities_pem().into_bytes();
+        let result = async {
+            let Some(mut mwc) = api.get_opt(&name).await? else {
+                return Ok::<_, kube::Error>(false);
+            };
+            let mut changed = false;
+            for w in mwc.webhooks.iter_mut().flatten() {
+                if w.client_config.ca_bundle.as_ref().map(|b| &b.0) != Some(&pem) {
+                    w.client_config.ca_bundle = Some(ByteString(pem.clone()));
+                    changed = true;
+                }
+            }
+            if changed {
+                api.replace(&name, &Default::default(), &mwc).await?;
+                tracing::info!(configuration = %name, "set the webhook configuration's caBundle to this cluster's CA");
+            }
+            Ok(true)
+        }
+        .await;
+        let retry = match result {
+            Ok(true) => false,
+            Ok(false) => {
+                if !said_missing {
+                    tracing::info!(configuration = %name, "no MutatingWebhookConfiguration of that name yet; its caBundle is set once it exists");
+                    said_missing = true;
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(configuration = %name, error = %e, "cannot set the webhook configuration's caBundle (RBAC: get and update mutatingwebhookconfigurations); retrying");
+                true
+            }
+        };
+        let wait = if retry {
+            Duration::from_secs(10)
+        } else {
+            Duration::from_secs(3600)
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+            r = rotations.changed() => if r.is_err() { return },
+        }
+    }
 }
 
 /// Kubernetes 1.29 runs init containers with `restartPolicy: Always` as sidecars by default.
@@ -81,7 +145,11 @@ pub async fn serve(
         loop {
             let left = identity
                 .svid()
-                .and_then(|s| s.not_after.duration_since(std::time::SystemTime::now()).ok())
+                .and_then(|s| {
+                    s.not_after
+                        .duration_since(std::time::SystemTime::now())
+                        .ok()
+                })
                 .unwrap_or_default();
             let wait = (left / 2).max(Duration::from_secs(5));
             tokio::select! {
@@ -118,7 +186,10 @@ fn issue(
 
 /// One AdmissionReview (`admission.k8s.io/v1`): allowed with the patch that injects, allowed
 /// unchanged, or refused with the reason.
-async fn review(State(options): State<Arc<InjectOptions>>, Json(review): Json<Value>) -> Json<Value> {
+async fn review(
+    State(options): State<Arc<InjectOptions>>,
+    Json(review): Json<Value>,
+) -> Json<Value> {
     let request = &review["request"];
     let uid = request["uid"].clone();
     let answer = |response: Value| {
@@ -195,7 +266,10 @@ mod tests {
         let before = json!({"kind": "Pod", "metadata": {"name": "p"},
             "spec": {"containers": [{"name": "app"}]}});
         let mut pod = before.clone();
-        assert_eq!(inject_object(&mut pod, &InjectOptions::default()).unwrap(), 1);
+        assert_eq!(
+            inject_object(&mut pod, &InjectOptions::default()).unwrap(),
+            1
+        );
         let p = patch(&before, &pod);
         assert_eq!(p[0]["op"], "replace");
         assert_eq!(p[0]["path"], "/spec");
