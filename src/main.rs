@@ -30,7 +30,7 @@ enum Command {
     /// Run the federation hub (or manage it: `fedmesh hub token create`).
     Hub(Box<cmd::hub::HubArgs>),
     /// Run one cluster's control plane (or manage it: `fedmesh control-plane token create --node`).
-    ControlPlane(cmd::control_plane::ControlPlaneCmd),
+    ControlPlane(Box<cmd::control_plane::ControlPlaneCmd>),
     /// Run a cluster's east-west gateway (SNI-routed mTLS passthrough).
     Gateway(fedmesh_proxy::GatewayArgs),
     /// Run the sidecar proxy beside a workload.
@@ -108,7 +108,7 @@ fn main() -> std::process::ExitCode {
             Command::Iptables(i) => cmd::iptables::run(i),
             Command::SampleApp(s) => cmd::sample_app::run(s).await,
             Command::Hub(h) => cmd::hub::run(*h).await,
-            Command::ControlPlane(c) => cmd::control_plane::run(c).await,
+            Command::ControlPlane(c) => cmd::control_plane::run(*c).await,
             Command::Agent(a) => cmd::agent::run(a).await,
             Command::Status(s) => cmd::status::status(s).await,
             Command::Explain(e) => cmd::status::explain(e).await,

@@ -156,6 +156,7 @@ fn start_cp_with(
     gateway: &str,
     source: Option<&str>,
     env: &[(&str, &str)],
+    extra: &[&str],
 ) -> Proc {
     let token_file = join_token_file(dir, hub, name);
     let mut args = cp_args(
@@ -174,6 +175,7 @@ fn start_cp_with(
     if let Some(source) = source {
         set("--source", source);
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Proc::start_with_env(name, &args, env, dir)
 }
@@ -277,10 +279,11 @@ fn the_kind_manifests_give_each_component_what_it_uses_and_a_missing_permission_
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let hub = start_hub(d);
-    let mut west = start_cp_with(d, &hub, "west", "192.0.2.20:15443", None, &[]);
+    let mut west = start_cp_with(d, &hub, "west", "192.0.2.20:15443", None, &[], &[]);
     west_exports(d, "db");
     let token = api.token("fedmesh-system", cp, None, None);
     let kubeconfig = api.kubeconfig_for_token("control-plane", &token);
+    let webhook = format!("127.0.0.1:{}", free_port());
     let east = start_cp_with(
         d,
         &hub,
@@ -288,11 +291,26 @@ fn the_kind_manifests_give_each_component_what_it_uses_and_a_missing_permission_
         "192.0.2.10:15443",
         Some("kubernetes"),
         &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+        &["--webhook-listen", &webhook, "--webhook-host", "127.0.0.1"],
     );
 
     // Everything the control plane writes, read back from the API server.
     let ca = wait_for_object(&api, "configmap", "fedmesh-system", "fedmesh-ca-bundle");
     assert_eq!(ca["data"]["trust-domain"], "east.example");
+    // The webhook configuration the manifests install gets the control plane's CA as caBundle.
+    wait_until("the webhook's caBundle", Duration::from_secs(60), || {
+        let set = api
+            .get(
+                "mutatingwebhookconfiguration",
+                "",
+                "fedmesh-sidecar-injector",
+            )
+            .is_some_and(|m| m["webhooks"][0]["clientConfig"]["caBundle"].is_string());
+        if !set {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        set
+    });
     let export = wait_for_object(&api, "serviceexport", "shop", "web");
     wait_until("east's export Ready", Duration::from_secs(60), || {
         api.get("serviceexport", "shop", "web")
@@ -642,6 +660,11 @@ metadata: {{name: default, namespace: plain}}
         Some(&pod("shop", "node-agent", "hostNetwork: true\n  ")),
     );
     let said = String::from_utf8_lossy(&refused.stderr);
+    eprintln!("kubectl apply (a host-network pod): {said}");
+    eprintln!(
+        "injected pod's init containers: {}",
+        web["spec"]["initContainers"]
+    );
     assert!(!refused.status.success(), "a host-network pod was admitted");
     assert!(
         said.contains("uses hostNetwork") && said.contains("fedmesh.io/inject: disabled"),

@@ -277,6 +277,68 @@ def check_references(where, objs):
             fail(source, f"does not write {kind} {name}, which the overlays expect")
 
 
+
+# --- 7b. the sidecar injection webhook --------------------------------------------------------------
+
+INJECT_LABEL = ("fedmesh.io/inject", "enabled")
+
+
+def check_webhook(where, objs):
+    """The webhook configuration reaches the control plane's webhook port, the control plane may
+    keep its caBundle, and it sends only labelled namespaces."""
+    by = {(o["kind"], o["metadata"]["name"]): o for o in objs}
+    mwc = by.get(("MutatingWebhookConfiguration", "fedmesh-sidecar-injector"))
+    if mwc is None:
+        fail(where, "no MutatingWebhookConfiguration fedmesh-sidecar-injector: pods are not injected")
+        return
+    cp = by.get(("Deployment", "fedmesh-control-plane"))
+    svc = by.get(("Service", "fedmesh-control-plane"))
+    if cp is None or svc is None:
+        fail(where, "no control plane Deployment or Service for the webhook")
+        return
+    container = pod_spec(cp)["containers"][0]
+    listen = flag_value(container.get("args", []), "--webhook-listen")
+    ports = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+    for w in mwc.get("webhooks", []):
+        ref = w.get("clientConfig", {}).get("service", {})
+        if ref.get("name") != "fedmesh-control-plane" or ref.get("namespace") != "fedmesh-system":
+            fail(where, f"webhook {w['name']} calls service {ref.get('namespace')}/{ref.get('name')}, not fedmesh-system/fedmesh-control-plane")
+        if ref.get("path") != "/inject":
+            fail(where, f"webhook {w['name']} calls path {ref.get('path')!r}; the control plane serves /inject")
+        sport = next((p for p in svc["spec"]["ports"] if p["port"] == ref.get("port", 443)), None)
+        if sport is None:
+            fail(where, f"service fedmesh-control-plane has no port {ref.get('port', 443)} for webhook {w['name']}")
+        else:
+            target = sport.get("targetPort")
+            target = ports.get(target, target)
+            if listen is None or not listen.endswith(f":{target}"):
+                fail(where, f"the webhook's service port leads to {target}, but the control plane's --webhook-listen is {listen}")
+        labels = w.get("namespaceSelector", {}).get("matchLabels", {})
+        if labels.get(INJECT_LABEL[0]) != INJECT_LABEL[1]:
+            fail(where, f"webhook {w['name']} is not limited to namespaces labelled {INJECT_LABEL[0]}={INJECT_LABEL[1]}")
+        if w.get("failurePolicy") not in ("Fail", "Ignore"):
+            fail(where, f"webhook {w['name']} states no failurePolicy")
+        if w.get("clientConfig", {}).get("caBundle"):
+            fail(where, f"webhook {w['name']} carries a caBundle; the control plane sets its own CA")
+    role = by.get(("ClusterRole", "fedmesh-control-plane"), {})
+    may = any(
+        "mutatingwebhookconfigurations" in r.get("resources", [])
+        and {"get", "update"} <= set(r.get("verbs", []))
+        and "fedmesh-sidecar-injector" in r.get("resourceNames", [])
+        for r in role.get("rules", [])
+    )
+    if not may:
+        fail(where, "the control plane may not get and update MutatingWebhookConfiguration fedmesh-sidecar-injector (its caBundle)")
+
+
+def check_sample_injected(where, objs):
+    """The sample app's namespace is labelled for the webhook."""
+    for o in objs:
+        if o.get("kind") == "Namespace" and o["metadata"]["name"] == "shop":
+            if o["metadata"].get("labels", {}).get(INJECT_LABEL[0]) != INJECT_LABEL[1]:
+                fail(where, f"namespace shop is not labelled {INJECT_LABEL[0]}={INJECT_LABEL[1]}: the webhook would not inject the sample app")
+            return
+
 # --- 7. node attestation --------------------------------------------------------------------------
 
 
@@ -620,6 +682,9 @@ def main():
             check_references(where, objs)
         if name in {f"overlays__{c}" for c in CLUSTERS}:
             check_agent_join(where, objs)
+            check_webhook(where, objs)
+        if name.startswith("sample__"):
+            check_sample_injected(where, objs)
     check_kind(rendered)
     check_image_build()
 

@@ -52,11 +52,6 @@ for c in "${CLUSTERS[@]}"; do
   kind load docker-image "$IMAGE" --name "$c"
 done
 
-# `fedmesh inject` from the image just built, so the sidecar it adds matches the components.
-inject() {
-  docker run --rm -i "$IMAGE" inject --image "$IMAGE"
-}
-
 # --- 3. the hub, in east -----------------------------------------------------------------------
 say "installing the hub in $HUB_CLUSTER (overlays/$HUB_OVERLAY)"
 kc "$HUB_CLUSTER" apply -k "$HERE/overlays/$HUB_OVERLAY"
@@ -173,10 +168,11 @@ for c in "${CLUSTERS[@]}"; do
   configure_dns "$c"
 done
 
-# --- 5. the sample app, injected -----------------------------------------------------------------
+# --- 5. the sample app, injected by the control plane's webhook (namespace shop is labelled
+# fedmesh.io/inject=enabled) ---------------------------------------------------------------------
 for c in "${CLUSTERS[@]}"; do
-  say "cluster $c: sample app (sample/$c, injected)"
-  kubectl kustomize "$HERE/sample/$c" | inject | kc "$c" apply -f -
+  say "cluster $c: sample app (sample/$c, injected by the webhook)"
+  kc "$c" apply -k "$HERE/sample/$c"
 done
 for c in "${CLUSTERS[@]}"; do
   kc "$c" -n shop wait --for=condition=Available deploy --all --timeout="$TIMEOUT"

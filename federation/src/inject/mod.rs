@@ -128,7 +128,7 @@ pub fn inject_pod(template: &mut Value, what: &str, a: &InjectOptions) -> anyhow
     if pod["hostNetwork"] == true {
         bail!(
             "{what} uses hostNetwork: interception would capture the node's traffic; \
-             annotate its pod template with {ANNOTATION}: disabled"
+             annotate it (a pod template, or the pod) with {ANNOTATION}: disabled"
         );
     }
     let containers = pod["containers"]
