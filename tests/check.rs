@@ -124,6 +124,39 @@ async fn check_passes_on_a_healthy_clusterset_and_names_each_broken_link() {
         "{table}"
     );
 
+    // Every listing as YAML (it parses) and wide (more columns), plain when piped.
+    for args in [
+        &["status"][..],
+        &["proxy-status"],
+        &["gateways"],
+        &["cluster", "list"],
+        &["hub", "token", "list"],
+    ] {
+        let mut yaml_args = args.to_vec();
+        yaml_args.extend(["-o", "yaml"]);
+        let (ok, yaml) = cli(&tb, &yaml_args);
+        assert!(ok, "{args:?}: {yaml}");
+        serde_saphyr::from_str::<serde_json::Value>(&yaml)
+            .unwrap_or_else(|e| panic!("{args:?} -o yaml does not parse: {e}\n{yaml}"));
+        let mut wide_args = args.to_vec();
+        wide_args.extend(["-o", "wide"]);
+        let (ok, wide) = cli(&tb, &wide_args);
+        assert!(ok, "{args:?}: {wide}");
+        assert!(
+            !wide.contains('\x1b') && !wide.contains('│') && !wide.contains('─'),
+            "{args:?}: piped output is plain: {wide}"
+        );
+    }
+    let (_, wide) = cli(&tb, &["gateways", "-o", "wide"]);
+    assert!(
+        wide.contains("GATEWAY ID") && wide.contains("/ns/fedmesh-system/sa/east-west-gateway"),
+        "{wide}"
+    );
+    let (_, wide) = cli(&tb, &["cluster", "list", "-o", "wide"]);
+    assert!(wide.contains("PROTOCOL") && wide.contains("REPLICA"), "{wide}");
+    let (_, wide) = cli(&tb, &["proxy-status", "-o", "wide"]);
+    assert!(wide.contains("CONNECTED") && wide.contains("ACKED AT"), "{wide}");
+
     // Explain names the split east applies to reviews.
     east.write("reviews-split.yaml", SPLIT).unwrap();
     let (_, out) = until(

@@ -39,6 +39,8 @@ pub enum CaCommand {
     Status {
         #[arg(long)]
         dir: PathBuf,
+        #[arg(short = 'o', long, value_enum, default_value_t = super::status::Output::Table)]
+        output: super::status::Output,
     },
 }
 
@@ -208,9 +210,11 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             print_status(&ca.view());
             Ok(())
         }
-        CaCommand::Status { dir } => {
-            let ca = TrustDomainCa::open(&dir)?;
-            print_status(&ca.view());
+        CaCommand::Status { dir, output } => {
+            let view = TrustDomainCa::open(&dir)?.view();
+            if !super::status::print_doc(output, &serde_json::to_value(&view)?)? {
+                print_status(&view);
+            }
             Ok(())
         }
     }

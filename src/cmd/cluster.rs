@@ -84,7 +84,7 @@ pub async fn run(c: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::List { admin, output } => {
             let clusters = admin.client()?.clusters().await?;
             if !print_doc(output, &serde_json::to_value(&clusters)?)? {
-                clusters_table(&clusters);
+                clusters_table(&clusters, output == Output::Wide);
             }
             Ok(())
         }

@@ -54,9 +54,8 @@ enum AdminCommand {
 enum CaAdminCommand {
     /// The CA's authorities: prepared, active, retired (and when a retired one leaves the bundle).
     Status {
-        /// json for scripts; table otherwise.
-        #[arg(short = 'o', long, default_value = "table")]
-        output: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = super::status::Output::Table)]
+        output: super::status::Output,
         #[command(flatten)]
         socket: Socket,
     },
@@ -124,9 +123,8 @@ enum EntryCommand {
 enum NodeCommand {
     /// The nodes: their agent's registration and the identities they may hold.
     List {
-        /// json for scripts; table otherwise.
-        #[arg(short = 'o', long, default_value = "table")]
-        output: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = super::status::Output::Table)]
+        output: super::status::Output,
         #[command(flatten)]
         socket: Socket,
     },
@@ -332,9 +330,8 @@ async fn admin(c: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::Node(NodeCommand::List { output, socket }) => {
             let nodes = client(&socket).nodes().await.map_err(fail)?;
-            match output.as_str() {
-                "json" => println!("{}", serde_json::to_string_pretty(&nodes)?),
-                "table" | "wide" => {
+            if !super::status::print_doc(output, &serde_json::to_value(&nodes)?)? {
+                {
                     println!("NODE\tAGENT\tJOINED\tENTRIES\tPOD IDENTITIES");
                     for n in nodes {
                         let (agent, joined) = match &n.agent {
@@ -354,7 +351,6 @@ async fn admin(c: AdminCommand) -> anyhow::Result<()> {
                         );
                     }
                 }
-                other => anyhow::bail!("-o {other}: use table or json"),
             }
         }
         AdminCommand::ProxyStatus { output, socket } => {
@@ -375,10 +371,8 @@ async fn admin(c: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::Ca(CaAdminCommand::Status { output, socket }) => {
             let view = client(&socket).ca().await.map_err(fail)?;
-            match output.as_str() {
-                "json" => println!("{}", serde_json::to_string_pretty(&view)?),
-                "table" | "wide" => super::ca::print_status(&view),
-                other => anyhow::bail!("-o {other}: use table or json"),
+            if !super::status::print_doc(output, &serde_json::to_value(&view)?)? {
+                super::ca::print_status(&view);
             }
         }
         AdminCommand::Ca(CaAdminCommand::Rotate { step, socket }) => {

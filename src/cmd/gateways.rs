@@ -30,7 +30,7 @@ pub async fn run(a: GatewaysArgs) -> anyhow::Result<()> {
             && a.from.as_ref().is_none_or(|f| &g.from == f)
     });
     print(&gateways, a.output)?;
-    if gateways.is_empty() && a.output == Output::Table {
+    if gateways.is_empty() && a.output.is_table() {
         eprintln!(
             "no gateways to show: a gateway appears once its cluster publishes its address (--gateway) and another cluster is joined"
         );
@@ -49,9 +49,14 @@ pub fn print(gateways: &[GatewayStatus], output: Output) -> anyhow::Result<()> {
     if print_doc(output, &serde_json::to_value(gateways)?)? {
         return Ok(());
     }
-    let mut t = table(&[
+    let wide = output == Output::Wide;
+    let mut header = vec![
         "FROM", "CLUSTER", "GATEWAY", "STATE", "LATENCY", "CONFIG", "SERVICES", "PROBED",
-    ]);
+    ];
+    if wide {
+        header.push("GATEWAY ID");
+    }
+    let mut t = table(&header);
     for g in gateways {
         let (state, colour) = match g.state.as_str() {
             "reachable" if g.ready => ("reachable".to_string(), Color::Green),
@@ -59,7 +64,7 @@ pub fn print(gateways: &[GatewayStatus], output: Output) -> anyhow::Result<()> {
             "unknown" => ("unknown".to_string(), Color::Yellow),
             _ => (format!("unreachable: {}", g.error), Color::Red),
         };
-        t.add_row(vec![
+        let mut row = vec![
             cell(&g.from, None),
             cell(&g.cluster, None),
             cell(&g.address, None),
@@ -87,7 +92,18 @@ pub fn print(gateways: &[GatewayStatus], output: Output) -> anyhow::Result<()> {
                     .unwrap_or_else(|| "never".into()),
                 None,
             ),
-        ]);
+        ];
+        if wide {
+            row.push(cell(
+                if g.gateway_id.is_empty() {
+                    "-"
+                } else {
+                    &g.gateway_id
+                },
+                None,
+            ));
+        }
+        t.add_row(row);
     }
     println!("{t}");
     Ok(())

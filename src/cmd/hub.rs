@@ -89,9 +89,9 @@ enum TokenCommand {
 
 #[derive(Args)]
 struct ListArgs {
-    /// table (tab-separated, for awk) or json.
-    #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
-    output: String,
+    /// table (tab-separated, for awk), wide, json or yaml.
+    #[arg(short = 'o', long, value_enum, default_value_t = super::status::Output::Table)]
+    output: super::status::Output,
     #[command(flatten)]
     admin: AdminArgs,
 }
@@ -366,9 +366,7 @@ pub async fn run(args: HubArgs) -> anyhow::Result<()> {
         }
         Some(HubCommand::Token(TokenCommand::List(ListArgs { output, admin }))) => {
             let tokens = admin.client()?.join_tokens().await?;
-            if output == "json" {
-                println!("{}", serde_json::to_string_pretty(&tokens)?);
-            } else {
+            if !super::status::print_doc(output, &serde_json::to_value(&tokens)?)? {
                 println!("ID\tCLUSTER\tTRUST DOMAIN\tEXPIRES\tSTATE");
                 for t in tokens {
                     println!(
@@ -423,9 +421,7 @@ async fn admin_token_command(c: AdminTokenCommand) -> anyhow::Result<()> {
         }
         AdminTokenCommand::List(ListArgs { output, admin }) => {
             let tokens = admin.client()?.admin_tokens().await?;
-            if output == "json" {
-                println!("{}", serde_json::to_string_pretty(&tokens)?);
-            } else {
+            if !super::status::print_doc(output, &serde_json::to_value(&tokens)?)? {
                 println!("NAME\tROLE\tCREATED\tCREATED BY");
                 for t in tokens {
                     println!("{}\t{}\t{}\t{}", t.name, t.role, t.created, t.created_by);

@@ -27,7 +27,7 @@ pub async fn run(a: ProxyStatusArgs) -> anyhow::Result<()> {
         proxies.retain(|p| &p.cluster == c);
     }
     print(&proxies, a.output)?;
-    if proxies.is_empty() && a.output == Output::Table {
+    if proxies.is_empty() && a.output.is_table() {
         eprintln!(
             "no proxies reported{}: control planes report their sidecars' and gateways' configuration streams every few seconds",
             a.cluster
@@ -45,7 +45,8 @@ pub fn print(proxies: &[ProxyStatus], output: Output) -> anyhow::Result<()> {
     if print_doc(output, &serde_json::to_value(proxies)?)? {
         return Ok(());
     }
-    let mut t = table(&[
+    let wide = output == Output::Wide;
+    let mut header = vec![
         "CLUSTER",
         "PROXY",
         "ROLE",
@@ -53,14 +54,18 @@ pub fn print(proxies: &[ProxyStatus], output: Output) -> anyhow::Result<()> {
         "SYNC",
         "VERSION",
         "SVID UNTIL",
-    ]);
+    ];
+    if wide {
+        header.extend(["CONNECTED", "ACKED AT"]);
+    }
+    let mut t = table(&header);
     for p in proxies {
         let colour = match p.sync.as_str() {
             "SYNCED" => Color::Green,
             "NACK" => Color::Red,
             _ => Color::Yellow,
         };
-        t.add_row(vec![
+        let mut row = vec![
             cell(&p.cluster, None),
             cell(&p.identity, None),
             cell(&p.role, None),
@@ -81,7 +86,14 @@ pub fn print(proxies: &[ProxyStatus], output: Output) -> anyhow::Result<()> {
                 None,
             ),
             cell(p.svid_not_after.as_deref().unwrap_or("-"), None),
-        ]);
+        ];
+        if wide {
+            row.extend([
+                cell(&p.connected_at, None),
+                cell(p.acked_at.as_deref().unwrap_or("-"), None),
+            ]);
+        }
+        t.add_row(row);
     }
     println!("{t}");
     Ok(())

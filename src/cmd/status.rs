@@ -7,17 +7,26 @@ use comfy_table::{Cell, Color, ContentArrangement, Table, presets};
 
 use super::hub::AdminArgs;
 
+/// `-o`: a table for people (`wide`: with more columns), JSON or YAML for scripts.
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Output {
     Table,
+    Wide,
     Json,
     Yaml,
+}
+
+impl Output {
+    /// A table (plain or wide), not a document.
+    pub fn is_table(self) -> bool {
+        matches!(self, Output::Table | Output::Wide)
+    }
 }
 
 /// Prints `doc` as JSON or YAML; `false` for the table output (the caller draws it).
 pub(super) fn print_doc(output: Output, doc: &serde_json::Value) -> anyhow::Result<bool> {
     match output {
-        Output::Table => return Ok(false),
+        Output::Table | Output::Wide => return Ok(false),
         Output::Json => println!("{}", serde_json::to_string_pretty(doc)?),
         Output::Yaml => print!("{}", serde_saphyr::to_string(doc)?),
     }
@@ -88,7 +97,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     )? {
         return Ok(());
     }
-    clusters_table(&clusters);
+    clusters_table(&clusters, a.output == Output::Wide);
     let mut t = table(&[
         "SERVICE",
         "TYPE",
@@ -255,8 +264,13 @@ pub async fn explain(a: ExplainArgs) -> anyhow::Result<()> {
 }
 
 /// The clusters as `fedmesh status` and `fedmesh cluster list` draw them.
-pub(super) fn clusters_table(clusters: &[fedmesh_federation::hub::admin::ClusterStatus]) {
-    let mut t = table(&[
+/// `wide` adds the federation protocol, the view version applied (of the hub's) and the hub
+/// replica holding the cluster's stream.
+pub(super) fn clusters_table(
+    clusters: &[fedmesh_federation::hub::admin::ClusterStatus],
+    wide: bool,
+) {
+    let mut header = vec![
         "CLUSTER",
         "TRUST DOMAIN",
         "REGION",
@@ -265,7 +279,11 @@ pub(super) fn clusters_table(clusters: &[fedmesh_federation::hub::admin::Cluster
         "EXPORTS",
         "BUNDLE",
         "GATEWAYS",
-    ]);
+    ];
+    if wide {
+        header.extend(["PROTOCOL", "VIEW", "REPLICA"]);
+    }
+    let mut t = table(&header);
     for c in clusters {
         let (state, col) = if c.expired {
             ("expired", Color::Red)
@@ -276,7 +294,7 @@ pub(super) fn clusters_table(clusters: &[fedmesh_federation::hub::admin::Cluster
         } else {
             ("disconnected", Color::Yellow)
         };
-        t.add_row(vec![
+        let mut row = vec![
             cell(&c.name, None),
             cell(&c.trust_domain, None),
             cell(if c.region.is_empty() { "-" } else { &c.region }, None),
@@ -302,7 +320,15 @@ pub(super) fn clusters_table(clusters: &[fedmesh_federation::hub::admin::Cluster
                 },
                 None,
             ),
-        ]);
+        ];
+        if wide {
+            row.extend([
+                cell(c.protocol_version, None),
+                cell(format!("{}/{}", c.acked_version, c.view_version), None),
+                cell(c.hub_replica.as_deref().unwrap_or("-"), None),
+            ]);
+        }
+        t.add_row(row);
     }
     println!("{t}");
 }
