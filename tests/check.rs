@@ -153,9 +153,15 @@ async fn check_passes_on_a_healthy_clusterset_and_names_each_broken_link() {
         "{wide}"
     );
     let (_, wide) = cli(&tb, &["cluster", "list", "-o", "wide"]);
-    assert!(wide.contains("PROTOCOL") && wide.contains("REPLICA"), "{wide}");
+    assert!(
+        wide.contains("PROTOCOL") && wide.contains("REPLICA"),
+        "{wide}"
+    );
     let (_, wide) = cli(&tb, &["proxy-status", "-o", "wide"]);
-    assert!(wide.contains("CONNECTED") && wide.contains("ACKED AT"), "{wide}");
+    assert!(
+        wide.contains("CONNECTED") && wide.contains("ACKED AT"),
+        "{wide}"
+    );
 
     // Explain names the split east applies to reviews.
     east.write("reviews-split.yaml", SPLIT).unwrap();

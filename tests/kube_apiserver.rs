@@ -731,3 +731,49 @@ metadata: {{name: default, namespace: plain}}
     );
     assert!(cp.log().contains("injected the sidecar"), "{}", cp.log());
 }
+
+/// A proxy's zone comes from its pod's node, as the control plane reads them with its own
+/// service account (the kind manifests' RBAC): only for a pod that runs as the proxy's service
+/// account, never from a label on the pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxys_zone_comes_from_its_pods_node() {
+    use fedmesh_federation::control_plane::locality::PodLocality;
+    let Some(api) = tokio::task::block_in_place(KubeApiServer::start) else {
+        return;
+    };
+    tokio::task::block_in_place(|| {
+        api.install_fedmesh("east");
+        api.apply(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: {topology.kubernetes.io/zone: us-east-1a}}\n",
+        );
+        api.create_pod("shop", "web-1", "web", "node-a", "Running");
+        // A label on the pod claiming another zone changes nothing.
+        api.kubectl_ok(
+            &[
+                "label",
+                "pod",
+                "web-1",
+                "-n",
+                "shop",
+                "topology.kubernetes.io/zone=us-east-1z",
+            ],
+            None,
+        );
+    });
+    let client = api
+        .client_as("fedmesh-system", "fedmesh-control-plane")
+        .await;
+    let locality = PodLocality::new(client);
+    let web = fedmesh_api::SpiffeId::new("spiffe://east.fedmesh.test/ns/shop/sa/web").unwrap();
+    assert_eq!(
+        locality.zone_of(&web, "web-1").await.as_deref(),
+        Some("us-east-1a")
+    );
+    let other = fedmesh_api::SpiffeId::new("spiffe://east.fedmesh.test/ns/shop/sa/other").unwrap();
+    assert_eq!(
+        locality.zone_of(&other, "web-1").await,
+        None,
+        "another service account's pod lends no zone"
+    );
+    assert_eq!(locality.zone_of(&web, "no-such-pod").await, None);
+}

@@ -451,7 +451,7 @@ impl Gateway {
         let here = Locality {
             cluster: here.name.to_string(),
             region: here.region.clone(),
-            zone: self.options.zone.clone(),
+            zone: table.zone(&self.options.zone).to_string(),
         };
         let connect_timeout = self.options.connect_timeout;
         let connected = self

@@ -228,7 +228,7 @@ impl Sidecar {
                 .as_ref()
                 .map(|l| l.region.clone())
                 .unwrap_or_default(),
-            zone: self.options.zone.clone(),
+            zone: table.zone(&self.options.zone).to_string(),
         }
     }
 

@@ -26,6 +26,7 @@ fn local_cluster(c: &pb::LocalCluster) -> Result<Option<LocalCluster>, String> {
         trust_domain: TrustDomain::new(&c.trust_domain)
             .map_err(|e| format!("trust domain {:?}: {e}", c.trust_domain))?,
         region: c.region.clone(),
+        zone: c.zone.clone(),
     }))
 }
 
@@ -236,6 +237,7 @@ mod tests {
             name: "east".into(),
             trust_domain: "east.example".into(),
             region: "us-east".into(),
+            zone: String::new(),
             peers: vec![pb::Peer {
                 cluster: "west".into(),
                 trust_domain: "west.example".into(),
@@ -316,6 +318,24 @@ mod tests {
             t.cluster_of[&TrustDomain::new("west.example").unwrap()].as_str(),
             "west"
         );
+    }
+
+    #[test]
+    fn a_proxys_own_zone_wins_over_the_one_its_control_plane_sends() {
+        let services = [("shop/web".to_string(), web())].into();
+        let t = compile(1, 2, &cluster(), &services).unwrap();
+        assert_eq!(t.zone(""), "", "none known");
+        let sent = pb::LocalCluster {
+            zone: "us-east-1a".into(),
+            ..cluster()
+        };
+        let t = compile(1, 2, &sent, &services).unwrap();
+        assert_eq!(
+            t.zone(""),
+            "us-east-1a",
+            "its pod's node's, from the control plane"
+        );
+        assert_eq!(t.zone("us-east-1b"), "us-east-1b", "its own --zone first");
     }
 
     #[test]

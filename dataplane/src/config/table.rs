@@ -133,6 +133,8 @@ pub struct LocalCluster {
     pub name: ClusterName,
     pub trust_domain: TrustDomain,
     pub region: String,
+    /// This proxy's zone as the control plane knows it (its pod's node's), "" when unknown.
+    pub zone: String,
 }
 
 /// Everything a proxy routes by.
@@ -185,6 +187,15 @@ impl RoutingTable {
     /// This cluster's name ("" before the first configuration).
     pub fn cluster_name(&self) -> &str {
         self.local.as_ref().map(|l| l.name.as_str()).unwrap_or("")
+    }
+
+    /// This proxy's zone: `own` (its --zone) when given, else the one its control plane sent
+    /// (its pod's node's), else "".
+    pub fn zone<'a>(&'a self, own: &'a str) -> &'a str {
+        if !own.is_empty() {
+            return own;
+        }
+        self.local.as_ref().map(|l| l.zone.as_str()).unwrap_or("")
     }
 
     /// Whether `subject` (a service key or an address) needs no question to the control plane:

@@ -332,11 +332,16 @@ impl DataPlane for ConfigService {
             &self.cp.config.system_namespace,
             &req.subscriptions,
         )?;
+        let zone = match &self.cp.pod_locality {
+            Some(l) => l.zone_of(&caller, &req.node).await.unwrap_or_default(),
+            None => String::new(),
+        };
         let local = pb::LocalCluster {
             name: self.cp.config.cluster.to_string(),
             trust_domain: self.cp.config.trust_domain.to_string(),
             region: self.cp.config.region.clone(),
             peers: vec![],
+            zone,
         };
         let cluster = move |peers: &Arc<Vec<pb::Peer>>| pb::LocalCluster {
             peers: peers.as_ref().clone(),

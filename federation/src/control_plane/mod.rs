@@ -16,6 +16,7 @@ pub mod gateway_probe;
 pub mod hub_link;
 pub mod identity;
 pub mod jwks;
+pub mod locality;
 pub mod nodes;
 pub mod peer_traffic;
 pub mod policy;
@@ -208,6 +209,8 @@ pub struct ControlPlane {
     pub proxies: Arc<proxies::Proxies>,
     /// The latest probe of every other cluster's gateways.
     pub gateway_probes: Arc<gateway_probe::GatewayProbes>,
+    /// With the Kubernetes source: each proxy's zone, from its pod's node.
+    pub pod_locality: Option<locality::PodLocality>,
     pub credentials: Option<Arc<HubCredentials>>,
     pub dns_addr: Option<SocketAddr>,
     pub listen_addr: Option<SocketAddr>,
@@ -321,6 +324,7 @@ impl ControlPlane {
             }
         };
         let webhook_client = config.webhook.as_ref().and(client.clone());
+        let pod_locality = client.clone().map(locality::PodLocality::new);
         // The webhook injects native sidecars where the API server runs them.
         let native_sidecars = match (&config.webhook, &client) {
             (Some(_), Some(c)) => c.apiserver_version().await.is_ok_and(|v| {
@@ -434,6 +438,7 @@ impl ControlPlane {
             peer_traffic: Arc::default(),
             proxies: Arc::default(),
             gateway_probes: Arc::default(),
+            pod_locality,
             credentials,
             dns_addr,
             listen_addr,

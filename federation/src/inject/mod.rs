@@ -238,9 +238,8 @@ fn proxy_container(a: &InjectOptions) -> Value {
         "env": [
             {"name": "FEDMESH_CONTROL_PLANE", "value": a.control_plane},
             {"name": "SPIFFE_ENDPOINT_SOCKET", "value": format!("unix:{socket}")},
-            // Pods carry their node's zone label on Kubernetes 1.33+ (PodTopologyLabels).
-            {"name": "FEDMESH_ZONE", "valueFrom": {"fieldRef": {
-                "fieldPath": "metadata.labels['topology.kubernetes.io/zone']"}}},
+            // The pod's name: the control plane reads the pod's node and sends the sidecar
+            // that node's zone (never a label on the pod, which its owner could set).
             {"name": "FEDMESH_NODE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "K8S_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
             {"name": "K8S_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},

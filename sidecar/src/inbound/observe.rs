@@ -240,7 +240,7 @@ mod tests {
         assert!(text.contains("reason=\"app_unreachable\"} 1"), "{text}");
         assert!(!text.contains("unknown_service"), "{text}");
         assert!(
-            text.contains("reporter=\"destination\",source_cluster=\"west\",destination_cluster=\"east\",destination_service=\"shop/web\",response_code=\"503\"} 1"),
+            text.contains("reporter=\"destination\",source_principal=\"spiffe://west.example/ns/shop/sa/frontend\",source_cluster=\"west\",destination_cluster=\"east\",destination_service=\"shop/web\",response_code=\"503\"} 1"),
             "{text}"
         );
     }

@@ -26,7 +26,7 @@ use super::retry::AppRetry;
 pub(crate) struct BalanceLayer {
     pub balancer: Arc<Balancer>,
     pub identity: MeshIdentity,
-    /// This sidecar's zone.
+    /// This sidecar's zone (--zone); empty: the one its control plane sends.
     pub zone: String,
     pub metrics: Arc<ProxyMetrics>,
 }
@@ -87,7 +87,7 @@ impl BalanceLayer {
                 .as_ref()
                 .map(|l| l.region.clone())
                 .unwrap_or_default(),
-            zone: self.zone.clone(),
+            zone: ctx.table.zone(&self.zone).to_string(),
         }
     }
 

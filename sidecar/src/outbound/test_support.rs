@@ -50,6 +50,7 @@ pub(crate) fn table_with_policy(policy: pb::TrafficPolicy) -> Arc<RoutingTable> 
         trust_domain: "east.example".into(),
         region: "us-east".into(),
         peers: vec![],
+        zone: String::new(),
     };
     Arc::new(
         compile(
