@@ -368,6 +368,24 @@ fn the_kind_manifests_give_each_component_what_it_uses_and_a_missing_permission_
     west.terminate(Duration::from_secs(10));
 }
 
+/// `fedmesh ARGS` with the API server's admin kubeconfig: (success, stdout and stderr).
+fn fedmesh_as_admin(api: &KubeApiServer, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(fedmesh_bin())
+        .args(args)
+        .env("KUBECONFIG", &api.admin_kubeconfig)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// `fedmesh check --pre` against a real API server: before fedmesh's CRDs are installed it fails
 /// naming each and the command that installs them; once they are, it passes (the Gateway API
 /// CRDs, which fedmesh reads when present, only warn).
@@ -376,22 +394,7 @@ fn check_pre_flight_names_the_missing_crds_and_passes_once_they_are_installed() 
     let Some(api) = KubeApiServer::start() else {
         return;
     };
-    let check = || {
-        let out = std::process::Command::new(fedmesh_bin())
-            .args(["check", "--pre"])
-            .env("KUBECONFIG", &api.admin_kubeconfig)
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    };
+    let check = || fedmesh_as_admin(&api, &["check", "--pre"]);
     let (ok, out) = check();
     eprintln!("before the CRDs:\n{out}");
     assert!(!ok, "{out}");
@@ -462,20 +465,8 @@ fn cluster_link_writes_the_secret_and_configmap_the_control_plane_reads() {
         .map(|s| s.to_string())
         .collect();
         args.extend(admin_args(&hub));
-        let out = std::process::Command::new(fedmesh_bin())
-            .args(&args)
-            .env("KUBECONFIG", &api.admin_kubeconfig)
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fedmesh_as_admin(&api, &args)
     };
     let (ok, said) = link();
     eprintln!("{said}");

@@ -508,6 +508,21 @@ impl TrustDomainCa {
         id: &SpiffeId,
         ttl: Option<Duration>,
     ) -> Result<IssuedSvid, CaError> {
+        self.sign_serving_cert(csr_der, id, &[], ttl)
+    }
+
+    /// Signs an X.509-SVID for the key in `csr_der` as `id` that also names `hosts` (DNS names or
+    /// IP addresses), for a client that checks host names rather than SPIFFE IDs — the
+    /// Kubernetes API server calling the control plane's admission webhook. (An X.509-SVID has
+    /// exactly one URI SAN and may have other SANs.) As for [`Self::sign_csr_for`], the CSR may
+    /// name no SAN, or exactly `id`.
+    pub fn sign_serving_cert(
+        &self,
+        csr_der: &[u8],
+        id: &SpiffeId,
+        hosts: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<IssuedSvid, CaError> {
         let (requested, public_key) = check_csr(csr_der, true)?;
         if let Some(r) = requested
             && &r != id
@@ -517,43 +532,6 @@ impl TrustDomainCa {
                 expected: id.clone(),
             });
         }
-        let inner = self.read();
-        if !id.is_member_of(&inner.state.trust_domain) {
-            return Err(CaError::ForeignTrustDomain {
-                requested: id.clone(),
-                trust_domain: inner.state.trust_domain.clone(),
-            });
-        }
-        let now = SystemTime::now();
-        let (not_before, not_after) = self.validity(&inner, ttl, now)?;
-        let chain = issue_leaf(
-            active(&inner, now)?,
-            id,
-            &[],
-            public_key,
-            not_before,
-            not_after,
-        )?;
-        Ok(IssuedSvid {
-            id: id.clone(),
-            chain,
-            not_before,
-            not_after,
-        })
-    }
-
-    /// Signs an X.509-SVID for the key in `csr_der` as `id` that also names `hosts` (DNS names or
-    /// IP addresses), for a client that checks host names rather than SPIFFE IDs — the
-    /// Kubernetes API server calling the control plane's admission webhook. (An X.509-SVID has
-    /// exactly one URI SAN and may have other SANs.)
-    pub fn sign_serving_cert(
-        &self,
-        csr_der: &[u8],
-        id: &SpiffeId,
-        hosts: &[String],
-        ttl: Option<Duration>,
-    ) -> Result<IssuedSvid, CaError> {
-        let (_, public_key) = check_csr(csr_der, true)?;
         let inner = self.read();
         if !id.is_member_of(&inner.state.trust_domain) {
             return Err(CaError::ForeignTrustDomain {
