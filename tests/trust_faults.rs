@@ -372,12 +372,15 @@ fn ca_rotation_in_one_then_two_clusters_under_load_costs_nothing_and_a_removed_c
     // The connection it already had is told to stop as well.
     let (stopped_after, how) = told.join().unwrap();
     let how = how.expect("west ends the connection central already had");
-    assert_eq!(
-        admin_metric(
-            api_pod,
-            "fedmesh_sidecar_refused_total{reason=\"trust_withdrawn\"}"
-        ),
-        1
+    // The held connection at least; a probe connection of the loop above that the sidecar had
+    // not finished closing when the trust went may be cut and counted with it.
+    let cut = admin_metric(
+        api_pod,
+        "fedmesh_sidecar_refused_total{reason=\"trust_withdrawn\"}",
+    );
+    assert!(
+        (1..=1 + accepted_after).contains(&cut),
+        "connections cut for trust withdrawn: {cut} (the held one, and at most the {accepted_after} accepted just before)"
     );
     eprintln!(
         "RELIABILITY | cluster removed | central removed → new connections from it refused by west after {cut_after:?} \
