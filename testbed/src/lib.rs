@@ -66,6 +66,9 @@ pub struct ClusterSpec {
     /// The lifetime of the SVIDs the cluster's CA issues (`None`: the control plane's default);
     /// they are renewed at half of it.
     pub svid_ttl: Option<Duration>,
+    /// The control plane probes other clusters' gateways (its default); a benchmark that
+    /// measures a gateway's cost per request turns this periodic cost off.
+    pub probe_gateways: bool,
 }
 
 impl ClusterSpec {
@@ -80,6 +83,7 @@ impl ClusterSpec {
             bundle_refresh_hint: None,
             bundle_endpoint: false,
             svid_ttl: None,
+            probe_gateways: true,
         }
     }
 }
@@ -392,6 +396,7 @@ impl Cluster {
         if let Some(ttl) = spec.svid_ttl {
             config.svid_ttl = ttl;
         }
+        config.probe_gateways = spec.probe_gateways;
         let ca_dir = data.join("ca");
         if (spec.upstream.is_some() || spec.bundle_refresh_hint.is_some())
             && !ca_dir.join(fedmesh_trust::ca::STATE_FILE).exists()

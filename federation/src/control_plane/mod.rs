@@ -117,6 +117,8 @@ pub struct ControlPlaneConfig {
     pub admin_listen: Option<SocketAddr>,
     /// Serve the sidecar injection webhook (HTTPS, a certificate of this cluster's CA).
     pub webhook: Option<crate::inject::webhook::WebhookConfig>,
+    /// Probe other clusters' gateways (`fedmesh gateways`, `check`, `explain`); on by default.
+    pub probe_gateways: bool,
 }
 
 impl ControlPlaneConfig {
@@ -148,6 +150,7 @@ impl ControlPlaneConfig {
             bundle_endpoint_web: None,
             admin_listen: None,
             webhook: None,
+            probe_gateways: true,
         }
     }
 }
@@ -493,6 +496,7 @@ impl ControlPlane {
             ));
             tokio::spawn(renew_loop(creds.clone(), shutdown.clone()));
             match identity::own_identity(&cp, &shutdown) {
+                Ok(_) if !cp.config.probe_gateways => {}
                 Ok(own) => {
                     tokio::spawn(gateway_probe::run(
                         cp.config.cluster.clone(),
