@@ -1,15 +1,17 @@
 //! `fedmesh check`, `fedmesh gateways` and `fedmesh explain` on the in-process testbed, read with
 //! the real CLI: a healthy clusterset passes; a proxy that stops taking its configuration, a
 //! cluster whose bundle never reached the hub and a stopped gateway each fail with the message
-//! that names them; explain names the split, the Service an export lacks and the broken gateway.
+//! that names them; explain names the split, the Service an export lacks and the broken gateway,
+//! and what the sidecars' outlier detection ejected.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
 use fedmesh_testbed::Testbed;
+use fedmesh_testbed::client::ProxyClient;
 use support::mesh::{
-    client_workload, endpoints, http_workload, serve_http, testbed, wait_routable,
+    client_workload, endpoints, get, http_workload, serve_http, testbed, url, wait_routable,
 };
 use support::{Proc, fedmesh};
 
@@ -310,5 +312,113 @@ async fn check_passes_on_a_healthy_clusterset_and_names_each_broken_link() {
         "{out}"
     );
     assert!(out.contains("NOT routable"), "{out}");
+    tb.shutdown().await;
+}
+
+/// Explain shows the endpoints' health as the sidecars see it: east's sidecar, whose requests to
+/// west fail, ejects west's gateway; west's own caller ejects the endpoint; explain and
+/// `proxy-status -o wide` name both, and say none is ejected once the failures stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_names_what_the_sidecars_ejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    let (api, _api_app) = http_workload(west, "api", "a").await;
+    serve_http(west, "api", &endpoints(&[&api]));
+    let remote = client_workload(east, "web", "a").await;
+    let local = client_workload(west, "web", "a").await;
+    wait_routable(&tb, &remote, "api", &["west"]).await;
+    wait_routable(&tb, &local, "api", &["west"]).await;
+    let (gw, endpoint) = (west.gateway_addr.to_string(), api.inbound.to_string());
+
+    // The app answers 503 (three in a row eject) until explain shows both ejections.
+    let (mut from_east, mut from_west) = (
+        ProxyClient::new(remote.proxy),
+        ProxyClient::new(local.proxy),
+    );
+    let start = Instant::now();
+    let (east_view, west_view) = loop {
+        for _ in 0..3 {
+            let r = get(&mut from_east, &url("api", "/status/503"), &[]).await;
+            assert_eq!(r.status, 503);
+            let r = get(&mut from_west, &url("api", "/status/503"), &[]).await;
+            assert_eq!(r.status, 503);
+        }
+        let e = cli(&tb, &["explain", "shop/api", "--from", "east"]);
+        let w = cli(&tb, &["explain", "shop/api", "--from", "west"]);
+        let shown = e.1.contains("ejected west's gateway") && w.1.contains("ejected endpoint");
+        if shown || start.elapsed() > Duration::from_secs(60) {
+            break (e, w);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    eprintln!(
+        "fedmesh explain shop/api --from east (west answers 503):\n{}",
+        east_view.1
+    );
+    eprintln!(
+        "fedmesh explain shop/api --from west (west answers 503):\n{}",
+        west_view.1
+    );
+    assert!(
+        east_view.1.contains(&format!(
+            "1 of 1 sidecar(s) in east ejected west's gateway {gw} after requests to shop/api failed"
+        )),
+        "{}",
+        east_view.1
+    );
+    assert!(
+        east_view.1.contains("→ do shop/api's endpoints in west answer 5xx or refuse connections? fedmesh proxy-status --cluster east -o wide"),
+        "{}",
+        east_view.1
+    );
+    assert!(
+        east_view.0,
+        "an ejection is a warning, the service stays routable: {}",
+        east_view.1
+    );
+    assert!(
+        west_view.1.contains(&format!(
+            "sidecar(s) in west ejected endpoint {endpoint} after requests to shop/api failed"
+        )),
+        "{}",
+        west_view.1
+    );
+    // proxy-status shows them too: wide as a column, JSON with the time left.
+    let (ok, wide) = until(
+        &tb,
+        &["proxy-status", "--cluster", "east", "-o", "wide"],
+        |_, o| o.contains(&format!("west@{gw} (")),
+    )
+    .await;
+    eprintln!("fedmesh proxy-status --cluster east -o wide (west answers 503):\n{wide}");
+    assert!(ok && wide.contains("EJECTED"), "{wide}");
+    let (_, json) = cli(&tb, &["proxy-status", "-o", "json"]);
+    let proxies: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let ejected: Vec<&serde_json::Value> = proxies
+        .iter()
+        .filter_map(|p| p["ejected"].as_array())
+        .flatten()
+        .collect();
+    assert!(
+        ejected.iter().any(|e| e["remote"] == true
+            && e["cluster"] == "west"
+            && e["address"] == gw.as_str()
+            && e["service"] == "shop/api"
+            && e["remaining_seconds"].as_f64().is_some_and(|s| s > 0.0)),
+        "{json}"
+    );
+
+    // The failures stop: the ejections end and explain says so.
+    let (ok, out) = until(&tb, &["explain", "shop/api", "--from", "east"], |_, o| {
+        o.contains("none ejected by east's 1 sidecar(s)")
+    })
+    .await;
+    eprintln!("fedmesh explain shop/api --from east (failures stopped):\n{out}");
+    assert!(
+        ok && out.contains("none ejected by east's 1 sidecar(s)"),
+        "{out}"
+    );
+    assert!(!out.contains("ejected west's gateway"), "{out}");
     tb.shutdown().await;
 }

@@ -22,6 +22,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use fedmesh_api::{ClusterName, ServiceKey};
+
 use crate::policy::{ClusterShare, Outlier};
 use crate::target::{Place, Target};
 
@@ -52,6 +54,23 @@ struct Health {
     failures: u32,
     ejected_until: Option<Instant>,
     ejections: u32,
+    /// What the last ejection took out: for the control plane's view ([`Balancer::ejected`]).
+    what: Option<Ejected>,
+}
+
+/// A target outlier detection holds ejected now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ejected {
+    pub cluster: ClusterName,
+    /// Another cluster, through its gateway (ejected for every service there).
+    pub remote: bool,
+    /// The endpoint's address, or the gateway's.
+    pub address: String,
+    /// The service whose failed requests ejected it.
+    pub service: ServiceKey,
+    pub remaining: Duration,
+    /// Ejections in a row.
+    pub ejections: u32,
 }
 
 /// Shared by all requests of a proxy; survives config updates (health is keyed by target).
@@ -62,6 +81,41 @@ pub struct Balancer {
     /// Round-robin positions, per service.
     turns: Mutex<HashMap<Box<str>, usize>>,
     rng: Mutex<u64>,
+}
+
+/// How often a proxy looks at what its outlier detection holds ejected, to tell its control plane.
+pub const HEALTH_EVERY: Duration = Duration::from_secs(2);
+
+/// Tells the control plane, through `config`, what `balancer` holds ejected: every
+/// [`HEALTH_EVERY`] until `shutdown`, sending only changes (`fedmesh explain` shows them).
+pub async fn report_ejections(
+    balancer: std::sync::Arc<Balancer>,
+    config: crate::config::ConfigHandle,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use fedmesh_api::pb::dataplane as pb;
+    let mut tick = tokio::time::interval(HEALTH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        config.report_health(pb::Health {
+            ejected: balancer
+                .ejected()
+                .into_iter()
+                .map(|e| pb::Ejection {
+                    cluster: e.cluster.to_string(),
+                    remote: e.remote,
+                    address: e.address,
+                    service: e.service.to_string(),
+                    remaining_ms: e.remaining.as_millis().min(u128::from(u32::MAX)) as u32,
+                    ejections: e.ejections,
+                })
+                .collect(),
+        });
+    }
 }
 
 /// How a target is chosen within the tier that locality and the split leave.
@@ -206,11 +260,39 @@ impl Balancer {
                 e.ejected_until = Some(now + d);
                 e.ejections += 1;
                 e.failures = 0;
+                e.what = Some(Ejected {
+                    cluster: t.cluster().clone(),
+                    remote: !t.is_local(),
+                    address: match t.place() {
+                        Place::Local { addr, .. } => addr.to_string(),
+                        Place::Remote { gateway, .. } => gateway.to_string(),
+                    },
+                    service: t.sni().service.clone(),
+                    remaining: d,
+                    ejections: e.ejections,
+                });
                 tracing::info!(target = %t.key(), ejected_for = ?d, "outlier ejected");
                 return true;
             }
         }
         false
+    }
+
+    /// The targets ejected now, by address: what this proxy tells its control plane.
+    pub fn ejected(&self) -> Vec<Ejected> {
+        let now = Instant::now();
+        let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<Ejected> = h
+            .values()
+            .filter_map(|e| {
+                let until = e.ejected_until.filter(|u| *u > now)?;
+                let mut what = e.what.clone()?;
+                what.remaining = until - now;
+                Some(what)
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.cluster, &a.address).cmp(&(&b.cluster, &b.address)));
+        out
     }
 
     /// Counts an active request on `t` (for least-request) until the lease drops.
@@ -394,7 +476,7 @@ fn same_pool(a: &Target, b: &Target) -> bool {
 mod tests {
     use super::*;
 
-    use fedmesh_api::{ClusterName, TrustDomain};
+    use fedmesh_api::TrustDomain;
 
     use crate::sni::MeshSni;
 
@@ -511,6 +593,48 @@ mod tests {
         let only_east = vec![local("a1", "a")];
         assert!(
             (0..100).all(|_| b.pick(&here(), &only_east, &split, &[]) == Some(local("a1", "a")))
+        );
+    }
+
+    #[test]
+    fn ejected_lists_what_is_out_now_with_its_service_and_time_left() {
+        let b = Balancer::new(OutlierConfig {
+            base_ejection: Duration::from_secs(3600),
+            max_ejection: Duration::from_secs(7200),
+            ..fast()
+        });
+        let all = vec![local("a1", "a"), local("a2", "a"), remote("west")];
+        assert!(b.ejected().is_empty());
+        b.failure(&local("a2", "a"), &all);
+        b.failure(&remote("west"), &all);
+        let out = b.ejected();
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(
+            (
+                out[0].cluster.as_str(),
+                out[0].remote,
+                out[0].address.as_str()
+            ),
+            ("east", false, "10.0.0.2:8080")
+        );
+        assert_eq!(out[1].cluster.as_str(), "west");
+        assert!(out[1].remote);
+        assert_eq!(out[1].service.to_string(), "shop/web");
+        assert_eq!(out[1].ejections, 1);
+        assert!(out[1].remaining > Duration::from_secs(3500));
+        // A success ends the streak but not the ejection; its end does.
+        b.success(&local("a2", "a"));
+        assert_eq!(b.ejected().len(), 2);
+        let b = Balancer::new(fast());
+        b.failure_at(
+            &local("a1", "a"),
+            &all,
+            Instant::now() - Duration::from_secs(1),
+            &Outlier::default(),
+        );
+        assert!(
+            b.ejected().is_empty(),
+            "a 50ms ejection a second ago is over"
         );
     }
 

@@ -94,7 +94,7 @@ impl Default for GatewayOptions {
 pub struct Gateway {
     options: GatewayOptions,
     config: ConfigHandle,
-    balancer: Balancer,
+    balancer: Arc<Balancer>,
     metrics: Arc<ProxyMetrics>,
     server: Server,
     /// Answers probes (from `options.identity`).
@@ -182,7 +182,7 @@ impl Gateway {
         });
         Self {
             probe,
-            balancer: Balancer::new(options.outlier.clone()),
+            balancer: Arc::new(Balancer::new(options.outlier.clone())),
             server: Server::new("gateway", options.max_connections, options.drain_timeout),
             options,
             config,
@@ -202,6 +202,11 @@ impl Gateway {
     /// Serves `listener` until `shutdown`, then stops accepting and gives open connections
     /// `drain_timeout` to finish before closing them.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        tokio::spawn(fedmesh_dataplane::balance::report_ejections(
+            self.balancer.clone(),
+            self.config.clone(),
+            shutdown.clone(),
+        ));
         let gw = self.clone();
         self.server
             .serve(

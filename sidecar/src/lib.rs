@@ -129,6 +129,9 @@ pub struct Sidecar {
     permissive: inbound::PermissiveTraffic,
     /// Open inbound connections by caller trust domain, to stop those no longer trusted.
     peer_domains: Arc<inbound::PeerDomains>,
+    /// Whether the report of what outlier detection ejected has started (with the first
+    /// listener).
+    reporting: std::sync::atomic::AtomicBool,
 }
 
 impl Sidecar {
@@ -187,6 +190,7 @@ impl Sidecar {
         });
         Arc::new(Self {
             peer_domains: Arc::default(),
+            reporting: Default::default(),
             inbound_tls,
             inbound,
             plain_h1,
@@ -363,6 +367,16 @@ impl Sidecar {
         F: Fn(TcpStream, SocketAddr, CancellationToken) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
+        if !self
+            .reporting
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tokio::spawn(fedmesh_dataplane::balance::report_ejections(
+                self.balancer.clone(),
+                self.config.clone(),
+                shutdown.clone(),
+            ));
+        }
         self.server
             .serve(listener, shutdown, |_| self.metrics.refuse("overloaded"), f)
             .await;

@@ -39,6 +39,26 @@ pub async fn run(a: ProxyStatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a proxy's outlier detection holds ejected: `west@gw:15443 (4s)` for another cluster's
+/// gateway, `shop/api 10.0.0.7:15006 (2s)` for an endpoint; `-` for nothing.
+fn ejected(p: &ProxyStatus) -> String {
+    if p.ejected.is_empty() {
+        return "-".into();
+    }
+    p.ejected
+        .iter()
+        .map(|e| {
+            let left = e.remaining_seconds.ceil() as u64;
+            if e.remote {
+                format!("{}@{} ({left}s)", e.cluster, e.address)
+            } else {
+                format!("{} {} ({left}s)", e.service, e.address)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The table (or JSON/YAML) of `proxies`. VERSION is acknowledged/sent (and the control plane's
 /// version now: a proxy is sent a version only when its view changed).
 pub fn print(proxies: &[ProxyStatus], output: Output) -> anyhow::Result<()> {
@@ -56,7 +76,7 @@ pub fn print(proxies: &[ProxyStatus], output: Output) -> anyhow::Result<()> {
         "SVID UNTIL",
     ];
     if wide {
-        header.extend(["CONNECTED", "ACKED AT"]);
+        header.extend(["CONNECTED", "ACKED AT", "EJECTED"]);
     }
     let mut t = table(&header);
     for p in proxies {
@@ -91,6 +111,7 @@ pub fn print(proxies: &[ProxyStatus], output: Output) -> anyhow::Result<()> {
             row.extend([
                 cell(&p.connected_at, None),
                 cell(p.acked_at.as_deref().unwrap_or("-"), None),
+                cell(ejected(p), None),
             ]);
         }
         t.add_row(row);

@@ -41,6 +41,9 @@ pub struct ConfigHandle {
     connected: watch::Receiver<bool>,
     subscribe: Option<mpsc::Sender<String>>,
     report: Option<mpsc::Sender<pb::Demand>>,
+    /// What outlier detection holds ejected, latest only: sent when it changes and on every
+    /// new stream.
+    health: Option<Arc<watch::Sender<pb::Health>>>,
 }
 
 impl ConfigHandle {
@@ -55,6 +58,7 @@ impl ConfigHandle {
             connected,
             subscribe: None,
             report: None,
+            health: None,
         }
     }
 
@@ -87,6 +91,24 @@ impl ConfigHandle {
     pub fn report_demand(&self, d: pb::Demand) {
         if let Some(tx) = &self.report {
             let _ = tx.try_send(d);
+        }
+    }
+
+    /// Tells the control plane what this proxy's outlier detection holds ejected now (sent only
+    /// when the set of ejected targets changed: the time left is refreshed with it).
+    pub fn report_health(&self, h: pb::Health) {
+        if let Some(tx) = &self.health {
+            tx.send_if_modified(|held| {
+                let same = held.ejected.len() == h.ejected.len()
+                    && held.ejected.iter().zip(&h.ejected).all(|(a, b)| {
+                        (&a.cluster, &a.address, &a.service, a.ejections)
+                            == (&b.cluster, &b.address, &b.service, b.ejections)
+                    });
+                if !same {
+                    *held = h;
+                }
+                !same
+            });
         }
     }
 
@@ -138,9 +160,11 @@ pub fn start(
     let (connected_tx, connected) = watch::channel(false);
     let (subscribe_tx, subscriptions) = mpsc::channel::<String>(256);
     let (report_tx, reports) = mpsc::channel::<pb::Demand>(4);
+    let (health_tx, health) = watch::channel(pb::Health::default());
     let mut outgoing = Outgoing {
         subscriptions,
         reports,
+        health,
     };
     let mut state = State {
         map: HashMap::new(),
@@ -171,6 +195,7 @@ pub fn start(
         connected,
         subscribe: Some(subscribe_tx),
         report: Some(report_tx),
+        health: Some(Arc::new(health_tx)),
     };
     let (role, node) = (role.to_string(), node.to_string());
     tokio::spawn(async move {
@@ -211,6 +236,7 @@ pub fn start(
 struct Outgoing {
     subscriptions: mpsc::Receiver<String>,
     reports: mpsc::Receiver<pb::Demand>,
+    health: watch::Receiver<pb::Health>,
 }
 
 struct State {
@@ -320,10 +346,23 @@ async fn session(
         .map_err(|s| format!("{} ({:?})", s.message(), s.code()))?
         .into_inner();
     connected.send_replace(true);
+    // A new stream starts with nothing ejected at the control plane's end.
+    if !outgoing.health.borrow().ejected.is_empty() {
+        outgoing.health.mark_changed();
+    }
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             m = inbound.message() => m.map_err(|s| format!("{} ({:?})", s.message(), s.code()))?,
+            Ok(()) = outgoing.health.changed() => {
+                let h = outgoing.health.borrow_and_update().clone();
+                tx.send(pb::DataPlaneMessage {
+                    msg: Some(pb::data_plane_message::Msg::Health(h)),
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                continue;
+            }
             Some(d) = outgoing.reports.recv() => {
                 tx.send(pb::DataPlaneMessage {
                     msg: Some(pb::data_plane_message::Msg::Demand(d)),

@@ -429,6 +429,10 @@ impl DataPlane for ConfigService {
                             cp.peer_traffic.record(&stream_id, caller_ns.as_deref(), &d.permissive);
                             continue;
                         }
+                        Ok(Some(pb::DataPlaneMessage { msg: Some(pb::data_plane_message::Msg::Health(h)) })) => {
+                            entry.health(&h);
+                            continue;
+                        }
                         Ok(Some(pb::DataPlaneMessage { msg: Some(pb::data_plane_message::Msg::Subscribe(s)) })) => {
                             not_found = scope.subscribe(&s, &state.borrow().services);
                             tracing::debug!(%caller, services = ?s.services, addresses = ?s.addresses, ?not_found, "subscription");

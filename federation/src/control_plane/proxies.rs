@@ -27,6 +27,50 @@ pub struct ProxyView {
     pub nack_error: String,
     /// Expiry of the SVID its stream was opened with (0: unknown).
     pub svid_not_after_unix: i64,
+    /// What its outlier detection holds ejected, as it last said.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ejected: Vec<EjectedView>,
+}
+
+/// An endpoint or another cluster's gateway a proxy's outlier detection took out of its
+/// balancing for a while.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EjectedView {
+    pub cluster: String,
+    /// Another cluster, through its gateway: ejected for every service there.
+    pub remote: bool,
+    /// ip:port of an endpoint, host:port of a gateway.
+    pub address: String,
+    /// The service whose failed requests ejected it.
+    pub service: String,
+    /// When the ejection ends (ms since the epoch).
+    pub until_unix_ms: i64,
+    /// Ejections in a row (each doubles the time out).
+    pub ejections: u32,
+}
+
+impl EjectedView {
+    pub fn from_pb(e: &pb::EjectedTarget) -> Self {
+        Self {
+            cluster: e.cluster.clone(),
+            remote: e.remote,
+            address: e.address.clone(),
+            service: e.service.clone(),
+            until_unix_ms: e.until_unix_ms,
+            ejections: e.ejections,
+        }
+    }
+
+    fn to_pb(&self) -> pb::EjectedTarget {
+        pb::EjectedTarget {
+            cluster: self.cluster.clone(),
+            remote: self.remote,
+            address: self.address.clone(),
+            service: self.service.clone(),
+            until_unix_ms: self.until_unix_ms,
+            ejections: self.ejections,
+        }
+    }
 }
 
 impl ProxyView {
@@ -53,6 +97,7 @@ impl ProxyView {
             acked_unix: p.acked_unix,
             nack_error: p.nack_error.clone(),
             svid_not_after_unix: p.svid_not_after_unix,
+            ejected: p.ejected.iter().map(EjectedView::from_pb).collect(),
         }
     }
 
@@ -67,6 +112,7 @@ impl ProxyView {
             acked_unix: self.acked_unix,
             nack_error: self.nack_error.clone(),
             svid_not_after_unix: self.svid_not_after_unix,
+            ejected: self.ejected.iter().map(EjectedView::to_pb).collect(),
         }
     }
 }
@@ -117,6 +163,26 @@ impl ProxyEntry {
             }
         });
     }
+
+    /// What the proxy's outlier detection holds ejected now (it sends only changes).
+    pub fn health(&self, h: &fedmesh_api::pb::dataplane::Health) {
+        let now_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let ejected = h
+            .ejected
+            .iter()
+            .map(|e| EjectedView {
+                cluster: e.cluster.clone(),
+                remote: e.remote,
+                address: e.address.clone(),
+                service: e.service.clone(),
+                until_unix_ms: now_ms + i64::from(e.remaining_ms),
+                ejections: e.ejections,
+            })
+            .collect();
+        self.update(|v| v.ejected = ejected);
+    }
 }
 
 fn unix(t: SystemTime) -> i64 {
@@ -150,6 +216,7 @@ impl Proxies {
                 acked_unix: 0,
                 nack_error: String::new(),
                 svid_not_after_unix: svid_not_after.map_or(0, unix),
+                ejected: Vec::new(),
             },
         );
         self.changed.store(true, Ordering::Relaxed);
@@ -196,6 +263,23 @@ mod tests {
         a.acked(4, Some("route web: bad regex"));
         let v = &proxies.list()[0];
         assert_eq!((v.sync_state(), v.acked_version), ("NACK", 3));
+        a.health(&fedmesh_api::pb::dataplane::Health {
+            ejected: vec![fedmesh_api::pb::dataplane::Ejection {
+                cluster: "west".into(),
+                remote: true,
+                address: "gw.west:15443".into(),
+                service: "shop/api".into(),
+                remaining_ms: 4_000,
+                ejections: 2,
+            }],
+        });
+        let r = proxies.report(4, false).expect("an ejection is news");
+        let e = &ProxyView::from_pb(&r.proxies[0]).ejected[0];
+        assert_eq!(
+            (e.cluster.as_str(), e.remote, e.ejections),
+            ("west", true, 2)
+        );
+        assert!(e.until_unix_ms > unix(SystemTime::now()) * 1000);
         drop(a);
         assert!(proxies.list().is_empty());
         assert_eq!(proxies.report(5, false).unwrap().proxies.len(), 0);

@@ -1,7 +1,10 @@
 //! `explain`: why a service is or is not routable from a cluster, as a chain of checks a person
 //! can follow (`GET /api/v1/explain`, `fedmesh explain`), from the hub's view of the clusterset:
 //! the routes and splits the asking cluster applies to it, its problems, each exporter's export
-//! and endpoints, and each exporter's gateway as the asking cluster's last mTLS probe found it.
+//! and endpoints, each exporter's gateway as the asking cluster's last mTLS probe found it, and
+//! what the proxies' outlier detection holds ejected on the way (the asking cluster's sidecars,
+//! the exporter's gateways: each reports it on its configuration stream, its control plane in
+//! its proxy report).
 //! The first failing step names the broken link; its hint says what to do.
 
 use axum::Json;
@@ -69,6 +72,7 @@ pub(super) async fn explain(
 pub fn explain_route(hub: &Hub, service: &ServiceKey, from: &ClusterName) -> Explanation {
     // Before the view is read: it reads the view too.
     let probes = super::gateways::gateway_status(hub);
+    let proxies = hub.proxies.current();
     let v = hub.view();
     let now = now_ms();
     let mut steps = Steps::default();
@@ -278,6 +282,7 @@ pub fn explain_route(hub: &Hub, service: &ServiceKey, from: &ClusterName) -> Exp
                 }
             }
         }
+        let health = ejection_steps(&mut steps, &proxies, service, from, &name);
         if ready == 0 {
             steps.fail(
                 format!("no healthy endpoints of {service} in {name}"),
@@ -287,7 +292,7 @@ pub fn explain_route(hub: &Hub, service: &ServiceKey, from: &ClusterName) -> Exp
         }
         if ok {
             steps.ok(format!(
-                "{name}: {ready} ready endpoint(s), reachable {via}"
+                "{name}: {ready} ready endpoint(s), reachable {via}{health}"
             ));
             routable = true;
         }
@@ -369,6 +374,101 @@ fn gateway_steps(
         }
     }
     (!failed).then_some(through)
+}
+
+/// What the proxies' outlier detection holds ejected on the way from `from` to `to`'s endpoints
+/// of `service`: `from`'s sidecars that ejected `to`'s gateway (or, when `to` is `from`, the
+/// service's endpoints), and `to`'s gateways that ejected endpoints of the service behind them.
+/// A warning per ejected target; when there is none, what to add to the exporter's line.
+fn ejection_steps(
+    steps: &mut Steps,
+    proxies: &[super::proxies::ProxyStatus],
+    service: &ServiceKey,
+    from: &ClusterName,
+    to: &ClusterName,
+) -> String {
+    /// Who ejected a target: `from`'s sidecars, or `to`'s gateways.
+    #[derive(PartialEq, Eq, PartialOrd, Ord)]
+    enum By {
+        Sidecars,
+        Gateways,
+    }
+    /// One ejected target: how many proxies hold it ejected, the longest time left, the most
+    /// ejections in a row, and the services whose failed requests did it.
+    #[derive(Default)]
+    struct Seen {
+        proxies: usize,
+        left: f64,
+        times: u32,
+        services: Vec<String>,
+    }
+    let svc = service.to_string();
+    let of = |cluster: &ClusterName, role: &str| -> Vec<&super::proxies::ProxyStatus> {
+        proxies
+            .iter()
+            .filter(|p| p.cluster == cluster.as_str() && p.role == role)
+            .collect()
+    };
+    let (sidecars, gateways) = (of(from, "sidecar"), of(to, "gateway"));
+    let mut seen: std::collections::BTreeMap<(By, String), Seen> = Default::default();
+    let mut note = |by: By, e: &super::proxies::Ejection| {
+        let s = seen.entry((by, e.address.clone())).or_default();
+        s.proxies += 1;
+        s.left = s.left.max(e.remaining_seconds);
+        s.times = s.times.max(e.ejections);
+        if !s.services.contains(&e.service) {
+            s.services.push(e.service.clone());
+        }
+    };
+    for e in sidecars.iter().flat_map(|p| &p.ejected) {
+        let ours = e.cluster == to.as_str()
+            && if to == from {
+                !e.remote && e.service == svc
+            } else {
+                e.remote
+            };
+        if ours {
+            note(By::Sidecars, e);
+        }
+    }
+    if to != from {
+        for e in gateways.iter().flat_map(|p| &p.ejected) {
+            if !e.remote && e.service == svc {
+                note(By::Gateways, e);
+            }
+        }
+    }
+    if seen.is_empty() {
+        return match sidecars.len() {
+            0 => String::new(),
+            n => format!(", none ejected by {from}'s {n} sidecar(s)"),
+        };
+    }
+    for ((by, address), s) in seen {
+        let (count, kind, at, what) = match by {
+            By::Sidecars if to != from => (
+                sidecars.len(),
+                "sidecar(s)",
+                from,
+                format!("{to}'s gateway"),
+            ),
+            By::Sidecars => (sidecars.len(), "sidecar(s)", from, "endpoint".to_string()),
+            By::Gateways => (gateways.len(), "gateway(s)", to, "endpoint".to_string()),
+        };
+        steps.warn(
+            format!(
+                "{} of {count} {kind} in {at} ejected {what} {address} after requests to {} failed ({} ejection(s) in a row, back within {:.0}s): until then it gets requests only when no other candidate is healthy",
+                s.proxies,
+                s.services.join(", "),
+                s.times,
+                s.left.ceil(),
+            ),
+            format!(
+                "do {svc}'s endpoints in {to} answer 5xx or refuse connections? fedmesh proxy-status --cluster {at} -o wide; the log of those proxies (\"outlier ejected\")"
+            ),
+        );
+    }
+    String::new()
 }
 
 /// The steps of an explanation.

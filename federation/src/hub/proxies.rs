@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 
 use super::admin::AdminState;
 use super::reports::LatestReports;
-use crate::control_plane::proxies::ProxyView;
+use crate::control_plane::proxies::{EjectedView, ProxyView};
 
 /// How long a cluster's report counts (control planes send theirs at least every 10 s).
 pub const REPORT_TTL: Duration = Duration::from_secs(30);
@@ -56,6 +56,46 @@ pub struct ProxyStatus {
     pub svid_not_after: Option<String>,
     /// Seconds since the hub got this report.
     pub report_age_seconds: u64,
+    /// What its outlier detection holds ejected now (endpoints, or other clusters' gateways).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ejected: Vec<Ejection>,
+}
+
+/// An endpoint, or another cluster's gateway, a proxy's outlier detection took out of its
+/// balancing after consecutive failed requests (5xx, or no connection) until `until`.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq)]
+pub struct Ejection {
+    /// The target's cluster.
+    pub cluster: String,
+    /// Another cluster, through its gateway (ejected for every service there).
+    pub remote: bool,
+    /// ip:port of an endpoint, host:port of a gateway.
+    pub address: String,
+    /// The service (NAMESPACE/NAME) whose failed requests ejected it.
+    pub service: String,
+    /// RFC 3339: when the ejection ends.
+    pub until: String,
+    /// Seconds until then.
+    pub remaining_seconds: f64,
+    /// Ejections in a row: each one doubles the time out, up to a cap.
+    pub ejections: u32,
+}
+
+impl Ejection {
+    /// `e` if it has not ended at `now_ms`.
+    fn current(e: EjectedView, now_ms: i64) -> Option<Self> {
+        (e.until_unix_ms > now_ms).then(|| Self {
+            until: fedmesh_trust::svid::rfc3339(
+                std::time::UNIX_EPOCH + Duration::from_millis(e.until_unix_ms as u64),
+            ),
+            remaining_seconds: (e.until_unix_ms - now_ms) as f64 / 1000.0,
+            cluster: e.cluster,
+            remote: e.remote,
+            address: e.address,
+            service: e.service,
+            ejections: e.ejections,
+        })
+    }
 }
 
 fn rfc3339(unix: i64) -> Option<String> {
@@ -66,9 +106,15 @@ fn rfc3339(unix: i64) -> Option<String> {
 impl ProxyStatus {
     /// `v` of `cluster`, whose control plane is at `config_version`, reported `age` seconds ago.
     pub fn new(cluster: &str, config_version: u64, v: ProxyView, age: u64) -> Self {
+        let now_ms = super::records::now_ms();
         Self {
-            cluster: cluster.to_string(),
             sync: v.sync_state().to_string(),
+            ejected: v
+                .ejected
+                .into_iter()
+                .filter_map(|e| Ejection::current(e, now_ms))
+                .collect(),
+            cluster: cluster.to_string(),
             identity: v.identity,
             role: v.role,
             node: v.node,
