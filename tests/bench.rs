@@ -32,6 +32,66 @@ fn live_children() -> Vec<(i32, String)> {
     out
 }
 
+/// Orphaned grandchildren (a server's workers whose master died) are reparented to this process
+/// instead of init, so [`nothing_left`] sees them.
+fn become_subreaper() {
+    // SAFETY: prctl with integer arguments only.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
+}
+
+/// No process the benchmark started outlived it (those that did are killed, then named).
+fn nothing_left() {
+    let left = live_children();
+    for (pid, _) in &left {
+        // SAFETY: kill(2) of a process that is our child (reparented); nothing outlives the test.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    let left: Vec<String> = left.into_iter().map(|(_, d)| d).collect();
+    assert!(
+        left.is_empty(),
+        "processes of the benchmark outlived it: {left:#?}"
+    );
+    // Reap what exited after its parent (zombies reparented to us).
+    // SAFETY: waitpid on any child, without blocking.
+    while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+}
+
+#[test]
+fn bench_federation_runs_the_hub_on_a_real_etcd_and_stops_it() {
+    become_subreaper();
+    let out = Command::new(support::fedmesh_bin())
+        .args([
+            "bench",
+            "federation",
+            "--clusters",
+            "3",
+            "--services",
+            "30",
+            "--changes",
+            "5",
+            "--store",
+            "etcd",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fedmesh bench federation --store etcd: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "real hub process (etcd), 3 simulated clusters, 30 services, 5 changes",
+        "propagation of one export change to every cluster:",
+        "hub RSS:",
+        "etcd RSS after the changes:",
+    ] {
+        assert!(stdout.contains(want), "{want:?} missing:\n{stdout}");
+    }
+    nothing_left();
+}
+
 #[test]
 fn bench_dataplane_compares_with_haproxy_and_nginx_holds_slow_loris_and_leaves_no_process_behind() {
     for (bin, package) in [
@@ -45,10 +105,7 @@ fn bench_dataplane_compares_with_haproxy_and_nginx_holds_slow_loris_and_leaves_n
             "{bin} is missing (apt-get install {package}; scripts/test installs it)"
         );
     }
-    // SAFETY: prctl with integer arguments only. Orphaned grandchildren (a server's workers whose
-    // master died) are reparented to this process instead of init, so the check below sees them.
-    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
+    become_subreaper();
     let out = Command::new(support::fedmesh_bin())
         .args([
             "bench",
@@ -129,19 +186,7 @@ fn bench_dataplane_compares_with_haproxy_and_nginx_holds_slow_loris_and_leaves_n
         stdout.contains("slow-loris connections per proxy:"),
         "{stdout}"
     );
-    let left = live_children();
-    for (pid, _) in &left {
-        // SAFETY: kill(2) of a process that is our child (reparented); nothing outlives the test.
-        unsafe { libc::kill(*pid, libc::SIGKILL) };
-    }
-    let left: Vec<String> = left.into_iter().map(|(_, d)| d).collect();
-    assert!(
-        left.is_empty(),
-        "processes of the benchmark outlived it: {left:#?}"
-    );
-    // Reap what exited after its parent (zombies reparented to us).
-    // SAFETY: waitpid on any child, without blocking.
-    while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+    nothing_left();
 }
 
 #[test]
@@ -163,9 +208,12 @@ fn bench_instructions_fails_naming_each_proxy_that_grew_past_its_committed_figur
         ),
     )
     .unwrap();
+    let dumps = dir.path().join("dumps");
     let out = Command::new(support::fedmesh_bin())
         .args(["bench", "instructions", "--requests", "10", "--check"])
         .arg(&figures)
+        .arg("--keep")
+        .arg(&dumps)
         .output()
         .unwrap();
     let (stdout, stderr) = (
@@ -187,6 +235,19 @@ fn bench_instructions_fails_naming_each_proxy_that_grew_past_its_committed_figur
     // Every proxy was counted: six rows with a figure of their own.
     let rows = stdout.lines().filter(|l| l.contains("committed")).count();
     assert_eq!(rows, 6, "{stdout}");
+    // The dumps to find the cause with are kept: one per proxy and protocol.
+    let kept: Vec<String> = std::fs::read_dir(&dumps)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for proxy in ["client-sidecar", "gateway", "server-sidecar"] {
+        let n = kept
+            .iter()
+            .filter(|f| f.starts_with(&format!("callgrind-{proxy}.out.")))
+            .count();
+        assert!(n >= 2, "{proxy}: {kept:?}");
+    }
 
     // Figures of another build are refused before anything runs.
     let other = if build == "debug" { "release" } else { "debug" };

@@ -6,6 +6,7 @@ pub mod inject;
 pub mod metrics;
 pub mod store;
 pub mod tokens;
+pub mod update_parts;
 
 /// An error with its sources, each after a colon (what a client library hides in `source()`).
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {

@@ -1,5 +1,6 @@
 //! A large full publish right after Hello (thousands of exports in one message) is applied and
-//! answered; the stream does not stall.
+//! answered; the stream does not stall. A cluster that takes updates in parts gets the large
+//! snapshot in parts of at most `IMPORTS_PER_PART` imports, which gathered hold every import.
 
 mod common;
 
@@ -37,6 +38,8 @@ async fn a_large_publish_right_after_hello_is_applied() {
                 protocol_version: FEDERATION_PROTOCOL_VERSION,
                 resume_from: 0,
                 region: String::new(),
+                // The last round's cluster, as control planes do; the first two as older ones.
+                update_parts: round == 2,
             })),
         })
         .await
@@ -77,17 +80,47 @@ async fn a_large_publish_right_after_hello_is_applied() {
         })
         .await
         .unwrap();
+        let (mut pending, mut snapshot, mut largest) = (None, None, 0);
         let accepted = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
                 let m = inbound.message().await.unwrap().unwrap();
-                if let Some(pb::hub_message::Msg::PublishResult(r)) = m.msg {
-                    return r;
+                match m.msg {
+                    Some(pb::hub_message::Msg::PublishResult(r)) => return r,
+                    Some(pb::hub_message::Msg::Update(part)) => {
+                        largest = largest.max(part.imports.len());
+                        if let Some(u) =
+                            fedmesh_federation::update_parts::gather(&mut pending, part)
+                            && u.snapshot
+                        {
+                            snapshot.get_or_insert(u);
+                        }
+                    }
+                    _ => {}
                 }
             }
         })
         .await
         .unwrap_or_else(|_| panic!("round {round}: no PublishResult within 20s"));
         assert!(accepted.accepted, "{}", accepted.error);
+        // The first update is a snapshot of the earlier clusters' exports (and perhaps already
+        // this one's).
+        let snapshot = snapshot.expect("a snapshot came first");
+        let held = snapshot.imports.len();
+        assert!(
+            held == round * 5000 || held == (round + 1) * 5000,
+            "round {round}: the snapshot held {held} imports"
+        );
+        if round == 2 {
+            assert!(
+                largest <= fedmesh_federation::update_parts::IMPORTS_PER_PART,
+                "a part held {largest} imports"
+            );
+        } else {
+            assert!(
+                largest >= held,
+                "round {round}: the snapshot is one message"
+            );
+        }
         // Every export is in the hub's view, as published. The view follows the store's watch,
         // so it may trail the PublishResult (which means "written") by a moment under load.
         let want: Vec<fedmesh_api::ServiceKey> = (0..5000)

@@ -30,6 +30,7 @@ async fn raw_stream(
             protocol_version,
             resume_from: 0,
             region: String::new(),
+            update_parts: false,
         })),
     })
     .await

@@ -427,6 +427,7 @@ async fn session(
         protocol_version: FEDERATION_PROTOCOL_VERSION,
         resume_from,
         region: region.to_string(),
+        update_parts: true,
     }))
     .await?;
     let mut inbound = client
@@ -440,6 +441,8 @@ async fn session(
     let mut refused: Option<Desired> = None;
     let mut next_version = accepted.version;
     let mut in_flight: Option<(u64, Desired)> = None;
+    // The parts of an update received so far (we said Hello.update_parts).
+    let mut parts: Option<pb::Update> = None;
     let mut report = tokio::time::interval(super::ratelimit::REPORT_EVERY);
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let failed = loop {
@@ -518,7 +521,10 @@ async fn session(
                         next_version = next_version.max(w.published_version);
                         status.send_modify(|s| s.connected = true);
                     }
-                    Some(pb::hub_message::Msg::Update(u)) => {
+                    Some(pb::hub_message::Msg::Update(part)) => {
+                        let Some(u) = crate::update_parts::gather(&mut parts, part) else {
+                            continue;
+                        };
                         let version = u.version;
                         match state.apply(&u).await {
                             Ok(()) => {

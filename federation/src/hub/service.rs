@@ -278,6 +278,7 @@ async fn run_stream(
         hub.clone(),
         cluster.clone(),
         hello.resume_from,
+        hello.update_parts,
         tx.clone(),
         results_rx,
         session.clone(),
@@ -300,12 +301,33 @@ async fn deliver(
     }
 }
 
+/// Sends `u` whole, or in parts when the cluster takes them; false when the stream is done.
+async fn deliver_update(
+    tx: &mpsc::Sender<Result<pb::HubMessage, Status>>,
+    session: &CancellationToken,
+    u: pb::Update,
+    parts: bool,
+) -> bool {
+    let parts = if parts {
+        crate::update_parts::split(u, crate::update_parts::IMPORTS_PER_PART)
+    } else {
+        vec![u]
+    };
+    for p in parts {
+        if !deliver(tx, session, pb::hub_message::Msg::Update(p)).await {
+            return false;
+        }
+    }
+    true
+}
+
 /// The writer: Welcome, the first update (a delta when the cluster can resume, else a snapshot),
 /// then coalesced updates and publish results until the session ends.
 async fn send_to_cluster(
     hub: Arc<Hub>,
     cluster: ClusterName,
     resume_from: u64,
+    parts: bool,
     tx: mpsc::Sender<Result<pb::HubMessage, Status>>,
     mut results: mpsc::Receiver<pb::PublishResult>,
     session: CancellationToken,
@@ -335,7 +357,7 @@ async fn send_to_cluster(
         published_version: published,
     };
     if !deliver(&tx, &session, pb::hub_message::Msg::Welcome(welcome)).await
-        || !deliver(&tx, &session, pb::hub_message::Msg::Update(first)).await
+        || !deliver_update(&tx, &session, first, parts).await
     {
         return;
     }
@@ -385,7 +407,7 @@ async fn send_to_cluster(
                     hub.metrics.updates_sent.inc();
                 }
                 sent = update.version;
-                if !deliver(&tx, &session, pb::hub_message::Msg::Update(update)).await {
+                if !deliver_update(&tx, &session, update, parts).await {
                     return;
                 }
             }

@@ -147,9 +147,17 @@ impl Handle {
     }
 }
 
+/// redb's page cache. Its default (1 GiB) fills with every page a commit writes, and the hub
+/// commits often (presence heartbeats, publishes) while it reads the store rarely (a cluster's
+/// exports, catch-up history): the view in memory answers everything else.
+const CACHE_BYTES: usize = 64 << 20;
+
 /// Opens (or creates) the file and its tables.
 fn open_database(path: &Path) -> Result<Database, Fail> {
-    let db = Database::create(path).map_err(err)?;
+    let db = redb::Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)
+        .map_err(err)?;
     let txn = db.begin_write().map_err(err)?;
     {
         txn.open_table(KV).map_err(err)?;

@@ -22,6 +22,46 @@ pub struct Params {
     pub clusters: usize,
     pub services: usize,
     pub changes: usize,
+    pub store: super::BenchStore,
+}
+
+/// An etcd for the hub on loopback, in `dir`: its client URL, and the server (stopped when
+/// dropped, as etcd expects: SIGTERM).
+fn start_etcd(dir: &Path) -> anyhow::Result<(String, super::thirdparty::Server)> {
+    let bin = super::load::which("etcd")
+        .context("etcd is not installed (apt-get install etcd-server)")?;
+    let (client, peer) = (free_port()?, free_port()?);
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args([
+        "--name",
+        "bench",
+        "--data-dir",
+        dir.to_str().unwrap_or_default(),
+        "--listen-client-urls",
+        &url,
+        "--advertise-client-urls",
+        &url,
+        "--listen-peer-urls",
+        &peer_url,
+        "--initial-advertise-peer-urls",
+        &peer_url,
+        "--initial-cluster",
+        &format!("bench={peer_url}"),
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let server = super::thirdparty::Server::spawn(cmd, libc::SIGTERM, "etcd")?;
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "etcd did not answer at {url} within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((url, server))
 }
 
 /// A simulated control plane: publishes its exports, keeps the imports it receives in memory.
@@ -75,6 +115,7 @@ async fn start_cluster(
             protocol_version: FEDERATION_PROTOCOL_VERSION,
             resume_from: 0,
             region: "r".into(),
+            update_parts: true,
         })),
     })
     .await?;
@@ -89,9 +130,14 @@ async fn start_cluster(
     {
         let (seen, results, tx) = (seen.clone(), results.clone(), tx.clone());
         tokio::spawn(async move {
+            let mut parts = None;
             while let Ok(Some(m)) = inbound.message().await {
                 match m.msg {
-                    Some(pb::hub_message::Msg::Update(u)) => {
+                    Some(pb::hub_message::Msg::Update(part)) => {
+                        let Some(u) = fedmesh_federation::update_parts::gather(&mut parts, part)
+                        else {
+                            continue;
+                        };
                         let now = Instant::now();
                         {
                             let mut s = seen.lock().await;
@@ -194,16 +240,28 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
     let (grpc, admin) = (free_port()?, free_port()?);
     let exe = std::env::current_exe()?;
     let data = dir.path().join("hub");
+    let etcd = match p.store {
+        super::BenchStore::Redb => None,
+        super::BenchStore::Etcd => Some(start_etcd(&dir.path().join("etcd"))?),
+    };
+    let mut args = vec![
+        "hub".to_string(),
+        "--data-dir".into(),
+        data.to_str().unwrap_or_default().into(),
+        "--listen".into(),
+        format!("127.0.0.1:{grpc}"),
+        "--admin-listen".into(),
+        format!("127.0.0.1:{admin}"),
+    ];
+    if let Some((url, _)) = &etcd {
+        args.extend(["--store".into(), format!("etcd:{url}")]);
+    }
+    let store = match p.store {
+        super::BenchStore::Redb => "redb",
+        super::BenchStore::Etcd => "etcd",
+    };
     let mut hub = std::process::Command::new(exe)
-        .args([
-            "hub",
-            "--data-dir",
-            data.to_str().unwrap_or_default(),
-            "--listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
-        ])
+        .args(&args)
         .env(
             "RUST_LOG",
             std::env::var("FEDMESH_BENCH_HUB_LOG").unwrap_or_else(|_| "warn".into()),
@@ -302,18 +360,22 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         accept.sort();
         let (p50, p99) = (percentile(&propagation, 0.5), percentile(&propagation, 0.99));
         let (a50, a99) = (percentile(&accept, 0.5), percentile(&accept, 0.99));
-        println!("fedmesh bench federation — real hub process (redb), {} simulated clusters, {} services, {} changes", p.clusters, p.services, p.changes);
+        println!("fedmesh bench federation — real hub process ({store}), {} simulated clusters, {} services, {} changes", p.clusters, p.services, p.changes);
         println!("  steady state {:.1}s after the first join (all clusters joined, published and hold all {} imports)", converge.as_secs_f64(), p.services);
         println!("  propagation of one export change to every cluster:  p50 {:>7.1} ms   p99 {:>7.1} ms   (goal p99 <= 100 ms)", ms(p50), ms(p99));
         println!("  baseline: publish accepted by the hub (round trip): p50 {:>7.1} ms   p99 {:>7.1} ms", ms(a50), ms(a99));
         println!("  ratio propagation/accept:                           p50 {:>7.2}      p99 {:>7.2}", ratio(p50, a50), ratio(p99, a99));
-        println!("  hub RSS: {:.1} MiB at steady state, {:.1} MiB after the changes   (goal <= 256 MiB)", rss_steady as f64 / 1024.0, rss_end as f64 / 1024.0);
+        println!("  hub RSS: {:.1} MiB at steady state, {:.1} MiB after the changes   (goals: <= 256 MiB at 50 clusters x 10,000 services, <= 1 GiB at 511 x 100,000)", rss_steady as f64 / 1024.0, rss_end as f64 / 1024.0);
+        if let Some((_, server)) = &etcd {
+            println!("  etcd RSS after the changes: {:.1} MiB", proc_stats(server.pid()).0 as f64 / 1024.0);
+        }
         println!("  hub CPU: {:.1} s to reach steady state, {:.3} s for the {} changes ({:.2} ms per change)", cpu_steady, cpu_end - cpu_before, p.changes, (cpu_end - cpu_before) * 1000.0 / p.changes as f64);
         Ok(())
     }
     .await;
     let _ = hub.kill();
     let _ = hub.wait();
+    drop(etcd);
     result
 }
 

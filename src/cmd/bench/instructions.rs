@@ -22,6 +22,25 @@ pub struct Params {
     pub requests: usize,
     pub check: Option<PathBuf>,
     pub write: Option<PathBuf>,
+    /// Where to keep the callgrind dumps.
+    pub keep: Option<PathBuf>,
+}
+
+/// Copies the callgrind dumps in `from` (`callgrind-<proxy>.out.<n>`) to `to`.
+fn keep_dumps(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for e in std::fs::read_dir(from)?.flatten() {
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with("callgrind-") {
+            std::fs::copy(e.path(), to.join(&name))
+                .with_context(|| format!("copying {} to {}", e.path().display(), to.display()))?;
+        }
+    }
+    println!(
+        "  callgrind dumps kept in {} (callgrind_annotate --inclusive=yes FILE)",
+        to.display()
+    );
+    Ok(())
 }
 
 /// The growth over the committed figure that fails `--check`.
@@ -251,12 +270,15 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         println!("  written to {}", f.display());
     }
     drop(proxies);
+    if let Some(to) = &p.keep {
+        keep_dumps(dirp, to)?;
+    }
     drop((ag_client, ag_server, ag_gateway));
     tb.shutdown().await;
     if let Some(f) = &p.check {
         anyhow::ensure!(
             failed.is_empty(),
-            "instructions per request grew by more than {:.0}% over {}:\n  {}\n(find the cause with callgrind_annotate on the dumps; if the growth is intended, record it with --write)",
+            "instructions per request grew by more than {:.0}% over {}:\n  {}\n(find the cause with callgrind_annotate on the dumps, kept with --keep DIR; if the growth is intended, record it with --write)",
             (TOLERANCE - 1.0) * 100.0,
             f.display(),
             failed.join("\n  ")

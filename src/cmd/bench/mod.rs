@@ -46,6 +46,10 @@ pub enum BenchCommand {
         /// Record this run's figures here.
         #[arg(long, value_name = "FILE")]
         write: Option<std::path::PathBuf>,
+        /// Keep each proxy's callgrind dumps in this directory, for `callgrind_annotate` (the
+        /// dump of the counted HTTP/1.1 requests ends in `.1`, HTTP/2's in `.2`).
+        #[arg(long, value_name = "DIR")]
+        keep: Option<std::path::PathBuf>,
     },
     /// Export propagation time across a clusterset, hub RSS and CPU (real hub process); with
     /// `--mode files`, from a YAML file written into a cluster's source directory to DNS answers.
@@ -61,6 +65,10 @@ pub enum BenchCommand {
         /// `files`: two whole clusters in-process, file written to visible in DNS.
         #[arg(long, value_enum, default_value = "hub")]
         mode: FederationMode,
+        /// The hub's store (`hub` mode): redb in its data directory, or a real etcd the
+        /// benchmark starts on loopback (Debian's etcd-server).
+        #[arg(long, value_enum, default_value = "redb")]
+        store: BenchStore,
     },
     /// Latency, throughput, CPU and memory of the sidecar and gateway against a direct
     /// connection; the gateway's SNI passthrough beside HAProxy and nginx (real processes).
@@ -135,6 +143,13 @@ pub struct SoakArgs {
     /// Request and response body size in bytes.
     #[arg(long, default_value_t = 1024)]
     body: usize,
+}
+
+/// The store of the hub `fedmesh bench federation` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchStore {
+    Redb,
+    Etcd,
 }
 
 /// What `fedmesh bench federation` measures.
@@ -212,11 +227,13 @@ async fn run_one(cmd: BenchCommand) -> anyhow::Result<()> {
             requests,
             check,
             write,
+            keep,
         } => {
             instructions::run(instructions::Params {
                 requests,
                 check,
                 write,
+                keep,
             })
             .await
         }
@@ -230,11 +247,13 @@ async fn run_one(cmd: BenchCommand) -> anyhow::Result<()> {
             services,
             changes,
             mode: FederationMode::Hub,
+            store,
         } => {
             federation::run(federation::Params {
                 clusters,
                 services,
                 changes,
+                store,
             })
             .await
         }
