@@ -148,12 +148,13 @@ fn mix(a: u64, b: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Where this proxy is.
-#[derive(Clone, Debug, Default)]
-pub struct Locality {
-    pub cluster: String,
-    pub region: String,
-    pub zone: String,
+/// Where this proxy is: borrowed from its routing table and options, since it is worked out for
+/// every request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Locality<'a> {
+    pub cluster: &'a str,
+    pub region: &'a str,
+    pub zone: &'a str,
 }
 
 /// A held slot on a target: counts as an active request until dropped.
@@ -321,7 +322,7 @@ impl Balancer {
     /// tried for this request). `None` when nothing is left.
     pub fn pick(
         &self,
-        here: &Locality,
+        here: &Locality<'_>,
         candidates: &[Target],
         split: &[ClusterShare],
         exclude: &[Target],
@@ -339,7 +340,7 @@ impl Balancer {
     /// [`Balancer::pick`], choosing within the tier as `how` says.
     pub fn pick_by(
         &self,
-        here: &Locality,
+        here: &Locality<'_>,
         candidates: &[Target],
         split: &[ClusterShare],
         exclude: &[Target],
@@ -350,7 +351,7 @@ impl Balancer {
 
     fn pick_at(
         &self,
-        here: &Locality,
+        here: &Locality<'_>,
         candidates: &[Target],
         split: &[ClusterShare],
         exclude: &[Target],
@@ -412,12 +413,12 @@ impl Balancer {
     /// The locality tier a target is in as seen from `here`, by name: `same-zone`,
     /// `same-cluster` (another zone), `same-region` (another cluster of this region) or
     /// `other-region`.
-    pub fn tier_name(here: &Locality, t: &Target) -> &'static str {
+    pub fn tier_name(here: &Locality<'_>, t: &Target) -> &'static str {
         ["same-zone", "same-cluster", "same-region", "other-region"]
             [usize::from(Self::tier(here, t))]
     }
 
-    fn tier(here: &Locality, t: &Target) -> u8 {
+    fn tier(here: &Locality<'_>, t: &Target) -> u8 {
         match t.place() {
             Place::Local { zone, .. } if !here.zone.is_empty() && **zone == *here.zone => 0,
             Place::Local { .. } => 1,
@@ -507,11 +508,11 @@ mod tests {
             sni(c),
         )
     }
-    fn here() -> Locality {
+    fn here() -> Locality<'static> {
         Locality {
-            cluster: "east".into(),
-            region: "us".into(),
-            zone: "a".into(),
+            cluster: "east",
+            region: "us",
+            zone: "a",
         }
     }
     fn fast() -> OutlierConfig {

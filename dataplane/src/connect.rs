@@ -16,7 +16,7 @@ use crate::target::Target;
 
 /// Where to pick from and how many tries one connection may make.
 pub struct Plan<'a> {
-    pub here: &'a Locality,
+    pub here: &'a Locality<'a>,
     pub pool: &'a [Target],
     pub split: &'a [ClusterShare],
     pub how: Choose<'a>,
@@ -102,9 +102,9 @@ mod tests {
             .collect()
     }
 
-    fn here() -> Locality {
+    fn here() -> Locality<'static> {
         Locality {
-            cluster: "east".into(),
+            cluster: "east",
             ..Default::default()
         }
     }

@@ -71,12 +71,25 @@ impl TraceContext {
     }
 
     pub fn header(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            hex::encode(self.trace_id),
-            hex::encode(self.span_id),
-            u8::from(self.sampled)
-        )
+        String::from_utf8_lossy(&self.encode()).into_owned()
+    }
+
+    /// The `traceparent` value as a header value (made for every request: no formatting
+    /// machinery, no allocation but the value's own).
+    pub fn header_value(&self) -> Option<HeaderValue> {
+        HeaderValue::from_bytes(&self.encode()).ok()
+    }
+
+    /// `00-<trace id>-<span id>-<flags>`, 55 bytes.
+    fn encode(&self) -> [u8; 55] {
+        let mut out = [0u8; 55];
+        out[..3].copy_from_slice(b"00-");
+        // The slices are exactly twice the bytes' length: encoding cannot fail.
+        let _ = hex::encode_to_slice(self.trace_id, &mut out[3..35]);
+        out[35] = b'-';
+        let _ = hex::encode_to_slice(self.span_id, &mut out[36..52]);
+        out[52..].copy_from_slice(if self.sampled { b"-01" } else { b"-00" });
+        out
     }
 }
 
@@ -151,7 +164,7 @@ pub fn propagate(headers: &mut HeaderMap, sample_new: impl FnOnce([u8; 16]) -> b
             HopSpan::root(sample_new)
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&span.context().header()) {
+    if let Some(v) = span.context().header_value() {
         headers.insert(TRACEPARENT, v);
     }
     span
@@ -168,6 +181,12 @@ mod tests {
         let c = TraceContext::parse(VALID).unwrap();
         assert!(c.sampled);
         assert_eq!(c.header(), VALID);
+        assert_eq!(c.header_value().unwrap(), VALID);
+        let unsampled = TraceContext {
+            sampled: false,
+            ..c
+        };
+        assert_eq!(unsampled.header(), VALID.replace("-01", "-00"));
         for bad in [
             "",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",

@@ -454,9 +454,9 @@ impl Gateway {
             return Err(Refusal::NoEndpoints(mesh.service.to_string()));
         }
         let here = Locality {
-            cluster: here.name.to_string(),
-            region: here.region.clone(),
-            zone: table.zone(&self.options.zone).to_string(),
+            cluster: here.name.as_str(),
+            region: here.region.as_str(),
+            zone: table.zone(&self.options.zone),
         };
         let connect_timeout = self.options.connect_timeout;
         let connected = self

@@ -224,15 +224,11 @@ impl Sidecar {
         self.upstreams.pooled()
     }
 
-    fn locality(&self, table: &RoutingTable) -> Locality {
+    fn locality<'a>(&'a self, table: &'a RoutingTable) -> Locality<'a> {
         Locality {
-            cluster: table.cluster_name().to_string(),
-            region: table
-                .local
-                .as_ref()
-                .map(|l| l.region.clone())
-                .unwrap_or_default(),
-            zone: table.zone(&self.options.zone).to_string(),
+            cluster: table.cluster_name(),
+            region: table.local.as_ref().map_or("", |l| l.region.as_str()),
+            zone: table.zone(&self.options.zone),
         }
     }
 

@@ -78,16 +78,11 @@ pub(crate) fn nothing_to_try(dest: &impl std::fmt::Display, untrusted: &[Target]
 }
 
 impl BalanceLayer {
-    fn locality(&self, ctx: &RouteCtx) -> Locality {
+    fn locality<'a>(&'a self, ctx: &'a RouteCtx) -> Locality<'a> {
         Locality {
-            cluster: ctx.table.cluster_name().to_string(),
-            region: ctx
-                .table
-                .local
-                .as_ref()
-                .map(|l| l.region.clone())
-                .unwrap_or_default(),
-            zone: ctx.table.zone(&self.zone).to_string(),
+            cluster: ctx.table.cluster_name(),
+            region: ctx.table.local.as_ref().map_or("", |l| l.region.as_str()),
+            zone: ctx.table.zone(&self.zone),
         }
     }
 

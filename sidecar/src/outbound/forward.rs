@@ -91,16 +91,21 @@ fn prepare(req: Request<Body>) -> Result<Request<Body>, ProxyError> {
             ctx.dest.port
         ),
     };
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    parts.uri = Uri::builder()
-        .scheme("http")
-        .authority(authority.as_str())
-        .path_and_query(path)
-        .build()
+    // The path as it came (already parsed: kept, not parsed again), under the new authority.
+    let mut target = http::uri::Parts::default();
+    target.scheme = Some(http::uri::Scheme::HTTP);
+    target.authority = Some(
+        http::uri::Authority::try_from(authority)
+            .map_err(|e| ProxyError::BadRequest(format!("bad request target: {e}")))?,
+    );
+    target.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    parts.uri = Uri::from_parts(target)
         .map_err(|e| ProxyError::BadRequest(format!("bad request target: {e}")))?;
     parts.headers.remove(header::HOST);
     parts.version = Version::HTTP_2;

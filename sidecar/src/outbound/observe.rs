@@ -97,10 +97,8 @@ where
                     e.into_response_for(grpc)
                 }
             };
-            let dst = tried
-                .last()
-                .map(|t| t.cluster().to_string())
-                .unwrap_or_default();
+            let last = tried.last();
+            let dst = last.as_ref().map_or("", |t| t.cluster().as_str());
             let table = layer.config.table();
             let resp = match span {
                 Some(span) => {
@@ -126,7 +124,7 @@ where
                 "outbound",
                 own.as_deref().unwrap_or(""),
                 table.cluster_name(),
-                &dst,
+                dst,
                 &service,
                 resp.status(),
                 start.elapsed(),
@@ -140,7 +138,7 @@ where
                     status: resp.status().as_u16(),
                     duration: start.elapsed(),
                     src_cluster: table.cluster_name(),
-                    dst_cluster: &dst,
+                    dst_cluster: dst,
                     service: &service,
                     caller: &layer
                         .identity
