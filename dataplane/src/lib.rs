@@ -5,6 +5,7 @@ pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod connect;
+pub mod ejections;
 pub mod error;
 pub mod h2pool;
 pub mod hop;

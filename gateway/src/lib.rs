@@ -202,7 +202,7 @@ impl Gateway {
     /// Serves `listener` until `shutdown`, then stops accepting and gives open connections
     /// `drain_timeout` to finish before closing them.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        tokio::spawn(fedmesh_dataplane::balance::report_ejections(
+        tokio::spawn(fedmesh_dataplane::ejections::report_ejections(
             self.balancer.clone(),
             self.config.clone(),
             shutdown.clone(),

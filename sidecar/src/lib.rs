@@ -367,7 +367,7 @@ impl Sidecar {
             .reporting
             .swap(true, std::sync::atomic::Ordering::Relaxed)
         {
-            tokio::spawn(fedmesh_dataplane::balance::report_ejections(
+            tokio::spawn(fedmesh_dataplane::ejections::report_ejections(
                 self.balancer.clone(),
                 self.config.clone(),
                 shutdown.clone(),
