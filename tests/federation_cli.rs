@@ -830,11 +830,16 @@ fn cluster_link_prints_the_line_that_joins_and_cluster_list_shows_it() {
         a.extend(admin_args(&hub));
         String::from_utf8_lossy(&run(&a).stdout).into_owned()
     };
-    wait_until("west joined and connected", Duration::from_secs(30), || {
-        list()
-            .lines()
-            .any(|l| l.starts_with("west ") && l.contains("connected"))
-    });
+    // Connected comes first, its first publish (with the gateway) a moment later.
+    wait_until(
+        "west joined, connected and published",
+        Duration::from_secs(30),
+        || {
+            list().lines().any(|l| {
+                l.starts_with("west ") && l.contains("connected") && l.contains("127.0.0.1:25443")
+            })
+        },
+    );
     let table = list();
     assert!(table.starts_with("CLUSTER"), "{table}");
     assert!(table.contains("127.0.0.1:25443"), "{table}");
