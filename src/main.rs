@@ -52,6 +52,10 @@ enum Command {
     Link(cmd::cluster::LinkArgs),
     /// Check the clusterset end to end: clusters, trust, gateways, control planes, proxies (exit 1 on a failure).
     Check(cmd::check::CheckArgs),
+    /// A cluster's Rollouts: status (with every decision and its numbers), pause, resume,
+    /// promote, abort.
+    #[command(subcommand)]
+    Rollout(cmd::rollout::RolloutCommand),
     /// List the recent traces the hub holds (search by service, cluster, failure, duration).
     Traces(cmd::traces::TracesArgs),
     /// Show one trace as a waterfall: every hop, its cluster, and why it failed.
@@ -119,6 +123,7 @@ fn main() -> std::process::ExitCode {
             Command::Link(l) => {
                 cmd::cluster::run(cmd::cluster::ClusterCommand::Link(Box::new(l))).await
             }
+            Command::Rollout(r) => cmd::rollout::run(r).await,
             Command::Traces(t) => cmd::traces::traces(t).await,
             Command::Trace(t) => cmd::traces::trace(t).await,
             Command::Crds => {

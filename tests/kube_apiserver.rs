@@ -59,7 +59,7 @@ fn our_crds_install_with_kubectl_and_the_api_server_holds_objects_to_their_schem
         .filter_map(|l| l.strip_prefix("customresourcedefinition.apiextensions.k8s.io/"))
         .map(|l| l.trim_end_matches(" created"))
         .collect();
-    assert_eq!(names.len(), 7, "{applied}");
+    assert_eq!(names.len(), 8, "{applied}");
     api.wait_crds_established();
     for name in &names {
         let crd = api.get("crd", "", name).unwrap();
@@ -123,6 +123,10 @@ fn our_crds_install_with_kubectl_and_the_api_server_holds_objects_to_their_schem
         (
             "apiVersion: fedmesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: e, namespace: shop}\nspec: {mtls: {mode: strict}}\n",
             r#"spec.mtls.mode: Unsupported value: "strict""#,
+        ),
+        (
+            "apiVersion: fedmesh.io/v1alpha1\nkind: Rollout\nmetadata: {name: f, namespace: shop}\nspec: {service: r, stable: {service: r1}, canary: {service: r2}, strategy: {canary: {steps: [{weight: lots}]}}}\n",
+            "spec.strategy.canary.steps[0].weight: Invalid value: \"string\"",
         ),
     ];
     for (doc, want) in refused {

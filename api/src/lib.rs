@@ -9,6 +9,7 @@ pub mod identity;
 pub mod mcs;
 pub mod names;
 pub mod policy;
+pub mod rollout;
 
 pub use identity::{IdError, SpiffeId, TrustDomain};
 pub use names::{ClusterName, Locality, NameError, Namespace, ServiceKey, ServiceName};

@@ -153,7 +153,8 @@ pub struct ClusterStatus {
 }
 
 /// The CRDs fedmesh uses — ServiceExport, ServiceImport and fedmesh's TrafficPolicy,
-/// AuthorizationPolicy, PeerAuthentication and RequestAuthentication — as
+/// AuthorizationPolicy, PeerAuthentication, RequestAuthentication, FederatedTrustDomain and
+/// Rollout — as
 /// multi-document YAML, as `fedmesh crds` prints them.
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
@@ -166,6 +167,7 @@ pub fn crd_yaml() -> String {
         crate::authn::PeerAuthentication::crd(),
         crate::authn::RequestAuthentication::crd(),
         crate::federation::FederatedTrustDomain::crd(),
+        crate::rollout::Rollout::crd(),
     ] {
         out.push_str("---\n");
         // Serializing a derived CRD cannot fail; fall back to JSON (valid YAML) just in case.
@@ -249,7 +251,8 @@ mod tests {
                 "authorizationpolicies.fedmesh.io",
                 "peerauthentications.fedmesh.io",
                 "requestauthentications.fedmesh.io",
-                "federatedtrustdomains.fedmesh.io"
+                "federatedtrustdomains.fedmesh.io",
+                "rollouts.fedmesh.io"
             ]
         );
     }

@@ -16,6 +16,7 @@ pub mod prefixed;
 pub mod probe;
 pub mod ratelimit;
 pub mod relay;
+pub mod signals;
 pub mod sni;
 pub mod target;
 pub mod telemetry;

@@ -126,6 +126,8 @@ pub struct Sidecar {
     inbound_tls: Arc<rustls::ServerConfig>,
     /// Requests seen since the last report, per service with a clusterset-wide limit.
     demand: inbound::Demand,
+    /// Requests to the backends a rollout watches, since the last report.
+    signals: Arc<fedmesh_dataplane::signals::Signals>,
     permissive: inbound::PermissiveTraffic,
     /// Open inbound connections by caller trust domain, to stop those no longer trusted.
     peer_domains: Arc<inbound::PeerDomains>,
@@ -146,6 +148,7 @@ impl Sidecar {
         let upstreams = Arc::new(upstreams);
         let balancer = Arc::new(Balancer::new(options.outlier.clone()));
         let limiter = Arc::new(fedmesh_dataplane::ratelimit::Limiter::new());
+        let signals = Arc::new(fedmesh_dataplane::signals::Signals::default());
         let outbound = Self::outbound_stack(
             config.clone(),
             outbound::StackParts {
@@ -161,6 +164,7 @@ impl Sidecar {
                 budgets: Arc::new(outbound::Budgets::new(options.retry_budget.clone())),
                 max_mirrors: options.max_mirrors,
                 limiter: limiter.clone(),
+                signals: signals.clone(),
             },
         );
         // Any trust domain we hold a bundle for: our own and the federated ones.
@@ -195,6 +199,7 @@ impl Sidecar {
             inbound,
             plain_h1,
             demand,
+            signals,
             permissive,
             balancer,
             upstreams,
@@ -304,7 +309,8 @@ impl Sidecar {
 
     /// Every couple of seconds, tells the control plane how many requests this sidecar saw for
     /// each service it serves under a clusterset-wide limit (the hub shares the limit by demand),
-    /// and for each PERMISSIVE one how many came in plain text.
+    /// for each PERMISSIVE one how many came in plain text, and how the backends a rollout
+    /// watches answered this sidecar's requests.
     async fn report_demand(self: Arc<Self>, shutdown: CancellationToken) {
         const EVERY: Duration = Duration::from_secs(2);
         let mut tick = tokio::time::interval(EVERY);
@@ -321,7 +327,8 @@ impl Sidecar {
                 .drain()
                 .collect();
             let permissive = self.permissive.drain();
-            if seen.is_empty() && permissive.is_empty() {
+            let signals = self.signals.drain(EVERY);
+            if seen.is_empty() && permissive.is_empty() && signals.is_empty() {
                 continue;
             }
             let interval_ms = EVERY.as_millis() as u32;
@@ -348,6 +355,7 @@ impl Sidecar {
                             },
                         )
                         .collect(),
+                    signals,
                 });
         }
     }

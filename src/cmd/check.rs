@@ -473,6 +473,7 @@ async fn kubernetes_checks() -> Vec<Check> {
         crd::<fedmesh_api::authn::PeerAuthentication>(false),
         crd::<fedmesh_api::authn::RequestAuthentication>(false),
         crd::<fedmesh_api::federation::FederatedTrustDomain>(false),
+        crd::<fedmesh_api::rollout::Rollout>(false),
         crd::<fedmesh_api::gateway::HTTPRoute>(false),
         crd::<fedmesh_api::gateway::GRPCRoute>(false),
     ];

@@ -10,6 +10,7 @@ pub mod hub;
 pub mod inject;
 pub mod iptables;
 pub mod proxy_status;
+pub mod rollout;
 pub mod sample_app;
 pub mod status;
 pub mod traces;

@@ -121,6 +121,9 @@ pub struct RouteBackend {
     pub weight: u32,
     /// Applied only when this backend is chosen.
     pub filters: Vec<Filter>,
+    /// Requests drawn to it are counted under this name for a rollout's analysis
+    /// ([`crate::signals`]).
+    pub signals: Option<std::sync::Arc<str>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -184,6 +184,7 @@ fn route_of(r: &pb::Route) -> Result<Route, String> {
                 target: filters::backend_target(b)?,
                 weight: b.weight,
                 filters: filters::filters(&b.filters)?,
+                signals: (!b.signals.is_empty()).then(|| b.signals.as_str().into()),
             })
         })
         .collect::<Result<Vec<_>, String>>()?;

@@ -10,6 +10,9 @@
 //!   → one rotation step on the running CA, then its authorities
 //! - `GET /v1/proxies` → the sidecars and gateways with a configuration stream open, and the
 //!   configuration version now
+//! - `GET /v1/rollouts` → every Rollout of the cluster with its status and decisions;
+//!   `POST /v1/rollouts/{namespace}/{name}/{pause|resume|promote|abort}` `{"by": WHO}` → one
+//!   command, applied to the routes at once, and the rollout after it
 //! - `GET /metrics` → Prometheus text
 
 use std::path::{Path, PathBuf};
@@ -94,6 +97,11 @@ fn router(cp: Arc<ControlPlane>) -> Router {
             post(add_entry).delete(delete_entry),
         )
         .route("/v1/proxies", get(list_proxies))
+        .route("/v1/rollouts", get(list_rollouts))
+        .route(
+            "/v1/rollouts/{namespace}/{name}/{command}",
+            post(rollout_command),
+        )
         .route("/v1/ca", get(ca_status))
         .route("/v1/ca/rotate", post(ca_rotate))
         .route("/metrics", get(metrics))
@@ -217,6 +225,43 @@ async fn list_proxies(State(cp): Cp) -> Response {
         proxies: cp.proxies.list(),
     })
     .into_response()
+}
+
+async fn list_rollouts(State(cp): Cp) -> Response {
+    Json(cp.rollouts.views()).into_response()
+}
+
+/// Who asked for a rollout command, for its history.
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct CommandRequest {
+    #[serde(default)]
+    pub by: String,
+}
+
+async fn rollout_command(
+    State(cp): Cp,
+    UrlPath((namespace, name, command)): UrlPath<(String, String, String)>,
+    body: Option<Json<CommandRequest>>,
+) -> Response {
+    let command = match command.parse::<super::rollouts::machine::Command>() {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::NOT_FOUND, e),
+    };
+    let key = match format!("{namespace}/{name}").parse::<fedmesh_api::ServiceKey>() {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("rollout name: {e}")),
+    };
+    let by = body
+        .map(|b| b.0.by)
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "an operator".into());
+    match cp.rollout_command(&key, command, &by).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e @ super::rollouts::CommandError::NotFound(_)) => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+    }
 }
 
 async fn ca_status(State(cp): Cp) -> Response {
@@ -472,6 +517,31 @@ impl AdminSocketClient {
 
     pub async fn proxies(&self) -> Result<ProxiesView, String> {
         self.call(http::Method::GET, "/v1/proxies", None).await
+    }
+
+    pub async fn rollouts(&self) -> Result<Vec<super::rollouts::RolloutView>, String> {
+        self.call(http::Method::GET, "/v1/rollouts", None).await
+    }
+
+    /// `command`: pause, resume, promote or abort; `by` names who asked (for the history).
+    pub async fn rollout_command(
+        &self,
+        key: &fedmesh_api::ServiceKey,
+        command: &str,
+        by: &str,
+    ) -> Result<super::rollouts::RolloutView, String> {
+        let body = serde_json::to_vec(&CommandRequest { by: by.into() }).unwrap_or_default();
+        self.call(
+            http::Method::POST,
+            &format!(
+                "/v1/rollouts/{}/{}/{}",
+                key.namespace,
+                key.name,
+                crate::hub::client::urlencode(command)
+            ),
+            Some(body),
+        )
+        .await
     }
 
     pub async fn ca(&self) -> Result<fedmesh_trust::ca::CaView, String> {

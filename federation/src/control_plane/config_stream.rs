@@ -427,6 +427,7 @@ impl DataPlane for ConfigService {
                         Ok(Some(pb::DataPlaneMessage { msg: Some(pb::data_plane_message::Msg::Demand(d)) })) => {
                             cp.rate_limits.record(&stream_id, caller_ns.as_deref(), &d);
                             cp.peer_traffic.record(&stream_id, caller_ns.as_deref(), &d.permissive);
+                            cp.rollouts.record(&d.signals);
                             continue;
                         }
                         Ok(Some(pb::DataPlaneMessage { msg: Some(pb::data_plane_message::Msg::Health(h)) })) => {

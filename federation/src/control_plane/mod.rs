@@ -22,6 +22,7 @@ pub mod peer_traffic;
 pub mod policy;
 pub mod proxies;
 pub mod ratelimit;
+pub mod rollouts;
 pub mod routes;
 pub mod scope;
 pub mod source;
@@ -208,6 +209,8 @@ pub struct ControlPlane {
     pub rate_limits: Arc<ratelimit::ClustersetLimits>,
     /// Requests to PERMISSIVE services, mTLS or plain text, as the sidecars count them.
     pub peer_traffic: Arc<peer_traffic::PeerTraffic>,
+    /// This cluster's Rollouts: where each stands, and the signals of its versions.
+    pub rollouts: Arc<rollouts::Rollouts>,
     /// The sidecars and gateways with a configuration stream open now.
     pub proxies: Arc<proxies::Proxies>,
     /// The latest probe of every other cluster's gateways.
@@ -439,6 +442,7 @@ impl ControlPlane {
             federated: federated::Federated::new(&config.data_dir),
             rate_limits: Arc::default(),
             peer_traffic: Arc::default(),
+            rollouts: Arc::default(),
             proxies: Arc::default(),
             gateway_probes: Arc::default(),
             pod_locality,
@@ -472,6 +476,7 @@ impl ControlPlane {
         tokio::spawn(cp.clone().derive_loop());
         tokio::spawn(cp.clone().jwks_loop());
         tokio::spawn(cp.clone().snapshot_loop());
+        tokio::spawn(cp.clone().rollout_loop());
         tokio::spawn(config_stream::run(
             cp.clone(),
             cp.dataplane.clone(),
@@ -709,7 +714,19 @@ impl ControlPlane {
             Some(v) => Arc::new(v),
             None => self.snapshot.borrow().validity.clone(),
         };
-        let routes = Arc::new(routes::compile(&local, &cs, &self.config.cluster));
+        self.rollouts.sync(&local.rollouts);
+        let mut routes = routes::compile(&local, &cs, &self.config.cluster);
+        let world = routes::World {
+            local: &local,
+            cs: &cs,
+            own: &self.config.cluster,
+        };
+        self.rollouts.set_conflicts(rollouts::apply(
+            &mut routes,
+            &self.rollouts.wanted(),
+            &world,
+        ));
+        let routes = Arc::new(routes);
         let mut policies = policy::compile(
             &local,
             &routes,
@@ -773,6 +790,36 @@ impl ControlPlane {
         }));
     }
 
+    /// Judges the rollouts every [`rollouts::TICK`]; a share that moves is compiled into the
+    /// routes and streamed to the sidecars at once.
+    async fn rollout_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(rollouts::TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if self.rollouts.tick() {
+                self.publish_snapshot(None).await;
+            }
+        }
+    }
+
+    /// A user's command on a rollout (the admin socket): applied to the routes at once.
+    pub async fn rollout_command(
+        &self,
+        key: &ServiceKey,
+        command: rollouts::machine::Command,
+        by: &str,
+    ) -> Result<rollouts::RolloutView, rollouts::CommandError> {
+        let (view, moved) = self.rollouts.command(key, command, by)?;
+        if moved {
+            self.publish_snapshot(None).await;
+        }
+        Ok(view)
+    }
+
     /// Keeps the snapshot and the status files current.
     async fn snapshot_loop(self: Arc<Self>) {
         let mut cs = self.clusterset.subscribe();
@@ -782,6 +829,7 @@ impl ControlPlane {
         self.publish_snapshot(Some(validity)).await;
         let mut snap = self.snapshot.subscribe();
         let mut federated = self.federated.subscribe();
+        let mut rollouts = self.rollouts.subscribe();
         loop {
             // A failed write to the API server is tried again even if nothing changes.
             let retry = self.write_status(&mut tracker).await;
@@ -795,6 +843,7 @@ impl ControlPlane {
                 r = publish.changed() => if r.is_err() { return },
                 r = snap.changed() => if r.is_err() { return },
                 r = federated.changed() => if r.is_err() { return },
+                r = rollouts.changed() => if r.is_err() { return },
             }
         }
     }
@@ -817,7 +866,9 @@ impl ControlPlane {
         let routes = tracker.route_statuses(&snap.routes);
         let policies = tracker.policy_statuses(&snap.policies);
         let federated = tracker.federated_statuses(&self.federated.reports(&snap.local));
+        let rollouts = self.rollouts.views();
         if let Some(w) = &self.kube_writer {
+            w.sync_rollout_status(&rollouts).await;
             w.sync_federated_status(&federated).await;
             w.sync_imports(&imports, &snap.clusterset).await;
             w.sync_export_status(&exports).await;
@@ -868,8 +919,20 @@ impl ControlPlane {
                     })
                     .collect()
             };
+            let rollout_docs: Vec<serde_json::Value> = rollouts
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "apiVersion": "fedmesh.io/v1alpha1",
+                        "kind": "Rollout",
+                        "metadata": {"name": r.name, "namespace": r.namespace},
+                        "status": r.status,
+                    })
+                })
+                .collect();
             for (name, docs) in [
                 ("serviceimports.yaml", to_values(imports)),
+                ("rollouts.yaml", rollout_docs),
                 ("serviceexports.yaml", exports),
                 ("httproutes.yaml", route_docs("HTTPRoute")),
                 ("grpcroutes.yaml", route_docs("GRPCRoute")),

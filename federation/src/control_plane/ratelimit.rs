@@ -159,6 +159,7 @@ mod tests {
                 interval_ms: 2000,
             }],
             permissive: Vec::new(),
+            signals: Vec::new(),
         };
         l.record("a", Some("shop"), &report(100));
         l.record("b", Some("shop"), &report(60));

@@ -248,6 +248,11 @@ impl Tried {
         self.with(|j| j.connection = Some(hop))
     }
 
+    /// The name the drawn backend's requests are counted under for a rollout, if it has one.
+    pub fn signals(&self) -> Option<Arc<str>> {
+        self.with(|j| j.route.as_ref()?.route_backend()?.signals.clone())
+    }
+
     pub fn journal(&self) -> Journal {
         self.with(|j| j.clone())
     }

@@ -119,6 +119,7 @@ impl Sidecar {
             spans: parts.spans,
             identity: parts.identity,
             access_log: parts.access_log,
+            signals: parts.signals,
         }
         .layer(routed);
         BoxCloneSyncService::new(observed)
@@ -524,4 +525,6 @@ pub(crate) struct StackParts {
     pub max_mirrors: usize,
     /// Rate-limit buckets (shared with the inbound side).
     pub limiter: Arc<fedmesh_dataplane::ratelimit::Limiter>,
+    /// Golden signals of the backends a rollout watches, reported with the demand.
+    pub signals: Arc<fedmesh_dataplane::signals::Signals>,
 }

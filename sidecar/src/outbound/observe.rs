@@ -34,6 +34,8 @@ pub(crate) struct ObserveLayer {
     pub identity: MeshIdentity,
     /// One access-log line per request.
     pub access_log: bool,
+    /// Requests to backends a rollout watches.
+    pub signals: Arc<fedmesh_dataplane::signals::Signals>,
 }
 
 impl<S> Layer<S> for ObserveLayer {
@@ -119,6 +121,11 @@ where
                 }
                 None => resp,
             };
+            if let Some(name) = tried.signals() {
+                layer
+                    .signals
+                    .record(&name, resp.status().as_u16(), start.elapsed());
+            }
             let own = layer.identity.spiffe_id().map(|id| id.to_string());
             layer.metrics.record(
                 "outbound",

@@ -130,6 +130,11 @@ pub(super) fn parse_duration(s: &str, what: &str) -> Result<Option<Duration>, St
     Ok((!d.is_zero()).then_some(d))
 }
 
+/// The match of every request (path prefix `/`), for the routes fedmesh makes itself.
+pub(super) fn every_request() -> pb::RouteMatch {
+    http_match(&HttpRouteMatch::default()).unwrap_or_default()
+}
+
 pub(super) fn millis(d: Option<Duration>) -> u32 {
     d.map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX))
         .unwrap_or(0)

@@ -28,6 +28,7 @@ use fedmesh_api::mcs::{
 };
 use fedmesh_api::pb::federation as pb;
 use fedmesh_api::policy::TrafficPolicy;
+use fedmesh_api::rollout::Rollout;
 use fedmesh_api::{ClusterName, ServiceKey};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
@@ -41,10 +42,11 @@ use super::{LocalObjects, key_of};
 
 const FIELD_MANAGER: &str = "fedmesh";
 /// How many kinds the source watches; it publishes once every one has listed.
-const WATCHED_KINDS: usize = 10;
+const WATCHED_KINDS: usize = 11;
 /// Kinds whose CRD may be absent.
-const OPTIONAL_KINDS: [&str; 7] = [
+const OPTIONAL_KINDS: [&str; 8] = [
     "federatedtrustdomains",
+    "rollouts",
     "trafficpolicies",
     "authorizationpolicies",
     "peerauthentications",
@@ -65,6 +67,7 @@ struct State {
     http_routes: BTreeMap<ServiceKey, HTTPRoute>,
     grpc_routes: BTreeMap<ServiceKey, GRPCRoute>,
     federated_tds: BTreeMap<String, FederatedTrustDomain>,
+    rollouts: BTreeMap<ServiceKey, Rollout>,
     /// Which watchers have completed their initial list.
     ready: BTreeSet<&'static str>,
 }
@@ -106,6 +109,13 @@ impl KubeSource {
         spawn_watch::<TrafficPolicy>(
             Api::all(client.clone()),
             "trafficpolicies",
+            state.clone(),
+            me.clone(),
+            shutdown.clone(),
+        );
+        spawn_watch::<Rollout>(
+            Api::all(client.clone()),
+            "rollouts",
             state.clone(),
             me.clone(),
             shutdown.clone(),
@@ -173,6 +183,7 @@ impl KubeSource {
             slices: st.slices.clone(),
             exports: st.exports.clone(),
             policies: st.policies.clone(),
+            rollouts: st.rollouts.clone(),
             authz_policies: st.authz_policies.clone(),
             peer_authns: st.peer_authns.clone(),
             request_authns: st.request_authns.clone(),
@@ -271,6 +282,7 @@ macro_rules! watched_by_key {
 watched_by_key!(AuthorizationPolicy, authz_policies);
 watched_by_key!(PeerAuthentication, peer_authns);
 watched_by_key!(RequestAuthentication, request_authns);
+watched_by_key!(Rollout, rollouts);
 
 impl Watched for FederatedTrustDomain {
     fn insert(st: &mut State, o: Self) {
@@ -742,6 +754,27 @@ impl KubeWriter {
             };
             if let Err(err) = result {
                 tracing::warn!(%ns, %name, error = %err, "cannot write {kind} status");
+                self.failed(&id).await;
+            }
+        }
+    }
+
+    /// Writes Rollouts' status.
+    pub async fn sync_rollout_status(&self, rollouts: &[super::super::rollouts::RolloutView]) {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        for r in rollouts {
+            let patch = serde_json::json!({
+                "apiVersion": "fedmesh.io/v1alpha1",
+                "kind": "Rollout",
+                "status": r.status,
+            });
+            let id = format!("Rollout/{}/{}", r.namespace, r.name);
+            if !self.changed(&id, &patch).await {
+                continue;
+            }
+            let (c, p) = (self.client.clone(), Patch::Apply(&patch));
+            if let Err(err) = patch_status::<Rollout>(c, &r.namespace, &r.name, &params, &p).await {
+                tracing::warn!(ns = %r.namespace, name = %r.name, error = %err, "cannot write Rollout status");
                 self.failed(&id).await;
             }
         }

@@ -15,6 +15,7 @@ use fedmesh_api::gateway::{GRPCRoute, HTTPRoute};
 use fedmesh_api::mcs::{ServiceExport, condition, reason};
 use fedmesh_api::pb::federation as pb;
 use fedmesh_api::policy::TrafficPolicy;
+use fedmesh_api::rollout::Rollout;
 use fedmesh_api::{Namespace, ServiceKey};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -43,6 +44,8 @@ pub struct LocalObjects {
     /// Trust domains outside the clusterset this cluster federates with (cluster-scoped, keyed
     /// by name).
     pub federated_tds: BTreeMap<String, FederatedTrustDomain>,
+    /// Rollouts, keyed by their own namespace and name.
+    pub rollouts: BTreeMap<ServiceKey, Rollout>,
 }
 
 /// An endpoint of a local service, for the data plane.
@@ -87,6 +90,7 @@ impl LocalObjects {
             Object::RequestAuthentication(p) => by_key(&mut self.request_authns, &p.metadata, &**p),
             Object::HttpRoute(r) => by_key(&mut self.http_routes, &r.metadata, &**r),
             Object::GrpcRoute(r) => by_key(&mut self.grpc_routes, &r.metadata, &**r),
+            Object::Rollout(r) => by_key(&mut self.rollouts, &r.metadata, &**r),
             Object::FederatedTrustDomain(f) => {
                 if let Some(name) = &f.metadata.name {
                     self.federated_tds.insert(name.clone(), (**f).clone());
@@ -332,6 +336,7 @@ pub enum Object {
     HttpRoute(Box<HTTPRoute>),
     GrpcRoute(Box<GRPCRoute>),
     FederatedTrustDomain(Box<FederatedTrustDomain>),
+    Rollout(Box<Rollout>),
 }
 
 impl Object {
@@ -347,6 +352,7 @@ impl Object {
             Object::RequestAuthentication(o) => ("RequestAuthentication", &o.metadata),
             Object::HttpRoute(o) => ("HTTPRoute", &o.metadata),
             Object::GrpcRoute(o) => ("GRPCRoute", &o.metadata),
+            Object::Rollout(o) => ("Rollout", &o.metadata),
             Object::FederatedTrustDomain(o) => {
                 return format!(
                     "FederatedTrustDomain {}",
@@ -420,6 +426,10 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, String> {
             fedmesh_api::ServiceName::new(&name).map_err(|e| format!("{what}: {e}"))?;
             Object::RequestAuthentication(Box::new(typed(&doc, &what)?))
         }
+        ("fedmesh.io/v1alpha1", "Rollout") => {
+            // Its meaning is checked by the control plane, which says what is wrong on its status.
+            Object::Rollout(Box::new(typed(&doc, &what)?))
+        }
         ("fedmesh.io/v1alpha1", "FederatedTrustDomain") => {
             // Cluster-scoped: a namespace in the document is ignored, as Kubernetes does.
             Object::FederatedTrustDomain(Box::new(typed(&doc, &format!("{kind} {name}"))?))
@@ -435,7 +445,7 @@ pub fn parse_object(doc: Value) -> Result<Option<Object>, String> {
         ("", _) | (_, "") => return Err(format!("document has no apiVersion or kind ({what})")),
         _ => {
             return Err(format!(
-                "{api_version} {kind} is not a kind fedmesh reads (Service v1, EndpointSlice discovery.k8s.io/v1, ServiceExport multicluster.x-k8s.io/v1alpha1, HTTPRoute and GRPCRoute gateway.networking.k8s.io/v1, TrafficPolicy, AuthorizationPolicy, PeerAuthentication, RequestAuthentication and FederatedTrustDomain fedmesh.io/v1alpha1)"
+                "{api_version} {kind} is not a kind fedmesh reads (Service v1, EndpointSlice discovery.k8s.io/v1, ServiceExport multicluster.x-k8s.io/v1alpha1, HTTPRoute and GRPCRoute gateway.networking.k8s.io/v1, TrafficPolicy, AuthorizationPolicy, PeerAuthentication, RequestAuthentication, FederatedTrustDomain and Rollout fedmesh.io/v1alpha1)"
             ));
         }
     };

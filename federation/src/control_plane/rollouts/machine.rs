@@ -1,0 +1,412 @@
+//! One rollout's state machine: its plan, where it stands, the canary's requests in the step now,
+//! and every decision. Pure: the controller feeds it the sidecars' reports, the time, and the
+//! user's commands; it answers with the canary's share.
+
+use std::time::{Duration, Instant};
+
+use fedmesh_api::rollout::{Decision, Plan, phase};
+use fedmesh_dataplane::signals::Counts;
+
+/// The most decisions a rollout keeps.
+const HISTORY: usize = 50;
+
+/// A user's command (`fedmesh rollout pause|resume|promote|abort`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Pause,
+    Resume,
+    Promote,
+    Abort,
+}
+
+impl std::str::FromStr for Command {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "pause" => Self::Pause,
+            "resume" => Self::Resume,
+            "promote" => Self::Promote,
+            "abort" => Self::Abort,
+            _ => {
+                return Err(format!(
+                    "{s:?} is not a rollout command (pause, resume, promote or abort)"
+                ));
+            }
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Progressing,
+    Paused,
+    Promoted,
+    RolledBack,
+    Aborted,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Progressing => phase::PROGRESSING,
+            Self::Paused => phase::PAUSED,
+            Self::Promoted => phase::PROMOTED,
+            Self::RolledBack => phase::ROLLED_BACK,
+            Self::Aborted => phase::ABORTED,
+        }
+    }
+}
+
+/// The analysis of a step: a check failed (with its numbers), or not enough requests yet.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    Pass,
+    Wait(String),
+    Fail(String),
+}
+
+pub struct Run {
+    pub plan: Plan,
+    pub phase: Phase,
+    /// Index into the plan's steps (`steps.len()` once promoted).
+    pub step: usize,
+    pub canary_weight: u32,
+    step_started: Instant,
+    /// The canary's and the stable version's requests in this step.
+    pub canary: Counts,
+    pub stable: Counts,
+    pub history: Vec<Decision>,
+    /// The last analysis, in words, for the status.
+    pub verdict: Verdict,
+}
+
+impl Run {
+    pub fn start(plan: Plan, now: Instant, wall: &str) -> Self {
+        let weight = plan.steps[0].weight;
+        let mut r = Self {
+            plan,
+            phase: Phase::Progressing,
+            step: 0,
+            canary_weight: weight,
+            step_started: now,
+            canary: Counts::default(),
+            stable: Counts::default(),
+            history: Vec::new(),
+            verdict: Verdict::Wait(String::new()),
+        };
+        r.verdict = r.analyse();
+        r.decide(
+            wall,
+            "Started",
+            format!("step 0: the canary gets {weight}%"),
+        );
+        r
+    }
+
+    /// Judges the canary's requests of this step against the plan.
+    pub fn analyse(&self) -> Verdict {
+        let c = &self.canary;
+        let min = self.plan.min_requests;
+        if c.requests < min {
+            return Verdict::Wait(format!(
+                "waiting for requests to the canary: {} of the {min} a step needs",
+                c.requests
+            ));
+        }
+        let rate = c.success_rate().unwrap_or(0.0);
+        if rate < self.plan.success_rate {
+            return Verdict::Fail(format!(
+                "success rate {:.2}% is below the floor of {}% ({} of {} requests failed)",
+                rate * 100.0,
+                self.plan.success_rate * 100.0,
+                c.failures,
+                c.requests
+            ));
+        }
+        if let (Some(max), Some(p99)) = (self.plan.latency_p99, c.quantile(0.99))
+            && p99 > max
+        {
+            return Verdict::Fail(format!(
+                "p99 latency {:.1} ms is above the ceiling of {} ms ({} requests)",
+                p99.as_secs_f64() * 1000.0,
+                max.as_millis(),
+                c.requests
+            ));
+        }
+        Verdict::Pass
+    }
+
+    /// Moves on if it may; true when the canary's share changed.
+    pub fn tick(&mut self, now: Instant, wall: &str) -> bool {
+        if self.phase != Phase::Progressing {
+            return false;
+        }
+        self.verdict = self.analyse();
+        match self.verdict.clone() {
+            Verdict::Fail(why) => {
+                self.phase = Phase::RolledBack;
+                self.canary_weight = 0;
+                self.decide(wall, "RolledBack", why);
+                true
+            }
+            Verdict::Wait(_) => false,
+            Verdict::Pass => {
+                let pause = self.plan.steps[self.step].pause;
+                if now.duration_since(self.step_started) < pause {
+                    return false;
+                }
+                self.step += 1;
+                match self.plan.steps.get(self.step) {
+                    Some(s) => {
+                        self.canary_weight = s.weight;
+                        let msg = format!(
+                            "checks passed on {} requests: step {} gives the canary {}%",
+                            self.canary.requests, self.step, s.weight
+                        );
+                        self.decide(wall, "Advanced", msg);
+                    }
+                    None => {
+                        self.phase = Phase::Promoted;
+                        self.canary_weight = 100;
+                        let msg = format!(
+                            "checks passed on {} requests at the last step: the canary takes every request",
+                            self.canary.requests
+                        );
+                        self.decide(wall, "Promoted", msg);
+                    }
+                }
+                self.new_window(now);
+                true
+            }
+        }
+    }
+
+    /// A user's command; true when the canary's share changed. An error says why the command
+    /// does not apply now.
+    pub fn command(
+        &mut self,
+        c: Command,
+        now: Instant,
+        wall: &str,
+        by: &str,
+    ) -> Result<bool, String> {
+        let before = self.canary_weight;
+        match (c, self.phase) {
+            (Command::Pause, Phase::Progressing) => {
+                self.phase = Phase::Paused;
+                self.decide(wall, "Paused", format!("paused by {by}"));
+            }
+            (Command::Resume, Phase::Paused) => {
+                self.phase = Phase::Progressing;
+                self.new_window(now);
+                self.decide(
+                    wall,
+                    "Resumed",
+                    format!(
+                        "resumed by {by}: step {} starts its analysis again",
+                        self.step
+                    ),
+                );
+            }
+            (Command::Resume, Phase::RolledBack | Phase::Aborted) => {
+                self.phase = Phase::Progressing;
+                self.step = 0;
+                self.canary_weight = self.plan.steps[0].weight;
+                self.new_window(now);
+                self.decide(
+                    wall,
+                    "Resumed",
+                    format!(
+                        "restarted by {by}: step 0 gives the canary {}%",
+                        self.canary_weight
+                    ),
+                );
+            }
+            (Command::Promote, Phase::Progressing | Phase::Paused) => {
+                self.phase = Phase::Promoted;
+                self.step = self.plan.steps.len();
+                self.canary_weight = 100;
+                self.decide(
+                    wall,
+                    "Promoted",
+                    format!("promoted by {by}: the canary takes every request"),
+                );
+            }
+            (Command::Abort, Phase::Progressing | Phase::Paused | Phase::Promoted) => {
+                self.phase = Phase::Aborted;
+                self.canary_weight = 0;
+                self.decide(
+                    wall,
+                    "Aborted",
+                    format!("aborted by {by}: every request goes to the stable version"),
+                );
+            }
+            (c, p) => {
+                return Err(format!(
+                    "the rollout is {}: {} does not apply (pause a progressing rollout, resume a paused, rolled back or aborted one, promote or abort one that has not ended)",
+                    p.name(),
+                    match c {
+                        Command::Pause => "pause",
+                        Command::Resume => "resume",
+                        Command::Promote => "promote",
+                        Command::Abort => "abort",
+                    }
+                ));
+            }
+        }
+        self.verdict = self.analyse();
+        Ok(before != self.canary_weight)
+    }
+
+    /// How long until the step may end (for the status): `None` when it does not wait on time.
+    pub fn pause_left(&self, now: Instant) -> Option<Duration> {
+        if self.phase != Phase::Progressing {
+            return None;
+        }
+        let pause = self.plan.steps.get(self.step)?.pause;
+        pause.checked_sub(now.duration_since(self.step_started))
+    }
+
+    fn new_window(&mut self, now: Instant) {
+        self.step_started = now;
+        self.canary = Counts::default();
+        self.stable = Counts::default();
+        self.verdict = self.analyse();
+    }
+
+    fn decide(&mut self, wall: &str, action: &str, message: String) {
+        let c = &self.canary;
+        self.history.push(Decision {
+            time: wall.to_string(),
+            action: action.to_string(),
+            step: self.step as u32,
+            canary_weight: self.canary_weight,
+            requests: c.requests,
+            success_rate: c.success_rate().map(|r| (r * 10_000.0).round() / 100.0),
+            latency_p99_ms: c
+                .quantile(0.99)
+                .map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
+            message,
+        });
+        if self.history.len() > HISTORY {
+            self.history.remove(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedmesh_api::rollout::PlanStep;
+
+    fn plan() -> Plan {
+        Plan {
+            service: fedmesh_api::ServiceName::new("reviews").unwrap(),
+            stable: fedmesh_api::ServiceName::new("reviews-v1").unwrap(),
+            canary: fedmesh_api::ServiceName::new("reviews-v2").unwrap(),
+            steps: vec![
+                PlanStep {
+                    weight: 10,
+                    pause: Duration::from_secs(5),
+                },
+                PlanStep {
+                    weight: 50,
+                    pause: Duration::ZERO,
+                },
+            ],
+            success_rate: 0.99,
+            latency_p99: Some(Duration::from_millis(100)),
+            min_requests: 20,
+        }
+    }
+
+    fn requests(r: &mut Run, n: u64, failed_every: u64, ms: u64) {
+        for i in 0..n {
+            let status = if failed_every > 0 && i % failed_every == 0 {
+                503
+            } else {
+                200
+            };
+            r.canary.record(status, Duration::from_millis(ms));
+        }
+    }
+
+    #[test]
+    fn a_healthy_canary_climbs_each_step_only_with_requests_and_after_its_pause() {
+        let t0 = Instant::now();
+        let mut r = Run::start(plan(), t0, "t0");
+        assert_eq!(r.canary_weight, 10);
+        // No requests: no promotion, however long it waits.
+        assert!(!r.tick(t0 + Duration::from_secs(60), "t"));
+        assert!(matches!(r.verdict, Verdict::Wait(_)));
+        requests(&mut r, 20, 0, 3);
+        // Enough requests, but the pause holds.
+        let t1 = t0 + Duration::from_secs(1);
+        r.step_started = t1;
+        assert!(!r.tick(t1 + Duration::from_secs(4), "t"));
+        assert!(r.tick(t1 + Duration::from_secs(5), "t"));
+        assert_eq!((r.step, r.canary_weight), (1, 50));
+        assert_eq!(r.canary.requests, 0, "each step judges its own requests");
+        requests(&mut r, 20, 0, 3);
+        assert!(r.tick(t1 + Duration::from_secs(6), "t"));
+        assert_eq!((r.phase, r.canary_weight), (Phase::Promoted, 100));
+        let actions: Vec<_> = r.history.iter().map(|d| d.action.as_str()).collect();
+        assert_eq!(actions, ["Started", "Advanced", "Promoted"]);
+        assert_eq!(r.history[2].requests, 20);
+        assert_eq!(r.history[2].success_rate, Some(100.0));
+    }
+
+    #[test]
+    fn errors_or_a_slow_tail_roll_back_with_the_numbers() {
+        let t0 = Instant::now();
+        let mut r = Run::start(plan(), t0, "t0");
+        requests(&mut r, 40, 20, 3);
+        assert!(r.tick(t0, "t"));
+        assert_eq!((r.phase, r.canary_weight), (Phase::RolledBack, 0));
+        let last = r.history.last().unwrap();
+        assert!(
+            last.message
+                .contains("success rate 95.00% is below the floor of 99% (2 of 40"),
+            "{}",
+            last.message
+        );
+        assert_eq!(last.success_rate, Some(95.0));
+
+        let mut slow = Run::start(plan(), t0, "t0");
+        requests(&mut slow, 30, 0, 250);
+        assert!(slow.tick(t0, "t"));
+        let last = slow.history.last().unwrap();
+        assert!(
+            last.message.contains("above the ceiling of 100 ms"),
+            "{}",
+            last.message
+        );
+        assert!(last.latency_p99_ms.unwrap() > 200.0);
+    }
+
+    #[test]
+    fn commands_pause_resume_promote_and_abort() {
+        let t0 = Instant::now();
+        let mut r = Run::start(plan(), t0, "t0");
+        assert_eq!(r.command(Command::Pause, t0, "t", "ann"), Ok(false));
+        requests(&mut r, 40, 0, 1);
+        assert!(!r.tick(t0 + Duration::from_secs(60), "t"), "paused");
+        assert!(r.command(Command::Pause, t0, "t", "ann").is_err());
+        assert_eq!(r.command(Command::Resume, t0, "t", "ann"), Ok(false));
+        assert_eq!(r.canary.requests, 0, "a resumed step counts afresh");
+        assert_eq!(r.command(Command::Abort, t0, "t", "ann"), Ok(true));
+        assert_eq!(r.canary_weight, 0);
+        assert_eq!(r.command(Command::Resume, t0, "t", "ann"), Ok(true));
+        assert_eq!((r.phase, r.canary_weight), (Phase::Progressing, 10));
+        assert_eq!(r.command(Command::Promote, t0, "t", "ann"), Ok(true));
+        assert_eq!((r.phase, r.canary_weight), (Phase::Promoted, 100));
+        assert!(
+            r.history
+                .last()
+                .unwrap()
+                .message
+                .contains("promoted by ann")
+        );
+        assert!("skip".parse::<Command>().is_err());
+    }
+}

@@ -1,0 +1,150 @@
+//! How a rollout's share reaches the sidecars: through the compiled routes of its service. A
+//! route rule that names both versions as backends gets the rollout's weights; with no route
+//! binding the service, the rollout makes its own (every request, the two versions). A route
+//! that binds the service without both versions is the user's explicit choice: the rollout does
+//! not touch it and reports the conflict.
+
+use std::collections::BTreeMap;
+
+use fedmesh_api::ServiceKey;
+use fedmesh_api::pb::dataplane as pb;
+
+use super::super::routes::{CompiledRoutes, World};
+
+/// What a rollout asks of its service's routes now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    pub rollout: ServiceKey,
+    pub service: ServiceKey,
+    pub stable: ServiceKey,
+    pub canary: ServiceKey,
+    /// The canary's share, in percent.
+    pub canary_weight: u32,
+}
+
+/// The names under which callers report a rollout's versions (`BackendRef.signals`).
+pub fn signal_name(rollout: &ServiceKey, arm: &str) -> String {
+    format!("{rollout}/{arm}")
+}
+
+/// Applies each rollout's weights to `routes`; returns, per rollout, why its weights could not be
+/// applied.
+pub(in crate::control_plane) fn apply(
+    routes: &mut CompiledRoutes,
+    wanted: &[Wanted],
+    world: &World<'_>,
+) -> BTreeMap<ServiceKey, String> {
+    let mut problems = BTreeMap::new();
+    for w in wanted {
+        let kind = |key: &ServiceKey| -> Option<pb::backend_ref::Kind> {
+            if world.local.services.contains_key(key) {
+                Some(pb::backend_ref::Kind::Service)
+            } else if world.in_clusterset(key) {
+                Some(pb::backend_ref::Kind::ServiceImport)
+            } else {
+                None
+            }
+        };
+        let (Some(stable_kind), Some(canary_kind)) = (kind(&w.stable), kind(&w.canary)) else {
+            let missing: Vec<String> = [&w.stable, &w.canary]
+                .into_iter()
+                .filter(|k| kind(k).is_none())
+                .map(|k| k.name.to_string())
+                .collect();
+            problems.insert(
+                w.rollout.clone(),
+                format!(
+                    "there is no Service {} in this cluster or the clusterset: traffic stays as it is until there is",
+                    missing.join(" or ")
+                ),
+            );
+            continue;
+        };
+        let names = |k: &ServiceKey| k.to_string();
+        let (stable, canary) = (names(&w.stable), names(&w.canary));
+        let arm = |b: &pb::BackendRef| -> Option<bool> {
+            let by_name = b.kind == pb::backend_ref::Kind::Service as i32
+                || b.kind == pb::backend_ref::Kind::ServiceImport as i32;
+            if !by_name {
+                return None;
+            }
+            if b.service == stable {
+                Some(false)
+            } else if b.service == canary {
+                Some(true)
+            } else {
+                None
+            }
+        };
+        match routes.by_parent.get_mut(&w.service) {
+            Some(bound) if !bound.is_empty() => {
+                let mut driven = 0;
+                for r in bound.iter_mut() {
+                    let arms: Vec<Option<bool>> = r.backend_refs.iter().map(arm).collect();
+                    if !(arms.contains(&Some(false)) && arms.contains(&Some(true))) {
+                        continue;
+                    }
+                    driven += 1;
+                    for (b, a) in r.backend_refs.iter_mut().zip(arms) {
+                        match a {
+                            Some(true) => {
+                                b.weight = w.canary_weight;
+                                b.signals = signal_name(&w.rollout, "canary");
+                            }
+                            Some(false) => {
+                                b.weight = 100 - w.canary_weight.min(100);
+                                b.signals = signal_name(&w.rollout, "stable");
+                            }
+                            // The user's other backends keep their weights.
+                            None => {}
+                        }
+                    }
+                }
+                if driven == 0 {
+                    let sources: std::collections::BTreeSet<&str> =
+                        bound.iter().map(|r| r.source.as_str()).collect();
+                    problems.insert(
+                        w.rollout.clone(),
+                        format!(
+                            "{} binds {} but no rule names both {} and {} as backends: add both to a rule (the rollout drives its weights) or remove the route",
+                            sources.into_iter().collect::<Vec<_>>().join(", "),
+                            w.service,
+                            w.stable.name,
+                            w.canary.name
+                        ),
+                    );
+                }
+            }
+            _ => {
+                let backend =
+                    |key: &ServiceKey, kind: pb::backend_ref::Kind, weight, arm| pb::BackendRef {
+                        kind: kind as i32,
+                        service: key.to_string(),
+                        weight,
+                        signals: signal_name(&w.rollout, arm),
+                        ..Default::default()
+                    };
+                let all = super::super::routes::every_request();
+                routes.by_parent.insert(
+                    w.service.clone(),
+                    vec![pb::Route {
+                        name: "canary".into(),
+                        source: format!("Rollout {}", w.rollout),
+                        matches: vec![all],
+                        backend_refs: vec![
+                            backend(
+                                &w.stable,
+                                stable_kind,
+                                100 - w.canary_weight.min(100),
+                                "stable",
+                            ),
+                            backend(&w.canary, canary_kind, w.canary_weight, "canary"),
+                        ],
+                        ..Default::default()
+                    }],
+                );
+            }
+        }
+    }
+    problems
+}

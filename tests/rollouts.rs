@@ -1,0 +1,492 @@
+//! Rollouts end to end through the in-process clusterset: a `Rollout` written to a cluster's
+//! source directory as a user would, its control plane moving the canary's share step by step on
+//! what the callers' real sidecars measured, rolling back by itself, and the status (with every
+//! decision and its numbers) read back from the status directory and through `fedmesh rollout`.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fedmesh_testbed::apps::RunningApp;
+use fedmesh_testbed::client::ProxyClient;
+use fedmesh_testbed::{Cluster, Workload, WorkloadSpec};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::mesh::{app_listener, client_workload, endpoints, serve_http, testbed, url};
+use tokio_util::sync::CancellationToken;
+
+/// An app that answers its version's name; every `fail_every`th request (the first included)
+/// gets 503, and every answer waits `delay`.
+async fn version_app(version: &'static str, fail_every: u64, delay: Duration) -> RunningApp {
+    let listener = app_listener().await;
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let count = Arc::new(AtomicU64::new(0));
+    tokio::spawn(async move {
+        loop {
+            let s = tokio::select! {
+                _ = token.cancelled() => return,
+                a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+            };
+            let count = count.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                    let n = count.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        let mut r = http::Response::new(Full::new(Bytes::from(version)));
+                        if fail_every > 0 && n.is_multiple_of(fail_every) {
+                            *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    RunningApp::from_parts(addr, stop)
+}
+
+/// `shop/reviews` in `c` served by a v1 and a v2 workload, each version also a Service of its
+/// own (`reviews-v1`, `reviews-v2`), and a `frontend` that calls it.
+struct Reviews {
+    frontend: Workload,
+    _workloads: Vec<(Workload, RunningApp)>,
+}
+
+async fn reviews(c: &Cluster, v2_fail_every: u64, v2_delay: Duration) -> Reviews {
+    let mut ws = Vec::new();
+    for (name, version, fail, delay) in [
+        ("reviews-v1", "v1", 0, Duration::ZERO),
+        ("reviews-v2", "v2", v2_fail_every, v2_delay),
+    ] {
+        let app = version_app(version, fail, delay).await;
+        let w = c
+            .workload(&WorkloadSpec::new("shop", name, "e1"), app.addr)
+            .await
+            .unwrap();
+        serve_http(c, name, &endpoints(&[&w]));
+        ws.push((w, app));
+    }
+    serve_http(c, "reviews", &endpoints(&[&ws[0].0, &ws[1].0]));
+    let frontend = client_workload(c, "frontend", "e1").await;
+    for svc in ["reviews", "reviews-v1", "reviews-v2"] {
+        let key = format!("shop/{svc}");
+        frontend
+            .wait_config(&format!("{key} has an endpoint"), |t| {
+                t.service_named(&key)
+                    .is_some_and(|e| e.svc.endpoints.iter().any(|ep| ep.ready))
+            })
+            .await
+            .unwrap();
+    }
+    Reviews {
+        frontend,
+        _workloads: ws,
+    }
+}
+
+/// `n` requests to `reviews` through `w`'s sidecar: how many each version answered, by status.
+async fn drive(w: &Workload, n: usize) -> BTreeMap<(String, u16), usize> {
+    let mut c = ProxyClient::new(w.proxy);
+    let mut by = BTreeMap::new();
+    for _ in 0..n {
+        let r = c.get(&url("reviews", "/")).await.unwrap();
+        *by.entry((
+            String::from_utf8_lossy(&r.body).into_owned(),
+            r.status.as_u16(),
+        ))
+        .or_default() += 1;
+    }
+    by
+}
+
+fn rollout_yaml(steps: &str, analysis: &str) -> String {
+    format!(
+        r#"apiVersion: fedmesh.io/v1alpha1
+kind: Rollout
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  service: reviews
+  stable: {{service: reviews-v1}}
+  canary: {{service: reviews-v2}}
+  strategy:
+    canary:
+      steps: {steps}
+  analysis: {analysis}
+"#
+    )
+}
+
+/// The Rollout's status as the control plane wrote it (`status/rollouts.yaml`).
+fn status(c: &Cluster) -> Option<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(c.data.join("status").join("rollouts.yaml")).unwrap_or_default();
+    text.split("\n---\n")
+        .skip(1)
+        .filter_map(|doc| serde_saphyr::from_str::<serde_json::Value>(doc).ok())
+        .find(|v| v["metadata"]["name"] == "reviews")
+        .map(|v| v["status"].clone())
+}
+
+fn condition(s: &serde_json::Value, type_: &str) -> (String, String, String) {
+    let c = s["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == type_)
+        .cloned()
+        .unwrap_or_default();
+    let f = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+    (f("status"), f("reason"), f("message"))
+}
+
+/// Drives `batch` requests at a time (none when 0) until the status satisfies `done`; at most
+/// 60 s.
+async fn until(
+    c: &Cluster,
+    w: &Workload,
+    batch: usize,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = status(c)
+            && done(&s)
+        {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollout never got {what}: {:#?}",
+            status(c)
+        );
+        if batch > 0 {
+            drive(w, batch).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn actions(s: &serde_json::Value) -> Vec<String> {
+    s["history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| d["action"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Waits until `w`'s sidecar sends the canary `weight`% of `reviews`.
+async fn wait_weight(w: &Workload, weight: u32) {
+    w.wait_config(&format!("the canary at {weight}%"), |t| {
+        t.service_named("shop/reviews").is_some_and(|e| {
+            e.policy.routes.first().is_some_and(|r| {
+                r.route_backends.iter().any(|b| {
+                    b.signals.as_deref() == Some("shop/reviews/canary") && b.weight == weight
+                })
+            })
+        })
+    })
+    .await
+    .unwrap();
+}
+
+fn fedmesh(c: &Cluster, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fedmesh"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(&c.data)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_canary_waits_for_traffic_then_is_promoted_step_by_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east")]).await;
+    let east = tb.cluster("east");
+    let r = reviews(east, 0, Duration::ZERO).await;
+    east.write(
+        "rollout.yaml",
+        &rollout_yaml(
+            "[{weight: 20}, {weight: 50}]",
+            "{successRate: 99, latencyP99: 1s, minRequests: 20}",
+        ),
+    )
+    .unwrap();
+    wait_weight(&r.frontend, 20).await;
+    // No requests, no promotion: the step waits however long nothing comes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = status(east).unwrap();
+    assert_eq!(s["phase"], "Progressing", "{s:#?}");
+    assert_eq!(
+        (s["step"].as_u64(), s["canaryWeight"].as_u64()),
+        (Some(0), Some(20))
+    );
+    let (st, reason, message) = condition(&s, "Healthy");
+    assert_eq!(
+        (st.as_str(), reason.as_str()),
+        ("Unknown", "WaitingForRequests")
+    );
+    assert!(message.contains("0 of the 20"), "{message}");
+
+    // With traffic, each step is judged on its own requests and the canary climbs.
+    let s = until(east, &r.frontend, 40, "promoted", |s| {
+        s["phase"] == "Promoted"
+    })
+    .await;
+    assert_eq!(actions(&s), ["Started", "Advanced", "Promoted"], "{s:#?}");
+    for d in &s["history"].as_array().unwrap()[1..] {
+        assert!(d["requests"].as_u64().unwrap() >= 20, "{d:#?}");
+        assert_eq!(d["successRate"], 100.0, "{d:#?}");
+        assert!(d["latencyP99Ms"].as_f64().unwrap() < 1000.0, "{d:#?}");
+    }
+    wait_weight(&r.frontend, 100).await;
+    let by = drive(&r.frontend, 50).await;
+    assert_eq!(by, BTreeMap::from([(("v2".into(), 200), 50)]));
+
+    let (ok, out, err) = fedmesh(east, &["rollout", "status", "shop/reviews"]);
+    assert!(ok, "{err}");
+    for want in [
+        "reviews-v1 → reviews-v2",
+        "Promoted",
+        "100%",
+        "Advanced",
+        "checks passed on",
+    ] {
+        assert!(out.contains(want), "{want} not in:\n{out}");
+    }
+    tb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_failing_5_percent_of_requests_is_rolled_back_at_its_first_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east")]).await;
+    let east = tb.cluster("east");
+    let r = reviews(east, 20, Duration::ZERO).await;
+    east.write(
+        "rollout.yaml",
+        &rollout_yaml(
+            "[{weight: 50, pause: 1h}, {weight: 100}]",
+            "{successRate: 99, minRequests: 40}",
+        ),
+    )
+    .unwrap();
+    wait_weight(&r.frontend, 50).await;
+    let s = until(east, &r.frontend, 40, "rolled back", |s| {
+        s["phase"] == "RolledBack"
+    })
+    .await;
+    assert_eq!(actions(&s), ["Started", "RolledBack"]);
+    let last = s["history"].as_array().unwrap().last().unwrap().clone();
+    let message = last["message"].as_str().unwrap();
+    assert!(
+        message.contains("is below the floor of 99%"),
+        "the failed check and its numbers: {message}"
+    );
+    let rate = last["successRate"].as_f64().unwrap();
+    assert!((90.0..99.0).contains(&rate), "{last:#?}");
+    assert!(last["requests"].as_u64().unwrap() >= 40);
+    let (st, reason, _) = condition(&s, "Progressing");
+    assert_eq!((st.as_str(), reason.as_str()), ("False", "RolledBack"));
+    let (ok, out, err) = fedmesh(east, &["rollout", "status"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("RolledBack") && out.contains("below the floor of 99%"),
+        "{out}"
+    );
+    // One configuration push later, every request goes to the stable version.
+    wait_weight(&r.frontend, 0).await;
+    let by = drive(&r.frontend, 50).await;
+    assert_eq!(by, BTreeMap::from([(("v1".into(), 200), 50)]));
+    tb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_with_a_latency_regression_is_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east")]).await;
+    let east = tb.cluster("east");
+    let r = reviews(east, 0, Duration::from_millis(200)).await;
+    east.write(
+        "rollout.yaml",
+        &rollout_yaml(
+            "[{weight: 50, pause: 1h}]",
+            "{latencyP99: 50ms, minRequests: 10}",
+        ),
+    )
+    .unwrap();
+    wait_weight(&r.frontend, 50).await;
+    let s = until(east, &r.frontend, 10, "rolled back", |s| {
+        s["phase"] == "RolledBack"
+    })
+    .await;
+    let last = s["history"].as_array().unwrap().last().unwrap().clone();
+    let message = last["message"].as_str().unwrap();
+    assert!(
+        message.contains("is above the ceiling of 50 ms"),
+        "{message}"
+    );
+    assert!(last["latencyP99Ms"].as_f64().unwrap() >= 150.0, "{last:#?}");
+    wait_weight(&r.frontend, 0).await;
+    tb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_abort_and_promote_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east")]).await;
+    let east = tb.cluster("east");
+    let r = reviews(east, 0, Duration::ZERO).await;
+    east.write(
+        "rollout.yaml",
+        &rollout_yaml("[{weight: 10}, {weight: 60}]", "{minRequests: 5}"),
+    )
+    .unwrap();
+    wait_weight(&r.frontend, 10).await;
+
+    let (ok, out, err) = fedmesh(east, &["rollout", "pause", "reviews", "-n", "shop"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("Paused"), "{out}");
+    // Paused: traffic flows, the share holds.
+    drive(&r.frontend, 100).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = status(east).unwrap();
+    assert_eq!(
+        (s["phase"].as_str(), s["canaryWeight"].as_u64()),
+        (Some("Paused"), Some(10))
+    );
+    // Pausing twice says why not.
+    let (ok, _, err) = fedmesh(east, &["rollout", "pause", "shop/reviews"]);
+    assert!(!ok && err.contains("the rollout is Paused"), "{err}");
+
+    let (ok, _, err) = fedmesh(east, &["rollout", "resume", "shop/reviews"]);
+    assert!(ok, "{err}");
+    until(east, &r.frontend, 20, "to step 1", |s| {
+        s["canaryWeight"] == 60
+    })
+    .await;
+
+    let (ok, _, err) = fedmesh(east, &["rollout", "abort", "shop/reviews"]);
+    assert!(ok, "{err}");
+    wait_weight(&r.frontend, 0).await;
+    assert_eq!(
+        drive(&r.frontend, 30).await,
+        BTreeMap::from([(("v1".into(), 200), 30)])
+    );
+
+    let (ok, _, err) = fedmesh(east, &["rollout", "promote", "shop/reviews"]);
+    assert!(!ok && err.contains("the rollout is Aborted"), "{err}");
+    let (ok, _, err) = fedmesh(east, &["rollout", "resume", "shop/reviews"]);
+    assert!(ok, "{err}");
+    wait_weight(&r.frontend, 10).await;
+    let (ok, _, err) = fedmesh(east, &["rollout", "promote", "shop/reviews"]);
+    assert!(ok, "{err}");
+    wait_weight(&r.frontend, 100).await;
+
+    let (ok, out, err) = fedmesh(east, &["rollout", "status", "-o", "json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let s = &v[0]["status"];
+    assert_eq!(s["phase"], "Promoted");
+    assert_eq!(
+        actions(s),
+        [
+            "Started", "Paused", "Resumed", "Advanced", "Aborted", "Resumed", "Promoted"
+        ]
+    );
+    assert!(
+        s["history"][1]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("paused by")
+    );
+    let (ok, _, err) = fedmesh(east, &["rollout", "status", "shop/nope"]);
+    assert!(
+        !ok && err.contains("there is no Rollout shop/nope"),
+        "{err}"
+    );
+    tb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_never_overrides_a_users_route_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east")]).await;
+    let east = tb.cluster("east");
+    let r = reviews(east, 0, Duration::ZERO).await;
+    east.write(
+        "route.yaml",
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews-pinned, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 80}]
+  rules:
+  - backendRefs: [{name: reviews-v1, port: 80}]
+"#,
+    )
+    .unwrap();
+    east.write(
+        "rollout.yaml",
+        &rollout_yaml("[{weight: 50}]", "{minRequests: 5}"),
+    )
+    .unwrap();
+    let s = until(east, &r.frontend, 0, "a conflict", |s| {
+        condition(s, "RouteConflict").0 == "True"
+    })
+    .await;
+    let (_, _, message) = condition(&s, "RouteConflict");
+    assert!(
+        message.contains("HTTPRoute shop/reviews-pinned binds shop/reviews but no rule names both reviews-v1 and reviews-v2"),
+        "{message}"
+    );
+    // The user's route holds: everything to v1, and the rollout does not move.
+    assert_eq!(
+        drive(&r.frontend, 40).await,
+        BTreeMap::from([(("v1".into(), 200), 40)])
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(actions(&status(east).unwrap()), ["Started"]);
+
+    // A rule naming both versions is the rollout's to drive.
+    east.write(
+        "route.yaml",
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews-pinned, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 80}]
+  rules:
+  - backendRefs: [{name: reviews-v1, port: 80, weight: 1}, {name: reviews-v2, port: 80, weight: 0}]
+"#,
+    )
+    .unwrap();
+    until(east, &r.frontend, 20, "promoted", |s| {
+        s["phase"] == "Promoted"
+    })
+    .await;
+    let s = status(east).unwrap();
+    assert_eq!(condition(&s, "RouteConflict").0, "", "{s:#?}");
+    tb.shutdown().await;
+}
