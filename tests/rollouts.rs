@@ -490,3 +490,184 @@ spec:
     assert_eq!(condition(&s, "RouteConflict").0, "", "{s:#?}");
     tb.shutdown().await;
 }
+
+/// Drives `batch` requests from each frontend at a time until `done` holds of every cluster's
+/// status (in the order of `clusters`); at most 90 s.
+async fn until_all(
+    clusters: &[(&Cluster, &Workload)],
+    batch: usize,
+    what: &str,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let now: Vec<serde_json::Value> = clusters
+            .iter()
+            .map(|(c, _)| status(c).unwrap_or_default())
+            .collect();
+        if done(&now) {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollout never got {what}: {now:#?}"
+        );
+        for (_, w) in clusters {
+            drive(w, batch).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn wave_rollout_yaml() -> String {
+    rollout_yaml("[{weight: 30}, {weight: 60}]", "{minRequests: 10}")
+        + "  waves: [{clusters: [east]}, {clusters: [west]}]\n"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_canary_is_promoted_wave_by_wave_across_two_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    let e = reviews(east, 0, Duration::ZERO).await;
+    let w = reviews(west, 0, Duration::ZERO).await;
+    for c in [east, west] {
+        c.write("rollout.yaml", &wave_rollout_yaml()).unwrap();
+    }
+    // West's wave waits while east's runs: its canary gets nothing.
+    let s = until_all(
+        &[(east, &e.frontend), (west, &w.frontend)],
+        20,
+        "east promoted",
+        |s| s[0]["phase"] == "Promoted",
+    )
+    .await;
+    let west_actions = actions(&s[1]);
+    assert_eq!(
+        west_actions.first().map(String::as_str),
+        Some("Waiting"),
+        "{s:#?}"
+    );
+    let s = until_all(
+        &[(east, &e.frontend), (west, &w.frontend)],
+        20,
+        "west promoted",
+        |s| s[1]["phase"] == "Promoted",
+    )
+    .await;
+    assert_eq!(
+        actions(&s[0]),
+        ["Waiting", "Started", "Advanced", "Promoted"]
+    );
+    assert_eq!(
+        actions(&s[1]),
+        ["Waiting", "Started", "Advanced", "Promoted"]
+    );
+    // West began only after east had promoted.
+    let t = |s: &serde_json::Value, action: &str| {
+        s["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["action"] == action)
+            .map(|d| d["time"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert!(t(&s[1], "Started") >= t(&s[0], "Promoted"), "{s:#?}");
+    assert!(
+        s[1]["history"][1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("this cluster's wave begins"),
+        "{s:#?}"
+    );
+    for f in [&e.frontend, &w.frontend] {
+        wait_weight(f, 100).await;
+    }
+    // The hub's view: both clusters, in wave order, each with its gate (the control planes
+    // report every 2 s).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_fedmesh"))
+            .args(["rollout", "waves", "-o", "json", "--admin"])
+            .arg(format!("http://{}", tb.hub_admin))
+            .args(["--admin-token", &tb.hub_admin_token])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let clusters: Vec<(String, u64, String, String)> = v[0]["clusters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+                (
+                    s("cluster"),
+                    c["wave"].as_u64().unwrap_or(9),
+                    s("phase"),
+                    s("gate"),
+                )
+            })
+            .collect();
+        let want = [("east", 0, "Promoted", "GO"), ("west", 1, "Promoted", "GO")]
+            .map(|(c, w, p, g)| (c.to_string(), w, p.to_string(), g.to_string()));
+        if clusters == want {
+            assert_eq!(v[0]["rollout"], "shop/reviews");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{v:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_in_the_second_wave_rolls_back_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    let e = reviews(east, 0, Duration::ZERO).await;
+    // West's v2 fails one request in five.
+    let w = reviews(west, 5, Duration::ZERO).await;
+    for c in [east, west] {
+        c.write("rollout.yaml", &wave_rollout_yaml()).unwrap();
+    }
+    let s = until_all(
+        &[(east, &e.frontend), (west, &w.frontend)],
+        20,
+        "rolled back everywhere",
+        |s| s[0]["phase"] == "RolledBack" && s[1]["phase"] == "RolledBack",
+    )
+    .await;
+    assert_eq!(
+        actions(&s[0]),
+        ["Waiting", "Started", "Advanced", "Promoted", "RolledBack"]
+    );
+    let east_why = s[0]["history"].as_array().unwrap().last().unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        east_why.starts_with("west rolled back (success rate"),
+        "{east_why}"
+    );
+    let west_why = s[1]["history"].as_array().unwrap().last().unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(west_why.contains("is below the floor of 99%"), "{west_why}");
+    // Every request in both clusters goes to the stable version again.
+    for f in [&e.frontend, &w.frontend] {
+        wait_weight(f, 0).await;
+        assert_eq!(
+            drive(f, 30).await,
+            BTreeMap::from([(("v1".into(), 200), 30)])
+        );
+    }
+    tb.shutdown().await;
+}

@@ -66,6 +66,19 @@ pub struct RolloutSpec {
     pub strategy: Strategy,
     #[serde(default)]
     pub analysis: Analysis,
+    /// Across the clusterset: the clusters in order, wave by wave (e.g. `[{clusters: [east]},
+    /// {clusters: [west, central]}]`). A wave begins when every cluster of the waves before it
+    /// has promoted its canary; a rollback in any cluster rolls back every cluster. The same
+    /// Rollout must be in each of these clusters (each cluster's control plane runs its own
+    /// steps; the hub says which wave runs). Unset: this cluster alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waves: Vec<Wave>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Wave {
+    pub clusters: Vec<String>,
 }
 
 /// A version of the service: a Service of its own (in the rollout's namespace).
@@ -120,7 +133,8 @@ pub struct Analysis {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutStatus {
-    /// `Progressing`, `Paused`, `Promoted`, `RolledBack`, `Aborted` or `Invalid`.
+    /// `Waiting` (for its wave), `Progressing`, `Paused`, `Promoted`, `RolledBack`, `Aborted` or
+    /// `Invalid`.
     #[serde(default)]
     pub phase: String,
     /// The step now (0-based).
@@ -167,6 +181,8 @@ pub mod phase {
     pub const ROLLED_BACK: &str = "RolledBack";
     pub const ABORTED: &str = "Aborted";
     pub const INVALID: &str = "Invalid";
+    /// Its wave has not begun: the canary gets nothing here yet.
+    pub const WAITING: &str = "Waiting";
 }
 
 /// A rollout's spec, checked: what the controller runs.
@@ -180,6 +196,8 @@ pub struct Plan {
     pub success_rate: f64,
     pub latency_p99: Option<Duration>,
     pub min_requests: u64,
+    /// The clusters wave by wave (empty: this cluster alone).
+    pub waves: Vec<Vec<crate::ClusterName>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -264,7 +282,27 @@ impl RolloutSpec {
                 "analysis.minRequests is 0: a step must see requests before it is judged".into(),
             );
         }
+        let mut waves = Vec::with_capacity(self.waves.len());
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, w) in self.waves.iter().enumerate() {
+            if w.clusters.is_empty() {
+                return Err(format!("wave {i} names no cluster"));
+            }
+            let mut wave = Vec::with_capacity(w.clusters.len());
+            for c in &w.clusters {
+                let name = crate::ClusterName::new(c)
+                    .map_err(|e| format!("wave {i}: cluster {c:?}: {e}"))?;
+                if !seen.insert(name.clone()) {
+                    return Err(format!(
+                        "wave {i}: cluster {c} is already in an earlier wave (a cluster rolls out once)"
+                    ));
+                }
+                wave.push(name);
+            }
+            waves.push(wave);
+        }
         Ok(Plan {
+            waves,
             service,
             stable,
             canary,
@@ -327,6 +365,14 @@ mod tests {
                 "minRequests is 0",
             ),
             ("strategy: {}", "strategy needs"),
+            (
+                "strategy: {canary: {steps: [{weight: 5}]}}\nwaves: [{clusters: [east]}, {clusters: [east]}]",
+                "already in an earlier wave",
+            ),
+            (
+                "strategy: {canary: {steps: [{weight: 5}]}}\nwaves: [{clusters: []}]",
+                "wave 0 names no cluster",
+            ),
         ] {
             let e = spec(&format!("{base}{tail}\n")).plan().unwrap_err();
             assert!(e.contains(says), "{tail}: {e}");

@@ -21,6 +21,14 @@ pub enum RolloutCommand {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Every Rollout in waves across the clusterset, cluster by cluster in wave order, and which
+    /// wave runs (through the hub's admin API).
+    Waves {
+        #[command(flatten)]
+        admin: super::hub::AdminArgs,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Hold the canary's share where it is (the analysis stops judging).
     Pause(Target),
     /// Go on from a pause (the step's analysis starts again), or start a rolled back or aborted
@@ -87,6 +95,16 @@ pub async fn run(c: RolloutCommand) -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        RolloutCommand::Waves { admin, output } => {
+            let all = admin.client()?.rollouts().await?;
+            print_waves(&all, output)?;
+            if all.is_empty() && output.is_table() {
+                eprintln!(
+                    "no rollouts in waves: control planes report theirs every 2 s (a Rollout with `waves`, in every cluster it names)"
+                );
+            }
+            return Ok(());
+        }
         RolloutCommand::Pause(t) => ("pause", t),
         RolloutCommand::Resume(t) => ("resume", t),
         RolloutCommand::Promote(t) => ("promote", t),
@@ -103,6 +121,48 @@ pub async fn run(c: RolloutCommand) -> anyhow::Result<()> {
         .await
         .map_err(fail)?;
     print(std::slice::from_ref(&v), t.output, true)
+}
+
+fn print_waves(
+    rollouts: &[fedmesh_federation::hub::rollouts::WaveRollout],
+    output: Output,
+) -> anyhow::Result<()> {
+    if print_doc(output, &serde_json::to_value(rollouts)?)? {
+        return Ok(());
+    }
+    let mut t = table(&[
+        "ROLLOUT", "WAVE", "CLUSTER", "PHASE", "STEP", "CANARY", "REQUESTS", "SUCCESS", "P99",
+        "GATE", "WHY",
+    ]);
+    for r in rollouts {
+        for c in &r.clusters {
+            let colour = match c.gate.as_str() {
+                "GO" => Color::Green,
+                "ROLL_BACK" => Color::Red,
+                _ => Color::Yellow,
+            };
+            let why = if c.gate == "HOLD" || c.gate == "ROLL_BACK" {
+                &c.reason
+            } else {
+                &c.message
+            };
+            t.add_row(vec![
+                cell(&r.rollout, None),
+                cell(c.wave.to_string(), None),
+                cell(&c.cluster, None),
+                cell(&c.phase, None),
+                cell(format!("{}/{}", (c.step + 1).min(c.steps), c.steps), None),
+                cell(format!("{}%", c.canary_weight), None),
+                cell(c.requests.to_string(), None),
+                cell(format!("{:.2}%", c.success_rate * 100.0), None),
+                cell(format!("{:.1} ms", c.latency_p99_ms), None),
+                cell(&c.gate, Some(colour)),
+                cell(why, None),
+            ]);
+        }
+    }
+    println!("{t}");
+    Ok(())
 }
 
 /// The condition `type_`'s message, or "-".

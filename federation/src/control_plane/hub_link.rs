@@ -325,6 +325,8 @@ pub struct Reports {
     pub proxies: Arc<super::proxies::Proxies>,
     /// The latest probes of other clusters' gateways.
     pub probes: Arc<super::gateway_probe::GatewayProbes>,
+    /// The rollouts in waves (and where the hub's gates go).
+    pub rollouts: Arc<super::rollouts::Rollouts>,
     pub config: watch::Receiver<Arc<super::config_stream::ConfigState>>,
 }
 
@@ -495,6 +497,13 @@ async fn session(
                     });
                 }
                 if hub_has.is_some()
+                    && let Some(r) = reports.rollouts.report()
+                {
+                    let _ = publish_tx.try_send(pb::ClusterMessage {
+                        msg: Some(pb::cluster_message::Msg::Rollouts(r)),
+                    });
+                }
+                if hub_has.is_some()
                     && let Some(p) = reports.probes.report()
                 {
                     let _ = publish_tx.try_send(pb::ClusterMessage {
@@ -543,6 +552,7 @@ async fn session(
                         }
                     }
                     Some(pb::hub_message::Msg::Shares(s)) => limits.apply_shares(&s),
+                    Some(pb::hub_message::Msg::Gates(g)) => reports.rollouts.apply_gates(&g),
                     Some(pb::hub_message::Msg::PublishResult(r)) => {
                         let Some((version, sent)) = in_flight.take() else { continue };
                         if r.version != version {

@@ -495,6 +495,7 @@ impl ControlPlane {
                     traffic: cp.peer_traffic.clone(),
                     proxies: cp.proxies.clone(),
                     probes: cp.gateway_probes.clone(),
+                    rollouts: cp.rollouts.clone(),
                     config: cp.dataplane_config(),
                 },
                 shutdown.clone(),
@@ -714,7 +715,7 @@ impl ControlPlane {
             Some(v) => Arc::new(v),
             None => self.snapshot.borrow().validity.clone(),
         };
-        self.rollouts.sync(&local.rollouts);
+        self.rollouts.sync(&local.rollouts, &self.config.cluster);
         let mut routes = routes::compile(&local, &cs, &self.config.cluster);
         let world = routes::World {
             local: &local,

@@ -160,6 +160,11 @@ impl AdminClient {
         self.call(Method::GET, "/api/v1/proxies", None).await
     }
 
+    /// Every Rollout in waves, cluster by cluster.
+    pub async fn rollouts(&self) -> Result<Vec<super::rollouts::WaveRollout>, ClientError> {
+        self.call(Method::GET, "/api/v1/rollouts", None).await
+    }
+
     /// Every cluster's gateways as every other cluster's probes found them.
     pub async fn gateways(&self) -> Result<Vec<super::gateways::GatewayStatus>, ClientError> {
         self.call(Method::GET, "/api/v1/gateways", None).await

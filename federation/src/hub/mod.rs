@@ -20,6 +20,7 @@ pub mod quota;
 pub mod records;
 pub mod registration;
 pub mod reports;
+pub mod rollouts;
 mod service;
 pub mod traces;
 pub mod ui;
@@ -132,6 +133,8 @@ pub struct Hub {
     acked: std::sync::Mutex<std::collections::HashMap<ClusterName, u64>>,
     /// Clusterset-wide rate limits: the clusters' demand and their shares.
     pub quotas: quota::Quotas,
+    /// Rollouts in waves: each cluster's report, and which wave runs.
+    pub rollouts: rollouts::Rollouts,
     /// What the PERMISSIVE services still get in plain text, per cluster.
     pub plaintext: plaintext::PlaintextShares,
     /// Every cluster's proxies, as its control plane last reported them.
@@ -214,6 +217,7 @@ impl Hub {
             metrics,
             acked: Default::default(),
             quotas: Default::default(),
+            rollouts: Default::default(),
             plaintext: Default::default(),
             proxies: Default::default(),
             probes: Default::default(),

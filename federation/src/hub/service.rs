@@ -480,6 +480,13 @@ async fn receive_from_cluster(
                     pb::cluster_message::Msg::Traffic(t) => hub.plaintext.record(cluster, t),
                     pb::cluster_message::Msg::Proxies(p) => hub.proxies.record(cluster, p),
                     pb::cluster_message::Msg::Probes(p) => hub.probes.record(cluster, p),
+                    pb::cluster_message::Msg::Rollouts(r) => {
+                        // In memory only, and answered at once, as demand is.
+                        let gates = hub.rollouts.report(cluster, r);
+                        if !deliver(tx, session, pb::hub_message::Msg::Gates(gates)).await {
+                            break;
+                        }
+                    }
                     pb::cluster_message::Msg::Hello(_) => {
                         let _ = tx.try_send(Err(Status::invalid_argument("Hello may only be sent once")));
                         break;

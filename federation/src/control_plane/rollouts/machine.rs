@@ -38,6 +38,8 @@ impl std::str::FromStr for Command {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// Its wave has not begun (a rollout in waves, until the hub says go): the canary gets 0%.
+    Waiting,
     Progressing,
     Paused,
     Promoted,
@@ -48,6 +50,7 @@ pub enum Phase {
 impl Phase {
     pub fn name(self) -> &'static str {
         match self {
+            Self::Waiting => phase::WAITING,
             Self::Progressing => phase::PROGRESSING,
             Self::Paused => phase::PAUSED,
             Self::Promoted => phase::PROMOTED,
@@ -55,6 +58,14 @@ impl Phase {
             Self::Aborted => phase::ABORTED,
         }
     }
+}
+
+/// What the hub says of a rollout in waves ([`fedmesh_api::pb::federation::RolloutGate`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Gate {
+    Go,
+    Hold(String),
+    RollBack(String),
 }
 
 /// The analysis of a step: a check failed (with its numbers), or not enough requests yet.
@@ -78,14 +89,27 @@ pub struct Run {
     pub history: Vec<Decision>,
     /// The last analysis, in words, for the status.
     pub verdict: Verdict,
+    /// The hub holds this rollout in waves where it is, and why.
+    pub held: Option<String>,
+    /// It rolled back on the hub's word, following another cluster.
+    pub followed: bool,
 }
 
 impl Run {
+    /// A rollout of this cluster alone starts at its first step; one in waves waits for the
+    /// hub to say its wave begins (`waves`).
     pub fn start(plan: Plan, now: Instant, wall: &str) -> Self {
-        let weight = plan.steps[0].weight;
+        let waves = !plan.waves.is_empty();
+        let weight = if waves { 0 } else { plan.steps[0].weight };
         let mut r = Self {
             plan,
-            phase: Phase::Progressing,
+            phase: if waves {
+                Phase::Waiting
+            } else {
+                Phase::Progressing
+            },
+            held: None,
+            followed: false,
             step: 0,
             canary_weight: weight,
             step_started: now,
@@ -95,12 +119,62 @@ impl Run {
             verdict: Verdict::Wait(String::new()),
         };
         r.verdict = r.analyse();
-        r.decide(
-            wall,
-            "Started",
-            format!("step 0: the canary gets {weight}%"),
-        );
+        if waves {
+            r.decide(
+                wall,
+                "Waiting",
+                "waiting for the hub to begin this cluster's wave: the canary gets nothing here yet"
+                    .into(),
+            );
+        } else {
+            r.decide(
+                wall,
+                "Started",
+                format!("step 0: the canary gets {weight}%"),
+            );
+        }
         r
+    }
+
+    /// What the hub says of this rollout in waves; true when the canary's share changed.
+    pub fn gate(&mut self, gate: Gate, now: Instant, wall: &str) -> bool {
+        match gate {
+            Gate::Go => {
+                self.held = None;
+                if self.phase != Phase::Waiting {
+                    return false;
+                }
+                self.phase = Phase::Progressing;
+                self.step = 0;
+                self.canary_weight = self.plan.steps[0].weight;
+                self.new_window(now);
+                let msg = format!(
+                    "this cluster's wave begins: step 0 gives the canary {}%",
+                    self.canary_weight
+                );
+                self.decide(wall, "Started", msg);
+                true
+            }
+            Gate::Hold(why) => {
+                self.held = Some(why);
+                false
+            }
+            Gate::RollBack(why) => {
+                self.held = None;
+                if !matches!(
+                    self.phase,
+                    Phase::Waiting | Phase::Progressing | Phase::Paused | Phase::Promoted
+                ) {
+                    return false;
+                }
+                let before = self.canary_weight;
+                self.phase = Phase::RolledBack;
+                self.canary_weight = 0;
+                self.followed = true;
+                self.decide(wall, "RolledBack", why);
+                before != 0
+            }
+        }
     }
 
     /// Judges the canary's requests of this step against the plan.
@@ -150,6 +224,8 @@ impl Run {
                 true
             }
             Verdict::Wait(_) => false,
+            // Held by the hub: a failure still rolls back, a pass does not move on.
+            Verdict::Pass if self.held.is_some() => false,
             Verdict::Pass => {
                 let pause = self.plan.steps[self.step].pause;
                 if now.duration_since(self.step_started) < pause {
@@ -208,6 +284,19 @@ impl Run {
                     ),
                 );
             }
+            (Command::Resume, Phase::RolledBack | Phase::Aborted)
+                if !self.plan.waves.is_empty() =>
+            {
+                self.phase = Phase::Waiting;
+                self.step = 0;
+                self.canary_weight = 0;
+                self.new_window(now);
+                self.decide(
+                    wall,
+                    "Resumed",
+                    format!("restarted by {by}: waiting for the hub to begin this cluster's wave (resume every cluster of the rollout)"),
+                );
+            }
             (Command::Resume, Phase::RolledBack | Phase::Aborted) => {
                 self.phase = Phase::Progressing;
                 self.step = 0;
@@ -232,7 +321,10 @@ impl Run {
                     format!("promoted by {by}: the canary takes every request"),
                 );
             }
-            (Command::Abort, Phase::Progressing | Phase::Paused | Phase::Promoted) => {
+            (
+                Command::Abort,
+                Phase::Waiting | Phase::Progressing | Phase::Paused | Phase::Promoted,
+            ) => {
                 self.phase = Phase::Aborted;
                 self.canary_weight = 0;
                 self.decide(
@@ -268,6 +360,7 @@ impl Run {
     }
 
     fn new_window(&mut self, now: Instant) {
+        self.followed = false;
         self.step_started = now;
         self.canary = Counts::default();
         self.stable = Counts::default();
@@ -317,6 +410,7 @@ mod tests {
             success_rate: 0.99,
             latency_p99: Some(Duration::from_millis(100)),
             min_requests: 20,
+            waves: Vec::new(),
         }
     }
 
@@ -382,6 +476,28 @@ mod tests {
             last.message
         );
         assert!(last.latency_p99_ms.unwrap() > 200.0);
+    }
+
+    #[test]
+    fn a_rollout_in_waves_waits_for_its_wave_holds_when_told_and_rolls_back_with_the_others() {
+        let t0 = Instant::now();
+        let mut p = plan();
+        p.waves = vec![vec![fedmesh_api::ClusterName::new("east").unwrap()]];
+        let mut r = Run::start(p, t0, "t0");
+        assert_eq!((r.phase, r.canary_weight), (Phase::Waiting, 0));
+        requests(&mut r, 40, 0, 1);
+        assert!(!r.tick(t0 + Duration::from_secs(60), "t"), "waiting");
+        assert!(!r.gate(Gate::Hold("wave 0 first".into()), t0, "t"));
+        assert!(r.gate(Gate::Go, t0, "t"));
+        assert_eq!((r.phase, r.canary_weight), (Phase::Progressing, 10));
+        requests(&mut r, 40, 0, 1);
+        assert!(!r.gate(Gate::Hold("the clusters disagree".into()), t0, "t"));
+        assert!(!r.tick(t0 + Duration::from_secs(60), "t"), "held");
+        assert!(r.gate(Gate::RollBack("west rolled back".into()), t0, "t"));
+        assert_eq!((r.phase, r.canary_weight), (Phase::RolledBack, 0));
+        assert_eq!(r.history.last().unwrap().message, "west rolled back");
+        let actions: Vec<_> = r.history.iter().map(|d| d.action.as_str()).collect();
+        assert_eq!(actions, ["Waiting", "Started", "RolledBack"]);
     }
 
     #[test]

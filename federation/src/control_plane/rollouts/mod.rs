@@ -22,7 +22,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use machine::{Command, Phase, Run, Verdict};
+use fedmesh_api::pb::federation as pb;
+use machine::{Command, Gate, Phase, Run, Verdict};
 pub(super) use route::apply;
 pub use route::{Wanted, signal_name};
 
@@ -31,6 +32,8 @@ pub const TICK: std::time::Duration = std::time::Duration::from_millis(250);
 
 struct Entry {
     spec: RolloutSpec,
+    /// A digest of the spec: the hub compares the runs of one spec across clusters.
+    digest: String,
     generation: Option<i64>,
     run: Result<Run, String>,
     /// Why its share cannot be applied to its service's routes.
@@ -57,6 +60,8 @@ pub struct Rollouts {
     runs: Mutex<BTreeMap<ServiceKey, Entry>>,
     /// Ticks when what a status shows changes.
     changed: watch::Sender<u64>,
+    /// A share moved on the hub's word: the next tick compiles the routes.
+    gated: std::sync::atomic::AtomicBool,
 }
 
 fn wall() -> String {
@@ -79,7 +84,7 @@ impl Rollouts {
 
     /// Follows the declared rollouts: starts new ones, starts a changed one again from its first
     /// step, forgets removed ones.
-    pub fn sync(&self, declared: &BTreeMap<ServiceKey, Rollout>) {
+    pub fn sync(&self, declared: &BTreeMap<ServiceKey, Rollout>, own: &fedmesh_api::ClusterName) {
         let changed = self.with(|runs| {
             let before = runs.len();
             runs.retain(|k, _| declared.contains_key(k));
@@ -91,6 +96,15 @@ impl Rollouts {
                 let run = r
                     .spec
                     .plan()
+                    .and_then(|plan| {
+                        if plan.waves.is_empty() || plan.waves.iter().flatten().any(|c| c == own) {
+                            Ok(plan)
+                        } else {
+                            Err(format!(
+                                "this cluster ({own}) is in none of its waves: add it to one, or leave the Rollout out of this cluster"
+                            ))
+                        }
+                    })
                     .map(|plan| Run::start(plan, Instant::now(), &wall()));
                 if let Err(e) = &run {
                     tracing::warn!(rollout = %key, error = %e, "rollout is invalid");
@@ -98,6 +112,7 @@ impl Rollouts {
                 runs.insert(
                     key.clone(),
                     Entry {
+                        digest: digest(&r.spec),
                         spec: r.spec.clone(),
                         generation: r.metadata.generation,
                         run,
@@ -182,6 +197,83 @@ impl Rollouts {
         });
     }
 
+    /// Where this cluster's rollouts in waves stand, for the hub (`None`: there are none).
+    pub fn report(&self) -> Option<pb::RolloutReport> {
+        let rollouts: Vec<pb::RolloutState> = self.with(|runs| {
+            runs.iter()
+                .filter_map(|(key, e)| {
+                    let run = e.run.as_ref().ok()?;
+                    if run.plan.waves.is_empty() {
+                        return None;
+                    }
+                    let c = &run.canary;
+                    Some(pb::RolloutState {
+                        rollout: key.to_string(),
+                        waves: run
+                            .plan
+                            .waves
+                            .iter()
+                            .map(|w| pb::RolloutWave {
+                                clusters: w.iter().map(|c| c.to_string()).collect(),
+                            })
+                            .collect(),
+                        spec_digest: e.digest.clone(),
+                        followed: run.followed,
+                        phase: run.phase.name().into(),
+                        step: run.step as u32,
+                        steps: run.plan.steps.len() as u32,
+                        canary_weight: run.canary_weight,
+                        requests: c.requests,
+                        success_rate: c.success_rate().unwrap_or(1.0),
+                        latency_p99_ms: c.quantile(0.99).map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+                        message: run
+                            .history
+                            .last()
+                            .map(|d| d.message.clone())
+                            .unwrap_or_default(),
+                    })
+                })
+                .collect()
+        });
+        (!rollouts.is_empty()).then_some(pb::RolloutReport { rollouts })
+    }
+
+    /// Applies the hub's word on the rollouts in waves.
+    pub fn apply_gates(&self, gates: &pb::RolloutGates) {
+        let now = Instant::now();
+        let (moved, seen) = self.with(|runs| {
+            let (mut moved, mut seen) = (false, false);
+            for g in &gates.rollouts {
+                let Ok(key) = g.rollout.parse::<ServiceKey>() else {
+                    continue;
+                };
+                let Some(Ok(run)) = runs.get_mut(&key).map(|e| e.run.as_mut()) else {
+                    continue;
+                };
+                let gate = match pb::rollout_gate::Gate::try_from(g.gate) {
+                    Ok(pb::rollout_gate::Gate::Go) => Gate::Go,
+                    Ok(pb::rollout_gate::Gate::RollBack) => Gate::RollBack(g.reason.clone()),
+                    _ => Gate::Hold(g.reason.clone()),
+                };
+                let before = (run.held.clone(), run.history.len());
+                if run.gate(gate, now, &wall()) {
+                    moved = true;
+                    if let Some(d) = run.history.last() {
+                        tracing::info!(rollout = %key, action = %d.action, weight = d.canary_weight, "{}", d.message);
+                    }
+                }
+                seen |= before != (run.held.clone(), run.history.len());
+            }
+            (moved, seen)
+        });
+        if moved {
+            self.gated.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        if moved || seen {
+            self.bump();
+        }
+    }
+
     /// Judges every rollout; true when a share changed (the routes must be compiled again).
     pub fn tick(&self) -> bool {
         let now = Instant::now();
@@ -207,7 +299,7 @@ impl Rollouts {
         if moved || seen {
             self.bump();
         }
-        moved
+        moved | self.gated.swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A user's command on rollout `key`; the rollout's view after it, and whether a share
@@ -261,6 +353,13 @@ pub enum CommandError {
     Conflict(String),
 }
 
+/// A short digest of a spec (the same in every cluster that holds the same Rollout).
+fn digest(spec: &RolloutSpec) -> String {
+    use sha2::Digest;
+    let json = serde_json::to_vec(spec).unwrap_or_default();
+    hex::encode(&sha2::Sha256::digest(&json)[..8])
+}
+
 fn view(key: &ServiceKey, e: &Entry) -> RolloutView {
     RolloutView {
         namespace: key.namespace.to_string(),
@@ -302,13 +401,24 @@ fn status_of(e: &Entry) -> RolloutStatus {
         Ok(r) => r,
     };
     let steps = run.plan.steps.len();
+    let held = run
+        .held
+        .as_ref()
+        .map(|why| format!("; held by the hub: {why}"))
+        .unwrap_or_default();
     let progressing = match run.phase {
+        Phase::Waiting => cond(
+            "Progressing",
+            "True",
+            "WaitingForWave",
+            format!("this cluster's wave has not begun: the canary gets nothing here yet{held}"),
+        ),
         Phase::Progressing => cond(
             "Progressing",
             "True",
             "StepInProgress",
             format!(
-                "step {} of {steps}: the canary gets {}%",
+                "step {} of {steps}: the canary gets {}%{held}",
                 run.step + 1,
                 run.canary_weight
             ),

@@ -1,0 +1,296 @@
+//! Rollouts in waves across the clusterset, the hub's part: which wave runs. Every couple of
+//! seconds each control plane reports where its Rollouts in waves stand (each cluster steps its
+//! own canary on its own sidecars' measurements) and gets a gate back for each:
+//!
+//! - **GO** for the clusters of the first wave not yet promoted everywhere, and of the waves
+//!   before it;
+//! - **HOLD** for the later waves (their canaries get nothing yet), and for every cluster while
+//!   the clusters' Rollouts differ (the same spec must be in every cluster of its waves);
+//! - **ROLL_BACK** for every cluster once any of them rolled back or was aborted.
+//!
+//! A cluster that stops reporting is forgotten after [`REPORT_TTL`]: its wave cannot complete
+//! without it, so the waves after it hold. Reports are kept in memory only.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use fedmesh_api::pb::federation as pb;
+use fedmesh_api::{ClusterName, ServiceKey};
+use pb::rollout_gate::Gate;
+use serde::{Deserialize, Serialize};
+
+/// How long a cluster's report counts.
+pub const REPORT_TTL: Duration = Duration::from_secs(10);
+
+/// Each cluster's latest report of one rollout, and when it came.
+type ByCluster = BTreeMap<ClusterName, (pb::RolloutState, Instant)>;
+
+#[derive(Default)]
+pub struct Rollouts {
+    reports: Mutex<HashMap<ServiceKey, ByCluster>>,
+}
+
+/// One rollout in waves as the hub sees it: each cluster's report and the gate it gets.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WaveRollout {
+    /// `namespace/name`.
+    pub rollout: String,
+    pub clusters: Vec<WaveCluster>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WaveCluster {
+    pub cluster: String,
+    /// Its wave (0-based).
+    pub wave: u32,
+    /// Waiting, Progressing, Paused, Promoted, RolledBack, Aborted.
+    pub phase: String,
+    pub step: u32,
+    pub steps: u32,
+    /// The canary's share there, in percent.
+    pub canary_weight: u32,
+    /// The canary's requests in the step now, and how they did.
+    pub requests: u64,
+    pub success_rate: f64,
+    pub latency_p99_ms: f64,
+    /// The last decision there.
+    pub message: String,
+    /// GO, HOLD or ROLL_BACK, and why.
+    pub gate: String,
+    pub reason: String,
+}
+
+impl Rollouts {
+    /// Records `cluster`'s report and answers with its gates.
+    pub fn report(&self, cluster: &ClusterName, r: pb::RolloutReport) -> pb::RolloutGates {
+        let now = Instant::now();
+        let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = pb::RolloutGates::default();
+        for s in r.rollouts {
+            let Ok(key) = s.rollout.parse::<ServiceKey>() else {
+                continue;
+            };
+            let by = reports.entry(key).or_default();
+            by.retain(|_, (_, at)| now.duration_since(*at) < REPORT_TTL);
+            by.insert(cluster.clone(), (s.clone(), now));
+            let (gate, wave, reason) = gate(cluster, &s, by);
+            out.rollouts.push(pb::RolloutGate {
+                rollout: s.rollout,
+                gate: gate as i32,
+                wave,
+                reason,
+            });
+        }
+        out
+    }
+
+    /// Every rollout in waves with each cluster's report and gate (`fedmesh rollout status`).
+    pub fn views(&self) -> Vec<WaveRollout> {
+        let now = Instant::now();
+        let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        reports.retain(|_, by| {
+            by.retain(|_, (_, at)| now.duration_since(*at) < REPORT_TTL);
+            !by.is_empty()
+        });
+        let mut out: Vec<WaveRollout> = reports
+            .iter()
+            .map(|(key, by)| WaveRollout {
+                rollout: key.to_string(),
+                clusters: by
+                    .iter()
+                    .map(|(c, (s, _))| {
+                        let (g, _, reason) = gate(c, s, by);
+                        WaveCluster {
+                            cluster: c.to_string(),
+                            wave: wave_of(c, s).unwrap_or(0) as u32,
+                            phase: s.phase.clone(),
+                            step: s.step,
+                            steps: s.steps,
+                            canary_weight: s.canary_weight,
+                            requests: s.requests,
+                            success_rate: s.success_rate,
+                            latency_p99_ms: s.latency_p99_ms,
+                            message: s.message.clone(),
+                            gate: g.as_str_name().into(),
+                            reason,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        for r in &mut out {
+            r.clusters
+                .sort_by(|a, b| (a.wave, &a.cluster).cmp(&(b.wave, &b.cluster)));
+        }
+        out.sort_by(|a, b| a.rollout.cmp(&b.rollout));
+        out
+    }
+}
+
+/// Every Rollout in waves across the clusterset: each cluster's wave, phase, step, share and
+/// analysis as its control plane last reported them, and the gate the hub gives it.
+#[utoipa::path(get, path = "/api/v1/rollouts",
+    responses((status = 200, description = "Every Rollout in waves, cluster by cluster in wave order", body = [WaveRollout])))]
+pub async fn list_rollouts(
+    axum::extract::State(s): axum::extract::State<super::admin::AdminState>,
+) -> axum::Json<Vec<WaveRollout>> {
+    axum::Json(s.hub.rollouts.views())
+}
+
+fn wave_of(cluster: &ClusterName, s: &pb::RolloutState) -> Option<usize> {
+    s.waves
+        .iter()
+        .position(|w| w.clusters.iter().any(|c| c == cluster.as_str()))
+}
+
+/// The gate of `cluster` (which reported `s`), given every cluster's report of the rollout.
+fn gate(cluster: &ClusterName, s: &pb::RolloutState, by: &ByCluster) -> (Gate, u32, String) {
+    let differ: Vec<&str> = by
+        .iter()
+        .filter(|(_, (o, _))| o.spec_digest != s.spec_digest)
+        .map(|(c, _)| c.as_str())
+        .collect();
+    if !differ.is_empty() {
+        return (
+            Gate::Hold,
+            0,
+            format!(
+                "the Rollout in {} differs from this cluster's: apply the same spec to every cluster of its waves",
+                differ.join(", ")
+            ),
+        );
+    }
+    // The cluster where it began (its own analysis or a user's command), before those that
+    // followed it.
+    let ended = |o: &pb::RolloutState| o.phase == "RolledBack" || o.phase == "Aborted";
+    if let Some((c, (o, _))) = by
+        .iter()
+        .find(|(_, (o, _))| ended(o) && !o.followed)
+        .or_else(|| by.iter().find(|(_, (o, _))| ended(o)))
+    {
+        let why = if o.phase == "Aborted" {
+            format!("{c} was aborted: every cluster goes back to the stable version")
+        } else if c == cluster {
+            o.message.clone()
+        } else {
+            format!("{c} rolled back ({})", o.message)
+        };
+        return (Gate::RollBack, 0, why);
+    }
+    let promoted = |c: &str| {
+        by.iter()
+            .any(|(name, (o, _))| name.as_str() == c && o.phase == "Promoted")
+    };
+    let current = s
+        .waves
+        .iter()
+        .position(|w| !w.clusters.iter().all(|c| promoted(c)));
+    let Some(current) = current else {
+        return (
+            Gate::Go,
+            s.waves.len().saturating_sub(1) as u32,
+            "every wave is promoted".into(),
+        );
+    };
+    let Some(mine) = wave_of(cluster, s) else {
+        return (
+            Gate::Hold,
+            current as u32,
+            format!("{cluster} is in none of the rollout's waves"),
+        );
+    };
+    if mine <= current {
+        return (Gate::Go, current as u32, format!("wave {current} runs"));
+    }
+    let pending: Vec<String> = s.waves[current]
+        .clusters
+        .iter()
+        .filter(|c| !promoted(c))
+        .map(|c| {
+            match by
+                .iter()
+                .find(|(name, _)| name.as_str() == c.as_str())
+                .map(|(_, (o, _))| o)
+            {
+                Some(o) => format!(
+                    "{c} is {} at step {} of {} ({}%)",
+                    o.phase,
+                    (o.step + 1).min(o.steps),
+                    o.steps,
+                    o.canary_weight
+                ),
+                None => format!("{c} has not reported this rollout"),
+            }
+        })
+        .collect();
+    (
+        Gate::Hold,
+        current as u32,
+        format!(
+            "wave {current} first: {} (this cluster is in wave {mine})",
+            pending.join("; ")
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(phase: &str, digest: &str) -> pb::RolloutState {
+        pb::RolloutState {
+            rollout: "shop/reviews".into(),
+            waves: vec![
+                pb::RolloutWave {
+                    clusters: vec!["east".into()],
+                },
+                pb::RolloutWave {
+                    clusters: vec!["west".into(), "central".into()],
+                },
+            ],
+            spec_digest: digest.into(),
+            phase: phase.into(),
+            step: 0,
+            steps: 2,
+            ..Default::default()
+        }
+    }
+
+    fn gate_of(h: &Rollouts, c: &str, phase: &str, digest: &str) -> (Gate, String) {
+        let g = h
+            .report(
+                &ClusterName::new(c).unwrap(),
+                pb::RolloutReport {
+                    rollouts: vec![state(phase, digest)],
+                },
+            )
+            .rollouts
+            .remove(0);
+        (Gate::try_from(g.gate).unwrap(), g.reason)
+    }
+
+    #[test]
+    fn waves_go_in_order_and_one_rollback_rolls_back_all() {
+        let h = Rollouts::default();
+        assert_eq!(gate_of(&h, "east", "Waiting", "a").0, Gate::Go);
+        let (g, why) = gate_of(&h, "west", "Waiting", "a");
+        assert_eq!(g, Gate::Hold);
+        assert!(why.contains("east is Waiting at step 1 of 2"), "{why}");
+        assert_eq!(gate_of(&h, "east", "Promoted", "a").0, Gate::Go);
+        assert_eq!(gate_of(&h, "west", "Waiting", "a").0, Gate::Go);
+        // A cluster with another spec holds everyone.
+        let (g, why) = gate_of(&h, "central", "Waiting", "b");
+        assert_eq!(g, Gate::Hold);
+        assert!(why.contains("east, west differs"), "{why}");
+        let (g, why) = gate_of(&h, "central", "RolledBack", "a");
+        assert_eq!((g, why.as_str()), (Gate::RollBack, ""));
+        let (g, why) = gate_of(&h, "east", "Promoted", "a");
+        assert_eq!(g, Gate::RollBack);
+        assert!(why.starts_with("central rolled back"), "{why}");
+        let views = h.views();
+        assert_eq!(views.len(), 1);
+        assert_eq!(views[0].clusters[0].cluster, "east");
+        assert_eq!(views[0].clusters[0].gate, "ROLL_BACK");
+    }
+}
