@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,25 +25,36 @@ use tokio_util::sync::CancellationToken;
 /// An app that answers its version's name; every `fail_every`th request (the first included)
 /// gets 503, and every answer waits `delay`.
 async fn version_app(version: &'static str, fail_every: u64, delay: Duration) -> RunningApp {
+    version_app_with(version, fail_every, delay, Arc::default(), Arc::default()).await
+}
+
+/// [`version_app`], failing every request while `broken` is set, counting requests in `count`.
+async fn version_app_with(
+    version: &'static str,
+    fail_every: u64,
+    delay: Duration,
+    broken: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+) -> RunningApp {
     let listener = app_listener().await;
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
     let token = stop.clone();
-    let count = Arc::new(AtomicU64::new(0));
     tokio::spawn(async move {
         loop {
             let s = tokio::select! {
                 _ = token.cancelled() => return,
                 a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
             };
-            let count = count.clone();
+            let (count, broken) = (count.clone(), broken.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
                     let n = count.fetch_add(1, Ordering::SeqCst);
+                    let broken = broken.load(Ordering::SeqCst);
                     async move {
                         tokio::time::sleep(delay).await;
                         let mut r = http::Response::new(Full::new(Bytes::from(version)));
-                        if fail_every > 0 && n.is_multiple_of(fail_every) {
+                        if broken || (fail_every > 0 && n.is_multiple_of(fail_every)) {
                             *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
                         }
                         Ok::<_, Infallible>(r)
@@ -66,12 +77,15 @@ struct Reviews {
 }
 
 async fn reviews(c: &Cluster, v2_fail_every: u64, v2_delay: Duration) -> Reviews {
+    let v2 = version_app("v2", v2_fail_every, v2_delay).await;
+    reviews_with(c, v2).await
+}
+
+/// [`reviews`] with v2 served by `v2`.
+async fn reviews_with(c: &Cluster, v2: RunningApp) -> Reviews {
     let mut ws = Vec::new();
-    for (name, version, fail, delay) in [
-        ("reviews-v1", "v1", 0, Duration::ZERO),
-        ("reviews-v2", "v2", v2_fail_every, v2_delay),
-    ] {
-        let app = version_app(version, fail, delay).await;
+    let v1 = version_app("v1", 0, Duration::ZERO).await;
+    for (name, app) in [("reviews-v1", v1), ("reviews-v2", v2)] {
         let w = c
             .workload(&WorkloadSpec::new("shop", name, "e1"), app.addr)
             .await
@@ -669,5 +683,95 @@ async fn a_rollback_in_the_second_wave_rolls_back_the_first() {
             BTreeMap::from([(("v1".into(), 200), 30)])
         );
     }
+    tb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_mirrors_to_green_then_switches_and_switches_back_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let tb = testbed(dir.path(), &[("east", "us-east")]).await;
+    let east = tb.cluster("east");
+    let (broken, green_got) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let green = version_app_with("v2", 0, Duration::ZERO, broken.clone(), green_got.clone()).await;
+    let r = reviews_with(east, green).await;
+    east.write(
+        "rollout.yaml",
+        &rollout_yaml("[]", "{minRequests: 10}").replace(
+            "canary:\n      steps: []",
+            "blueGreen: {mirror: 2s, rollbackWindow: 1h}",
+        ),
+    )
+    .unwrap();
+    // Mirroring: blue answers every request, green gets a copy of each.
+    r.frontend
+        .wait_config("a mirror to green", |t| {
+            t.service_named("shop/reviews").is_some_and(|e| {
+                e.policy.routes.first().is_some_and(|r| {
+                    r.filters.iter().any(|f| {
+                        matches!(f, fedmesh_dataplane::policy::Filter::Mirror(m)
+                            if m.signals.as_deref() == Some("shop/reviews/canary"))
+                    })
+                })
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        drive(&r.frontend, 40).await,
+        BTreeMap::from([(("v1".into(), 200), 40)])
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while green_got.load(Ordering::SeqCst) < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "green got {} copies",
+            green_got.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Judged on the copies, then every request switches to green.
+    let s = until(east, &r.frontend, 20, "switched", |s| {
+        s["canaryWeight"] == 100
+    })
+    .await;
+    assert_eq!(s["phase"], "Progressing", "blue stays warm: {s:#?}");
+    let switched = &s["history"].as_array().unwrap()[1];
+    assert!(
+        switched["message"]
+            .as_str()
+            .unwrap()
+            .contains("every request switches to green; blue stays warm for 1h"),
+        "{switched:#?}"
+    );
+    assert!(
+        switched["requests"].as_u64().unwrap() >= 10,
+        "{switched:#?}"
+    );
+    wait_weight(&r.frontend, 100).await;
+    assert_eq!(
+        drive(&r.frontend, 30).await,
+        BTreeMap::from([(("v2".into(), 200), 30)])
+    );
+    // Green breaks within the window: every request goes back to blue at once.
+    broken.store(true, Ordering::SeqCst);
+    let s = until(east, &r.frontend, 10, "rolled back", |s| {
+        s["phase"] == "RolledBack"
+    })
+    .await;
+    assert!(
+        s["history"].as_array().unwrap().last().unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("below the floor"),
+        "{s:#?}"
+    );
+    wait_weight(&r.frontend, 0).await;
+    assert_eq!(
+        drive(&r.frontend, 30).await,
+        BTreeMap::from([(("v1".into(), 200), 30)])
+    );
     tb.shutdown().await;
 }

@@ -20,6 +20,7 @@
 //!       - {weight: 5, pause: 30s}
 //!       - {weight: 25, pause: 30s}
 //!       - {weight: 50, pause: 1m}
+//!     # or blueGreen: {mirror: 30s, rollbackWindow: 5m}: copies to green, then the switch
 //!   analysis:                         # every step, from the callers' sidecars (no Prometheus)
 //!     successRate: 99                 # % of the canary's answers that are not 5xx, at least
 //!     latencyP99: 500ms               # the canary's p99, at most
@@ -93,6 +94,24 @@ pub struct Version {
 pub struct Strategy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<CanaryStrategy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blue_green: Option<BlueGreenStrategy>,
+}
+
+/// Blue-green: green (the canary) first gets a copy of every request (its answers are dropped,
+/// the callers get blue's) and is judged on them; then every request switches to green at once,
+/// with blue kept warm: a failed check within `rollbackWindow` switches every request back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BlueGreenStrategy {
+    /// How long green gets the copies before the switch (default 30s; it also needs
+    /// `minRequests` copies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<String>,
+    /// How long after the switch a failed check switches back to blue (default 5m); then green
+    /// is promoted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_window: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -196,6 +215,8 @@ pub struct Plan {
     pub success_rate: f64,
     pub latency_p99: Option<Duration>,
     pub min_requests: u64,
+    /// Blue-green (a mirror step, then the switch) rather than canary steps.
+    pub blue_green: bool,
     /// The clusters wave by wave (empty: this cluster alone).
     pub waves: Vec<Vec<crate::ClusterName>>,
 }
@@ -204,28 +225,15 @@ pub struct Plan {
 pub struct PlanStep {
     pub weight: u32,
     pub pause: Duration,
+    /// The canary also gets a copy of every request (blue-green's first step).
+    pub mirror: bool,
 }
 
 pub const DEFAULT_SUCCESS_RATE: f64 = 99.0;
 pub const DEFAULT_MIN_REQUESTS: u64 = 20;
 
 impl RolloutSpec {
-    /// Checks the spec; the error says what is wrong and how to write it.
-    pub fn plan(&self) -> Result<Plan, String> {
-        let name = |what: &str, s: &str| {
-            ServiceName::new(s).map_err(|e| format!("{what} {s:?} is not a Service name: {e}"))
-        };
-        let service = name("service", &self.service)?;
-        let stable = name("stable.service", &self.stable.service)?;
-        let canary = name("canary.service", &self.canary.service)?;
-        if stable == canary {
-            return Err(format!(
-                "stable and canary are both {stable}: name the new version's Service as the canary"
-            ));
-        }
-        let Some(c) = &self.strategy.canary else {
-            return Err("strategy needs `canary: {steps: [...]}`".into());
-        };
+    fn canary_steps(&self, c: &CanaryStrategy) -> Result<Vec<PlanStep>, String> {
         if c.steps.is_empty() {
             return Err(
                 "strategy.canary.steps is empty: give the canary's shares, e.g. [{weight: 10, pause: 1m}, {weight: 50, pause: 1m}]"
@@ -256,8 +264,65 @@ impl RolloutSpec {
             steps.push(PlanStep {
                 weight: s.weight,
                 pause,
+                mirror: false,
             });
         }
+        Ok(steps)
+    }
+
+    /// Checks the spec; the error says what is wrong and how to write it.
+    pub fn plan(&self) -> Result<Plan, String> {
+        let name = |what: &str, s: &str| {
+            ServiceName::new(s).map_err(|e| format!("{what} {s:?} is not a Service name: {e}"))
+        };
+        let service = name("service", &self.service)?;
+        let stable = name("stable.service", &self.stable.service)?;
+        let canary = name("canary.service", &self.canary.service)?;
+        if stable == canary {
+            return Err(format!(
+                "stable and canary are both {stable}: name the new version's Service as the canary"
+            ));
+        }
+        let duration = |what: &str, s: &Option<String>, default: Duration| match s {
+            None => Ok(default),
+            Some(p) => humantime::parse_duration(p)
+                .map_err(|e| format!("{what} {p:?}: {e} (write e.g. 30s or 2m)")),
+        };
+        let (steps, blue_green) = match (&self.strategy.canary, &self.strategy.blue_green) {
+            (Some(_), Some(_)) => {
+                return Err("strategy has both canary and blueGreen: choose one".into());
+            }
+            (None, None) => {
+                return Err(
+                    "strategy needs `canary: {steps: [...]}` or `blueGreen: {mirror: 30s, rollbackWindow: 5m}`"
+                        .into(),
+                );
+            }
+            (None, Some(b)) => (
+                vec![
+                    PlanStep {
+                        weight: 0,
+                        pause: duration(
+                            "strategy.blueGreen.mirror",
+                            &b.mirror,
+                            Duration::from_secs(30),
+                        )?,
+                        mirror: true,
+                    },
+                    PlanStep {
+                        weight: 100,
+                        pause: duration(
+                            "strategy.blueGreen.rollbackWindow",
+                            &b.rollback_window,
+                            Duration::from_secs(300),
+                        )?,
+                        mirror: false,
+                    },
+                ],
+                true,
+            ),
+            (Some(c), None) => (self.canary_steps(c)?, false),
+        };
         let rate = self.analysis.success_rate.unwrap_or(DEFAULT_SUCCESS_RATE);
         if !(rate > 0.0 && rate <= 100.0) {
             return Err(format!(
@@ -310,6 +375,7 @@ impl RolloutSpec {
             success_rate: rate / 100.0,
             latency_p99,
             min_requests,
+            blue_green,
         })
     }
 }
@@ -336,6 +402,37 @@ mod tests {
         assert_eq!(p.success_rate, 0.99);
         assert_eq!(p.min_requests, DEFAULT_MIN_REQUESTS);
         assert_eq!(p.latency_p99, None);
+    }
+
+    #[test]
+    fn blue_green_is_a_mirror_step_then_the_switch() {
+        let p = spec(
+            "service: reviews\nstable: {service: blue}\ncanary: {service: green}\n\
+             strategy: {blueGreen: {mirror: 1m}}\n",
+        )
+        .plan()
+        .unwrap();
+        assert!(p.blue_green);
+        assert_eq!(
+            p.steps,
+            [
+                PlanStep {
+                    weight: 0,
+                    pause: Duration::from_secs(60),
+                    mirror: true
+                },
+                PlanStep {
+                    weight: 100,
+                    pause: Duration::from_secs(300),
+                    mirror: false
+                }
+            ]
+        );
+        let both = spec(
+            "service: reviews\nstable: {service: blue}\ncanary: {service: green}\n\
+             strategy: {blueGreen: {}, canary: {steps: [{weight: 5}]}}\n",
+        );
+        assert!(both.plan().unwrap_err().contains("choose one"));
     }
 
     #[test]

@@ -131,6 +131,8 @@ pub struct Mirror {
     pub backend: BackendTarget,
     pub numerator: u32,
     pub denominator: u32,
+    /// The copies' answers are counted under this name for a rollout's analysis.
+    pub signals: Option<std::sync::Arc<str>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -231,11 +233,15 @@ impl TryFrom<&pb::Filter> for Filter {
                     .map_err(|e| format!("rewrite hostname: {e}"))?,
                 path: path_modifier(&r.path),
             }),
-            Some(Kind::Mirror(m)) => Self::Mirror(Mirror {
-                backend: backend_target(m.backend.as_ref().ok_or("a mirror needs a backend")?)?,
-                numerator: m.numerator,
-                denominator: m.denominator.max(1),
-            }),
+            Some(Kind::Mirror(m)) => {
+                let backend = m.backend.as_ref().ok_or("a mirror needs a backend")?;
+                Self::Mirror(Mirror {
+                    backend: backend_target(backend)?,
+                    numerator: m.numerator,
+                    denominator: m.denominator.max(1),
+                    signals: (!backend.signals.is_empty()).then(|| backend.signals.as_str().into()),
+                })
+            }
             None => return Err("a filter without a kind".into()),
         })
     }

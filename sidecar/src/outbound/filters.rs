@@ -37,6 +37,8 @@ pub(crate) struct FilterLayer {
     /// Bodies up to this size are copied for mirrors; larger or streaming ones are not mirrored.
     pub max_mirror_body: usize,
     pub metrics: Arc<ProxyMetrics>,
+    /// The answers to copies a rollout watches (blue-green's mirror step).
+    pub signals: Arc<fedmesh_dataplane::signals::Signals>,
 }
 
 impl<S> Layer<S> for FilterLayer {
@@ -289,9 +291,22 @@ impl FilterLayer {
             let call: BoxFuture<_> = Box::pin(inner.clone().call(copy));
             let layer = self.clone();
             self.count("sent");
+            let signals = m.signals.clone();
+            let start = std::time::Instant::now();
             tokio::spawn(async move {
-                if !matches!(tokio::time::timeout(MIRROR_DEADLINE, call).await, Ok(Ok(_))) {
-                    layer.count("failed");
+                let status = match tokio::time::timeout(MIRROR_DEADLINE, call).await {
+                    Ok(Ok(resp)) => resp.status().as_u16(),
+                    Ok(Err(e)) => {
+                        layer.count("failed");
+                        e.status().as_u16()
+                    }
+                    Err(_) => {
+                        layer.count("failed");
+                        504
+                    }
+                };
+                if let Some(name) = signals {
+                    layer.signals.record(&name, status, start.elapsed());
                 }
                 drop(permit);
             });
@@ -312,6 +327,7 @@ mod tests {
             mirrors: Arc::new(Semaphore::new(4)),
             max_mirror_body: 1024,
             metrics: Arc::new(ProxyMetrics::new("test")),
+            signals: Arc::default(),
         }
     }
 

@@ -110,6 +110,7 @@ impl Sidecar {
             mirrors: Arc::new(tokio::sync::Semaphore::new(parts.max_mirrors)),
             max_mirror_body: parts.max_retry_body,
             metrics: parts.metrics.clone(),
+            signals: parts.signals.clone(),
         }
         .layer(faulted);
         let routed = route::RouteLayer::new(config.clone()).layer(filtered);
@@ -119,7 +120,7 @@ impl Sidecar {
             spans: parts.spans,
             identity: parts.identity,
             access_log: parts.access_log,
-            signals: parts.signals,
+            signals: parts.signals.clone(),
         }
         .layer(routed);
         BoxCloneSyncService::new(observed)

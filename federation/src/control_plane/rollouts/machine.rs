@@ -127,13 +127,33 @@ impl Run {
                     .into(),
             );
         } else {
-            r.decide(
-                wall,
-                "Started",
-                format!("step 0: the canary gets {weight}%"),
-            );
+            let msg = r.step_words();
+            r.decide(wall, "Started", msg);
         }
         r
+    }
+
+    /// What the step now does, in words.
+    fn step_words(&self) -> String {
+        match self.plan.steps.get(self.step) {
+            Some(s) if s.mirror => format!(
+                "step {}: green gets a copy of every request (its answers are dropped), blue answers",
+                self.step
+            ),
+            Some(s) if self.plan.blue_green => format!(
+                "step {}: every request switches to green; blue stays warm for {}",
+                self.step,
+                humantime::format_duration(s.pause)
+            ),
+            Some(s) => format!("step {}: the canary gets {}%", self.step, s.weight),
+            None => "the canary takes every request".into(),
+        }
+    }
+
+    /// The canary also gets a copy of every request now.
+    pub fn mirroring(&self) -> bool {
+        matches!(self.phase, Phase::Progressing | Phase::Paused)
+            && self.plan.steps.get(self.step).is_some_and(|s| s.mirror)
     }
 
     /// What the hub says of this rollout in waves; true when the canary's share changed.
@@ -148,10 +168,7 @@ impl Run {
                 self.step = 0;
                 self.canary_weight = self.plan.steps[0].weight;
                 self.new_window(now);
-                let msg = format!(
-                    "this cluster's wave begins: step 0 gives the canary {}%",
-                    self.canary_weight
-                );
+                let msg = format!("this cluster's wave begins: {}", self.step_words());
                 self.decide(wall, "Started", msg);
                 true
             }
@@ -236,10 +253,20 @@ impl Run {
                     Some(s) => {
                         self.canary_weight = s.weight;
                         let msg = format!(
-                            "checks passed on {} requests: step {} gives the canary {}%",
-                            self.canary.requests, self.step, s.weight
+                            "checks passed on {} requests: {}",
+                            self.canary.requests,
+                            self.step_words()
                         );
                         self.decide(wall, "Advanced", msg);
+                    }
+                    None if self.plan.blue_green => {
+                        self.phase = Phase::Promoted;
+                        self.canary_weight = 100;
+                        let msg = format!(
+                            "checks passed on {} requests through the rollback window: green is promoted, blue may go",
+                            self.canary.requests
+                        );
+                        self.decide(wall, "Promoted", msg);
                     }
                     None => {
                         self.phase = Phase::Promoted;
@@ -401,15 +428,18 @@ mod tests {
                 PlanStep {
                     weight: 10,
                     pause: Duration::from_secs(5),
+                    mirror: false,
                 },
                 PlanStep {
                     weight: 50,
                     pause: Duration::ZERO,
+                    mirror: false,
                 },
             ],
             success_rate: 0.99,
             latency_p99: Some(Duration::from_millis(100)),
             min_requests: 20,
+            blue_green: false,
             waves: Vec::new(),
         }
     }

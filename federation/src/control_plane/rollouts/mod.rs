@@ -145,6 +145,7 @@ impl Rollouts {
                         stable: in_ns(&run.plan.stable),
                         canary: in_ns(&run.plan.canary),
                         canary_weight: run.canary_weight,
+                        mirror: run.mirroring(),
                     })
                 })
                 .collect()

@@ -20,11 +20,30 @@ pub struct Wanted {
     pub canary: ServiceKey,
     /// The canary's share, in percent.
     pub canary_weight: u32,
+    /// The canary also gets a copy of every request (blue-green's first step).
+    pub mirror: bool,
 }
 
 /// The names under which callers report a rollout's versions (`BackendRef.signals`).
 pub fn signal_name(rollout: &ServiceKey, arm: &str) -> String {
     format!("{rollout}/{arm}")
+}
+
+/// A copy of every request to the canary, counted under its signal name.
+fn mirror(w: &Wanted, kind: pb::backend_ref::Kind) -> pb::Filter {
+    pb::Filter {
+        kind: Some(pb::filter::Kind::Mirror(pb::Mirror {
+            backend: Some(pb::BackendRef {
+                kind: kind as i32,
+                service: w.canary.to_string(),
+                weight: 1,
+                signals: signal_name(&w.rollout, "canary"),
+                ..Default::default()
+            }),
+            numerator: 1,
+            denominator: 1,
+        })),
+    }
 }
 
 /// Applies each rollout's weights to `routes`; returns, per rollout, why its weights could not be
@@ -85,6 +104,9 @@ pub(in crate::control_plane) fn apply(
                         continue;
                     }
                     driven += 1;
+                    if w.mirror {
+                        r.filters.push(mirror(w, canary_kind));
+                    }
                     for (b, a) in r.backend_refs.iter_mut().zip(arms) {
                         match a {
                             Some(true) => {
@@ -131,6 +153,11 @@ pub(in crate::control_plane) fn apply(
                         name: "canary".into(),
                         source: format!("Rollout {}", w.rollout),
                         matches: vec![all],
+                        filters: if w.mirror {
+                            vec![mirror(w, canary_kind)]
+                        } else {
+                            Vec::new()
+                        },
                         backend_refs: vec![
                             backend(
                                 &w.stable,
