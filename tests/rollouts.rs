@@ -333,6 +333,28 @@ async fn a_canary_failing_5_percent_of_requests_is_rolled_back_at_its_first_step
     wait_weight(&r.frontend, 0).await;
     let by = drive(&r.frontend, 50).await;
     assert_eq!(by, BTreeMap::from([(("v1".into(), 200), 50)]));
+
+    // A restarted control plane goes on where the rollout stood: still rolled back.
+    east.stop_control_plane().await;
+    east.start_control_plane().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let v = loop {
+        let (ok, out, err) = fedmesh(east, &["rollout", "status", "-o", "json"]);
+        if ok
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&out)
+            && v[0].is_object()
+        {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "{err}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(v[0]["status"]["phase"], "RolledBack", "{v:#}");
+    assert_eq!(actions(&v[0]["status"]), ["Started", "RolledBack"]);
+    assert_eq!(
+        drive(&r.frontend, 50).await,
+        BTreeMap::from([(("v1".into(), 200), 50)])
+    );
     tb.shutdown().await;
 }
 

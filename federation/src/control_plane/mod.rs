@@ -466,6 +466,19 @@ impl ControlPlane {
             config,
         });
 
+        match cp.db.list(rollouts::SAVED_PREFIX).await {
+            Ok((kvs, _)) => cp.rollouts.restore(
+                kvs.iter()
+                    .filter_map(|kv| {
+                        let key = kv.key.strip_prefix(rollouts::SAVED_PREFIX)?.parse().ok()?;
+                        Some((key, serde_json::from_slice(&kv.value).ok()?))
+                    })
+                    .collect(),
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the saved rollouts: they start again")
+            }
+        }
         admin::serve(cp.clone(), shutdown.clone()).map_err(|e| {
             StartError::Config(format!(
                 "cannot serve the admin socket in {}: {e}",
@@ -793,9 +806,11 @@ impl ControlPlane {
 
     /// Judges the rollouts every [`rollouts::TICK`]; a share that moves is compiled into the
     /// routes and streamed to the sidecars at once.
+    /// Where each rollout stands is saved whenever it changes.
     async fn rollout_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(rollouts::TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut written: BTreeMap<ServiceKey, rollouts::machine::Saved> = self.rollouts.to_save();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -803,6 +818,26 @@ impl ControlPlane {
             }
             if self.rollouts.tick() {
                 self.publish_snapshot(None).await;
+            }
+            let now = self.rollouts.to_save();
+            if now == written {
+                continue;
+            }
+            let mut txn = Txn::new();
+            for (k, s) in &now {
+                if written.get(k) != Some(s) {
+                    txn = txn.put(
+                        format!("{}{k}", rollouts::SAVED_PREFIX),
+                        serde_json::to_vec(s).unwrap_or_default(),
+                    );
+                }
+            }
+            for k in written.keys().filter(|k| !now.contains_key(*k)) {
+                txn = txn.delete(format!("{}{k}", rollouts::SAVED_PREFIX));
+            }
+            match self.db.commit(txn).await {
+                Ok(_) => written = now,
+                Err(e) => tracing::error!(error = %e, "cannot save where the rollouts stand"),
             }
         }
     }

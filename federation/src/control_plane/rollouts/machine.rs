@@ -7,6 +7,19 @@ use std::time::{Duration, Instant};
 use fedmesh_api::rollout::{Decision, Plan, phase};
 use fedmesh_dataplane::signals::Counts;
 
+/// Where a rollout stands, as the control plane keeps it across its restarts: a restarted
+/// control plane goes on from there (a rolled-back canary stays rolled back, a promoted one
+/// promoted) instead of starting the rollout again.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Saved {
+    /// The spec it ran ([`super::digest`]): another spec starts afresh.
+    pub digest: String,
+    pub phase: String,
+    pub step: usize,
+    pub canary_weight: u32,
+    pub history: Vec<Decision>,
+}
+
 /// The most decisions a rollout keeps.
 const HISTORY: usize = 50;
 
@@ -154,6 +167,50 @@ impl Run {
     pub fn mirroring(&self) -> bool {
         matches!(self.phase, Phase::Progressing | Phase::Paused)
             && self.plan.steps.get(self.step).is_some_and(|s| s.mirror)
+    }
+
+    /// The run as it is saved.
+    pub fn saved(&self, digest: &str) -> Saved {
+        Saved {
+            digest: digest.to_string(),
+            phase: self.phase.name().to_string(),
+            step: self.step,
+            canary_weight: self.canary_weight,
+            history: self.history.clone(),
+        }
+    }
+
+    /// Goes on from where a saved run stood (its step's analysis starts afresh); `None` when the
+    /// record does not fit the plan.
+    pub fn restore(plan: Plan, s: Saved, now: Instant) -> Option<Self> {
+        let phase = [
+            Phase::Waiting,
+            Phase::Progressing,
+            Phase::Paused,
+            Phase::Promoted,
+            Phase::RolledBack,
+            Phase::Aborted,
+        ]
+        .into_iter()
+        .find(|p| p.name() == s.phase)?;
+        if s.step > plan.steps.len() || s.canary_weight > 100 {
+            return None;
+        }
+        let mut r = Self {
+            plan,
+            phase,
+            step: s.step,
+            canary_weight: s.canary_weight,
+            step_started: now,
+            canary: Counts::default(),
+            stable: Counts::default(),
+            history: s.history,
+            verdict: Verdict::Wait(String::new()),
+            held: None,
+            followed: false,
+        };
+        r.verdict = r.analyse();
+        Some(r)
     }
 
     /// What the hub says of this rollout in waves; true when the canary's share changed.
@@ -528,6 +585,21 @@ mod tests {
         assert_eq!(r.history.last().unwrap().message, "west rolled back");
         let actions: Vec<_> = r.history.iter().map(|d| d.action.as_str()).collect();
         assert_eq!(actions, ["Waiting", "Started", "RolledBack"]);
+    }
+
+    #[test]
+    fn a_saved_run_goes_on_where_it_stood() {
+        let t0 = Instant::now();
+        let mut r = Run::start(plan(), t0, "t0");
+        requests(&mut r, 40, 20, 1);
+        assert!(r.tick(t0, "t"));
+        let saved = r.saved("d1");
+        let back = Run::restore(plan(), saved.clone(), t0).unwrap();
+        assert_eq!((back.phase, back.canary_weight), (Phase::RolledBack, 0));
+        assert_eq!(back.history, r.history);
+        let mut bad = saved;
+        bad.phase = "Sideways".into();
+        assert!(Run::restore(plan(), bad, t0).is_none());
     }
 
     #[test]

@@ -62,7 +62,12 @@ pub struct Rollouts {
     changed: watch::Sender<u64>,
     /// A share moved on the hub's word: the next tick compiles the routes.
     gated: std::sync::atomic::AtomicBool,
+    /// Where each rollout stood when the control plane last stopped, until it is declared.
+    restored: Mutex<BTreeMap<ServiceKey, machine::Saved>>,
 }
+
+/// The store's key prefix of saved rollouts.
+pub const SAVED_PREFIX: &str = "rollout/";
 
 fn wall() -> String {
     fedmesh_trust::svid::rfc3339(SystemTime::now())
@@ -77,6 +82,20 @@ impl Rollouts {
         self.changed.send_modify(|v| *v += 1);
     }
 
+    /// Where the rollouts stood when the control plane last stopped (from its store).
+    pub fn restore(&self, saved: BTreeMap<ServiceKey, machine::Saved>) {
+        *self.restored.lock().unwrap_or_else(|p| p.into_inner()) = saved;
+    }
+
+    /// Every valid rollout as it is to be saved.
+    pub fn to_save(&self) -> BTreeMap<ServiceKey, machine::Saved> {
+        self.with(|runs| {
+            runs.iter()
+                .filter_map(|(k, e)| Some((k.clone(), e.run.as_ref().ok()?.saved(&e.digest))))
+                .collect()
+        })
+    }
+
     /// Ticks when a status changes.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
@@ -85,6 +104,7 @@ impl Rollouts {
     /// Follows the declared rollouts: starts new ones, starts a changed one again from its first
     /// step, forgets removed ones.
     pub fn sync(&self, declared: &BTreeMap<ServiceKey, Rollout>, own: &fedmesh_api::ClusterName) {
+        let mut restored = self.restored.lock().unwrap_or_else(|p| p.into_inner());
         let changed = self.with(|runs| {
             let before = runs.len();
             runs.retain(|k, _| declared.contains_key(k));
@@ -105,7 +125,18 @@ impl Rollouts {
                             ))
                         }
                     })
-                    .map(|plan| Run::start(plan, Instant::now(), &wall()));
+                    .map(|plan| {
+                        let now = Instant::now();
+                        let digest = digest(&r.spec);
+                        match restored.remove(key).filter(|s| s.digest == digest) {
+                            Some(s) => {
+                                tracing::info!(rollout = %key, phase = %s.phase, step = s.step, "rollout goes on where it stood");
+                                Run::restore(plan.clone(), s, now)
+                            }
+                            None => None,
+                        }
+                        .unwrap_or_else(|| Run::start(plan, now, &wall()))
+                    });
                 if let Err(e) = &run {
                     tracing::warn!(rollout = %key, error = %e, "rollout is invalid");
                 }
