@@ -131,6 +131,23 @@ fn the_demo_moves_traffic_across_three_clusters_without_failing_a_request() {
             .any(|l| l.contains("west") || l.contains("central")),
         "{stdout}"
     );
+    // The automated canary: east's wave starts, shop/ratings v2 answers a share in east, and west's
+    // wave never starts before east has promoted.
+    let decision = |what: &str| stdout.lines().position(|l| l.contains(what));
+    assert!(
+        decision(">> Rollout shop/ratings in east: Started").is_some(),
+        "{stdout}"
+    );
+    assert!(
+        lines("ratings")
+            .iter()
+            .any(|l| l.contains("ratings-v2@east")),
+        "{stdout}"
+    );
+    if let Some(west) = decision(">> Rollout shop/ratings in west: Started") {
+        let east = decision(">> Rollout shop/ratings in east: Promoted");
+        assert!(east.is_some_and(|e| e < west), "{stdout}");
+    }
     // No request failed: every table's FAILED column is 0 (and the summary agrees).
     let failed: u64 = stdout
         .lines()

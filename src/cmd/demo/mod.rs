@@ -9,6 +9,8 @@
 //!   v2 (`shop/reviews-v2`, in west and central too) gets the requests of premium users
 //!   (`x-user: premium`) — a canary by header across clusters; a TrafficPolicy injects a fault into
 //!   a share of the other requests for a while.
+//! - `shop/ratings`, v1 and v2 in east and west: an automated canary ([`rollout`]) moves it to v2
+//!   in east, then in west, each cluster judging its own canary on its own callers' requests.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -24,6 +26,8 @@ use fedmesh_testbed::client::ProxyClient;
 use fedmesh_testbed::{Cluster, ClusterSpec, Testbed, Workload, WorkloadSpec};
 
 use super::parse_duration;
+
+mod rollout;
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -248,6 +252,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     }
     // The frontend's gRPC client reaches shop/greeter through a sidecar listener.
     let greeter_addr = frontend.listen("shop/greeter:80").await?;
+    let mut ratings = rollout::start(east, west, &frontend).await?;
 
     println!("\nTry it yourself while it runs:");
     println!(
@@ -308,6 +313,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             None => super::shutdown_signal().await,
         }
         println!("stopping");
+        drop(ratings);
         drop((api_e, api_e_app, api_w, rev_w, rev_c, frontend, others));
         drop((rev2_w, rev2_c));
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -318,13 +324,25 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let tallies: Tallies = Arc::default();
     let stop = tokio_util::sync::CancellationToken::new();
     let mut traffic = Vec::new();
-    for (label, svc, user) in [
-        ("api", "api", None),
-        ("reviews", "reviews", None),
-        ("reviews premium", "reviews", Some("premium")),
+    for (proxy, label, svc, user) in [
+        (frontend.proxy, "api", "api", None),
+        (frontend.proxy, "reviews", "reviews", None),
+        (
+            frontend.proxy,
+            "reviews premium",
+            "reviews",
+            Some("premium"),
+        ),
+        (frontend.proxy, "ratings", "ratings", None),
+        (
+            ratings.west_frontend.proxy,
+            "ratings (west)",
+            "ratings",
+            None,
+        ),
     ] {
         traffic.push(tokio::spawn(generate(
-            frontend.proxy,
+            proxy,
             (label, svc, user),
             a.rate.max(1),
             tallies.clone(),
@@ -356,6 +374,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
             _ = &mut ctrl_c => break,
             _ = tokio::time::sleep(a.every) => {}
         }
+        ratings.report(&[east, west]);
         let (ok, failed) = print_table(started, &tallies);
         (total_ok, total_failed) = (total_ok + ok, total_failed + failed);
         if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -422,6 +441,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     );
     println!("\nstopping; {total_failed} request(s) failed in the whole run");
     // The workloads first, so nothing complains that its control plane went away.
+    drop(ratings);
     drop((api_e, api_w, rev_w, rev_c, frontend, others));
     drop((rev2_w, rev2_c));
     tokio::time::sleep(Duration::from_millis(100)).await;
