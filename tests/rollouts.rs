@@ -625,7 +625,7 @@ async fn a_healthy_canary_is_promoted_wave_by_wave_across_two_clusters() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let out = Command::new(env!("CARGO_BIN_EXE_fedmesh"))
-            .args(["rollout", "waves", "-o", "json", "--admin"])
+            .args(["rollout", "list", "-o", "json", "--admin"])
             .arg(format!("http://{}", tb.hub_admin))
             .args(["--admin-token", &tb.hub_admin_token])
             .output()
@@ -697,6 +697,35 @@ async fn a_rollback_in_the_second_wave_rolls_back_the_first() {
         .unwrap()
         .to_string();
     assert!(west_why.contains("is below the floor of 99%"), "{west_why}");
+    // Each decision is in the hub's audit log, with its numbers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = tb
+            .hub
+            .audit_log(&fedmesh_federation::hub::audit::AuditQuery {
+                limit: Some(1000),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let rolled_back = log.iter().find(|r| {
+            r.action == "rollout.decision"
+                && r.actor == "cluster west"
+                && r.target == "shop/reviews"
+                && r.detail.starts_with("RolledBack: 0% to the canary")
+        });
+        if let Some(r) = rolled_back {
+            assert!(r.detail.contains("% success, p99"), "{r:#?}");
+            assert!(
+                log.iter()
+                    .any(|r| r.actor == "cluster east" && r.detail.starts_with("Promoted")),
+                "{log:#?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{log:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Every request in both clusters goes to the stable version again.
     for f in [&e.frontend, &w.frontend] {
         wait_weight(f, 0).await;

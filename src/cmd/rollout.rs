@@ -21,9 +21,10 @@ pub enum RolloutCommand {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Every Rollout in waves across the clusterset, cluster by cluster in wave order, and which
-    /// wave runs (through the hub's admin API).
-    Waves {
+    /// Every Rollout of the clusterset, cluster by cluster (in wave order), and for those in
+    /// waves which wave runs (through the hub's admin API).
+    #[command(alias = "waves")]
+    List {
         #[command(flatten)]
         admin: super::hub::AdminArgs,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
@@ -95,12 +96,12 @@ pub async fn run(c: RolloutCommand) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        RolloutCommand::Waves { admin, output } => {
+        RolloutCommand::List { admin, output } => {
             let all = admin.client()?.rollouts().await?;
-            print_waves(&all, output)?;
+            print_list(&all, output)?;
             if all.is_empty() && output.is_table() {
                 eprintln!(
-                    "no rollouts in waves: control planes report theirs every 2 s (a Rollout with `waves`, in every cluster it names)"
+                    "no rollouts: control planes report theirs to the hub every 2 s (write a Rollout, fedmesh.io/v1alpha1, in a cluster)"
                 );
             }
             return Ok(());
@@ -123,8 +124,8 @@ pub async fn run(c: RolloutCommand) -> anyhow::Result<()> {
     print(std::slice::from_ref(&v), t.output, true)
 }
 
-fn print_waves(
-    rollouts: &[fedmesh_federation::hub::rollouts::WaveRollout],
+fn print_list(
+    rollouts: &[fedmesh_federation::hub::rollouts::ClustersetRollout],
     output: Output,
 ) -> anyhow::Result<()> {
     if print_doc(output, &serde_json::to_value(rollouts)?)? {
@@ -146,9 +147,10 @@ fn print_waves(
             } else {
                 &c.message
             };
+            let dash = |s: String| if r.waves { s } else { "-".into() };
             t.add_row(vec![
                 cell(&r.rollout, None),
-                cell(c.wave.to_string(), None),
+                cell(dash(c.wave.to_string()), None),
                 cell(&c.cluster, None),
                 cell(&c.phase, None),
                 cell(format!("{}/{}", (c.step + 1).min(c.steps), c.steps), None),
@@ -156,7 +158,7 @@ fn print_waves(
                 cell(c.requests.to_string(), None),
                 cell(format!("{:.2}%", c.success_rate * 100.0), None),
                 cell(format!("{:.1} ms", c.latency_p99_ms), None),
-                cell(&c.gate, Some(colour)),
+                cell(dash(c.gate.clone()), r.waves.then_some(colour)),
                 cell(why, None),
             ]);
         }

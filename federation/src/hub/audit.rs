@@ -30,7 +30,8 @@ pub struct AuditRecord {
     /// client certificate), `cluster NAME`.
     pub actor: String,
     /// `token.create`, `token.revoke`, `admin-token.create`, `admin-token.revoke`,
-    /// `cluster.join`, `cluster.remove`, `export.withdraw`.
+    /// `cluster.join`, `cluster.remove`, `export.withdraw`, `rollout.decision` (a cluster's
+    /// rollout controller decided, with its numbers).
     pub action: String,
     /// What it acted on: a cluster, `cluster/namespace/service`.
     pub target: String,

@@ -160,8 +160,8 @@ impl AdminClient {
         self.call(Method::GET, "/api/v1/proxies", None).await
     }
 
-    /// Every Rollout in waves, cluster by cluster.
-    pub async fn rollouts(&self) -> Result<Vec<super::rollouts::WaveRollout>, ClientError> {
+    /// Every Rollout of the clusterset, cluster by cluster.
+    pub async fn rollouts(&self) -> Result<Vec<super::rollouts::ClustersetRollout>, ClientError> {
         self.call(Method::GET, "/api/v1/rollouts", None).await
     }
 

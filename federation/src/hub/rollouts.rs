@@ -1,6 +1,10 @@
-//! Rollouts in waves across the clusterset, the hub's part: which wave runs. Every couple of
-//! seconds each control plane reports where its Rollouts in waves stand (each cluster steps its
-//! own canary on its own sidecars' measurements) and gets a gate back for each:
+//! Rollouts across the clusterset, the hub's part. Every couple of seconds each control plane
+//! reports where its Rollouts stand, with their latest decisions: the hub writes each new
+//! decision to its audit log (`rollout.decision`, with its numbers) and shows every rollout
+//! cluster by cluster (`GET /api/v1/rollouts`, `fedmesh rollout list`, the UI's timeline).
+//!
+//! For a Rollout in waves it also says which wave runs (each cluster steps its own canary on its
+//! own sidecars' measurements) and answers with a gate for each:
 //!
 //! - **GO** for the clusters of the first wave not yet promoted everywhere, and of the waves
 //!   before it;
@@ -26,23 +30,43 @@ pub const REPORT_TTL: Duration = Duration::from_secs(10);
 /// Each cluster's latest report of one rollout, and when it came.
 type ByCluster = BTreeMap<ClusterName, (pb::RolloutState, Instant)>;
 
-#[derive(Default)]
 pub struct Rollouts {
     reports: Mutex<HashMap<ServiceKey, ByCluster>>,
+    /// The last decision audited per rollout and cluster.
+    audited: Mutex<HashMap<(ServiceKey, ClusterName), String>>,
+    /// When the hub started (RFC 3339): after a restart, only later decisions are audited.
+    started: String,
 }
 
-/// One rollout in waves as the hub sees it: each cluster's report and the gate it gets.
+impl Default for Rollouts {
+    fn default() -> Self {
+        Self {
+            reports: Mutex::default(),
+            audited: Mutex::default(),
+            started: fedmesh_trust::svid::rfc3339(std::time::SystemTime::now()),
+        }
+    }
+}
+
+/// One rollout across the clusterset as the hub sees it: each cluster's report, decisions, and
+/// (in waves) the gate it gets.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct WaveRollout {
+pub struct ClustersetRollout {
     /// `namespace/name`.
     pub rollout: String,
-    pub clusters: Vec<WaveCluster>,
+    /// The service callers address, its stable and its canary version.
+    pub service: String,
+    pub stable: String,
+    pub canary: String,
+    /// It runs in waves across clusters (else each cluster on its own).
+    pub waves: bool,
+    pub clusters: Vec<RolloutCluster>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct WaveCluster {
+pub struct RolloutCluster {
     pub cluster: String,
-    /// Its wave (0-based).
+    /// Its wave (0-based; 0 for a rollout of one cluster).
     pub wave: u32,
     /// Waiting, Progressing, Paused, Promoted, RolledBack, Aborted.
     pub phase: String,
@@ -56,24 +80,78 @@ pub struct WaveCluster {
     pub latency_p99_ms: f64,
     /// The last decision there.
     pub message: String,
-    /// GO, HOLD or ROLL_BACK, and why.
+    /// GO, HOLD or ROLL_BACK, and why (empty outside waves).
     pub gate: String,
     pub reason: String,
+    /// Its latest decisions, oldest first.
+    pub decisions: Vec<DecisionView>,
+}
+
+/// One decision of a cluster's rollout controller and the numbers it was made on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DecisionView {
+    /// RFC 3339.
+    pub time: String,
+    pub action: String,
+    pub step: u32,
+    pub canary_weight: u32,
+    pub requests: u64,
+    pub success_rate: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub message: String,
+}
+
+/// A decision new to the audit log: the rollout, and what was decided.
+pub struct NewDecision {
+    pub rollout: String,
+    pub decision: pb::RolloutDecision,
+}
+
+fn decision_key(d: &pb::RolloutDecision) -> String {
+    format!("{}|{}|{}|{}", d.time, d.action, d.step, d.canary_weight)
 }
 
 impl Rollouts {
-    /// Records `cluster`'s report and answers with its gates.
-    pub fn report(&self, cluster: &ClusterName, r: pb::RolloutReport) -> pb::RolloutGates {
+    /// Records `cluster`'s report; answers with its gates (for rollouts in waves) and the
+    /// decisions the audit log does not have yet.
+    pub fn report(
+        &self,
+        cluster: &ClusterName,
+        r: pb::RolloutReport,
+    ) -> (pb::RolloutGates, Vec<NewDecision>) {
         let now = Instant::now();
         let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        let mut audited = self.audited.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = pb::RolloutGates::default();
+        let mut fresh = Vec::new();
         for s in r.rollouts {
             let Ok(key) = s.rollout.parse::<ServiceKey>() else {
                 continue;
             };
+            let last = audited
+                .get(&(key.clone(), cluster.clone()))
+                .and_then(|k| s.decisions.iter().position(|d| decision_key(d) == *k));
+            let new: Vec<&pb::RolloutDecision> = match last {
+                Some(i) => s.decisions.iter().skip(i + 1).collect(),
+                None => s
+                    .decisions
+                    .iter()
+                    .filter(|d| d.time >= self.started)
+                    .collect(),
+            };
+            if let Some(d) = s.decisions.last() {
+                audited.insert((key.clone(), cluster.clone()), decision_key(d));
+            }
+            fresh.extend(new.into_iter().map(|d| NewDecision {
+                rollout: s.rollout.clone(),
+                decision: d.clone(),
+            }));
             let by = reports.entry(key).or_default();
             by.retain(|_, (_, at)| now.duration_since(*at) < REPORT_TTL);
             by.insert(cluster.clone(), (s.clone(), now));
+            if s.waves.is_empty() {
+                continue;
+            }
             let (gate, wave, reason) = gate(cluster, &s, by);
             out.rollouts.push(pb::RolloutGate {
                 rollout: s.rollout,
@@ -82,41 +160,69 @@ impl Rollouts {
                 reason,
             });
         }
-        out
+        (out, fresh)
     }
 
-    /// Every rollout in waves with each cluster's report and gate (`fedmesh rollout status`).
-    pub fn views(&self) -> Vec<WaveRollout> {
+    /// Every rollout with each cluster's report, decisions and gate (`fedmesh rollout list`).
+    pub fn views(&self) -> Vec<ClustersetRollout> {
         let now = Instant::now();
         let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
         reports.retain(|_, by| {
             by.retain(|_, (_, at)| now.duration_since(*at) < REPORT_TTL);
             !by.is_empty()
         });
-        let mut out: Vec<WaveRollout> = reports
+        let mut out: Vec<ClustersetRollout> = reports
             .iter()
-            .map(|(key, by)| WaveRollout {
-                rollout: key.to_string(),
-                clusters: by
-                    .iter()
-                    .map(|(c, (s, _))| {
-                        let (g, _, reason) = gate(c, s, by);
-                        WaveCluster {
-                            cluster: c.to_string(),
-                            wave: wave_of(c, s).unwrap_or(0) as u32,
-                            phase: s.phase.clone(),
-                            step: s.step,
-                            steps: s.steps,
-                            canary_weight: s.canary_weight,
-                            requests: s.requests,
-                            success_rate: s.success_rate,
-                            latency_p99_ms: s.latency_p99_ms,
-                            message: s.message.clone(),
-                            gate: g.as_str_name().into(),
-                            reason,
-                        }
-                    })
-                    .collect(),
+            .map(|(key, by)| {
+                let first = by.values().next().map(|(s, _)| s);
+                let of =
+                    |f: fn(&pb::RolloutState) -> &String| first.map(f).cloned().unwrap_or_default();
+                ClustersetRollout {
+                    rollout: key.to_string(),
+                    service: of(|s| &s.service),
+                    stable: of(|s| &s.stable),
+                    canary: of(|s| &s.canary),
+                    waves: first.is_some_and(|s| !s.waves.is_empty()),
+                    clusters: by
+                        .iter()
+                        .map(|(c, (s, _))| {
+                            let (g, reason) = if s.waves.is_empty() {
+                                (String::new(), String::new())
+                            } else {
+                                let (g, _, reason) = gate(c, s, by);
+                                (g.as_str_name().to_string(), reason)
+                            };
+                            RolloutCluster {
+                                cluster: c.to_string(),
+                                wave: wave_of(c, s).unwrap_or(0) as u32,
+                                phase: s.phase.clone(),
+                                step: s.step,
+                                steps: s.steps,
+                                canary_weight: s.canary_weight,
+                                requests: s.requests,
+                                success_rate: s.success_rate,
+                                latency_p99_ms: s.latency_p99_ms,
+                                message: s.message.clone(),
+                                gate: g,
+                                reason,
+                                decisions: s
+                                    .decisions
+                                    .iter()
+                                    .map(|d| DecisionView {
+                                        time: d.time.clone(),
+                                        action: d.action.clone(),
+                                        step: d.step,
+                                        canary_weight: d.canary_weight,
+                                        requests: d.requests,
+                                        success_rate: d.success_rate,
+                                        latency_p99_ms: d.latency_p99_ms,
+                                        message: d.message.clone(),
+                                    })
+                                    .collect(),
+                            }
+                        })
+                        .collect(),
+                }
             })
             .collect();
         for r in &mut out {
@@ -128,13 +234,13 @@ impl Rollouts {
     }
 }
 
-/// Every Rollout in waves across the clusterset: each cluster's wave, phase, step, share and
-/// analysis as its control plane last reported them, and the gate the hub gives it.
+/// Every Rollout of the clusterset: each cluster's wave, phase, step, share, analysis and latest
+/// decisions as its control plane last reported them, and (in waves) the gate the hub gives it.
 #[utoipa::path(get, path = "/api/v1/rollouts",
-    responses((status = 200, description = "Every Rollout in waves, cluster by cluster in wave order", body = [WaveRollout])))]
+    responses((status = 200, description = "Every Rollout, cluster by cluster in wave order", body = [ClustersetRollout])))]
 pub async fn list_rollouts(
     axum::extract::State(s): axum::extract::State<super::admin::AdminState>,
-) -> axum::Json<Vec<WaveRollout>> {
+) -> axum::Json<Vec<ClustersetRollout>> {
     axum::Json(s.hub.rollouts.views())
 }
 
@@ -265,6 +371,7 @@ mod tests {
                     rollouts: vec![state(phase, digest)],
                 },
             )
+            .0
             .rollouts
             .remove(0);
         (Gate::try_from(g.gate).unwrap(), g.reason)
@@ -292,5 +399,49 @@ mod tests {
         assert_eq!(views.len(), 1);
         assert_eq!(views[0].clusters[0].cluster, "east");
         assert_eq!(views[0].clusters[0].gate, "ROLL_BACK");
+    }
+
+    #[test]
+    fn each_decision_is_new_to_the_audit_log_once() {
+        let h = Rollouts::default();
+        let east = ClusterName::new("east").unwrap();
+        let d = |time: &str, action: &str| pb::RolloutDecision {
+            time: time.into(),
+            action: action.into(),
+            ..Default::default()
+        };
+        let report = |ds: Vec<pb::RolloutDecision>| pb::RolloutReport {
+            rollouts: vec![pb::RolloutState {
+                rollout: "shop/reviews".into(),
+                decisions: ds,
+                ..Default::default()
+            }],
+        };
+        // Before the hub started: not audited again.
+        let (gates, new) = h.report(&east, report(vec![d("2000-01-01T00:00:00Z", "Started")]));
+        assert!(gates.rollouts.is_empty(), "no waves, no gate");
+        assert!(new.is_empty());
+        let later = |s: &str| format!("9999-01-01T00:00:0{s}Z");
+        let (_, new) = h.report(
+            &east,
+            report(vec![
+                d("2000-01-01T00:00:00Z", "Started"),
+                d(&later("1"), "Advanced"),
+            ]),
+        );
+        assert_eq!(new.len(), 1);
+        assert_eq!(new[0].decision.action, "Advanced");
+        let (_, new) = h.report(
+            &east,
+            report(vec![d(&later("1"), "Advanced"), d(&later("2"), "Promoted")]),
+        );
+        assert_eq!(
+            new.iter()
+                .map(|n| n.decision.action.as_str())
+                .collect::<Vec<_>>(),
+            ["Promoted"]
+        );
+        let (_, new) = h.report(&east, report(vec![d(&later("2"), "Promoted")]));
+        assert!(new.is_empty());
     }
 }

@@ -481,9 +481,26 @@ async fn receive_from_cluster(
                     pb::cluster_message::Msg::Proxies(p) => hub.proxies.record(cluster, p),
                     pb::cluster_message::Msg::Probes(p) => hub.probes.record(cluster, p),
                     pb::cluster_message::Msg::Rollouts(r) => {
-                        // In memory only, and answered at once, as demand is.
-                        let gates = hub.rollouts.report(cluster, r);
-                        if !deliver(tx, session, pb::hub_message::Msg::Gates(gates)).await {
+                        // In memory only, and answered at once, as demand is; each new decision
+                        // goes to the audit log.
+                        let (gates, decided) = hub.rollouts.report(cluster, r);
+                        for n in decided {
+                            let d = &n.decision;
+                            let numbers = match (d.success_rate, d.latency_p99_ms) {
+                                (Some(s), Some(l)) => format!(" [{} requests, {s:.2}% success, p99 {l:.1} ms]", d.requests),
+                                _ => String::new(),
+                            };
+                            hub.audit(
+                                &format!("cluster {cluster}"),
+                                "rollout.decision",
+                                &n.rollout,
+                                format!("{}: {}% to the canary at step {}: {}{numbers}", d.action, d.canary_weight, d.step, d.message),
+                            )
+                            .await;
+                        }
+                        if !gates.rollouts.is_empty()
+                            && !deliver(tx, session, pb::hub_message::Msg::Gates(gates)).await
+                        {
                             break;
                         }
                     }

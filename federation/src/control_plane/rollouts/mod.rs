@@ -66,6 +66,9 @@ pub struct Rollouts {
     restored: Mutex<BTreeMap<ServiceKey, machine::Saved>>,
 }
 
+/// How many of a rollout's latest decisions each report carries.
+const REPORTED_DECISIONS: usize = 20;
+
 /// The store's key prefix of saved rollouts.
 pub const SAVED_PREFIX: &str = "rollout/";
 
@@ -229,15 +232,12 @@ impl Rollouts {
         });
     }
 
-    /// Where this cluster's rollouts in waves stand, for the hub (`None`: there are none).
+    /// Where this cluster's rollouts stand, for the hub (`None`: there are none).
     pub fn report(&self) -> Option<pb::RolloutReport> {
         let rollouts: Vec<pb::RolloutState> = self.with(|runs| {
             runs.iter()
                 .filter_map(|(key, e)| {
                     let run = e.run.as_ref().ok()?;
-                    if run.plan.waves.is_empty() {
-                        return None;
-                    }
                     let c = &run.canary;
                     Some(pb::RolloutState {
                         rollout: key.to_string(),
@@ -251,6 +251,26 @@ impl Rollouts {
                             .collect(),
                         spec_digest: e.digest.clone(),
                         followed: run.followed,
+                        service: e.spec.service.clone(),
+                        stable: e.spec.stable.service.clone(),
+                        canary: e.spec.canary.service.clone(),
+                        decisions: run
+                            .history
+                            .iter()
+                            .rev()
+                            .take(REPORTED_DECISIONS)
+                            .rev()
+                            .map(|d| pb::RolloutDecision {
+                                time: d.time.clone(),
+                                action: d.action.clone(),
+                                step: d.step,
+                                canary_weight: d.canary_weight,
+                                requests: d.requests,
+                                success_rate: d.success_rate,
+                                latency_p99_ms: d.latency_p99_ms,
+                                message: d.message.clone(),
+                            })
+                            .collect(),
                         phase: run.phase.name().into(),
                         step: run.step as u32,
                         steps: run.plan.steps.len() as u32,
@@ -282,6 +302,10 @@ impl Rollouts {
                 let Some(Ok(run)) = runs.get_mut(&key).map(|e| e.run.as_mut()) else {
                     continue;
                 };
+                // The hub gates rollouts in waves only; one of this cluster alone is its own.
+                if run.plan.waves.is_empty() {
+                    continue;
+                }
                 let gate = match pb::rollout_gate::Gate::try_from(g.gate) {
                     Ok(pb::rollout_gate::Gate::Go) => Gate::Go,
                     Ok(pb::rollout_gate::Gate::RollBack) => Gate::RollBack(g.reason.clone()),
