@@ -1,6 +1,6 @@
 //! The hub's web UI in headless Chromium, on the demo a user starts (README command 1): the
 //! clusterset, a trace that crosses clusters with its gateway hop, the service graph in cluster
-//! boxes. The browser is driven by `tests/ui/check.mjs` (playwright-core, Debian's chromium);
+//! boxes with the rollouts beside it, and the rollout timeline. The browser is driven by `tests/ui/check.mjs` (playwright-core, Debian's chromium);
 //! `scripts/test` installs both and requires this test (`FEDMESH_REQUIRE_UI=1`).
 //!
 //! Screenshots go to a temporary directory, or to `FEDMESH_UI_SCREENSHOTS` (the README's come
@@ -118,7 +118,12 @@ fn the_demos_ui_shows_a_trace_across_clusters_with_its_gateway_hop_and_the_servi
         out.status.success(),
         "the UI check failed:\n{stdout}\n{stderr}"
     );
-    for shot in ["ui-clusterset.png", "ui-trace.png", "ui-graph.png"] {
+    for shot in [
+        "ui-clusterset.png",
+        "ui-trace.png",
+        "ui-graph.png",
+        "ui-rollouts.png",
+    ] {
         let len = std::fs::metadata(shots.join(shot))
             .map(|m| m.len())
             .unwrap_or(0);

@@ -156,8 +156,16 @@ fn print_list(
                 cell(format!("{}/{}", (c.step + 1).min(c.steps), c.steps), None),
                 cell(format!("{}%", c.canary_weight), None),
                 cell(c.requests.to_string(), None),
-                cell(format!("{:.2}%", c.success_rate * 100.0), None),
-                cell(format!("{:.1} ms", c.latency_p99_ms), None),
+                cell(
+                    c.success_rate
+                        .map_or_else(|| "-".into(), |s| format!("{s:.2}%")),
+                    None,
+                ),
+                cell(
+                    c.latency_p99_ms
+                        .map_or_else(|| "-".into(), |l| format!("{l:.1} ms")),
+                    None,
+                ),
                 cell(dash(c.gate.clone()), r.waves.then_some(colour)),
                 cell(why, None),
             ]);

@@ -1,7 +1,8 @@
 // Checks the fedmesh hub's web UI in headless Chromium against a running hub with traffic
 // (the demo): the token leaves the address bar, the clusterset shows its clusters, a trace
 // that crosses clusters shows spans of both with the gateway hop and the clock-skew line, the
-// service graph draws cluster boxes and edges, and a bad token brings back the token form with
+// service graph draws cluster boxes and edges (with the rollouts beside it), the rollout timeline
+// shows decisions with their numbers, and a bad token brings back the token form with
 // the hub's message. No page may log an error or throw.
 //
 //   node tests/ui/check.mjs BASE_URL TOKEN SCREENSHOT_DIR
@@ -161,6 +162,33 @@ async function checkGraph(page) {
   await page.screenshot({ path: join(shots, 'ui-graph.png') });
 }
 
+async function checkRollouts(page) {
+  // Beside the graph: the demo's rollout of shop/ratings and where it stands in each cluster.
+  await waitFor(page, () => document.querySelector('[data-testid="graph-rollouts"]')?.textContent.includes('shop/ratings'),
+    'the rollout strip beside the service graph');
+  pass('the service graph shows the rollout of shop/ratings beside it');
+  await page.click('nav a[data-nav="rollouts"]');
+  // East's wave starts at once and its canary moves on the sidecars' numbers: a decision with
+  // them (the view is loaded again with Refresh, as a user would).
+  const decided = () => [...document.querySelectorAll('[data-testid="rollout-decision"]')]
+    .some((d) => /Advanced|Promoted/.test(d.textContent) && /requests, [0-9.]+% success/.test(d.textContent));
+  const until = Date.now() + 60_000;
+  while (!(await page.evaluate(decided))) {
+    if (Date.now() > until) {
+      const text = await page.locator('main').innerText();
+      fail(`no decision with its numbers on the rollout timeline within 60 s${await banner(page)}:\n${text}`);
+    }
+    await sleep(3_000);
+    await page.click('#refresh');
+    await waitFor(page, () => !document.querySelector('main[aria-busy]'), 'the rollouts view again');
+  }
+  const clusters = await page.locator('[data-testid="rollout-cluster"]').count();
+  const decisions = await page.locator('[data-testid="rollout-decision"]').count();
+  if (clusters < 2) fail(`the rollout shows ${clusters} cluster(s), not east and west`);
+  pass(`the rollout timeline shows ${clusters} clusters and ${decisions} decisions with their numbers`);
+  await page.screenshot({ path: join(shots, 'ui-rollouts.png') });
+}
+
 async function checkBadToken(browser, errors) {
   const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
   try {
@@ -203,6 +231,7 @@ async function main() {
     await checkClusterset(page);
     await checkTrace(page);
     await checkGraph(page);
+    await checkRollouts(page);
     await checkBadToken(browser, errors);
     if (errors.length) fail(`the pages logged errors:\n  ${errors.join('\n  ')}`);
     pass('no page errors or console errors');

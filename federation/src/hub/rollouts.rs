@@ -74,10 +74,11 @@ pub struct RolloutCluster {
     pub steps: u32,
     /// The canary's share there, in percent.
     pub canary_weight: u32,
-    /// The canary's requests in the step now, and how they did.
+    /// The canary's requests in the step now, and how they did: the share not failed, in
+    /// percent, and the p99 (absent without requests).
     pub requests: u64,
-    pub success_rate: f64,
-    pub latency_p99_ms: f64,
+    pub success_rate: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
     /// The last decision there.
     pub message: String,
     /// GO, HOLD or ROLL_BACK, and why (empty outside waves).
@@ -200,8 +201,9 @@ impl Rollouts {
                                 steps: s.steps,
                                 canary_weight: s.canary_weight,
                                 requests: s.requests,
-                                success_rate: s.success_rate,
-                                latency_p99_ms: s.latency_p99_ms,
+                                success_rate: (s.requests > 0)
+                                    .then(|| (s.success_rate * 10_000.0).round() / 100.0),
+                                latency_p99_ms: (s.requests > 0).then_some(s.latency_p99_ms),
                                 message: s.message.clone(),
                                 gate: g,
                                 reason,

@@ -273,6 +273,7 @@ function parseRoute(hash) {
   if (parts.length === 0) return { view: 'clusterset', nav: 'clusterset', query };
   if (parts[0] === 'graph' && parts.length === 1) return { view: 'graph', nav: 'graph', query };
   if (parts[0] === 'traces' && parts.length === 1) return { view: 'traces', nav: 'traces', query };
+  if (parts[0] === 'rollouts' && parts.length === 1) return { view: 'rollouts', nav: 'rollouts', query };
   if (parts[0] === 'trace' && parts.length === 2) return { view: 'trace', nav: 'traces', id: parts[1], query };
   if (parts[0] === 'service' && parts.length === 3) {
     return { view: 'service', nav: 'clusterset', ns: parts[1], name: parts[2], query };
@@ -286,6 +287,7 @@ const VIEWS = {
   graph: viewGraph,
   traces: viewTraces,
   trace: viewTrace,
+  rollouts: viewRollouts,
   notfound: async (v) => {
     v.title('Not found');
     return [h('h1', null, 'No such page'), h('p', null, 'Try the ', h('a', { href: '#/' }, 'clusterset overview'), '.')];
@@ -697,7 +699,8 @@ async function viewGraph(v, route) {
   v.title('Service graph');
   const allowed = ['5', '15', '60'];
   const minutes = allowed.includes(route.query.get('minutes')) ? route.query.get('minutes') : '15';
-  const [graph] = await Promise.all([api(`/api/v1/graph?minutes=${minutes}`), loadClusterNamesQuietly()]);
+  const [graph, , rollouts] = await Promise.all([api(`/api/v1/graph?minutes=${minutes}`), loadClusterNamesQuietly(),
+    orElse(api('/api/v1/rollouts'), [])]);
   graph.nodes = graph.nodes || [];
   graph.edges = graph.edges || [];
   const colour = palette(graph.nodes.map((n) => n.cluster));
@@ -709,6 +712,7 @@ async function viewGraph(v, route) {
     h('div', { class: 'title-row' }, h('h1', null, 'Service graph'), h('label', { class: 'inline' }, 'Window ', select)),
     h('p', { class: 'lead' }, `Requests between services in the last ${minutes} minutes, from ${plural(graph.spans, 'kept client span')}; `
       + 'rates are estimates (sampled spans count for the requests they stand for).'),
+    rolloutStrip(rollouts, colour),
   ];
   if (!graph.edges.length) {
     return [head, h('p', { class: 'empty' }, `No requests between services were recorded in the last ${minutes} minutes. `
@@ -723,6 +727,72 @@ async function viewGraph(v, route) {
       h('span', { class: 'leg err-some' }, 'some errors'), h('span', { class: 'leg err-high' }, '≥ 5% errors')),
     h('div', { class: 'graph-wrap' }, drawGraph(graph, colour, info)),
     info];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rollouts (#/rollouts): every Rollout of the clusterset, cluster by cluster, and its timeline
+
+/** A phase's badge class. */
+function phaseClass(phase) {
+  if (phase === 'Promoted') return 'ok';
+  if (phase === 'RolledBack' || phase === 'Aborted' || phase === 'Invalid') return 'fail';
+  if (phase === 'Progressing') return 'info';
+  return 'warn';
+}
+
+/** Beside the service graph: each rollout and where it stands in each cluster. */
+function rolloutStrip(rollouts, colour) {
+  if (!rollouts || !rollouts.length) return null;
+  return h('aside', { class: 'card rollout-strip', 'data-testid': 'graph-rollouts' },
+    h('strong', null, 'Rollouts '),
+    rollouts.map((r) => h('span', { class: 'rollout-chip' },
+      h('a', { href: '#/rollouts' }, `${r.rollout} → ${r.canary}`), ' ',
+      (r.clusters || []).map((c) => clusterChip(c.cluster, colour, `${c.phase} ${c.canary_weight}%`)))));
+}
+
+function fmtNumbers(d) {
+  if (d.success_rate === null || d.success_rate === undefined || !d.requests) return '';
+  const p99 = d.latency_p99_ms === null || d.latency_p99_ms === undefined ? '' : `, p99 ${Number(d.latency_p99_ms).toFixed(1)} ms`;
+  return `${d.requests} requests, ${Number(d.success_rate).toFixed(2)}% success${p99}`;
+}
+
+async function viewRollouts(v) {
+  v.title('Rollouts');
+  const [rollouts] = await Promise.all([api('/api/v1/rollouts'), loadClusterNamesQuietly()]);
+  const head = [h('h1', null, 'Rollouts'),
+    h('p', { class: 'lead' }, 'Every Rollout of the clusterset as each cluster\'s control plane reports it every 2 s: where it stands in each '
+      + 'cluster, and every decision with the numbers it was made on (the canary\'s requests as its callers\' sidecars measured them).')];
+  if (!rollouts.length) {
+    return [head, h('p', { class: 'empty' }, 'No rollouts. Write a Rollout (fedmesh.io/v1alpha1) in a cluster; its control plane reports it here.')];
+  }
+  const colour = palette(rollouts.flatMap((r) => (r.clusters || []).map((c) => c.cluster)));
+  return [head, rollouts.map((r) => {
+    const clusters = r.clusters || [];
+    const timeline = clusters.flatMap((c) => (c.decisions || []).map((d) => ({ ...d, cluster: c.cluster })))
+      .sort((a, b) => (a.time < b.time ? 1 : a.time > b.time ? -1 : 0));
+    return h('section', { class: 'card rollout', 'data-testid': 'rollout' },
+      h('h2', null, `${r.rollout}: ${r.stable} → ${r.canary}`, ' ',
+        h('span', { class: 'badge info' }, r.waves ? 'in waves' : 'one cluster each')),
+      h('table', { class: 'table' },
+        h('thead', null, h('tr', null, ['Wave', 'Cluster', 'Phase', 'Step', 'Canary', 'Step analysis', 'Gate'].map((t) => h('th', null, t)))),
+        h('tbody', null, clusters.map((c) => h('tr', { 'data-testid': 'rollout-cluster' },
+          h('td', null, r.waves ? String(c.wave) : '-'),
+          h('td', null, clusterChip(c.cluster, colour)),
+          h('td', null, h('span', { class: `badge ${phaseClass(c.phase)}` }, String(c.phase))),
+          h('td', null, `${Math.min(c.step + 1, c.steps)}/${c.steps}`),
+          h('td', null, `${c.canary_weight}%`),
+          h('td', null, fmtNumbers(c) || h('span', { class: 'muted' }, 'no requests yet')),
+          h('td', null, c.gate ? [h('span', { class: `badge ${c.gate === 'GO' ? 'ok' : c.gate === 'HOLD' ? 'warn' : 'fail'}` }, String(c.gate)),
+            c.reason ? h('div', { class: 'small muted' }, String(c.reason)) : null] : h('span', { class: 'muted' }, '-')))))),
+      h('h3', null, 'Timeline'),
+      h('ol', { class: 'timeline', 'data-testid': 'rollout-timeline' }, timeline.map((d) => h('li', { 'data-testid': 'rollout-decision' },
+        h('span', { class: 'muted small' }, String(d.time)), ' ',
+        clusterChip(d.cluster, colour), ' ',
+        h('span', { class: `badge ${phaseClass(d.action === 'Advanced' || d.action === 'Started' || d.action === 'Resumed' ? 'Progressing' : d.action)}` }, String(d.action)), ' ',
+        h('strong', null, `${d.canary_weight}% to the canary`), ' ',
+        fmtNumbers(d) ? h('span', { class: 'small' }, `(${fmtNumbers(d)})`) : null,
+        h('div', { class: 'small' }, String(d.message))))));
+  })];
 }
 
 // ---------------------------------------------------------------------------------------------
