@@ -58,6 +58,37 @@ fn nothing_left() {
 }
 
 #[test]
+fn bench_rollout_measures_decisions_and_rollbacks() {
+    let out = Command::new(support::fedmesh_bin())
+        .args([
+            "bench",
+            "rollout",
+            "--steps",
+            "3",
+            "--rollbacks",
+            "1",
+            "--min-requests",
+            "5",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fedmesh bench rollout: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "rollout decision latency (3 steps, 5 canary requests each",
+        "sample reached -> next weights in the caller's sidecar: p50",
+        "rollback latency (1 rollbacks",
+        "requests the canary still answered after its first failure",
+    ] {
+        assert!(stdout.contains(want), "{want:?} missing:\n{stdout}");
+    }
+}
+
+#[test]
 fn bench_federation_runs_the_hub_on_a_real_etcd_and_stops_it() {
     become_subreaper();
     let out = Command::new(support::fedmesh_bin())

@@ -6,21 +6,15 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use fedmesh_testbed::apps::RunningApp;
 use fedmesh_testbed::client::ProxyClient;
 use fedmesh_testbed::{Cluster, Workload, WorkloadSpec};
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::mesh::{app_listener, client_workload, endpoints, serve_http, testbed, url};
-use tokio_util::sync::CancellationToken;
 
 /// An app that answers its version's name; every `fail_every`th request (the first included)
 /// gets 503, and every answer waits `delay`.
@@ -36,37 +30,17 @@ async fn version_app_with(
     broken: Arc<AtomicBool>,
     count: Arc<AtomicU64>,
 ) -> RunningApp {
-    let listener = app_listener().await;
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    tokio::spawn(async move {
-        loop {
-            let s = tokio::select! {
-                _ = token.cancelled() => return,
-                a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
-            };
-            let (count, broken) = (count.clone(), broken.clone());
-            tokio::spawn(async move {
-                let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
-                    let n = count.fetch_add(1, Ordering::SeqCst);
-                    let broken = broken.load(Ordering::SeqCst);
-                    async move {
-                        tokio::time::sleep(delay).await;
-                        let mut r = http::Response::new(Full::new(Bytes::from(version)));
-                        if broken || (fail_every > 0 && n.is_multiple_of(fail_every)) {
-                            *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-                        }
-                        Ok::<_, Infallible>(r)
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    RunningApp::from_parts(addr, stop)
+    fedmesh_testbed::apps::version_app(
+        app_listener().await,
+        version,
+        fedmesh_testbed::apps::VersionBehaviour {
+            fail_every,
+            delay,
+            broken,
+            count,
+        },
+    )
+    .await
 }
 
 /// `shop/reviews` in `c` served by a v1 and a v2 workload, each version also a Service of its

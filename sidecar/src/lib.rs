@@ -308,17 +308,33 @@ impl Sidecar {
     }
 
     /// Every couple of seconds, tells the control plane how many requests this sidecar saw for
-    /// each service it serves under a clusterset-wide limit (the hub shares the limit by demand),
-    /// for each PERMISSIVE one how many came in plain text, and how the backends a rollout
-    /// watches answered this sidecar's requests.
+    /// each service it serves under a clusterset-wide limit (the hub shares the limit by demand)
+    /// and for each PERMISSIVE one how many came in plain text; every quarter second, how the
+    /// backends a rollout watches answered this sidecar's requests (a rollout's decision waits
+    /// for them).
     async fn report_demand(self: Arc<Self>, shutdown: CancellationToken) {
         const EVERY: Duration = Duration::from_secs(2);
-        let mut tick = tokio::time::interval(EVERY);
+        const SIGNALS_EVERY: Duration = Duration::from_millis(250);
+        let mut tick = tokio::time::interval(SIGNALS_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let per_demand = (EVERY.as_millis() / SIGNALS_EVERY.as_millis()) as u32;
+        let mut ticks = 0u32;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            ticks = ticks.wrapping_add(1);
+            let signals = self.signals.drain(SIGNALS_EVERY);
+            if !ticks.is_multiple_of(per_demand) {
+                if !signals.is_empty() {
+                    self.config
+                        .report_demand(fedmesh_api::pb::dataplane::Demand {
+                            signals,
+                            ..Default::default()
+                        });
+                }
+                continue;
             }
             let seen: Vec<_> = self
                 .demand
@@ -327,7 +343,6 @@ impl Sidecar {
                 .drain()
                 .collect();
             let permissive = self.permissive.drain();
-            let signals = self.signals.drain(EVERY);
             if seen.is_empty() && permissive.is_empty() && signals.is_empty() {
                 continue;
             }

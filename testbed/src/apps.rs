@@ -345,6 +345,56 @@ pub async fn http_fixed(listener: TcpListener, size: usize) -> RunningApp {
     RunningApp { addr, stop }
 }
 
+/// How a [`version_app`] answers.
+#[derive(Clone, Default)]
+pub struct VersionBehaviour {
+    /// Every `fail_every`th request (the first included) gets 503; 0: none.
+    pub fail_every: u64,
+    /// Every answer waits this long.
+    pub delay: Duration,
+    /// While set, every request gets 503.
+    pub broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Requests that arrived.
+    pub count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// An app that answers its version's name (`v1`, `v2`) as the body: a version of a service for
+/// the rollout tests and benchmark.
+pub async fn version_app(
+    listener: TcpListener,
+    version: &'static str,
+    b: VersionBehaviour,
+) -> RunningApp {
+    use std::sync::atomic::Ordering;
+    let addr = listener.local_addr().expect("bound listener");
+    let stop = CancellationToken::new();
+    tokio::spawn(serve_loop(listener, stop.clone(), move |s| {
+        let b = b.clone();
+        async move {
+            let svc = service_fn(move |_req: Request<Incoming>| {
+                let n = b.count.fetch_add(1, Ordering::SeqCst);
+                let fail = b.broken.load(Ordering::SeqCst)
+                    || (b.fail_every > 0 && n.is_multiple_of(b.fail_every));
+                let delay = b.delay;
+                async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let mut r = Response::new(Full::new(Bytes::from(version)));
+                    if fail {
+                        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    Ok::<_, Infallible>(r)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        }
+    }));
+    RunningApp { addr, stop }
+}
+
 /// The sample app of the demo and the kind deployment: the HTTP echo (HTTP/1.1 and h2c) and the
 /// gRPC echo service on one port, told apart by `content-type: application/grpc`.
 pub async fn sample_app(listener: TcpListener, info: AppInfo) -> RunningApp {

@@ -10,6 +10,7 @@ mod instructions;
 mod load;
 mod pairs;
 mod policy;
+mod rollout;
 mod slowloris;
 mod sni;
 mod soak;
@@ -107,6 +108,19 @@ pub enum BenchCommand {
     /// and a new SVID for every proxy each minute; fails if a process's memory or file
     /// descriptors still grow over the last half of the run.
     Soak(SoakArgs),
+    /// How fast a rollout decides: from a step's sample to the next weights in the sidecar, and
+    /// from a failing canary to stable-only traffic (goals: 1 s).
+    Rollout {
+        /// Steps of the promotion measured.
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// Rollbacks measured.
+        #[arg(long, default_value_t = 10)]
+        rollbacks: usize,
+        /// Canary requests each step needs before it is judged.
+        #[arg(long, default_value_t = 20)]
+        min_requests: u64,
+    },
     /// The hub's span intake on one core (decode + trace window, against decoding alone) and
     /// the window's memory when full.
     Traces {
@@ -213,6 +227,18 @@ async fn run_one(cmd: BenchCommand) -> anyhow::Result<()> {
                 rounds: rounds.max(1),
             };
             tokio::task::spawn_blocking(move || traces::run(p)).await?
+        }
+        BenchCommand::Rollout {
+            steps,
+            rollbacks,
+            min_requests,
+        } => {
+            rollout::run(rollout::Params {
+                steps,
+                rollbacks,
+                min_requests: min_requests.max(1),
+            })
+            .await
         }
         BenchCommand::Soak(a) => {
             soak::run(soak::Params {
