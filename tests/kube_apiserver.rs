@@ -328,6 +328,30 @@ fn the_kind_manifests_give_each_component_what_it_uses_and_a_missing_permission_
         slice["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"],
         "west"
     );
+    // A Rollout is read from the API server and its status written there: its versions do not
+    // exist yet, so it waits and says why.
+    api.apply(
+        "apiVersion: fedmesh.io/v1alpha1\nkind: Rollout\nmetadata: {name: web, namespace: shop}\n\
+         spec:\n  service: web\n  stable: {service: web-v1}\n  canary: {service: web-v2}\n  \
+         strategy: {canary: {steps: [{weight: 10}]}}\n",
+    );
+    let mut rollout = Value::Null;
+    wait_until("the Rollout's status", Duration::from_secs(60), || {
+        rollout = api.get("rollout", "shop", "web").unwrap_or_default();
+        let done = condition(&rollout, "RouteConflict").is_some();
+        if !done {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        done
+    });
+    assert_eq!(rollout["status"]["phase"], "Progressing", "{rollout:#}");
+    assert!(
+        condition(&rollout, "RouteConflict").unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("there is no Service web-v1 or web-v2"),
+        "{rollout:#}"
+    );
     let log = east.log();
     assert!(
         !log.contains("forbidden") && !log.contains("Forbidden"),
