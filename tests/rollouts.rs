@@ -529,21 +529,29 @@ async fn until_all(
     }
 }
 
-fn wave_rollout_yaml() -> String {
-    rollout_yaml("[{weight: 30}, {weight: 60}]", "{minRequests: 10}")
-        + "  waves: [{clusters: [east]}, {clusters: [west]}]\n"
+/// East and west, each with `shop/reviews` v1 and v2 (west's v2 failing every
+/// `west_fail_every`th request) and the same Rollout in two waves, east first.
+async fn in_waves(
+    dir: &std::path::Path,
+    west_fail_every: u64,
+) -> (fedmesh_testbed::Testbed, Reviews, Reviews) {
+    let tb = testbed(dir, &[("east", "us-east"), ("west", "us-west")]).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
+    let e = reviews(east, 0, Duration::ZERO).await;
+    let w = reviews(west, west_fail_every, Duration::ZERO).await;
+    let yaml = rollout_yaml("[{weight: 30}, {weight: 60}]", "{minRequests: 10}")
+        + "  waves: [{clusters: [east]}, {clusters: [west]}]\n";
+    for c in [east, west] {
+        c.write("rollout.yaml", &yaml).unwrap();
+    }
+    (tb, e, w)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_canary_is_promoted_wave_by_wave_across_two_clusters() {
     let dir = tempfile::tempdir().unwrap();
-    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
+    let (tb, e, w) = in_waves(dir.path(), 0).await;
     let (east, west) = (tb.cluster("east"), tb.cluster("west"));
-    let e = reviews(east, 0, Duration::ZERO).await;
-    let w = reviews(west, 0, Duration::ZERO).await;
-    for c in [east, west] {
-        c.write("rollout.yaml", &wave_rollout_yaml()).unwrap();
-    }
     // West's wave waits while east's runs: its canary gets nothing.
     let s = until_all(
         &[(east, &e.frontend), (west, &w.frontend)],
@@ -639,14 +647,9 @@ async fn a_healthy_canary_is_promoted_wave_by_wave_across_two_clusters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_in_the_second_wave_rolls_back_the_first() {
     let dir = tempfile::tempdir().unwrap();
-    let tb = testbed(dir.path(), &[("east", "us-east"), ("west", "us-west")]).await;
-    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
-    let e = reviews(east, 0, Duration::ZERO).await;
     // West's v2 fails one request in five.
-    let w = reviews(west, 5, Duration::ZERO).await;
-    for c in [east, west] {
-        c.write("rollout.yaml", &wave_rollout_yaml()).unwrap();
-    }
+    let (tb, e, w) = in_waves(dir.path(), 5).await;
+    let (east, west) = (tb.cluster("east"), tb.cluster("west"));
     let s = until_all(
         &[(east, &e.frontend), (west, &w.frontend)],
         20,
