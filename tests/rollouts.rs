@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use fedmesh_federation::control_plane::rollouts::is_canary_signal;
 use fedmesh_testbed::apps::RunningApp;
 use fedmesh_testbed::client::ProxyClient;
 use fedmesh_testbed::{Cluster, Workload, WorkloadSpec};
@@ -183,7 +184,10 @@ async fn wait_weight(w: &Workload, weight: u32) {
         t.service_named("shop/reviews").is_some_and(|e| {
             e.policy.routes.first().is_some_and(|r| {
                 r.route_backends.iter().any(|b| {
-                    b.signals.as_deref() == Some("shop/reviews/canary") && b.weight == weight
+                    b.signals
+                        .as_deref()
+                        .is_some_and(|s| is_canary_signal(s, "shop/reviews"))
+                        && b.weight == weight
                 })
             })
         })
@@ -740,7 +744,7 @@ async fn blue_green_mirrors_to_green_then_switches_and_switches_back_at_once() {
                 e.policy.routes.first().is_some_and(|r| {
                     r.filters.iter().any(|f| {
                         matches!(f, fedmesh_dataplane::policy::Filter::Mirror(m)
-                            if m.signals.as_deref() == Some("shop/reviews/canary"))
+                            if m.signals.as_deref().is_some_and(|s| is_canary_signal(s, "shop/reviews")))
                     })
                 })
             })

@@ -126,8 +126,8 @@ pub struct CanaryStrategy {
 pub struct Step {
     /// The canary's share of requests, in percent (1-100).
     pub weight: u32,
-    /// How long the share holds once its analysis has enough requests (e.g. `30s`; default 0:
-    /// the next step as soon as the checks pass on `minRequests`).
+    /// How long the share holds at least, from the step's start (e.g. `30s`; default 0). The step
+    /// also needs `minRequests` canary requests with every check passing before it moves on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause: Option<String>,
 }
@@ -278,6 +278,11 @@ impl RolloutSpec {
         let service = name("service", &self.service)?;
         let stable = name("stable.service", &self.stable.service)?;
         let canary = name("canary.service", &self.canary.service)?;
+        if service == stable || service == canary {
+            return Err(format!(
+                "service {service} is also a version: the versions must be Services of their own (e.g. {service}-v1, {service}-v2), each selecting one version's pods"
+            ));
+        }
         if stable == canary {
             return Err(format!(
                 "stable and canary are both {stable}: name the new version's Service as the canary"

@@ -24,12 +24,25 @@ pub struct Counts {
     pub latency: Vec<u64>,
 }
 
+/// Whether an answer counts as failed: 5xx, or a gRPC status that says the server failed
+/// (UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS) in the response's head — a
+/// trailers-only answer, as a proxy's or an app's early error is. (A status in trailers after a
+/// body is not seen here.)
+pub fn failed(status: u16, headers: &http::HeaderMap) -> bool {
+    status >= 500
+        || headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+            .is_some_and(|c| matches!(c, 2 | 4 | 13 | 14 | 15))
+}
+
 impl Counts {
-    /// Counts one request: its status and how long its head took.
-    pub fn record(&mut self, status: u16, elapsed: Duration) {
-        self.requests += 1;
-        if status >= 500 {
-            self.failures += 1;
+    /// Counts one request: whether it failed and how long its head took.
+    pub fn record(&mut self, failed: bool, elapsed: Duration) {
+        self.requests = self.requests.saturating_add(1);
+        if failed {
+            self.failures = self.failures.saturating_add(1);
         }
         let ms = elapsed.as_secs_f64() * 1000.0;
         let i = BUCKETS_MS
@@ -37,16 +50,20 @@ impl Counts {
             .position(|b| ms <= f64::from(*b))
             .unwrap_or(BUCKETS_MS.len());
         self.latency.resize(BUCKETS_MS.len() + 1, 0);
-        self.latency[i] += 1;
+        self.latency[i] = self.latency[i].saturating_add(1);
     }
 
     /// Adds a sidecar's report (buckets beyond ours are counted in the last).
     pub fn add(&mut self, s: &pb::BackendSignals) {
-        self.requests += s.requests;
-        self.failures += s.failures.min(s.requests);
+        self.requests = self.requests.saturating_add(s.requests);
+        self.failures = self
+            .failures
+            .saturating_add(s.failures.min(s.requests))
+            .min(self.requests);
         self.latency.resize(BUCKETS_MS.len() + 1, 0);
         for (i, n) in s.latency.iter().enumerate() {
-            self.latency[i.min(BUCKETS_MS.len())] += n;
+            let b = &mut self.latency[i.min(BUCKETS_MS.len())];
+            *b = b.saturating_add(*n);
         }
     }
 
@@ -58,14 +75,14 @@ impl Counts {
     /// The `q` quantile (0-1) of the latency, interpolated within its bucket as Prometheus'
     /// `histogram_quantile` does (past the last bound: the last bound). `None` without requests.
     pub fn quantile(&self, q: f64) -> Option<Duration> {
-        let total: u64 = self.latency.iter().sum();
+        let total = self.latency.iter().fold(0u64, |a, n| a.saturating_add(*n));
         if total == 0 {
             return None;
         }
         let rank = q.clamp(0.0, 1.0) * total as f64;
         let mut below = 0u64;
         for (i, n) in self.latency.iter().enumerate() {
-            if *n > 0 && (below + n) as f64 >= rank {
+            if *n > 0 && below.saturating_add(*n) as f64 >= rank {
                 let Some(hi) = BUCKETS_MS.get(i) else {
                     return Some(Duration::from_millis(
                         BUCKETS_MS[BUCKETS_MS.len() - 1].into(),
@@ -76,7 +93,7 @@ impl Counts {
                 let ms = f64::from(lo) + f64::from(hi - lo) * within;
                 return Some(Duration::from_secs_f64(ms / 1000.0));
             }
-            below += n;
+            below = below.saturating_add(*n);
         }
         None
     }
@@ -87,13 +104,13 @@ impl Counts {
 pub struct Signals(Mutex<HashMap<Arc<str>, Counts>>);
 
 impl Signals {
-    pub fn record(&self, name: &Arc<str>, status: u16, elapsed: Duration) {
+    pub fn record(&self, name: &Arc<str>, failed: bool, elapsed: Duration) {
         let mut by = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match by.get_mut(name) {
-            Some(c) => c.record(status, elapsed),
+            Some(c) => c.record(failed, elapsed),
             None => {
                 let mut c = Counts::default();
-                c.record(status, elapsed);
+                c.record(failed, elapsed);
                 by.insert(name.clone(), c);
             }
         }
@@ -127,7 +144,7 @@ mod tests {
         assert_eq!(c.success_rate(), None);
         assert_eq!(c.quantile(0.99), None);
         for i in 0..100 {
-            c.record(if i < 5 { 503 } else { 200 }, Duration::from_millis(3));
+            c.record(i < 5, Duration::from_millis(3));
         }
         assert_eq!(c.requests, 100);
         assert!((c.success_rate().unwrap() - 0.95).abs() < 1e-9);
@@ -136,7 +153,7 @@ mod tests {
         assert!((p99 - 4.97).abs() < 0.01, "{p99}");
         // A slow tail moves it into the tail's bucket.
         for _ in 0..10 {
-            c.record(200, Duration::from_millis(400));
+            c.record(false, Duration::from_millis(400));
         }
         let p99 = c.quantile(0.99).unwrap();
         assert!(
@@ -145,16 +162,27 @@ mod tests {
         );
         // Slower than every bound: the last bound.
         let mut slow = Counts::default();
-        slow.record(200, Duration::from_secs(60));
+        slow.record(false, Duration::from_secs(60));
         assert_eq!(slow.quantile(0.5), Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn a_grpc_error_in_the_head_is_a_failure() {
+        let mut h = http::HeaderMap::new();
+        assert!(!failed(200, &h));
+        assert!(failed(503, &h));
+        h.insert("grpc-status", http::HeaderValue::from_static("14"));
+        assert!(failed(200, &h));
+        h.insert("grpc-status", http::HeaderValue::from_static("5"));
+        assert!(!failed(200, &h), "NOT_FOUND is the app's answer");
     }
 
     #[test]
     fn reports_drain_and_add_up() {
         let s = Signals::default();
         let name: Arc<str> = "shop/reviews-v2".into();
-        s.record(&name, 200, Duration::from_millis(1));
-        s.record(&name, 500, Duration::from_millis(1));
+        s.record(&name, false, Duration::from_millis(1));
+        s.record(&name, true, Duration::from_millis(1));
         let r = s.drain(Duration::from_secs(2));
         assert_eq!(r.len(), 1);
         assert_eq!(

@@ -198,6 +198,9 @@ pub struct ControlPlane {
     publish: watch::Sender<PublishStatus>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     vips: Mutex<VipAllocator>,
+    /// One snapshot is built at a time: two built at once could publish out of order (a
+    /// rollout's rollback overtaken by a snapshot with the weights before it).
+    publishing: Mutex<()>,
     /// Each TrafficPolicy's last valid version, in force while a newer one is invalid.
     policy_memory: Mutex<policy::Memory>,
     /// The JWK Sets RequestAuthentications fetch, and the uris the last snapshot used.
@@ -443,6 +446,7 @@ impl ControlPlane {
             rate_limits: Arc::default(),
             peer_traffic: Arc::default(),
             rollouts: Arc::default(),
+            publishing: Mutex::new(()),
             proxies: Arc::default(),
             gateway_probes: Arc::default(),
             pod_locality,
@@ -715,6 +719,7 @@ impl ControlPlane {
 
     /// Rebuilds the snapshot for consumers, allocating clusterset IPs for new imports.
     async fn publish_snapshot(&self, validity: Option<BTreeMap<ServiceKey, Result<(), Invalid>>>) {
+        let _one_at_a_time = self.publishing.lock().await;
         let cs = self.clusterset.current();
         let vips = {
             let mut v = self.vips.lock().await;
@@ -816,11 +821,14 @@ impl ControlPlane {
                 _ = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if self.rollouts.tick() {
-                self.publish_snapshot(None).await;
-            }
+            let moved = self.rollouts.tick();
+            // Saved before it is published: a restart never finds an older step than the
+            // sidecars were sent.
             let now = self.rollouts.to_save();
             if now == written {
+                if moved {
+                    self.publish_snapshot(None).await;
+                }
                 continue;
             }
             let mut txn = Txn::new();
@@ -838,6 +846,9 @@ impl ControlPlane {
             match self.db.commit(txn).await {
                 Ok(_) => written = now,
                 Err(e) => tracing::error!(error = %e, "cannot save where the rollouts stand"),
+            }
+            if moved {
+                self.publish_snapshot(None).await;
             }
         }
     }

@@ -26,14 +26,18 @@ use serde::{Deserialize, Serialize};
 
 /// How long a cluster's report counts.
 pub const REPORT_TTL: Duration = Duration::from_secs(10);
+/// The most rollouts a report may carry, and decisions per rollout (more are ignored).
+const MAX_ROLLOUTS: usize = 1000;
+const MAX_DECISIONS: usize = 50;
 
 /// Each cluster's latest report of one rollout, and when it came.
 type ByCluster = BTreeMap<ClusterName, (pb::RolloutState, Instant)>;
 
 pub struct Rollouts {
     reports: Mutex<HashMap<ServiceKey, ByCluster>>,
-    /// The last decision audited per rollout and cluster.
-    audited: Mutex<HashMap<(ServiceKey, ClusterName), String>>,
+    /// The last decision audited per rollout and cluster, and its time (a few bytes per rollout
+    /// and cluster that ever reported).
+    audited: Mutex<HashMap<(ServiceKey, ClusterName), (String, String)>>,
     /// When the hub started (RFC 3339): after a restart, only later decisions are audited.
     started: String,
 }
@@ -125,23 +129,36 @@ impl Rollouts {
         let mut audited = self.audited.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = pb::RolloutGates::default();
         let mut fresh = Vec::new();
-        for s in r.rollouts {
+        // What no cluster reports any more goes (the views do the same).
+        reports.retain(|_, by| {
+            by.retain(|_, (_, at)| now.duration_since(*at) < REPORT_TTL);
+            !by.is_empty()
+        });
+        for mut s in r.rollouts.into_iter().take(MAX_ROLLOUTS) {
+            s.decisions.truncate(MAX_DECISIONS);
             let Ok(key) = s.rollout.parse::<ServiceKey>() else {
                 continue;
             };
-            let last = audited
-                .get(&(key.clone(), cluster.clone()))
-                .and_then(|k| s.decisions.iter().position(|d| decision_key(d) == *k));
-            let new: Vec<&pb::RolloutDecision> = match last {
+            // After the last one audited; when it is no longer among those reported, those after
+            // its time (or, never seen, since the hub started).
+            let last = audited.get(&(key.clone(), cluster.clone()));
+            let at = last.and_then(|(k, _)| s.decisions.iter().position(|d| decision_key(d) == *k));
+            let new: Vec<&pb::RolloutDecision> = match at {
                 Some(i) => s.decisions.iter().skip(i + 1).collect(),
                 None => s
                     .decisions
                     .iter()
-                    .filter(|d| d.time >= self.started)
+                    .filter(|d| match last {
+                        Some((_, time)) => d.time > *time,
+                        None => d.time >= self.started,
+                    })
                     .collect(),
             };
             if let Some(d) = s.decisions.last() {
-                audited.insert((key.clone(), cluster.clone()), decision_key(d));
+                audited.insert(
+                    (key.clone(), cluster.clone()),
+                    (decision_key(d), d.time.clone()),
+                );
             }
             fresh.extend(new.into_iter().map(|d| NewDecision {
                 rollout: s.rollout.clone(),
@@ -254,6 +271,14 @@ fn wave_of(cluster: &ClusterName, s: &pb::RolloutState) -> Option<usize> {
 
 /// The gate of `cluster` (which reported `s`), given every cluster's report of the rollout.
 fn gate(cluster: &ClusterName, s: &pb::RolloutState, by: &ByCluster) -> (Gate, u32, String) {
+    // Only the clusters of its waves count (another cluster may hold a rollout of the same name
+    // of its own).
+    let members: ByCluster = by
+        .iter()
+        .filter(|(c, _)| wave_of(c, s).is_some())
+        .map(|(c, v)| (c.clone(), v.clone()))
+        .collect();
+    let by = &members;
     let differ: Vec<&str> = by
         .iter()
         .filter(|(_, (o, _))| o.spec_digest != s.spec_digest)
@@ -324,7 +349,7 @@ fn gate(cluster: &ClusterName, s: &pb::RolloutState, by: &ByCluster) -> (Gate, u
                 Some(o) => format!(
                     "{c} is {} at step {} of {} ({}%)",
                     o.phase,
-                    (o.step + 1).min(o.steps),
+                    o.step.saturating_add(1).min(o.steps),
                     o.steps,
                     o.canary_weight
                 ),

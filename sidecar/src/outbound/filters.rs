@@ -294,19 +294,17 @@ impl FilterLayer {
             let signals = m.signals.clone();
             let start = std::time::Instant::now();
             tokio::spawn(async move {
-                let status = match tokio::time::timeout(MIRROR_DEADLINE, call).await {
-                    Ok(Ok(resp)) => resp.status().as_u16(),
-                    Ok(Err(e)) => {
-                        layer.count("failed");
-                        e.status().as_u16()
+                let failed = match tokio::time::timeout(MIRROR_DEADLINE, call).await {
+                    Ok(Ok(resp)) => {
+                        fedmesh_dataplane::signals::failed(resp.status().as_u16(), resp.headers())
                     }
-                    Err(_) => {
+                    Ok(Err(_)) | Err(_) => {
                         layer.count("failed");
-                        504
+                        true
                     }
                 };
                 if let Some(name) = signals {
-                    layer.signals.record(&name, status, start.elapsed());
+                    layer.signals.record(&name, failed, start.elapsed());
                 }
                 drop(permit);
             });

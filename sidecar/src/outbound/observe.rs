@@ -122,9 +122,9 @@ where
                 None => resp,
             };
             if let Some(name) = tried.signals() {
-                layer
-                    .signals
-                    .record(&name, resp.status().as_u16(), start.elapsed());
+                let failed =
+                    fedmesh_dataplane::signals::failed(resp.status().as_u16(), resp.headers());
+                layer.signals.record(&name, failed, start.elapsed());
             }
             let own = layer.identity.spiffe_id().map(|id| id.to_string());
             layer.metrics.record(

@@ -37,7 +37,11 @@ fn canary_weight(w: &Workload) -> Option<u32> {
     e.policy.routes.first().and_then(|r| {
         r.route_backends
             .iter()
-            .find(|b| b.signals.as_deref() == Some("shop/ratings/canary"))
+            .find(|b| {
+                b.signals.as_deref().is_some_and(|s| {
+                    fedmesh_federation::control_plane::rollouts::is_canary_signal(s, "shop/ratings")
+                })
+            })
             .map(|b| b.weight)
     })
 }

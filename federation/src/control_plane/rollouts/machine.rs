@@ -193,7 +193,12 @@ impl Run {
         ]
         .into_iter()
         .find(|p| p.name() == s.phase)?;
-        if s.step > plan.steps.len() || s.canary_weight > 100 {
+        // A running phase needs a step of the plan; an ended one may stand past the last.
+        let running = matches!(phase, Phase::Waiting | Phase::Progressing | Phase::Paused);
+        if s.step > plan.steps.len()
+            || (running && s.step == plan.steps.len())
+            || s.canary_weight > 100
+        {
             return None;
         }
         let mut r = Self {
@@ -209,6 +214,10 @@ impl Run {
             held: None,
             followed: false,
         };
+        // In waves, nothing moves on before the hub has spoken again.
+        if !r.plan.waves.is_empty() {
+            r.held = Some("the control plane restarted: waiting for the hub's word".into());
+        }
         r.verdict = r.analyse();
         Some(r)
     }
@@ -235,9 +244,11 @@ impl Run {
             }
             Gate::RollBack(why) => {
                 self.held = None;
+                // A waiting run sends the canary nothing already: it waits on (so resuming every
+                // cluster of a rolled-back rollout starts it again).
                 if !matches!(
                     self.phase,
-                    Phase::Waiting | Phase::Progressing | Phase::Paused | Phase::Promoted
+                    Phase::Progressing | Phase::Paused | Phase::Promoted
                 ) {
                     return false;
                 }
@@ -503,12 +514,8 @@ mod tests {
 
     fn requests(r: &mut Run, n: u64, failed_every: u64, ms: u64) {
         for i in 0..n {
-            let status = if failed_every > 0 && i % failed_every == 0 {
-                503
-            } else {
-                200
-            };
-            r.canary.record(status, Duration::from_millis(ms));
+            let failed = failed_every > 0 && i % failed_every == 0;
+            r.canary.record(failed, Duration::from_millis(ms));
         }
     }
 
@@ -585,6 +592,11 @@ mod tests {
         assert_eq!(r.history.last().unwrap().message, "west rolled back");
         let actions: Vec<_> = r.history.iter().map(|d| d.action.as_str()).collect();
         assert_eq!(actions, ["Waiting", "Started", "RolledBack"]);
+        // Resumed, it waits; another cluster still rolled back does not roll it back again.
+        assert_eq!(r.command(Command::Resume, t0, "t", "ann"), Ok(false));
+        assert!(!r.gate(Gate::RollBack("west rolled back".into()), t0, "t"));
+        assert_eq!(r.phase, Phase::Waiting);
+        assert!(r.gate(Gate::Go, t0, "t"));
     }
 
     #[test]
@@ -597,8 +609,13 @@ mod tests {
         let back = Run::restore(plan(), saved.clone(), t0).unwrap();
         assert_eq!((back.phase, back.canary_weight), (Phase::RolledBack, 0));
         assert_eq!(back.history, r.history);
-        let mut bad = saved;
+        let mut bad = saved.clone();
         bad.phase = "Sideways".into();
+        assert!(Run::restore(plan(), bad, t0).is_none());
+        // A running phase past the last step would index past the plan.
+        let mut bad = saved;
+        bad.phase = "Progressing".into();
+        bad.step = 2;
         assert!(Run::restore(plan(), bad, t0).is_none());
     }
 

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use fedmesh_api::pb::federation as pb;
 use machine::{Command, Gate, Phase, Run, Verdict};
 pub(super) use route::apply;
-pub use route::{Wanted, signal_name};
+pub use route::{Wanted, is_canary_signal, signal_name};
 
 /// How often rollouts are judged.
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(250);
@@ -180,6 +180,7 @@ impl Rollouts {
                         canary: in_ns(&run.plan.canary),
                         canary_weight: run.canary_weight,
                         mirror: run.mirroring(),
+                        digest: e.digest.clone(),
                     })
                 })
                 .collect()
@@ -214,13 +215,21 @@ impl Rollouts {
         }
         self.with(|runs| {
             for s in signals {
-                let Some((rollout, arm)) = s.name.rsplit_once('/') else {
+                let Some((named, arm)) = s.name.rsplit_once('/') else {
+                    continue;
+                };
+                let Some((rollout, digest)) = named.rsplit_once('@') else {
                     continue;
                 };
                 let Ok(key) = rollout.parse::<ServiceKey>() else {
                     continue;
                 };
-                let Some(Ok(run)) = runs.get_mut(&key).map(|e| e.run.as_mut()) else {
+                // Answers to a former spec's versions do not count for this one.
+                let Some(Ok(run)) = runs
+                    .get_mut(&key)
+                    .filter(|e| e.digest == digest)
+                    .map(|e| e.run.as_mut())
+                else {
                     continue;
                 };
                 match arm {

@@ -22,11 +22,22 @@ pub struct Wanted {
     pub canary_weight: u32,
     /// The canary also gets a copy of every request (blue-green's first step).
     pub mirror: bool,
+    /// The spec's digest, in the signal names.
+    pub digest: String,
 }
 
-/// The names under which callers report a rollout's versions (`BackendRef.signals`).
-pub fn signal_name(rollout: &ServiceKey, arm: &str) -> String {
-    format!("{rollout}/{arm}")
+/// The names under which callers report a rollout's versions (`BackendRef.signals`):
+/// `NAMESPACE/NAME@DIGEST/ARM`, the digest of the spec so that answers to a former spec's versions
+/// never count for a new one.
+pub fn signal_name(rollout: &ServiceKey, digest: &str, arm: &str) -> String {
+    format!("{rollout}@{digest}/{arm}")
+}
+
+/// Whether `name` reports the canary of rollout `rollout` (any spec), for tools and tests.
+pub fn is_canary_signal(name: &str, rollout: &str) -> bool {
+    name.strip_prefix(rollout)
+        .and_then(|rest| rest.strip_prefix('@'))
+        .is_some_and(|rest| rest.ends_with("/canary"))
 }
 
 /// A copy of every request to the canary, counted under its signal name.
@@ -37,7 +48,7 @@ fn mirror(w: &Wanted, kind: pb::backend_ref::Kind) -> pb::Filter {
                 kind: kind as i32,
                 service: w.canary.to_string(),
                 weight: 1,
-                signals: signal_name(&w.rollout, "canary"),
+                signals: signal_name(&w.rollout, &w.digest, "canary"),
                 ..Default::default()
             }),
             numerator: 1,
@@ -97,10 +108,16 @@ pub(in crate::control_plane) fn apply(
         };
         match routes.by_parent.get_mut(&w.service) {
             Some(bound) if !bound.is_empty() => {
-                let mut driven = 0;
+                let (mut driven, mut twice) = (0, false);
                 for r in bound.iter_mut() {
                     let arms: Vec<Option<bool>> = r.backend_refs.iter().map(arm).collect();
-                    if !(arms.contains(&Some(false)) && arms.contains(&Some(true))) {
+                    let count = |a: bool| arms.iter().filter(|x| **x == Some(a)).count();
+                    if count(false) == 0 || count(true) == 0 {
+                        continue;
+                    }
+                    // Each version once: a version named twice would get its share twice.
+                    if count(false) > 1 || count(true) > 1 {
+                        twice = true;
                         continue;
                     }
                     driven += 1;
@@ -111,18 +128,26 @@ pub(in crate::control_plane) fn apply(
                         match a {
                             Some(true) => {
                                 b.weight = w.canary_weight;
-                                b.signals = signal_name(&w.rollout, "canary");
+                                b.signals = signal_name(&w.rollout, &w.digest, "canary");
                             }
                             Some(false) => {
                                 b.weight = 100 - w.canary_weight.min(100);
-                                b.signals = signal_name(&w.rollout, "stable");
+                                b.signals = signal_name(&w.rollout, &w.digest, "stable");
                             }
                             // The user's other backends keep their weights.
                             None => {}
                         }
                     }
                 }
-                if driven == 0 {
+                if driven == 0 && twice {
+                    problems.insert(
+                        w.rollout.clone(),
+                        format!(
+                            "a rule binding {} names {} or {} more than once: name each version once (the rollout drives their weights)",
+                            w.service, w.stable.name, w.canary.name
+                        ),
+                    );
+                } else if driven == 0 {
                     let sources: std::collections::BTreeSet<&str> =
                         bound.iter().map(|r| r.source.as_str()).collect();
                     problems.insert(
@@ -143,7 +168,7 @@ pub(in crate::control_plane) fn apply(
                         kind: kind as i32,
                         service: key.to_string(),
                         weight,
-                        signals: signal_name(&w.rollout, arm),
+                        signals: signal_name(&w.rollout, &w.digest, arm),
                         ..Default::default()
                     };
                 let all = super::super::routes::every_request();
