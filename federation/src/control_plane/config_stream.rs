@@ -427,7 +427,13 @@ impl DataPlane for ConfigService {
                         Ok(Some(pb::DataPlaneMessage { msg: Some(pb::data_plane_message::Msg::Demand(d)) })) => {
                             cp.rate_limits.record(&stream_id, caller_ns.as_deref(), &d);
                             cp.peer_traffic.record(&stream_id, caller_ns.as_deref(), &d.permissive);
-                            cp.rollouts.record(&d.signals);
+                            if !d.signals.is_empty() {
+                                // Only a proxy sent the rollout's service may report on it.
+                                let cur = state.borrow().clone();
+                                cp.rollouts.record(&d.signals, |svc| {
+                                    cur.services.get(svc).is_some_and(|s| scope.sees(svc, s))
+                                });
+                            }
                             continue;
                         }
                         Ok(Some(pb::DataPlaneMessage { msg: Some(pb::data_plane_message::Msg::Health(h)) })) => {

@@ -79,6 +79,12 @@ impl ProxyScope {
         }
     }
 
+    /// Whether a sidecar's stream is sent service `key` (`svc`): what its reports about the
+    /// service may count for.
+    pub fn sees(&self, key: &str, svc: &pb::Service) -> bool {
+        self.role != Role::Gateway && self.visible(key, svc)
+    }
+
     /// The part of `all` this stream receives: what it may see, and the services the routes of
     /// those send to (a route of web sending to web-v2 needs web-v2's endpoints).
     pub fn view(&self, all: &ServiceMap) -> ServiceMap {

@@ -208,8 +208,9 @@ impl Rollouts {
         }
     }
 
-    /// Adds a sidecar's report of the versions' requests.
-    pub fn record(&self, signals: &[dp::BackendSignals]) {
+    /// Adds a sidecar's report of the versions' requests; `sees(service)` says whether that
+    /// sidecar is sent the rollout's service (a report about one it is not sent is ignored).
+    pub fn record(&self, signals: &[dp::BackendSignals], sees: impl Fn(&str) -> bool) {
         if signals.is_empty() {
             return;
         }
@@ -232,6 +233,9 @@ impl Rollouts {
                 else {
                     continue;
                 };
+                if !sees(&format!("{}/{}", key.namespace, run.plan.service)) {
+                    continue;
+                }
                 match arm {
                     "canary" => run.canary.add(s),
                     "stable" => run.stable.add(s),
@@ -560,5 +564,43 @@ fn status_of(e: &Entry) -> RolloutStatus {
         observed_generation: e.generation,
         conditions,
         history: run.history.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_count_only_from_proxies_sent_the_service_and_for_this_spec() {
+        let r = Rollouts::default();
+        let key: ServiceKey = "shop/reviews".parse().unwrap();
+        let rollout: Rollout = serde_saphyr::from_str(
+            "apiVersion: fedmesh.io/v1alpha1\nkind: Rollout\nmetadata: {name: reviews, namespace: shop}\n\
+             spec:\n  service: reviews\n  stable: {service: reviews-v1}\n  canary: {service: reviews-v2}\n  \
+             strategy: {canary: {steps: [{weight: 10}]}}\n",
+        )
+        .unwrap();
+        r.sync(
+            &[(key.clone(), rollout)].into(),
+            &fedmesh_api::ClusterName::new("east").unwrap(),
+        );
+        let digest = r.with(|runs| runs[&key].digest.clone());
+        let report = |name: String| {
+            vec![dp::BackendSignals {
+                name,
+                requests: 5,
+                ..Default::default()
+            }]
+        };
+        let canary = |r: &Rollouts| r.with(|runs| runs[&key].run.as_ref().unwrap().canary.requests);
+        r.record(&report(signal_name(&key, &digest, "canary")), |_| false);
+        assert_eq!(canary(&r), 0, "a proxy not sent shop/reviews");
+        r.record(&report(signal_name(&key, "0000", "canary")), |_| true);
+        assert_eq!(canary(&r), 0, "another spec's versions");
+        r.record(&report(signal_name(&key, &digest, "canary")), |s| {
+            s == "shop/reviews"
+        });
+        assert_eq!(canary(&r), 5);
     }
 }
