@@ -141,8 +141,7 @@ fn condition(s: &serde_json::Value, type_: &str) -> (String, String, String) {
     (f("status"), f("reason"), f("message"))
 }
 
-/// Drives `batch` requests at a time (none when 0) until the status satisfies `done`; at most
-/// 60 s.
+/// Drives `batch` requests at a time (none when 0) until the status satisfies `done`.
 async fn until(
     c: &Cluster,
     w: &Workload,
@@ -150,19 +149,33 @@ async fn until(
     what: &str,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    until_all(&[(c, w)], batch, what, |s| done(&s[0]))
+        .await
+        .remove(0)
+}
+
+/// Drives `batch` requests from each frontend at a time until `done` holds of every cluster's
+/// status (in the order of `clusters`); at most 90 s.
+async fn until_all(
+    clusters: &[(&Cluster, &Workload)],
+    batch: usize,
+    what: &str,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        if let Some(s) = status(c)
-            && done(&s)
-        {
-            return s;
+        let now: Vec<serde_json::Value> = clusters
+            .iter()
+            .map(|(c, _)| status(c).unwrap_or_default())
+            .collect();
+        if done(&now) {
+            return now;
         }
         assert!(
             Instant::now() < deadline,
-            "the rollout never got {what}: {:#?}",
-            status(c)
+            "the rollout never got {what}: {now:#?}"
         );
-        if batch > 0 {
+        for (_, w) in clusters {
             drive(w, batch).await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -503,34 +516,6 @@ spec:
     let s = status(east).unwrap();
     assert_eq!(condition(&s, "RouteConflict").0, "", "{s:#?}");
     tb.shutdown().await;
-}
-
-/// Drives `batch` requests from each frontend at a time until `done` holds of every cluster's
-/// status (in the order of `clusters`); at most 90 s.
-async fn until_all(
-    clusters: &[(&Cluster, &Workload)],
-    batch: usize,
-    what: &str,
-    done: impl Fn(&[serde_json::Value]) -> bool,
-) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let now: Vec<serde_json::Value> = clusters
-            .iter()
-            .map(|(c, _)| status(c).unwrap_or_default())
-            .collect();
-        if done(&now) {
-            return now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the rollout never got {what}: {now:#?}"
-        );
-        for (_, w) in clusters {
-            drive(w, batch).await;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// East and west, each with `shop/reviews` v1 and v2 (west's v2 failing every
